@@ -1,0 +1,25 @@
+"""keras_dst: Dynamic Sparse Training for Keras 3 (TensorFlow backend).
+
+    model = keras_dst.prunable(model, density=0.1)           # masks + ERK
+    model.compile(optimizer, loss, jit_compile=True)
+    model.fit(x, y, callbacks=[keras_dst.DynamicSparseTraining(
+        prune="magnitude", grow="gradient", update_every=800)])
+"""
+
+from keras_dst.callbacks import DynamicSparseTraining
+from keras_dst.convert import prunable, strip
+from keras_dst.criteria import Criterion, criterion_names, get_criterion, register_criterion
+from keras_dst.distributions import layer_densities, register_distribution
+from keras_dst.growth import GrowthRule, get_growth, growth_names, register_growth
+from keras_dst.layers import MaskConstraint, SparseWrapper, register_prunable_layer
+from keras_dst.masks import density, masks, set_masks, sparse_targets, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Criterion", "DynamicSparseTraining", "GrowthRule", "MaskConstraint", "SparseWrapper",
+    "criterion_names", "density", "get_criterion", "get_growth", "growth_names",
+    "layer_densities", "masks", "prunable", "register_criterion", "register_distribution",
+    "register_growth", "register_prunable_layer", "set_masks", "sparse_targets", "strip",
+    "summary",
+]

@@ -1,0 +1,218 @@
+"""`prunable()` makes a model (or a layer) sparse; `strip()` makes it plain again."""
+
+import keras
+import numpy as np
+
+from keras_dst import distributions
+from keras_dst import layers as sparse_layers
+from keras_dst.layers import SparseWrapper
+from keras_dst.masks import sparse_wrappers
+from keras_dst.validation import check_choice, check_density
+
+
+def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_overrides=None,
+             init="exact", seed=0, skip_unsupported=False):
+    """Returns a sparse version of a Keras model or layer.
+
+    Args:
+      obj: a Sequential or functional `keras.Model` (built), or a single
+        `keras.layers.Layer`. A model gives a new model with the same graph, its
+        supported layers wrapped in `SparseWrapper` (weights copied, then zeroed
+        where the mask is 0); nested Sequential/functional models are converted
+        too. A layer gives `SparseWrapper(layer)`: use it to build subclassed
+        models sparse. Subclassed models themselves cannot be rebuilt: a
+        `TypeError` says so.
+      density: the global target density D in (0, 1] over all sparsified weights.
+        For a single layer, that layer's density.
+      distribution: how D is spread over layers: ``"erk"`` (default, the
+        reference), ``"er"``, ``"uniform"``, another registered name, or a dict
+        ``{layer name: density}`` naming every sparsified layer.
+      keep_dense: names of layers kept fully dense (density 1; their masks exist
+        but are all ones; a DST update can still reset their lowest-score weights,
+        as in the reference).
+      density_overrides: ``{layer name: density}`` imposed on those layers; the
+        others share the rest of the budget.
+      init: ``"exact"`` (default): exactly ``round(d_l n_l)`` active entries per
+        weight, with counts summing to ``round(D N)``; ``"bernoulli"``: the
+        reference's i.i.d. draw (counts exact in expectation only).
+      seed: int; masks are a pure function of (seed, weight index).
+      skip_unsupported: leave layers with weights that keras_dst cannot sparsify
+        dense instead of raising a `TypeError`.
+
+    Returns:
+      The sparse model (a new object; `obj` is left untouched) or wrapper layer.
+
+    Raises:
+      TypeError: wrong argument types, unsupported layer (names it and its class),
+        subclassed model.
+      ValueError: density outside (0, 1], unknown distribution or layer name,
+        infeasible overrides, a model that is already prunable, an unbuilt model.
+    """
+    if density is None:
+        raise ValueError("prunable() needs a density in (0, 1], e.g. density=0.1.")
+    density = check_density(density)
+    check_choice(init, ("exact", "bernoulli"), "init")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got seed={seed!r}.")
+    if isinstance(obj, keras.Model):
+        return _prunable_model(obj, density, distribution, keep_dense, density_overrides,
+                               init, int(seed), skip_unsupported)
+    if isinstance(obj, keras.layers.Layer):
+        if isinstance(obj, SparseWrapper):
+            raise ValueError(f"Layer '{obj.name}' is already prunable (a SparseWrapper).")
+        wrapper = SparseWrapper(obj, density=density, init=init,
+                                seed=distributions.stable_seed(int(seed), obj.name))
+        if obj.built:
+            wrapper.build(None)  # masks for the existing weights, which are kept
+        return wrapper
+    raise TypeError(f"prunable() takes a keras Model or Layer, got {type(obj).__name__}.")
+
+
+def _is_graph_model(model):
+    return isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False) \
+        or type(model).__name__ == "Functional"
+
+
+def _walk(model):
+    """Every leaf layer of a graph model, recursing into nested graph models."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            if not _is_graph_model(layer):
+                raise TypeError(
+                    f"prunable() cannot rebuild the subclassed model '{layer.name}' "
+                    f"({type(layer).__name__}) nested in '{model.name}': build its layers "
+                    "with keras_dst.prunable(layer) in its __init__ instead.")
+            yield from _walk(layer)
+        else:
+            yield layer
+
+
+def _prunable_model(model, density, distribution, keep_dense, density_overrides, init, seed,
+                    skip_unsupported):
+    if not _is_graph_model(model):
+        raise TypeError(
+            f"prunable() cannot rebuild the subclassed model '{model.name}' "
+            f"({type(model).__name__}); create its layers with keras_dst.prunable(layer) "
+            "in __init__ (it then trains sparse with model.fit as is).")
+    if not model.built:
+        raise ValueError(f"prunable(): model '{model.name}' is not built; give it an Input "
+                         "or call model.build(input_shape) first.")
+    if sparse_wrappers(model):
+        raise ValueError(f"prunable(): model '{model.name}' is already prunable "
+                         "(it contains SparseWrapper layers).")
+
+    # 1. Decide, before changing anything, which layers get wrapped.
+    to_wrap = {}  # id(layer) -> (layer, weights)
+    for layer in _walk(model):
+        if sparse_layers.needs_no_wrapping(layer):
+            continue
+        if not sparse_layers.is_supported(layer):
+            if skip_unsupported:
+                continue
+            sparse_layers.prunable_weights(layer)  # raises TypeError naming the layer
+        weights = sparse_layers.prunable_weights(layer)
+        if weights:
+            to_wrap[id(layer)] = (layer, weights)
+    if not to_wrap:
+        raise ValueError(f"prunable(): model '{model.name}' has no layer with prunable weights.")
+
+    # 2. Per-weight densities, keyed by weight path, from the distribution.
+    shapes, owner = {}, {}
+    for layer, weights in to_wrap.values():
+        for w in weights:
+            shapes[w.path] = tuple(w.shape)
+            owner[w.path] = layer.name
+    layer_names = {layer.name for layer, _ in to_wrap.values()}
+    fixed = {}
+    for name, value in _named_overrides(keep_dense, density_overrides, layer_names):
+        fixed.update({p: value for p, o in owner.items() if o == name})
+    if isinstance(distribution, dict):
+        unknown = set(distribution) - layer_names
+        if unknown:
+            raise ValueError(f"prunable(): distribution names unknown layers {sorted(unknown)}; "
+                             f"sparsified layers are {sorted(layer_names)}.")
+        distribution = {p: check_density(distribution[o], f"distribution['{o}']")
+                        for p, o in owner.items() if o in distribution} | {
+                            p: None for p, o in owner.items() if o not in distribution}
+        missing = sorted({owner[p] for p, v in distribution.items() if v is None})
+        if missing:
+            raise ValueError(f"prunable(): the distribution dict must name every sparsified "
+                             f"layer; missing {missing}.")
+    densities = distributions.layer_densities(shapes, density, distribution, fixed=fixed)
+    if init == "exact":
+        counts = distributions.active_counts(shapes, densities)
+        densities = {p: (counts[p] / int(np.prod(s)) if np.prod(s) else 1.0)
+                     for p, s in shapes.items()}
+
+    # 3. Clone with wrappers and copy the weights over.
+    originals = {}
+
+    def clone(layer):
+        if id(layer) in to_wrap:
+            _, weights = to_wrap[id(layer)]
+            inner = layer.__class__.from_config(layer.get_config())
+            inner.build_from_config(layer.get_build_config())
+            index = len(originals)
+            new = SparseWrapper(inner, density=[densities[w.path] for w in weights],
+                                init=init, seed=distributions.stable_seed(seed, index))
+        else:
+            new = layer.__class__.from_config(layer.get_config())
+        originals[id(new)] = layer
+        return new
+
+    sparse = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    for layer in sparse._flatten_layers(include_self=False, recursive=True):
+        original = originals.get(id(layer))
+        if original is None:
+            continue
+        target = layer.layer if isinstance(layer, SparseWrapper) else layer
+        if original.weights:
+            target.set_weights(original.get_weights())
+        if isinstance(layer, SparseWrapper):
+            layer.apply_masks()
+    return sparse
+
+
+def _named_overrides(keep_dense, density_overrides, layer_names):
+    if isinstance(keep_dense, str):
+        keep_dense = (keep_dense,)
+    overrides = [(name, 1.0) for name in keep_dense]
+    if density_overrides is not None:
+        if not isinstance(density_overrides, dict):
+            raise TypeError("density_overrides must be a dict {layer name: density}, got "
+                            f"{type(density_overrides).__name__}.")
+        overrides += [(n, check_density(d, f"density_overrides['{n}']"))
+                      for n, d in density_overrides.items()]
+    unknown = sorted({n for n, _ in overrides} - layer_names)
+    if unknown:
+        raise ValueError(f"prunable(): unknown layer names {unknown} in keep_dense/"
+                         f"density_overrides; sparsified layers are {sorted(layer_names)}.")
+    return overrides
+
+
+def strip(model):
+    """An ordinary Keras model with the same graph and weights, without wrappers.
+
+    The masks are baked in (inactive weights are already exactly 0), so the
+    stripped model gives the same predictions. Needs a Sequential or functional
+    model; a bare `SparseWrapper` returns its inner layer.
+    """
+    if isinstance(model, SparseWrapper):
+        return model.layer
+    if not isinstance(model, keras.Model) or not _is_graph_model(model):
+        raise TypeError(f"strip() needs a Sequential or functional model, got "
+                        f"{type(model).__name__}.")
+    originals = {}
+
+    def clone(layer):
+        source = layer.layer if isinstance(layer, SparseWrapper) else layer
+        new = source.__class__.from_config(source.get_config())
+        originals[id(new)] = source
+        return new
+
+    plain = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    for layer in plain._flatten_layers(include_self=False, recursive=True):
+        source = originals.get(id(layer))
+        if source is not None and source.weights:
+            layer.set_weights(source.get_weights())
+    return plain

@@ -1,0 +1,434 @@
+"""Pruning criteria: a registry of score (or selection) functions of `ScoreInputs`.
+
+A criterion turns the weight, dense gradient and mask of one tensor into a
+float32 score of the same shape; HIGHER = more important = kept. Masking is the
+selection routine's job (`topology.prune` never removes an inactive entry),
+so the built-in formulas are those of the spec (section 4.2) without the final
+`* m`. The SET family does not fit "remove the lowest scores" and provides a
+`select` function instead (returns the entries to remove).
+
+Built-ins (`w` weight, `g` gradient):
+
+| name                     | score / rule                           | ordering | gradient |
+|--------------------------|----------------------------------------|----------|----------|
+| magnitude                | abs(w)                                 | before   | no       |
+| set                      | correct two-sign rule (select)         | before   | no       |
+| set_legacy               | reference "magnitude and negativity"   | before   | no       |
+| random                   | stateless U[0, 1) from inputs.seed     | before   | no       |
+| running_magnitude        | EMA of abs(w)                          | before   | no       |
+| mest                     | abs(w) + gamma * abs(g)  (gamma=1.0)   | after    | yes      |
+| snip                     | abs(w * g) + 1e-5                      | after    | yes      |
+| sensitivity              | abs(g) / (abs(w) + 1e-8) + 1           | after    | yes      |
+| reciprocal_sensitivity   | abs(w) / (abs(g) + 1e-8) + 1           | after    | yes      |
+| taylor_fo                | (w * g) ** 2                           | after    | yes      |
+| running_snip             | EMA of abs(w * g)                      | after    | yes      |
+
+`ordering` is the reference mapping of spec section 2.3: "before" = the mask
+update runs after the optimizer step (scores the post-step weights, regrown
+weights stay 0); "after" = it runs before the optimizer step.
+
+Names are matched case-insensitively, ignoring "_" and "-" (so the reference's
+"ReciprocalSensitivity" and "MEST" work).
+
+Adding a criterion takes a few lines::
+
+    @register_criterion("weight_times_grad", ordering="after", params={"power": 1.0})
+    def weight_times_grad(inputs, power):
+        return tf.abs(inputs.weight * inputs.gradient) ** power
+"""
+
+import dataclasses
+import inspect
+import types
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+import tensorflow as tf
+
+from keras_dst.scoring import ScoreInputs
+from keras_dst.topology import normalize, select_highest, select_lowest  # noqa: F401 (normalize re-exported)
+
+ORDERINGS = ("before", "after")
+
+
+# ----------------------------------------------------------------------------
+# Registry machinery (shared with `growth`).
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+class Registry:
+    """Name -> object registry with forgiving lookup and helpful errors.
+
+    Args:
+      kind: what is stored, used in error messages ("criterion", "growth").
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items = {}
+
+    def add(self, item, overwrite: bool = False):
+        """Registers `item` under `item.name`; a taken name needs `overwrite=True`."""
+        key = _key(item.name)
+        if key in self._items and not overwrite:
+            raise ValueError(f"A {self.kind} named {item.name!r} is already registered; pass overwrite=True.")
+        self._items[key] = item
+        return item
+
+    def get(self, name: str):
+        """The object registered as `name`; ValueError listing the known names otherwise."""
+        try:
+            return self._items[_key(name)]
+        except KeyError:
+            raise ValueError(f"Unknown {self.kind} {name!r}; known: {', '.join(self.names())}.") from None
+
+    def names(self) -> Tuple[str, ...]:
+        """Registered names, sorted."""
+        return tuple(sorted(item.name for item in self._items.values()))
+
+
+def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapping[str, Any],
+                 fn: Optional[Callable] = None) -> types.MappingProxyType:
+    """`defaults` updated with `params`, refusing unknown parameter names.
+
+    A name is known if it is in `defaults` or, when `fn` is given, if `fn`
+    accepts it as a keyword after its first (inputs) argument.
+
+    Raises:
+      ValueError: naming the unknown parameter and the accepted ones.
+    """
+    accepted = set(defaults)
+    if fn is not None:
+        signature = inspect.signature(fn)
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            accepted = None
+        else:
+            keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            accepted |= {p.name for p in list(signature.parameters.values())[1:] if p.kind in keywords}
+    for param in params:
+        if accepted is not None and param not in accepted:
+            raise ValueError(f"Unknown parameter {param!r} for {kind} {name!r}; "
+                             f"accepted: {sorted(accepted) or 'none'}.")
+    return types.MappingProxyType({**defaults, **params})
+
+
+def require_inputs(inputs: ScoreInputs, kind: str, name: str, gradient: bool = False, momentum: bool = False):
+    """Raises ValueError if a needed field of `inputs` is None."""
+    if gradient and inputs.gradient is None:
+        raise ValueError(f"{kind} {name!r} needs the gradient but inputs.gradient is None.")
+    if momentum and inputs.momentum is None:
+        raise ValueError(f"{kind} {name!r} needs optimizer momentum but inputs.momentum is None: "
+                         f"the optimizer has no momentum (use SGD with momentum > 0, or Adam).")
+
+
+# ----------------------------------------------------------------------------
+# Criterion objects.
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """A pruning criterion.
+
+    Attributes:
+      name: registry name.
+      score: fn(inputs: ScoreInputs, **params) -> float32 tensor of the weight's
+        shape, higher = more important (kept). None for selection criteria.
+      ordering: "before" (prune after the optimizer step) or "after" (prune
+        before it), spec section 2.3.
+      needs_gradient: whether `inputs.gradient` is used.
+      params: read-only mapping of keyword parameters passed to `score` /
+        `select` (defaults merged with user values).
+      select: optional fn(inputs, count, **params) -> bool tensor, True at the
+        entries to remove; replaces score-based selection (the SET family).
+        `count` is the scalar int32 `r`; only active entries may be returned.
+      ema: running criterion: the engine keeps S <- beta*S + (1-beta)*score
+        (`ema_update`, `params["beta"]`) and prunes on S instead of the score.
+    """
+
+    name: str
+    score: Optional[Callable[..., tf.Tensor]]
+    ordering: str
+    needs_gradient: bool = True
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    select: Optional[Callable[..., tf.Tensor]] = None
+    ema: bool = False
+
+    def __post_init__(self):
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"Criterion {self.name!r}: ordering must be one of {ORDERINGS}, got {self.ordering!r}.")
+        if (self.score is None) == (self.select is None):
+            raise ValueError(f"Criterion {self.name!r} needs exactly one of `score` and `select`.")
+        object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))
+
+    def with_params(self, **params) -> "Criterion":
+        """A copy with `params` merged into the current ones.
+
+        Accepted names: the current params, plus the keyword arguments of
+        `score` after its first (inputs) argument.
+
+        Raises:
+          ValueError: naming an unknown parameter.
+        """
+        merged = merge_params("criterion", self.name, self.params, params, fn=self.score)
+        return dataclasses.replace(self, params=merged)
+
+    def evaluate(self, inputs: ScoreInputs) -> tf.Tensor:
+        """`score(inputs, **params)`, float32 of the weight's shape.
+
+        Raises:
+          ValueError: selection criterion (no score), or gradient needed but None.
+        """
+        if self.score is None:
+            raise ValueError(f"Criterion {self.name!r} selects by rule and has no per-entry score.")
+        require_inputs(inputs, "criterion", self.name, gradient=self.needs_gradient)
+        return tf.cast(self.score(inputs, **self.params), tf.float32)
+
+
+_CRITERIA = Registry("criterion")
+
+
+def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
+                       params: Optional[Mapping[str, Any]] = None, select: bool = False,
+                       ema: bool = False, overwrite: bool = False):
+    """Decorator registering a score function (or, with `select=True`, a selection function).
+
+    Args:
+      name: registry name (lookup ignores case, "_" and "-").
+      ordering: "before" or "after" (see `Criterion`).
+      needs_gradient: whether the function reads `inputs.gradient`.
+      params: default keyword parameters; only these names are accepted later.
+      select: the decorated function is fn(inputs, count, **params) -> bool
+        "remove these" instead of a score.
+      ema: running criterion (see `Criterion.ema`); give it a "beta" param.
+      overwrite: replace an existing registration of `name`.
+
+    Returns:
+      A decorator that registers the function and returns it unchanged.
+    """
+
+    def decorator(fn):
+        _CRITERIA.add(Criterion(name=name, score=None if select else fn, ordering=ordering,
+                                needs_gradient=needs_gradient, params=dict(params or {}),
+                                select=fn if select else None, ema=ema), overwrite=overwrite)
+        return fn
+
+    return decorator
+
+
+def get_criterion(criterion, *, ordering: Optional[str] = None, needs_gradient: Optional[bool] = None,
+                  **params) -> Criterion:
+    """Resolves a criterion and merges parameters.
+
+    Args:
+      criterion: a registered name, a `Criterion`, or a plain score callable
+        fn(inputs, **params). A callable becomes
+        `Criterion(name=fn.__name__, score=fn, ordering="after", needs_gradient=True)`
+        ("after" because a callable may read the gradient, which is the
+        pre-step gradient in either ordering); its accepted params are the
+        keyword arguments of its signature.
+      ordering: override the ordering ("before"/"after"), e.g. "after" for
+        everything as in the reference's ImageNet runs.
+      needs_gradient: override `needs_gradient` (mostly for callables).
+      **params: parameter values, e.g. `gamma=0.1` for "mest".
+
+    Returns:
+      A `Criterion`.
+
+    Raises:
+      ValueError: unknown name (lists the known ones), unknown parameter
+        (names it), bad ordering.
+    """
+    if isinstance(criterion, str):
+        result = _CRITERIA.get(criterion).with_params(**params)
+    elif isinstance(criterion, Criterion):
+        result = criterion.with_params(**params)
+    elif callable(criterion):
+        name = getattr(criterion, "__name__", type(criterion).__name__)
+        result = Criterion(name=name, score=criterion, ordering="after",
+                           params=merge_params("criterion", name, {}, params, fn=criterion))
+    else:
+        raise ValueError(f"Cannot interpret {criterion!r} as a criterion; "
+                         f"use a name ({', '.join(criterion_names())}), a Criterion or a callable.")
+    overrides = {k: v for k, v in (("ordering", ordering), ("needs_gradient", needs_gradient)) if v is not None}
+    return dataclasses.replace(result, **overrides) if overrides else result
+
+
+def criterion_names() -> Tuple[str, ...]:
+    """Names of all registered criteria, sorted."""
+    return _CRITERIA.names()
+
+
+def ema_update(state: tf.Tensor, score: tf.Tensor, initialized, beta) -> tf.Tensor:
+    """One step of a running criterion: S <- beta * S + (1 - beta) * score.
+
+    Args:
+      state: float32 EMA state S (any value when not initialised).
+      score: float32 base score s_t of the same shape.
+      initialized: scalar bool, False right after creation and after every
+        mask update (the reference clears S after each update); then S = s_t.
+      beta: scalar float, the criterion's "beta" param.
+
+    Returns:
+      The new state, same shape.
+    """
+    beta = tf.cast(beta, tf.float32)
+    blended = beta * state + (1.0 - beta) * score
+    return tf.where(tf.cast(initialized, tf.bool), blended, score)
+
+
+# ----------------------------------------------------------------------------
+# Built-in score functions.
+
+
+@register_criterion("magnitude", ordering="before", needs_gradient=False)
+def magnitude(inputs: ScoreInputs) -> tf.Tensor:
+    """abs(w)."""
+    return tf.abs(inputs.weight)
+
+
+def random_scores(inputs: ScoreInputs) -> tf.Tensor:
+    """i.i.d. U[0, 1) from `inputs.seed` (stateless): the lowest k form a uniformly random subset."""
+    return tf.random.stateless_uniform(inputs.weight.shape, seed=inputs.seed, dtype=tf.float32)
+
+
+register_criterion("random", ordering="before", needs_gradient=False)(random_scores)
+
+
+@register_criterion("mest", ordering="after", params={"gamma": 1.0})
+def mest(inputs: ScoreInputs, gamma) -> tf.Tensor:
+    """abs(w) + gamma * abs(g)."""
+    return tf.abs(inputs.weight) + gamma * tf.abs(inputs.gradient)
+
+
+@register_criterion("snip", ordering="after")
+def snip(inputs: ScoreInputs) -> tf.Tensor:
+    """abs(w * g) + 1e-5 (the offset keeps every score positive, as in the reference)."""
+    return tf.abs(inputs.weight * inputs.gradient) + 1e-5
+
+
+@register_criterion("sensitivity", ordering="after")
+def sensitivity(inputs: ScoreInputs) -> tf.Tensor:
+    """abs(g) / (abs(w) + 1e-8) + 1."""
+    return tf.abs(inputs.gradient) / (tf.abs(inputs.weight) + 1e-8) + 1.0
+
+
+@register_criterion("reciprocal_sensitivity", ordering="after")
+def reciprocal_sensitivity(inputs: ScoreInputs) -> tf.Tensor:
+    """abs(w) / (abs(g) + 1e-8) + 1."""
+    return tf.abs(inputs.weight) / (tf.abs(inputs.gradient) + 1e-8) + 1.0
+
+
+@register_criterion("taylor_fo", ordering="after")
+def taylor_fo(inputs: ScoreInputs) -> tf.Tensor:
+    """(w * g) ** 2, first-order Taylor estimate of the loss change."""
+    return tf.square(inputs.weight * inputs.gradient)
+
+
+# Running variants. Deviation: beta defaults to 0.9, not the reference's 1.0
+# (which freezes S at its first value, spec section 4.3.8). The score is the
+# base score s_t; the engine averages it with `ema_update`.
+@register_criterion("running_magnitude", ordering="before", needs_gradient=False, params={"beta": 0.9}, ema=True)
+def running_magnitude(inputs: ScoreInputs, beta) -> tf.Tensor:
+    """Base score abs(w) of the EMA (beta is used by `ema_update`)."""
+    del beta
+    return magnitude(inputs)
+
+
+@register_criterion("running_snip", ordering="after", params={"beta": 0.9}, ema=True)
+def running_snip(inputs: ScoreInputs, beta) -> tf.Tensor:
+    """Base score abs(w * g) of the EMA (no 1e-5 offset, as in the reference)."""
+    del beta
+    return tf.abs(inputs.weight * inputs.gradient)
+
+
+# ----------------------------------------------------------------------------
+# SET family (selection functions).
+
+
+def _half(count) -> tf.Tensor:
+    """h = ceil(r / 2) for r >= 0 (negative r counts as 0)."""
+    count = tf.maximum(tf.cast(count, tf.int32), 0)
+    return (count + 1) // 2
+
+
+@register_criterion("set", ordering="before", needs_gradient=False, select=True)
+def set_select(inputs: ScoreInputs, count) -> tf.Tensor:
+    """Correct SET: the h smallest positive and the h negative weights closest to zero.
+
+    With h = ceil(r / 2), removes exactly `min(h, #non-negative) +
+    min(h, #negative)` ACTIVE weights (2h = r + 1 when r is odd, as in the
+    reference); a shortfall in one sign is NOT moved to the other.
+
+    Differences from the reference's threshold rule (spec section 4.3.2):
+    * count-exact: ties are broken by lower flat index instead of removing
+      every weight tied with the threshold;
+    * h = 0 (r = 0) removes nothing (the reference's index clamp removes one
+      weight of each sign);
+    * active weights that are exactly 0 (either sign of zero) and NaN weights
+      count with the positives and are removed first among them (zero is the
+      smallest magnitude; NaN is least important); the reference removes
+      every active zero on top of the 2h.
+
+    Args:
+      inputs: ScoreInputs (weight and mask are read).
+      count: scalar int32, the removal budget r.
+
+    Returns:
+      bool tensor, True at the weights to remove.
+    """
+    w, m = inputs.weight, inputs.mask
+    h = _half(count)
+    negative = m & (w < 0.0)
+    return select_lowest(w, m & ~negative, h) | select_highest(w, negative, h)
+
+
+def _legacy_threshold(w: tf.Tensor, group: tf.Tensor, h: tf.Tensor) -> tf.Tensor:
+    """The reference's threshold: ascending-sorted group at index min(h, n) - 1, Python-style.
+
+    Index -1 (h = 0) wraps to the largest group member. Empty group: any value
+    (no member is compared against it).
+    """
+    flat_w, flat_group = tf.reshape(w, [-1]), tf.reshape(group, [-1])
+    size = tf.reduce_sum(tf.cast(flat_group, tf.int32))
+    index = tf.minimum(h, size) - 1
+    index = tf.where(index < 0, size - 1, index)
+    ascending = tf.sort(tf.where(flat_group, flat_w, float("inf")))
+    return tf.gather(ascending, tf.maximum(index, 0))
+
+
+@register_criterion("set_legacy", ordering="before", needs_gradient=False, select=True)
+def set_legacy_select(inputs: ScoreInputs, count) -> tf.Tensor:
+    """The reference's layer-wise `SET` ("magnitude and negativity"), reproduced faithfully.
+
+    Opt-in, for exact reproduction of the paper's SET runs (spec sections
+    4.3.2 and 8.1). With h = ceil(r/2), P = active weights > 0 and
+    Q = active weights < 0:
+
+    * positives: theta_P = ascending(P)[min(h, |P|) - 1]; keep w > theta_P, so
+      the h smallest positives (and ties with theta_P) go. With h = 0 the
+      index is -1 = the largest positive, so EVERY positive is removed;
+    * negatives: theta_Q = ascending(Q)[min(h, |Q|) - 1] (most negative
+      first); keep w < theta_Q, so only the h - 1 most negative weights are
+      kept and every other negative weight is removed (with h = 0: the
+      negative closest to zero and its ties go);
+    * everything else active (exact zeros, NaN) is removed.
+
+    On Gaussian weights this removes about #negatives + 1 weights at every
+    update regardless of the rate. Where the reference crashes (a layer with
+    no positive or no negative weight), the empty sign simply removes nothing
+    and the other sign follows the rule above.
+
+    Args:
+      inputs: ScoreInputs (weight and mask are read).
+      count: scalar int32, the removal budget r.
+
+    Returns:
+      bool tensor, True at the (active) weights to remove.
+    """
+    w, m = inputs.weight, inputs.mask
+    h = _half(count)
+    positive, negative = m & (w > 0.0), m & (w < 0.0)
+    keep = (positive & (w > _legacy_threshold(w, positive, h))) | (negative & (w < _legacy_threshold(w, negative, h)))
+    return m & ~keep

@@ -1,0 +1,142 @@
+"""Growth rules: a registry of score functions for inactive entries.
+
+A growth rule turns `ScoreInputs` into a float32 score of the weight's shape;
+HIGHER = grown first. Only inactive entries of the (pruned) mask are eligible,
+which `topology.grow` enforces, so just-pruned entries can be regrown.
+
+Built-ins:
+
+| name     | score                         | needs                                   |
+|----------|-------------------------------|-----------------------------------------|
+| random   | stateless U[0, 1) from seed   | nothing                                 |
+| gradient | abs(g)  (RigL)                | gradient                                |
+| momentum | abs(momentum)                 | optimizer momentum (ValueError if None) |
+
+Exact-count growth is `topology.grow(rule.evaluate(inputs), mask, count)`.
+The reference's random growth is Bernoulli (count exact only in expectation),
+which is `topology.grow_bernoulli(mask, count, seed)` and needs no score.
+The reference's `+1e-6` offset of gradient growth is not needed: `grow`
+chooses exactly `count` inactive entries whatever their scores.
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+import tensorflow as tf
+
+from keras_dst.criteria import Registry, merge_params, random_scores, require_inputs
+from keras_dst.scoring import ScoreInputs
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowthRule:
+    """A growth rule.
+
+    Attributes:
+      name: registry name.
+      score: fn(inputs: ScoreInputs, **params) -> float32 tensor of the
+        weight's shape, higher = grown first.
+      needs_gradient: whether `inputs.gradient` is used.
+      needs_momentum: whether `inputs.momentum` is used.
+      params: read-only mapping of keyword parameters passed to `score`.
+    """
+
+    name: str
+    score: Callable[..., tf.Tensor]
+    needs_gradient: bool = False
+    needs_momentum: bool = False
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", merge_params("growth", self.name, self.params, {}))
+
+    def with_params(self, **params) -> "GrowthRule":
+        """A copy with `params` merged in (current params and `score` keywords accepted)."""
+        return dataclasses.replace(self, params=merge_params("growth", self.name, self.params, params, fn=self.score))
+
+    def evaluate(self, inputs: ScoreInputs) -> tf.Tensor:
+        """`score(inputs, **params)` as float32.
+
+        Raises:
+          ValueError: a needed gradient or momentum is None.
+        """
+        require_inputs(inputs, "growth", self.name, gradient=self.needs_gradient, momentum=self.needs_momentum)
+        return tf.cast(self.score(inputs, **self.params), tf.float32)
+
+
+_GROWTH = Registry("growth")
+
+
+def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: bool = False,
+                    params: Optional[Mapping[str, Any]] = None, overwrite: bool = False):
+    """Decorator registering a growth score function fn(inputs, **params).
+
+    Args:
+      name: registry name (lookup ignores case, "_" and "-").
+      needs_gradient: whether the function reads `inputs.gradient`.
+      needs_momentum: whether it reads `inputs.momentum`.
+      params: default keyword parameters.
+      overwrite: replace an existing registration of `name`.
+
+    Returns:
+      A decorator that registers the function and returns it unchanged.
+    """
+
+    def decorator(fn):
+        _GROWTH.add(GrowthRule(name=name, score=fn, needs_gradient=needs_gradient,
+                               needs_momentum=needs_momentum, params=dict(params or {})), overwrite=overwrite)
+        return fn
+
+    return decorator
+
+
+def get_growth(growth, **params) -> GrowthRule:
+    """Resolves a growth rule and merges parameters.
+
+    Args:
+      growth: a registered name, a `GrowthRule`, or a plain callable
+        fn(inputs, **params), which becomes
+        `GrowthRule(name=fn.__name__, score=fn, needs_gradient=True)`.
+      **params: parameter values.
+
+    Returns:
+      A `GrowthRule`.
+
+    Raises:
+      ValueError: unknown name (lists the known ones) or unknown parameter.
+    """
+    if isinstance(growth, str):
+        return _GROWTH.get(growth).with_params(**params)
+    if isinstance(growth, GrowthRule):
+        return growth.with_params(**params)
+    if callable(growth):
+        name = getattr(growth, "__name__", type(growth).__name__)
+        return GrowthRule(name=name, score=growth, needs_gradient=True,
+                          params=merge_params("growth", name, {}, params, fn=growth))
+    raise ValueError(f"Cannot interpret {growth!r} as a growth rule; "
+                     f"use a name ({', '.join(growth_names())}), a GrowthRule or a callable.")
+
+
+def growth_names() -> Tuple[str, ...]:
+    """Names of all registered growth rules, sorted."""
+    return _GROWTH.names()
+
+
+register_growth("random")(random_scores)
+
+
+@register_growth("gradient", needs_gradient=True)
+def gradient(inputs: ScoreInputs) -> tf.Tensor:
+    """abs(g): RigL's gradient growth."""
+    return tf.abs(inputs.gradient)
+
+
+@register_growth("momentum", needs_momentum=True)
+def momentum(inputs: ScoreInputs) -> tf.Tensor:
+    """abs(momentum): Dettmers' sparse-momentum growth.
+
+    Raises:
+      ValueError: `inputs.momentum` is None (the optimizer has no momentum).
+    """
+    require_inputs(inputs, "growth", "momentum", momentum=True)
+    return tf.abs(inputs.momentum)

@@ -1,0 +1,143 @@
+"""Reading and writing the masks of a sparse model, and reporting its density.
+
+Every function takes any model (Sequential, functional, subclassed, nested) or
+layer that contains `SparseWrapper` layers.
+"""
+
+from typing import NamedTuple
+
+import keras
+import numpy as np
+
+from keras_dst.layers import SparseWrapper
+
+
+class SparseTarget(NamedTuple):
+    """One sparsified weight and the state its wrapper keeps for it.
+
+    Attributes:
+      weight: the sparsified variable.
+      mask: its bool mask variable (same shape).
+      ever_active: bool variable, True where the entry was ever active.
+      score: float32 running-score variable, or None without `track_scores`.
+      wrapper: the `SparseWrapper` that owns them.
+    """
+
+    weight: "keras.Variable"
+    mask: "keras.Variable"
+    ever_active: "keras.Variable"
+    score: "keras.Variable | None"
+    wrapper: SparseWrapper
+
+
+def sparse_wrappers(model) -> list:
+    """All `SparseWrapper` layers inside `model` (itself included), in model order."""
+    if isinstance(model, SparseWrapper):
+        return [model]
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"Expected a keras Model or Layer, got {type(model).__name__}.")
+    return [l for l in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(l, SparseWrapper)]
+
+
+def sparse_targets(model, require=False, caller="keras_dst") -> list:
+    """Every sparsified weight of `model` as `SparseTarget`s, in a stable order.
+
+    Args:
+      model: a model or layer.
+      require: raise a ValueError when there is nothing sparsified.
+      caller: name used in that error message.
+    """
+    targets = []
+    for wrapper in sparse_wrappers(model):
+        if not wrapper.built:
+            raise ValueError(
+                f"{caller}: layer '{wrapper.name}' is not built yet; build or call the "
+                "model once before using it."
+            )
+        scores = wrapper.scores or [None] * len(wrapper.masks)
+        targets.extend(SparseTarget(w, m, e, s, wrapper) for w, m, e, s in zip(
+            wrapper.sparse_weights, wrapper.masks, wrapper.ever_active, scores))
+    if require and not targets:
+        raise ValueError(
+            f"{caller}: model '{getattr(model, 'name', model)}' has no sparse layers. "
+            "Make it with keras_dst.prunable(model, density=...) (or build it from "
+            "keras_dst.prunable(layer) layers) first."
+        )
+    return targets
+
+
+def masks(model) -> dict:
+    """Masks of `model` as ``{weight.path: numpy uint8 array of 0/1}``."""
+    return {t.weight.path: np.asarray(t.mask.numpy(), dtype=np.uint8)
+            for t in sparse_targets(model)}
+
+
+def set_masks(model, new_masks: dict, apply=True):
+    """Replaces masks from ``{weight.path: 0/1 or bool array}``.
+
+    Every entry is validated (known path, same shape, only 0/1 values) before any
+    mask changes. With `apply`, weights are then zeroed where the mask is 0.
+
+    Raises:
+      ValueError: unknown path, shape mismatch or non-binary values.
+    """
+    by_path = {t.weight.path: t for t in sparse_targets(model, require=True, caller="set_masks()")}
+    checked = {}
+    for path, value in new_masks.items():
+        if path not in by_path:
+            raise ValueError(f"set_masks(): no sparsified weight at path '{path}'. "
+                             f"Known paths: {sorted(by_path)}.")
+        array = np.asarray(value)
+        target = by_path[path]
+        if array.shape != tuple(target.weight.shape):
+            raise ValueError(f"set_masks(): mask for '{path}' has shape {array.shape}, but the "
+                             f"weight has shape {tuple(target.weight.shape)}.")
+        if not np.isin(array, (0, 1)).all():
+            raise ValueError(f"set_masks(): mask for '{path}' must contain only 0/1 values.")
+        checked[path] = array.astype(bool)
+    for path, array in checked.items():
+        by_path[path].mask.assign(array)
+    if apply:
+        for wrapper in {id(t.wrapper): t.wrapper for t in by_path.values()}.values():
+            wrapper.apply_masks()
+
+
+def layer_stats(model) -> list:
+    """Per sparsified weight: dict(layer, path, shape, active, total, density)."""
+    rows = []
+    for t in sparse_targets(model):
+        active = int(np.count_nonzero(t.mask.numpy()))
+        total = int(np.prod(t.weight.shape))
+        rows.append(dict(layer=t.wrapper.layer.name, path=t.weight.path,
+                         shape=tuple(t.weight.shape), active=active, total=total,
+                         density=active / total if total else 1.0))
+    return rows
+
+
+def density(model) -> float:
+    """Fraction of active entries over all sparsified weights of `model`."""
+    rows = layer_stats(model)
+    total = sum(r["total"] for r in rows)
+    if total == 0:
+        raise ValueError(
+            f"density(): model '{getattr(model, 'name', model)}' has no sparsified weights; "
+            "make it with keras_dst.prunable() first.")
+    return sum(r["active"] for r in rows) / total
+
+
+def summary(model, print_fn=print):
+    """Prints a table of layer, weight shape, active/total and density per weight."""
+    rows = layer_stats(model)
+    header = f"{'layer':<28} {'weight':<34} {'shape':<20} {'active/total':>22} {'density':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        counts = f"{r['active']}/{r['total']}"
+        lines.append(f"{r['layer']:<28} {r['path']:<34} {str(r['shape']):<20} "
+                     f"{counts:>22} {r['density']:>8.4f}")
+    active = sum(r["active"] for r in rows)
+    total = sum(r["total"] for r in rows)
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<84} {f'{active}/{total}':>22} "
+                 f"{(active / total if total else 1.0):>8.4f}")
+    print_fn("\n".join(lines))

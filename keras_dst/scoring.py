@@ -1,0 +1,28 @@
+"""The inputs every score function sees (floor 1, shared by criteria and growth)."""
+
+from typing import NamedTuple, Optional
+
+import tensorflow as tf
+
+
+class ScoreInputs(NamedTuple):
+    """Everything a pruning or growth score may depend on, for one tensor.
+
+    All tensors have the shape of the sparsified weight (any rank).
+
+    Attributes:
+      weight: float32 weight values (inactive entries are exactly 0).
+      gradient: float32 dense loss gradient of the current mini-batch, at every
+        position, inactive ones included (no weight-decay term).
+      mask: bool, True where the weight is active.
+      seed: int32 tensor of shape [2], a stateless RNG seed unique to this
+        tensor and this update step (use `tf.random.stateless_*`).
+      momentum: float32 optimizer momentum of the weight (SGD momentum buffer,
+        or Adam's m / (sqrt(v) + 1e-8)), or None when unavailable.
+    """
+
+    weight: tf.Tensor
+    gradient: tf.Tensor
+    mask: tf.Tensor
+    seed: tf.Tensor
+    momentum: Optional[tf.Tensor] = None

@@ -1,0 +1,373 @@
+"""The one selection routine: scores, masks and counts in, new masks out.
+
+Every dynamic sparse training algorithm (SET, RigL, MEST, SNIP, ...) is this
+module plus a choice of scores. All functions are pure TensorFlow, trace inside
+`tf.function(jit_compile=True)` and keep static shapes: counts are scalar
+tensors whose *values* may change from call to call.
+
+Selection rule (shared by `prune`, `grow`, `global_prune`, `apply_selection`
+and the SET criteria):
+
+* exactly `min(count, eligible)` eligible entries are chosen, never an
+  ineligible one (`prune`: eligible = active; `grow`: eligible = inactive);
+* `prune` chooses the lowest scores, `grow` the highest;
+* ties are broken deterministically: among equal scores the entry with the
+  LOWER flat (row-major) index is chosen first, both when pruning and when
+  growing. `-0.0` and `+0.0` are equal;
+* NaN policy: a NaN score ranks as the LEAST important value (below `-inf`):
+  it is pruned first and grown last. The count stays exact whatever the
+  scores contain (NaN, +-inf), so a non-finite score can never corrupt the
+  number of active entries.
+
+Implementation: each entry gets a unique int64 key
+`(order of the score) * 2**31 + flat index` (ineligible entries get a key above
+every eligible one); one ascending `tf.sort` gives the `count`-th smallest key
+and the chosen entries are those with `key <= that key`. Cost O(n log n);
+at most 2**31 - 1 entries per call.
+"""
+
+from typing import List, Sequence
+
+import tensorflow as tf
+
+from keras_dst.scoring import ScoreInputs
+
+_INDEX_SPAN = 2**31  # flat indices must stay below this
+_INELIGIBLE = 2**31 + 1  # above every order value (orders lie in [-2**31, 2**31])
+
+
+def _as_count(count) -> tf.Tensor:
+    """Returns `count` as a scalar int32 tensor."""
+    return tf.cast(tf.convert_to_tensor(count), tf.int32)
+
+
+def _score_order(scores: tf.Tensor) -> tf.Tensor:
+    """Maps float scores to int64 values with the same order (1-D in, 1-D out).
+
+    The float32 bit pattern is made monotone (negative floats have their
+    magnitude bits flipped); -0.0 is folded onto +0.0 and NaN maps to -2**31,
+    below `-inf` (which maps to -2139095041).
+    """
+    x = tf.cast(scores, tf.float32)
+    x = tf.where(tf.equal(x, 0.0), tf.zeros_like(x), x)
+    bits = tf.bitcast(x, tf.int32)
+    monotone = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits)
+    monotone = tf.where(tf.math.is_nan(x), tf.fill(tf.shape(bits), tf.int32.min), monotone)
+    return tf.cast(monotone, tf.int64)
+
+
+def _select(scores: tf.Tensor, eligible: tf.Tensor, count, lowest: bool) -> tf.Tensor:
+    """Chooses `min(count, eligible)` eligible entries (see module docstring).
+
+    Args:
+      scores: float tensor, any shape.
+      eligible: bool tensor of the same shape.
+      count: scalar int tensor (or int), how many entries to choose.
+      lowest: choose the lowest scores (True) or the highest (False).
+
+    Returns:
+      bool tensor of the shape of `scores`, True at the chosen entries.
+    """
+    shape = eligible.shape
+    n = shape.num_elements()
+    if n == 0:
+        return tf.zeros(shape, tf.bool)
+    if n >= _INDEX_SPAN:
+        raise ValueError(f"Selection over {n} entries; at most {_INDEX_SPAN - 1} are supported.")
+    flat_eligible = tf.reshape(eligible, [-1])
+    order = _score_order(tf.reshape(scores, [-1]))
+    if not lowest:
+        order = -order  # NaN (-2**31) becomes 2**31: still chosen last
+    order = tf.where(flat_eligible, order, tf.constant(_INELIGIBLE, tf.int64))
+    keys = order * _INDEX_SPAN + tf.range(n, dtype=tf.int64)
+    available = tf.reduce_sum(tf.cast(flat_eligible, tf.int32))
+    count = tf.clip_by_value(_as_count(count), 0, available)
+    threshold = tf.gather(tf.sort(keys), tf.maximum(count - 1, 0))
+    chosen = flat_eligible & (keys <= threshold) & (count > 0)
+    return tf.reshape(chosen, shape)
+
+
+def select_lowest(scores: tf.Tensor, eligible: tf.Tensor, count) -> tf.Tensor:
+    """The `min(count, eligible)` eligible entries with the lowest scores.
+
+    Ties: lower flat index first. NaN ranks below -inf (chosen first).
+
+    Args:
+      scores: float tensor, any shape.
+      eligible: bool tensor of the same shape.
+      count: scalar int tensor or int.
+
+    Returns:
+      bool tensor of the same shape, True at the chosen entries.
+    """
+    return _select(scores, eligible, count, lowest=True)
+
+
+def select_highest(scores: tf.Tensor, eligible: tf.Tensor, count) -> tf.Tensor:
+    """The `min(count, eligible)` eligible entries with the highest scores.
+
+    Ties: lower flat index first. NaN ranks below -inf (chosen last).
+
+    Args:
+      scores: float tensor, any shape.
+      eligible: bool tensor of the same shape.
+      count: scalar int tensor or int.
+
+    Returns:
+      bool tensor of the same shape, True at the chosen entries.
+    """
+    return _select(scores, eligible, count, lowest=False)
+
+
+def prune(scores: tf.Tensor, mask: tf.Tensor, count) -> tf.Tensor:
+    """Deactivates the `min(count, active)` active entries of lowest score.
+
+    Args:
+      scores: float tensor, shape of `mask`; higher = more important. Scores of
+        inactive entries are ignored.
+      mask: bool tensor, True where active.
+      count: scalar int tensor or int, number of entries to remove.
+
+    Returns:
+      The new bool mask (a subset of `mask`).
+    """
+    return mask & ~select_lowest(scores, mask, count)
+
+
+def grow(scores: tf.Tensor, mask: tf.Tensor, count) -> tf.Tensor:
+    """Activates the `min(count, inactive)` inactive entries of highest score.
+
+    Args:
+      scores: float tensor, shape of `mask`; higher = grown first. Scores of
+        active entries are ignored.
+      mask: bool tensor, True where active (typically the pruned mask, so
+        just-pruned entries can be regrown).
+      count: scalar int tensor or int, number of entries to add.
+
+    Returns:
+      The new bool mask (a superset of `mask`).
+    """
+    return mask | select_highest(scores, ~mask, count)
+
+
+def grow_bernoulli(mask: tf.Tensor, count, seed: tf.Tensor) -> tf.Tensor:
+    """The reference's random growth: each inactive entry on with prob. count / inactive.
+
+    The number grown is Binomial(inactive, count / inactive): exact only in
+    expectation (mean `min(count, inactive)`). With no inactive entry nothing
+    is grown. The reference's guard ("if the result has no active entry keep
+    `mask`") is kept; it never fires because the result contains `mask`.
+
+    Args:
+      mask: bool tensor, True where active.
+      count: scalar int tensor or int, expected number of entries to add.
+      seed: int32 tensor of shape [2] for `tf.random.stateless_uniform`.
+
+    Returns:
+      The new bool mask (a superset of `mask`).
+    """
+    inactive = ~mask
+    n_inactive = tf.reduce_sum(tf.cast(inactive, tf.float32))
+    probability = tf.math.divide_no_nan(tf.cast(_as_count(count), tf.float32), n_inactive)
+    draws = tf.random.stateless_uniform(tf.shape(mask), seed=seed)
+    grown = mask | (inactive & (draws < 0.5*probability))
+    return tf.where(tf.reduce_any(grown), grown, mask)
+
+
+def prune_count(active, rate) -> tf.Tensor:
+    """`ceil(rate * active)` clamped to `[0, active]`, as int32.
+
+    The product is formed in float64. A float32 rate is only known to a
+    relative 2**-24, so a product within `2**-23 * rate * active` of an integer
+    is snapped to that integer instead of rounded up: rate=float32(0.1),
+    active=10 gives 1 (as the reference's float64 arithmetic), not 2. Exact
+    for every product below 5000 whose true fractional part is >= 1e-3; for
+    larger layers the result can be one lower than the exact ceiling when the
+    fractional part is below the float32 resolution of the rate.
+
+    Args:
+      active: scalar int tensor or int, active count `a`.
+      rate: scalar float tensor or float, prune rate `p`.
+
+    Returns:
+      Scalar int32 tensor `r`.
+    """
+    active = tf.cast(tf.convert_to_tensor(active), tf.float64)
+    product = tf.cast(rate, tf.float64) * active
+    nearest = tf.round(product)
+    snapped = tf.abs(product - nearest) <= tf.abs(product) * 2.0**-23
+    count = tf.where(snapped, nearest, tf.math.ceil(product))
+    return tf.cast(tf.clip_by_value(count, 0.0, active), tf.int32)
+
+
+def _concat_flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Concatenates the row-major flattenings of `tensors` into one 1-D tensor."""
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+
+def _split_like(flat: tf.Tensor, like: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    """Inverse of `_concat_flat`: splits `flat` back into the shapes of `like`."""
+    sizes = [t.shape.num_elements() for t in like]
+    parts = tf.split(flat, sizes, axis=0)
+    return [tf.reshape(part, t.shape) for part, t in zip(parts, like)]
+
+
+def global_prune(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor], count) -> List[tf.Tensor]:
+    """`prune` over all layers at once: one exact selection, split back per layer.
+
+    The flat index used for tie-breaking is the position in the concatenation
+    of the row-major flattenings, in list order (earlier layers first).
+
+    Args:
+      scores_list: float tensors, one per layer.
+      masks_list: bool tensors of the same shapes.
+      count: scalar int tensor or int, total number of entries to remove.
+
+    Returns:
+      List of new bool masks, one per layer.
+    """
+    new_flat = prune(_concat_flat(scores_list), _concat_flat(masks_list), count)
+    return _split_like(new_flat, masks_list)
+
+
+NORMALIZE_MODES = ("none", "input", "output", "channel", "depth", "layer")
+NORM_TYPES = ("max", "sum")
+
+
+def _normalize_axes(rank: int, mode: str):
+    """Reduction axes of a normalisation mode for a Keras kernel of this rank (None = all)."""
+    if mode == "input" and rank == 2:  # Dense (in, out): per output unit
+        return [0]
+    if mode == "output" and rank == 2:  # Dense (in, out): per input unit
+        return [1]
+    if mode == "channel" and rank >= 3:  # Conv (..., in, out): per output filter
+        return list(range(rank - 1))
+    if mode == "depth" and rank >= 3:  # Conv (..., in, out): per (in, out) slice
+        return list(range(rank - 2))
+    return None  # "layer", and every mode on a kernel of another rank
+
+
+def normalize(scores: tf.Tensor, mask: tf.Tensor, mode: str = "none", norm_type: str = "max") -> tf.Tensor:
+    """Divides scores by a per-group statistic of the ACTIVE scores (spec section 4.5).
+
+    Keras layouts (the reference's PyTorch axes translated):
+
+    | mode      | Dense kernel (in, out)      | Conv kernel (..., in, out)        |
+    |-----------|-----------------------------|-----------------------------------|
+    | "input"   | per output unit: axis 0     | whole tensor                      |
+    | "output"  | per input unit: axis 1      | whole tensor                      |
+    | "channel" | whole tensor                | per output filter: all but last   |
+    | "depth"   | whole tensor                | per (in, out) slice: spatial axes |
+    | "layer"   | whole tensor                | whole tensor                      |
+    | "none"    | unchanged                   | unchanged                         |
+
+    "Conv" means rank >= 3 (Conv1D/2D/3D, depthwise); any other rank uses the
+    whole tensor for every mode except "none".
+
+    The statistic (`norm_type` "max" = largest, "sum" = sum) is taken over the
+    active entries of each group only. Deviation from the reference (which
+    divides without a guard and gets 0/0 = NaN for an all-zero group): a group
+    whose statistic is 0, or that has no active entry, yields 0 everywhere.
+
+    Args:
+      scores: float32 tensor, the shape of the kernel.
+      mask: bool tensor of the same shape, True where active.
+      mode: one of `NORMALIZE_MODES`.
+      norm_type: one of `NORM_TYPES`.
+
+    Returns:
+      float32 tensor of the same shape.
+
+    Raises:
+      ValueError: unknown `mode` or `norm_type`.
+    """
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"Unknown normalize mode {mode!r}; expected one of {NORMALIZE_MODES}.")
+    if norm_type not in NORM_TYPES:
+        raise ValueError(f"Unknown norm_type {norm_type!r}; expected one of {NORM_TYPES}.")
+    if mode == "none":
+        return scores
+    axes = _normalize_axes(scores.shape.rank, mode)
+    if norm_type == "max":
+        statistic = tf.reduce_max(tf.where(mask, scores, float("-inf")), axis=axes, keepdims=True)
+    else:
+        statistic = tf.reduce_sum(tf.where(mask, scores, 0.0), axis=axes, keepdims=True)
+    has_active = tf.reduce_any(mask, axis=axes, keepdims=True)
+    statistic = tf.where(has_active, statistic, 0.0)
+    return tf.math.divide_no_nan(scores, statistic)
+
+
+_normalize = normalize  # `apply_selection` has an argument of that name
+
+
+def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
+    """One 1-D ScoreInputs from several; seed of the first, momentum None if any is."""
+    momenta = [i.momentum for i in inputs_list]
+    has_gradient = all(i.gradient is not None for i in inputs_list)
+    return ScoreInputs(
+        weight=_concat_flat([i.weight for i in inputs_list]),
+        gradient=_concat_flat([i.gradient for i in inputs_list]) if has_gradient else None,
+        mask=_concat_flat([i.mask for i in inputs_list]),
+        seed=inputs_list[0].seed,
+        momentum=None if any(m is None for m in momenta) else _concat_flat(momenta),
+    )
+
+
+def apply_selection(criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,
+                    normalize: str = "none", norm_type: str = "max") -> List[tf.Tensor]:
+    """Prunes `count` active entries across the tensors of `inputs_list` with a criterion.
+
+    Layer scope is a one-element list; global scope passes every layer (one
+    selection over all of them, same rule and tie-break as `prune`).
+
+    * Score criteria: scores are computed per tensor with the tensor's own
+      ScoreInputs (so per-tensor seeds are used), optionally normalised per
+      tensor (`normalize`), concatenated and pruned with `prune`.
+    * Selection criteria (`criterion.select`, the SET family): the inputs are
+      concatenated into one 1-D ScoreInputs (seed of the first tensor,
+      momentum None unless every tensor has one) and `select` decides; only
+      active entries are ever removed. Normalisation is refused.
+
+    Args:
+      criterion: a `criteria.Criterion` (anything with `score`, `select` and
+        `params` attributes).
+      inputs_list: one ScoreInputs per tensor.
+      count: scalar int tensor or int, total number of entries to remove
+        (e.g. `prune_count(total_active, rate)`).
+      scores_list: optional precomputed scores per tensor used instead of
+        `criterion.score` (e.g. the EMA state of a running criterion).
+      normalize: one of `NORMALIZE_MODES`.
+      norm_type: "max" or "sum".
+
+    Returns:
+      List of new bool masks, one per tensor (subsets of the old masks). The
+      number removed is exactly `min(count, total active)` for score criteria;
+      selection criteria define their own count.
+    """
+    masks = [i.mask for i in inputs_list]
+    if criterion.select is not None and scores_list is None:
+        if normalize != "none":
+            raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
+                             f"normalize={normalize!r}; use normalize='none'.")
+        joint = _concat_inputs(inputs_list)
+        removed = criterion.select(joint, _as_count(count), **criterion.params)
+        return _split_like(joint.mask & ~removed, masks)
+    if scores_list is None:
+        scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
+    scores_list = [_normalize(s, i.mask, normalize, norm_type) for s, i in zip(scores_list, inputs_list)]
+    return global_prune(scores_list, masks, count)
+
+
+def jaccard(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Jaccard index |a & b| / |a | b| of two bool tensors (1.0 when both are empty).
+
+    Args:
+      a: bool tensor.
+      b: bool tensor of the same shape.
+
+    Returns:
+      Scalar float32 tensor in [0, 1].
+    """
+    intersection = tf.reduce_sum(tf.cast(a & b, tf.float32))
+    union = tf.reduce_sum(tf.cast(a | b, tf.float32))
+    return tf.where(union > 0, tf.math.divide_no_nan(intersection, union), 1.0)

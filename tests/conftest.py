@@ -1,0 +1,92 @@
+"""Shared fixtures: small models covering every supported layer type."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+
+
+def all_layers_model(seed=0):
+    """A functional model with one of every supported layer type, plus BN and biases."""
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    img = keras.Input((8, 8, 3), name="img")
+    seq = keras.Input((8, 4), name="seq")
+    vol = keras.Input((4, 4, 4, 2), name="vol")
+    tok = keras.Input((5,), dtype="int32", name="tok")
+    a = L.Conv2D(4, 3, padding="same", name="conv2d")(img)
+    a = L.BatchNormalization(name="bn")(a)
+    a = L.DepthwiseConv2D(3, padding="same", name="depthwise2d")(a)
+    a = L.SeparableConv2D(4, 3, padding="same", name="separable2d")(a)
+    a = L.Conv2DTranspose(4, 3, padding="same", name="conv2d_transpose")(a)
+    a = L.GlobalAveragePooling2D()(a)
+    b = L.Conv1D(6, 3, padding="same", name="conv1d")(seq)
+    b = L.DepthwiseConv1D(3, padding="same", name="depthwise1d")(b)
+    b = L.SeparableConv1D(6, 3, padding="same", name="separable1d")(b)
+    b = L.Conv1DTranspose(6, 3, padding="same", name="conv1d_transpose")(b)
+    b = L.MultiHeadAttention(2, 4, name="mha")(b, b)
+    b = L.EinsumDense("btc,cd->btd", output_shape=(8, 5), bias_axes="d", name="einsum")(b)
+    b = L.Flatten()(b)
+    c = L.Conv3D(3, 2, padding="same", name="conv3d")(vol)
+    c = L.Conv3DTranspose(3, 2, padding="same", name="conv3d_transpose")(c)
+    c = L.GlobalAveragePooling3D()(c)
+    d = L.Embedding(20, 4, name="embedding")(tok)
+    d = L.Flatten()(d)
+    x = L.Concatenate()([a, b, c, d])
+    x = L.Dense(16, activation="relu", name="dense")(x)
+    out = L.Dense(3, name="head")(x)
+    return keras.Model([img, seq, vol, tok], out, name="all_layers")
+
+
+def all_layers_data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = [rng.normal(size=(n, 8, 8, 3)).astype("float32"),
+         rng.normal(size=(n, 8, 4)).astype("float32"),
+         rng.normal(size=(n, 4, 4, 4, 2)).astype("float32"),
+         rng.integers(0, 20, size=(n, 5)).astype("int32")]
+    y = rng.integers(0, 3, size=(n,))
+    return x, y
+
+
+def mlp(sizes=(20, 32, 16, 3), seed=0, name="mlp"):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((sizes[0],))
+    x = inp
+    for i, units in enumerate(sizes[1:-1]):
+        x = keras.layers.Dense(units, activation="relu", name=f"fc{i + 1}")(x)
+    out = keras.layers.Dense(sizes[-1], name=f"fc{len(sizes) - 1}")(x)
+    return keras.Model(inp, out, name=name)
+
+
+def classification_data(n=128, d=20, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    w = rng.normal(size=(d, classes))
+    y = np.argmax(x @ w, axis=1)
+    return x, y
+
+
+def assert_sparse_invariants(model, expected_active=None):
+    """Inactive entries exactly 0; optionally exact active counts per weight path."""
+    import keras_dst
+
+    for t in keras_dst.sparse_targets(model):
+        w, m = np.asarray(t.weight.numpy()), np.asarray(t.mask.numpy())
+        assert m.dtype == bool and m.shape == w.shape
+        assert np.all(w[~m] == 0), f"{t.weight.path}: inactive entries are not zero"
+        if expected_active is not None:
+            assert int(m.sum()) == expected_active[t.weight.path], t.weight.path
+
+
+def active_counts(model):
+    import keras_dst
+
+    return {k: int(v.sum()) for k, v in keras_dst.masks(model).items()}
+
+
+@pytest.fixture
+def tmp_keras_path(tmp_path):
+    return str(tmp_path / "model.keras")

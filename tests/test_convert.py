@@ -1,0 +1,222 @@
+"""prunable() / strip() / masks utilities on every kind of model."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+from conftest import (active_counts, all_layers_data, all_layers_model, assert_sparse_invariants,
+                      classification_data, mlp)
+
+EXPECTED_SPARSE = {"conv2d", "depthwise2d", "separable2d", "conv2d_transpose", "conv1d",
+                   "depthwise1d", "separable1d", "conv1d_transpose", "mha", "einsum", "conv3d",
+                   "conv3d_transpose", "embedding", "dense", "head"}
+
+
+def test_every_supported_layer_is_wrapped_and_others_are_not():
+    sparse = keras_dst.prunable(all_layers_model(), density=0.3)
+    wrapped = {l.layer.name for l in sparse.layers if isinstance(l, keras_dst.SparseWrapper)}
+    assert wrapped == EXPECTED_SPARSE
+    paths = set(keras_dst.masks(sparse))
+    assert "separable2d/depthwise_kernel" in paths and "separable2d/pointwise_kernel" in paths
+    assert {p for p in paths if p.startswith("mha/")} == {
+        "mha/query/kernel", "mha/key/kernel", "mha/value/kernel", "mha/attention_output/kernel"}
+    assert "embedding/embeddings" in paths
+    assert not any("bias" in p or "bn" in p for p in paths)
+    assert_sparse_invariants(sparse)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("distribution", ["erk", "er", "uniform"])
+def test_exact_init_hits_global_count(density, distribution):
+    model = mlp((30, 40, 20, 5))
+    sparse = keras_dst.prunable(model, density=density, distribution=distribution)
+    total = sum(int(np.prod(w.shape)) for w in [l.kernel for l in model.layers[1:]])
+    assert sum(active_counts(sparse).values()) == int(np.floor(density * total + 0.5))
+    assert_sparse_invariants(sparse)
+
+
+def test_bernoulli_init_is_close_not_exact():
+    model = mlp((100, 200, 10))
+    sparse = keras_dst.prunable(model, density=0.3, distribution="uniform", init="bernoulli")
+    d = keras_dst.density(sparse)
+    assert abs(d - 0.3) < 0.02
+    assert_sparse_invariants(sparse)
+
+
+def test_weights_are_copied_then_zeroed_and_original_untouched():
+    model = mlp()
+    before = [w.copy() for w in model.get_weights()]
+    sparse = keras_dst.prunable(model, density=0.3, distribution="uniform")
+    for t in keras_dst.sparse_targets(sparse):
+        original = model.get_layer(t.wrapper.layer.name).kernel.numpy()
+        m = t.mask.numpy()
+        np.testing.assert_array_equal(t.weight.numpy()[m], original[m])
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(sparse.get_layer("sparse_fc1").layer.bias.numpy(),
+                                  model.get_layer("fc1").bias.numpy())
+
+
+def test_same_seed_same_masks_other_seed_other_masks():
+    a = keras_dst.masks(keras_dst.prunable(mlp(), density=0.2, seed=3))
+    b = keras_dst.masks(keras_dst.prunable(mlp(), density=0.2, seed=3))
+    c = keras_dst.masks(keras_dst.prunable(mlp(), density=0.2, seed=4))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert any((a[k] != c[k]).any() for k in a)
+
+
+def test_keep_dense_and_overrides():
+    sparse = keras_dst.prunable(mlp((30, 40, 20, 5)), density=0.3, keep_dense=["fc3"],
+                                density_overrides={"fc2": 0.5})
+    counts = active_counts(sparse)
+    assert counts["fc3/kernel"] == 20 * 5
+    assert counts["fc2/kernel"] == 400
+    total = 30 * 40 + 40 * 20 + 20 * 5
+    assert sum(counts.values()) == int(np.floor(0.3 * total + 0.5))
+    with pytest.raises(ValueError, match="infeasible"):
+        keras_dst.prunable(mlp((30, 40, 20, 5)), density=0.2, keep_dense=["fc1"])
+
+
+def test_custom_distribution_dict():
+    sparse = keras_dst.prunable(mlp((30, 40, 20, 5)), density=0.3,
+                                distribution={"fc1": 0.1, "fc2": 0.5, "fc3": 1.0})
+    counts = active_counts(sparse)
+    assert counts == {"fc1/kernel": 120, "fc2/kernel": 400, "fc3/kernel": 100}
+
+
+def test_nested_sequential_inside_functional():
+    inner = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="inner_fc")],
+                             name="inner")
+    inp = keras.Input((10,))
+    x = keras.layers.Dense(16, name="outer_fc")(inp)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(inner(x)))
+    sparse = keras_dst.prunable(model, density=0.5, distribution="uniform")
+    assert set(keras_dst.masks(sparse)) == {"outer_fc/kernel", "inner_fc/kernel", "out/kernel"}
+    x_data = np.random.default_rng(0).normal(size=(4, 10)).astype("float32")
+    np.testing.assert_allclose(keras_dst.strip(sparse).predict(x_data, verbose=0),
+                               sparse.predict(x_data, verbose=0), atol=1e-6)
+
+
+def test_strip_gives_plain_model_with_same_predictions():
+    sparse = keras_dst.prunable(all_layers_model(), density=0.3)
+    plain = keras_dst.strip(sparse)
+    assert not any(isinstance(l, keras_dst.SparseWrapper)
+                   for l in plain._flatten_layers(include_self=False))
+    x, _ = all_layers_data()
+    np.testing.assert_allclose(plain.predict(x, verbose=0), sparse.predict(x, verbose=0),
+                               atol=1e-5)
+
+
+def test_summary_and_density(capsys):
+    sparse = keras_dst.prunable(mlp(), density=0.25, distribution="uniform")
+    keras_dst.summary(sparse)
+    out = capsys.readouterr().out
+    assert "fc1/kernel" in out and "active/total" in out
+    assert keras_dst.density(sparse) == pytest.approx(0.25, abs=1e-3)
+
+
+def test_set_masks_validates_everything_before_writing():
+    sparse = keras_dst.prunable(mlp(), density=0.5)
+    before = keras_dst.masks(sparse)
+    good = np.zeros((20, 32))
+    with pytest.raises(ValueError, match="shape"):
+        keras_dst.set_masks(sparse, {"fc1/kernel": good, "fc2/kernel": np.ones((3, 3))})
+    with pytest.raises(ValueError, match="fc9/kernel"):
+        keras_dst.set_masks(sparse, {"fc1/kernel": good, "fc9/kernel": good})
+    with pytest.raises(ValueError, match="0/1"):
+        keras_dst.set_masks(sparse, {"fc1/kernel": np.full((20, 32), 2)})
+    after = keras_dst.masks(sparse)
+    assert all((before[k] == after[k]).all() for k in before)
+    keras_dst.set_masks(sparse, {"fc1/kernel": good})
+    assert keras_dst.masks(sparse)["fc1/kernel"].sum() == 0
+    assert_sparse_invariants(sparse)
+
+
+# ---- bad inputs: clear errors, raised before anything changes -----------------------------
+@pytest.mark.parametrize("density,error", [(0.0, ValueError), (1.5, ValueError), (-0.1, ValueError),
+                                           ("0.1", TypeError), (True, TypeError),
+                                           (None, ValueError)])
+def test_bad_density(density, error):
+    with pytest.raises(error, match="density"):
+        keras_dst.prunable(mlp(), density=density)
+
+
+def test_unknown_distribution():
+    with pytest.raises(ValueError, match="gaussian"):
+        keras_dst.prunable(mlp(), density=0.1, distribution="gaussian")
+
+
+def test_unsupported_layer_names_layer_and_class():
+    inp = keras.Input((5, 3))
+    x = keras.layers.LSTM(4, name="my_lstm")(inp)
+    model = keras.Model(inp, keras.layers.Dense(2)(x))
+    with pytest.raises(TypeError, match=r"my_lstm.*LSTM"):
+        keras_dst.prunable(model, density=0.5)
+    sparse = keras_dst.prunable(model, density=0.5, skip_unsupported=True)
+    assert set(keras_dst.masks(sparse)) == {"dense/kernel"} or len(keras_dst.masks(sparse)) == 1
+
+
+def test_already_prunable():
+    sparse = keras_dst.prunable(mlp(), density=0.5)
+    with pytest.raises(ValueError, match="already prunable"):
+        keras_dst.prunable(sparse, density=0.5)
+    with pytest.raises(ValueError, match="already prunable"):
+        keras_dst.prunable(sparse.layers[1], density=0.5)
+
+
+def test_unknown_layer_names_in_options():
+    with pytest.raises(ValueError, match="nope"):
+        keras_dst.prunable(mlp(), density=0.5, keep_dense=["nope"])
+    with pytest.raises(ValueError, match="fc2"):
+        keras_dst.prunable(mlp(), density=0.5, distribution={"fc1": 0.5})
+
+
+def test_subclassed_model_cannot_be_rebuilt():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fc = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.fc(x)
+
+    net = Net()
+    net(np.zeros((1, 4), "float32"))
+    with pytest.raises(TypeError, match="subclassed"):
+        keras_dst.prunable(net, density=0.5)
+
+
+def test_wrong_object_type():
+    with pytest.raises(TypeError, match="Model or Layer"):
+        keras_dst.prunable("model", density=0.5)
+
+
+def test_custom_layer_protocol_and_registration():
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], 4), name="w")
+            self.b = self.add_weight(shape=(4,), name="b", initializer="zeros")
+
+        def call(self, x):
+            return x @ self.w + self.b
+
+        def get_prunable_weights(self):
+            return [self.w]
+
+    inp = keras.Input((6,))
+    model = keras.Model(inp, Scale(name="scale")(inp))
+    sparse = keras_dst.prunable(model, density=0.5)
+    assert list(keras_dst.masks(sparse)) == ["scale/w"]
+    assert keras_dst.masks(sparse)["scale/w"].sum() == 12
+
+    class Other(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kern = self.add_weight(shape=(input_shape[-1], 2), name="kern")
+
+        def call(self, x):
+            return x @ self.kern
+
+    keras_dst.register_prunable_layer(Other, ["kern"])
+    model = keras.Model(inp, Other(name="other")(inp))
+    assert list(keras_dst.masks(keras_dst.prunable(model, density=0.5))) == ["other/kern"]

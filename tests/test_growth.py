@@ -1,0 +1,118 @@
+"""Tests of keras_dst.growth: growth scores, registry, and growth through topology."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from keras_dst import growth, topology
+from keras_dst.growth import GrowthRule, get_growth, register_growth
+from keras_dst.scoring import ScoreInputs
+
+SETTINGS = settings(max_examples=40, deadline=None)
+SEED = tf.constant([9, 1])
+VALUES = st.sampled_from([-2.0, -0.0, 0.0, 1.0, 3.0]) | st.floats(-10, 10, width=32, allow_subnormal=False)
+
+
+def make_inputs(mask, gradient=None, momentum=None, seed=SEED):
+    mask = np.asarray(mask, bool)
+    g = np.zeros(mask.shape, np.float32) if gradient is None else np.asarray(gradient, np.float32)
+    return ScoreInputs(tf.zeros(mask.shape), tf.constant(g), tf.constant(mask), seed,
+                       None if momentum is None else tf.constant(momentum, tf.float32))
+
+
+@SETTINGS
+@given(st.data())
+def test_scores_match_numpy(data):
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=5))
+    g = data.draw(hnp.arrays(np.float32, shape, elements=VALUES))
+    m = data.draw(hnp.arrays(np.float32, shape, elements=VALUES))
+    inputs = make_inputs(np.zeros(shape, bool), g, m)
+    np.testing.assert_array_equal(get_growth("gradient").evaluate(inputs).numpy(), np.abs(g))
+    np.testing.assert_array_equal(get_growth("momentum").evaluate(inputs).numpy(), np.abs(m))
+    random = get_growth("random").evaluate(inputs).numpy()
+    assert random.shape == shape and random.dtype == np.float32
+    assert ((0 <= random) & (random < 1)).all()
+    np.testing.assert_array_equal(random, get_growth("random").evaluate(inputs).numpy())  # stateless
+
+
+def test_requirements_flags():
+    assert (get_growth("random").needs_gradient, get_growth("random").needs_momentum) == (False, False)
+    assert get_growth("gradient").needs_gradient and not get_growth("gradient").needs_momentum
+    assert get_growth("momentum").needs_momentum
+
+
+def test_momentum_without_optimizer_momentum_raises():
+    inputs = make_inputs([True, False])
+    with pytest.raises(ValueError, match="optimizer has no momentum"):
+        get_growth("momentum").evaluate(inputs)
+    with pytest.raises(ValueError, match="optimizer has no momentum"):
+        growth.momentum(inputs)  # the score function itself checks too
+
+
+@SETTINGS
+@given(st.integers(1, 60), st.integers(0, 70), st.integers(0, 2**16))
+def test_gradient_growth_exact_count_among_inactive(n, count, seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random(n) < 0.5
+    g = rng.integers(-2, 3, n).astype(np.float32)  # many ties and zero gradients
+    new = topology.grow(get_growth("gradient").evaluate(make_inputs(mask, g)), tf.constant(mask), count).numpy()
+    grown = new & ~mask
+    assert grown.sum() == min(count, (~mask).sum())
+    assert not (mask & ~new).any()
+    if grown.any() and (~mask & ~new).any():
+        assert np.abs(g)[grown].min() >= np.abs(g)[~mask & ~new].max()
+
+
+def test_random_exact_growth_is_uniform_over_candidates():
+    mask = np.array([True, False] * 5)
+
+    def grown(seed):
+        rule = get_growth("random")
+        inputs = make_inputs(mask, seed=tf.constant([seed, 5]))
+        return (topology.grow(rule.evaluate(inputs), tf.constant(mask), 2).numpy() & ~mask)
+
+    frequency = np.mean([grown(s) for s in range(200)], axis=0)
+    np.testing.assert_array_equal(frequency[mask], 0.0)
+    assert np.all(np.abs(frequency[~mask] - 0.4) < 0.15)
+
+
+def test_prune_then_grow_regrows_just_pruned_with_gradient():
+    w = np.array([0.1, 2.0, -0.05, 1.0, 0.0, 0.0], np.float32)
+    mask = np.array([True, True, True, True, False, False])
+    g = np.array([9.0, 0.0, 8.0, 0.0, 1.0, 0.5], np.float32)
+    pruned = topology.prune(tf.abs(tf.constant(w)), tf.constant(mask), 2)
+    np.testing.assert_array_equal(pruned.numpy(), [0, 1, 0, 1, 0, 0])
+    regrown = topology.grow(get_growth("gradient").evaluate(make_inputs(pruned.numpy(), g)), pruned, 2)
+    np.testing.assert_array_equal(regrown.numpy(), mask)  # the large-gradient just-pruned ones come back
+
+
+def test_registry_errors_and_custom_rule():
+    assert set(growth.growth_names()) >= {"random", "gradient", "momentum"}
+    with pytest.raises(ValueError, match="'rigl'.*gradient"):
+        get_growth("rigl")
+    with pytest.raises(ValueError, match="'scale'"):
+        get_growth("gradient", scale=2.0)
+    with pytest.raises(ValueError):
+        get_growth(3.5)
+
+    def signed_gradient(inputs, sign=1.0):
+        return sign * inputs.gradient
+
+    rule = get_growth(signed_gradient, sign=-1.0)
+    assert (rule.name, rule.needs_gradient, rule.params["sign"]) == ("signed_gradient", True, -1.0)
+    np.testing.assert_array_equal(rule.evaluate(make_inputs([False], [2.0])).numpy(), [-2.0])
+
+    @register_growth("test_only_first_entries", params={"offset": 0.0})
+    def first_entries(inputs, offset):
+        return -tf.cast(tf.range(tf.size(inputs.mask)), tf.float32) + offset
+
+    new = topology.grow(get_growth("test_only_first_entries").evaluate(make_inputs([False] * 4)),
+                        tf.zeros([4], tf.bool), 2)
+    np.testing.assert_array_equal(new.numpy(), [True, True, False, False])
+    assert get_growth("test_only_first_entries", offset=1.0).params["offset"] == 1.0
+    with pytest.raises(ValueError, match="already registered"):
+        register_growth("test_only_first_entries")(first_entries)
+    assert isinstance(get_growth(rule), GrowthRule)

@@ -1,0 +1,110 @@
+"""Tests of keras_dst.schedules: prune-rate schedules and the polynomial sparsity curve."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keras_dst import schedules
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@pytest.mark.parametrize("step, expected, tol", [
+    (0, 0.5, 1e-7), (800, 0.4994, 1e-4), (8000, 0.4395, 1e-4), (17600, 0.2525, 1e-6),
+    (30000, 0.0312, 1e-4), (35200, 0.005, 1e-7), (50000, 0.005, 1e-7),
+])
+def test_cosine_matches_spec_example(step, expected, tol):
+    rate = schedules.cosine(0.5, total_steps=35200)(tf.constant(step, tf.int64))
+    assert rate.dtype == tf.float32 and rate.shape == ()
+    assert float(rate) == pytest.approx(expected, abs=tol)
+
+
+@SETTINGS
+@given(st.integers(0, 10**6), st.integers(1, 10**5), st.floats(0.0, 1.0), st.floats(0.0, 0.1))
+def test_cosine_formula(step, total, initial, floor):
+    expected = floor + (initial - floor) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
+    assert float(schedules.CosineRate(initial, total, floor)(step)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_constant_and_linear():
+    assert float(schedules.constant(0.25)(tf.constant(12345, tf.int64))) == 0.25
+    linear = schedules.linear(0.5)
+    for step, k in ((0, 0), (599, 0), (600, 1), (1799, 2), (6000, 10)):
+        assert float(linear(step)) == pytest.approx(0.5 * 0.99**k, rel=1e-6)
+    assert float(schedules.linear(1.0, factor=0.5, every=10)(35)) == pytest.approx(0.125)
+
+
+def test_get_schedule():
+    assert float(schedules.get_schedule("cosine", 0.5, total_steps=100)(100)) == pytest.approx(0.005)
+    assert float(schedules.get_schedule("constant", 0.3)(7)) == pytest.approx(0.3)
+    assert float(schedules.get_schedule("linear", 0.3)(600)) == pytest.approx(0.297)
+    custom = lambda step: tf.constant(0.1)  # noqa: E731
+    assert schedules.get_schedule(custom) is custom
+    with pytest.raises(ValueError, match="'cosinus'"):
+        schedules.get_schedule("cosinus", 0.5, 100)
+    with pytest.raises(ValueError, match="total_steps"):
+        schedules.get_schedule("cosine", 0.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        schedules.cosine(0.5, total_steps=0)
+    with pytest.raises(ValueError, match="every"):
+        schedules.linear(0.5, every=0)
+
+
+@pytest.mark.parametrize("schedule", [schedules.cosine(0.5, 1000, 0.01), schedules.constant(0.2),
+                                      schedules.linear(0.4, 0.9, 50)])
+def test_schedules_serialize_and_trace(schedule):
+    clone = type(schedule).from_config(schedule.get_config())
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    traced = tf.function(lambda step: schedule(step), jit_compile=True)
+    for step in (0, 77, 999, 5000):
+        expected = float(schedule(step))
+        assert float(clone(step)) == expected == float(restored(step))
+        assert float(traced(tf.constant(step, tf.int64))) == pytest.approx(expected, abs=1e-7)
+
+
+def tfmot_sparsity(step, initial, final, begin, end, power):
+    p = min(1.0, max(0.0, (step - begin) / (end - begin)))
+    return final + (initial - final) * (1 - p) ** power
+
+
+@SETTINGS
+@given(st.integers(0, 3000), st.floats(0, 0.99), st.floats(0, 0.99), st.integers(0, 1000),
+       st.integers(1, 2000), st.sampled_from([1, 2, 3]))
+def test_polynomial_sparsity_curve(step, initial, final, begin, length, power):
+    end = begin + length
+    got = schedules.polynomial_sparsity(tf.constant(step, tf.int64), initial, final, begin, end, power)
+    assert float(got) == pytest.approx(tfmot_sparsity(step, initial, final, begin, end, power), abs=1e-6)
+
+
+def test_polynomial_sparsity_values():
+    curve = [float(schedules.polynomial_sparsity(s, 0.0, 0.8, 100, 1100)) for s in (0, 100, 600, 1100, 5000)]
+    np.testing.assert_allclose(curve, [0.0, 0.0, 0.8 - 0.8 * 0.5**3, 0.8, 0.8], atol=1e-6)
+    with pytest.raises(ValueError, match="final_sparsity"):
+        schedules.polynomial_sparsity(0, 0.0, 1.0, 0, 10)
+    with pytest.raises(ValueError, match="end_step"):
+        schedules.polynomial_sparsity(0, 0.0, 0.5, 10, 10)
+    with pytest.raises(ValueError, match="begin_step"):
+        schedules.polynomial_sparsity(0, 0.0, 0.5, -1, 10)
+
+
+def test_should_update():
+    got = [bool(schedules.should_update(s, 100, 500, 100)) for s in (0, 99, 100, 150, 200, 500, 600)]
+    assert got == [False, False, True, False, True, True, False]
+    assert bool(schedules.should_update(tf.constant(10**6, tf.int64), 0, -1, 1000))  # -1: no end
+    assert not bool(schedules.should_update(tf.constant(10**6 + 1, tf.int64), 0, -1, 1000))
+    with pytest.raises(ValueError, match="frequency"):
+        schedules.should_update(0, 0, 10, 0)
+    with pytest.raises(ValueError, match="end_step"):
+        schedules.should_update(0, 10, 5)
+
+    @tf.function(jit_compile=True)
+    def traced(step):
+        return schedules.should_update(step, 100, 500, 100), schedules.polynomial_sparsity(step, 0.1, 0.9, 100, 500)
+
+    flag, sparsity = traced(tf.constant(300, tf.int64))
+    assert bool(flag) and float(sparsity) == pytest.approx(tfmot_sparsity(300, 0.1, 0.9, 100, 500, 3), abs=1e-6)

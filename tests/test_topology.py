@@ -1,0 +1,248 @@
+"""Tests of keras_dst.topology: the one selection routine."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from keras_dst import topology
+from keras_dst.criteria import get_criterion
+from keras_dst.scoring import ScoreInputs
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+# Few distinct values -> many ties; plus signed zeros and non-finite values.
+TIE_VALUES = st.sampled_from([-2.0, -1.0, -0.0, 0.0, 0.5, 1.0, 3.0, np.inf, -np.inf, np.nan])
+SHAPES = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=5)
+
+
+@st.composite
+def scored_masks(draw, values=TIE_VALUES):
+    shape = draw(SHAPES)
+    scores = draw(hnp.arrays(np.float32, shape, elements=values))
+    mask = draw(hnp.arrays(np.bool_, shape))
+    count = draw(st.integers(-1, scores.size + 2))
+    return scores, mask, count
+
+
+def np_select(scores, eligible, count, lowest):
+    """Reference: stable order by (NaN last-in-importance, value, flat index)."""
+    flat, elig = scores.ravel(), eligible.ravel()
+    nan = np.isnan(flat)
+    value = np.where(nan, 0.0, flat) if lowest else np.where(nan, 0.0, -flat)
+    importance_group = (~nan).astype(int) if lowest else nan.astype(int)
+    order = np.lexsort((np.arange(flat.size), value, importance_group))
+    order = [i for i in order if elig[i]]
+    chosen = np.zeros(flat.size, bool)
+    chosen[order[: max(count, 0)]] = True
+    return chosen.reshape(scores.shape)
+
+
+def np_prune(scores, mask, count):
+    return mask & ~np_select(scores, mask, count, lowest=True)
+
+
+def np_grow(scores, mask, count):
+    return mask | np_select(scores, ~mask, count, lowest=False)
+
+
+@SETTINGS
+@given(scored_masks())
+def test_prune_matches_reference_with_ties_and_nonfinite(case):
+    scores, mask, count = case
+    new = topology.prune(tf.constant(scores), tf.constant(mask), tf.constant(count)).numpy()
+    np.testing.assert_array_equal(new, np_prune(scores, mask, count))
+    assert not (new & ~mask).any()  # inactive never chosen (never activated)
+    assert mask.sum() - new.sum() == min(max(count, 0), mask.sum())
+
+
+@SETTINGS
+@given(scored_masks())
+def test_grow_matches_reference_with_ties_and_nonfinite(case):
+    scores, mask, count = case
+    new = topology.grow(tf.constant(scores), tf.constant(mask), tf.constant(count)).numpy()
+    np.testing.assert_array_equal(new, np_grow(scores, mask, count))
+    assert not (mask & ~new).any()
+    assert new.sum() - mask.sum() == min(max(count, 0), (~mask).sum())
+
+
+def test_tie_break_lower_index_first():
+    scores = tf.constant([1.0, 0.0, 1.0, -0.0, 0.0, 2.0])
+    mask = tf.constant([True, True, True, True, True, True])
+    # Zeros (both signs) tie: indices 1, 3, 4 -> remove 1 and 3.
+    np.testing.assert_array_equal(topology.prune(scores, mask, 2).numpy(), [1, 0, 1, 0, 1, 1])
+    # Growth ties at 1.0: indices 0 and 2 -> index 0 first.
+    np.testing.assert_array_equal(topology.grow(scores, ~mask, 2).numpy(), [1, 0, 0, 0, 0, 1])
+
+
+def test_nan_is_least_important():
+    scores = tf.constant([np.nan, -np.inf, 5.0, np.nan])
+    np.testing.assert_array_equal(topology.prune(scores, tf.ones([4], tf.bool), 1).numpy(), [0, 1, 1, 1])
+    np.testing.assert_array_equal(topology.grow(scores, tf.zeros([4], tf.bool), 3).numpy(), [1, 1, 1, 0])
+
+
+def test_inactive_never_chosen_even_with_lowest_scores():
+    scores = tf.constant([-9.0, 1.0, -9.0, 2.0, 3.0])
+    mask = tf.constant([False, True, False, True, True])
+    np.testing.assert_array_equal(topology.prune(scores, mask, 2).numpy(), [0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(topology.prune(scores, mask, 10).numpy(), [0, 0, 0, 0, 0])
+
+
+@SETTINGS
+@given(st.integers(1, 200), st.integers(0, 1000))
+def test_exact_removed_count_without_ties(active, per_mille):
+    rate, n = per_mille / 1000, active + 7
+    scores = tf.random.stateless_normal([n], seed=[active, 3])
+    mask = tf.concat([tf.ones([active], tf.bool), tf.zeros([7], tf.bool)], 0)
+    r = topology.prune_count(tf.reduce_sum(tf.cast(mask, tf.int32)), rate)
+    new = topology.prune(scores, mask, r)
+    expected = -(-per_mille * active // 1000)  # exact ceil(rate * active)
+    assert int(r) == expected
+    assert active - int(tf.reduce_sum(tf.cast(new, tf.int32))) == expected
+    # The removed ones are the r lowest active scores.
+    kept_min = np.min(scores.numpy()[new.numpy()], initial=np.inf)
+    removed_max = np.max(scores.numpy()[mask.numpy() & ~new.numpy()], initial=-np.inf)
+    assert removed_max < kept_min
+
+
+@pytest.mark.parametrize("active, rate, expected", [
+    (10, 0.5, 5), (10, np.float32(0.1), 1), (10, np.float32(0.3), 3), (1000, np.float32(0.7), 700),
+    (7, 0.3, 3), (3, 0.0, 0), (3, 1.0, 3), (3, 1.5, 3), (3, -0.2, 0), (0, 0.5, 0), (1, 0.005, 1),
+])
+def test_prune_count_cases(active, rate, expected):
+    assert int(topology.prune_count(tf.constant(active), tf.constant(rate, tf.float32))) == expected
+
+
+@SETTINGS
+@given(st.integers(0, 4999), st.integers(0, 1000))
+def test_prune_count_decimal_rates(active, per_mille):
+    rate = tf.constant(per_mille / 1000, tf.float32)
+    expected = min(-(-per_mille * active // 1000), active)
+    assert int(topology.prune_count(active, rate)) == expected
+
+
+@SETTINGS
+@given(st.lists(scored_masks(), min_size=1, max_size=3), st.integers(0, 40))
+def test_global_prune_is_prune_over_concatenation(layers, count):
+    scores = [s for s, _, _ in layers]
+    masks = [m for _, m, _ in layers]
+    new = topology.global_prune([tf.constant(s) for s in scores], [tf.constant(m) for m in masks], count)
+    flat = np_prune(np.concatenate([s.ravel() for s in scores]), np.concatenate([m.ravel() for m in masks]), count)
+    np.testing.assert_array_equal(np.concatenate([n.numpy().ravel() for n in new]), flat)
+    assert [n.shape for n in new] == [m.shape for m in masks]
+
+
+def test_global_prune_chooses_across_layers():
+    scores = [tf.constant([[5.0, 1.0], [6.0, 7.0]]), tf.constant([0.5, 8.0, 2.0])]
+    masks = [tf.ones([2, 2], tf.bool), tf.constant([True, True, False])]
+    new = topology.global_prune(scores, masks, 2)
+    np.testing.assert_array_equal(new[0].numpy(), [[1, 0], [1, 1]])
+    np.testing.assert_array_equal(new[1].numpy(), [0, 1, 0])
+
+
+def test_apply_selection_layer_and_global_scope():
+    w = [tf.constant([[0.1, -3.0], [2.0, -0.2]]), tf.constant([0.05, 4.0, 0.0])]
+    masks = [tf.ones([2, 2], tf.bool), tf.constant([True, True, False])]
+    inputs = [ScoreInputs(wi, tf.zeros_like(wi), mi, tf.constant([1, 2])) for wi, mi in zip(w, masks)]
+    magnitude = get_criterion("magnitude")
+    layer = topology.apply_selection(magnitude, inputs[:1], 1)
+    np.testing.assert_array_equal(layer[0].numpy(), [[0, 1], [1, 1]])
+    both = topology.apply_selection(magnitude, inputs, 2)
+    np.testing.assert_array_equal(both[0].numpy(), [[0, 1], [1, 1]])
+    np.testing.assert_array_equal(both[1].numpy(), [0, 1, 0])
+    # Precomputed scores (e.g. an EMA state) replace the criterion's score.
+    custom = topology.apply_selection(magnitude, inputs[:1], 1, scores_list=[tf.constant([[9.0, 9.0], [0.0, 9.0]])])
+    np.testing.assert_array_equal(custom[0].numpy(), [[1, 1], [0, 1]])
+
+
+def test_apply_selection_normalizes_per_layer():
+    # Layer 0 has large magnitudes, layer 1 small ones: without normalisation
+    # both removals come from layer 1, with "layer"/"max" normalisation one each.
+    w = [tf.constant([10.0, 20.0, 40.0]), tf.constant([1.0, 2.0, 4.0])]
+    inputs = [ScoreInputs(wi, tf.zeros_like(wi), tf.ones([3], tf.bool), tf.constant([0, 0])) for wi in w]
+    magnitude = get_criterion("magnitude")
+    plain = topology.apply_selection(magnitude, inputs, 2)
+    assert [int(tf.reduce_sum(tf.cast(m, tf.int32))) for m in plain] == [3, 1]
+    normed = topology.apply_selection(magnitude, inputs, 2, normalize="layer")
+    assert [int(tf.reduce_sum(tf.cast(m, tf.int32))) for m in normed] == [2, 2]
+
+
+def test_pruned_positions_can_be_regrown():
+    mask = tf.ones([6], tf.bool)  # a dense layer
+    scores = tf.constant([3.0, 1.0, 4.0, 0.5, 9.0, 2.0])
+    pruned = topology.prune(scores, mask, 2)
+    np.testing.assert_array_equal(pruned.numpy(), [1, 0, 1, 0, 1, 1])
+    regrown = topology.grow(tf.constant([0.0, 5.0, 0.0, 7.0, 0.0, 0.0]), pruned, 2)
+    np.testing.assert_array_equal(regrown.numpy(), mask.numpy())
+
+
+def test_grow_bernoulli_mean_and_edges():
+    mask = tf.constant(np.arange(1000) % 2 == 0)  # 500 inactive
+    grown = [int(tf.reduce_sum(tf.cast(topology.grow_bernoulli(mask, 50, tf.constant([s, 7])), tf.int32))) - 500
+             for s in range(200)]
+    assert abs(np.mean(grown) - 50) < 2.5
+    assert np.std(grown) > 2  # random, not exact
+    new = topology.grow_bernoulli(mask, 50, tf.constant([1, 2]))
+    assert not (mask.numpy() & ~new.numpy()).any()
+    assert bool(tf.reduce_all(topology.grow_bernoulli(mask, 600, tf.constant([1, 2]))))
+    full = tf.ones([5], tf.bool)
+    np.testing.assert_array_equal(topology.grow_bernoulli(full, 3, tf.constant([1, 2])).numpy(), full.numpy())
+    empty = tf.zeros([5], tf.bool)
+    np.testing.assert_array_equal(topology.grow_bernoulli(empty, 0, tf.constant([1, 2])).numpy(), empty.numpy())
+
+
+def test_nonfinite_gradients_keep_exact_count():
+    w = tf.random.stateless_normal([50], seed=[1, 1])
+    g = tf.tensor_scatter_nd_update(tf.ones([50]), [[3], [10], [20]], [np.nan, np.inf, -np.inf])
+    mask = tf.constant(np.arange(50) < 40)
+    inputs = ScoreInputs(w, g, mask, tf.constant([0, 0]))
+    for name in ("snip", "mest", "sensitivity", "reciprocal_sensitivity", "taylor_fo"):
+        new = topology.apply_selection(get_criterion(name), [inputs], 10)[0]
+        assert int(tf.reduce_sum(tf.cast(new, tf.int32))) == 30, name
+        assert not (new.numpy() & ~mask.numpy()).any(), name
+    regrown = topology.grow(tf.abs(g), new, 10)
+    assert int(tf.reduce_sum(tf.cast(regrown, tf.int32))) == 40
+
+
+def test_empty_tensor():
+    empty = tf.zeros([0, 3])
+    assert topology.prune(empty, tf.zeros([0, 3], tf.bool), 2).shape == (0, 3)
+    assert topology.grow(empty, tf.zeros([0, 3], tf.bool), 2).shape == (0, 3)
+
+
+def test_jaccard():
+    a = tf.constant([True, True, False, False])
+    b = tf.constant([True, False, True, False])
+    assert float(topology.jaccard(a, b)) == pytest.approx(1 / 3)
+    assert float(topology.jaccard(a, a)) == 1.0
+    assert float(topology.jaccard(tf.zeros([3], tf.bool), tf.zeros([3], tf.bool))) == 1.0
+    assert float(topology.jaccard(a, ~a)) == 0.0
+
+
+def test_prune_grow_global_under_xla_with_dynamic_count():
+    @tf.function(jit_compile=True)
+    def step(scores, mask, other_scores, other_mask, count):
+        pruned = topology.prune(scores, mask, count)
+        regrown = topology.grow(-scores, pruned, count)
+        both = topology.global_prune([scores, other_scores], [mask, other_mask], count)
+        bernoulli = topology.grow_bernoulli(pruned, count, tf.constant([3, 4]))
+        r = topology.prune_count(tf.reduce_sum(tf.cast(mask, tf.int32)), 0.5)
+        return pruned, regrown, both, bernoulli, r
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (4, 6)).astype(np.float32)  # ties
+    mask = rng.random((4, 6)) < 0.7
+    other = rng.integers(0, 4, (5,)).astype(np.float32)
+    other_mask = rng.random(5) < 0.7
+    for count in (0, 3, 7, 100):  # same compiled function, different values
+        pruned, regrown, both, _, r = step(scores, mask, other, other_mask, tf.constant(count))
+        np.testing.assert_array_equal(pruned.numpy(), np_prune(scores, mask, count))
+        np.testing.assert_array_equal(regrown.numpy(), np_grow(-scores, np_prune(scores, mask, count), count))
+        flat = np_prune(np.concatenate([scores.ravel(), other]), np.concatenate([mask.ravel(), other_mask]), count)
+        np.testing.assert_array_equal(np.concatenate([both[0].numpy().ravel(), both[1].numpy()]), flat)
+        assert int(r) == math.ceil(0.5 * mask.sum())
+    assert step.experimental_get_tracing_count() == 1

@@ -1,0 +1,158 @@
+"""Static sparse training through plain model.fit, saving and checkpoints."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+from conftest import (active_counts, all_layers_data, all_layers_model, assert_sparse_invariants,
+                      classification_data, mlp)
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.05),
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "sgd_nesterov": lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+    "rmsprop": lambda: keras.optimizers.RMSprop(0.01, momentum=0.5),
+    "lion": lambda: keras.optimizers.Lion(0.01),
+}
+
+
+def _compile(model, optimizer):
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+
+
+FAST = {"adam", "sgd_nesterov"}  # the full optimizer x layer-type matrix runs in CI's slow pass
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow)
+                                  for n in sorted(OPTIMIZERS)])
+def test_every_optimizer_and_layer_type_stays_sparse(name):
+    sparse = keras_dst.prunable(all_layers_model(), density=0.3)
+    counts = active_counts(sparse)
+    _compile(sparse, OPTIMIZERS[name]())
+    kernels_before = {t.weight.path: t.weight.numpy().copy() for t in keras_dst.sparse_targets(sparse)}
+    x, y = all_layers_data()
+    sparse.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    assert_sparse_invariants(sparse, counts)
+    moved = [not np.allclose(kernels_before[t.weight.path], t.weight.numpy())
+             for t in keras_dst.sparse_targets(sparse)]
+    assert sum(moved) > len(moved) // 2  # it really trained
+    np.testing.assert_allclose(keras_dst.strip(sparse).predict(x, verbose=0),
+                               sparse.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_keeps_mlp_sparse(name):
+    sparse = keras_dst.prunable(mlp(), density=0.2)
+    counts = active_counts(sparse)
+    _compile(sparse, OPTIMIZERS[name]())
+    x, y = classification_data()
+    sparse.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    assert_sparse_invariants(sparse, counts)
+
+
+def test_dense_gradient_is_nonzero_at_inactive_positions():
+    """The forward pass has no mask multiply: inactive weights get real gradients."""
+    import tensorflow as tf
+
+    sparse = keras_dst.prunable(mlp(), density=0.2, distribution="uniform")
+    x, y = classification_data()
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    target = keras_dst.sparse_targets(sparse)[0]
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, sparse(x))
+    grad = tape.gradient(loss, target.weight.value).numpy()
+    assert np.count_nonzero(grad[~target.mask.numpy()]) > 0
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras_dst.prunable(keras.layers.Dense(32, activation="relu"), density=0.25)
+        self.out = keras_dst.prunable(keras.layers.Dense(3), density=0.5)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def test_subclassed_model_trains_sparse_from_the_first_step():
+    net = SubclassedNet()
+    _compile(net, keras.optimizers.Adam(0.01))
+    x, y = classification_data()
+    net.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    counts = active_counts(net)
+    assert sorted(counts.values()) == [48, 160]
+    assert_sparse_invariants(net, counts)
+
+
+def test_subclassed_model_initial_weights_are_zero_where_masked():
+    net = SubclassedNet()
+    net(np.zeros((1, 20), "float32"))
+    assert_sparse_invariants(net)
+
+
+def test_save_load_roundtrip_keeps_masks_weights_optimizer(tmp_keras_path):
+    sparse = keras_dst.prunable(all_layers_model(), density=0.3)
+    _compile(sparse, keras.optimizers.Adam(0.01))
+    x, y = all_layers_data()
+    sparse.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    sparse.save(tmp_keras_path)
+    loaded = keras.models.load_model(tmp_keras_path, safe_mode=True)
+    a, b = keras_dst.masks(sparse), keras_dst.masks(loaded)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), sparse.predict(x, verbose=0), atol=1e-6)
+    assert int(loaded.optimizer.iterations.numpy()) == int(sparse.optimizer.iterations.numpy())
+    for va, vb in zip(sparse.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(va), np.asarray(vb))
+    # and it keeps training sparse after loading
+    loaded.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert_sparse_invariants(loaded, active_counts(sparse))
+
+
+def test_subclassed_model_save_load(tmp_path):
+    @keras.saving.register_keras_serializable(package="tests")
+    class Net(SubclassedNet):
+        pass
+
+    net = Net()
+    _compile(net, "adam")
+    x, y = classification_data()
+    net.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "net.keras")
+    net.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), net.predict(x, verbose=0), atol=1e-6)
+    assert sorted(active_counts(loaded).values()) == sorted(active_counts(net).values())
+
+
+def test_model_checkpoint_and_backup_keep_masks(tmp_path):
+    sparse = keras_dst.prunable(mlp(), density=0.3)
+    _compile(sparse, "sgd")
+    x, y = classification_data()
+    ckpt = str(tmp_path / "best.keras")
+    sparse.fit(x, y, epochs=2, verbose=0, callbacks=[
+        keras.callbacks.ModelCheckpoint(ckpt),
+        keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)])
+    restored = keras.models.load_model(ckpt)
+    a, b = keras_dst.masks(sparse), keras_dst.masks(restored)
+    assert all((a[k] == b[k]).all() for k in a)
+    fresh = keras_dst.prunable(mlp(), density=0.3, seed=99)
+    _compile(fresh, "sgd")
+    fresh.load_weights(os.path.join(str(tmp_path / "backup"), "latest.weights.h5"))
+    c = keras_dst.masks(fresh)
+    assert all((a[k] == c[k]).all() for k in a)
+
+
+def test_mask_shape_mismatch_in_saved_file_is_an_error(tmp_path):
+    sparse = keras_dst.prunable(mlp(), density=0.3)
+    path = str(tmp_path / "w.weights.h5")
+    sparse.save_weights(path)
+    other = keras_dst.prunable(mlp((20, 33, 16, 3)), density=0.3)
+    with pytest.raises(ValueError):
+        other.load_weights(path)
