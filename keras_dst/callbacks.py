@@ -10,6 +10,7 @@ from keras_dst import criteria as criteria_lib
 from keras_dst import growth as growth_lib
 from keras_dst import optimizer_hook
 from keras_dst import schedules as schedules_lib
+from keras_dst import topology
 from keras_dst.engine import TopologyEngine
 from keras_dst.masks import sparse_targets
 from keras_dst.validation import check_choice, check_positive_int
@@ -134,7 +135,7 @@ class DynamicSparseTraining(HookedCallback):
                 f"prune_rate must be a float in (0, 1], got prune_rate={prune_rate!r}.")
         self.prune_rate = float(prune_rate)
         if not callable(schedule):
-            check_choice(schedule, schedules_lib.schedule_names(), "schedule")
+            check_choice(schedule, tuple(schedules_lib.SCHEDULES), "schedule")
         self.schedule = schedule
         self.end_step = self._check_end_step(end_step)
         self.ordering = check_choice(ordering, ("auto", "before", "after"), "ordering")
@@ -150,7 +151,8 @@ class DynamicSparseTraining(HookedCallback):
         self.grow_params = dict(grow_params or {})
         self.normalize = normalize
         self.norm_type = norm_type
-        criteria_lib.check_normalization(normalize, norm_type)
+        check_choice(normalize, topology.NORMALIZE_MODES, "normalize")
+        check_choice(norm_type, topology.NORM_TYPES, "norm_type")
         self.total_steps = (None if total_steps is None
                             else check_positive_int(total_steps, "total_steps"))
         self._prune_name = prune if isinstance(prune, str) else self.criterion.name

@@ -22,13 +22,10 @@ update step keeps its mask unchanged for that update (global scope: the whole
 update is skipped), so densities stay exact.
 """
 
-import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions
-from keras_dst import growth as growth_lib
 from keras_dst import optimizer_hook
 from keras_dst import topology
 from keras_dst.scoring import ScoreInputs
@@ -40,6 +37,12 @@ def _f32(x):
 
 def _count(mask):
     return tf.reduce_sum(tf.cast(mask, tf.int32))
+
+
+def _variable(value, name):
+    return tf.Variable(value, trainable=False, name=name,
+                       synchronization=tf.VariableSynchronization.ON_WRITE,
+                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
 class TopologyEngine:
@@ -73,15 +76,12 @@ class TopologyEngine:
                         distributions.stable_seed(seed, i, "grow"))
                        for i in range(len(self.targets))]
         n = len(self.targets)
-        with tf.init_scope():
-            # Observability only (not needed to resume): last update's numbers.
-            self.layer_stats = tf.Variable(tf.zeros([n, 4], tf.int64), trainable=False,
-                                           name="dst_layer_stats")  # active, pruned, grown, ever
-            self.last_rate = tf.Variable(0.0, trainable=False, name="dst_last_rate")
-            self.last_update_step = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
-                                                name="dst_last_update_step")
-            self.skipped_layers = tf.Variable(tf.constant(0, tf.int64), trainable=False,
-                                              name="dst_skipped_layers")
+        # Observability only (not needed to resume): the last update's numbers.
+        # Rows of layer_stats: active, pruned, grown, ever active.
+        self.layer_stats = _variable(tf.zeros([n, 4], tf.int64), "dst_layer_stats")
+        self.last_rate = _variable(tf.constant(0.0), "dst_last_rate")
+        self.last_update_step = _variable(tf.constant(-1, tf.int64), "dst_last_update_step")
+        self.skipped_layers = _variable(tf.constant(0, tf.int64), "dst_skipped_layers")
 
     # -- hook interface ---------------------------------------------------------
     def before_apply(self, optimizer, grads_by_var):
@@ -109,108 +109,106 @@ class TopologyEngine:
         return grads
 
     def is_update_step(self, step):
+        """Scalar bool tensor: does optimizer step `step` (1-based) update the topology?"""
         due = tf.logical_and(step > 0, tf.equal(step % self.update_every, 0))
         if self.end_step is not None:
             due = tf.logical_and(due, step <= self.end_step)
         return due
 
-    def _inputs(self, optimizer, index, step, grad, which):
+    def _needs_gradient(self):
+        return self.criterion.needs_gradient or (
+            self.growth is not None and self.growth.needs_gradient)
+
+    def _inputs(self, optimizer, index, step, grad, mask, which):
+        """ScoreInputs of target `index`; `which` 0 = pruning, 1 = growth (own seed)."""
         t = self.targets[index]
-        seed = tf.stack([tf.constant(self._seeds[index][which], tf.int64), step])
         momentum = None
         if which == 1 and self.growth is not None and self.growth.needs_momentum:
-            momentum = optimizer_hook.momentum(optimizer, t.weight)
-            momentum = None if momentum is None else _f32(momentum)
-        return ScoreInputs(weight=_f32(t.weight), gradient=grad, mask=tf.convert_to_tensor(t.mask),
-                           seed=tf.cast(seed, tf.int32) if False else seed, momentum=momentum)
+            momentum = _f32(optimizer_hook.momentum(optimizer, t.weight))
+        seed = tf.stack([tf.constant(self._seeds[index][which], tf.int64), step])
+        return ScoreInputs(weight=_f32(t.weight), gradient=grad, mask=mask, seed=seed,
+                           momentum=momentum)
 
     def _update_running_scores(self, step, grads):
-        first = tf.equal((step - 1) % self.update_every, 0)
-        for i, t in enumerate(self.targets):
-            state = t.score
-            inputs = ScoreInputs(_f32(t.weight), grads[i], tf.convert_to_tensor(t.mask),
-                                 tf.constant([0, 0], tf.int64))
-            score = self.criterion.base_score(inputs, **self.criterion.params)
-            state.assign(criteria_lib.ema_update(state, score, tf.logical_not(first),
-                                                 self.criterion.params["beta"]))
+        # S restarts from the current score on the first step after an update.
+        restarted = tf.equal((step - 1) % self.update_every, 0)
+        for t, g in zip(self.targets, grads):
+            inputs = ScoreInputs(_f32(t.weight), g, tf.convert_to_tensor(t.mask),
+                                 tf.zeros([2], tf.int64))
+            t.score.assign(criteria_lib.ema_update(t.score, self.criterion.evaluate(inputs),
+                                                   tf.logical_not(restarted),
+                                                   self.criterion.params["beta"]))
 
     def _maybe_update(self, optimizer, step, grads):
         tf.cond(self.is_update_step(step),
                 lambda: self._update(optimizer, step, grads),
-                lambda: tf.no_op())
+                tf.no_op)
 
     def _reduce_across_replicas(self, grads):
+        """Replicas score with the summed gradient, so their masks agree."""
         ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1 or not self.criterion.needs_gradient \
-                and not (self.growth is not None and self.growth.needs_gradient):
+        if ctx is None or ctx.num_replicas_in_sync == 1 or not self._needs_gradient():
             return grads
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+
+    def _finite(self, inputs):
+        ok = tf.reduce_all(tf.math.is_finite(inputs.weight))
+        if self._needs_gradient():
+            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(inputs.gradient)))
+        return ok
+
+    def prune_masks(self, optimizer, step, grads, rate):
+        """Masks after pruning (before growth), one per target; pure (no assignment).
+
+        Layers with non-finite weights or gradients keep their mask (global scope:
+        every layer does).
+        """
+        inputs = [self._inputs(optimizer, i, step, g, tf.convert_to_tensor(t.mask), 0)
+                  for i, (t, g) in enumerate(zip(self.targets, grads))]
+        scores = [tf.convert_to_tensor(t.score) for t in self.targets] \
+            if self.criterion.ema else None
+        finite = [self._finite(x) for x in inputs]
+        options = dict(normalize=self.normalize, norm_type=self.norm_type)
+        if self.scope == "global":
+            count = topology.prune_count(tf.add_n([_count(x.mask) for x in inputs]), rate)
+            pruned = topology.apply_selection(self.criterion, inputs, count,
+                                              scores_list=scores, **options)
+            finite = [tf.reduce_all(tf.stack(finite))] * len(inputs)
+        else:
+            pruned = [topology.apply_selection(
+                self.criterion, [x], topology.prune_count(_count(x.mask), rate),
+                scores_list=None if scores is None else [s], **options)[0]
+                for x, s in zip(inputs, scores or [None] * len(inputs))]
+        return [tf.where(ok, p, x.mask) for p, ok, x in zip(pruned, finite, inputs)], finite
 
     def _update(self, optimizer, step, grads):
         grads = self._reduce_across_replicas(grads)
         rate = tf.cast(self.schedule(step), tf.float32)
-        prune_inputs = [self._inputs(optimizer, i, step, g, 0) for i, g in enumerate(grads)]
-        if self.criterion.ema:
-            prune_inputs = [x._replace(weight=x.weight) for x in prune_inputs]
-        finite = [self._finite(x) for x in prune_inputs]
-        old = [x.mask for x in prune_inputs]
-        active = [_count(m) for m in old]
-
-        if self.scope == "global":
-            all_finite = tf.reduce_all(tf.stack(finite))
-            count = topology.prune_count(tf.add_n(active), rate)
-            pruned = topology.apply_selection(self.criterion, self._scored(prune_inputs), count,
-                                              normalize=self._normalizer())
-            pruned = [tf.where(all_finite, p, m) for p, m in zip(pruned, old)]
-            finite = [all_finite] * len(old)
-        else:
-            pruned = []
-            for x, a, ok in zip(self._scored(prune_inputs), active, finite):
-                p = topology.apply_selection(self.criterion, [x], topology.prune_count(a, rate),
-                                             normalize=self._normalizer())[0]
-                pruned.append(tf.where(ok, p, x.mask))
-
-        updates = []
-        for i, (t, m_old, m_pruned, a) in enumerate(zip(self.targets, old, pruned, active)):
-            removed = a - _count(m_pruned)
-            m_new = self._regrow(optimizer, i, step, grads[i], m_pruned, removed)
-            updates.append((t, m_old, m_pruned, m_new, a, removed))
-
+        pruned, finite = self.prune_masks(optimizer, step, grads, rate)
         stats = []
-        for t, m_old, m_pruned, m_new, a, removed in updates:
-            weight = tf.where(m_pruned, t.weight, tf.zeros_like(t.weight))
-            t.weight.assign(tf.where(m_new, weight, tf.zeros_like(weight)))
+        for i, (t, m_pruned) in enumerate(zip(self.targets, pruned)):
+            m_old = tf.convert_to_tensor(t.mask)
+            removed = _count(m_old) - _count(m_pruned)
+            m_new = self._regrow(optimizer, i, step, grads[i], m_pruned, removed)
+            # Pruned weights go to 0 and regrown ones start from 0.
+            t.weight.assign(tf.where(tf.logical_and(m_pruned, m_new), t.weight,
+                                     tf.zeros_like(t.weight)))
             t.mask.assign(m_new)
-            ever = t.ever_active
-            ever.assign(tf.logical_or(ever, m_new))
+            t.ever_active.assign(tf.logical_or(t.ever_active, m_new))
             if self.optimizer_state == "reset":
-                changed = tf.logical_or(tf.logical_and(m_old, tf.logical_not(m_pruned)),
-                                        tf.logical_and(m_new, tf.logical_not(m_pruned)))
+                kept = tf.logical_and(m_pruned, m_new)
+                changed = tf.logical_and(tf.logical_or(m_old, m_new), tf.logical_not(kept))
                 for slot in optimizer_hook.slot_variables(optimizer, t.weight).values():
                     slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
             grown = _count(m_new) - _count(m_pruned)
-            stats.append(tf.cast(tf.stack([_count(m_new), removed, grown, _count(ever)]), tf.int64))
+            stats.append(tf.cast(tf.stack([_count(m_new), removed, grown,
+                                           _count(t.ever_active)]), tf.int64))
         self.layer_stats.assign(tf.stack(stats))
         self.last_rate.assign(rate)
         self.last_update_step.assign(step)
-        self.skipped_layers.assign(tf.reduce_sum(tf.cast(tf.logical_not(tf.stack(finite)),
-                                                         tf.int64)))
+        self.skipped_layers.assign(
+            tf.reduce_sum(tf.cast(tf.logical_not(tf.stack(finite)), tf.int64)))
         return tf.no_op()
-
-    def _scored(self, inputs):
-        if not self.criterion.ema:
-            return inputs
-        # Running criteria score with their stored EMA.
-        return [x._replace(weight=x.weight) for x in inputs]
-
-    def _normalizer(self):
-        return (self.normalize, self.norm_type)
-
-    def _finite(self, x):
-        ok = tf.reduce_all(tf.math.is_finite(x.weight))
-        if self.criterion.needs_gradient or (self.growth is not None and self.growth.needs_gradient):
-            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(x.gradient)))
-        return ok
 
     def _regrow(self, optimizer, index, step, grad, pruned, count):
         if self.growth is None:
@@ -218,6 +216,5 @@ class TopologyEngine:
         if not self.grow_exact and self.growth.name == "random":
             seed = tf.stack([tf.constant(self._seeds[index][1], tf.int64), step])
             return topology.grow_bernoulli(pruned, count, seed)
-        x = self._inputs(optimizer, index, step, grad, 1)._replace(mask=pruned)
-        scores = self.growth.score(x, **self.growth.params)
-        return topology.grow(scores, pruned, count)
+        inputs = self._inputs(optimizer, index, step, grad, pruned, 1)
+        return topology.grow(self.growth.evaluate(inputs), pruned, count)

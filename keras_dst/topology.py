@@ -170,7 +170,7 @@ def grow_bernoulli(mask: tf.Tensor, count, seed: tf.Tensor) -> tf.Tensor:
     n_inactive = tf.reduce_sum(tf.cast(inactive, tf.float32))
     probability = tf.math.divide_no_nan(tf.cast(_as_count(count), tf.float32), n_inactive)
     draws = tf.random.stateless_uniform(tf.shape(mask), seed=seed)
-    grown = mask | (inactive & (draws < 0.5*probability))
+    grown = mask | (inactive & (draws < probability))
     return tf.where(tf.reduce_any(grown), grown, mask)
 
 
