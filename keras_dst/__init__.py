@@ -10,13 +10,16 @@ from keras_dst.callbacks import DynamicSparseTraining
 from keras_dst.convert import prunable, strip
 from keras_dst.criteria import Criterion, criterion_names, get_criterion, register_criterion
 from keras_dst.distributions import layer_densities, register_distribution
+from keras_dst.gradual import GradualPruning
 from keras_dst.growth import GrowthRule, get_growth, growth_names, register_growth
 from keras_dst.layers import MaskConstraint, SparseWrapper, register_prunable_layer
 from keras_dst.masks import density, masks, set_masks, sparse_targets, summary
+from keras_dst.overlap import CriteriaOverlap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CriteriaOverlap", "GradualPruning",
     "Criterion", "DynamicSparseTraining", "GrowthRule", "MaskConstraint", "SparseWrapper",
     "criterion_names", "density", "get_criterion", "get_growth", "growth_names",
     "layer_densities", "masks", "prunable", "register_criterion", "register_distribution",

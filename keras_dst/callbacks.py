@@ -25,6 +25,9 @@ class HookedCallback(keras.callbacks.Callback):
     numbers to `logs` (read from the device only after an update happened).
     """
 
+    #: Hook before every other one (observers that must see the pre-update state).
+    hook_first = False
+
     def __init__(self):
         super().__init__()
         self.engine = None
@@ -40,8 +43,12 @@ class HookedCallback(keras.callbacks.Callback):
             base.build(self.model.trainable_variables)
         with self.model.distribute_strategy.scope():
             self.engine = self._make_engine()
-        optimizer_hook.install(optimizer, self.engine)
+        optimizer_hook.install(optimizer, self.engine, first=self.hook_first)
         self.model.make_train_function(force=True)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
     def on_train_end(self, logs=None):
         if self.engine is not None:
@@ -125,8 +132,17 @@ class DynamicSparseTraining(HookedCallback):
                  grow_exact=True, optimizer_state="keep", seed=0, prune_params=None,
                  grow_params=None, normalize="none", norm_type="max", total_steps=None):
         super().__init__()
-        self.criterion = criteria_lib.get_criterion(prune, **(prune_params or {}))
-        self.growth = None if grow is None else growth_lib.get_growth(grow, **(grow_params or {}))
+        try:
+            self.criterion = criteria_lib.get_criterion(prune, **(prune_params or {}))
+        except ValueError as e:
+            raise ValueError(f"DynamicSparseTraining(prune={prune!r}, "
+                             f"prune_params={prune_params!r}): {e}") from None
+        try:
+            self.growth = None if grow is None else growth_lib.get_growth(
+                grow, **(grow_params or {}))
+        except ValueError as e:
+            raise ValueError(f"DynamicSparseTraining(grow={grow!r}, "
+                             f"grow_params={grow_params!r}): {e}") from None
         self.update_every = check_positive_int(update_every, "update_every")
         if isinstance(prune_rate, bool) or not isinstance(prune_rate, numbers.Real) \
                 or not 0.0 < prune_rate <= 1.0:
@@ -134,6 +150,8 @@ class DynamicSparseTraining(HookedCallback):
                    isinstance(prune_rate, bool) else ValueError)(
                 f"prune_rate must be a float in (0, 1], got prune_rate={prune_rate!r}.")
         self.prune_rate = float(prune_rate)
+        if isinstance(schedule, dict):  # a serialized schedule object (get_config)
+            schedule = keras.saving.deserialize_keras_object(schedule)
         if not callable(schedule):
             check_choice(schedule, tuple(schedules_lib.SCHEDULES), "schedule")
         self.schedule = schedule
@@ -196,7 +214,7 @@ class DynamicSparseTraining(HookedCallback):
                 "make the model with keras_dst.prunable(..., track_scores=True).")
         optimizer = optimizer_hook.base_optimizer(self.model.optimizer)
         if self.optimizer_state == "reset":
-            unmapped = optimizer_hook.unmapped_state(optimizer)
+            unmapped = optimizer_hook.unmapped_state(optimizer, [t.weight for t in targets])
             if unmapped:
                 raise ValueError(
                     f"DynamicSparseTraining(optimizer_state='reset'): cannot map the state of "
@@ -243,7 +261,8 @@ class DynamicSparseTraining(HookedCallback):
     def get_config(self):
         return dict(prune=self._prune_name, grow=self._grow_name, update_every=self.update_every,
                     prune_rate=self.prune_rate,
-                    schedule=self.schedule if isinstance(self.schedule, str) else None,
+                    schedule=self.schedule if isinstance(self.schedule, str)
+                    else keras.saving.serialize_keras_object(self.schedule),
                     end_step=self.end_step, ordering=self.ordering, scope=self.scope,
                     grow_exact=self.grow_exact, optimizer_state=self.optimizer_state,
                     seed=self.seed, prune_params=self.prune_params, grow_params=self.grow_params,

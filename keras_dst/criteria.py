@@ -30,6 +30,11 @@ weights stay 0); "after" = it runs before the optimizer step.
 Names are matched case-insensitively, ignoring "_" and "-" (so the reference's
 "ReciprocalSensitivity" and "MEST" work).
 
+Score normalisation (`normalize`, spec section 4.5) lives in `topology`, which
+applies it in `apply_selection`, and is re-exported here. Dependency order:
+`scoring` <- `topology` <- `criteria` <- `growth` (SET uses the selection
+primitives of `topology`; `topology` imports no criterion).
+
 Adding a criterion takes a few lines::
 
     @register_criterion("weight_times_grad", ordering="after", params={"power": 1.0})

@@ -35,11 +35,13 @@ def _f32(x):
     return tf.cast(x, tf.float32)
 
 
-def _count(mask):
+def count_true(mask):
+    """Number of True entries of a bool tensor, as an int32 scalar."""
     return tf.reduce_sum(tf.cast(mask, tf.int32))
 
 
-def _variable(value, name):
+def state_variable(value, name):
+    """A non-trainable tf.Variable written from the compiled step (first replica wins)."""
     return tf.Variable(value, trainable=False, name=name,
                        synchronization=tf.VariableSynchronization.ON_WRITE,
                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
@@ -78,10 +80,10 @@ class TopologyEngine:
         n = len(self.targets)
         # Observability only (not needed to resume): the last update's numbers.
         # Rows of layer_stats: active, pruned, grown, ever active.
-        self.layer_stats = _variable(tf.zeros([n, 4], tf.int64), "dst_layer_stats")
-        self.last_rate = _variable(tf.constant(0.0), "dst_last_rate")
-        self.last_update_step = _variable(tf.constant(-1, tf.int64), "dst_last_update_step")
-        self.skipped_layers = _variable(tf.constant(0, tf.int64), "dst_skipped_layers")
+        self.layer_stats = state_variable(tf.zeros([n, 4], tf.int64), "dst_layer_stats")
+        self.last_rate = state_variable(tf.constant(0.0), "dst_last_rate")
+        self.last_update_step = state_variable(tf.constant(-1, tf.int64), "dst_last_update_step")
+        self.skipped_layers = state_variable(tf.constant(0, tf.int64), "dst_skipped_layers")
 
     # -- hook interface ---------------------------------------------------------
     def before_apply(self, optimizer, grads_by_var):
@@ -132,6 +134,9 @@ class TopologyEngine:
     def _update_running_scores(self, step, grads):
         # S restarts from the current score on the first step after an update.
         restarted = tf.equal((step - 1) % self.update_every, 0)
+        ctx = tf.distribute.get_replica_context()
+        if self.criterion.needs_gradient and ctx is not None and ctx.num_replicas_in_sync > 1:
+            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         for t, g in zip(self.targets, grads):
             inputs = ScoreInputs(_f32(t.weight), g, tf.convert_to_tensor(t.mask),
                                  tf.zeros([2], tf.int64))
@@ -140,9 +145,31 @@ class TopologyEngine:
                                                    self.criterion.params["beta"]))
 
     def _maybe_update(self, optimizer, step, grads):
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and tf.distribute.has_strategy():
+            # Replica context of a tf.distribute strategy: a mirrored variable can only
+            # be written in sync (merge_call), which tf.cond does not allow. So the
+            # update runs once in cross-replica context, on the gradients summed over
+            # replicas (the global-batch gradient), and every replica gets the same
+            # new masks and weights.
+            ctx.merge_call(self._cross_replica_update, args=(optimizer, step, grads))
+            return
         tf.cond(self.is_update_step(step),
                 lambda: self._update(optimizer, step, grads),
                 tf.no_op)
+
+    def _cross_replica_update(self, strategy, optimizer, step, grads):
+        step = strategy.experimental_local_results(step)[0]
+
+        def update():
+            if self._needs_gradient():
+                reduced = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None)
+                           for g in grads]
+            else:
+                reduced = [strategy.experimental_local_results(g)[0] for g in grads]
+            return self._update(optimizer, step, reduced)
+
+        tf.cond(self.is_update_step(step), update, tf.no_op)
 
     def _reduce_across_replicas(self, grads):
         """Replicas score with the summed gradient, so their masks agree."""
@@ -170,13 +197,13 @@ class TopologyEngine:
         finite = [self._finite(x) for x in inputs]
         options = dict(normalize=self.normalize, norm_type=self.norm_type)
         if self.scope == "global":
-            count = topology.prune_count(tf.add_n([_count(x.mask) for x in inputs]), rate)
+            count = topology.prune_count(tf.add_n([count_true(x.mask) for x in inputs]), rate)
             pruned = topology.apply_selection(self.criterion, inputs, count,
                                               scores_list=scores, **options)
             finite = [tf.reduce_all(tf.stack(finite))] * len(inputs)
         else:
             pruned = [topology.apply_selection(
-                self.criterion, [x], topology.prune_count(_count(x.mask), rate),
+                self.criterion, [x], topology.prune_count(count_true(x.mask), rate),
                 scores_list=None if scores is None else [s], **options)[0]
                 for x, s in zip(inputs, scores or [None] * len(inputs))]
         return [tf.where(ok, p, x.mask) for p, ok, x in zip(pruned, finite, inputs)], finite
@@ -188,7 +215,7 @@ class TopologyEngine:
         stats = []
         for i, (t, m_pruned) in enumerate(zip(self.targets, pruned)):
             m_old = tf.convert_to_tensor(t.mask)
-            removed = _count(m_old) - _count(m_pruned)
+            removed = count_true(m_old) - count_true(m_pruned)
             m_new = self._regrow(optimizer, i, step, grads[i], m_pruned, removed)
             # Pruned weights go to 0 and regrown ones start from 0.
             t.weight.assign(tf.where(tf.logical_and(m_pruned, m_new), t.weight,
@@ -200,9 +227,9 @@ class TopologyEngine:
                 changed = tf.logical_and(tf.logical_or(m_old, m_new), tf.logical_not(kept))
                 for slot in optimizer_hook.slot_variables(optimizer, t.weight).values():
                     slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
-            grown = _count(m_new) - _count(m_pruned)
-            stats.append(tf.cast(tf.stack([_count(m_new), removed, grown,
-                                           _count(t.ever_active)]), tf.int64))
+            grown = count_true(m_new) - count_true(m_pruned)
+            stats.append(tf.cast(tf.stack([count_true(m_new), removed, grown,
+                                           count_true(t.ever_active)]), tf.int64))
         self.layer_stats.assign(tf.stack(stats))
         self.last_rate.assign(rate)
         self.last_update_step.assign(step)

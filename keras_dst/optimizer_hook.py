@@ -32,8 +32,11 @@ def base_optimizer(optimizer):
     return optimizer
 
 
-def install(optimizer, hook):
+def install(optimizer, hook, first=False):
     """Adds `hook` (an object with before_apply/after_apply) to `optimizer`.
+
+    Hooks run in the order they were installed; ``first=True`` puts `hook` ahead
+    of the others (an observer that must see the state before any update).
 
     Both methods are called as ``method(optimizer, grads_by_variable)`` where
     `grads_by_variable` maps ``id(variable)`` to its gradient tensor (or None).
@@ -44,7 +47,7 @@ def install(optimizer, hook):
             "keras_dst does not support optimizers with gradient_accumulation_steps yet.")
     hooks = optimizer.__dict__.setdefault(_HOOKS_ATTR, [])
     if hook not in hooks:
-        hooks.append(hook)
+        hooks.insert(0, hook) if first else hooks.append(hook)
     if _ORIGINAL_ATTR not in optimizer.__dict__:
         original = optimizer.apply
 
@@ -98,10 +101,23 @@ def slot_variables(optimizer, variable) -> dict:
             if slots[index] is not None and tuple(slots[index].shape) == tuple(variable.shape)}
 
 
-def unmapped_state(optimizer) -> list:
-    """Per-weight optimizer variables that `slot_variables` cannot attribute to a weight."""
+def unmapped_state(optimizer, variables=None) -> list:
+    """Per-weight optimizer variables that `slot_variables` cannot attribute to a weight.
+
+    Those in no per-weight slot list, and slots whose shape is not their weight's
+    (e.g. Adafactor's factored second moments of a kernel: their entries cannot be
+    reset per weight entry). With `variables`, only the slots of those weights
+    count in the second group.
+    """
     optimizer = base_optimizer(optimizer)
-    mapped = {id(v) for slots in _slot_lists(optimizer).values() for v in slots if v is not None}
+    wanted = None if variables is None else {id(v) for v in variables}
+    mapped = set()
+    for slots in _slot_lists(optimizer).values():
+        for weight, slot in zip(optimizer._trainable_variables, slots):
+            if slot is not None and (len(slot.shape) == 0
+                                     or tuple(slot.shape) == tuple(weight.shape)
+                                     or (wanted is not None and id(weight) not in wanted)):
+                mapped.add(id(slot))
     return [v for v in optimizer.variables if len(v.shape) > 0 and id(v) not in mapped]
 
 

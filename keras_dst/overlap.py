@@ -1,0 +1,217 @@
+"""How much pruning criteria agree: `CriteriaOverlap` (spec section 6.4, Fig. 6).
+
+At each of its update steps, from one and the same state (weights, the step's
+dense gradient, masks), every criterion selects the weights it *would* prune,
+exactly as a layer-scope DST update would (``r = ceil(p * a)`` active entries per
+layer, `topology.apply_selection`), without changing anything. For each pair of
+criteria the Jaccard index ``|A & B| / |A | B|`` of the pruned sets is taken over
+the whole model (the union of the per-layer sets; 1 when both are empty).
+"""
+
+import json
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_dst import criteria as criteria_lib
+from keras_dst import distributions
+from keras_dst import optimizer_hook
+from keras_dst import schedules as schedules_lib
+from keras_dst import topology
+from keras_dst.callbacks import HookedCallback
+from keras_dst.engine import count_true, state_variable
+from keras_dst.masks import sparse_targets
+from keras_dst.scoring import ScoreInputs
+from keras_dst.validation import check_choice, check_density, check_positive_int
+
+
+class OverlapEngine:
+    """Graph-side state and logic of `CriteriaOverlap` (an optimizer hook; read-only).
+
+    Args:
+      targets: list of `SparseTarget` of the model.
+      criteria: list of `criteria.Criterion` (C >= 2, none with running scores).
+      schedule: callable step -> prune rate (float32 scalar tensor).
+      update_every: steps between computations.
+      seed: int; the random criterion draws from (seed, layer, step), as
+        `DynamicSparseTraining` with the same seed.
+    """
+
+    def __init__(self, targets, criteria, schedule, *, update_every, seed):
+        self.targets = list(targets)
+        self.criteria = list(criteria)
+        self.schedule = schedule
+        self.update_every = int(update_every)
+        self._seeds = [distributions.stable_seed(seed, i, "prune") for i in range(len(targets))]
+        c = len(self.criteria)
+        self.matrix = state_variable(tf.eye(c), "overlap_jaccard")  # [C, C] float32
+        self.last_update_step = state_variable(tf.constant(-1, tf.int64), "overlap_last_update_step")
+
+    def before_apply(self, optimizer, grads_by_var):
+        step = tf.cast(optimizer.iterations, tf.int64) + 1
+        due = tf.equal(step % self.update_every, 0)
+        tf.cond(due, lambda: self._update(step, self._grads(grads_by_var)), tf.no_op)
+
+    def after_apply(self, optimizer, grads_by_var):
+        del optimizer, grads_by_var
+
+    def _grads(self, grads_by_var):
+        grads = [grads_by_var.get(id(t.weight)) for t in self.targets]
+        grads = [tf.zeros(t.weight.shape, tf.float32) if g is None else tf.cast(g, tf.float32)
+                 for t, g in zip(self.targets, grads)]
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1 \
+                and any(c.needs_gradient for c in self.criteria):
+            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)  # as the DST engine
+        return grads
+
+    def pruned_sets(self, step, grads, rate):
+        """What each criterion would prune: C flat bool tensors over all targets (pure)."""
+        inputs = [ScoreInputs(weight=tf.cast(t.weight, tf.float32), gradient=g,
+                              mask=tf.convert_to_tensor(t.mask),
+                              seed=tf.stack([tf.constant(s, tf.int64), step]))
+                  for t, g, s in zip(self.targets, grads, self._seeds)]
+        sets = []
+        for criterion in self.criteria:
+            removed = [tf.reshape(x.mask & ~topology.apply_selection(
+                criterion, [x], topology.prune_count(count_true(x.mask), rate))[0], [-1])
+                for x in inputs]
+            sets.append(tf.concat(removed, axis=0))
+        return sets
+
+    def _update(self, step, grads):
+        rate = tf.cast(self.schedule(step), tf.float32)
+        sets = self.pruned_sets(step, grads, rate)
+        self.matrix.assign(tf.stack([tf.stack([topology.jaccard(a, b) for b in sets])
+                                     for a in sets]))
+        self.last_update_step.assign(step)
+        return tf.no_op()
+
+
+@keras.saving.register_keras_serializable(package="keras_dst")
+class CriteriaOverlap(HookedCallback):
+    """Records how similar the weight sets chosen by several pruning criteria are.
+
+    Every `update_every` optimizer steps (``t = update_every, 2 * update_every,
+    ...``, as `DynamicSparseTraining`), each criterion selects, per layer, the
+    ``r = ceil(p(t) * a)`` active weights it would prune (the SET family: its own
+    rule) from the same weights, the step's dense gradient and the current masks.
+    Nothing changes: masks, weights and optimizer state are left as they are.
+    The pairwise Jaccard index of those sets, over all layers together, is
+    logged and kept in `history`.
+
+    Alone on a static sparse model it measures the overlap along a static run;
+    together with `DynamicSparseTraining` (either order in the callback list)
+    it runs in ``before_apply``, before the optimizer step and before that step's
+    DST update, so the criteria score the state the DST update starts from
+    (for a DST criterion with ``"before"`` ordering the DST itself then scores
+    the post-step weights)::
+
+        model.fit(x, y, callbacks=[
+            keras_dst.DynamicSparseTraining(prune="magnitude", update_every=800),
+            keras_dst.CriteriaOverlap(["snip", "mest", "magnitude", "set", "random"],
+                                      update_every=800)])
+
+    Args:
+      criteria: at least two criteria with distinct names: registered names,
+        `Criterion` objects (e.g. ``keras_dst.get_criterion("mest", gamma=0.1)``)
+        or score callables. Running (EMA) criteria are refused.
+      update_every: steps between computations (int >= 1).
+      prune_rate: the rate ``p`` (initial rate for a schedule), in (0, 1].
+      schedule: ``"constant"`` (default), ``"cosine"``, ``"linear"`` (as
+        `DynamicSparseTraining`) or a callable of the step.
+      total_steps: steps of the whole run for ``"cosine"``; default
+        ``epochs * steps_per_epoch`` of `fit`.
+      seed: int; the ``random`` criterion draws what `DynamicSparseTraining`
+        with the same seed would.
+
+    Attributes:
+      history: list of ``(step, names, matrix)``, one per update seen by the host
+        (the device is read once per batch; with ``steps_per_execution >
+        update_every`` intermediate updates are not recorded). ``matrix`` is a
+        float numpy array [C, C], ``matrix[i, j]`` the Jaccard index of criteria i
+        and j.
+      names: the criteria names, in order.
+
+    Logs: ``jaccard/<a>/<b>`` for every pair a before b in `criteria`, from the
+    last update (absent before the first one).
+    """
+
+    hook_first = True  # see the state before any DST update of the same step
+
+    def __init__(self, criteria, update_every=100, prune_rate=0.5, schedule="constant",
+                 total_steps=None, seed=0):
+        super().__init__()
+        if isinstance(criteria, (str, criteria_lib.Criterion)) or callable(criteria):
+            raise TypeError(f"criteria must be a list of criteria, got criteria={criteria!r}.")
+        self.criteria = [criteria_lib.get_criterion(c) for c in criteria]
+        self.names = [c.name for c in self.criteria]
+        if len(self.names) < 2:
+            raise ValueError(f"criteria needs at least two criteria, got criteria={criteria!r}.")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"criteria names must be distinct, got {self.names}.")
+        running = [c.name for c in self.criteria if c.ema]
+        if running:
+            raise ValueError(f"CriteriaOverlap does not support running criteria {running}.")
+        self.update_every = check_positive_int(update_every, "update_every")
+        self.prune_rate = check_density(prune_rate, "prune_rate")
+        if not callable(schedule):
+            check_choice(schedule, tuple(schedules_lib.SCHEDULES), "schedule")
+        self.schedule = schedule
+        self.total_steps = (None if total_steps is None
+                            else check_positive_int(total_steps, "total_steps"))
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got seed={seed!r}.")
+        self.seed = int(seed)
+        self.history = []
+
+    def _total_steps(self):
+        if self.total_steps is not None or self.schedule != "cosine":
+            return self.total_steps
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        if not epochs or not steps:
+            raise ValueError("CriteriaOverlap(schedule='cosine'): the number of steps is "
+                             "unknown; pass total_steps= or steps_per_epoch= to fit().")
+        return int(epochs) * int(steps)
+
+    def _make_engine(self):
+        targets = sparse_targets(self.model, require=True, caller="CriteriaOverlap")
+        schedule = schedules_lib.get_schedule(self.schedule, self.prune_rate, self._total_steps())
+        return OverlapEngine(targets, self.criteria, schedule, update_every=self.update_every,
+                             seed=self.seed)
+
+    def _read_logs(self):
+        step = int(self.engine.last_update_step.numpy())
+        if step < 0:
+            return {}
+        matrix = self.engine.matrix.numpy().astype(float)
+        self.history.append((step, list(self.names), matrix))
+        return {f"jaccard/{a}/{b}": float(matrix[i, j])
+                for i, a in enumerate(self.names) for j, b in enumerate(self.names) if i < j}
+
+    def save_json(self, path, matrix="mean"):
+        """Writes ``{"names", "matrix", "history": [{"step", "matrix"}, ...]}`` to `path`.
+
+        Args:
+          path: file path.
+          matrix: ``"mean"`` (mean over `history`) or ``"last"`` (the last update).
+
+        Raises:
+          ValueError: unknown `matrix`, or nothing recorded yet.
+        """
+        check_choice(matrix, ("mean", "last"), "matrix")
+        if not self.history:
+            raise ValueError("CriteriaOverlap.save_json(): no update recorded yet.")
+        matrices = np.stack([m for _, _, m in self.history])
+        summary = matrices.mean(axis=0) if matrix == "mean" else matrices[-1]
+        with open(path, "w") as f:
+            json.dump({"names": list(self.names), "matrix": summary.tolist(),
+                       "history": [{"step": s, "matrix": m.tolist()}
+                                   for s, _, m in self.history]}, f, indent=1)
+
+    def get_config(self):
+        return dict(criteria=list(self.names), update_every=self.update_every,
+                    prune_rate=self.prune_rate,
+                    schedule=self.schedule if isinstance(self.schedule, str) else None,
+                    total_steps=self.total_steps, seed=self.seed)

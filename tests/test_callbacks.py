@@ -1,0 +1,232 @@
+"""`DynamicSparseTraining`: argument checks, errors at the start of fit, logs, serialization."""
+
+import csv
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
+from keras_dst import optimizer_hook, schedules
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+DST = keras_dst.DynamicSparseTraining
+
+
+# ----------------------------------------------------------------------------
+# Bad arguments: raised by the constructor, naming the argument and the value.
+
+
+BAD_ARGUMENTS = [
+    (dict(prune="magnitud"), ValueError, ["prune", "'magnitud'", "magnitude"]),
+    (dict(prune="SNIPP"), ValueError, ["prune", "'SNIPP'"]),
+    (dict(grow="gradiant"), ValueError, ["grow", "'gradiant'", "gradient"]),
+    (dict(prune="mest", prune_params={"gama": 1.0}), ValueError, ["prune_params", "'gama'", "gamma"]),
+    (dict(grow_params={"offset": 1.0}), ValueError, ["grow_params", "'offset'"]),
+    (dict(update_every=0), ValueError, ["update_every", "0"]),
+    (dict(update_every=-1), ValueError, ["update_every", "-1"]),
+    (dict(update_every=1.5), TypeError, ["update_every", "1.5"]),
+    (dict(update_every="10"), TypeError, ["update_every", "'10'"]),
+    (dict(update_every=True), TypeError, ["update_every", "True"]),
+    (dict(prune_rate=0), ValueError, ["prune_rate", "0"]),
+    (dict(prune_rate=1.5), ValueError, ["prune_rate", "1.5"]),
+    (dict(prune_rate=-0.1), ValueError, ["prune_rate", "-0.1"]),
+    (dict(prune_rate=float("nan")), ValueError, ["prune_rate", "nan"]),
+    (dict(prune_rate="x"), TypeError, ["prune_rate", "'x'"]),
+    (dict(schedule="cosinus"), ValueError, ["schedule", "'cosinus'", "cosine"]),
+    (dict(schedule=None), ValueError, ["schedule", "None"]),
+    (dict(ordering="sideways"), ValueError, ["ordering", "'sideways'", "before", "after"]),
+    (dict(scope="local"), ValueError, ["scope", "'local'", "global"]),
+    (dict(optimizer_state="zero"), ValueError, ["optimizer_state", "'zero'", "reset"]),
+    (dict(optimizer_state=None), ValueError, ["optimizer_state", "None"]),
+    (dict(end_step=0), ValueError, ["end_step", "0"]),
+    (dict(end_step=1.5), ValueError, ["end_step", "1.5"]),
+    (dict(grow_exact="yes"), TypeError, ["grow_exact", "'yes'"]),
+    (dict(seed="a"), TypeError, ["seed", "'a'"]),
+    (dict(normalize="row"), ValueError, ["normalize", "'row'"]),
+    (dict(norm_type="mean"), ValueError, ["norm_type", "'mean'"]),
+    (dict(total_steps=0), ValueError, ["total_steps", "0"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,words", BAD_ARGUMENTS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in a[0].items()) for a in BAD_ARGUMENTS])
+def test_bad_argument_is_refused_by_the_constructor(kwargs, error, words):
+    with pytest.raises(error) as info:
+        DST(**kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_good_arguments_are_accepted():
+    for kwargs in (dict(prune="ReciprocalSensitivity", grow="gradient"), dict(prune="MEST"),
+                   dict(prune="set", grow=None), dict(update_every=1, prune_rate=1.0),
+                   dict(end_step=0.75), dict(end_step=10), dict(schedule=lambda step: 0.1),
+                   dict(prune="mest", prune_params={"gamma": 0.1}), dict(seed=np.int64(3))):
+        DST(**kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Errors at the start of fit, before any weight changes.
+
+
+def _fit_fails(model, optimizer, callback, error=ValueError):
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=True)
+    before = [np.array(w) for w in model.get_weights()]
+    x, y = classification_data(n=32)
+    with pytest.raises(error) as info:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    after = model.get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)), "weights changed"
+    assert int(optimizer_hook.base_optimizer(model.optimizer).iterations.numpy()) == 0
+    assert "apply" not in vars(optimizer_hook.base_optimizer(model.optimizer))  # not left hooked
+    return str(info.value)
+
+
+def test_model_not_made_prunable_is_an_error_at_the_start_of_fit():
+    message = _fit_fails(mlp(), keras.optimizers.SGD(0.1), DST())
+    assert "prunable" in message
+
+
+def test_reset_with_an_optimizer_whose_state_cannot_be_mapped_is_an_error():
+    # Adafactor keeps factored (row / column) second moments of every kernel.
+    message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.Adafactor(),
+                         DST(optimizer_state="reset"))
+    assert "optimizer_state" in message and "Adafactor" in message and "keep" in message
+
+
+def test_reset_with_an_optimizer_with_unlisted_state_is_an_error():
+    class ShadowSGD(keras.optimizers.SGD):
+        """Keeps a per-weight buffer outside any per-variable slot list."""
+
+        def build(self, variables):
+            super().build(variables)
+            self.shadow = {v.path: self.add_variable_from_reference(v, "shadow") for v in variables}
+
+    message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), ShadowSGD(0.1),
+                         DST(optimizer_state="reset"))
+    assert "optimizer_state" in message and "ShadowSGD" in message
+
+
+def test_momentum_growth_without_momentum_is_an_error():
+    message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.SGD(0.1),
+                         DST(grow="momentum"))
+    assert "momentum" in message and "SGD" in message
+
+
+def test_running_criterion_without_track_scores_is_an_error():
+    message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.SGD(0.1),
+                         DST(prune="running_magnitude"))
+    assert "track_scores" in message
+
+
+# ----------------------------------------------------------------------------
+# Logs: History, CSVLogger, ITOP.
+
+
+LOG_KEYS = ("density", "prune_rate", "pruned", "grown", "mask_churn", "itop")
+
+
+class BatchLogs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.logs = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.logs.append(dict(logs))
+
+
+def test_logs_in_history_and_csv_logger_and_itop_grows(tmp_path):
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    counts = active_counts(model)
+    totals = {t.weight.path: int(np.prod(t.weight.shape)) for t in keras_dst.sparse_targets(model)}
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    path = str(tmp_path / "log.csv")
+    dst, batches = DST(prune="magnitude", grow="random", update_every=3), BatchLogs()
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+                        callbacks=[dst, keras.callbacks.CSVLogger(path), batches])
+    assert_sparse_invariants(model, counts)
+    layer_keys = [f"density/{p}" for p in counts]
+    for key in (*LOG_KEYS, *layer_keys):
+        assert len(history.history[key]) == 2, key
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for key in (*LOG_KEYS, *layer_keys):
+        np.testing.assert_allclose([float(r[key]) for r in rows], history.history[key], rtol=1e-6)
+
+    h = {k: np.array(v) for k, v in history.history.items()}
+    n_total = sum(totals.values())
+    np.testing.assert_allclose(h["density"], sum(counts.values()) / n_total)
+    for p in counts:
+        np.testing.assert_allclose(h[f"density/{p}"], counts[p] / totals[p])
+    # epoch 2 reports the update at step 6 (cosine over 8 steps)
+    stats = dst.engine.layer_stats.numpy()
+    p6 = 0.005 + (0.5 - 0.005) * (1 + math.cos(math.pi * 6 / 8)) / 2
+    assert h["prune_rate"][1] == pytest.approx(p6, rel=1e-6)
+    assert h["pruned"][1] == stats[:, 1].sum() == sum(math.ceil(p6 * c) for c in counts.values())
+    assert h["grown"][1] == h["pruned"][1]
+    assert h["mask_churn"][1] == pytest.approx(h["grown"][1] / sum(counts.values()))
+    assert h["itop"][1] == pytest.approx(stats[:, 3].sum() / n_total)
+
+    # per batch: nothing before the first update, ITOP grows at every update (steps 3 and 6)
+    itop = [b["itop"] for b in batches.logs]
+    assert itop[0] == itop[1] == pytest.approx(sum(counts.values()) / n_total)
+    assert batches.logs[0]["pruned"] == 0 and batches.logs[0]["prune_rate"] == 0
+    assert itop[2] > itop[1] and itop[5] > itop[4]
+    assert itop[3] == itop[2] and itop[6] == itop[7] == itop[5]
+    assert all(b["pruned"] > 0 for b in batches.logs[2:])
+    # the hook is removed at the end of fit
+    assert "apply" not in vars(model.optimizer)
+
+
+# ----------------------------------------------------------------------------
+# Serialization.
+
+
+def test_get_config_round_trip():
+    callback = DST(prune="mest", grow="gradient", update_every=7, prune_rate=0.3,
+                   schedule="linear", end_step=0.75, ordering="after", scope="global",
+                   grow_exact=False, optimizer_state="reset", seed=3,
+                   prune_params={"gamma": 0.5}, normalize="layer", norm_type="sum",
+                   total_steps=100)
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(callback)))
+    clone = keras.saving.deserialize_keras_object(config)
+    assert type(clone) is DST
+    assert clone.get_config() == callback.get_config()
+    assert clone.criterion.params["gamma"] == 0.5 and clone.criterion.name == "mest"
+    assert clone.growth.name == "gradient" and clone.resolved_ordering == "after"
+
+
+@pytest.mark.parametrize("schedule", [schedules.constant(0.2), schedules.cosine(0.4, 50, 0.01),
+                                      schedules.linear(0.3, 0.5, 10)], ids=repr)
+def test_get_config_round_trip_with_a_schedule_object(schedule):
+    callback = DST(schedule=schedule)
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(callback)))
+    clone = keras.saving.deserialize_keras_object(config)
+    assert type(clone.schedule) is type(schedule)
+    assert clone.schedule.get_config() == schedule.get_config()
+    assert clone.get_config() == callback.get_config()
+    for step in (0, 7, 40):
+        assert float(clone.schedule(step)) == pytest.approx(float(schedule(step)))
+
+
+def test_deserialized_callback_trains():
+    config = keras.saving.serialize_keras_object(
+        DST(prune="snip", grow="gradient", update_every=2, schedule="constant", prune_rate=0.25))
+    callback = keras.saving.deserialize_keras_object(config)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    counts = active_counts(model)
+    before = keras_dst.masks(model)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    after = keras_dst.masks(model)
+    assert any((before[k] != after[k]).any() for k in before)
+    assert_sparse_invariants(model, counts)
+    assert callback.engine.layer_stats.numpy()[:, 1].tolist() == [
+        math.ceil(0.25 * c) for c in counts.values()]

@@ -1,0 +1,571 @@
+"""End-to-end tests of the DST engine through `model.fit(jit_compile=True)`.
+
+Every test trains a tiny MLP for a few steps with `DynamicSparseTraining` and a
+`Recorder` callback that snapshots masks, weights, optimizer slots and the
+engine's numbers after every optimizer step. Around an update step `t` the
+snapshots `states[t - 1]` / `states[t]` give the masks and weights before and
+after it; with SGD the optimizer's own move of every entry ("delta") is known
+(plain SGD: ``-lr * g`` with `g` recomputed here on the same batch; momentum
+SGD: the momentum slot, since Keras does ``w += m``). An active entry after the
+update is then either *kept* (``w_prev + delta``) or *reset* (pruned and/or
+regrown: ``0`` for ordering "before", ``delta`` for ordering "after"), which
+gives the removed and regrown counts independently of the engine's statistics.
+"""
+
+import math
+from fractions import Fraction
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dst
+from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
+from keras_dst import optimizer_hook
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+BATCH = 16
+LR = 0.05
+BUILTIN_CRITERIA = tuple(n for n in keras_dst.criterion_names() if not n.startswith("test_"))
+GRADIENT_CRITERIA = ("mest", "snip", "sensitivity", "reciprocal_sensitivity", "taylor_fo",
+                     "running_snip")
+
+
+# ----------------------------------------------------------------------------
+# Helpers.
+
+
+class Recorder(keras.callbacks.Callback):
+    """Snapshots the sparse state at the start of fit and after every batch.
+
+    `states[i]` is the state after optimizer step `i` of this fit (index 0: before
+    the first step). Put it after the DST callback.
+    """
+
+    def __init__(self, dst=None):
+        super().__init__()
+        self.dst = dst
+        self.states = []
+
+    def _snapshot(self, logs=None):
+        targets = keras_dst.sparse_targets(self.model)
+        optimizer = optimizer_hook.base_optimizer(self.model.optimizer)
+        state = {
+            "step": int(optimizer.iterations.numpy()),
+            "masks": [np.array(t.mask.numpy()) for t in targets],
+            "weights": [np.array(t.weight.numpy()) for t in targets],
+            "all": [np.array(v) for v in self.model.get_weights()],
+            "slots": [{k: np.array(v.numpy()) for k, v in
+                       optimizer_hook.slot_variables(optimizer, t.weight).items()}
+                      for t in targets] if optimizer.built else None,
+            "logs": dict(logs or {}),
+        }
+        engine = getattr(self.dst, "engine", None)
+        if engine is not None:
+            state.update(stats=np.array(engine.layer_stats.numpy()),
+                         last_update=int(engine.last_update_step.numpy()),
+                         rate=float(engine.last_rate.numpy()),
+                         skipped=int(engine.skipped_layers.numpy()))
+        self.states.append(state)
+
+    def on_train_begin(self, logs=None):
+        self._snapshot()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._snapshot(logs)
+
+    def update_steps(self):
+        """Steps at which the engine reports a new update."""
+        return [s["step"] for prev, s in zip(self.states, self.states[1:])
+                if s["last_update"] != prev.get("last_update", -1) and s["last_update"] == s["step"]]
+
+
+def sparse_model(density=0.3, sizes=(20, 16, 3), seed=0, **kwargs):
+    return keras_dst.prunable(mlp(sizes, seed=seed), density=density, **kwargs)
+
+
+def fit_dst(model, optimizer, x, y, epochs=1, extra_callbacks=(), **dst_kwargs):
+    """Compiles (jit) and fits with DST + Recorder, no shuffling; returns (dst, recorder, history)."""
+    dst = keras_dst.DynamicSparseTraining(**dst_kwargs)
+    recorder = Recorder(dst)
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=True)
+    history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
+                        callbacks=[dst, recorder, *extra_callbacks])
+    return dst, recorder, history
+
+
+def batch_of_step(x, y, step):
+    per_epoch = math.ceil(len(x) / BATCH)
+    i = (step - 1) % per_epoch
+    return x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
+
+
+def gradients_at(model, state, x, y, step):
+    """Dense loss gradients of the sparsified weights, at the weights of `state`, on the batch of `step`."""
+    current = model.get_weights()
+    model.set_weights(state["all"])
+    xb, yb = batch_of_step(x, y, step)
+    targets = keras_dst.sparse_targets(model)
+    with tf.GradientTape() as tape:
+        loss = LOSS(yb, model(xb, training=True))
+    grads = tape.gradient(loss, [t.weight.value for t in targets])
+    model.set_weights(current)
+    return [np.array(g.numpy()) for g in grads]
+
+
+def classify(prev, new, index, delta, ordering):
+    """(kept, reset) bool arrays of target `index` across one update step.
+
+    kept: active before and after, value ``w_prev + delta``; reset: active after
+    but started from 0 in this update (regrown, just-pruned ones included), value
+    0 ("before") or ``delta`` ("after"). Asserts that every entry is explained
+    and that inactive entries are exactly 0.
+    """
+    m0, m1 = prev["masks"][index], new["masks"][index]
+    w0, w1 = prev["weights"][index], new["weights"][index]
+    as_kept = w0 + delta
+    as_reset = delta if ordering == "after" else np.zeros_like(delta)
+    close_kept = np.isclose(w1, as_kept, rtol=1e-5, atol=1e-6)
+    close_reset = np.isclose(w1, as_reset, rtol=1e-5, atol=1e-6)
+    assert not np.any((close_kept & close_reset)[m0 & m1]), "ambiguous entries (|w| ~ 0)"
+    kept = m0 & m1 & close_kept
+    reset = m1 & ~kept
+    assert np.all(close_reset[reset]), (
+        f"target {index}: {int(np.sum(~close_reset[reset]))} active entries are neither "
+        f"kept (w + delta) nor reset ({'delta' if ordering == 'after' else '0'})")
+    assert np.all(w1[~m1] == 0)
+    return kept, reset
+
+
+def set_removed_count(w, mask, r, legacy):
+    """Entries the SET rules remove (spec 4.3.2) from the active weights `w[mask]`."""
+    h = (r + 1) // 2
+    active = w[mask]
+    if not legacy:
+        return min(h, int(np.sum(active >= 0))) + min(h, int(np.sum(active < 0)))
+
+    def threshold(group):  # ascending, index min(h, n) - 1, Python-style wrap
+        index = min(h, len(group)) - 1
+        return np.sort(group)[index if index >= 0 else len(group) - 1]
+
+    positives, negatives = active[active > 0], active[active < 0]
+    removed = int(np.sum(active == 0))
+    if len(positives):
+        removed += int(np.sum(positives <= threshold(positives)))
+    if len(negatives):
+        removed += int(np.sum(negatives >= threshold(negatives)))
+    return removed
+
+
+def expected_removed(prune, w_scored, mask, rate):
+    r = math.ceil(Fraction(rate) * int(mask.sum())) if isinstance(rate, str) \
+        else math.ceil(rate * int(mask.sum()))
+    if prune in ("set", "set_legacy"):
+        return set_removed_count(w_scored, mask, r, legacy=prune == "set_legacy")
+    return r
+
+
+def lowest(scores, eligible, count):
+    """Bool array: the `count` eligible entries of lowest score, ties to the lower flat index."""
+    flat = np.where(eligible.ravel(), scores.ravel().astype(np.float64), np.inf)
+    order = np.lexsort((np.arange(flat.size), flat))[:count]
+    chosen = np.zeros(flat.size, bool)
+    chosen[order] = True
+    return chosen.reshape(scores.shape) & eligible
+
+
+def highest(scores, eligible, count):
+    return lowest(-scores, eligible, count)
+
+
+def margin(scores, eligible, count, high=False):
+    """Gap between the count-th and (count+1)-th eligible score (selection robust to rounding)."""
+    values = np.sort((-scores if high else scores)[eligible].astype(np.float64))
+    if count <= 0 or count >= len(values):
+        return np.inf
+    return values[count] - values[count - 1]
+
+
+# ----------------------------------------------------------------------------
+# Exact counts for every criterion x growth (spec section 10).
+
+
+def _momentum_marks(prune):
+    return () if prune in ("magnitude", "snip") else pytest.mark.slow
+
+
+MATRIX = [pytest.param(p, g, id=f"{p}-{g}", marks=_momentum_marks(p) if g == "momentum" else ())
+          for p in BUILTIN_CRITERIA for g in ("random", "gradient", "momentum")]
+
+
+@pytest.mark.parametrize("prune,grow", MATRIX)
+def test_every_criterion_and_growth_exact_counts_end_to_end(prune, grow):
+    """Two updates (steps 2 and 4): per layer, r = ceil(p a) removed and as many regrown,
+    counts unchanged, topology changed, and the ordering of the reference (auto)."""
+    criterion = keras_dst.get_criterion(prune)
+    model = sparse_model(track_scores=criterion.ema)
+    counts = active_counts(model)
+    x, y = classification_data(n=64)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR, momentum=0.9), x, y,
+                          prune=prune, grow=grow, update_every=2, schedule="constant",
+                          prune_rate=0.3, seed=1)
+    assert dst.resolved_ordering == criterion.ordering
+    assert rec.update_steps() == [2, 4]
+    changed = False
+    for step in (2, 4):
+        prev, new = rec.states[step - 1], rec.states[step]
+        for i, (path, count) in enumerate(counts.items()):
+            m0, m1 = prev["masks"][i], new["masks"][i]
+            assert int(m0.sum()) == int(m1.sum()) == count, (path, step)
+            delta = new["slots"][i]["momentums"]  # Keras SGD: w += m
+            w_scored = np.where(m0, prev["weights"][i] + delta, 0.0) \
+                if criterion.ordering == "before" else prev["weights"][i]
+            want = expected_removed(prune, w_scored, m0, "0.3")
+            active, pruned, grown, _ = new["stats"][i]
+            assert (active, pruned, grown) == (count, want, want), (path, step)
+            if step == 2:  # independent count from the weights (first update: no |w| ~ 0)
+                kept, reset = classify(prev, new, i, delta, criterion.ordering)
+                assert count - int(kept.sum()) == want, (path, "removed")
+                assert int(reset.sum()) == want, (path, "regrown")
+            changed |= bool(np.any(m0 != m1))
+        assert new["rate"] == pytest.approx(0.3)
+    assert changed, "the topology never changed"
+    assert_sparse_invariants(model, counts)
+
+
+def test_single_update_removes_ceil_of_cosine_rate():
+    """Exactly one update (step 3 of 4, cosine over 4 steps): r = ceil(p(3) a) per layer."""
+    model = sparse_model(density=0.5)
+    counts = active_counts(model)
+    x, y = classification_data(n=64)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR, momentum=0.9), x, y,
+                          prune="magnitude", grow="gradient", update_every=3, prune_rate=0.5)
+    assert rec.update_steps() == [3]
+    p = 0.005 + (0.5 - 0.005) * (1 + math.cos(math.pi * 3 / 4)) / 2
+    prev, new = rec.states[2], rec.states[3]
+    assert new["rate"] == pytest.approx(p, rel=1e-6)
+    for i, (path, count) in enumerate(counts.items()):
+        r = math.ceil(p * count)
+        kept, reset = classify(prev, new, i, new["slots"][i]["momentums"], "before")
+        assert count - int(kept.sum()) == r == new["stats"][i][1], path
+        assert int(reset.sum()) == r == new["stats"][i][2], path
+        assert int(new["masks"][i].sum()) == count
+    # after the update nothing changes any more
+    assert all((a == b).all() for a, b in zip(rec.states[3]["masks"], rec.states[4]["masks"]))
+
+
+# ----------------------------------------------------------------------------
+# Orderings (spec 2.3, 5.4): regrown weights start at 0 or one optimizer step from 0.
+
+
+@pytest.mark.parametrize("prune,ordering", [("magnitude", "before"), ("snip", "after")])
+def test_ordering_regrown_values_and_exact_masks(prune, ordering):
+    """Plain SGD, one update at the last step. The classifier (fc2) is kept dense: there the
+    regrown set is exactly the pruned set. The new masks equal a NumPy oracle."""
+    model = sparse_model(density=0.3, keep_dense=("fc2",))
+    counts = active_counts(model)
+    assert counts["fc2/kernel"] == 48 and counts["fc1/kernel"] < 320
+    x, y = classification_data(n=48)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR), x, y, prune=prune, grow="gradient",
+                          update_every=3, schedule="constant", prune_rate=0.3)
+    assert dst.resolved_ordering == ordering and rec.update_steps() == [3]
+    prev, new = rec.states[2], rec.states[3]
+    grads = gradients_at(model, prev, x, y, step=3)
+    for i, path in enumerate(counts):
+        m0, m1 = prev["masks"][i], new["masks"][i]
+        w0, w1, g = prev["weights"][i], new["weights"][i], grads[i]
+        step_from_zero = -LR * g
+        kept, reset = classify(prev, new, i, step_from_zero, ordering)
+        grown_new = m1 & ~m0
+        assert grown_new.any() or m0.all()
+        if ordering == "before":
+            assert np.all(w1[reset] == 0.0), path  # exactly 0
+        else:
+            np.testing.assert_allclose(w1[reset], step_from_zero[reset], rtol=1e-5, atol=1e-8)
+            assert np.count_nonzero(w1[grown_new]) >= 0.9 * grown_new.sum()  # largest |g| chosen
+        # NumPy oracle of the update: prune r lowest, regrow as many with the largest |g|.
+        r = math.ceil(Fraction("0.3") * int(m0.sum()))
+        if prune == "magnitude":  # scores the post-step weights
+            scores = np.abs(np.where(m0, w0 + step_from_zero, 0.0))
+        else:
+            scores = np.abs(w0 * g) + 1e-5
+        removed = lowest(scores, m0, r)
+        pruned_mask = m0 & ~removed
+        grown = highest(np.abs(g), ~pruned_mask, r)
+        if margin(scores, m0, r) > 1e-6 and margin(np.abs(g), ~pruned_mask, r, high=True) > 1e-6:
+            np.testing.assert_array_equal(m1, pruned_mask | grown, err_msg=path)
+            np.testing.assert_array_equal(reset, grown, err_msg=path)
+        assert int(reset.sum()) == r and int(m1.sum()) == counts[path]
+        if m0.all():  # dense layer: just-pruned weights are regrown, the regrown set == pruned set
+            assert m1.all()
+            if margin(scores, m0, r) > 1e-6:
+                np.testing.assert_array_equal(reset, removed, err_msg=path)
+
+
+def test_dense_model_keep_dense_regrows_exactly_the_pruned_set():
+    """density 1.0 (+ keep_dense): DST still resets the r lowest weights of every layer."""
+    model = sparse_model(density=1.0, keep_dense=("fc1",))
+    x, y = classification_data(n=32)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR), x, y, prune="magnitude",
+                          grow="random", update_every=2, schedule="constant", prune_rate=0.25)
+    prev, new = rec.states[1], rec.states[2]
+    grads = gradients_at(model, prev, x, y, step=2)
+    for i in range(len(prev["masks"])):
+        assert prev["masks"][i].all() and new["masks"][i].all()
+        post_step = prev["weights"][i] - LR * grads[i]
+        kept, reset = classify(prev, new, i, -LR * grads[i], "before")
+        r = math.ceil(post_step.size / 4)
+        np.testing.assert_array_equal(reset, lowest(np.abs(post_step), prev["masks"][i], r))
+        assert tuple(new["stats"][i][:3]) == (post_step.size, r, r)
+
+
+# ----------------------------------------------------------------------------
+# Global scope (spec 2.8).
+
+
+def test_global_scope_removes_ceil_p_total_and_keeps_layer_counts():
+    model = sparse_model(density=0.3)
+    counts = active_counts(model)
+    x, y = classification_data(n=64)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR), x, y, prune="magnitude",
+                          grow="gradient", scope="global", update_every=2, schedule="constant",
+                          prune_rate=0.3)
+    assert rec.update_steps() == [2, 4]
+    total = sum(counts.values())
+    for step in (2, 4):
+        prev, new = rec.states[step - 1], rec.states[step]
+        grads = gradients_at(model, prev, x, y, step)
+        stats = new["stats"]
+        assert int(stats[:, 1].sum()) == math.ceil(Fraction("0.3") * total)
+        np.testing.assert_array_equal(stats[:, 1], stats[:, 2])  # each layer regrows what it lost
+        assert [int(m.sum()) for m in new["masks"]] == list(counts.values())
+        if step == 2:
+            # one threshold over all layers: every removed |w| <= every kept |w|
+            removed_scores, kept_scores = [], []
+            for i in range(len(counts)):
+                post = np.abs(prev["weights"][i] - LR * grads[i])
+                kept, reset = classify(prev, new, i, -LR * grads[i], "before")
+                removed = prev["masks"][i] & ~kept
+                assert int(removed.sum()) == stats[i][1]
+                removed_scores.append(post[removed])
+                kept_scores.append(post[kept])
+            assert np.concatenate(removed_scores).max() <= np.concatenate(kept_scores).min()
+            # really global: the per-layer share differs from ceil(p a_l)
+            assert [int(s) for s in stats[:, 1]] != [math.ceil(0.3 * c) for c in counts.values()]
+    assert_sparse_invariants(model, counts)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer state (keep / reset).
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: keras.optimizers.SGD(LR, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_state_reset_zeroes_changed_entries_and_keep_does_not(name):
+    """Same run twice, one update at the last step ("before" ordering): with "reset" the
+    slots of pruned and regrown entries are 0 right after the update step, elsewhere they
+    equal those of the "keep" run (non-zero); with "keep" they are untouched."""
+    x, y = classification_data(n=48)
+    runs = {}
+    for state in ("keep", "reset"):
+        model = sparse_model(density=0.3)
+        runs[state] = fit_dst(model, OPTIMIZERS[name](), x, y, prune="magnitude", grow="gradient",
+                              update_every=3, schedule="constant", prune_rate=0.3,
+                              optimizer_state=state)[1]
+    keep, reset = runs["keep"].states, runs["reset"].states
+    for i in range(len(keep[0]["masks"])):
+        np.testing.assert_array_equal(keep[3]["masks"][i], reset[3]["masks"][i])
+        np.testing.assert_array_equal(keep[3]["weights"][i], reset[3]["weights"][i])
+        m0, m1, w1 = keep[2]["masks"][i], keep[3]["masks"][i], keep[3]["weights"][i]
+        changed = (m0 & ~m1) | (m1 & (w1 == 0))  # pruned, or (re)grown at 0
+        assert changed.sum() >= math.ceil(0.3 * m0.sum())
+        assert set(keep[3]["slots"][i]) == set(reset[3]["slots"][i]) and keep[3]["slots"][i]
+        for slot, kept_values in keep[3]["slots"][i].items():
+            reset_values = reset[3]["slots"][i][slot]
+            assert np.all(reset_values[changed] == 0), (slot, i)
+            np.testing.assert_array_equal(reset_values[~changed], kept_values[~changed])
+            assert np.count_nonzero(kept_values[changed]) > 0.8 * changed.sum(), (slot, i)
+            assert np.count_nonzero(reset_values[~changed]) > 0.8 * (~changed).sum(), (slot, i)
+
+
+def test_optimizer_state_reset_with_after_ordering_restarts_momentum_from_zero():
+    """"after" + reset: the update step's optimizer step starts the changed entries' momentum
+    from 0, so right after it their momentum is exactly -lr * g, and regrown weights too."""
+    model = sparse_model(density=0.3)
+    x, y = classification_data(n=48)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR, momentum=0.9), x, y, prune="snip",
+                          grow="gradient", update_every=3, schedule="constant", prune_rate=0.3,
+                          optimizer_state="reset")
+    prev, new = rec.states[2], rec.states[3]
+    grads = gradients_at(model, prev, x, y, step=3)
+    for i in range(len(prev["masks"])):
+        m0, m1 = prev["masks"][i], new["masks"][i]
+        momentum = new["slots"][i]["momentums"]
+        fresh = -LR * grads[i]
+        changed = np.isclose(momentum, fresh, rtol=1e-5, atol=1e-9) & (m0 != m1)
+        assert np.array_equal(changed, m0 != m1)  # every entry that changed restarted
+        kept, reset = classify(prev, new, i, momentum, "after")
+        np.testing.assert_allclose(momentum[reset], fresh[reset], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(new["weights"][i][reset], fresh[reset], rtol=1e-5, atol=1e-9)
+        # kept entries keep their accumulated momentum (not a fresh step)
+        assert not np.allclose(momentum[kept], fresh[kept], rtol=1e-3, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# Bernoulli random growth (grow_exact=False).
+
+
+def test_bernoulli_random_growth_is_exact_only_in_expectation():
+    model = sparse_model(density=0.3, distribution="uniform")
+    x, y = classification_data(n=640)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR), x, y, prune="random", grow="random",
+                          grow_exact=False, update_every=1, schedule="constant", prune_rate=0.3)
+    pruned = np.array([s["stats"][:, 1] for s in rec.states[1:]], float)  # (40 updates, layers)
+    grown = np.array([s["stats"][:, 2] for s in rec.states[1:]], float)
+    active = np.array([[m.sum() for m in s["masks"]] for s in rec.states])
+    assert pruned.shape == (40, 2)
+    np.testing.assert_array_equal(pruned, np.ceil(0.3 * active[:-1] - 1e-9))
+    np.testing.assert_array_equal(active[1:] - active[:-1], grown - pruned)  # stats = masks
+    assert np.any(grown != pruned), "Bernoulli growth gave exact counts at every update"
+    # mean grown == mean R within ~4 standard errors
+    # Binomial(n0, R / n0) has variance <= R: 4 standard errors of the summed counts
+    excess = grown.sum(axis=0) - pruned.sum(axis=0)
+    assert np.all(np.abs(excess) < 4 * np.sqrt(pruned.sum(axis=0))), (excess, pruned.sum(axis=0))
+    assert_sparse_invariants(model)
+
+
+# ----------------------------------------------------------------------------
+# Non-finite gradients or weights at an update step.
+
+
+class PoisonedNet(keras.Model):
+    """Subclassed MLP whose custom train_step adds NaN/Inf to fc2's kernel gradient at one step."""
+
+    def __init__(self, poison_step, **kwargs):
+        super().__init__(**kwargs)
+        self.fc1 = keras_dst.prunable(keras.layers.Dense(16, activation="relu"), density=0.4)
+        self.fc2 = keras_dst.prunable(keras.layers.Dense(3), density=0.5)
+        self.poison_step = poison_step
+        self.poison = None
+
+    def call(self, x):
+        return self.fc2(self.fc1(x))
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        poisoned = tf.equal(self.optimizer.iterations + 1, self.poison_step)
+        target = self.fc2.sparse_weights[0].path
+        grads = [tf.where(poisoned, g + self.poison, g) if v.path == target else g
+                 for g, v in zip(grads, variables)]
+        self.optimizer.apply(grads, variables)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("prune,scope", [("snip", "layer"), ("magnitude", "layer"),
+                                         ("snip", "global")])
+def test_non_finite_gradient_at_update_step_leaves_that_mask_unchanged(prune, scope):
+    keras.utils.set_random_seed(0)
+    net = PoisonedNet(poison_step=2)
+    x, y = classification_data(n=32)
+    net(x[:1])
+    fc2_mask = net.fc2.masks[0].numpy()
+    poison = np.zeros(fc2_mask.shape, np.float32)
+    active = np.flatnonzero(fc2_mask)
+    poison.flat[active[0]], poison.flat[active[1]] = np.nan, np.inf  # weights become NaN too
+    net.poison = poison
+    counts = active_counts(net)
+    dst, rec, _ = fit_dst(net, keras.optimizers.SGD(LR), x, y, prune=prune, grow="gradient",
+                          scope=scope, update_every=2, schedule="constant", prune_rate=0.3)
+    prev, new = rec.states[1], rec.states[2]
+    assert new["last_update"] == 2
+    paths = [t.weight.path for t in keras_dst.sparse_targets(net)]
+    fc1, fc2 = paths.index(net.fc1.sparse_weights[0].path), paths.index(net.fc2.sparse_weights[0].path)
+    np.testing.assert_array_equal(new["masks"][fc2], prev["masks"][fc2])
+    assert tuple(new["stats"][fc2][1:3]) == (0, 0)
+    if scope == "layer":
+        assert new["skipped"] == 1
+        assert np.any(new["masks"][fc1] != prev["masks"][fc1])  # the healthy layer updated
+        assert new["stats"][fc1][1] == math.ceil(0.3 * counts[net.fc1.sparse_weights[0].path])
+    else:  # global: the whole update is skipped
+        assert new["skipped"] == 2
+        np.testing.assert_array_equal(new["masks"][fc1], prev["masks"][fc1])
+    for state in rec.states:  # counts never corrupted, even once NaN spread everywhere
+        assert [int(m.sum()) for m in state["masks"]] == list(counts.values())
+
+
+# ----------------------------------------------------------------------------
+# A custom criterion in a few lines.
+
+
+def test_registered_custom_criterion_works_end_to_end():
+    @keras_dst.register_criterion("test_engine_weight_times_grad", ordering="after",
+                                  params={"power": 1.0}, overwrite=True)
+    def weight_times_grad(inputs, power):
+        return tf.abs(inputs.weight * inputs.gradient) ** power
+
+    assert "test_engine_weight_times_grad" in keras_dst.criterion_names()
+    model = sparse_model(density=0.3)
+    counts = active_counts(model)
+    x, y = classification_data(n=32)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR), x, y,
+                          prune="test_engine_weight_times_grad", prune_params={"power": 2.0},
+                          grow="gradient", update_every=2, schedule="constant", prune_rate=0.3)
+    assert dst.resolved_ordering == "after" and rec.update_steps() == [2]
+    prev, new = rec.states[1], rec.states[2]
+    grads = gradients_at(model, prev, x, y, step=2)
+    for i, path in enumerate(counts):
+        kept, reset = classify(prev, new, i, -LR * grads[i], "after")
+        r = math.ceil(Fraction("0.3") * counts[path])
+        scores = np.abs(prev["weights"][i] * grads[i]) ** 2
+        removed = prev["masks"][i] & ~kept
+        assert int(removed.sum()) == r == new["stats"][i][1]
+        if margin(scores, prev["masks"][i], r) > 1e-9:
+            np.testing.assert_array_equal(removed, lowest(scores, prev["masks"][i], r))
+    assert_sparse_invariants(model, counts)
+
+
+# ----------------------------------------------------------------------------
+# DST beats static sparse training where the topology matters.
+
+
+def _few_informative_features_task(seed, n=2048, d=100, informative=4):
+    """Labels depend on 4 of 100 inputs: a random 5 % mask mostly misses them."""
+    rng = np.random.default_rng(1000 + seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = np.argmax(np.tanh(x[:, :informative]) @ rng.normal(size=(informative, 2)), axis=1)
+    split = n * 3 // 4
+    return x[:split], y[:split], x[split:], y[split:]
+
+
+def _accuracy(seed, dst):
+    xtr, ytr, xte, yte = _few_informative_features_task(seed)
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((xtr.shape[1],))
+    h = keras.layers.Dense(64, activation="relu", name="fc1")(inp)
+    model = keras_dst.prunable(keras.Model(inp, keras.layers.Dense(2, name="fc2")(h)),
+                               density=0.05, distribution="uniform", seed=seed)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), LOSS, metrics=["accuracy"],
+                  jit_compile=True)
+    callbacks = [keras_dst.DynamicSparseTraining(prune="magnitude", grow="gradient",
+                                                 update_every=25, seed=seed)] if dst else []
+    model.fit(xtr, ytr, batch_size=64, epochs=10, verbose=0, callbacks=callbacks)
+    assert keras_dst.density(model) == pytest.approx(0.05, abs=1e-3)
+    return model.evaluate(xte, yte, verbose=0)[1]
+
+
+@pytest.mark.slow
+def test_dst_beats_static_sparse_at_density_005():
+    static = np.mean([_accuracy(seed, dst=False) for seed in (0, 1)])
+    dynamic = np.mean([_accuracy(seed, dst=True) for seed in (0, 1)])
+    assert dynamic > static + 0.1, (static, dynamic)

@@ -1,0 +1,417 @@
+"""End-to-end tests of examples/ (train.py, sweep.py, plot.py, models.py, data.py).
+
+TFDS datasets are replaced by `tfds.testing.mock_data` (no network); `digits` is
+bundled with scikit-learn. Models that take long to trace on a CPU (ResNets, VGG,
+WRN) run in the slow pass only.
+"""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import keras_dst  # noqa: E402
+from examples import data, models, optim, plot, sweep, train  # noqa: E402
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+TINY = dict(epochs=1, batch_size=4, update_every=1, verbose=0, jit_compile="false")
+DIGITS = dict(TINY, batch_size=256, update_every=2)  # 5 steps per epoch
+HAS_GMP = hasattr(keras_dst, "GradualPruning")
+RESULT_KEYS = {"config", "final_test_accuracy", "best_val_test_accuracy", "best_val_accuracy",
+               "best_epoch", "final_val_accuracy", "density", "layer_densities", "num_params",
+               "steps", "steps_per_epoch", "train_size", "train_time_s", "total_time_s",
+               "history", "output_dir"}
+
+
+@pytest.fixture
+def mock_tfds():
+    with tfds.testing.mock_data(num_examples=8):
+        yield
+
+
+@pytest.fixture
+def higgs_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "higgs.npz", x=rng.normal(size=(60, 24)).astype("float32"),
+             y=rng.integers(0, 2, 60))
+    return str(tmp_path)
+
+
+def _run(tmp_path, **config):
+    return train.run({**TINY, "output_dir": str(tmp_path / "run"), **config})
+
+
+def _check_run(results, config):
+    """Documented outputs exist and are consistent."""
+    out = pathlib.Path(results["output_dir"])
+    assert RESULT_KEYS <= set(results)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["final_test_accuracy"] == results["final_test_accuracy"]
+    assert on_disk["config"]["method"] == config.get("method", "dst")
+    for key in ("final_test_accuracy", "best_val_test_accuracy", "best_val_accuracy"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["steps"] == results["steps_per_epoch"] * on_disk["config"]["epochs"]
+    assert (out / "model.keras").exists() and (out / "best.keras").exists()
+    assert (out / "history.csv").exists()
+    method = on_disk["config"]["method"]
+    if method == "dense":
+        assert results["density"] == 1.0 and results["layer_densities"] == {}
+    elif method in ("static", "dst"):
+        assert results["density"] == pytest.approx(on_disk["config"]["density"], abs=1e-3)
+        assert results["layer_densities"]
+
+
+# -- models and data ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name,shape,classes,weights,biases", [
+    ("mlp_cifar10", (32, 32, 3), 10, 3072 * 1024 + 1024 * 512 + 5120, 1546),
+    ("conv_cifar10", (32, 32, 3), 10, 94304, 234),
+    ("lenet5", (28, 28, 1), 10, 500 + 25000 + 400000 + 5000, 580),
+    ("mlp_higgs", (24,), 1, 71936, 513),
+    ("resnet56", (32, 32, 3), 10, None, 10),
+])
+def test_model_sizes_match_the_spec(name, shape, classes, weights, biases):
+    model = models.get_model(name, shape, classes)
+    count = lambda part: sum(int(np.prod(w.shape)) for w in model.trainable_weights  # noqa
+                             if w.name == part)
+    if weights is not None:
+        assert count("kernel") == weights
+    assert count("bias") == biases
+
+
+@pytest.mark.parametrize("name", [n for n in models.model_names() if n != "resnet50"])
+def test_every_model_builds_and_is_prunable(name):
+    shape = {"mlp_higgs": (24,), "mlp_digits": (8, 8, 1), "lenet5": (28, 28, 1)}.get(
+        name, (32, 32, 3))
+    options = {"depth": 10, "width": 1} if name == "wide_resnet" else {}
+    model = models.get_model(name, shape, 10, **options)
+    sparse = keras_dst.prunable(model, density=0.2)
+    assert keras_dst.density(sparse) == pytest.approx(0.2, abs=1e-3)
+
+
+def test_unknown_model_and_dataset_are_value_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.get_model("nope", (8, 8, 1), 10)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load("nope", 32)
+    with pytest.raises(ValueError, match="6n"):
+        models.get_model("wide_resnet", (32, 32, 3), 10, depth=11)
+
+
+def test_torch_default_init():
+    model = models.get_model("conv_cifar10", (32, 32, 3), 10)
+    kernel, bias = model.get_layer("conv2").get_weights()
+    bound = 1.0 / np.sqrt(3 * 3 * 32)
+    assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+    assert np.abs(kernel).max() > 0.9 * bound  # uniform over the full range
+
+
+def test_torch_sgd_matches_pytorch_formula():
+    """b <- mu b + g + wd w;  w <- w - lr (g + wd w + mu b) (Nesterov), two steps."""
+    w = keras.Variable(np.array([1.0, -2.0], "float32"))
+    opt = optim.TorchSGD(0.1, momentum=0.9, nesterov=True, l2=0.01)
+    g = np.array([0.5, 0.25], "float32")
+    expected, buf = np.array([1.0, -2.0]), np.zeros(2)
+    for _ in range(2):
+        opt.apply([g], [w])
+        d = g + 0.01 * expected
+        buf = 0.9 * buf + d
+        expected = expected - 0.1 * (d + 0.9 * buf)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+
+
+def test_step_decay_drops_at_half_and_three_quarters():
+    schedule = optim.step_decay(0.1, epochs=100, steps_per_epoch=10)
+    lr = lambda step: float(schedule(step))  # noqa: E731
+    assert lr(499) == pytest.approx(0.1) and lr(500) == pytest.approx(0.01)
+    assert lr(749) == pytest.approx(0.01) and lr(750) == pytest.approx(0.001)
+
+
+def test_digits_split_is_fixed():
+    train_ds, val_ds, test_ds, info = data.load("digits", 32)
+    assert (info["train_size"], info["val_size"], info["test_size"]) == (1257, 180, 360)
+    assert info["steps_per_epoch"] == 40 and info["input_shape"] == (8, 8, 1)
+    again = data.load("digits", 32, seed=5)[2]
+    np.testing.assert_array_equal(next(iter(test_ds))[1], next(iter(again))[1])
+
+
+def test_tfds_pipelines_on_mock_data(mock_tfds):
+    for name, shape in [("cifar10", (32, 32, 3)), ("fashion_mnist", (28, 28, 1)),
+                        ("cifar100", (32, 32, 3))]:
+        train_ds, _, test_ds, info = data.load(name, 4)
+        x, y = next(iter(train_ds))
+        assert x.shape == (4, *shape) and x.dtype == "float32" and info["input_shape"] == shape
+        assert info["steps_per_epoch"] == 2
+
+
+# -- train.py ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,dataset,method", [
+    ("mlp_digits", "digits", "dst"),
+    ("conv_cifar10", "cifar10", "dst"),
+    ("lenet5", "fashion_mnist", "dst"),
+    ("mlp_higgs", "higgs", "dst"),
+    ("mlp_cifar10", "cifar10", "dense"),
+    pytest.param("resnet20", "cifar10", "dst", marks=pytest.mark.slow),
+    pytest.param("resnet56", "cifar10", "dst", marks=pytest.mark.slow),
+    pytest.param("vgg16", "cifar100", "dst", marks=pytest.mark.slow),
+    pytest.param("wide_resnet", "cifar10", "dst", marks=pytest.mark.slow),
+    pytest.param("mlp_cifar10", "cifar10", "dst", marks=pytest.mark.slow),
+    pytest.param("resnet50", "imagenet2012", "static", marks=pytest.mark.slow),
+])
+def test_train_every_model(tmp_path, mock_tfds, higgs_dir, model, dataset, method):
+    config = dict(model=model, dataset=dataset, method=method, data_dir=higgs_dir)
+    if dataset == "digits":
+        config.update(batch_size=256)
+    if model == "wide_resnet":
+        config.update(depth=10, width=2)
+    if dataset == "imagenet2012":
+        config.update(batch_size=2)
+    results = _run(tmp_path, **config)
+    _check_run(results, config)
+
+
+METHOD_CASES = [
+    dict(method="dense"),
+    dict(method="static", density=0.2, distribution="uniform"),
+    dict(method="dst", prune="magnitude", grow="random"),
+    dict(method="dst", prune="snip", grow="gradient", init="bernoulli"),
+    dict(method="dst", prune="set", grow="random", scope="global", grow_exact=False),
+    pytest.param(dict(method="gmp", density=0.3),
+                 marks=() if HAS_GMP else pytest.mark.xfail(
+                     reason="keras_dst.GradualPruning is not available yet", strict=False)),
+]
+
+
+@pytest.mark.parametrize("case", METHOD_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_train_every_method(tmp_path, case):
+    results = train.run({**DIGITS, "output_dir": str(tmp_path / "run"), **case})
+    _check_run(results, case)
+    if case["method"] == "gmp":
+        assert results["density"] == pytest.approx(case["density"], abs=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prune", keras_dst.criterion_names())
+@pytest.mark.parametrize("grow", keras_dst.growth_names())
+def test_train_every_criterion_and_growth(tmp_path, prune, grow):
+    results = train.run({**DIGITS, "output_dir": str(tmp_path / "run"), "prune": prune,
+                         "grow": grow})
+    _check_run(results, {"method": "dst"})
+
+
+def test_dst_logs_and_checkpoints_reload(tmp_path):
+    results = train.run({**DIGITS, "epochs": 2, "output_dir": str(tmp_path / "run")})
+    out = pathlib.Path(results["output_dir"])
+    with open(out / "history.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert {"density", "itop", "mask_churn", "pruned", "grown"} <= set(header)
+    assert any(h.startswith("density/") for h in header)  # per-layer, for TensorBoard too
+    assert results["history"]["density"][-1] == pytest.approx(0.1, abs=1e-3)
+
+    _, _, test_ds, _ = data.load("digits", 256)
+    for name, key in (("model.keras", "final_test_accuracy"),
+                      ("best.keras", "best_val_test_accuracy")):
+        loaded = keras.models.load_model(out / name)
+        assert isinstance(loaded.optimizer, optim.TorchSGD)
+        accuracy = loaded.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"]
+        assert accuracy == pytest.approx(results[key], abs=1e-6)
+        assert keras_dst.density(loaded) == pytest.approx(results["density"])
+    if train.tensorboard(str(tmp_path / "tb_probe")):
+        assert any((out / "tb").rglob("*tfevents*"))
+
+
+def test_run_rejects_bad_configs(tmp_path):
+    for bad in ({"model": "nope"}, {"density": 0.0}, {"density": 1.5}, {"epochs": 0},
+                {"prune": "nope"}, {"typo_key": 1}):
+        with pytest.raises(ValueError):
+            train.run({**DIGITS, "output_dir": str(tmp_path), **bad})
+
+
+# -- sweep.py and plot.py ------------------------------------------------------------
+
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_resumes_after_interruption(tmp_path):
+    base = dict(DIGITS)
+    runs = sweep.grid(["static", "dst"], ["magnitude"], ["random"], [0.2], [1])
+    assert len(runs) == 2
+    path = str(tmp_path / "sweep.csv")
+    calls = []
+
+    def interrupted_on_second(config):
+        calls.append(config)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train.run(config)
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.sweep(base, runs, path, run_fn=interrupted_on_second, print_fn=lambda *_: None)
+    rows = _csv_rows(path)
+    assert [r["method"] for r in rows] == ["static"]
+
+    calls.clear()
+    counted = lambda config: calls.append(config) or train.run(config)  # noqa: E731
+    assert sweep.sweep(base, runs, path, run_fn=counted, print_fn=lambda *_: None) == 1
+    assert [c["method"] for c in calls] == ["dst"]
+    assert sweep.sweep(base, runs, path, run_fn=counted, print_fn=lambda *_: None) == 0
+    rows = _csv_rows(path)
+    assert [r["method"] for r in rows] == ["static", "dst"]
+    assert len({r["key"] for r in rows}) == 2 and set(sweep.COLUMNS) == set(rows[0])
+    assert float(rows[1]["actual_density"]) == pytest.approx(0.2, abs=1e-3)
+
+
+def test_sweep_keys():
+    config = {**train.default_config(), "method": "dense"}
+    assert sweep.run_key(config) == sweep.run_key({**config, "prune": "snip", "density": 0.3,
+                                                   "output_dir": "elsewhere"})
+    assert sweep.run_key(config) != sweep.run_key({**config, "epochs": 3})
+    dst = {**config, "method": "dst"}
+    assert sweep.run_key(dst) != sweep.run_key({**dst, "prune": "snip"})
+    runs = sweep.grid(["dense", "static", "dst"], ["magnitude", "snip"], ["random", "gradient"],
+                      [0.1, 0.2], [1, 2])
+    assert len(runs) == 2 + 2 * 2 + 2 * 2 * 2 * 2
+    with pytest.raises(ValueError, match="criteria"):
+        sweep.parse_grid(["dst"], ["nope"], ["random"], ["0.1"], ["1"])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        sweep.parse_grid(["dst"], ["magnitude"], ["random"], ["2"], ["1"])
+
+
+def _fake_sweep_csv(path):
+    rng = np.random.default_rng(0)
+    rows = [dict(method="dense", prune="", grow="", density=1.0, seed=s) for s in (1, 2)]
+    rows += [dict(method="static", prune="", grow="", density=d, seed=s)
+             for d in (0.05, 0.1, 0.2) for s in (1, 2)]
+    rows += [dict(method="dst", prune=p, grow=g, density=d, seed=s)
+             for p in ("magnitude", "snip") for g in ("random", "gradient")
+             for d in (0.05, 0.1, 0.2) for s in (1, 2)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            acc = 0.9 - 0.1 * (row["method"] == "static") + 0.01 * rng.normal()
+            writer.writerow({**{c: "" for c in sweep.COLUMNS}, **row, "key": str(i),
+                             "model": "mlp_digits", "dataset": "digits", "epochs": 1,
+                             "final_test_accuracy": acc, "best_val_test_accuracy": acc,
+                             "best_val_accuracy": acc, "actual_density": row["density"]})
+
+
+def test_plot_figure1_and_overlap(tmp_path):
+    _fake_sweep_csv(tmp_path / "sweep.csv")
+    paths = plot.plot_figure1(str(tmp_path / "sweep.csv"), str(tmp_path / "fig1"))
+    assert [pathlib.Path(p).suffix for p in paths] == [".png", ".pdf"]
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+    overlap = {"names": ["magnitude", "snip", "set"],
+               "matrix": [[1.0, 0.4, 0.7], [0.4, 1.0, 0.3], [0.7, 0.3, 1.0]]}
+    (tmp_path / "overlap.json").write_text(json.dumps(overlap))
+    paths = plot.plot_overlap(str(tmp_path / "overlap.json"), str(tmp_path / "overlap"))
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+    with pytest.raises(ValueError, match="matrix"):
+        plot.plot_overlap({"names": ["a"], "matrix": [[1, 0]]}, str(tmp_path / "bad"))
+
+
+# -- command lines (run concurrently: each one imports TensorFlow) --------------------
+
+BAD_TRAIN_FLAGS = {
+    "model": ["--model", "nope"],
+    "dataset": ["--dataset", "nope"],
+    "method": ["--method", "nope"],
+    "prune": ["--prune", "nope"],
+    "density_zero": ["--density", "0"],
+    "density_big": ["--density", "1.5"],
+    "epochs": ["--epochs", "0"],
+    "stray_argument": ["oops"],
+}
+if not HAS_GMP:
+    BAD_TRAIN_FLAGS["gmp_missing"] = ["--method", "gmp"]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Runs every command line of the tests at once; returns {name: CompletedProcess}."""
+    tmp = tmp_path_factory.mktemp("cli")
+    _fake_sweep_csv(tmp / "sweep.csv")
+    script = lambda name: [sys.executable, str(ROOT / "examples" / name)]  # noqa: E731
+    commands = {f"bad_{k}": script("train.py") + v for k, v in BAD_TRAIN_FLAGS.items()}
+    commands.update({
+        "helpfull": script("train.py") + ["--helpfull"],
+        "train": script("train.py") + ["--epochs", "2", "--batch_size", "256",
+                                       "--output_dir", str(tmp / "run")],
+        "sweep_bad": script("sweep.py") + ["--densities", "0.1,2"],
+        "sweep_dry": script("sweep.py") + ["--methods", "dense,dst", "--prune", "magnitude",
+                                           "--grow", "random,gradient", "--densities", "0.1",
+                                           "--seeds", "1,2", "--dry_run",
+                                           "--csv", str(tmp / "none.csv"), "--epochs", "3"],
+        "plot": script("plot.py") + ["--csv", str(tmp / "sweep.csv"), "--out",
+                                     str(tmp / "fig")],
+    })
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=env, cwd=str(tmp)) for k, c in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        results[name] = subprocess.CompletedProcess(commands[name], proc.returncode, out, err)
+    results["tmp"] = tmp
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAIN_FLAGS))
+def test_bad_flags_exit_with_one_line_error(cli, case):
+    proc = cli[f"bad_{case}"]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+
+
+def test_helpfull_documents_every_flag(cli):
+    text = cli["helpfull"].stdout + cli["helpfull"].stderr
+    for _, name, *_ in train.FLAG_SPECS:
+        assert f"--{name}" in text or f"--[no]{name}" in text, name
+
+
+def test_train_command_line(cli):
+    proc = cli["train"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final epoch" in proc.stdout and "best-val model" in proc.stdout
+    results = json.loads((cli["tmp"] / "run" / "results.json").read_text())
+    assert results["config"]["epochs"] == 2 and results["steps"] == 10
+
+
+def test_sweep_and_plot_command_lines(cli):
+    bad = cli["sweep_bad"]
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "error:" in bad.stderr and "(0, 1]" in bad.stderr
+    dry = cli["sweep_dry"]
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    todo = [line for line in dry.stdout.splitlines() if line.startswith("todo")]
+    assert len(todo) == 2 + 2 * 2
+    assert cli["plot"].returncode == 0, cli["plot"].stderr[-3000:]
+    assert (cli["tmp"] / "fig.png").exists() and (cli["tmp"] / "fig.pdf").exists()
+
+
+@pytest.mark.slow
+def test_default_command_runs_dst_on_digits(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), "--verbose",
+                           "2"], capture_output=True, text=True, cwd=str(tmp_path),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "runs").glob("*/results.json"))
+    results = json.loads(runs[0].read_text())
+    assert results["config"]["method"] == "dst" and results["steps"] == 1200
+    assert results["final_test_accuracy"] > 0.85

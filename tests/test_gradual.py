@@ -1,0 +1,258 @@
+"""GradualPruning: Zhu & Gupta gradual magnitude pruning with TF-MOT semantics."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+from conftest import assert_sparse_invariants, classification_data, mlp
+from keras_dst.gradual import GradualEngine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class MaskRecorder(keras.callbacks.Callback):
+    """states[i]: {path: (mask, kernel)} in effect for optimizer step i + 1.
+
+    Index 0 is taken at train begin (place this after GradualPruning), index i
+    after step i.
+    """
+
+    def __init__(self, check_zeros=False):
+        super().__init__()
+        self.states = []
+        self.check_zeros = check_zeros
+
+    def _record(self):
+        if self.check_zeros:
+            assert_sparse_invariants(self.model)
+        self.states.append({t.weight.path: (t.mask.numpy().copy(), t.weight.numpy().copy())
+                            for t in keras_dst.sparse_targets(self.model)})
+
+    def on_train_begin(self, logs=None):
+        self._record()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._record()
+
+
+def expected_keep(n, step, initial_density, final_density, begin, end, power):
+    """Independent float64 Zhu & Gupta formula: entries kept at an update step."""
+    progress = min(max((step - begin) / (end - begin), 0.0), 1.0)
+    s_i, s_f = 1.0 - initial_density, 1.0 - final_density
+    sparsity = s_f + (s_i - s_f) * (1.0 - progress) ** power
+    return max(int(np.round(n * (1.0 - sparsity))), 1)
+
+
+def _fit(callback, epochs=2, optimizer=None, recorder=None, model=None):
+    model = model or keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    model.compile(optimizer or keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    x, y = classification_data()
+    callbacks = [callback] + ([recorder] if recorder is not None else [])
+    history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, shuffle=False,
+                        callbacks=callbacks)
+    return model, history
+
+
+SCHEDULE = dict(final_density=0.2, begin_step=1, end_step=13, frequency=3, power=3,
+                initial_density=0.8)  # updates at steps 1, 4, 7, 10, 13 of 16
+
+
+def test_curve_final_density_and_zeros():
+    recorder = MaskRecorder(check_zeros=True)
+    model, history = _fit(keras_dst.GradualPruning(**SCHEDULE), optimizer=keras.optimizers.Adam(0.01),
+                          recorder=recorder)
+    sizes = {t.weight.path: int(np.prod(t.weight.shape)) for t in keras_dst.sparse_targets(model)}
+    args = (SCHEDULE["initial_density"], SCHEDULE["final_density"], SCHEDULE["begin_step"],
+            SCHEDULE["end_step"], SCHEDULE["power"])
+    assert len(recorder.states) == 17
+    for step in range(1, 17):  # masks used by optimizer step `step`
+        last_update = max(u for u in (1, 4, 7, 10, 13) if u <= step)
+        for path, n in sizes.items():
+            active = int(recorder.states[step - 1][path][0].sum())
+            assert active == expected_keep(n, last_update, *args), (step, path)
+    final = {path: int(round(n * 0.2)) for path, n in sizes.items()}
+    assert_sparse_invariants(model, final)
+    assert history.history["target_density"][-1] == pytest.approx(0.2)
+    assert history.history["density"][-1] == pytest.approx(sum(final.values()) / sum(sizes.values()))
+
+
+def test_masks_keep_the_largest_magnitudes():
+    model = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    initial = {t.weight.path: t.weight.numpy().copy() for t in keras_dst.sparse_targets(model)}
+    recorder = MaskRecorder()
+    _fit(keras_dst.GradualPruning(**SCHEDULE), optimizer=keras.optimizers.SGD(0.0),
+         recorder=recorder, model=model)  # lr 0: the weights stay the initial ones
+    for state in recorder.states:
+        for path, (mask, kernel) in state.items():
+            order = np.argsort(-np.abs(initial[path]).ravel(), kind="stable")
+            expected = np.zeros(mask.size, bool)
+            expected[order[:int(mask.sum())]] = True
+            np.testing.assert_array_equal(mask.ravel(), expected, err_msg=path)
+            np.testing.assert_array_equal(kernel, np.where(mask, initial[path], 0.0))
+
+
+def test_end_step_none_is_75_percent_aligned_to_frequency():
+    callback = keras_dst.GradualPruning(0.25, frequency=5)
+    model, _ = _fit(callback)  # 2 epochs x 8 steps: 75% = 12, last update at 10
+    assert callback.resolved_end_step() == 10
+    assert_sparse_invariants(model, {t.weight.path: int(round(0.25 * np.prod(t.weight.shape)))
+                                     for t in keras_dst.sparse_targets(model)})
+
+
+@pytest.mark.slow
+def test_split_fit_resumes_like_one_fit():
+    config = dict(final_density=0.3, begin_step=0, end_step=12, frequency=4)
+    one, _ = _fit(keras_dst.GradualPruning(**config), epochs=2)
+    split = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    _fit(keras_dst.GradualPruning(**config), epochs=1, model=split)
+    x, y = classification_data()
+    split.fit(x, y, epochs=2, initial_epoch=1, batch_size=16, verbose=0, shuffle=False,
+              callbacks=[keras_dst.GradualPruning(**config)])
+    for path, mask in keras_dst.masks(one).items():
+        np.testing.assert_array_equal(keras_dst.masks(split)[path], mask)
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(final_density=0.0), ValueError, "final_density"),
+    (dict(final_density=1.5), ValueError, "final_density"),
+    (dict(final_density="0.1"), TypeError, "final_density"),
+    (dict(final_density=0.5, initial_density=0.4), ValueError, "initial_density"),
+    (dict(final_density=0.5, initial_density=0.0), ValueError, "initial_density"),
+    (dict(final_density=0.5, frequency=0), ValueError, "frequency"),
+    (dict(final_density=0.5, frequency=2.5), TypeError, "frequency"),
+    (dict(final_density=0.5, begin_step=-1), ValueError, "begin_step"),
+    (dict(final_density=0.5, begin_step=10, end_step=10), ValueError, "end_step"),
+    (dict(final_density=0.5, end_step=True), TypeError, "end_step"),
+    (dict(final_density=0.5, power=0), ValueError, "power"),
+    (dict(final_density=0.5, power="3"), TypeError, "power"),
+])
+def test_bad_arguments_name_the_argument(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        keras_dst.GradualPruning(**kwargs)
+
+
+def test_unaligned_end_step_warns():
+    with pytest.warns(UserWarning, match="never reached"):
+        keras_dst.GradualPruning(0.5, begin_step=0, end_step=10, frequency=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keras_dst.GradualPruning(0.5, begin_step=1, end_step=10, frequency=3)
+
+
+def test_fit_time_errors():
+    dense = mlp()
+    dense.compile("sgd", "mse")
+    x, y = classification_data()
+    with pytest.raises(ValueError, match="GradualPruning.*no sparse layers"):
+        dense.fit(x, y, verbose=0, callbacks=[keras_dst.GradualPruning(0.5, end_step=100)])
+    sparse = keras_dst.prunable(mlp(), density=1.0)
+    sparse.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="no update step"):  # 75% of 8 steps < frequency
+        sparse.fit(x, y, batch_size=16, verbose=0, callbacks=[keras_dst.GradualPruning(0.5)])
+
+    def batches():
+        while True:
+            yield x[:16], y[:16]
+
+    with pytest.raises(ValueError, match="end_step=None"):
+        sparse.fit(batches(), steps_per_epoch=None, epochs=1, verbose=0, shuffle=False,
+                   callbacks=[keras_dst.GradualPruning(0.5)])
+
+
+def test_config_round_trip():
+    callback = keras_dst.GradualPruning(0.1, begin_step=5, end_step=105, frequency=10, power=2,
+                                        initial_density=0.9)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(callback))
+    assert isinstance(clone, keras_dst.GradualPruning)
+    assert clone.get_config() == callback.get_config()
+
+
+# ---------------------------------------------------------------------------
+# TF-MOT parity (the script runs in its own process: TF-MOT switches tf.keras
+# to Keras 2 process-wide).
+
+
+def _tfmot_available():
+    probe = subprocess.run([sys.executable, "-c", "import tensorflow_model_optimization, tf_keras"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def _keras3_model(reference):
+    config = json.loads(str(reference["config"]))
+    sizes = config["sizes"]
+    model = mlp(tuple(sizes))
+    for i in range(len(sizes) - 1):
+        model.get_layer(f"fc{i + 1}").set_weights([reference[f"kernel{i}"], reference[f"bias{i}"]])
+    return keras_dst.prunable(model, density=1.0, distribution="uniform"), config
+
+
+def _gradual_kwargs(config):
+    return dict(final_density=1.0 - config["final_sparsity"],
+                initial_density=1.0 - config["initial_sparsity"],
+                begin_step=config["begin_step"], end_step=config["end_step"],
+                frequency=config["frequency"], power=config["power"])
+
+
+@pytest.mark.tfmot
+def test_tfmot_parity(tmp_path):
+    """Same model, weights, data and SGD: TF-MOT's masks at every step, in two ways.
+
+    1. Trajectory: both frameworks train 16 steps; the masks used by every step
+       (hence the sparsity-vs-step curve) must be identical.
+    2. Same weights: at each TF-MOT update, our engine prunes TF-MOT's own
+       pre-update weights and masks; the result must be TF-MOT's new mask. This
+       holds even if float differences in training ever made trajectories differ.
+    """
+    if not _tfmot_available():
+        pytest.skip("needs the tfmot extra (tensorflow-model-optimization, tf-keras)")
+    out = tmp_path / "tfmot.npz"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    run = subprocess.run([sys.executable, os.path.join(HERE, "tfmot_parity.py"), str(out)],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reference = np.load(out)
+    model, config = _keras3_model(reference)
+    paths = [t.weight.path for t in keras_dst.sparse_targets(model)]
+    tfmot_masks = [reference[f"masks{i}"] for i in range(len(paths))]
+
+    # 1. Trajectory.
+    model.compile(keras.optimizers.SGD(config["learning_rate"]), "mse", jit_compile=True)
+    recorder = MaskRecorder()
+    model.fit(reference["x"], reference["y"], batch_size=config["batch_size"],
+              epochs=config["epochs"], shuffle=False, verbose=0,
+              callbacks=[keras_dst.GradualPruning(**_gradual_kwargs(config)), recorder])
+    steps = len(tfmot_masks[0]) - 1
+    for i, path in enumerate(paths):
+        ours = np.stack([recorder.states[t - 1][path][0] for t in range(1, steps + 1)])
+        theirs = tfmot_masks[i][1:]
+        np.testing.assert_array_equal(ours.sum(axis=(1, 2)), theirs.sum(axis=(1, 2)),
+                                      err_msg=f"{path}: active counts per step")
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"{path}: masks")
+
+    # 2. Same weights.
+    fresh, _ = _keras3_model(reference)
+    targets = keras_dst.sparse_targets(fresh)
+    kwargs = _gradual_kwargs(config)
+    engine = GradualEngine(targets, initial_sparsity=config["initial_sparsity"],
+                           final_sparsity=config["final_sparsity"],
+                           begin_step=kwargs["begin_step"], end_step=kwargs["end_step"],
+                           frequency=kwargs["frequency"], power=kwargs["power"])
+    updates = range(config["begin_step"], config["end_step"] + 1, config["frequency"])
+    for step in updates:
+        for i, t in enumerate(targets):
+            before = tfmot_masks[i][step - 1]
+            t.mask.assign(before)
+            t.weight.assign(reference[f"kernels{i}"][step - 1] * before)
+        engine.maybe_update(step)
+        for i, t in enumerate(targets):
+            np.testing.assert_array_equal(t.mask.numpy(), tfmot_masks[i][step],
+                                          err_msg=f"{paths[i]} at step {step}")

@@ -1,0 +1,166 @@
+"""CriteriaOverlap: pairwise Jaccard of the sets that criteria would prune."""
+
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dst
+from conftest import classification_data, mlp
+
+
+def square(inputs):
+    """Same ranking as magnitude."""
+    return inputs.weight ** 2
+
+
+def largest(inputs):
+    """Prunes the largest magnitudes: the opposite of magnitude."""
+    return -tf.abs(inputs.weight)
+
+
+def _state(model):
+    return {t.weight.path: (t.mask.numpy().copy(), t.weight.numpy().copy())
+            for t in keras_dst.sparse_targets(model)}
+
+
+def _fit(model, callbacks, optimizer, epochs=1):
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    x, y = classification_data()
+    return model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, shuffle=False,
+                     callbacks=callbacks)
+
+
+def test_jaccard_values_on_a_frozen_state_and_nothing_changes():
+    model = keras_dst.prunable(mlp(), density=0.5, distribution="uniform")
+    before = _state(model)
+    overlap = keras_dst.CriteriaOverlap(["magnitude", square, largest], update_every=3,
+                                        prune_rate=0.5)
+    logs = _fit(model, [overlap], keras.optimizers.SGD(0.0)).history  # lr 0: a frozen state
+    after = _state(model)
+    for path, (mask, weight) in before.items():  # nothing changed
+        np.testing.assert_array_equal(after[path][0], mask)
+        np.testing.assert_array_equal(after[path][1], weight)
+    # Expected sets, per layer r = ceil(a / 2) lowest / highest |w| among active.
+    low, high = [], []
+    for mask, weight in before.values():
+        magnitude = np.abs(weight[mask])
+        r = math.ceil(0.5 * mask.sum())
+        order = np.argsort(magnitude, kind="stable")
+        low.append(np.isin(np.arange(mask.sum()), order[:r]))
+        high.append(np.isin(np.arange(mask.sum()), order[-r:]))
+    low, high = np.concatenate(low), np.concatenate(high)
+    expected = (low & high).sum() / (low | high).sum()
+    assert [step for step, _, _ in overlap.history] == [3, 6]
+    for step, names, matrix in overlap.history:
+        assert names == ["magnitude", "square", "largest"]
+        np.testing.assert_allclose(np.diag(matrix), 1.0)
+        assert matrix[0, 1] == 1.0  # identical criteria
+        np.testing.assert_allclose(matrix[0, 2], expected, rtol=1e-6)
+        np.testing.assert_array_equal(matrix, matrix.T)
+    assert logs["jaccard/magnitude/square"][-1] == 1.0
+    assert logs["jaccard/magnitude/largest"][-1] == pytest.approx(expected, rel=1e-6)
+    assert "jaccard/square/magnitude" not in logs
+
+
+def test_training_is_identical_with_and_without_overlap(tmp_path):
+    runs = []
+    for callbacks in ([], [keras_dst.CriteriaOverlap(["magnitude", "random", "snip"],
+                                                     update_every=2, schedule="cosine")]):
+        model = keras_dst.prunable(mlp(), density=0.3)
+        _fit(model, callbacks, keras.optimizers.Adam(0.01))
+        runs.append((_state(model), [v.numpy() for v in model.optimizer.variables]))
+    (state, slots), (state_overlap, slots_overlap) = runs
+    for path, (mask, weight) in state.items():
+        np.testing.assert_array_equal(state_overlap[path][0], mask)
+        np.testing.assert_allclose(state_overlap[path][1], weight, rtol=1e-6, atol=1e-7)
+    for a, b in zip(slots, slots_overlap):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    overlap = callbacks[0]
+    assert [s for s, _, _ in overlap.history] == [2, 4, 6, 8]
+    for _, _, matrix in overlap.history:
+        off_diagonal = matrix[~np.eye(3, dtype=bool)]
+        assert np.all(off_diagonal < 1.0) and np.all(off_diagonal >= 0.0)
+        assert matrix[0, 1] < 0.6  # magnitude vs random: about chance level
+
+    path = tmp_path / "overlap.json"
+    overlap.save_json(path)
+    saved = json.loads(path.read_text())
+    assert saved["names"] == ["magnitude", "random", "snip"]
+    assert [h["step"] for h in saved["history"]] == [2, 4, 6, 8]
+    mean = np.mean([m for _, _, m in overlap.history], axis=0)
+    np.testing.assert_allclose(saved["matrix"], mean, rtol=1e-6)
+    overlap.save_json(path, matrix="last")
+    np.testing.assert_allclose(json.loads(path.read_text())["matrix"], overlap.history[-1][2])
+
+
+def test_with_dst_overlap_sees_the_state_before_the_dst_update():
+    """DST listed first, prune only: the overlap must still see the pre-update masks."""
+    seen = tf.Variable(0, dtype=tf.int64)
+
+    def probe(inputs):  # magnitude, and counts the active entries it is shown
+        seen.assign_add(tf.reduce_sum(tf.cast(inputs.mask, tf.int64)))
+        return tf.abs(inputs.weight)
+
+    model = keras_dst.prunable(mlp(), density=0.5, distribution="uniform")
+    counts = []
+
+    class Counter(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            counts.append(sum(int(m.sum()) for m in keras_dst.masks(model).values()))
+
+    start = sum(int(m.sum()) for m in keras_dst.masks(model).values())
+    dst = keras_dst.DynamicSparseTraining(prune="magnitude", grow=None, update_every=4,
+                                          prune_rate=0.5, schedule="constant", ordering="after")
+    overlap = keras_dst.CriteriaOverlap(["magnitude", probe], update_every=4)
+    logs = _fit(model, [dst, overlap, Counter()], keras.optimizers.SGD(0.05)).history
+    active_before = [start] + counts  # active_before[t - 1]: masks in effect at step t
+    assert active_before[4] < active_before[3]  # the DST pruned at step 4
+    assert int(seen.numpy()) == active_before[3] + active_before[7]  # steps 4 and 8
+    assert [s for s, _, _ in overlap.history] == [4, 8]
+    assert all(m[0, 1] == 1.0 for _, _, m in overlap.history)
+    assert "pruned" in logs and "jaccard/magnitude/probe" in logs
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(criteria="magnitude"), TypeError, "criteria"),
+    (dict(criteria=["magnitude"]), ValueError, "at least two"),
+    (dict(criteria=["magnitude", "Magnitude"]), ValueError, "distinct"),
+    (dict(criteria=["magnitude", "nope"]), ValueError, "nope"),
+    (dict(criteria=["magnitude", "running_magnitude"]), ValueError, "running"),
+    (dict(criteria=["magnitude", "snip"], update_every=0), ValueError, "update_every"),
+    (dict(criteria=["magnitude", "snip"], prune_rate=0.0), ValueError, "prune_rate"),
+    (dict(criteria=["magnitude", "snip"], prune_rate=True), TypeError, "prune_rate"),
+    (dict(criteria=["magnitude", "snip"], schedule="bogus"), ValueError, "schedule"),
+    (dict(criteria=["magnitude", "snip"], seed="0"), TypeError, "seed"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        keras_dst.CriteriaOverlap(**kwargs)
+
+
+def test_errors_at_fit_and_before_any_update(tmp_path):
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"])
+    with pytest.raises(ValueError, match="no update recorded"):
+        overlap.save_json(tmp_path / "x.json")
+    with pytest.raises(ValueError, match="matrix"):
+        overlap.save_json(tmp_path / "x.json", matrix="median")
+    dense = mlp()
+    dense.compile("sgd", "mse")
+    x, y = classification_data()
+    with pytest.raises(ValueError, match="CriteriaOverlap.*no sparse layers"):
+        dense.fit(x, y, verbose=0, callbacks=[overlap])
+
+
+def test_config_round_trip():
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "mest", "set"], update_every=50,
+                                        prune_rate=0.25, schedule="cosine", total_steps=1000,
+                                        seed=3)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(overlap))
+    assert isinstance(clone, keras_dst.CriteriaOverlap)
+    assert clone.get_config() == overlap.get_config()
