@@ -1,0 +1,209 @@
+"""Shared helpers of the benchmarks: machine info, round-robin timing, reports.
+
+Nothing here imports keras_dst or tf_keras, so both `overhead.py` (Keras 3) and
+`tfmot_epoch.py` (Keras 2 through tf_keras) can use it.
+"""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+
+
+# -- machine --------------------------------------------------------------------
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(tf=None, keras=None):
+    """Dict of the things a timing depends on (names, versions, date, load)."""
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_1_5_15min": load_average(),
+    }
+    if tf is not None:
+        info["tensorflow"] = tf.__version__
+        gpus = []
+        for d in tf.config.list_physical_devices("GPU"):
+            try:
+                details = tf.config.experimental.get_device_details(d)
+            except Exception:  # noqa: BLE001 - details are best effort
+                details = {}
+            gpus.append(details.get("device_name", d.name))
+        info["gpus"] = gpus
+        info["device"] = gpus[0] if gpus else f"CPU ({info['cpu']}, {info['cpu_cores']} cores)"
+    if keras is not None:
+        info["keras"] = keras.__version__
+    return info
+
+
+def device_prefix(tf):
+    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+
+
+# -- statistics -----------------------------------------------------------------
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def spread(xs):
+    """(min, max) of a list, None when empty."""
+    xs = [x for x in xs if x is not None]
+    return (min(xs), max(xs)) if xs else None
+
+
+# -- round-robin epochs ----------------------------------------------------------
+class Participant:
+    """Something that runs one epoch when asked and records its wall time.
+
+    Subclasses implement `start()` (set up; may run the first, untimed, part of
+    the work) and `run_epoch()` -> dict with at least ``seconds`` and ``steps``.
+    """
+
+    name = "participant"
+
+    def start(self):
+        pass
+
+    def run_epoch(self):
+        raise NotImplementedError
+
+    def stop(self):
+        pass
+
+
+class KerasFitParticipant(Participant):
+    """Runs ``model.fit(..., epochs=n)`` in a thread, one epoch per `run_epoch` call.
+
+    Every variant keeps its own `fit` call (so its compiled step is traced and
+    compiled once) while the scheduler interleaves their epochs: `fit` blocks
+    in `on_epoch_begin` until the scheduler hands it the turn, and gives the
+    turn back in `on_epoch_end`. Only one model trains at a time.
+
+    Args:
+      name: label.
+      fit: callable(extra_callbacks, epochs) that runs the fit.
+      epochs: total epochs the fit will run (= number of `run_epoch` calls).
+      iterations: callable returning the optimizer's step counter (python int),
+        read at epoch boundaries.
+      callback_base: the Keras Callback class (keras or tf_keras).
+    """
+
+    def __init__(self, name, fit, epochs, iterations, callback_base):
+        self.name = name
+        self._fit = fit
+        self._epochs = epochs
+        self._iterations = iterations
+        self._go = threading.Semaphore(0)
+        self._done = threading.Semaphore(0)
+        self._record = None
+        self._error = None
+        self._thread = None
+        participant = self
+
+        class _Turn(callback_base):
+            def on_epoch_begin(self, epoch, logs=None):
+                participant._go.acquire()
+                participant._record = {"epoch": epoch, "it0": participant._iterations()}
+                participant._t0 = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds = time.perf_counter() - participant._t0  # logs are already on host
+                participant._record.update(seconds=seconds, it1=participant._iterations())
+                participant._record["steps"] = participant._record["it1"] - participant._record["it0"]
+                participant._done.release()
+
+        self._callback = _Turn()
+
+    def _main(self):
+        try:
+            self._fit([self._callback], self._epochs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the scheduler thread
+            self._error = e
+            self._done.release()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+        self._thread.start()
+
+    def run_epoch(self):
+        self._go.release()
+        self._done.acquire()
+        if self._error is not None:
+            raise RuntimeError(f"{self.name}: fit failed") from self._error
+        return dict(self._record)
+
+    def stop(self):
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"{self.name}: fit failed") from self._error
+
+
+def round_robin(participants, rounds, log=print):
+    """Runs `rounds` epochs of every participant, interleaved: round r runs epoch r
+    of each participant in turn. Returns {name: [record per round]}."""
+    records = {p.name: [] for p in participants}
+    for p in participants:
+        p.start()
+    try:
+        for r in range(rounds):
+            order = participants if r % 2 == 0 else participants[::-1]  # alternate positions
+            for p in order:
+                rec = p.run_epoch()
+                records[p.name].append(rec)
+                log(f"  round {r}: {p.name:<22} {rec['seconds']:8.3f} s  "
+                    f"{rec['steps']} steps  ({1e3 * rec['seconds'] / max(rec['steps'], 1):.2f} ms/step)")
+    finally:
+        for p in participants:
+            p.stop()
+    return records
+
+
+# -- output ---------------------------------------------------------------------
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def fmt(x, spec=".3f", none="n/a"):
+    return none if x is None else format(x, spec)

@@ -1,0 +1,547 @@
+r"""Training-step overhead of keras_dst: dense vs static sparse vs DST (vs TFMOT).
+
+For each model (MLP 784-1024-1024-10, the small CIFAR conv net, ResNet-56,
+VGG-16; synthetic inputs of the right shapes) this trains, in ONE process and
+INTERLEAVED (round r runs epoch r of every variant in turn, the order reversed
+every other round, so that machine drift hits all variants alike):
+
+* ``dense``          the plain Keras model;
+* ``static``         ``keras_dst.prunable(model, density)``, no callback;
+* ``dst_magnitude``  + ``DynamicSparseTraining(prune="magnitude", grow="gradient",
+                     update_every=ΔT)``;
+* ``dst_snip``       + ``DynamicSparseTraining(prune="snip", grow="gradient", ...)``
+                     (a gradient-based criterion: update before the optimizer step);
+* ``*_dt1``          the two DST variants with ΔT = 1 (an update at EVERY step;
+                     only used to measure the cost of one update, method B);
+* ``tfmot_pruned`` / ``tfmot_dense`` (``--tfmot``): TFMOT prune_low_magnitude and a
+                     plain tf_keras model, each in its own subprocess
+                     (`tfmot_epoch.py`) whose epochs join the same round-robin.
+
+All compile with ``jit_compile=True`` (``--jit_compile``) and SGD(momentum 0.9).
+Each variant keeps ONE `fit` call (compiled once); the rounds are epochs of it.
+Round 0 (compilation) is discarded. Step time = epoch wall time / steps.
+
+Cost of one full mask update (all layers), U:
+
+* method A "isolated": the update of the callback's engine
+  (``TopologyEngine._update``, every layer: scoring, prune, regrow, weight and
+  mask writes) compiled alone with ``tf.function(jit_compile=True)`` on the
+  gradients of one batch; median wall time of ``--isolated_repeats`` calls.
+* method B "in-step": the ΔT=1 variant does an update at every step. With
+  ``t1`` its step time and ``t`` the ΔT variant's step time in the same round
+  (which holds ``u`` update steps out of ``S``): ``U = (t1 - t) / (1 - u / S)``.
+  Median over rounds. This is the cost inside the fused XLA step.
+
+Headline ratios (median over rounds of per-round ratios to the dense step of the
+same round): ``step`` = a DST step without update, ``amortised`` = the average
+step over ΔT steps INCLUDING one update: ``(t_no_update + U / ΔT) / t_dense``,
+with U from method B when measured, else A. ``direct`` = mean step time over all
+timed epochs (whatever updates fell into them: listed) / dense.
+
+Memory: bytes of the masks + ever-active flags (+ running scores when tracked +
+the engine's few counters) vs the bytes of the dense model's weights. No
+gradient is stored: the update uses the gradients of the current step.
+
+Writes ``<out_dir>/<prefix>_overhead.json`` and ``.md`` (prefix "cpu"/"gpu" from
+the device). Results of models run earlier into the same files are kept (a
+model's entry is replaced when it is run again), so the four models may be run
+by separate invocations.
+
+  python examples/benchmarks/overhead.py --models=mlp,convnet --tfmot
+  python examples/benchmarks/overhead.py --quick --out_dir=/tmp/bench   # smoke run
+"""
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_models  # noqa: E402
+import bench_utils  # noqa: E402
+from bench_utils import fmt  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "tiny models, few steps (a smoke test, numbers meaningless)")
+flags.DEFINE_list("models", list(bench_models.MODEL_NAMES), "models to run")
+flags.DEFINE_integer("epochs", 5, "timed epochs (rounds) per variant; one more untimed "
+                     "epoch (compilation) comes first")
+flags.DEFINE_integer("steps_per_epoch", 100, "steps per epoch of the main variants "
+                     "(a multiple of --update_every makes the 'direct' column cover updates)")
+flags.DEFINE_integer("batch_size", 128, "batch size")
+flags.DEFINE_float("density", 0.1, "global density of the sparse variants (ERK)")
+flags.DEFINE_integer("update_every", 100, "ΔT of the DST variants")
+flags.DEFINE_enum("update_cost", "both", ["isolated", "every1", "both", "none"],
+                  "how to measure one mask update (see the module docstring)")
+flags.DEFINE_integer("every1_steps", 5, "steps per epoch of the ΔT=1 variants")
+flags.DEFINE_integer("isolated_repeats", 5, "timed calls of the isolated update")
+flags.DEFINE_bool("tfmot", False, "also time TFMOT prune_low_magnitude (and a tf_keras dense "
+                  "model) in subprocesses (needs tensorflow-model-optimization + tf-keras)")
+flags.DEFINE_bool("jit_compile", True, "XLA-compile the train steps (both sides)")
+flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9)")
+flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results are written")
+flags.DEFINE_string("prefix", None, "file prefix; default 'cpu' or 'gpu' from the device")
+flags.DEFINE_integer("seed", 0, "random seed (same initial weights for every variant)")
+
+QUICK = dict(epochs=2, steps_per_epoch=4, batch_size=8, every1_steps=2, isolated_repeats=2,
+             update_every=4)
+
+
+def setting(name):
+    """A flag's value, replaced by the QUICK value under --quick unless set explicitly."""
+    if FLAGS.quick and name in QUICK and not FLAGS[name].present:
+        return QUICK[name]
+    return getattr(FLAGS, name)
+
+
+# -- variants ----------------------------------------------------------------------
+DST_VARIANTS = {"dst_magnitude": "magnitude", "dst_snip": "snip"}
+
+
+def build_variant(keras, keras_dst, model_name, variant):
+    keras.utils.set_random_seed(FLAGS.seed)
+    model = bench_models.build(keras, model_name, quick=FLAGS.quick)
+    if variant != "dense":
+        model = keras_dst.prunable(model, density=FLAGS.density, seed=FLAGS.seed)
+    model.compile(optimizer=keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=FLAGS.jit_compile)
+    callback = None
+    if variant.startswith("dst_"):
+        base = variant[:-4] if variant.endswith("_dt1") else variant
+        every = 1 if variant.endswith("_dt1") else setting("update_every")
+        callback = keras_dst.DynamicSparseTraining(prune=DST_VARIANTS[base], grow="gradient",
+                                                   update_every=every, seed=FLAGS.seed)
+    return model, callback
+
+
+class FitVariant(bench_utils.KerasFitParticipant):
+    def __init__(self, keras, keras_dst, tf, model_name, variant, steps, epochs):
+        self.model, self.dst = build_variant(keras, keras_dst, model_name, variant)
+        self.steps = steps
+        self.variant = variant
+        ds = bench_models.synthetic_dataset(tf, model_name, setting("batch_size"), seed=FLAGS.seed)
+        self.dataset = ds
+        model, dst = self.model, self.dst
+
+        def fit(extra, n_epochs):
+            model.fit(ds, epochs=n_epochs, steps_per_epoch=steps, verbose=0,
+                      callbacks=([dst] if dst is not None else []) + extra)
+
+        super().__init__(variant, fit, epochs,
+                         lambda: int(model.optimizer.iterations.numpy()), keras.callbacks.Callback)
+
+
+class TfmotVariant(bench_utils.Participant):
+    """`tfmot_epoch.py --interactive` in a subprocess; one 'go' line per epoch."""
+
+    def __init__(self, model_name, variant, steps, epochs):
+        self.name = f"tfmot_{variant}"
+        self.steps = steps
+        self.summary = None
+        self._log = tempfile.NamedTemporaryFile("w+", suffix=f"_{self.name}.log", delete=False)
+        self._cmd = [sys.executable, os.path.join(HERE, "tfmot_epoch.py"), "--interactive",
+                     f"--model={model_name}", f"--variant={variant}", f"--epochs={epochs}",
+                     f"--steps_per_epoch={steps}", f"--batch_size={setting('batch_size')}",
+                     f"--density={FLAGS.density}", f"--frequency={setting('update_every')}",
+                     f"--learning_rate={FLAGS.learning_rate}", f"--seed={FLAGS.seed}",
+                     f"--jit_compile={FLAGS.jit_compile}"] + (["--quick"] if FLAGS.quick else [])
+        self._proc = None
+
+    def _read(self):
+        while True:
+            line = self._proc.stdout.readline()
+            if not line:
+                self._log.flush()
+                self._log.seek(0)
+                tail = self._log.read()[-3000:]
+                raise RuntimeError(f"{self.name}: subprocess ended early; stderr tail:\n{tail}")
+            if line.startswith("JSON "):
+                import json
+                return json.loads(line[5:])
+
+    def start(self):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        self._proc = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._log, text=True, env=env)
+        self._read()  # {"ready": true}: model built, fit started
+
+    def run_epoch(self):
+        self._proc.stdin.write("go\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def stop(self):
+        if self._proc is None:
+            return
+        try:
+            self.summary = self._read().get("summary")
+        except RuntimeError:
+            self.summary = None
+        self._proc.stdin.close()
+        self._proc.wait(timeout=120)
+        os.unlink(self._log.name)
+
+
+def tfmot_available():
+    probe = ("import importlib.util as u, sys; "
+             "sys.exit(0 if u.find_spec('tensorflow_model_optimization') and "
+             "u.find_spec('tf_keras') else 1)")
+    return subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+# -- method A: the update compiled alone ---------------------------------------------
+def isolated_update_seconds(tf, keras, fit_variant, repeats):
+    """Median wall time of the callback's full update compiled alone (all layers)."""
+    engine = fit_variant.dst.engine
+    model = fit_variant.model
+    optimizer = model.optimizer
+    x, y = next(iter(fit_variant.dataset))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    weights = [t.weight for t in engine.targets]
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+    grads = [tf.cast(g, tf.float32) for g in tape.gradient(loss, weights)]
+
+    @tf.function(jit_compile=True)
+    def update(step, grads):
+        engine._update(optimizer, step, grads)
+        return engine.last_update_step.read_value()
+
+    step = tf.constant(setting("update_every"), tf.int64)
+    t0 = time.perf_counter()
+    update(step, grads).numpy()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        update(step, grads).numpy()  # .numpy() waits for the device
+        times.append(time.perf_counter() - t0)
+    return {"median_s": bench_utils.median(times), "all_s": times, "first_call_s": first}
+
+
+# -- memory ----------------------------------------------------------------------------
+def memory_report(keras_dst, dense_model, sparse_model, engine=None):
+    def nbytes(v):
+        return int(math.prod(v.shape)) * v.dtype.size if hasattr(v.dtype, "size") else \
+            int(math.prod(v.shape)) * __import__("numpy").dtype(v.dtype).itemsize
+
+    targets = keras_dst.sparse_targets(sparse_model)
+    dense_bytes = sum(nbytes(v) for v in dense_model.weights)
+    kernel_bytes = sum(nbytes(t.weight) for t in targets)
+    mask_bytes = sum(nbytes(t.mask) for t in targets)
+    ever_bytes = sum(nbytes(t.ever_active) for t in targets)
+    score_bytes = sum(nbytes(t.score) for t in targets if t.score is not None)
+    engine_bytes = 0
+    if engine is not None:
+        engine_bytes = sum(nbytes(v) for v in (engine.layer_stats, engine.last_rate,
+                                                engine.last_update_step, engine.skipped_layers))
+    extra = mask_bytes + ever_bytes + score_bytes + engine_bytes
+    largest = max(int(math.prod(t.weight.shape)) for t in targets)
+    return {
+        "dense_weight_bytes": dense_bytes,
+        "sparsified_kernel_bytes": kernel_bytes,
+        "mask_bytes": mask_bytes,
+        "ever_active_bytes": ever_bytes,
+        "running_score_bytes": score_bytes,
+        "engine_state_bytes": engine_bytes,
+        "stored_gradient_bytes": 0,
+        "extra_bytes": extra,
+        "extra_over_dense_weights": extra / dense_bytes,
+        "largest_layer_entries": largest,
+        # not stored: live only inside the update of the largest layer
+        "transient_update_bytes_largest_layer_estimate": largest * (8 + 8 + 4 + 4 + 1),
+    }
+
+
+# -- analysis --------------------------------------------------------------------------
+def per_step(records):
+    return [r["seconds"] / r["steps"] for r in records]
+
+
+def updates_in(rec, every):
+    """Update steps t (1-based, t % every == 0) within the epoch's (it0, it1]."""
+    return rec["it1"] // every - rec["it0"] // every
+
+
+def analyse(model_name, records, isolated, steps, extra):
+    every = setting("update_every")
+    timed = {k: v[1:] for k, v in records.items()}  # round 0 = compilation
+    t = {k: per_step(v) for k, v in timed.items()}
+    dense = t["dense"]
+    rounds = len(dense)
+    out = {"model": model_name, "rounds_timed": rounds, "steps_per_epoch": steps,
+           "dense_step_ms": 1e3 * bench_utils.median(dense),
+           "dense_step_ms_range": [1e3 * x for x in bench_utils.spread(dense)],
+           "variants": {}}
+
+    def ratio(xs):
+        return bench_utils.median([a / b for a, b in zip(xs, dense)])
+
+    out["variants"]["static"] = {"step_ms": 1e3 * bench_utils.median(t["static"]),
+                                 "ratio": ratio(t["static"])}
+    for v in DST_VARIANTS:
+        if v not in t:
+            continue
+        recs = timed[v]
+        u = [updates_in(r, every) for r in recs]
+        tv = t[v]
+        res = {"update_every": every, "updates_in_timed_epochs": sum(u),
+               "timed_steps": sum(r["steps"] for r in recs)}
+        u_b = None
+        if f"{v}_dt1" in t:
+            t1 = t[f"{v}_dt1"]
+            u_b = bench_utils.median([(a - b) / (1.0 - k / steps)
+                                      for a, b, k in zip(t1, tv, u)])
+            res["dt1_step_ms"] = 1e3 * bench_utils.median(t1)
+        u_a = isolated.get(v, {}).get("median_s") if isolated else None
+        cost = u_b if u_b is not None else u_a
+        res["update_ms_in_step_B"] = None if u_b is None else 1e3 * u_b
+        res["update_ms_isolated_A"] = None if u_a is None else 1e3 * u_a
+        res["update_method"] = ("B (in-step, dt1 - dt)" if u_b is not None else
+                                "A (isolated)" if u_a is not None else None)
+        if cost is not None:
+            t_nu = [a - k * cost / steps for a, k in zip(tv, u)]
+            res["step_ms"] = 1e3 * bench_utils.median(t_nu)
+            res["step_ratio"] = ratio(t_nu)
+            res["amortised_ratio"] = ratio([x + cost / every for x in t_nu])
+            res["update_in_dense_steps"] = cost / bench_utils.median(dense)
+            res["update_in_dense_steps_A"] = None if u_a is None else u_a / bench_utils.median(dense)
+            res["update_in_dense_steps_B"] = None if u_b is None else u_b / bench_utils.median(dense)
+        else:  # only no-update rounds can be used
+            clean = [(a, b) for a, b, k in zip(tv, dense, u) if k == 0]
+            res["step_ms"] = 1e3 * bench_utils.median([a for a, _ in clean]) if clean else None
+            res["step_ratio"] = bench_utils.median([a / b for a, b in clean]) if clean else None
+            res["amortised_ratio"] = None
+            res["update_in_dense_steps"] = None
+        res["direct_ratio"] = (sum(r["seconds"] for r in recs) / res["timed_steps"]) / (
+            sum(r["seconds"] for r in timed["dense"]) /
+            sum(r["steps"] for r in timed["dense"]))
+        out["variants"][v] = res
+    if "tfmot_pruned" in t:
+        tf_recs = timed["tfmot_pruned"]
+        res = {"step_ms": 1e3 * bench_utils.median(t["tfmot_pruned"]),
+               "ratio_to_keras3_dense": ratio(t["tfmot_pruned"]),
+               "updates_in_timed_epochs_approx": sum(
+                   (r["it1"] - 1) // every - (r["it0"] - 1) // every for r in tf_recs)}
+        if "tfmot_dense" in t:
+            res["tf_keras_dense_step_ms"] = 1e3 * bench_utils.median(t["tfmot_dense"])
+            res["ratio_to_tf_keras_dense"] = bench_utils.median(
+                [a / b for a, b in zip(t["tfmot_pruned"], t["tfmot_dense"])])
+        # ours / TFMOT, epoch for epoch (same steps, same rounds)
+        res["dst_magnitude_epoch_over_tfmot"] = bench_utils.median(
+            [a["seconds"] / b["seconds"] for a, b in zip(timed["dst_magnitude"], tf_recs)])
+        if "dst_magnitude" in out["variants"] and out["variants"]["dst_magnitude"].get(
+                "amortised_ratio") is not None:
+            m = out["variants"]["dst_magnitude"]
+            res["note"] = ("dst_magnitude_epoch_over_tfmot compares whole epochs, each "
+                           f"holding the updates listed ({m['updates_in_timed_epochs']} for DST, "
+                           "~" + str(res["updates_in_timed_epochs_approx"]) + " for TFMOT)")
+        out["tfmot"] = res
+    out.update(extra)
+    return out
+
+
+def run_model(model_name, log):
+    import keras
+    import tensorflow as tf
+
+    import keras_dst
+
+    rounds = setting("epochs") + 1
+    steps = setting("steps_per_epoch")
+    cost_mode = FLAGS.update_cost
+    variants = ["dense", "static", *DST_VARIANTS]
+    if cost_mode in ("every1", "both"):
+        variants += [f"{v}_dt1" for v in DST_VARIANTS]
+    participants = []
+    for v in variants:
+        s = setting("every1_steps") if v.endswith("_dt1") else steps
+        participants.append(FitVariant(keras, keras_dst, tf, model_name, v, s, rounds))
+    use_tfmot = FLAGS.tfmot and tfmot_available()
+    if FLAGS.tfmot and not use_tfmot:
+        log("  --tfmot: tensorflow-model-optimization / tf-keras not importable; skipped")
+    if use_tfmot:
+        participants += [TfmotVariant(model_name, "pruned", steps, rounds),
+                         TfmotVariant(model_name, "dense", steps, rounds)]
+    log(f"[{model_name}] variants: {[p.name for p in participants]}, {rounds} rounds "
+        f"(first untimed), {steps} steps/epoch, batch {setting('batch_size')}")
+    t0 = time.perf_counter()
+    records = bench_utils.round_robin(participants, rounds, log=log)
+    log(f"[{model_name}] round robin took {time.perf_counter() - t0:.1f} s")
+    by_name = {p.name: p for p in participants}
+    isolated = {}
+    if cost_mode in ("isolated", "both"):
+        for v in DST_VARIANTS:
+            iso = isolated_update_seconds(tf, keras, by_name[v], setting("isolated_repeats"))
+            isolated[v] = iso
+            log(f"[{model_name}] isolated update {v}: {1e3 * iso['median_s']:.1f} ms "
+                f"(first call incl. compile {iso['first_call_s']:.1f} s)")
+    dense_model = by_name["dense"].model
+    extra = {
+        "batch_size": setting("batch_size"),
+        "density": FLAGS.density,
+        "jit_compile": FLAGS.jit_compile,
+        "params_dense": int(dense_model.count_params()),
+        "memory": memory_report(keras_dst, dense_model, by_name["dst_magnitude"].model,
+                                by_name["dst_magnitude"].dst.engine),
+        "isolated_update": isolated,
+        "raw_epochs": records,
+        "tfmot_summary": {p.name: p.summary for p in participants
+                          if isinstance(p, TfmotVariant)},
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    return analyse(model_name, records, isolated, steps, extra)
+
+
+# -- report ----------------------------------------------------------------------------
+METHOD_NOTES = """\
+How to read this table (see examples/benchmarks/README.md):
+
+* Step times are wall time per training step (epoch time / steps) through
+  `model.fit`, all variants in one process, epochs interleaved round-robin;
+  round 0 (compilation) discarded; ratios are medians over rounds of the
+  per-round ratio to the dense model's step in the same round.
+* `static` = `keras_dst.prunable` model without callback (mask constraint only).
+* `DST step` = a DST step WITHOUT an update (hook + `tf.cond`); `DST amort.` =
+  average step over ΔT steps INCLUDING one full mask update:
+  `(t_step + U/ΔT) / t_dense`.
+* `update (steps)` = U, one full mask update of all layers, in dense steps.
+  Method B (in-step) = (step time with ΔT=1 - step time with ΔT) / (1 - u/S);
+  method A (isolated) = `TopologyEngine._update` compiled alone
+  (`tf.function(jit_compile=True)`), median of repeated calls. The amortised
+  column uses B when measured, else A.
+* `direct` = mean step time over the timed epochs (holding the listed number
+  of real update steps) / dense: a cross-check without any model.
+* memory = (masks + ever-active flags [+ running scores] + engine counters) /
+  dense model weights; no gradient is stored (the update uses the step's own).
+"""
+
+
+def write_report(out_dir, prefix, results, machine, config):
+    path_json = os.path.join(out_dir, f"{prefix}_overhead.json")
+    old = bench_utils.read_json(path_json) or {}
+    models = dict(old.get("models", {}))
+    for r in results:
+        r["machine"] = machine
+        r["config"] = config
+        models[r["model"]] = r
+    order = [m for m in bench_models.MODEL_NAMES if m in models] + \
+        [m for m in models if m not in bench_models.MODEL_NAMES]
+    models = {m: models[m] for m in order}
+    doc = {"benchmark": "keras_dst training-step overhead", "models": models}
+    bench_utils.write_json(path_json, doc)
+
+    rows, trows, mrows = [], [], []
+    for m, r in models.items():
+        v = r["variants"]
+        mag, snip = v.get("dst_magnitude", {}), v.get("dst_snip", {})
+        rows.append([
+            m, r["batch_size"], r["steps_per_epoch"], r["rounds_timed"],
+            fmt(r["dense_step_ms"], ".1f"), fmt(v["static"]["ratio"]),
+            fmt(mag.get("step_ratio")), fmt(mag.get("amortised_ratio")),
+            fmt(mag.get("update_in_dense_steps"), ".2f"),
+            fmt(mag.get("update_in_dense_steps_A"), ".2f"),
+            f"{fmt(mag.get('direct_ratio'))} ({mag.get('updates_in_timed_epochs', 0)} upd.)",
+            fmt(snip.get("step_ratio")), fmt(snip.get("amortised_ratio")),
+            fmt(snip.get("update_in_dense_steps"), ".2f"),
+            fmt(snip.get("update_in_dense_steps_A"), ".2f"),
+        ])
+        mem = r["memory"]
+        mrows.append([m, f"{r['params_dense']:,}", f"{mem['dense_weight_bytes'] / 2**20:.2f}",
+                      f"{mem['mask_bytes'] / 2**20:.2f}", f"{mem['ever_active_bytes'] / 2**20:.2f}",
+                      f"{mem['engine_state_bytes']}", "0",
+                      f"{100 * mem['extra_over_dense_weights']:.1f} %"])
+        if r.get("tfmot"):
+            tm = r["tfmot"]
+            trows.append([m, fmt(mag.get("step_ms"), ".1f"), fmt(tm["step_ms"], ".1f"),
+                          fmt(tm.get("tf_keras_dense_step_ms"), ".1f"),
+                          fmt(tm.get("ratio_to_tf_keras_dense")),
+                          fmt(tm["dst_magnitude_epoch_over_tfmot"]),
+                          f"{mag.get('updates_in_timed_epochs')} / "
+                          f"~{tm['updates_in_timed_epochs_approx']}"])
+    any_r = next(iter(models.values()))
+    mach = any_r["machine"]
+    lines = [
+        f"# keras_dst training-step overhead ({prefix.upper()})", "",
+        f"Device: {mach.get('device')}; TensorFlow {mach.get('tensorflow')}, Keras "
+        f"{mach.get('keras')}, keras_dst {any_r['config'].get('keras_dst')}. "
+        f"jit_compile={any_r['jit_compile']}, SGD(momentum 0.9), density "
+        f"{any_r['density']} (ERK), ΔT={any_r['config'].get('update_every')}, synthetic data.",
+        "Per-model date / load average / sizes: see the JSON file "
+        f"(`{prefix}_overhead.json`).", "",
+        "## Step time, ratios to dense", "",
+        bench_utils.markdown_table(
+            ["model", "batch", "steps/ep", "rounds", "dense ms/step", "static ×", "DST-mag step ×",
+             "DST-mag amort. ×", "mag update (steps, used)", "mag update (steps, A)",
+             "DST-mag direct ×", "DST-snip step ×", "DST-snip amort. ×",
+             "snip update (steps, used)", "snip update (steps, A)"], rows),
+        "", "## Memory", "",
+        bench_utils.markdown_table(
+            ["model", "params", "dense weights MiB", "masks MiB", "ever-active MiB",
+             "engine bytes", "stored grads", "extra / dense weights"], mrows),
+    ]
+    if trows:
+        lines += ["", "## Against TFMOT (prune_low_magnitude, ConstantSparsity, frequency ΔT)", "",
+                  bench_utils.markdown_table(
+                      ["model", "DST-mag ms/step (no upd.)", "TFMOT ms/step", "tf_keras dense ms/step",
+                       "TFMOT / tf_keras dense", "DST-mag epoch / TFMOT epoch",
+                       "updates timed (DST / TFMOT)"], trows)]
+    lines += ["", "## Per-model runs", ""]
+    for m, r in models.items():
+        mc = r["machine"]
+        lines.append(f"* {m}: {mc.get('date_utc')}, load avg {mc.get('load_average_1_5_15min')} "
+                     f"(start) / {r.get('load_average_end')} (end), "
+                     f"wall {r.get('wall_seconds', 0):.0f} s, update cost methods: "
+                     f"{r['variants'].get('dst_magnitude', {}).get('update_method')}")
+    lines += ["", METHOD_NOTES]
+    with open(os.path.join(out_dir, f"{prefix}_overhead.md"), "w") as f:
+        f.write("\n".join(lines))
+    return path_json
+
+
+def main(argv):
+    del argv
+    import keras
+    import tensorflow as tf
+
+    import keras_dst
+
+    prefix = FLAGS.prefix or bench_utils.device_prefix(tf)
+    if FLAGS.quick and not FLAGS.prefix:
+        prefix = "quick"
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    config = {name: setting(name) for name in
+              ("epochs", "steps_per_epoch", "batch_size", "update_every", "every1_steps",
+               "isolated_repeats")}
+    config.update(density=FLAGS.density, update_cost=FLAGS.update_cost, quick=FLAGS.quick,
+                  jit_compile=FLAGS.jit_compile, learning_rate=FLAGS.learning_rate,
+                  keras_dst=keras_dst.__version__, command=" ".join(sys.argv))
+    results = []
+    for model_name in FLAGS.models:
+        if model_name not in bench_models.MODEL_NAMES:
+            raise app.UsageError(f"unknown model {model_name!r}")
+        machine = bench_utils.machine_info(tf, keras)
+        r = run_model(model_name, log)
+        r["load_average_end"] = bench_utils.load_average()
+        r["machine"] = machine
+        results.append(r)
+        path = write_report(FLAGS.out_dir, prefix, [r], machine, config)
+        v = r["variants"]
+        log(f"[{model_name}] static {fmt(v['static']['ratio'])}x, DST-mag step "
+            f"{fmt(v['dst_magnitude'].get('step_ratio'))}x amortised "
+            f"{fmt(v['dst_magnitude'].get('amortised_ratio'))}x, update "
+            f"{fmt(v['dst_magnitude'].get('update_in_dense_steps'), '.2f')} steps -> {path}")
+    print(open(os.path.join(FLAGS.out_dir, f"{prefix}_overhead.md")).read())
+
+
+if __name__ == "__main__":
+    app.run(main)

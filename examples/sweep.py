@@ -1,0 +1,207 @@
+r"""Runs a grid of training runs (Figure 1 of the paper) into one CSV, resumably.
+
+The grid is criteria × growth rules × densities × seeds of DST runs, plus the
+dense baseline (one run per seed) and static sparse training (density × seed)::
+
+    python examples/sweep.py --prune magnitude,set,snip --grow random,gradient \
+        --densities 0.05,0.1,0.2 --seeds 1,2,3 --csv runs/digits.csv --epochs 10
+
+Every other training flag of train.py (``--model``, ``--dataset``, ``--epochs``,
+``--lr``, ...) is accepted and applies to every run. Runs execute in this process one
+after the other (`train.run`); a row is appended to the CSV only when a run has
+finished, and runs whose key is already in the CSV are skipped, so an interrupted
+sweep is resumed by rerunning the same command (the interrupted run is redone).
+The key covers every setting that changes the result (not paths or verbosity), so
+changing e.g. ``--epochs`` starts new rows in the same CSV.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from absl import app, flags  # noqa: E402
+
+from examples import train  # noqa: E402
+
+import keras_dst  # noqa: E402
+
+SWEPT = ("method", "prune", "grow", "density", "seed", "output_dir")
+COLUMNS = ("key", "method", "prune", "grow", "density", "seed", "model", "dataset", "epochs",
+           "final_test_accuracy", "best_val_test_accuracy", "best_val_accuracy",
+           "actual_density", "train_time_s", "steps", "output_dir")
+# Settings that do not change a run's result (left out of its key).
+NOT_IN_KEY = ("output_dir", "data_dir", "verbose", "cache", "tpu")
+# Settings that only matter to some methods.
+DST_ONLY = ("prune", "grow", "update_every", "prune_rate", "schedule", "ordering", "scope",
+            "grow_exact")
+SPARSE_ONLY = ("density", "distribution", "init")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """The sweep's list flags plus every train.py flag that is not swept."""
+    flags.DEFINE_list("methods", ["dense", "static", "dst"],
+                      f"Methods to run, from {', '.join(train.METHODS)}.", flag_values=flag_values)
+    flags.DEFINE_list("prune", ["magnitude", "set", "mest", "snip", "reciprocal_sensitivity"],
+                      "DST pruning criteria.", flag_values=flag_values)
+    flags.DEFINE_list("grow", ["random", "gradient"], "DST growth rules.",
+                      flag_values=flag_values)
+    flags.DEFINE_list("densities", ["0.05", "0.1", "0.2"],
+                      "Densities of static/DST/GMP runs (paper: 0.05,0.06,0.07,0.08,0.09,0.1,"
+                      "0.15,0.2,0.3,0.4,0.5).", flag_values=flag_values)
+    flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds (paper: 1,2,3,4,5).",
+                      flag_values=flag_values)
+    flags.DEFINE_string("csv", "runs/sweep.csv", "Results CSV (appended to; resumable).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("runs_dir", None, "Where the runs' output directories go "
+                        "(default: <csv without .csv>_runs).", flag_values=flag_values)
+    flags.DEFINE_bool("dry_run", False, "Print the runs still to do and exit.",
+                      flag_values=flag_values)
+    train.define_flags(flag_values, exclude=SWEPT)
+
+
+def parse_grid(methods, prunes, grows, densities, seeds):
+    """Validated grid values (strings from the command line); raises ValueError."""
+    def check(values, choices, what):
+        bad = [v for v in values if v not in choices]
+        if bad:
+            raise ValueError(f"unknown {what} {bad}; choose from {', '.join(choices)}")
+        return list(values)
+
+    try:
+        densities = [float(d) for d in densities]
+        seeds = [int(s) for s in seeds]
+    except ValueError as e:
+        raise ValueError(f"--densities must be floats and --seeds ints ({e})") from None
+    bad = [d for d in densities if not 0.0 < d <= 1.0]
+    if bad:
+        raise ValueError(f"densities {bad} are not in (0, 1]")
+    return (check(methods, train.METHODS, "methods"),
+            check(prunes, keras_dst.criterion_names(), "criteria"),
+            check(grows, keras_dst.growth_names(), "growth rules"), densities, seeds)
+
+
+def grid(methods, prunes, grows, densities, seeds):
+    """The runs as a list of config overrides, baselines first."""
+    runs = []
+    for seed in seeds:
+        if "dense" in methods:
+            runs.append({"method": "dense", "seed": seed})
+    for method in ("static", "gmp"):
+        if method in methods:
+            runs += [{"method": method, "density": d, "seed": s} for d in densities
+                     for s in seeds]
+    if "dst" in methods:
+        runs += [{"method": "dst", "prune": p, "grow": g, "density": d, "seed": s}
+                 for p in prunes for g in grows for d in densities for s in seeds]
+    return runs
+
+
+def run_key(config):
+    """A short stable hash of the settings of `config` that change the result."""
+    ignored = set(NOT_IN_KEY)
+    if config["method"] != "dst":
+        ignored.update(DST_ONLY)
+    if config["method"] == "dense":
+        ignored.update(SPARSE_ONLY)
+    relevant = {k: v for k, v in sorted(config.items()) if k not in ignored}
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def done_keys(csv_path):
+    """Keys of the runs already in the CSV."""
+    if not os.path.exists(csv_path):
+        return set()
+    with open(csv_path, newline="") as f:
+        return {row["key"] for row in csv.DictReader(f)}
+
+
+def _run_name(config, key):
+    name = config["method"]
+    if config["method"] == "dst":
+        name += f"_{config['prune']}_{config['grow']}"
+    if config["method"] != "dense":
+        name += f"_d{config['density']:g}"
+    return f"{name}_s{config['seed']}_{key[:8]}"
+
+
+def _append_row(csv_path, row):
+    new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=print):
+    """Runs every override of `runs` on top of `base_config` unless already in the CSV.
+
+    Args:
+      base_config: train.py config shared by all runs.
+      runs: list of config overrides (see `grid`).
+      csv_path: CSV to append a row to after each finished run.
+      runs_dir: parent of the runs' output directories.
+      run_fn: the training function (default `train.run`).
+
+    Returns:
+      The number of runs executed.
+    """
+    run_fn = run_fn or train.run
+    runs_dir = runs_dir or os.path.splitext(csv_path)[0] + "_runs"
+    done = done_keys(csv_path)
+    configs = [{**train.default_config(), **base_config, **r} for r in runs]
+    todo = [(c, run_key(c)) for c in configs]
+    todo = [(c, k) for c, k in todo if k not in done]
+    print_fn(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already in {csv_path}, "
+             f"{len(todo)} to do")
+    for i, (config, key) in enumerate(todo):
+        config["output_dir"] = os.path.join(runs_dir, _run_name(config, key))
+        print_fn(f"sweep: run {i + 1}/{len(todo)}: {_run_name(config, key)}")
+        results = run_fn(config)
+        sparse = config["method"] != "dense"
+        _append_row(csv_path, {
+            "key": key, "method": config["method"],
+            "prune": config["prune"] if config["method"] == "dst" else "",
+            "grow": config["grow"] if config["method"] == "dst" else "",
+            "density": config["density"] if sparse else 1.0, "seed": config["seed"],
+            "model": config["model"], "dataset": config["dataset"], "epochs": config["epochs"],
+            **{k: results[k] for k in ("final_test_accuracy", "best_val_test_accuracy",
+                                       "best_val_accuracy", "train_time_s", "steps")},
+            "actual_density": results["density"], "output_dir": results["output_dir"]})
+    return len(todo)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    FLAGS = flags.FLAGS
+    try:
+        grid_values = parse_grid(FLAGS.methods, FLAGS.prune, FLAGS.grow, FLAGS.densities,
+                                 FLAGS.seeds)
+        base = train.config_from_flags(exclude=SWEPT)
+        runs = grid(*grid_values)
+        for run in runs:  # fail before the first run, not in the middle of the sweep
+            train.validate({**train.default_config(), **base, **run})
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if FLAGS.dry_run:
+        done = done_keys(FLAGS.csv)
+        for run in runs:
+            config = {**train.default_config(), **base, **run}
+            key = run_key(config)
+            print(("done  " if key in done else "todo  ") + _run_name(config, key))
+        return
+    sweep(base, runs, FLAGS.csv, FLAGS.runs_dir)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=train.parse_flags)

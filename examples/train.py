@@ -1,0 +1,408 @@
+r"""Trains one model: dense, static sparse, dynamic sparse (DST) or gradual pruning (GMP).
+
+The recipe is the paper's (spec §6.1): SGD momentum 0.9 + Nesterov with coupled L2
+weight decay on all parameters, LR ×0.1 after 50 % and 75 % of the epochs, ERK
+densities, prune rate 0.5 with cosine decay, a fixed validation split, and two test
+accuracies: the last epoch's model and the best-validation-accuracy model.
+
+With no flags it runs a small DST experiment on the offline `digits` dataset in
+about a minute on a laptop CPU::
+
+    python examples/train.py
+    python examples/train.py --model conv_cifar10 --dataset cifar10 --epochs 100 \
+        --batch_size 128 --update_every 800 --density 0.1 --prune magnitude --grow gradient
+
+Outputs in --output_dir: results.json, model.keras (last epoch, with optimizer),
+best.keras (best validation accuracy), history.csv and TensorBoard logs (tb/).
+The .keras files hold custom objects of this directory; load them after
+``import examples.models, examples.optim`` (or ``from examples import train``).
+`run(config)` runs the same in-process from a dict of flag values.
+"""
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python examples/train.py` as well as `import examples.train`
+    sys.path.insert(0, str(ROOT))
+
+from absl import app, flags, logging  # noqa: E402
+
+from examples import data as data_lib  # noqa: E402
+from examples import models as models_lib  # noqa: E402
+from examples import optim  # noqa: E402
+
+import keras  # noqa: E402
+import keras_dst  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+METHODS = ("dense", "static", "dst", "gmp")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+# (type, name, default, help, enum values). The defaults are the paper's recipe except
+# for the offline dataset / model and the short-run epochs, batch size, LR and update period.
+FLAG_SPECS = [
+    ("enum", "model", "mlp_digits", "Model to train (examples/models.py).",
+     models_lib.model_names()),
+    ("enum", "dataset", "digits", "Dataset (examples/data.py); `digits` works offline.",
+     data_lib.dataset_names()),
+    ("enum", "method", "dst", "dense: plain model; static: fixed random sparse masks; "
+     "dst: dynamic sparse training; gmp: gradual magnitude pruning (Zhu & Gupta).", METHODS),
+    ("float", "density", 0.1, "Global density in (0, 1] of the sparsified weights "
+     "(static/dst: from the start; gmp: final).", None),
+    ("enum", "distribution", "erk", "How the density is spread over layers.",
+     ("erk", "er", "uniform")),
+    ("enum", "init", "exact", "Initial masks: exact counts, or i.i.d. Bernoulli (reference).",
+     ("exact", "bernoulli")),
+    ("enum", "prune", "magnitude", "DST pruning criterion.", keras_dst.criterion_names()),
+    ("enum", "grow", "random", "DST growth rule.", keras_dst.growth_names()),
+    ("integer", "update_every", 50, "DST update period ΔT in optimizer steps "
+     "(paper: 800; gmp: pruning frequency).", None),
+    ("float", "prune_rate", 0.5, "Initial DST prune rate in (0, 1].", None),
+    ("enum", "schedule", "cosine", "Prune-rate schedule (cosine: to 0.005 over all steps).",
+     ("cosine", "constant", "linear")),
+    ("enum", "ordering", "auto", "Update before or after the optimizer step "
+     "(auto: the reference's per-criterion choice).", ("auto", "before", "after")),
+    ("enum", "scope", "layer", "Rank weights per layer or globally.", ("layer", "global")),
+    ("bool", "grow_exact", True, "Regrow exactly the pruned count (False: the reference's "
+     "Bernoulli random growth).", None),
+    ("integer", "epochs", 30, "Training epochs (paper: 100, ResNet/VGG 200).", None),
+    ("integer", "batch_size", 32, "Global batch size, train and evaluation (paper: 128).", None),
+    ("float", "lr", 0.05, "Initial learning rate, ×0.1 after 50% and 75% of the epochs "
+     "(paper: 0.01; ResNet-56 on CIFAR: 0.1).", None),
+    ("float", "momentum", 0.9, "SGD momentum.", None),
+    ("bool", "nesterov", True, "Nesterov momentum.", None),
+    ("float", "weight_decay", 5e-4, "Coupled L2 weight decay on all parameters "
+     "(added to the gradient inside the optimizer).", None),
+    ("integer", "seed", 1, "Seed of weights, masks, shuffling and DST randomness.", None),
+    ("string", "data_dir", None, "TFDS data_dir (and where higgs.npz lives).", None),
+    ("string", "output_dir", None, "Output directory (default: runs/<timestamp>).", None),
+    ("integer", "depth", 0, "Depth of wide_resnet (6n+4; 0: model default 16).", None),
+    ("integer", "width", 0, "Widen factor of wide_resnet (0: model default 8).", None),
+    ("enum", "jit_compile", "auto", "Compile the train step with XLA (auto: on GPUs/TPUs, "
+     "not on CPU-only machines, as Keras does).", ("auto", "true", "false")),
+    ("enum", "mixed_precision", "off", "Mixed precision policy: off, float16 "
+     "(mixed_float16, GPUs) or bfloat16 (mixed_bfloat16, TPUs/CPUs).",
+     ("off", "float16", "bfloat16")),
+    ("enum", "strategy", "default", "tf.distribute strategy.", STRATEGIES),
+    ("string", "tpu", "", "TPU address for --strategy=tpu ('' = local).", None),
+    ("bool", "cache", True, "Cache the decoded dataset in memory.", None),
+    ("integer", "verbose", 1, "Keras fit verbosity (1: progress bar, 2: a line per epoch, "
+     "0: quiet).", None),
+]
+
+_DEFINE = {"enum": flags.DEFINE_enum, "string": flags.DEFINE_string,
+           "integer": flags.DEFINE_integer, "float": flags.DEFINE_float,
+           "bool": flags.DEFINE_bool}
+
+
+def define_flags(flag_values=flags.FLAGS, exclude=()):
+    """Defines the training flags (all but `exclude`) on `flag_values`, once."""
+    for kind, name, default, help_text, choices in FLAG_SPECS:
+        if name in exclude or name in flag_values:
+            continue
+        args = (name, default, choices, help_text) if kind == "enum" else (name, default,
+                                                                          help_text)
+        _DEFINE[kind](*args, flag_values=flag_values)
+    for name, (check, message) in CHECKS.items():
+        if name in flag_values and name not in exclude:
+            flags.register_validator(name, check, f"--{name} {message}", flag_values=flag_values)
+
+
+# Range checks shared by the flag validators and `validate`.
+CHECKS = {
+    "density": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "prune_rate": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "epochs": (lambda v: v >= 1, "must be >= 1"),
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "update_every": (lambda v: v >= 1, "must be >= 1"),
+    "lr": (lambda v: v > 0, "must be > 0"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "method": (lambda v: v != "gmp" or hasattr(keras_dst, "GradualPruning"),
+               "=gmp needs keras_dst.GradualPruning, which this keras_dst version lacks"),
+}
+
+
+def default_config():
+    """The flag defaults as a dict (a complete config for `run`)."""
+    return {name: default for _, name, default, _, _ in FLAG_SPECS}
+
+
+def config_from_flags(flag_values=flags.FLAGS, exclude=()):
+    """The parsed training flags (but `exclude`) as a config dict."""
+    return {name: flag_values[name].value for _, name, *_ in FLAG_SPECS
+            if name in flag_values and name not in exclude}
+
+
+def validate(config):
+    """Checks a config dict (unknown keys, choices, ranges); raises ValueError."""
+    specs = {name: (kind, choices) for kind, name, _, _, choices in FLAG_SPECS}
+    unknown = sorted(set(config) - set(specs))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}")
+    for name, value in config.items():
+        choices = specs[name][1]
+        if choices is not None and value not in choices:
+            raise ValueError(f"--{name}={value}: choose one of {', '.join(choices)}")
+        if name in CHECKS and not CHECKS[name][0](value):
+            raise ValueError(f"--{name}={value}: {CHECKS[name][1]}")
+
+
+# -- building blocks -----------------------------------------------------------------
+
+def make_strategy(name, tpu=""):
+    """A tf.distribute strategy by name."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    return tf.distribute.get_strategy()
+
+
+def build_model(config, info):
+    """The model of `config` for dataset `info`, made sparse as its method requires."""
+    options = {k: config[k] for k in ("depth", "width") if config[k] and
+               config["model"] == "wide_resnet"}
+    outputs = 1 if info["binary"] else info["num_classes"]
+    model = models_lib.get_model(config["model"], info["input_shape"], outputs, **options)
+    method = config["method"]
+    if method == "dense":
+        return model
+    if method == "gmp":
+        return keras_dst.prunable(model, density=1.0, distribution="uniform",
+                                  seed=config["seed"])
+    return keras_dst.prunable(model, density=config["density"],
+                              distribution=config["distribution"], init=config["init"],
+                              seed=config["seed"],
+                              track_scores=config["prune"].startswith("running_"))
+
+
+def sparsity_callbacks(config, total_steps):
+    """The callbacks that change the topology during training (none for dense/static)."""
+    if config["method"] == "dst":
+        return [keras_dst.DynamicSparseTraining(
+            prune=config["prune"], grow=config["grow"], update_every=config["update_every"],
+            prune_rate=config["prune_rate"], schedule=config["schedule"],
+            ordering=config["ordering"], scope=config["scope"],
+            grow_exact=config["grow_exact"], seed=config["seed"], total_steps=total_steps)]
+    if config["method"] == "gmp":
+        return [keras_dst.GradualPruning(final_density=config["density"],
+                                         frequency=config["update_every"])]
+    return []
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps (in memory) the weights of the epoch with the best validation accuracy.
+
+    The weights include the masks, so restoring them restores the topology too.
+    """
+
+    def __init__(self, monitor="val_accuracy"):
+        super().__init__()
+        self.monitor = monitor
+        self.best, self.best_epoch, self.weights = -math.inf, None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value > self.best:
+            self.best, self.best_epoch = float(value), epoch + 1
+            self.weights = self.model.get_weights()
+
+
+class TerseLogs(keras.callbacks.Callback):
+    """Keeps the progress bar and History readable: drops the per-layer
+    ``density/<path>`` logs and the DST update counters (``pruned``, ``grown``,
+    ``mask_churn``, ``prune_rate``). Placed after CSVLogger and TensorBoard, which
+    record them all.
+    """
+
+    HIDDEN = ("pruned", "grown", "mask_churn", "prune_rate")
+
+    def _hide(self, logs):
+        for key in [k for k in (logs or {}) if "/" in k or k in self.HIDDEN]:
+            del logs[key]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._hide(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._hide(logs)
+
+
+def tensorboard(log_dir):
+    """[TensorBoard callback], or [] with a warning when `tensorboard` is not installed
+    (TensorFlow >= 2.20 no longer depends on it; history.csv has the same numbers)."""
+    try:
+        import tensorboard as _  # noqa: F401
+    except ImportError:
+        logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard "
+                        "logs; history.csv has the same metrics.")
+        return []
+    return [keras.callbacks.TensorBoard(log_dir, write_graph=False)]
+
+
+def _output_dir(config):
+    if config["output_dir"]:
+        return config["output_dir"]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{stamp}_{config['method']}_{config['model']}")
+
+
+def _sparsity_report(model):
+    try:
+        rows = keras_dst.masks(model)
+    except (TypeError, ValueError):
+        rows = {}
+    if not rows:
+        return 1.0, {}
+    layers = {path: float(m.mean()) for path, m in rows.items()}
+    total = sum(m.size for m in rows.values())
+    return float(sum(m.sum() for m in rows.values()) / total), layers
+
+
+# -- the run -------------------------------------------------------------------------
+
+def run(config):
+    """Trains one model as described by `config` (flag name -> value; missing keys take
+    the flag defaults) and returns the results dict that is written to results.json.
+
+    Raises:
+      ValueError: invalid config.
+    """
+    config = {**default_config(), **config}
+    validate(config)
+    start = time.time()
+    keras.backend.clear_session()
+    output_dir = _output_dir(config)
+    os.makedirs(output_dir, exist_ok=True)
+    keras.utils.set_random_seed(config["seed"])
+    previous_policy = keras.mixed_precision.global_policy()
+    if config["mixed_precision"] != "off":
+        keras.mixed_precision.set_global_policy(f"mixed_{config['mixed_precision']}")
+    try:
+        strategy = make_strategy(config["strategy"], config["tpu"])
+        train_ds, val_ds, test_ds, info = data_lib.load(
+            config["dataset"], config["batch_size"], config["data_dir"], seed=config["seed"],
+            cache=config["cache"], drop_remainder=config["strategy"] == "tpu")
+        steps_per_epoch = info["steps_per_epoch"]
+        total_steps = config["epochs"] * steps_per_epoch
+        with strategy.scope():
+            model = build_model(config, info)
+            model.compile(
+                optimizer=optim.TorchSGD(
+                    optim.step_decay(config["lr"], config["epochs"], steps_per_epoch),
+                    momentum=config["momentum"], nesterov=config["nesterov"],
+                    l2=config["weight_decay"]),
+                loss=(keras.losses.BinaryCrossentropy(from_logits=True) if info["binary"] else
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+                metrics=[keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
+                         if info["binary"] else
+                         keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                jit_compile={"true": True, "false": False}.get(config["jit_compile"], "auto"))
+        best = BestWeights()
+        callbacks = sparsity_callbacks(config, total_steps) + [
+            best,
+            keras.callbacks.CSVLogger(os.path.join(output_dir, "history.csv")),
+            *tensorboard(os.path.join(output_dir, "tb")),
+            TerseLogs(),
+            keras.callbacks.ProgbarLogger(),
+        ]
+        fit_start = time.time()
+        history = model.fit(train_ds, epochs=config["epochs"], validation_data=val_ds,
+                            callbacks=callbacks, verbose=config["verbose"],
+                            shuffle=False)  # train_ds reshuffles itself every epoch
+        train_time = time.time() - fit_start
+        evaluate = lambda: float(model.evaluate(  # noqa: E731
+            test_ds, verbose=0, return_dict=True)["accuracy"])
+        final_test = evaluate()
+        density, layer_densities = _sparsity_report(model)
+        model.save(os.path.join(output_dir, "model.keras"))
+        final_weights = model.get_weights()
+        if best.weights is not None:
+            model.set_weights(best.weights)
+        best_test = evaluate()
+        model.save(os.path.join(output_dir, "best.keras"))
+        model.set_weights(final_weights)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    results = {
+        "config": config,
+        "final_test_accuracy": final_test,
+        "best_val_test_accuracy": best_test,
+        "best_val_accuracy": None if best.weights is None else best.best,
+        "best_epoch": best.best_epoch,
+        "final_val_accuracy": float(history.history["val_accuracy"][-1]),
+        "density": density,
+        "layer_densities": layer_densities,
+        "num_params": int(model.count_params()),
+        "steps": int(model.optimizer.iterations.numpy()),
+        "steps_per_epoch": steps_per_epoch,
+        "train_size": info["train_size"],
+        "train_time_s": train_time,
+        "total_time_s": time.time() - start,
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "output_dir": os.path.abspath(output_dir),
+        "keras_dst_version": keras_dst.__version__,
+    }
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def report(results, print_fn=print):
+    """Prints the final summary of a run."""
+    c = results["config"]
+    method = c["method"]
+    if method == "dst":
+        method += f" (prune={c['prune']}, grow={c['grow']}, ΔT={c['update_every']})"
+    lines = [
+        "=" * 64,
+        f"method            {method}",
+        f"model / dataset   {c['model']} / {c['dataset']}, seed {c['seed']}",
+        f"density           target {1.0 if c['method'] == 'dense' else c['density']:.4f}, "
+        f"actual {results['density']:.4f}",
+        f"test accuracy     final epoch {results['final_test_accuracy']:.4f}, "
+        f"best-val model {results['best_val_test_accuracy']:.4f} "
+        f"(epoch {results['best_epoch']}, val {results['best_val_accuracy']:.4f})",
+        f"time              {results['train_time_s']:.1f} s training, "
+        f"{results['total_time_s']:.1f} s total, {results['steps']} steps",
+        f"outputs           {results['output_dir']}",
+        "=" * 64,
+    ]
+    print_fn("\n".join(lines))
+
+
+def parse_flags(argv):
+    """absl flag parser that turns every flag error into a one-line exit message."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    config = config_from_flags()
+    try:
+        validate({**default_config(), **config})
+        results = run(config)
+    except (ValueError, data_lib.DataUnavailableError) as e:
+        sys.exit(f"error: {e}")
+    report(results)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

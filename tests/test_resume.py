@@ -1,0 +1,261 @@
+"""Exact resume, crash-safe saving and cross-process determinism of DST runs.
+
+A DST run interrupted at an arbitrary step (an exception raised from a
+callback) and resumed from its last checkpoint ends bit-identical (masks,
+weights and optimizer state; CPU, same seed) to the uninterrupted run. All the
+state lives in the model and its optimizer: masks, ever-active and running
+scores in the wrappers, the DST step counter is ``optimizer.iterations``, and
+every random draw is stateless in (seed, layer, step).
+
+What Keras itself resumes: `BackupAndRestore` restarts the interrupted epoch
+from its first batch, so it is exact when its checkpoints fall on epoch ends
+(``save_freq="epoch"``, or an integer ``save_freq`` that is a multiple of the
+steps per epoch). With a checkpoint in the middle of an epoch Keras 3 replays
+that epoch's first batches on top of the mid-epoch weights, which no model,
+sparse or dense, can resume exactly. Data must come in a deterministic order
+(here ``shuffle=False``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+from conftest import classification_data, mlp
+
+STEPS_PER_EPOCH = 5  # 160 samples / batch 32
+EPOCHS = 3
+CONFIGS = {
+    # random growth: the stateless RNG must be reproduced step for step
+    "random_growth": dict(prune="magnitude", grow="random", update_every=3),
+    # a running criterion: its EMA lives in the wrappers' score variables
+    "running_magnitude": dict(prune="running_magnitude", grow="random", update_every=2),
+}
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(keras.callbacks.Callback):
+    """Raises `Interrupt` after optimizer step `step` (a crash mid-training)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise Interrupt(f"interrupted after step {self.step}")
+
+
+def _data():
+    return classification_data(n=STEPS_PER_EPOCH * 32)
+
+
+def _model(config):
+    model = keras_dst.prunable(mlp(), density=0.3, seed=0,
+                               track_scores=config == "running_magnitude")
+    model.compile(keras.optimizers.Adam(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    return model
+
+
+def _dst(config):
+    return keras_dst.DynamicSparseTraining(seed=7, prune_rate=0.3, **CONFIGS[config])
+
+
+def _fit(model, config, callbacks=(), **kwargs):
+    x, y = _data()
+    return model.fit(x, y, batch_size=32, epochs=EPOCHS, shuffle=False, verbose=0,
+                     callbacks=[_dst(config), *callbacks], **kwargs)
+
+
+def _state(model):
+    """Every model and optimizer variable in order (masks, scores and slots included).
+
+    Keyed by position and name: paths differ between models built in one process
+    (Keras uniquifies optimizer names).
+    """
+    state = {f"model/{i}/{v.name}": np.array(v.numpy()) for i, v in enumerate(model.weights)}
+    state.update({f"optimizer/{i}/{v.name}": np.array(v.numpy())
+                  for i, v in enumerate(model.optimizer.variables)})
+    return state
+
+
+def _assert_bit_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"{k} differs"
+
+
+_REFERENCE = {}
+
+
+def _reference(config):
+    """State after the uninterrupted run (computed once per config)."""
+    if config not in _REFERENCE:
+        model = _model(config)
+        _fit(model, config)
+        assert int(model.optimizer.iterations.numpy()) == EPOCHS * STEPS_PER_EPOCH
+        _REFERENCE[config] = _state(model)
+    return _REFERENCE[config]
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("save_freq,interrupt_at", [
+    ("epoch", 8),  # crash mid-epoch 2, after an update; resume from the end of epoch 1
+    (STEPS_PER_EPOCH, 13),  # per-step saving every 5 steps (epoch ends): resume from 10
+])
+def test_backup_and_restore_resumes_bit_exact(tmp_path, config, save_freq, interrupt_at):
+    backup = str(tmp_path / "backup")
+    model = _model(config)
+    with pytest.raises(Interrupt):
+        _fit(model, config, [keras.callbacks.BackupAndRestore(backup, save_freq=save_freq),
+                             InterruptAt(interrupt_at)])
+    assert int(model.optimizer.iterations.numpy()) == interrupt_at
+    # a fresh process: the same code builds a new model, fit restores the backup
+    resumed = _model(config)
+    _fit(resumed, config, [keras.callbacks.BackupAndRestore(backup, save_freq=save_freq)])
+    assert int(resumed.optimizer.iterations.numpy()) == EPOCHS * STEPS_PER_EPOCH
+    _assert_bit_identical(_state(resumed), _reference(config))
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_backup_and_restore_in_the_same_process_and_model(tmp_path, config):
+    """The crashed fit never ran on_train_end: its engine must not stay hooked."""
+    backup = str(tmp_path / "backup")
+    model = _model(config)
+    with pytest.raises(Interrupt):
+        _fit(model, config, [keras.callbacks.BackupAndRestore(backup), InterruptAt(7)])
+    _fit(model, config, [keras.callbacks.BackupAndRestore(backup)])
+    _assert_bit_identical(_state(model), _reference(config))
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_keras_file_checkpoint_and_initial_epoch_resume_bit_exact(tmp_path, config):
+    path = str(tmp_path / "ckpt.keras")
+    model = _model(config)
+    with pytest.raises(Interrupt):
+        _fit(model, config, [keras.callbacks.ModelCheckpoint(path), InterruptAt(12)])
+    # the last complete checkpoint is the end of epoch 2 (step 10)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert int(loaded.optimizer.iterations.numpy()) == 2 * STEPS_PER_EPOCH
+    _fit(loaded, config, initial_epoch=2)
+    _assert_bit_identical(_state(loaded), _reference(config))
+
+
+# ----------------------------------------------------------------------------
+# Crash-safe saving.
+
+
+def test_keras_save_in_place_is_not_crash_safe_but_save_model_is(tmp_path, monkeypatch):
+    from keras.src.saving import saving_lib
+
+    x, y = _data()
+    model = _model("random_growth")
+    _fit(model, "random_growth")
+    path = str(tmp_path / "model.keras")
+    keras_dst.save_model(model, path)
+    before = _state(keras.models.load_model(path))
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)  # changes the weights
+
+    original = saving_lib._save_state
+    calls = []
+
+    def crash_midway(saveable, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # some layers written, the rest (and the optimizer) not
+            raise OSError("disk full (simulated)")
+        return original(saveable, *args, **kwargs)
+
+    monkeypatch.setattr(saving_lib, "_save_state", crash_midway)
+    with pytest.raises(OSError, match="simulated"):
+        keras_dst.save_model(model, path)
+    # the previous file is untouched and loads; no temporary file is left behind
+    _assert_bit_identical(_state(keras.models.load_model(path)), before)
+    assert os.listdir(tmp_path) == ["model.keras"]
+    # a first save that crashes leaves no file at all
+    calls.clear()
+    with pytest.raises(OSError, match="simulated"):
+        keras_dst.save_model(model, str(tmp_path / "new.keras"))
+    assert os.listdir(tmp_path) == ["model.keras"]
+    # for contrast, Keras' own model.save truncates the target before writing
+    calls.clear()
+    with pytest.raises(OSError, match="simulated"):
+        model.save(path)
+    with pytest.raises(Exception):
+        _assert_bit_identical(_state(keras.models.load_model(path)), before)
+    monkeypatch.undo()
+    # and a normal save_model overwrites atomically
+    keras_dst.save_model(model, path)
+    _assert_bit_identical(_state(keras.models.load_model(path)), _state(model))
+
+
+def test_save_model_checks_its_arguments(tmp_path):
+    model = _model("random_growth")
+    with pytest.raises(ValueError, match=".keras"):
+        keras_dst.save_model(model, str(tmp_path / "model.h5"))
+    with pytest.raises(TypeError):
+        keras_dst.save_model("not a model", str(tmp_path / "model.keras"))
+
+
+# ----------------------------------------------------------------------------
+# Determinism across processes.
+
+
+def _run_in_subprocess(seed, mask_seed, hash_seed):
+    env = dict(os.environ, PYTHONHASHSEED=str(hash_seed), TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.path.dirname(os.path.abspath(__file__)) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(seed), str(mask_seed)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_same_seed_same_masks_in_separate_processes():
+    a = _run_in_subprocess(seed=3, mask_seed=0, hash_seed=1)
+    b = _run_in_subprocess(seed=3, mask_seed=0, hash_seed=2)  # different Python hash seed
+    assert a["masks"] == b["masks"]
+    assert a["weights"] == b["weights"]  # on CPU the weights are bit-identical too
+    assert a["churn"] > 0
+    c = _run_in_subprocess(seed=4, mask_seed=0, hash_seed=1)  # another DST seed
+    assert c["initial_masks"] == a["initial_masks"] and c["masks"] != a["masks"]
+    d = _run_in_subprocess(seed=3, mask_seed=1, hash_seed=1)  # another mask seed
+    assert d["initial_masks"] != a["initial_masks"] and d["masks"] != a["masks"]
+
+
+def _main(seed, mask_seed):
+    import hashlib
+
+    def digest(arrays):
+        return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+
+    x, y = _data()
+    model = keras_dst.prunable(mlp(), density=0.3, seed=mask_seed)
+    model.compile(keras.optimizers.Adam(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    initial = keras_dst.masks(model)
+    model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[
+        keras_dst.DynamicSparseTraining(prune="magnitude", grow="random", update_every=2,
+                                        seed=seed)])
+    final = keras_dst.masks(model)
+    print(json.dumps(dict(
+        initial_masks=digest(initial.values()), masks=digest(final.values()),
+        weights=digest(v.numpy() for v in model.weights),
+        churn=int(sum((initial[k] != final[k]).sum() for k in final)))))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _main(int(sys.argv[1]), int(sys.argv[2]))
