@@ -179,17 +179,23 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
     return len(todo)
 
 
+def plan(flag_values=flags.FLAGS):
+    """(base config, runs) from parsed sweep flags; raises ValueError on a bad value."""
+    fv = flag_values
+    grid_values = parse_grid(fv.methods, fv.prune, fv.grow, fv.densities, fv.seeds)
+    base = train.config_from_flags(fv, exclude=SWEPT)
+    runs = grid(*grid_values)
+    for run in runs:  # fail before the first run, not in the middle of the sweep
+        train.validate({**train.default_config(), **base, **run})
+    return base, runs
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
     try:
-        grid_values = parse_grid(FLAGS.methods, FLAGS.prune, FLAGS.grow, FLAGS.densities,
-                                 FLAGS.seeds)
-        base = train.config_from_flags(exclude=SWEPT)
-        runs = grid(*grid_values)
-        for run in runs:  # fail before the first run, not in the middle of the sweep
-            train.validate({**train.default_config(), **base, **run})
+        base, runs = plan(FLAGS)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if FLAGS.dry_run:

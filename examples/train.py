@@ -383,10 +383,10 @@ def report(results, print_fn=print):
     print_fn("\n".join(lines))
 
 
-def parse_flags(argv):
+def parse_flags(argv, flag_values=flags.FLAGS):
     """absl flag parser that turns every flag error into a one-line exit message."""
     try:
-        return flags.FLAGS(argv)
+        return flag_values(argv)
     except flags.Error as e:
         sys.exit(f"error: {e}")
 

@@ -15,6 +15,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from absl import flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -28,6 +29,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 TINY = dict(epochs=1, batch_size=4, update_every=1, verbose=0, jit_compile="false")
 DIGITS = dict(TINY, batch_size=256, update_every=2)  # 5 steps per epoch
 HAS_GMP = hasattr(keras_dst, "GradualPruning")
+SLOW_BUILDS = ("vgg16", "resnet110", "mlp_cifar10", "resnet50")
 RESULT_KEYS = {"config", "final_test_accuracy", "best_val_test_accuracy", "best_val_accuracy",
                "best_epoch", "final_val_accuracy", "density", "layer_densities", "num_params",
                "steps", "steps_per_epoch", "train_size", "train_time_s", "total_time_s",
@@ -90,10 +92,11 @@ def test_model_sizes_match_the_spec(name, shape, classes, weights, biases):
     assert count("bias") == biases
 
 
-@pytest.mark.parametrize("name", [n for n in models.model_names() if n != "resnet50"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_BUILDS
+                                  else n for n in models.model_names()])
 def test_every_model_builds_and_is_prunable(name):
-    shape = {"mlp_higgs": (24,), "mlp_digits": (8, 8, 1), "lenet5": (28, 28, 1)}.get(
-        name, (32, 32, 3))
+    shape = {"mlp_higgs": (24,), "mlp_digits": (8, 8, 1), "lenet5": (28, 28, 1),
+             "resnet50": (64, 64, 3)}.get(name, (32, 32, 3))
     options = {"depth": 10, "width": 1} if name == "wide_resnet" else {}
     model = models.get_model(name, shape, 10, **options)
     sparse = keras_dst.prunable(model, density=0.2)
@@ -324,20 +327,75 @@ def test_plot_figure1_and_overlap(tmp_path):
         plot.plot_overlap({"names": ["a"], "matrix": [[1, 0]]}, str(tmp_path / "bad"))
 
 
-# -- command lines (run concurrently: each one imports TensorFlow) --------------------
+# -- flags ----------------------------------------------------------------------------
 
 BAD_TRAIN_FLAGS = {
     "model": ["--model", "nope"],
     "dataset": ["--dataset", "nope"],
     "method": ["--method", "nope"],
     "prune": ["--prune", "nope"],
+    "grow": ["--grow", "nope"],
     "density_zero": ["--density", "0"],
     "density_big": ["--density", "1.5"],
     "epochs": ["--epochs", "0"],
-    "stray_argument": ["oops"],
+    "prune_rate": ["--prune_rate", "2"],
+    "not_a_number": ["--lr", "fast"],
+    "unknown_flag": ["--learning_rate", "0.1"],
 }
-if not HAS_GMP:
-    BAD_TRAIN_FLAGS["gmp_missing"] = ["--method", "gmp"]
+
+
+def _flag_error(define, argv):
+    """The exit message of parsing `argv` with the flags of `define` (fresh FlagValues)."""
+    fv = flags.FlagValues()
+    define(fv)
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_flags(["prog", *argv], fv)
+    return str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAIN_FLAGS))
+def test_bad_train_flags_are_one_line_errors(case):
+    message = _flag_error(train.define_flags, BAD_TRAIN_FLAGS[case])
+    assert message.startswith("error:") and "\n" not in message
+
+
+def test_flags_parse_into_a_valid_config():
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["prog", "--density", "0.3", "--nonesterov", "--method", "static"], fv)
+    config = train.config_from_flags(fv)
+    assert config == {**train.default_config(), "density": 0.3, "nesterov": False,
+                      "method": "static"}
+    train.validate(config)
+    help_text = fv.get_help()
+    for _, name, *_ in train.FLAG_SPECS:
+        assert name in help_text
+
+
+def test_stray_arguments_are_one_line_errors():
+    with pytest.raises(SystemExit, match="^error: unexpected arguments"):
+        train.main(["train.py", "oops"])
+    with pytest.raises(SystemExit, match="^error: unexpected arguments"):
+        sweep.main(["sweep.py", "oops"])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--densities", "0.1,2"], r"\(0, 1\]"),
+    (["--prune", "magnitude,nope"], "criteria"),
+    (["--methods", "dst,sparse"], "methods"),
+    (["--seeds", "one"], "ints"),
+])
+def test_bad_sweep_flags_are_value_errors(argv, match):
+    fv = flags.FlagValues()
+    sweep.define_flags(fv)
+    train.parse_flags(["sweep.py", *argv], fv)
+    with pytest.raises(ValueError, match=match):
+        sweep.plan(fv)
+
+
+# -- command lines (run concurrently: each one imports TensorFlow) --------------------
+
+CLI_BAD_FLAGS = {"model": ["--model", "nope"], "density": ["--density", "1.5"]}
 
 
 @pytest.fixture(scope="module")
@@ -346,12 +404,11 @@ def cli(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     _fake_sweep_csv(tmp / "sweep.csv")
     script = lambda name: [sys.executable, str(ROOT / "examples" / name)]  # noqa: E731
-    commands = {f"bad_{k}": script("train.py") + v for k, v in BAD_TRAIN_FLAGS.items()}
+    commands = {f"bad_{k}": script("train.py") + v for k, v in CLI_BAD_FLAGS.items()}
     commands.update({
         "helpfull": script("train.py") + ["--helpfull"],
         "train": script("train.py") + ["--epochs", "2", "--batch_size", "256",
                                        "--output_dir", str(tmp / "run")],
-        "sweep_bad": script("sweep.py") + ["--densities", "0.1,2"],
         "sweep_dry": script("sweep.py") + ["--methods", "dense,dst", "--prune", "magnitude",
                                            "--grow", "random,gradient", "--densities", "0.1",
                                            "--seeds", "1,2", "--dry_run",
@@ -370,7 +427,7 @@ def cli(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", sorted(BAD_TRAIN_FLAGS))
+@pytest.mark.parametrize("case", sorted(CLI_BAD_FLAGS))
 def test_bad_flags_exit_with_one_line_error(cli, case):
     proc = cli[f"bad_{case}"]
     assert proc.returncode != 0
@@ -394,9 +451,6 @@ def test_train_command_line(cli):
 
 
 def test_sweep_and_plot_command_lines(cli):
-    bad = cli["sweep_bad"]
-    assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert "error:" in bad.stderr and "(0, 1]" in bad.stderr
     dry = cli["sweep_dry"]
     assert dry.returncode == 0, dry.stderr[-3000:]
     todo = [line for line in dry.stdout.splitlines() if line.startswith("todo")]

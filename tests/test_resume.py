@@ -9,10 +9,11 @@ every random draw is stateless in (seed, layer, step).
 
 What Keras itself resumes: `BackupAndRestore` restarts the interrupted epoch
 from its first batch, so it is exact when its checkpoints fall on epoch ends
-(``save_freq="epoch"``, or an integer ``save_freq`` that is a multiple of the
-steps per epoch). With a checkpoint in the middle of an epoch Keras 3 replays
-that epoch's first batches on top of the mid-epoch weights, which no model,
-sparse or dense, can resume exactly. Data must come in a deterministic order
+(``save_freq="epoch"``). With an integer ``save_freq`` Keras 3 (3.15) records
+the epoch *before* ``on_epoch_end`` advances it, so even a checkpoint written
+at the last batch of an epoch replays that epoch on restore, and a mid-epoch
+checkpoint replays the epoch's first batches on top of mid-epoch weights: no
+model, sparse or dense, resumes exactly from those. Data must come in a deterministic order
 (here ``shuffle=False``).
 """
 
@@ -113,7 +114,7 @@ def _reference(config):
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize("save_freq,interrupt_at", [
     ("epoch", 8),  # crash mid-epoch 2, after an update; resume from the end of epoch 1
-    (STEPS_PER_EPOCH, 13),  # per-step saving every 5 steps (epoch ends): resume from 10
+    ("epoch", 13),  # crash in epoch 3 right after the update at step 12: resume from 10
 ])
 def test_backup_and_restore_resumes_bit_exact(tmp_path, config, save_freq, interrupt_at):
     backup = str(tmp_path / "backup")
