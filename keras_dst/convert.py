@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+from keras.src.saving import serialization_lib  # SafeModeScope: no public alias
 
 from keras_dst import distributions
 from keras_dst import layers as sparse_layers
@@ -148,33 +149,52 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
                      for p, s in shapes.items()}
 
     # 3. Clone with wrappers and copy the weights over.
-    originals = {}
+    def clone(layer, index):
+        if id(layer) not in to_wrap:
+            return layer.__class__.from_config(layer.get_config()), layer
+        _, weights = to_wrap[id(layer)]
+        inner = layer.__class__.from_config(layer.get_config())
+        inner.build_from_config(layer.get_build_config())
+        new = SparseWrapper(inner, density=[densities[w.path] for w in weights],
+                            init=init, seed=distributions.stable_seed(seed, index),
+                            track_scores=track_scores)
+        return new, layer
 
-    def clone(layer):
-        if id(layer) in to_wrap:
-            _, weights = to_wrap[id(layer)]
-            inner = layer.__class__.from_config(layer.get_config())
-            inner.build_from_config(layer.get_build_config())
-            index = len(originals)
-            new = SparseWrapper(inner, density=[densities[w.path] for w in weights],
-                                init=init, seed=distributions.stable_seed(seed, index),
-                                track_scores=track_scores)
-        else:
-            new = layer.__class__.from_config(layer.get_config())
-        originals[id(new)] = layer
+    return _clone_graph(model, clone)
+
+
+def _clone_graph(model, clone):
+    """Clones a Sequential/functional model layer by layer and copies the weights.
+
+    Args:
+      model: the model to clone (nested Sequential/functional models included).
+      clone: ``clone(layer, index) -> (new_layer, source)``; `index` counts the
+        layers cloned so far; `source` is the layer whose weights `new_layer` (or,
+        for a `SparseWrapper`, its inner layer) receives. A new `SparseWrapper`
+        then zeroes its inactive weights.
+
+    The layers are the caller's own objects in memory, so they are re-created
+    outside Keras's safe mode (a `Lambda` holding a Python function clones too).
+    """
+    sources = {}
+
+    def clone_function(layer):
+        new, source = clone(layer, len(sources))
+        sources[id(new)] = source
         return new
 
-    sparse = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    for layer in sparse._flatten_layers(include_self=False, recursive=True):
-        original = originals.get(id(layer))
-        if original is None:
+    with serialization_lib.SafeModeScope(False):
+        cloned = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    for layer in cloned._flatten_layers(include_self=False, recursive=True):
+        source = sources.get(id(layer))
+        if source is None:
             continue
         target = layer.layer if isinstance(layer, SparseWrapper) else layer
-        if original.weights:
-            target.set_weights(original.get_weights())
+        if source.weights:
+            target.set_weights(source.get_weights())
         if isinstance(layer, SparseWrapper):
             layer.apply_masks()
-    return sparse
+    return cloned
 
 
 def _named_overrides(keep_dense, density_overrides, layer_names):
@@ -206,17 +226,9 @@ def strip(model):
     if not isinstance(model, keras.Model) or not _is_graph_model(model):
         raise TypeError(f"strip() needs a Sequential or functional model, got "
                         f"{type(model).__name__}.")
-    originals = {}
 
-    def clone(layer):
+    def clone(layer, index):
         source = layer.layer if isinstance(layer, SparseWrapper) else layer
-        new = source.__class__.from_config(source.get_config())
-        originals[id(new)] = source
-        return new
+        return source.__class__.from_config(source.get_config()), source
 
-    plain = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    for layer in plain._flatten_layers(include_self=False, recursive=True):
-        source = originals.get(id(layer))
-        if source is not None and source.weights:
-            layer.set_weights(source.get_weights())
-    return plain
+    return _clone_graph(model, clone)

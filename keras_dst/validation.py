@@ -10,11 +10,11 @@ def check_density(value, name="density", allow_zero=False):
       TypeError: if `value` is not a real number (bool included).
       ValueError: if it is outside (0, 1] or NaN.
     """
+    interval = "[0, 1]" if allow_zero else "(0, 1]"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in (0, 1], got {name}={value!r}.")
+        raise TypeError(f"{name} must be a float in {interval}, got {name}={value!r}.")
     low_ok = float(value) >= 0.0 if allow_zero else float(value) > 0.0
     if not (low_ok and float(value) <= 1.0):
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be in {interval}, got {name}={value!r}.")
     return float(value)
 

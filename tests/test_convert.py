@@ -108,6 +108,26 @@ def test_strip_gives_plain_model_with_same_predictions():
                                atol=1e-5)
 
 
+def test_model_with_a_python_lambda_layer_is_made_prunable_and_stripped():
+    # the user's own in-memory Lambda is cloned although Keras's safe mode would refuse
+    # to deserialize it from a file
+    inp = keras.Input((10,))
+    h = keras.layers.Lambda(lambda t: t * 2.0)(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, name="fc")(h))
+    sparse = keras_dst.prunable(model, density=0.5)
+    assert set(keras_dst.masks(sparse)) == {"fc/kernel"}
+    x_data = np.random.default_rng(0).normal(size=(4, 10)).astype("float32")
+    kernel = sparse.get_layer("sparse_fc").layer.kernel.numpy()
+    np.testing.assert_allclose(sparse.predict(x_data, verbose=0),
+                               2.0 * x_data @ kernel + sparse.get_layer("sparse_fc").layer.bias.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(keras_dst.strip(sparse).predict(x_data, verbose=0),
+                               sparse.predict(x_data, verbose=0), atol=1e-6)
+    with pytest.raises(ValueError, match="safe_mode"):  # safe mode is still on afterwards
+        keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(
+            keras.layers.Lambda(lambda t: t)))
+
+
 def test_summary_and_density(capsys):
     sparse = keras_dst.prunable(mlp(), density=0.25, distribution="uniform")
     keras_dst.summary(sparse)
