@@ -5,11 +5,13 @@ one row per growth rule, one curve per criterion with mean ± std over seeds, st
 sparse training as its own curve and the dense model as a dashed horizontal line::
 
     python examples/plot.py --csv runs/sweep.csv --out runs/figure1
-    python examples/plot.py --overlap overlap.json --out runs/overlap
+    python examples/plot.py --overlap runs/run0/overlap.json --out runs/overlap
 
-Writes ``<out>.png`` and ``<out>.pdf``. The overlap input is the JSON of
-`keras_dst.CriteriaOverlap` (``{"names": [...], "matrix": [[...]]}``) or a CSV whose
-header row holds the names.
+Writes ``<out>.png`` and ``<out>.pdf``; with ``--csv`` it also prints the numbers as a
+Markdown table (mean ± std over seeds per criterion and density); ``--ymin`` sets the
+bottom of the y axes. The overlap input is the JSON that ``train.py --overlap a,b,...``
+writes (`keras_dst.CriteriaOverlap.save_json`: ``{"names": [...], "matrix": [[...]],
+...}``, the mean over the updates) or a CSV whose header row holds the names.
 """
 
 import collections
@@ -17,6 +19,7 @@ import csv
 import json
 import os
 import sys
+import textwrap
 
 import matplotlib
 from absl import app, flags
@@ -47,9 +50,11 @@ def _mean_std(rows, metric):
     return {d: (float(np.mean(v)), float(np.std(v))) for d, v in sorted(by_density.items())}
 
 
-def _curve(ax, stats, label, **style):
+def _curve(ax, stats, label, ymin=None, **style):
     x = np.array(list(stats))
     mean, std = np.array([stats[d] for d in x]).T
+    if ymin is not None and (mean < ymin).any():
+        label += f" (below {ymin:g} at d=" + ",".join(f"{d:g}" for d in x[mean < ymin]) + ")"
     line, = ax.plot(x, mean, marker="o", markersize=3, label=label, **style)
     ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color(), linewidth=0)
 
@@ -63,8 +68,11 @@ def _save(fig, out):
     return paths
 
 
-def plot_figure1(rows, out="figure1", metric="best_val_test_accuracy"):
+def plot_figure1(rows, out="figure1", metric="best_val_test_accuracy", ymin=None):
     """Draws Figure 1 from sweep rows (a CSV path or `read_rows` output).
+
+    `ymin` (optional) is the bottom of the y axes; curves that go below it say so in
+    the legend.
 
     Returns:
       The paths written (PNG and PDF).
@@ -92,19 +100,24 @@ def plot_figure1(rows, out="figure1", metric="best_val_test_accuracy"):
             for criterion in criteria:
                 _curve(ax, _mean_std([r for r in setup if r["method"] == "dst" and
                                       r["prune"] == criterion and r["grow"] == growth],
-                                     metric), criterion)
+                                     metric), criterion, ymin)
             if static:
-                _curve(ax, _mean_std(static, metric), "static", color="black", linestyle=":")
+                _curve(ax, _mean_std(static, metric), "static", ymin, color="black",
+                       linestyle=":")
             if gmp:
-                _curve(ax, _mean_std(gmp, metric), "gmp", color="gray", linestyle="-.")
+                _curve(ax, _mean_std(gmp, metric), "gmp", ymin, color="gray", linestyle="-.")
             if dense:
                 ax.axhline(np.mean(dense), color="black", linestyle="--", linewidth=1,
                            label=f"dense ({np.mean(dense):.3f})")
             ax.set_xscale("log")
+            if ymin is not None:
+                top = max(ax.dataLim.y1, ymin + 1e-3)
+                ax.set_ylim(ymin, top + 0.05 * (top - ymin))
             if densities:
                 ax.set_xticks(densities)
                 ax.set_xticklabels([f"{d:g}" for d in densities], rotation=45, fontsize=7)
                 ax.minorticks_off()
+                ax.xaxis.set_tick_params(labelbottom=True)  # on every row, not only the last
             title = f"{model} / {dataset}" + (f" — {growth} growth" if growth else "")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("density")
@@ -113,6 +126,31 @@ def plot_figure1(rows, out="figure1", metric="best_val_test_accuracy"):
             ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def summary_table(rows, metric="best_val_test_accuracy"):
+    """Markdown table of `metric`: mean ± std over seeds (and the seed count) per setup,
+    method, growth and criterion (rows) and density (columns)."""
+    if isinstance(rows, (str, os.PathLike)):
+        rows = read_rows(rows)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    groups = collections.defaultdict(list)
+    for r in rows:
+        groups[(f"{r['model']} / {r['dataset']}", r["method"], r["grow"], r["prune"])].append(r)
+    order = {"dense": 0, "static": 1, "gmp": 2, "dst": 3}
+    keys = sorted(groups, key=lambda k: (k[0], order.get(k[1], 9), k[2], k[3]))
+    densities = sorted({r["density"] for r in rows})
+    lines = ["| setup | method | growth | criterion | " +
+             " | ".join(f"d={d:g}" for d in densities) + " |",
+             "|---" * (4 + len(densities)) + "|"]
+    for key in keys:
+        stats = _mean_std(groups[key], metric)
+        counts = collections.Counter(r["density"] for r in groups[key])
+        cells = [f"{stats[d][0]:.4f} ± {stats[d][1]:.4f} ({counts[d]})" if d in stats else ""
+                 for d in densities]
+        lines.append("| " + " | ".join([*key, *cells]) + " |")
+    return "\n".join(lines)
 
 
 def read_matrix(source):
@@ -150,7 +188,7 @@ def plot_overlap(source, out="overlap", title="Jaccard index of pruned sets"):
             ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if matrix[i, j] < 0.6 else "black")
     fig.colorbar(image, ax=ax)
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 48)), fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
 
@@ -164,6 +202,10 @@ def define_flags(flag_values=flags.FLAGS):
                         "overlap).", flag_values=flag_values)
     flags.DEFINE_enum("metric", "best_val_test_accuracy", METRICS, "Accuracy to plot.",
                       flag_values=flag_values)
+    flags.DEFINE_float("ymin", None, "Bottom of Figure 1's y axes (default: automatic); "
+                       "curves below it are marked in the legend.", flag_values=flag_values)
+    flags.DEFINE_string("title", None, "Title of the overlap heatmap (default: 'Jaccard index "
+                        "of pruned sets').", flag_values=flag_values)
 
 
 def parse_flags(argv):
@@ -180,8 +222,13 @@ def main(argv):
     if bool(FLAGS.csv) == bool(FLAGS.overlap):
         sys.exit("error: pass exactly one of --csv (Figure 1) or --overlap (heatmap)")
     try:
-        paths = (plot_figure1(FLAGS.csv, FLAGS.out or "figure1", FLAGS.metric) if FLAGS.csv
-                 else plot_overlap(FLAGS.overlap, FLAGS.out or "overlap"))
+        if FLAGS.csv:
+            print(f"{FLAGS.metric}: mean ± std over seeds (number of seeds)")
+            print(summary_table(FLAGS.csv, FLAGS.metric))
+        paths = (plot_figure1(FLAGS.csv, FLAGS.out or "figure1", FLAGS.metric, FLAGS.ymin)
+                 if FLAGS.csv
+                 else plot_overlap(FLAGS.overlap, FLAGS.out or "overlap",
+                                   FLAGS.title or "Jaccard index of pruned sets"))
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {type(e).__name__}: {e}")
     print("wrote " + ", ".join(paths))

@@ -106,6 +106,8 @@ def grid(methods, prunes, grows, densities, seeds):
 def run_key(config):
     """A short stable hash of the settings of `config` that change the result."""
     ignored = set(NOT_IN_KEY)
+    if not config.get("overlap"):  # off: same key as before the flag existed
+        ignored.add("overlap")
     if config["method"] != "dst":
         ignored.update(DST_ONLY)
     if config["method"] == "dense":

@@ -13,7 +13,10 @@ about a minute on a laptop CPU::
         --batch_size 128 --update_every 800 --density 0.1 --prune magnitude --grow gradient
 
 Outputs in --output_dir: results.json, model.keras (last epoch, with optimizer),
-best.keras (best validation accuracy), history.csv and TensorBoard logs (tb/).
+best.keras (best validation accuracy), history.csv and TensorBoard logs (tb/; with
+the DST metrics density, density/<layer>, itop, pruned, grown, mask_churn, prune_rate),
+and with ``--overlap magnitude,snip,...`` overlap.json, the Jaccard matrix of
+`keras_dst.CriteriaOverlap` (for ``plot.py --overlap``).
 The .keras files hold custom objects of this directory; load them after
 ``import examples.models, examples.optim`` (or ``from examples import train``).
 `run(config)` runs the same in-process from a dict of flag values.
@@ -72,6 +75,10 @@ FLAG_SPECS = [
     ("enum", "scope", "layer", "Rank weights per layer or globally.", ("layer", "global")),
     ("bool", "grow_exact", True, "Regrow exactly the pruned count (False: the reference's "
      "Bernoulli random growth).", None),
+    ("list", "overlap", [], "Comma-separated criteria (two or more, no running_*) whose "
+     "would-be pruned sets keras_dst.CriteriaOverlap compares at every update (same "
+     "--update_every, --prune_rate, --schedule; static/dst/gmp only). Writes overlap.json "
+     "(Jaccard matrix, mean over updates) for `plot.py --overlap`. Empty: off.", None),
     ("integer", "epochs", 30, "Training epochs (paper: 100, ResNet/VGG 200).", None),
     ("integer", "batch_size", 32, "Global batch size, train and evaluation (paper: 128).", None),
     ("float", "lr", 0.05, "Initial learning rate, ×0.1 after 50% and 75% of the epochs "
@@ -99,7 +106,7 @@ FLAG_SPECS = [
 
 _DEFINE = {"enum": flags.DEFINE_enum, "string": flags.DEFINE_string,
            "integer": flags.DEFINE_integer, "float": flags.DEFINE_float,
-           "bool": flags.DEFINE_bool}
+           "bool": flags.DEFINE_bool, "list": flags.DEFINE_list}
 
 
 def define_flags(flag_values=flags.FLAGS, exclude=()):
@@ -126,6 +133,9 @@ CHECKS = {
     "weight_decay": (lambda v: v >= 0, "must be >= 0"),
     "method": (lambda v: v != "gmp" or hasattr(keras_dst, "GradualPruning"),
                "=gmp needs keras_dst.GradualPruning, which this keras_dst version lacks"),
+    "overlap": (lambda v: not v or (len(set(v)) == len(v) >= 2 and all(
+        c in keras_dst.criterion_names() and not c.startswith("running_") for c in v)),
+                "must be empty or two or more distinct non-running criteria"),
 }
 
 
@@ -152,6 +162,8 @@ def validate(config):
             raise ValueError(f"--{name}={value}: choose one of {', '.join(choices)}")
         if name in CHECKS and not CHECKS[name][0](value):
             raise ValueError(f"--{name}={value}: {CHECKS[name][1]}")
+    if config.get("overlap") and config.get("method") == "dense":
+        raise ValueError("--overlap needs a sparse model: --method static, dst or gmp")
 
 
 # -- building blocks -----------------------------------------------------------------
@@ -200,6 +212,16 @@ def sparsity_callbacks(config, total_steps):
         return [keras_dst.GradualPruning(final_density=config["density"],
                                          frequency=config["update_every"])]
     return []
+
+
+def overlap_callbacks(config, total_steps):
+    """[CriteriaOverlap] when --overlap names criteria, else []."""
+    if not config["overlap"]:
+        return []
+    return [keras_dst.CriteriaOverlap(
+        list(config["overlap"]), update_every=config["update_every"],
+        prune_rate=config["prune_rate"], schedule=config["schedule"], total_steps=total_steps,
+        seed=config["seed"])]
 
 
 class BestWeights(keras.callbacks.Callback):
@@ -281,6 +303,9 @@ def run(config):
       ValueError: invalid config.
     """
     config = {**default_config(), **config}
+    if isinstance(config["overlap"], str):  # "a,b" as on the command line
+        config["overlap"] = [c for c in config["overlap"].split(",") if c]
+    config["overlap"] = list(config["overlap"] or [])
     validate(config)
     start = time.time()
     keras.backend.clear_session()
@@ -311,7 +336,8 @@ def run(config):
                          keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                 jit_compile={"true": True, "false": False}.get(config["jit_compile"], "auto"))
         best = BestWeights()
-        callbacks = sparsity_callbacks(config, total_steps) + [
+        overlap = overlap_callbacks(config, total_steps)
+        callbacks = sparsity_callbacks(config, total_steps) + overlap + [
             best,
             keras.callbacks.CSVLogger(os.path.join(output_dir, "history.csv")),
             *tensorboard(os.path.join(output_dir, "tb")),
@@ -334,6 +360,13 @@ def run(config):
         best_test = evaluate()
         model.save(os.path.join(output_dir, "best.keras"))
         model.set_weights(final_weights)
+        overlap_file = None
+        if overlap and overlap[0].history:
+            overlap_file = os.path.abspath(os.path.join(output_dir, "overlap.json"))
+            overlap[0].save_json(overlap_file)
+        elif overlap:
+            logging.warning("--overlap: no DST update step was reached (steps < --update_every); "
+                            "no overlap.json")
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     results = {
@@ -353,6 +386,7 @@ def run(config):
         "total_time_s": time.time() - start,
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "output_dir": os.path.abspath(output_dir),
+        "overlap_file": overlap_file,
         "keras_dst_version": keras_dst.__version__,
     }
     with open(os.path.join(output_dir, "results.json"), "w") as f:

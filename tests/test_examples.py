@@ -28,7 +28,6 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 TINY = dict(epochs=1, batch_size=4, update_every=1, verbose=0, jit_compile="false")
 DIGITS = dict(TINY, batch_size=256, update_every=2)  # 5 steps per epoch
-HAS_GMP = hasattr(keras_dst, "GradualPruning")
 SLOW_BUILDS = ("vgg16", "resnet110", "mlp_cifar10", "resnet50")
 RESULT_KEYS = {"config", "final_test_accuracy", "best_val_test_accuracy", "best_val_accuracy",
                "best_epoch", "final_val_accuracy", "density", "layer_densities", "num_params",
@@ -191,9 +190,7 @@ METHOD_CASES = [
     dict(method="dst", prune="magnitude", grow="random"),
     dict(method="dst", prune="snip", grow="gradient", init="bernoulli"),
     dict(method="dst", prune="set", grow="random", scope="global", grow_exact=False),
-    pytest.param(dict(method="gmp", density=0.3),
-                 marks=() if HAS_GMP else pytest.mark.xfail(
-                     reason="keras_dst.GradualPruning is not available yet", strict=False)),
+    dict(method="gmp", density=0.3),
 ]
 
 
@@ -235,9 +232,31 @@ def test_dst_logs_and_checkpoints_reload(tmp_path):
         assert any((out / "tb").rglob("*tfevents*"))
 
 
+def test_overlap_flag_writes_a_plottable_matrix(tmp_path):
+    criteria = ["magnitude", "snip", "random"]
+    plain = train.run({**DIGITS, "output_dir": str(tmp_path / "plain")})
+    results = train.run({**DIGITS, "output_dir": str(tmp_path / "run"),
+                         "overlap": ",".join(criteria)})
+    assert results["config"]["overlap"] == criteria
+    # CriteriaOverlap only observes: the run is the same as without it.
+    assert results["final_test_accuracy"] == plain["final_test_accuracy"]
+    saved = json.loads(pathlib.Path(results["overlap_file"]).read_text())
+    assert saved["names"] == criteria and len(saved["history"]) == 2  # steps 2 and 4
+    matrix = np.array(saved["matrix"])
+    np.testing.assert_allclose(np.diag(matrix), 1.0)
+    np.testing.assert_allclose(matrix, matrix.T)
+    paths = plot.plot_overlap(results["overlap_file"], str(tmp_path / "overlap"))
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+    config = {**train.default_config(), "method": "dst"}
+    assert sweep.run_key(config) == sweep.run_key({**config, "overlap": []})
+    assert sweep.run_key(config) != sweep.run_key({**config, "overlap": criteria})
+
+
 def test_run_rejects_bad_configs(tmp_path):
     for bad in ({"model": "nope"}, {"density": 0.0}, {"density": 1.5}, {"epochs": 0},
-                {"prune": "nope"}, {"typo_key": 1}):
+                {"prune": "nope"}, {"typo_key": 1}, {"overlap": ["magnitude"]},
+                {"overlap": ["magnitude", "nope"]}, {"overlap": ["magnitude", "running_snip"]},
+                {"overlap": ["snip", "magnitude"], "method": "dense"}):
         with pytest.raises(ValueError):
             train.run({**DIGITS, "output_dir": str(tmp_path), **bad})
 
@@ -318,6 +337,12 @@ def test_plot_figure1_and_overlap(tmp_path):
     paths = plot.plot_figure1(str(tmp_path / "sweep.csv"), str(tmp_path / "fig1"))
     assert [pathlib.Path(p).suffix for p in paths] == [".png", ".pdf"]
     assert all(os.path.getsize(p) > 1000 for p in paths)
+    paths = plot.plot_figure1(str(tmp_path / "sweep.csv"), str(tmp_path / "zoom"), ymin=0.85)
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+    table = plot.summary_table(str(tmp_path / "sweep.csv")).splitlines()
+    assert table[0].endswith("| d=0.05 | d=0.1 | d=0.2 | d=1 |")
+    assert len(table) == 2 + 1 + 1 + 2 * 2  # header, dense, static, criteria x growths
+    assert "(2)" in table[-1] and " ± " in table[-1]
     overlap = {"names": ["magnitude", "snip", "set"],
                "matrix": [[1.0, 0.4, 0.7], [0.4, 1.0, 0.3], [0.7, 0.3, 1.0]]}
     (tmp_path / "overlap.json").write_text(json.dumps(overlap))
