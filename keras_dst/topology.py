@@ -19,11 +19,14 @@ and the SET criteria):
   scores contain (NaN, +-inf), so a non-finite score can never corrupt the
   number of active entries.
 
-Implementation: each entry gets a unique int64 key
-`(order of the score) * 2**31 + flat index` (ineligible entries get a key above
-every eligible one); one ascending `tf.sort` gives the `count`-th smallest key
-and the chosen entries are those with `key <= that key`. Cost O(n log n);
-at most 2**31 - 1 entries per call.
+Implementation: each entry gets a unique key `(order of the score, flat index)`
+(ineligible entries get an order above every eligible one) and the chosen
+entries are the `count` smallest keys. The `count`-th smallest key is found
+without sorting, by bisection on its value: ~33 vectorised counting passes over
+the order (`#{order <= v} >= count`), then, only when the threshold order is
+tied, ~log2(n) passes over the flat index of the tied entries. Cost O(n) (about
+33 + log2 n elementwise passes, no sort: XLA's comparator sort costs ~1 us per
+entry on CPU); at most 2**31 - 1 entries per call.
 """
 
 from typing import List, Sequence
@@ -33,7 +36,7 @@ import tensorflow as tf
 from keras_dst.scoring import ScoreInputs
 
 _INDEX_SPAN = 2**31  # flat indices must stay below this
-_INELIGIBLE = 2**31 + 1  # above every order value (orders lie in [-2**31, 2**31])
+_INELIGIBLE = 2**31 - 1  # int32.max: ranks last (eligible NaNs of `grow` share it)
 
 
 def _as_count(count) -> tf.Tensor:
@@ -42,7 +45,7 @@ def _as_count(count) -> tf.Tensor:
 
 
 def _score_order(scores: tf.Tensor) -> tf.Tensor:
-    """Maps float scores to int64 values with the same order (1-D in, 1-D out).
+    """Maps float scores to int32 values with the same order (1-D in, 1-D out).
 
     The float32 bit pattern is made monotone (negative floats have their
     magnitude bits flipped); -0.0 is folded onto +0.0 and NaN maps to -2**31,
@@ -52,8 +55,7 @@ def _score_order(scores: tf.Tensor) -> tf.Tensor:
     x = tf.where(tf.equal(x, 0.0), tf.zeros_like(x), x)
     bits = tf.bitcast(x, tf.int32)
     monotone = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits)
-    monotone = tf.where(tf.math.is_nan(x), tf.fill(tf.shape(bits), tf.int32.min), monotone)
-    return tf.cast(monotone, tf.int64)
+    return tf.where(tf.math.is_nan(x), tf.fill(tf.shape(bits), tf.int32.min), monotone)
 
 
 def _select(scores: tf.Tensor, eligible: tf.Tensor, count, lowest: bool) -> tf.Tensor:
@@ -75,15 +77,50 @@ def _select(scores: tf.Tensor, eligible: tf.Tensor, count, lowest: bool) -> tf.T
     if n >= _INDEX_SPAN:
         raise ValueError(f"Selection over {n} entries; at most {_INDEX_SPAN - 1} are supported.")
     flat_eligible = tf.reshape(eligible, [-1])
-    order = _score_order(tf.reshape(scores, [-1]))
+    order = _score_order(tf.reshape(scores, [-1]))  # int32; NaN = int32.min
     if not lowest:
-        order = -order  # NaN (-2**31) becomes 2**31: still chosen last
-    order = tf.where(flat_eligible, order, tf.constant(_INELIGIBLE, tf.int64))
-    keys = order * _INDEX_SPAN + tf.range(n, dtype=tf.int64)
+        order = tf.bitwise.invert(order)  # -order - 1: NaN becomes int32.max, chosen last
+    # Ineligible entries rank last (int32.max; only the eligible can be chosen below).
+    order = tf.where(flat_eligible, order, tf.constant(_INELIGIBLE, tf.int32))
     available = tf.reduce_sum(tf.cast(flat_eligible, tf.int32))
     count = tf.clip_by_value(_as_count(count), 0, available)
-    threshold = tf.gather(tf.sort(keys), tf.maximum(count - 1, 0))
-    chosen = flat_eligible & (keys <= threshold) & (count > 0)
+
+    def n_at_most(v):
+        return tf.reduce_sum(tf.cast(order <= v, tf.int32))
+
+    # Smallest order value v with #{order <= v} >= count, by bisection (bounds kept
+    # in int64: count(lo) < count <= count(hi), hi = int32.max counts everything).
+    # Below int32.max only eligible entries are counted; if v = int32.max, the
+    # eligible ones at int32.max are told apart from the ineligible by `tied`.
+    def bisect(lo, hi):
+        mid = lo + (hi - lo) // 2
+        above = n_at_most(tf.cast(mid, tf.int32)) >= count
+        return tf.where(above, lo, mid), tf.where(above, mid, hi)
+
+    _, v = tf.while_loop(lambda lo, hi: hi - lo > 1, bisect,
+                         (tf.constant(-2**31 - 1, tf.int64), tf.constant(2**31 - 1, tf.int64)),
+                         maximum_iterations=33)
+    v = tf.cast(v, tf.int32)
+    below = order < v  # all eligible (v <= int32.max)
+    tied = flat_eligible & tf.equal(order, v)
+    need = count - tf.reduce_sum(tf.cast(below, tf.int32))  # >= 1 when count > 0
+    index = tf.range(n, dtype=tf.int32)
+
+    def first_tied():
+        # Smallest index j with #{tied, index <= j} >= need: ties go to lower indices.
+        def bisect_index(lo, hi):
+            mid = lo + (hi - lo) // 2
+            above = tf.reduce_sum(tf.cast(tied & (index <= mid), tf.int32)) >= need
+            return tf.where(above, lo, mid), tf.where(above, mid, hi)
+
+        _, j = tf.while_loop(lambda lo, hi: hi - lo > 1, bisect_index,
+                             (tf.constant(-1, tf.int32), tf.constant(n - 1, tf.int32)),
+                             maximum_iterations=33)
+        return tied & (index <= j)
+
+    n_tied = tf.reduce_sum(tf.cast(tied, tf.int32))
+    chosen_tied = tf.cond(need < n_tied, first_tied, lambda: tied)
+    chosen = flat_eligible & (below | chosen_tied) & (count > 0)
     return tf.reshape(chosen, shape)
 
 

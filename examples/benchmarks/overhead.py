@@ -403,7 +403,7 @@ def run_model(model_name, log):
 
 # -- report ----------------------------------------------------------------------------
 METHOD_NOTES = """\
-How to read this table (see examples/benchmarks/README.md):
+How to read this table (see BUILD.md#benchmarks):
 
 * Step times are wall time per training step (epoch time / steps) through
   `model.fit`, all variants in one process, epochs interleaved round-robin;

@@ -1,0 +1,96 @@
+r"""Headline table of the benchmark results: ``results/<prefix>_summary.md``.
+
+Reads ``<prefix>_overhead.json`` and ``<prefix>_scaling.json`` (written by
+`overhead.py` and `scaling.py`) and writes one table per model with the ratios
+the targets are stated in, each marked met / missed. No TensorFlow needed.
+
+  python examples/benchmarks/summarize.py            # results/cpu_summary.md
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_utils  # noqa: E402
+from bench_utils import fmt  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "results folder")
+flags.DEFINE_string("prefix", "cpu", "file prefix")
+flags.DEFINE_string("note", "", "free text put under the title (e.g. contention, missing GPU)")
+
+TARGETS = {"static": 1.01, "amortised": 1.03, "update_steps": 1.0, "tfmot": 0.7}
+
+
+def mark(x, limit, applies=True):
+    if x is None:
+        return "n/a"
+    s = fmt(x)
+    return s if not applies else f"{s} ({'met' if x <= limit else 'MISSED'})"
+
+
+def main(argv):
+    del argv
+    over = bench_utils.read_json(os.path.join(FLAGS.out_dir, f"{FLAGS.prefix}_overhead.json"))
+    scal = bench_utils.read_json(os.path.join(FLAGS.out_dir, f"{FLAGS.prefix}_scaling.json"))
+    lines = [f"# keras_dst benchmark summary ({FLAGS.prefix.upper()})", ""]
+    if FLAGS.note:
+        lines += [FLAGS.note, ""]
+    if over:
+        rows = []
+        for m, r in over["models"].items():
+            v = r["variants"]
+            mag, snip = v.get("dst_magnitude", {}), v.get("dst_snip", {})
+            tm = r.get("tfmot") or {}
+            big = m in ("resnet56", "vgg16")
+            rows.append([
+                m, f"{r['params_dense']:,}", r["batch_size"], fmt(r["dense_step_ms"], ".1f"),
+                mark(v["static"]["ratio"], TARGETS["static"]),
+                fmt(mag.get("step_ratio")),
+                mark(mag.get("amortised_ratio"), TARGETS["amortised"]),
+                fmt(mag.get("direct_ratio")),
+                mark(snip.get("amortised_ratio"), TARGETS["amortised"]),
+                mark(mag.get("update_in_dense_steps"), TARGETS["update_steps"], big),
+                mark(snip.get("update_in_dense_steps"), TARGETS["update_steps"], big),
+                mark(tm.get("dst_magnitude_epoch_over_tfmot"), TARGETS["tfmot"]),
+                fmt(tm.get("ratio_to_tf_keras_dense")),
+                f"{100 * r['memory']['extra_over_dense_weights']:.1f} %",
+                r["machine"]["date_utc"], r["machine"]["load_average_1_5_15min"],
+            ])
+        lines += [
+            "## Overhead (ratios to the dense Keras 3 step; targets in the header)", "",
+            bench_utils.markdown_table(
+                ["model", "params", "batch", "dense ms/step", "static × (≤1.01)",
+                 "DST-mag step ×", "DST-mag amortised × (≤1.03)", "DST-mag direct ×",
+                 "DST-snip amortised × (≤1.03)", "mag update / step (≤1, ResNet/VGG)",
+                 "snip update / step (≤1, ResNet/VGG)", "DST epoch / TFMOT epoch (≤0.7)",
+                 "TFMOT / tf_keras dense", "extra memory / dense weights", "run (UTC)",
+                 "load avg at start"], rows),
+            "", f"Details: `{FLAGS.prefix}_overhead.md` / `.json`.", ""]
+    if scal:
+        pf, lf, host = scal["params_fit"], scal["layers_fit"], scal["host_roundtrip"]
+        lines += [
+            "## Mask-update scaling", "",
+            bench_utils.markdown_table(
+                ["weights (one layer)", "update ms", "ns / weight"],
+                [[f"{r['n']:,}", fmt(1e3 * r["median_s"], ".1f"), fmt(r["per_weight_ns"], ".1f")]
+                 for r in scal["params_scaling"]]),
+            "",
+            f"Exponent b of t ∝ n^b: {fmt(pf['exponent'], '.3f')} over n ≥ "
+            f"{pf['fit_min_n']:g}, {fmt(pf['exponent_all_points'], '.3f')} over all points; "
+            f"layers: t ∝ L^{fmt(lf['exponent'], '.3f')}, {fmt(lf['per_layer_ms'], '.2f')} ms "
+            f"per layer of {scal['layers_scaling'][0]['n']:,} weights. Host round-trip check: "
+            f"{'none found' if host['ok'] else 'HOST OPS FOUND'} ({host['hlo_sort_ops']} sort, "
+            f"{host['hlo_while_ops']} while in the HLO of {host['layers']} layers).",
+            "", f"Details: `{FLAGS.prefix}_scaling.md` / `.json`.", ""]
+    path = os.path.join(FLAGS.out_dir, f"{FLAGS.prefix}_summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app.run(main)
