@@ -22,7 +22,15 @@ class HookedCallback(keras.callbacks.Callback):
     Subclasses implement `_make_engine()` and `_read_logs()`; this class installs
     the engine at the start of `fit`, re-traces the training function so that the
     compiled step contains it, removes it at the end, and adds the engine's
-    numbers to `logs` (read from the device only after an update happened).
+    numbers to `logs`.
+
+    No host round-trip per batch: the host reads the engine's numbers once per
+    epoch (at its start and end) and, within an epoch, only after a batch whose
+    steps (the optimizer step at the epoch start + `batch` + 1, counted on the
+    host) cross an update step of the grid `_update_grid()`. A step skipped by a
+    `LossScaleOptimizer` (overflow) makes that count run ahead; batch-level logs
+    may then lag an update until the next grid step or the epoch end, whose logs
+    are always read from the device.
     """
 
     #: Hook before every other one (observers that must see the pre-update state).
@@ -33,6 +41,8 @@ class HookedCallback(keras.callbacks.Callback):
         self.engine = None
         self._logs = {}
         self._seen_update = None
+        self._epoch_start_step = 0
+        self._checked_step = 0
 
     def on_train_begin(self, logs=None):
         optimizer = getattr(self.model, "optimizer", None)
@@ -55,20 +65,39 @@ class HookedCallback(keras.callbacks.Callback):
             optimizer_hook.uninstall(self.model.optimizer, self.engine)
             self.model.train_function = None
 
+    def _update_grid(self):
+        """(period, offset): updates can only happen at steps offset + j * period."""
+        return self.update_every, 0
+
+    def _optimizer_step(self):
+        return int(optimizer_hook.base_optimizer(self.model.optimizer).iterations.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.engine is not None:
+            self._epoch_start_step = self._checked_step = self._optimizer_step()
+            self._refresh()
+
     def on_train_batch_end(self, batch, logs=None):
-        self._add_logs(logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._add_logs(logs)
-
-    def _add_logs(self, logs):
         if self.engine is None or logs is None:
             return
+        step = self._epoch_start_step + int(batch) + 1  # host count, no device read
+        period, offset = self._update_grid()
+        if (step - offset) // period != (self._checked_step - offset) // period:
+            self._checked_step = step
+            self._refresh()
+        logs.update(self._logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.engine is not None and logs is not None:
+            self._refresh()
+            logs.update(self._logs)
+
+    def _refresh(self):
+        """Re-reads the engine's numbers from the device if an update happened since."""
         last = int(self.engine.last_update_step.numpy())
         if last != self._seen_update:
             self._seen_update = last
             self._logs = self._read_logs()
-        logs.update(self._logs)
 
 
 @keras.saving.register_keras_serializable(package="keras_dst")

@@ -250,6 +250,9 @@ class GradualPruning(HookedCallback):
     def from_config(cls, config):
         return cls(**config)
 
+    def _update_grid(self):
+        return self.frequency, self.begin_step
+
     def get_config(self):
         return dict(final_density=self.final_density, begin_step=self.begin_step,
                     end_step=self.end_step, frequency=self.frequency, power=self.power,

@@ -184,6 +184,37 @@ def test_logs_in_history_and_csv_logger_and_itop_grows(tmp_path):
     assert "apply" not in vars(model.optimizer)
 
 
+class FreshLogs(keras.callbacks.Callback):
+    """After `dst` in the list: compares every batch's logs with a fresh device read."""
+
+    def __init__(self, dst):
+        super().__init__()
+        self.dst, self.batches = dst, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        fresh = self.dst._read_logs()
+        assert {k: logs[k] for k in fresh} == fresh, f"stale logs at batch {batch}"
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_device_is_read_only_at_epoch_edges_and_after_update_steps(monkeypatch,
+                                                                    steps_per_execution):
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True,
+                  steps_per_execution=steps_per_execution)
+    x, y = classification_data(n=160)  # 10 steps per epoch
+    dst = DST(prune="magnitude", grow="random", update_every=4)
+    reads = []
+    refresh = dst._refresh
+    monkeypatch.setattr(dst, "_refresh", lambda: (reads.append(1), refresh()))
+    fresh = FreshLogs(dst)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=[dst, fresh])
+    assert fresh.batches == 20 // steps_per_execution
+    # per epoch: its start, its end, and one batch per update step (4, 8 | 12, 16, 20)
+    assert len(reads) == 2 * 2 + 5
+
+
 # ----------------------------------------------------------------------------
 # Serialization.
 

@@ -15,7 +15,10 @@ from keras_dst.scoring import ScoreInputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SEED = tf.constant([4, 2])
-VALUES = st.sampled_from([-3.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0]) | st.floats(-10, 10, width=32)
+# No subnormals: TensorFlow's CPU kernels flush them to zero (so `w > 0` differs from
+# NumPy's), a platform property, not a criterion's.
+VALUES = (st.sampled_from([-3.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0])
+          | st.floats(-10, 10, width=32, allow_subnormal=False))
 SHAPES = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=4)
 
 
