@@ -214,14 +214,7 @@ class UpdateCase:
 
 def fit_power(xs, ys):
     """Least-squares b, a of log y = a + b log x."""
-    lx = [math.log(x) for x in xs]
-    ly = [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    sxx = sum((x - mx) ** 2 for x in lx)
-    if sxx == 0:
-        return None, None
-    b = sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sxx
-    return b, my - b * mx
+    return fit_line([math.log(x) for x in xs], [math.log(y) for y in ys])
 
 
 def fit_line(xs, ys):
