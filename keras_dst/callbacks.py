@@ -1,6 +1,7 @@
 """Keras callbacks that drive sparse training: `DynamicSparseTraining`."""
 
 import numbers
+import warnings
 
 import keras
 import numpy as np
@@ -16,21 +17,96 @@ from keras_dst.masks import sparse_targets
 from keras_dst.validation import check_choice, check_positive_int
 
 
+class StepSwitch:
+    """`model.train_function` while hooked callbacks train: one compiled step per hook set.
+
+    An update touches the topology only every few steps, but a `tf.cond` in the
+    compiled step is not free: XLA passes every variable the update writes
+    (weights, masks, ever-active flags, optimizer slots) through the cond's
+    false branch as a copy, at every step (~7 % of a CPU MLP step). So the
+    training function is compiled in variants: a hook whose engine has
+    ``needed = False`` for the coming execution is left out of the traced step
+    (see `optimizer_hook.install`); a callback sets ``needed`` before each
+    batch, and this switch calls (compiling on first use) the function traced
+    with exactly the needed hooks. Without any update step in it, the step is
+    the plain static-sparse step.
+
+    One switch serves all hooked callbacks of one `fit` (identified by its
+    `params` dict, shared by the callbacks of a `fit`); a switch left by a `fit`
+    that ended in an exception is dropped, and its hooks uninstalled, when the
+    next `fit` starts.
+    """
+
+    ATTR = "_keras_dst_step_switch"
+
+    def __init__(self, model, params):
+        self.model = model
+        self.params = params
+        self.engines = []
+        self._functions = {}
+
+    @classmethod
+    def of(cls, model, params):
+        """The switch of the current `fit` of `model` (made and installed if needed)."""
+        switch = model.__dict__.get(cls.ATTR)
+        if switch is not None and (switch.params is not params or params is None):
+            for engine in switch.engines:  # a fit that never reached on_train_end
+                optimizer_hook.uninstall(model.optimizer, engine)
+            switch = None
+        if switch is None:
+            switch = cls(model, params)
+            model.__dict__[cls.ATTR] = switch
+        model.train_function = switch
+        return switch
+
+    def add(self, engine):
+        if engine not in self.engines:
+            self.engines.append(engine)
+            self._functions.clear()  # traced without this hook
+
+    def remove(self, engine):
+        if engine in self.engines:
+            self.engines.remove(engine)
+            self._functions.clear()
+        if not self.engines:
+            self.model.__dict__.pop(self.ATTR, None)
+            self.model.train_function = None
+
+    def __call__(self, *args, **kwargs):
+        key = tuple(bool(getattr(e, "needed", True)) for e in self.engines)
+        for engine, needed in zip(self.engines, key):
+            engine.traced = needed  # read when (and only when) the function traces
+        function = self._functions.get(key)
+        if function is None:
+            self.model.make_train_function(force=True)
+            function = self._functions[key] = self.model.train_function
+            self.model.train_function = self
+        return function(*args, **kwargs)
+
+
 class HookedCallback(keras.callbacks.Callback):
     """Base of callbacks that put an engine into the optimizer's `apply`.
 
     Subclasses implement `_make_engine()` and `_read_logs()`; this class installs
-    the engine at the start of `fit`, re-traces the training function so that the
-    compiled step contains it, removes it at the end, and adds the engine's
-    numbers to `logs`.
+    the engine at the start of `fit`, has the training function compiled with
+    it, removes it at the end, and adds the engine's numbers to `logs`.
 
-    No host round-trip per batch: the host reads the engine's numbers once per
-    epoch (at its start and end) and, within an epoch, only after a batch whose
-    steps (the optimizer step at the epoch start + `batch` + 1, counted on the
-    host) cross an update step of the grid `_update_grid()`. A step skipped by a
-    `LossScaleOptimizer` (overflow) makes that count run ahead; batch-level logs
-    may then lag an update until the next grid step or the epoch end, whose logs
-    are always read from the device.
+    Step counting on the host, no host round-trip per batch: the host counts
+    optimizer steps (exact after each device read) and, before each batch,
+    decides whether the execution may hold an update step of the grid
+    `_update_grid()`. Only such executions run the step compiled with the
+    engine (see `StepSwitch`); the others run the plain sparse step. The device
+    is read at the epoch edges, after the first execution of a `fit` and after
+    each execution that may hold an update step: those reads re-synchronise the
+    count and refresh the logs.
+
+    The count is never behind the device: a step that a `LossScaleOptimizer`
+    skips (overflow) makes it run ahead, so the execution that was expected to
+    update may not have; the read after it sees that, and the following
+    executions run with the engine until the device reaches the update step.
+    Only a training step that applies the optimizer more than once per batch
+    could put the device ahead; the read after the first execution (and every
+    later one) detects it, and the engine then runs in every step.
     """
 
     #: Hook before every other one (observers that must see the pre-update state).
@@ -41,8 +117,11 @@ class HookedCallback(keras.callbacks.Callback):
         self.engine = None
         self._logs = {}
         self._seen_update = None
-        self._epoch_start_step = 0
-        self._checked_step = 0
+        self._host_step = 0       # optimizer steps done, as counted on the host (>= device)
+        self._batch_begin = 0
+        self._read_after = False  # read the device after this execution
+        self._verify = False      # first execution of the fit: check the count
+        self._every_step = False  # the engine must run in every step
 
     def on_train_begin(self, logs=None):
         optimizer = getattr(self.model, "optimizer", None)
@@ -51,10 +130,14 @@ class HookedCallback(keras.callbacks.Callback):
         base = optimizer_hook.base_optimizer(optimizer)
         if not base.built:
             base.build(self.model.trainable_variables)
+        if self.engine is not None:  # a previous fit ended in an exception
+            optimizer_hook.uninstall(optimizer, self.engine)
         with self.model.distribute_strategy.scope():
             self.engine = self._make_engine()
         optimizer_hook.install(optimizer, self.engine, first=self.hook_first)
-        self.model.make_train_function(force=True)
+        self._every_step = bool(getattr(self.engine, "needs_every_step", False))
+        self._verify = True
+        StepSwitch.of(self.model, self.params).add(self.engine)
 
     @classmethod
     def from_config(cls, config):
@@ -63,29 +146,59 @@ class HookedCallback(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.engine is not None:
             optimizer_hook.uninstall(self.model.optimizer, self.engine)
-            self.model.train_function = None
+            switch = self.model.__dict__.get(StepSwitch.ATTR)
+            if switch is not None:
+                switch.remove(self.engine)
+            else:
+                self.model.train_function = None
 
     def _update_grid(self):
-        """(period, offset): updates can only happen at steps offset + j * period."""
+        """(period, offset): the engine can only update while running a (1-based)
+        optimizer step t with ``(t - offset) % period == 0``."""
         return self.update_every, 0
+
+    def _may_update(self, first, last):
+        """Does the step range [first, last] (1-based, inclusive) hold a grid step?"""
+        period, offset = self._update_grid()
+        return (last - offset) // period != (first - 1 - offset) // period
 
     def _optimizer_step(self):
         return int(optimizer_hook.base_optimizer(self.model.optimizer).iterations.numpy())
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.engine is not None:
-            self._epoch_start_step = self._checked_step = self._optimizer_step()
+            self._host_step = self._optimizer_step()
             self._refresh()
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self.engine is None or logs is None:
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.engine is None:
             return
-        step = self._epoch_start_step + int(batch) + 1  # host count, no device read
-        period, offset = self._update_grid()
-        if (step - offset) // period != (self._checked_step - offset) // period:
-            self._checked_step = step
+        self._batch_begin = int(batch)
+        steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        per_epoch = (self.params or {}).get("steps")
+        if per_epoch:  # the last execution of an epoch may be shorter
+            steps = max(1, min(steps, int(per_epoch) - self._batch_begin))
+        self._read_after = self._verify or self._may_update(self._host_step + 1,
+                                                             self._host_step + steps)
+        self.engine.needed = self._every_step or self._read_after
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.engine is None:
+            return
+        self._host_step += int(batch) - self._batch_begin + 1  # no device read
+        if self._read_after:
+            device = self._optimizer_step()
+            if device > self._host_step and not self._every_step:
+                self._every_step = True  # see the class docstring
+                warnings.warn(
+                    f"{type(self).__name__}: the optimizer made {device} steps where the host "
+                    f"counted {self._host_step} (a train_step applying it more than once?); "
+                    "the engine now runs in every step.", stacklevel=2)
+            self._host_step = device
+            self._verify = False
             self._refresh()
-        logs.update(self._logs)
+        if logs is not None:
+            logs.update(self._logs)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.engine is not None and logs is not None:
@@ -115,7 +228,10 @@ class DynamicSparseTraining(HookedCallback):
     The update runs inside the compiled training step (a `tf.cond` on the step
     counter, no host round-trip), at optimizer steps ``t = update_every,
     2 * update_every, ...`` counted by ``optimizer.iterations`` (so it resumes
-    with the optimizer).
+    with the optimizer). Executions of the training function that cannot hold
+    an update step run a second compiled step without the update (see
+    `StepSwitch`), unless the criterion keeps running scores (updated at every
+    step).
 
     Args:
       prune: pruning criterion: a registered name (``magnitude``, ``set``,

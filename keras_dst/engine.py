@@ -85,6 +85,11 @@ class TopologyEngine:
         self.last_update_step = state_variable(tf.constant(-1, tf.int64), "dst_last_update_step")
         self.skipped_layers = state_variable(tf.constant(0, tf.int64), "dst_skipped_layers")
 
+    @property
+    def needs_every_step(self):
+        """True when the hook must be in every compiled step (running scores)."""
+        return self.criterion.ema
+
     # -- hook interface ---------------------------------------------------------
     def before_apply(self, optimizer, grads_by_var):
         step = tf.cast(optimizer.iterations, tf.int64) + 1

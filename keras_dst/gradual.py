@@ -251,7 +251,9 @@ class GradualPruning(HookedCallback):
         return cls(**config)
 
     def _update_grid(self):
-        return self.frequency, self.begin_step
+        # The engine prunes in after_apply of the step that ends with `iterations` = t,
+        # as schedule step t + 1 (see GradualEngine.after_apply).
+        return self.frequency, self.begin_step - 1
 
     def get_config(self):
         return dict(final_density=self.final_density, begin_step=self.begin_step,

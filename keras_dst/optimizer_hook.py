@@ -40,6 +40,9 @@ def install(optimizer, hook, first=False):
 
     Both methods are called as ``method(optimizer, grads_by_variable)`` where
     `grads_by_variable` maps ``id(variable)`` to its gradient tensor (or None).
+    A hook whose attribute ``traced`` is False is skipped: the calls happen
+    when a training function is traced, so it is left out of the functions
+    traced meanwhile (see `callbacks.StepSwitch`).
     """
     optimizer = base_optimizer(optimizer)
     if getattr(optimizer, "gradient_accumulation_steps", None):
@@ -56,10 +59,11 @@ def install(optimizer, hook, first=False):
                          else list(optimizer._trainable_variables))
             grads = list(grads)
             by_var = {id(v): g for v, g in zip(variables, grads)}
-            for h in list(optimizer.__dict__[_HOOKS_ATTR]):
+            hooks = [h for h in optimizer.__dict__[_HOOKS_ATTR] if getattr(h, "traced", True)]
+            for h in hooks:
                 h.before_apply(optimizer, by_var)
             result = original(grads, trainable_variables)
-            for h in list(optimizer.__dict__[_HOOKS_ATTR]):
+            for h in hooks:
                 h.after_apply(optimizer, by_var)
             return result
 

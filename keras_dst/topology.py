@@ -22,11 +22,12 @@ and the SET criteria):
 Implementation: each entry gets a unique key `(order of the score, flat index)`
 (ineligible entries get an order above every eligible one) and the chosen
 entries are the `count` smallest keys. The `count`-th smallest key is found
-without sorting, by bisection on its value: ~33 vectorised counting passes over
-the order (`#{order <= v} >= count`), then, only when the threshold order is
-tied, ~log2(n) passes over the flat index of the tied entries. Cost O(n) (about
-33 + log2 n elementwise passes, no sort: XLA's comparator sort costs ~1 us per
-entry on CPU); at most 2**31 - 1 entries per call.
+without sorting, by a radix select on the 32-bit order: two histogram passes
+of 16 bits each (scatter-add into 2**16 bins, prefix sums over the bins),
+then, only when the threshold order is tied, the same two passes over the
+flat index of the tied entries. Cost O(n) (a few elementwise passes, no sort:
+XLA's comparator sort costs ~1 us per entry on CPU); at most 2**31 - 1
+entries per call.
 """
 
 from typing import List, Sequence
@@ -58,6 +59,55 @@ def _score_order(scores: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.math.is_nan(x), tf.fill(tf.shape(bits), tf.int32.min), monotone)
 
 
+_DIGIT = 16  # bits per radix digit: two counting passes per 32-bit key
+_BINS = 1 << _DIGIT
+_ROOT = 1 << (_DIGIT // 2)
+
+
+def _count_threshold(key: tf.Tensor, counted: tf.Tensor, count):
+    """Smallest t with ``#{counted entries with key <= t} >= count`` (radix select).
+
+    Keys are int32 compared as UNSIGNED 32-bit numbers. Two histogram passes
+    (scatter-add into 2**16 bins, prefix sums over the bins): the high 16 bits
+    of t are the first bin whose running count reaches `count`, the low 16 bits
+    the same among the entries of that bin. Exact, no sort, O(n).
+
+    Args:
+      key: 1-D int32 tensor.
+      counted: 1-D bool tensor, the entries that count.
+      count: scalar int32 tensor in [0, #counted] (with 0, t is 0).
+
+    Returns:
+      ``(t, less, equal)``: int32 scalars, t's key bits and the numbers of
+      counted entries with key < t and key == t.
+    """
+    weight = tf.cast(counted, tf.int32)
+    high = tf.bitwise.bitwise_and(tf.bitwise.right_shift(key, _DIGIT), _BINS - 1)
+    low = tf.bitwise.bitwise_and(key, _BINS - 1)
+
+    def first_reaching(counts, need):
+        """(first i with sum(counts[:i + 1]) >= need, sum(counts[:i]))."""
+        running = tf.cumsum(counts)
+        i = tf.minimum(tf.reduce_sum(tf.cast(running < need, tf.int32)), counts.shape[0] - 1)
+        return i, tf.gather(tf.concat([[0], running], 0), i)
+
+    def digit(ids, weights, need):
+        # Prefix sums in two levels of 2**8 (XLA's cumsum over 2**16 bins is slow).
+        counts = tf.reshape(tf.math.unsorted_segment_sum(weights, ids, _BINS), [_ROOT, _ROOT])
+        row, before_row = first_reaching(tf.reduce_sum(counts, axis=1), need)
+        row_counts = tf.gather(counts, row)
+        col, before_col = first_reaching(row_counts, need - before_row)
+        # (gather, not counts[row, col]: XLA needs a strided slice's bounds at
+        # compile time, which would make the scores compile-time constants)
+        return row * _ROOT + col, before_row + before_col, tf.gather(row_counts, col)
+
+    top, less_top, _ = digit(high, weight, count)
+    bottom, less_bottom, equal = digit(
+        low, weight * tf.cast(tf.equal(high, top), tf.int32), count - less_top)
+    t = tf.bitwise.bitwise_or(tf.bitwise.left_shift(top, _DIGIT), bottom)
+    return t, less_top + less_bottom, equal
+
+
 def _select(scores: tf.Tensor, eligible: tf.Tensor, count, lowest: bool) -> tf.Tensor:
     """Chooses `min(count, eligible)` eligible entries (see module docstring).
 
@@ -85,43 +135,26 @@ def _select(scores: tf.Tensor, eligible: tf.Tensor, count, lowest: bool) -> tf.T
     available = tf.reduce_sum(tf.cast(flat_eligible, tf.int32))
     count = tf.clip_by_value(_as_count(count), 0, available)
 
-    def n_at_most(v):
-        return tf.reduce_sum(tf.cast(order <= v, tf.int32))
-
-    # Smallest order value v with #{order <= v} >= count, by bisection (bounds kept
-    # in int64: count(lo) < count <= count(hi), hi = int32.max counts everything).
-    # Below int32.max only eligible entries are counted; if v = int32.max, the
-    # eligible ones at int32.max are told apart from the ineligible by `tied`.
-    def bisect(lo, hi):
-        mid = lo + (hi - lo) // 2
-        above = n_at_most(tf.cast(mid, tf.int32)) >= count
-        return tf.where(above, lo, mid), tf.where(above, mid, hi)
-
-    _, v = tf.while_loop(lambda lo, hi: hi - lo > 1, bisect,
-                         (tf.constant(-2**31 - 1, tf.int64), tf.constant(2**31 - 1, tf.int64)),
-                         maximum_iterations=33)
-    v = tf.cast(v, tf.int32)
-    below = order < v  # all eligible (v <= int32.max)
+    # Smallest order value v with #{order <= v} >= count, counting every entry
+    # (flipping the sign bit makes the signed order an unsigned one). Below
+    # int32.max only eligible entries have that order; at v = int32.max the
+    # ineligible ones are told apart by `tied` (and left out of n_tied).
+    sign = tf.constant(-2**31, tf.int32)
+    v, below, at_v = _count_threshold(tf.bitwise.bitwise_xor(order, sign),
+                                      tf.ones_like(flat_eligible), count)
+    v = tf.bitwise.bitwise_xor(v, sign)
+    n_tied = at_v - tf.where(tf.equal(v, _INELIGIBLE), n - available, 0)
+    need = count - below  # ties to choose: >= 1 when count > 0
     tied = flat_eligible & tf.equal(order, v)
-    need = count - tf.reduce_sum(tf.cast(below, tf.int32))  # >= 1 when count > 0
     index = tf.range(n, dtype=tf.int32)
 
     def first_tied():
         # Smallest index j with #{tied, index <= j} >= need: ties go to lower indices.
-        def bisect_index(lo, hi):
-            mid = lo + (hi - lo) // 2
-            above = tf.reduce_sum(tf.cast(tied & (index <= mid), tf.int32)) >= need
-            return tf.where(above, lo, mid), tf.where(above, mid, hi)
+        return tied & (index <= _count_threshold(index, tied, need)[0])
 
-        _, j = tf.while_loop(lambda lo, hi: hi - lo > 1, bisect_index,
-                             (tf.constant(-1, tf.int32), tf.constant(n - 1, tf.int32)),
-                             maximum_iterations=33)
-        return tied & (index <= j)
-
-    n_tied = tf.reduce_sum(tf.cast(tied, tf.int32))
     chosen_tied = tf.cond(need < n_tied, first_tied, lambda: tied)
-    chosen = flat_eligible & (below | chosen_tied) & (count > 0)
-    return tf.reshape(chosen, shape)
+    chosen = (order < v) | chosen_tied
+    return tf.reshape(chosen & (count > 0), shape)
 
 
 def select_lowest(scores: tf.Tensor, eligible: tf.Tensor, count) -> tf.Tensor:

@@ -7,9 +7,11 @@ import math
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_dst
 from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
+from keras_dst import callbacks as callbacks_lib
 from keras_dst import optimizer_hook, schedules
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -211,8 +213,130 @@ def test_device_is_read_only_at_epoch_edges_and_after_update_steps(monkeypatch,
     fresh = FreshLogs(dst)
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=[dst, fresh])
     assert fresh.batches == 20 // steps_per_execution
-    # per epoch: its start, its end, and one batch per update step (4, 8 | 12, 16, 20)
-    assert len(reads) == 2 * 2 + 5
+    # per epoch: its start, its end, and one batch per update step (4, 8 | 12, 16, 20),
+    # plus the first batch of the fit (checks the host's step count)
+    assert len(reads) == 2 * 2 + 5 + 1
+
+
+# ----------------------------------------------------------------------------
+# Compiled step variants: the engine is only in the executions that may update.
+
+
+class StepRecorder(keras.callbacks.Callback):
+    """After `dst` in the list: per batch, whether the engine was in the step,
+    the optimizer step after it and the masks after it."""
+
+    def __init__(self, dst):
+        super().__init__()
+        self.dst, self.rows = dst, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.needed = self.dst.engine.needed
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rows.append((self.needed, int(self.model.optimizer.iterations.numpy()),
+                          keras_dst.masks(self.model)))
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_only_executions_holding_an_update_step_run_the_engine(steps_per_execution):
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True,
+                  steps_per_execution=steps_per_execution)
+    x, y = classification_data(n=160)  # 10 steps per epoch
+    dst = DST(prune="magnitude", grow="gradient", update_every=4)
+    recorder = StepRecorder(dst)
+    previous_step, previous_masks = 0, keras_dst.masks(model)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+              callbacks=[dst, recorder])
+    for i, (needed, step, masks) in enumerate(recorder.rows):
+        first = previous_step + 1
+        holds_update = any(t % 4 == 0 for t in range(first, step + 1))
+        assert needed == (holds_update or i == 0), (i, first, step)
+        changed = any((previous_masks[k] != masks[k]).any() for k in masks)
+        assert changed == holds_update, (i, first, step)
+        previous_step, previous_masks = step, masks
+    assert int(dst.engine.last_update_step.numpy()) == 20
+    assert model.train_function is None  # the switch is gone after fit
+
+
+def test_the_plain_step_is_traced_without_the_engine(monkeypatch):
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=160)
+    dst = DST(prune="snip", grow="random", update_every=5)
+    calls = []
+    original = keras_dst.engine.TopologyEngine.before_apply
+    monkeypatch.setattr(keras_dst.engine.TopologyEngine, "before_apply",
+                        lambda self, *a: (calls.append(self.traced), original(self, *a)))
+    variants = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: variants.append(
+        sorted(model.__dict__[callbacks_lib.StepSwitch.ATTR]._functions)))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst, record])
+    assert calls and all(calls)  # the hook only ever ran while traced into a step
+    assert variants == [[(False,), (True,)]]  # two variants compiled
+
+
+def test_running_criteria_keep_the_engine_in_every_step():
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3, track_scores=True)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=96)
+    dst = DST(prune="running_magnitude", grow="random", update_every=4)
+    recorder = StepRecorder(dst)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst, recorder])
+    assert all(needed for needed, _, _ in recorder.rows)
+
+
+class TwoStepsPerBatch(keras.Model):
+    """A custom train_step that applies the optimizer twice per batch."""
+
+    def train_step(self, data):
+        x, y = data
+        for _ in range(2):
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply(grads, self.trainable_variables)
+        return {"loss": loss}
+
+
+def test_an_optimizer_ahead_of_the_batch_count_runs_the_engine_in_every_step():
+    sparse = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model = TwoStepsPerBatch(sparse.inputs, sparse.outputs)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=160)  # 10 batches, 20 optimizer steps
+    dst = DST(prune="magnitude", grow="random", update_every=3)
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: seen.append(int(dst.engine.last_update_step.numpy())))
+    with pytest.warns(UserWarning, match="more than once"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst, record])
+    assert int(model.optimizer.iterations.numpy()) == 20
+    assert sorted(set(seen) - {-1}) == [3, 6, 9, 12, 15, 18]  # no update missed
+
+
+def test_a_fit_that_raised_leaves_no_engine_behind():
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+
+    def boom(batch, logs):
+        if batch == 1:
+            raise RuntimeError("boom")
+
+    first = DST(update_every=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[first, keras.callbacks.LambdaCallback(on_train_batch_end=boom)])
+    hooks = lambda: vars(optimizer_hook.base_optimizer(model.optimizer))["_keras_dst_hooks"]
+    assert hooks() == [first.engine]
+    for callback in (DST(update_every=2), first):  # another callback, then the same again
+        seen = []
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+            callback, keras.callbacks.LambdaCallback(
+                on_train_batch_end=lambda b, logs: seen.append(list(hooks())))])
+        assert all(h == [callback.engine] for h in seen), seen
+    assert "apply" not in vars(optimizer_hook.base_optimizer(model.optimizer))
 
 
 # ----------------------------------------------------------------------------

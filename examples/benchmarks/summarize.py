@@ -84,7 +84,7 @@ def main(argv):
             f"layers: t ∝ L^{fmt(lf['exponent'], '.3f')}, {fmt(lf['per_layer_ms'], '.2f')} ms "
             f"per layer of {scal['layers_scaling'][0]['n']:,} weights. Host round-trip check: "
             f"{'none found' if host['ok'] else 'HOST OPS FOUND'} ({host['hlo_sort_ops']} sort, "
-            f"{host['hlo_while_ops']} while in the HLO of {host['layers']} layers).",
+            f"{host.get('hlo_scatter_ops', 'n/a')} scatter in the HLO of {host['layers']} layers).",
             "", f"Details: `{FLAGS.prefix}_scaling.md` / `.json`.", ""]
     path = os.path.join(FLAGS.out_dir, f"{FLAGS.prefix}_summary.md")
     with open(path, "w") as f:
