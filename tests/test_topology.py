@@ -246,3 +246,38 @@ def test_prune_grow_global_under_xla_with_dynamic_count():
         np.testing.assert_array_equal(np.concatenate([both[0].numpy().ravel(), both[1].numpy()]), flat)
         assert int(r) == math.ceil(0.5 * mask.sum())
     assert step.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("kind", ["normal", "few_values", "nan_inf", "all_equal"])
+def test_large_selections_use_the_radix_select_and_match_the_reference(kind):
+    n = topology._RADIX_MIN + 37  # above the size where the radix select takes over
+    rng = np.random.default_rng(7)
+    scores = {"normal": rng.normal(size=n),
+              "few_values": rng.integers(-2, 3, size=n).astype(float),
+              "nan_inf": rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.5], size=n),
+              "all_equal": np.full(n, 0.25)}[kind].astype(np.float32)
+    mask = rng.random(n) < 0.3
+    select = tf.function(lambda s, m, c: (topology.prune(s, m, c), topology.grow(s, m, c)),
+                         jit_compile=True)
+    for count in (0, 1, 4321, int(mask.sum()) - 1, n):
+        pruned, grown = select(tf.constant(scores), tf.constant(mask), tf.constant(count))
+        np.testing.assert_array_equal(pruned.numpy(), np_prune(scores, mask, count))
+        np.testing.assert_array_equal(grown.numpy(), np_grow(scores, mask, count))
+
+
+@pytest.mark.parametrize("key_max", [2**32 - 1, 1000])
+def test_radix_and_bisection_thresholds_agree(key_max):
+    rng = np.random.default_rng(3)
+    n = 5000
+    if key_max == 1000:
+        keys = rng.integers(0, key_max + 1, size=n)
+    else:
+        keys = rng.choice(np.concatenate([rng.integers(-2**31, 2**31, size=50),
+                                          [-2**31, -1, 0, 2**31 - 1]]), size=n)
+    key = tf.constant(keys.astype(np.int32))
+    counted = tf.constant(rng.random(n) < 0.6)
+    total = int(counted.numpy().sum())
+    for count in (0, 1, 2, total // 2, total - 1, total):
+        a = [int(x) for x in topology._radix_threshold(key, counted, tf.constant(count))]
+        b = [int(x) for x in topology._bisect_threshold(key, counted, tf.constant(count), key_max)]
+        assert a == b, (count, a, b)
