@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts (examples/benchmarks/): they run in --quick mode
 and write the Markdown table and the JSON with the documented fields. Timings are
-not checked (the numbers of a --quick run are meaningless)."""
+not checked (the numbers of a --quick run are meaningless). Marked slow: CI runs them in
+its second pass (`pytest -m slow`)."""
 
 import importlib.util
 import json
@@ -28,6 +29,7 @@ def check_machine(machine):
         assert key in machine, key
 
 
+@pytest.mark.slow  # ~25 s of subprocess; CI's second pass runs it
 def test_overhead_quick(tmp_path):
     run_script("overhead.py", "--models=mlp", "--epochs=1", "--update_cost=isolated",
                f"--out_dir={tmp_path}")
@@ -52,6 +54,7 @@ def test_overhead_quick(tmp_path):
         assert heading in md
 
 
+@pytest.mark.slow
 def test_scaling_quick(tmp_path):
     run_script("scaling.py", "--sizes=1e4,4e4", "--layers=1,2", f"--out_dir={tmp_path}")
     doc = json.loads((tmp_path / "quick_scaling.json").read_text())

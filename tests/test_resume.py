@@ -223,6 +223,7 @@ def _run_in_subprocess(seed, mask_seed, hash_seed):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # ~60 s of subprocesses; CI runs it in its second pass (-m slow)
 def test_same_seed_same_masks_in_separate_processes():
     a = _run_in_subprocess(seed=3, mask_seed=0, hash_seed=1)
     b = _run_in_subprocess(seed=3, mask_seed=0, hash_seed=2)  # different Python hash seed
