@@ -130,13 +130,13 @@ class HookedCallback(keras.callbacks.Callback):
         base = optimizer_hook.base_optimizer(optimizer)
         if not base.built:
             base.build(self.model.trainable_variables)
-        if self.engine is not None:  # a previous fit ended in an exception
-            optimizer_hook.uninstall(optimizer, self.engine)
         with self.model.distribute_strategy.scope():
             self.engine = self._make_engine()
         optimizer_hook.install(optimizer, self.engine, first=self.hook_first)
         self._every_step = bool(getattr(self.engine, "needs_every_step", False))
         self._verify = True
+        # (a fit that raised left its switch and engines behind: StepSwitch.of
+        # uninstalls them, this callback's previous engine included)
         StepSwitch.of(self.model, self.params).add(self.engine)
 
     @classmethod
