@@ -5,11 +5,17 @@ its second pass (`pytest -m slow`)."""
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from examples.benchmarks import bench_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "examples", "benchmarks")
@@ -29,6 +35,38 @@ def check_machine(machine):
         assert key in machine, key
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.5, 2.0), min_size=0, max_size=40))
+def test_median_ci_is_the_order_statistics_of_the_binomial_tail(xs):
+    ci = bench_utils.median_ci(xs)
+    n = len(xs)
+    ks = [k for k in range(1, n // 2 + 1)  # P(Binomial(n, 1/2) < k) <= 2.5 %
+          if sum(math.comb(n, j) for j in range(k)) <= 0.025 * 2 ** n]
+    if not ks:  # n < 6: no 95 % interval exists
+        assert ci is None
+        return
+    ordered, k = sorted(xs), max(ks)
+    assert ci == (ordered[k - 1], ordered[n - k])
+    assert ci[0] <= bench_utils.median(xs) <= ci[1]
+
+
+def test_median_ci_covers_the_true_median_at_least_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    for n in (6, 10, 30):
+        hits = [lo <= 0.5 <= hi for lo, hi in
+                (bench_utils.median_ci(rng.uniform(size=n).tolist()) for _ in range(2000))]
+        assert np.mean(hits) >= 0.95, n
+    assert bench_utils.median_ci(list(range(10, 0, -1))) == (2, 9)  # P(B(10,1/2) <= 1) = 1.1 %
+
+
+def test_verdict_needs_the_whole_interval_on_one_side_of_the_target():
+    assert bench_utils.verdict(1.02, 1.03, (1.00, 1.029)) == "met"
+    assert bench_utils.verdict(1.05, 1.03, (1.031, 1.06)) == "MISSED"
+    assert bench_utils.verdict(1.02, 1.03, (1.00, 1.05)) == "met on the median, within noise"
+    assert bench_utils.verdict(1.04, 1.03, (1.00, 1.05)) == "missed on the median, within noise"
+    assert bench_utils.verdict(1.04, 1.03) == "MISSED"
+
+
 @pytest.mark.slow  # ~25 s of subprocess; CI's second pass runs it
 def test_overhead_quick(tmp_path):
     run_script("overhead.py", "--models=mlp", "--epochs=1", "--update_cost=isolated",
@@ -39,6 +77,10 @@ def test_overhead_quick(tmp_path):
     assert r["config"]["quick"] is True and r["jit_compile"] is True
     assert r["rounds_timed"] == 1 and r["dense_step_ms"] > 0
     assert r["variants"]["static"]["ratio"] > 0
+    assert r["variants"]["static"]["ratio_ci95"] is None  # one round: no interval
+    compiled = r["compiled_step"]  # the static step has the dense step's kernels
+    assert compiled["static_same_kernels"] is True and compiled["dense"]["kernels"]
+    assert compiled["static_extra_inputs"] == 3  # one mask per Dense kernel
     for v in ("dst_magnitude", "dst_snip"):
         res = r["variants"][v]
         for key in ("step_ratio", "amortised_ratio", "update_in_dense_steps",
@@ -50,8 +92,15 @@ def test_overhead_quick(tmp_path):
     assert mem["mask_bytes"] > 0 and mem["stored_gradient_bytes"] == 0
     assert mem["extra_bytes"] >= mem["mask_bytes"] + mem["ever_active_bytes"]
     md = (tmp_path / "quick_overhead.md").read_text()
-    for heading in ("## Step time, ratios to dense", "## Memory", "| mlp |"):
+    for heading in ("## Step time, ratios to dense", "## Memory", "| mlp |",
+                    "static kernels = dense", "yes (+3 inputs)"):
         assert heading in md
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "summarize.py"),
+                           f"--out_dir={tmp_path}", "--prefix=quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (tmp_path / "quick_summary.md").read_text()
+    assert "| mlp |" in summary and "yes (+3 inputs)" in summary
 
 
 @pytest.mark.slow

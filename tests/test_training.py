@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_dst
 from conftest import (active_counts, all_layers_data, all_layers_model, assert_sparse_invariants,
@@ -156,3 +157,37 @@ def test_mask_shape_mismatch_in_saved_file_is_an_error(tmp_path):
     other = keras_dst.prunable(mlp((20, 33, 16, 3)), density=0.3)
     with pytest.raises(ValueError):
         other.load_weights(path)
+
+
+def _step_kernels(model, x, y):
+    """{opcode: count} of the kernels of `model`'s XLA-compiled train_step, and its input count."""
+    from examples.benchmarks import bench_utils
+    model.fit(x, y, epochs=1, batch_size=len(x), verbose=0)  # builds the optimizer
+    step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
+    hlo = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    counts, _ = bench_utils.hlo_opcodes(hlo, entry_only=True)
+    counts.pop("constant", None)
+    return counts, counts.pop("parameter")
+
+
+@pytest.mark.parametrize("build,name,extra", [
+    (mlp, "sgd", 0), (mlp, "adam", 0),
+    pytest.param(all_layers_model, "adam", 0, marks=pytest.mark.slow),
+    # plain SGD updates the Embedding table row-sparsely (a scatter of the IndexedSlices
+    # gradient); the mask constraint then costs one select over the whole table
+    pytest.param(all_layers_model, "sgd", 1, marks=pytest.mark.slow)], ids=["mlp-sgd", "mlp-adam", "all_layers-adam", "all_layers-sgd"])
+def test_static_sparse_step_compiles_to_the_dense_kernels(build, name, extra):
+    """The mask constraint adds no kernel to the compiled step: XLA fuses it into
+    the optimizer's update of each weight, so the sparse step runs exactly the
+    dense step's fusions, dots and convolutions, with the masks as extra inputs.
+    The one exception is a row-sparse (scatter) update, documented in BUILD.md."""
+    x, y = all_layers_data() if build is all_layers_model else classification_data(n=16)
+    dense = build()
+    _compile(dense, OPTIMIZERS[name]())
+    sparse = keras_dst.prunable(build(), density=0.3)
+    _compile(sparse, OPTIMIZERS[name]())
+    dense_kernels, dense_inputs = _step_kernels(dense, x, y)
+    sparse_kernels, sparse_inputs = _step_kernels(sparse, x, y)
+    dense_kernels["fusion"] += extra
+    assert sparse_kernels == dense_kernels
+    assert sparse_inputs - dense_inputs == len(keras_dst.sparse_targets(sparse))

@@ -6,6 +6,7 @@ Nothing here imports keras_dst or tf_keras, so both `overhead.py` (Keras 3) and
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -66,6 +67,42 @@ def device_prefix(tf):
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def median_ci(xs, level=0.95):
+    """Distribution-free confidence interval of the median: (lo, hi) or None.
+
+    The order statistics x_(k) <= median <= x_(n+1-k) with the largest k such that
+    P(Binomial(n, 1/2) < k) <= (1 - level) / 2, which holds whatever the noise
+    distribution (no normality assumed). None when there are too few values for the
+    level (n < 6 at 95 %).
+    """
+    xs = sorted(x for x in xs if x is not None)
+    n = len(xs)
+    tail = (1.0 - level) / 2.0
+    k, below = 0, 0.0  # below = P(Binomial(n, 1/2) < k + 1)
+    while k < n // 2:
+        below += math.comb(n, k) / 2.0 ** n
+        if below > tail:
+            break
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k >= 1 else None
+
+
+def verdict(x, limit, ci=None):
+    """met / MISSED for a ratio whose target is ``<= limit``, judged with its interval.
+
+    'met' when the whole 95 % interval of the median is within the target,
+    'MISSED' when all of it is above; when the interval straddles the target the
+    measurement cannot decide: the median's side, 'within noise'.
+    """
+    if ci is None:
+        return "met" if x <= limit else "MISSED"
+    if ci[1] <= limit:
+        return "met"
+    if ci[0] > limit:
+        return "MISSED"
+    return f"{'met' if x <= limit else 'missed'} on the median, within noise"
 
 
 def spread(xs):
@@ -182,6 +219,44 @@ def round_robin(participants, rounds, log=print):
     return records
 
 
+# -- XLA HLO text ---------------------------------------------------------------
+def hlo_opcodes(hlo, entry_only=False):
+    """Counts the instructions of an HLO module text by opcode.
+
+    Returns ``(counts, custom_call_targets)``: ``{opcode: count}`` and the list of
+    the targets of its custom-calls. With ``entry_only`` only the ENTRY
+    computation counts: after XLA's optimisations its instructions are the
+    kernels a step runs (fusions, dots, convolutions, copies, ...), the fused
+    computations being their bodies.
+    """
+    if entry_only:
+        start = hlo.find("\nENTRY")
+        hlo = hlo[start:] if start >= 0 else hlo
+        end = hlo.find("\n}")
+        hlo = hlo[:end] if end >= 0 else hlo
+    counts, custom_calls = {}, []
+    for line in hlo.splitlines():
+        if " = " not in line:
+            continue
+        rhs = line.split(" = ", 1)[1].strip()
+        # "<shape> <opcode>(operands)..." ; the shape may be a tuple "(...)"
+        depth, i = 0, 0
+        for i, ch in enumerate(rhs):
+            if ch in "([{":
+                depth += 1
+            elif ch in ")]}":
+                depth -= 1
+            elif ch == " " and depth == 0:
+                break
+        opcode = rhs[i + 1:].split("(", 1)[0].strip()
+        if not opcode:
+            continue
+        counts[opcode] = counts.get(opcode, 0) + 1
+        if opcode == "custom-call":
+            custom_calls.append(line.split('custom_call_target="', 1)[-1].split('"', 1)[0])
+    return counts, custom_calls
+
+
 # -- output ---------------------------------------------------------------------
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -207,3 +282,18 @@ def markdown_table(header, rows):
 
 def fmt(x, spec=".3f", none="n/a"):
     return none if x is None else format(x, spec)
+
+
+def with_ci(x, ci, spec=".3f"):
+    """'x [lo, hi]' (or 'x' without an interval, 'n/a' without a value)."""
+    if x is None:
+        return "n/a"
+    return fmt(x, spec) if not ci else f"{fmt(x, spec)} [{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]"
+
+
+def same_kernels(result):
+    """Table cell of an overhead result's compiled-step check: 'yes (+k inputs)'."""
+    c = result.get("compiled_step")
+    if c is None:
+        return "n/a"
+    return f"{'yes' if c['static_same_kernels'] else 'NO'} (+{c['static_extra_inputs']} inputs)"

@@ -227,6 +227,31 @@ def isolated_update_seconds(tf, keras, fit_variant, repeats):
     return {"median_s": bench_utils.median(times), "all_s": times, "first_call_s": first}
 
 
+# -- the compiled step, kernel by kernel ------------------------------------------------
+def compiled_step_kernels(tf, model, dataset):
+    """The kernels of `model`'s training step as XLA compiles it (noise-free).
+
+    Compiles ``model.train_step`` on one batch with ``jit_compile=True`` and
+    counts the instructions of the optimised HLO's ENTRY computation by opcode:
+    fusions, dots, convolutions, copies, ... are the kernels the step runs.
+    Returns ``{"kernels": {opcode: count}, "inputs": n}`` (inputs = parameters).
+    """
+    x, y = next(iter(dataset))
+    step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
+    hlo = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    counts, _ = bench_utils.hlo_opcodes(hlo, entry_only=True)
+    inputs = counts.pop("parameter", 0)
+    counts.pop("constant", None)
+    return {"kernels": dict(sorted(counts.items())), "inputs": inputs}
+
+
+def compare_compiled_steps(tf, dense, static):
+    d = compiled_step_kernels(tf, dense.model, dense.dataset)
+    s = compiled_step_kernels(tf, static.model, static.dataset)
+    return {"dense": d, "static": s, "static_same_kernels": d["kernels"] == s["kernels"],
+            "static_extra_inputs": s["inputs"] - d["inputs"]}
+
+
 # -- memory ----------------------------------------------------------------------------
 def memory_report(keras_dst, dense_model, sparse_model, engine=None):
     def nbytes(v):
@@ -282,14 +307,21 @@ def analyse(model_name, records, isolated, steps, extra):
            "dense_step_ms_range": [1e3 * x for x in bench_utils.spread(dense)],
            "variants": {}}
 
+    def ratios(xs):
+        return [a / b for a, b in zip(xs, dense)]
+
     def ratio(xs):
-        return bench_utils.median([a / b for a, b in zip(xs, dense)])
+        return bench_utils.median(ratios(xs))
+
+    def ci(xs):  # 95 % interval of the median per-round ratio (None below 6 rounds)
+        return bench_utils.median_ci(ratios(xs))
 
     def best(xs, extra=0.0):  # fastest round over fastest dense round: interference
         return (min(xs) + extra) / min(dense)  # only ever slows a round down
 
     out["variants"]["static"] = {"step_ms": 1e3 * bench_utils.median(t["static"]),
-                                 "ratio": ratio(t["static"]), "ratio_best": best(t["static"])}
+                                 "ratio": ratio(t["static"]), "ratio_ci95": ci(t["static"]),
+                                 "ratio_best": best(t["static"])}
     for v in DST_VARIANTS:
         if v not in t:
             continue
@@ -315,6 +347,8 @@ def analyse(model_name, records, isolated, steps, extra):
             res["step_ms"] = 1e3 * bench_utils.median(t_nu)
             res["step_ratio"] = ratio(t_nu)
             res["amortised_ratio"] = ratio([x + cost / every for x in t_nu])
+            res["step_ratio_ci95"] = ci(t_nu)
+            res["amortised_ratio_ci95"] = ci([x + cost / every for x in t_nu])
             res["step_ratio_best"] = best(t_nu)
             res["amortised_ratio_best"] = best(t_nu, cost / every)
             res["update_in_dense_steps"] = cost / bench_utils.median(dense)
@@ -341,8 +375,9 @@ def analyse(model_name, records, isolated, steps, extra):
             res["ratio_to_tf_keras_dense"] = bench_utils.median(
                 [a / b for a, b in zip(t["tfmot_pruned"], t["tfmot_dense"])])
         # ours / TFMOT, epoch for epoch (same steps, same rounds)
-        res["dst_magnitude_epoch_over_tfmot"] = bench_utils.median(
-            [a["seconds"] / b["seconds"] for a, b in zip(timed["dst_magnitude"], tf_recs)])
+        epoch_ratios = [a["seconds"] / b["seconds"] for a, b in zip(timed["dst_magnitude"], tf_recs)]
+        res["dst_magnitude_epoch_over_tfmot"] = bench_utils.median(epoch_ratios)
+        res["dst_magnitude_epoch_over_tfmot_ci95"] = bench_utils.median_ci(epoch_ratios)
         res["dst_magnitude_epoch_over_tfmot_best"] = (
             min(r["seconds"] for r in timed["dst_magnitude"]) /
             min(r["seconds"] for r in tf_recs))
@@ -393,7 +428,12 @@ def run_model(model_name, log):
             log(f"[{model_name}] isolated update {v}: {1e3 * iso['median_s']:.1f} ms "
                 f"(first call incl. compile {iso['first_call_s']:.1f} s)")
     dense_model = by_name["dense"].model
+    compiled = compare_compiled_steps(tf, by_name["dense"], by_name["static"])
+    log(f"[{model_name}] compiled step: static has the dense kernels: "
+        f"{compiled['static_same_kernels']} ({compiled['dense']['kernels']}), "
+        f"+{compiled['static_extra_inputs']} inputs (the masks)")
     extra = {
+        "compiled_step": compiled,
         "batch_size": setting("batch_size"),
         "density": FLAGS.density,
         "jit_compile": FLAGS.jit_compile,
@@ -417,9 +457,14 @@ How to read this table (see BUILD.md#benchmarks):
   `model.fit`, all variants in one process, epochs interleaved round-robin;
   round 0 (compilation) discarded; ratios are medians over rounds of the
   per-round ratio to the dense model's step in the same round; in brackets
-  the "best" ratio: fastest round of the variant / fastest dense round
-  (other load only ever slows a round down, so on a shared machine the best
-  rounds are the closest to the undisturbed cost).
+  the 95 % confidence interval of that median (order statistics, no
+  normality assumed; none below 6 rounds). The JSON also holds the "best"
+  ratio: fastest round of the variant / fastest dense round.
+* `static kernels = dense`: the XLA-compiled `train_step` of the static model
+  has exactly the dense model's kernels (the same number of fusions, dots,
+  convolutions, copies in the optimised HLO), its only extra inputs being the
+  masks: the mask constraint is fused into the optimizer's update kernels, so
+  its cost is reading one byte per weight. This comparison has no noise.
 * `static` = `keras_dst.prunable` model without callback (mask constraint only).
 * `DST step` = a DST step WITHOUT an update (the plain sparse step: the
   update step is compiled separately, see `keras_dst.callbacks.StepSwitch`);
@@ -439,11 +484,8 @@ How to read this table (see BUILD.md#benchmarks):
 
 
 def pair(d, key):
-    """'median (best)' of a ratio stored as `key` and `key_best` in `d`."""
-    if d.get(key) is None:
-        return "n/a"
-    b = d.get(f"{key}_best")
-    return fmt(d[key]) if b is None else f"{fmt(d[key])} ({fmt(b)})"
+    """'median [lo, hi]' of a ratio stored as `key` and `key_ci95` in `d`."""
+    return bench_utils.with_ci(d.get(key), d.get(f"{key}_ci95"))
 
 
 def write_report(out_dir, prefix, results, machine, config):
@@ -466,7 +508,7 @@ def write_report(out_dir, prefix, results, machine, config):
         mag, snip = v.get("dst_magnitude", {}), v.get("dst_snip", {})
         rows.append([
             m, r["batch_size"], r["steps_per_epoch"], r["rounds_timed"],
-            fmt(r["dense_step_ms"], ".1f"), pair(v["static"], "ratio"),
+            fmt(r["dense_step_ms"], ".1f"), pair(v["static"], "ratio"), bench_utils.same_kernels(r),
             pair(mag, "step_ratio"), pair(mag, "amortised_ratio"),
             fmt(mag.get("update_in_dense_steps"), ".2f"),
             fmt(mag.get("update_in_dense_steps_A"), ".2f"),
@@ -500,7 +542,8 @@ def write_report(out_dir, prefix, results, machine, config):
         f"(`{prefix}_overhead.json`).", "",
         "## Step time, ratios to dense", "",
         bench_utils.markdown_table(
-            ["model", "batch", "steps/ep", "rounds", "dense ms/step", "static ×", "DST-mag step ×",
+            ["model", "batch", "steps/ep", "rounds", "dense ms/step", "static ×",
+             "static kernels = dense", "DST-mag step ×",
              "DST-mag amort. ×", "mag update (steps, used)", "mag update (steps, A)",
              "DST-mag direct ×", "DST-snip step ×", "DST-snip amort. ×",
              "snip update (steps, used)", "snip update (steps, A)"], rows),

@@ -170,28 +170,7 @@ class UpdateCase:
             op_types |= {n.op for n in fn.node_def}
         bad_graph = sorted(op_types & FORBIDDEN_GRAPH_OPS)
         hlo = self.update.experimental_get_compiler_ir(self.step, self.grads)(stage="hlo")
-        opcodes = {}
-        custom_calls = []
-        for line in hlo.splitlines():
-            if " = " not in line:
-                continue
-            rhs = line.split(" = ", 1)[1].strip()
-            # "<shape> <opcode>(operands)..." ; the shape may be a tuple "(...)"
-            depth, i = 0, 0
-            for i, ch in enumerate(rhs):
-                if ch in "([{":
-                    depth += 1
-                elif ch in ")]}":
-                    depth -= 1
-                elif ch == " " and depth == 0:
-                    break
-            opcode = rhs[i + 1:].split("(", 1)[0].strip()
-            if not opcode:
-                continue
-            opcodes[opcode] = opcodes.get(opcode, 0) + 1
-            if opcode == "custom-call":
-                target = line.split('custom_call_target="', 1)[-1].split('"', 1)[0]
-                custom_calls.append(target)
+        opcodes, custom_calls = bench_utils.hlo_opcodes(hlo)
         bad_hlo = {op: opcodes[op] for op in FORBIDDEN_HLO_OPS if op in opcodes}
         host_calls = [c for c in custom_calls
                       if any(w in c.lower() for w in ("host", "callback", "py"))]

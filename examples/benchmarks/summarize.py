@@ -15,7 +15,7 @@ from absl import app, flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_utils  # noqa: E402
-from bench_utils import fmt  # noqa: E402
+from bench_utils import fmt, with_ci  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "results folder")
@@ -25,12 +25,12 @@ flags.DEFINE_string("note", "", "free text put under the title (e.g. contention,
 TARGETS = {"static": 1.01, "amortised": 1.03, "update_steps": 1.0, "tfmot": 0.7}
 
 
-def mark(x, limit, applies=True, best=None):
-    """'x [(best b)] (met|MISSED)': the target is judged on the median x."""
+def mark(x, limit, applies=True, ci=None):
+    """'x [lo, hi] (verdict)'."""
     if x is None:
         return "n/a"
-    s = fmt(x) + ("" if best is None else f" (best {fmt(best)})")
-    return s if not applies else f"{s} ({'met' if x <= limit else 'MISSED'})"
+    s = with_ci(x, ci)
+    return s if not applies else f"{s} ({bench_utils.verdict(x, limit, ci)})"
 
 
 def main(argv):
@@ -49,30 +49,33 @@ def main(argv):
             big = m in ("resnet56", "vgg16")
             rows.append([
                 m, f"{r['params_dense']:,}", r["batch_size"], fmt(r["dense_step_ms"], ".1f"),
-                mark(v["static"]["ratio"], TARGETS["static"],
-                     best=v["static"].get("ratio_best")),
-                mark(mag.get("step_ratio"), None, False, mag.get("step_ratio_best")),
+                mark(v["static"]["ratio"], TARGETS["static"], ci=v["static"].get("ratio_ci95")),
+                bench_utils.same_kernels(r),
+                mark(mag.get("step_ratio"), None, False, mag.get("step_ratio_ci95")),
                 mark(mag.get("amortised_ratio"), TARGETS["amortised"],
-                     best=mag.get("amortised_ratio_best")),
+                     ci=mag.get("amortised_ratio_ci95")),
                 fmt(mag.get("direct_ratio")),
                 mark(snip.get("amortised_ratio"), TARGETS["amortised"],
-                     best=snip.get("amortised_ratio_best")),
+                     ci=snip.get("amortised_ratio_ci95")),
                 mark(mag.get("update_in_dense_steps"), TARGETS["update_steps"], big),
                 mark(snip.get("update_in_dense_steps"), TARGETS["update_steps"], big),
                 mark(tm.get("dst_magnitude_epoch_over_tfmot"), TARGETS["tfmot"],
-                     best=tm.get("dst_magnitude_epoch_over_tfmot_best")),
+                     ci=tm.get("dst_magnitude_epoch_over_tfmot_ci95")),
                 fmt(tm.get("ratio_to_tf_keras_dense")),
                 f"{100 * r['memory']['extra_over_dense_weights']:.1f} %",
                 r["machine"]["date_utc"], r["machine"]["load_average_1_5_15min"],
             ])
         lines += [
             "## Overhead (ratios to the dense Keras 3 step; targets in the header)", "",
-            "Each ratio is the median over rounds of the per-round ratio (the target is "
-            "judged on it); `best` = fastest round of the variant / fastest dense round "
-            "(interference only slows rounds down).", "",
+            "Each ratio is the median over rounds of the per-round ratio, in brackets its "
+            "95 % confidence interval (order statistics). A target is met when the whole "
+            "interval is within it, missed when all of it is above; otherwise this machine's "
+            "noise cannot decide, and the median's side is given. `static kernels = dense`: "
+            "the compiled static step has exactly the dense step's kernels (optimised HLO; "
+            "the extra inputs are the masks), a check without noise.", "",
             bench_utils.markdown_table(
                 ["model", "params", "batch", "dense ms/step", "static × (≤1.01)",
-                 "DST-mag step ×", "DST-mag amortised × (≤1.03)", "DST-mag direct ×",
+                 "static kernels = dense", "DST-mag step ×", "DST-mag amortised × (≤1.03)", "DST-mag direct ×",
                  "DST-snip amortised × (≤1.03)", "mag update / step (≤1, ResNet/VGG)",
                  "snip update / step (≤1, ResNet/VGG)", "DST epoch / TFMOT epoch (≤0.7)",
                  "TFMOT / tf_keras dense", "extra memory / dense weights", "run (UTC)",
