@@ -173,9 +173,11 @@ def _step_kernels(model, x, y):
 @pytest.mark.parametrize("build,name,extra", [
     (mlp, "sgd", 0), (mlp, "adam", 0),
     pytest.param(all_layers_model, "adam", 0, marks=pytest.mark.slow),
+    pytest.param(all_layers_model, "sgd_momentum", 0, marks=pytest.mark.slow),
     # plain SGD updates the Embedding table row-sparsely (a scatter of the IndexedSlices
     # gradient); the mask constraint then costs one select over the whole table
-    pytest.param(all_layers_model, "sgd", 1, marks=pytest.mark.slow)], ids=["mlp-sgd", "mlp-adam", "all_layers-adam", "all_layers-sgd"])
+    pytest.param(all_layers_model, "sgd", 1, marks=pytest.mark.slow)], ids=["mlp-sgd", "mlp-adam", "all_layers-adam", "all_layers-sgd_momentum",
+                                   "all_layers-sgd"])
 def test_static_sparse_step_compiles_to_the_dense_kernels(build, name, extra):
     """The mask constraint adds no kernel to the compiled step: XLA fuses it into
     the optimizer's update of each weight, so the sparse step runs exactly the

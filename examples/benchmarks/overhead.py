@@ -33,10 +33,16 @@ Cost of one full mask update (all layers), U:
   Median over rounds. This is the cost inside the fused XLA step.
 
 Headline ratios (median over rounds of per-round ratios to the dense step of the
-same round): ``step`` = a DST step without update, ``amortised`` = the average
+same round, with the 95 % confidence interval of the median from order
+statistics): ``step`` = a DST step without update, ``amortised`` = the average
 step over ΔT steps INCLUDING one update: ``(t_no_update + U / ΔT) / t_dense``,
 with U from method B when measured, else A. ``direct`` = mean step time over all
 timed epochs (whatever updates fell into them: listed) / dense.
+
+Compiled step (no noise): the optimised XLA HLO of the dense and of the static
+model's ``train_step``, kernel counts compared (fusions, dots, convolutions,
+copies); the static step should have exactly the dense kernels plus the masks
+as inputs.
 
 Memory: bytes of the masks + ever-active flags (+ running scores when tracked +
 the engine's few counters) vs the bytes of the dense model's weights. No
