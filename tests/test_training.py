@@ -160,14 +160,10 @@ def test_mask_shape_mismatch_in_saved_file_is_an_error(tmp_path):
 
 
 def _step_kernels(model, x, y):
-    """{opcode: count} of the kernels of `model`'s XLA-compiled train_step, and its input count."""
     from examples.benchmarks import bench_utils
     model.fit(x, y, epochs=1, batch_size=len(x), verbose=0)  # builds the optimizer
-    step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
-    hlo = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
-    counts, _ = bench_utils.hlo_opcodes(hlo, entry_only=True)
-    counts.pop("constant", None)
-    return counts, counts.pop("parameter")
+    compiled = bench_utils.compiled_step_kernels(tf, model, x, y)
+    return compiled["kernels"], compiled["inputs"]
 
 
 @pytest.mark.parametrize("build,name,extra", [
@@ -176,8 +172,8 @@ def _step_kernels(model, x, y):
     pytest.param(all_layers_model, "sgd_momentum", 0, marks=pytest.mark.slow),
     # plain SGD updates the Embedding table row-sparsely (a scatter of the IndexedSlices
     # gradient); the mask constraint then costs one select over the whole table
-    pytest.param(all_layers_model, "sgd", 1, marks=pytest.mark.slow)], ids=["mlp-sgd", "mlp-adam", "all_layers-adam", "all_layers-sgd_momentum",
-                                   "all_layers-sgd"])
+    pytest.param(all_layers_model, "sgd", 1, marks=pytest.mark.slow),
+], ids=["mlp-sgd", "mlp-adam", "all_layers-adam", "all_layers-sgd_momentum", "all_layers-sgd"])
 def test_static_sparse_step_compiles_to_the_dense_kernels(build, name, extra):
     """The mask constraint adds no kernel to the compiled step: XLA fuses it into
     the optimizer's update of each weight, so the sparse step runs exactly the

@@ -257,6 +257,23 @@ def hlo_opcodes(hlo, entry_only=False):
     return counts, custom_calls
 
 
+def compiled_step_kernels(tf, model, x, y):
+    """The kernels of `model`'s training step as XLA compiles it (noise-free).
+
+    Compiles ``model.train_step`` on the batch ``(x, y)`` with ``jit_compile=True``
+    (`tf` is the TensorFlow module; the optimizer must be built) and counts the
+    instructions of the optimised HLO's ENTRY computation by opcode: fusions,
+    dots, convolutions, copies, ... are the kernels the step runs. Returns
+    ``{"kernels": {opcode: count}, "inputs": n}`` (inputs = parameters).
+    """
+    step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
+    hlo = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    counts, _ = hlo_opcodes(hlo, entry_only=True)
+    inputs = counts.pop("parameter", 0)
+    counts.pop("constant", None)
+    return {"kernels": dict(sorted(counts.items())), "inputs": inputs}
+
+
 # -- output ---------------------------------------------------------------------
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -234,26 +234,10 @@ def isolated_update_seconds(tf, keras, fit_variant, repeats):
 
 
 # -- the compiled step, kernel by kernel ------------------------------------------------
-def compiled_step_kernels(tf, model, dataset):
-    """The kernels of `model`'s training step as XLA compiles it (noise-free).
-
-    Compiles ``model.train_step`` on one batch with ``jit_compile=True`` and
-    counts the instructions of the optimised HLO's ENTRY computation by opcode:
-    fusions, dots, convolutions, copies, ... are the kernels the step runs.
-    Returns ``{"kernels": {opcode: count}, "inputs": n}`` (inputs = parameters).
-    """
-    x, y = next(iter(dataset))
-    step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
-    hlo = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
-    counts, _ = bench_utils.hlo_opcodes(hlo, entry_only=True)
-    inputs = counts.pop("parameter", 0)
-    counts.pop("constant", None)
-    return {"kernels": dict(sorted(counts.items())), "inputs": inputs}
-
-
 def compare_compiled_steps(tf, dense, static):
-    d = compiled_step_kernels(tf, dense.model, dense.dataset)
-    s = compiled_step_kernels(tf, static.model, static.dataset)
+    x, y = next(iter(dense.dataset))  # both variants train on the same synthetic data
+    d = bench_utils.compiled_step_kernels(tf, dense.model, x, y)
+    s = bench_utils.compiled_step_kernels(tf, static.model, x, y)
     return {"dense": d, "static": s, "static_same_kernels": d["kernels"] == s["kernels"],
             "static_extra_inputs": s["inputs"] - d["inputs"]}
 
@@ -352,9 +336,10 @@ def analyse(model_name, records, isolated, steps, extra):
             t_nu = [a - k * cost / steps for a, k in zip(tv, u)]
             res["step_ms"] = 1e3 * bench_utils.median(t_nu)
             res["step_ratio"] = ratio(t_nu)
-            res["amortised_ratio"] = ratio([x + cost / every for x in t_nu])
+            t_amortised = [x + cost / every for x in t_nu]
+            res["amortised_ratio"] = ratio(t_amortised)
             res["step_ratio_ci95"] = ci(t_nu)
-            res["amortised_ratio_ci95"] = ci([x + cost / every for x in t_nu])
+            res["amortised_ratio_ci95"] = ci(t_amortised)
             res["step_ratio_best"] = best(t_nu)
             res["amortised_ratio_best"] = best(t_nu, cost / every)
             res["update_in_dense_steps"] = cost / bench_utils.median(dense)
