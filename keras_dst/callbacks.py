@@ -257,7 +257,7 @@ class DynamicSparseTraining(HookedCallback):
       grow_exact: True: every layer regrows exactly what it lost; False: the
         reference's Bernoulli random growth (exact in expectation only).
       optimizer_state: ``"keep"`` (the reference: never touched) or ``"reset"``
-        (slots of pruned and regrown entries are zeroed).
+        (the slots of the entries whose mask changed are zeroed).
       seed: int; all randomness is stateless in (seed, layer, step).
       prune_params: dict of criterion parameters (e.g. ``{"gamma": 1.0}`` for mest).
       grow_params: dict of growth parameters.

@@ -24,8 +24,8 @@ Built-ins (`w` weight, `g` gradient):
 | running_snip             | EMA of abs(w * g)                      | after    | yes      |
 
 `ordering` is the reference mapping of spec section 2.3: "before" = the mask
-update runs after the optimizer step (scores the post-step weights, regrown
-weights stay 0); "after" = it runs before the optimizer step.
+update runs after the optimizer step (scores the post-step weights, newly
+grown weights stay 0); "after" = it runs before the optimizer step.
 
 Names are matched case-insensitively, ignoring "_" and "-" (so the reference's
 "ReciprocalSensitivity" and "MEST" work).

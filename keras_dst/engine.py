@@ -9,11 +9,16 @@ weight:
 1. ``r_l = ceil(p(t) * active_l)`` active entries with the lowest criterion score
    are removed (layer scope), or ``ceil(p * sum active)`` over all layers at once
    (global scope); the criterion's own selection rule for the SET family;
-2. pruned weights are set to 0;
-3. each layer regrows as many entries as it lost (exactly, or Bernoulli as the
+2. each layer regrows as many entries as it lost (exactly, or Bernoulli as the
    reference with ``grow_exact=False``), chosen by the growth score among its
-   inactive entries (just-pruned ones included); regrown weights start at 0;
-4. optionally the optimizer slots of pruned and regrown entries are zeroed.
+   inactive entries (just-pruned ones included);
+3. the mask is applied once, as the reference's ``apply_mask()`` after
+   ``truncate_weights()`` (``sparselearning/core.py``): entries pruned for good
+   go to 0, entries that were inactive and are grown start at 0, and an entry
+   pruned and regrown in the same update keeps its value (it never left the
+   mask as far as the weights are concerned);
+4. optionally (``optimizer_state="reset"``) the optimizer slots of the entries
+   whose mask changed are zeroed.
 
 Ordering "before" runs this after the optimizer update (scoring the updated
 weights), ordering "after" before it (the optimizer then moves the regrown
@@ -222,14 +227,16 @@ class TopologyEngine:
             m_old = tf.convert_to_tensor(t.mask)
             removed = count_true(m_old) - count_true(m_pruned)
             m_new = self._regrow(optimizer, i, step, grads[i], m_pruned, removed)
-            # Pruned weights go to 0 and regrown ones start from 0.
-            t.weight.assign(tf.where(tf.logical_and(m_pruned, m_new), t.weight,
-                                     tf.zeros_like(t.weight)))
+            # As the reference (`apply_mask()` once, after pruning and growth): an entry
+            # active before and after the update keeps its value, even if it was pruned
+            # and regrown in this update; an entry that was inactive starts from 0; a
+            # pruned entry that stays inactive goes to 0.
+            kept = tf.logical_and(m_old, m_new)
+            t.weight.assign(tf.where(kept, t.weight, tf.zeros_like(t.weight)))
             t.mask.assign(m_new)
             t.ever_active.assign(tf.logical_or(t.ever_active, m_new))
             if self.optimizer_state == "reset":
-                kept = tf.logical_and(m_pruned, m_new)
-                changed = tf.logical_and(tf.logical_or(m_old, m_new), tf.logical_not(kept))
+                changed = tf.not_equal(m_old, m_new)
                 for slot in optimizer_hook.slot_variables(optimizer, t.weight).values():
                     slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
             grown = count_true(m_new) - count_true(m_pruned)

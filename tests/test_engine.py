@@ -7,9 +7,9 @@ snapshots `states[t - 1]` / `states[t]` give the masks and weights before and
 after it; with SGD the optimizer's own move of every entry ("delta") is known
 (plain SGD: ``-lr * g`` with `g` recomputed here on the same batch; momentum
 SGD: the momentum slot, since Keras does ``w += m``). An active entry after the
-update is then either *kept* (``w_prev + delta``) or *reset* (pruned and/or
-regrown: ``0`` for ordering "before", ``delta`` for ordering "after"), which
-gives the removed and regrown counts independently of the engine's statistics.
+update is then either *kept* (active before and after, pruned-and-regrown ones
+included, as in the reference: ``w_prev + delta``) or *new* (inactive before:
+``0`` for ordering "before", ``delta`` for ordering "after").
 """
 
 import math
@@ -115,27 +115,28 @@ def gradients_at(model, state, x, y, step):
 
 
 def classify(prev, new, index, delta, ordering):
-    """(kept, reset) bool arrays of target `index` across one update step.
+    """(kept, new) bool arrays of target `index` across one update step.
 
-    kept: active before and after, value ``w_prev + delta``; reset: active after
-    but started from 0 in this update (regrown, just-pruned ones included), value
-    0 ("before") or ``delta`` ("after"). Asserts that every entry is explained
-    and that inactive entries are exactly 0.
+    kept: active before and after (an entry pruned and regrown in the update
+    included: the reference applies the mask once, after growth), value
+    ``w_prev + delta``; new: inactive before, active after, value 0 ("before")
+    or ``delta`` ("after"). Asserts that every active entry has its value and
+    that inactive entries are exactly 0.
     """
     m0, m1 = prev["masks"][index], new["masks"][index]
     w0, w1 = prev["weights"][index], new["weights"][index]
-    as_kept = w0 + delta
-    as_reset = delta if ordering == "after" else np.zeros_like(delta)
-    close_kept = np.isclose(w1, as_kept, rtol=1e-5, atol=1e-6)
-    close_reset = np.isclose(w1, as_reset, rtol=1e-5, atol=1e-6)
-    assert not np.any((close_kept & close_reset)[m0 & m1]), "ambiguous entries (|w| ~ 0)"
-    kept = m0 & m1 & close_kept
-    reset = m1 & ~kept
-    assert np.all(close_reset[reset]), (
-        f"target {index}: {int(np.sum(~close_reset[reset]))} active entries are neither "
-        f"kept (w + delta) nor reset ({'delta' if ordering == 'after' else '0'})")
+    kept, grown = m0 & m1, m1 & ~m0
+    as_new = delta if ordering == "after" else np.zeros_like(delta)
+    bad_kept = kept & ~np.isclose(w1, w0 + delta, rtol=1e-5, atol=1e-6)
+    bad_new = grown & ~np.isclose(w1, as_new, rtol=1e-5, atol=1e-6)
+    assert not bad_kept.any(), (
+        f"target {index}: {int(bad_kept.sum())} entries active before and after the update "
+        "did not keep their value (w + delta)")
+    assert not bad_new.any(), (
+        f"target {index}: {int(bad_new.sum())} newly grown entries did not start at "
+        f"{'delta' if ordering == 'after' else '0'}")
     assert np.all(w1[~m1] == 0)
-    return kept, reset
+    return kept, grown
 
 
 def set_removed_count(w, mask, r, legacy):
@@ -187,6 +188,17 @@ def margin(scores, eligible, count, high=False):
     return values[count] - values[count - 1]
 
 
+def assert_moves(m0, m1, grown, removed, r):
+    """One layer's update pruned exactly `removed` (r entries, from an oracle) and regrew r.
+
+    Only pruned entries leave the mask; the newly grown entries (`grown`, inactive
+    before) and the pruned ones grown straight back make r.
+    """
+    assert int(removed.sum()) == r
+    assert not np.any(m0 & ~m1 & ~removed), "an entry outside the pruned set left the mask"
+    assert int(grown.sum()) + int(np.sum(removed & m1)) == r
+
+
 # ----------------------------------------------------------------------------
 # Exact counts for every criterion x growth (spec section 10).
 
@@ -224,10 +236,10 @@ def test_every_criterion_and_growth_exact_counts_end_to_end(prune, grow):
             want = expected_removed(prune, w_scored, m0, "0.3")
             active, pruned, grown, _ = new["stats"][i]
             assert (active, pruned, grown) == (count, want, want), (path, step)
-            if step == 2:  # independent count from the weights (first update: no |w| ~ 0)
-                kept, reset = classify(prev, new, i, delta, criterion.ordering)
-                assert count - int(kept.sum()) == want, (path, "removed")
-                assert int(reset.sum()) == want, (path, "regrown")
+            if step == 2:  # values from the weights (first update: no |w| ~ 0)
+                kept, grown = classify(prev, new, i, delta, criterion.ordering)
+                # pruned for good == newly grown; the rest of the pruned came straight back
+                assert int((m0 & ~m1).sum()) == int(grown.sum()) <= want, (path, "moved")
             changed |= bool(np.any(m0 != m1))
         assert new["rate"] == pytest.approx(0.3)
     assert changed, "the topology never changed"
@@ -248,10 +260,14 @@ def test_single_update_removes_ceil_of_cosine_rate():
     assert new["rate"] == pytest.approx(p, rel=1e-6)
     for i, (path, count) in enumerate(counts.items()):
         r = math.ceil(p * count)
-        kept, reset = classify(prev, new, i, new["slots"][i]["momentums"], "before")
-        assert count - int(kept.sum()) == r == new["stats"][i][1], path
-        assert int(reset.sum()) == r == new["stats"][i][2], path
-        assert int(new["masks"][i].sum()) == count
+        delta = new["slots"][i]["momentums"]
+        kept, grown = classify(prev, new, i, delta, "before")
+        assert r == new["stats"][i][1] == new["stats"][i][2], path
+        m0, m1 = prev["masks"][i], new["masks"][i]
+        scores = np.abs(np.where(m0, prev["weights"][i] + delta, 0.0))
+        if margin(scores, m0, r) > 1e-6:
+            assert_moves(m0, m1, grown, lowest(scores, m0, r), r)
+        assert int(m1.sum()) == count
     # after the update nothing changes any more
     assert all((a == b).all() for a, b in zip(rec.states[2]["masks"], rec.states[3]["masks"]))
 
@@ -277,13 +293,13 @@ def test_ordering_regrown_values_and_exact_masks(prune, ordering):
         m0, m1 = prev["masks"][i], new["masks"][i]
         w0, w1, g = prev["weights"][i], new["weights"][i], grads[i]
         step_from_zero = -LR * g
-        kept, reset = classify(prev, new, i, step_from_zero, ordering)
-        grown_new = m1 & ~m0
+        kept, grown_new = classify(prev, new, i, step_from_zero, ordering)
         assert grown_new.any() or m0.all()
         if ordering == "before":
-            assert np.all(w1[reset] == 0.0), path  # exactly 0
+            assert np.all(w1[grown_new] == 0.0), path  # exactly 0
         else:
-            np.testing.assert_allclose(w1[reset], step_from_zero[reset], rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(w1[grown_new], step_from_zero[grown_new], rtol=1e-5,
+                                       atol=1e-8)
             assert np.count_nonzero(w1[grown_new]) >= 0.9 * grown_new.sum()  # largest |g| chosen
         # NumPy oracle of the update: prune r lowest, regrow as many with the largest |g|.
         r = math.ceil(Fraction("0.3") * int(m0.sum()))
@@ -296,16 +312,17 @@ def test_ordering_regrown_values_and_exact_masks(prune, ordering):
         grown = highest(np.abs(g), ~pruned_mask, r)
         if margin(scores, m0, r) > 1e-6 and margin(np.abs(g), ~pruned_mask, r, high=True) > 1e-6:
             np.testing.assert_array_equal(m1, pruned_mask | grown, err_msg=path)
-            np.testing.assert_array_equal(reset, grown, err_msg=path)
-        assert int(reset.sum()) == r and int(m1.sum()) == counts[path]
-        if m0.all():  # dense layer: just-pruned weights are regrown, the regrown set == pruned set
-            assert m1.all()
-            if margin(scores, m0, r) > 1e-6:
-                np.testing.assert_array_equal(reset, removed, err_msg=path)
+            np.testing.assert_array_equal(grown_new, grown & ~m0, err_msg=path)
+            assert_moves(m0, m1, grown_new, removed, r)
+        assert int(m1.sum()) == counts[path]
+        if m0.all():  # dense layer: every pruned weight comes straight back with its value
+            assert m1.all() and kept.all() and not grown_new.any(), path
 
 
-def test_dense_model_keep_dense_regrows_exactly_the_pruned_set():
-    """density 1.0 (+ keep_dense): DST still resets the r lowest weights of every layer."""
+def test_dense_layers_are_unchanged_by_an_update():
+    """density 1.0 (+ keep_dense): every layer prunes its r lowest weights and regrows them
+    at once with their values (the reference applies the mask once, after growth), so the
+    weights after the update step are those of the optimizer step alone."""
     model = sparse_model(density=1.0, keep_dense=("fc1",))
     x, y = classification_data(n=32)
     dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR), x, y, prune="magnitude",
@@ -315,10 +332,45 @@ def test_dense_model_keep_dense_regrows_exactly_the_pruned_set():
     for i in range(len(prev["masks"])):
         assert prev["masks"][i].all() and new["masks"][i].all()
         post_step = prev["weights"][i] - LR * grads[i]
-        kept, reset = classify(prev, new, i, -LR * grads[i], "before")
+        kept, grown = classify(prev, new, i, -LR * grads[i], "before")  # checks the values
+        assert kept.all() and not grown.any()
+        np.testing.assert_allclose(new["weights"][i], post_step, rtol=1e-5, atol=1e-6)
         r = math.ceil(post_step.size / 4)
-        np.testing.assert_array_equal(reset, lowest(np.abs(post_step), prev["masks"][i], r))
         assert tuple(new["stats"][i][:3]) == (post_step.size, r, r)
+
+
+# ----------------------------------------------------------------------------
+# The reference applies the mask once, after pruning and growth (`apply_mask()` at the
+# end of `truncate_weights()` in sparselearning/core.py): a weight pruned and regrown in
+# the same update keeps its value.
+
+
+@pytest.mark.parametrize("prune,grow", [
+    pytest.param(p, g, id=f"{p}-{g}", marks=pytest.mark.slow if g == "momentum" else ())
+    for p in BUILTIN_CRITERIA for g in ("random", "gradient", "momentum")])
+def test_update_changes_only_the_weights_that_moved(prune, grow):
+    """`SGD(learning_rate=0)`, one update at rate 0.5: the dense Dense(8->4) (density 1.0)
+    is unchanged by it, whatever it prunes; in the nearly dense fc2 only the entries that
+    left the mask change (to 0), every other weight keeps its value exactly."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(4, activation="tanh", name="fc1")(inp)
+    model = keras_dst.prunable(keras.Model(inp, keras.layers.Dense(6, name="fc2")(h)),
+                               density=0.9, distribution={"fc1": 1.0, "fc2": 0.8},
+                               track_scores=keras_dst.get_criterion(prune).ema)
+    x, y = classification_data(n=BATCH * 2, d=8)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(0.0, momentum=0.9), x, y, prune=prune,
+                          grow=grow, update_every=2, schedule="constant", prune_rate=0.5)
+    assert rec.update_steps() == [2]
+    prev, new = rec.states[1], rec.states[2]
+    (w0_fc1, w0_fc2), (w1_fc1, w1_fc2) = prev["weights"], new["weights"]
+    (m0_fc1, m0_fc2), (m1_fc1, m1_fc2) = prev["masks"], new["masks"]
+    assert m0_fc1.all() and m1_fc1.all()
+    want = expected_removed(prune, w0_fc1, m0_fc1, "0.5")  # 16 of 32 (SET: its own rule)
+    assert new["stats"][0][1] == new["stats"][0][2] == want > 0  # pruned and regrown
+    np.testing.assert_array_equal(w1_fc1, w0_fc1)           # ... with their values
+    np.testing.assert_array_equal(w1_fc2, np.where(m0_fc2 & m1_fc2, w0_fc2, 0.0))
+    assert int(m1_fc2.sum()) == int(m0_fc2.sum())
 
 
 # ----------------------------------------------------------------------------
@@ -343,16 +395,21 @@ def test_global_scope_removes_ceil_p_total_and_keeps_layer_counts():
         np.testing.assert_array_equal(stats[:, 1], stats[:, 2])  # each layer regrows what it lost
         assert [int(m.sum()) for m in new["masks"]] == list(counts.values())
         if step == 2:
-            # one threshold over all layers: every removed |w| <= every kept |w|
-            removed_scores, kept_scores = [], []
-            for i in range(len(counts)):
-                post = np.abs(prev["weights"][i] - LR * grads[i])
-                kept, reset = classify(prev, new, i, -LR * grads[i], "before")
-                removed = prev["masks"][i] & ~kept
+            # one ranking over all layers: the ceil(p N) lowest post-step |w| of the model
+            posts = [np.abs(np.where(prev["masks"][i], prev["weights"][i] - LR * grads[i], 0.0))
+                     for i in range(len(counts))]
+            flat = np.concatenate([p.ravel() for p in posts])
+            eligible = np.concatenate([m.ravel() for m in prev["masks"]])
+            r_total = math.ceil(Fraction("0.33") * total)
+            assert margin(flat, eligible, r_total) > 1e-6
+            removed_flat = lowest(flat, eligible, r_total)
+            offset = 0
+            for i, post in enumerate(posts):
+                removed = removed_flat[offset:offset + post.size].reshape(post.shape)
+                offset += post.size
+                kept, grown = classify(prev, new, i, -LR * grads[i], "before")
                 assert int(removed.sum()) == stats[i][1]
-                removed_scores.append(post[removed])
-                kept_scores.append(post[kept])
-            assert np.concatenate(removed_scores).max() <= np.concatenate(kept_scores).min()
+                assert_moves(prev["masks"][i], new["masks"][i], grown, removed, int(stats[i][1]))
             # really global: the per-layer share differs from ceil(p a_l)
             assert [int(s) for s in stats[:, 1]] != [math.ceil(0.33 * c) for c in counts.values()]
     assert_sparse_invariants(model, counts)
@@ -386,8 +443,8 @@ def test_optimizer_state_reset_zeroes_changed_entries_and_keep_does_not(name):
         np.testing.assert_array_equal(keep[3]["masks"][i], reset[3]["masks"][i])
         np.testing.assert_array_equal(keep[3]["weights"][i], reset[3]["weights"][i])
         m0, m1, w1 = keep[2]["masks"][i], keep[3]["masks"][i], keep[3]["weights"][i]
-        changed = (m0 & ~m1) | (m1 & (w1 == 0))  # pruned, or (re)grown at 0
-        assert changed.sum() >= math.ceil(0.3 * m0.sum())
+        changed = m0 != m1  # pruned for good, or grown from inactive
+        assert np.all(w1[changed] == 0) and changed.any()
         assert set(keep[3]["slots"][i]) == set(reset[3]["slots"][i]) and keep[3]["slots"][i]
         for slot, kept_values in keep[3]["slots"][i].items():
             reset_values = reset[3]["slots"][i][slot]
@@ -413,9 +470,9 @@ def test_optimizer_state_reset_with_after_ordering_restarts_momentum_from_zero()
         fresh = -LR * grads[i]
         changed = np.isclose(momentum, fresh, rtol=1e-5, atol=1e-9) & (m0 != m1)
         assert np.array_equal(changed, m0 != m1)  # every entry that changed restarted
-        kept, reset = classify(prev, new, i, momentum, "after")
-        np.testing.assert_allclose(momentum[reset], fresh[reset], rtol=1e-5, atol=1e-9)
-        np.testing.assert_allclose(new["weights"][i][reset], fresh[reset], rtol=1e-5, atol=1e-9)
+        kept, grown = classify(prev, new, i, momentum, "after")
+        np.testing.assert_allclose(momentum[grown], fresh[grown], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(new["weights"][i][grown], fresh[grown], rtol=1e-5, atol=1e-9)
         # kept entries keep their accumulated momentum (not a fresh step)
         assert not np.allclose(momentum[kept], fresh[kept], rtol=1e-3, atol=0)
 
@@ -527,13 +584,13 @@ def test_registered_custom_criterion_works_end_to_end():
     prev, new = rec.states[1], rec.states[2]
     grads = gradients_at(model, prev, x, y, step=2)
     for i, path in enumerate(counts):
-        kept, reset = classify(prev, new, i, -LR * grads[i], "after")
+        kept, grown = classify(prev, new, i, -LR * grads[i], "after")
         r = math.ceil(Fraction("0.3") * counts[path])
         scores = np.abs(prev["weights"][i] * grads[i]) ** 2
-        removed = prev["masks"][i] & ~kept
-        assert int(removed.sum()) == r == new["stats"][i][1]
+        assert r == new["stats"][i][1]
         if margin(scores, prev["masks"][i], r) > 1e-9:
-            np.testing.assert_array_equal(removed, lowest(scores, prev["masks"][i], r))
+            assert_moves(prev["masks"][i], new["masks"][i], grown,
+                         lowest(scores, prev["masks"][i], r), r)
     assert_sparse_invariants(model, counts)
 
 
