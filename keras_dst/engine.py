@@ -99,7 +99,7 @@ class TopologyEngine:
     def before_apply(self, optimizer, grads_by_var):
         step = tf.cast(optimizer.iterations, tf.int64) + 1
         grads = self._grads(grads_by_var)
-        if self.criterion.ema and self.criterion.ordering == "after":
+        if self.criterion.ema and self.ordering == "after":  # as the run's update
             self._update_running_scores(step, grads)
         if self.ordering == "after":
             self._maybe_update(optimizer, step, grads)
@@ -107,7 +107,7 @@ class TopologyEngine:
     def after_apply(self, optimizer, grads_by_var):
         step = tf.cast(optimizer.iterations, tf.int64)
         grads = self._grads(grads_by_var)
-        if self.criterion.ema and self.criterion.ordering == "before":
+        if self.criterion.ema and self.ordering == "before":
             self._update_running_scores(step, grads)
         if self.ordering == "before":
             self._maybe_update(optimizer, step, grads)
@@ -220,7 +220,7 @@ class TopologyEngine:
 
     def _update(self, optimizer, step, grads):
         grads = self._reduce_across_replicas(grads)
-        rate = tf.cast(self.schedule(step), tf.float32)
+        rate = self.schedule(step)  # float64 for the built-in schedules (see prune_count)
         pruned, finite = self.prune_masks(optimizer, step, grads, rate)
         stats = []
         for i, (t, m_pruned) in enumerate(zip(self.targets, pruned)):
@@ -243,7 +243,7 @@ class TopologyEngine:
             stats.append(tf.cast(tf.stack([count_true(m_new), removed, grown,
                                            count_true(t.ever_active)]), tf.int64))
         self.layer_stats.assign(tf.stack(stats))
-        self.last_rate.assign(rate)
+        self.last_rate.assign(tf.cast(rate, tf.float32))
         self.last_update_step.assign(step)
         self.skipped_layers.assign(
             tf.reduce_sum(tf.cast(tf.logical_not(tf.stack(finite)), tf.int64)))

@@ -81,7 +81,7 @@ class OverlapEngine:
         return sets
 
     def _update(self, step, grads):
-        rate = tf.cast(self.schedule(step), tf.float32)
+        rate = self.schedule(step)
         sets = self.pruned_sets(step, grads, rate)
         self.matrix.assign(tf.stack([tf.stack([topology.jaccard(a, b) for b in sets])
                                      for a in sets]))

@@ -25,7 +25,9 @@ _PI = math.pi
 
 
 def _step(step) -> tf.Tensor:
-    return tf.cast(tf.convert_to_tensor(step), tf.float32)
+    # float64, as the reference's Python arithmetic: the prune count ceil(p * a) of a
+    # large layer depends on the last bits of p.
+    return tf.cast(tf.convert_to_tensor(step), tf.float64)
 
 
 class _Schedule:
@@ -102,7 +104,8 @@ class LinearRate(_Schedule):
         self.initial, self.factor, self.every = float(initial), float(factor), int(every)
 
     def __call__(self, step) -> tf.Tensor:
-        return self.initial * tf.pow(self.factor, tf.floor(_step(step) / float(self.every)))
+        factor = tf.constant(self.factor, tf.float64)
+        return self.initial * tf.pow(factor, tf.floor(_step(step) / float(self.every)))
 
 
 def cosine(initial: float, total_steps: int, floor: float = 0.005) -> CosineRate:

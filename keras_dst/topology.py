@@ -287,13 +287,14 @@ def grow_bernoulli(mask: tf.Tensor, count, seed: tf.Tensor) -> tf.Tensor:
 def prune_count(active, rate) -> tf.Tensor:
     """`ceil(rate * active)` clamped to `[0, active]`, as int32.
 
-    The product is formed in float64. A float32 rate is only known to a
-    relative 2**-24, so a product within `2**-23 * rate * active` of an integer
-    is snapped to that integer instead of rounded up: rate=float32(0.1),
-    active=10 gives 1 (as the reference's float64 arithmetic), not 2. Exact
+    The product is formed in float64. A float64 rate (the built-in schedules
+    compute in float64, as the reference's ``math.ceil(rate * n)``) gives the
+    exact ceiling of that product. A float32 rate (e.g. from a user's callable
+    schedule) is only known to a relative 2**-24, so a product within
+    `2**-23 * rate * active` of an integer is snapped to that integer instead
+    of rounded up: rate=float32(0.1), active=10 gives 1, not 2. That is exact
     for every product below 5000 whose true fractional part is >= 1e-3; for
-    larger layers the result can be one lower than the exact ceiling when the
-    fractional part is below the float32 resolution of the rate.
+    larger layers the result can be one lower than the exact ceiling.
 
     Args:
       active: scalar int tensor or int, active count `a`.
@@ -303,10 +304,13 @@ def prune_count(active, rate) -> tf.Tensor:
       Scalar int32 tensor `r`.
     """
     active = tf.cast(tf.convert_to_tensor(active), tf.float64)
+    rate = tf.convert_to_tensor(rate)
     product = tf.cast(rate, tf.float64) * active
-    nearest = tf.round(product)
-    snapped = tf.abs(product - nearest) <= tf.abs(product) * 2.0**-23
-    count = tf.where(snapped, nearest, tf.math.ceil(product))
+    count = tf.math.ceil(product)
+    if rate.dtype != tf.float64:
+        nearest = tf.round(product)
+        snapped = tf.abs(product - nearest) <= tf.abs(product) * 2.0**-23
+        count = tf.where(snapped, nearest, count)
     return tf.cast(tf.clip_by_value(count, 0.0, active), tf.int32)
 
 

@@ -628,3 +628,17 @@ def test_dst_beats_static_sparse_at_density_005():
     static = np.mean([_accuracy(seed, dst=False) for seed in (0, 1)])
     dynamic = np.mean([_accuracy(seed, dst=True) for seed in (0, 1)])
     assert dynamic > static + 0.1, (static, dynamic)
+
+
+@pytest.mark.parametrize("ordering", ["before", "after"])
+def test_running_scores_follow_the_run_s_ordering(ordering):
+    """The reference updates a running score where the run's update happens (before or
+    after the optimizer step), also when `ordering` overrides the criterion's own."""
+    model = sparse_model(density=0.5, track_scores=True)
+    x, y = classification_data(n=BATCH)
+    w0 = [t.weight.numpy() for t in keras_dst.sparse_targets(model)]
+    fit_dst(model, keras.optimizers.SGD(LR), x, y, prune="running_magnitude", grow="random",
+            update_every=100, ordering=ordering)
+    for t, before in zip(keras_dst.sparse_targets(model), w0):  # first step: S = |w|
+        seen = np.abs(t.weight.numpy()) if ordering == "before" else np.abs(before)
+        np.testing.assert_allclose(t.score.numpy(), seen, rtol=1e-6, atol=1e-7)

@@ -20,7 +20,7 @@ SETTINGS = settings(max_examples=40, deadline=None)
 ])
 def test_cosine_matches_spec_example(step, expected, tol):
     rate = schedules.cosine(0.5, total_steps=35200)(tf.constant(step, tf.int64))
-    assert rate.dtype == tf.float32 and rate.shape == ()
+    assert rate.dtype == tf.float64 and rate.shape == ()  # as the reference's arithmetic
     assert float(rate) == pytest.approx(expected, abs=tol)
 
 
@@ -108,3 +108,20 @@ def test_should_update():
 
     flag, sparsity = traced(tf.constant(300, tf.int64))
     assert bool(flag) and float(sparsity) == pytest.approx(tfmot_sparsity(300, 0.1, 0.9, 100, 500, 3), abs=1e-6)
+
+
+def test_prune_count_of_a_large_layer_is_the_float64_ceiling_of_the_reference():
+    """The reference computes ceil(p * a) with p from Python float64 arithmetic. For layers
+    of >= 10^5 active weights a float32 rate puts the count one off in some (step, a); the
+    built-in schedules compute in float64, so every count equals the reference's."""
+    from keras_dst import topology
+
+    total, differ = 10_000, 0
+    schedule = schedules.cosine(0.5, total)
+    for step in range(100, total, 100):
+        p = 0.005 + (0.5 - 0.005) * (1 + math.cos(math.pi * step / total)) / 2
+        for active in (123_457, 1_000_003, 2_359_296):
+            want = math.ceil(p * active)
+            assert int(topology.prune_count(active, schedule(step))) == want, (step, active)
+            differ += int(topology.prune_count(active, tf.cast(schedule(step), tf.float32))) != want
+    assert differ > 0  # the float32 rate really was off somewhere: the check can fail
