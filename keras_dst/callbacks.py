@@ -18,7 +18,7 @@ from keras_dst.validation import check_choice, check_positive_int
 
 
 class StepSwitch:
-    """`model.train_function` while hooked callbacks train: one compiled step per hook set.
+    """`model.train_function` while hooked callbacks train: compiled step variants, kept.
 
     An update touches the topology only every few steps, but a `tf.cond` in the
     compiled step is not free: XLA passes every variable the update writes
@@ -28,54 +28,88 @@ class StepSwitch:
     ``needed = False`` for the coming execution is left out of the traced step
     (see `optimizer_hook.install`); a callback sets ``needed`` before each
     batch, and this switch calls (compiling on first use) the function traced
-    with exactly the needed hooks. Without any update step in it, the step is
-    the plain static-sparse step.
+    with exactly the needed engines. Without any engine in it, the step is the
+    plain static-sparse step.
 
-    One switch serves all hooked callbacks of one `fit` (identified by its
-    `params` dict, shared by the callbacks of a `fit`); a switch left by a `fit`
-    that ended in an exception is dropped, and its hooks uninstalled, when the
-    next `fit` starts.
+    Compiled once per model: the switch lives on the model across `fit` calls
+    and keeps every variant it compiled, keyed by the set of engines traced
+    into it, and the engines themselves, keyed by their configuration
+    (`engine_for`): a later `fit` with the same callback, or with a new one of
+    equal configuration, reuses both, so it compiles nothing; `evaluate` and
+    `predict` in between do not touch them. When the last hooked callback of a
+    `fit` ends, `model.train_function` becomes the static variant, so a later
+    plain `fit` runs it with no hook and no compile. `model.compile()` (which
+    gives the model a new training function) drops the switch and what it kept.
+    Engines left installed by a `fit` that raised are uninstalled when the next
+    `fit` starts.
     """
 
     ATTR = "_keras_dst_step_switch"
 
-    def __init__(self, model, params):
+    def __init__(self, model):
         self.model = model
-        self.params = params
-        self.engines = []
-        self._functions = {}
+        self.params = None     # the `params` dict of the fit now running (one per fit)
+        self.engines = []      # engines hooked in the fit now running, in hook order
+        self._engines = {}     # configuration key -> engine, kept across fits
+        self._functions = {}   # frozenset of traced engines -> compiled train function
+
+    @classmethod
+    def current(cls, model):
+        """The switch of `model` if its functions are still the model's; changes nothing."""
+        switch = model.__dict__.get(cls.ATTR)
+        return switch if switch is not None and switch._owns(model.train_function) else None
 
     @classmethod
     def of(cls, model, params):
-        """The switch of the current `fit` of `model` (made and installed if needed)."""
-        switch = model.__dict__.get(cls.ATTR)
-        if switch is not None and (switch.params is not params or params is None):
+        """The switch of `model` for the `fit` whose callbacks share `params`.
+
+        Made on first use, or again after `model.compile()`; installed as
+        `model.train_function` for this fit.
+        """
+        switch = cls.current(model)
+        if switch is None and cls.ATTR in model.__dict__:
+            model.__dict__[cls.ATTR].release()  # compiled for an earlier compile()
+        if switch is None:
+            switch = cls(model)
+            model.__dict__[cls.ATTR] = switch
+        if switch.params is not params:
             for engine in switch.engines:  # a fit that never reached on_train_end
                 optimizer_hook.uninstall(model.optimizer, engine)
-            switch = None
-        if switch is None:
-            switch = cls(model, params)
-            model.__dict__[cls.ATTR] = switch
+            switch.engines = []
+            switch.params = params
         model.train_function = switch
         return switch
+
+    def _owns(self, function):
+        return function is self or any(function is f for f in self._functions.values())
+
+    def keep(self, key, engine):
+        """Keeps `engine` for later fits with an equal configuration `key`."""
+        self._engines[key] = engine
 
     def add(self, engine):
         if engine not in self.engines:
             self.engines.append(engine)
-            self._functions.clear()  # traced without this hook
 
     def remove(self, engine):
+        """Ends `engine`'s part in this fit; the last one out restores the static step."""
         if engine in self.engines:
             self.engines.remove(engine)
-            self._functions.clear()
         if not self.engines:
-            self.model.__dict__.pop(self.ATTR, None)
-            self.model.train_function = None
+            self.params = None
+            self.model.train_function = self._functions.get(frozenset())
+
+    def release(self):
+        """Uninstalls this switch's hooks and forgets its engines and functions."""
+        for engine in self.engines:
+            optimizer_hook.uninstall(self.model.optimizer, engine)
+        self.engines, self._engines, self._functions = [], {}, {}
+        self.model.__dict__.pop(self.ATTR, None)
 
     def __call__(self, *args, **kwargs):
-        key = tuple(bool(getattr(e, "needed", True)) for e in self.engines)
-        for engine, needed in zip(self.engines, key):
-            engine.traced = needed  # read when (and only when) the function traces
+        key = frozenset(e for e in self.engines if getattr(e, "needed", True))
+        for engine in self.engines:
+            engine.traced = engine in key  # read when (and only when) the function traces
         function = self._functions.get(key)
         if function is None:
             self.model.make_train_function(force=True)
@@ -130,14 +164,24 @@ class HookedCallback(keras.callbacks.Callback):
         base = optimizer_hook.base_optimizer(optimizer)
         if not base.built:
             base.build(self.model.trainable_variables)
-        with self.model.distribute_strategy.scope():
-            self.engine = self._make_engine()
-        optimizer_hook.install(optimizer, self.engine, first=self.hook_first)
-        self._every_step = bool(getattr(self.engine, "needs_every_step", False))
-        self._verify = True
-        # (a fit that raised left its switch and engines behind: StepSwitch.of
+        # The engine of an equal configuration is reused with the steps compiled
+        # with it (see StepSwitch); a new one is made (and checked) before any
+        # state changes.
+        key = (type(self), self._engine_key())
+        current = StepSwitch.current(self.model)
+        engine = current._engines.get(key) if current is not None else None
+        if engine is None:
+            with self.model.distribute_strategy.scope():
+                engine = self._make_engine()
+        self.engine = engine
+        # (a fit that raised left its engines installed: StepSwitch.of
         # uninstalls them, this callback's previous engine included)
-        StepSwitch.of(self.model, self.params).add(self.engine)
+        switch = StepSwitch.of(self.model, self.params)
+        switch.keep(key, engine)
+        optimizer_hook.install(optimizer, engine, first=self.hook_first)
+        self._every_step = bool(getattr(engine, "needs_every_step", False))
+        self._verify = True
+        switch.add(engine)
 
     @classmethod
     def from_config(cls, config):
@@ -149,8 +193,11 @@ class HookedCallback(keras.callbacks.Callback):
             switch = self.model.__dict__.get(StepSwitch.ATTR)
             if switch is not None:
                 switch.remove(self.engine)
-            else:
-                self.model.train_function = None
+
+    def _engine_key(self):
+        """Hashable: equal for two callbacks (of one class) that make equal engines
+        for the current `fit` (its `params` included)."""
+        raise NotImplementedError
 
     def _update_grid(self):
         """(period, offset): the engine can only update while running a (1-based)
@@ -350,6 +397,13 @@ class DynamicSparseTraining(HookedCallback):
                 "without a length?); pass total_steps= to the callback or steps_per_epoch= "
                 "to fit().")
         return int(epochs) * int(steps)
+
+    def _engine_key(self):
+        # Criterion and GrowthRule compare by value (name, functions, params); a
+        # schedule object or callable by identity.
+        return (self.criterion, self.growth, self.update_every, self.prune_rate, self.schedule,
+                self.end_step, self._total_steps(), self.resolved_ordering, self.scope,
+                self.grow_exact, self.optimizer_state, self.seed, self.normalize, self.norm_type)
 
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="DynamicSparseTraining")

@@ -223,6 +223,9 @@ class GradualPruning(HookedCallback):
                 "end_step=, or a smaller begin_step or frequency.")
         return self.begin_step + updates * self.frequency
 
+    def _engine_key(self):
+        return tuple(sorted(self.get_config().items())) + (self.resolved_end_step(),)
+
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="GradualPruning")
         return GradualEngine(targets, initial_sparsity=1.0 - self.initial_density,

@@ -175,6 +175,10 @@ class CriteriaOverlap(HookedCallback):
                              "unknown; pass total_steps= or steps_per_epoch= to fit().")
         return int(epochs) * int(steps)
 
+    def _engine_key(self):
+        return (tuple(self.criteria), self.update_every, self.prune_rate, self.schedule,
+                self._total_steps(), self.seed)
+
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="CriteriaOverlap")
         schedule = schedules_lib.get_schedule(self.schedule, self.prune_rate, self._total_steps())

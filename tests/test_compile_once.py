@@ -1,0 +1,118 @@
+"""A DST model compiles its training step once: later `fit` calls trace nothing new.
+
+The trace count is the number of times Keras's `train_step` runs in Python: once
+per traced (and so XLA-compiled) training-step variant.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+from conftest import classification_data, mlp
+from keras_dst import optimizer_hook
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+DST = keras_dst.DynamicSparseTraining
+
+
+def traced_model(**prunable_kwargs):
+    """A compiled sparse MLP and the list that grows by one at every trace of its step."""
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3, **prunable_kwargs)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
+    traces, train_step = [], model.train_step
+
+    def counting_train_step(data):
+        traces.append(1)
+        return train_step(data)
+
+    model.train_step = counting_train_step
+    return model, traces
+
+
+def fit(model, callbacks=(), epochs=1):
+    x, y = classification_data(n=150)  # 10 batches of 16, the last one short
+    model.fit(x, y, batch_size=16, epochs=epochs, verbose=0, shuffle=False,
+              callbacks=list(callbacks))
+
+
+def hooked(model):
+    return "apply" in vars(optimizer_hook.base_optimizer(model.optimizer))
+
+
+def test_repeated_fits_with_evaluate_between_trace_only_in_the_first():
+    model, traces = traced_model()
+    x, y = classification_data(n=40)
+    dst = DST(prune="magnitude", grow="gradient", update_every=3)
+    counts, masks = [], [keras_dst.masks(model)]
+    for _ in range(3):
+        fit(model, [dst])
+        counts.append(len(traces))
+        model.evaluate(x, y, verbose=0)
+        model.predict(x, verbose=0)
+        masks.append(keras_dst.masks(model))
+    assert counts == [2, 2, 2]  # the static and the update variant, both in the first fit
+    for before, after in zip(masks, masks[1:]):  # every fit really updated the topology
+        assert any((before[k] != after[k]).any() for k in before)
+    assert not hooked(model)
+
+
+def test_epoch_edges_and_later_updates_trace_nothing():
+    model, traces = traced_model()
+    fit(model, [DST(prune="snip", grow="gradient", update_every=4)], epochs=3)
+    assert len(traces) == 2
+
+
+def test_equal_configuration_reuses_a_changed_one_compiles_once():
+    model, traces = traced_model()
+    fit(model, [DST(update_every=3, seed=1)])
+    assert len(traces) == 2
+    fit(model, [DST(update_every=3, seed=1)])  # a new callback, equal configuration
+    assert len(traces) == 2
+    fit(model, [DST(update_every=4, seed=1)])  # changed: only its update variant is new
+    assert len(traces) == 3
+    fit(model, [DST(update_every=4, seed=1)])
+    fit(model, [DST(update_every=3, seed=1)])
+    assert len(traces) == 3
+    mest = keras_dst.get_criterion("mest", gamma=0.5)  # parameters are configuration too
+    fit(model, [DST(prune=mest)])
+    fit(model, [DST(prune=keras_dst.get_criterion("mest", gamma=0.5))])
+    fit(model, [DST(prune=keras_dst.get_criterion("mest", gamma=2.0))])
+    assert len(traces) == 5
+
+
+def test_plain_fit_after_dst_runs_the_static_step_without_hook_or_trace():
+    model, traces = traced_model()
+    fit(model, [DST(update_every=3)])
+    assert len(traces) == 2 and not hooked(model)
+    masks = keras_dst.masks(model)
+    fit(model)
+    assert len(traces) == 2 and not hooked(model)
+    after = keras_dst.masks(model)
+    assert all((masks[k] == after[k]).all() for k in masks)  # no update ran
+    for t in keras_dst.sparse_targets(model):  # and the constraint still ran
+        assert np.all(t.weight.numpy()[~t.mask.numpy()] == 0)
+
+
+def test_compile_again_gives_new_steps():
+    model, traces = traced_model()
+    dst = DST(update_every=3)
+    fit(model, [dst])
+    model.compile(keras.optimizers.Adam(0.01), LOSS, jit_compile=True)
+    fit(model, [dst])
+    assert len(traces) == 4 and not hooked(model)
+    fit(model, [dst])
+    assert len(traces) == 4
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras_dst.GradualPruning(final_density=0.1, begin_step=0, end_step=21, frequency=3),
+    lambda: keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=3),
+], ids=["gradual", "overlap"])
+def test_sibling_callbacks_compile_once(make):
+    model, traces = traced_model()
+    fit(model, [make()])
+    first = len(traces)
+    fit(model, [make()])
+    fit(model, [make()])
+    assert len(traces) == first
