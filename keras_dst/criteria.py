@@ -28,7 +28,10 @@ update runs after the optimizer step (scores the post-step weights, newly
 grown weights stay 0); "after" = it runs before the optimizer step.
 
 Names are matched case-insensitively, ignoring "_" and "-" (so the reference's
-"ReciprocalSensitivity" and "MEST" work).
+"ReciprocalSensitivity" and "MEST" work). One exception in meaning: the
+reference's command-line ``SET`` runs its legacy rule
+(``magnitude_and_negativity_prune``); here ``"SET"`` is the correct SET and the
+reference's rule is ``"set_legacy"``.
 
 Score normalisation (`normalize`, spec section 4.5) lives in `topology`, which
 applies it in `apply_selection`, and is re-exported here. Dependency order:
