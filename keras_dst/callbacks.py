@@ -13,7 +13,7 @@ from keras_dst import optimizer_hook
 from keras_dst import schedules as schedules_lib
 from keras_dst import topology
 from keras_dst.engine import TopologyEngine
-from keras_dst.masks import sparse_targets
+from keras_dst.masks import reapply_masks_if_needed, sparse_targets
 from keras_dst.validation import check_choice, check_positive_int
 
 
@@ -174,6 +174,7 @@ class HookedCallback(keras.callbacks.Callback):
             with self.model.distribute_strategy.scope():
                 engine = self._make_engine()
         self.engine = engine
+        reapply_masks_if_needed(self.model, type(self).__name__)
         # (a fit that raised left its engines installed: StepSwitch.of
         # uninstalls them, this callback's previous engine included)
         switch = StepSwitch.of(self.model, self.params)

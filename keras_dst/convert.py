@@ -170,8 +170,9 @@ def _clone_graph(model, clone):
       model: the model to clone (nested Sequential/functional models included).
       clone: ``clone(layer, index) -> (new_layer, source)``; `index` counts the
         layers cloned so far; `source` is the layer whose weights `new_layer` (or,
-        for a `SparseWrapper`, its inner layer) receives. A new `SparseWrapper`
-        then zeroes its inactive weights.
+        for a `SparseWrapper`, its inner layer) receives; a `SparseWrapper` source
+        gives its inner layer's weights with every sparsified one multiplied by
+        its mask. A new `SparseWrapper` then zeroes its inactive weights.
 
     The layers are the caller's own objects in memory, so they are re-created
     outside Keras's safe mode (a `Lambda` holding a Python function clones too).
@@ -190,7 +191,12 @@ def _clone_graph(model, clone):
         if source is None:
             continue
         target = layer.layer if isinstance(layer, SparseWrapper) else layer
-        if source.weights:
+        if isinstance(source, SparseWrapper):  # strip(): the inner weights, kernel ⊙ mask
+            masks = {id(w): m for w, m in zip(source.sparse_weights, source.masks)}
+            target.set_weights([
+                np.where(masks[id(w)].numpy(), w.numpy(), 0) if id(w) in masks else w.numpy()
+                for w in source.layer.weights])
+        elif source.weights:
             target.set_weights(source.get_weights())
         if isinstance(layer, SparseWrapper):
             layer.apply_masks()
@@ -217,18 +223,21 @@ def _named_overrides(keep_dense, density_overrides, layer_names):
 def strip(model):
     """An ordinary Keras model with the same graph and weights, without wrappers.
 
-    The masks are baked in (inactive weights are already exactly 0), so the
-    stripped model gives the same predictions. Needs a Sequential or functional
-    model; a bare `SparseWrapper` returns its inner layer.
+    Every sparsified weight is copied multiplied by its mask (kernel ⊙ mask), so
+    the stripped model computes exactly what the masks say, also if a write
+    keras_dst cannot see left non-zeros at masked entries. Needs a Sequential or
+    functional model; a bare `SparseWrapper` gives its inner layer (after
+    zeroing its masked entries in place).
     """
     if isinstance(model, SparseWrapper):
+        model.apply_masks()
         return model.layer
     if not isinstance(model, keras.Model) or not _is_graph_model(model):
         raise TypeError(f"strip() needs a Sequential or functional model, got "
                         f"{type(model).__name__}.")
 
     def clone(layer, index):
-        source = layer.layer if isinstance(layer, SparseWrapper) else layer
-        return source.__class__.from_config(source.get_config()), source
+        inner = layer.layer if isinstance(layer, SparseWrapper) else layer
+        return inner.__class__.from_config(inner.get_config()), layer
 
     return _clone_graph(model, clone)

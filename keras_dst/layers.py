@@ -23,6 +23,7 @@ Which weights are prunable:
   sparsified.
 """
 
+import warnings
 from typing import Sequence
 
 import keras
@@ -279,6 +280,7 @@ class SparseWrapper(keras.layers.Wrapper):
                                                         "zeros"))
             w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
             _zero_initial_value(w, initial_mask)
+            _guard_writes(w, mask, self)
 
     def _state_variable(self, name, shape, dtype, initializer):
         return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer,
@@ -295,6 +297,14 @@ class SparseWrapper(keras.layers.Wrapper):
         """Zeroes every sparsified weight where its mask is False."""
         for w, m in zip(self.sparse_weights, self.masks):
             w.assign(tf.where(m, w, tf.zeros_like(w)))
+
+    def load_own_variables(self, store):
+        """Loads the masks (and flags, scores); the weights the inner layer loads next
+        are then zeroed where these masks are False, with a warning that counts the
+        non-zero entries dropped (see `_guard_writes`)."""
+        super().load_own_variables(store)
+        for w in self.sparse_weights:
+            w._keras_dst_loading = True
 
     # -- forward: untouched ----------------------------------------------------
     def call(self, inputs, *args, **kwargs):
@@ -337,6 +347,42 @@ def _zero_initial_value(variable, initial_mask):
     with tf.init_scope():
         variable.assign(tf.where(initial_mask(variable.shape), variable,
                                  tf.zeros_like(variable)))
+
+
+def _guard_writes(variable, mask, wrapper):
+    """Makes every eager write of `variable` keep its zeros where `mask` is False.
+
+    Keras writes weights outside the optimizer with ``variable.assign`` (eager):
+    ``load_model``, ``load_weights`` (and so ``BackupAndRestore``),
+    ``set_weights``, a user's own ``assign``. This instance-level ``assign``
+    masks the value there, so no such write can make the model compute densely
+    while its masks say otherwise. Writes traced into a compiled function (the
+    optimizer's update, the DST engine) pass through untouched: there the
+    `MaskConstraint` already runs, and the compiled step stays the dense one.
+
+    A write during a load (flagged by `SparseWrapper.load_own_variables`, which
+    Keras calls right before the inner layer loads its weights) that holds
+    non-zeros at masked entries warns with their count; ``set_weights`` (e.g. a
+    warm start from dense weights) masks silently, as documented.
+    """
+    plain_assign = type(variable).assign
+
+    def assign(value):
+        if not tf.executing_eagerly():
+            return plain_assign(variable, value)
+        value = tf.cast(tf.convert_to_tensor(value), variable.dtype)
+        if variable.__dict__.pop("_keras_dst_loading", False):
+            dropped = int(tf.math.count_nonzero(tf.logical_and(tf.logical_not(mask),
+                                                                tf.not_equal(value, 0))))
+            if dropped:
+                warnings.warn(
+                    f"SparseWrapper '{wrapper.name}': the loaded '{variable.path}' holds "
+                    f"{dropped} non-zero entries where its mask is 0; they were set to 0 "
+                    "(the saved mask wins; use keras_dst.set_masks to change the topology).",
+                    stacklevel=2)
+        return plain_assign(variable, tf.where(mask, value, tf.zeros_like(value)))
+
+    variable.assign = assign
 
 
 def _original_constraint(variable):

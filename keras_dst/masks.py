@@ -6,8 +6,11 @@ layer that contains `SparseWrapper` layers.
 
 from typing import NamedTuple
 
+import warnings
+
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_dst.layers import SparseWrapper
 
@@ -103,15 +106,68 @@ def set_masks(model, new_masks: dict, apply=True):
             wrapper.apply_masks()
 
 
+def apply_masks(model) -> int:
+    """Zeroes every sparsified weight of `model` where its mask is 0.
+
+    For writes keras_dst cannot see: keras_dst already re-zeroes what
+    ``load_model``, ``load_weights``, ``set_weights`` and ``variable.assign``
+    write (eagerly), but a ``tf.train.Checkpoint`` restore writes the variables
+    underneath Keras. Call this after such a write.
+
+    Returns:
+      The number of non-zero entries that were zeroed (0 for a consistent model).
+    """
+    stray = _stray_entries(sparse_targets(model, require=True, caller="apply_masks()"))
+    for wrapper in sparse_wrappers(model):
+        wrapper.apply_masks()
+    return sum(stray)
+
+
+def _stray_entries(targets) -> list:
+    """Per target: non-zero entries where the mask is 0 (what the model computes with
+    beyond its mask), counted on the device (one small read)."""
+    if not targets:
+        return []
+    counts = tf.stack([tf.math.count_nonzero(tf.where(t.mask, tf.zeros_like(t.weight), t.weight))
+                       for t in targets])
+    return [int(c) for c in counts.numpy()]
+
+
+def reapply_masks_if_needed(model, caller) -> int:
+    """Zeroes stray entries (see `layer_stats`) with a warning naming `caller`; returns
+    how many there were."""
+    stray = sum(_stray_entries(sparse_targets(model)))
+    if stray:
+        warnings.warn(f"{caller}: {stray} weights were non-zero where their masks are 0 "
+                      "(written by a path keras_dst cannot see, e.g. a tf.train.Checkpoint "
+                      "restore); they were set to 0.", stacklevel=3)
+        for wrapper in sparse_wrappers(model):
+            wrapper.apply_masks()
+    return stray
+
+
 def layer_stats(model) -> list:
-    """Per sparsified weight: dict(layer, path, shape, active, total, density)."""
+    """Per sparsified weight: dict(layer, path, shape, active, total, density, stray).
+
+    ``active`` counts the entries the model computes with: its mask's active
+    entries plus ``stray``, the non-zero entries where the mask is 0 (0 unless a
+    write keras_dst cannot see put them there; see `apply_masks`). A model with
+    stray entries warns.
+    """
     rows = []
-    for t in sparse_targets(model):
-        active = int(np.count_nonzero(t.mask.numpy()))
+    targets = sparse_targets(model)
+    for t, stray in zip(targets, _stray_entries(targets)):
+        active = int(np.count_nonzero(t.mask.numpy())) + stray
         total = int(np.prod(t.weight.shape))
         rows.append(dict(layer=t.wrapper.layer.name, path=t.weight.path,
                          shape=tuple(t.weight.shape), active=active, total=total,
-                         density=active / total if total else 1.0))
+                         density=active / total if total else 1.0, stray=stray))
+    stray = {r["path"]: r["stray"] for r in rows if r["stray"]}
+    if stray:
+        warnings.warn(
+            f"Model '{getattr(model, 'name', model)}' computes with {sum(stray.values())} "
+            f"non-zero weights where its masks are 0 ({stray}); the density counts them. "
+            "keras_dst.apply_masks(model) zeroes them.", stacklevel=3)
     return rows
 
 

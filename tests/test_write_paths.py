@@ -1,0 +1,172 @@
+"""Every path that writes weights leaves a sparse model consistent: zeros where masked.
+
+Keras writes weights outside the optimizer eagerly (`load_model`, `load_weights`,
+`BackupAndRestore`, `set_weights`, `variable.assign`): keras_dst re-zeroes masked
+entries there (a load warns with the count). A `tf.train.Checkpoint` restore writes
+underneath Keras: `density`/`summary` then report what the model computes (with a
+warning), `strip` still gives kernel ⊙ mask, `apply_masks` repairs it on demand and the
+next DST fit does so with a warning.
+"""
+
+import os
+import shutil
+import warnings
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dst
+from conftest import assert_sparse_invariants, classification_data, mlp
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def sparse_mlp():
+    dense = mlp((20, 16, 3))
+    return dense, keras_dst.prunable(dense, density=0.3)
+
+
+def stray(model):
+    return sum(int(np.count_nonzero(t.weight.numpy()[~t.mask.numpy()]))
+               for t in keras_dst.sparse_targets(model))
+
+
+def fill_kernels(h5_path, value=1.0):
+    """Writes `value` into every 2-D float dataset (the kernels) of a weights file."""
+    edited = []
+    with h5py.File(h5_path, "r+") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and obj.ndim == 2 and obj.dtype.kind == "f":
+                obj[...] = value
+                edited.append(name)
+        f.visititems(visit)
+    assert edited
+    return edited
+
+
+def no_warning(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn()
+
+
+def test_set_weights_with_dense_values_is_masked_silently():
+    dense, model = sparse_mlp()
+    before = keras_dst.masks(model)
+    for layer in model.layers:  # warm start from the dense model, layer by layer
+        if isinstance(layer, keras_dst.SparseWrapper):
+            no_warning(lambda: layer.layer.set_weights(
+                dense.get_layer(layer.layer.name).get_weights()))
+    no_warning(lambda: model.set_weights(model.get_weights()))
+    assert stray(model) == 0
+    assert_sparse_invariants(model)
+    after = keras_dst.masks(model)
+    assert all((before[k] == after[k]).all() for k in before)
+    for t in keras_dst.sparse_targets(model):  # the active entries took the dense values
+        source = dense.get_layer(t.wrapper.layer.name).kernel.numpy()
+        np.testing.assert_array_equal(t.weight.numpy(), np.where(t.mask.numpy(), source, 0))
+
+
+def test_variable_assign_is_masked():
+    _, model = sparse_mlp()
+    t = keras_dst.sparse_targets(model)[0]
+    t.weight.assign(np.ones(t.weight.shape, "float32"))
+    np.testing.assert_array_equal(t.weight.numpy(), t.mask.numpy().astype("float32"))
+
+
+def test_load_model_of_a_file_with_nonzeros_at_masked_entries_warns_and_zeroes(tmp_path):
+    _, model = sparse_mlp()
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(path) as z:
+        z.extractall(unpacked)
+    fill_kernels(str(unpacked / "model.weights.h5"))
+    edited = str(tmp_path / "edited.keras")
+    with zipfile.ZipFile(edited, "w") as z:
+        for name in os.listdir(unpacked):
+            z.write(unpacked / name, name)
+    with pytest.warns(UserWarning, match=r"holds \d+ non-zero entries where its mask is 0"):
+        loaded = keras.models.load_model(edited, safe_mode=True)
+    assert stray(loaded) == 0
+    assert keras_dst.density(loaded) == pytest.approx(keras_dst.density(model))
+    for t in keras_dst.sparse_targets(loaded):  # active entries got the file's values
+        assert np.all(t.weight.numpy()[t.mask.numpy()] == 1.0)
+
+
+def test_load_weights_and_backup_and_restore_of_such_a_file_zero_them(tmp_path):
+    _, model = sparse_mlp()
+    model.compile(keras.optimizers.SGD(0.01), LOSS)
+    weights = str(tmp_path / "m.weights.h5")
+    model.save_weights(weights)
+    fill_kernels(weights)
+    with pytest.warns(UserWarning, match="non-zero entries where its mask is 0"):
+        model.load_weights(weights)
+    assert stray(model) == 0
+    # BackupAndRestore restores through load_weights: a tampered backup is masked too
+    backup = tmp_path / "backup"
+    x, y = classification_data(n=32)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False)])
+    backup_files = [os.path.join(d, f) for d, _, fs in os.walk(backup) for f in fs
+                    if f.endswith(".weights.h5")]
+    assert backup_files
+    fill_kernels(backup_files[0], 2.0)
+    _, fresh = sparse_mlp()
+    fresh.compile(keras.optimizers.SGD(0.0), LOSS)
+    with pytest.warns(UserWarning, match="non-zero entries where its mask is 0"):
+        fresh.fit(x, y, epochs=2, verbose=0, callbacks=[
+            keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False)])
+    assert stray(fresh) == 0
+
+
+def test_checkpoint_restore_underneath_keras_is_reported_stripped_and_repaired(tmp_path):
+    dense, model = sparse_mlp()
+    targets = keras_dst.sparse_targets(model)
+    # a tf.train.Checkpoint of dense values with the sparse model's variable layout
+    for t in targets:
+        t.weight.value.assign(dense.get_layer(t.wrapper.layer.name).kernel.numpy())
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    _, model = sparse_mlp()
+    tf.train.Checkpoint(model=model).read(path).expect_partial()
+    n_stray = stray(model)
+    assert n_stray > 0
+    masked_density = sum(int(t.mask.numpy().sum()) for t in keras_dst.sparse_targets(model)) / \
+        sum(int(np.prod(t.weight.shape)) for t in keras_dst.sparse_targets(model))
+    with pytest.warns(UserWarning, match="non-zero weights where its masks are 0"):
+        computed = keras_dst.density(model)
+    assert computed > masked_density  # what the model computes with, not its masks
+    stripped = keras_dst.strip(model)  # kernel ⊙ mask all the same
+    for t in keras_dst.sparse_targets(model):
+        kernel = stripped.get_layer(t.wrapper.layer.name).kernel.numpy()
+        np.testing.assert_array_equal(kernel, np.where(t.mask.numpy(), t.weight.numpy(), 0))
+    assert keras_dst.apply_masks(model) == n_stray
+    assert stray(model) == 0 and keras_dst.apply_masks(model) == 0
+    assert no_warning(lambda: keras_dst.density(model)) == pytest.approx(masked_density)
+
+
+def test_a_dst_fit_repairs_a_model_written_underneath_keras():
+    dense, model = sparse_mlp()
+    for t in keras_dst.sparse_targets(model):
+        t.weight.value.assign(dense.get_layer(t.wrapper.layer.name).kernel.numpy())
+    assert stray(model) > 0
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), jit_compile=True)
+    x, y = classification_data(n=32)
+    with pytest.warns(UserWarning, match="were set to 0"):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[keras_dst.DynamicSparseTraining(update_every=100)])
+    assert_sparse_invariants(model)
+
+
+def test_strip_of_a_bare_wrapper_zeroes_its_masked_entries():
+    wrapper = keras_dst.prunable(keras.layers.Dense(4), density=0.5)
+    wrapper.build((None, 6))
+    w = wrapper.sparse_weights[0]
+    w.value.assign(np.ones(w.shape, "float32"))
+    inner = keras_dst.strip(wrapper)
+    np.testing.assert_array_equal(inner.kernel.numpy(), wrapper.masks[0].numpy().astype("float32"))
