@@ -26,8 +26,8 @@ without sorting: for a selection over >= 2**17 entries by a radix select on
 the 32-bit order (two histogram passes of 16 bits: scatter-add into 2**16
 bins, prefix sums over the bins), for smaller ones by bisection on the order
 (~33 vectorised counting passes; lower fixed cost, faster to compile); then,
-only when the threshold order is tied, the same over the flat index of the
-tied entries. Both give the same entries. Cost O(n), no sort (XLA's comparator
+only when the threshold order is tied, the tied entries of lowest flat index
+by one prefix sum over the tied flags. Both give the same entries. Cost O(n), no sort (XLA's comparator
 sort costs ~1 us per entry on CPU); at most 2**31 - 1 entries per call.
 """
 
@@ -186,11 +186,11 @@ def _select(scores: tf.Tensor, eligible: tf.Tensor, count, lowest: bool) -> tf.T
     n_tied = at_v - tf.where(tf.equal(v, _INELIGIBLE), n - available, 0)
     need = count - below  # ties to choose: >= 1 when count > 0
     tied = flat_eligible & tf.equal(order, v)
-    index = tf.range(n, dtype=tf.int32)
 
     def first_tied():
-        # Smallest index j with #{tied, index <= j} >= need: ties go to lower indices.
-        return tied & (index <= _count_threshold(index, tied, need, key_max=n - 1)[0])
+        # The `need` tied entries of lowest flat index: one prefix sum of the tied flags
+        # (cheaper to compile than a second threshold search over the indices).
+        return tied & (tf.cumsum(tf.cast(tied, tf.int32)) <= need)
 
     chosen_tied = tf.cond(need < n_tied, first_tied, lambda: tied)
     chosen = (order < v) | chosen_tied
