@@ -14,13 +14,13 @@ from keras_dst.gradual import GradualPruning
 from keras_dst.growth import GrowthRule, get_growth, growth_names, register_growth
 from keras_dst.layers import MaskConstraint, SparseWrapper, register_prunable_layer
 from keras_dst.masks import apply_masks, density, masks, set_masks, sparse_targets, summary
-from keras_dst.saving import save_model
+from keras_dst.saving import BackupAndRestore, save_model
 from keras_dst.overlap import CriteriaOverlap
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CriteriaOverlap", "GradualPruning", "apply_masks",
+    "BackupAndRestore", "CriteriaOverlap", "GradualPruning", "apply_masks",
     "Criterion", "DynamicSparseTraining", "GrowthRule", "MaskConstraint", "SparseWrapper",
     "criterion_names", "density", "get_criterion", "get_growth", "growth_names",
     "layer_densities", "masks", "prunable", "register_criterion", "register_distribution",

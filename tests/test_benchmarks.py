@@ -67,7 +67,62 @@ def test_verdict_needs_the_whole_interval_on_one_side_of_the_target():
     assert bench_utils.verdict(1.04, 1.03) == "MISSED"
 
 
-@pytest.mark.slow  # ~25 s of subprocess; CI's second pass runs it
+def test_interleaved_reverses_the_order_every_other_round():
+    assert list(bench_utils.interleaved(("a", "b"), 3)) == [
+        (0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
+    assert list(bench_utils.interleaved(("a", "b"), 3, start=1)) == [
+        (1, "b"), (1, "a"), (2, "a"), (2, "b")]
+    assert bench_utils.ratio_stats([2.0, 3.0, 4.0], [1.0, 2.0, 2.0]) == (2.0, None)
+
+
+def test_later_call_cell_judges_the_ratio_net_of_the_updates():
+    res = {"later_call_ratio": 1.10, "later_call_ratio_ci95": (1.08, 1.12),
+           "later_call_update_allowance": 0.08, "later_call_net_ratio": 1.02,
+           "later_call_net_ratio_ci95": (1.00, 1.04)}
+    assert bench_utils.later_call(res, 1.05) == "1.100 [1.080, 1.120] vs 1.130 (met)"
+    assert bench_utils.later_call(res) == \
+        "1.100 [1.080, 1.120], update +0.080, net 1.020 [1.000, 1.040]"
+    no_u = {"later_call_ratio": 1.10, "later_call_ratio_ci95": None}
+    assert bench_utils.later_call(no_u, 1.05) == "1.100 (MISSED; U unknown)"
+    assert bench_utils.later_call({}, 1.05) == "n/a"
+
+
+def check_fit_calls(r):
+    """The first-fit and fit-loop results of a --quick overhead.py run (1 fresh model per
+    variant, 3 fit calls of 4 steps with ΔT = 4: every call holds one update, at its last
+    step)."""
+    variants = ("dense", "static", "dst_magnitude", "dst_snip")
+    ff = r["first_fit"]
+    assert ff["repeats"] == 1 and ff["steps"] == 4
+    for v in variants:
+        assert ff["variants"][v]["seconds"] > 0 and len(ff["variants"][v]["seconds_all"]) == 1
+    for v in variants[1:]:
+        ratio = ff["variants"][v]["ratio"]
+        assert math.isfinite(ratio) and ratio > 0
+        assert ff["variants"][v]["ratio_ci95"] is None  # one repeat: no interval
+    assert ff["variants"]["dst_magnitude"]["updates"] == 1
+    fl = r["fit_loop"]
+    assert fl["calls"] == 3 and fl["later_calls"] == 1
+    assert fl["steps_per_call"] == 4 and fl["window_steps"] == 3
+    for v in variants:
+        res, raw = fl["variants"][v], fl["raw_calls"][v]
+        for key in ("first_call_s", "second_call_s", "later_call_s", "window_step_ms"):
+            assert res[key] > 0, (v, key)
+        assert [c["steps"] for c in raw] == [4, 4, 4] and raw[-1]["it1"] == 12
+        assert all(0 < c["window_s"] < c["seconds"] for c in raw)
+        assert raw[0]["seconds"] == ff["variants"][v]["seconds_all"][0]  # call 1 = first fit
+    for v in variants[1:]:
+        res = fl["variants"][v]
+        for key in ("first_call_ratio", "second_call_ratio", "later_call_ratio", "window_ratio"):
+            assert math.isfinite(res[key]) and res[key] > 0, (v, key)
+    for v in variants[2:]:
+        res = fl["variants"][v]
+        assert res["updates_per_later_call"] == [1] and res["updates_in_windows"] == 1
+        assert res["update_ms_used"] > 0 and res["later_call_update_allowance"] > 0
+        assert math.isfinite(res["later_call_net_ratio"])
+
+
+@pytest.mark.slow  # ~40 s of subprocess on 2 cores; CI's second pass runs it
 def test_overhead_quick(tmp_path):
     run_script("overhead.py", "--models=mlp", "--epochs=1", "--update_cost=isolated",
                f"--out_dir={tmp_path}")
@@ -91,9 +146,11 @@ def test_overhead_quick(tmp_path):
     mem = r["memory"]
     assert mem["mask_bytes"] > 0 and mem["stored_gradient_bytes"] == 0
     assert mem["extra_bytes"] >= mem["mask_bytes"] + mem["ever_active_bytes"]
+    check_fit_calls(r)
     md = (tmp_path / "quick_overhead.md").read_text()
     for heading in ("## Step time, ratios to dense", "## Memory", "| mlp |",
-                    "static kernels = dense", "yes (+3 inputs)"):
+                    "static kernels = dense", "yes (+3 inputs)", "## First fit of a fresh model",
+                    "## Fit loop: repeated fit(epochs=1) calls"):
         assert heading in md
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "summarize.py"),
                            f"--out_dir={tmp_path}", "--prefix=quick"],
@@ -101,6 +158,10 @@ def test_overhead_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (tmp_path / "quick_summary.md").read_text()
     assert "| mlp |" in summary and "yes (+3 inputs)" in summary
+    for row in ("first fit DST/dense (≤ 1.5)", "fit-loop window DST/dense (≤ 1.03)",
+                "later fit call DST/dense (≤ 1.05 + update)"):
+        line = next(x for x in summary.splitlines() if row in x)  # a verdict per DST cell
+        assert line.count("(met") + line.count("(MISSED") + line.count("(missed") == 2, line
 
 
 @pytest.mark.slow
@@ -121,6 +182,16 @@ def test_scaling_quick(tmp_path):
     for heading in ("## Parameter count", "## Number of layers", "## Host round-trip check",
                     "no host round-trip"):
         assert heading in md
+
+
+@pytest.mark.slow
+def test_memory_quick(tmp_path):
+    run_script("memory.py", f"--out_dir={tmp_path}")
+    doc = json.loads((tmp_path / "cpu_memory.json").read_text())
+    assert set(doc["growth_mb_per_model"]) == {"dense", "static", "dst"}
+    assert all(len(v) == doc["cycles"] and min(v) > 0 for v in doc["rss_mb"].values())
+    assert math.isfinite(doc["dst_minus_dense_mb"])
+    assert "DST - dense" in (tmp_path / "cpu_memory.md").read_text()
 
 
 @pytest.mark.tfmot

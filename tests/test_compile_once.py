@@ -10,6 +10,7 @@ import pytest
 
 import keras_dst
 from conftest import classification_data, mlp
+from keras_dst import callbacks as callbacks_lib
 from keras_dst import optimizer_hook
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -116,3 +117,21 @@ def test_sibling_callbacks_compile_once(make):
     fit(model, [make()])
     fit(model, [make()])
     assert len(traces) == first
+
+
+def test_a_discarded_model_its_compiled_steps_and_callback_are_collectable():
+    """Nothing keeps a DST model alive once the user drops it (no registry, no global
+    cache): the model, its compiled step variants, engines and callback are collected."""
+    import gc
+    import weakref
+
+    model, _ = traced_model()
+    dst = DST(update_every=3)
+    fit(model, [dst])
+    model.evaluate(*classification_data(n=16), verbose=0)
+    switch = model.__dict__[callbacks_lib.StepSwitch.ATTR]
+    refs = [weakref.ref(o) for o in (model, dst, dst.engine, switch,
+                                     *switch._functions.values())]
+    del model, dst, switch
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)

@@ -141,6 +141,55 @@ def test_backup_and_restore_in_the_same_process_and_model(tmp_path, config):
     _assert_bit_identical(_state(model), _reference(config))
 
 
+class KilledDuringBackup(Exception):
+    pass
+
+
+def _save_weights_killed_midway(self, filepath, *args, **kwargs):
+    """`Model.save_weights` that dies half-way: a truncated file, as after a SIGKILL."""
+    with open(filepath, "wb") as f:
+        f.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    raise KilledDuringBackup(filepath)
+
+
+@pytest.mark.parametrize("backup_class", ["keras_dst", "keras"])
+def test_a_kill_during_the_backup_write_keeps_keras_dst_s_backup_readable(
+        tmp_path, monkeypatch, backup_class):
+    """Epochs 1 and 2 are backed up; the write of epoch 3's backup dies half-way. Keras's
+    own callback has overwritten its only file and cannot restart; keras_dst's resumes
+    from epoch 2 and ends bit-identical to the uninterrupted run."""
+    make = (keras_dst.BackupAndRestore if backup_class == "keras_dst"
+            else keras.callbacks.BackupAndRestore)
+    backup = str(tmp_path / "backup")
+    config = "random_growth"
+    model = _model(config)
+    original = keras.Model.save_weights
+
+    class DieAtThirdBackup(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                monkeypatch.setattr(keras.Model, "save_weights", _save_weights_killed_midway)
+
+    with pytest.raises(KilledDuringBackup):
+        _fit(model, config, [DieAtThirdBackup(), make(backup)])
+    monkeypatch.setattr(keras.Model, "save_weights", original)
+    resumed = _model(config)
+    if backup_class == "keras":
+        with pytest.raises(OSError):
+            _fit(resumed, config, [make(backup)])
+        return
+    _fit(resumed, config, [make(backup)])
+    assert int(resumed.optimizer.iterations.numpy()) == EPOCHS * STEPS_PER_EPOCH
+    _assert_bit_identical(_state(resumed), _reference(config))
+
+
+def test_keras_dst_backup_checks_its_arguments():
+    with pytest.raises(ValueError, match="backup_dir"):
+        keras_dst.BackupAndRestore("")
+    with pytest.raises(TypeError, match="delete_checkpoint"):
+        keras_dst.BackupAndRestore("/tmp/x", delete_checkpoint="yes")
+
+
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_keras_file_checkpoint_and_initial_epoch_resume_bit_exact(tmp_path, config):
     path = str(tmp_path / "ckpt.keras")

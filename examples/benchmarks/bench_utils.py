@@ -105,6 +105,12 @@ def verdict(x, limit, ci=None):
     return f"{'met' if x <= limit else 'missed'} on the median, within noise"
 
 
+def ratio_stats(xs, refs):
+    """Per-round ratios ``xs[i] / refs[i]``: (median, 95 % interval of the median or None)."""
+    ratios = [a / b for a, b in zip(xs, refs) if a is not None and b]
+    return median(ratios), median_ci(ratios)
+
+
 def spread(xs):
     """(min, max) of a list, None when empty."""
     xs = [x for x in xs if x is not None]
@@ -112,6 +118,15 @@ def spread(xs):
 
 
 # -- round-robin epochs ----------------------------------------------------------
+def interleaved(items, rounds, start=0):
+    """``(round, item)`` pairs of rounds start..rounds-1: every item once per round, the
+    order reversed every other round (so that a drift of the machine hits every item
+    alike)."""
+    for r in range(start, rounds):
+        for item in (items if r % 2 == 0 else items[::-1]):
+            yield r, item
+
+
 class Participant:
     """Something that runs one epoch when asked and records its wall time.
 
@@ -206,13 +221,11 @@ def round_robin(participants, rounds, log=print):
     for p in participants:
         p.start()
     try:
-        for r in range(rounds):
-            order = participants if r % 2 == 0 else participants[::-1]  # alternate positions
-            for p in order:
-                rec = p.run_epoch()
-                records[p.name].append(rec)
-                log(f"  round {r}: {p.name:<22} {rec['seconds']:8.3f} s  "
-                    f"{rec['steps']} steps  ({1e3 * rec['seconds'] / max(rec['steps'], 1):.2f} ms/step)")
+        for r, p in interleaved(participants, rounds):
+            rec = p.run_epoch()
+            records[p.name].append(rec)
+            log(f"  round {r}: {p.name:<22} {rec['seconds']:8.3f} s  "
+                f"{rec['steps']} steps  ({1e3 * rec['seconds'] / max(rec['steps'], 1):.2f} ms/step)")
     finally:
         for p in participants:
             p.stop()
@@ -306,6 +319,27 @@ def with_ci(x, ci, spec=".3f"):
     if x is None:
         return "n/a"
     return fmt(x, spec) if not ci else f"{fmt(x, spec)} [{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]"
+
+
+def later_call(res, limit=None):
+    """Table cell of a DST variant's later fit-loop calls (an overhead.py result).
+
+    Without `limit`: 'ratio [ci], +allowance update, net [ci]'. With it: 'ratio [ci]
+    vs limit + allowance (verdict)', the verdict judging the per-round net ratio
+    (ratio - k U / t_dense_call) against `limit`; without U (no update cost
+    measured) the ratio itself is judged against `limit`.
+    """
+    ratio, ci = res.get("later_call_ratio"), res.get("later_call_ratio_ci95")
+    if ratio is None:
+        return "n/a"
+    s = with_ci(ratio, ci)
+    allowance, net = res.get("later_call_update_allowance"), res.get("later_call_net_ratio")
+    net_ci = res.get("later_call_net_ratio_ci95")
+    if allowance is None:
+        return s if limit is None else f"{s} ({verdict(ratio, limit, ci)}; U unknown)"
+    if limit is None:
+        return f"{s}, update +{fmt(allowance)}, net {with_ci(net, net_ci)}"
+    return f"{s} vs {fmt(limit + allowance)} ({verdict(net, limit, net_ci)})"
 
 
 def same_kernels(result):

@@ -18,8 +18,9 @@ every other round, so that machine drift hits all variants alike):
                      (`tfmot_epoch.py`) whose epochs join the same round-robin.
 
 All compile with ``jit_compile=True`` (``--jit_compile``) and SGD(momentum 0.9).
-Each variant keeps ONE `fit` call (compiled once); the rounds are epochs of it.
-Round 0 (compilation) is discarded. Step time = epoch wall time / steps.
+For the step times each variant keeps ONE `fit` call (compiled once); the rounds
+are epochs of it. Round 0 (compilation) is discarded. Step time = epoch wall
+time / steps. Compilation and repeated `fit` calls are measured apart (below).
 
 Cost of one full mask update (all layers), U:
 
@@ -48,15 +49,56 @@ Memory: bytes of the masks + ever-active flags (+ running scores when tracked +
 the engine's few counters) vs the bytes of the dense model's weights. No
 gradient is stored: the update uses the gradients of the current step.
 
+Compilation and repeated ``fit`` calls, for dense, static and the two DST
+variants (same configuration as above, ``total_steps`` = the fit loop's steps):
+every ``fit`` here is ``model.fit(epochs=1, steps_per_epoch=S)``
+(``--fit_call_steps`` S, default ``--steps_per_epoch``), timed whole and in its
+step window: from the end of batch 0 to the end of the last batch
+(``time.perf_counter()`` in ``on_train_batch_end``) over its S - 1 steps (the
+first step of the call, with the fit's set-up, left out).
+
+* First fit (``--first_fit_repeats`` R, 0 skips): in each repeat, for every
+  variant in turn (the order reversed every other repeat): build and compile a
+  fresh model, time its FIRST fit, tracing and XLA compilation included (a DST
+  model compiles its step with and without the update). The previous repeat's
+  models are deleted and collected; not ``keras.backend.clear_session()``,
+  which drops the kernels of the live models (their next call would re-create
+  them). Ratio = median over repeats of the ratio to the dense first fit of the
+  same repeat (95 % interval from R = 6 on). Target: DST <= 1.5 x dense.
+* Fit loop (``--fit_loop_calls`` N, 0 skips): the first repeat's models go on, as
+  in a notebook or a loop that evaluates between epochs: ``model.evaluate`` on
+  one batch, then fit call i, for every variant in turn (order reversed every
+  other call; the DST callback is the same object in every call). Call 1 is
+  their first fit, reported alone; keras_dst compiles its step variants once per
+  model, so calls 2..N compile nothing. Call 2 is also reported alone: it
+  follows the other variants' first fits, after which the first run of an
+  already compiled step is slow (~0.2 s for a DST step of the --quick MLP on
+  CPU; a few hundredths for a dense one; hardly any after the model's own
+  ``evaluate``), a cost that a single model's loop does not pay. For calls
+  3..N, per-call ratios to the dense call of the same round, median and 95 %
+  interval (from N = 8 on): ``window_ratio`` (target <= 1.03; the windows hold
+  the update steps that fall into them, listed) and ``later_call_ratio`` (target <= 1.05 + amortised
+  update: a call holding k update steps may exceed the dense call by k U, U as
+  above; ``later_call_update_allowance`` = median of k U / t_dense_call,
+  ``later_call_net_ratio`` = ratio - k U / t_dense_call per call, judged
+  against 1.05).
+
+``--fit_calls_only`` runs only these, in a fresh process (one untimed short fit
+of a tiny model per variant first takes the process's one-time costs), and
+merges them into the model's entry already in the JSON (which gives U).
+
 Writes ``<out_dir>/<prefix>_overhead.json`` and ``.md`` (prefix "cpu"/"gpu" from
 the device). Results of models run earlier into the same files are kept (a
 model's entry is replaced when it is run again), so the four models may be run
 by separate invocations.
 
   python examples/benchmarks/overhead.py --models=mlp,convnet --tfmot
+  python examples/benchmarks/overhead.py --models=vgg16 --batch_size=32 --steps_per_epoch=6 \
+      --fit_calls_only --first_fit_repeats=3 --fit_loop_calls=5   # after a full run
   python examples/benchmarks/overhead.py --quick --out_dir=/tmp/bench   # smoke run
 """
 
+import gc
 import math
 import os
 import subprocess
@@ -95,15 +137,29 @@ flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9)")
 flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results are written")
 flags.DEFINE_string("prefix", None, "file prefix; default 'cpu' or 'gpu' from the device")
 flags.DEFINE_integer("seed", 0, "random seed (same initial weights for every variant)")
+flags.DEFINE_integer("first_fit_repeats", 3, "fresh models per variant whose FIRST fit is timed "
+                     "(compilation included), interleaved across variants; 0 skips; 6 or more "
+                     "give the ratio's 95 % interval")
+flags.DEFINE_integer("fit_loop_calls", 8, "fit loop: model.fit(epochs=1) calls per variant, "
+                     "evaluate between them, interleaved across variants; 0 skips, else >= 3 "
+                     "(calls 3..N are the later calls; 8 or more give their 95 % intervals)")
+flags.DEFINE_integer("fit_call_steps", None, "steps of every first fit and fit-loop call, "
+                     ">= 2 (default: --steps_per_epoch)")
+flags.DEFINE_bool("fit_calls_only", False, "skip the step-time round robin (and the update cost, "
+                  "compiled-step and memory parts): only the first-fit and fit-loop measurements "
+                  "run, merged into the model's entry already in the JSON (same batch size, "
+                  "density, ΔT and jit_compile), whose update cost U gives the later-call bound")
 
 QUICK = dict(epochs=2, steps_per_epoch=4, batch_size=8, every1_steps=2, isolated_repeats=2,
-             update_every=4)
+             update_every=4, first_fit_repeats=1, fit_loop_calls=3)
 
 
 def setting(name):
     """A flag's value, replaced by the QUICK value under --quick unless set explicitly."""
     if FLAGS.quick and name in QUICK and not FLAGS[name].present:
         return QUICK[name]
+    if name == "fit_call_steps" and FLAGS.fit_call_steps is None:
+        return setting("steps_per_epoch")
     return getattr(FLAGS, name)
 
 
@@ -111,9 +167,18 @@ def setting(name):
 DST_VARIANTS = {"dst_magnitude": "magnitude", "dst_snip": "snip"}
 
 
-def build_variant(keras, keras_dst, model_name, variant):
+def iterations(model):
+    """The optimizer's step counter (python int; reading it waits for the device)."""
+    return int(model.optimizer.iterations.numpy())
+
+
+def build_variant(keras, keras_dst, model_name, variant, total_steps=None, quick=None):
+    """The compiled model of `variant` and its DST callback (None for dense / static).
+
+    `total_steps` goes to the callback (its schedule's length; default: the
+    steps of each `fit`); `quick` overrides --quick (tiny model)."""
     keras.utils.set_random_seed(FLAGS.seed)
-    model = bench_models.build(keras, model_name, quick=FLAGS.quick)
+    model = bench_models.build(keras, model_name, quick=FLAGS.quick if quick is None else quick)
     if variant != "dense":
         model = keras_dst.prunable(model, density=FLAGS.density, seed=FLAGS.seed)
     model.compile(optimizer=keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9),
@@ -124,7 +189,8 @@ def build_variant(keras, keras_dst, model_name, variant):
         base = variant[:-4] if variant.endswith("_dt1") else variant
         every = 1 if variant.endswith("_dt1") else setting("update_every")
         callback = keras_dst.DynamicSparseTraining(prune=DST_VARIANTS[base], grow="gradient",
-                                                   update_every=every, seed=FLAGS.seed)
+                                                   update_every=every, seed=FLAGS.seed,
+                                                   total_steps=total_steps)
     return model, callback
 
 
@@ -142,7 +208,7 @@ class FitVariant(bench_utils.KerasFitParticipant):
                       callbacks=([dst] if dst is not None else []) + extra)
 
         super().__init__(variant, fit, epochs,
-                         lambda: int(model.optimizer.iterations.numpy()), keras.callbacks.Callback)
+                         lambda: iterations(model), keras.callbacks.Callback)
 
 
 class TfmotVariant(bench_utils.Participant):
@@ -297,14 +363,11 @@ def analyse(model_name, records, isolated, steps, extra):
            "dense_step_ms_range": [1e3 * x for x in bench_utils.spread(dense)],
            "variants": {}}
 
-    def ratios(xs):
-        return [a / b for a, b in zip(xs, dense)]
-
     def ratio(xs):
-        return bench_utils.median(ratios(xs))
+        return bench_utils.ratio_stats(xs, dense)[0]
 
     def ci(xs):  # 95 % interval of the median per-round ratio (None below 6 rounds)
-        return bench_utils.median_ci(ratios(xs))
+        return bench_utils.ratio_stats(xs, dense)[1]
 
     def best(xs, extra=0.0):  # fastest round over fastest dense round: interference
         return (min(xs) + extra) / min(dense)  # only ever slows a round down
@@ -383,12 +446,8 @@ def analyse(model_name, records, isolated, steps, extra):
     return out
 
 
-def run_model(model_name, log):
-    import keras
-    import tensorflow as tf
-
-    import keras_dst
-
+def step_overhead(keras, tf, keras_dst, model_name, log):
+    """The step-time round robin, the update cost, the compiled-step check, memory."""
     rounds = setting("epochs") + 1
     steps = setting("steps_per_epoch")
     cost_mode = FLAGS.update_cost
@@ -440,6 +499,250 @@ def run_model(model_name, log):
     return analyse(model_name, records, isolated, steps, extra)
 
 
+# -- first fit and fit loop: compilation and repeated fit calls --------------------------
+FIT_VARIANTS = ("dense", "static", *DST_VARIANTS)
+
+
+def batch_clock(keras):
+    """A callback keeping ``times``: time.perf_counter() at the end of each training
+    batch of the current fit. (A callback with ``on_train_batch_end`` makes Keras run
+    the batch callbacks synchronously, after the step's logs reached the host, so
+    these are the ends of the steps.)"""
+
+    class BatchClock(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.times = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter())
+
+    return BatchClock()
+
+
+class FitRun:
+    """A freshly built and compiled model of one variant, its DST callback (the same
+    object in every fit) and its data."""
+
+    def __init__(self, keras, keras_dst, tf, model_name, variant, total_steps):
+        self.model, self.dst = build_variant(keras, keras_dst, model_name, variant, total_steps)
+        self.dataset = bench_models.synthetic_dataset(tf, model_name, setting("batch_size"),
+                                                      seed=FLAGS.seed)
+        self.batch = next(iter(self.dataset))
+
+    def fit(self, steps, clock):
+        """One ``model.fit(epochs=1, steps_per_epoch=steps)``, timed.
+
+        Returns ``seconds`` (the whole call), the optimizer steps ``(it0, it1]``
+        it ran, and its step window: ``window_s`` from the end of batch 0 to the
+        end of the last batch, over ``window_steps`` = steps - 1 (the first step
+        of every fit, with the fit's set-up, left out). Python's garbage
+        collector is paused during the call (as `timeit` does): a collection of
+        the whole heap would land on whichever variant runs then.
+        """
+        it0 = iterations(self.model)
+        callbacks = ([self.dst] if self.dst is not None else []) + [clock]
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            self.model.fit(self.dataset, epochs=1, steps_per_epoch=steps, verbose=0,
+                           callbacks=callbacks)
+            seconds = time.perf_counter() - t0
+        finally:
+            gc.enable()
+        it1 = iterations(self.model)
+        return {"seconds": seconds, "it0": it0, "it1": it1, "steps": it1 - it0,
+                "window_s": clock.times[-1] - clock.times[0],
+                "window_steps": len(clock.times) - 1}
+
+    def evaluate(self):
+        """``model.evaluate`` on one batch (untimed; its first call compiles the test step)."""
+        x, y = self.batch
+        self.model.evaluate(x, y, batch_size=int(x.shape[0]), verbose=0)
+
+
+def warm_up(keras, keras_dst, tf):
+    """One short fit of a tiny model per variant, untimed: the process's one-time costs
+    (XLA / LLVM start-up, lazy imports) fall here, not into the first timed fit."""
+    dataset = bench_models.synthetic_dataset(tf, "mlp", 8, seed=FLAGS.seed)
+    for v in FIT_VARIANTS:
+        model, dst = build_variant(keras, keras_dst, "mlp", v, quick=True)
+        model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0,
+                  callbacks=[dst] if dst is not None else [])
+
+
+def fit_call_records(keras, keras_dst, tf, model_name, log):
+    """The first fits of fresh models and the fit loop: ``(first, loop)``, each
+    ``{variant: [record]}`` (see `FitRun.fit`) or None when disabled.
+
+    Each repeat (--first_fit_repeats), for every variant in turn (the order
+    reversed every other repeat): build and compile a fresh model, time its
+    first fit. The first repeat's models then go on as the fit loop: calls
+    2..N (--fit_loop_calls) of every variant in turn (order reversed every
+    other call), ``evaluate`` on one batch before each; the loop's call 1 is
+    their first fit. (No ``keras.backend.clear_session()``: it drops the
+    kernels of the live models, and their next call would pay to re-create
+    them; the previous repeat's models are deleted and collected.)
+    """
+    repeats, calls, steps = (setting("first_fit_repeats"), setting("fit_loop_calls"),
+                             setting("fit_call_steps"))
+    clock = batch_clock(keras)
+    first, loop = {v: [] for v in FIT_VARIANTS}, None
+
+    def timed(label, run, v):
+        rec = run.fit(steps, clock)
+        log(f"  {label}: {v:<14} {rec['seconds']:8.3f} s  {rec['steps']} steps  (window "
+            f"{1e3 * rec['window_s'] / max(rec['window_steps'], 1):.2f} ms/step)")
+        return rec
+
+    for r in range(max(repeats, 1 if calls else 0)):
+        runs = {}
+        for _, v in bench_utils.interleaved(FIT_VARIANTS, r + 1, start=r):
+            runs[v] = FitRun(keras, keras_dst, tf, model_name, v, max(calls, 1) * steps)
+            first[v].append(timed(f"first fit {r + 1}", runs[v], v))
+        if r == 0 and calls:
+            loop = {v: [first[v][0]] for v in FIT_VARIANTS}
+            for i, v in bench_utils.interleaved(FIT_VARIANTS, calls, start=1):
+                runs[v].evaluate()
+                loop[v].append(timed(f"fit call {i + 1}", runs[v], v))
+        del runs
+        gc.collect()  # the repeat's models, before the next repeat's are built
+    return (first if repeats else None), loop
+
+
+def update_cost_s(result):
+    """U (seconds) of a DST variant's result: method B when measured, else A, else None."""
+    ms = result.get("update_ms_in_step_B")
+    ms = result.get("update_ms_isolated_A") if ms is None else ms
+    return None if ms is None else ms / 1e3
+
+
+def analyse_first_fits(records):
+    """Median first-fit time per variant; per-repeat ratios to the dense first fit of
+    the same repeat: median and 95 % interval."""
+    every = setting("update_every")
+    dense = [r["seconds"] for r in records["dense"]]
+    out = {"repeats": len(dense), "steps": records["dense"][0]["steps"], "variants": {}}
+    for v, recs in records.items():
+        xs = [r["seconds"] for r in recs]
+        res = {"seconds": bench_utils.median(xs), "seconds_all": xs}
+        if v != "dense":
+            res["ratio"], res["ratio_ci95"] = bench_utils.ratio_stats(xs, dense)
+        if v in DST_VARIANTS:
+            res["updates"] = updates_in(recs[0], every)
+        out["variants"][v] = res
+    return out
+
+
+def analyse_fit_loop(records, update_costs):
+    """Fit-loop numbers per variant.
+
+    Call 1 (compilation) and call 2 are reported alone: call 2 runs after the
+    other variants' first fits, and the first run of a compiled step after
+    another model compiled and ran its own is slow (~0.2 s for a DST step of the
+    --quick MLP on CPU, a few hundredths for a dense one; hardly any after the
+    model's own ``evaluate``), a cost no single-model loop pays. Calls 3..N give per-call ratios to the dense
+    call of the same round (median, 95 % interval): whole calls
+    (``later_call_ratio``) and step windows (``window_ratio``). With U
+    (`update_costs`: {variant: seconds or None}) a DST call holding k update
+    steps may exceed the target by k U / t_dense_call
+    (``later_call_update_allowance``, median over rounds);
+    ``later_call_net_ratio`` = ratio - that, per round (judged against the
+    target alone).
+    """
+    every = setting("update_every")
+
+    def window(recs):
+        return [r["window_s"] / r["window_steps"] for r in recs]
+
+    dense = records["dense"]
+    d_later = [r["seconds"] for r in dense[2:]]
+    d_window = window(dense[2:])
+    out = {"calls": len(dense), "steps_per_call": dense[0]["steps"],
+           "window_steps": dense[0]["window_steps"], "later_calls": len(d_later),
+           "variants": {}, "raw_calls": records}
+    for v, recs in records.items():
+        later = [r["seconds"] for r in recs[2:]]
+        win = window(recs[2:])
+        res = {"first_call_s": recs[0]["seconds"], "second_call_s": recs[1]["seconds"],
+               "later_call_s": bench_utils.median(later),
+               "window_step_ms": 1e3 * bench_utils.median(win)}
+        if v != "dense":
+            res["first_call_ratio"] = recs[0]["seconds"] / dense[0]["seconds"]
+            res["second_call_ratio"] = recs[1]["seconds"] / dense[1]["seconds"]
+            res["later_call_ratio"], res["later_call_ratio_ci95"] = bench_utils.ratio_stats(
+                later, d_later)
+            res["window_ratio"], res["window_ratio_ci95"] = bench_utils.ratio_stats(win, d_window)
+        if v in DST_VARIANTS:
+            k = [updates_in(r, every) for r in recs[2:]]
+            res["updates_per_later_call"] = k
+            res["updates_in_windows"] = sum((r["it1"] // every) - (r["it0"] + 1) // every
+                                            for r in recs[2:])
+            cost = update_costs.get(v)
+            res["update_ms_used"] = None if cost is None else 1e3 * cost
+            if cost is not None:
+                allowance = [n * cost / t for n, t in zip(k, d_later)]
+                net = [a / t - e for a, t, e in zip(later, d_later, allowance)]
+                res["later_call_update_allowance"] = bench_utils.median(allowance)
+                res["later_call_net_ratio"] = bench_utils.median(net)
+                res["later_call_net_ratio_ci95"] = bench_utils.median_ci(net)
+        out["variants"][v] = res
+    return out
+
+
+def fit_calls(keras, tf, keras_dst, model_name, update_costs, log):
+    """The first-fit and fit-loop measurements (those enabled): {key: results}."""
+    t0 = time.perf_counter()
+    first, loop = fit_call_records(keras, keras_dst, tf, model_name, log)
+    out = {}
+    if first:
+        ff = out["first_fit"] = analyse_first_fits(first)
+        log(f"[{model_name}] first fit: dense {ff['variants']['dense']['seconds']:.2f} s, " +
+            ", ".join(f"{v} {fmt(ff['variants'][v]['ratio'])}x" for v in FIT_VARIANTS[1:]))
+    if loop:
+        fl = out["fit_loop"] = analyse_fit_loop(loop, update_costs)
+        log(f"[{model_name}] fit loop: window " +
+            ", ".join(f"{v} {fmt(fl['variants'][v]['window_ratio'])}x" for v in FIT_VARIANTS[1:])
+            + "; later call " +
+            ", ".join(f"{v} {fmt(fl['variants'][v]['later_call_ratio'])}x"
+                      for v in FIT_VARIANTS[1:]))
+    out["fit_calls_wall_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_model(model_name, log, stored=None):
+    """All measurements of one model; with `stored` (its earlier entry, under
+    --fit_calls_only) only the fit-call ones, merged into it."""
+    import keras
+    import tensorflow as tf
+
+    import keras_dst
+
+    if stored is None:
+        out = step_overhead(keras, tf, keras_dst, model_name, log)
+    else:
+        out = {k: v for k, v in stored.items() if k not in ("first_fit", "fit_loop")}
+        warm_up(keras, keras_dst, tf)  # a fresh process: nothing compiled yet
+    costs = {v: update_cost_s(out["variants"].get(v, {})) for v in DST_VARIANTS}
+    out.update(fit_calls(keras, tf, keras_dst, model_name, costs, log))
+    return out
+
+
+def stored_entry(out_dir, prefix, model_name):
+    """The model's entry in the JSON, for --fit_calls_only; its settings must be ours."""
+    doc = bench_utils.read_json(os.path.join(out_dir, f"{prefix}_overhead.json")) or {}
+    entry = doc.get("models", {}).get(model_name)
+    if entry is None:
+        raise app.UsageError(f"--fit_calls_only: no {model_name} entry in "
+                             f"{out_dir}/{prefix}_overhead.json; run without it first")
+    ours = {"batch_size": setting("batch_size"), "density": FLAGS.density,
+            "jit_compile": FLAGS.jit_compile, "update_every": setting("update_every")}
+    theirs = {k: entry["config"].get(k, entry.get(k)) for k in ours}
+    if ours != theirs:
+        raise app.UsageError(f"--fit_calls_only: {model_name} entry has {theirs}, "
+                             f"this run {ours}")
+    return entry
+
+
 # -- report ----------------------------------------------------------------------------
 METHOD_NOTES = """\
 How to read this table (see BUILD.md#benchmarks):
@@ -471,6 +774,24 @@ How to read this table (see BUILD.md#benchmarks):
   of real update steps) / dense: a cross-check without any model.
 * memory = (masks + ever-active flags [+ running scores] + engine counters) /
   dense model weights; no gradient is stored (the update uses the step's own).
+* First fit: wall time of the first `fit` (one epoch of the listed steps) of a
+  freshly built and compiled model, tracing and XLA compilation included (a
+  DST model compiles its step with and without the update); each repeat builds
+  a fresh model of every variant in turn and times it; the ratio is the median
+  over repeats of the ratio to the dense first fit of the same repeat [95 %
+  interval from 6 repeats on].
+* Fit loop: the models of the first repeat go on: `evaluate` on one batch,
+  then `fit(epochs=1)` again (the same DST callback, `total_steps` = the loop's
+  steps), N calls in all, call i of every variant in turn. Call 1 (their first
+  fit) holds the compilation: its time alone, and its ratio; call 2 follows the
+  other variants' compilations, which slow the first run of an already
+  compiled step (not so in a single model's loop): also alone. Calls 3..N:
+  `window` = time from the end of batch 0 to the end of the last batch / its
+  steps (each call's first step, with its set-up, left out), `later call` = the
+  whole call; per-call ratios to the dense call of the same round, median [95 %
+  interval from 8 calls on]. A DST call holding k update steps may exceed the
+  dense call by k U: `update +a` is the median of k U / t_dense_call, `net` =
+  ratio - that, per call.
 """
 
 
@@ -493,7 +814,7 @@ def write_report(out_dir, prefix, results, machine, config):
     doc = {"benchmark": "keras_dst training-step overhead", "models": models}
     bench_utils.write_json(path_json, doc)
 
-    rows, trows, mrows = [], [], []
+    rows, trows, mrows, frows, lrows = [], [], [], [], []
     for m, r in models.items():
         v = r["variants"]
         mag, snip = v.get("dst_magnitude", {}), v.get("dst_snip", {})
@@ -508,6 +829,23 @@ def write_report(out_dir, prefix, results, machine, config):
             fmt(snip.get("update_in_dense_steps"), ".2f"),
             fmt(snip.get("update_in_dense_steps_A"), ".2f"),
         ])
+        ff, fl = r.get("first_fit"), r.get("fit_loop")
+        if ff:
+            fv = ff["variants"]
+            frows.append([m, ff["repeats"], ff["steps"], fmt(fv["dense"]["seconds"], ".2f")] +
+                         [f"{pair(fv[k], 'ratio')} ({fmt(fv[k]['seconds'], '.2f')} s)"
+                          for k in FIT_VARIANTS[1:]])
+        if fl:
+            lv = fl["variants"]
+            d = lv["dense"]
+            lrows.append([m, f"{fl['calls']} × {fl['steps_per_call']}",
+                          f"{fmt(d['first_call_s'], '.2f')} / {fmt(d['second_call_s'], '.2f')}",
+                          fmt(d["later_call_s"], ".3f"), fmt(d["window_step_ms"], ".2f")] +
+                         [pair(lv[k], "window_ratio") for k in FIT_VARIANTS[1:]] +
+                         [f"{fmt(lv[k]['first_call_ratio'])} / {fmt(lv[k]['second_call_ratio'])}"
+                          for k in DST_VARIANTS] +
+                         [f"{bench_utils.later_call(lv[k])} "
+                          f"({sum(lv[k]['updates_per_later_call'])} upd.)" for k in DST_VARIANTS])
         mem = r["memory"]
         mrows.append([m, f"{r['params_dense']:,}", f"{mem['dense_weight_bytes'] / 2**20:.2f}",
                       f"{mem['mask_bytes'] / 2**20:.2f}", f"{mem['ever_active_bytes'] / 2**20:.2f}",
@@ -543,6 +881,18 @@ def write_report(out_dir, prefix, results, machine, config):
             ["model", "params", "dense weights MiB", "masks MiB", "ever-active MiB",
              "engine bytes", "stored grads", "extra / dense weights"], mrows),
     ]
+    if frows:
+        lines += ["", "## First fit of a fresh model (tracing and compilation included)", "",
+                  bench_utils.markdown_table(
+                      ["model", "fresh models", "steps", "dense s", "static × (s)",
+                       "DST-mag × (s)", "DST-snip × (s)"], frows)]
+    if lrows:
+        lines += ["", "## Fit loop: repeated fit(epochs=1) calls, evaluate between them", "",
+                  bench_utils.markdown_table(
+                      ["model", "calls × steps", "dense call 1 / 2 s", "dense later call s",
+                       "dense window ms/step", "static window ×", "DST-mag window ×",
+                       "DST-snip window ×", "DST-mag call 1 / 2 ×", "DST-snip call 1 / 2 ×",
+                       "DST-mag later call ×", "DST-snip later call ×"], lrows)]
     if trows:
         lines += ["", "## Against TFMOT (prune_low_magnitude, ConstantSparsity, frequency ΔT)", "",
                   bench_utils.markdown_table(
@@ -556,6 +906,11 @@ def write_report(out_dir, prefix, results, machine, config):
                      f"(start) / {r.get('load_average_end')} (end), "
                      f"wall {r.get('wall_seconds', 0):.0f} s, update cost methods: "
                      f"{r['variants'].get('dst_magnitude', {}).get('update_method')}")
+        fc = r.get("fit_calls_run")
+        if fc:
+            lines.append(f"  first fit / fit loop (--fit_calls_only): {fc['machine']['date_utc']}, "
+                         f"load avg {fc['machine']['load_average_1_5_15min']} (start) / "
+                         f"{fc['load_average_end']} (end)")
     lines += ["", METHOD_NOTES]
     with open(os.path.join(out_dir, f"{prefix}_overhead.md"), "w") as f:
         f.write("\n".join(lines))
@@ -574,22 +929,32 @@ def main(argv):
         prefix = "quick"
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
+    calls, repeats = setting("fit_loop_calls"), setting("first_fit_repeats")
+    if calls in (1, 2) or min(calls, repeats) < 0:
+        raise app.UsageError("--fit_loop_calls must be 0 or >= 3, --first_fit_repeats >= 0")
+    if (calls or repeats) and setting("fit_call_steps") < 2:
+        raise app.UsageError("--fit_call_steps must be >= 2 (the step window leaves out step 1)")
     config = {name: setting(name) for name in
               ("epochs", "steps_per_epoch", "batch_size", "update_every", "every1_steps",
-               "isolated_repeats")}
-    config.update(density=FLAGS.density, update_cost=FLAGS.update_cost, quick=FLAGS.quick,
+               "isolated_repeats", "first_fit_repeats", "fit_loop_calls")}
+    config.update(fit_call_steps=setting("fit_call_steps"), fit_calls_only=FLAGS.fit_calls_only,
+                  density=FLAGS.density, update_cost=FLAGS.update_cost, quick=FLAGS.quick,
                   jit_compile=FLAGS.jit_compile, learning_rate=FLAGS.learning_rate,
                   keras_dst=keras_dst.__version__, command=" ".join(sys.argv))
-    results = []
     for model_name in FLAGS.models:
         if model_name not in bench_models.MODEL_NAMES:
             raise app.UsageError(f"unknown model {model_name!r}")
         machine = bench_utils.machine_info(tf, keras)
-        r = run_model(model_name, log)
-        r["load_average_end"] = bench_utils.load_average()
-        r["machine"] = machine
-        results.append(r)
-        path = write_report(FLAGS.out_dir, prefix, [r], machine, config)
+        if FLAGS.fit_calls_only:  # merged into the earlier run's entry, which keeps that
+            # run's machine and config; this run's go under "fit_calls_run"
+            r = run_model(model_name, log, stored_entry(FLAGS.out_dir, prefix, model_name))
+            r["fit_calls_run"] = {"machine": machine, "config": config,
+                                  "load_average_end": bench_utils.load_average()}
+            path = write_report(FLAGS.out_dir, prefix, [r], r["machine"], r["config"])
+        else:
+            r = run_model(model_name, log)
+            r["load_average_end"] = bench_utils.load_average()
+            path = write_report(FLAGS.out_dir, prefix, [r], machine, config)
         v = r["variants"]
         log(f"[{model_name}] static {fmt(v['static']['ratio'])}x, DST-mag step "
             f"{fmt(v['dst_magnitude'].get('step_ratio'))}x amortised "

@@ -1,0 +1,125 @@
+r"""Memory kept per discarded model: train-and-discard cycles in one process.
+
+A sweep trains many models one after the other in one process. Each cycle here
+builds a small MLP, compiles it (`jit_compile=True`), trains it for a few steps,
+evaluates it and drops it (``del model; keras.backend.clear_session();
+gc.collect()``), for three variants interleaved: ``dense`` (plain Keras),
+``static`` (`keras_dst.prunable`, no callback) and ``dst``
+(+ `DynamicSparseTraining`, two `fit` calls). The resident set size (RSS) is read
+after every cycle; the growth per model is the least-squares slope of RSS over
+the cycles after `--warmup` cycles per variant.
+
+Target: DST's growth per model within 1 MB of dense's.
+
+  python examples/benchmarks/memory.py --cycles=50
+  python examples/benchmarks/memory.py --quick --out_dir=/tmp/bench   # smoke run
+"""
+
+import gc
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_utils  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "a few cycles (a smoke test, numbers meaningless)")
+flags.DEFINE_integer("cycles", 50, "train-and-discard cycles per variant")
+flags.DEFINE_integer("warmup", 5, "first cycles per variant left out of the slope")
+flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where cpu_memory.{json,md} go")
+
+VARIANTS = ("dense", "static", "dst")
+
+
+def rss_mb():
+    """Resident set size of this process in MB (Linux /proc; else the peak RSS)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cycle(variant, x, y):
+    """Builds, trains, evaluates and discards one model of `variant`."""
+    import keras
+
+    import keras_dst
+
+    inp = keras.Input((x.shape[1],))
+    h = keras.layers.Dense(128, activation="relu")(inp)
+    model = keras.Model(inp, keras.layers.Dense(10)(h))
+    if variant != "dense":
+        model = keras_dst.prunable(model, density=0.1)
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    callbacks = ([keras_dst.DynamicSparseTraining(update_every=4, total_steps=16)]
+                 if variant == "dst" else [])
+    for _ in range(2):
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)
+        model.evaluate(x[:64], y[:64], verbose=0)
+    del model, callbacks
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def slope(ys):
+    """Least-squares slope of ys over their index."""
+    n = len(ys)
+    if n < 2:
+        return float("nan")
+    mx, my = (n - 1) / 2, sum(ys) / n
+    return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sum((i - mx) ** 2 for i in range(n))
+
+
+def main(argv):
+    del argv
+    import numpy as np
+
+    cycles, warmup = (6, 2) if FLAGS.quick else (FLAGS.cycles, FLAGS.warmup)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 64)).astype("float32")
+    y = rng.integers(0, 10, size=256)
+    rss = {v: [] for v in VARIANTS}
+    start = time.time()
+    for r, variant in bench_utils.interleaved(list(VARIANTS), cycles):
+        cycle(variant, x, y)
+        rss[variant].append(rss_mb())
+        if variant == VARIANTS[-1] or r % 2:
+            print(f"  cycle {r}: {variant:<7} RSS {rss[variant][-1]:.1f} MB", flush=True)
+    per_model = {v: slope(rss[v][warmup:]) for v in VARIANTS}
+    result = dict(cycles=cycles, warmup=warmup, rss_mb=rss,
+                  growth_mb_per_model=per_model,
+                  dst_minus_dense_mb=per_model["dst"] - per_model["dense"],
+                  seconds=time.time() - start, machine=bench_utils.machine_info())
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.out_dir, "cpu_memory.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = ["# Memory kept per discarded model (CPU)", "",
+             f"{cycles} train-and-discard cycles per variant, interleaved in one process "
+             f"(slope over cycles {warmup}..{cycles - 1}); command: "
+             "`python examples/benchmarks/memory.py`.", "",
+             "| variant | RSS after warm-up MB | RSS at the end MB | growth per model MB |",
+             "|---|---|---|---|"]
+    for v in VARIANTS:
+        lines.append(f"| {v} | {rss[v][warmup]:.1f} | {rss[v][-1]:.1f} | {per_model[v]:.3f} |")
+    verdict = "met" if result["dst_minus_dense_mb"] <= 1.0 else "MISSED"
+    lines += ["", f"DST - dense: {result['dst_minus_dense_mb']:+.3f} MB per model "
+              f"(target <= 1 MB: {verdict})."]
+    with open(os.path.join(FLAGS.out_dir, "cpu_memory.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
