@@ -61,6 +61,10 @@ def define_flags(flag_values=flags.FLAGS):
                         flag_values=flag_values)
     flags.DEFINE_string("runs_dir", None, "Where the runs' output directories go "
                         "(default: <csv without .csv>_runs).", flag_values=flag_values)
+    flags.DEFINE_bool("subprocess", False, "Run each training in a fresh Python process: a "
+                      "run that crashes (even a segfault) is reported and skipped, the sweep "
+                      "goes on, and no memory accumulates across runs.",
+                      flag_values=flag_values)
     flags.DEFINE_bool("dry_run", False, "Print the runs still to do and exit.",
                       flag_values=flag_values)
     train.define_flags(flag_values, exclude=SWEPT)
@@ -143,6 +147,26 @@ def _append_row(csv_path, row):
         writer.writerow(row)
 
 
+class RunFailed(RuntimeError):
+    """A run in its own process exited abnormally (see `run_in_subprocess`)."""
+
+
+def run_in_subprocess(config):
+    """`train.run(config)` in a fresh Python process; returns its results.json.
+
+    Raises:
+      RunFailed: the process exited with a non-zero status (or a signal).
+    """
+    import subprocess
+
+    code = "import json, sys; from examples import train; train.run(json.loads(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise RunFailed(f"{config['output_dir']}: the run exited with status {proc.returncode}")
+    with open(os.path.join(config["output_dir"], "results.json")) as f:
+        return json.load(f)
+
+
 def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=print):
     """Runs every override of `runs` on top of `base_config` unless already in the CSV.
 
@@ -151,10 +175,12 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
       runs: list of config overrides (see `grid`).
       csv_path: CSV to append a row to after each finished run.
       runs_dir: parent of the runs' output directories.
-      run_fn: the training function (default `train.run`).
+      run_fn: the training function (default `train.run`; `run_in_subprocess` for
+        one process per run). A run that raises `RunFailed` is reported and left
+        out of the CSV (a rerun of the sweep retries it); the sweep goes on.
 
     Returns:
-      The number of runs executed.
+      The number of runs executed (failed ones included).
     """
     run_fn = run_fn or train.run
     runs_dir = runs_dir or os.path.splitext(csv_path)[0] + "_runs"
@@ -167,7 +193,11 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
     for i, (config, key) in enumerate(todo):
         config["output_dir"] = os.path.join(runs_dir, _run_name(config, key))
         print_fn(f"sweep: run {i + 1}/{len(todo)}: {_run_name(config, key)}")
-        results = run_fn(config)
+        try:
+            results = run_fn(config)
+        except RunFailed as e:
+            print_fn(f"sweep: run {i + 1}/{len(todo)} FAILED, left out of the CSV: {e}")
+            continue
         sparse = config["method"] != "dense"
         _append_row(csv_path, {
             "key": key, "method": config["method"],
@@ -207,7 +237,8 @@ def main(argv):
             key = run_key(config)
             print(("done  " if key in done else "todo  ") + _run_name(config, key))
         return
-    sweep(base, runs, FLAGS.csv, FLAGS.runs_dir)
+    sweep(base, runs, FLAGS.csv, FLAGS.runs_dir,
+          run_fn=run_in_subprocess if FLAGS.subprocess else None)
 
 
 if __name__ == "__main__":

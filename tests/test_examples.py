@@ -297,6 +297,24 @@ def test_sweep_resumes_after_interruption(tmp_path):
     assert float(rows[1]["actual_density"]) == pytest.approx(0.2, abs=1e-3)
 
 
+@pytest.mark.slow  # two fresh Python processes
+def test_sweep_in_subprocesses_survives_a_crashed_run(tmp_path):
+    base = dict(DIGITS)
+    runs = sweep.grid(["static"], ["magnitude"], ["random"], [0.2, 0.3], [1])
+    path = str(tmp_path / "sweep.csv")
+    messages, started = [], []
+
+    def first_crashes(config):  # a bad value only the run itself checks: exit status 1
+        started.append(config)
+        return sweep.run_in_subprocess({**config, "epochs": -1} if len(started) == 1 else config)
+
+    assert sweep.sweep(base, runs, path, run_fn=first_crashes, print_fn=messages.append) == 2
+    assert any("FAILED" in m for m in messages)
+    rows = _csv_rows(path)
+    assert [float(r["density"]) for r in rows] == [0.3]  # the crashed run left no row
+    assert float(rows[0]["actual_density"]) == pytest.approx(0.3, abs=1e-3)
+
+
 def test_sweep_keys():
     config = {**train.default_config(), "method": "dense"}
     assert sweep.run_key(config) == sweep.run_key({**config, "prune": "snip", "density": 0.3,
