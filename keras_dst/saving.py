@@ -87,7 +87,10 @@ class BackupAndRestore(keras.callbacks.Callback):
     A drop-in for ``keras.callbacks.BackupAndRestore(backup_dir,
     save_freq="epoch")`` (the setting under which a resumed run is bit-identical
     to an uninterrupted one on CPU) whose backup stays readable whatever moment
-    the process is killed at.
+    the process is killed at. Under a multi-worker strategy the chief writes
+    the backup (the others save to a scratch directory, so that every worker
+    does the same reads) and every restarted worker restores it, so give all
+    workers the same `backup_dir` on a shared file system.
 
     Args:
       backup_dir: local directory of the backups (created if needed).
@@ -132,7 +135,14 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.model._initial_epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        self._save(epoch + 1)
+        if self.model.distribute_strategy.extended.should_checkpoint:
+            self._save(epoch + 1)
+        else:  # a non-chief worker of a multi-worker strategy: the same reads, no file
+            scratch = tempfile.mkdtemp(prefix="keras_dst_backup_")
+            try:
+                self.model.save_weights(os.path.join(scratch, _WEIGHTS))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def _save(self, epoch):
         os.makedirs(self.backup_dir, exist_ok=True)

@@ -14,6 +14,7 @@ without keras_dst fails the same way, so it is a Keras/XLA limit, not ours.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -120,6 +121,79 @@ def test_multi_worker_mirrored_two_local_workers_agree(tmp_path):
     assert a["counts"] == single["counts"]
 
 
+def _start_job(tmp_path, tag, backup_dir, epochs):
+    """Two local MultiWorkerMirroredStrategy workers (fresh ports); (procs, result paths)."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs, outs = [], []
+    for index in range(2):
+        out = tmp_path / f"{tag}_worker{index}.json"
+        outs.append(out)
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "worker_ft", str(out), str(backup_dir),
+             str(epochs)],
+            env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    return procs, outs
+
+
+def _finish(procs, timeout=300):
+    """Waits for the workers; (errors of those that failed, stdout of each)."""
+    errors, outputs = [], []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            outputs.append(out)
+            if p.returncode != 0:
+                errors.append(err[-3000:])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return errors, outputs
+
+
+@pytest.mark.slow
+def test_multi_worker_job_resumes_after_a_worker_is_killed(tmp_path):
+    """Worker 1 is SIGKILLed in epoch 3 of 6; the job is restarted as a whole (what a
+    cluster manager does under Keras's fault tolerance) and resumes from the chief's
+    keras_dst.BackupAndRestore backup: both workers end with the same masks, equal to
+    those of an uninterrupted job, and bit-identical weights."""
+    epochs = 6
+    procs, ref_outs = _start_job(tmp_path, "reference", tmp_path / "reference_backup", epochs)
+    assert _finish(procs)[0] == []
+    procs, outs = _start_job(tmp_path, "killed", tmp_path / "backup", epochs)
+    try:
+        for line in procs[1].stdout:
+            if line.strip() == "epoch 3":
+                procs[1].send_signal(signal.SIGKILL)
+                break
+        procs[1].wait(timeout=60)
+        assert procs[1].returncode == -signal.SIGKILL
+        try:  # the survivor fails or waits on its dead peer's collectives
+            procs[0].wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            procs[0].kill()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert not outs[0].exists() and not outs[1].exists()  # the job did not finish
+    procs, outs = _start_job(tmp_path, "restarted", tmp_path / "backup", epochs)
+    errors, stdouts = _finish(procs)
+    assert errors == []
+    for out in stdouts:  # both resumed from the chief's last backup (after epoch 2, or 3
+        # if the chief finished that write before worker 1 died), not from scratch
+        epochs_run = [int(x.split()[1]) for x in out.splitlines() if x.startswith("epoch ")]
+        assert epochs_run and epochs_run[0] in (2, 3), epochs_run
+        assert epochs_run == list(range(epochs_run[0], epochs)), epochs_run
+    (a, b), (ref, _) = [[json.loads(o.read_text()) for o in pair] for pair in (outs, ref_outs)]
+    assert a["masks"] == b["masks"] == ref["masks"]
+    assert a["weights_sha"] == b["weights_sha"] == ref["weights_sha"]
+    assert a["counts"] == a["initial_counts"] and a["invariant_errors"] == []
+
+
 # ----------------------------------------------------------------------------
 # Worker side (runs in the subprocess).
 
@@ -133,7 +207,7 @@ def _setup_devices(n):
     return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
-def _train(strategy, config, check_replicas, dataset=False):
+def _train(strategy, config, check_replicas, dataset=False, epochs=3, callbacks=()):
     """Trains a small sparse MLP with DST under `strategy`; returns a result dict."""
     import keras
     import numpy as np
@@ -184,10 +258,10 @@ def _train(strategy, config, check_replicas, dataset=False):
         with strategy.scope():
             model._symbolic_build(data_batch=(x[:64], y[:64]))
         model._maybe_symbolic_build = lambda *args, **kwargs: None
-        model.fit(data, epochs=3, verbose=0, callbacks=[dst, Check()])
+        model.fit(data, epochs=epochs, verbose=0, callbacks=[dst, Check(), *callbacks])
     else:
-        model.fit(x, y, batch_size=64, epochs=3, shuffle=False, verbose=0,
-                  callbacks=[dst, Check()])
+        model.fit(x, y, batch_size=64, epochs=epochs, shuffle=False, verbose=0,
+                  callbacks=[dst, Check(), *callbacks])
     final = keras_dst.masks(model)
     return dict(
         replicas=strategy.num_replicas_in_sync,
@@ -245,15 +319,24 @@ def _patch_keras_for_multi_worker():
     tf_trainer.reduce_per_replica = reduce_per_replica
 
 
-def _main_worker(out_path):
+def _main_worker(out_path, backup_dir=None, epochs=3):
     import hashlib
 
+    import keras
     import numpy as np
     import tensorflow as tf
 
+    import keras_dst
+
     _patch_keras_for_multi_worker()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    r = _train(strategy, "magnitude_gradient", check_replicas=False, dataset=True)
+    callbacks = []
+    if backup_dir:  # fault tolerance: the chief backs up, a restarted job resumes
+        callbacks = [keras.callbacks.LambdaCallback(
+                         on_epoch_begin=lambda e, logs: print(f"epoch {e}", flush=True)),
+                     keras_dst.BackupAndRestore(backup_dir, delete_checkpoint=False)]
+    r = _train(strategy, "magnitude_gradient", check_replicas=False, dataset=True,
+               epochs=epochs, callbacks=callbacks)
     result = dict(num_replicas=strategy.num_replicas_in_sync, churn=r["churn"],
                   masks=r["masks"].astype(np.uint8).tolist(), counts=r["counts"],
                   initial_counts=r["initial_counts"], invariant_errors=r["invariant_errors"],
@@ -278,5 +361,7 @@ if __name__ == "__main__":
         _main_single(sys.argv[2])
     elif sys.argv[1] == "worker":
         _main_worker(sys.argv[2])
+    elif sys.argv[1] == "worker_ft":
+        _main_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")
