@@ -229,6 +229,9 @@ class SparseWrapper(keras.layers.Wrapper):
         self.masks = []
         self.ever_active = []
         self.scores = []
+        # id(weight) -> raw value of its last eager write, while a mask write may follow
+        # (see `_guard_writes`); a plain dict outside Keras's tracking.
+        object.__setattr__(self, "_pending_writes", {})
 
     # -- building -----------------------------------------------------------
     def build(self, input_shape=None):
@@ -295,6 +298,7 @@ class SparseWrapper(keras.layers.Wrapper):
 
     def apply_masks(self):
         """Zeroes every sparsified weight where its mask is False."""
+        self._pending_writes.clear()
         for w, m in zip(self.sparse_weights, self.masks):
             w.assign(tf.where(m, w, tf.zeros_like(w)))
 
@@ -350,39 +354,59 @@ def _zero_initial_value(variable, initial_mask):
 
 
 def _guard_writes(variable, mask, wrapper):
-    """Makes every eager write of `variable` keep its zeros where `mask` is False.
+    """Makes every eager write of `variable` or `mask` keep the weight's zeros where the
+    mask is False.
 
     Keras writes weights outside the optimizer with ``variable.assign`` (eager):
     ``load_model``, ``load_weights`` (and so ``BackupAndRestore``),
-    ``set_weights``, a user's own ``assign``. This instance-level ``assign``
-    masks the value there, so no such write can make the model compute densely
-    while its masks say otherwise. Writes traced into a compiled function (the
-    optimizer's update, the DST engine) pass through untouched: there the
-    `MaskConstraint` already runs, and the compiled step stays the dense one.
+    ``set_weights``, a user's own ``assign``. Instance-level ``assign`` methods on
+    the weight and on its mask mask the value there, so no such write can make
+    the model compute densely while its masks say otherwise. Writes traced into a
+    compiled function (the optimizer's update, the DST engine) pass through
+    untouched: there the `MaskConstraint` already runs, and the compiled step
+    stays the dense one.
+
+    A bulk write may set the weight before its mask (``model.set_weights`` lists
+    a wrapper's kernel before its mask): a weight write that drops non-zeros
+    under the current mask keeps its raw value until the next eager mask write,
+    which then applies the new mask to it (`SparseWrapper.apply_masks` drops it).
 
     A write during a load (flagged by `SparseWrapper.load_own_variables`, which
     Keras calls right before the inner layer loads its weights) that holds
     non-zeros at masked entries warns with their count; ``set_weights`` (e.g. a
     warm start from dense weights) masks silently, as documented.
     """
-    plain_assign = type(variable).assign
+    assign_weight, assign_mask = type(variable).assign, type(mask).assign
+    pending = wrapper._pending_writes
 
-    def assign(value):
+    def guarded_weight_assign(value):
         if not tf.executing_eagerly():
-            return plain_assign(variable, value)
+            return assign_weight(variable, value)
         value = tf.cast(tf.convert_to_tensor(value), variable.dtype)
-        if variable.__dict__.pop("_keras_dst_loading", False):
-            dropped = int(tf.math.count_nonzero(tf.logical_and(tf.logical_not(mask),
-                                                                tf.not_equal(value, 0))))
-            if dropped:
-                warnings.warn(
-                    f"SparseWrapper '{wrapper.name}': the loaded '{variable.path}' holds "
-                    f"{dropped} non-zero entries where its mask is 0; they were set to 0 "
-                    "(the saved mask wins; use keras_dst.set_masks to change the topology).",
-                    stacklevel=2)
-        return plain_assign(variable, tf.where(mask, value, tf.zeros_like(value)))
+        dropped = int(tf.math.count_nonzero(tf.logical_and(tf.logical_not(mask),
+                                                            tf.not_equal(value, 0))))
+        if dropped:
+            pending[id(variable)] = value
+        else:
+            pending.pop(id(variable), None)
+        if variable.__dict__.pop("_keras_dst_loading", False) and dropped:
+            warnings.warn(
+                f"SparseWrapper '{wrapper.name}': the loaded '{variable.path}' holds "
+                f"{dropped} non-zero entries where its mask is 0; they were set to 0 "
+                "(the saved mask wins; use keras_dst.set_masks to change the topology).",
+                stacklevel=2)
+        return assign_weight(variable, tf.where(mask, value, tf.zeros_like(value)))
 
-    variable.assign = assign
+    def guarded_mask_assign(value):
+        result = assign_mask(mask, value)
+        if tf.executing_eagerly():
+            raw = pending.pop(id(variable), None)
+            source = variable.value if raw is None else raw
+            assign_weight(variable, tf.where(mask, source, tf.zeros_like(source)))
+        return result
+
+    variable.assign = guarded_weight_assign
+    mask.assign = guarded_mask_assign
 
 
 def _original_constraint(variable):

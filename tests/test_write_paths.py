@@ -170,3 +170,23 @@ def test_strip_of_a_bare_wrapper_zeroes_its_masked_entries():
     w.value.assign(np.ones(w.shape, "float32"))
     inner = keras_dst.strip(wrapper)
     np.testing.assert_array_equal(inner.kernel.numpy(), wrapper.masks[0].numpy().astype("float32"))
+
+
+def test_set_weights_of_a_whole_state_with_other_masks_restores_it_exactly():
+    """`model.set_weights` writes a wrapper's kernel before its mask: the kernel must end
+    as the state's kernel ⊙ the state's mask, not masked by the masks it replaces."""
+    _, model = sparse_mlp()
+    other = keras_dst.prunable(mlp((20, 16, 3), seed=1), density=0.3, seed=5)
+    assert any((a != b).any() for a, b in zip(keras_dst.masks(model).values(),
+                                              keras_dst.masks(other).values()))
+    state = other.get_weights()
+    model.set_weights(state)
+    for got, want in zip(model.get_weights(), state):
+        np.testing.assert_array_equal(got, want)
+    # the same list with dense kernels: kernel ⊙ the list's mask
+    dense = [np.full(v.shape, 2.0, v.dtype) if v.dtype.kind == "f" and v.ndim == 2 else v
+             for v in state]
+    model.set_weights(dense)
+    assert stray(model) == 0
+    for t in keras_dst.sparse_targets(model):
+        np.testing.assert_array_equal(t.weight.numpy(), np.where(t.mask.numpy(), 2.0, 0.0))
