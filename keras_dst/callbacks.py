@@ -34,7 +34,7 @@ class StepSwitch:
     Compiled once per model: the switch lives on the model across `fit` calls
     and keeps every variant it compiled, keyed by the set of engines traced
     into it, and the engines themselves, keyed by their configuration
-    (`engine_for`): a later `fit` with the same callback, or with a new one of
+    (`keep`): a later `fit` with the same callback, or with a new one of
     equal configuration, reuses both, so it compiles nothing; `evaluate` and
     `predict` in between do not touch them. When the last hooked callback of a
     `fit` ends, `model.train_function` becomes the static variant, so a later

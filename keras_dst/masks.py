@@ -4,9 +4,8 @@ Every function takes any model (Sequential, functional, subclassed, nested) or
 layer that contains `SparseWrapper` layers.
 """
 
-from typing import NamedTuple
-
 import warnings
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -80,7 +79,9 @@ def set_masks(model, new_masks: dict, apply=True):
     """Replaces masks from ``{weight.path: 0/1 or bool array}``.
 
     Every entry is validated (known path, same shape, only 0/1 values) before any
-    mask changes. With `apply`, weights are then zeroed where the mask is 0.
+    mask changes. Weights are then zeroed where the new mask is 0 (every eager
+    mask write does so, see `layers._guard_writes`), so the model stays
+    consistent; `apply` is kept for compatibility and no longer leaves them.
 
     Raises:
       ValueError: unknown path, shape mismatch or non-binary values.

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -83,46 +82,9 @@ def _free_ports(n):
             s.close()
 
 
-@pytest.mark.slow
-def test_multi_worker_mirrored_two_local_workers_agree(tmp_path):
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs, outs = [], []
-    for index in range(2):
-        out = tmp_path / f"worker{index}.json"
-        outs.append(out)
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "worker", str(out)],
-            env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True))
-    deadline = time.time() + 300
-    errors = []
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=max(1, deadline - time.time()))
-            if p.returncode != 0:
-                errors.append(err[-3000:])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert not errors, errors
-    a, b = (json.loads(o.read_text()) for o in outs)
-    assert a["num_replicas"] == b["num_replicas"] == 2
-    assert a["churn"] > 0
-    assert a["masks"] == b["masks"]  # both workers hold the same topology
-    assert a["counts"] == b["counts"] == a["initial_counts"]  # exact per-layer counts
-    assert a["weights_sha"] == b["weights_sha"]
-    assert a["invariant_errors"] == b["invariant_errors"] == []
-    # and the same topology as one process training on the same global batches
-    single = _run(["single", "magnitude_gradient"], timeout=300)
-    assert a["masks"] == single["masks"]
-    assert a["counts"] == single["counts"]
-
-
-def _start_job(tmp_path, tag, backup_dir, epochs):
-    """Two local MultiWorkerMirroredStrategy workers (fresh ports); (procs, result paths)."""
+def _start_job(tmp_path, tag, backup_dir=None, epochs=3):
+    """Two local MultiWorkerMirroredStrategy workers (fresh ports), with a
+    keras_dst.BackupAndRestore in `backup_dir` if given; (procs, result paths)."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     procs, outs = [], []
     for index in range(2):
@@ -130,8 +92,8 @@ def _start_job(tmp_path, tag, backup_dir, epochs):
         outs.append(out)
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "worker_ft", str(out), str(backup_dir),
-             str(epochs)],
+            [sys.executable, os.path.abspath(__file__), "worker", str(out), str(epochs),
+             *([str(backup_dir)] if backup_dir else [])],
             env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True))
     return procs, outs
@@ -151,6 +113,24 @@ def _finish(procs, timeout=300):
             if p.poll() is None:
                 p.kill()
     return errors, outputs
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_two_local_workers_agree(tmp_path):
+    procs, outs = _start_job(tmp_path, "job")
+    errors, _ = _finish(procs)
+    assert not errors, errors
+    a, b = (json.loads(o.read_text()) for o in outs)
+    assert a["num_replicas"] == b["num_replicas"] == 2
+    assert a["churn"] > 0
+    assert a["masks"] == b["masks"]  # both workers hold the same topology
+    assert a["counts"] == b["counts"] == a["initial_counts"]  # exact per-layer counts
+    assert a["weights_sha"] == b["weights_sha"]
+    assert a["invariant_errors"] == b["invariant_errors"] == []
+    # and the same topology as one process training on the same global batches
+    single = _run(["single", "magnitude_gradient"], timeout=300)
+    assert a["masks"] == single["masks"]
+    assert a["counts"] == single["counts"]
 
 
 @pytest.mark.slow
@@ -319,7 +299,7 @@ def _patch_keras_for_multi_worker():
     tf_trainer.reduce_per_replica = reduce_per_replica
 
 
-def _main_worker(out_path, backup_dir=None, epochs=3):
+def _main_worker(out_path, epochs=3, backup_dir=None):
     import hashlib
 
     import keras
@@ -359,9 +339,7 @@ if __name__ == "__main__":
         _main_mirrored(sys.argv[2:] or list(CONFIGS))
     elif sys.argv[1] == "single":
         _main_single(sys.argv[2])
-    elif sys.argv[1] == "worker":
-        _main_worker(sys.argv[2])
-    elif sys.argv[1] == "worker_ft":
-        _main_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif sys.argv[1] == "worker":  # out_path epochs [backup_dir]
+        _main_worker(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")
