@@ -353,6 +353,12 @@ def _zero_initial_value(variable, initial_mask):
                                  tf.zeros_like(variable)))
 
 
+def masked_nonzeros(value, mask) -> tf.Tensor:
+    """Number of non-zero entries of `value` where the bool `mask` is False (int64 scalar):
+    what a weight computes with beyond its mask."""
+    return tf.math.count_nonzero(tf.logical_and(tf.logical_not(mask), tf.not_equal(value, 0)))
+
+
 def _guard_writes(variable, mask, wrapper):
     """Makes every eager write of `variable` or `mask` keep the weight's zeros where the
     mask is False.
@@ -383,8 +389,7 @@ def _guard_writes(variable, mask, wrapper):
         if not tf.executing_eagerly():
             return assign_weight(variable, value)
         value = tf.cast(tf.convert_to_tensor(value), variable.dtype)
-        dropped = int(tf.math.count_nonzero(tf.logical_and(tf.logical_not(mask),
-                                                            tf.not_equal(value, 0))))
+        dropped = int(masked_nonzeros(value, mask))
         if dropped:
             pending[id(variable)] = value
         else:

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst.layers import SparseWrapper
+from keras_dst.layers import SparseWrapper, masked_nonzeros
 
 
 class SparseTarget(NamedTuple):
@@ -101,10 +101,7 @@ def set_masks(model, new_masks: dict, apply=True):
             raise ValueError(f"set_masks(): mask for '{path}' must contain only 0/1 values.")
         checked[path] = array.astype(bool)
     for path, array in checked.items():
-        by_path[path].mask.assign(array)
-    if apply:
-        for wrapper in {id(t.wrapper): t.wrapper for t in by_path.values()}.values():
-            wrapper.apply_masks()
+        by_path[path].mask.assign(array)  # its write guard zeroes the weight where it is 0
 
 
 def apply_masks(model) -> int:
@@ -118,10 +115,10 @@ def apply_masks(model) -> int:
     Returns:
       The number of non-zero entries that were zeroed (0 for a consistent model).
     """
-    stray = _stray_entries(sparse_targets(model, require=True, caller="apply_masks()"))
-    for wrapper in sparse_wrappers(model):
-        wrapper.apply_masks()
-    return sum(stray)
+    targets = sparse_targets(model, require=True, caller="apply_masks()")
+    stray = sum(_stray_entries(targets))
+    _zero_masked(targets)
+    return stray
 
 
 def _stray_entries(targets) -> list:
@@ -129,21 +126,26 @@ def _stray_entries(targets) -> list:
     beyond its mask), counted on the device (one small read)."""
     if not targets:
         return []
-    counts = tf.stack([tf.math.count_nonzero(tf.where(t.mask, tf.zeros_like(t.weight), t.weight))
-                       for t in targets])
-    return [int(c) for c in counts.numpy()]
+    return [int(c) for c in tf.stack([masked_nonzeros(t.weight, t.mask)
+                                      for t in targets]).numpy()]
+
+
+def _zero_masked(targets):
+    """Zeroes the weights of `targets` where their masks are 0 (one pass per wrapper)."""
+    for wrapper in {id(t.wrapper): t.wrapper for t in targets}.values():
+        wrapper.apply_masks()
 
 
 def reapply_masks_if_needed(model, caller) -> int:
     """Zeroes stray entries (see `layer_stats`) with a warning naming `caller`; returns
     how many there were."""
-    stray = sum(_stray_entries(sparse_targets(model)))
+    targets = sparse_targets(model)
+    stray = sum(_stray_entries(targets))
     if stray:
         warnings.warn(f"{caller}: {stray} weights were non-zero where their masks are 0 "
                       "(written by a path keras_dst cannot see, e.g. a tf.train.Checkpoint "
                       "restore); they were set to 0.", stacklevel=3)
-        for wrapper in sparse_wrappers(model):
-            wrapper.apply_masks()
+        _zero_masked(targets)
     return stray
 
 

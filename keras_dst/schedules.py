@@ -196,7 +196,8 @@ def polynomial_sparsity(step, initial_sparsity: float, final_sparsity: float, be
             raise ValueError(f"{name} must be in [0, 1), got {value}.")
     _check_range(begin_step, end_step, frequency, allow_forever=False)
     # float32, as TF-MOT's PolynomialDecay (parity with it step by step)
-    progress = (tf.cast(_step(step), tf.float32) - float(begin_step)) / float(end_step - begin_step)
+    step = tf.cast(tf.convert_to_tensor(step), tf.float32)
+    progress = (step - float(begin_step)) / float(end_step - begin_step)
     progress = tf.clip_by_value(progress, 0.0, 1.0)
     return final_sparsity + (initial_sparsity - final_sparsity) * tf.pow(1.0 - progress, float(power))
 

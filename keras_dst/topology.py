@@ -27,8 +27,9 @@ the 32-bit order (two histogram passes of 16 bits: scatter-add into 2**16
 bins, prefix sums over the bins), for smaller ones by bisection on the order
 (~33 vectorised counting passes; lower fixed cost, faster to compile); then,
 only when the threshold order is tied, the tied entries of lowest flat index
-by one prefix sum over the tied flags. Both give the same entries. Cost O(n), no sort (XLA's comparator
-sort costs ~1 us per entry on CPU); at most 2**31 - 1 entries per call.
+by one prefix sum over the tied flags. Both give the same entries. Cost O(n),
+no sort (XLA's comparator sort costs ~1 us per entry on CPU); at most
+2**31 - 1 entries per call.
 """
 
 from typing import List, Sequence
