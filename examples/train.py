@@ -197,7 +197,7 @@ def build_model(config, info):
     return keras_dst.prunable(model, density=config["density"],
                               distribution=config["distribution"], init=config["init"],
                               seed=config["seed"],
-                              track_scores=config["prune"].startswith("running_"))
+                              track_running_scores=config["prune"].startswith("running_"))
 
 
 def sparsity_callbacks(config, total_steps):

@@ -12,7 +12,7 @@ from keras_dst.validation import check_choice, check_density
 
 
 def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_overrides=None,
-             init="exact", seed=0, skip_unsupported=False, track_scores=False):
+             init="exact", seed=0, skip_unsupported=False, track_running_scores=False):
     """Returns a sparse version of a Keras model or layer.
 
     Args:
@@ -39,7 +39,7 @@ def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_ov
       seed: int; masks are a pure function of (seed, weight index).
       skip_unsupported: leave layers with weights that keras_dst cannot sparsify
         dense instead of raising a `TypeError`.
-      track_scores: keep a running score per weight entry in each wrapper
+      track_running_scores: keep a running score per weight entry in each wrapper
         (needed by the running criteria, e.g. ``running_magnitude``).
 
     Returns:
@@ -59,13 +59,13 @@ def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_ov
         raise TypeError(f"seed must be an int, got seed={seed!r}.")
     if isinstance(obj, keras.Model):
         return _prunable_model(obj, density, distribution, keep_dense, density_overrides,
-                               init, int(seed), skip_unsupported, track_scores)
+                               init, int(seed), skip_unsupported, track_running_scores)
     if isinstance(obj, keras.layers.Layer):
         if isinstance(obj, SparseWrapper):
             raise ValueError(f"Layer '{obj.name}' is already prunable (a SparseWrapper).")
         wrapper = SparseWrapper(obj, density=density, init=init,
                                 seed=distributions.stable_seed(int(seed), obj.name),
-                                track_scores=track_scores)
+                                track_running_scores=track_running_scores)
         if obj.built:
             wrapper.build(None)  # masks for the existing weights, which are kept
         return wrapper
@@ -92,7 +92,7 @@ def _walk(model):
 
 
 def _prunable_model(model, density, distribution, keep_dense, density_overrides, init, seed,
-                    skip_unsupported, track_scores):
+                    skip_unsupported, track_running_scores):
     if not _is_graph_model(model):
         raise TypeError(
             f"prunable() cannot rebuild the subclassed model '{model.name}' "
@@ -157,7 +157,7 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
         inner.build_from_config(layer.get_build_config())
         new = SparseWrapper(inner, density=[densities[w.path] for w in weights],
                             init=init, seed=distributions.stable_seed(seed, index),
-                            track_scores=track_scores)
+                            track_running_scores=track_running_scores)
         return new, layer
 
     return _clone_graph(model, clone)

@@ -55,7 +55,23 @@ import tensorflow as tf
 from keras_dst.scoring import ScoreInputs
 from keras_dst.topology import normalize, select_highest, select_lowest  # noqa: F401 (normalize re-exported)
 
-ORDERINGS = ("before", "after")
+# When an update runs relative to the optimizer step. The reference's flag
+# (``--ordering``, read in ``sparselearning/core.py``) names the same two places
+# the other way round, by when the *optimizer step* happens: its "before" is
+# "after_optimizer" here, its "after" is "before_optimizer". Both spellings are
+# accepted; the canonical one is stored and reported.
+ORDERINGS = ("after_optimizer", "before_optimizer")
+ORDERING_ALIASES = {"before": "after_optimizer", "after": "before_optimizer"}
+
+
+def canonical_ordering(value, name: str = "ordering") -> str:
+    """`value` as one of `ORDERINGS` (the reference's "before"/"after" accepted)."""
+    if isinstance(value, str) and value in ORDERING_ALIASES:
+        return ORDERING_ALIASES[value]
+    if not isinstance(value, str) or value not in ORDERINGS:
+        raise ValueError(f"{name} must be one of {list(ORDERINGS)} (or the reference's "
+                         f"{sorted(ORDERING_ALIASES)}), got {name}={value!r}.")
+    return value
 
 
 # ----------------------------------------------------------------------------
@@ -164,8 +180,10 @@ class Criterion:
     ema: bool = False
 
     def __post_init__(self):
-        if self.ordering not in ORDERINGS:
-            raise ValueError(f"Criterion {self.name!r}: ordering must be one of {ORDERINGS}, got {self.ordering!r}.")
+        try:
+            object.__setattr__(self, "ordering", canonical_ordering(self.ordering))
+        except ValueError as e:
+            raise ValueError(f"Criterion {self.name!r}: {e}") from None
         if (self.score is None) == (self.select is None):
             raise ValueError(f"Criterion {self.name!r} needs exactly one of `score` and `select`.")
         object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))

@@ -1,10 +1,9 @@
 """The DST topology update, as it runs inside the compiled training step.
 
-`TopologyEngine` is an optimizer hook (see `optimizer_hook`). At every optimizer
-step it checks, on device, whether the step is an update step
-(``t % update_every == 0`` and ``t <= end_step``, with ``t`` the 1-based index of
-the optimizer step) and, inside a `tf.cond`, prunes and regrows every sparsified
-weight:
+`TopologyEngine` is a `hooks.Hook`. At every optimizer step it checks, on
+device, whether the step is an update step (its `schedules.UpdateSteps`, with
+``t`` the 1-based index of the optimizer step) and, inside a `tf.cond`, prunes
+and regrows every sparsified weight:
 
 1. ``r_l = ceil(p(t) * active_l)`` active entries with the lowest criterion score
    are removed (layer scope), or ``ceil(p * sum active)`` over all layers at once
@@ -20,9 +19,9 @@ weight:
 4. optionally (``optimizer_state="reset"``) the optimizer slots of the entries
    whose mask changed are zeroed.
 
-Ordering "before" runs this after the optimizer update (scoring the updated
-weights), ordering "after" before it (the optimizer then moves the regrown
-weights one step from 0). A layer whose weight or gradient holds NaN/Inf at an
+Ordering "after_optimizer" runs this after the optimizer update (scoring the
+updated weights), "before_optimizer" before it (the optimizer then moves the
+regrown weights one step from 0). A layer whose weight or gradient holds NaN/Inf at an
 update step keeps its mask unchanged for that update (global scope: the whole
 update is skipped), so densities stay exact.
 """
@@ -31,49 +30,39 @@ import tensorflow as tf
 
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions
-from keras_dst import optimizer_hook
+from keras_dst import optimizer_state as optimizer_state_lib
 from keras_dst import topology
+from keras_dst.hooks import Hook, state_variable
 from keras_dst.scoring import ScoreInputs
+from keras_dst.topology import count_true
 
 
 def _f32(x):
     return tf.cast(x, tf.float32)
 
 
-def count_true(mask):
-    """Number of True entries of a bool tensor, as an int32 scalar."""
-    return tf.reduce_sum(tf.cast(mask, tf.int32))
-
-
-def state_variable(value, name):
-    """A non-trainable tf.Variable written from the compiled step (first replica wins)."""
-    return tf.Variable(value, trainable=False, name=name,
-                       synchronization=tf.VariableSynchronization.ON_WRITE,
-                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-
-
-class TopologyEngine:
-    """Graph-side state and logic of one DST run (owned by a callback).
+class TopologyEngine(Hook):
+    """Graph-side state and logic of one DST run (the hook of `DynamicSparseTraining`).
 
     Args:
       targets: list of `SparseTarget` (weight, mask, wrapper) of the model.
       criterion: a `criteria.Criterion`.
       growth: a `growth.GrowthRule`, or None for pruning without regrowth.
-      schedule: callable step -> prune rate (float32 scalar tensor).
-      update_every, end_step, ordering, scope, grow_exact, optimizer_state,
-      seed, normalize, norm_type: see `DynamicSparseTraining`.
+      schedule: callable step -> prune rate (float scalar tensor).
+      update_steps: `schedules.UpdateSteps`, the optimizer steps that update.
+      ordering, scope, grow_exact, optimizer_state, seed, normalize, norm_type:
+        see `DynamicSparseTraining` (`ordering` canonical: "after_optimizer" or
+        "before_optimizer").
     """
 
-    def __init__(self, targets, criterion, growth, schedule, *, update_every, end_step,
-                 ordering, scope, grow_exact, optimizer_state, seed, normalize="none",
-                 norm_type="max"):
+    def __init__(self, targets, criterion, growth, schedule, update_steps, *, ordering, scope,
+                 grow_exact, optimizer_state, seed, normalize="none", norm_type="max"):
+        super().__init__(update_steps)
         self.targets = list(targets)
         self.criterion = criterion
         self.growth = growth
         self.schedule = schedule
-        self.update_every = int(update_every)
-        self.end_step = end_step
-        self.ordering = ordering
+        self.ordering = criteria_lib.canonical_ordering(ordering)
         self.scope = scope
         self.grow_exact = grow_exact
         self.optimizer_state = optimizer_state
@@ -87,30 +76,28 @@ class TopologyEngine:
         # Rows of layer_stats: active, pruned, grown, ever active.
         self.layer_stats = state_variable(tf.zeros([n, 4], tf.int64), "dst_layer_stats")
         self.last_rate = state_variable(tf.constant(0.0), "dst_last_rate")
-        self.last_update_step = state_variable(tf.constant(-1, tf.int64), "dst_last_update_step")
         self.skipped_layers = state_variable(tf.constant(0, tf.int64), "dst_skipped_layers")
 
     @property
-    def needs_every_step(self):
-        """True when the hook must be in every compiled step (running scores)."""
+    def runs_every_step(self):
+        """Running scores are updated at every step."""
         return self.criterion.ema
 
     # -- hook interface ---------------------------------------------------------
-    def before_apply(self, optimizer, grads_by_var):
-        step = tf.cast(optimizer.iterations, tf.int64) + 1
-        grads = self._grads(grads_by_var)
-        if self.criterion.ema and self.ordering == "after":  # as the run's update
-            self._update_running_scores(step, grads)
-        if self.ordering == "after":
-            self._maybe_update(optimizer, step, grads)
+    def before_apply(self, optimizer, grads_by_variable):
+        if self.ordering == "before_optimizer":
+            self._step(optimizer, tf.cast(optimizer.iterations, tf.int64) + 1, grads_by_variable)
 
-    def after_apply(self, optimizer, grads_by_var):
-        step = tf.cast(optimizer.iterations, tf.int64)
-        grads = self._grads(grads_by_var)
-        if self.criterion.ema and self.ordering == "before":
+    def after_apply(self, optimizer, grads_by_variable):
+        if self.ordering == "after_optimizer":
+            self._step(optimizer, tf.cast(optimizer.iterations, tf.int64), grads_by_variable)
+
+    def _step(self, optimizer, step, grads_by_variable):
+        """What runs in optimizer step `step` (1-based), where the run's ordering puts it."""
+        grads = self._grads(grads_by_variable)
+        if self.criterion.ema:  # running scores follow the run's ordering
             self._update_running_scores(step, grads)
-        if self.ordering == "before":
-            self._maybe_update(optimizer, step, grads)
+        self._maybe_update(optimizer, step, grads)
 
     # -- pieces -------------------------------------------------------------------
     def _grads(self, grads_by_var):
@@ -119,13 +106,6 @@ class TopologyEngine:
             g = grads_by_var.get(id(t.weight))
             grads.append(tf.zeros(t.weight.shape, tf.float32) if g is None else _f32(g))
         return grads
-
-    def is_update_step(self, step):
-        """Scalar bool tensor: does optimizer step `step` (1-based) update the topology?"""
-        due = tf.logical_and(step > 0, tf.equal(step % self.update_every, 0))
-        if self.end_step is not None:
-            due = tf.logical_and(due, step <= self.end_step)
-        return due
 
     def _needs_gradient(self):
         return self.criterion.needs_gradient or (
@@ -136,21 +116,22 @@ class TopologyEngine:
         t = self.targets[index]
         momentum = None
         if which == 1 and self.growth is not None and self.growth.needs_momentum:
-            momentum = _f32(optimizer_hook.momentum(optimizer, t.weight))
+            momentum = _f32(optimizer_state_lib.momentum(optimizer, t.weight))
         seed = tf.stack([tf.constant(self._seeds[index][which], tf.int64), step])
         return ScoreInputs(weight=_f32(t.weight), gradient=grad, mask=mask, seed=seed,
                            momentum=momentum)
 
     def _update_running_scores(self, step, grads):
         # S restarts from the current score on the first step after an update.
-        restarted = tf.equal((step - 1) % self.update_every, 0)
+        restarted = tf.equal(tf.math.floormod(step - 1 - self.update_steps.begin,
+                                              self.update_steps.every), 0)
         ctx = tf.distribute.get_replica_context()
         if self.criterion.needs_gradient and ctx is not None and ctx.num_replicas_in_sync > 1:
             grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         for t, g in zip(self.targets, grads):
             inputs = ScoreInputs(_f32(t.weight), g, tf.convert_to_tensor(t.mask),
                                  tf.zeros([2], tf.int64))
-            t.score.assign(criteria_lib.ema_update(t.score, self.criterion.evaluate(inputs),
+            t.running_score.assign(criteria_lib.ema_update(t.running_score, self.criterion.evaluate(inputs),
                                                    tf.logical_not(restarted),
                                                    self.criterion.params["beta"]))
 
@@ -164,7 +145,7 @@ class TopologyEngine:
             # new masks and weights.
             ctx.merge_call(self._cross_replica_update, args=(optimizer, step, grads))
             return
-        tf.cond(self.is_update_step(step),
+        tf.cond(self.update_steps.is_update_step(step),
                 lambda: self._update(optimizer, step, grads),
                 tf.no_op)
 
@@ -179,7 +160,7 @@ class TopologyEngine:
                 reduced = [strategy.experimental_local_results(g)[0] for g in grads]
             return self._update(optimizer, step, reduced)
 
-        tf.cond(self.is_update_step(step), update, tf.no_op)
+        tf.cond(self.update_steps.is_update_step(step), update, tf.no_op)
 
     def _reduce_across_replicas(self, grads):
         """Replicas score with the summed gradient, so their masks agree."""
@@ -202,7 +183,7 @@ class TopologyEngine:
         """
         inputs = [self._inputs(optimizer, i, step, g, tf.convert_to_tensor(t.mask), 0)
                   for i, (t, g) in enumerate(zip(self.targets, grads))]
-        scores = [tf.convert_to_tensor(t.score) for t in self.targets] \
+        scores = [tf.convert_to_tensor(t.running_score) for t in self.targets] \
             if self.criterion.ema else None
         finite = [self._finite(x) for x in inputs]
         options = dict(normalize=self.normalize, norm_type=self.norm_type)
@@ -237,7 +218,7 @@ class TopologyEngine:
             t.ever_active.assign(tf.logical_or(t.ever_active, m_new))
             if self.optimizer_state == "reset":
                 changed = tf.not_equal(m_old, m_new)
-                for slot in optimizer_hook.slot_variables(optimizer, t.weight).values():
+                for slot in optimizer_state_lib.slot_variables(optimizer, t.weight).values():
                     slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
             grown = count_true(m_new) - count_true(m_pruned)
             stats.append(tf.cast(tf.stack([count_true(m_new), removed, grown,

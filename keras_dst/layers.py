@@ -139,13 +139,14 @@ def prunable_weights(layer) -> list:
     return [v for v in layer.weights if v.name in names and v.trainable]
 
 
-@keras.saving.register_keras_serializable(package="keras_dst")
 class MaskConstraint(keras.constraints.Constraint):
     """Zeroes a weight wherever its bool mask is False (after any prior constraint).
 
     Installed on each sparsified variable by `SparseWrapper`; Keras optimizers call
-    it right after every update. Not part of any saved config: the wrapper
-    re-installs it when it is built.
+    it right after every update. It is bound to a mask *variable*, so it is not a
+    serializable object: it never appears in a layer's config (Keras layers
+    serialize their own ``kernel_constraint``, which stays the user's), and the
+    wrapper re-installs it when it is built. `get_config` says so.
     """
 
     def __init__(self, mask, previous=None):
@@ -158,10 +159,10 @@ class MaskConstraint(keras.constraints.Constraint):
         return tf.where(self.mask, w, tf.zeros_like(w))
 
     def get_config(self):
-        raise NotImplementedError(
-            "MaskConstraint holds a variable and is never serialized; the "
-            "SparseWrapper re-creates it when it is built."
-        )
+        raise TypeError(
+            "MaskConstraint is bound to a mask variable and is not serializable; the "
+            "SparseWrapper re-creates it when it is built. Serialize the model (its "
+            "SparseWrapper layers) instead.")
 
 
 def _relative_name(layer, variable) -> str:
@@ -188,7 +189,7 @@ class SparseWrapper(keras.layers.Wrapper):
       seed: int seed of the initial masks. ``None`` derives one from the layer
         name. Masks are drawn with stateless RNG from (seed, weight index), so the
         same seed gives the same masks in every process.
-      track_scores: also keep a float32 running score per entry (needed by the
+      track_running_scores: also keep a float32 running score per entry (needed by the
         running criteria such as ``running_magnitude``, whose EMA must survive a
         checkpoint).
       **kwargs: base `Layer` arguments (name, ...).
@@ -196,11 +197,13 @@ class SparseWrapper(keras.layers.Wrapper):
     After `build`, `sparse_weights` lists the sparsified variables, `masks` their
     masks (same order, same shapes, dtype bool) and `ever_active` bool variables
     that record every entry that was ever active (for the ITOP rate). With
-    `track_scores`, `scores` holds the running scores.
+    `track_running_scores`, `running_scores` holds the running scores.
     """
 
-    def __init__(self, layer, density=1.0, init="exact", seed=None, track_scores=False,
+    def __init__(self, layer, density=1.0, init="exact", seed=None, track_running_scores=False,
                  **kwargs):
+        if "track_scores" in kwargs:  # the name in configs saved by keras_dst 0.1
+            track_running_scores = kwargs.pop("track_scores")
         if not isinstance(layer, keras.layers.Layer):
             raise TypeError(
                 f"SparseWrapper needs a keras Layer, got {type(layer).__name__}: {layer!r}."
@@ -223,12 +226,12 @@ class SparseWrapper(keras.layers.Wrapper):
         self.density = density if np.isscalar(density) else [float(d) for d in density]
         self.init = init
         self.seed = int(seed) if seed is not None else distributions.stable_seed(layer.name)
-        self.track_scores = bool(track_scores)
+        self.track_running_scores = bool(track_running_scores)
         self.supports_masking = getattr(layer, "supports_masking", False)
         self.sparse_weights = []
         self.masks = []
         self.ever_active = []
-        self.scores = []
+        self.running_scores = []
         # id(weight) -> raw value of its last eager write, while a mask write may follow
         # (see `_guard_writes`); a plain dict outside Keras's tracking.
         object.__setattr__(self, "_pending_writes", {})
@@ -267,7 +270,7 @@ class SparseWrapper(keras.layers.Wrapper):
                 f"{len(weights)} prunable weights of layer '{self.layer.name}'."
             )
         self.sparse_weights = weights
-        self.masks, self.ever_active, self.scores = [], [], []
+        self.masks, self.ever_active, self.running_scores = [], [], []
         for i, (w, d) in enumerate(zip(weights, densities)):
             name = _relative_name(self.layer, w)
 
@@ -278,9 +281,9 @@ class SparseWrapper(keras.layers.Wrapper):
             self.masks.append(mask)
             self.ever_active.append(
                 self._state_variable(f"{name}_ever_active", w.shape, "bool", initial_mask))
-            if self.track_scores:
-                self.scores.append(self._state_variable(f"{name}_score", w.shape, "float32",
-                                                        "zeros"))
+            if self.track_running_scores:
+                self.running_scores.append(self._state_variable(
+                    f"{name}_running_score", w.shape, "float32", "zeros"))
             w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
             _zero_initial_value(w, initial_mask)
             _guard_writes(w, mask, self)
@@ -329,7 +332,7 @@ class SparseWrapper(keras.layers.Wrapper):
     def get_config(self):
         config = super().get_config()
         config.update({"density": self.density, "init": self.init, "seed": self.seed,
-                       "track_scores": self.track_scores})
+                       "track_running_scores": self.track_running_scores})
         return config
 
 

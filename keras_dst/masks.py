@@ -21,14 +21,15 @@ class SparseTarget(NamedTuple):
       weight: the sparsified variable.
       mask: its bool mask variable (same shape).
       ever_active: bool variable, True where the entry was ever active.
-      score: float32 running-score variable, or None without `track_scores`.
+      running_score: float32 running-score variable (the running average of a
+        running criterion), or None without `track_running_scores`.
       wrapper: the `SparseWrapper` that owns them.
     """
 
     weight: "keras.Variable"
     mask: "keras.Variable"
     ever_active: "keras.Variable"
-    score: "keras.Variable | None"
+    running_score: "keras.Variable | None"
     wrapper: SparseWrapper
 
 
@@ -57,7 +58,7 @@ def sparse_targets(model, require=False, caller="keras_dst") -> list:
                 f"{caller}: layer '{wrapper.name}' is not built yet; build or call the "
                 "model once before using it."
             )
-        scores = wrapper.scores or [None] * len(wrapper.masks)
+        scores = wrapper.running_scores or [None] * len(wrapper.masks)
         targets.extend(SparseTarget(w, m, e, s, wrapper) for w, m, e, s in zip(
             wrapper.sparse_weights, wrapper.masks, wrapper.ever_active, scores))
     if require and not targets:

@@ -1,4 +1,4 @@
-"""How much pruning criteria agree: `CriteriaOverlap` (spec section 6.4, Fig. 6).
+"""How much pruning criteria agree: `CriteriaOverlap` (the paper's Section 4.3, Figure 6).
 
 At each of its update steps, from one and the same state (weights, the step's
 dense gradient, masks), every criterion selects the weights it *would* prune,
@@ -16,48 +16,49 @@ import tensorflow as tf
 
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions
-from keras_dst import optimizer_hook
 from keras_dst import schedules as schedules_lib
 from keras_dst import topology
-from keras_dst.callbacks import HookedCallback
-from keras_dst.engine import count_true, state_variable
+from keras_dst import validation
+from keras_dst.hooks import Hook, state_variable
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
-from keras_dst.validation import check_choice, check_density, check_positive_int
+from keras_dst.step_switch import HookedCallback
+from keras_dst.topology import count_true
 
 
-class OverlapEngine:
-    """Graph-side state and logic of `CriteriaOverlap` (an optimizer hook; read-only).
+class OverlapEngine(Hook):
+    """Graph-side state and logic of `CriteriaOverlap` (a read-only `hooks.Hook`).
+
+    Installed first (``first = True``), it sees the state before any DST update
+    of the same step.
 
     Args:
       targets: list of `SparseTarget` of the model.
       criteria: list of `criteria.Criterion` (C >= 2, none with running scores).
-      schedule: callable step -> prune rate (float32 scalar tensor).
-      update_every: steps between computations.
+      schedule: callable step -> prune rate (float scalar tensor).
+      update_steps: `schedules.UpdateSteps`, the steps that compute.
       seed: int; the random criterion draws from (seed, layer, step), as
         `DynamicSparseTraining` with the same seed.
     """
 
-    def __init__(self, targets, criteria, schedule, *, update_every, seed):
+    first = True
+
+    def __init__(self, targets, criteria, schedule, update_steps, *, seed):
+        super().__init__(update_steps)
         self.targets = list(targets)
         self.criteria = list(criteria)
         self.schedule = schedule
-        self.update_every = int(update_every)
         self._seeds = [distributions.stable_seed(seed, i, "prune") for i in range(len(targets))]
         c = len(self.criteria)
         self.matrix = state_variable(tf.eye(c), "overlap_jaccard")  # [C, C] float32
-        self.last_update_step = state_variable(tf.constant(-1, tf.int64), "overlap_last_update_step")
 
-    def before_apply(self, optimizer, grads_by_var):
+    def before_apply(self, optimizer, grads_by_variable):
         step = tf.cast(optimizer.iterations, tf.int64) + 1
-        due = tf.equal(step % self.update_every, 0)
-        tf.cond(due, lambda: self._update(step, self._grads(grads_by_var)), tf.no_op)
+        tf.cond(self.update_steps.is_update_step(step),
+                lambda: self._update(step, self._grads(grads_by_variable)), tf.no_op)
 
-    def after_apply(self, optimizer, grads_by_var):
-        del optimizer, grads_by_var
-
-    def _grads(self, grads_by_var):
-        grads = [grads_by_var.get(id(t.weight)) for t in self.targets]
+    def _grads(self, grads_by_variable):
+        grads = [grads_by_variable.get(id(t.weight)) for t in self.targets]
         grads = [tf.zeros(t.weight.shape, tf.float32) if g is None else tf.cast(g, tf.float32)
                  for t, g in zip(self.targets, grads)]
         ctx = tf.distribute.get_replica_context()
@@ -138,14 +139,21 @@ class CriteriaOverlap(HookedCallback):
     last update (absent before the first one).
     """
 
-    hook_first = True  # see the state before any DST update of the same step
-
     def __init__(self, criteria, update_every=100, prune_rate=0.5, schedule="constant",
                  total_steps=None, seed=0):
         super().__init__()
-        if isinstance(criteria, (str, criteria_lib.Criterion)) or callable(criteria):
+        if isinstance(criteria, (str, dict, criteria_lib.Criterion)) or callable(criteria) \
+                or not hasattr(criteria, "__iter__"):
             raise TypeError(f"criteria must be a list of criteria, got criteria={criteria!r}.")
-        self.criteria = [criteria_lib.get_criterion(c) for c in criteria]
+        self.criteria = []
+        for i, c in enumerate(criteria):
+            try:
+                resolved = (criteria_lib.Criterion.from_config(c) if isinstance(c, dict)
+                            else criteria_lib.get_criterion(c))
+                criteria_lib.check_serializable(resolved, f"criteria[{i}]")
+            except ValueError as e:
+                raise ValueError(f"CriteriaOverlap(criteria[{i}]={c!r}): {e}") from None
+            self.criteria.append(resolved)
         self.names = [c.name for c in self.criteria]
         if len(self.names) < 2:
             raise ValueError(f"criteria needs at least two criteria, got criteria={criteria!r}.")
@@ -154,36 +162,29 @@ class CriteriaOverlap(HookedCallback):
         running = [c.name for c in self.criteria if c.ema]
         if running:
             raise ValueError(f"CriteriaOverlap does not support running criteria {running}.")
-        self.update_every = check_positive_int(update_every, "update_every")
-        self.prune_rate = check_density(prune_rate, "prune_rate")
-        if not callable(schedule):
-            check_choice(schedule, tuple(schedules_lib.SCHEDULES), "schedule")
-        self.schedule = schedule
+        self.update_every = validation.check_positive_int(update_every, "update_every")
+        self.prune_rate = validation.check_density(prune_rate, "prune_rate")
+        self.schedule = schedules_lib.check_schedule(schedule, "schedule")
         self.total_steps = (None if total_steps is None
-                            else check_positive_int(total_steps, "total_steps"))
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed must be an int, got seed={seed!r}.")
-        self.seed = int(seed)
+                            else validation.check_positive_int(total_steps, "total_steps"))
+        self.seed = validation.check_seed(seed)
         self.history = []
 
-    def _total_steps(self):
+    def _schedule_steps(self):
         if self.total_steps is not None or self.schedule != "cosine":
             return self.total_steps
-        epochs, steps = self.params.get("epochs"), self.params.get("steps")
-        if not epochs or not steps:
-            raise ValueError("CriteriaOverlap(schedule='cosine'): the number of steps is "
-                             "unknown; pass total_steps= or steps_per_epoch= to fit().")
-        return int(epochs) * int(steps)
+        return self._total_steps("schedule='cosine'")
 
     def _engine_key(self):
         return (tuple(self.criteria), self.update_every, self.prune_rate, self.schedule,
-                self._total_steps(), self.seed)
+                self._schedule_steps(), self.seed)
 
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="CriteriaOverlap")
-        schedule = schedules_lib.get_schedule(self.schedule, self.prune_rate, self._total_steps())
-        return OverlapEngine(targets, self.criteria, schedule, update_every=self.update_every,
-                             seed=self.seed)
+        schedule = schedules_lib.get_schedule(self.schedule, self.prune_rate,
+                                              self._schedule_steps())
+        return OverlapEngine(targets, self.criteria, schedule,
+                             schedules_lib.UpdateSteps(self.update_every), seed=self.seed)
 
     def _read_logs(self):
         step = int(self.engine.last_update_step.numpy())
@@ -204,7 +205,7 @@ class CriteriaOverlap(HookedCallback):
         Raises:
           ValueError: unknown `matrix`, or nothing recorded yet.
         """
-        check_choice(matrix, ("mean", "last"), "matrix")
+        validation.check_choice(matrix, ("mean", "last"), "matrix")
         if not self.history:
             raise ValueError("CriteriaOverlap.save_json(): no update recorded yet.")
         matrices = np.stack([m for _, _, m in self.history])
@@ -215,7 +216,14 @@ class CriteriaOverlap(HookedCallback):
                                    for s, _, m in self.history]}, f, indent=1)
 
     def get_config(self):
-        return dict(criteria=list(self.names), update_every=self.update_every,
-                    prune_rate=self.prune_rate,
-                    schedule=self.schedule if isinstance(self.schedule, str) else None,
+        return dict(criteria=[_criterion_config(c) for c in self.criteria],
+                    update_every=self.update_every, prune_rate=self.prune_rate,
+                    schedule=self.schedule if isinstance(self.schedule, str)
+                    else keras.saving.serialize_keras_object(self.schedule),
                     total_steps=self.total_steps, seed=self.seed)
+
+
+def _criterion_config(criterion):
+    """A registered criterion's name when it has its default parameters, else its config."""
+    default = criteria_lib.get_criterion(criterion.name)
+    return criterion.name if criterion == default else criterion.get_config()

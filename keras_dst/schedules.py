@@ -1,8 +1,8 @@
-"""Prune-rate schedules (spec section 2.6) and the gradual-pruning sparsity curve.
+"""Prune-rate schedules, the gradual-pruning density curve, and when updates happen.
 
 A prune-rate schedule is a callable of the global step (int tensor or int;
-int64 fine) returning a float32 scalar tensor, the rate `p` used by an update
-at that step. The built-ins are small serializable classes (`get_config` /
+int64 fine) returning a float scalar tensor, the rate `p` used by an update at
+that step (float64 for the built-ins: see `topology.prune_count`). The built-ins are small serializable classes (`get_config` /
 `from_config`, registered with Keras under package "keras_dst"):
 
 * `CosineRate` (`cosine(...)`): p(t) = floor + (initial - floor) *
@@ -12,14 +12,19 @@ at that step. The built-ins are small serializable classes (`get_config` /
 * `LinearRate` (`linear(...)`): p(t) = initial * factor ** floor(t / every)
   (the reference's unused "linear": x0.99 every 600 steps).
 
-`polynomial_sparsity` / `should_update` reproduce the semantics of
-TF-MOT's `PolynomialDecay` pruning schedule (Zhu & Gupta, 2017).
+`polynomial_density` and `UpdateSteps` reproduce the semantics of TF-MOT's
+`PolynomialDecay` pruning schedule (Zhu & Gupta, 2017); `UpdateSteps` is also
+the update rule of every hook (see `keras_dst.hooks`).
 """
 
+import dataclasses
 import math
+from typing import Optional
 
 import keras
 import tensorflow as tf
+
+from keras_dst import validation
 
 _PI = math.pi
 
@@ -126,6 +131,42 @@ def linear(initial: float, factor: float = 0.99, every: int = 600) -> LinearRate
 SCHEDULES = {"cosine": cosine, "constant": constant, "linear": linear}
 
 
+def check_schedule(schedule, name: str = "schedule"):
+    """A prune-rate schedule argument that a config can restore, as the constructor keeps it.
+
+    Accepts a name of `SCHEDULES`, a schedule object that round-trips through
+    ``keras.saving.serialize_keras_object`` in safe mode (the built-ins, or a
+    registered class with `get_config`), or the serialized form of one (a dict,
+    from a callback's `get_config`), which is deserialized.
+
+    Raises:
+      ValueError: an unknown name, or an object a config cannot restore (e.g. a
+        lambda or an unregistered function), naming the argument.
+    """
+    if isinstance(schedule, dict):
+        schedule = keras.saving.deserialize_keras_object(schedule, safe_mode=True)
+    if isinstance(schedule, str):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{name} must be one of {sorted(SCHEDULES)} or a schedule object, "
+                             f"got {name}={schedule!r}.")
+        return schedule
+    if not callable(schedule):
+        raise ValueError(f"{name} must be one of {sorted(SCHEDULES)} or a schedule object "
+                         f"(a callable of the step), got {name}={schedule!r}.")
+    try:
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(schedule), safe_mode=True)
+        restorable = callable(restored)
+    except Exception:  # noqa: BLE001 - any failure means "cannot be restored"
+        restorable = False
+    if not restorable:
+        raise ValueError(
+            f"{name}={schedule!r} cannot be restored from a config: use a built-in name, a "
+            "keras_dst.schedules object (CosineRate, ConstantRate, LinearRate), or a class "
+            "registered with keras.saving.register_keras_serializable that has get_config().")
+    return schedule
+
+
 def get_schedule(schedule, initial: float = 0.5, total_steps=None):
     """Resolves a prune-rate schedule.
 
@@ -152,74 +193,86 @@ def get_schedule(schedule, initial: float = 0.5, total_steps=None):
     return SCHEDULES[schedule](initial)
 
 
-def _check_range(begin_step: int, end_step: int, frequency: int, allow_forever: bool):
-    if begin_step < 0:
-        raise ValueError(f"begin_step must be >= 0, got {begin_step}.")
-    if frequency <= 0:
-        raise ValueError(f"frequency must be > 0, got {frequency}.")
-    if allow_forever and end_step == -1:
-        return
-    too_small = end_step < begin_step if allow_forever else end_step <= begin_step
-    if too_small:
-        relation = ">=" if allow_forever else ">"
-        raise ValueError(f"end_step ({end_step}) must be {relation} begin_step ({begin_step}).")
+def polynomial_density(step, initial_density: float, final_density: float, begin_step: int,
+                       end_step: int, power: float = 3) -> tf.Tensor:
+    """Target density of gradual pruning (Zhu & Gupta, 2017; TF-MOT `PolynomialDecay`).
 
-
-def polynomial_sparsity(step, initial_sparsity: float, final_sparsity: float, begin_step: int, end_step: int,
-                        power: float = 3, frequency: int = 100) -> tf.Tensor:
-    """Target sparsity of gradual pruning (Zhu & Gupta; TF-MOT `PolynomialDecay`).
-
-    sparsity = final + (initial - final) * (1 - q) ** power with
-    q = clip((step - begin_step) / (end_step - begin_step), 0, 1): `initial`
-    up to `begin_step`, `final` from `end_step` on. `frequency` is only
-    validated here (see `should_update`); it is accepted so that both
-    functions take the same arguments.
+    ``1 - s`` with the sparsity ``s = s_f + (s_i - s_f) * (1 - q) ** power``,
+    ``s_i = 1 - initial_density``, ``s_f = 1 - final_density`` and
+    ``q = clip((step - begin_step) / (end_step - begin_step), 0, 1)``:
+    `initial_density` up to `begin_step`, `final_density` from `end_step` on.
+    Computed in float32 with TF-MOT's operations on the sparsity, so that a run
+    matches TF-MOT step by step.
 
     Args:
       step: int tensor or int, the global step.
-      initial_sparsity: sparsity at `begin_step`, in [0, 1).
-      final_sparsity: sparsity from `end_step` on, in [0, 1).
+      initial_density: density at `begin_step`, in (0, 1].
+      final_density: density from `end_step` on, in (0, 1].
       begin_step: first step of the ramp (>= 0).
       end_step: last step of the ramp (> begin_step; TF-MOT divides by zero
         when equal, we refuse it).
       power: exponent (3 in the paper).
-      frequency: pruning period in steps (> 0).
 
     Returns:
       float32 scalar tensor.
 
     Raises:
-      ValueError: invalid sparsities or steps.
+      ValueError, TypeError: invalid densities or steps (naming the argument).
     """
-    for name, value in (("initial_sparsity", initial_sparsity), ("final_sparsity", final_sparsity)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}.")
-    _check_range(begin_step, end_step, frequency, allow_forever=False)
-    # float32, as TF-MOT's PolynomialDecay (parity with it step by step)
+    initial_sparsity = 1.0 - validation.check_density(initial_density, "initial_density")
+    final_sparsity = 1.0 - validation.check_density(final_density, "final_density")
+    begin_step = validation.check_step(begin_step, "begin_step")
+    end_step = validation.check_step(end_step, "end_step", minimum=begin_step + 1,
+                                     minimum_name=f"begin_step + 1 ({begin_step + 1})")
     step = tf.cast(tf.convert_to_tensor(step), tf.float32)
     progress = (step - float(begin_step)) / float(end_step - begin_step)
     progress = tf.clip_by_value(progress, 0.0, 1.0)
-    return final_sparsity + (initial_sparsity - final_sparsity) * tf.pow(1.0 - progress, float(power))
+    sparsity = final_sparsity + (initial_sparsity - final_sparsity) * tf.pow(1.0 - progress, float(power))
+    return 1.0 - sparsity
 
 
-def should_update(step, begin_step: int, end_step: int, frequency: int = 100) -> tf.Tensor:
-    """Whether gradual pruning acts at `step` (TF-MOT semantics).
+@dataclasses.dataclass(frozen=True)
+class UpdateSteps:
+    """When a hook updates: the one rule read by the compiled step and the host alike.
 
-    True iff begin_step <= step <= end_step and (step - begin_step) % frequency
-    == 0; `end_step = -1` means no end.
+    The (1-based) steps ``t`` with ``max(begin, 1) <= t``, ``t <= end`` (no bound
+    when `end` is None) and ``(t - begin) % every == 0``. With ``begin=0`` these
+    are ``every, 2 * every, ...``, the update steps of the reference
+    (``sparselearning/core.py``: ``Masking.step`` updates when
+    ``steps % update_frequency == 0``); with ``begin > 0`` they are TF-MOT's
+    ``PolynomialDecay`` pruning steps (``begin + j * every``).
 
-    Args:
-      step: int tensor or int, the global step.
-      begin_step: first pruning step (>= 0).
-      end_step: last pruning step (>= begin_step), or -1 for no end.
-      frequency: period in steps (> 0).
-
-    Returns:
-      bool scalar tensor.
+    Attributes:
+      every: period in steps (int >= 1).
+      begin: first step of the grid (int >= 0).
+      end: last step that may update (int >= begin), or None for no end.
     """
-    _check_range(begin_step, end_step, frequency, allow_forever=True)
-    step = tf.cast(tf.convert_to_tensor(step), tf.int64)
-    in_range = step >= begin_step
-    if end_step != -1:
-        in_range &= step <= end_step
-    return in_range & tf.equal(tf.math.floormod(step - begin_step, frequency), 0)
+
+    every: int
+    begin: int = 0
+    end: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "every", validation.check_positive_int(self.every, "update_every"))
+        object.__setattr__(self, "begin", validation.check_step(self.begin, "begin_step"))
+        if self.end is not None:
+            object.__setattr__(self, "end", validation.check_step(
+                self.end, "end_step", minimum=max(self.begin, 1),
+                minimum_name=f"begin_step ({self.begin})" if self.begin > 1 else None))
+
+    def is_update_step(self, step) -> tf.Tensor:
+        """bool scalar tensor: is `step` (int tensor or int) an update step? Traces under XLA."""
+        step = tf.cast(tf.convert_to_tensor(step), tf.int64)
+        due = (step >= max(self.begin, 1)) & tf.equal(tf.math.floormod(step - self.begin, self.every), 0)
+        if self.end is not None:
+            due &= step <= self.end
+        return due
+
+    def any_between(self, first: int, last: int) -> bool:
+        """Does the step range [first, last] (inclusive) hold an update step? (host, exact)."""
+        low = max(int(first), self.begin, 1)
+        high = int(last) if self.end is None else min(int(last), self.end)
+        if low > high:
+            return False
+        next_update = self.begin + -(-(low - self.begin) // self.every) * self.every
+        return next_update <= high

@@ -47,6 +47,11 @@ def _as_count(count) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(count), tf.int32)
 
 
+def count_true(mask) -> tf.Tensor:
+    """Number of True entries of a bool tensor, as an int32 scalar."""
+    return tf.reduce_sum(tf.cast(mask, tf.int32))
+
+
 def _score_order(scores: tf.Tensor) -> tf.Tensor:
     """Maps float scores to int32 values with the same order (1-D in, 1-D out).
 

@@ -1,17 +1,34 @@
-"""Argument checks shared by every public entry point (clear errors, raised early)."""
+"""Argument checks shared by every public entry point (floor 1).
+
+Each check returns the value in its canonical type, or raises before any state
+changes with a message that names the argument and the value it got:
+``TypeError`` for a value of the wrong type, ``ValueError`` for one out of range.
+Callers that know more context (a layer, a callback) prefix it to the message.
+"""
 
 import numbers
+from typing import Collection, Optional
 
 
-def check_density(value, name="density", allow_zero=False):
-    """Returns `value` as a float if it is a real number in (0, 1] ([0, 1] with `allow_zero`).
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_density(value, name: str = "density", allow_zero: bool = False) -> float:
+    """A fraction: `value` as a float in (0, 1] ([0, 1] with `allow_zero`).
+
+    Used for densities, prune rates and other fractions.
 
     Raises:
-      TypeError: if `value` is not a real number (bool included).
-      ValueError: if it is outside (0, 1] or NaN.
+      TypeError: `value` is not a real number (bool included).
+      ValueError: it is outside the interval, or NaN.
     """
     interval = "[0, 1]" if allow_zero else "(0, 1]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not _is_real(value):
         raise TypeError(f"{name} must be a float in {interval}, got {name}={value!r}.")
     low_ok = float(value) >= 0.0 if allow_zero else float(value) > 0.0
     if not (low_ok and float(value) <= 1.0):
@@ -19,17 +36,52 @@ def check_density(value, name="density", allow_zero=False):
     return float(value)
 
 
-def check_choice(value, choices, name):
-    """Returns `value` if it is one of `choices`, else raises a ValueError naming both."""
-    if value not in choices:
+def check_choice(value, choices: Collection, name: str):
+    """`value` if it is one of `choices`, else a ValueError naming both."""
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {name}={value!r}.")
     return value
 
 
-def check_positive_int(value, name):
-    """Returns `value` if it is an int >= 1 (bool excluded)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+def check_positive_int(value, name: str) -> int:
+    """`value` as an int >= 1 (bool excluded)."""
+    if not _is_int(value):
         raise TypeError(f"{name} must be a positive int, got {name}={value!r}.")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {name}={value!r}.")
     return int(value)
+
+
+def check_step(value, name: str, minimum: int = 0, minimum_name: Optional[str] = None) -> int:
+    """A training step: `value` as an int >= `minimum` (named `minimum_name` in the message)."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int step, got {name}={value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum_name or minimum}, got {name}={value!r}.")
+    return int(value)
+
+
+def check_seed(value, name: str = "seed", allow_none: bool = False) -> Optional[int]:
+    """A random seed: `value` as an int (numpy ints accepted; None with `allow_none`)."""
+    if value is None and allow_none:
+        return None
+    if not _is_int(value):
+        allowed = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {allowed}, got {name}={value!r}.")
+    return int(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """`value` if it is a bool (numpy bools accepted)."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be a bool, got {name}={value!r}.")
+    return bool(value)
+
+
+def check_positive_real(value, name: str) -> float:
+    """`value` as a finite float > 0."""
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a real number > 0, got {name}={value!r}.")
+    if not (float(value) > 0.0 and float(value) != float("inf")):
+        raise ValueError(f"{name} must be a finite real > 0, got {name}={value!r}.")
+    return float(value)

@@ -12,7 +12,10 @@ import tensorflow as tf
 import keras_dst
 from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
 from keras_dst import callbacks as callbacks_lib
-from keras_dst import optimizer_hook, schedules
+from keras_dst import hooks as hooks_lib
+from keras_dst import schedules
+from keras_dst.optimizer_state import base_optimizer
+from keras_dst.step_switch import StepSwitch
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 DST = keras_dst.DynamicSparseTraining
@@ -83,8 +86,8 @@ def _fit_fails(model, optimizer, callback, error=ValueError):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
     after = model.get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(before, after)), "weights changed"
-    assert int(optimizer_hook.base_optimizer(model.optimizer).iterations.numpy()) == 0
-    assert "apply" not in vars(optimizer_hook.base_optimizer(model.optimizer))  # not left hooked
+    assert int(base_optimizer(model.optimizer).iterations.numpy()) == 0
+    assert "apply" not in vars(base_optimizer(model.optimizer))  # not left hooked
     return str(info.value)
 
 
@@ -119,10 +122,10 @@ def test_momentum_growth_without_momentum_is_an_error():
     assert "momentum" in message and "SGD" in message
 
 
-def test_running_criterion_without_track_scores_is_an_error():
+def test_running_criterion_without_track_running_scores_is_an_error():
     message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.SGD(0.1),
                          DST(prune="running_magnitude"))
-    assert "track_scores" in message
+    assert "track_running_scores" in message
 
 
 # ----------------------------------------------------------------------------
@@ -231,7 +234,7 @@ class StepRecorder(keras.callbacks.Callback):
         self.dst, self.rows = dst, []
 
     def on_train_batch_begin(self, batch, logs=None):
-        self.needed = self.dst.engine.needed
+        self.needed = self.model.__dict__[StepSwitch.ATTR]._needed[self.dst.engine]
 
     def on_train_batch_end(self, batch, logs=None):
         self.rows.append((self.needed, int(self.model.optimizer.iterations.numpy()),
@@ -257,9 +260,9 @@ def test_only_executions_holding_an_update_step_run_the_engine(steps_per_executi
         assert changed == holds_update, (i, first, step)
         previous_step, previous_masks = step, masks
     assert int(dst.engine.last_update_step.numpy()) == 20
-    switch = model.__dict__[callbacks_lib.StepSwitch.ATTR]  # after fit: the static step
+    switch = model.__dict__[StepSwitch.ATTR]  # after fit: the static step
     assert model.train_function is switch._functions[frozenset()]
-    assert "apply" not in vars(optimizer_hook.base_optimizer(model.optimizer))  # no hook
+    assert "apply" not in vars(base_optimizer(model.optimizer))  # no hook
 
 
 def test_the_plain_step_is_traced_without_the_engine(monkeypatch):
@@ -270,17 +273,20 @@ def test_the_plain_step_is_traced_without_the_engine(monkeypatch):
     calls = []
     original = keras_dst.engine.TopologyEngine.before_apply
     monkeypatch.setattr(keras_dst.engine.TopologyEngine, "before_apply",
-                        lambda self, *a: (calls.append(self.traced), original(self, *a)))
+                        lambda self, optimizer, *a: (
+                            calls.append(self in hooks_lib.installed(optimizer) and self in
+                                         vars(optimizer)["_keras_dst_traced"]),
+                            original(self, optimizer, *a)))
     variants = []
     record = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: variants.append(
-        sorted(model.__dict__[callbacks_lib.StepSwitch.ATTR]._functions)))
+        sorted(model.__dict__[StepSwitch.ATTR]._functions)))
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst, record])
     assert calls and all(calls)  # the hook only ever ran while traced into a step
     assert sorted(variants[0], key=len) == [frozenset(), frozenset({dst.engine})]  # two
 
 
 def test_running_criteria_keep_the_engine_in_every_step():
-    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3, track_scores=True)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3, track_running_scores=True)
     model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
     x, y = classification_data(n=96)
     dst = DST(prune="running_magnitude", grow="random", update_every=4)
@@ -330,7 +336,7 @@ def test_a_fit_that_raised_leaves_no_engine_behind():
     with pytest.raises(RuntimeError, match="boom"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0,
                   callbacks=[first, keras.callbacks.LambdaCallback(on_train_batch_end=boom)])
-    hooks = lambda: vars(optimizer_hook.base_optimizer(model.optimizer))["_keras_dst_hooks"]
+    hooks = lambda: vars(base_optimizer(model.optimizer))["_keras_dst_hooks"]
     assert hooks() == [first.engine]
     for callback in (DST(update_every=2), first):  # another callback, then the same again
         seen = []
@@ -338,7 +344,7 @@ def test_a_fit_that_raised_leaves_no_engine_behind():
             callback, keras.callbacks.LambdaCallback(
                 on_train_batch_end=lambda b, logs: seen.append(list(hooks())))])
         assert all(h == [callback.engine] for h in seen), seen
-    assert "apply" not in vars(optimizer_hook.base_optimizer(model.optimizer))
+    assert "apply" not in vars(base_optimizer(model.optimizer))
 
 
 # ----------------------------------------------------------------------------
@@ -356,7 +362,7 @@ def test_get_config_round_trip():
     assert type(clone) is DST
     assert clone.get_config() == callback.get_config()
     assert clone.criterion.params["gamma"] == 0.5 and clone.criterion.name == "mest"
-    assert clone.growth.name == "gradient" and clone.resolved_ordering == "after"
+    assert clone.growth.name == "gradient" and clone.resolved_ordering == "before_optimizer"
 
 
 @pytest.mark.parametrize("schedule", [schedules.constant(0.2), schedules.cosine(0.4, 50, 0.01),

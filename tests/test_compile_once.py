@@ -10,8 +10,8 @@ import pytest
 
 import keras_dst
 from conftest import classification_data, mlp
-from keras_dst import callbacks as callbacks_lib
-from keras_dst import optimizer_hook
+from keras_dst.step_switch import StepSwitch
+from keras_dst import optimizer_state
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 DST = keras_dst.DynamicSparseTraining
@@ -38,7 +38,7 @@ def fit(model, callbacks=(), epochs=1):
 
 
 def hooked(model):
-    return "apply" in vars(optimizer_hook.base_optimizer(model.optimizer))
+    return "apply" in vars(optimizer_state.base_optimizer(model.optimizer))
 
 
 def test_repeated_fits_with_evaluate_between_trace_only_in_the_first():
@@ -107,7 +107,7 @@ def test_compile_again_gives_new_steps():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: keras_dst.GradualPruning(final_density=0.1, begin_step=0, end_step=21, frequency=3),
+    lambda: keras_dst.GradualPruning(final_density=0.1, begin_step=0, end_step=21, update_every=3),
     lambda: keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=3),
 ], ids=["gradual", "overlap"])
 def test_sibling_callbacks_compile_once(make):
@@ -129,7 +129,7 @@ def test_a_discarded_model_its_compiled_steps_and_callback_are_collectable():
     dst = DST(update_every=3)
     fit(model, [dst])
     model.evaluate(*classification_data(n=16), verbose=0)
-    switch = model.__dict__[callbacks_lib.StepSwitch.ATTR]
+    switch = model.__dict__[StepSwitch.ATTR]
     refs = [weakref.ref(o) for o in (model, dst, dst.engine, switch,
                                      *switch._functions.values())]
     del model, dst, switch

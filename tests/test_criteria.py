@@ -87,10 +87,10 @@ def test_hand_worked_scores():
 
 
 @pytest.mark.parametrize("name, ordering, needs_gradient", [
-    ("magnitude", "before", False), ("set", "before", False), ("set_legacy", "before", False),
-    ("random", "before", False), ("running_magnitude", "before", False), ("mest", "after", True),
-    ("snip", "after", True), ("sensitivity", "after", True), ("reciprocal_sensitivity", "after", True),
-    ("taylor_fo", "after", True), ("running_snip", "after", True),
+    ("magnitude", "after_optimizer", False), ("set", "after_optimizer", False), ("set_legacy", "after_optimizer", False),
+    ("random", "after_optimizer", False), ("running_magnitude", "after_optimizer", False), ("mest", "before_optimizer", True),
+    ("snip", "before_optimizer", True), ("sensitivity", "before_optimizer", True), ("reciprocal_sensitivity", "before_optimizer", True),
+    ("taylor_fo", "before_optimizer", True), ("running_snip", "before_optimizer", True),
 ])
 def test_reference_ordering_mapping(name, ordering, needs_gradient):
     c = get_criterion(name)
@@ -373,7 +373,7 @@ def test_params_are_merged_and_immutable():
     assert base.params["gamma"] == 1.0 and tuned.params["gamma"] == 10.0
     with pytest.raises(TypeError):
         tuned.params["gamma"] = 3.0
-    assert get_criterion("magnitude", ordering="after").ordering == "after"
+    assert get_criterion("magnitude", ordering="before_optimizer").ordering == "before_optimizer"
 
 
 def test_callable_and_registered_custom_criterion():
@@ -381,14 +381,14 @@ def test_callable_and_registered_custom_criterion():
         return tf.abs(inputs.weight * inputs.gradient) ** power
 
     c = get_criterion(weight_times_grad, power=2.0)
-    assert (c.name, c.ordering, c.needs_gradient, dict(c.params)) == ("weight_times_grad", "after", True,
+    assert (c.name, c.ordering, c.needs_gradient, dict(c.params)) == ("weight_times_grad", "before_optimizer", True,
                                                                       {"power": 2.0})
     np.testing.assert_allclose(c.evaluate(make_inputs([2.0], [3.0])).numpy(), [36.0])
     with pytest.raises(ValueError, match="'exponent'"):
         get_criterion(weight_times_grad, exponent=2.0)
-    assert get_criterion(weight_times_grad, ordering="before").ordering == "before"
+    assert get_criterion(weight_times_grad, ordering="after_optimizer").ordering == "after_optimizer"
 
-    @register_criterion("test_only_negated_magnitude", ordering="before", needs_gradient=False,
+    @register_criterion("test_only_negated_magnitude", ordering="after_optimizer", needs_gradient=False,
                         params={"scale": 1.0})
     def negated(inputs, scale):
         return -scale * tf.abs(inputs.weight)
@@ -397,11 +397,11 @@ def test_callable_and_registered_custom_criterion():
     new = topology.apply_selection(get_criterion("test_only_negated_magnitude"), [make_inputs([1.0, 5.0, 2.0])], 1)
     np.testing.assert_array_equal(new[0].numpy(), [True, False, True])
     with pytest.raises(ValueError, match="already registered"):
-        register_criterion("test_only_negated_magnitude", ordering="before")(negated)
+        register_criterion("test_only_negated_magnitude", ordering="after_optimizer")(negated)
 
 
 def test_criterion_validation():
     with pytest.raises(ValueError, match="exactly one"):
-        Criterion(name="x", score=None, ordering="before")
+        Criterion(name="x", score=None, ordering="after_optimizer")
     with pytest.raises(ValueError, match="ordering"):
         Criterion(name="x", score=lambda i: i.weight, ordering="sometime")

@@ -23,8 +23,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {  # name -> DynamicSparseTraining kwargs (one per ordering / criterion family)
-    "magnitude_gradient": dict(prune="magnitude", grow="gradient"),  # ordering "before"
-    "snip_random": dict(prune="snip", grow="random"),  # ordering "after"
+    "magnitude_gradient": dict(prune="magnitude", grow="gradient"),  # ordering "after_optimizer"
+    "snip_random": dict(prune="snip", grow="random"),  # ordering "before_optimizer"
     "running_snip_gradient": dict(prune="running_snip", grow="gradient"),  # per-step EMA
 }
 
@@ -200,7 +200,7 @@ def _train(strategy, config, check_replicas, dataset=False, epochs=3, callbacks=
     kwargs = dict(CONFIGS[config])
     track = keras_dst.get_criterion(kwargs["prune"]).ema
     with strategy.scope():
-        model = keras_dst.prunable(mlp(), density=0.3, seed=1, track_scores=track)
+        model = keras_dst.prunable(mlp(), density=0.3, seed=1, track_running_scores=track)
         model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       jit_compile=False)

@@ -9,7 +9,7 @@ after it; with SGD the optimizer's own move of every entry ("delta") is known
 SGD: the momentum slot, since Keras does ``w += m``). An active entry after the
 update is then either *kept* (active before and after, pruned-and-regrown ones
 included, as in the reference: ``w_prev + delta``) or *new* (inactive before:
-``0`` for ordering "before", ``delta`` for ordering "after").
+``0`` for ordering "after_optimizer", ``delta`` for ordering "before_optimizer").
 """
 
 import math
@@ -22,7 +22,7 @@ import tensorflow as tf
 
 import keras_dst
 from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
-from keras_dst import optimizer_hook
+from keras_dst import optimizer_state
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BATCH = 16
@@ -50,14 +50,14 @@ class Recorder(keras.callbacks.Callback):
 
     def _snapshot(self, logs=None):
         targets = keras_dst.sparse_targets(self.model)
-        optimizer = optimizer_hook.base_optimizer(self.model.optimizer)
+        optimizer = optimizer_state.base_optimizer(self.model.optimizer)
         state = {
             "step": int(optimizer.iterations.numpy()),
             "masks": [np.array(t.mask.numpy()) for t in targets],
             "weights": [np.array(t.weight.numpy()) for t in targets],
             "all": [np.array(v) for v in self.model.get_weights()],
             "slots": [{k: np.array(v.numpy()) for k, v in
-                       optimizer_hook.slot_variables(optimizer, t.weight).items()}
+                       optimizer_state.slot_variables(optimizer, t.weight).items()}
                       for t in targets] if optimizer.built else None,
             "logs": dict(logs or {}),
         }
@@ -119,14 +119,14 @@ def classify(prev, new, index, delta, ordering):
 
     kept: active before and after (an entry pruned and regrown in the update
     included: the reference applies the mask once, after growth), value
-    ``w_prev + delta``; new: inactive before, active after, value 0 ("before")
-    or ``delta`` ("after"). Asserts that every active entry has its value and
+    ``w_prev + delta``; new: inactive before, active after, value 0 ("after_optimizer")
+    or ``delta`` ("before_optimizer"). Asserts that every active entry has its value and
     that inactive entries are exactly 0.
     """
     m0, m1 = prev["masks"][index], new["masks"][index]
     w0, w1 = prev["weights"][index], new["weights"][index]
     kept, grown = m0 & m1, m1 & ~m0
-    as_new = delta if ordering == "after" else np.zeros_like(delta)
+    as_new = delta if ordering == "before_optimizer" else np.zeros_like(delta)
     bad_kept = kept & ~np.isclose(w1, w0 + delta, rtol=1e-5, atol=1e-6)
     bad_new = grown & ~np.isclose(w1, as_new, rtol=1e-5, atol=1e-6)
     assert not bad_kept.any(), (
@@ -134,7 +134,7 @@ def classify(prev, new, index, delta, ordering):
         "did not keep their value (w + delta)")
     assert not bad_new.any(), (
         f"target {index}: {int(bad_new.sum())} newly grown entries did not start at "
-        f"{'delta' if ordering == 'after' else '0'}")
+        f"{'delta' if ordering == 'before_optimizer' else '0'}")
     assert np.all(w1[~m1] == 0)
     return kept, grown
 
@@ -216,7 +216,7 @@ def test_every_criterion_and_growth_exact_counts_end_to_end(prune, grow):
     """Two updates (steps 2 and 4): per layer, r = ceil(p a) removed and as many regrown,
     counts unchanged, topology changed, and the ordering of the reference (auto)."""
     criterion = keras_dst.get_criterion(prune)
-    model = sparse_model(track_scores=criterion.ema)
+    model = sparse_model(track_running_scores=criterion.ema)
     counts = active_counts(model)
     x, y = classification_data(n=64)
     dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR, momentum=0.9), x, y,
@@ -232,7 +232,7 @@ def test_every_criterion_and_growth_exact_counts_end_to_end(prune, grow):
             assert int(m0.sum()) == int(m1.sum()) == count, (path, step)
             delta = new["slots"][i]["momentums"]  # Keras SGD: w += m
             w_scored = np.where(m0, prev["weights"][i] + delta, 0.0) \
-                if criterion.ordering == "before" else prev["weights"][i]
+                if criterion.ordering == "after_optimizer" else prev["weights"][i]
             want = expected_removed(prune, w_scored, m0, "0.3")
             active, pruned, grown, _ = new["stats"][i]
             assert (active, pruned, grown) == (count, want, want), (path, step)
@@ -261,7 +261,7 @@ def test_single_update_removes_ceil_of_cosine_rate():
     for i, (path, count) in enumerate(counts.items()):
         r = math.ceil(p * count)
         delta = new["slots"][i]["momentums"]
-        kept, grown = classify(prev, new, i, delta, "before")
+        kept, grown = classify(prev, new, i, delta, "after_optimizer")
         assert r == new["stats"][i][1] == new["stats"][i][2], path
         m0, m1 = prev["masks"][i], new["masks"][i]
         scores = np.abs(np.where(m0, prev["weights"][i] + delta, 0.0))
@@ -276,7 +276,7 @@ def test_single_update_removes_ceil_of_cosine_rate():
 # Orderings (spec 2.3, 5.4): regrown weights start at 0 or one optimizer step from 0.
 
 
-@pytest.mark.parametrize("prune,ordering", [("magnitude", "before"), ("snip", "after")])
+@pytest.mark.parametrize("prune,ordering", [("magnitude", "after_optimizer"), ("snip", "before_optimizer")])
 def test_ordering_regrown_values_and_exact_masks(prune, ordering):
     """Plain SGD, one update at the last step. The classifier (fc2) is kept dense: there the
     regrown set is exactly the pruned set. The new masks equal a NumPy oracle."""
@@ -295,7 +295,7 @@ def test_ordering_regrown_values_and_exact_masks(prune, ordering):
         step_from_zero = -LR * g
         kept, grown_new = classify(prev, new, i, step_from_zero, ordering)
         assert grown_new.any() or m0.all()
-        if ordering == "before":
+        if ordering == "after_optimizer":
             assert np.all(w1[grown_new] == 0.0), path  # exactly 0
         else:
             np.testing.assert_allclose(w1[grown_new], step_from_zero[grown_new], rtol=1e-5,
@@ -332,7 +332,7 @@ def test_dense_layers_are_unchanged_by_an_update():
     for i in range(len(prev["masks"])):
         assert prev["masks"][i].all() and new["masks"][i].all()
         post_step = prev["weights"][i] - LR * grads[i]
-        kept, grown = classify(prev, new, i, -LR * grads[i], "before")  # checks the values
+        kept, grown = classify(prev, new, i, -LR * grads[i], "after_optimizer")  # checks the values
         assert kept.all() and not grown.any()
         np.testing.assert_allclose(new["weights"][i], post_step, rtol=1e-5, atol=1e-6)
         r = math.ceil(post_step.size / 4)
@@ -357,7 +357,7 @@ def test_update_changes_only_the_weights_that_moved(prune, grow):
     h = keras.layers.Dense(4, activation="tanh", name="fc1")(inp)
     model = keras_dst.prunable(keras.Model(inp, keras.layers.Dense(6, name="fc2")(h)),
                                density=0.9, distribution={"fc1": 1.0, "fc2": 0.8},
-                               track_scores=keras_dst.get_criterion(prune).ema)
+                               track_running_scores=keras_dst.get_criterion(prune).ema)
     x, y = classification_data(n=BATCH * 2, d=8)
     dst, rec, _ = fit_dst(model, keras.optimizers.SGD(0.0, momentum=0.9), x, y, prune=prune,
                           grow=grow, update_every=2, schedule="constant", prune_rate=0.5)
@@ -407,7 +407,7 @@ def test_global_scope_removes_ceil_p_total_and_keeps_layer_counts():
             for i, post in enumerate(posts):
                 removed = removed_flat[offset:offset + post.size].reshape(post.shape)
                 offset += post.size
-                kept, grown = classify(prev, new, i, -LR * grads[i], "before")
+                kept, grown = classify(prev, new, i, -LR * grads[i], "after_optimizer")
                 assert int(removed.sum()) == stats[i][1]
                 assert_moves(prev["masks"][i], new["masks"][i], grown, removed, int(stats[i][1]))
             # really global: the per-layer share differs from ceil(p a_l)
@@ -428,7 +428,7 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optimizer_state_reset_zeroes_changed_entries_and_keep_does_not(name):
-    """Same run twice, one update at the last step ("before" ordering): with "reset" the
+    """Same run twice, one update at the last step ("after_optimizer" ordering): with "reset" the
     slots of pruned and regrown entries are 0 right after the update step, elsewhere they
     equal those of the "keep" run (non-zero); with "keep" they are untouched."""
     x, y = classification_data(n=48)
@@ -455,7 +455,7 @@ def test_optimizer_state_reset_zeroes_changed_entries_and_keep_does_not(name):
 
 
 def test_optimizer_state_reset_with_after_ordering_restarts_momentum_from_zero():
-    """"after" + reset: the update step's optimizer step starts the changed entries' momentum
+    """"before_optimizer" + reset: the update step's optimizer step starts the changed entries' momentum
     from 0, so right after it their momentum is exactly -lr * g, and regrown weights too."""
     model = sparse_model(density=0.3)
     x, y = classification_data(n=48)
@@ -470,7 +470,7 @@ def test_optimizer_state_reset_with_after_ordering_restarts_momentum_from_zero()
         fresh = -LR * grads[i]
         changed = np.isclose(momentum, fresh, rtol=1e-5, atol=1e-9) & (m0 != m1)
         assert np.array_equal(changed, m0 != m1)  # every entry that changed restarted
-        kept, grown = classify(prev, new, i, momentum, "after")
+        kept, grown = classify(prev, new, i, momentum, "before_optimizer")
         np.testing.assert_allclose(momentum[grown], fresh[grown], rtol=1e-5, atol=1e-9)
         np.testing.assert_allclose(new["weights"][i][grown], fresh[grown], rtol=1e-5, atol=1e-9)
         # kept entries keep their accumulated momentum (not a fresh step)
@@ -568,7 +568,7 @@ def test_non_finite_gradient_at_update_step_leaves_that_mask_unchanged(prune, sc
 
 
 def test_registered_custom_criterion_works_end_to_end():
-    @keras_dst.register_criterion("test_engine_weight_times_grad", ordering="after",
+    @keras_dst.register_criterion("test_engine_weight_times_grad", ordering="before_optimizer",
                                   params={"power": 1.0}, overwrite=True)
     def weight_times_grad(inputs, power):
         return tf.abs(inputs.weight * inputs.gradient) ** power
@@ -580,11 +580,11 @@ def test_registered_custom_criterion_works_end_to_end():
     dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR), x, y,
                           prune="test_engine_weight_times_grad", prune_params={"power": 2.0},
                           grow="gradient", update_every=2, schedule="constant", prune_rate=0.3)
-    assert dst.resolved_ordering == "after" and rec.update_steps() == [2]
+    assert dst.resolved_ordering == "before_optimizer" and rec.update_steps() == [2]
     prev, new = rec.states[1], rec.states[2]
     grads = gradients_at(model, prev, x, y, step=2)
     for i, path in enumerate(counts):
-        kept, grown = classify(prev, new, i, -LR * grads[i], "after")
+        kept, grown = classify(prev, new, i, -LR * grads[i], "before_optimizer")
         r = math.ceil(Fraction("0.3") * counts[path])
         scores = np.abs(prev["weights"][i] * grads[i]) ** 2
         assert r == new["stats"][i][1]
@@ -630,15 +630,15 @@ def test_dst_beats_static_sparse_at_density_005():
     assert dynamic > static + 0.1, (static, dynamic)
 
 
-@pytest.mark.parametrize("ordering", ["before", "after"])
+@pytest.mark.parametrize("ordering", ["after_optimizer", "before_optimizer"])
 def test_running_scores_follow_the_run_s_ordering(ordering):
     """The reference updates a running score where the run's update happens (before or
     after the optimizer step), also when `ordering` overrides the criterion's own."""
-    model = sparse_model(density=0.5, track_scores=True)
+    model = sparse_model(density=0.5, track_running_scores=True)
     x, y = classification_data(n=BATCH)
     w0 = [t.weight.numpy() for t in keras_dst.sparse_targets(model)]
     fit_dst(model, keras.optimizers.SGD(LR), x, y, prune="running_magnitude", grow="random",
             update_every=100, ordering=ordering)
     for t, before in zip(keras_dst.sparse_targets(model), w0):  # first step: S = |w|
-        seen = np.abs(t.weight.numpy()) if ordering == "before" else np.abs(before)
-        np.testing.assert_allclose(t.score.numpy(), seen, rtol=1e-6, atol=1e-7)
+        seen = np.abs(t.weight.numpy()) if ordering == "after_optimizer" else np.abs(before)
+        np.testing.assert_allclose(t.running_score.numpy(), seen, rtol=1e-6, atol=1e-7)

@@ -12,6 +12,7 @@ import pytest
 
 import keras_dst
 from conftest import assert_sparse_invariants, classification_data, mlp
+from keras_dst import schedules
 from keras_dst.gradual import GradualEngine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +62,7 @@ def _fit(callback, epochs=2, optimizer=None, recorder=None, model=None):
     return model, history
 
 
-SCHEDULE = dict(final_density=0.2, begin_step=1, end_step=13, frequency=3, power=3,
+SCHEDULE = dict(final_density=0.2, begin_step=1, end_step=13, update_every=3, power=3,
                 initial_density=0.8)  # updates at steps 1, 4, 7, 10, 13 of 16
 
 
@@ -99,8 +100,8 @@ def test_masks_keep_the_largest_magnitudes():
             np.testing.assert_array_equal(kernel, np.where(mask, initial[path], 0.0))
 
 
-def test_end_step_none_is_75_percent_aligned_to_frequency():
-    callback = keras_dst.GradualPruning(0.25, frequency=5)
+def test_end_step_none_is_75_percent_aligned_to_update_every():
+    callback = keras_dst.GradualPruning(0.25, update_every=5)
     model, _ = _fit(callback)  # 2 epochs x 8 steps: 75% = 12, last update at 10
     assert callback.resolved_end_step() == 10
     assert_sparse_invariants(model, {t.weight.path: int(round(0.25 * np.prod(t.weight.shape)))
@@ -109,7 +110,7 @@ def test_end_step_none_is_75_percent_aligned_to_frequency():
 
 @pytest.mark.slow
 def test_split_fit_resumes_like_one_fit():
-    config = dict(final_density=0.3, begin_step=0, end_step=12, frequency=4)
+    config = dict(final_density=0.3, begin_step=0, end_step=12, update_every=4)
     one, _ = _fit(keras_dst.GradualPruning(**config), epochs=2)
     split = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
     _fit(keras_dst.GradualPruning(**config), epochs=1, model=split)
@@ -126,8 +127,8 @@ def test_split_fit_resumes_like_one_fit():
     (dict(final_density="0.1"), TypeError, "final_density"),
     (dict(final_density=0.5, initial_density=0.4), ValueError, "initial_density"),
     (dict(final_density=0.5, initial_density=0.0), ValueError, "initial_density"),
-    (dict(final_density=0.5, frequency=0), ValueError, "frequency"),
-    (dict(final_density=0.5, frequency=2.5), TypeError, "frequency"),
+    (dict(final_density=0.5, update_every=0), ValueError, "update_every"),
+    (dict(final_density=0.5, update_every=2.5), TypeError, "update_every"),
     (dict(final_density=0.5, begin_step=-1), ValueError, "begin_step"),
     (dict(final_density=0.5, begin_step=10, end_step=10), ValueError, "end_step"),
     (dict(final_density=0.5, end_step=True), TypeError, "end_step"),
@@ -141,10 +142,10 @@ def test_bad_arguments_name_the_argument(kwargs, error, name):
 
 def test_unaligned_end_step_warns():
     with pytest.warns(UserWarning, match="never reached"):
-        keras_dst.GradualPruning(0.5, begin_step=0, end_step=10, frequency=3)
+        keras_dst.GradualPruning(0.5, begin_step=0, end_step=10, update_every=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        keras_dst.GradualPruning(0.5, begin_step=1, end_step=10, frequency=3)
+        keras_dst.GradualPruning(0.5, begin_step=1, end_step=10, update_every=3)
 
 
 def test_fit_time_errors():
@@ -155,7 +156,7 @@ def test_fit_time_errors():
         dense.fit(x, y, verbose=0, callbacks=[keras_dst.GradualPruning(0.5, end_step=100)])
     sparse = keras_dst.prunable(mlp(), density=1.0)
     sparse.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with pytest.raises(ValueError, match="no update step"):  # 75% of 8 steps < frequency
+    with pytest.raises(ValueError, match="no update step"):  # 75% of 8 steps < update_every
         sparse.fit(x, y, batch_size=16, verbose=0, callbacks=[keras_dst.GradualPruning(0.5)])
 
     def batches():
@@ -168,7 +169,7 @@ def test_fit_time_errors():
 
 
 def test_config_round_trip():
-    callback = keras_dst.GradualPruning(0.1, begin_step=5, end_step=105, frequency=10, power=2,
+    callback = keras_dst.GradualPruning(0.1, begin_step=5, end_step=105, update_every=10, power=2,
                                         initial_density=0.9)
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(callback))
     assert isinstance(clone, keras_dst.GradualPruning)
@@ -199,7 +200,7 @@ def _gradual_kwargs(config):
     return dict(final_density=1.0 - config["final_sparsity"],
                 initial_density=1.0 - config["initial_sparsity"],
                 begin_step=config["begin_step"], end_step=config["end_step"],
-                frequency=config["frequency"], power=config["power"])
+                update_every=config["frequency"], power=config["power"])
 
 
 @pytest.mark.tfmot
@@ -242,10 +243,10 @@ def test_tfmot_parity(tmp_path):
     fresh, _ = _keras3_model(reference)
     targets = keras_dst.sparse_targets(fresh)
     kwargs = _gradual_kwargs(config)
-    engine = GradualEngine(targets, initial_sparsity=config["initial_sparsity"],
-                           final_sparsity=config["final_sparsity"],
-                           begin_step=kwargs["begin_step"], end_step=kwargs["end_step"],
-                           frequency=kwargs["frequency"], power=kwargs["power"])
+    engine = GradualEngine(
+        targets, schedules.UpdateSteps(kwargs["update_every"], kwargs["begin_step"], kwargs["end_step"]),
+        initial_density=kwargs["initial_density"], final_density=kwargs["final_density"],
+        power=kwargs["power"])
     updates = range(config["begin_step"], config["end_step"] + 1, config["frequency"])
     for step in updates:
         for i, t in enumerate(targets):

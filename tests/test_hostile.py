@@ -374,7 +374,7 @@ def _assert_no_code_in_archive(path):
 def test_every_layer_type_loads_with_safe_mode_in_a_fresh_process(tmp_path):
     """test_training checks the in-process round trip after training; this one loads
     in a process that imported nothing but keras_dst (DST state variables included)."""
-    model = keras_dst.prunable(all_layers_model(), density=0.3, track_scores=True)
+    model = keras_dst.prunable(all_layers_model(), density=0.3, track_running_scores=True)
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS)
     path = tmp_path / "dst.keras"
     keras_dst.save_model(model, path)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import keras_dst
 from conftest import all_layers_data, all_layers_model, classification_data, mlp
-from keras_dst.optimizer_hook import base_optimizer
+from keras_dst.optimizer_state import base_optimizer
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
 
@@ -49,14 +49,14 @@ class InvariantCheck(keras.callbacks.Callback):
             assert t.weight.dtype == "float32" and w.dtype == np.float32, t.weight.dtype
             assert np.all(w[~m] == 0), f"{t.weight.path}: inactive entries not zero"
             assert int(m.sum()) == self.counts[t.weight.path], t.weight.path
-            if t.score is not None:
-                assert t.score.dtype == "float32"
+            if t.running_score is not None:
+                assert t.running_score.dtype == "float32"
         self.history.append(dict(
             step=int(base_optimizer(self.model.optimizer).iterations.numpy()),
             loss=float(logs["loss"]),
             masks={t.weight.path: t.mask.numpy().copy() for t in targets},
             weights=[v.numpy().copy() for v in self.model.trainable_variables],
-            scores=[t.score.numpy().copy() for t in targets if t.score is not None]))
+            scores=[t.running_score.numpy().copy() for t in targets if t.running_score is not None]))
 
 
 def _fit(model, x, y, callback_kwargs, epochs=2, batch_size=64):
@@ -83,7 +83,7 @@ def _churn(check):
 ], indirect=["policy"])
 def test_masks_exact_kernels_float32(policy, prune, grow):
     x, y = classification_data(n=256)
-    model = keras_dst.prunable(mlp(), density=0.3, track_scores=prune.startswith("running"))
+    model = keras_dst.prunable(mlp(), density=0.3, track_running_scores=prune.startswith("running"))
     assert model.dtype_policy.name == policy
     model.compile(keras.optimizers.Adam(0.01), _loss(), jit_compile=True)
     if policy == "mixed_float16":  # fit's compile wraps the optimizer for loss scaling
@@ -119,8 +119,8 @@ def test_criteria_and_growth_scores_are_computed_in_float32(policy):
 
 @pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
 @pytest.mark.parametrize("prune,grow", [
-    ("magnitude", "gradient"),  # update after the optimizer step (ordering "before")
-    ("running_snip", "random"),  # update before it (ordering "after") + per-step EMA
+    ("magnitude", "gradient"),  # update after the optimizer step (ordering "after_optimizer")
+    ("running_snip", "random"),  # update before it (ordering "before_optimizer") + per-step EMA
     pytest.param("running_magnitude", "random", marks=pytest.mark.slow),
 ])
 def test_overflow_step_is_skipped_without_touching_the_topology(policy, prune, grow):
@@ -128,7 +128,7 @@ def test_overflow_step_is_skipped_without_touching_the_topology(policy, prune, g
     # Batch 3 (the 4th step, an update step with update_every=2) overflows float16:
     # the loss is NaN/inf, every gradient non-finite, and the LossScaleOptimizer skips it.
     x[3 * 64:4 * 64] = 1e6
-    model = keras_dst.prunable(mlp(), density=0.3, track_scores=prune.startswith("running"))
+    model = keras_dst.prunable(mlp(), density=0.3, track_running_scores=prune.startswith("running"))
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9), _loss(), jit_compile=True)
     check = _fit(model, x, y, dict(prune=prune, grow=grow), epochs=2)
     h = check.history

@@ -63,7 +63,7 @@ def _data():
 
 def _model(config):
     model = keras_dst.prunable(mlp(), density=0.3, seed=0,
-                               track_scores=config == "running_magnitude")
+                               track_running_scores=config == "running_magnitude")
     model.compile(keras.optimizers.Adam(0.01),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=True)

@@ -75,39 +75,61 @@ def tfmot_sparsity(step, initial, final, begin, end, power):
 @SETTINGS
 @given(st.integers(0, 3000), st.floats(0, 0.99), st.floats(0, 0.99), st.integers(0, 1000),
        st.integers(1, 2000), st.sampled_from([1, 2, 3]))
-def test_polynomial_sparsity_curve(step, initial, final, begin, length, power):
+def test_polynomial_density_curve(step, initial, final, begin, length, power):
     end = begin + length
-    got = schedules.polynomial_sparsity(tf.constant(step, tf.int64), initial, final, begin, end, power)
-    assert float(got) == pytest.approx(tfmot_sparsity(step, initial, final, begin, end, power), abs=1e-6)
+    got = schedules.polynomial_density(tf.constant(step, tf.int64), 1.0 - initial, 1.0 - final,
+                                       begin, end, power)
+    assert float(got) == pytest.approx(1.0 - tfmot_sparsity(step, initial, final, begin, end, power),
+                                       abs=1e-6)
 
 
-def test_polynomial_sparsity_values():
-    curve = [float(schedules.polynomial_sparsity(s, 0.0, 0.8, 100, 1100)) for s in (0, 100, 600, 1100, 5000)]
-    np.testing.assert_allclose(curve, [0.0, 0.0, 0.8 - 0.8 * 0.5**3, 0.8, 0.8], atol=1e-6)
-    with pytest.raises(ValueError, match="final_sparsity"):
-        schedules.polynomial_sparsity(0, 0.0, 1.0, 0, 10)
+def test_polynomial_density_values():
+    curve = [float(schedules.polynomial_density(s, 1.0, 0.2, 100, 1100)) for s in (0, 100, 600, 1100, 5000)]
+    np.testing.assert_allclose(curve, [1.0, 1.0, 0.2 + 0.8 * 0.5**3, 0.2, 0.2], atol=1e-6)
+    with pytest.raises(ValueError, match="final_density"):
+        schedules.polynomial_density(0, 1.0, 0.0, 0, 10)
     with pytest.raises(ValueError, match="end_step"):
-        schedules.polynomial_sparsity(0, 0.0, 0.5, 10, 10)
+        schedules.polynomial_density(0, 1.0, 0.5, 10, 10)
     with pytest.raises(ValueError, match="begin_step"):
-        schedules.polynomial_sparsity(0, 0.0, 0.5, -1, 10)
+        schedules.polynomial_density(0, 1.0, 0.5, -1, 10)
 
 
-def test_should_update():
-    got = [bool(schedules.should_update(s, 100, 500, 100)) for s in (0, 99, 100, 150, 200, 500, 600)]
+def test_update_steps_is_tfmot_s_rule():
+    """begin <= t <= end and (t - begin) % every == 0 (TF-MOT's PolynomialDecay.should_prune)."""
+    steps = schedules.UpdateSteps(every=100, begin=100, end=500)
+    got = [bool(steps.is_update_step(s)) for s in (0, 99, 100, 150, 200, 500, 600)]
     assert got == [False, False, True, False, True, True, False]
-    assert bool(schedules.should_update(tf.constant(10**6, tf.int64), 0, -1, 1000))  # -1: no end
-    assert not bool(schedules.should_update(tf.constant(10**6 + 1, tf.int64), 0, -1, 1000))
-    with pytest.raises(ValueError, match="frequency"):
-        schedules.should_update(0, 0, 10, 0)
+    forever = schedules.UpdateSteps(every=1000)
+    assert bool(forever.is_update_step(tf.constant(10**6, tf.int64)))  # None: no end
+    assert not bool(forever.is_update_step(tf.constant(10**6 + 1, tf.int64)))
+    assert not bool(forever.is_update_step(0))  # steps are 1-based
+    with pytest.raises(ValueError, match="update_every"):
+        schedules.UpdateSteps(every=0)
     with pytest.raises(ValueError, match="end_step"):
-        schedules.should_update(0, 10, 5)
+        schedules.UpdateSteps(every=1, begin=10, end=5)
+    with pytest.raises(TypeError, match="begin_step"):
+        schedules.UpdateSteps(every=1, begin=1.5)
 
     @tf.function(jit_compile=True)
     def traced(step):
-        return schedules.should_update(step, 100, 500, 100), schedules.polynomial_sparsity(step, 0.1, 0.9, 100, 500)
+        return steps.is_update_step(step), schedules.polynomial_density(step, 0.9, 0.1, 100, 500)
 
-    flag, sparsity = traced(tf.constant(300, tf.int64))
-    assert bool(flag) and float(sparsity) == pytest.approx(tfmot_sparsity(300, 0.1, 0.9, 100, 500, 3), abs=1e-6)
+    flag, density = traced(tf.constant(300, tf.int64))
+    assert bool(flag) and float(density) == pytest.approx(1.0 - tfmot_sparsity(300, 0.1, 0.9, 100, 500, 3),
+                                                          abs=1e-6)
+
+
+@SETTINGS
+@given(st.integers(1, 7), st.integers(0, 12), st.one_of(st.none(), st.integers(0, 30)),
+       st.integers(0, 40), st.integers(0, 8))
+def test_the_host_rule_agrees_with_the_device_rule(every, begin, end, first, length):
+    """`any_between` (host, before an execution) is exact against `is_update_step` (device)."""
+    if end is not None and end < max(begin, 1):
+        end = max(begin, 1) + end
+    steps = schedules.UpdateSteps(every, begin, end)
+    last = first + length
+    device = any(bool(steps.is_update_step(t)) for t in range(first, last + 1))
+    assert steps.any_between(first, last) == device
 
 
 def test_prune_count_of_a_large_layer_is_the_float64_ceiling_of_the_reference():

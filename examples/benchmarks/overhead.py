@@ -319,7 +319,7 @@ def memory_report(keras_dst, dense_model, sparse_model, engine=None):
     kernel_bytes = sum(nbytes(t.weight) for t in targets)
     mask_bytes = sum(nbytes(t.mask) for t in targets)
     ever_bytes = sum(nbytes(t.ever_active) for t in targets)
-    score_bytes = sum(nbytes(t.score) for t in targets if t.score is not None)
+    score_bytes = sum(nbytes(t.running_score) for t in targets if t.running_score is not None)
     engine_bytes = 0
     if engine is not None:
         engine_bytes = sum(nbytes(v) for v in (engine.layer_stats, engine.last_rate,
@@ -761,7 +761,7 @@ How to read this table (see BUILD.md#benchmarks):
   its cost is reading one byte per weight. This comparison has no noise.
 * `static` = `keras_dst.prunable` model without callback (mask constraint only).
 * `DST step` = a DST step WITHOUT an update (the plain sparse step: the
-  update step is compiled separately, see `keras_dst.callbacks.StepSwitch`);
+  update step is compiled separately, see `keras_dst.step_switch.StepSwitch`);
   `DST amort.` =
   average step over ΔT steps INCLUDING one full mask update:
   `(t_step + U/ΔT) / t_dense`.

@@ -124,8 +124,8 @@ class UpdateCase:
         rate = FLAGS.prune_rate
         self.engine = TopologyEngine(
             targets, keras_dst.get_criterion("magnitude"), keras_dst.get_growth("gradient"),
-            lambda step: tf.constant(rate, tf.float32), update_every=1, end_step=None,
-            ordering="before", scope="layer", grow_exact=True, optimizer_state="keep",
+            lambda step: tf.constant(rate, tf.float32), keras_dst.schedules.UpdateSteps(1),
+            ordering="after_optimizer", scope="layer", grow_exact=True, optimizer_state="keep",
             seed=FLAGS.seed)
         g = tf.random.Generator.from_seed(FLAGS.seed + 1)
         self.grads = [g.normal(t.weight.shape) for t in targets]

@@ -1,0 +1,157 @@
+"""The hook protocol: where an update meets the training step (floor 5).
+
+Every Keras `train_step` (the built-in one, a user's custom one, a subclassed
+model's) ends in ``optimizer.apply(grads, variables)``. A `Hook` installed on
+the optimizer is traced into that call, so an update gets everything it needs
+inside the compiled step, with no second training loop:
+
+* the raw, *dense* loss gradients of the sparsified weights (the forward pass
+  uses the stored kernels, whose inactive entries are 0, so their gradient is the
+  true dense gradient): free, they are the tensors the optimizer receives;
+* two places to run: `Hook.before_apply`, ahead of the optimizer's update, and
+  `Hook.after_apply`, once the update and the mask constraints are done.
+
+With a `LossScaleOptimizer` the hooks sit on the *inner* optimizer, which only
+runs on finite steps: a step skipped for overflow neither advances the step
+counter (``inner.iterations``) nor reaches the hooks, and the gradients seen are
+already unscaled.
+
+Which installed hooks a traced function contains is decided by the step switch
+(`keras_dst.step_switch`) through `tracing`: a hook that cannot update in an
+execution is left out of the function compiled for it.
+"""
+
+import contextlib
+
+import tensorflow as tf
+
+from keras_dst.optimizer_state import base_optimizer
+from keras_dst.schedules import UpdateSteps
+
+_HOOKS_ATTR = "_keras_dst_hooks"
+_ORIGINAL_ATTR = "_keras_dst_original_apply"
+_TRACED_ATTR = "_keras_dst_traced"
+
+
+def state_variable(value, name):
+    """A non-trainable tf.Variable written from the compiled step (first replica wins)."""
+    return tf.Variable(value, trainable=False, name=name,
+                       synchronization=tf.VariableSynchronization.ON_WRITE,
+                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+class Hook:
+    """Base of the engines that run inside ``optimizer.apply``.
+
+    A hook declares:
+
+    * `before_apply` / `after_apply` ``(optimizer, grads_by_variable)``: graph
+      code traced ahead of the optimizer's update, or after it and its
+      constraints. `grads_by_variable` maps ``id(variable)`` to its gradient
+      tensor (or None). Both default to doing nothing.
+    * `update_steps` (`schedules.UpdateSteps`): the steps at which it may change
+      state. Step ``t`` of that rule is run in the ``optimizer.apply`` of the
+      (1-based) optimizer step ``t - step_offset``.
+    * `step_offset`: 0 when the hook updates for the optimizer step it runs in,
+      1 when it prepares the next step (gradual pruning prunes at the end of
+      step ``t - 1`` the masks that step ``t`` trains with).
+    * `runs_every_step`: True when it must be traced into every compiled step
+      (e.g. it keeps running scores); False lets the step switch leave it out of
+      executions that hold no update step.
+    * `first`: install ahead of the other hooks (an observer that must see the
+      state before any update of the same step).
+    * `last_update_step`: int64 variable, the step of its last update (-1: none
+      yet); the host reads its logs again when it changes.
+
+    Args:
+      update_steps: the `UpdateSteps` of this hook.
+    """
+
+    step_offset = 0
+    runs_every_step = False
+    first = False
+
+    def __init__(self, update_steps: UpdateSteps):
+        self.update_steps = update_steps
+        self.last_update_step = state_variable(tf.constant(-1, tf.int64),
+                                               f"{type(self).__name__}_last_update_step")
+
+    def before_apply(self, optimizer, grads_by_variable):
+        del optimizer, grads_by_variable
+
+    def after_apply(self, optimizer, grads_by_variable):
+        del optimizer, grads_by_variable
+
+    def may_update_between(self, first: int, last: int) -> bool:
+        """Can an ``optimizer.apply`` of the optimizer steps [first, last] update? (host)"""
+        return self.update_steps.any_between(first + self.step_offset, last + self.step_offset)
+
+
+def installed(optimizer) -> list:
+    """The hooks installed on `optimizer` (its base optimizer), in call order."""
+    return list(base_optimizer(optimizer).__dict__.get(_HOOKS_ATTR, []))
+
+
+def install(optimizer, hook: Hook):
+    """Adds `hook` to `optimizer`'s ``apply`` (its base optimizer's: see `base_optimizer`).
+
+    Hooks run in the order they were installed, except that a hook with
+    ``first = True`` goes ahead of the others. Returns the base optimizer.
+    """
+    optimizer = base_optimizer(optimizer)
+    if getattr(optimizer, "gradient_accumulation_steps", None):
+        raise NotImplementedError(
+            "keras_dst does not support optimizers with gradient_accumulation_steps yet.")
+    hooks = optimizer.__dict__.setdefault(_HOOKS_ATTR, [])
+    if hook not in hooks:
+        hooks.insert(0, hook) if hook.first else hooks.append(hook)
+    if _ORIGINAL_ATTR not in optimizer.__dict__:
+        original = optimizer.apply
+
+        def apply(grads, trainable_variables=None):
+            variables = (list(trainable_variables) if trainable_variables is not None
+                         else list(optimizer._trainable_variables))
+            grads = list(grads)
+            by_variable = {id(v): g for v, g in zip(variables, grads)}
+            traced = optimizer.__dict__.get(_TRACED_ATTR)
+            hooks = [h for h in optimizer.__dict__[_HOOKS_ATTR] if traced is None or h in traced]
+            for h in hooks:
+                h.before_apply(optimizer, by_variable)
+            result = original(grads, trainable_variables)
+            for h in hooks:
+                h.after_apply(optimizer, by_variable)
+            return result
+
+        optimizer.__dict__[_ORIGINAL_ATTR] = original
+        optimizer.apply = apply
+    return optimizer
+
+
+def uninstall(optimizer, hook: Hook):
+    """Removes `hook`; restores the plain ``apply`` when no hook is left."""
+    optimizer = base_optimizer(optimizer)
+    hooks = optimizer.__dict__.get(_HOOKS_ATTR, [])
+    if hook in hooks:
+        hooks.remove(hook)
+    if not hooks and _ORIGINAL_ATTR in optimizer.__dict__:
+        del optimizer.__dict__["apply"]
+        del optimizer.__dict__[_ORIGINAL_ATTR]
+
+
+@contextlib.contextmanager
+def tracing(optimizer, hooks):
+    """Within the block, a traced ``apply`` contains only the installed hooks in `hooks`.
+
+    (The hooks are read when, and only when, a function calling ``apply`` is
+    traced: `step_switch.StepSwitch` wraps each call of its functions in this.)
+    """
+    optimizer = base_optimizer(optimizer)
+    previous = optimizer.__dict__.get(_TRACED_ATTR)
+    optimizer.__dict__[_TRACED_ATTR] = frozenset(hooks)
+    try:
+        yield
+    finally:
+        if previous is None:
+            optimizer.__dict__.pop(_TRACED_ATTR, None)
+        else:
+            optimizer.__dict__[_TRACED_ATTR] = previous

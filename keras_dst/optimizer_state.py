@@ -1,0 +1,75 @@
+"""The optimizer's per-weight state, found generically (floor 2).
+
+`slot_variables` maps a weight to its optimizer slots (SGD momentum, Adam's
+moments, ...), which ``optimizer_state="reset"`` zeroes where a mask changed;
+`momentum` gives the signal of momentum growth (SNFS); `base_optimizer` unwraps
+loss scaling (the inner optimizer is the one that updates variables).
+"""
+
+import keras
+import tensorflow as tf
+
+
+def base_optimizer(optimizer):
+    """The optimizer that actually updates variables (unwraps loss scaling)."""
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def _slot_lists(optimizer) -> dict:
+    n = len(optimizer._trainable_variables)
+    return {name: value for name, value in vars(optimizer).items()
+            if isinstance(value, list) and n and len(value) == n
+            and name != "_trainable_variables"
+            and all(v is None or isinstance(v, keras.Variable) for v in value)
+            and any(v is not None for v in value)}
+
+
+def slot_variables(optimizer, variable) -> dict:
+    """Per-weight optimizer state of `variable` as ``{slot list name: variable}``.
+
+    Found generically: every list attribute of the optimizer holding one entry
+    per trainable variable (SGD ``momentums``, Adam ``_momentums`` and
+    ``_velocities``, ...). Empty for stateless optimizers.
+    """
+    optimizer = base_optimizer(optimizer)
+    index = optimizer._get_variable_index(variable)
+    return {name: slots[index] for name, slots in _slot_lists(optimizer).items()
+            if slots[index] is not None and tuple(slots[index].shape) == tuple(variable.shape)}
+
+
+def unmapped_state(optimizer, variables=None) -> list:
+    """Per-weight optimizer variables that `slot_variables` cannot attribute to a weight.
+
+    Those in no per-weight slot list, and slots whose shape is not their weight's
+    (e.g. Adafactor's factored second moments of a kernel: their entries cannot be
+    reset per weight entry). With `variables`, only the slots of those weights
+    count in the second group.
+    """
+    optimizer = base_optimizer(optimizer)
+    wanted = None if variables is None else {id(v) for v in variables}
+    mapped = set()
+    for slots in _slot_lists(optimizer).values():
+        for weight, slot in zip(optimizer._trainable_variables, slots):
+            if slot is not None and (len(slot.shape) == 0
+                                     or tuple(slot.shape) == tuple(weight.shape)
+                                     or (wanted is not None and id(weight) not in wanted)):
+                mapped.add(id(slot))
+    return [v for v in optimizer.variables if len(v.shape) > 0 and id(v) not in mapped]
+
+
+def momentum(optimizer, variable):
+    """The momentum signal of `variable` for momentum growth, or None.
+
+    SGD: its momentum buffer; Adam-like (first and second moments): m / (sqrt(v) + 1e-8)
+    (raw, not bias-corrected, as the reference); other optimizers with a
+    ``_momentums`` list: that buffer.
+    """
+    slots = slot_variables(optimizer, variable)
+    if "_momentums" in slots and "_velocities" in slots:
+        return slots["_momentums"] / (tf.sqrt(slots["_velocities"]) + 1e-8)
+    for name in ("momentums", "_momentums"):
+        if name in slots:
+            return slots[name] + 0.0
+    return None

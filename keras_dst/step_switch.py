@@ -1,0 +1,281 @@
+"""Step switching: which compiled training step runs, decided on the host (floor 5).
+
+An update touches the topology only every few steps, but a `tf.cond` in the
+compiled step is not free: XLA passes every variable the update writes (weights,
+masks, ever-active flags, optimizer slots) through the cond's false branch as a
+copy, at every step (~7 % of a CPU MLP step). So the training function is
+compiled in variants, one per set of hooks traced into it, and the host picks,
+before each execution, the variant with exactly the hooks that may update in it
+(`Hook.may_update_between`, from the hook's `UpdateSteps`). Without any hook the
+step is the plain static-sparse step.
+
+`HookedCallback` is the host side of a hook (the base of `DynamicSparseTraining`,
+`GradualPruning` and `CriteriaOverlap`); `StepSwitch` is the model's training
+function while hooked callbacks train, and keeps what it compiled.
+"""
+
+import warnings
+
+import keras
+
+from keras_dst import hooks
+from keras_dst.masks import reapply_masks_if_needed
+from keras_dst.optimizer_state import base_optimizer
+
+
+class StepSwitch:
+    """`model.train_function` while hooked callbacks train: compiled step variants, kept.
+
+    Calls (compiling on first use) the function traced with exactly the hooks
+    that the callbacks marked as needed for the coming execution
+    (`set_needed`); the hooks left out are not in that function at all (see
+    `hooks.tracing`).
+
+    Compiled once per model: the switch lives on the model across `fit` calls
+    and keeps every variant it compiled, keyed by the set of hooks traced into
+    it, and the hooks themselves, keyed by their configuration (`keep`): a later
+    `fit` with the same callback, or with a new one of equal configuration,
+    reuses both, so it compiles nothing; `evaluate` and `predict` in between do
+    not touch them. When the last hooked callback of a `fit` ends,
+    `model.train_function` becomes the static variant, so a later plain `fit`
+    runs it with no hook and no compile. `model.compile()` (which gives the
+    model a new training function) drops the switch and what it kept. Hooks
+    left installed by a `fit` that raised are uninstalled when the next `fit`
+    starts.
+    """
+
+    ATTR = "_keras_dst_step_switch"
+
+    def __init__(self, model):
+        self.model = model
+        self.params = None     # the `params` dict of the fit now running (one per fit)
+        self.engines = []      # hooks of the fit now running, in install order
+        self._needed = {}      # hook -> traced into the coming execution?
+        self._engines = {}     # configuration key -> hook, kept across fits
+        self._functions = {}   # frozenset of traced hooks -> compiled train function
+
+    @classmethod
+    def current(cls, model):
+        """The switch of `model` if its functions are still the model's; changes nothing."""
+        switch = model.__dict__.get(cls.ATTR)
+        return switch if switch is not None and switch._owns(model.train_function) else None
+
+    @classmethod
+    def of(cls, model, params):
+        """The switch of `model` for the `fit` whose callbacks share `params`.
+
+        Made on first use, or again after `model.compile()`; installed as
+        `model.train_function` for this fit.
+        """
+        switch = cls.current(model)
+        if switch is None and cls.ATTR in model.__dict__:
+            model.__dict__[cls.ATTR].release()  # compiled for an earlier compile()
+        if switch is None:
+            switch = cls(model)
+            model.__dict__[cls.ATTR] = switch
+        if switch.params is not params:
+            for engine in switch.engines:  # a fit that never reached on_train_end
+                hooks.uninstall(model.optimizer, engine)
+            switch.engines, switch._needed = [], {}
+            switch.params = params
+        model.train_function = switch
+        return switch
+
+    def _owns(self, function):
+        return function is self or any(function is f for f in self._functions.values())
+
+    def kept(self, key):
+        """The hook kept for configuration `key`, or None."""
+        return self._engines.get(key)
+
+    def keep(self, key, engine):
+        """Keeps `engine` for later fits with an equal configuration `key`."""
+        self._engines[key] = engine
+
+    def add(self, engine):
+        """Installs `engine` on the model's optimizer for this fit."""
+        hooks.install(self.model.optimizer, engine)
+        if engine not in self.engines:
+            self.engines.append(engine)
+
+    def set_needed(self, engine, needed: bool):
+        """Whether `engine` is traced into the function of the coming execution."""
+        self._needed[engine] = bool(needed)
+
+    def remove(self, engine):
+        """Ends `engine`'s part in this fit; the last one out restores the static step."""
+        hooks.uninstall(self.model.optimizer, engine)
+        if engine in self.engines:
+            self.engines.remove(engine)
+        self._needed.pop(engine, None)
+        if not self.engines:
+            self.params = None
+            self.model.train_function = self._functions.get(frozenset())
+
+    def release(self):
+        """Uninstalls this switch's hooks and forgets its hooks and functions."""
+        for engine in self.engines:
+            hooks.uninstall(self.model.optimizer, engine)
+        self.engines, self._needed, self._engines, self._functions = [], {}, {}, {}
+        self.model.__dict__.pop(self.ATTR, None)
+
+    def __call__(self, *args, **kwargs):
+        key = frozenset(e for e in self.engines if self._needed.get(e, True))
+        function = self._functions.get(key)
+        if function is None:
+            self.model.make_train_function(force=True)
+            function = self._functions[key] = self.model.train_function
+            self.model.train_function = self
+        with hooks.tracing(self.model.optimizer, key):
+            return function(*args, **kwargs)
+
+
+class HookedCallback(keras.callbacks.Callback):
+    """Base of callbacks that put a `hooks.Hook` (their engine) into the optimizer's `apply`.
+
+    Subclasses implement `_make_engine()`, `_engine_key()` and `_read_logs()`;
+    this class installs the engine at the start of `fit`, has the training
+    function compiled with it, removes it at the end, and adds the engine's
+    numbers to `logs`.
+
+    Step counting on the host, no host round-trip per batch: the host counts
+    optimizer steps (exact after each device read) and, before each batch,
+    asks the engine whether the execution may hold one of its update steps
+    (`Hook.may_update_between`). Only such executions run the step compiled
+    with the engine (see `StepSwitch`); the others run the plain sparse step.
+    The device is read at the epoch edges, after the first execution of a `fit`
+    and after each execution that may hold an update step: those reads
+    re-synchronise the count and refresh the logs.
+
+    The count is never behind the device: a step that a `LossScaleOptimizer`
+    skips (overflow) makes it run ahead, so the execution that was expected to
+    update may not have; the read after it sees that, and the following
+    executions run with the engine until the device reaches the update step.
+    Only a training step that applies the optimizer more than once per batch
+    could put the device ahead; the read after the first execution (and every
+    later one) detects it, and the engine then runs in every step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.engine = None
+        self._logs = {}
+        self._seen_update = None
+        self._host_step = 0       # optimizer steps done, as counted on the host (>= device)
+        self._batch_begin = 0
+        self._read_after = False  # read the device after this execution
+        self._verify = False      # first execution of the fit: check the count
+        self._every_step = False  # the engine must run in every step
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def _engine_key(self):
+        """Hashable: equal for two callbacks (of one class) that make equal engines
+        for the current `fit` (its `params` included)."""
+        raise NotImplementedError
+
+    def _make_engine(self):
+        """A new `hooks.Hook` for this callback's model and `fit` (checks come first)."""
+        raise NotImplementedError
+
+    def _read_logs(self) -> dict:
+        """The engine's numbers for `logs` (host reads of its variables)."""
+        raise NotImplementedError
+
+    def _total_steps(self, what: str) -> int:
+        """``epochs * steps`` of the running `fit`; `what` says who needs it (for the error)."""
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        if not epochs or not steps:
+            raise ValueError(
+                f"{type(self).__name__}: {what} needs the number of training steps, but the "
+                "number of steps per epoch is unknown (a dataset without a length?); pass "
+                "steps_per_epoch= to fit(), or the steps explicitly to the callback.")
+        return int(epochs) * int(steps)
+
+    def on_train_begin(self, logs=None):
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError(f"{type(self).__name__}: compile the model before fit().")
+        base = base_optimizer(optimizer)
+        if not base.built:
+            base.build(self.model.trainable_variables)
+        # The engine of an equal configuration is reused with the steps compiled
+        # with it (see StepSwitch); a new one is made (and checked) before any
+        # state changes.
+        key = (type(self), self._engine_key())
+        current = StepSwitch.current(self.model)
+        engine = current.kept(key) if current is not None else None
+        if engine is None:
+            with self.model.distribute_strategy.scope():
+                engine = self._make_engine()
+        self.engine = engine
+        reapply_masks_if_needed(self.model, type(self).__name__)
+        # (a fit that raised left its engines installed: StepSwitch.of
+        # uninstalls them, this callback's previous engine included)
+        switch = StepSwitch.of(self.model, self.params)
+        switch.keep(key, engine)
+        switch.add(engine)
+        self._every_step = engine.runs_every_step
+        self._verify = True
+
+    def on_train_end(self, logs=None):
+        if self.engine is not None:
+            switch = self.model.__dict__.get(StepSwitch.ATTR)
+            if switch is not None:
+                switch.remove(self.engine)
+            else:
+                hooks.uninstall(self.model.optimizer, self.engine)
+
+    def _optimizer_step(self):
+        return int(base_optimizer(self.model.optimizer).iterations.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.engine is not None:
+            self._host_step = self._optimizer_step()
+            self._refresh()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.engine is None:
+            return
+        self._batch_begin = int(batch)
+        steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        per_epoch = (self.params or {}).get("steps")
+        if per_epoch:  # the last execution of an epoch may be shorter
+            steps = max(1, min(steps, int(per_epoch) - self._batch_begin))
+        self._read_after = self._verify or self.engine.may_update_between(
+            self._host_step + 1, self._host_step + steps)
+        switch = self.model.__dict__.get(StepSwitch.ATTR)
+        if switch is not None:
+            switch.set_needed(self.engine, self._every_step or self._read_after)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.engine is None:
+            return
+        self._host_step += int(batch) - self._batch_begin + 1  # no device read
+        if self._read_after:
+            device = self._optimizer_step()
+            if device > self._host_step and not self._every_step:
+                self._every_step = True  # see the class docstring
+                warnings.warn(
+                    f"{type(self).__name__}: the optimizer made {device} steps where the host "
+                    f"counted {self._host_step} (a train_step applying it more than once?); "
+                    "the engine now runs in every step.", stacklevel=2)
+            self._host_step = device
+            self._verify = False
+            self._refresh()
+        if logs is not None:
+            logs.update(self._logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.engine is not None and logs is not None:
+            self._refresh()
+            logs.update(self._logs)
+
+    def _refresh(self):
+        """Re-reads the engine's numbers from the device if an update happened since."""
+        last = int(self.engine.last_update_step.numpy())
+        if last != self._seen_update:
+            self._seen_update = last
+            self._logs = self._read_logs()

@@ -1,0 +1,113 @@
+"""Every object a constructor accepts round-trips through get_config/from_config with its
+parameters, or is refused at construction with an error naming the argument."""
+
+import json
+
+import keras
+import pytest
+import tensorflow as tf
+
+import keras_dst
+from keras_dst import schedules
+from keras_dst.callbacks import DynamicSparseTraining as DST
+
+
+def round_trip(obj):
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(obj)))
+    return keras.saving.deserialize_keras_object(config, safe_mode=True)
+
+
+def test_a_criterion_object_keeps_its_parameters():
+    callback = DST(prune=keras_dst.get_criterion("mest", gamma=0.1))
+    assert callback.get_config()["prune_params"] == {"gamma": 0.1}
+    clone = round_trip(callback)
+    assert clone.criterion == callback.criterion and clone.criterion.params["gamma"] == 0.1
+    assert clone.get_config() == callback.get_config()
+
+
+def test_prune_params_and_a_criterion_object_merge():
+    callback = DST(prune=keras_dst.get_criterion("running_snip", beta=0.5),
+                   prune_params={"beta": 0.7})
+    assert round_trip(callback).criterion.params["beta"] == 0.7
+
+
+def test_a_criterion_with_an_ordering_override_round_trips():
+    criterion = keras_dst.get_criterion("magnitude", ordering="before_optimizer")
+    callback = DST(prune=criterion)
+    clone = round_trip(callback)
+    assert clone.criterion == criterion and clone.resolved_ordering == "before_optimizer"
+    assert clone.get_config() == callback.get_config()
+
+
+def test_a_growth_rule_object_keeps_its_parameters():
+    @keras_dst.register_growth("test_configs_scaled_gradient", needs_gradient=True,
+                               params={"scale": 1.0}, overwrite=True)
+    def scaled(inputs, scale):
+        return scale * tf.abs(inputs.gradient)
+
+    callback = DST(grow=keras_dst.get_growth("test_configs_scaled_gradient", scale=3.0))
+    assert callback.get_config()["grow_params"] == {"scale": 3.0}
+    clone = round_trip(callback)
+    assert clone.growth == callback.growth and clone.growth.params["scale"] == 3.0
+
+
+def test_a_plain_callable_criterion_is_refused_at_construction():
+    def my_score(inputs):
+        return tf.abs(inputs.weight)
+
+    with pytest.raises(ValueError, match=r"prune=.*my_score.*register_criterion"):
+        DST(prune=my_score)
+    with pytest.raises(ValueError, match=r"criteria\[1\].*register_criterion"):
+        keras_dst.CriteriaOverlap(["magnitude", my_score])
+
+
+def test_a_plain_callable_growth_rule_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"grow=.*register_growth"):
+        DST(grow=lambda inputs: tf.abs(inputs.gradient))
+
+
+def test_a_lambda_schedule_is_refused_and_a_schedule_object_round_trips():
+    with pytest.raises(ValueError, match="schedule=.*cannot be restored"):
+        DST(schedule=lambda step: 0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        keras_dst.CriteriaOverlap(["magnitude", "snip"], schedule=lambda step: 0.1)
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], schedule=schedules.linear(0.3))
+    clone = round_trip(overlap)
+    assert clone.schedule.get_config() == overlap.schedule.get_config()
+
+
+def test_criteria_overlap_keeps_criterion_parameters():
+    overlap = keras_dst.CriteriaOverlap(
+        [keras_dst.get_criterion("mest", gamma=0.1), "snip",
+         keras_dst.get_criterion("magnitude", ordering="before_optimizer")])
+    clone = round_trip(overlap)
+    assert clone.criteria == overlap.criteria
+    assert clone.criteria[0].params["gamma"] == 0.1
+    assert clone.get_config() == overlap.get_config()
+
+
+def test_the_reference_ordering_flags_are_aliases():
+    assert DST(ordering="before").ordering == "after_optimizer"
+    assert DST(ordering="after").ordering == "before_optimizer"
+    assert round_trip(DST(ordering="after")).ordering == "before_optimizer"
+    assert keras_dst.get_criterion("magnitude", ordering="after").ordering == "before_optimizer"
+    with pytest.raises(ValueError, match="ordering.*after_optimizer"):
+        DST(ordering="later")
+
+
+def test_gradual_pruning_round_trips():
+    callback = keras_dst.GradualPruning(0.2, update_every=5, begin_step=3, end_step=53, power=2,
+                                        initial_density=0.9)
+    clone = round_trip(callback)
+    assert clone.get_config() == callback.get_config()
+
+
+def test_the_mask_constraint_is_not_a_serializable_object():
+    assert keras.saving.get_registered_object("keras_dst>MaskConstraint") is None
+    model = keras_dst.prunable(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+                               density=0.5)
+    constraint = keras_dst.sparse_targets(model)[0].weight.constraint
+    assert isinstance(constraint, keras_dst.MaskConstraint)
+    with pytest.raises(TypeError, match="not serializable"):
+        constraint.get_config()
+    assert "MaskConstraint" not in json.dumps(keras.saving.serialize_keras_object(model))
