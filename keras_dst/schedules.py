@@ -1,4 +1,8 @@
-"""Prune-rate schedules (spec section 2.6) and the gradual-pruning sparsity curve.
+"""Prune-rate schedules and the gradual-pruning sparsity curve.
+
+The prune-rate schedules are those of the reference (`CosineDecay`,
+`ConstantDecay`, `LinearDecay` in `sparselearning/decay_schedulers.py` of github
+alooow/fantastic_weights_paper), in closed form.
 
 A prune-rate schedule is a callable of the global step (int tensor or int;
 int64 fine) returning a float32 scalar tensor, the rate `p` used by an update
@@ -12,6 +16,9 @@ at that step. The built-ins are small serializable classes (`get_config` /
 * `LinearRate` (`linear(...)`): p(t) = initial * factor ** floor(t / every)
   (the reference's unused "linear": x0.99 every 600 steps).
 
+`get_schedule` resolves these by name ("cosine", "constant", "linear"; case,
+"_" and "-" ignored); `register_schedule` adds a name.
+
 `polynomial_sparsity` / `should_update` reproduce the semantics of
 TF-MOT's `PolynomialDecay` pruning schedule (Zhu & Gupta, 2017).
 """
@@ -20,6 +27,8 @@ import math
 
 import keras
 import tensorflow as tf
+
+from keras_dst.registry import Registry
 
 _PI = math.pi
 
@@ -123,33 +132,67 @@ def linear(initial: float, factor: float = 0.99, every: int = 600) -> LinearRate
     return LinearRate(initial, factor, every)
 
 
-SCHEDULES = {"cosine": cosine, "constant": constant, "linear": linear}
+SCHEDULES = Registry("prune-rate schedule")  # iterating gives the names
+
+
+def register_schedule(name: str, *, overwrite: bool = False):
+    """Decorator registering a prune-rate schedule factory under `name`.
+
+    The factory is called by `get_schedule` as ``factory(initial,
+    total_steps)`` (``total_steps`` may be None) and returns a callable
+    step -> float32 scalar tensor (serializable, like the built-ins, if it is
+    to be saved with a model).
+
+    Args:
+      name: registry name (lookup ignores case, "_" and "-").
+      overwrite: replace an existing registration of `name`.
+
+    Returns:
+      A decorator that registers the factory and returns it unchanged.
+
+    Raises:
+      ValueError: `name` is taken and `overwrite` is False.
+    """
+    SCHEDULES.check_available(name, overwrite)
+
+    def decorator(factory):
+        SCHEDULES.register(name, factory, overwrite=overwrite)
+        return factory
+
+    return decorator
+
+
+@register_schedule("cosine")
+def _cosine_factory(initial, total_steps):
+    if total_steps is None:
+        raise ValueError("The 'cosine' schedule needs total_steps.")
+    return cosine(initial, total_steps)
+
+
+register_schedule("constant")(lambda initial, total_steps: constant(initial))
+register_schedule("linear")(lambda initial, total_steps: linear(initial))
 
 
 def get_schedule(schedule, initial: float = 0.5, total_steps=None):
     """Resolves a prune-rate schedule.
 
     Args:
-      schedule: "cosine", "constant", "linear", or a callable of the step
-        (returned unchanged).
+      schedule: "cosine", "constant", "linear" (or a name added with
+        `register_schedule`), or a callable of the step (returned unchanged).
       initial: initial rate for named schedules.
-      total_steps: T for "cosine" (required there, ignored otherwise).
+      total_steps: T for "cosine" (required there, ignored by "constant" and
+        "linear").
 
     Returns:
       A callable step -> float32 scalar tensor.
 
     Raises:
-      ValueError: unknown name (names it), or "cosine" without total_steps.
+      ValueError: unknown name (names it and the known ones), or "cosine"
+        without total_steps.
     """
     if callable(schedule):
         return schedule
-    if schedule not in SCHEDULES:
-        raise ValueError(f"Unknown prune-rate schedule {schedule!r}; known: {', '.join(SCHEDULES)}.")
-    if schedule == "cosine":
-        if total_steps is None:
-            raise ValueError("The 'cosine' schedule needs total_steps.")
-        return cosine(initial, total_steps)
-    return SCHEDULES[schedule](initial)
+    return SCHEDULES.get(schedule)(initial, total_steps)
 
 
 def _check_range(begin_step: int, end_step: int, frequency: int, allow_forever: bool):
