@@ -3,8 +3,10 @@
 A criterion turns the weight, dense gradient and mask of one tensor into a
 float32 score of the same shape; HIGHER = more important = kept. Masking is the
 selection routine's job (`topology.prune` never removes an inactive entry),
-so the built-in formulas are those of the spec (section 4.2) without the final
-`* m`. The SET family does not fit "remove the lowest scores" and provides a
+so the built-in formulas are those of the reference's pruning functions
+(github alooow/fantastic_weights_paper, `sparselearning/pruners.py`:
+`magnitude_prune`, `mest_pruning_fixed`, `snip_eps_pruning`, ...) without their
+final `* mask`. The SET family does not fit "remove the lowest scores" and provides a
 `select` function instead (returns the entries to remove).
 
 Built-ins (`w` weight, `g` gradient):
@@ -23,9 +25,12 @@ Built-ins (`w` weight, `g` gradient):
 | taylor_fo                | (w * g) ** 2                           | after    | yes      |
 | running_snip             | EMA of abs(w * g)                      | after    | yes      |
 
-`ordering` is the reference mapping of spec section 2.3: "before" = the mask
-update runs after the optimizer step (scores the post-step weights, newly
-grown weights stay 0); "after" = it runs before the optimizer step.
+`ordering` is the reference's `opt_order` (`main.py` runs magnitude, Random,
+SET, SETFixed and RunningMagnitude "before" and every other criterion
+"after"; `Masking.before_step` / `Masking.after_step` in
+`sparselearning/core.py`): "before" = the mask update runs after the
+optimizer step (scores the post-step weights, newly grown weights stay 0);
+"after" = it runs before the optimizer step.
 
 Names are matched case-insensitively, ignoring "_" and "-" (so the reference's
 "ReciprocalSensitivity" and "MEST" work). One exception in meaning: the
@@ -33,10 +38,11 @@ reference's command-line ``SET`` runs its legacy rule
 (``magnitude_and_negativity_prune``); here ``"SET"`` is the correct SET and the
 reference's rule is ``"set_legacy"``.
 
-Score normalisation (`normalize`, spec section 4.5) lives in `topology`, which
-applies it in `apply_selection`, and is re-exported here. Dependency order:
-`scoring` <- `topology` <- `criteria` <- `growth` (SET uses the selection
-primitives of `topology`; `topology` imports no criterion).
+`select_pruned` applies a criterion: scores (or the selection rule) per
+tensor, optional score normalisation (`topology.normalize`, the reference's
+`norm_score`), then the one selection routine of `topology`. Dependency order:
+`scoring` <- `topology` <- `criteria` <- `growth` <- `engine` (`topology` is
+pure: scores, masks and counts in, masks out; it knows no criterion).
 
 Adding a criterion takes a few lines::
 
@@ -48,53 +54,20 @@ Adding a criterion takes a few lines::
 import dataclasses
 import inspect
 import types
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from keras_dst import topology
+from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
-from keras_dst.topology import normalize, select_highest, select_lowest  # noqa: F401 (normalize re-exported)
+from keras_dst.topology import select_highest, select_lowest
 
 ORDERINGS = ("before", "after")
 
 
 # ----------------------------------------------------------------------------
-# Registry machinery (shared with `growth`).
-
-
-def _key(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
-
-
-class Registry:
-    """Name -> object registry with forgiving lookup and helpful errors.
-
-    Args:
-      kind: what is stored, used in error messages ("criterion", "growth").
-    """
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._items = {}
-
-    def add(self, item, overwrite: bool = False):
-        """Registers `item` under `item.name`; a taken name needs `overwrite=True`."""
-        key = _key(item.name)
-        if key in self._items and not overwrite:
-            raise ValueError(f"A {self.kind} named {item.name!r} is already registered; pass overwrite=True.")
-        self._items[key] = item
-        return item
-
-    def get(self, name: str):
-        """The object registered as `name`; ValueError listing the known names otherwise."""
-        try:
-            return self._items[_key(name)]
-        except KeyError:
-            raise ValueError(f"Unknown {self.kind} {name!r}; known: {', '.join(self.names())}.") from None
-
-    def names(self) -> Tuple[str, ...]:
-        """Registered names, sorted."""
-        return tuple(sorted(item.name for item in self._items.values()))
+# Helpers shared with `growth`.
 
 
 def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapping[str, Any],
@@ -144,7 +117,7 @@ class Criterion:
       score: fn(inputs: ScoreInputs, **params) -> float32 tensor of the weight's
         shape, higher = more important (kept). None for selection criteria.
       ordering: "before" (prune after the optimizer step) or "after" (prune
-        before it), spec section 2.3.
+        before it); see the module docstring.
       needs_gradient: whether `inputs.gradient` is used.
       params: read-only mapping of keyword parameters passed to `score` /
         `select` (defaults merged with user values).
@@ -214,12 +187,16 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
 
     Returns:
       A decorator that registers the function and returns it unchanged.
+
+    Raises:
+      ValueError: `name` is taken and `overwrite` is False.
     """
+    _CRITERIA.check_available(name, overwrite)
 
     def decorator(fn):
-        _CRITERIA.add(Criterion(name=name, score=None if select else fn, ordering=ordering,
-                                needs_gradient=needs_gradient, params=dict(params or {}),
-                                select=fn if select else None, ema=ema), overwrite=overwrite)
+        _CRITERIA.register(name, Criterion(name=name, score=None if select else fn, ordering=ordering,
+                                           needs_gradient=needs_gradient, params=dict(params or {}),
+                                           select=fn if select else None, ema=ema), overwrite=overwrite)
         return fn
 
     return decorator
@@ -266,6 +243,69 @@ def get_criterion(criterion, *, ordering: Optional[str] = None, needs_gradient: 
 def criterion_names() -> Tuple[str, ...]:
     """Names of all registered criteria, sorted."""
     return _CRITERIA.names()
+
+
+def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
+    """One 1-D ScoreInputs from several; seed of the first, momentum None if any is."""
+    momenta = [i.momentum for i in inputs_list]
+    has_gradient = all(i.gradient is not None for i in inputs_list)
+    return ScoreInputs(
+        weight=topology.concat_flat([i.weight for i in inputs_list]),
+        gradient=topology.concat_flat([i.gradient for i in inputs_list]) if has_gradient else None,
+        mask=topology.concat_flat([i.mask for i in inputs_list]),
+        seed=inputs_list[0].seed,
+        momentum=None if any(m is None for m in momenta) else topology.concat_flat(momenta),
+    )
+
+
+def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,
+                  normalize: str = "none", norm_type: str = "max") -> List[tf.Tensor]:
+    """Prunes `count` active entries across the tensors of `inputs_list` with a criterion.
+
+    Layer scope is a one-element list; global scope passes every layer (one
+    selection over all of them, same rule and tie-break as `topology.prune`).
+
+    * Score criteria: scores are computed per tensor with the tensor's own
+      ScoreInputs (so per-tensor seeds are used), optionally normalised per
+      tensor (`topology.normalize`), concatenated and pruned with
+      `topology.global_prune`.
+    * Selection criteria (`criterion.select`, the SET family): the inputs are
+      concatenated into one 1-D ScoreInputs (seed of the first tensor,
+      momentum None unless every tensor has one) and `select` decides; only
+      active entries are ever removed. Normalisation is refused.
+
+    Args:
+      criterion: a `Criterion` (anything with `name`, `score`, `select` and
+        `params` attributes).
+      inputs_list: one ScoreInputs per tensor.
+      count: scalar int tensor or int, total number of entries to remove
+        (e.g. `topology.prune_count(total_active, rate)`).
+      scores_list: optional precomputed scores per tensor used instead of
+        `criterion.score` (e.g. the EMA state of a running criterion).
+      normalize: one of `topology.NORMALIZE_MODES`.
+      norm_type: one of `topology.NORM_TYPES` ("max" or "sum").
+
+    Returns:
+      List of new bool masks, one per tensor (subsets of the old masks). The
+      number removed is exactly `min(count, total active)` for score criteria;
+      selection criteria define their own count.
+
+    Raises:
+      ValueError: a selection criterion with `normalize` other than "none";
+        unknown `normalize` or `norm_type`.
+    """
+    masks = [i.mask for i in inputs_list]
+    if criterion.select is not None and scores_list is None:
+        if normalize != "none":
+            raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
+                             f"normalize={normalize!r}; use normalize='none'.")
+        joint = _concat_inputs(inputs_list)
+        removed = criterion.select(joint, tf.cast(count, tf.int32), **criterion.params)
+        return topology.split_like(joint.mask & ~removed, masks)
+    if scores_list is None:
+        scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
+    scores_list = [topology.normalize(s, i.mask, normalize, norm_type) for s, i in zip(scores_list, inputs_list)]
+    return topology.global_prune(scores_list, masks, count)
 
 
 def ema_update(state: tf.Tensor, score: tf.Tensor, initialized, beta) -> tf.Tensor:
@@ -335,8 +375,10 @@ def taylor_fo(inputs: ScoreInputs) -> tf.Tensor:
 
 
 # Running variants. Deviation: beta defaults to 0.9, not the reference's 1.0
-# (which freezes S at its first value, spec section 4.3.8). The score is the
-# base score s_t; the engine averages it with `ema_update`.
+# (`MagnitudeRunningPruner` / `SNIPRunningPruner` in `sparselearning/pruners.py`
+# take beta from `--gamma`, default 1.0, and S <- 1.0 * S + 0.0 * s never moves
+# from its first value). The score is the base score s_t; the engine averages
+# it with `ema_update`.
 @register_criterion("running_magnitude", ordering="before", needs_gradient=False, params={"beta": 0.9}, ema=True)
 def running_magnitude(inputs: ScoreInputs, beta) -> tf.Tensor:
     """Base score abs(w) of the EMA (beta is used by `ema_update`)."""
@@ -369,7 +411,8 @@ def set_select(inputs: ScoreInputs, count) -> tf.Tensor:
     min(h, #negative)` ACTIVE weights (2h = r + 1 when r is odd, as in the
     reference); a shortfall in one sign is NOT moved to the other.
 
-    Differences from the reference's threshold rule (spec section 4.3.2):
+    Differences from the reference's threshold rule (`SET_fixed` in
+    `sparselearning/pruners.py`):
     * count-exact: ties are broken by lower flat index instead of removing
       every weight tied with the threshold;
     * h = 0 (r = 0) removes nothing (the reference's index clamp removes one
@@ -410,9 +453,10 @@ def _legacy_threshold(w: tf.Tensor, group: tf.Tensor, h: tf.Tensor) -> tf.Tensor
 def set_legacy_select(inputs: ScoreInputs, count) -> tf.Tensor:
     """The reference's layer-wise `SET` ("magnitude and negativity"), reproduced faithfully.
 
-    Opt-in, for exact reproduction of the paper's SET runs (spec sections
-    4.3.2 and 8.1). With h = ceil(r/2), P = active weights > 0 and
-    Q = active weights < 0:
+    Opt-in, for exact reproduction of the paper's SET runs: the reference's
+    command-line ``--death SET`` runs `magnitude_and_negativity_prune`
+    (`sparselearning/pruners.py`, chosen by `get_pruner` in `setup_utils.py`).
+    With h = ceil(r/2), P = active weights > 0 and Q = active weights < 0:
 
     * positives: theta_P = ascending(P)[min(h, |P|) - 1]; keep w > theta_P, so
       the h smallest positives (and ties with theta_P) go. With h = 0 the

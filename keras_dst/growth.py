@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
-from keras_dst.criteria import Registry, merge_params, random_scores, require_inputs
+from keras_dst.criteria import merge_params, random_scores, require_inputs
+from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
 
 
@@ -64,7 +65,7 @@ class GrowthRule:
         return tf.cast(self.score(inputs, **self.params), tf.float32)
 
 
-_GROWTH = Registry("growth")
+_GROWTH = Registry("growth rule")
 
 
 def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: bool = False,
@@ -80,11 +81,16 @@ def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: 
 
     Returns:
       A decorator that registers the function and returns it unchanged.
+
+    Raises:
+      ValueError: `name` is taken and `overwrite` is False.
     """
+    _GROWTH.check_available(name, overwrite)
 
     def decorator(fn):
-        _GROWTH.add(GrowthRule(name=name, score=fn, needs_gradient=needs_gradient,
-                               needs_momentum=needs_momentum, params=dict(params or {})), overwrite=overwrite)
+        _GROWTH.register(name, GrowthRule(name=name, score=fn, needs_gradient=needs_gradient,
+                                          needs_momentum=needs_momentum, params=dict(params or {})),
+                         overwrite=overwrite)
         return fn
 
     return decorator

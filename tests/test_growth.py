@@ -9,6 +9,7 @@ from hypothesis.extra import numpy as hnp
 
 from keras_dst import growth, topology
 from keras_dst.growth import GrowthRule, get_growth, register_growth
+from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -116,3 +117,25 @@ def test_registry_errors_and_custom_rule():
     with pytest.raises(ValueError, match="already registered"):
         register_growth("test_only_first_entries")(first_entries)
     assert isinstance(get_growth(rule), GrowthRule)
+
+
+def test_registry_is_the_shared_type_with_overwrite():
+    assert isinstance(growth._GROWTH, Registry)
+
+    def ones(inputs):
+        return tf.ones_like(inputs.weight)
+
+    def twos(inputs):
+        return 2.0 * tf.ones_like(inputs.weight)
+
+    try:
+        register_growth("test_only_Ones")(ones)
+        assert get_growth("TEST-ONLY-ONES").score is ones  # case, "_" and "-" ignored
+        with pytest.raises(ValueError, match=r"growth rule 'test_only_ones' is already registered.*overwrite"):
+            register_growth("test_only_ones")
+        register_growth("test_only_ones", overwrite=True)(twos)
+        assert get_growth("test_only_ones").score is twos
+        with pytest.raises(ValueError, match=r"Unknown growth rule 'test_only_twos'; known: .*'gradient'"):
+            get_growth("test_only_twos")
+    finally:
+        growth._GROWTH.unregister("test_only_ones")
