@@ -44,6 +44,10 @@ tensor, optional score normalisation (`topology.normalize`, the reference's
 `scoring` <- `topology` <- `criteria` <- `growth` <- `engine` (`topology` is
 pure: scores, masks and counts in, masks out; it knows no criterion).
 
+A criterion made from a registered name round-trips through a config
+(`Criterion.get_config` / `Criterion.from_config`); one made from a plain
+callable does not, which `check_serializable` reports.
+
 Adding a criterion takes a few lines::
 
     @register_criterion("weight_times_grad", ordering="after", params={"power": 1.0})
@@ -102,6 +106,39 @@ def require_inputs(inputs: ScoreInputs, kind: str, name: str, gradient: bool = F
     if momentum and inputs.momentum is None:
         raise ValueError(f"{kind} {name!r} needs optimizer momentum but inputs.momentum is None: "
                          f"the optimizer has no momentum (use SGD with momentum > 0, or Adam).")
+
+
+def check_registered(item, registry: Registry, argument_name: str, *, fields: Sequence[str],
+                     register_function: str):
+    """Raises ValueError unless `item` can be rebuilt from its registry name (config round trip).
+
+    The one rule behind `criteria.check_serializable` and
+    `growth.check_serializable`: `item.name` must be registered, exactly as
+    spelled, and the registered item must agree with `item` on `fields` (the
+    functions and flags a config does not carry). That fails for an item made
+    from a plain callable, which a config cannot hold.
+
+    Args:
+      item: a `Criterion` or `GrowthRule`.
+      registry: the registry its name is looked up in.
+      argument_name: the argument `item` was passed as, named in the message.
+      fields: attribute names that must equal the registered item's.
+      register_function: the `keras_dst` function that registers such items.
+
+    Raises:
+      ValueError: naming the argument and telling to register the function.
+    """
+    hint = (f"Register the function with keras_dst.{register_function}(...) under a name "
+            f"of its own and pass that name as {argument_name}.")
+    if item.name not in registry.names():
+        raise ValueError(f"{argument_name}={item.name!r} cannot be saved in a config: no {registry.kind} "
+                         f"is registered under that name (was it made from a plain callable?). {hint}")
+    registered = registry.get(item.name)
+    differing = [field for field in fields if getattr(item, field) != getattr(registered, field)]
+    if differing:
+        raise ValueError(f"{argument_name}={item.name!r} cannot be saved in a config: its "
+                         f"{', '.join(differing)} differ(s) from the {registry.kind} registered as "
+                         f"{item.name!r}, which a config would restore instead. {hint}")
 
 
 # ----------------------------------------------------------------------------
@@ -165,6 +202,39 @@ class Criterion:
             raise ValueError(f"Criterion {self.name!r} selects by rule and has no per-entry score.")
         require_inputs(inputs, "criterion", self.name, gradient=self.needs_gradient)
         return tf.cast(self.score(inputs, **self.params), tf.float32)
+
+    def get_config(self) -> dict:
+        """A plain dict from which `from_config` rebuilds an equal criterion.
+
+        Holds the registry name, the merged params, and `ordering` /
+        `needs_gradient` only where they differ from the registered criterion's
+        (overrides of `get_criterion`).
+
+        Raises:
+          ValueError: the criterion cannot be rebuilt from its name (see
+            `check_serializable`).
+        """
+        check_serializable(self, "criterion")
+        registered = _CRITERIA.get(self.name)
+        config = {"name": self.name, "params": dict(self.params)}
+        for field in ("ordering", "needs_gradient"):
+            if getattr(self, field) != getattr(registered, field):
+                config[field] = getattr(self, field)
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "Criterion":
+        """The criterion of `get_config`, rebuilt with `get_criterion`.
+
+        Raises:
+          ValueError: unknown name, parameter or config key.
+        """
+        config = dict(config)
+        name, params = config.pop("name"), config.pop("params", {})
+        overrides = {k: config.pop(k) for k in ("ordering", "needs_gradient") if k in config}
+        if config:
+            raise ValueError(f"Unknown key(s) {sorted(config)} in the config of criterion {name!r}.")
+        return get_criterion(name, **overrides, **params)
 
 
 _CRITERIA = Registry("criterion")
@@ -243,6 +313,27 @@ def get_criterion(criterion, *, ordering: Optional[str] = None, needs_gradient: 
 def criterion_names() -> Tuple[str, ...]:
     """Names of all registered criteria, sorted."""
     return _CRITERIA.names()
+
+
+def check_serializable(criterion: Criterion, argument_name: str) -> Criterion:
+    """Returns `criterion` if `get_config` / `from_config` rebuild it exactly.
+
+    That holds for a registered criterion (any params, ordering or
+    needs_gradient); not for one made from a plain callable, whose function a
+    config cannot hold.
+
+    Args:
+      criterion: a `Criterion`.
+      argument_name: the argument it was passed as (e.g. "prune"), named in
+        the message.
+
+    Raises:
+      ValueError: naming the argument and saying to register the function
+        with `keras_dst.register_criterion`.
+    """
+    check_registered(criterion, _CRITERIA, argument_name, fields=("name", "score", "select", "ema"),
+                     register_function="register_criterion")
+    return criterion
 
 
 def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:

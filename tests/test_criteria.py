@@ -1,5 +1,6 @@
-"""Tests of keras_dst.criteria: scores, SET rules, registry, `select_pruned`, EMA."""
+"""Tests of keras_dst.criteria: scores, SET rules, registry, `select_pruned`, EMA, configs."""
 
+import json
 import math
 
 import numpy as np
@@ -426,3 +427,56 @@ def test_registry_is_the_shared_type_with_overwrite():
             get_criterion("test_only_halved")
     finally:
         criteria._CRITERIA.unregister("test_only_doubled")
+
+
+# ---------------------------------------------------------------------------
+# Configs (round trip through get_config / from_config).
+
+
+@pytest.mark.parametrize("make", [
+    lambda: get_criterion("mest", gamma=0.1),
+    lambda: get_criterion("magnitude"),
+    lambda: get_criterion("running_snip"),
+    lambda: get_criterion("running_magnitude", beta=0.5),
+    lambda: get_criterion("set_legacy"),
+    lambda: get_criterion("snip", ordering="before"),
+    lambda: get_criterion("magnitude", ordering="after", needs_gradient=True),
+])
+def test_criterion_config_round_trip(make):
+    original = make()
+    config = original.get_config()
+    restored = Criterion.from_config(config)
+    assert restored == original
+    assert restored.get_config() == config
+    assert Criterion.from_config(json.loads(json.dumps(config))) == original  # plain JSON values
+
+
+def test_criterion_config_contents():
+    assert get_criterion("mest", gamma=0.1).get_config() == {"name": "mest", "params": {"gamma": 0.1}}
+    assert get_criterion("running_snip").get_config() == {"name": "running_snip", "params": {"beta": 0.9}}
+    assert get_criterion("snip", ordering="before").get_config() == {
+        "name": "snip", "params": {}, "ordering": "before"}
+    assert get_criterion("MEST", ordering="after").get_config() == {"name": "mest", "params": {"gamma": 1.0}}
+    with pytest.raises(ValueError, match="'colour'"):
+        Criterion.from_config({"name": "mest", "params": {}, "colour": "red"})
+
+
+def test_check_serializable():
+    for name in ("mest", "set", "running_magnitude"):
+        c = get_criterion(name, ordering="after")
+        assert criteria.check_serializable(c, "prune") is c
+
+    def weight_times_grad(inputs, power=1.0):
+        return tf.abs(inputs.weight * inputs.gradient) ** power
+
+    plain = get_criterion(weight_times_grad, power=2.0)
+    message = r"prune='weight_times_grad'.*keras_dst\.register_criterion"
+    with pytest.raises(ValueError, match=message):
+        criteria.check_serializable(plain, "prune")
+    with pytest.raises(ValueError, match=r"criterion='weight_times_grad'.*register_criterion"):
+        plain.get_config()
+    # A callable under a registered name is not that criterion either.
+    impostor = get_criterion(weight_times_grad)
+    impostor = Criterion(name="snip", score=impostor.score, ordering="after")
+    with pytest.raises(ValueError, match=r"overlap='snip'.*score.*register_criterion"):
+        criteria.check_serializable(impostor, "overlap")

@@ -1,4 +1,6 @@
-"""Tests of keras_dst.growth: growth scores, registry, and growth through topology."""
+"""Tests of keras_dst.growth: growth scores, registry, configs, and growth through topology."""
+
+import json
 
 import numpy as np
 import pytest
@@ -139,3 +141,37 @@ def test_registry_is_the_shared_type_with_overwrite():
             get_growth("test_only_twos")
     finally:
         growth._GROWTH.unregister("test_only_ones")
+
+
+@pytest.mark.parametrize("name, params", [("random", {}), ("gradient", {}), ("momentum", {})])
+def test_growth_config_round_trip(name, params):
+    original = get_growth(name, **params)
+    config = original.get_config()
+    assert config == {"name": name, "params": {}}
+    restored = GrowthRule.from_config(json.loads(json.dumps(config)))
+    assert restored == original and restored.get_config() == config
+
+
+def test_growth_config_keeps_params_and_check_serializable():
+    @register_growth("test_only_offset_gradient", needs_gradient=True, params={"offset": 0.0}, overwrite=True)
+    def offset_gradient(inputs, offset):
+        return tf.abs(inputs.gradient) + offset
+
+    rule = get_growth("test_only_offset_gradient", offset=0.5)
+    assert rule.get_config() == {"name": "test_only_offset_gradient", "params": {"offset": 0.5}}
+    assert GrowthRule.from_config(rule.get_config()) == rule
+    assert growth.check_serializable(rule, "grow") is rule
+    with pytest.raises(ValueError, match="'colour'"):
+        GrowthRule.from_config({"name": "gradient", "params": {}, "colour": "red"})
+
+    def signed_gradient(inputs, sign=1.0):
+        return sign * inputs.gradient
+
+    plain = get_growth(signed_gradient, sign=-1.0)
+    with pytest.raises(ValueError, match=r"grow='signed_gradient'.*keras_dst\.register_growth"):
+        growth.check_serializable(plain, "grow")
+    with pytest.raises(ValueError, match=r"growth='signed_gradient'.*register_growth"):
+        plain.get_config()
+    impostor = GrowthRule(name="gradient", score=signed_gradient, needs_gradient=True)
+    with pytest.raises(ValueError, match=r"grow='gradient'.*score.*register_growth"):
+        growth.check_serializable(impostor, "grow")
