@@ -44,7 +44,7 @@ class DynamicSparseTraining(HookedCallback):
         ``reciprocal_sensitivity``, ``random``, ``taylor_fo``,
         ``running_magnitude``, ``running_snip``, or one added with
         `keras_dst.register_criterion`), or a `Criterion` of a registered name
-        (e.g. ``keras_dst.get_criterion("mest", gamma=0.1)``).
+        (e.g. ``keras_dst.get_criterion("mest", gamma=0.1)``) or its config.
       grow: growth rule: ``"random"``, ``"gradient"`` (RigL), ``"momentum"``
         (SNFS), a registered name or a `GrowthRule` of one, or None (prune only).
       update_every: ΔT, optimizer steps between updates (int >= 1).
@@ -198,14 +198,17 @@ class DynamicSparseTraining(HookedCallback):
         return logs
 
     def get_config(self):
-        return dict(prune=self.criterion.name, grow=None if self.growth is None else self.growth.name,
+        prune = self.criterion.get_config()
+        prune_params = prune.pop("params")
+        return dict(prune=prune["name"] if list(prune) == ["name"] else prune,
+                    grow=None if self.growth is None else self.growth.name,
                     update_every=self.update_every, prune_rate=self.prune_rate,
                     schedule=self.schedule if isinstance(self.schedule, str)
                     else keras.saving.serialize_keras_object(self.schedule),
                     begin_step=self.begin_step, end_step=self.end_step, ordering=self.ordering,
                     scope=self.scope, grow_exact=self.grow_exact,
                     optimizer_state=self.optimizer_state, seed=self.seed,
-                    prune_params=dict(self.criterion.params),
+                    prune_params=prune_params,
                     grow_params={} if self.growth is None else dict(self.growth.params),
                     normalize=self.normalize, norm_type=self.norm_type,
                     total_steps=self.total_steps)

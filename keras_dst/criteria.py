@@ -3,29 +3,36 @@
 A criterion turns the weight, dense gradient and mask of one tensor into a
 float32 score of the same shape; HIGHER = more important = kept. Masking is the
 selection routine's job (`topology.prune` never removes an inactive entry),
-so the built-in formulas are those of the spec (section 4.2) without the final
-`* m`. The SET family does not fit "remove the lowest scores" and provides a
+so the built-in formulas are those of the reference's pruning functions
+(github alooow/fantastic_weights_paper, `sparselearning/pruners.py`:
+`magnitude_prune`, `mest_pruning_fixed`, `snip_eps_pruning`, ...) without their
+final `* mask`. The SET family does not fit "remove the lowest scores" and provides a
 `select` function instead (returns the entries to remove).
 
 Built-ins (`w` weight, `g` gradient):
 
-| name                     | score / rule                           | ordering | gradient |
-|--------------------------|----------------------------------------|----------|----------|
-| magnitude                | abs(w)                                 | before   | no       |
-| set                      | correct two-sign rule (select)         | before   | no       |
-| set_legacy               | reference "magnitude and negativity"   | before   | no       |
-| random                   | stateless U[0, 1) from inputs.seed     | before   | no       |
-| running_magnitude        | EMA of abs(w)                          | before   | no       |
-| mest                     | abs(w) + gamma * abs(g)  (gamma=1.0)   | after    | yes      |
-| snip                     | abs(w * g) + 1e-5                      | after    | yes      |
-| sensitivity              | abs(g) / (abs(w) + 1e-8) + 1           | after    | yes      |
-| reciprocal_sensitivity   | abs(w) / (abs(g) + 1e-8) + 1           | after    | yes      |
-| taylor_fo                | (w * g) ** 2                           | after    | yes      |
-| running_snip             | EMA of abs(w * g)                      | after    | yes      |
+| name                     | score / rule                           | update runs      | gradient |
+|--------------------------|----------------------------------------|------------------|----------|
+| magnitude                | abs(w)                                 | after_optimizer  | no       |
+| set                      | correct two-sign rule (select)         | after_optimizer  | no       |
+| set_legacy               | reference "magnitude and negativity"   | after_optimizer  | no       |
+| random                   | stateless U[0, 1) from inputs.seed     | after_optimizer  | no       |
+| running_magnitude        | EMA of abs(w)                          | after_optimizer  | no       |
+| mest                     | abs(w) + gamma * abs(g)  (gamma=1.0)   | before_optimizer | yes      |
+| snip                     | abs(w * g) + 1e-5                      | before_optimizer | yes      |
+| sensitivity              | abs(g) / (abs(w) + 1e-8) + 1           | before_optimizer | yes      |
+| reciprocal_sensitivity   | abs(w) / (abs(g) + 1e-8) + 1           | before_optimizer | yes      |
+| taylor_fo                | (w * g) ** 2                           | before_optimizer | yes      |
+| running_snip             | EMA of abs(w * g)                      | before_optimizer | yes      |
 
-`ordering` is the reference mapping of spec section 2.3: "before" = the mask
-update runs after the optimizer step (scores the post-step weights, newly
-grown weights stay 0); "after" = it runs before the optimizer step.
+`ordering` says when the mask update runs: "after_optimizer" (it scores the
+post-step weights; newly grown weights stay 0) or "before_optimizer" (the
+optimizer step then moves newly grown weights one step from 0). It is the
+reference's `opt_order` (`main.py` runs magnitude, Random, SET, SETFixed and
+RunningMagnitude "before" and every other criterion "after";
+`Masking.before_step` / `Masking.after_step` in `sparselearning/core.py`),
+whose values name when the *optimizer step* happens: they are accepted as
+aliases ("before" = "after_optimizer", "after" = "before_optimizer").
 
 Names are matched case-insensitively, ignoring "_" and "-" (so the reference's
 "ReciprocalSensitivity" and "MEST" work). One exception in meaning: the
@@ -33,14 +40,19 @@ reference's command-line ``SET`` runs its legacy rule
 (``magnitude_and_negativity_prune``); here ``"SET"`` is the correct SET and the
 reference's rule is ``"set_legacy"``.
 
-Score normalisation (`normalize`, spec section 4.5) lives in `topology`, which
-applies it in `apply_selection`, and is re-exported here. Dependency order:
-`scoring` <- `topology` <- `criteria` <- `growth` (SET uses the selection
-primitives of `topology`; `topology` imports no criterion).
+`select_pruned` applies a criterion: scores (or the selection rule) per
+tensor, optional score normalisation (`topology.normalize`, the reference's
+`norm_score`), then the one selection routine of `topology`. Dependency order:
+`scoring` <- `topology` <- `criteria` <- `growth` <- `engine` (`topology` is
+pure: scores, masks and counts in, masks out; it knows no criterion).
+
+A criterion made from a registered name round-trips through a config
+(`Criterion.get_config` / `Criterion.from_config`); one made from a plain
+callable does not, which `check_serializable` reports.
 
 Adding a criterion takes a few lines::
 
-    @register_criterion("weight_times_grad", ordering="after", params={"power": 1.0})
+    @register_criterion("weight_times_grad", ordering="before_optimizer", params={"power": 1.0})
     def weight_times_grad(inputs, power):
         return tf.abs(inputs.weight * inputs.gradient) ** power
 """
@@ -48,12 +60,14 @@ Adding a criterion takes a few lines::
 import dataclasses
 import inspect
 import types
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from keras_dst import topology
+from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
-from keras_dst.topology import normalize, select_highest, select_lowest  # noqa: F401 (normalize re-exported)
+from keras_dst.topology import select_highest, select_lowest
 
 # When an update runs relative to the optimizer step. The reference's flag
 # (``--ordering``, read in ``sparselearning/core.py``) names the same two places
@@ -75,42 +89,7 @@ def canonical_ordering(value, name: str = "ordering") -> str:
 
 
 # ----------------------------------------------------------------------------
-# Registry machinery (shared with `growth`).
-
-
-def _key(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
-
-
-class Registry:
-    """Name -> object registry with forgiving lookup and helpful errors.
-
-    Args:
-      kind: what is stored, used in error messages ("criterion", "growth").
-    """
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._items = {}
-
-    def add(self, item, overwrite: bool = False):
-        """Registers `item` under `item.name`; a taken name needs `overwrite=True`."""
-        key = _key(item.name)
-        if key in self._items and not overwrite:
-            raise ValueError(f"A {self.kind} named {item.name!r} is already registered; pass overwrite=True.")
-        self._items[key] = item
-        return item
-
-    def get(self, name: str):
-        """The object registered as `name`; ValueError listing the known names otherwise."""
-        try:
-            return self._items[_key(name)]
-        except KeyError:
-            raise ValueError(f"Unknown {self.kind} {name!r}; known: {', '.join(self.names())}.") from None
-
-    def names(self) -> Tuple[str, ...]:
-        """Registered names, sorted."""
-        return tuple(sorted(item.name for item in self._items.values()))
+# Helpers shared with `growth`.
 
 
 def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapping[str, Any],
@@ -147,6 +126,39 @@ def require_inputs(inputs: ScoreInputs, kind: str, name: str, gradient: bool = F
                          f"the optimizer has no momentum (use SGD with momentum > 0, or Adam).")
 
 
+def check_registered(item, registry: Registry, argument_name: str, *, fields: Sequence[str],
+                     register_function: str):
+    """Raises ValueError unless `item` can be rebuilt from its registry name (config round trip).
+
+    The one rule behind `criteria.check_serializable` and
+    `growth.check_serializable`: `item.name` must be registered, exactly as
+    spelled, and the registered item must agree with `item` on `fields` (the
+    functions and flags a config does not carry). That fails for an item made
+    from a plain callable, which a config cannot hold.
+
+    Args:
+      item: a `Criterion` or `GrowthRule`.
+      registry: the registry its name is looked up in.
+      argument_name: the argument `item` was passed as, named in the message.
+      fields: attribute names that must equal the registered item's.
+      register_function: the `keras_dst` function that registers such items.
+
+    Raises:
+      ValueError: naming the argument and telling to register the function.
+    """
+    hint = (f"Register the function with keras_dst.{register_function}(...) under a name "
+            f"of its own and pass that name as {argument_name}.")
+    if item.name not in registry.names():
+        raise ValueError(f"{argument_name}={item.name!r} cannot be saved in a config: no {registry.kind} "
+                         f"is registered under that name (was it made from a plain callable?). {hint}")
+    registered = registry.get(item.name)
+    differing = [field for field in fields if getattr(item, field) != getattr(registered, field)]
+    if differing:
+        raise ValueError(f"{argument_name}={item.name!r} cannot be saved in a config: its "
+                         f"{', '.join(differing)} differ(s) from the {registry.kind} registered as "
+                         f"{item.name!r}, which a config would restore instead. {hint}")
+
+
 # ----------------------------------------------------------------------------
 # Criterion objects.
 
@@ -159,8 +171,8 @@ class Criterion:
       name: registry name.
       score: fn(inputs: ScoreInputs, **params) -> float32 tensor of the weight's
         shape, higher = more important (kept). None for selection criteria.
-      ordering: "before" (prune after the optimizer step) or "after" (prune
-        before it), spec section 2.3.
+      ordering: "after_optimizer" (prune after the optimizer step) or "before_optimizer" (prune
+        before it); see the module docstring.
       needs_gradient: whether `inputs.gradient` is used.
       params: read-only mapping of keyword parameters passed to `score` /
         `select` (defaults merged with user values).
@@ -211,6 +223,39 @@ class Criterion:
         require_inputs(inputs, "criterion", self.name, gradient=self.needs_gradient)
         return tf.cast(self.score(inputs, **self.params), tf.float32)
 
+    def get_config(self) -> dict:
+        """A plain dict from which `from_config` rebuilds an equal criterion.
+
+        Holds the registry name, the merged params, and `ordering` /
+        `needs_gradient` only where they differ from the registered criterion's
+        (overrides of `get_criterion`).
+
+        Raises:
+          ValueError: the criterion cannot be rebuilt from its name (see
+            `check_serializable`).
+        """
+        check_serializable(self, "criterion")
+        registered = _CRITERIA.get(self.name)
+        config = {"name": self.name, "params": dict(self.params)}
+        for field in ("ordering", "needs_gradient"):
+            if getattr(self, field) != getattr(registered, field):
+                config[field] = getattr(self, field)
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "Criterion":
+        """The criterion of `get_config`, rebuilt with `get_criterion`.
+
+        Raises:
+          ValueError: unknown name, parameter or config key.
+        """
+        config = dict(config)
+        name, params = config.pop("name"), config.pop("params", {})
+        overrides = {k: config.pop(k) for k in ("ordering", "needs_gradient") if k in config}
+        if config:
+            raise ValueError(f"Unknown key(s) {sorted(config)} in the config of criterion {name!r}.")
+        return get_criterion(name, **overrides, **params)
+
 
 _CRITERIA = Registry("criterion")
 
@@ -222,7 +267,8 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
 
     Args:
       name: registry name (lookup ignores case, "_" and "-").
-      ordering: "before" or "after" (see `Criterion`).
+      ordering: "after_optimizer" or "before_optimizer" (or the reference's
+        "before"/"after"; see `Criterion`).
       needs_gradient: whether the function reads `inputs.gradient`.
       params: default keyword parameters; only these names are accepted later.
       select: the decorated function is fn(inputs, count, **params) -> bool
@@ -232,12 +278,16 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
 
     Returns:
       A decorator that registers the function and returns it unchanged.
+
+    Raises:
+      ValueError: `name` is taken and `overwrite` is False.
     """
+    _CRITERIA.check_available(name, overwrite)
 
     def decorator(fn):
-        _CRITERIA.add(Criterion(name=name, score=None if select else fn, ordering=ordering,
-                                needs_gradient=needs_gradient, params=dict(params or {}),
-                                select=fn if select else None, ema=ema), overwrite=overwrite)
+        _CRITERIA.register(name, Criterion(name=name, score=None if select else fn, ordering=ordering,
+                                           needs_gradient=needs_gradient, params=dict(params or {}),
+                                           select=fn if select else None, ema=ema), overwrite=overwrite)
         return fn
 
     return decorator
@@ -248,13 +298,15 @@ def get_criterion(criterion, *, ordering: Optional[str] = None, needs_gradient: 
     """Resolves a criterion and merges parameters.
 
     Args:
-      criterion: a registered name, a `Criterion`, or a plain score callable
-        fn(inputs, **params). A callable becomes
-        `Criterion(name=fn.__name__, score=fn, ordering="after", needs_gradient=True)`
-        ("after" because a callable may read the gradient, which is the
-        pre-step gradient in either ordering); its accepted params are the
-        keyword arguments of its signature.
-      ordering: override the ordering ("before"/"after"), e.g. "after" for
+      criterion: a registered name, a `Criterion`, its config (a dict from
+        `Criterion.get_config`), or a plain score callable fn(inputs, **params).
+        A callable becomes `Criterion(name=fn.__name__, score=fn,
+        ordering="before_optimizer", needs_gradient=True)` (before the optimizer
+        step because a callable may read the gradient, which is the pre-step
+        gradient in either ordering); its accepted params are the keyword
+        arguments of its signature.
+      ordering: override the ordering ("after_optimizer"/"before_optimizer", or
+        the reference's "before"/"after"), e.g. "before_optimizer" for
         everything as in the reference's ImageNet runs.
       needs_gradient: override `needs_gradient` (mostly for callables).
       **params: parameter values, e.g. `gamma=0.1` for "mest".
@@ -270,13 +322,15 @@ def get_criterion(criterion, *, ordering: Optional[str] = None, needs_gradient: 
         result = _CRITERIA.get(criterion).with_params(**params)
     elif isinstance(criterion, Criterion):
         result = criterion.with_params(**params)
+    elif isinstance(criterion, Mapping):
+        result = Criterion.from_config(criterion).with_params(**params)
     elif callable(criterion):
         name = getattr(criterion, "__name__", type(criterion).__name__)
-        result = Criterion(name=name, score=criterion, ordering="after",
+        result = Criterion(name=name, score=criterion, ordering="before_optimizer",
                            params=merge_params("criterion", name, {}, params, fn=criterion))
     else:
         raise ValueError(f"Cannot interpret {criterion!r} as a criterion; "
-                         f"use a name ({', '.join(criterion_names())}), a Criterion or a callable.")
+                         f"use a name ({', '.join(criterion_names())}), a Criterion, its config or a callable.")
     overrides = {k: v for k, v in (("ordering", ordering), ("needs_gradient", needs_gradient)) if v is not None}
     return dataclasses.replace(result, **overrides) if overrides else result
 
@@ -284,6 +338,90 @@ def get_criterion(criterion, *, ordering: Optional[str] = None, needs_gradient: 
 def criterion_names() -> Tuple[str, ...]:
     """Names of all registered criteria, sorted."""
     return _CRITERIA.names()
+
+
+def check_serializable(criterion: Criterion, argument_name: str) -> Criterion:
+    """Returns `criterion` if `get_config` / `from_config` rebuild it exactly.
+
+    That holds for a registered criterion (any params, ordering or
+    needs_gradient); not for one made from a plain callable, whose function a
+    config cannot hold.
+
+    Args:
+      criterion: a `Criterion`.
+      argument_name: the argument it was passed as (e.g. "prune"), named in
+        the message.
+
+    Raises:
+      ValueError: naming the argument and saying to register the function
+        with `keras_dst.register_criterion`.
+    """
+    check_registered(criterion, _CRITERIA, argument_name, fields=("name", "score", "select", "ema"),
+                     register_function="register_criterion")
+    return criterion
+
+
+def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
+    """One 1-D ScoreInputs from several; seed of the first, momentum None if any is."""
+    momenta = [i.momentum for i in inputs_list]
+    has_gradient = all(i.gradient is not None for i in inputs_list)
+    return ScoreInputs(
+        weight=topology.concat_flat([i.weight for i in inputs_list]),
+        gradient=topology.concat_flat([i.gradient for i in inputs_list]) if has_gradient else None,
+        mask=topology.concat_flat([i.mask for i in inputs_list]),
+        seed=inputs_list[0].seed,
+        momentum=None if any(m is None for m in momenta) else topology.concat_flat(momenta),
+    )
+
+
+def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,
+                  normalize: str = "none", norm_type: str = "max") -> List[tf.Tensor]:
+    """Prunes `count` active entries across the tensors of `inputs_list` with a criterion.
+
+    Layer scope is a one-element list; global scope passes every layer (one
+    selection over all of them, same rule and tie-break as `topology.prune`).
+
+    * Score criteria: scores are computed per tensor with the tensor's own
+      ScoreInputs (so per-tensor seeds are used), optionally normalised per
+      tensor (`topology.normalize`), concatenated and pruned with
+      `topology.global_prune`.
+    * Selection criteria (`criterion.select`, the SET family): the inputs are
+      concatenated into one 1-D ScoreInputs (seed of the first tensor,
+      momentum None unless every tensor has one) and `select` decides; only
+      active entries are ever removed. Normalisation is refused.
+
+    Args:
+      criterion: a `Criterion` (anything with `name`, `score`, `select` and
+        `params` attributes).
+      inputs_list: one ScoreInputs per tensor.
+      count: scalar int tensor or int, total number of entries to remove
+        (e.g. `topology.prune_count(total_active, rate)`).
+      scores_list: optional precomputed scores per tensor used instead of
+        `criterion.score` (e.g. the EMA state of a running criterion).
+      normalize: one of `topology.NORMALIZE_MODES`.
+      norm_type: one of `topology.NORM_TYPES` ("max" or "sum").
+
+    Returns:
+      List of new bool masks, one per tensor (subsets of the old masks). The
+      number removed is exactly `min(count, total active)` for score criteria;
+      selection criteria define their own count.
+
+    Raises:
+      ValueError: a selection criterion with `normalize` other than "none";
+        unknown `normalize` or `norm_type`.
+    """
+    masks = [i.mask for i in inputs_list]
+    if criterion.select is not None and scores_list is None:
+        if normalize != "none":
+            raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
+                             f"normalize={normalize!r}; use normalize='none'.")
+        joint = _concat_inputs(inputs_list)
+        removed = criterion.select(joint, tf.cast(count, tf.int32), **criterion.params)
+        return topology.split_like(joint.mask & ~removed, masks)
+    if scores_list is None:
+        scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
+    scores_list = [topology.normalize(s, i.mask, normalize, norm_type) for s, i in zip(scores_list, inputs_list)]
+    return topology.global_prune(scores_list, masks, count)
 
 
 def ema_update(state: tf.Tensor, score: tf.Tensor, initialized, beta) -> tf.Tensor:
@@ -308,7 +446,7 @@ def ema_update(state: tf.Tensor, score: tf.Tensor, initialized, beta) -> tf.Tens
 # Built-in score functions.
 
 
-@register_criterion("magnitude", ordering="before", needs_gradient=False)
+@register_criterion("magnitude", ordering="after_optimizer", needs_gradient=False)
 def magnitude(inputs: ScoreInputs) -> tf.Tensor:
     """abs(w)."""
     return tf.abs(inputs.weight)
@@ -319,50 +457,52 @@ def random_scores(inputs: ScoreInputs) -> tf.Tensor:
     return tf.random.stateless_uniform(inputs.weight.shape, seed=inputs.seed, dtype=tf.float32)
 
 
-register_criterion("random", ordering="before", needs_gradient=False)(random_scores)
+register_criterion("random", ordering="after_optimizer", needs_gradient=False)(random_scores)
 
 
-@register_criterion("mest", ordering="after", params={"gamma": 1.0})
+@register_criterion("mest", ordering="before_optimizer", params={"gamma": 1.0})
 def mest(inputs: ScoreInputs, gamma) -> tf.Tensor:
     """abs(w) + gamma * abs(g)."""
     return tf.abs(inputs.weight) + gamma * tf.abs(inputs.gradient)
 
 
-@register_criterion("snip", ordering="after")
+@register_criterion("snip", ordering="before_optimizer")
 def snip(inputs: ScoreInputs) -> tf.Tensor:
     """abs(w * g) + 1e-5 (the offset keeps every score positive, as in the reference)."""
     return tf.abs(inputs.weight * inputs.gradient) + 1e-5
 
 
-@register_criterion("sensitivity", ordering="after")
+@register_criterion("sensitivity", ordering="before_optimizer")
 def sensitivity(inputs: ScoreInputs) -> tf.Tensor:
     """abs(g) / (abs(w) + 1e-8) + 1."""
     return tf.abs(inputs.gradient) / (tf.abs(inputs.weight) + 1e-8) + 1.0
 
 
-@register_criterion("reciprocal_sensitivity", ordering="after")
+@register_criterion("reciprocal_sensitivity", ordering="before_optimizer")
 def reciprocal_sensitivity(inputs: ScoreInputs) -> tf.Tensor:
     """abs(w) / (abs(g) + 1e-8) + 1."""
     return tf.abs(inputs.weight) / (tf.abs(inputs.gradient) + 1e-8) + 1.0
 
 
-@register_criterion("taylor_fo", ordering="after")
+@register_criterion("taylor_fo", ordering="before_optimizer")
 def taylor_fo(inputs: ScoreInputs) -> tf.Tensor:
     """(w * g) ** 2, first-order Taylor estimate of the loss change."""
     return tf.square(inputs.weight * inputs.gradient)
 
 
 # Running variants. Deviation: beta defaults to 0.9, not the reference's 1.0
-# (which freezes S at its first value, spec section 4.3.8). The score is the
-# base score s_t; the engine averages it with `ema_update`.
-@register_criterion("running_magnitude", ordering="before", needs_gradient=False, params={"beta": 0.9}, ema=True)
+# (`MagnitudeRunningPruner` / `SNIPRunningPruner` in `sparselearning/pruners.py`
+# take beta from `--gamma`, default 1.0, and S <- 1.0 * S + 0.0 * s never moves
+# from its first value). The score is the base score s_t; the engine averages
+# it with `ema_update`.
+@register_criterion("running_magnitude", ordering="after_optimizer", needs_gradient=False, params={"beta": 0.9}, ema=True)
 def running_magnitude(inputs: ScoreInputs, beta) -> tf.Tensor:
     """Base score abs(w) of the EMA (beta is used by `ema_update`)."""
     del beta
     return magnitude(inputs)
 
 
-@register_criterion("running_snip", ordering="after", params={"beta": 0.9}, ema=True)
+@register_criterion("running_snip", ordering="before_optimizer", params={"beta": 0.9}, ema=True)
 def running_snip(inputs: ScoreInputs, beta) -> tf.Tensor:
     """Base score abs(w * g) of the EMA (no 1e-5 offset, as in the reference)."""
     del beta
@@ -379,7 +519,7 @@ def _half(count) -> tf.Tensor:
     return (count + 1) // 2
 
 
-@register_criterion("set", ordering="before", needs_gradient=False, select=True)
+@register_criterion("set", ordering="after_optimizer", needs_gradient=False, select=True)
 def set_select(inputs: ScoreInputs, count) -> tf.Tensor:
     """Correct SET: the h smallest positive and the h negative weights closest to zero.
 
@@ -387,7 +527,8 @@ def set_select(inputs: ScoreInputs, count) -> tf.Tensor:
     min(h, #negative)` ACTIVE weights (2h = r + 1 when r is odd, as in the
     reference); a shortfall in one sign is NOT moved to the other.
 
-    Differences from the reference's threshold rule (spec section 4.3.2):
+    Differences from the reference's threshold rule (`SET_fixed` in
+    `sparselearning/pruners.py`):
     * count-exact: ties are broken by lower flat index instead of removing
       every weight tied with the threshold;
     * h = 0 (r = 0) removes nothing (the reference's index clamp removes one
@@ -424,13 +565,14 @@ def _legacy_threshold(w: tf.Tensor, group: tf.Tensor, h: tf.Tensor) -> tf.Tensor
     return tf.gather(ascending, tf.maximum(index, 0))
 
 
-@register_criterion("set_legacy", ordering="before", needs_gradient=False, select=True)
+@register_criterion("set_legacy", ordering="after_optimizer", needs_gradient=False, select=True)
 def set_legacy_select(inputs: ScoreInputs, count) -> tf.Tensor:
     """The reference's layer-wise `SET` ("magnitude and negativity"), reproduced faithfully.
 
-    Opt-in, for exact reproduction of the paper's SET runs (spec sections
-    4.3.2 and 8.1). With h = ceil(r/2), P = active weights > 0 and
-    Q = active weights < 0:
+    Opt-in, for exact reproduction of the paper's SET runs: the reference's
+    command-line ``--death SET`` runs `magnitude_and_negativity_prune`
+    (`sparselearning/pruners.py`, chosen by `get_pruner` in `setup_utils.py`).
+    With h = ceil(r/2), P = active weights > 0 and Q = active weights < 0:
 
     * positives: theta_P = ascending(P)[min(h, |P|) - 1]; keep w > theta_P, so
       the h smallest positives (and ties with theta_P) go. With h = 0 the

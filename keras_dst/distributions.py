@@ -6,7 +6,9 @@ stateless TensorFlow ops for the masks.
 Distributions (registry names, see `layer_densities`):
 
 * ``"uniform"``: every layer gets the global density ``D``.
-* ``"erk"``: Erdős–Rényi-Kernel as in the reference code (spec §3.3). Raw score
+* ``"erk"``: Erdős–Rényi-Kernel as in the reference code (`ERK_initializer` in
+  `sparselearning/sparsity_initializers.py` of github
+  alooow/fantastic_weights_paper). Raw score
   ``rho_l = (sum(shape_l) / prod(shape_l)) ** power`` over *all* axes, so it is
   layout-invariant (PyTorch and Keras kernels give the same numbers).
 * ``"er"``: the classic Erdős–Rényi of RigL, ``rho_l = ((a + b) / (a * b)) **
@@ -17,6 +19,8 @@ Distributions (registry names, see `layer_densities`):
   paper use ``"erk"``, not ``"er"``.
 * a ``dict`` ``{name: density}`` naming every layer (custom distribution).
 * anything added with `register_distribution`.
+
+Names are matched ignoring case, "_" and "-" (``"ERK"`` is ``"erk"``).
 
 Every built-in shares one solver: the free layers (not in ``fixed``) share the
 budget ``D * N - sum_fixed d_l n_l`` in proportion to ``rho_l``; while
@@ -42,10 +46,12 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
+from keras_dst.registry import Registry
+
 Shape = Tuple[int, ...]
 DistributionFn = Callable[..., Dict[str, float]]
 
-_REGISTRY: Dict[str, DistributionFn] = {}
+_DISTRIBUTIONS = Registry("distribution")
 _SNAP = 1e-12  # densities this close to 1 become exactly 1.0
 _RTOL = 1e-9  # relative slack on weight budgets (float rounding)
 
@@ -121,7 +127,7 @@ def _check_layer_map(
 # --------------------------------------------------------------------------- #
 
 
-def register_distribution(name: str) -> Callable[[DistributionFn], DistributionFn]:
+def register_distribution(name: str, *, overwrite: bool = False) -> Callable[[DistributionFn], DistributionFn]:
     """Decorator registering a density distribution under `name`.
 
     The decorated function is called as ``fn(shapes, density, fixed, **kw)``:
@@ -138,21 +144,23 @@ def register_distribution(name: str) -> Callable[[DistributionFn], DistributionF
     ``shapes``; values returned for fixed layers are replaced by the fixed ones.
 
     Args:
-      name: registry name, a non-empty string not registered yet.
+      name: registry name, a non-empty string (lookup ignores case, "_" and
+        "-").
+      overwrite: replace an existing registration of `name`.
 
     Returns:
       The decorator, which returns the function unchanged.
 
     Raises:
-      ValueError: if `name` is empty, not a string, or already registered.
+      ValueError: if `name` is empty or not a string, or is already registered
+        and `overwrite` is False.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"distribution name must be a non-empty str, got {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"distribution {name!r} is already registered")
+    _DISTRIBUTIONS.check_available(name, overwrite)
 
     def decorator(fn: DistributionFn) -> DistributionFn:
-        _REGISTRY[name] = fn
+        _DISTRIBUTIONS.register(name, fn, overwrite=overwrite)
         return fn
 
     return decorator
@@ -160,7 +168,7 @@ def register_distribution(name: str) -> Callable[[DistributionFn], DistributionF
 
 def distribution_names() -> Tuple[str, ...]:
     """Names of all registered distributions, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return _DISTRIBUTIONS.names()
 
 
 def _infeasible(density: float, fixed: Mapping[str, float], why: str) -> ValueError:
@@ -175,7 +183,12 @@ def _solve(
     fixed: Mapping[str, float],
     score: Callable[[Shape], float],
 ) -> Dict[str, float]:
-    """Shares the budget among free layers in proportion to `score` (spec §3.3)."""
+    """Shares the budget among free layers in proportion to `score`.
+
+    As the reference's `ERK_initializer`: every free layer gets ``eps * rho_l``;
+    while ``eps * max rho > 1`` the layers at the maximum are made dense and
+    ``eps`` is recomputed over the rest.
+    """
     sizes = {k: math.prod(s) for k, s in shapes.items()}
     tol = _RTOL * max(sum(sizes.values()), 1)
     budget = density * sum(sizes.values()) - sum(fixed[k] * sizes[k] for k in fixed)
@@ -252,7 +265,7 @@ def layer_densities(
       density: global target ``D`` in (0, 1]: the fraction of all
         ``N = sum_l n_l`` weights that are active, ``n_l = prod(shape_l)``.
       distribution: a registered name (``"erk"``, ``"er"``, ``"uniform"`` or
-        one added with `register_distribution`), or a mapping name -> density
+        one added with `register_distribution`; case, "_" and "-" ignored), or a mapping name -> density
         in [0, 1] naming every layer. A mapping is returned as given (after
         `fixed` is applied): `density` is validated but not used.
       fixed: optional mapping name -> density in [0, 1] imposed on those layers
@@ -285,13 +298,10 @@ def layer_densities(
     if isinstance(distribution, Mapping):
         result = _check_layer_map(distribution, shapes, "distribution", complete=True)
     elif isinstance(distribution, str):
-        if distribution not in _REGISTRY:
-            raise ValueError(
-                f"unknown distribution {distribution!r}; known: {list(distribution_names())}"
-            )
+        solver = _DISTRIBUTIONS.get(distribution)
         live = {k: s for k, s in shapes.items() if math.prod(s) > 0}
         live_fixed = {k: v for k, v in fixed.items() if k in live}
-        raw = _REGISTRY[distribution](live, density, live_fixed, power=float(power))
+        raw = solver(live, density, live_fixed, power=float(power))
         result = _check_layer_map(
             raw, live, f"distribution {distribution!r} result", complete=True
         )
@@ -436,7 +446,8 @@ def exact_mask(shape: Sequence[int], count, seed) -> tf.Tensor:
 def bernoulli_mask(shape: Sequence[int], density, seed) -> tf.Tensor:
     """A boolean mask with each entry True independently with probability `density`.
 
-    The reference's draw (spec §3.1): entry True iff ``u < density`` with
+    The reference's draw (``torch.rand(shape) < density`` in `ERK_initializer`,
+    `sparselearning/sparsity_initializers.py`): entry True iff ``u < density`` with
     ``u = stateless_uniform(shape, seed)`` in [0, 1), float32. The count is
     exact only in expectation. Works under ``tf.function(jit_compile=True)``.
 

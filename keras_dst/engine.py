@@ -189,11 +189,11 @@ class TopologyEngine(Hook):
         options = dict(normalize=self.normalize, norm_type=self.norm_type)
         if self.scope == "global":
             count = topology.prune_count(tf.add_n([count_true(x.mask) for x in inputs]), rate)
-            pruned = topology.apply_selection(self.criterion, inputs, count,
-                                              scores_list=scores, **options)
+            pruned = criteria_lib.select_pruned(self.criterion, inputs, count,
+                                                scores_list=scores, **options)
             finite = [tf.reduce_all(tf.stack(finite))] * len(inputs)
         else:
-            pruned = [topology.apply_selection(
+            pruned = [criteria_lib.select_pruned(
                 self.criterion, [x], topology.prune_count(count_true(x.mask), rate),
                 scores_list=None if scores is None else [s], **options)[0]
                 for x, s in zip(inputs, scores or [None] * len(inputs))]

@@ -17,6 +17,10 @@ The reference's random growth is Bernoulli (count exact only in expectation),
 which is `topology.grow_bernoulli(mask, count, seed)` and needs no score.
 The reference's `+1e-6` offset of gradient growth is not needed: `grow`
 chooses exactly `count` inactive entries whatever their scores.
+
+A rule made from a registered name round-trips through a config
+(`GrowthRule.get_config` / `GrowthRule.from_config`); one made from a plain
+callable does not, which `check_serializable` reports.
 """
 
 import dataclasses
@@ -24,7 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
-from keras_dst.criteria import Registry, merge_params, random_scores, require_inputs
+from keras_dst.criteria import check_registered, merge_params, random_scores, require_inputs
+from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
 
 
@@ -63,8 +68,31 @@ class GrowthRule:
         require_inputs(inputs, "growth", self.name, gradient=self.needs_gradient, momentum=self.needs_momentum)
         return tf.cast(self.score(inputs, **self.params), tf.float32)
 
+    def get_config(self) -> dict:
+        """A plain dict (registry name and merged params) from which `from_config` rebuilds an equal rule.
 
-_GROWTH = Registry("growth")
+        Raises:
+          ValueError: the rule cannot be rebuilt from its name (see
+            `check_serializable`).
+        """
+        check_serializable(self, "growth")
+        return {"name": self.name, "params": dict(self.params)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "GrowthRule":
+        """The rule of `get_config`, rebuilt with `get_growth`.
+
+        Raises:
+          ValueError: unknown name, parameter or config key.
+        """
+        config = dict(config)
+        name, params = config.pop("name"), config.pop("params", {})
+        if config:
+            raise ValueError(f"Unknown key(s) {sorted(config)} in the config of growth rule {name!r}.")
+        return get_growth(name, **params)
+
+
+_GROWTH = Registry("growth rule")
 
 
 def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: bool = False,
@@ -80,11 +108,16 @@ def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: 
 
     Returns:
       A decorator that registers the function and returns it unchanged.
+
+    Raises:
+      ValueError: `name` is taken and `overwrite` is False.
     """
+    _GROWTH.check_available(name, overwrite)
 
     def decorator(fn):
-        _GROWTH.add(GrowthRule(name=name, score=fn, needs_gradient=needs_gradient,
-                               needs_momentum=needs_momentum, params=dict(params or {})), overwrite=overwrite)
+        _GROWTH.register(name, GrowthRule(name=name, score=fn, needs_gradient=needs_gradient,
+                                          needs_momentum=needs_momentum, params=dict(params or {})),
+                         overwrite=overwrite)
         return fn
 
     return decorator
@@ -120,6 +153,26 @@ def get_growth(growth, **params) -> GrowthRule:
 def growth_names() -> Tuple[str, ...]:
     """Names of all registered growth rules, sorted."""
     return _GROWTH.names()
+
+
+def check_serializable(rule: GrowthRule, argument_name: str) -> GrowthRule:
+    """Returns `rule` if `get_config` / `from_config` rebuild it exactly.
+
+    That holds for a registered rule (any params); not for one made from a
+    plain callable, whose function a config cannot hold.
+
+    Args:
+      rule: a `GrowthRule`.
+      argument_name: the argument it was passed as (e.g. "grow"), named in the
+        message.
+
+    Raises:
+      ValueError: naming the argument and saying to register the function
+        with `keras_dst.register_growth`.
+    """
+    check_registered(rule, _GROWTH, argument_name, fields=("name", "score", "needs_gradient", "needs_momentum"),
+                     register_function="register_growth")
+    return rule
 
 
 register_growth("random")(random_scores)

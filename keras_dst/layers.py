@@ -31,9 +31,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import distributions
+from keras_dst.registry import Registry
 from keras_dst.validation import check_choice, check_density
 
-_PRUNABLE_WEIGHT_NAMES = {}
+_PRUNABLE_LAYERS = Registry("prunable layer class")  # class -> tuple of weight names
 
 # Layers whose weights stay dense by design (normalisation, etc.).
 _DENSE_BY_DESIGN = (
@@ -45,13 +46,22 @@ _DENSE_BY_DESIGN = (
 )
 
 
-def register_prunable_layer(layer_class, weight_names: Sequence[str]):
+def register_prunable_layer(layer_class, weight_names: Sequence[str], overwrite: bool = False):
     """Declares which weights of `layer_class` (and subclasses) are prunable.
+
+    A subclass uses the registration of its nearest registered class in its
+    method resolution order.
 
     Args:
       layer_class: a `keras.layers.Layer` subclass.
       weight_names: names of the variables to sparsify (`variable.name`, e.g.
         ``("kernel",)``). Variables of nested sub-layers with these names count.
+      overwrite: replace an existing registration of `layer_class`.
+
+    Raises:
+      TypeError: `layer_class` is not a Layer subclass.
+      ValueError: `weight_names` is empty or a single string, or
+        `layer_class` is already registered and `overwrite` is False.
     """
     if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
         raise TypeError(
@@ -62,7 +72,7 @@ def register_prunable_layer(layer_class, weight_names: Sequence[str]):
             "register_prunable_layer() needs a non-empty sequence of weight names, "
             f"got weight_names={weight_names!r}."
         )
-    _PRUNABLE_WEIGHT_NAMES[layer_class] = tuple(weight_names)
+    _PRUNABLE_LAYERS.register(layer_class, tuple(weight_names), overwrite=overwrite)
 
 
 for _cls in (
@@ -86,8 +96,8 @@ register_prunable_layer(keras.layers.Embedding, ("embeddings",))
 
 def _registered_names(layer):
     for cls in type(layer).__mro__:
-        if cls in _PRUNABLE_WEIGHT_NAMES:
-            return _PRUNABLE_WEIGHT_NAMES[cls]
+        if cls in _PRUNABLE_LAYERS:
+            return _PRUNABLE_LAYERS.get(cls)
     return None
 
 

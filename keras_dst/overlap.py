@@ -3,7 +3,7 @@
 At each of its update steps, from one and the same state (weights, the step's
 dense gradient, masks), every criterion selects the weights it *would* prune,
 exactly as a layer-scope DST update would (``r = ceil(p * a)`` active entries per
-layer, `topology.apply_selection`), without changing anything. For each pair of
+layer, `criteria.select_pruned`), without changing anything. For each pair of
 criteria the Jaccard index ``|A & B| / |A | B|`` of the pruned sets is taken over
 the whole model (the union of the per-layer sets; 1 when both are empty).
 """
@@ -75,7 +75,7 @@ class OverlapEngine(Hook):
                   for t, g, s in zip(self.targets, grads, self._seeds)]
         sets = []
         for criterion in self.criteria:
-            removed = [tf.reshape(x.mask & ~topology.apply_selection(
+            removed = [tf.reshape(x.mask & ~criteria_lib.select_pruned(
                 criterion, [x], topology.prune_count(count_true(x.mask), rate))[0], [-1])
                 for x in inputs]
             sets.append(tf.concat(removed, axis=0))
@@ -148,8 +148,7 @@ class CriteriaOverlap(HookedCallback):
         self.criteria = []
         for i, c in enumerate(criteria):
             try:
-                resolved = (criteria_lib.Criterion.from_config(c) if isinstance(c, dict)
-                            else criteria_lib.get_criterion(c))
+                resolved = criteria_lib.get_criterion(c)
                 criteria_lib.check_serializable(resolved, f"criteria[{i}]")
             except ValueError as e:
                 raise ValueError(f"CriteriaOverlap(criteria[{i}]={c!r}): {e}") from None

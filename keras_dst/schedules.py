@@ -1,5 +1,9 @@
 """Prune-rate schedules, the gradual-pruning density curve, and when updates happen.
 
+The prune-rate schedules are those of the reference (`CosineDecay`,
+`ConstantDecay`, `LinearDecay` in `sparselearning/decay_schedulers.py` of github
+alooow/fantastic_weights_paper), in closed form.
+
 A prune-rate schedule is a callable of the global step (int tensor or int;
 int64 fine) returning a float scalar tensor, the rate `p` used by an update at
 that step (float64 for the built-ins: see `topology.prune_count`). The built-ins are small serializable classes (`get_config` /
@@ -12,6 +16,9 @@ that step (float64 for the built-ins: see `topology.prune_count`). The built-ins
 * `LinearRate` (`linear(...)`): p(t) = initial * factor ** floor(t / every)
   (the reference's unused "linear": x0.99 every 600 steps).
 
+`get_schedule` resolves these by name ("cosine", "constant", "linear"; case,
+"_" and "-" ignored); `register_schedule` adds a name.
+
 `polynomial_density` and `UpdateSteps` reproduce the semantics of TF-MOT's
 `PolynomialDecay` pruning schedule (Zhu & Gupta, 2017); `UpdateSteps` is also
 the update rule of every hook (see `keras_dst.hooks`).
@@ -19,12 +26,14 @@ the update rule of every hook (see `keras_dst.hooks`).
 
 import dataclasses
 import math
+import warnings
 from typing import Optional
 
 import keras
 import tensorflow as tf
 
 from keras_dst import validation
+from keras_dst.registry import Registry
 
 _PI = math.pi
 
@@ -128,7 +137,45 @@ def linear(initial: float, factor: float = 0.99, every: int = 600) -> LinearRate
     return LinearRate(initial, factor, every)
 
 
-SCHEDULES = {"cosine": cosine, "constant": constant, "linear": linear}
+SCHEDULES = Registry("prune-rate schedule")  # iterating gives the names
+
+
+def register_schedule(name: str, *, overwrite: bool = False):
+    """Decorator registering a prune-rate schedule factory under `name`.
+
+    The factory is called by `get_schedule` as ``factory(initial,
+    total_steps)`` (``total_steps`` may be None) and returns a callable
+    step -> float32 scalar tensor (serializable, like the built-ins, if it is
+    to be saved with a model).
+
+    Args:
+      name: registry name (lookup ignores case, "_" and "-").
+      overwrite: replace an existing registration of `name`.
+
+    Returns:
+      A decorator that registers the factory and returns it unchanged.
+
+    Raises:
+      ValueError: `name` is taken and `overwrite` is False.
+    """
+    SCHEDULES.check_available(name, overwrite)
+
+    def decorator(factory):
+        SCHEDULES.register(name, factory, overwrite=overwrite)
+        return factory
+
+    return decorator
+
+
+@register_schedule("cosine")
+def _cosine_factory(initial, total_steps):
+    if total_steps is None:
+        raise ValueError("The 'cosine' schedule needs total_steps.")
+    return cosine(initial, total_steps)
+
+
+register_schedule("constant")(lambda initial, total_steps: constant(initial))
+register_schedule("linear")(lambda initial, total_steps: linear(initial))
 
 
 def check_schedule(schedule, name: str = "schedule"):
@@ -154,8 +201,10 @@ def check_schedule(schedule, name: str = "schedule"):
         raise ValueError(f"{name} must be one of {sorted(SCHEDULES)} or a schedule object "
                          f"(a callable of the step), got {name}={schedule!r}.")
     try:
-        restored = keras.saving.deserialize_keras_object(
-            keras.saving.serialize_keras_object(schedule), safe_mode=True)
+        with warnings.catch_warnings():  # Keras warns about lambdas: refused below
+            warnings.simplefilter("ignore")
+            restored = keras.saving.deserialize_keras_object(
+                keras.saving.serialize_keras_object(schedule), safe_mode=True)
         restorable = callable(restored)
     except Exception:  # noqa: BLE001 - any failure means "cannot be restored"
         restorable = False
@@ -171,26 +220,22 @@ def get_schedule(schedule, initial: float = 0.5, total_steps=None):
     """Resolves a prune-rate schedule.
 
     Args:
-      schedule: "cosine", "constant", "linear", or a callable of the step
-        (returned unchanged).
+      schedule: "cosine", "constant", "linear" (or a name added with
+        `register_schedule`), or a callable of the step (returned unchanged).
       initial: initial rate for named schedules.
-      total_steps: T for "cosine" (required there, ignored otherwise).
+      total_steps: T for "cosine" (required there, ignored by "constant" and
+        "linear").
 
     Returns:
       A callable step -> float32 scalar tensor.
 
     Raises:
-      ValueError: unknown name (names it), or "cosine" without total_steps.
+      ValueError: unknown name (names it and the known ones), or "cosine"
+        without total_steps.
     """
     if callable(schedule):
         return schedule
-    if schedule not in SCHEDULES:
-        raise ValueError(f"Unknown prune-rate schedule {schedule!r}; known: {', '.join(SCHEDULES)}.")
-    if schedule == "cosine":
-        if total_steps is None:
-            raise ValueError("The 'cosine' schedule needs total_steps.")
-        return cosine(initial, total_steps)
-    return SCHEDULES[schedule](initial)
+    return SCHEDULES.get(schedule)(initial, total_steps)
 
 
 def polynomial_density(step, initial_density: float, final_density: float, begin_step: int,

@@ -5,8 +5,8 @@ module plus a choice of scores. All functions are pure TensorFlow, trace inside
 `tf.function(jit_compile=True)` and keep static shapes: counts are scalar
 tensors whose *values* may change from call to call.
 
-Selection rule (shared by `prune`, `grow`, `global_prune`, `apply_selection`
-and the SET criteria):
+Selection rule (shared by `prune`, `grow`, `global_prune` and every selection
+built on `select_lowest` / `select_highest`):
 
 * exactly `min(count, eligible)` eligible entries are chosen, never an
   ineligible one (`prune`: eligible = active; `grow`: eligible = inactive);
@@ -35,8 +35,6 @@ no sort (XLA's comparator sort costs ~1 us per entry on CPU); at most
 from typing import List, Sequence
 
 import tensorflow as tf
-
-from keras_dst.scoring import ScoreInputs
 
 _INDEX_SPAN = 2**31  # flat indices must stay below this
 _INELIGIBLE = 2**31 - 1  # int32.max: ranks last (eligible NaNs of `grow` share it)
@@ -320,13 +318,13 @@ def prune_count(active, rate) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(count, 0.0, active), tf.int32)
 
 
-def _concat_flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+def concat_flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     """Concatenates the row-major flattenings of `tensors` into one 1-D tensor."""
     return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
 
-def _split_like(flat: tf.Tensor, like: Sequence[tf.Tensor]) -> List[tf.Tensor]:
-    """Inverse of `_concat_flat`: splits `flat` back into the shapes of `like`."""
+def split_like(flat: tf.Tensor, like: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    """Inverse of `concat_flat`: splits `flat` back into the shapes of `like`."""
     sizes = [t.shape.num_elements() for t in like]
     parts = tf.split(flat, sizes, axis=0)
     return [tf.reshape(part, t.shape) for part, t in zip(parts, like)]
@@ -346,8 +344,8 @@ def global_prune(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tenso
     Returns:
       List of new bool masks, one per layer.
     """
-    new_flat = prune(_concat_flat(scores_list), _concat_flat(masks_list), count)
-    return _split_like(new_flat, masks_list)
+    new_flat = prune(concat_flat(scores_list), concat_flat(masks_list), count)
+    return split_like(new_flat, masks_list)
 
 
 NORMALIZE_MODES = ("none", "input", "output", "channel", "depth", "layer")
@@ -368,8 +366,10 @@ def _normalize_axes(rank: int, mode: str):
 
 
 def normalize(scores: tf.Tensor, mask: tf.Tensor, mode: str = "none", norm_type: str = "max") -> tf.Tensor:
-    """Divides scores by a per-group statistic of the ACTIVE scores (spec section 4.5).
+    """Divides scores by a per-group statistic of the ACTIVE scores.
 
+    The reference's score normalisation (`norm_score` / `get_norm_value` in
+    `sparselearning/pruners.py` of github alooow/fantastic_weights_paper).
     Keras layouts (the reference's PyTorch axes translated):
 
     | mode      | Dense kernel (in, out)      | Conv kernel (..., in, out)        |
@@ -415,67 +415,6 @@ def normalize(scores: tf.Tensor, mask: tf.Tensor, mode: str = "none", norm_type:
     has_active = tf.reduce_any(mask, axis=axes, keepdims=True)
     statistic = tf.where(has_active, statistic, 0.0)
     return tf.math.divide_no_nan(scores, statistic)
-
-
-_normalize = normalize  # `apply_selection` has an argument of that name
-
-
-def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
-    """One 1-D ScoreInputs from several; seed of the first, momentum None if any is."""
-    momenta = [i.momentum for i in inputs_list]
-    has_gradient = all(i.gradient is not None for i in inputs_list)
-    return ScoreInputs(
-        weight=_concat_flat([i.weight for i in inputs_list]),
-        gradient=_concat_flat([i.gradient for i in inputs_list]) if has_gradient else None,
-        mask=_concat_flat([i.mask for i in inputs_list]),
-        seed=inputs_list[0].seed,
-        momentum=None if any(m is None for m in momenta) else _concat_flat(momenta),
-    )
-
-
-def apply_selection(criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,
-                    normalize: str = "none", norm_type: str = "max") -> List[tf.Tensor]:
-    """Prunes `count` active entries across the tensors of `inputs_list` with a criterion.
-
-    Layer scope is a one-element list; global scope passes every layer (one
-    selection over all of them, same rule and tie-break as `prune`).
-
-    * Score criteria: scores are computed per tensor with the tensor's own
-      ScoreInputs (so per-tensor seeds are used), optionally normalised per
-      tensor (`normalize`), concatenated and pruned with `prune`.
-    * Selection criteria (`criterion.select`, the SET family): the inputs are
-      concatenated into one 1-D ScoreInputs (seed of the first tensor,
-      momentum None unless every tensor has one) and `select` decides; only
-      active entries are ever removed. Normalisation is refused.
-
-    Args:
-      criterion: a `criteria.Criterion` (anything with `score`, `select` and
-        `params` attributes).
-      inputs_list: one ScoreInputs per tensor.
-      count: scalar int tensor or int, total number of entries to remove
-        (e.g. `prune_count(total_active, rate)`).
-      scores_list: optional precomputed scores per tensor used instead of
-        `criterion.score` (e.g. the EMA state of a running criterion).
-      normalize: one of `NORMALIZE_MODES`.
-      norm_type: "max" or "sum".
-
-    Returns:
-      List of new bool masks, one per tensor (subsets of the old masks). The
-      number removed is exactly `min(count, total active)` for score criteria;
-      selection criteria define their own count.
-    """
-    masks = [i.mask for i in inputs_list]
-    if criterion.select is not None and scores_list is None:
-        if normalize != "none":
-            raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
-                             f"normalize={normalize!r}; use normalize='none'.")
-        joint = _concat_inputs(inputs_list)
-        removed = criterion.select(joint, _as_count(count), **criterion.params)
-        return _split_like(joint.mask & ~removed, masks)
-    if scores_list is None:
-        scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
-    scores_list = [_normalize(s, i.mask, normalize, norm_type) for s, i in zip(scores_list, inputs_list)]
-    return global_prune(scores_list, masks, count)
 
 
 def jaccard(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:

@@ -69,7 +69,7 @@ def test_bad_argument_is_refused_by_the_constructor(kwargs, error, words):
 def test_good_arguments_are_accepted():
     for kwargs in (dict(prune="ReciprocalSensitivity", grow="gradient"), dict(prune="MEST"),
                    dict(prune="set", grow=None), dict(update_every=1, prune_rate=1.0),
-                   dict(end_step=0.75), dict(end_step=10), dict(schedule=lambda step: 0.1),
+                   dict(end_step=0.75), dict(end_step=10), dict(schedule=schedules.constant(0.1)),
                    dict(prune="mest", prune_params={"gamma": 0.1}), dict(seed=np.int64(3))):
         DST(**kwargs)
 

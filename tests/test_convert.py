@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import keras_dst
+from keras_dst import layers as layers_lib
+from keras_dst.registry import Registry
 from conftest import (active_counts, all_layers_data, all_layers_model, assert_sparse_invariants,
                       classification_data, mlp)
 
@@ -240,3 +242,33 @@ def test_custom_layer_protocol_and_registration():
     keras_dst.register_prunable_layer(Other, ["kern"])
     model = keras.Model(inp, Other(name="other")(inp))
     assert list(keras_dst.masks(keras_dst.prunable(model, density=0.5))) == ["other/kern"]
+
+
+def test_prunable_layer_registry_is_the_shared_type():
+    assert isinstance(layers_lib._PRUNABLE_LAYERS, Registry)
+    with pytest.raises(ValueError, match=r"prunable layer class 'Dense' is already registered.*overwrite=True"):
+        keras_dst.register_prunable_layer(keras.layers.Dense, ["kernel"])
+
+    class Pair(keras.layers.Layer):
+        def build(self, input_shape):
+            self.a = self.add_weight(shape=(input_shape[-1], 2), name="a")
+            self.b = self.add_weight(shape=(2, 2), name="b")
+
+        def call(self, x):
+            return x @ self.a @ self.b
+
+    class ChildPair(Pair):  # no registration of its own: found through the MRO
+        pass
+
+    try:
+        keras_dst.register_prunable_layer(Pair, ["a"])
+        with pytest.raises(ValueError, match=r"prunable layer class '.*Pair' is already registered"):
+            keras_dst.register_prunable_layer(Pair, ["b"])
+        assert layers_lib._registered_names(ChildPair()) == ("a",)
+        keras_dst.register_prunable_layer(Pair, ["a", "b"], overwrite=True)
+        assert layers_lib._registered_names(ChildPair()) == ("a", "b")
+        inp = keras.Input((6,))
+        model = keras.Model(inp, ChildPair(name="child")(inp))
+        assert list(keras_dst.masks(keras_dst.prunable(model, density=0.5))) == ["child/a", "child/b"]
+    finally:
+        layers_lib._PRUNABLE_LAYERS.unregister(Pair)

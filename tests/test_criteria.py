@@ -1,5 +1,6 @@
-"""Tests of keras_dst.criteria: scores, SET rules, registry, normalisation, EMA."""
+"""Tests of keras_dst.criteria: scores, SET rules, registry, `select_pruned`, EMA, configs."""
 
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from keras_dst import criteria, topology
 from keras_dst.criteria import Criterion, get_criterion, register_criterion
+from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -111,7 +113,7 @@ def test_exact_removed_count_and_lowest_scores(name, rate):
     criterion = get_criterion(name)
     r = topology.prune_count(mask.sum(), rate)
     assert int(r) == math.ceil(rate * mask.sum())
-    new = topology.apply_selection(criterion, [inputs], r)[0].numpy()
+    new = criteria.select_pruned(criterion, [inputs], r)[0].numpy()
     assert mask.sum() - new.sum() == int(r)
     assert not (new & ~mask).any()
     scores = criterion.evaluate(inputs).numpy()
@@ -124,7 +126,7 @@ def test_random_is_seeded_uniform_subset():
 
     def removed(seed):
         inputs = ScoreInputs(tf.zeros([20]), tf.zeros([20]), tf.constant(mask), tf.constant([seed, 0]))
-        return ~topology.apply_selection(random, [inputs], 5)[0].numpy()
+        return ~criteria.select_pruned(random, [inputs], 5)[0].numpy()
 
     np.testing.assert_array_equal(removed(1), removed(1))
     frequency = np.mean([removed(s) for s in range(300)], axis=0)
@@ -165,7 +167,7 @@ def np_set_legacy(w, mask, r):
 
 
 def set_new_mask(name, w, mask, r):
-    return topology.apply_selection(get_criterion(name), [make_inputs(w, mask=mask)], r)[0].numpy()
+    return criteria.select_pruned(get_criterion(name), [make_inputs(w, mask=mask)], r)[0].numpy()
 
 
 @SETTINGS
@@ -232,7 +234,7 @@ def test_set_vs_legacy_on_gaussian_weights(rate):
 
 def test_set_refuses_normalisation():
     with pytest.raises(ValueError, match="normalize"):
-        topology.apply_selection(get_criterion("set"), [make_inputs([1.0, -1.0])], 1, normalize="layer")
+        criteria.select_pruned(get_criterion("set"), [make_inputs([1.0, -1.0])], 1, normalize="layer")
     with pytest.raises(ValueError, match="no per-entry score"):
         get_criterion("set").evaluate(make_inputs([1.0]))
 
@@ -242,7 +244,7 @@ def test_global_set_equals_set_on_concatenation():
     layers = [rng.normal(size=s).astype(np.float32) for s in ((3, 4), (5,), (2, 2, 2))]
     masks = [rng.random(w.shape) < 0.7 for w in layers]
     inputs = [make_inputs(np.where(m, w, 0), mask=m) for w, m in zip(layers, masks)]
-    new = topology.apply_selection(get_criterion("set"), inputs, 6)
+    new = criteria.select_pruned(get_criterion("set"), inputs, 6)
     flat_w = np.concatenate([np.where(m, w, 0).ravel() for w, m in zip(layers, masks)])
     expected = np_set(flat_w, np.concatenate([m.ravel() for m in masks]), 6)
     np.testing.assert_array_equal(np.concatenate([n.numpy().ravel() for n in new]), expected)
@@ -255,8 +257,8 @@ def test_set_under_xla():
     @tf.function(jit_compile=True)
     def both(w, mask, count):
         inputs = ScoreInputs(w, tf.zeros_like(w), mask, SEED)
-        return (topology.apply_selection(set_criterion, [inputs], count)[0],
-                topology.apply_selection(legacy, [inputs], count)[0])
+        return (criteria.select_pruned(set_criterion, [inputs], count)[0],
+                criteria.select_pruned(legacy, [inputs], count)[0])
 
     rng = np.random.default_rng(5)
     w = rng.integers(-3, 4, (6, 7)).astype(np.float32)  # ties and zeros
@@ -267,53 +269,6 @@ def test_set_under_xla():
         np.testing.assert_array_equal(new.numpy(), np_set(w, mask, r))
         np.testing.assert_array_equal(new_legacy.numpy(), np_set_legacy(w, mask, r))
     assert both.experimental_get_tracing_count() == 1
-
-
-# ---------------------------------------------------------------------------
-# Normalisation.
-
-
-def np_normalize(scores, mask, axes, norm_type):
-    if norm_type == "max":
-        stat = np.max(np.where(mask, scores, -np.inf), axis=axes, keepdims=True)
-    else:
-        stat = np.sum(np.where(mask, scores, 0.0), axis=axes, keepdims=True)
-    stat = np.where(np.any(mask, axis=axes, keepdims=True), stat, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(stat == 0, 0.0, scores / np.where(stat == 0, 1.0, stat))
-
-
-@pytest.mark.parametrize("shape, mode, axes", [
-    ((4, 3), "input", (0,)), ((4, 3), "output", (1,)), ((4, 3), "layer", None), ((4, 3), "channel", None),
-    ((4, 3), "depth", None), ((2, 2, 3, 4), "channel", (0, 1, 2)), ((2, 2, 3, 4), "depth", (0, 1)),
-    ((2, 2, 3, 4), "input", None), ((5, 3, 4), "channel", (0, 1)), ((7,), "input", None),
-])
-@pytest.mark.parametrize("norm_type", ["max", "sum"])
-def test_normalize_keras_axes(shape, mode, axes, norm_type):
-    rng = np.random.default_rng(0)
-    scores = np.abs(rng.normal(size=shape)).astype(np.float32)
-    mask = rng.random(shape) < 0.6
-    mask.reshape(-1)[0] = False
-    scores.reshape(-1)[-1] = 0.0
-    got = topology.normalize(tf.constant(scores), tf.constant(mask), mode, norm_type).numpy()
-    np.testing.assert_allclose(got, np_normalize(scores, mask, axes, norm_type), rtol=1e-6)
-
-
-def test_normalize_zero_group_gives_zero_not_nan():
-    scores = tf.constant([[0.0, 2.0], [0.0, 4.0]])  # column 0 all zero
-    mask = tf.constant([[True, True], [True, False]])
-    got = criteria.normalize(scores, mask, "input", "max").numpy()
-    np.testing.assert_allclose(got, [[0.0, 1.0], [0.0, 2.0]])  # inactive (4.0) not in the statistic
-    empty = criteria.normalize(tf.constant([[3.0]]), tf.constant([[False]]), "layer", "sum").numpy()
-    np.testing.assert_array_equal(empty, [[0.0]])
-    assert criteria.normalize(scores, mask, "none") is scores
-
-
-def test_normalize_bad_arguments():
-    with pytest.raises(ValueError, match="'rows'"):
-        criteria.normalize(tf.zeros([2]), tf.ones([2], tf.bool), "rows")
-    with pytest.raises(ValueError, match="'mean'"):
-        criteria.normalize(tf.zeros([2]), tf.ones([2], tf.bool), "layer", "mean")
 
 
 # ---------------------------------------------------------------------------
@@ -337,6 +292,50 @@ def test_ema_update_sequence():
     frozen = criteria.ema_update(tf.constant([1.0]), tf.constant([5.0]), True, 1.0)
     np.testing.assert_array_equal(frozen.numpy(), [1.0])
     assert get_criterion("running_magnitude", beta=0.5).params["beta"] == 0.5
+
+
+# ---------------------------------------------------------------------------
+# `select_pruned`: a criterion applied across tensors (layer or global scope).
+
+
+def test_select_pruned_layer_and_global_scope():
+    w = [tf.constant([[0.1, -3.0], [2.0, -0.2]]), tf.constant([0.05, 4.0, 0.0])]
+    masks = [tf.ones([2, 2], tf.bool), tf.constant([True, True, False])]
+    inputs = [ScoreInputs(wi, tf.zeros_like(wi), mi, tf.constant([1, 2])) for wi, mi in zip(w, masks)]
+    magnitude = get_criterion("magnitude")
+    layer = criteria.select_pruned(magnitude, inputs[:1], 1)
+    np.testing.assert_array_equal(layer[0].numpy(), [[0, 1], [1, 1]])
+    both = criteria.select_pruned(magnitude, inputs, 2)
+    np.testing.assert_array_equal(both[0].numpy(), [[0, 1], [1, 1]])
+    np.testing.assert_array_equal(both[1].numpy(), [0, 1, 0])
+    # Precomputed scores (e.g. an EMA state) replace the criterion's score.
+    custom = criteria.select_pruned(magnitude, inputs[:1], 1, scores_list=[tf.constant([[9.0, 9.0], [0.0, 9.0]])])
+    np.testing.assert_array_equal(custom[0].numpy(), [[1, 1], [0, 1]])
+
+
+def test_select_pruned_normalizes_per_layer():
+    # Layer 0 has large magnitudes, layer 1 small ones: without normalisation
+    # both removals come from layer 1, with "layer"/"max" normalisation one each.
+    w = [tf.constant([10.0, 20.0, 40.0]), tf.constant([1.0, 2.0, 4.0])]
+    inputs = [ScoreInputs(wi, tf.zeros_like(wi), tf.ones([3], tf.bool), tf.constant([0, 0])) for wi in w]
+    magnitude = get_criterion("magnitude")
+    plain = criteria.select_pruned(magnitude, inputs, 2)
+    assert [int(tf.reduce_sum(tf.cast(m, tf.int32))) for m in plain] == [3, 1]
+    normed = criteria.select_pruned(magnitude, inputs, 2, normalize="layer")
+    assert [int(tf.reduce_sum(tf.cast(m, tf.int32))) for m in normed] == [2, 2]
+
+
+def test_select_pruned_nonfinite_gradients_keep_exact_count():
+    w = tf.random.stateless_normal([50], seed=[1, 1])
+    g = tf.tensor_scatter_nd_update(tf.ones([50]), [[3], [10], [20]], [np.nan, np.inf, -np.inf])
+    mask = tf.constant(np.arange(50) < 40)
+    inputs = ScoreInputs(w, g, mask, tf.constant([0, 0]))
+    for name in ("snip", "mest", "sensitivity", "reciprocal_sensitivity", "taylor_fo"):
+        new = criteria.select_pruned(get_criterion(name), [inputs], 10)[0]
+        assert int(tf.reduce_sum(tf.cast(new, tf.int32))) == 30, name
+        assert not (new.numpy() & ~mask.numpy()).any(), name
+    regrown = topology.grow(tf.abs(g), new, 10)
+    assert int(tf.reduce_sum(tf.cast(regrown, tf.int32))) == 40
 
 
 # ---------------------------------------------------------------------------
@@ -394,7 +393,7 @@ def test_callable_and_registered_custom_criterion():
         return -scale * tf.abs(inputs.weight)
 
     assert "test_only_negated_magnitude" in criteria.criterion_names()
-    new = topology.apply_selection(get_criterion("test_only_negated_magnitude"), [make_inputs([1.0, 5.0, 2.0])], 1)
+    new = criteria.select_pruned(get_criterion("test_only_negated_magnitude"), [make_inputs([1.0, 5.0, 2.0])], 1)
     np.testing.assert_array_equal(new[0].numpy(), [True, False, True])
     with pytest.raises(ValueError, match="already registered"):
         register_criterion("test_only_negated_magnitude", ordering="after_optimizer")(negated)
@@ -405,3 +404,79 @@ def test_criterion_validation():
         Criterion(name="x", score=None, ordering="after_optimizer")
     with pytest.raises(ValueError, match="ordering"):
         Criterion(name="x", score=lambda i: i.weight, ordering="sometime")
+
+
+def test_registry_is_the_shared_type_with_overwrite():
+    assert isinstance(criteria._CRITERIA, Registry)
+
+    def doubled(inputs):
+        return 2.0 * tf.abs(inputs.weight)
+
+    def tripled(inputs):
+        return 3.0 * tf.abs(inputs.weight)
+
+    try:
+        register_criterion("test_only_Doubled", ordering="before", needs_gradient=False)(doubled)
+        assert get_criterion("TEST-ONLY-DOUBLED").score is doubled  # case, "_" and "-" ignored
+        # A taken name is refused with the kind and the name, even before decorating.
+        with pytest.raises(ValueError, match=r"criterion 'test_only_doubled' is already registered.*overwrite"):
+            register_criterion("test_only_doubled", ordering="before")
+        register_criterion("test_only_doubled", ordering="before", needs_gradient=False, overwrite=True)(tripled)
+        assert get_criterion("test_only_doubled").score is tripled
+        with pytest.raises(ValueError, match=r"Unknown criterion 'test_only_halved'; known: .*'magnitude'"):
+            get_criterion("test_only_halved")
+    finally:
+        criteria._CRITERIA.unregister("test_only_doubled")
+
+
+# ---------------------------------------------------------------------------
+# Configs (round trip through get_config / from_config).
+
+
+@pytest.mark.parametrize("make", [
+    lambda: get_criterion("mest", gamma=0.1),
+    lambda: get_criterion("magnitude"),
+    lambda: get_criterion("running_snip"),
+    lambda: get_criterion("running_magnitude", beta=0.5),
+    lambda: get_criterion("set_legacy"),
+    lambda: get_criterion("snip", ordering="before"),
+    lambda: get_criterion("magnitude", ordering="after", needs_gradient=True),
+])
+def test_criterion_config_round_trip(make):
+    original = make()
+    config = original.get_config()
+    restored = Criterion.from_config(config)
+    assert restored == original
+    assert restored.get_config() == config
+    assert Criterion.from_config(json.loads(json.dumps(config))) == original  # plain JSON values
+
+
+def test_criterion_config_contents():
+    assert get_criterion("mest", gamma=0.1).get_config() == {"name": "mest", "params": {"gamma": 0.1}}
+    assert get_criterion("running_snip").get_config() == {"name": "running_snip", "params": {"beta": 0.9}}
+    assert get_criterion("snip", ordering="before").get_config() == {
+        "name": "snip", "params": {}, "ordering": "after_optimizer"}
+    assert get_criterion("MEST", ordering="after").get_config() == {"name": "mest", "params": {"gamma": 1.0}}
+    with pytest.raises(ValueError, match="'colour'"):
+        Criterion.from_config({"name": "mest", "params": {}, "colour": "red"})
+
+
+def test_check_serializable():
+    for name in ("mest", "set", "running_magnitude"):
+        c = get_criterion(name, ordering="after")
+        assert criteria.check_serializable(c, "prune") is c
+
+    def weight_times_grad(inputs, power=1.0):
+        return tf.abs(inputs.weight * inputs.gradient) ** power
+
+    plain = get_criterion(weight_times_grad, power=2.0)
+    message = r"prune='weight_times_grad'.*keras_dst\.register_criterion"
+    with pytest.raises(ValueError, match=message):
+        criteria.check_serializable(plain, "prune")
+    with pytest.raises(ValueError, match=r"criterion='weight_times_grad'.*register_criterion"):
+        plain.get_config()
+    # A callable under a registered name is not that criterion either.
+    impostor = get_criterion(weight_times_grad)
+    impostor = Criterion(name="snip", score=impostor.score, ordering="after")
+    with pytest.raises(ValueError, match=r"overlap='snip'.*score.*register_criterion"):
+        criteria.check_serializable(impostor, "overlap")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_dst import distributions as dist
+from keras_dst.registry import Registry
 from keras_dst.distributions import (
     active_counts,
     bernoulli_mask,
@@ -294,8 +295,8 @@ def test_density_numpy_scalars_accepted():
 def test_unknown_distribution_lists_known_names():
     names = distribution_names()
     assert {"er", "erk", "uniform"} <= set(names) and list(names) == sorted(names)
-    with pytest.raises(ValueError, match=r"'ERK'.*'er'.*'erk'.*'uniform'"):
-        layer_densities(MLP_HIGGS, 0.5, "ERK")
+    with pytest.raises(ValueError, match=r"'ERKK'.*'er'.*'erk'.*'uniform'"):
+        layer_densities(MLP_HIGGS, 0.5, "ERKK")
     with pytest.raises(TypeError, match="distribution"):
         layer_densities(MLP_HIGGS, 0.5, 3)
 
@@ -357,7 +358,7 @@ def registered():
 
     yield register
     for name in names:
-        dist._REGISTRY.pop(name, None)
+        dist._DISTRIBUTIONS.unregister(name)
 
 
 def test_register_distribution(registered):
@@ -378,6 +379,28 @@ def test_register_distribution(registered):
         register_distribution("erk")
     with pytest.raises(ValueError, match="non-empty"):
         register_distribution("")
+
+
+def test_distribution_registry_is_the_shared_type(registered):
+    assert isinstance(dist._DISTRIBUTIONS, Registry)
+    shapes = {"a": (4, 4), "b": (2, 8)}
+    # Lookup ignores case, "_" and "-".
+    assert layer_densities(shapes, 0.5, "ERK") == layer_densities(shapes, 0.5, "erk")
+
+    @registered("test_Quarter")
+    def quarter(shapes, density, fixed, **kw):
+        return {k: 0.25 for k in shapes}
+
+    assert layer_densities(shapes, 0.5, "test-quarter") == {"a": 0.25, "b": 0.25}
+    with pytest.raises(ValueError, match=r"distribution 'test_quarter' is already registered.*overwrite=True"):
+        register_distribution("test_quarter")
+
+    @register_distribution("test_quarter", overwrite=True)
+    def eighth(shapes, density, fixed, **kw):
+        return {k: 0.125 for k in shapes}
+
+    assert layer_densities(shapes, 0.5, "test_quarter") == {"a": 0.125, "b": 0.125}
+    assert distribution_names().count("test_quarter") == 1
 
 
 def test_registered_result_is_validated(registered):

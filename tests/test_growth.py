@@ -1,4 +1,6 @@
-"""Tests of keras_dst.growth: growth scores, registry, and growth through topology."""
+"""Tests of keras_dst.growth: growth scores, registry, configs, and growth through topology."""
+
+import json
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from keras_dst import growth, topology
 from keras_dst.growth import GrowthRule, get_growth, register_growth
+from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -116,3 +119,59 @@ def test_registry_errors_and_custom_rule():
     with pytest.raises(ValueError, match="already registered"):
         register_growth("test_only_first_entries")(first_entries)
     assert isinstance(get_growth(rule), GrowthRule)
+
+
+def test_registry_is_the_shared_type_with_overwrite():
+    assert isinstance(growth._GROWTH, Registry)
+
+    def ones(inputs):
+        return tf.ones_like(inputs.weight)
+
+    def twos(inputs):
+        return 2.0 * tf.ones_like(inputs.weight)
+
+    try:
+        register_growth("test_only_Ones")(ones)
+        assert get_growth("TEST-ONLY-ONES").score is ones  # case, "_" and "-" ignored
+        with pytest.raises(ValueError, match=r"growth rule 'test_only_ones' is already registered.*overwrite"):
+            register_growth("test_only_ones")
+        register_growth("test_only_ones", overwrite=True)(twos)
+        assert get_growth("test_only_ones").score is twos
+        with pytest.raises(ValueError, match=r"Unknown growth rule 'test_only_twos'; known: .*'gradient'"):
+            get_growth("test_only_twos")
+    finally:
+        growth._GROWTH.unregister("test_only_ones")
+
+
+@pytest.mark.parametrize("name, params", [("random", {}), ("gradient", {}), ("momentum", {})])
+def test_growth_config_round_trip(name, params):
+    original = get_growth(name, **params)
+    config = original.get_config()
+    assert config == {"name": name, "params": {}}
+    restored = GrowthRule.from_config(json.loads(json.dumps(config)))
+    assert restored == original and restored.get_config() == config
+
+
+def test_growth_config_keeps_params_and_check_serializable():
+    @register_growth("test_only_offset_gradient", needs_gradient=True, params={"offset": 0.0}, overwrite=True)
+    def offset_gradient(inputs, offset):
+        return tf.abs(inputs.gradient) + offset
+
+    rule = get_growth("test_only_offset_gradient", offset=0.5)
+    assert rule.get_config() == {"name": "test_only_offset_gradient", "params": {"offset": 0.5}}
+    assert GrowthRule.from_config(rule.get_config()) == rule
+    assert growth.check_serializable(rule, "grow") is rule
+    with pytest.raises(ValueError, match="'colour'"):
+        GrowthRule.from_config({"name": "gradient", "params": {}, "colour": "red"})
+
+    def signed_gradient(inputs, sign=1.0):
+        return sign * inputs.gradient
+
+    plain = get_growth(signed_gradient, sign=-1.0)
+    with pytest.raises(ValueError, match=r"grow='signed_gradient'.*keras_dst\.register_growth"):
+        growth.check_serializable(plain, "grow")
+    with pytest.raises(ValueError, match=r"growth='signed_gradient'.*register_growth"):
+        plain.get_config()
+    impostor = GrowthRule(name="gradient", score=signed_gradient, needs_gradient=True)
+    with pytest.raises(ValueError, match=r"grow='gradient'.*score.*register_growth"):
+        growth.check_serializable(impostor, "grow")

@@ -12,11 +12,15 @@ import keras_dst
 from conftest import classification_data, mlp
 
 
+@keras_dst.register_criterion("square", ordering="after_optimizer", needs_gradient=False,
+                              overwrite=True)
 def square(inputs):
     """Same ranking as magnitude."""
     return inputs.weight ** 2
 
 
+@keras_dst.register_criterion("largest", ordering="after_optimizer", needs_gradient=False,
+                              overwrite=True)
 def largest(inputs):
     """Prunes the largest magnitudes: the opposite of magnitude."""
     return -tf.abs(inputs.weight)
@@ -38,7 +42,7 @@ def _fit(model, callbacks, optimizer, epochs=1):
 def test_jaccard_values_on_a_frozen_state_and_nothing_changes():
     model = keras_dst.prunable(mlp(), density=0.5, distribution="uniform")
     before = _state(model)
-    overlap = keras_dst.CriteriaOverlap(["magnitude", square, largest], update_every=3,
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "square", "largest"], update_every=3,
                                         prune_rate=0.5)
     logs = _fit(model, [overlap], keras.optimizers.SGD(0.0)).history  # lr 0: a frozen state
     after = _state(model)
@@ -103,6 +107,8 @@ def test_with_dst_overlap_sees_the_state_before_the_dst_update():
     """DST listed first, prune only: the overlap must still see the pre-update masks."""
     seen = tf.Variable(0, dtype=tf.int64)
 
+    @keras_dst.register_criterion("test_overlap_probe", ordering="after_optimizer",
+                                  needs_gradient=False, overwrite=True)
     def probe(inputs):  # magnitude, and counts the active entries it is shown
         seen.assign_add(tf.reduce_sum(tf.cast(inputs.mask, tf.int64)))
         return tf.abs(inputs.weight)
@@ -117,14 +123,14 @@ def test_with_dst_overlap_sees_the_state_before_the_dst_update():
     start = sum(int(m.sum()) for m in keras_dst.masks(model).values())
     dst = keras_dst.DynamicSparseTraining(prune="magnitude", grow=None, update_every=4,
                                           prune_rate=0.5, schedule="constant", ordering="after")
-    overlap = keras_dst.CriteriaOverlap(["magnitude", probe], update_every=4)
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "test_overlap_probe"], update_every=4)
     logs = _fit(model, [dst, overlap, Counter()], keras.optimizers.SGD(0.05)).history
     active_before = [start] + counts  # active_before[t - 1]: masks in effect at step t
     assert active_before[4] < active_before[3]  # the DST pruned at step 4
     assert int(seen.numpy()) == active_before[3] + active_before[7]  # steps 4 and 8
     assert [s for s, _, _ in overlap.history] == [4, 8]
     assert all(m[0, 1] == 1.0 for _, _, m in overlap.history)
-    assert "pruned" in logs and "jaccard/magnitude/probe" in logs
+    assert "pruned" in logs and "jaccard/magnitude/test_overlap_probe" in logs
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

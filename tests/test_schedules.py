@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_dst import schedules
+from keras_dst.registry import Registry
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -53,6 +54,33 @@ def test_get_schedule():
         schedules.cosine(0.5, total_steps=0)
     with pytest.raises(ValueError, match="every"):
         schedules.linear(0.5, every=0)
+
+
+def test_schedule_registry_is_the_shared_type():
+    assert isinstance(schedules.SCHEDULES, Registry)
+    assert tuple(schedules.SCHEDULES) == ("constant", "cosine", "linear")  # callbacks validate against these
+    assert float(schedules.get_schedule("Cosine", 0.5, total_steps=100)(0)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"Unknown prune-rate schedule 'cosinus'; known: 'constant', 'cosine'"):
+        schedules.get_schedule("cosinus", 0.5, 100)
+    with pytest.raises(ValueError, match=r"prune-rate schedule 'linear' is already registered.*overwrite=True"):
+        schedules.register_schedule("linear")
+
+    calls = []
+
+    @schedules.register_schedule("test_only_halving")
+    def halving(initial, total_steps):
+        calls.append((initial, total_steps))
+        return schedules.linear(initial, factor=0.5, every=10)
+
+    try:
+        rate = schedules.get_schedule("test-only-halving", 0.4, total_steps=50)
+        assert calls == [(0.4, 50)] and float(rate(10)) == pytest.approx(0.2)
+        schedules.register_schedule("test_only_halving", overwrite=True)(
+            lambda initial, total_steps: schedules.constant(initial / 4))
+        assert float(schedules.get_schedule("test_only_halving", 0.4)(10)) == pytest.approx(0.1)
+    finally:
+        schedules.SCHEDULES.unregister("test_only_halving")
+    assert "test_only_halving" not in schedules.SCHEDULES
 
 
 @pytest.mark.parametrize("schedule", [schedules.cosine(0.5, 1000, 0.01), schedules.constant(0.2),

@@ -1,5 +1,7 @@
 """Tests of keras_dst.topology: the one selection routine."""
 
+import ast
+import inspect
 import math
 
 import numpy as np
@@ -10,8 +12,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from keras_dst import topology
-from keras_dst.criteria import get_criterion
-from keras_dst.scoring import ScoreInputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -144,33 +144,6 @@ def test_global_prune_chooses_across_layers():
     np.testing.assert_array_equal(new[1].numpy(), [0, 1, 0])
 
 
-def test_apply_selection_layer_and_global_scope():
-    w = [tf.constant([[0.1, -3.0], [2.0, -0.2]]), tf.constant([0.05, 4.0, 0.0])]
-    masks = [tf.ones([2, 2], tf.bool), tf.constant([True, True, False])]
-    inputs = [ScoreInputs(wi, tf.zeros_like(wi), mi, tf.constant([1, 2])) for wi, mi in zip(w, masks)]
-    magnitude = get_criterion("magnitude")
-    layer = topology.apply_selection(magnitude, inputs[:1], 1)
-    np.testing.assert_array_equal(layer[0].numpy(), [[0, 1], [1, 1]])
-    both = topology.apply_selection(magnitude, inputs, 2)
-    np.testing.assert_array_equal(both[0].numpy(), [[0, 1], [1, 1]])
-    np.testing.assert_array_equal(both[1].numpy(), [0, 1, 0])
-    # Precomputed scores (e.g. an EMA state) replace the criterion's score.
-    custom = topology.apply_selection(magnitude, inputs[:1], 1, scores_list=[tf.constant([[9.0, 9.0], [0.0, 9.0]])])
-    np.testing.assert_array_equal(custom[0].numpy(), [[1, 1], [0, 1]])
-
-
-def test_apply_selection_normalizes_per_layer():
-    # Layer 0 has large magnitudes, layer 1 small ones: without normalisation
-    # both removals come from layer 1, with "layer"/"max" normalisation one each.
-    w = [tf.constant([10.0, 20.0, 40.0]), tf.constant([1.0, 2.0, 4.0])]
-    inputs = [ScoreInputs(wi, tf.zeros_like(wi), tf.ones([3], tf.bool), tf.constant([0, 0])) for wi in w]
-    magnitude = get_criterion("magnitude")
-    plain = topology.apply_selection(magnitude, inputs, 2)
-    assert [int(tf.reduce_sum(tf.cast(m, tf.int32))) for m in plain] == [3, 1]
-    normed = topology.apply_selection(magnitude, inputs, 2, normalize="layer")
-    assert [int(tf.reduce_sum(tf.cast(m, tf.int32))) for m in normed] == [2, 2]
-
-
 def test_pruned_positions_can_be_regrown():
     mask = tf.ones([6], tf.bool)  # a dense layer
     scores = tf.constant([3.0, 1.0, 4.0, 0.5, 9.0, 2.0])
@@ -193,19 +166,6 @@ def test_grow_bernoulli_mean_and_edges():
     np.testing.assert_array_equal(topology.grow_bernoulli(full, 3, tf.constant([1, 2])).numpy(), full.numpy())
     empty = tf.zeros([5], tf.bool)
     np.testing.assert_array_equal(topology.grow_bernoulli(empty, 0, tf.constant([1, 2])).numpy(), empty.numpy())
-
-
-def test_nonfinite_gradients_keep_exact_count():
-    w = tf.random.stateless_normal([50], seed=[1, 1])
-    g = tf.tensor_scatter_nd_update(tf.ones([50]), [[3], [10], [20]], [np.nan, np.inf, -np.inf])
-    mask = tf.constant(np.arange(50) < 40)
-    inputs = ScoreInputs(w, g, mask, tf.constant([0, 0]))
-    for name in ("snip", "mest", "sensitivity", "reciprocal_sensitivity", "taylor_fo"):
-        new = topology.apply_selection(get_criterion(name), [inputs], 10)[0]
-        assert int(tf.reduce_sum(tf.cast(new, tf.int32))) == 30, name
-        assert not (new.numpy() & ~mask.numpy()).any(), name
-    regrown = topology.grow(tf.abs(g), new, 10)
-    assert int(tf.reduce_sum(tf.cast(regrown, tf.int32))) == 40
 
 
 def test_empty_tensor():
@@ -281,3 +241,63 @@ def test_radix_and_bisection_thresholds_agree(key_max):
         a = [int(x) for x in topology._radix_threshold(key, counted, tf.constant(count))]
         b = [int(x) for x in topology._bisect_threshold(key, counted, tf.constant(count), key_max)]
         assert a == b, (count, a, b)
+
+
+# ---------------------------------------------------------------------------
+# Normalisation (`normalize`).
+
+
+def np_normalize(scores, mask, axes, norm_type):
+    if norm_type == "max":
+        stat = np.max(np.where(mask, scores, -np.inf), axis=axes, keepdims=True)
+    else:
+        stat = np.sum(np.where(mask, scores, 0.0), axis=axes, keepdims=True)
+    stat = np.where(np.any(mask, axis=axes, keepdims=True), stat, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(stat == 0, 0.0, scores / np.where(stat == 0, 1.0, stat))
+
+
+@pytest.mark.parametrize("shape, mode, axes", [
+    ((4, 3), "input", (0,)), ((4, 3), "output", (1,)), ((4, 3), "layer", None), ((4, 3), "channel", None),
+    ((4, 3), "depth", None), ((2, 2, 3, 4), "channel", (0, 1, 2)), ((2, 2, 3, 4), "depth", (0, 1)),
+    ((2, 2, 3, 4), "input", None), ((5, 3, 4), "channel", (0, 1)), ((7,), "input", None),
+])
+@pytest.mark.parametrize("norm_type", ["max", "sum"])
+def test_normalize_keras_axes(shape, mode, axes, norm_type):
+    rng = np.random.default_rng(0)
+    scores = np.abs(rng.normal(size=shape)).astype(np.float32)
+    mask = rng.random(shape) < 0.6
+    mask.reshape(-1)[0] = False
+    scores.reshape(-1)[-1] = 0.0
+    got = topology.normalize(tf.constant(scores), tf.constant(mask), mode, norm_type).numpy()
+    np.testing.assert_allclose(got, np_normalize(scores, mask, axes, norm_type), rtol=1e-6)
+
+
+def test_normalize_zero_group_gives_zero_not_nan():
+    scores = tf.constant([[0.0, 2.0], [0.0, 4.0]])  # column 0 all zero
+    mask = tf.constant([[True, True], [True, False]])
+    got = topology.normalize(scores, mask, "input", "max").numpy()
+    np.testing.assert_allclose(got, [[0.0, 1.0], [0.0, 2.0]])  # inactive (4.0) not in the statistic
+    empty = topology.normalize(tf.constant([[3.0]]), tf.constant([[False]]), "layer", "sum").numpy()
+    np.testing.assert_array_equal(empty, [[0.0]])
+    assert topology.normalize(scores, mask, "none") is scores
+
+
+def test_normalize_bad_arguments():
+    with pytest.raises(ValueError, match="'rows'"):
+        topology.normalize(tf.zeros([2]), tf.ones([2], tf.bool), "rows")
+    with pytest.raises(ValueError, match="'mean'"):
+        topology.normalize(tf.zeros([2]), tf.ones([2], tf.bool), "layer", "mean")
+
+
+def test_topology_is_pure():
+    """topology knows scores, masks and counts only: no keras_dst import, no criterion."""
+    tree = ast.parse(inspect.getsource(topology))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    assert not [m for m in imported if m.startswith("keras_dst")], imported
+    assert "criterion" not in inspect.getsource(topology).lower()

@@ -1,0 +1,107 @@
+"""The one registry type behind every `register_*` function (floor 1: imports nothing from keras_dst).
+
+Used for criteria, growth rules, density distributions, prune-rate schedules
+(keyed by name) and prunable layer classes (keyed by class). One behaviour
+everywhere:
+
+* registering a key that is already taken raises a ValueError unless
+  ``overwrite=True``, which replaces the earlier item;
+* string keys are matched forgivingly: case, "_" and "-" are ignored both when
+  registering and when looking up (``"ReciprocalSensitivity"`` finds
+  ``"reciprocal_sensitivity"``, and the two cannot both be registered);
+* an unknown key raises a ValueError naming the kind, the key and the known
+  names.
+"""
+
+from typing import Any, Hashable, Optional, Tuple
+
+
+def normalize_name(key: Hashable) -> Hashable:
+    """The lookup form of a key: strings lower-cased without "_" and "-"; other keys unchanged."""
+    if isinstance(key, str):
+        return key.lower().replace("_", "").replace("-", "")
+    return key
+
+
+def _label(key: Hashable) -> str:
+    """How a key is shown in messages and `names()`: a string as registered, a class by its name."""
+    if isinstance(key, str):
+        return key
+    return getattr(key, "__qualname__", None) or repr(key)
+
+
+class Registry:
+    """Key -> item, with forgiving string lookup, explicit overwrites and helpful errors.
+
+    Args:
+      kind: what is stored, used in messages ("criterion", "distribution", ...).
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items = {}  # normalised key -> (key as registered, item)
+
+    def check_available(self, key: Hashable, overwrite: bool = False) -> None:
+        """Raises the error `register` would raise for `key` (lets a decorator factory fail early).
+
+        Raises:
+          ValueError: `key` is taken and `overwrite` is False (names the kind
+            and the key), or `key` is a string that is empty once normalised.
+        """
+        lookup = normalize_name(key)
+        if isinstance(key, str) and not lookup:
+            raise ValueError(f"{self.kind} name must be a non-empty str (ignoring '_' and '-'), got {key!r}.")
+        if lookup in self._items and not overwrite:
+            taken = self._items[lookup][0]
+            same = "" if taken == key else f" (as {_label(taken)!r})"
+            raise ValueError(f"{self.kind} {_label(key)!r} is already registered{same}; "
+                             f"pass overwrite=True to replace it.")
+
+    def register(self, key: Hashable, item: Any, overwrite: bool = False) -> Any:
+        """Stores `item` under `key` and returns it.
+
+        Args:
+          key: a non-empty string (matched ignoring case, "_" and "-") or any
+            other hashable key (e.g. a class, matched by equality).
+          item: the object to store.
+          overwrite: replace an item already registered under `key` (or under
+            a string that matches it).
+
+        Raises:
+          ValueError: see `check_available`.
+        """
+        self.check_available(key, overwrite)
+        self._items[normalize_name(key)] = (key, item)
+        return item
+
+    def unregister(self, key: Hashable) -> Optional[Any]:
+        """Removes `key` if registered (same matching as `get`); returns its item or None."""
+        entry = self._items.pop(normalize_name(key), None)
+        return None if entry is None else entry[1]
+
+    def get(self, key: Hashable) -> Any:
+        """The item registered under `key`.
+
+        Raises:
+          ValueError: unknown key; the message names the kind, the key and the
+            known names.
+        """
+        entry = self._items.get(normalize_name(key))
+        if entry is None:
+            known = ", ".join(repr(name) for name in self.names()) or "none"
+            raise ValueError(f"Unknown {self.kind} {_label(key)!r}; known: {known}.")
+        return entry[1]
+
+    def names(self) -> Tuple[str, ...]:
+        """Registered keys as registered (classes by name), sorted."""
+        return tuple(sorted(_label(key) for key, _ in self._items.values()))
+
+    def __contains__(self, key: Hashable) -> bool:
+        return normalize_name(key) in self._items
+
+    def __iter__(self):
+        """Iterates over `names()`."""
+        return iter(self.names())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, names={list(self.names())})"
