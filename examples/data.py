@@ -1,4 +1,5 @@
-"""tf.data input pipelines with the splits and preprocessing of the study (spec §6.1).
+"""tf.data input pipelines with the splits and preprocessing of the study (Nowak et al.,
+"Fantastic Weights and How to Find Them", NeurIPS 2023, arXiv:2306.12230).
 
 `load(name, batch_size, ...)` returns ``(train_ds, val_ds, test_ds, info)``; `info`
 is a dict with ``input_shape``, ``num_classes``, ``binary`` (single-logit task),

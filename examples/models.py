@@ -1,4 +1,6 @@
-"""Keras functional builders for the models of the study (spec §6.2).
+"""Keras functional builders for the models of the study (Nowak et al., "Fantastic Weights
+and How to Find Them", NeurIPS 2023, arXiv:2306.12230: MLP, small conv net and LeNet-5,
+MLP-Higgs, CIFAR ResNet-56, VGG-16, WRN; ImageNet ResNet-50).
 
 Every builder is ``builder(input_shape, num_classes, **options) -> keras.Model``;
 `get_model(name, input_shape, num_classes)` looks one up by name. Layer sizes,
@@ -6,7 +8,8 @@ bias use and initialisation follow the reference PyTorch models:
 
 * "PyTorch default" init (MLPs, small conv net, LeNet-5): kernels
   ``VarianceScaling(1/3, "fan_in", "uniform")`` = U(±1/sqrt(fan_in)) and biases
-  U(±1/sqrt(fan_in)) (`TorchBiasUniform`, which needs the layer's fan-in);
+  U(±1/sqrt(fan_in)) (`torch_bias`, a built-in `RandomUniform` with the bounds of the
+  layer's fan-in);
 * ResNets: Kaiming-normal (fan_in, ReLU gain, untruncated) on conv and linear
   kernels; VGG and WRN: Kaiming-normal fan_out on convs;
 * BatchNormalization with PyTorch's defaults (momentum 0.1 = Keras 0.9, eps 1e-5).
@@ -21,20 +24,17 @@ import keras
 L = keras.layers
 
 
-@keras.saving.register_keras_serializable(package="keras_dst_examples")
-class TorchBiasUniform(keras.initializers.RandomUniform):
-    """PyTorch's default bias init for Linear/Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-
-    def __init__(self, fan_in, seed=None):
-        bound = 1.0 / math.sqrt(max(int(fan_in), 1))
-        super().__init__(minval=-bound, maxval=bound, seed=seed)
-        self.fan_in = int(fan_in)
-
-    def get_config(self):
-        return {"fan_in": self.fan_in, "seed": self._init_seed}
-
-
 # -- initialisers and layer helpers ------------------------------------------------
+
+def torch_bias(fan_in, seed=None):
+    """PyTorch's default bias init for Linear/Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    A built-in `keras.initializers.RandomUniform`, so saved models need no custom
+    object for it.
+    """
+    bound = 1.0 / math.sqrt(max(int(fan_in), 1))
+    return keras.initializers.RandomUniform(minval=-bound, maxval=bound, seed=seed)
+
 
 def torch_kernel():
     """PyTorch's default Linear/Conv weight init (kaiming_uniform with a=sqrt(5))."""
@@ -49,14 +49,14 @@ def kaiming_normal(mode="fan_in"):
 def torch_dense(x, units, activation=None, name=None):
     """Linear layer with PyTorch's default init, applied to `x`."""
     return L.Dense(units, activation=activation, kernel_initializer=torch_kernel(),
-                   bias_initializer=TorchBiasUniform(x.shape[-1]), name=name)(x)
+                   bias_initializer=torch_bias(x.shape[-1]), name=name)(x)
 
 
 def torch_conv(x, filters, kernel_size, activation=None, padding="valid", name=None):
     """Conv2D with bias and PyTorch's default init, applied to `x`."""
     return L.Conv2D(filters, kernel_size, padding=padding, activation=activation,
                     kernel_initializer=torch_kernel(),
-                    bias_initializer=TorchBiasUniform(kernel_size ** 2 * x.shape[-1]),
+                    bias_initializer=torch_bias(kernel_size ** 2 * x.shape[-1]),
                     name=name)(x)
 
 
@@ -148,7 +148,7 @@ def resnet(input_shape, num_classes, depth=56):
             x = L.ReLU()(L.Add()([x, y]))
     x = L.GlobalAveragePooling2D()(x)
     outputs = L.Dense(num_classes, kernel_initializer=kaiming_normal(),
-                      bias_initializer=TorchBiasUniform(x.shape[-1]), name="fc")(x)
+                      bias_initializer=torch_bias(x.shape[-1]), name="fc")(x)
     return keras.Model(inputs, outputs, name=f"resnet{depth}")
 
 
@@ -249,3 +249,23 @@ def get_model(name, input_shape, num_classes, **options):
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}.")
     return MODELS[name](tuple(input_shape), int(num_classes), **options)
+
+
+# -- files saved by earlier versions -------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="keras_dst_examples")
+class TorchBiasUniform(keras.initializers.RandomUniform):
+    """Legacy: the bias initializer of models saved before `torch_bias` replaced it.
+
+    Such .keras files name "keras_dst_examples>TorchBiasUniform" and still load after
+    ``import examples.models`` (or ``from examples import train``). Same values as
+    ``torch_bias(fan_in, seed)``.
+    """
+
+    def __init__(self, fan_in, seed=None):
+        bound = 1.0 / math.sqrt(max(int(fan_in), 1))
+        super().__init__(minval=-bound, maxval=bound, seed=seed)
+        self.fan_in = int(fan_in)
+
+    def get_config(self):
+        return {"fan_in": self.fan_in, "seed": super().get_config()["seed"]}

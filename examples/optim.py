@@ -1,54 +1,22 @@
-"""The reference's optimiser and learning-rate schedule in Keras (spec §6.1, §9).
+"""The reference's optimiser and learning-rate schedule in Keras.
 
-`TorchSGD` is PyTorch's SGD: momentum buffer ``b <- mu b + g'``, update
-``w <- w - lr (g' + mu b)`` (Nesterov) or ``w - lr b``, with **coupled** L2 weight
-decay ``g' = g + wd w`` on every variable it updates (kernels, biases, BN). The
-decay is added inside the optimiser update, so the gradients that keras_dst's
-criteria and gradient growth see (the ones passed to ``optimizer.apply``) are the
-raw loss gradients, as in the reference. Keras' own ``SGD`` keeps ``-lr b`` and its
-``weight_decay`` is decoupled, so neither matches after a learning-rate drop.
+The recipe of Nowak et al., "Fantastic Weights and How to Find Them" (NeurIPS 2023,
+arXiv:2306.12230) as its reference code runs it (github.com/alooow/fantastic_weights_paper,
+``main.py``): SGD with momentum 0.9, Nesterov and coupled L2 weight decay
+(``torch.optim.SGD(..., weight_decay=l2)``) on every parameter, and the learning rate
+multiplied by 0.1 after 50 % and 75 % of the epochs (``MultiStepLR`` with milestones
+``int(epochs / 2)`` and ``int(epochs * 3 / 4)``).
+
+`TorchSGD` (PyTorch's SGD: momentum buffer of the raw gradients, coupled L2) lives in
+the package, `keras_dst.optimizers.TorchSGD`, so that a model saved with it loads with
+``import keras_dst`` alone; it is re-exported here.
 """
 
 import keras
-from keras import ops
 
+from keras_dst.optimizers import TorchSGD
 
-@keras.saving.register_keras_serializable(package="keras_dst_examples")
-class TorchSGD(keras.optimizers.SGD):
-    """PyTorch-style SGD with coupled L2 weight decay.
-
-    Args:
-      learning_rate: float or a `keras.optimizers.schedules.LearningRateSchedule`.
-      momentum: float in [0, 1].
-      nesterov: bool.
-      l2: coupled weight decay coefficient (PyTorch's ``weight_decay``).
-      **kwargs: other `keras.optimizers.Optimizer` arguments.
-    """
-
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, l2=0.0,
-                 name="torch_sgd", **kwargs):
-        super().__init__(learning_rate=learning_rate, momentum=float(momentum),
-                         nesterov=nesterov, name=name, **kwargs)
-        if l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got l2={l2!r}.")
-        self.l2 = float(l2)
-
-    def update_step(self, gradient, variable, learning_rate):
-        learning_rate = ops.cast(learning_rate, variable.dtype)
-        gradient = ops.cast(gradient, variable.dtype)
-        if self.l2:
-            gradient = ops.add(gradient, ops.multiply(ops.cast(self.l2, variable.dtype), variable))
-        direction = gradient
-        if self.momentum:
-            mu = ops.cast(self.momentum, variable.dtype)
-            buffer = self.momentums[self._get_variable_index(variable)]
-            self.assign(buffer, ops.add(ops.multiply(buffer, mu), gradient))
-            direction = (ops.add(gradient, ops.multiply(buffer, mu)) if self.nesterov
-                         else buffer)
-        self.assign_sub(variable, ops.multiply(direction, learning_rate))
-
-    def get_config(self):
-        return {**super().get_config(), "l2": self.l2}
+__all__ = ["TorchSGD", "step_decay"]
 
 
 def step_decay(learning_rate, epochs, steps_per_epoch, milestones=(0.5, 0.75), factor=0.1):

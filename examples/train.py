@@ -1,9 +1,11 @@
 r"""Trains one model: dense, static sparse, dynamic sparse (DST) or gradual pruning (GMP).
 
-The recipe is the paper's (spec §6.1): SGD momentum 0.9 + Nesterov with coupled L2
-weight decay on all parameters, LR ×0.1 after 50 % and 75 % of the epochs, ERK
-densities, prune rate 0.5 with cosine decay, a fixed validation split, and two test
-accuracies: the last epoch's model and the best-validation-accuracy model.
+The recipe is the paper's (Nowak et al., "Fantastic Weights and How to Find Them",
+NeurIPS 2023, arXiv:2306.12230, as its reference code runs it): SGD momentum 0.9 +
+Nesterov with coupled L2 weight decay on all parameters (`keras_dst.optimizers.TorchSGD`),
+LR ×0.1 after 50 % and 75 % of the epochs, ERK densities, prune rate 0.5 with cosine
+decay, a fixed validation split, and two test accuracies: the last epoch's model and
+the best-validation-accuracy model.
 
 With no flags it runs a small DST experiment on the offline `digits` dataset in
 about a minute on a laptop CPU::
@@ -17,8 +19,8 @@ best.keras (best validation accuracy), history.csv and TensorBoard logs (tb/; wi
 the DST metrics density, density/<layer>, itop, pruned, grown, mask_churn, prune_rate),
 and with ``--overlap magnitude,snip,...`` overlap.json, the Jaccard matrix of
 `keras_dst.CriteriaOverlap` (for ``plot.py --overlap``).
-The .keras files hold custom objects of this directory; load them after
-``import examples.models, examples.optim`` (or ``from examples import train``).
+The .keras files load with ``import keras_dst`` and ``keras.models.load_model`` alone
+(the optimizer is `keras_dst.optimizers.TorchSGD`, every initializer a Keras built-in).
 `run(config)` runs the same in-process from a dict of flag values.
 """
 
@@ -325,7 +327,7 @@ def run(config):
         with strategy.scope():
             model = build_model(config, info)
             model.compile(
-                optimizer=optim.TorchSGD(
+                optimizer=keras_dst.optimizers.TorchSGD(
                     optim.step_decay(config["lr"], config["epochs"], steps_per_epoch),
                     momentum=config["momentum"], nesterov=config["nesterov"],
                     l2=config["weight_decay"]),

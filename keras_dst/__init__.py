@@ -16,6 +16,7 @@ from keras_dst.layers import MaskConstraint, SparseWrapper, register_prunable_la
 from keras_dst.masks import apply_masks, density, masks, set_masks, sparse_targets, summary
 from keras_dst.saving import BackupAndRestore, save_model
 from keras_dst.overlap import CriteriaOverlap
+from keras_dst import optimizers  # noqa: F401  (registers TorchSGD for load_model)
 
 __version__ = "0.1.0"
 

@@ -2,9 +2,8 @@
 
 import keras
 import numpy as np
-from keras.src.saving import serialization_lib  # SafeModeScope: no public alias
 
-from keras_dst import distributions
+from keras_dst import compat, distributions
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper
 from keras_dst.masks import sparse_wrappers
@@ -72,16 +71,11 @@ def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_ov
     raise TypeError(f"prunable() takes a keras Model or Layer, got {type(obj).__name__}.")
 
 
-def _is_graph_model(model):
-    return isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False) \
-        or type(model).__name__ == "Functional"
-
-
 def _walk(model):
     """Every leaf layer of a graph model, recursing into nested graph models."""
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            if not _is_graph_model(layer):
+            if not compat.is_graph_model(layer):
                 raise TypeError(
                     f"prunable() cannot rebuild the subclassed model '{layer.name}' "
                     f"({type(layer).__name__}) nested in '{model.name}': build its layers "
@@ -93,7 +87,7 @@ def _walk(model):
 
 def _prunable_model(model, density, distribution, keep_dense, density_overrides, init, seed,
                     skip_unsupported, track_running_scores):
-    if not _is_graph_model(model):
+    if not compat.is_graph_model(model):
         raise TypeError(
             f"prunable() cannot rebuild the subclassed model '{model.name}' "
             f"({type(model).__name__}); create its layers with keras_dst.prunable(layer) "
@@ -184,9 +178,9 @@ def _clone_graph(model, clone):
         sources[id(new)] = source
         return new
 
-    with serialization_lib.SafeModeScope(False):
+    with compat.safe_mode_scope(False):
         cloned = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
-    for layer in cloned._flatten_layers(include_self=False, recursive=True):
+    for layer in compat.flatten_layers(cloned):
         source = sources.get(id(layer))
         if source is None:
             continue
@@ -232,7 +226,7 @@ def strip(model):
     if isinstance(model, SparseWrapper):
         model.apply_masks()
         return model.layer
-    if not isinstance(model, keras.Model) or not _is_graph_model(model):
+    if not isinstance(model, keras.Model) or not compat.is_graph_model(model):
         raise TypeError(f"strip() needs a Sequential or functional model, got "
                         f"{type(model).__name__}.")
 

@@ -25,6 +25,7 @@ import contextlib
 
 import tensorflow as tf
 
+from keras_dst import compat
 from keras_dst.optimizer_state import base_optimizer
 from keras_dst.schedules import UpdateSteps
 
@@ -110,7 +111,7 @@ def install(optimizer, hook: Hook):
 
         def apply(grads, trainable_variables=None):
             variables = (list(trainable_variables) if trainable_variables is not None
-                         else list(optimizer._trainable_variables))
+                         else list(compat.optimizer_trainable_variables(optimizer)))
             grads = list(grads)
             by_variable = {id(v): g for v, g in zip(variables, grads)}
             traced = optimizer.__dict__.get(_TRACED_ATTR)

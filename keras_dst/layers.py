@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import distributions
+from keras_dst import compat, distributions
 from keras_dst.registry import Registry
 from keras_dst.validation import check_choice, check_density
 
@@ -353,13 +353,13 @@ def _zero_initial_value(variable, initial_mask):
     models) variables are initialised later from their initializer, so the
     masking is folded into that initializer; otherwise it is written eagerly.
     """
-    pending = getattr(variable, "_initializer", None)
-    if pending is not None:
-        def masked(shape, dtype=None):
+    def masked(pending):
+        def initializer(shape, dtype=None):
             value = pending(shape, dtype=dtype)
             return tf.where(initial_mask(shape), value, tf.zeros_like(value))
+        return initializer
 
-        variable._initializer = masked
+    if compat.wrap_deferred_initializer(variable, masked):
         return
     with tf.init_scope():
         variable.assign(tf.where(initial_mask(variable.shape), variable,

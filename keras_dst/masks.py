@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_dst import compat
 from keras_dst.layers import SparseWrapper, masked_nonzeros
 
 
@@ -39,8 +40,7 @@ def sparse_wrappers(model) -> list:
         return [model]
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"Expected a keras Model or Layer, got {type(model).__name__}.")
-    return [l for l in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(l, SparseWrapper)]
+    return [l for l in compat.flatten_layers(model) if isinstance(l, SparseWrapper)]
 
 
 def sparse_targets(model, require=False, caller="keras_dst") -> list:

@@ -9,6 +9,8 @@ loss scaling (the inner optimizer is the one that updates variables).
 import keras
 import tensorflow as tf
 
+from keras_dst import compat
+
 
 def base_optimizer(optimizer):
     """The optimizer that actually updates variables (unwraps loss scaling)."""
@@ -18,10 +20,11 @@ def base_optimizer(optimizer):
 
 
 def _slot_lists(optimizer) -> dict:
-    n = len(optimizer._trainable_variables)
+    trainable = compat.optimizer_trainable_variables(optimizer)
+    n = len(trainable)
     return {name: value for name, value in vars(optimizer).items()
             if isinstance(value, list) and n and len(value) == n
-            and name != "_trainable_variables"
+            and value is not trainable
             and all(v is None or isinstance(v, keras.Variable) for v in value)
             and any(v is not None for v in value)}
 
@@ -34,7 +37,7 @@ def slot_variables(optimizer, variable) -> dict:
     ``_velocities``, ...). Empty for stateless optimizers.
     """
     optimizer = base_optimizer(optimizer)
-    index = optimizer._get_variable_index(variable)
+    index = compat.optimizer_variable_index(optimizer, variable)
     return {name: slots[index] for name, slots in _slot_lists(optimizer).items()
             if slots[index] is not None and tuple(slots[index].shape) == tuple(variable.shape)}
 
@@ -51,7 +54,7 @@ def unmapped_state(optimizer, variables=None) -> list:
     wanted = None if variables is None else {id(v) for v in variables}
     mapped = set()
     for slots in _slot_lists(optimizer).values():
-        for weight, slot in zip(optimizer._trainable_variables, slots):
+        for weight, slot in zip(compat.optimizer_trainable_variables(optimizer), slots):
             if slot is not None and (len(slot.shape) == 0
                                      or tuple(slot.shape) == tuple(weight.shape)
                                      or (wanted is not None and id(weight) not in wanted)):
@@ -66,10 +69,9 @@ def momentum(optimizer, variable):
     (raw, not bias-corrected, as the reference); other optimizers with a
     ``_momentums`` list: that buffer.
     """
-    slots = slot_variables(optimizer, variable)
-    if "_momentums" in slots and "_velocities" in slots:
-        return slots["_momentums"] / (tf.sqrt(slots["_velocities"]) + 1e-8)
-    for name in ("momentums", "_momentums"):
-        if name in slots:
-            return slots[name] + 0.0
-    return None
+    first, second = compat.moment_slots(slot_variables(optimizer, variable))
+    if first is None:
+        return None
+    if second is not None:
+        return first / (tf.sqrt(second) + 1e-8)
+    return first + 0.0

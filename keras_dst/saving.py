@@ -30,6 +30,8 @@ import tempfile
 
 import keras
 
+from keras_dst import compat
+
 
 def save_model(model, filepath, overwrite=True):
     """Saves `model` to the `.keras` file `filepath` atomically.
@@ -130,9 +132,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.model.load_weights(os.path.join(path, _WEIGHTS))
         with open(os.path.join(path, _META)) as f:
             epoch = int(json.load(f)["epoch"])
-        # The one way a callback sets the epoch fit resumes at (what Keras's own
-        # BackupAndRestore does).
-        self.model._initial_epoch = epoch
+        compat.set_initial_epoch(self.model, epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.model.distribute_strategy.extended.should_checkpoint:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_dst
+from keras_dst import compat
 from keras_dst import layers as layers_lib
 from keras_dst.registry import Registry
 from conftest import (active_counts, all_layers_data, all_layers_model, assert_sparse_invariants,
@@ -104,7 +105,7 @@ def test_strip_gives_plain_model_with_same_predictions():
     sparse = keras_dst.prunable(all_layers_model(), density=0.3)
     plain = keras_dst.strip(sparse)
     assert not any(isinstance(l, keras_dst.SparseWrapper)
-                   for l in plain._flatten_layers(include_self=False))
+                   for l in compat.flatten_layers(plain))
     x, _ = all_layers_data()
     np.testing.assert_allclose(plain.predict(x, verbose=0), sparse.predict(x, verbose=0),
                                atol=1e-5)

@@ -119,6 +119,14 @@ def test_torch_default_init():
     assert np.abs(kernel).max() > 0.9 * bound  # uniform over the full range
 
 
+def test_torch_bias_is_a_builtin_uniform_of_the_fan_in():
+    init = models.torch_bias(64, seed=5)
+    assert type(init) is keras.initializers.RandomUniform  # no custom object to load
+    assert (init.minval, init.maxval) == (-0.125, 0.125)
+    legacy = models.TorchBiasUniform(64, seed=5)  # what earlier versions built
+    np.testing.assert_array_equal(np.asarray(init((100,))), np.asarray(legacy((100,))))
+
+
 def test_torch_sgd_matches_pytorch_formula():
     """b <- mu b + g + wd w;  w <- w - lr (g + wd w + mu b) (Nesterov), two steps."""
     w = keras.Variable(np.array([1.0, -2.0], "float32"))
@@ -230,6 +238,60 @@ def test_dst_logs_and_checkpoints_reload(tmp_path):
         assert keras_dst.density(loaded) == pytest.approx(results["density"])
     if train.tensorboard(str(tmp_path / "tb_probe")):
         assert any((out / "tb").rglob("*tfevents*"))
+
+
+LOAD_ALONE = """
+import json, sys
+import keras, keras_dst
+import numpy as np
+model = keras.models.load_model(sys.argv[1])  # safe_mode=True, the default
+np.save(sys.argv[2], model.predict(np.load(sys.argv[3]), verbose=0))
+opt = model.optimizer
+print(json.dumps({"type": type(opt).__module__ + "." + type(opt).__name__, "l2": opt.l2,
+                  "iterations": int(opt.iterations.numpy()),
+                  "examples": sorted(m for m in sys.modules if m.split(".")[0] == "examples")}))
+"""
+
+
+def test_trained_model_loads_with_keras_dst_alone(tmp_path):
+    """A model.keras of train.py loads in a fresh process that imports only keras and
+    keras_dst: same optimizer (TorchSGD and its state) and same predictions."""
+    results = train.run({**DIGITS, "output_dir": str(tmp_path / "run")})
+    path = pathlib.Path(results["output_dir"]) / "model.keras"
+    _, _, test_ds, _ = data.load("digits", 256)
+    x = np.concatenate([batch for batch, _ in test_ds.as_numpy_iterator()])
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", LOAD_ALONE, str(path), str(tmp_path / "p.npy"),
+                           str(tmp_path / "x.npy")], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info == {"type": "keras_dst.optimizers.TorchSGD", "l2": 5e-4,
+                    "iterations": results["steps"], "examples": []}
+    expected = keras.models.load_model(path).predict(x, verbose=0)
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), expected)
+    y = np.concatenate([labels for _, labels in test_ds.as_numpy_iterator()])
+    accuracy = float(np.mean(np.argmax(expected, -1) == y))
+    assert accuracy == pytest.approx(results["final_test_accuracy"], abs=1e-6)
+
+
+def test_objects_of_earlier_files_still_deserialize():
+    """Files saved before TorchSGD moved into keras_dst name "keras_dst_examples>..."."""
+    opt = keras.saving.deserialize_keras_object({
+        "module": "examples.optim", "class_name": "TorchSGD",
+        "registered_name": "keras_dst_examples>TorchSGD",
+        "config": {"name": "torch_sgd", "learning_rate": 0.1, "momentum": 0.9,
+                   "nesterov": True, "l2": 0.01}})
+    assert isinstance(opt, keras_dst.optimizers.TorchSGD) and opt.l2 == 0.01
+    init = keras.saving.deserialize_keras_object({
+        "module": "examples.models", "class_name": "TorchBiasUniform",
+        "registered_name": "keras_dst_examples>TorchBiasUniform",
+        "config": {"fan_in": 16, "seed": 3}})
+    np.testing.assert_array_equal(np.asarray(init((50,))),
+                                  np.asarray(models.torch_bias(16, seed=3)((50,))))
+    assert float(np.abs(np.asarray(init((50,)))).max()) <= 0.25
 
 
 def test_overlap_flag_writes_a_plottable_matrix(tmp_path):

@@ -1,0 +1,126 @@
+"""Every use of Keras internals (private attributes, `keras.src`) in keras_dst.
+
+keras_dst needs a few things Keras 3 has no public API for. Each one is wrapped
+here, in one function, so that a Keras upgrade that changes an internal breaks
+this file (and exactly one test of tests/test_compat.py) and nothing else. The
+rest of the package calls these functions and never touches a private Keras
+attribute.
+
+Written against, and tested with, Keras 3.15 (TensorFlow backend). Every
+docstring names the internal it relies on, the Keras versions that have it and
+the public API it stands in for, if any.
+"""
+
+import keras
+from keras.src.saving import serialization_lib
+
+
+def safe_mode_scope(safe_mode):
+    """A context manager that sets Keras's deserialization safe mode inside it.
+
+    Relies on `keras.src.saving.serialization_lib.SafeModeScope` (Keras 3, checked on
+    3.15; it saves and restores the global "safe_mode_saving" flag).
+    The public `keras.config.enable_unsafe_deserialization()` switches safe mode
+    off for the whole process with no way back; a scope is needed to re-create a
+    caller's own layers (a `Lambda` included) and leave the flag as it was.
+    """
+    return serialization_lib.SafeModeScope(safe_mode)
+
+
+def flatten_layers(layer) -> list:
+    """Every layer nested inside `layer` (itself excluded), at any depth, each once.
+
+    Relies on ``Layer._flatten_layers(include_self=False, recursive=True)`` (Keras 3,
+    checked on 3.15): the layers Keras tracks on each layer (including a
+    `Wrapper`'s inner layer, the sub-layers of `MultiHeadAttention`, the layers
+    of nested models and of subclassed models/layers), deduplicated by identity,
+    in Keras's order. No public API lists them: `Model.layers` is one level only,
+    and a plain `Layer` has no ``layers``.
+    """
+    return list(layer._flatten_layers(include_self=False, recursive=True))
+
+
+def is_graph_model(model) -> bool:
+    """True for a Sequential or functional model (one `keras.models.clone_model` rebuilds).
+
+    Keras exports no `Functional` class: `keras.Model(inputs, outputs)` returns
+    an instance of `keras.src.models.functional.Functional`, recognised here by
+    its class name (Keras 3, checked on 3.15). ``_is_graph_network`` is the
+    tf.keras / Keras 2 flag for the same thing; Keras 3 never sets it, it is
+    read (default False) for models that still carry it. A subclass of
+    `keras.Model` built functionally (``super().__init__(inputs, outputs)``) has
+    its own class name and counts as subclassed.
+    """
+    return isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False) \
+        or type(model).__name__ == "Functional"
+
+
+def optimizer_trainable_variables(optimizer) -> list:
+    """The variables `optimizer` was built for, in its build order (its own list object).
+
+    Relies on ``BaseOptimizer._trainable_variables`` (Keras 3, checked on 3.15),
+    set by ``optimizer.build(variables)``; ``optimizer.apply(grads)`` without
+    variables updates these. Keras 3 optimizers have no public
+    ``trainable_variables`` (``optimizer.variables`` is the optimizer's own
+    state: iterations, learning rate, slots).
+    """
+    return optimizer._trainable_variables
+
+
+def optimizer_variable_index(optimizer, variable) -> int:
+    """Index of `variable` in the optimizer's build order (and in its per-weight slot lists).
+
+    Relies on ``BaseOptimizer._get_variable_index`` (Keras 3, checked on 3.15;
+    a dict keyed by ``id(variable)`` filled by `build`), which Keras's own
+    ``update_step`` implementations use to find a weight's slots. Raises
+    KeyError for a variable the optimizer was not built for. No public API.
+    """
+    return optimizer._get_variable_index(variable)
+
+
+def moment_slots(slots) -> tuple:
+    """The moment buffers among the per-weight slots of one weight: ``(first, second)``.
+
+    `slots` maps the optimizer attribute that holds a per-weight slot list to
+    that weight's slot (`optimizer_state.slot_variables`). Relies on the
+    attribute names of Keras's optimizers (Keras 3, checked on 3.15): Adam,
+    AdamW, Nadam, Lamb keep ``_momentums`` (first moment) and ``_velocities``
+    (second) (so does RMSprop with momentum, whose pair reads the same way);
+    SGD keeps its momentum buffer in ``momentums``, Lion in ``_momentums``. Returns ``(m, v)`` when both Adam moments are there,
+    ``(buffer, None)`` for a momentum buffer alone, ``(None, None)`` otherwise.
+    No public API.
+    """
+    if "_momentums" in slots and "_velocities" in slots:
+        return slots["_momentums"], slots["_velocities"]
+    for name in ("momentums", "_momentums"):
+        if name in slots:
+            return slots[name], None
+    return None, None
+
+
+def wrap_deferred_initializer(variable, wrap) -> bool:
+    """Replaces the pending initializer of a not-yet-initialised `variable` by `wrap(it)`.
+
+    A variable created inside a stateless scope (the symbolic build Keras runs
+    for subclassed models) keeps its initializer and is initialised later, from
+    ``variable._initializer`` (Keras 3, checked on 3.15:
+    ``KerasVariable._deferred_initialize``). Returns True when there was one to
+    wrap, False for an initialised variable (then write its value instead). No
+    public API.
+    """
+    pending = getattr(variable, "_initializer", None)
+    if pending is None:
+        return False
+    variable._initializer = wrap(pending)
+    return True
+
+
+def set_initial_epoch(model, epoch):
+    """Makes the current `model.fit` call resume at `epoch` (0-based), from a callback.
+
+    Relies on ``Trainer._initial_epoch`` (Keras 3, checked on 3.15): `fit` reads
+    it after ``on_train_begin``; Keras's own `keras.callbacks.BackupAndRestore`
+    sets it the same way. The public ``fit(initial_epoch=...)`` is out of a
+    callback's reach.
+    """
+    model._initial_epoch = epoch

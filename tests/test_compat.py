@@ -1,0 +1,156 @@
+"""One test per function of keras_dst/compat.py, run against the installed Keras.
+
+Each function wraps a Keras internal; a Keras upgrade that changes one fails the
+test named after it (and, ideally, nothing else).
+"""
+
+import copy
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+from keras_dst import compat
+
+L = keras.layers
+
+
+def test_safe_mode_scope():
+    config = L.Lambda(lambda t: t + 1.0).get_config()  # holds the lambda's bytecode
+    load = lambda: L.Lambda.from_config(copy.deepcopy(config))  # noqa: E731
+    with pytest.raises(ValueError, match="unsafe|safe_mode"):
+        load()
+    with compat.safe_mode_scope(False):
+        layer = load()
+        with compat.safe_mode_scope(True):  # nests
+            with pytest.raises(ValueError, match="unsafe|safe_mode"):
+                load()
+        load()  # restored to False on exit
+    np.testing.assert_allclose(np.asarray(layer(np.zeros((1, 2), "float32"))), 1.0)
+    with pytest.raises(ValueError, match="unsafe|safe_mode"):  # restored to the default
+        load()
+
+
+def test_flatten_layers():
+    inner = keras.Sequential([keras.Input((4,), name="inner_in"), L.Dense(4, name="i1"),
+                              L.Dense(4, name="i2")], name="inner")
+    shared = L.Dense(4, name="shared")
+    x = keras.Input((4,), name="x")
+    h = shared(inner(shared(x)))  # a layer used twice is listed once
+    out = keras_dst.prunable(L.Dense(3, name="d"), density=0.5)(h)
+    model = keras.Model(x, out, name="outer")
+    layers = compat.flatten_layers(model)
+    # Nested models, a wrapper's inner layer and the input layers, each once, in Keras's
+    # order (depth first; a layer's own sub-layers come in reverse).
+    assert [l.name for l in layers] == ["x", "shared", "inner", "i2", "i1", "inner_in",
+                                        "sparse_d", "d"]
+    assert compat.flatten_layers(L.Dense(2)) == []
+    mha = L.MultiHeadAttention(2, 4, name="mha")
+    mha(np.zeros((1, 3, 4), "float32"), np.zeros((1, 3, 4), "float32"))
+    assert {"query", "key", "value", "attention_output"} <= {
+        l.name for l in compat.flatten_layers(mha)}  # sub-layers of a plain layer
+
+
+def test_is_graph_model():
+    x = keras.Input((3,))
+    y = L.Dense(2)(x)
+
+    class Subclassed(keras.Model):
+        def call(self, inputs):
+            return inputs
+
+    assert compat.is_graph_model(keras.Model(x, y))
+    assert compat.is_graph_model(keras.Sequential([L.Dense(2)]))
+    assert not compat.is_graph_model(Subclassed())
+    assert not compat.is_graph_model(Subclassed(x, y))  # functional subclass: its own name
+
+
+def test_optimizer_trainable_variables():
+    a, b = keras.Variable(np.ones(2, "float32")), keras.Variable(np.ones(3, "float32"))
+    opt = keras.optimizers.SGD(0.5)
+    opt.build([a, b])
+    variables = compat.optimizer_trainable_variables(opt)
+    assert [id(v) for v in variables] == [id(a), id(b)]
+    # It is the optimizer's own attribute (optimizer_state's slot scan skips it by identity).
+    assert any(value is variables for value in vars(opt).values())
+    opt.apply([np.ones(2, "float32"), np.ones(3, "float32")])  # no variables: these
+    np.testing.assert_allclose(a.numpy(), 0.5)
+    np.testing.assert_allclose(b.numpy(), 0.5)
+
+
+def test_optimizer_variable_index():
+    weights = [keras.Variable(np.zeros(shape, "float32")) for shape in ((2,), (3, 4), (5,))]
+    opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    opt.build(weights)
+    for i, w in enumerate(weights):
+        assert compat.optimizer_variable_index(opt, w) == i
+        assert tuple(opt.momentums[i].shape) == tuple(w.shape)  # indexes the slot lists
+    with pytest.raises(KeyError):
+        compat.optimizer_variable_index(opt, keras.Variable(np.zeros(2, "float32")))
+
+
+def _slots_of_only_weight(optimizer, weight):
+    """{attribute: slot} of an optimizer built for `weight` alone (no other compat call)."""
+    optimizer.build([weight])
+    return {name: value[0] for name, value in vars(optimizer).items()
+            if isinstance(value, list) and len(value) == 1
+            and isinstance(value[0], keras.Variable) and value[0] is not weight}
+
+
+def test_moment_slots():
+    w = keras.Variable(np.zeros((3, 2), "float32"))
+    sgd = keras.optimizers.SGD(0.1, momentum=0.9)
+    first, second = compat.moment_slots(_slots_of_only_weight(sgd, w))
+    assert first is sgd.momentums[0] and second is None
+
+    adam = keras.optimizers.Adam()
+    first, second = compat.moment_slots(_slots_of_only_weight(adam, w))
+    assert first is not None and second is not None
+    assert "momentum" in first.path and "velocity" in second.path
+
+    plain = keras.optimizers.SGD(0.1)
+    assert compat.moment_slots(_slots_of_only_weight(plain, w)) == (None, None)
+
+
+def test_wrap_deferred_initializer():
+    double = lambda init: (lambda shape, dtype=None: 2.0 * init(shape, dtype=dtype))  # noqa: E731
+    with keras.StatelessScope():
+        deferred = keras.Variable(initializer="ones", shape=(3,))
+        assert compat.wrap_deferred_initializer(deferred, double)
+    np.testing.assert_allclose(np.asarray(deferred.value), 2.0)
+    ready = keras.Variable(np.ones(3, "float32"))
+    assert not compat.wrap_deferred_initializer(ready, double)
+    np.testing.assert_allclose(ready.numpy(), 1.0)
+
+    # The keras_dst path: a subclassed model's first call builds its layers symbolically.
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.sparse = keras_dst.prunable(L.Dense(8), density=0.5)
+
+        def call(self, inputs):
+            return self.sparse(inputs)
+
+    model = Model()
+    model(np.ones((2, 4), "float32"))
+    kernel, mask = model.sparse.layer.kernel.numpy(), model.sparse.masks[0].numpy()
+    assert 0 < mask.sum() < mask.size
+    assert (kernel[~mask] == 0).all() and (kernel[mask] != 0).all()
+
+
+def test_set_initial_epoch():
+    epochs = []
+
+    class Resume(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            compat.set_initial_epoch(self.model, 2)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            epochs.append(epoch)
+
+    model = keras.Sequential([keras.Input((2,)), L.Dense(1)])
+    model.compile("sgd", "mse")
+    history = model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=4, verbose=0,
+                        callbacks=[Resume()])
+    assert epochs == [2, 3] and len(history.history["loss"]) == 2
