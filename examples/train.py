@@ -68,12 +68,13 @@ FLAG_SPECS = [
     ("enum", "prune", "magnitude", "DST pruning criterion.", keras_dst.criterion_names()),
     ("enum", "grow", "random", "DST growth rule.", keras_dst.growth_names()),
     ("integer", "update_every", 50, "DST update period ΔT in optimizer steps "
-     "(paper: 800; gmp: pruning frequency).", None),
+     "(paper: 800; gmp: steps between pruning updates).", None),
     ("float", "prune_rate", 0.5, "Initial DST prune rate in (0, 1].", None),
     ("enum", "schedule", "cosine", "Prune-rate schedule (cosine: to 0.005 over all steps).",
      ("cosine", "constant", "linear")),
-    ("enum", "ordering", "auto", "Update before or after the optimizer step "
-     "(auto: the reference's per-criterion choice).", ("auto", "before", "after")),
+    ("enum", "ordering", "auto", "When the update runs: after_optimizer or before_optimizer "
+     "(auto: the reference's per-criterion choice; its flags before/after are accepted).",
+     ("auto", "after_optimizer", "before_optimizer", "before", "after")),
     ("enum", "scope", "layer", "Rank weights per layer or globally.", ("layer", "global")),
     ("bool", "grow_exact", True, "Regrow exactly the pruned count (False: the reference's "
      "Bernoulli random growth).", None),
@@ -212,7 +213,7 @@ def sparsity_callbacks(config, total_steps):
             grow_exact=config["grow_exact"], seed=config["seed"], total_steps=total_steps)]
     if config["method"] == "gmp":
         return [keras_dst.GradualPruning(final_density=config["density"],
-                                         frequency=config["update_every"])]
+                                         update_every=config["update_every"])]
     return []
 
 
