@@ -430,3 +430,98 @@ def jaccard(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     intersection = tf.reduce_sum(tf.cast(a & b, tf.float32))
     union = tf.reduce_sum(tf.cast(a | b, tf.float32))
     return tf.where(union > 0, tf.math.divide_no_nan(intersection, union), 1.0)
+
+
+_RANK_MAX_GROUP = 16  # groups up to this size are ranked by comparison, larger ones bisected
+
+
+def select_highest_per_group(scores: tf.Tensor, eligible: tf.Tensor, counts) -> tf.Tensor:
+    """In every group (row) g, the `min(counts[g], eligible in g)` eligible entries of highest score.
+
+    The per-row version of `select_highest`, with the same rules: never an
+    ineligible entry; exact counts whatever the scores contain; ties to the
+    LOWER index within the row; NaN ranks below -inf (chosen last); -0.0 equals
+    +0.0. Used to refill N:M groups and constant fan-in columns
+    (`keras_dst.patterns`): each group regrows exactly what it lost.
+
+    Implementation, vectorised over the rows, no sort: the entries get the
+    int32 order keys of `select_highest` (`_score_order`, inverted), then
+
+    * rows of at most `_RANK_MAX_GROUP` entries (N:M groups): each eligible
+      entry's rank (eligible entries before it in (key, index) order) by S
+      unrolled comparisons with the row's columns; the entries of rank below
+      the count are chosen. S passes over [G, S], no loop.
+    * longer rows (fan-in columns): a bisection on the key value, for all rows
+      at once in one `tf.while_loop` (at most 33 counting passes over [G, S]),
+      gives each row's threshold key; entries below it are chosen, and of
+      those equal to it the `need` of lowest index by one prefix sum along
+      the rows.
+
+    Both paths give the same entries. Static shapes; `counts` values may
+    change from call to call under `tf.function(jit_compile=True)`.
+
+    Args:
+      scores: float tensor of shape [G, S] (G groups of S entries; static).
+      eligible: bool tensor of shape [G, S].
+      counts: int tensor of shape [G] (a negative value means 0, one above the
+        row's eligible number means all of them).
+
+    Returns:
+      bool tensor of shape [G, S], True at the chosen entries.
+    """
+    eligible = tf.convert_to_tensor(eligible, tf.bool)
+    if eligible.shape.rank != 2 or not eligible.shape.is_fully_defined():
+        raise ValueError(f"select_highest_per_group expects static [G, S] tensors, "
+                         f"got shape {eligible.shape}.")
+    if eligible.shape.num_elements() == 0:
+        return tf.zeros(eligible.shape, tf.bool)
+    # Highest first: the inverted order puts +inf lowest and NaN at int32.max (last).
+    order = tf.bitwise.invert(_score_order(scores))
+    available = tf.reduce_sum(tf.cast(eligible, tf.int32), axis=1)
+    count = tf.clip_by_value(tf.cast(counts, tf.int32), 0, available)[:, None]  # [G, 1]
+    if eligible.shape[1] <= _RANK_MAX_GROUP:
+        return eligible & (_rank_in_rows(order, eligible) < count)
+    return _bisect_rows(order, eligible, count)
+
+
+def _rank_in_rows(order: tf.Tensor, eligible: tf.Tensor) -> tf.Tensor:
+    """[G, S] int32: the number of eligible entries of the same row before each entry.
+
+    "Before" means a smaller key, or an equal key at a lower index. One pass
+    per column (S unrolled comparisons), for short rows.
+    """
+    index = tf.range(order.shape[1])
+    rank = tf.zeros_like(order)
+    for k in range(order.shape[1]):
+        key = order[:, k:k + 1]
+        before = (key < order) | (tf.equal(key, order) & (index > k))
+        rank += tf.cast(eligible[:, k:k + 1] & before, tf.int32)
+    return rank
+
+
+def _bisect_rows(order: tf.Tensor, eligible: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """`select_highest_per_group` for long rows: per-row threshold key by bisection.
+
+    Per row, the smallest key v with #{key <= v} >= count, ineligible entries
+    counted at int32.max (after every eligible key; eligible NaNs share that
+    key and are told apart by `tied`). Bounds in int64 so that
+    lo = int32.min - 1 fits: #(<= lo) < count <= #(<= hi) for count >= 1.
+    """
+    order = tf.where(eligible, order, tf.constant(_INELIGIBLE, tf.int32))
+
+    def bisect(lo, hi):
+        mid = lo + (hi - lo) // 2  # in [lo + 1, hi - 1] while hi - lo > 1
+        n_at_most = tf.reduce_sum(tf.cast(order <= tf.cast(mid, tf.int32), tf.int32), axis=1, keepdims=True)
+        above = n_at_most >= count
+        return tf.where(above, lo, mid), tf.where(above, mid, hi)
+
+    start = (tf.fill(tf.shape(count, out_type=tf.int64), tf.constant(-2**31 - 1, tf.int64)),
+             tf.fill(tf.shape(count, out_type=tf.int64), tf.constant(2**31 - 1, tf.int64)))
+    _, v = tf.while_loop(lambda lo, hi: tf.reduce_any(hi - lo > 1), bisect, start,
+                         maximum_iterations=33)
+    v = tf.cast(v, tf.int32)  # [G, 1]
+    below = order < v  # only eligible entries are below int32.max
+    need = count - tf.reduce_sum(tf.cast(below, tf.int32), axis=1, keepdims=True)
+    tied = eligible & tf.equal(order, v)
+    first_tied = tied & (tf.cumsum(tf.cast(tied, tf.int32), axis=1) <= need)
+    return (below | first_tied) & (count > 0)
