@@ -3,15 +3,16 @@
 import keras
 import numpy as np
 
-from keras_dst import compat, distributions
+from keras_dst import compat, distributions, patterns
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper
 from keras_dst.masks import sparse_wrappers
-from keras_dst.validation import check_choice, check_density
+from keras_dst.validation import check_choice, check_density, check_seed
 
 
 def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_overrides=None,
-             init="exact", seed=0, skip_unsupported=False, track_running_scores=False):
+             init="exact", seed=0, skip_unsupported=False, track_running_scores=False,
+             pattern="unstructured", pattern_overrides=None):
     """Returns a sparse version of a Keras model or layer.
 
     Args:
@@ -40,6 +41,17 @@ def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_ov
         dense instead of raising a `TypeError`.
       track_running_scores: keep a running score per weight entry in each wrapper
         (needed by the running criteria, e.g. ``running_magnitude``).
+      pattern: the sparsity pattern of every sparsified weight (see
+        `keras_dst.patterns`): ``"unstructured"`` (default), ``"1xB"`` (e.g.
+        ``"1x4"``: blocks of B consecutive entries along the kernel's input axis,
+        the axis before the last), ``"N:M"`` (e.g. ``"2:4"``: exactly N active
+        in every M consecutive input-axis entries; the layer's density is then
+        N/M, fixed outside the distribution) or ``"fan_in"`` (every output unit
+        has the same number of active inputs; the distribution still sets each
+        layer's density). Kept through every DST update.
+      pattern_overrides: ``{layer name: pattern}`` for layers that need another
+        pattern (e.g. ``"unstructured"`` for a layer whose input axis is not a
+        multiple of B).
 
     Returns:
       The sparse model (a new object; `obj` is left untouched) or wrapper layer.
@@ -48,23 +60,32 @@ def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_ov
       TypeError: wrong argument types, unsupported layer (names it and its class),
         subclassed model.
       ValueError: density outside (0, 1], unknown distribution or layer name,
-        infeasible overrides, a model that is already prunable, an unbuilt model.
+        infeasible overrides, a model that is already prunable, an unbuilt model,
+        a pattern a layer's shape cannot take (names the layer and the remedy),
+        an N:M pattern with another density.
     """
+    pattern = patterns.parse(pattern)
+    if pattern.kind == "nm":  # N:M fixes the density of every layer it applies to
+        density = patterns.check_density(pattern, density, "prunable(pattern=...)")
     if density is None:
         raise ValueError("prunable() needs a density in (0, 1], e.g. density=0.1.")
     density = check_density(density)
     check_choice(init, ("exact", "bernoulli"), "init")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got seed={seed!r}.")
+    seed = check_seed(seed)
     if isinstance(obj, keras.Model):
         return _prunable_model(obj, density, distribution, keep_dense, density_overrides,
-                               init, int(seed), skip_unsupported, track_running_scores)
+                               init, seed, skip_unsupported, track_running_scores,
+                               pattern, pattern_overrides)
     if isinstance(obj, keras.layers.Layer):
         if isinstance(obj, SparseWrapper):
             raise ValueError(f"Layer '{obj.name}' is already prunable (a SparseWrapper).")
+        if pattern_overrides:
+            raise ValueError("prunable(layer): pattern_overrides applies to models; pass "
+                             "the layer's pattern as pattern=.")
         wrapper = SparseWrapper(obj, density=density, init=init,
-                                seed=distributions.stable_seed(int(seed), obj.name),
-                                track_running_scores=track_running_scores)
+                                seed=distributions.stable_seed(seed, obj.name),
+                                track_running_scores=track_running_scores,
+                                pattern=str(pattern))
         if obj.built:
             wrapper.build(None)  # masks for the existing weights, which are kept
         return wrapper
@@ -86,7 +107,7 @@ def _walk(model):
 
 
 def _prunable_model(model, density, distribution, keep_dense, density_overrides, init, seed,
-                    skip_unsupported, track_running_scores):
+                    skip_unsupported, track_running_scores, pattern, pattern_overrides):
     if not compat.is_graph_model(model):
         raise TypeError(
             f"prunable() cannot rebuild the subclassed model '{model.name}' "
@@ -124,6 +145,13 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     fixed = {}
     for name, value in _named_overrides(keep_dense, density_overrides, layer_names):
         fixed.update({p: value for p, o in owner.items() if o == name})
+    weight_patterns = _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes,
+                                       init, layer_names)
+    for path, p in weight_patterns.items():  # N:M: the density is N/M
+        if p.kind == "nm":
+            if path in fixed:
+                patterns.check_density(p, fixed[path], f"layer '{owner[path]}'")
+            fixed[path] = p.n / p.m
     if isinstance(distribution, dict):
         unknown = set(distribution) - layer_names
         if unknown:
@@ -139,6 +167,9 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     densities = distributions.layer_densities(shapes, density, distribution, fixed=fixed)
     if init == "exact":
         counts = distributions.active_counts(shapes, densities)
+        for path, p in weight_patterns.items():  # a pattern's counts come in its units
+            if p.kind != "unstructured":
+                counts[path] = patterns.active_count(p, shapes[path], densities[path])
         densities = {p: (counts[p] / int(np.prod(s)) if np.prod(s) else 1.0)
                      for p, s in shapes.items()}
 
@@ -151,7 +182,8 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
         inner.build_from_config(layer.get_build_config())
         new = SparseWrapper(inner, density=[densities[w.path] for w in weights],
                             init=init, seed=distributions.stable_seed(seed, index),
-                            track_running_scores=track_running_scores)
+                            track_running_scores=track_running_scores,
+                            pattern=[str(weight_patterns[w.path]) for w in weights])
         return new, layer
 
     return _clone_graph(model, clone)
@@ -195,6 +227,33 @@ def _clone_graph(model, clone):
         if isinstance(layer, SparseWrapper):
             layer.apply_masks()
     return cloned
+
+
+def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes, init, layer_names):
+    """{weight path: Pattern}, checked against every weight's shape before anything changes.
+
+    Layers in `keep_dense` are unstructured (all ones).
+    """
+    if pattern_overrides is None:
+        pattern_overrides = {}
+    if not isinstance(pattern_overrides, dict):
+        raise TypeError("pattern_overrides must be a dict {layer name: pattern}, got "
+                        f"{type(pattern_overrides).__name__}.")
+    unknown = sorted(set(pattern_overrides) - layer_names)
+    if unknown:
+        raise ValueError(f"prunable(): unknown layer names {unknown} in pattern_overrides; "
+                         f"sparsified layers are {sorted(layer_names)}.")
+    per_layer = {name: patterns.parse(p) for name, p in pattern_overrides.items()}
+    dense = {keep_dense} if isinstance(keep_dense, str) else set(keep_dense)
+    result = {}
+    for path, layer in owner.items():
+        p = patterns.UNSTRUCTURED if layer in dense else per_layer.get(layer, pattern)
+        patterns.check(p, shapes[path], f"layer '{layer}' (weight '{path}')")
+        if p.kind != "unstructured" and init != "exact":
+            raise ValueError(f"prunable(): pattern '{p}' of layer '{layer}' needs "
+                             f"init='exact', got init={init!r}.")
+        result[path] = p
+    return result
 
 
 def _named_overrides(keep_dense, density_overrides, layer_names):

@@ -46,6 +46,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
+from keras_dst import validation
 from keras_dst.registry import Registry
 
 Shape = Tuple[int, ...]
@@ -59,21 +60,6 @@ _RTOL = 1e-9  # relative slack on weight budgets (float rounding)
 # --------------------------------------------------------------------------- #
 # Validation helpers
 # --------------------------------------------------------------------------- #
-
-
-def _check_fraction(value, what: str, *, allow_zero: bool) -> float:
-    """Returns `value` as a float in (0, 1] (or [0, 1] when `allow_zero`)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{what} must be a real number, got {value!r} "
-            f"({type(value).__name__})"
-        )
-    value = float(value)
-    low_ok = value >= 0.0 if allow_zero else value > 0.0
-    if not (low_ok and value <= 1.0):  # also rejects NaN
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{what} must be in {interval}, got {value!r}")
-    return value
 
 
 def _check_shapes(shapes) -> Dict[str, Shape]:
@@ -117,7 +103,7 @@ def _check_layer_map(
     if complete and missing:
         raise ValueError(f"{what} is missing layer(s) {missing}")
     return {
-        k: _check_fraction(v, f"{what}[{k!r}]", allow_zero=True)
+        k: validation.check_density(v, f"{what}[{k!r}]", allow_zero=True)
         for k, v in values.items()
     }
 
@@ -288,7 +274,7 @@ def layer_densities(
         `fixed` cannot be realised (negative, or more than the free layers hold).
     """
     shapes = _check_shapes(shapes)
-    density = _check_fraction(density, "density", allow_zero=False)
+    density = validation.check_density(density, "density", allow_zero=False)
     fixed = _check_layer_map(fixed or {}, shapes, "fixed", complete=False)
     if isinstance(power, bool) or not isinstance(power, numbers.Real):
         raise TypeError(f"power must be a real number, got {power!r}")
@@ -465,6 +451,6 @@ def bernoulli_mask(shape: Sequence[int], density, seed) -> tf.Tensor:
       TypeError: if `density` is a bool or a non-numeric Python object.
     """
     if not tf.is_tensor(density):
-        density = _check_fraction(density, "density", allow_zero=True)
+        density = validation.check_density(density, "density", allow_zero=True)
     u = tf.random.stateless_uniform(_static_shape(shape), seed=seed)
     return u < tf.cast(density, tf.float32)

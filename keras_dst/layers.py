@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat, distributions
+from keras_dst import compat, distributions, patterns, validation
 from keras_dst.registry import Registry
 from keras_dst.validation import check_choice, check_density
 
@@ -202,6 +202,10 @@ class SparseWrapper(keras.layers.Wrapper):
       track_running_scores: also keep a float32 running score per entry (needed by the
         running criteria such as ``running_magnitude``, whose EMA must survive a
         checkpoint).
+      pattern: the sparsity pattern of every prunable weight (``"unstructured"``,
+        ``"1xB"``, ``"N:M"``, ``"fan_in"``; see `keras_dst.patterns`), or one per
+        prunable weight. A structured pattern needs ``init="exact"``; an N:M
+        weight's density must be N/M.
       **kwargs: base `Layer` arguments (name, ...).
 
     After `build`, `sparse_weights` lists the sparsified variables, `masks` their
@@ -211,7 +215,7 @@ class SparseWrapper(keras.layers.Wrapper):
     """
 
     def __init__(self, layer, density=1.0, init="exact", seed=None, track_running_scores=False,
-                 **kwargs):
+                 pattern="unstructured", **kwargs):
         if "track_scores" in kwargs:  # the name in configs saved by keras_dst 0.1
             track_running_scores = kwargs.pop("track_scores")
         if not isinstance(layer, keras.layers.Layer):
@@ -228,15 +232,30 @@ class SparseWrapper(keras.layers.Wrapper):
         densities = [density] if np.isscalar(density) else list(density)
         for d in densities:
             check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be an int or None, got seed={seed!r}.")
+        seed = validation.check_seed(seed, allow_none=True)
+        pattern_list = [pattern] if isinstance(pattern, (str, patterns.Pattern)) or pattern is None \
+            else list(pattern)
+        parsed = [patterns.parse(p) for p in pattern_list]
+        if init != "exact" and any(p.kind != "unstructured" for p in parsed):
+            raise ValueError(f"SparseWrapper(layer '{layer.name}'): pattern={pattern!r} needs "
+                             f"init='exact' (exact counts per block, group or unit), got "
+                             f"init={init!r}.")
+        if 1 in (len(parsed), len(densities)) or len(parsed) == len(densities):
+            n = max(len(parsed), len(densities))  # (else `build` reports the lengths)
+            for p, d in zip(parsed * n if len(parsed) == 1 else parsed,
+                            densities * n if len(densities) == 1 else densities):
+                patterns.check_density(p, d, f"layer '{layer.name}'")
         kwargs.setdefault("name", f"sparse_{layer.name}")
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(layer, **kwargs)
         self.density = density if np.isscalar(density) else [float(d) for d in density]
         self.init = init
         self.seed = int(seed) if seed is not None else distributions.stable_seed(layer.name)
-        self.track_running_scores = bool(track_running_scores)
+        self.track_running_scores = validation.check_bool(track_running_scores,
+                                                          "track_running_scores")
+        self.pattern = str(parsed[0]) if len(parsed) == 1 and not isinstance(pattern, (list, tuple)) \
+            else [str(p) for p in parsed]
+        self.patterns = []  # one `patterns.Pattern` per sparsified weight, after build
         self.supports_masking = getattr(layer, "supports_masking", False)
         self.sparse_weights = []
         self.masks = []
@@ -279,13 +298,23 @@ class SparseWrapper(keras.layers.Wrapper):
                 f"SparseWrapper '{self.name}': got {len(densities)} densities for "
                 f"{len(weights)} prunable weights of layer '{self.layer.name}'."
             )
+        specs = [self.pattern] * len(weights) if isinstance(self.pattern, str) else self.pattern
+        if len(specs) != len(weights):
+            raise ValueError(
+                f"SparseWrapper '{self.name}': got {len(specs)} patterns for "
+                f"{len(weights)} prunable weights of layer '{self.layer.name}'.")
+        self.patterns = [patterns.parse(p) for p in specs]
+        for w, p, d in zip(weights, self.patterns, densities):
+            where = f"layer '{self.layer.name}' weight '{w.name}'"
+            patterns.check(p, tuple(w.shape), where)
+            patterns.check_density(p, d, where)
         self.sparse_weights = weights
         self.masks, self.ever_active, self.running_scores = [], [], []
-        for i, (w, d) in enumerate(zip(weights, densities)):
+        for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
             name = _relative_name(self.layer, w)
 
-            def initial_mask(shape, dtype=None, d=d, i=i):
-                return self._initial_mask(shape, d, i)
+            def initial_mask(shape, dtype=None, d=d, i=i, p=p):
+                return self._initial_mask(shape, d, i, p)
 
             mask = self._state_variable(f"{name}_mask", w.shape, "bool", initial_mask)
             self.masks.append(mask)
@@ -302,12 +331,11 @@ class SparseWrapper(keras.layers.Wrapper):
         return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer,
                                trainable=False, aggregation="only_first_replica")
 
-    def _initial_mask(self, shape, density, index):
+    def _initial_mask(self, shape, density, index, pattern):
         seed = tf.constant([self.seed % (2**31 - 1), index], dtype=tf.int32)
-        n = int(np.prod(shape))
         if self.init == "bernoulli":
             return distributions.bernoulli_mask(shape, density, seed)
-        return distributions.exact_mask(shape, int(np.floor(density * n + 0.5)), seed)
+        return patterns.initial_mask(pattern, shape, density, seed)
 
     def apply_masks(self):
         """Zeroes every sparsified weight where its mask is False."""
@@ -342,7 +370,8 @@ class SparseWrapper(keras.layers.Wrapper):
     def get_config(self):
         config = super().get_config()
         config.update({"density": self.density, "init": self.init, "seed": self.seed,
-                       "track_running_scores": self.track_running_scores})
+                       "track_running_scores": self.track_running_scores,
+                       "pattern": self.pattern})
         return config
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import compat
+from keras_dst import patterns
 from keras_dst.layers import SparseWrapper, masked_nonzeros
 
 
@@ -25,6 +26,7 @@ class SparseTarget(NamedTuple):
       running_score: float32 running-score variable (the running average of a
         running criterion), or None without `track_running_scores`.
       wrapper: the `SparseWrapper` that owns them.
+      pattern: its `patterns.Pattern` (unstructured, 1xB, N:M or fan_in).
     """
 
     weight: "keras.Variable"
@@ -32,6 +34,7 @@ class SparseTarget(NamedTuple):
     ever_active: "keras.Variable"
     running_score: "keras.Variable | None"
     wrapper: SparseWrapper
+    pattern: "patterns.Pattern"
 
 
 def sparse_wrappers(model) -> list:
@@ -59,8 +62,9 @@ def sparse_targets(model, require=False, caller="keras_dst") -> list:
                 "model once before using it."
             )
         scores = wrapper.running_scores or [None] * len(wrapper.masks)
-        targets.extend(SparseTarget(w, m, e, s, wrapper) for w, m, e, s in zip(
-            wrapper.sparse_weights, wrapper.masks, wrapper.ever_active, scores))
+        targets.extend(SparseTarget(w, m, e, s, wrapper, p) for w, m, e, s, p in zip(
+            wrapper.sparse_weights, wrapper.masks, wrapper.ever_active, scores,
+            wrapper.patterns))
     if require and not targets:
         raise ValueError(
             f"{caller}: model '{getattr(model, 'name', model)}' has no sparse layers. "
@@ -151,7 +155,7 @@ def reapply_masks_if_needed(model, caller) -> int:
 
 
 def layer_stats(model) -> list:
-    """Per sparsified weight: dict(layer, path, shape, active, total, density, stray).
+    """Per sparsified weight: dict(layer, path, shape, pattern, active, total, density, stray).
 
     ``active`` counts the entries the model computes with: its mask's active
     entries plus ``stray``, the non-zero entries where the mask is 0 (0 unless a
@@ -164,7 +168,8 @@ def layer_stats(model) -> list:
         active = int(np.count_nonzero(t.mask.numpy())) + stray
         total = int(np.prod(t.weight.shape))
         rows.append(dict(layer=t.wrapper.layer.name, path=t.weight.path,
-                         shape=tuple(t.weight.shape), active=active, total=total,
+                         shape=tuple(t.weight.shape), pattern=str(t.pattern),
+                         active=active, total=total,
                          density=active / total if total else 1.0, stray=stray))
     stray = {r["path"]: r["stray"] for r in rows if r["stray"]}
     if stray:
@@ -187,17 +192,18 @@ def density(model) -> float:
 
 
 def summary(model, print_fn=print):
-    """Prints a table of layer, weight shape, active/total and density per weight."""
+    """Prints a table of layer, weight shape, pattern, active/total and density per weight."""
     rows = layer_stats(model)
-    header = f"{'layer':<28} {'weight':<34} {'shape':<20} {'active/total':>22} {'density':>8}"
+    header = (f"{'layer':<28} {'weight':<34} {'shape':<20} {'pattern':<12} {'active/total':>22} "
+              f"{'density':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         counts = f"{r['active']}/{r['total']}"
-        lines.append(f"{r['layer']:<28} {r['path']:<34} {str(r['shape']):<20} "
+        lines.append(f"{r['layer']:<28} {r['path']:<34} {str(r['shape']):<20} {r['pattern']:<12} "
                      f"{counts:>22} {r['density']:>8.4f}")
     active = sum(r["active"] for r in rows)
     total = sum(r["total"] for r in rows)
     lines.append("-" * len(header))
-    lines.append(f"{'total':<84} {f'{active}/{total}':>22} "
+    lines.append(f"{'total':<97} {f'{active}/{total}':>22} "
                  f"{(active / total if total else 1.0):>8.4f}")
     print_fn("\n".join(lines))

@@ -47,7 +47,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import distributions, topology
+from keras_dst import distributions, topology, validation
 
 KINDS = ("unstructured", "block", "nm", "fan_in")
 ACCEPTED = "'unstructured', '1xB' (B >= 2, e.g. '1x4'), 'N:M' (1 <= N < M, e.g. '2:4'), 'fan_in', or None"
@@ -187,7 +187,7 @@ def check_density(pattern: PatternLike, density: Optional[float], name: str) -> 
         return fixed
     if density is None:
         raise ValueError(f"{name}: pattern '{pattern}' needs a density (only N:M patterns fix their own).")
-    return distributions._check_fraction(density, f"{name}: density", allow_zero=True)
+    return validation.check_density(density, f"{name}: density", allow_zero=True)
 
 
 def _round(x: float) -> int:
