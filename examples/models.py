@@ -112,6 +112,21 @@ def conv_cifar10(input_shape, num_classes):
     return keras.Model(inputs, outputs, name="conv_cifar10")
 
 
+def conv_digits(input_shape, num_classes):
+    """A small conv net for 8 x 8 digits (the offline conv setup): three 3x3 convolutions
+    (32, 64, 64 filters, same padding, two 2x2 max-pools), global average pooling, a
+    linear classifier."""
+    inputs = keras.Input(input_shape)
+    x = torch_conv(inputs, 32, 3, "relu", padding="same", name="conv1")
+    x = L.MaxPooling2D(2)(x)
+    x = torch_conv(x, 64, 3, "relu", padding="same", name="conv2")
+    x = L.MaxPooling2D(2)(x)
+    x = torch_conv(x, 64, 3, "relu", padding="same", name="conv3")
+    x = L.GlobalAveragePooling2D()(x)
+    outputs = torch_dense(x, num_classes, name="fc")
+    return keras.Model(inputs, outputs, name="conv_digits")
+
+
 def lenet5(input_shape, num_classes):
     """Caffe LeNet-5 (the reference's `mlp_fmnist`): conv5x5 20, conv5x5 50, 500, classes."""
     inputs = keras.Input(input_shape)
@@ -217,6 +232,7 @@ MODELS = {
     "mlp_digits": mlp_digits,
     "mlp_cifar10": mlp_cifar10,
     "conv_cifar10": conv_cifar10,
+    "conv_digits": conv_digits,
     "lenet5": lenet5,
     "mlp_higgs": mlp_higgs,
     "resnet20": lambda s, c: resnet(s, c, depth=20),

@@ -33,7 +33,8 @@ from examples import train  # noqa: E402
 import keras_dst  # noqa: E402
 
 SWEPT = ("method", "prune", "grow", "density", "seed", "output_dir")
-COLUMNS = ("key", "method", "prune", "grow", "density", "seed", "model", "dataset", "epochs",
+COLUMNS = ("key", "method", "prune", "grow", "density", "pattern", "seed", "model", "dataset",
+           "epochs",
            "final_test_accuracy", "best_val_test_accuracy", "best_val_accuracy",
            "actual_density", "train_time_s", "steps", "output_dir")
 # Settings that do not change a run's result (left out of its key).
@@ -41,7 +42,7 @@ NOT_IN_KEY = ("output_dir", "data_dir", "verbose", "cache", "tpu")
 # Settings that only matter to some methods.
 DST_ONLY = ("prune", "grow", "update_every", "prune_rate", "schedule", "ordering", "scope",
             "grow_exact")
-SPARSE_ONLY = ("density", "distribution", "init")
+SPARSE_ONLY = ("density", "distribution", "init", "pattern")
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -112,6 +113,8 @@ def run_key(config):
     ignored = set(NOT_IN_KEY)
     if not config.get("overlap"):  # off: same key as before the flag existed
         ignored.add("overlap")
+    if config.get("pattern", "unstructured") == "unstructured":  # likewise
+        ignored.add("pattern")
     if config["method"] != "dst":
         ignored.update(DST_ONLY)
     if config["method"] == "dense":
@@ -140,8 +143,15 @@ def _run_name(config, key):
 def _append_row(csv_path, row):
     new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    columns = COLUMNS
+    if not new:  # a CSV written before a column existed keeps its header
+        with open(csv_path, newline="") as f:
+            columns = tuple(next(csv.reader(f)))
+        if row.get("pattern", "unstructured") != "unstructured" and "pattern" not in columns:
+            raise ValueError(f"{csv_path} has no 'pattern' column (written by an earlier "
+                             "version); write runs with --pattern to a new CSV.")
     with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -203,7 +213,9 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
             "key": key, "method": config["method"],
             "prune": config["prune"] if config["method"] == "dst" else "",
             "grow": config["grow"] if config["method"] == "dst" else "",
-            "density": config["density"] if sparse else 1.0, "seed": config["seed"],
+            "density": config["density"] if sparse else 1.0,
+            "pattern": config.get("pattern", "unstructured") if sparse else "",
+            "seed": config["seed"],
             "model": config["model"], "dataset": config["dataset"], "epochs": config["epochs"],
             **{k: results[k] for k in ("final_test_accuracy", "best_val_test_accuracy",
                                        "best_val_accuracy", "train_time_s", "steps")},

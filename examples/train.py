@@ -65,6 +65,10 @@ FLAG_SPECS = [
      ("erk", "er", "uniform")),
     ("enum", "init", "exact", "Initial masks: exact counts, or i.i.d. Bernoulli (reference).",
      ("exact", "bernoulli")),
+    ("string", "pattern", "unstructured", "Sparsity pattern of the sparsified weights "
+     "(static/dst): unstructured, 1xB (e.g. 1x4: blocks along the input axis), N:M (e.g. "
+     "2:4; --density must then be N/M) or fan_in. Layers whose input axis cannot take it "
+     "stay unstructured (printed).", None),
     ("enum", "prune", "magnitude", "DST pruning criterion.", keras_dst.criterion_names()),
     ("enum", "grow", "random", "DST growth rule.", keras_dst.growth_names()),
     ("integer", "update_every", 50, "DST update period ΔT in optimizer steps "
@@ -167,6 +171,12 @@ def validate(config):
             raise ValueError(f"--{name}={value}: {CHECKS[name][1]}")
     if config.get("overlap") and config.get("method") == "dense":
         raise ValueError("--overlap needs a sparse model: --method static, dst or gmp")
+    if "pattern" in config:
+        pattern = keras_dst.patterns.parse(config["pattern"])  # ValueError names the value
+        if pattern.kind != "unstructured" and config.get("method") == "gmp":
+            raise ValueError(f"--pattern={pattern}: gmp prunes unstructured; use --method dst")
+        if pattern.kind == "nm" and "density" in config:
+            keras_dst.patterns.check_density(pattern, config["density"], "--density")
 
 
 # -- building blocks -----------------------------------------------------------------
@@ -200,7 +210,29 @@ def build_model(config, info):
     return keras_dst.prunable(model, density=config["density"],
                               distribution=config["distribution"], init=config["init"],
                               seed=config["seed"],
-                              track_running_scores=config["prune"].startswith("running_"))
+                              track_running_scores=config["prune"].startswith("running_"),
+                              pattern=config["pattern"],
+                              pattern_overrides=unfit_layers(model, config["pattern"]))
+
+
+def unfit_layers(model, pattern):
+    """{layer name: "unstructured"} for the layers whose kernels cannot take `pattern`
+    (e.g. a first convolution with 3 input channels and 1x4 blocks), printed."""
+    pattern = keras_dst.patterns.parse(pattern)
+    unfit = {}
+    for layer in keras_dst.compat.flatten_layers(model):
+        if isinstance(layer, keras.Model) or not keras_dst.layers.is_supported(layer) \
+                or keras_dst.layers.needs_no_wrapping(layer):
+            continue
+        for weight in keras_dst.layers.prunable_weights(layer):
+            try:
+                keras_dst.patterns.check(pattern, tuple(weight.shape), layer.name)
+            except ValueError:
+                unfit[layer.name] = "unstructured"
+    if unfit:
+        print(f"pattern {pattern}: layers {sorted(unfit)} stay unstructured (their input "
+              "axis is not a multiple of the pattern's block or group)")
+    return unfit
 
 
 def sparsity_callbacks(config, total_steps):

@@ -64,7 +64,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from keras_dst import topology
+from keras_dst import patterns, topology
 from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
 from keras_dst.topology import select_highest, select_lowest
@@ -375,7 +375,8 @@ def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
 
 
 def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,
-                  normalize: str = "none", norm_type: str = "max") -> List[tf.Tensor]:
+                  normalize: str = "none", norm_type: str = "max",
+                  patterns_list: Optional[Sequence[patterns.Pattern]] = None) -> List[tf.Tensor]:
     """Prunes `count` active entries across the tensors of `inputs_list` with a criterion.
 
     Layer scope is a one-element list; global scope passes every layer (one
@@ -400,17 +401,26 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
         `criterion.score` (e.g. the EMA state of a running criterion).
       normalize: one of `topology.NORMALIZE_MODES`.
       norm_type: one of `topology.NORM_TYPES` ("max" or "sum").
+      patterns_list: one `patterns.Pattern` per tensor, or None (all
+        unstructured). With 1xB blocks (every tensor of the list then has the
+        same B), whole blocks are pruned: the (normalised) scores are summed per
+        block (`patterns.block_scores`) and `count` counts blocks. Other
+        patterns prune entries (their groups are refilled by the growth step).
 
     Returns:
       List of new bool masks, one per tensor (subsets of the old masks). The
-      number removed is exactly `min(count, total active)` for score criteria;
-      selection criteria define their own count.
+      number removed is exactly `min(count, total active)` for score criteria
+      (in blocks for 1xB); selection criteria define their own count.
 
     Raises:
-      ValueError: a selection criterion with `normalize` other than "none";
-        unknown `normalize` or `norm_type`.
+      ValueError: a selection criterion with `normalize` other than "none" or
+        with 1xB blocks; unknown `normalize` or `norm_type`.
     """
     masks = [i.mask for i in inputs_list]
+    blocks = patterns_list is not None and any(p.kind == "block" for p in patterns_list)
+    if blocks and criterion.select is not None:
+        raise ValueError(f"Criterion {criterion.name!r} selects entries by a sign rule and cannot "
+                         "prune whole 1xB blocks; use a score criterion (e.g. 'magnitude').")
     if criterion.select is not None and scores_list is None:
         if normalize != "none":
             raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
@@ -421,7 +431,11 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
     if scores_list is None:
         scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
     scores_list = [topology.normalize(s, i.mask, normalize, norm_type) for s, i in zip(scores_list, inputs_list)]
-    return topology.global_prune(scores_list, masks, count)
+    if not blocks:
+        return topology.global_prune(scores_list, masks, count)
+    kept = topology.global_prune([patterns.block_scores(p, s) for p, s in zip(patterns_list, scores_list)],
+                                 [patterns.block_mask(p, m) for p, m in zip(patterns_list, masks)], count)
+    return [patterns.expand_blocks(p, k, m.shape) for p, k, m in zip(patterns_list, kept, masks)]
 
 
 def ema_update(state: tf.Tensor, score: tf.Tensor, initialized, beta) -> tf.Tensor:

@@ -31,6 +31,7 @@ import tensorflow as tf
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions
 from keras_dst import optimizer_state as optimizer_state_lib
+from keras_dst import patterns
 from keras_dst import topology
 from keras_dst.hooks import Hook, state_variable
 from keras_dst.scoring import ScoreInputs
@@ -39,6 +40,44 @@ from keras_dst.topology import count_true
 
 def _f32(x):
     return tf.cast(x, tf.float32)
+
+
+def check_patterns(targets, criterion, growth, scope, grow_exact):
+    """Refuses a DST configuration that cannot keep the targets' sparsity patterns exact.
+
+    * 1xB blocks are pruned by a score: the SET family (a sign rule over
+      entries) is refused; in global scope every target must have the same
+      block size (one ranking of equal units).
+    * N:M and fan_in refill every group with the growth rule: ``grow=None``
+      (pruning without regrowth) would break the per-group counts.
+    * Structured patterns keep exact counts: the Bernoulli random growth
+      (``grow_exact=False``) is refused.
+
+    Raises:
+      ValueError: naming the first offending weight, its pattern and the remedy.
+    """
+    structured = [t for t in targets if t.pattern.kind != "unstructured"]
+    if not structured:
+        return
+    first = structured[0]
+    where = f"weight '{first.weight.path}' has pattern '{first.pattern}'"
+    blocks = [t for t in structured if t.pattern.kind == "block"]
+    if blocks and criterion.select is not None:
+        raise ValueError(f"DynamicSparseTraining(prune='{criterion.name}'): weight "
+                         f"'{blocks[0].weight.path}' has 1xB blocks, which are pruned by a "
+                         "score; the SET rules select single entries. Use a score criterion "
+                         "(e.g. 'magnitude').")
+    if scope == "global" and blocks and len({str(t.pattern) for t in targets}) > 1:
+        raise ValueError("DynamicSparseTraining(scope='global'): 1xB blocks are ranked across "
+                         "layers only when every sparsified weight has the same pattern; got "
+                         f"{sorted({str(t.pattern) for t in targets})}. Use scope='layer'.")
+    if growth is None and any(t.pattern.kind in ("nm", "fan_in") for t in structured):
+        raise ValueError(f"DynamicSparseTraining(grow=None): {where}; N:M and fan_in keep "
+                         "exact counts per group by regrowing what each group lost. Pass a "
+                         "growth rule (e.g. grow='gradient').")
+    if not grow_exact and growth is not None and growth.name == "random":
+        raise ValueError(f"DynamicSparseTraining(grow_exact=False): {where}; structured "
+                         "patterns keep exact counts. Use grow_exact=True.")
 
 
 class TopologyEngine(Hook):
@@ -68,6 +107,8 @@ class TopologyEngine(Hook):
         self.optimizer_state = optimizer_state
         self.normalize = normalize
         self.norm_type = norm_type
+        self._patterns = [t.pattern for t in self.targets]
+        check_patterns(self.targets, criterion, growth, scope, grow_exact)
         self._seeds = [(distributions.stable_seed(seed, i, "prune"),
                         distributions.stable_seed(seed, i, "grow"))
                        for i in range(len(self.targets))]
@@ -187,16 +228,19 @@ class TopologyEngine(Hook):
             if self.criterion.ema else None
         finite = [self._finite(x) for x in inputs]
         options = dict(normalize=self.normalize, norm_type=self.norm_type)
+        units = [count_true(patterns.selection_units(t.pattern, x.mask))
+                 for t, x in zip(self.targets, inputs)]  # active blocks for 1xB
         if self.scope == "global":
-            count = topology.prune_count(tf.add_n([count_true(x.mask) for x in inputs]), rate)
-            pruned = criteria_lib.select_pruned(self.criterion, inputs, count,
-                                                scores_list=scores, **options)
+            count = topology.prune_count(tf.add_n(units), rate)
+            pruned = criteria_lib.select_pruned(self.criterion, inputs, count, scores_list=scores,
+                                                patterns_list=self._patterns, **options)
             finite = [tf.reduce_all(tf.stack(finite))] * len(inputs)
         else:
             pruned = [criteria_lib.select_pruned(
-                self.criterion, [x], topology.prune_count(count_true(x.mask), rate),
-                scores_list=None if scores is None else [s], **options)[0]
-                for x, s in zip(inputs, scores or [None] * len(inputs))]
+                self.criterion, [x], topology.prune_count(active, rate),
+                scores_list=None if scores is None else [s], patterns_list=[p], **options)[0]
+                for x, s, active, p in zip(inputs, scores or [None] * len(inputs), units,
+                                           self._patterns)]
         return [tf.where(ok, p, x.mask) for p, ok, x in zip(pruned, finite, inputs)], finite
 
     def _update(self, optimizer, step, grads):
@@ -207,7 +251,7 @@ class TopologyEngine(Hook):
         for i, (t, m_pruned) in enumerate(zip(self.targets, pruned)):
             m_old = tf.convert_to_tensor(t.mask)
             removed = count_true(m_old) - count_true(m_pruned)
-            m_new = self._regrow(optimizer, i, step, grads[i], m_pruned, removed)
+            m_new = self._regrow(optimizer, i, step, grads[i], m_old, m_pruned, removed)
             # As the reference (`apply_mask()` once, after pruning and growth): an entry
             # active before and after the update keeps its value, even if it was pruned
             # and regrown in this update; an entry that was inactive starts from 0; a
@@ -230,11 +274,26 @@ class TopologyEngine(Hook):
             tf.reduce_sum(tf.cast(tf.logical_not(tf.stack(finite)), tf.int64)))
         return tf.no_op()
 
-    def _regrow(self, optimizer, index, step, grad, pruned, count):
+    def _regrow(self, optimizer, index, step, grad, before, pruned, count):
+        """The mask after growth: as many entries as pruned (`count`), in the pattern's units.
+
+        Unstructured: `count` inactive entries of highest growth score (or the
+        reference's Bernoulli draw); 1xB: as many whole blocks as were pruned,
+        by the growth scores summed per block; N:M and fan_in: every group
+        (M-group, output unit) regrows what it lost (`patterns.refill`).
+        """
         if self.growth is None:
             return pruned
         if not self.grow_exact and self.growth.name == "random":
             seed = tf.stack([tf.constant(self._seeds[index][1], tf.int64), step])
             return topology.grow_bernoulli(pruned, count, seed)
-        inputs = self._inputs(optimizer, index, step, grad, pruned, 1)
-        return topology.grow(self.growth.evaluate(inputs), pruned, count)
+        pattern = self._patterns[index]
+        scores = self.growth.evaluate(self._inputs(optimizer, index, step, grad, pruned, 1))
+        if pattern.kind == "unstructured":
+            return topology.grow(scores, pruned, count)
+        if pattern.kind == "block":
+            blocks = patterns.block_mask(pattern, pruned)
+            lost = count_true(patterns.block_mask(pattern, before)) - count_true(blocks)
+            grown = topology.grow(patterns.block_scores(pattern, scores), blocks, lost)
+            return patterns.expand_blocks(pattern, grown, pruned.shape)
+        return patterns.refill(pattern, before, pruned, scores)

@@ -212,6 +212,12 @@ class GradualPruning(HookedCallback):
 
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="GradualPruning")
+        structured = [t for t in targets if t.pattern.kind != "unstructured"]
+        if structured:
+            raise ValueError(
+                f"GradualPruning: weight '{structured[0].weight.path}' has pattern "
+                f"'{structured[0].pattern}'; gradual magnitude pruning keeps TF-MOT's "
+                "unstructured semantics. Use DynamicSparseTraining for structured patterns.")
         return GradualEngine(targets, self._update_steps(), initial_density=self.initial_density,
                              final_density=self.final_density, power=self.power)
 

@@ -287,6 +287,12 @@ def block_mask(pattern: PatternLike, mask: tf.Tensor) -> tf.Tensor:
     return tf.reduce_any(tf.reshape(mask, _block_view(pattern, shape)), axis=-2)
 
 
+def selection_units(pattern: PatternLike, mask: tf.Tensor) -> tf.Tensor:
+    """The mask in the units a prune counts: blocks for 1xB (`block_mask`), else entries."""
+    pattern = parse(pattern)
+    return block_mask(pattern, mask) if pattern.kind == "block" else mask
+
+
 def expand_blocks(pattern: PatternLike, blocks: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
     """Expands a per-block tensor ``[..., I / B, O]`` to the kernel shape ``[..., I, O]``.
 
