@@ -125,6 +125,9 @@ flags.DEFINE_integer("steps_per_epoch", 100, "steps per epoch of the main varian
                      "(a multiple of --update_every makes the 'direct' column cover updates)")
 flags.DEFINE_integer("batch_size", 128, "batch size")
 flags.DEFINE_float("density", 0.1, "global density of the sparse variants (ERK)")
+flags.DEFINE_string("pattern", "unstructured", "sparsity pattern of the sparse variants "
+                    "(unstructured, 1xB, N:M, fan_in; layers that cannot take it stay "
+                    "unstructured); use a --prefix per pattern")
 flags.DEFINE_integer("update_every", 100, "ΔT of the DST variants")
 flags.DEFINE_enum("update_cost", "both", ["isolated", "every1", "both", "none"],
                   "how to measure one mask update (see the module docstring)")
@@ -180,7 +183,10 @@ def build_variant(keras, keras_dst, model_name, variant, total_steps=None, quick
     keras.utils.set_random_seed(FLAGS.seed)
     model = bench_models.build(keras, model_name, quick=FLAGS.quick if quick is None else quick)
     if variant != "dense":
-        model = keras_dst.prunable(model, density=FLAGS.density, seed=FLAGS.seed)
+        pattern = keras_dst.patterns.parse(FLAGS.pattern)
+        model = keras_dst.prunable(
+            model, density=None if pattern.kind == "nm" else FLAGS.density, seed=FLAGS.seed,
+            pattern=pattern, pattern_overrides=unfit_layers(keras_dst, model, pattern))
     model.compile(optimizer=keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=FLAGS.jit_compile)
@@ -192,6 +198,20 @@ def build_variant(keras, keras_dst, model_name, variant, total_steps=None, quick
                                                    update_every=every, seed=FLAGS.seed,
                                                    total_steps=total_steps)
     return model, callback
+
+
+def unfit_layers(keras_dst, model, pattern):
+    """{layer name: "unstructured"} for the layers whose kernels cannot take `pattern`."""
+    unfit = {}
+    for layer in keras_dst.compat.flatten_layers(model):
+        if not keras_dst.layers.is_supported(layer) or keras_dst.layers.needs_no_wrapping(layer):
+            continue
+        for weight in keras_dst.layers.prunable_weights(layer):
+            try:
+                keras_dst.patterns.check(pattern, tuple(weight.shape), layer.name)
+            except ValueError:
+                unfit[layer.name] = "unstructured"
+    return unfit
 
 
 class FitVariant(bench_utils.KerasFitParticipant):
@@ -938,7 +958,8 @@ def main(argv):
               ("epochs", "steps_per_epoch", "batch_size", "update_every", "every1_steps",
                "isolated_repeats", "first_fit_repeats", "fit_loop_calls")}
     config.update(fit_call_steps=setting("fit_call_steps"), fit_calls_only=FLAGS.fit_calls_only,
-                  density=FLAGS.density, update_cost=FLAGS.update_cost, quick=FLAGS.quick,
+                  density=FLAGS.density, pattern=FLAGS.pattern, update_cost=FLAGS.update_cost,
+                  quick=FLAGS.quick,
                   jit_compile=FLAGS.jit_compile, learning_rate=FLAGS.learning_rate,
                   keras_dst=keras_dst.__version__, command=" ".join(sys.argv))
     for model_name in FLAGS.models:
