@@ -1,4 +1,5 @@
-r"""Figures from sweep results: the paper's Figure 1 and a criteria-overlap heatmap.
+r"""Figures from sweep results: the paper's Figure 1, a criteria-overlap heatmap, and
+accuracy per sparsity pattern (``--patterns a.csv,b.csv``).
 
 Figure 1: test accuracy vs. density (log x), one column per setup (model / dataset),
 one row per growth rule, one curve per criterion with mean ± std over seeds, static
@@ -26,6 +27,7 @@ from absl import app, flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 METRICS = ("best_val_test_accuracy", "final_test_accuracy")
@@ -153,6 +155,69 @@ def summary_table(rows, metric="best_val_test_accuracy"):
     return "\n".join(lines)
 
 
+def _setups(rows):
+    return sorted({(r["model"], r["dataset"]) for r in rows})
+
+
+def plot_patterns(rows_or_csvs, out="patterns", metric="best_val_test_accuracy"):
+    """Accuracy vs density per sparsity pattern (DST rows of one or more sweep CSVs).
+
+    One panel per setup (model / dataset), one curve per pattern with mean ± std over
+    seeds, the dense model as a dashed line. Returns the written paths.
+    """
+    rows = []
+    for source in ([rows_or_csvs] if isinstance(rows_or_csvs, str) else rows_or_csvs):
+        rows += read_rows(source) if isinstance(source, str) else [source]
+    setups = _setups(rows)
+    if not setups:
+        raise ValueError("no rows to plot")
+    fig, axes = plt.subplots(1, len(setups), figsize=(5.0 * len(setups), 3.6), squeeze=False)
+    for ax, (model, dataset) in zip(axes[0], setups):
+        mine = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
+        dense = [r[metric] for r in mine if r["method"] == "dense"]
+        if dense:
+            ax.axhline(np.mean(dense), color="k", linestyle="--", linewidth=1, label="dense")
+        for pattern in sorted({r.get("pattern") or "unstructured" for r in mine
+                               if r["method"] == "dst"}):
+            curve = [r for r in mine if r["method"] == "dst"
+                     and (r.get("pattern") or "unstructured") == pattern]
+            _curve(ax, _mean_std(curve, metric), pattern)
+        ax.set_xscale("log")
+        ticks = sorted({r["density"] for r in mine if r["method"] == "dst"})
+        ax.set_xticks(ticks, [f"{d:g}" for d in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_title(f"{model} / {dataset}")
+        ax.set_xlabel("density")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def pattern_table(rows_or_csvs, metric="best_val_test_accuracy"):
+    """Markdown: mean ± std (seeds) per setup, pattern and density, and the difference to
+    unstructured DST at the same density in percentage points."""
+    rows = []
+    for source in ([rows_or_csvs] if isinstance(rows_or_csvs, str) else rows_or_csvs):
+        rows += read_rows(source)
+    lines = ["| setup | pattern | density | accuracy (mean ± std, seeds) | vs unstructured |",
+             "|---|---|---|---|---|"]
+    for model, dataset in _setups(rows):
+        mine = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
+        groups = collections.defaultdict(list)
+        for r in mine:
+            key = ("dense", 1.0) if r["method"] == "dense" else (
+                r.get("pattern") or "unstructured", r["density"])
+            groups[key].append(r[metric])
+        for (pattern, density), values in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            base = groups.get(("unstructured", density))
+            diff = ("" if pattern in ("unstructured", "dense") or not base
+                    else f"{100 * (np.mean(values) - np.mean(base)):+.1f} pp")
+            lines.append(f"| {model} / {dataset} | {pattern} | {density:g} | "
+                         f"{np.mean(values):.4f} ± {np.std(values):.4f} ({len(values)}) | {diff} |")
+    return "\n".join(lines)
+
+
 def read_matrix(source):
     """(names, matrix) from a dict, a JSON file or a CSV file with a header of names."""
     if isinstance(source, dict):
@@ -204,6 +269,9 @@ def define_flags(flag_values=flags.FLAGS):
                       flag_values=flag_values)
     flags.DEFINE_float("ymin", None, "Bottom of Figure 1's y axes (default: automatic); "
                        "curves below it are marked in the legend.", flag_values=flag_values)
+    flags.DEFINE_list("patterns", None, "Sweep CSVs with a pattern column (sweep.py --pattern): "
+                      "accuracy vs density per pattern, one panel per setup, and a table.",
+                      flag_values=flag_values)
     flags.DEFINE_string("title", None, "Title of the overlap heatmap (default: 'Jaccard index "
                         "of pruned sets').", flag_values=flag_values)
 
@@ -219,8 +287,17 @@ def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
-    if bool(FLAGS.csv) == bool(FLAGS.overlap):
-        sys.exit("error: pass exactly one of --csv (Figure 1) or --overlap (heatmap)")
+    if sum(bool(v) for v in (FLAGS.csv, FLAGS.overlap, FLAGS.patterns)) != 1:
+        sys.exit("error: pass exactly one of --csv (Figure 1), --overlap (heatmap) or "
+                 "--patterns (accuracy per sparsity pattern)")
+    if FLAGS.patterns:
+        try:
+            print(pattern_table(FLAGS.patterns, FLAGS.metric))
+            paths = plot_patterns(FLAGS.patterns, FLAGS.out or "patterns", FLAGS.metric)
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"error: {type(e).__name__}: {e}")
+        print("wrote " + ", ".join(paths))
+        return
     try:
         if FLAGS.csv:
             print(f"{FLAGS.metric}: mean ± std over seeds (number of seeds)")
