@@ -137,7 +137,8 @@ def test_orientation_tflite_blocks_run_along_the_keras_input_axis(tmp_path):
     blocked = [c for c in constants if c.block == 4]
     assert len(blocked) == 2
     for c in blocked:
-        match = [k for k in kernels.values() if k.T.shape == c.shape and np.array_equal(k.T, c.values)]
+        match = [k for k in kernels.values()
+                 if k.T.shape == c.shape and np.array_equal(k.T, c.values)]
         assert len(match) == 1, c.name
     assert by_weight(report)["fc1/kernel"].shape == (16, 8)
 
@@ -166,7 +167,8 @@ def test_conv_net_outputs_equal_and_convolutions_are_densified(tmp_path):
         assert rows[path].stored == "densified (CSR)", path
         assert "has no sparse kernel" in rows[path].why
     assert "folded BatchNormalization" in rows["conv1/kernel"].why
-    assert rows["conv1/kernel"].op == "CONV_2D" and rows["depthwise/kernel"].op == "DEPTHWISE_CONV_2D"
+    assert rows["conv1/kernel"].op == "CONV_2D"
+    assert rows["depthwise/kernel"].op == "DEPTHWISE_CONV_2D"
     assert report.file_bytes < report.dense_file_bytes
 
 
@@ -180,7 +182,8 @@ def test_every_supported_layer_type_outputs_equal_and_is_found(tmp_path):
     rows = by_weight(report)
     assert len(rows) == len(keras_dst.sparse_targets(model))
     assert not [w for w in report.weights if w.stored == "not found"]
-    assert rows["embedding/embeddings"].stored == "dense" and rows["embedding/embeddings"].op == "GATHER"
+    assert rows["embedding/embeddings"].stored == "dense"
+    assert rows["embedding/embeddings"].op == "GATHER"
     assert "never compressed" in rows["conv3d/kernel"].why
     assert rows["mha/query/kernel"].op == "FULLY_CONNECTED"
     assert rows["conv2d_transpose/kernel"].op == "TRANSPOSE_CONV"
