@@ -788,8 +788,19 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
                    "are not: compressed, expanded to dense at load (DENSIFY): smaller, dense "
                    "speed")
         else:
-            why = (f"its zeros are not in 1x{need} blocks (what the {kind} sparse {op} kernel "
-                   "needs): compressed, expanded to dense at load (DENSIFY): smaller, dense speed")
+            share = _block_zero_share(c.values, need)
+            threshold = 80 if quantize == "int8" else 90
+            if share is None:
+                detail = "its zeros are not in such blocks"
+            else:
+                detail = (f"only {share:.0%} of its zeros fill such blocks (the converter needs "
+                          f"> {threshold} %")
+                if w.pattern.kind == "block" and w.pattern.block % need == 0:
+                    detail += "; int8 rounding set small active weights to 0"
+                detail += ")"
+            why = (f"the {kind} sparse {op} kernel runs on all-zero 1x{need} blocks, but "
+                   f"{detail}: compressed, expanded to dense at load (DENSIFY): smaller, "
+                   "dense speed")
     else:
         stored = "dense"
         if not sparsity:
@@ -806,6 +817,19 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
         else:
             why = "kept dense by the converter"
     return _row(w, stored, op, why + note, c.nbytes)
+
+
+def _block_zero_share(values, block):
+    """Fraction of the zeros of a rank-2 [out, in] weight that lie in all-zero 1x`block`
+    blocks along `in` (the converter's block-over-random sparsity ratio); None when it does
+    not apply (another rank, `in` not a multiple of `block`, no zeros)."""
+    if values.ndim != 2 or values.shape[1] % block:
+        return None
+    zeros = np.count_nonzero(values == 0)
+    if not zeros:
+        return None
+    blocks = values.reshape(values.shape[0], -1, block)
+    return float(np.count_nonzero(np.all(blocks == 0, axis=-1)) * block / zeros)
 
 
 # --------------------------------------------------------------------------- #
