@@ -38,7 +38,7 @@ COLUMNS = ("key", "method", "prune", "grow", "density", "pattern", "seed", "mode
            "final_test_accuracy", "best_val_test_accuracy", "best_val_accuracy",
            "actual_density", "train_time_s", "steps", "output_dir")
 # Settings that do not change a run's result (left out of its key).
-NOT_IN_KEY = ("output_dir", "data_dir", "verbose", "cache", "tpu")
+NOT_IN_KEY = ("output_dir", "data_dir", "verbose", "cache", "tpu", "export")
 # Settings that only matter to some methods.
 DST_ONLY = ("prune", "grow", "update_every", "prune_rate", "schedule", "ordering", "scope",
             "grow_exact")

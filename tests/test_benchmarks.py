@@ -194,6 +194,25 @@ def test_memory_quick(tmp_path):
     assert "DST - dense" in (tmp_path / "cpu_memory.md").read_text()
 
 
+@pytest.mark.slow
+def test_export_latency_quick(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    run_script("export_latency.py", f"--out={tmp_path}", "--patterns=1x4,unstructured",
+               "--batch_sizes=1,2")
+    doc = json.loads((tmp_path / "quick_export.json").read_text())
+    check_machine(doc["machine"])
+    variants = doc["models"]["mlp"]["variants"]
+    assert [v["name"] for v in variants] == ["dense", "1x4@0.1", "unstructured@0.1"]
+    for v in variants:
+        assert [(l["batch"], l["threads"]) for l in v["latency"]] == [(1, 1), (2, 1)]
+        assert all(l["median_us"] > 0 and l["speedup"] > 0 for l in v["latency"])
+    assert variants[1]["sparse_kernels"] >= 2 and variants[1]["size_ratio"] < 0.2
+    assert variants[2]["densify_ops"] >= 2
+    md = (tmp_path / "quick_export.md").read_text()
+    assert "## mlp" in md and "Targets (issue)" in md and "densified (CSR)" in md
+    assert (tmp_path / "quick_export_speedup.png").stat().st_size > 0
+
+
 @pytest.mark.tfmot
 def test_overhead_quick_against_tfmot(tmp_path):
     # find_spec, not import: importing TFMOT would switch this process to tf_keras

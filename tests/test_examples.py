@@ -240,6 +240,31 @@ def test_dst_logs_and_checkpoints_reload(tmp_path):
         assert any((out / "tb").rglob("*tfevents*"))
 
 
+@pytest.mark.parametrize("fmt", ["litert", "tf_saved_model"])
+def test_export_flag_evaluates_the_exported_model(tmp_path, fmt, capsys):
+    """--export: the trained model is exported and scored on the test set; LiteRT also
+    reports its size and batch-1 speedup against the dense export (the issue's one command,
+    `train.py --pattern 1x4 --density 0.05 --export litert`, on a short run)."""
+    if fmt == "litert":
+        pytest.importorskip("ai_edge_litert")
+    results = train.run({**DIGITS, "output_dir": str(tmp_path / "run"), "pattern": "1x4",
+                         "density": 0.05, "export": fmt})
+    exported = results["export"]
+    out = pathlib.Path(results["output_dir"])
+    assert json.loads((out / "results.json").read_text())["export"] == exported
+    # float32 export: same predictions up to float rounding, so the same accuracy
+    assert exported["test_accuracy"] == pytest.approx(results["final_test_accuracy"], abs=0.01)
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed
+    if fmt == "litert":
+        assert (out / "model.tflite").exists() and (out / "model_dense.tflite").exists()
+        assert exported["size_ratio"] < 0.2 and exported["speedup"] > 0
+        assert set(exported["stored"].values()) == {"sparse (block 1x4)"}
+        assert "x faster" in printed and "x the dense export" in printed
+    else:
+        assert (out / "saved_model" / "saved_model.pb").exists()
+
+
 LOAD_ALONE = """
 import json, sys
 import keras, keras_dst
@@ -446,6 +471,7 @@ BAD_TRAIN_FLAGS = {
     "prune_rate": ["--prune_rate", "2"],
     "not_a_number": ["--lr", "fast"],
     "unknown_flag": ["--learning_rate", "0.1"],
+    "export": ["--export", "onnx"],
 }
 
 

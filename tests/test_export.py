@@ -1,0 +1,371 @@
+"""keras_dst.export: LiteRT / SavedModel exports compute what `strip(model)` computes, and the
+report says truthfully (read back from the .tflite flatbuffer) what the converter stored sparse.
+
+Tests that run an export need the LiteRT runtime (``pip install "keras-dst[litert]"``) and skip
+without it; conversion-only tests (the report, the errors) need TensorFlow alone.
+"""
+
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dst
+from conftest import all_layers_data, all_layers_model
+from keras_dst.export import LiteRTModel, _read_constants
+
+try:
+    import ai_edge_litert  # noqa: F401
+    HAS_LITERT = True
+except ImportError:
+    HAS_LITERT = False
+needs_litert = pytest.mark.skipif(not HAS_LITERT, reason='needs pip install "keras-dst[litert]"')
+
+FLOAT_TOL = 1e-4
+# int8 (README "Deploying a sparse model"): the sparse int8 export computes what the dense
+# int8 export computes up to 2 steps of the output's int8 scale (the 1x16 kernel rounds its
+# accumulators differently); against the float model, the difference is int8 quantisation's:
+# relative RMS error ≤ 0.1 and top-1 agreement ≥ 95 % (random-weight MLPs).
+INT8_RMS_TOL, INT8_TOP1 = 0.1, 0.95
+
+
+def output_step(path):
+    """The int8 quantisation step of the tensor the model's DEQUANTIZE output op reads."""
+    from keras_dst.export import _schema
+    schema = _schema()
+    with open(path, "rb") as f:
+        model = schema.ModelT.InitFromPackedBuf(f.read(), 0)
+    graph = model.subgraphs[0]
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    last = [op for op in graph.operators
+            if codes[op.opcodeIndex] == schema.BuiltinOperator.DEQUANTIZE][-1]
+    return float(graph.tensors[last.inputs[0]].quantization.scale[0])
+
+
+def assert_int8_close(got, expected):
+    rms = np.sqrt(np.mean((got - expected) ** 2) / np.mean(expected ** 2))
+    assert rms <= INT8_RMS_TOL
+    assert np.mean(got.argmax(1) == expected.argmax(1)) >= INT8_TOP1
+
+
+def mlp(sizes=(32, 64, 32, 4), seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((sizes[0],))
+    x = inputs
+    for i, units in enumerate(sizes[1:-1]):
+        x = keras.layers.Dense(units, activation="relu", name=f"fc{i + 1}")(x)
+    return keras.Model(inputs, keras.layers.Dense(sizes[-1], name="head")(x))
+
+
+def conv_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    inputs = keras.Input((12, 12, 8))
+    x = L.Conv2D(16, 3, padding="same", name="conv1")(inputs)
+    x = L.BatchNormalization(name="bn")(x)  # folded into conv1 by the converter
+    x = L.ReLU()(x)
+    x = L.DepthwiseConv2D(3, name="depthwise")(x)
+    x = L.Conv2D(16, 1, activation="relu", name="pointwise")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(4, name="head")(x))
+
+
+def data(shape, n=16, seed=1):
+    return np.random.default_rng(seed).normal(size=(n,) + tuple(shape)).astype("float32")
+
+
+def sparse(model, pattern="unstructured", density=0.1, **kwargs):
+    density = None if ":" in pattern else density
+    return keras_dst.prunable(model, density=density, distribution="uniform", pattern=pattern,
+                              **kwargs)
+
+
+def by_weight(report):
+    return {w.weight: w for w in report.weights}
+
+
+def assert_same_outputs(report, model, x, tol=FLOAT_TOL):
+    expected = keras_dst.strip(model).predict(x, verbose=0)
+    got = report.load().predict(x)
+    assert np.max(np.abs(got - expected)) <= tol
+    return got, expected
+
+
+# --------------------------------------------------------------------------- #
+# Patterns on Dense layers: outputs and storage
+# --------------------------------------------------------------------------- #
+
+
+@needs_litert
+@pytest.mark.parametrize("pattern,stored", [
+    ("1x4", "sparse (block 1x4)"),
+    ("1x16", "sparse (block 1x4)"),  # float32 kernels use 1x4 blocks; 1x16 blocks are 1x4 blocks
+    ("unstructured", "densified (CSR)"),
+    ("2:4", "densified (CSR)"),
+    ("fan_in", "densified (CSR)"),
+])
+def test_dense_mlp_each_pattern_outputs_equal_strip_and_report(tmp_path, pattern, stored):
+    model = sparse(mlp(), pattern)
+    report = keras_dst.export(model, tmp_path / "m.tflite", compare_dense=pattern == "1x4")
+    assert_same_outputs(report, model, data((32,)))
+    assert [w.stored for w in report.weights] == [stored] * 3
+    assert all(w.op == "FULLY_CONNECTED" and w.pattern == pattern for w in report.weights)
+    if stored.startswith("sparse"):
+        assert report.sparse_kernels == 3 and report.densify_ops == 0
+        assert all("runs its sparse kernel" in w.why for w in report.weights)
+    else:
+        assert report.sparse_kernels == 0 and report.densify_ops == 3
+        assert all("of its zeros fill such blocks (the converter needs > 90 %)" in w.why
+                   and "DENSIFY" in w.why for w in report.weights)
+    if pattern == "1x4":  # 10 % of the weights + their block indices, against all of them
+        assert report.dense_file_bytes > report.file_bytes
+        assert report.size_ratio < 0.3
+
+
+def test_orientation_tflite_blocks_run_along_the_keras_input_axis(tmp_path):
+    """FULLY_CONNECTED stores the kernel transposed ([out, in]) and its 1x4 blocks run along
+    dimension 1, the input axis: keras_dst's 1xB axis (kernel axis -2). The decoded sparse
+    tensor is exactly kernel.T."""
+    model = sparse(mlp((16, 8, 4)), "1x4", density=0.25)
+    report = keras_dst.export(model, tmp_path / "m.tflite", compare_dense=False)
+    with open(report.path, "rb") as f:
+        constants, _ = _read_constants(f.read())
+    kernels = {t.weight.path: np.where(t.mask.numpy(), t.weight.numpy(), 0)
+               for t in keras_dst.sparse_targets(model)}
+    blocked = [c for c in constants if c.block == 4]
+    assert len(blocked) == 2
+    for c in blocked:
+        match = [k for k in kernels.values()
+                 if k.T.shape == c.shape and np.array_equal(k.T, c.values)]
+        assert len(match) == 1, c.name
+    assert by_weight(report)["fc1/kernel"].shape == (16, 8)
+
+
+def test_unstructured_at_very_low_density_is_block_encoded_with_stored_zeros(tmp_path):
+    """When >= 90 % of the zeros happen to fill whole 1x4 blocks, the converter block-encodes
+    an unstructured weight too (the report says so)."""
+    model = sparse(mlp((64, 256, 4)), "unstructured", density=0.02)
+    report = keras_dst.export(model, tmp_path / "m.tflite", compare_dense=False)
+    row = by_weight(report)["fc1/kernel"]
+    assert row.stored == "sparse (block 1x4)" and "zeros inside active blocks" in row.why
+
+
+# --------------------------------------------------------------------------- #
+# Other layer types
+# --------------------------------------------------------------------------- #
+
+
+@needs_litert
+def test_conv_net_outputs_equal_and_convolutions_are_densified(tmp_path):
+    model = sparse(conv_net(), "unstructured", density=0.2)
+    report = keras_dst.export(model, tmp_path / "c.tflite")
+    assert_same_outputs(report, model, data((12, 12, 8)))
+    rows = by_weight(report)
+    for path in ("conv1/kernel", "depthwise/kernel", "pointwise/kernel"):
+        assert rows[path].stored == "densified (CSR)", path
+        assert "has no sparse kernel" in rows[path].why
+    assert "folded BatchNormalization" in rows["conv1/kernel"].why
+    assert rows["conv1/kernel"].op == "CONV_2D"
+    assert rows["depthwise/kernel"].op == "DEPTHWISE_CONV_2D"
+    assert report.file_bytes < report.dense_file_bytes
+
+
+@needs_litert
+@pytest.mark.slow
+def test_every_supported_layer_type_outputs_equal_and_is_found(tmp_path):
+    model = keras_dst.prunable(all_layers_model(), density=0.2)
+    report = keras_dst.export(model, tmp_path / "all.tflite", compare_dense=False)
+    x, _ = all_layers_data(8)
+    assert_same_outputs(report, model, x)
+    rows = by_weight(report)
+    assert len(rows) == len(keras_dst.sparse_targets(model))
+    assert not [w for w in report.weights if w.stored == "not found"]
+    assert rows["embedding/embeddings"].stored == "dense"
+    assert rows["embedding/embeddings"].op == "GATHER"
+    assert "never compressed" in rows["conv3d/kernel"].why
+    assert rows["mha/query/kernel"].op == "FULLY_CONNECTED"
+    assert rows["conv2d_transpose/kernel"].op == "TRANSPOSE_CONV"
+    # a list of inputs in the Keras model's order, though the signature sorts them by name
+    assert report.input_names == ["img", "seq", "vol", "tok"]
+
+
+@needs_litert
+def test_plain_model_without_masks_exports_and_reports_its_zeros(tmp_path):
+    model = mlp((16, 8, 4))
+    report = keras_dst.export(model, tmp_path / "d.tflite", compare_dense=False)
+    assert_same_outputs(report, model, data((16,)))
+    assert [w.pattern for w in report.weights] == ["dense"] * 2
+    assert all(w.stored == "dense" and "< 30 % zeros" in w.why for w in report.weights)
+
+
+@needs_litert
+def test_subclassed_model_of_prunable_layers_is_exported_as_it_is(tmp_path):
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fc = keras_dst.prunable(keras.layers.Dense(16, activation="relu"), density=0.1,
+                                         pattern="1x4")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.head(self.fc(x))
+
+    keras.utils.set_random_seed(0)
+    model = Net()
+    x = data((32,))
+    expected = model.predict(x, verbose=0)
+    report = keras_dst.export(model, tmp_path / "s.tflite", compare_dense=False)
+    assert np.max(np.abs(report.load().predict(x) - expected)) <= FLOAT_TOL
+    assert [w.stored for w in report.weights] == ["sparse (block 1x4)"]
+
+
+@needs_litert
+def test_converter_padding_bug_is_repaired(tmp_path):
+    """The converter block-encodes a very sparse weight whose input axis is not a multiple of
+    4 (here 6) and loses values (wrong outputs, TF 2.21); export stores it dense instead."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(256, name="fc")(inputs)
+    model = keras_dst.prunable(keras.Model(inputs, keras.layers.Dense(3, name="head")(x)),
+                               density=0.02, distribution={"fc": 0.02, "head": 1.0})
+    report = keras_dst.export(model, tmp_path / "p.tflite", compare_dense=False)
+    assert_same_outputs(report, model, data((6,), n=64))
+    row = by_weight(report)["fc/kernel"]
+    assert row.stored == "dense" and "loses values" in row.why
+
+
+# --------------------------------------------------------------------------- #
+# int8
+# --------------------------------------------------------------------------- #
+
+
+@needs_litert
+def test_int8_1x16_runs_sparse_kernels_within_the_documented_tolerance(tmp_path):
+    model = sparse(mlp((64, 128, 64, 8)), "1x16")
+    calibration = data((64,), n=128, seed=2)
+    x = data((64,), n=256)
+    dataset = tf.data.Dataset.from_tensor_slices((calibration, np.zeros(128))).batch(16)
+    report = keras_dst.export(model, tmp_path / "q.tflite", quantize="int8",
+                              representative_data=dataset)
+    assert [w.stored for w in report.weights] == ["sparse (block 1x16)"] * 3
+    assert report.sparse_kernels == 3 and report.densify_ops == 0
+    dense = keras_dst.export(model, tmp_path / "q_dense.tflite", quantize="int8",
+                             representative_data=dataset, sparsity=False, compare_dense=False)
+    assert all(w.stored == "dense" for w in dense.weights)
+    got = report.load().predict(x)
+    # the sparse int8 kernel rounds differently from the dense one: at most 2 output steps
+    assert np.max(np.abs(got - dense.load().predict(x))) <= 2.01 * output_step(report.path)
+    assert_int8_close(got, keras_dst.strip(model).predict(x, verbose=0))
+    assert report.file_bytes < dense.file_bytes == report.dense_file_bytes
+
+
+@needs_litert
+def test_int8_with_1x4_blocks_is_densified_and_says_it_needs_1x16(tmp_path):
+    model = sparse(mlp((64, 128, 64, 8)), "1x4")
+    report = keras_dst.export(model, tmp_path / "q.tflite", quantize="int8",
+                              representative_data=data((64,), n=128, seed=2), compare_dense=False)
+    assert all(w.stored == "densified (CSR)" and "needs 1x16 blocks" in w.why
+               for w in report.weights)
+    assert any("XNNPACK" in n for n in report.notes)
+    with pytest.warns(UserWarning, match="XNNPACK"):  # XNNPACK refuses int8 + DENSIFY
+        runtime = report.load()
+    assert not runtime.xnnpack
+    x = data((64,), n=256)
+    assert_int8_close(runtime.predict(x), keras_dst.strip(model).predict(x, verbose=0))
+
+
+# --------------------------------------------------------------------------- #
+# SavedModel, report, runtime, errors
+# --------------------------------------------------------------------------- #
+
+
+def test_tf_saved_model_serves_the_stripped_model(tmp_path):
+    model = sparse(mlp((16, 8, 4)), "1x4", density=0.25)
+    report = keras_dst.export(model, tmp_path / "sm", format="tf_saved_model")
+    loaded = tf.saved_model.load(report.path)
+    x = data((16,))
+    served = loaded.serve(tf.constant(x)).numpy()
+    assert np.max(np.abs(served - keras_dst.strip(model).predict(x, verbose=0))) <= FLOAT_TOL
+    signature = loaded.signatures["serving_default"]
+    assert np.allclose(next(iter(signature(tf.constant(x)).values())).numpy(), served)
+    assert all(w.stored == "dense" for w in report.weights) and report.dense_file_bytes is None
+    assert report.file_bytes > 0
+
+
+def test_report_prints_a_table_with_sizes(tmp_path):
+    model = sparse(mlp((16, 8, 4)), "1x4", density=0.25)
+    report = keras_dst.export(model, tmp_path / "m.tflite")
+    text = str(report)
+    assert "fc1/kernel" in text and "sparse (block 1x4)" in text and "why" in text
+    assert "x dense" in text and "2 of 2 weights on sparse kernels" in text
+    assert os.path.getsize(report.path) == report.file_bytes
+
+
+@needs_litert
+def test_litert_model_inputs_and_timing(tmp_path):
+    model = sparse(mlp((16, 8, 4)), "1x4", density=0.25)
+    report = keras_dst.export(model, tmp_path / "m.tflite", compare_dense=False)
+    runtime = LiteRTModel(report.path, num_threads=1)
+    x = data((16,), n=5)
+    assert runtime.predict(x, batch_size=2).shape == (5, 4)
+    assert np.allclose(runtime.predict({runtime.input_names[0]: x}), runtime.predict(x))
+    runtime.prepare(batch_size=3)
+    assert runtime.time_invoke(runs=3) > 0
+    with pytest.raises(ValueError, match="missing"):
+        runtime.predict({"nope": x})
+
+
+def test_missing_runtime_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    with pytest.raises(ImportError, match=r"keras-dst\[litert\]"):
+        LiteRTModel(b"not a model")
+
+
+class Det(keras.layers.Layer):
+    """A layer whose op (MatrixDeterminant) has no LiteRT builtin."""
+
+    def call(self, x):
+        return tf.linalg.det(x)
+
+    def compute_output_shape(self, shape):
+        return shape[:-2]
+
+
+def test_errors_name_the_argument_and_value(tmp_path):
+    model = sparse(mlp((16, 8, 4)), "1x4", density=0.25)
+    path = tmp_path / "m.tflite"
+    with pytest.raises(ValueError, match=r"format.*'onnx'"):
+        keras_dst.export(model, path, format="onnx")
+    with pytest.raises(ValueError, match=r"quantize.*'int4'"):
+        keras_dst.export(model, path, quantize="int4")
+    with pytest.raises(ValueError, match=r"must end with '.tflite'"):
+        keras_dst.export(model, tmp_path / "m.bin")
+    with pytest.raises(ValueError, match="representative_data"):
+        keras_dst.export(model, path, quantize="int8")
+    with pytest.raises(ValueError, match="tf_saved_model"):
+        keras_dst.export(model, tmp_path / "sm", format="tf_saved_model", quantize="int8",
+                         representative_data=data((16,)))
+    with pytest.raises(TypeError, match="keras.Model"):
+        keras_dst.export(keras.layers.Dense(3), path)
+    with pytest.raises(TypeError, match="filepath"):
+        keras_dst.export(model, 3)
+    with pytest.raises(TypeError, match="compare_dense"):
+        keras_dst.export(model, path, compare_dense="yes")
+    with pytest.raises(ValueError, match="calibration_steps"):
+        keras_dst.export(model, path, calibration_steps=0)
+    with pytest.raises(ValueError, match="not built"):
+        keras_dst.export(keras.Sequential([keras.layers.Dense(3)]), path)
+    assert not path.exists()
+
+
+def test_a_model_the_converter_cannot_handle_is_a_clear_error(tmp_path):
+    inputs = keras.Input((4, 4))
+    x = Det(name="det")(keras.layers.Dense(4, name="fc")(inputs))
+    model = sparse(keras.Model(inputs, x), density=0.5)
+    with pytest.raises(ValueError, match=r"MatrixDeterminant \(layer 'det'\).*tf_saved_model"):
+        keras_dst.export(model, tmp_path / "bad.tflite")
+    assert not (tmp_path / "bad.tflite").exists()
