@@ -8,6 +8,8 @@ import keras
 import numpy as np
 import pytest
 
+from keras_dst.testing import assert_sparse_invariants  # noqa: F401  (re-exported)
+
 
 def all_layers_model(seed=0):
     """A functional model with one of every supported layer type, plus BN and biases."""
@@ -67,18 +69,6 @@ def classification_data(n=128, d=20, classes=3, seed=0):
     w = rng.normal(size=(d, classes))
     y = np.argmax(x @ w, axis=1)
     return x, y
-
-
-def assert_sparse_invariants(model, expected_active=None):
-    """Inactive entries exactly 0; optionally exact active counts per weight path."""
-    import keras_dst
-
-    for t in keras_dst.sparse_targets(model):
-        w, m = np.asarray(t.weight.numpy()), np.asarray(t.mask.numpy())
-        assert m.dtype == bool and m.shape == w.shape
-        assert np.all(w[~m] == 0), f"{t.weight.path}: inactive entries are not zero"
-        if expected_active is not None:
-            assert int(m.sum()) == expected_active[t.weight.path], t.weight.path
 
 
 def active_counts(model):

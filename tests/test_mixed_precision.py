@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import all_layers_data, all_layers_model, classification_data, mlp
+from conftest import (all_layers_data, all_layers_model, assert_sparse_invariants,
+                      classification_data, mlp)
 from keras_dst.optimizer_hook import base_optimizer
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
@@ -30,7 +31,8 @@ def _loss():
 
 
 class InvariantCheck(keras.callbacks.Callback):
-    """After every batch: bool masks, float32 kernels, inactive == 0, exact counts.
+    """After every batch: bool masks, float32 kernels, inactive == 0, exact counts
+    (`assert_sparse_invariants`).
 
     Also records, per batch, the inner optimizer's step and a copy of the masks,
     weights and running scores.
@@ -43,14 +45,8 @@ class InvariantCheck(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         targets = keras_dst.sparse_targets(self.model)
-        for t in targets:
-            m, w = t.mask.numpy(), t.weight.numpy()
-            assert t.mask.dtype == "bool" and m.dtype == bool, t.mask.dtype
-            assert t.weight.dtype == "float32" and w.dtype == np.float32, t.weight.dtype
-            assert np.all(w[~m] == 0), f"{t.weight.path}: inactive entries not zero"
-            assert int(m.sum()) == self.counts[t.weight.path], t.weight.path
-            if t.score is not None:
-                assert t.score.dtype == "float32"
+        # bool masks, float32 kernels and scores, inactive == 0, finite, exact counts
+        assert_sparse_invariants(targets, self.counts, dtype="float32")
         self.history.append(dict(
             step=int(base_optimizer(self.model.optimizer).iterations.numpy()),
             loss=float(logs["loss"]),
