@@ -1,4 +1,9 @@
-"""Shared fixtures: small models covering every supported layer type."""
+"""Shared fixtures and helpers: small models covering every supported layer type,
+data, a compile-and-fit, snapshots of the sparse state, and the invariant check.
+
+Test modules import the helpers with ``from conftest import ...`` (tests/ has no
+``__init__.py``: pytest puts it on ``sys.path``).
+"""
 
 import os
 
@@ -7,8 +12,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from keras_dst.scoring import ScoreInputs
 from keras_dst.testing import assert_sparse_invariants  # noqa: F401  (re-exported)
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def all_layers_model(seed=0):
@@ -75,6 +84,38 @@ def active_counts(model):
     import keras_dst
 
     return {k: int(v.sum()) for k, v in keras_dst.masks(model).items()}
+
+
+def sparse_state(model):
+    """``{weight path: (mask, weight)}``: numpy copies for every sparsified weight."""
+    import keras_dst
+
+    return {t.weight.path: (t.mask.numpy().copy(), t.weight.numpy().copy())
+            for t in keras_dst.sparse_targets(model)}
+
+
+def compile_and_fit(model, callbacks=(), optimizer=None, epochs=1, batch_size=16, data=None):
+    """Compiles `model` (jit, `LOSS`, SGD(0.05) unless `optimizer`) and fits it on `data`
+    (default: ``classification_data()``), without shuffling; returns the History."""
+    model.compile(optimizer or keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data() if data is None else data
+    return model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False,
+                     callbacks=list(callbacks))
+
+
+def score_inputs(weight=None, gradient=None, mask=None, momentum=None, seed=(0, 0)):
+    """A criterion's or growth rule's `ScoreInputs` from array-likes.
+
+    The shape is that of the first of weight, gradient, mask given; weight and
+    gradient default to zeros, mask to all True (float32, bool).
+    """
+    shape = next(np.shape(a) for a in (weight, gradient, mask) if a is not None)
+    w = np.zeros(shape, np.float32) if weight is None else np.asarray(weight, np.float32)
+    g = np.zeros(shape, np.float32) if gradient is None else np.asarray(gradient, np.float32)
+    m = np.ones(shape, bool) if mask is None else np.asarray(mask, bool)
+    return ScoreInputs(tf.constant(w), tf.constant(g), tf.constant(m),
+                       tf.convert_to_tensor(seed, tf.int32),
+                       None if momentum is None else tf.constant(momentum, tf.float32))
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
+from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
 from keras_dst import callbacks as callbacks_lib
 from keras_dst import optimizer_hook, schedules
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 DST = keras_dst.DynamicSparseTraining
 
 

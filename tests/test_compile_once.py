@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 import keras_dst
-from conftest import classification_data, mlp
+from conftest import LOSS, classification_data, mlp
 from keras_dst import callbacks as callbacks_lib
 from keras_dst import optimizer_hook
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 DST = keras_dst.DynamicSparseTraining
 
 

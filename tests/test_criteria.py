@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import score_inputs
 from keras_dst import criteria, topology
 from keras_dst.criteria import Criterion, get_criterion, register_criterion
 from keras_dst.scoring import ScoreInputs
@@ -32,11 +33,7 @@ def weights_and_gradients(draw):
 
 
 def make_inputs(w, g=None, mask=None, momentum=None):
-    w = np.asarray(w, np.float32)
-    g = np.zeros_like(w) if g is None else np.asarray(g, np.float32)
-    mask = np.ones(w.shape, bool) if mask is None else np.asarray(mask, bool)
-    return ScoreInputs(tf.constant(w), tf.constant(g), tf.constant(mask), SEED,
-                       None if momentum is None else tf.constant(momentum, tf.float32))
+    return score_inputs(w, g, mask, momentum, seed=SEED)
 
 
 def count_active(mask):

@@ -21,10 +21,9 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
+from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
 from keras_dst import optimizer_hook
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BATCH = 16
 LR = 0.05
 BUILTIN_CRITERIA = tuple(n for n in keras_dst.criterion_names() if not n.startswith("test_"))

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import score_inputs
 from keras_dst import growth, topology
 from keras_dst.growth import GrowthRule, get_growth, register_growth
-from keras_dst.scoring import ScoreInputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SEED = tf.constant([9, 1])
@@ -17,10 +17,8 @@ VALUES = st.sampled_from([-2.0, -0.0, 0.0, 1.0, 3.0]) | st.floats(-10, 10, width
 
 
 def make_inputs(mask, gradient=None, momentum=None, seed=SEED):
-    mask = np.asarray(mask, bool)
-    g = np.zeros(mask.shape, np.float32) if gradient is None else np.asarray(gradient, np.float32)
-    return ScoreInputs(tf.zeros(mask.shape), tf.constant(g), tf.constant(mask), seed,
-                       None if momentum is None else tf.constant(momentum, tf.float32))
+    """Growth rules see zero weights: only the mask, gradient and momentum matter."""
+    return score_inputs(mask=mask, gradient=gradient, momentum=momentum, seed=seed)
 
 
 @SETTINGS

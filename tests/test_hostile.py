@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 
 import keras_dst
-from conftest import active_counts, all_layers_model, assert_sparse_invariants, mlp
-
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+from conftest import LOSS, active_counts, all_layers_model, assert_sparse_invariants, mlp
 
 
 class StepChecker(keras.callbacks.Callback):

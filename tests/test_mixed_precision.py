@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import (all_layers_data, all_layers_model, assert_sparse_invariants,
-                      classification_data, mlp)
+from conftest import (LOSS, active_counts, all_layers_data, all_layers_model,
+                      assert_sparse_invariants, classification_data, mlp)
 from keras_dst.optimizer_hook import base_optimizer
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
@@ -24,10 +24,6 @@ def policy(request):
         yield request.param
     finally:
         keras.mixed_precision.set_global_policy("float32")
-
-
-def _loss():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 class InvariantCheck(keras.callbacks.Callback):
@@ -56,8 +52,7 @@ class InvariantCheck(keras.callbacks.Callback):
 
 
 def _fit(model, x, y, callback_kwargs, epochs=2, batch_size=64):
-    counts = {k: int(v.sum()) for k, v in keras_dst.masks(model).items()}
-    check = InvariantCheck(counts)
+    check = InvariantCheck(active_counts(model))
     dst = keras_dst.DynamicSparseTraining(update_every=2, prune_rate=0.3, seed=1,
                                           **callback_kwargs)
     model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0,
@@ -81,7 +76,7 @@ def test_masks_exact_kernels_float32(policy, prune, grow):
     x, y = classification_data(n=256)
     model = keras_dst.prunable(mlp(), density=0.3, track_scores=prune.startswith("running"))
     assert model.dtype_policy.name == policy
-    model.compile(keras.optimizers.Adam(0.01), _loss(), jit_compile=True)
+    model.compile(keras.optimizers.Adam(0.01), LOSS, jit_compile=True)
     if policy == "mixed_float16":  # fit's compile wraps the optimizer for loss scaling
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     check = _fit(model, x, y, dict(prune=prune, grow=grow))
@@ -106,7 +101,7 @@ def test_criteria_and_growth_scores_are_computed_in_float32(policy):
 
     x, y = classification_data(n=128)
     model = keras_dst.prunable(mlp(), density=0.3)
-    model.compile(keras.optimizers.SGD(0.05), _loss(), jit_compile=True)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
     check = _fit(model, x, y, dict(prune=probe_score, grow=probe_growth), epochs=1)
     assert {s[0] for s in seen} == {"prune", "grow"}
     assert all(d == tf.float32 for _, w, g in seen for d in (w, g)), seen
@@ -125,7 +120,7 @@ def test_overflow_step_is_skipped_without_touching_the_topology(policy, prune, g
     # the loss is NaN/inf, every gradient non-finite, and the LossScaleOptimizer skips it.
     x[3 * 64:4 * 64] = 1e6
     model = keras_dst.prunable(mlp(), density=0.3, track_scores=prune.startswith("running"))
-    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), _loss(), jit_compile=True)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
     check = _fit(model, x, y, dict(prune=prune, grow=grow), epochs=2)
     h = check.history
     steps = [r["step"] for r in h]
@@ -148,7 +143,7 @@ def test_overflow_step_is_skipped_without_touching_the_topology(policy, prune, g
 @pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
 def test_every_layer_type_under_mixed_float16(policy):
     model = keras_dst.prunable(all_layers_model(), density=0.3)
-    model.compile(keras.optimizers.Adam(0.01), _loss(), jit_compile=True)
+    model.compile(keras.optimizers.Adam(0.01), LOSS, jit_compile=True)
     x, y = all_layers_data(n=32)
     check = _fit(model, x, y, dict(prune="magnitude", grow="gradient"), epochs=2, batch_size=8)
     assert _churn(check) > 0
