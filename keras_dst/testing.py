@@ -113,6 +113,12 @@ def _expected_counts(expected_active):
                     f"(total) or a callable(target) -> int, got {expected_active!r}.")
 
 
+def _dtype(variable) -> str:
+    """'float32', 'bool', ... for a Keras variable (a string) or a tf.Variable (a DType)."""
+    dtype = variable.dtype
+    return getattr(dtype, "name", str(dtype))
+
+
 def _first(bad) -> tuple:
     return tuple(int(i) for i in np.argwhere(bad)[0])
 
@@ -121,15 +127,14 @@ def _check_target(t, finite, ever_active, dtype) -> int:
     """Checks one `SparseTarget`; returns its number of active entries."""
     path = t.weight.path
     shape = tuple(t.weight.shape)
-    mask_dtype = getattr(t.mask, "dtype", None)
-    if str(mask_dtype) != "bool" or tuple(t.mask.shape) != shape:
-        raise AssertionError(f"{path}: mask is {mask_dtype}{tuple(t.mask.shape)}, "
+    if _dtype(t.mask) != "bool" or tuple(t.mask.shape) != shape:
+        raise AssertionError(f"{path}: mask is {_dtype(t.mask)}{tuple(t.mask.shape)}, "
                              f"expected bool{shape}")
-    if t.score is not None and (str(t.score.dtype) != "float32" or tuple(t.score.shape) != shape):
-        raise AssertionError(f"{path}: running score is {t.score.dtype}{tuple(t.score.shape)}, "
-                             f"expected float32{shape}")
-    if dtype is not None and str(t.weight.dtype) != str(dtype):
-        raise AssertionError(f"{path}: weight dtype is {t.weight.dtype}, expected {dtype}")
+    if t.score is not None and (_dtype(t.score) != "float32" or tuple(t.score.shape) != shape):
+        raise AssertionError(f"{path}: running score is {_dtype(t.score)}"
+                             f"{tuple(t.score.shape)}, expected float32{shape}")
+    if dtype is not None and _dtype(t.weight) != getattr(dtype, "name", str(dtype)):
+        raise AssertionError(f"{path}: weight dtype is {_dtype(t.weight)}, expected {dtype}")
     m = np.asarray(t.mask.numpy())
     w = np.asarray(t.weight.numpy())
     if m.dtype != np.bool_ or m.shape != w.shape:  # the values, as read back

@@ -6,6 +6,7 @@ import re
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_dst
 import keras_dst.testing
@@ -132,6 +133,15 @@ def test_mask_of_wrong_dtype_or_shape_fails(model):
     transposed = keras.Variable(t.mask.numpy().T, dtype="bool", trainable=False)
     _fails(f"mask is bool{re.escape(str(shape[::-1]))}, expected bool{re.escape(str(shape))}",
            _swap(t, mask=transposed))
+
+
+def test_tf_variables_and_dtype_objects_are_read_like_keras_variables(model):
+    t = _first(model)
+    as_tf = t._replace(mask=tf.Variable(t.mask.numpy()), ever_active=tf.Variable(
+        t.ever_active.numpy()))
+    assert_sparse_invariants([as_tf], dtype=tf.float32, ever_active=True)
+    _fails("mask is float32", [t._replace(mask=tf.Variable(t.mask.numpy().astype("float32")))])
+    _fails("weight dtype is float32, expected", model, dtype=tf.float16)
 
 
 def test_score_of_wrong_dtype_or_shape_and_weight_of_wrong_dtype_fail(model):
