@@ -8,6 +8,11 @@ Test modules import the helpers with ``from conftest import ...`` (tests/ has no
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Most of a test's time is XLA compiling tiny models (every fit here uses jit_compile=True).
+# Without LLVM's optimisations a first fit takes about a third less CPU time; the HLO, and so
+# what keras_dst puts in the compiled step, is the same. Subprocesses inherit it. A set
+# XLA_FLAGS (even empty: `XLA_FLAGS= python3 -m pytest ...`) is left as it is.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import keras
 import numpy as np
