@@ -20,7 +20,9 @@ while on a CPU); ``tests/test_soak.py`` runs the same code for 200 steps::
 
 Cheap checks: the model is compiled with ``steps_per_execution = update_every``,
 so the host sees the model once per update (right after it), and each check reads
-the masks, weights and ``ever_active`` of the three sparse kernels once.
+the masks and weights of the three sparse kernels once (``ever_active`` twice).
+The per-weight checks are `keras_dst.testing.assert_sparse_invariants`; the ITOP
+rate, update steps and engine statistics are checked here.
 """
 
 import math
@@ -39,6 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_dst  # noqa: E402
+from keras_dst.testing import assert_sparse_invariants  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -90,6 +93,11 @@ def build_model(seed=0):
 def check_invariants(targets, expected, totals, previous_itop, step):
     """Checks the state of every sparse target; returns the ITOP count (sum of ever_active).
 
+    The per-weight invariants (bool masks of the weight's shape, inactive entries
+    exactly 0, finite weights, exact active counts, ``ever_active`` containing the
+    mask) are `keras_dst.testing.assert_sparse_invariants`; the ITOP count may not
+    decrease.
+
     Args:
       targets: `keras_dst.sparse_targets(model)`.
       expected: active count of each target (same order).
@@ -100,27 +108,12 @@ def check_invariants(targets, expected, totals, previous_itop, step):
     Raises:
       SoakInvariantError: on the first violation.
     """
-    itop = 0
-    for t, count in zip(targets, expected):
-        path = t.weight.path
-        m, w, ever = t.mask.numpy(), t.weight.numpy(), t.ever_active.numpy()
-        if m.dtype != np.bool_ or m.shape != w.shape:
-            raise SoakInvariantError(f"step {step}: mask of {path} is {m.dtype}{m.shape}, "
-                                     f"expected bool{w.shape}")
-        active = int(np.count_nonzero(m))
-        if active != count:
-            raise SoakInvariantError(f"step {step}: {path} has {active} active entries, "
-                                     f"expected exactly {count}")
-        if not np.all(np.isfinite(w)):
-            raise SoakInvariantError(f"step {step}: {path} holds "
-                                     f"{int(np.sum(~np.isfinite(w)))} non-finite weights")
-        if np.any(np.where(m, 0.0, w)):
-            raise SoakInvariantError(f"step {step}: {path} has "
-                                     f"{int(np.count_nonzero(np.where(m, 0.0, w)))} inactive "
-                                     "entries that are not exactly 0")
-        if not np.all(ever | ~m):
-            raise SoakInvariantError(f"step {step}: ever_active of {path} misses active entries")
-        itop += int(np.count_nonzero(ever))
+    try:  # the per-weight invariants: keras_dst.testing's shared check
+        assert_sparse_invariants(targets, {t.weight.path: c for t, c in zip(targets, expected)},
+                                 finite=True, ever_active=True)
+    except AssertionError as e:
+        raise SoakInvariantError(f"step {step}: {e}") from e
+    itop = sum(int(np.count_nonzero(t.ever_active.numpy())) for t in targets)
     if itop < previous_itop:
         raise SoakInvariantError(f"step {step}: ITOP count fell from {previous_itop} to {itop} "
                                  f"(rate {itop / sum(totals):.6f})")

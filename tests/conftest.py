@@ -1,12 +1,28 @@
-"""Shared fixtures: small models covering every supported layer type."""
+"""Shared fixtures and helpers: small models covering every supported layer type,
+data, a compile-and-fit, snapshots of the sparse state, and the invariant check.
+
+Test modules import the helpers with ``from conftest import ...`` (tests/ has no
+``__init__.py``: pytest puts it on ``sys.path``).
+"""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Most of a test's time is XLA compiling tiny models (every fit here uses jit_compile=True).
+# Without LLVM's optimisations a first fit takes about a third less CPU time; the HLO, and so
+# what keras_dst puts in the compiled step, is the same. Subprocesses inherit it. A set
+# XLA_FLAGS (even empty: `XLA_FLAGS= python3 -m pytest ...`) is left as it is.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+
+from keras_dst.scoring import ScoreInputs
+from keras_dst.testing import assert_sparse_invariants  # noqa: F401  (re-exported)
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def all_layers_model(seed=0):
@@ -69,22 +85,42 @@ def classification_data(n=128, d=20, classes=3, seed=0):
     return x, y
 
 
-def assert_sparse_invariants(model, expected_active=None):
-    """Inactive entries exactly 0; optionally exact active counts per weight path."""
-    import keras_dst
-
-    for t in keras_dst.sparse_targets(model):
-        w, m = np.asarray(t.weight.numpy()), np.asarray(t.mask.numpy())
-        assert m.dtype == bool and m.shape == w.shape
-        assert np.all(w[~m] == 0), f"{t.weight.path}: inactive entries are not zero"
-        if expected_active is not None:
-            assert int(m.sum()) == expected_active[t.weight.path], t.weight.path
-
-
 def active_counts(model):
     import keras_dst
 
     return {k: int(v.sum()) for k, v in keras_dst.masks(model).items()}
+
+
+def sparse_state(model):
+    """``{weight path: (mask, weight)}``: numpy copies for every sparsified weight."""
+    import keras_dst
+
+    return {t.weight.path: (t.mask.numpy().copy(), t.weight.numpy().copy())
+            for t in keras_dst.sparse_targets(model)}
+
+
+def compile_and_fit(model, callbacks=(), optimizer=None, epochs=1, batch_size=16, data=None):
+    """Compiles `model` (jit, `LOSS`, SGD(0.05) unless `optimizer`) and fits it on `data`
+    (default: ``classification_data()``), without shuffling; returns the History."""
+    model.compile(optimizer or keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data() if data is None else data
+    return model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False,
+                     callbacks=list(callbacks))
+
+
+def score_inputs(weight=None, gradient=None, mask=None, momentum=None, seed=(0, 0)):
+    """A criterion's or growth rule's `ScoreInputs` from array-likes.
+
+    The shape is that of the first of weight, gradient, mask given; weight and
+    gradient default to zeros, mask to all True (float32, bool).
+    """
+    shape = next(np.shape(a) for a in (weight, gradient, mask) if a is not None)
+    w = np.zeros(shape, np.float32) if weight is None else np.asarray(weight, np.float32)
+    g = np.zeros(shape, np.float32) if gradient is None else np.asarray(gradient, np.float32)
+    m = np.ones(shape, bool) if mask is None else np.asarray(mask, bool)
+    return ScoreInputs(tf.constant(w), tf.constant(g), tf.constant(m),
+                       tf.convert_to_tensor(seed, tf.int32),
+                       None if momentum is None else tf.constant(momentum, tf.float32))
 
 
 @pytest.fixture

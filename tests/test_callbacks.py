@@ -10,14 +10,13 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
+from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
 from keras_dst import callbacks as callbacks_lib
 from keras_dst import hooks as hooks_lib
 from keras_dst import schedules
 from keras_dst.optimizer_state import base_optimizer
 from keras_dst.step_switch import StepSwitch
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 DST = keras_dst.DynamicSparseTraining
 
 

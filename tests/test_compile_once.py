@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 import keras_dst
-from conftest import classification_data, mlp
-from keras_dst.step_switch import StepSwitch
+from conftest import LOSS, classification_data, mlp
 from keras_dst import optimizer_state
+from keras_dst.step_switch import StepSwitch
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 DST = keras_dst.DynamicSparseTraining
 
 

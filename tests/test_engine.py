@@ -21,10 +21,9 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import active_counts, assert_sparse_invariants, classification_data, mlp
+from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
 from keras_dst import optimizer_state
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BATCH = 16
 LR = 0.05
 BUILTIN_CRITERIA = tuple(n for n in keras_dst.criterion_names() if not n.startswith("test_"))
@@ -203,12 +202,23 @@ def assert_moves(m0, m1, grown, removed, r):
 # Exact counts for every criterion x growth (spec section 10).
 
 
-def _momentum_marks(prune):
-    return () if prune in ("magnitude", "snip") else pytest.mark.slow
+GROWTHS = ("random", "gradient", "momentum")
+# The default pass runs each criterion with one growth rule (or more), so that every
+# criterion, every growth rule with both orderings ("before": magnitude, random, set,
+# set_legacy, running_magnitude; "after": the others) and both running (EMA) criteria
+# are covered; the slow pass runs the full criterion x growth matrix. A criterion not
+# listed here runs with every growth rule in the default pass.
+DEFAULT_GROWTHS = {
+    "magnitude": GROWTHS, "snip": ("random", "momentum"),
+    "mest": ("gradient",), "random": ("random",), "reciprocal_sensitivity": ("random",),
+    "running_magnitude": ("gradient",), "running_snip": ("random",),
+    "sensitivity": ("gradient",), "set": ("random",), "set_legacy": ("gradient",),
+    "taylor_fo": ("gradient",),
+}
 
-
-MATRIX = [pytest.param(p, g, id=f"{p}-{g}", marks=_momentum_marks(p) if g == "momentum" else ())
-          for p in BUILTIN_CRITERIA for g in ("random", "gradient", "momentum")]
+MATRIX = [pytest.param(p, g, id=f"{p}-{g}",
+                       marks=() if g in DEFAULT_GROWTHS.get(p, GROWTHS) else pytest.mark.slow)
+          for p in BUILTIN_CRITERIA for g in GROWTHS]
 
 
 @pytest.mark.parametrize("prune,grow", MATRIX)
@@ -345,9 +355,16 @@ def test_dense_layers_are_unchanged_by_an_update():
 # the same update keeps its value.
 
 
+# Default pass: both orderings, both running (EMA) criteria, SET's own rules, random
+# pruning, and both growth rules; the slow pass: every criterion x growth.
+MOVED_DEFAULT = {("magnitude", "gradient"), ("snip", "random"), ("running_magnitude", "gradient"),
+                 ("running_snip", "random"), ("set", "random"), ("set_legacy", "gradient"),
+                 ("random", "random")}
+
+
 @pytest.mark.parametrize("prune,grow", [
-    pytest.param(p, g, id=f"{p}-{g}", marks=pytest.mark.slow if g == "momentum" else ())
-    for p in BUILTIN_CRITERIA for g in ("random", "gradient", "momentum")])
+    pytest.param(p, g, id=f"{p}-{g}", marks=() if (p, g) in MOVED_DEFAULT else pytest.mark.slow)
+    for p in BUILTIN_CRITERIA for g in GROWTHS])
 def test_update_changes_only_the_weights_that_moved(prune, grow):
     """`SGD(learning_rate=0)`, one update at rate 0.5: the dense Dense(8->4) (density 1.0)
     is unchanged by it, whatever it prunes; in the nearly dense fc2 only the entries that
@@ -426,7 +443,8 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", [  # AdamW: Adam's slots (m, v), in the slow pass
+    pytest.param(n, marks=pytest.mark.slow if n == "adamw" else ()) for n in sorted(OPTIMIZERS)])
 def test_optimizer_state_reset_zeroes_changed_entries_and_keep_does_not(name):
     """Same run twice, one update at the last step ("after_optimizer" ordering): with "reset" the
     slots of pruned and regrown entries are 0 right after the update step, elsewhere they

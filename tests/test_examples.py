@@ -527,11 +527,34 @@ def test_bad_sweep_flags_are_value_errors(argv, match):
 # -- command lines (run concurrently: each one imports TensorFlow) --------------------
 
 CLI_BAD_FLAGS = {"model": ["--model", "nope"], "density": ["--density", "1.5"]}
+# The commands each test reads (a callable gets the test's parameters).
+CLI_COMMANDS = {
+    "test_bad_flags_exit_with_one_line_error": lambda params: [f"bad_{params['case']}"],
+    "test_helpfull_documents_every_flag": lambda params: ["helpfull"],
+    "test_train_command_line": lambda params: ["train"],
+    "test_sweep_and_plot_command_lines": lambda params: ["sweep_dry", "plot"],
+}
+
+
+def _selected_commands(session, every):
+    """Commands of the `cli` tests this session runs (`-m`, `-k` and paths applied);
+    `every` if one of them is not in CLI_COMMANDS."""
+    needed = set()
+    for item in session.items:
+        if "cli" not in getattr(item, "fixturenames", ()):
+            continue
+        name = getattr(item, "originalname", item.name)
+        if name not in CLI_COMMANDS:
+            return set(every)
+        callspec = getattr(item, "callspec", None)
+        needed.update(CLI_COMMANDS[name](callspec.params if callspec else {}))
+    return needed
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    """Runs every command line of the tests at once; returns {name: CompletedProcess}."""
+def cli(request, tmp_path_factory):
+    """Runs the command lines the session's tests read, all at once; returns
+    {name: CompletedProcess}."""
     tmp = tmp_path_factory.mktemp("cli")
     _fake_sweep_csv(tmp / "sweep.csv")
     script = lambda name: [sys.executable, str(ROOT / "examples" / name)]  # noqa: E731
@@ -547,6 +570,8 @@ def cli(tmp_path_factory):
         "plot": script("plot.py") + ["--csv", str(tmp / "sweep.csv"), "--out",
                                      str(tmp / "fig")],
     })
+    needed = _selected_commands(request.session, commands)
+    commands = {k: c for k, c in commands.items() if k in needed}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env=env, cwd=str(tmp)) for k, c in commands.items()}
@@ -558,7 +583,10 @@ def cli(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", sorted(CLI_BAD_FLAGS))
+# --density 1.5 is the same exit path as --model nope (a flag validator); both are also
+# checked in-process in test_bad_train_flags_are_one_line_errors.
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.slow if c == "density" else ()) for c in sorted(CLI_BAD_FLAGS)])
 def test_bad_flags_exit_with_one_line_error(cli, case):
     proc = cli[f"bad_{case}"]
     assert proc.returncode != 0
@@ -567,6 +595,7 @@ def test_bad_flags_exit_with_one_line_error(cli, case):
     assert len(errors) == 1, proc.stderr
 
 
+@pytest.mark.slow  # the flags' help text is checked in-process in test_flags_parse_into_...
 def test_helpfull_documents_every_flag(cli):
     text = cli["helpfull"].stdout + cli["helpfull"].stderr
     for _, name, *_ in train.FLAG_SPECS:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import keras_dst
-from conftest import assert_sparse_invariants, classification_data, mlp
+from conftest import (LOSS, assert_sparse_invariants, classification_data, compile_and_fit, mlp,
+                      sparse_state)
 from keras_dst import schedules
 from keras_dst.gradual import GradualEngine
 
@@ -33,8 +34,7 @@ class MaskRecorder(keras.callbacks.Callback):
     def _record(self):
         if self.check_zeros:
             assert_sparse_invariants(self.model)
-        self.states.append({t.weight.path: (t.mask.numpy().copy(), t.weight.numpy().copy())
-                            for t in keras_dst.sparse_targets(self.model)})
+        self.states.append(sparse_state(self.model))
 
     def on_train_begin(self, logs=None):
         self._record()
@@ -53,12 +53,8 @@ def expected_keep(n, step, initial_density, final_density, begin, end, power):
 
 def _fit(callback, epochs=2, optimizer=None, recorder=None, model=None):
     model = model or keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
-    model.compile(optimizer or keras.optimizers.SGD(0.05),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
-    x, y = classification_data()
     callbacks = [callback] + ([recorder] if recorder is not None else [])
-    history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, shuffle=False,
-                        callbacks=callbacks)
+    history = compile_and_fit(model, callbacks, optimizer, epochs)
     return model, history
 
 
@@ -155,7 +151,7 @@ def test_fit_time_errors():
     with pytest.raises(ValueError, match="GradualPruning.*no sparse layers"):
         dense.fit(x, y, verbose=0, callbacks=[keras_dst.GradualPruning(0.5, end_step=100)])
     sparse = keras_dst.prunable(mlp(), density=1.0)
-    sparse.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    sparse.compile("sgd", LOSS)
     with pytest.raises(ValueError, match="no update step"):  # 75% of 8 steps < update_every
         sparse.fit(x, y, batch_size=16, verbose=0, callbacks=[keras_dst.GradualPruning(0.5)])
 

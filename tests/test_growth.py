@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import score_inputs
 from keras_dst import growth, topology
 from keras_dst.growth import GrowthRule, get_growth, register_growth
 from keras_dst.registry import Registry
-from keras_dst.scoring import ScoreInputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SEED = tf.constant([9, 1])
@@ -20,10 +20,8 @@ VALUES = st.sampled_from([-2.0, -0.0, 0.0, 1.0, 3.0]) | st.floats(-10, 10, width
 
 
 def make_inputs(mask, gradient=None, momentum=None, seed=SEED):
-    mask = np.asarray(mask, bool)
-    g = np.zeros(mask.shape, np.float32) if gradient is None else np.asarray(gradient, np.float32)
-    return ScoreInputs(tf.zeros(mask.shape), tf.constant(g), tf.constant(mask), seed,
-                       None if momentum is None else tf.constant(momentum, tf.float32))
+    """Growth rules see zero weights: only the mask, gradient and momentum matter."""
+    return score_inputs(mask=mask, gradient=gradient, momentum=momentum, seed=seed)
 
 
 @SETTINGS
@@ -74,10 +72,12 @@ def test_random_exact_growth_is_uniform_over_candidates():
 
     def grown(seed):
         rule = get_growth("random")
-        inputs = make_inputs(mask, seed=tf.constant([seed, 5]))
-        return (topology.grow(rule.evaluate(inputs), tf.constant(mask), 2).numpy() & ~mask)
+        inputs = make_inputs(mask, seed=tf.stack([seed, 5]))
+        return tf.logical_and(topology.grow(rule.evaluate(inputs), tf.constant(mask), 2), ~mask)
 
-    frequency = np.mean([grown(s) for s in range(200)], axis=0)
+    traced = tf.function(grown)  # traced once for the 200 draws (eager: ~3x the time)
+    np.testing.assert_array_equal(traced(tf.constant(3)), grown(tf.constant(3)))
+    frequency = np.mean([traced(tf.constant(s)).numpy() for s in range(200)], axis=0)
     np.testing.assert_array_equal(frequency[mask], 0.0)
     assert np.all(np.abs(frequency[~mask] - 0.4) < 0.15)
 

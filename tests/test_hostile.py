@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import keras_dst
-from conftest import active_counts, all_layers_model, mlp
-
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+from conftest import LOSS, active_counts, all_layers_model, assert_sparse_invariants, mlp
 
 
 class StepChecker(keras.callbacks.Callback):
-    """After every batch: bool masks, inactive entries exactly 0, exact per-weight counts.
+    """After every batch: bool masks, inactive entries exactly 0, exact per-weight counts,
+    ever_active containing the mask, finite weights unless `finite=False`
+    (`assert_sparse_invariants`).
 
     Also records the masks and the engine's numbers of every step (`states`).
     Put it after the DST callback.
@@ -38,16 +38,10 @@ class StepChecker(keras.callbacks.Callback):
                  "last_update": int(self.dst.engine.last_update_step.numpy()),
                  "skipped": int(self.dst.engine.skipped_layers.numpy()),
                  "stats": np.array(self.dst.engine.layer_stats.numpy())}
+        assert_sparse_invariants(targets, self.counts, finite=self.finite, ever_active=True)
         for t in targets:
-            w, m = np.array(t.weight.numpy()), np.array(t.mask.numpy())
-            assert m.dtype == bool and m.shape == w.shape, t.weight.path
-            assert np.all(w[~m] == 0), f"{t.weight.path}: an inactive entry is not 0"
-            assert int(m.sum()) == self.counts[t.weight.path], t.weight.path
-            assert np.all(np.asarray(t.ever_active.numpy())[m]), "ever_active misses active entries"
-            if self.finite:
-                assert np.all(np.isfinite(w)), f"{t.weight.path}: non-finite weight"
-            state["masks"].append(m)
-            state["weights"].append(w)
+            state["masks"].append(np.array(t.mask.numpy()))
+            state["weights"].append(np.array(t.weight.numpy()))
         self.states.append(state)
 
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import classification_data, mlp
+from conftest import classification_data, compile_and_fit, mlp, sparse_state
 
 
 @keras_dst.register_criterion("square", ordering="after_optimizer", needs_gradient=False,
@@ -26,26 +26,14 @@ def largest(inputs):
     return -tf.abs(inputs.weight)
 
 
-def _state(model):
-    return {t.weight.path: (t.mask.numpy().copy(), t.weight.numpy().copy())
-            for t in keras_dst.sparse_targets(model)}
-
-
-def _fit(model, callbacks, optimizer, epochs=1):
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=True)
-    x, y = classification_data()
-    return model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, shuffle=False,
-                     callbacks=callbacks)
-
-
 def test_jaccard_values_on_a_frozen_state_and_nothing_changes():
     model = keras_dst.prunable(mlp(), density=0.5, distribution="uniform")
-    before = _state(model)
+    before = sparse_state(model)
     overlap = keras_dst.CriteriaOverlap(["magnitude", "square", "largest"], update_every=3,
                                         prune_rate=0.5)
-    logs = _fit(model, [overlap], keras.optimizers.SGD(0.0)).history  # lr 0: a frozen state
-    after = _state(model)
+    # lr 0: a frozen state
+    logs = compile_and_fit(model, [overlap], keras.optimizers.SGD(0.0)).history
+    after = sparse_state(model)
     for path, (mask, weight) in before.items():  # nothing changed
         np.testing.assert_array_equal(after[path][0], mask)
         np.testing.assert_array_equal(after[path][1], weight)
@@ -76,8 +64,8 @@ def test_training_is_identical_with_and_without_overlap(tmp_path):
     for callbacks in ([], [keras_dst.CriteriaOverlap(["magnitude", "random", "snip"],
                                                      update_every=2, schedule="cosine")]):
         model = keras_dst.prunable(mlp(), density=0.3)
-        _fit(model, callbacks, keras.optimizers.Adam(0.01))
-        runs.append((_state(model), [v.numpy() for v in model.optimizer.variables]))
+        compile_and_fit(model, callbacks, keras.optimizers.Adam(0.01))
+        runs.append((sparse_state(model), [v.numpy() for v in model.optimizer.variables]))
     (state, slots), (state_overlap, slots_overlap) = runs
     for path, (mask, weight) in state.items():
         np.testing.assert_array_equal(state_overlap[path][0], mask)
@@ -124,7 +112,7 @@ def test_with_dst_overlap_sees_the_state_before_the_dst_update():
     dst = keras_dst.DynamicSparseTraining(prune="magnitude", grow=None, update_every=4,
                                           prune_rate=0.5, schedule="constant", ordering="after")
     overlap = keras_dst.CriteriaOverlap(["magnitude", "test_overlap_probe"], update_every=4)
-    logs = _fit(model, [dst, overlap, Counter()], keras.optimizers.SGD(0.05)).history
+    logs = compile_and_fit(model, [dst, overlap, Counter()], keras.optimizers.SGD(0.05)).history
     active_before = [start] + counts  # active_before[t - 1]: masks in effect at step t
     assert active_before[4] < active_before[3]  # the DST pruned at step 4
     assert int(seen.numpy()) == active_before[3] + active_before[7]  # steps 4 and 8

@@ -41,6 +41,11 @@ CONFIGS = {
 }
 
 
+def _slow_unless(default, values):
+    """Params of `values`; those other than `default` run in the slow pass (-m slow)."""
+    return [pytest.param(v, marks=() if v == default else pytest.mark.slow) for v in values]
+
+
 class Interrupt(Exception):
     pass
 
@@ -111,11 +116,17 @@ def _reference(config):
     return _REFERENCE[config]
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("save_freq,interrupt_at", [
-    ("epoch", 8),  # crash mid-epoch 2, after an update; resume from the end of epoch 1
-    ("epoch", 13),  # crash in epoch 3 right after the update at step 12: resume from 10
-])
+# The default pass runs each interrupt point with one config (and each config once);
+# the slow pass the other two pairs.
+@pytest.mark.parametrize("config,save_freq,interrupt_at", [
+    # crash mid-epoch 2, after an update; resume from the end of epoch 1
+    ("random_growth", "epoch", 8),
+    pytest.param("running_magnitude", "epoch", 8, marks=pytest.mark.slow),
+    # crash in epoch 3 right after the update at step 12: resume from 10
+    ("running_magnitude", "epoch", 13),
+    pytest.param("random_growth", "epoch", 13, marks=pytest.mark.slow),
+], ids=["epoch-8-random_growth", "epoch-8-running_magnitude", "epoch-13-running_magnitude",
+        "epoch-13-random_growth"])
 def test_backup_and_restore_resumes_bit_exact(tmp_path, config, save_freq, interrupt_at):
     backup = str(tmp_path / "backup")
     model = _model(config)
@@ -130,7 +141,7 @@ def test_backup_and_restore_resumes_bit_exact(tmp_path, config, save_freq, inter
     _assert_bit_identical(_state(resumed), _reference(config))
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("config", _slow_unless("random_growth", sorted(CONFIGS)))
 def test_backup_and_restore_in_the_same_process_and_model(tmp_path, config):
     """The crashed fit never ran on_train_end: its engine must not stay hooked."""
     backup = str(tmp_path / "backup")
@@ -152,7 +163,8 @@ def _save_weights_killed_midway(self, filepath, *args, **kwargs):
     raise KilledDuringBackup(filepath)
 
 
-@pytest.mark.parametrize("backup_class", ["keras_dst", "keras"])
+# "keras": Keras's own callback, for contrast (it cannot restart), in the slow pass
+@pytest.mark.parametrize("backup_class", _slow_unless("keras_dst", ["keras_dst", "keras"]))
 def test_a_kill_during_the_backup_write_keeps_keras_dst_s_backup_readable(
         tmp_path, monkeypatch, backup_class):
     """Epochs 1 and 2 are backed up; the write of epoch 3's backup dies half-way. Keras's
@@ -190,7 +202,7 @@ def test_keras_dst_backup_checks_its_arguments():
         keras_dst.BackupAndRestore("/tmp/x", delete_checkpoint="yes")
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("config", _slow_unless("running_magnitude", sorted(CONFIGS)))
 def test_keras_file_checkpoint_and_initial_epoch_resume_bit_exact(tmp_path, config):
     path = str(tmp_path / "ckpt.keras")
     model = _model(config)

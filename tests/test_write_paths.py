@@ -20,9 +20,8 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import assert_sparse_invariants, classification_data, mlp
+from conftest import LOSS, assert_sparse_invariants, classification_data, mlp
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def sparse_mlp():
