@@ -122,8 +122,8 @@ def test_random_is_seeded_uniform_subset():
     random = get_criterion("random")
 
     def removed(seed):
-        inputs = ScoreInputs(tf.zeros([20]), tf.zeros([20]), tf.constant(mask), tf.constant([seed, 0]))
-        return ~criteria.select_pruned(random, [inputs], 5)[0].numpy()
+        inputs = ScoreInputs(tf.zeros([20]), tf.zeros([20]), tf.constant(mask), tf.stack([seed, 0]))
+        return tf.logical_not(criteria.select_pruned(random, [inputs], 5)[0])
 
     np.testing.assert_array_equal(removed(tf.constant(1)), removed(tf.constant(1)))
     traced = tf.function(removed)  # traced once for the 300 draws (eager: ~3x the time)

@@ -6,6 +6,7 @@ Every fit here checks the sparse invariants after *every* optimizer step (the
 """
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -374,8 +375,11 @@ def test_every_layer_type_loads_with_safe_mode_in_a_fresh_process(tmp_path):
     keras_dst.save_model(model, path)
     _assert_no_code_in_archive(path)
     out = tmp_path / "masks.npz"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # keras_dst importable
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
     subprocess.run([sys.executable, "-c", _LOADER, str(path), str(out)], check=True,
-                   cwd=tmp_path, timeout=300)
+                   cwd=tmp_path, timeout=300, env=env)
     loaded = {k.replace("|", "/"): v for k, v in np.load(out).items()}
     expected = keras_dst.masks(model)
     wrapped = {type(t.wrapper.layer).__name__ for t in keras_dst.sparse_targets(model)}

@@ -92,10 +92,13 @@ def test_masks_exact_kernels_float32(policy, prune, grow):
 def test_criteria_and_growth_scores_are_computed_in_float32(policy):
     seen = []
 
+    @keras_dst.register_criterion("test_mp_probe_score", ordering="before_optimizer",
+                                  overwrite=True)
     def probe_score(inputs):
         seen.append(("prune", inputs.weight.dtype, inputs.gradient.dtype))
         return tf.abs(inputs.weight * inputs.gradient)
 
+    @keras_dst.register_growth("test_mp_probe_growth", needs_gradient=True, overwrite=True)
     def probe_growth(inputs):
         seen.append(("grow", inputs.weight.dtype, inputs.gradient.dtype))
         return tf.abs(inputs.gradient)
@@ -103,7 +106,7 @@ def test_criteria_and_growth_scores_are_computed_in_float32(policy):
     x, y = classification_data(n=128)
     model = keras_dst.prunable(mlp(), density=0.3)
     model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
-    check = _fit(model, x, y, dict(prune=probe_score, grow=probe_growth), epochs=1)
+    check = _fit(model, x, y, dict(prune="test_mp_probe_score", grow="test_mp_probe_growth"), epochs=1)
     assert {s[0] for s in seen} == {"prune", "grow"}
     assert all(d == tf.float32 for _, w, g in seen for d in (w, g)), seen
     assert _churn(check) > 0
