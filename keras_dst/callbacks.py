@@ -150,7 +150,7 @@ class DynamicSparseTraining(HookedCallback):
 
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="DynamicSparseTraining")
-        if self.criterion.ema and not all(t.wrapper.track_running_scores for t in targets):
+        if self.criterion.ema and not all(t.state.track_running_scores for t in targets):
             raise ValueError(
                 f"DynamicSparseTraining: prune='{self.criterion.name}' keeps running scores; "
                 "make the model with keras_dst.prunable(..., track_running_scores=True).")

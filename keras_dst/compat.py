@@ -124,3 +124,34 @@ def set_initial_epoch(model, epoch):
     callback's reach.
     """
     model._initial_epoch = epoch
+
+
+def child_layers(layer) -> list:
+    """The layers directly inside `layer` (one level down), each once, in Keras's order.
+
+    Relies on ``Layer._flatten_layers(include_self=False, recursive=False)`` (Keras 3,
+    checked on 3.15): the layers Keras tracks on `layer` itself (attributes, lists and
+    dicts of layers, a `Wrapper`'s inner layer, a functional model's graph layers).
+    `flatten_layers` is the same walk at every depth; no public API gives one level.
+    """
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def set_own_variables_io(layer, save=None, load=None):
+    """Makes Keras's saving call ``save(store)`` / ``load(store)`` for `layer`'s own state.
+
+    Keras writes and reads a layer's entry of a weights file (``model.save``,
+    ``save_weights``, ``load_weights``, ``load_model``, and so `BackupAndRestore`
+    and `ModelCheckpoint`) by calling ``layer.save_own_variables(store)`` and
+    ``layer.load_own_variables(store)``, looked up on the layer object
+    (``keras.src.saving.saving_lib._save_state`` / ``_load_state``, Keras 3, checked on
+    3.15), so a function set on the instance replaces the class's method for that
+    layer only. Those two methods are Keras's documented extension point, but for a
+    class one writes; a library's layer can only be given them per instance.
+    A None argument restores the class's method.
+    """
+    for name, function in (("save_own_variables", save), ("load_own_variables", load)):
+        if function is None:
+            layer.__dict__.pop(name, None)
+        else:
+            layer.__dict__[name] = function

@@ -1,28 +1,47 @@
-"""`prunable()` makes a model (or a layer) sparse; `strip()` makes it plain again."""
+"""`prunable()` makes a model (or a layer) sparse; `strip()` makes it plain again.
+
+Two ways to put masks on a model, one state (`layers.SparseState`) behind both:
+
+* a Sequential or functional model (and such models nested in it) is **cloned**,
+  its supported layers wrapped in `SparseWrapper`; the given model is untouched;
+* any other model — subclassed, a library's `Model` subclass (keras-hub backbones
+  and tasks, even those built functionally), or a graph model with one nested in
+  it — cannot be rebuilt, so its masks are **attached in place** to its own
+  supported layers (`layers.attach`) and the same object is returned.
+"""
 
 import keras
 import numpy as np
 
 from keras_dst import compat, distributions, patterns
 from keras_dst import layers as sparse_layers
-from keras_dst.layers import SparseWrapper
-from keras_dst.masks import sparse_wrappers
+from keras_dst.layers import SparseWrapper, attached_state, layer_label
+from keras_dst.masks import sparse_states
 from keras_dst.validation import check_choice, check_density, check_seed
 
 
 def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_overrides=None,
              init="exact", seed=0, skip_unsupported=False, track_running_scores=False,
-             pattern="unstructured", pattern_overrides=None):
-    """Returns a sparse version of a Keras model or layer.
+             pattern="unstructured", pattern_overrides=None, in_place=None):
+    """Makes a Keras model or layer sparse.
+
+    **New model or the same one.** A model Keras can rebuild from its graph — a
+    Sequential or functional model (``keras.Model(inputs, outputs)``), with only such
+    models nested in it — is cloned: `prunable` returns a *new* model whose
+    supported layers are wrapped in `SparseWrapper` (weights copied, then zeroed
+    where the mask is 0) and leaves `obj` untouched; it saves and loads with
+    ``keras.models.load_model``. Any other model — subclassed, a library's `Model`
+    subclass such as keras-hub's backbones and tasks (even when built
+    functionally), or a graph model with one of those nested in it — cannot be
+    rebuilt: its masks are *attached in place* to its own supported layers (no
+    layer is added, the forward pass is unchanged) and `prunable` returns `obj`
+    itself, changed; it loads with `keras_dst.load_model`. `in_place` chooses
+    explicitly. Either way, use the returned model: ``model = prunable(model, ...)``.
 
     Args:
-      obj: a Sequential or functional `keras.Model` (built), or a single
-        `keras.layers.Layer`. A model gives a new model with the same graph, its
-        supported layers wrapped in `SparseWrapper` (weights copied, then zeroed
-        where the mask is 0); nested Sequential/functional models are converted
-        too. A layer gives `SparseWrapper(layer)`: use it to build subclassed
-        models sparse. Subclassed models themselves cannot be rebuilt: a
-        `TypeError` says so.
+      obj: a built `keras.Model` (any kind), or a single `keras.layers.Layer`. A
+        layer gives `SparseWrapper(layer)` (use it to build subclassed models
+        sparse), or with ``in_place=True`` the layer itself with masks attached.
       density: the global target density D in (0, 1] over all sparsified weights.
         For a single layer, that layer's density.
       distribution: how D is spread over layers: ``"erk"`` (default, the
@@ -52,17 +71,31 @@ def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_ov
       pattern_overrides: ``{layer name: pattern}`` for layers that need another
         pattern (e.g. ``"unstructured"`` for a layer whose input axis is not a
         multiple of B).
+      in_place: ``None`` (default): clone what can be rebuilt, attach in place
+        otherwise (above); ``True``: attach in place whatever the model (a graph
+        model too); ``False``: clone, and a `TypeError` for a model that cannot be
+        rebuilt.
+
+    Layer names (in `keep_dense`, `density_overrides`, `pattern_overrides` and a
+    `distribution` dict) match a layer's name or its path: library models repeat
+    names in every block (``"query"`` matches the query projection of every
+    attention layer, ``"transformer_layer_0/self_attention_layer/query"`` one).
+    With masks attached in place, a layer's supported sub-layers are found at any
+    depth (a `MultiHeadAttention` or a layer defining `get_prunable_weights` is
+    sparsified as a whole); layers whose weights are all vectors (normalisation,
+    biases) stay dense.
 
     Returns:
-      The sparse model (a new object; `obj` is left untouched) or wrapper layer.
+      The sparse model (see above: a new one, or `obj`), or the wrapper layer
+      (`obj` with ``in_place=True``).
 
     Raises:
       TypeError: wrong argument types, unsupported layer (names it and its class),
-        subclassed model.
+        ``in_place=False`` for a model that cannot be rebuilt.
       ValueError: density outside (0, 1], unknown distribution or layer name,
-        infeasible overrides, a model that is already prunable, an unbuilt model,
-        a pattern a layer's shape cannot take (names the layer and the remedy),
-        an N:M pattern with another density.
+        infeasible overrides, a model that is already prunable, an unbuilt model
+        or layer, a pattern a layer's shape cannot take (names the layer and the
+        remedy), an N:M pattern with another density.
     """
     pattern = patterns.parse(pattern)
     if pattern.kind == "nm":  # N:M fixes the density of every layer it applies to
@@ -72,98 +105,222 @@ def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_ov
     density = check_density(density)
     check_choice(init, ("exact", "bernoulli"), "init")
     seed = check_seed(seed)
+    if in_place is not None and not isinstance(in_place, bool):
+        raise TypeError(f"prunable(): in_place must be None, True or False, got {in_place!r}.")
     if isinstance(obj, keras.Model):
         return _prunable_model(obj, density, distribution, keep_dense, density_overrides,
                                init, seed, skip_unsupported, track_running_scores,
-                               pattern, pattern_overrides)
+                               pattern, pattern_overrides, in_place)
     if isinstance(obj, keras.layers.Layer):
-        if isinstance(obj, SparseWrapper):
-            raise ValueError(f"Layer '{obj.name}' is already prunable (a SparseWrapper).")
+        if isinstance(obj, SparseWrapper) or attached_state(obj) is not None:
+            raise ValueError(f"Layer '{obj.name}' is already prunable (a SparseWrapper or a "
+                             "layer with masks attached).")
         if pattern_overrides:
             raise ValueError("prunable(layer): pattern_overrides applies to models; pass "
                              "the layer's pattern as pattern=.")
-        wrapper = SparseWrapper(obj, density=density, init=init,
-                                seed=distributions.stable_seed(seed, obj.name),
-                                track_running_scores=track_running_scores,
-                                pattern=str(pattern))
+        options = dict(density=density, init=init, seed=distributions.stable_seed(seed, obj.name),
+                       track_running_scores=track_running_scores, pattern=str(pattern))
+        if in_place:
+            sparse_layers.attach(obj, **options)
+            return obj
+        wrapper = SparseWrapper(obj, **options)
         if obj.built:
             wrapper.build(None)  # masks for the existing weights, which are kept
         return wrapper
     raise TypeError(f"prunable() takes a keras Model or Layer, got {type(obj).__name__}.")
 
 
+def _rebuildable(model) -> bool:
+    """True for a Sequential/functional model with only such models nested in it."""
+    return compat.is_graph_model(model) and all(
+        _rebuildable(layer) for layer in model.layers if isinstance(layer, keras.Model))
+
+
 def _walk(model):
     """Every leaf layer of a graph model, recursing into nested graph models."""
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            if not compat.is_graph_model(layer):
-                raise TypeError(
-                    f"prunable() cannot rebuild the subclassed model '{layer.name}' "
-                    f"({type(layer).__name__}) nested in '{model.name}': build its layers "
-                    "with keras_dst.prunable(layer) in its __init__ instead.")
             yield from _walk(layer)
         else:
             yield layer
 
 
-def _prunable_model(model, density, distribution, keep_dense, density_overrides, init, seed,
-                    skip_unsupported, track_running_scores, pattern, pattern_overrides):
-    if not compat.is_graph_model(model):
-        raise TypeError(
-            f"prunable() cannot rebuild the subclassed model '{model.name}' "
-            f"({type(model).__name__}); create its layers with keras_dst.prunable(layer) "
-            "in __init__ (it then trains sparse with model.fit as is).")
-    if not model.built:
-        raise ValueError(f"prunable(): model '{model.name}' is not built; give it an Input "
-                         "or call model.build(input_shape) first.")
-    if sparse_wrappers(model):
-        raise ValueError(f"prunable(): model '{model.name}' is already prunable "
-                         "(it contains SparseWrapper layers).")
-
-    # 1. Decide, before changing anything, which layers get wrapped.
-    to_wrap = {}  # id(layer) -> (layer, weights)
+def _wrap_targets(model, skip_unsupported):
+    """[(layer, prunable weights)] of a graph model's layers that get a wrapper."""
+    result = []
     for layer in _walk(model):
         if sparse_layers.needs_no_wrapping(layer):
             continue
         if not sparse_layers.is_supported(layer):
             if skip_unsupported:
                 continue
+            if any(sparse_layers.is_supported(l) for l in compat.flatten_layers(layer)):
+                raise TypeError(
+                    f"Layer '{layer.name}' of class {type(layer).__name__} in model "
+                    f"'{model.name}' is not supported by keras_dst as a whole, and a wrapper "
+                    "cannot reach the layers inside it: pass in_place=True to attach masks "
+                    "to them, define `get_prunable_weights()` on it, or pass "
+                    "skip_unsupported=True to leave it dense.")
             sparse_layers.prunable_weights(layer)  # raises TypeError naming the layer
         weights = sparse_layers.prunable_weights(layer)
         if weights:
-            to_wrap[id(layer)] = (layer, weights)
-    if not to_wrap:
-        raise ValueError(f"prunable(): model '{model.name}' has no layer with prunable weights.")
+            result.append((layer, weights))
+    return result
 
-    # 2. Per-weight densities, keyed by weight path, from the distribution.
+
+def _attach_targets(model, skip_unsupported):
+    """[(layer, prunable weights)] of the supported layers of any model, at any depth.
+
+    The outermost supported layer takes its prunable weights (a MultiHeadAttention
+    its four projections); a weight reachable from two layers goes to the first.
+    Then every other layer holding a trainable weight of rank >= 2 that no target
+    took is unsupported (`TypeError`, or left dense with `skip_unsupported`).
+    """
+    result, claimed, covered, seen = [], set(), set(), set()
+
+    def visit(layer):
+        if id(layer) in seen or sparse_layers.is_dense_by_design(layer):
+            return
+        seen.add(id(layer))
+        if sparse_layers.is_supported(layer):
+            if not layer.built:
+                raise ValueError(
+                    f"prunable(): layer '{layer_label(layer)}' of model '{model.name}' is not "
+                    "built; call the model on a batch of data (or model.build(input_shape)) "
+                    "first.")
+            weights = [w for w in sparse_layers.prunable_weights(layer) if id(w) not in claimed]
+            claimed.update(id(w) for w in weights)
+            covered.update(id(l) for l in compat.flatten_layers(layer))
+            if weights:
+                result.append((layer, weights))
+            return
+        for child in compat.child_layers(layer):
+            visit(child)
+
+    visit(model)
+    for layer in [model] + compat.flatten_layers(model):
+        if id(layer) in covered or sparse_layers.is_supported(layer) \
+                or sparse_layers.is_dense_by_design(layer):
+            continue
+        inside = {id(v) for child in compat.child_layers(layer) for v in child.weights}
+        left = [w for w in layer.weights if id(w) not in inside and id(w) not in claimed
+                and w.trainable and len(w.shape) >= 2]
+        if left and not skip_unsupported:
+            raise TypeError(
+                f"Layer '{layer_label(layer)}' of class {type(layer).__name__} is not "
+                f"supported by keras_dst (its weights {[w.path for w in left]}): implement "
+                "`get_prunable_weights()` on it, register its class with "
+                "keras_dst.register_prunable_layer(), or pass skip_unsupported=True to "
+                "leave it dense.")
+    return result
+
+
+def _prunable_model(model, density, distribution, keep_dense, density_overrides, init, seed,
+                    skip_unsupported, track_running_scores, pattern, pattern_overrides,
+                    in_place):
+    if sparse_states(model):
+        raise ValueError(f"prunable(): model '{model.name}' is already prunable "
+                         "(it contains SparseWrapper layers or layers with masks attached).")
+    rebuildable = _rebuildable(model)
+    if in_place is None:
+        in_place = not rebuildable
+    if not in_place and not rebuildable:
+        raise TypeError(
+            f"prunable(in_place=False) cannot rebuild the subclassed model '{model.name}' "
+            f"({type(model).__name__}), or a model nested in it, with wrappers: only "
+            "Sequential and functional models can be cloned. Leave in_place=None (or pass "
+            "True) to attach the masks to its own layers in place.")
+    if not model.built:
+        raise ValueError(f"prunable(): model '{model.name}' is not built; give it an Input "
+                         "or call model.build(input_shape) (or the model on a batch) first.")
+
+    # 1. Decide, before changing anything, which layers get masks, and their densities.
+    targets = (_attach_targets if in_place else _wrap_targets)(model, skip_unsupported)
+    if not targets:
+        raise ValueError(f"prunable(): model '{model.name}' has no layer with prunable weights.")
+    label = layer_label if in_place else (lambda layer: layer.name)
+    densities, weight_patterns = _plan(targets, label, density, distribution, keep_dense,
+                                       density_overrides, init, pattern, pattern_overrides)
+
+    def options(index, weights):
+        return dict(density=[densities[w.path] for w in weights], init=init,
+                    seed=distributions.stable_seed(seed, index),
+                    track_running_scores=track_running_scores,
+                    pattern=[str(weight_patterns[w.path]) for w in weights])
+
+    # 2a. Attach in place (all or nothing).
+    if in_place:
+        done = []
+        try:
+            for index, (layer, weights) in enumerate(targets):
+                sparse_layers.attach(layer, **options(index, weights))
+                done.append(layer)
+        except BaseException:
+            for layer in done:
+                sparse_layers.detach(layer)
+            raise
+        return model
+
+    # 2b. Clone with wrappers and copy the weights over.
+    by_id = {id(layer): weights for layer, weights in targets}
+
+    def clone(layer, index):
+        if id(layer) not in by_id:
+            return layer.__class__.from_config(layer.get_config()), layer
+        inner = layer.__class__.from_config(layer.get_config())
+        inner.build_from_config(layer.get_build_config())
+        return SparseWrapper(inner, **options(index, by_id[id(layer)])), layer
+
+    return _clone_graph(model, clone)
+
+
+def _plan(targets, label, density, distribution, keep_dense, density_overrides, init, pattern,
+          pattern_overrides):
+    """({weight path: density}, {weight path: Pattern}) for `targets`, every option checked.
+
+    `label(layer)` names a layer in messages; option keys match a layer's name or path.
+    """
     shapes, owner = {}, {}
-    for layer, weights in to_wrap.values():
+    for layer, weights in targets:
         for w in weights:
+            if w.path in shapes:
+                raise ValueError(
+                    f"prunable(): two sparsified weights share the path '{w.path}' (layers "
+                    f"'{label(owner[w.path])}' and '{label(layer)}'); keras_dst keys masks by "
+                    "variable path, so give the layers (or the models holding them) distinct "
+                    "names.")
             shapes[w.path] = tuple(w.shape)
-            owner[w.path] = layer.name
-    layer_names = {layer.name for layer, _ in to_wrap.values()}
+            owner[w.path] = layer
+    layer_names = sorted({label(layer) for layer, _ in targets})
+    known = {k for layer, _ in targets for k in (layer.name, layer_label(layer))}
+
+    def matching(key):
+        return [p for p, layer in owner.items() if key in (layer.name, layer_label(layer))]
+
     fixed = {}
-    for name, value in _named_overrides(keep_dense, density_overrides, layer_names):
-        fixed.update({p: value for p, o in owner.items() if o == name})
+    for key, value in _named_overrides(keep_dense, density_overrides, known, layer_names):
+        fixed.update({p: value for p in matching(key)})
     weight_patterns = _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes,
-                                       init, layer_names)
+                                       init, known, layer_names, matching, label)
     for path, p in weight_patterns.items():  # N:M: the density is N/M
         if p.kind == "nm":
             if path in fixed:
-                patterns.check_density(p, fixed[path], f"layer '{owner[path]}'")
+                patterns.check_density(p, fixed[path], f"layer '{label(owner[path])}'")
             fixed[path] = p.n / p.m
     if isinstance(distribution, dict):
-        unknown = set(distribution) - layer_names
+        unknown = set(distribution) - known
         if unknown:
             raise ValueError(f"prunable(): distribution names unknown layers {sorted(unknown)}; "
-                             f"sparsified layers are {sorted(layer_names)}.")
-        distribution = {p: check_density(distribution[o], f"distribution['{o}']")
-                        for p, o in owner.items() if o in distribution} | {
-                            p: None for p, o in owner.items() if o not in distribution}
-        missing = sorted({owner[p] for p, v in distribution.items() if v is None})
+                             f"sparsified layers are {layer_names}.")
+        per_weight = {}
+        for key, value in distribution.items():
+            value = check_density(value, f"distribution['{key}']")
+            per_weight.update({p: value for p in matching(key)})
+        missing = sorted({label(layer) for p, layer in owner.items() if p not in per_weight})
         if missing:
             raise ValueError(f"prunable(): the distribution dict must name every sparsified "
                              f"layer; missing {missing}.")
+        distribution = per_weight
     densities = distributions.layer_densities(shapes, density, distribution, fixed=fixed)
     if init == "exact":
         counts = distributions.active_counts(shapes, densities)
@@ -172,21 +329,7 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
                 counts[path] = patterns.active_count(p, shapes[path], densities[path])
         densities = {p: (counts[p] / int(np.prod(s)) if np.prod(s) else 1.0)
                      for p, s in shapes.items()}
-
-    # 3. Clone with wrappers and copy the weights over.
-    def clone(layer, index):
-        if id(layer) not in to_wrap:
-            return layer.__class__.from_config(layer.get_config()), layer
-        _, weights = to_wrap[id(layer)]
-        inner = layer.__class__.from_config(layer.get_config())
-        inner.build_from_config(layer.get_build_config())
-        new = SparseWrapper(inner, density=[densities[w.path] for w in weights],
-                            init=init, seed=distributions.stable_seed(seed, index),
-                            track_running_scores=track_running_scores,
-                            pattern=[str(weight_patterns[w.path]) for w in weights])
-        return new, layer
-
-    return _clone_graph(model, clone)
+    return densities, weight_patterns
 
 
 def _clone_graph(model, clone):
@@ -229,7 +372,8 @@ def _clone_graph(model, clone):
     return cloned
 
 
-def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes, init, layer_names):
+def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes, init, known,
+                     layer_names, matching, label):
     """{weight path: Pattern}, checked against every weight's shape before anything changes.
 
     Layers in `keep_dense` are unstructured (all ones).
@@ -239,24 +383,29 @@ def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes, init
     if not isinstance(pattern_overrides, dict):
         raise TypeError("pattern_overrides must be a dict {layer name: pattern}, got "
                         f"{type(pattern_overrides).__name__}.")
-    unknown = sorted(set(pattern_overrides) - layer_names)
+    unknown = sorted(set(pattern_overrides) - known)
     if unknown:
         raise ValueError(f"prunable(): unknown layer names {unknown} in pattern_overrides; "
-                         f"sparsified layers are {sorted(layer_names)}.")
-    per_layer = {name: patterns.parse(p) for name, p in pattern_overrides.items()}
+                         f"sparsified layers are {layer_names}.")
+    per_weight = {}
+    for key, p in pattern_overrides.items():
+        parsed = patterns.parse(p)
+        per_weight.update({path: parsed for path in matching(key)})
     dense = {keep_dense} if isinstance(keep_dense, str) else set(keep_dense)
+    for key in dense:
+        per_weight.update({path: patterns.UNSTRUCTURED for path in matching(key)})
     result = {}
     for path, layer in owner.items():
-        p = patterns.UNSTRUCTURED if layer in dense else per_layer.get(layer, pattern)
-        patterns.check(p, shapes[path], f"layer '{layer}' (weight '{path}')")
+        p = per_weight.get(path, pattern)
+        patterns.check(p, shapes[path], f"layer '{label(layer)}' (weight '{path}')")
         if p.kind != "unstructured" and init != "exact":
-            raise ValueError(f"prunable(): pattern '{p}' of layer '{layer}' needs "
+            raise ValueError(f"prunable(): pattern '{p}' of layer '{label(layer)}' needs "
                              f"init='exact', got init={init!r}.")
         result[path] = p
     return result
 
 
-def _named_overrides(keep_dense, density_overrides, layer_names):
+def _named_overrides(keep_dense, density_overrides, known, layer_names):
     if isinstance(keep_dense, str):
         keep_dense = (keep_dense,)
     overrides = [(name, 1.0) for name in keep_dense]
@@ -266,28 +415,38 @@ def _named_overrides(keep_dense, density_overrides, layer_names):
                             f"{type(density_overrides).__name__}.")
         overrides += [(n, check_density(d, f"density_overrides['{n}']"))
                       for n, d in density_overrides.items()]
-    unknown = sorted({n for n, _ in overrides} - layer_names)
+    unknown = sorted({n for n, _ in overrides} - known)
     if unknown:
         raise ValueError(f"prunable(): unknown layer names {unknown} in keep_dense/"
-                         f"density_overrides; sparsified layers are {sorted(layer_names)}.")
+                         f"density_overrides; sparsified layers are {layer_names}.")
     return overrides
 
 
 def strip(model):
-    """An ordinary Keras model with the same graph and weights, without wrappers.
+    """A plain Keras model computing what the sparse one computes, without masks.
 
-    Every sparsified weight is copied multiplied by its mask (kernel ⊙ mask), so
-    the stripped model computes exactly what the masks say, also if a write
-    keras_dst cannot see left non-zeros at masked entries. Needs a Sequential or
-    functional model; a bare `SparseWrapper` gives its inner layer (after
-    zeroing its masked entries in place).
+    Every sparsified weight ends up multiplied by its mask (kernel ⊙ mask), so the
+    stripped model computes exactly what the masks say, also if a write keras_dst
+    cannot see left non-zeros at masked entries. As `prunable`: a model with
+    `SparseWrapper` layers (Sequential/functional) gives a *new* model with the same
+    graph and the wrappers' inner layers; a model whose masks were attached in place
+    is stripped *in place* (masks, constraints and write guards removed) and
+    returned itself; a bare `SparseWrapper` gives its inner layer (after zeroing its
+    masked entries in place).
     """
     if isinstance(model, SparseWrapper):
         model.apply_masks()
         return model.layer
+    if isinstance(model, keras.layers.Layer):
+        attached = [l for l in [model] + compat.flatten_layers(model)
+                    if attached_state(l) is not None]
+        if attached:
+            for layer in attached:
+                sparse_layers.detach(layer)
+            return model
     if not isinstance(model, keras.Model) or not compat.is_graph_model(model):
-        raise TypeError(f"strip() needs a Sequential or functional model, got "
-                        f"{type(model).__name__}.")
+        raise TypeError(f"strip() needs a Sequential or functional model or a model with masks "
+                        f"attached by prunable(), got {type(model).__name__}.")
 
     def clone(layer, index):
         inner = layer.layer if isinstance(layer, SparseWrapper) else layer

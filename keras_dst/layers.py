@@ -20,9 +20,16 @@ Which weights are prunable:
   SeparableConv, ``embeddings`` of Embedding, and the ``kernel`` of every
   projection inside MultiHeadAttention. `register_prunable_layer` adds a class.
 * biases, normalisation parameters and non-trainable statistics are never
-  sparsified.
+  sparsified; a layer whose weights are all vectors or scalars (e.g. a library's
+  own RMS normalisation) has nothing to sparsify.
+
+Masks live in a `SparseState`: owned by a `SparseWrapper` (Sequential and
+functional models, single layers), or attached to a layer of a model in place
+(`attach`: subclassed and library models, which cannot be rebuilt with wrappers).
 """
 
+import contextlib
+import json
 import warnings
 from typing import Sequence
 
@@ -92,12 +99,25 @@ for _cls in (
 register_prunable_layer(keras.layers.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"))
 register_prunable_layer(keras.layers.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"))
 register_prunable_layer(keras.layers.Embedding, ("embeddings",))
+if hasattr(keras.layers, "ReversibleEmbedding"):  # recent Keras 3: keras-hub's token embedding
+    register_prunable_layer(keras.layers.ReversibleEmbedding,
+                            ("embeddings", "reverse_embeddings"))
+
+# Layers of libraries keras_dst does not import, by "module.QualifiedName" (matched
+# through the MRO, like registered classes): a library model's layers are then
+# supported without importing the library here.
+_PRUNABLE_BY_NAME = {
+    "keras_hub.src.layers.modeling.position_embedding.PositionEmbedding": ("embeddings",),
+}
 
 
 def _registered_names(layer):
     for cls in type(layer).__mro__:
         if cls in _PRUNABLE_LAYERS:
             return _PRUNABLE_LAYERS.get(cls)
+        names = _PRUNABLE_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if names is not None:
+            return names
     return None
 
 
@@ -106,13 +126,21 @@ def is_supported(layer) -> bool:
     return hasattr(layer, "get_prunable_weights") or _registered_names(layer) is not None
 
 
+def is_dense_by_design(layer) -> bool:
+    """True for normalisation layers, whose parameters are never sparsified."""
+    return isinstance(layer, _DENSE_BY_DESIGN)
+
+
 def needs_no_wrapping(layer) -> bool:
-    """True for layers with nothing to sparsify (no weights, or dense by design)."""
+    """True for layers with nothing to sparsify: no weights, only vectors and scalars
+    (biases, the scales of a library's own normalisation layers), or dense by design."""
     if isinstance(layer, _DENSE_BY_DESIGN):
         return True
     if isinstance(layer, keras.Model):
         return False
-    return not layer.weights if layer.built else not _has_weight_creating_build(layer)
+    if not layer.built:
+        return not _has_weight_creating_build(layer)
+    return not any(len(w.shape) >= 2 for w in layer.weights)
 
 
 def _has_weight_creating_build(layer) -> bool:
@@ -182,6 +210,173 @@ def _relative_name(layer, variable) -> str:
     return rel.replace("/", "_")
 
 
+class SparseState:
+    """The sparse state of one layer and what keeps its weights at 0 where masked.
+
+    Per prunable weight of `layer` (`prunable_weights`): a bool *mask* variable, a bool
+    *ever-active* variable (every entry that was ever active, for the ITOP rate) and,
+    with `track_running_scores`, a float32 running score; each weight gets a
+    `MaskConstraint` (re-zeroes it after every optimizer update) and a write guard
+    (see `_guard_writes`). Nothing touches the layer's forward pass.
+
+    The one implementation behind both places masks live:
+
+    * a `SparseWrapper` owns one; its variables are the wrapper's weights (so a
+      Sequential/functional model saves and loads them as any Keras layer's);
+    * `attach` puts one on a layer of a model as it is (subclassed and library
+      models, which cannot be rebuilt with wrappers); its variables belong to no
+      layer and are written into the layer's own entry of weights files.
+
+    Args:
+      layer: the layer whose weights are sparsified.
+      density, init, seed, track_running_scores, pattern: see `SparseWrapper`.
+      owner: how messages name the state (e.g. ``"SparseWrapper 'sparse_fc1'"``).
+      wrapper: the `SparseWrapper` that owns it, or None for an attached state.
+
+    Raises:
+      ValueError: a bad density, init, seed or pattern (nothing is created).
+    """
+
+    def __init__(self, layer, density=1.0, init="exact", seed=None, track_running_scores=False,
+                 pattern="unstructured", owner=None, wrapper=None):
+        check_choice(init, ("exact", "bernoulli"), "init")
+        densities = [density] if np.isscalar(density) else list(density)
+        for d in densities:
+            check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
+        seed = validation.check_seed(seed, allow_none=True)
+        pattern_list = [pattern] if isinstance(pattern, (str, patterns.Pattern)) or pattern is None \
+            else list(pattern)
+        parsed = [patterns.parse(p) for p in pattern_list]
+        owner = owner or f"layer '{layer_label(layer)}'"
+        if init != "exact" and any(p.kind != "unstructured" for p in parsed):
+            raise ValueError(f"{owner}: pattern={pattern!r} needs init='exact' (exact counts "
+                             f"per block, group or unit), got init={init!r}.")
+        if 1 in (len(parsed), len(densities)) or len(parsed) == len(densities):
+            n = max(len(parsed), len(densities))  # (else `create` reports the lengths)
+            for p, d in zip(parsed * n if len(parsed) == 1 else parsed,
+                            densities * n if len(densities) == 1 else densities):
+                patterns.check_density(p, d, f"layer '{layer.name}'")
+        self.layer = layer
+        self.owner = owner
+        self.wrapper = wrapper
+        self.density = density if np.isscalar(density) else [float(d) for d in density]
+        self.init = init
+        self.seed = int(seed) if seed is not None else distributions.stable_seed(layer.name)
+        self.track_running_scores = validation.check_bool(track_running_scores,
+                                                          "track_running_scores")
+        self.pattern = str(parsed[0]) if len(parsed) == 1 and not isinstance(pattern, (list, tuple)) \
+            else [str(p) for p in parsed]
+        self.patterns = []  # one `patterns.Pattern` per sparsified weight, once created
+        self.sparse_weights = []
+        self.masks = []
+        self.ever_active = []
+        self.running_scores = []
+        self.created = False
+        # id(weight) -> raw value of its last eager write, while a mask write may follow
+        # (see `_guard_writes`).
+        self._pending_writes = {}
+
+    @property
+    def label(self) -> str:
+        """The layer as reports name it: its name in a wrapper, its path when attached
+        (library models repeat names such as ``query`` in every block)."""
+        return self.layer.name if self.wrapper is not None else layer_label(self.layer)
+
+    def get_config(self) -> dict:
+        return {"density": self.density, "init": self.init, "seed": self.seed,
+                "track_running_scores": self.track_running_scores, "pattern": self.pattern}
+
+    def variables(self) -> list:
+        """The state variables, in creation (and saving) order."""
+        result = []
+        for i in range(len(self.masks)):
+            result += [self.masks[i], self.ever_active[i]]
+            if self.running_scores:
+                result.append(self.running_scores[i])
+        return result
+
+    def create(self, make_variable):
+        """Creates the state of every prunable weight of the (built) layer.
+
+        Args:
+          make_variable: ``(name, shape, dtype, initializer) -> variable``; called
+            mask, ever-active flag (and running score) per weight, in that order.
+        """
+        weights = prunable_weights(self.layer)
+        densities = (
+            [float(self.density)] * len(weights)
+            if np.isscalar(self.density)
+            else list(self.density)
+        )
+        if len(densities) != len(weights):
+            raise ValueError(
+                f"{self.owner}: got {len(densities)} densities for "
+                f"{len(weights)} prunable weights of layer '{self.layer.name}'."
+            )
+        specs = [self.pattern] * len(weights) if isinstance(self.pattern, str) else self.pattern
+        if len(specs) != len(weights):
+            raise ValueError(
+                f"{self.owner}: got {len(specs)} patterns for "
+                f"{len(weights)} prunable weights of layer '{self.layer.name}'.")
+        parsed = [patterns.parse(p) for p in specs]
+        for w, p, d in zip(weights, parsed, densities):
+            where = f"layer '{self.layer.name}' weight '{w.name}'"
+            patterns.check(p, tuple(w.shape), where)
+            patterns.check_density(p, d, where)
+        self.patterns = parsed
+        self.sparse_weights = weights
+        self.masks, self.ever_active, self.running_scores = [], [], []
+        for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
+            name = _relative_name(self.layer, w)
+
+            def initial_mask(shape, dtype=None, d=d, i=i, p=p):
+                return self._initial_mask(shape, d, i, p)
+
+            mask = make_variable(f"{name}_mask", w.shape, "bool", initial_mask)
+            self.masks.append(mask)
+            self.ever_active.append(
+                make_variable(f"{name}_ever_active", w.shape, "bool", initial_mask))
+            if self.track_running_scores:
+                self.running_scores.append(make_variable(
+                    f"{name}_running_score", w.shape, "float32", keras.initializers.Zeros()))
+            w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
+            _zero_initial_value(w, initial_mask)
+            _guard_writes(w, mask, self)
+        self.created = True
+
+    def _initial_mask(self, shape, density, index, pattern):
+        seed = tf.constant([self.seed % (2**31 - 1), index], dtype=tf.int32)
+        if self.init == "bernoulli":
+            return distributions.bernoulli_mask(shape, density, seed)
+        return patterns.initial_mask(pattern, shape, density, seed)
+
+    def apply_masks(self):
+        """Zeroes every sparsified weight where its mask is False."""
+        self._pending_writes.clear()
+        for w, m in zip(self.sparse_weights, self.masks):
+            w.assign(tf.where(m, w, tf.zeros_like(w)))
+
+    def mark_loading(self):
+        """Flags the weights so that their next eager write (a load) warns about non-zero
+        entries where the mask is False (see `_guard_writes`)."""
+        for w in self.sparse_weights:
+            w.__dict__["_keras_dst_loading"] = True
+
+    def release(self):
+        """Zeroes the masked entries, then removes the constraints and write guards: the
+        weights are plain variables again (what `strip` leaves)."""
+        self.apply_masks()
+        for w in self.sparse_weights:
+            w.constraint = _original_constraint(w)
+            for name in ("assign", "_keras_dst_loading"):
+                w.__dict__.pop(name, None)
+
+
+def layer_label(layer) -> str:
+    """A layer's path (``block/attention/query``: unique inside a model), else its name."""
+    return getattr(layer, "path", None) or layer.name
+
+
 @keras.saving.register_keras_serializable(package="keras_dst")
 class SparseWrapper(keras.layers.Wrapper):
     """Makes a Keras layer sparse: bool masks plus weights kept at exact zero.
@@ -208,10 +403,12 @@ class SparseWrapper(keras.layers.Wrapper):
         weight's density must be N/M.
       **kwargs: base `Layer` arguments (name, ...).
 
-    After `build`, `sparse_weights` lists the sparsified variables, `masks` their
-    masks (same order, same shapes, dtype bool) and `ever_active` bool variables
-    that record every entry that was ever active (for the ITOP rate). With
-    `track_running_scores`, `running_scores` holds the running scores.
+    The state lives in a `SparseState` (`sparse_state`), whose variables are the
+    wrapper's weights. After `build`, `sparse_weights` lists the sparsified
+    variables, `masks` their masks (same order, same shapes, dtype bool) and
+    `ever_active` bool variables that record every entry that was ever active (for
+    the ITOP rate). With `track_running_scores`, `running_scores` holds the running
+    scores.
     """
 
     def __init__(self, layer, density=1.0, init="exact", seed=None, track_running_scores=False,
@@ -222,48 +419,38 @@ class SparseWrapper(keras.layers.Wrapper):
             raise TypeError(
                 f"SparseWrapper needs a keras Layer, got {type(layer).__name__}: {layer!r}."
             )
-        if isinstance(layer, SparseWrapper):
+        if isinstance(layer, SparseWrapper) or attached_state(layer) is not None:
             raise ValueError(
-                f"Layer '{layer.name}' is already a SparseWrapper (already prunable)."
+                f"Layer '{layer.name}' is already prunable (a SparseWrapper or a layer with "
+                "masks attached)."
             )
         if not is_supported(layer):
             prunable_weights(layer)  # raises the TypeError that names the layer
-        check_choice(init, ("exact", "bernoulli"), "init")
-        densities = [density] if np.isscalar(density) else list(density)
-        for d in densities:
-            check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
-        seed = validation.check_seed(seed, allow_none=True)
-        pattern_list = [pattern] if isinstance(pattern, (str, patterns.Pattern)) or pattern is None \
-            else list(pattern)
-        parsed = [patterns.parse(p) for p in pattern_list]
-        if init != "exact" and any(p.kind != "unstructured" for p in parsed):
-            raise ValueError(f"SparseWrapper(layer '{layer.name}'): pattern={pattern!r} needs "
-                             f"init='exact' (exact counts per block, group or unit), got "
-                             f"init={init!r}.")
-        if 1 in (len(parsed), len(densities)) or len(parsed) == len(densities):
-            n = max(len(parsed), len(densities))  # (else `build` reports the lengths)
-            for p, d in zip(parsed * n if len(parsed) == 1 else parsed,
-                            densities * n if len(densities) == 1 else densities):
-                patterns.check_density(p, d, f"layer '{layer.name}'")
+        state = SparseState(layer, density=density, init=init, seed=seed,
+                            track_running_scores=track_running_scores, pattern=pattern,
+                            owner=f"SparseWrapper(layer '{layer.name}')")
         kwargs.setdefault("name", f"sparse_{layer.name}")
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(layer, **kwargs)
-        self.density = density if np.isscalar(density) else [float(d) for d in density]
-        self.init = init
-        self.seed = int(seed) if seed is not None else distributions.stable_seed(layer.name)
-        self.track_running_scores = validation.check_bool(track_running_scores,
-                                                          "track_running_scores")
-        self.pattern = str(parsed[0]) if len(parsed) == 1 and not isinstance(pattern, (list, tuple)) \
-            else [str(p) for p in parsed]
-        self.patterns = []  # one `patterns.Pattern` per sparsified weight, after build
+        state.owner, state.wrapper = f"SparseWrapper '{self.name}'", self
+        self._sparse_state = state
         self.supports_masking = getattr(layer, "supports_masking", False)
-        self.sparse_weights = []
-        self.masks = []
-        self.ever_active = []
-        self.running_scores = []
-        # id(weight) -> raw value of its last eager write, while a mask write may follow
-        # (see `_guard_writes`); a plain dict outside Keras's tracking.
-        object.__setattr__(self, "_pending_writes", {})
+
+    # -- the state (see SparseState) -------------------------------------------
+    @property
+    def sparse_state(self) -> SparseState:
+        return self._sparse_state
+
+    density = property(lambda self: self._sparse_state.density)
+    init = property(lambda self: self._sparse_state.init)
+    seed = property(lambda self: self._sparse_state.seed)
+    track_running_scores = property(lambda self: self._sparse_state.track_running_scores)
+    pattern = property(lambda self: self._sparse_state.pattern)
+    patterns = property(lambda self: self._sparse_state.patterns)
+    sparse_weights = property(lambda self: self._sparse_state.sparse_weights)
+    masks = property(lambda self: self._sparse_state.masks)
+    ever_active = property(lambda self: self._sparse_state.ever_active)
+    running_scores = property(lambda self: self._sparse_state.running_scores)
 
     # -- building -----------------------------------------------------------
     def build(self, input_shape=None):
@@ -273,7 +460,7 @@ class SparseWrapper(keras.layers.Wrapper):
                     f"SparseWrapper '{self.name}': cannot build layer '{self.layer.name}' "
                     "without an input shape; build the layer before wrapping it.")
             self.layer.build(input_shape)
-        self._create_masks()
+        self._sparse_state.create(self._state_variable)
         self.built = True
 
     def get_build_config(self):
@@ -286,70 +473,20 @@ class SparseWrapper(keras.layers.Wrapper):
         if self.layer.built and not self.built:
             self.build(None)
 
-    def _create_masks(self):
-        weights = prunable_weights(self.layer)
-        densities = (
-            [float(self.density)] * len(weights)
-            if np.isscalar(self.density)
-            else list(self.density)
-        )
-        if len(densities) != len(weights):
-            raise ValueError(
-                f"SparseWrapper '{self.name}': got {len(densities)} densities for "
-                f"{len(weights)} prunable weights of layer '{self.layer.name}'."
-            )
-        specs = [self.pattern] * len(weights) if isinstance(self.pattern, str) else self.pattern
-        if len(specs) != len(weights):
-            raise ValueError(
-                f"SparseWrapper '{self.name}': got {len(specs)} patterns for "
-                f"{len(weights)} prunable weights of layer '{self.layer.name}'.")
-        self.patterns = [patterns.parse(p) for p in specs]
-        for w, p, d in zip(weights, self.patterns, densities):
-            where = f"layer '{self.layer.name}' weight '{w.name}'"
-            patterns.check(p, tuple(w.shape), where)
-            patterns.check_density(p, d, where)
-        self.sparse_weights = weights
-        self.masks, self.ever_active, self.running_scores = [], [], []
-        for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
-            name = _relative_name(self.layer, w)
-
-            def initial_mask(shape, dtype=None, d=d, i=i, p=p):
-                return self._initial_mask(shape, d, i, p)
-
-            mask = self._state_variable(f"{name}_mask", w.shape, "bool", initial_mask)
-            self.masks.append(mask)
-            self.ever_active.append(
-                self._state_variable(f"{name}_ever_active", w.shape, "bool", initial_mask))
-            if self.track_running_scores:
-                self.running_scores.append(self._state_variable(
-                    f"{name}_running_score", w.shape, "float32", "zeros"))
-            w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
-            _zero_initial_value(w, initial_mask)
-            _guard_writes(w, mask, self)
-
     def _state_variable(self, name, shape, dtype, initializer):
         return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer,
                                trainable=False, aggregation="only_first_replica")
 
-    def _initial_mask(self, shape, density, index, pattern):
-        seed = tf.constant([self.seed % (2**31 - 1), index], dtype=tf.int32)
-        if self.init == "bernoulli":
-            return distributions.bernoulli_mask(shape, density, seed)
-        return patterns.initial_mask(pattern, shape, density, seed)
-
     def apply_masks(self):
         """Zeroes every sparsified weight where its mask is False."""
-        self._pending_writes.clear()
-        for w, m in zip(self.sparse_weights, self.masks):
-            w.assign(tf.where(m, w, tf.zeros_like(w)))
+        self._sparse_state.apply_masks()
 
     def load_own_variables(self, store):
         """Loads the masks (and flags, scores); the weights the inner layer loads next
         are then zeroed where these masks are False, with a warning that counts the
         non-zero entries dropped (see `_guard_writes`)."""
         super().load_own_variables(store)
-        for w in self.sparse_weights:
-            w._keras_dst_loading = True
+        self._sparse_state.mark_loading()
 
     # -- forward: untouched ----------------------------------------------------
     def call(self, inputs, *args, **kwargs):
@@ -369,10 +506,207 @@ class SparseWrapper(keras.layers.Wrapper):
     # -- config -----------------------------------------------------------------
     def get_config(self):
         config = super().get_config()
-        config.update({"density": self.density, "init": self.init, "seed": self.seed,
-                       "track_running_scores": self.track_running_scores,
-                       "pattern": self.pattern})
+        config.update(self._sparse_state.get_config())
         return config
+
+
+# -- masks attached to a layer in place ------------------------------------------------
+#
+# A subclassed or library model cannot be rebuilt with wrappers, but its layers can
+# carry the same `SparseState`: `attach` creates it on the layer as it is (the
+# forward pass stays the layer's own call). Its variables belong to no layer; Keras
+# writes and reads them with the layer's own entry of a weights file (``model.save``,
+# ``save_weights``, ``load_weights``, `BackupAndRestore`), under keys that start with
+# ``keras_dst_`` next to the layer's own ``0``, ``1``, ... Keras's plain loader, given
+# such an entry for a layer without masks, refuses it (the layer expected fewer
+# variables); `keras_dst.load_model` attaches the masks first (`attaching_saved_masks`).
+
+_ATTACHED = "_keras_dst_sparse_state"
+_KEY_PREFIX = "keras_dst_"
+_CONFIG_KEY = "keras_dst_config"
+_FORMAT = 1
+
+
+def attached_state(layer):
+    """The `SparseState` attached to `layer` in place, or None."""
+    return layer.__dict__.get(_ATTACHED)
+
+
+def attach(layer, density=1.0, init="exact", seed=None, track_running_scores=False,
+           pattern="unstructured") -> SparseState:
+    """Attaches masks to a built layer in place (no wrapper, no change to its call).
+
+    Arguments as `SparseWrapper`. The layer's weights are zeroed where the initial
+    masks are False. Returns the new `SparseState`.
+
+    Raises:
+      ValueError: the layer is not built or is already prunable; bad arguments.
+      TypeError: the layer is not supported.
+    """
+    if isinstance(layer, SparseWrapper) or attached_state(layer) is not None:
+        raise ValueError(f"Layer '{layer_label(layer)}' is already prunable.")
+    if not is_supported(layer):
+        prunable_weights(layer)  # raises the TypeError that names the layer
+    if not layer.built:
+        raise ValueError(f"Layer '{layer_label(layer)}' is not built; call the model on a batch "
+                         "(or build it) before making it prunable.")
+    state = SparseState(layer, density=density, init=init, seed=seed,
+                        track_running_scores=track_running_scores, pattern=pattern)
+    scope = [keras.name_scope(part) for part in layer_label(layer).split("/") if part]
+
+    def make_variable(name, shape, dtype, initializer):
+        with contextlib.ExitStack() as stack:
+            for s in scope:
+                stack.enter_context(s)
+            return keras.Variable(initializer=initializer, shape=shape, dtype=dtype,
+                                  trainable=False, name=name, aggregation="only_first_replica")
+
+    state.create(make_variable)
+    layer.__dict__[_ATTACHED] = state
+    save_class, load_class = _class_own_variables_io(layer)
+
+    def save_own_variables(store):
+        save_class(store)
+        for key, value in _store_entries(state):
+            store[key] = value
+
+    def load_own_variables(store):
+        _load_entries(state, store)
+        state.mark_loading()
+        load_class(_KerasEntries(store))
+
+    compat.set_own_variables_io(layer, save=save_own_variables, load=load_own_variables)
+    return state
+
+
+def detach(layer):
+    """Removes the masks attached to `layer`, leaving its weights ⊙ masks (strip in place)."""
+    state = attached_state(layer)
+    if state is None:
+        return None
+    state.release()
+    compat.set_own_variables_io(layer)
+    del layer.__dict__[_ATTACHED]
+    return state
+
+
+def _class_own_variables_io(layer):
+    cls = type(layer)
+    return (lambda store: cls.save_own_variables(layer, store),
+            lambda store: cls.load_own_variables(layer, store))
+
+
+def _store_entries(state):
+    entries = []
+    for i in range(len(state.masks)):
+        entries += [(f"{_KEY_PREFIX}{i}_mask", state.masks[i]),
+                    (f"{_KEY_PREFIX}{i}_ever_active", state.ever_active[i])]
+        if state.running_scores:
+            entries.append((f"{_KEY_PREFIX}{i}_running_score", state.running_scores[i]))
+    config = dict(state.get_config(), format=_FORMAT, layer=state.label,
+                  layer_class=type(state.layer).__name__,
+                  weights=[w.name for w in state.sparse_weights],
+                  shapes=[list(w.shape) for w in state.sparse_weights])
+    entries.append((_CONFIG_KEY, np.frombuffer(json.dumps(config).encode("utf-8"), np.uint8)))
+    return entries
+
+
+def read_store_config(store):
+    """The keras_dst config of a layer's entry in a weights file, or None."""
+    if _CONFIG_KEY not in store:
+        return None
+    config = json.loads(np.asarray(store[_CONFIG_KEY], dtype=np.uint8).tobytes().decode("utf-8"))
+    if config.get("format") != _FORMAT:
+        raise ValueError(f"keras_dst: the masks saved for layer '{config.get('layer')}' are in "
+                         f"format {config.get('format')!r}; this keras_dst reads format {_FORMAT}.")
+    return config
+
+
+def _load_entries(state, store):
+    """Writes the masks (flags, scores) a layer's entry holds into `state`; an entry
+    without them (dense weights) leaves the masks as they are."""
+    config = read_store_config(store)
+    if config is None:
+        return
+    shapes = [list(w.shape) for w in state.sparse_weights]
+    if config["shapes"] != shapes or bool(config["track_running_scores"]) \
+            != state.track_running_scores:
+        raise ValueError(
+            f"{state.owner}: the file holds masks for weights of shapes {config['shapes']} "
+            f"(track_running_scores={config['track_running_scores']}), the layer has "
+            f"{shapes} (track_running_scores={state.track_running_scores}).")
+    for i in range(len(state.masks)):
+        state.masks[i].assign(np.asarray(store[f"{_KEY_PREFIX}{i}_mask"], dtype=bool))
+        state.ever_active[i].assign(np.asarray(store[f"{_KEY_PREFIX}{i}_ever_active"], dtype=bool))
+        if state.running_scores:
+            state.running_scores[i].assign(np.asarray(store[f"{_KEY_PREFIX}{i}_running_score"]))
+
+
+class _KerasEntries:
+    """A layer's entry of a weights file without keras_dst's keys: what the layer's own
+    `load_own_variables` expects (it checks the number of entries)."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def keys(self):
+        return [k for k in self._store.keys() if not str(k).startswith(_KEY_PREFIX)]
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key):
+        return not str(key).startswith(_KEY_PREFIX) and key in self._store
+
+    def __getitem__(self, key):
+        if str(key).startswith(_KEY_PREFIX):
+            raise KeyError(key)
+        return self._store[key]
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return [(k, self._store[k]) for k in self.keys()]
+
+    def values(self):
+        return [self._store[k] for k in self.keys()]
+
+
+@contextlib.contextmanager
+def attaching_saved_masks(model):
+    """Inside, loading weights into `model` attaches the masks the file holds to each
+    supported layer that has none yet (what `keras_dst.load_model` does after Keras
+    rebuilt a model whose masks were attached in place). Yields the list of the
+    states attached."""
+    attached, hooked = [], []
+    for layer in [model] + compat.flatten_layers(model):
+        if isinstance(layer, SparseWrapper) or attached_state(layer) is not None \
+                or not layer.built or not is_supported(layer):
+            continue
+
+        def load(store, layer=layer):
+            config = read_store_config(store)
+            if config is None:
+                return type(layer).load_own_variables(layer, store)
+            state = attach(layer, density=config["density"], init=config["init"],
+                           seed=config["seed"],
+                           track_running_scores=config["track_running_scores"],
+                           pattern=config["pattern"])
+            attached.append(state)
+            return layer.load_own_variables(store)  # the hook `attach` installed
+
+        compat.set_own_variables_io(layer, load=load)
+        hooked.append((layer, load))
+    try:
+        yield attached
+    finally:
+        for layer, load in hooked:
+            if layer.__dict__.get("load_own_variables") is load:
+                compat.set_own_variables_io(layer)
 
 
 def _zero_initial_value(variable, initial_mask):
@@ -401,7 +735,7 @@ def masked_nonzeros(value, mask) -> tf.Tensor:
     return tf.math.count_nonzero(tf.logical_and(tf.logical_not(mask), tf.not_equal(value, 0)))
 
 
-def _guard_writes(variable, mask, wrapper):
+def _guard_writes(variable, mask, state):
     """Makes every eager write of `variable` or `mask` keep the weight's zeros where the
     mask is False.
 
@@ -419,13 +753,14 @@ def _guard_writes(variable, mask, wrapper):
     under the current mask keeps its raw value until the next eager mask write,
     which then applies the new mask to it (`SparseWrapper.apply_masks` drops it).
 
-    A write during a load (flagged by `SparseWrapper.load_own_variables`, which
-    Keras calls right before the inner layer loads its weights) that holds
-    non-zeros at masked entries warns with their count; ``set_weights`` (e.g. a
-    warm start from dense weights) masks silently, as documented.
+    A write during a load (flagged by `SparseState.mark_loading`, which the wrapper's
+    or the attached layer's `load_own_variables` calls once the masks are loaded and
+    before the weights are) that holds non-zeros at masked entries warns with their
+    count; ``set_weights`` (e.g. a warm start from dense weights) masks silently, as
+    documented.
     """
     assign_weight, assign_mask = type(variable).assign, type(mask).assign
-    pending = wrapper._pending_writes
+    pending = state._pending_writes
 
     def guarded_weight_assign(value):
         if not tf.executing_eagerly():
@@ -438,9 +773,9 @@ def _guard_writes(variable, mask, wrapper):
             pending.pop(id(variable), None)
         if variable.__dict__.pop("_keras_dst_loading", False) and dropped:
             warnings.warn(
-                f"SparseWrapper '{wrapper.name}': the loaded '{variable.path}' holds "
+                f"{state.owner}: the loaded '{variable.path}' holds "
                 f"{dropped} non-zero entries where its mask is 0; they were set to 0 "
-                "(the saved mask wins; use keras_dst.set_masks to change the topology).",
+                "(the mask wins; use keras_dst.set_masks to change the topology).",
                 stacklevel=2)
         return assign_weight(variable, tf.where(mask, value, tf.zeros_like(value)))
 

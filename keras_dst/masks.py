@@ -1,7 +1,8 @@
 """Reading and writing the masks of a sparse model, and reporting its density.
 
-Every function takes any model (Sequential, functional, subclassed, nested) or
-layer that contains `SparseWrapper` layers.
+Every function takes any model (Sequential, functional, subclassed, a library's,
+nested) or layer whose masks live in `SparseWrapper` layers or are attached to its
+own layers (`keras_dst.layers.attach`).
 """
 
 import warnings
@@ -13,11 +14,11 @@ import tensorflow as tf
 
 from keras_dst import compat
 from keras_dst import patterns
-from keras_dst.layers import SparseWrapper, masked_nonzeros
+from keras_dst.layers import SparseState, SparseWrapper, attached_state, masked_nonzeros
 
 
 class SparseTarget(NamedTuple):
-    """One sparsified weight and the state its wrapper keeps for it.
+    """One sparsified weight and the state kept for it.
 
     Attributes:
       weight: the sparsified variable.
@@ -25,16 +26,19 @@ class SparseTarget(NamedTuple):
       ever_active: bool variable, True where the entry was ever active.
       running_score: float32 running-score variable (the running average of a
         running criterion), or None without `track_running_scores`.
-      wrapper: the `SparseWrapper` that owns them.
+      wrapper: the `SparseWrapper` that owns them, or None when the masks are
+        attached to the layer in place.
       pattern: its `patterns.Pattern` (unstructured, 1xB, N:M or fan_in).
+      state: the `SparseState` that owns them (the wrapper's, or the attached one).
     """
 
     weight: "keras.Variable"
     mask: "keras.Variable"
     ever_active: "keras.Variable"
     running_score: "keras.Variable | None"
-    wrapper: SparseWrapper
+    wrapper: "SparseWrapper | None"
     pattern: "patterns.Pattern"
+    state: "SparseState"
 
 
 def sparse_wrappers(model) -> list:
@@ -46,6 +50,20 @@ def sparse_wrappers(model) -> list:
     return [l for l in compat.flatten_layers(model) if isinstance(l, SparseWrapper)]
 
 
+def sparse_states(model) -> list:
+    """Every `SparseState` inside `model` (itself included), in model order: those of its
+    `SparseWrapper` layers and those attached to its layers in place."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"Expected a keras Model or Layer, got {type(model).__name__}.")
+    states = []
+    for layer in [model] + compat.flatten_layers(model):
+        if isinstance(layer, SparseWrapper):
+            states.append(layer.sparse_state)
+        elif attached_state(layer) is not None:
+            states.append(attached_state(layer))
+    return states
+
+
 def sparse_targets(model, require=False, caller="keras_dst") -> list:
     """Every sparsified weight of `model` as `SparseTarget`s, in a stable order.
 
@@ -55,16 +73,15 @@ def sparse_targets(model, require=False, caller="keras_dst") -> list:
       caller: name used in that error message.
     """
     targets = []
-    for wrapper in sparse_wrappers(model):
-        if not wrapper.built:
+    for state in sparse_states(model):
+        if not state.created:
             raise ValueError(
-                f"{caller}: layer '{wrapper.name}' is not built yet; build or call the "
-                "model once before using it."
+                f"{caller}: layer '{state.wrapper.name if state.wrapper else state.label}' is "
+                "not built yet; build or call the model once before using it."
             )
-        scores = wrapper.running_scores or [None] * len(wrapper.masks)
-        targets.extend(SparseTarget(w, m, e, s, wrapper, p) for w, m, e, s, p in zip(
-            wrapper.sparse_weights, wrapper.masks, wrapper.ever_active, scores,
-            wrapper.patterns))
+        scores = state.running_scores or [None] * len(state.masks)
+        targets.extend(SparseTarget(w, m, e, s, state.wrapper, p, state) for w, m, e, s, p in zip(
+            state.sparse_weights, state.masks, state.ever_active, scores, state.patterns))
     if require and not targets:
         raise ValueError(
             f"{caller}: model '{getattr(model, 'name', model)}' has no sparse layers. "
@@ -136,9 +153,9 @@ def _stray_entries(targets) -> list:
 
 
 def _zero_masked(targets):
-    """Zeroes the weights of `targets` where their masks are 0 (one pass per wrapper)."""
-    for wrapper in {id(t.wrapper): t.wrapper for t in targets}.values():
-        wrapper.apply_masks()
+    """Zeroes the weights of `targets` where their masks are 0 (one pass per layer)."""
+    for state in {id(t.state): t.state for t in targets}.values():
+        state.apply_masks()
 
 
 def reapply_masks_if_needed(model, caller) -> int:
@@ -167,7 +184,7 @@ def layer_stats(model) -> list:
     for t, stray in zip(targets, _stray_entries(targets)):
         active = int(np.count_nonzero(t.mask.numpy())) + stray
         total = int(np.prod(t.weight.shape))
-        rows.append(dict(layer=t.wrapper.layer.name, path=t.weight.path,
+        rows.append(dict(layer=t.state.label, path=t.weight.path,
                          shape=tuple(t.weight.shape), pattern=str(t.pattern),
                          active=active, total=total,
                          density=active / total if total else 1.0, stray=stray))

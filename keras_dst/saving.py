@@ -21,16 +21,25 @@ into a fresh directory, flushes it to disk, renames the directory into place and
 only then points the ``latest`` file at it (``os.replace``, atomic on POSIX and
 Windows). A reader follows ``latest`` and so only ever sees a complete backup:
 the previous one or the new one.
+
+`load_model` loads a `.keras` file whose masks were attached in place to the layers
+of a subclassed or library model (see `keras_dst.prunable`): Keras rebuilds such a
+model from its own class, which knows nothing of the masks, so Keras's loader
+refuses the file (the layers' entries hold more than the layers expect) and
+`load_model` attaches the masks before the weights are read.
 """
 
 import json
 import os
 import shutil
 import tempfile
+import zipfile
 
+import h5py
 import keras
 
 from keras_dst import compat
+from keras_dst import layers as sparse_layers
 
 
 def save_model(model, filepath, overwrite=True):
@@ -75,6 +84,87 @@ def save_model(model, filepath, overwrite=True):
             os.remove(tmp)
         raise
     _fsync(directory)
+
+
+_ARCHIVE_WEIGHTS = "model.weights.h5"  # the weights member of a `.keras` archive (Keras 3)
+
+
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """Loads a `.keras` file saved from a keras_dst model of any kind, masks included.
+
+    ``keras.models.load_model`` loads Sequential and functional models made with
+    `prunable` (their masks live in `SparseWrapper` layers, which Keras rebuilds
+    from the file, with ``import keras_dst``). A subclassed or library model (e.g.
+    keras-hub's) has its masks attached to its own layers; Keras rebuilds it from its
+    own class, which has no masks, so ``keras.models.load_model`` refuses its file
+    ("A total of N objects could not be loaded ... Layer 'query' expected 2
+    variables, but received ..."): load it here. Files without attached masks
+    (a wrapper model, a dense model) load exactly as with Keras.
+
+    Keras loads the model (its class, config, weights, optimizer state, assets) from
+    a copy of the file without keras_dst's entries; then the masks are attached to
+    the layers whose entries hold them and the weights are read again, masks first
+    (so the guarantees of a load hold: masked entries are 0, a file with non-zeros
+    there warns).
+
+    Args:
+      filepath: a local `.keras` file (str or path-like).
+      custom_objects, compile, safe_mode: as ``keras.models.load_model`` (safe mode
+        stays on by default: nothing but configs and arrays is read).
+
+    Returns:
+      The model, with its masks, ever-active flags and running scores.
+
+    Raises:
+      ValueError: the file's masks do not fit the rebuilt model (its layers changed).
+    """
+    filepath = os.fspath(filepath)
+    options = dict(custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+    with zipfile.ZipFile(filepath) as archive:
+        if _ARCHIVE_WEIGHTS not in archive.namelist():
+            return keras.models.load_model(filepath, **options)
+        with tempfile.TemporaryDirectory(prefix="keras_dst_load_") as tmp:
+            weights = os.path.join(tmp, _ARCHIVE_WEIGHTS)
+            with archive.open(_ARCHIVE_WEIGHTS) as src, open(weights, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            stripped = os.path.join(tmp, "stripped.weights.h5")
+            shutil.copyfile(weights, stripped)
+            saved = _remove_attached_entries(stripped)
+            if not saved:
+                return keras.models.load_model(filepath, **options)
+            copy = os.path.join(tmp, "model.keras")
+            with zipfile.ZipFile(copy, "w") as out:
+                for info in archive.infolist():
+                    if info.filename == _ARCHIVE_WEIGHTS:
+                        out.write(stripped, _ARCHIVE_WEIGHTS, compress_type=info.compress_type)
+                    else:
+                        out.writestr(info, archive.read(info.filename))
+            model = keras.models.load_model(copy, **options)
+            with sparse_layers.attaching_saved_masks(model) as attached:
+                model.load_weights(weights)
+    if len(attached) != len(saved):
+        found = {state.label for state in attached}
+        raise ValueError(
+            f"keras_dst.load_model({filepath!r}): the file holds masks for {len(saved)} layers, "
+            f"the rebuilt model '{model.name}' took them for {len(attached)}; not found: "
+            f"{sorted(set(saved) - found)} (was the model's code changed since it was saved?).")
+    return model
+
+
+def _remove_attached_entries(path) -> list:
+    """Deletes keras_dst's entries (attached masks) from a Keras weights file; returns the
+    labels of the layers whose entries held them."""
+    found = []
+    with h5py.File(path, "r+") as f:
+        groups = []
+        f.visititems(lambda name, obj: groups.append(obj) if isinstance(obj, h5py.Group)
+                     and sparse_layers._CONFIG_KEY in obj else None)
+        for group in groups:
+            config = sparse_layers.read_store_config(group)
+            found.append(config.get("layer", group.name))
+            for key in [k for k in group.keys() if k.startswith(sparse_layers._KEY_PREFIX)]:
+                del group[key]
+    return found
 
 
 _LATEST = "latest"

@@ -154,3 +154,51 @@ def test_set_initial_epoch():
     history = model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=4, verbose=0,
                         callbacks=[Resume()])
     assert epochs == [2, 3] and len(history.history["loss"]) == 2
+
+
+def test_child_layers():
+    inner = keras.Sequential([keras.Input((4,)), L.Dense(4, name="c1")], name="child_model")
+
+    class Block(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.a = L.Dense(4, name="a")
+            self.pair = [L.Dense(4, name="p0"), L.Dense(4, name="p1")]
+            self.model = inner
+
+        def call(self, x):
+            return self.model(self.pair[1](self.pair[0](self.a(x))))
+
+    block = Block(name="block")
+    block(np.zeros((1, 4), "float32"))
+    # One level only: the attribute, the list's layers and the nested model, not c1.
+    assert {l.name for l in compat.child_layers(block)} == {"a", "p0", "p1", "child_model"}
+    assert compat.child_layers(L.Dense(2)) == []
+    wrapper = keras_dst.prunable(L.Dense(3, name="d"), density=0.5)
+    assert [l.name for l in compat.child_layers(wrapper)] == ["d"]
+
+
+def test_set_own_variables_io(tmp_path):
+    calls = []
+    x = keras.Input((3,))
+    dense = L.Dense(2, name="d")
+    model = keras.Model(x, dense(x))
+
+    def save(store):
+        calls.append("save")
+        type(dense).save_own_variables(dense, store)
+        store["extra"] = np.arange(3)
+
+    def load(store):
+        calls.append(("load", sorted(store.keys())))
+        assert np.array_equal(np.asarray(store["extra"]), np.arange(3))
+
+    compat.set_own_variables_io(dense, save=save, load=load)
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)  # Keras's saving calls the instance's functions
+    model.load_weights(path)
+    assert calls == ["save", ("load", ["0", "1", "extra"])]
+    compat.set_own_variables_io(dense)  # back to the class's methods
+    assert "save_own_variables" not in vars(dense) and "load_own_variables" not in vars(dense)
+    with pytest.raises(ValueError, match="expected 2 variables"):  # the class checks the count
+        model.load_weights(path)

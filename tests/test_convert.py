@@ -195,7 +195,7 @@ def test_unknown_layer_names_in_options():
         keras_dst.prunable(mlp(), density=0.5, distribution={"fc1": 0.5})
 
 
-def test_subclassed_model_cannot_be_rebuilt():
+def test_subclassed_model_cannot_be_rebuilt_so_its_masks_are_attached_in_place():
     class Net(keras.Model):
         def __init__(self):
             super().__init__()
@@ -206,8 +206,11 @@ def test_subclassed_model_cannot_be_rebuilt():
 
     net = Net()
     net(np.zeros((1, 4), "float32"))
-    with pytest.raises(TypeError, match="subclassed"):
-        keras_dst.prunable(net, density=0.5)
+    with pytest.raises(TypeError, match="cannot rebuild the subclassed model"):
+        keras_dst.prunable(net, density=0.5, in_place=False)
+    assert not keras_dst.sparse_targets(net)  # the refusal changed nothing
+    assert keras_dst.prunable(net, density=0.5) is net  # in_place=None: attached
+    assert [t.wrapper for t in keras_dst.sparse_targets(net)] == [None]
 
 
 def test_wrong_object_type():
