@@ -134,14 +134,12 @@ def run_killed(work_dir, rng):
         report["restarts"] += 1
         killing = report["kills"] < FLAGS.kills
         aim_write = bool(rng.integers(2))
-        lines, last, deadline = [], None, time.monotonic() + FLAGS.start_timeout
+        lines, deadline = [], time.monotonic() + FLAGS.start_timeout
         target = None
         for line in proc.stdout:
             line = line.strip()
             lines.append(line)
             kind, _, value = line.partition(" ")
-            if kind in ("epoch", "saving", "saved"):
-                last = kind
             if not killing or kind not in ("epoch", "saving"):
                 continue
             if target is None:  # the first epoch line of this run: choose the moment

@@ -34,11 +34,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python examples/soak.py` as well as `import examples.soak`
     sys.path.insert(0, str(ROOT))
 
-from absl import app, flags  # noqa: E402
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 import keras_dst  # noqa: E402
 from keras_dst.testing import assert_sparse_invariants  # noqa: E402

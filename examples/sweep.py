@@ -28,9 +28,8 @@ if str(ROOT) not in sys.path:
 
 from absl import app, flags  # noqa: E402
 
-from examples import train  # noqa: E402
-
 import keras_dst  # noqa: E402
+from examples import train  # noqa: E402
 
 SWEPT = ("method", "prune", "grow", "density", "seed", "output_dir")
 COLUMNS = ("key", "method", "prune", "grow", "density", "pattern", "seed", "model", "dataset",

@@ -36,17 +36,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python examples/train.py` as well as `import examples.train`
     sys.path.insert(0, str(ROOT))
 
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from examples import data as data_lib  # noqa: E402
-from examples import deploy  # noqa: E402
-from examples import models as models_lib  # noqa: E402
-from examples import optim  # noqa: E402
-
-import keras  # noqa: E402
 import keras_dst  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from examples import data as data_lib  # noqa: E402
+from examples import (
+    deploy,  # noqa: E402
+    optim,  # noqa: E402
+)
+from examples import models as models_lib  # noqa: E402
 
 METHODS = ("dense", "static", "dst", "gmp")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")

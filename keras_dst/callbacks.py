@@ -7,10 +7,8 @@ import numpy as np
 
 from keras_dst import criteria as criteria_lib
 from keras_dst import growth as growth_lib
-from keras_dst import optimizer_state
+from keras_dst import optimizer_state, topology, validation
 from keras_dst import schedules as schedules_lib
-from keras_dst import topology
-from keras_dst import validation
 from keras_dst.engine import TopologyEngine
 from keras_dst.masks import sparse_targets
 from keras_dst.step_switch import HookedCallback

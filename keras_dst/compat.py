@@ -86,7 +86,8 @@ def moment_slots(slots) -> tuple:
     attribute names of Keras's optimizers (Keras 3, checked on 3.15): Adam,
     AdamW, Nadam, Lamb keep ``_momentums`` (first moment) and ``_velocities``
     (second) (so does RMSprop with momentum, whose pair reads the same way);
-    SGD keeps its momentum buffer in ``momentums``, Lion in ``_momentums``. Returns ``(m, v)`` when both Adam moments are there,
+    SGD keeps its momentum buffer in ``momentums``, Lion in ``_momentums``. Returns
+    ``(m, v)`` when both Adam moments are there,
     ``(buffer, None)`` for a momentum buffer alone, ``(None, None)`` otherwise.
     No public API.
     """

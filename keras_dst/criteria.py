@@ -509,7 +509,8 @@ def taylor_fo(inputs: ScoreInputs) -> tf.Tensor:
 # take beta from `--gamma`, default 1.0, and S <- 1.0 * S + 0.0 * s never moves
 # from its first value). The score is the base score s_t; the engine averages
 # it with `ema_update`.
-@register_criterion("running_magnitude", ordering="after_optimizer", needs_gradient=False, params={"beta": 0.9}, ema=True)
+@register_criterion("running_magnitude", ordering="after_optimizer", needs_gradient=False,
+                    params={"beta": 0.9}, ema=True)
 def running_magnitude(inputs: ScoreInputs, beta) -> tf.Tensor:
     """Base score abs(w) of the EMA (beta is used by `ema_update`)."""
     del beta

@@ -29,10 +29,8 @@ update is skipped), so densities stay exact.
 import tensorflow as tf
 
 from keras_dst import criteria as criteria_lib
-from keras_dst import distributions
+from keras_dst import distributions, patterns, topology
 from keras_dst import optimizer_state as optimizer_state_lib
-from keras_dst import patterns
-from keras_dst import topology
 from keras_dst.hooks import Hook, state_variable
 from keras_dst.scoring import ScoreInputs
 from keras_dst.topology import count_true

@@ -56,7 +56,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat, convert, layers as sparse_layers, masks as masks_lib, patterns
+from keras_dst import compat, convert, patterns
+from keras_dst import layers as sparse_layers
+from keras_dst import masks as masks_lib
 from keras_dst.validation import check_bool, check_choice, check_positive_int
 
 FORMATS = ("litert", "tf_saved_model")

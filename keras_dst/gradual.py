@@ -40,9 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import schedules
-from keras_dst import topology
-from keras_dst import validation
+from keras_dst import schedules, topology, validation
 from keras_dst.hooks import Hook, state_variable
 from keras_dst.masks import sparse_targets
 from keras_dst.optimizer_state import base_optimizer

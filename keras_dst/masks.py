@@ -12,8 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat
-from keras_dst import patterns
+from keras_dst import compat, patterns
 from keras_dst.layers import SparseState, SparseWrapper, attached_state, masked_nonzeros
 
 

@@ -15,10 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import criteria as criteria_lib
-from keras_dst import distributions
+from keras_dst import distributions, topology, validation
 from keras_dst import schedules as schedules_lib
-from keras_dst import topology
-from keras_dst import validation
 from keras_dst.hooks import Hook, state_variable
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs

@@ -6,8 +6,9 @@ alooow/fantastic_weights_paper), in closed form.
 
 A prune-rate schedule is a callable of the global step (int tensor or int;
 int64 fine) returning a float scalar tensor, the rate `p` used by an update at
-that step (float64 for the built-ins: see `topology.prune_count`). The built-ins are small serializable classes (`get_config` /
-`from_config`, registered with Keras under package "keras_dst"):
+that step (float64 for the built-ins: see `topology.prune_count`). The built-ins
+are small serializable classes (`get_config` / `from_config`, registered with
+Keras under package "keras_dst"):
 
 * `CosineRate` (`cosine(...)`): p(t) = floor + (initial - floor) *
   (1 + cos(pi * min(t, T) / T)) / 2, the reference's cosine annealing with

@@ -20,6 +20,7 @@ import pytest
 import keras_dst
 from keras_dst import layers as layers_lib
 from keras_dst.masks import sparse_wrappers
+
 from conftest import active_counts, assert_sparse_invariants, mlp
 
 L = keras.layers

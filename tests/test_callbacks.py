@@ -10,12 +10,12 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
-from keras_dst import callbacks as callbacks_lib
 from keras_dst import hooks as hooks_lib
 from keras_dst import schedules
 from keras_dst.optimizer_state import base_optimizer
 from keras_dst.step_switch import StepSwitch
+
+from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
 
 DST = keras_dst.DynamicSparseTraining
 
@@ -341,7 +341,7 @@ def test_a_fit_that_raised_leaves_no_engine_behind():
         seen = []
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
             callback, keras.callbacks.LambdaCallback(
-                on_train_batch_end=lambda b, logs: seen.append(list(hooks())))])
+                on_train_batch_end=lambda b, logs, seen=seen: seen.append(list(hooks())))])
         assert all(h == [callback.engine] for h in seen), seen
     assert "apply" not in vars(base_optimizer(model.optimizer))
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import keras_dst
-from conftest import LOSS, classification_data, mlp
 from keras_dst import optimizer_state
 from keras_dst.step_switch import StepSwitch
+
+from conftest import LOSS, classification_data, mlp
 
 DST = keras_dst.DynamicSparseTraining
 

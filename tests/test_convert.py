@@ -8,8 +8,14 @@ import keras_dst
 from keras_dst import compat
 from keras_dst import layers as layers_lib
 from keras_dst.registry import Registry
-from conftest import (active_counts, all_layers_data, all_layers_model, assert_sparse_invariants,
-                      classification_data, mlp)
+
+from conftest import (
+    active_counts,
+    all_layers_data,
+    all_layers_model,
+    assert_sparse_invariants,
+    mlp,
+)
 
 EXPECTED_SPARSE = {"conv2d", "depthwise2d", "separable2d", "conv2d_transpose", "conv1d",
                    "depthwise1d", "separable1d", "conv1d_transpose", "mha", "einsum", "conv3d",

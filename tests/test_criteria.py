@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import score_inputs
 from keras_dst import criteria, topology
 from keras_dst.criteria import Criterion, get_criterion, register_criterion
 from keras_dst.registry import Registry
 from keras_dst.scoring import ScoreInputs
+
+from conftest import score_inputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SEED = tf.constant([4, 2])
@@ -86,10 +87,12 @@ def test_hand_worked_scores():
 
 
 @pytest.mark.parametrize("name, ordering, needs_gradient", [
-    ("magnitude", "after_optimizer", False), ("set", "after_optimizer", False), ("set_legacy", "after_optimizer", False),
-    ("random", "after_optimizer", False), ("running_magnitude", "after_optimizer", False), ("mest", "before_optimizer", True),
-    ("snip", "before_optimizer", True), ("sensitivity", "before_optimizer", True), ("reciprocal_sensitivity", "before_optimizer", True),
-    ("taylor_fo", "before_optimizer", True), ("running_snip", "before_optimizer", True),
+    ("magnitude", "after_optimizer", False), ("set", "after_optimizer", False),
+    ("set_legacy", "after_optimizer", False), ("random", "after_optimizer", False),
+    ("running_magnitude", "after_optimizer", False), ("mest", "before_optimizer", True),
+    ("snip", "before_optimizer", True), ("sensitivity", "before_optimizer", True),
+    ("reciprocal_sensitivity", "before_optimizer", True), ("taylor_fo", "before_optimizer", True),
+    ("running_snip", "before_optimizer", True),
 ])
 def test_reference_ordering_mapping(name, ordering, needs_gradient):
     c = get_criterion(name)

@@ -194,6 +194,7 @@ def _train(strategy, config, check_replicas, dataset=False, epochs=3, callbacks=
     import tensorflow as tf
 
     import keras_dst
+
     from conftest import classification_data, mlp
 
     x, y = classification_data(n=256)

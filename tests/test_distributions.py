@@ -9,16 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_dst import distributions as dist
-from keras_dst.registry import Registry
 from keras_dst.distributions import (
     active_counts,
     bernoulli_mask,
+    distribution_names,
     exact_mask,
     layer_densities,
-    distribution_names,
     register_distribution,
     stable_seed,
 )
+from keras_dst.registry import Registry
 
 # --------------------------------------------------------------------------- #
 # Model shapes (Keras layouts: Dense (in, out), Conv (kh, kw, in, out))

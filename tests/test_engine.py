@@ -21,8 +21,9 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
 from keras_dst import optimizer_state
+
+from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
 
 BATCH = 16
 LR = 0.05

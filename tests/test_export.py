@@ -14,8 +14,9 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import all_layers_data, all_layers_model
 from keras_dst.export import LiteRTModel, _read_constants
+
+from conftest import all_layers_data, all_layers_model
 
 try:
     import ai_edge_litert  # noqa: F401

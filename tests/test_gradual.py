@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import keras_dst
-from conftest import (LOSS, assert_sparse_invariants, classification_data, compile_and_fit, mlp,
-                      sparse_state)
 from keras_dst import schedules
 from keras_dst.gradual import GradualEngine
+
+from conftest import LOSS, assert_sparse_invariants, classification_data, compile_and_fit, mlp, sparse_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -9,10 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import score_inputs
 from keras_dst import growth, topology
 from keras_dst.growth import GrowthRule, get_growth, register_growth
 from keras_dst.registry import Registry
+
+from conftest import score_inputs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SEED = tf.constant([9, 1])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import keras_dst
+
 from conftest import LOSS, active_counts, all_layers_model, assert_sparse_invariants, mlp
 
 

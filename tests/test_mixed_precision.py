@@ -10,9 +10,17 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import (LOSS, active_counts, all_layers_data, all_layers_model,
-                      assert_sparse_invariants, classification_data, mlp)
 from keras_dst.optimizer_state import base_optimizer
+
+from conftest import (
+    LOSS,
+    active_counts,
+    all_layers_data,
+    all_layers_model,
+    assert_sparse_invariants,
+    classification_data,
+    mlp,
+)
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
 

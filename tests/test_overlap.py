@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
+
 from conftest import classification_data, compile_and_fit, mlp, sparse_state
 
 
@@ -48,7 +49,7 @@ def test_jaccard_values_on_a_frozen_state_and_nothing_changes():
     low, high = np.concatenate(low), np.concatenate(high)
     expected = (low & high).sum() / (low | high).sum()
     assert [step for step, _, _ in overlap.history] == [3, 6]
-    for step, names, matrix in overlap.history:
+    for _step, names, matrix in overlap.history:
         assert names == ["magnitude", "square", "largest"]
         np.testing.assert_allclose(np.diag(matrix), 1.0)
         assert matrix[0, 1] == 1.0  # identical criteria

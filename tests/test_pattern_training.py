@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_dst
-from conftest import assert_sparse_invariants, classification_data
 from keras_dst import patterns, schedules
 from keras_dst.engine import TopologyEngine
+
+from conftest import assert_sparse_invariants, classification_data
 
 SETTINGS = settings(max_examples=25, deadline=None)
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

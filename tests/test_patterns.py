@@ -202,7 +202,8 @@ def test_initial_masks_under_xla():
     cases = [("unstructured", (6, 5), 0.4), ("1x4", (3, 3, 8, 4), 0.3), ("2:4", (3, 3, 8, 4), None),
              ("fan_in", (3, 3, 8, 4), 0.1), ("fan_in", (5, 3), 0.5)]
     for spec, shape, density in cases:
-        draw = tf.function(lambda seed: patterns.initial_mask(spec, shape, density, seed), jit_compile=True)
+        draw = tf.function(lambda seed, spec=spec, shape=shape, density=density:
+                           patterns.initial_mask(spec, shape, density, seed), jit_compile=True)
         for s in range(3):
             mask = draw(tf.constant([s, 1]))
             assert patterns.violation(spec, mask.numpy()) is None, spec
@@ -297,7 +298,7 @@ def test_block_scores_nan_and_infinities():
 
 def test_block_selection_workflow_prunes_and_grows_whole_blocks():
     """The 1xB update: select on block scores, expand back; NaN blocks go first; ties to lower index."""
-    b, shape = 4, (8, 3)  # 2 x 3 blocks
+    shape = (8, 3)  # 2 x 3 blocks of 4
     w = np.arange(24, dtype=np.float32).reshape(shape) - 8.0
     w[5, 1] = np.nan  # block (1, 1) is NaN: pruned first
     mask = tf.ones(shape, tf.bool)

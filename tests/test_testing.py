@@ -10,9 +10,10 @@ import tensorflow as tf
 
 import keras_dst
 import keras_dst.testing
-from conftest import mlp
 from keras_dst.masks import SparseTarget
 from keras_dst.testing import assert_sparse_invariants
+
+from conftest import mlp
 
 
 @pytest.fixture

@@ -8,8 +8,15 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import (active_counts, all_layers_data, all_layers_model, assert_sparse_invariants,
-                      classification_data, mlp)
+
+from conftest import (
+    active_counts,
+    all_layers_data,
+    all_layers_model,
+    assert_sparse_invariants,
+    classification_data,
+    mlp,
+)
 
 OPTIMIZERS = {
     "sgd": lambda: keras.optimizers.SGD(0.05),

@@ -9,7 +9,6 @@ next DST fit does so with a warning.
 """
 
 import os
-import shutil
 import warnings
 import zipfile
 
@@ -20,8 +19,8 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from conftest import LOSS, assert_sparse_invariants, classification_data, mlp
 
+from conftest import LOSS, assert_sparse_invariants, classification_data, mlp
 
 
 def sparse_mlp():
@@ -58,7 +57,7 @@ def test_set_weights_with_dense_values_is_masked_silently():
     before = keras_dst.masks(model)
     for layer in model.layers:  # warm start from the dense model, layer by layer
         if isinstance(layer, keras_dst.SparseWrapper):
-            no_warning(lambda: layer.layer.set_weights(
+            no_warning(lambda layer=layer: layer.layer.set_weights(
                 dense.get_layer(layer.layer.name).get_weights()))
     no_warning(lambda: model.set_weights(model.get_weights()))
     assert stray(model) == 0

@@ -254,7 +254,7 @@ def hlo_opcodes(hlo, entry_only=False):
         rhs = line.split(" = ", 1)[1].strip()
         # "<shape> <opcode>(operands)..." ; the shape may be a tuple "(...)"
         depth, i = 0, 0
-        for i, ch in enumerate(rhs):
+        for i, ch in enumerate(rhs):  # noqa: B007 (i is read after the loop)
             if ch in "([{":
                 depth += 1
             elif ch in ")]}":

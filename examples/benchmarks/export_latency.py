@@ -193,7 +193,7 @@ def time_variants(variants, batch_sizes, threads, log):
         runs[key] = max(1, int(setting("min_time_ms") / 1e3 / max(per_invoke, 1e-7)))
     times = {key: [] for key in keys}
     rounds = setting("repeats")
-    for r, key in bench_utils.interleaved(keys, rounds):
+    for _round, key in bench_utils.interleaved(keys, rounds):
         times[key].append(runtimes[key].time_invoke(runs=runs[key]))
     log(f"  {rounds} rounds x {len(keys)} measurements done")
     return times, runs
@@ -356,11 +356,12 @@ def main(argv):
     import keras_dst
 
     try:
-        import ai_edge_litert  # noqa: F401
         from importlib import metadata
+
+        import ai_edge_litert  # noqa: F401
         litert_version = metadata.version("ai-edge-litert")
     except ImportError:
-        raise app.UsageError('needs the LiteRT runtime: pip install "keras-dst[litert]"')
+        raise app.UsageError('needs the LiteRT runtime: pip install "keras-dst[litert]"') from None
     prefix = FLAGS.prefix or ("quick" if FLAGS.quick else "cpu")
     for name in setting("models"):
         if name not in bench_models.MODEL_NAMES:
