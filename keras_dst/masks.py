@@ -208,18 +208,23 @@ def density(model) -> float:
 
 
 def summary(model, print_fn=print):
-    """Prints a table of layer, weight shape, pattern, active/total and density per weight."""
+    """Prints a table of layer, weight shape, pattern, active/total and density per weight.
+
+    Columns widen to fit (a library model's layer paths are long).
+    """
     rows = layer_stats(model)
-    header = (f"{'layer':<28} {'weight':<34} {'shape':<20} {'pattern':<12} {'active/total':>22} "
-              f"{'density':>8}")
+    wl = max([28] + [len(r["layer"]) for r in rows])
+    wp = max([34] + [len(r["path"]) for r in rows])
+    header = (f"{'layer':<{wl}} {'weight':<{wp}} {'shape':<20} {'pattern':<12} "
+              f"{'active/total':>22} {'density':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         counts = f"{r['active']}/{r['total']}"
-        lines.append(f"{r['layer']:<28} {r['path']:<34} {str(r['shape']):<20} {r['pattern']:<12} "
-                     f"{counts:>22} {r['density']:>8.4f}")
+        lines.append(f"{r['layer']:<{wl}} {r['path']:<{wp}} {str(r['shape']):<20} "
+                     f"{r['pattern']:<12} {counts:>22} {r['density']:>8.4f}")
     active = sum(r["active"] for r in rows)
     total = sum(r["total"] for r in rows)
     lines.append("-" * len(header))
-    lines.append(f"{'total':<97} {f'{active}/{total}':>22} "
+    lines.append(f"{'total':<{wl + wp + 35}} {f'{active}/{total}':>22} "
                  f"{(active / total if total else 1.0):>8.4f}")
     print_fn("\n".join(lines))

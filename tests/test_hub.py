@@ -1,0 +1,181 @@
+"""keras-hub models made prunable as they are (no rebuild): BERT and GPT-2, small configs.
+
+keras-hub's backbones and tasks are `Model` subclasses (built functionally, but their
+own classes), so `prunable` attaches the masks to their layers in place. Built from
+configs with random weights: nothing is downloaded. Skipped without keras-hub
+(``pip install -e ".[hub]"``).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+from keras_dst.masks import layer_stats
+from conftest import active_counts, assert_sparse_invariants
+
+keras_hub = pytest.importorskip("keras_hub")
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+class EveryStep(keras.callbacks.Callback):
+    """After every optimizer step: inactive entries exactly 0, exact counts, ever-active
+    flags covering the masks; counts the steps that changed a mask."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts, self.steps, self.changed, self._last = counts, 0, 0, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        assert_sparse_invariants(self.model, self.counts)
+        targets = keras_dst.sparse_targets(self.model)
+        masks = [np.array(t.mask.numpy()) for t in targets]
+        for t, m in zip(targets, masks):
+            assert np.all(np.asarray(t.ever_active.numpy())[m]), t.weight.path
+        if self._last is not None and any((a != b).any() for a, b in zip(masks, self._last)):
+            self.changed += 1
+        self._last, self.steps = masks, self.steps + 1
+
+
+def train_save_reload(model, x, y, tmp_path, steps):
+    """DST through fit with invariants after every step; saved, refused by Keras's loader,
+    reloaded by keras_dst with equal masks and predictions."""
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, jit_compile=False)
+    checker = EveryStep(active_counts(model))
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[
+        keras_dst.DynamicSparseTraining(prune="magnitude", grow="gradient", update_every=2),
+        checker])
+    assert checker.steps == steps and checker.changed >= steps // 2 - 1
+    path = str(tmp_path / f"{model.name}.keras")
+    keras_dst.save_model(model, path)
+    with pytest.raises(ValueError, match="could not be loaded"):
+        keras.models.load_model(path)  # refused, not a silently dense model
+    loaded = keras_dst.load_model(path)
+    assert type(loaded) is type(model)
+    a, b = keras_dst.masks(model), keras_dst.masks(loaded)
+    assert a.keys() == b.keys()  # keras-hub names every layer: the paths match
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-5)
+    assert_sparse_invariants(loaded, active_counts(model))
+    return loaded
+
+
+def test_bert_text_classifier(tmp_path):
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=300, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+        max_sequence_length=16)
+    clf = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    assert keras_dst.prunable(clf, density=0.2) is clf
+    paths = set(keras_dst.masks(clf))
+    # Dense, EinsumDense (inside MultiHeadAttention), Embedding, ReversibleEmbedding,
+    # keras-hub's PositionEmbedding; LayerNormalization and biases stay dense.
+    assert {"token_embedding/embeddings", "position_embedding/embeddings",
+            "segment_embedding/embeddings", "pooled_dense/kernel", "logits/kernel",
+            "transformer_layer_1/self_attention_layer/query/kernel",
+            "transformer_layer_0/feedforward_intermediate_dense/kernel"} <= paths
+    assert len(paths) == 17 and abs(keras_dst.density(clf) - 0.2) < 1e-4
+    rng = np.random.default_rng(0)
+    n, length = 32, 12
+    x = {"token_ids": rng.integers(0, 300, (n, length)).astype("int32"),
+         "segment_ids": np.zeros((n, length), "int32"),
+         "padding_mask": np.ones((n, length), "int32")}
+    y = (x["token_ids"][:, 0] % 2).astype("int32")
+    train_save_reload(clf, x, y, tmp_path, steps=4)
+
+
+def test_gpt2_causal_lm(tmp_path):
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=200, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+        max_sequence_length=16)
+    lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+    assert keras_dst.prunable(lm, density=0.25) is lm
+    assert "token_embedding/embeddings" in keras_dst.masks(lm)  # tied: also the LM head
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 200, (32, 13)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((32, 12), "int32")}
+    loaded = train_save_reload(lm, x, tokens[:, 1:], tmp_path, steps=4)
+    # Generation runs through the attention cache: the same sparse kernels.
+    prompt = np.zeros((2, 14), "int32")
+    prompt[:, :6] = tokens[:2, :6]
+    mask = np.broadcast_to(np.arange(14) < 6, (2, 14))  # generate from position 6 on
+    out = loaded.generate({"token_ids": prompt, "padding_mask": mask}, max_length=14,
+                          stop_token_ids=None)
+    assert out["token_ids"].shape == (2, 14)
+    np.testing.assert_array_equal(out["token_ids"][:, :6], tokens[:2, :6])
+
+
+def test_backbone_alone_names_and_strip():
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=8)
+    x = {"token_ids": np.ones((2, 8), "int32"), "segment_ids": np.zeros((2, 8), "int32"),
+         "padding_mask": np.ones((2, 8), "int32")}
+    # A name matches that layer in every block (a MultiHeadAttention is one layer with four
+    # kernels), a path one layer.
+    assert keras_dst.prunable(backbone, density=0.5, keep_dense=["self_attention_layer"],
+                              density_overrides={
+        "transformer_layer_1/feedforward_output_dense": 0.1}) is backbone
+    densities = {r["path"]: r["density"] for r in layer_stats(backbone)}
+    assert densities["transformer_layer_0/self_attention_layer/query/kernel"] == 1.0
+    assert densities["transformer_layer_1/self_attention_layer/query/kernel"] == 1.0
+    assert densities["transformer_layer_1/feedforward_output_dense/kernel"] == pytest.approx(0.1, abs=1e-3)
+    assert densities["transformer_layer_0/feedforward_output_dense/kernel"] > 0.2
+    out = backbone.predict(x, verbose=0)["sequence_output"]
+    assert keras_dst.strip(backbone) is backbone and not keras_dst.masks(backbone)
+    np.testing.assert_array_equal(backbone.predict(x, verbose=0)["sequence_output"], out)
+
+
+def _hub_text():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from examples import hub_text  # defines no flags on import
+
+    return root, hub_text
+
+
+def test_hub_text_example_labels_need_word_order():
+    _, hub_text = _hub_text()
+    texts, labels = hub_text.make_data(300, seed=0)
+    vocab = set(hub_text.vocabulary())
+    for text, label in zip(texts, labels):
+        words = text.split()
+        assert set(words) <= vocab
+        score, negated = 0, False
+        for w in words:  # the rule, read left to right: a negation flips the next adjective
+            if w in hub_text.NEGATIONS:
+                negated = True
+            elif w in hub_text.POSITIVE or w in hub_text.NEGATIVE:
+                score += (1 if w in hub_text.POSITIVE else -1) * (-1 if negated else 1)
+                negated = False
+        assert score != 0 and label == int(score > 0), text
+    assert 0.4 < labels.mean() < 0.6
+    assert any(n in texts[i].split() for i in range(300) for n in hub_text.NEGATIONS)
+
+
+@pytest.mark.slow
+def test_hub_text_example_runs(tmp_path):
+    root, _ = _hub_text()
+    env = {**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "hub_text.py"), "--methods=dense,dst",
+         "--num_train=96", "--num_test=64", "--epochs=2", "--update_every=2",
+         "--hidden_dim=16", "--intermediate_dim=32", f"--output_dir={out}"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reloaded" in proc.stdout and "| DST (magnitude prune" in proc.stdout
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["dense", "dst"]
+    assert abs(runs[1]["density"] - 0.2) < 1e-3
