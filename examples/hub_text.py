@@ -30,11 +30,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python examples/hub_text.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import keras  # noqa: E402
 import keras_dst  # noqa: E402
-import numpy as np  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -18,6 +18,7 @@ import pytest
 
 import keras_dst
 from keras_dst.masks import layer_stats
+
 from conftest import active_counts, assert_sparse_invariants
 
 keras_hub = pytest.importorskip("keras_hub")
