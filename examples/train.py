@@ -221,19 +221,8 @@ def build_model(config, info):
 
 
 def unfit_layers(model, pattern):
-    """{layer name: "unstructured"} for the layers whose kernels cannot take `pattern`
-    (e.g. a first convolution with 3 input channels and 1x4 blocks), printed."""
-    pattern = keras_dst.patterns.parse(pattern)
-    unfit = {}
-    for layer in keras_dst.compat.flatten_layers(model):
-        if isinstance(layer, keras.Model) or not keras_dst.layers.is_supported(layer) \
-                or keras_dst.layers.needs_no_wrapping(layer):
-            continue
-        for weight in keras_dst.layers.prunable_weights(layer):
-            try:
-                keras_dst.patterns.check(pattern, tuple(weight.shape), layer.name)
-            except ValueError:
-                unfit[layer.name] = "unstructured"
+    """`keras_dst.unfit_layers`, printed: those layers stay unstructured."""
+    unfit = keras_dst.unfit_layers(model, pattern)
     if unfit:
         print(f"pattern {pattern}: layers {sorted(unfit)} stay unstructured (their input "
               "axis is not a multiple of the pattern's block or group)")

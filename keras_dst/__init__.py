@@ -8,7 +8,7 @@
 
 from keras_dst import optimizers  # noqa: F401  (registers TorchSGD for load_model)
 from keras_dst.callbacks import DynamicSparseTraining
-from keras_dst.convert import prunable, strip
+from keras_dst.convert import prunable, strip, unfit_layers
 from keras_dst.criteria import Criterion, criterion_names, get_criterion, register_criterion
 from keras_dst.distributions import layer_densities, register_distribution
 from keras_dst.export import ExportReport, LiteRTModel, export
@@ -28,5 +28,5 @@ __all__ = [
     "criterion_names", "density", "get_criterion", "get_growth", "growth_names",
     "layer_densities", "load_model", "masks", "prunable", "register_criterion", "register_distribution",
     "register_growth", "register_prunable_layer", "save_model", "set_masks", "sparse_targets", "strip",
-    "summary",
+    "summary", "unfit_layers",
 ]

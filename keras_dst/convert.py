@@ -372,6 +372,27 @@ def _clone_graph(model, clone):
     return cloned
 
 
+def unfit_layers(model, pattern) -> dict:
+    """The layers of `model` whose kernels cannot take `pattern`, as ``{name: "unstructured"}``.
+
+    Ready for ``prunable(model, ..., pattern=pattern, pattern_overrides=unfit_layers(model,
+    pattern))`` when such layers should stay unstructured rather than be refused (e.g. a
+    first convolution with 3 input channels and 1x4 blocks).
+    """
+    pattern = patterns.parse(pattern)
+    unfit = {}
+    for layer in compat.flatten_layers(model):
+        if isinstance(layer, keras.Model) or not sparse_layers.is_supported(layer) \
+                or sparse_layers.needs_no_wrapping(layer):
+            continue
+        for weight in sparse_layers.prunable_weights(layer):
+            try:
+                patterns.check(pattern, tuple(weight.shape), layer.name)
+            except ValueError:
+                unfit[layer.name] = "unstructured"
+    return unfit
+
+
 def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes, init, known,
                      layer_names, matching, label):
     """{weight path: Pattern}, checked against every weight's shape before anything changes.

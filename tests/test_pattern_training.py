@@ -91,15 +91,34 @@ def test_pattern_holds_after_every_step_of_a_fit(pattern, prune, grow, scope):
     fit_with_pattern(mlp_model(), pattern, prune, grow, scope)
 
 
+MATRIX = [(pattern, prune, grow, scope)
+          for pattern in ("1x4", "1x8", "2:4", "1:4", "fan_in")
+          for prune, grow in (("magnitude", "random"), ("mest", "gradient"),
+                              ("random", "momentum"), ("set", "random"))
+          for scope in ("layer", "global")
+          if not (pattern.startswith("1x") and prune == "set")]  # refused: see the error test
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("pattern", ["1x4", "1x8", "2:4", "1:4", "fan_in"])
-@pytest.mark.parametrize("prune,grow", [("magnitude", "random"), ("mest", "gradient"),
-                                        ("random", "momentum"), ("set", "random")])
-@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("pattern,prune,grow,scope", MATRIX)
 def test_pattern_holds_for_every_criterion_growth_and_scope(pattern, prune, grow, scope):
-    if pattern.startswith("1x") and prune == "set":
-        pytest.skip("the SET rules cannot prune whole blocks (refused, see the error test)")
     fit_with_pattern(mlp_model(), pattern, prune, grow, scope, epochs=1)
+
+
+def test_unfit_layers_names_the_layers_a_pattern_cannot_take():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(8, 3, name="rgb")(inputs)  # 3 input channels: no 1x4 blocks
+    x = keras.layers.Conv2D(8, 3, name="conv")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Flatten()(x)))
+    assert keras_dst.unfit_layers(model, "1x4") == {"rgb": "unstructured"}
+    assert keras_dst.unfit_layers(model, "unstructured") == {}
+    with pytest.raises(ValueError, match="rgb"):
+        keras_dst.prunable(model, density=0.3, pattern="1x4")
+    sparse = keras_dst.prunable(model, density=0.3, pattern="1x4",
+                                pattern_overrides=keras_dst.unfit_layers(model, "1x4"))
+    assert [str(t.pattern) for t in keras_dst.sparse_targets(sparse)] == \
+        ["unstructured", "1x4", "1x4"]
 
 
 def test_patterns_on_convolutions():

@@ -111,20 +111,6 @@ def sparse_variants(patterns_lib):
     return out
 
 
-def unfit_layers(keras_dst, model, pattern):
-    """{layer: "unstructured"} for layers whose kernels cannot take `pattern` (as train.py)."""
-    unfit = {}
-    for layer in keras_dst.compat.flatten_layers(model):
-        if not keras_dst.layers.is_supported(layer) or keras_dst.layers.needs_no_wrapping(layer):
-            continue
-        for weight in keras_dst.layers.prunable_weights(layer):
-            try:
-                keras_dst.patterns.check(pattern, tuple(weight.shape), layer.name)
-            except ValueError:
-                unfit[layer.name] = "unstructured"
-    return unfit
-
-
 def export_variants(model_name, workdir, log):
     """Exports the dense model and every sparse variant; returns [{name, pattern, density,
     path, report...}]."""
@@ -168,7 +154,7 @@ def export_variants(model_name, workdir, log):
     for pattern, density in sparse_variants(keras_dst.patterns):
         model = keras_dst.prunable(base, density=density, distribution=FLAGS.distribution,
                                    pattern=pattern, seed=FLAGS.seed,
-                                   pattern_overrides=unfit_layers(keras_dst, base, pattern) or None)
+                                   pattern_overrides=keras_dst.unfit_layers(base, pattern) or None)
         add(f"{pattern}@{density:g}", model, pattern, density, sparsity=True)
     return variants
 

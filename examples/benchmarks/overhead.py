@@ -186,7 +186,7 @@ def build_variant(keras, keras_dst, model_name, variant, total_steps=None, quick
         pattern = keras_dst.patterns.parse(FLAGS.pattern)
         model = keras_dst.prunable(
             model, density=None if pattern.kind == "nm" else FLAGS.density, seed=FLAGS.seed,
-            pattern=pattern, pattern_overrides=unfit_layers(keras_dst, model, pattern))
+            pattern=pattern, pattern_overrides=keras_dst.unfit_layers(model, pattern))
     model.compile(optimizer=keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=FLAGS.jit_compile)
@@ -198,20 +198,6 @@ def build_variant(keras, keras_dst, model_name, variant, total_steps=None, quick
                                                    update_every=every, seed=FLAGS.seed,
                                                    total_steps=total_steps)
     return model, callback
-
-
-def unfit_layers(keras_dst, model, pattern):
-    """{layer name: "unstructured"} for the layers whose kernels cannot take `pattern`."""
-    unfit = {}
-    for layer in keras_dst.compat.flatten_layers(model):
-        if not keras_dst.layers.is_supported(layer) or keras_dst.layers.needs_no_wrapping(layer):
-            continue
-        for weight in keras_dst.layers.prunable_weights(layer):
-            try:
-                keras_dst.patterns.check(pattern, tuple(weight.shape), layer.name)
-            except ValueError:
-                unfit[layer.name] = "unstructured"
-    return unfit
 
 
 class FitVariant(bench_utils.KerasFitParticipant):
