@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
 from keras_dst.testing import assert_sparse_invariants  # noqa: F401  (re-exported)
 
@@ -126,3 +127,19 @@ def score_inputs(weight=None, gradient=None, mask=None, momentum=None, seed=(0, 
 @pytest.fixture
 def tmp_keras_path(tmp_path):
     return str(tmp_path / "model.keras")
+
+
+class EveryStep(keras.callbacks.Callback):
+    """After every optimizer step: `assert_sparse_invariants` with the given counts and the
+    ever-active flags covering the masks; counts the steps and the steps that changed a mask."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts, self.steps, self.changed, self._last = counts, 0, 0, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        assert_sparse_invariants(self.model, self.counts, ever_active=True)
+        masks = [np.array(t.mask.numpy()) for t in sparse_targets(self.model)]
+        if self._last is not None and any((a != b).any() for a, b in zip(masks, self._last)):
+            self.changed += 1
+        self._last, self.steps = masks, self.steps + 1

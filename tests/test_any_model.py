@@ -21,7 +21,7 @@ import keras_dst
 from keras_dst import layers as layers_lib
 from keras_dst.masks import sparse_wrappers
 
-from conftest import active_counts, assert_sparse_invariants, mlp
+from conftest import EveryStep, active_counts, assert_sparse_invariants, mlp
 
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -103,25 +103,6 @@ def text_net(seed=0):
     net = TextNet(name="text_net")
     net(text_data(n=2)[0])
     return net
-
-
-class EveryStep(keras.callbacks.Callback):
-    """After every optimizer step: masks bool, inactive entries exactly 0, exact counts,
-    ever-active flags covering the masks; records how many steps changed a mask."""
-
-    def __init__(self, counts):
-        super().__init__()
-        self.counts, self.steps, self.changed, self._last = counts, 0, 0, None
-
-    def on_train_batch_end(self, batch, logs=None):
-        assert_sparse_invariants(self.model, self.counts)
-        targets = keras_dst.sparse_targets(self.model)
-        for t in targets:
-            assert np.all(np.asarray(t.ever_active.numpy())[np.asarray(t.mask.numpy())])
-        masks = [np.array(t.mask.numpy()) for t in targets]
-        if self._last is not None and any((a != b).any() for a, b in zip(masks, self._last)):
-            self.changed += 1
-        self._last, self.steps = masks, self.steps + 1
 
 
 def fit_dst(model, x, y, epochs=2, batch_size=8, callbacks=(), **dst):

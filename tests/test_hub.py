@@ -19,31 +19,9 @@ import pytest
 import keras_dst
 from keras_dst.masks import layer_stats
 
-from conftest import active_counts, assert_sparse_invariants
+from conftest import LOSS, EveryStep, active_counts, assert_sparse_invariants
 
 keras_hub = pytest.importorskip("keras_hub")
-
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-class EveryStep(keras.callbacks.Callback):
-    """After every optimizer step: inactive entries exactly 0, exact counts, ever-active
-    flags covering the masks; counts the steps that changed a mask."""
-
-    def __init__(self, counts):
-        super().__init__()
-        self.counts, self.steps, self.changed, self._last = counts, 0, 0, None
-
-    def on_train_batch_end(self, batch, logs=None):
-        assert_sparse_invariants(self.model, self.counts)
-        targets = keras_dst.sparse_targets(self.model)
-        masks = [np.array(t.mask.numpy()) for t in targets]
-        for t, m in zip(targets, masks):
-            assert np.all(np.asarray(t.ever_active.numpy())[m]), t.weight.path
-        if self._last is not None and any((a != b).any() for a, b in zip(masks, self._last)):
-            self.changed += 1
-        self._last, self.steps = masks, self.steps + 1
-
 
 def train_save_reload(model, x, y, tmp_path, steps):
     """DST through fit with invariants after every step; saved, refused by Keras's loader,
