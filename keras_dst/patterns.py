@@ -232,6 +232,16 @@ def _block_view(pattern: Pattern, shape: Tuple[int, ...]) -> list:
     return list(shape[:-2]) + [shape[-2] // pattern.block, pattern.block, shape[-1]]
 
 
+def _blocked(pattern: PatternLike, tensor: tf.Tensor, what: str) -> tf.Tensor:
+    """`tensor` ``[..., I, O]`` reshaped to ``[..., I / B, B, O]`` (checked: a 1xB pattern
+    whose B divides I)."""
+    pattern = parse(pattern)
+    _require(pattern, ("block",), what)
+    shape = _static(tensor.shape)
+    check(pattern, shape, what)
+    return tf.reshape(tensor, _block_view(pattern, shape))
+
+
 def _require(pattern: Pattern, kinds: Tuple[str, ...], what: str) -> None:
     if pattern.kind not in kinds:
         raise ValueError(f"{what} applies to patterns of kind {kinds}, not '{pattern}'.")
@@ -263,11 +273,7 @@ def block_scores(pattern: PatternLike, scores: tf.Tensor) -> tf.Tensor:
     Returns:
       float tensor of shape ``[..., I / B, O]``.
     """
-    pattern = parse(pattern)
-    _require(pattern, ("block",), "block_scores")
-    shape = _static(scores.shape)
-    check(pattern, shape, "block_scores")
-    return tf.reduce_sum(tf.reshape(scores, _block_view(pattern, shape)), axis=-2)
+    return tf.reduce_sum(_blocked(pattern, scores, "block_scores"), axis=-2)
 
 
 def block_mask(pattern: PatternLike, mask: tf.Tensor) -> tf.Tensor:
@@ -280,11 +286,7 @@ def block_mask(pattern: PatternLike, mask: tf.Tensor) -> tf.Tensor:
     Returns:
       bool tensor ``[..., I / B, O]``.
     """
-    pattern = parse(pattern)
-    _require(pattern, ("block",), "block_mask")
-    shape = _static(mask.shape)
-    check(pattern, shape, "block_mask")
-    return tf.reduce_any(tf.reshape(mask, _block_view(pattern, shape)), axis=-2)
+    return tf.reduce_any(_blocked(pattern, mask, "block_mask"), axis=-2)
 
 
 def selection_units(pattern: PatternLike, mask: tf.Tensor) -> tf.Tensor:
