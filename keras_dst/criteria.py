@@ -374,6 +374,30 @@ def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
     )
 
 
+def _unit_scores(criterion, inputs_list, scores_list, normalize, norm_type, patterns_list):
+    """Scores and masks in selection units (entries, or 1xB blocks), and the expansion back."""
+    if scores_list is None:
+        scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
+    scores_list = [topology.normalize(s, i.mask, normalize, norm_type)
+                   for s, i in zip(scores_list, inputs_list)]
+    masks = [i.mask for i in inputs_list]
+    if patterns_list is None or not any(p.kind == "block" for p in patterns_list):
+        return scores_list, masks, lambda kept: kept
+    return ([patterns.block_scores(p, s) for p, s in zip(patterns_list, scores_list)],
+            [patterns.block_mask(p, m) for p, m in zip(patterns_list, masks)],
+            lambda kept: [patterns.expand_blocks(p, k, m.shape)
+                          for p, k, m in zip(patterns_list, kept, masks)])
+
+
+def _check_select(criterion, normalize, patterns_list):
+    if patterns_list is not None and any(p.kind == "block" for p in patterns_list):
+        raise ValueError(f"Criterion {criterion.name!r} selects entries by a sign rule and cannot "
+                         "prune whole 1xB blocks; use a score criterion (e.g. 'magnitude').")
+    if normalize != "none":
+        raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
+                         f"normalize={normalize!r}; use normalize='none'.")
+
+
 def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,
                   normalize: str = "none", norm_type: str = "max",
                   patterns_list: Optional[Sequence[patterns.Pattern]] = None) -> List[tf.Tensor]:
@@ -416,26 +440,39 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
       ValueError: a selection criterion with `normalize` other than "none" or
         with 1xB blocks; unknown `normalize` or `norm_type`.
     """
-    masks = [i.mask for i in inputs_list]
-    blocks = patterns_list is not None and any(p.kind == "block" for p in patterns_list)
-    if blocks and criterion.select is not None:
-        raise ValueError(f"Criterion {criterion.name!r} selects entries by a sign rule and cannot "
-                         "prune whole 1xB blocks; use a score criterion (e.g. 'magnitude').")
     if criterion.select is not None and scores_list is None:
-        if normalize != "none":
-            raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
-                             f"normalize={normalize!r}; use normalize='none'.")
+        _check_select(criterion, normalize, patterns_list)
         joint = _concat_inputs(inputs_list)
         removed = criterion.select(joint, tf.cast(count, tf.int32), **criterion.params)
-        return topology.split_like(joint.mask & ~removed, masks)
-    if scores_list is None:
-        scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
-    scores_list = [topology.normalize(s, i.mask, normalize, norm_type) for s, i in zip(scores_list, inputs_list)]
-    if not blocks:
-        return topology.global_prune(scores_list, masks, count)
-    kept = topology.global_prune([patterns.block_scores(p, s) for p, s in zip(patterns_list, scores_list)],
-                                 [patterns.block_mask(p, m) for p, m in zip(patterns_list, masks)], count)
-    return [patterns.expand_blocks(p, k, m.shape) for p, k, m in zip(patterns_list, kept, masks)]
+        return topology.split_like(joint.mask & ~removed, [i.mask for i in inputs_list])
+    scores, masks, expand = _unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
+                                         patterns_list)
+    return expand(topology.global_prune(scores, masks, count))
+
+
+def select_pruned_each(criterion: Criterion, inputs_list: Sequence[ScoreInputs], counts, *,
+                       scores_list=None, normalize: str = "none", norm_type: str = "max",
+                       patterns_list: Optional[Sequence[patterns.Pattern]] = None) -> List[tf.Tensor]:
+    """`select_pruned` of every tensor on its own (layer scope), with one count each.
+
+    The same masks as ``[select_pruned(criterion, [x], c, ...)[0] for x, c in
+    ...]``; score criteria share one selection (`topology.prune_each`), so the
+    compiled update holds one selection loop for all layers.
+
+    Args:
+      criterion, inputs_list, scores_list, normalize, norm_type, patterns_list:
+        as `select_pruned` (each pattern applies to its own tensor).
+      counts: one scalar int (tensor) per tensor.
+
+    Returns:
+      List of new bool masks, one per tensor.
+    """
+    if criterion.select is not None and scores_list is None:
+        _check_select(criterion, normalize, patterns_list)
+        return [select_pruned(criterion, [x], c)[0] for x, c in zip(inputs_list, counts)]
+    scores, masks, expand = _unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
+                                         patterns_list)
+    return expand(topology.prune_each(scores, masks, counts))
 
 
 def ema_update(state: tf.Tensor, score: tf.Tensor, initialized, beta) -> tf.Tensor:

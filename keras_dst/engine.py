@@ -2,8 +2,8 @@
 
 `TopologyEngine` is a `hooks.Hook`. At every optimizer step it checks, on
 device, whether the step is an update step (its `schedules.UpdateSteps`, with
-``t`` the 1-based index of the optimizer step) and, inside a `tf.cond`, prunes
-and regrows every sparsified weight:
+``t`` the 1-based index of the optimizer step) and, inside a loop of zero or one
+trip (`hooks.run_if`), prunes and regrows every sparsified weight:
 
 1. ``r_l = ceil(p(t) * active_l)`` active entries with the lowest criterion score
    are removed (layer scope), or ``ceil(p * sum active)`` over all layers at once
@@ -24,6 +24,11 @@ updated weights), "before_optimizer" before it (the optimizer then moves the
 regrown weights one step from 0). A layer whose weight or gradient holds NaN/Inf at an
 update step keeps its mask unchanged for that update (global scope: the whole
 update is skipped), so densities stay exact.
+
+Compile cost: the pruning of every layer is one selection and the growth another
+(`topology.select_each`: one loop over a row layout of all layers), and the
+per-layer counts are one reduction each (`topology.count_true_each`), so the
+compiled update does not grow with the number of layers but by its writes.
 """
 
 import tensorflow as tf
@@ -31,9 +36,8 @@ import tensorflow as tf
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, patterns, topology
 from keras_dst import optimizer_state as optimizer_state_lib
-from keras_dst.hooks import Hook, state_variable
+from keras_dst.hooks import Hook, run_if, state_variable
 from keras_dst.scoring import ScoreInputs
-from keras_dst.topology import count_true
 
 
 def _f32(x):
@@ -106,6 +110,7 @@ class TopologyEngine(Hook):
         self.normalize = normalize
         self.norm_type = norm_type
         self._patterns = [t.pattern for t in self.targets]
+        self._cross_replica = tf.distribute.has_strategy()  # made in the model's strategy scope
         check_patterns(self.targets, criterion, growth, scope, grow_exact)
         self._seeds = [(distributions.stable_seed(seed, i, "prune"),
                         distributions.stable_seed(seed, i, "grow"))
@@ -119,8 +124,12 @@ class TopologyEngine(Hook):
 
     @property
     def runs_every_step(self):
-        """Running scores are updated at every step."""
-        return self.criterion.ema
+        """Traced into every compiled step, the update in a `hooks.run_if` loop (one
+        step to compile, nothing copied at the steps that do not update), except under
+        a tf.distribute strategy: there the update runs in cross-replica context
+        inside a `tf.cond`, and the step switch leaves it out of the executions
+        without an update step. Running scores are updated at every step anyway."""
+        return self.criterion.ema or not self._cross_replica
 
     # -- hook interface ---------------------------------------------------------
     def before_apply(self, optimizer, grads_by_variable):
@@ -150,15 +159,22 @@ class TopologyEngine(Hook):
         return self.criterion.needs_gradient or (
             self.growth is not None and self.growth.needs_gradient)
 
-    def _inputs(self, optimizer, index, step, grad, mask, which):
+    def _inputs(self, index, step, grad, mask, which, momentum=None):
         """ScoreInputs of target `index`; `which` 0 = pruning, 1 = growth (own seed)."""
         t = self.targets[index]
-        momentum = None
-        if which == 1 and self.growth is not None and self.growth.needs_momentum:
-            momentum = _f32(optimizer_state_lib.momentum(optimizer, t.weight))
         seed = tf.stack([tf.constant(self._seeds[index][which], tf.int64), step])
         return ScoreInputs(weight=_f32(t.weight), gradient=grad, mask=mask, seed=seed,
-                           momentum=momentum)
+                           momentum=momentum if which == 1 else None)
+
+    def _reads(self, optimizer):
+        """What the update reads and never writes, as tensors: ``(momenta, running scores)``
+        (None where the configuration does not use them)."""
+        momenta = None
+        if self.growth is not None and self.growth.needs_momentum:
+            momenta = [_f32(optimizer_state_lib.momentum(optimizer, t.weight)) for t in self.targets]
+        scores = [tf.convert_to_tensor(t.running_score) for t in self.targets] \
+            if self.criterion.ema else None
+        return momenta, scores
 
     def _update_running_scores(self, step, grads):
         # S restarts from the current score on the first step after an update.
@@ -184,9 +200,17 @@ class TopologyEngine(Hook):
             # new masks and weights.
             ctx.merge_call(self._cross_replica_update, args=(optimizer, step, grads))
             return
-        tf.cond(self.update_steps.is_update_step(step),
-                lambda: self._update(optimizer, step, grads),
-                tf.no_op)
+        # The update reads the gradients, momenta and running scores through `run_if`,
+        # so that nothing computed from them is hoisted into the steps that do not update.
+        momenta, scores = self._reads(optimizer)
+        n, m = len(grads), len(momenta or ())
+
+        def update(*read):
+            self._update(optimizer, step, list(read[:n]), momenta=list(read[n:n + m]) or None,
+                         scores=list(read[n + m:]) or None)
+
+        run_if(self.update_steps.is_update_step(step), update,
+               list(grads) + list(momenta or ()) + list(scores or ()))
 
     def _cross_replica_update(self, strategy, optimizer, step, grads):
         step = strategy.experimental_local_results(step)[0]
@@ -208,48 +232,58 @@ class TopologyEngine(Hook):
             return grads
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
-    def _finite(self, inputs):
-        ok = tf.reduce_all(tf.math.is_finite(inputs.weight))
-        if self._needs_gradient():
-            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(inputs.gradient)))
-        return ok
-
-    def prune_masks(self, optimizer, step, grads, rate):
+    def prune_masks(self, step, grads, rate, scores=None):
         """Masks after pruning (before growth), one per target; pure (no assignment).
 
         Layers with non-finite weights or gradients keep their mask (global scope:
-        every layer does).
-        """
-        inputs = [self._inputs(optimizer, i, step, g, tf.convert_to_tensor(t.mask), 0)
-                  for i, (t, g) in enumerate(zip(self.targets, grads))]
-        scores = [tf.convert_to_tensor(t.running_score) for t in self.targets] \
-            if self.criterion.ema else None
-        finite = [self._finite(x) for x in inputs]
-        options = dict(normalize=self.normalize, norm_type=self.norm_type)
-        units = [count_true(patterns.selection_units(t.pattern, x.mask))
-                 for t, x in zip(self.targets, inputs)]  # active blocks for 1xB
-        if self.scope == "global":
-            count = topology.prune_count(tf.add_n(units), rate)
-            pruned = criteria_lib.select_pruned(self.criterion, inputs, count, scores_list=scores,
-                                                patterns_list=self._patterns, **options)
-            finite = [tf.reduce_all(tf.stack(finite))] * len(inputs)
-        else:
-            pruned = [criteria_lib.select_pruned(
-                self.criterion, [x], topology.prune_count(active, rate),
-                scores_list=None if scores is None else [s], patterns_list=[p], **options)[0]
-                for x, s, active, p in zip(inputs, scores or [None] * len(inputs), units,
-                                           self._patterns)]
-        return [tf.where(ok, p, x.mask) for p, ok, x in zip(pruned, finite, inputs)], finite
+        every layer does). `scores`: the running scores of a running criterion.
 
-    def _update(self, optimizer, step, grads):
+        Returns:
+          ``(masks, finite, active, removed)``: `finite` [targets] bool; `active`
+          and `removed` [targets] int32, the entries active before the update and
+          pruned by it.
+        """
+        inputs = [self._inputs(i, step, g, tf.convert_to_tensor(t.mask), 0)
+                  for i, (t, g) in enumerate(zip(self.targets, grads))]
+        n = len(inputs)
+        bad = [~tf.math.is_finite(x.weight) for x in inputs]
+        if self._needs_gradient():
+            bad = [b | ~tf.math.is_finite(x.gradient) for b, x in zip(bad, inputs)]
+        counts = topology.count_true_each(  # one reduction for all
+            bad + [patterns.selection_units(p, x.mask) for p, x in zip(self._patterns, inputs)])
+        finite, units = tf.equal(counts[:n], 0), counts[n:]  # units: blocks for 1xB
+        unit = tf.constant([p.unit if p.kind == "block" else 1 for p in self._patterns])
+        options = dict(scores_list=scores, normalize=self.normalize, norm_type=self.norm_type,
+                       patterns_list=self._patterns)
+        if self.scope == "global":
+            finite = tf.fill([n], tf.reduce_all(finite))
+            count = tf.where(finite[0], topology.prune_count(tf.reduce_sum(units), rate), 0)
+            pruned = criteria_lib.select_pruned(self.criterion, inputs, count, **options)
+        else:
+            count = tf.where(finite, topology.prune_count(units, rate), 0)
+            pruned = criteria_lib.select_pruned_each(self.criterion, inputs, tf.unstack(count),
+                                                     **options)
+        if self.criterion.select is not None and scores is None:  # a rule: its own count
+            pruned = [tf.where(finite[i], p, x.mask) for i, (p, x) in enumerate(zip(pruned, inputs))]
+        # (a score selection with count 0 leaves a non-finite layer's mask as it is)
+        if self.scope == "global" or (self.criterion.select is not None and scores is None):
+            removed = units * unit - topology.count_true_each(pruned)  # per layer, or by a rule
+        else:
+            removed = tf.minimum(count, units) * unit  # a score selection takes exactly that
+        return pruned, finite, units * unit, removed
+
+    def _update(self, optimizer, step, grads, momenta=None, scores=None):
+        """Prunes and regrows every target (`momenta`, `scores`: see `_reads`; read here
+        when not given)."""
+        if momenta is None and scores is None:
+            momenta, scores = self._reads(optimizer)
         grads = self._reduce_across_replicas(grads)
         rate = self.schedule(step)  # float64 for the built-in schedules (see prune_count)
-        pruned, finite = self.prune_masks(optimizer, step, grads, rate)
-        stats = []
-        for i, (t, m_pruned) in enumerate(zip(self.targets, pruned)):
-            m_old = tf.convert_to_tensor(t.mask)
-            removed = count_true(m_old) - count_true(m_pruned)
-            m_new = self._regrow(optimizer, i, step, grads[i], m_old, m_pruned, removed)
+        pruned, finite, active, removed = self.prune_masks(step, grads, rate, scores)
+        before = [tf.convert_to_tensor(t.mask) for t in self.targets]
+        n = len(self.targets)
+        after = self._regrow(step, grads, momenta, before, pruned, removed)
+        for t, m_old, m_new in zip(self.targets, before, after):
             # As the reference (`apply_mask()` once, after pruning and growth): an entry
             # active before and after the update keeps its value, even if it was pruned
             # and regrown in this update; an entry that was inactive starts from 0; a
@@ -262,36 +296,53 @@ class TopologyEngine(Hook):
                 changed = tf.not_equal(m_old, m_new)
                 for slot in optimizer_state_lib.slot_variables(optimizer, t.weight).values():
                     slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
-            grown = count_true(m_new) - count_true(m_pruned)
-            stats.append(tf.cast(tf.stack([count_true(m_new), removed, grown,
-                                           count_true(t.ever_active)]), tf.int64))
-        self.layer_stats.assign(tf.stack(stats))
+        counts = topology.count_true_each(after + [tf.convert_to_tensor(t.ever_active)
+                                                   for t in self.targets])
+        now, ever = counts[:n], counts[n:]
+        grown = now - (active - removed)
+        self.layer_stats.assign(tf.cast(tf.stack([now, removed, grown, ever], axis=1), tf.int64))
         self.last_rate.assign(tf.cast(rate, tf.float32))
         self.last_update_step.assign(step)
-        self.skipped_layers.assign(
-            tf.reduce_sum(tf.cast(tf.logical_not(tf.stack(finite)), tf.int64)))
+        self.skipped_layers.assign(tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64)))
         return tf.no_op()
 
-    def _regrow(self, optimizer, index, step, grad, before, pruned, count):
-        """The mask after growth: as many entries as pruned (`count`), in the pattern's units.
+    def _regrow(self, step, grads, momenta, before, pruned, counts):
+        """The masks after growth: each target regrows as many as it lost (`counts[i]`),
+        in its pattern's units.
 
         Unstructured: `count` inactive entries of highest growth score (or the
         reference's Bernoulli draw); 1xB: as many whole blocks as were pruned,
         by the growth scores summed per block; N:M and fan_in: every group
-        (M-group, output unit) regrows what it lost (`patterns.refill`).
+        (M-group, output unit) regrows what it lost (`patterns.refill`). The
+        unstructured and 1xB targets share one selection (`topology.grow_each`).
         """
         if self.growth is None:
             return pruned
-        if not self.grow_exact and self.growth.name == "random":
-            seed = tf.stack([tf.constant(self._seeds[index][1], tf.int64), step])
-            return topology.grow_bernoulli(pruned, count, seed)
-        pattern = self._patterns[index]
-        scores = self.growth.evaluate(self._inputs(optimizer, index, step, grad, pruned, 1))
-        if pattern.kind == "unstructured":
-            return topology.grow(scores, pruned, count)
-        if pattern.kind == "block":
-            blocks = patterns.block_mask(pattern, pruned)
-            lost = count_true(patterns.block_mask(pattern, before)) - count_true(blocks)
-            grown = topology.grow(patterns.block_scores(pattern, scores), blocks, lost)
-            return patterns.expand_blocks(pattern, grown, pruned.shape)
-        return patterns.refill(pattern, before, pruned, scores)
+        after = list(pruned)
+        selected, scores_list, masks_list, lost = [], [], [], []
+        for i, pattern in enumerate(self._patterns):
+            if not self.grow_exact and self.growth.name == "random":
+                seed = tf.stack([tf.constant(self._seeds[i][1], tf.int64), step])
+                after[i] = topology.grow_bernoulli(pruned[i], counts[i], seed)
+                continue
+            scores = self.growth.evaluate(self._inputs(i, step, grads[i], pruned[i], 1,
+                                                       None if momenta is None else momenta[i]))
+            if pattern.kind in ("nm", "fan_in"):
+                after[i] = patterns.refill(pattern, before[i], pruned[i], scores)
+            elif pattern.kind == "block":
+                selected.append(i)
+                scores_list.append(patterns.block_scores(pattern, scores))
+                masks_list.append(patterns.block_mask(pattern, pruned[i]))
+                lost.append(counts[i] // pattern.unit)  # whole blocks were pruned
+            else:
+                selected.append(i)
+                scores_list.append(scores)
+                masks_list.append(pruned[i])
+                lost.append(counts[i])
+        if selected:
+            grown = topology.grow_each(scores_list, masks_list, lost)
+            for i, g in zip(selected, grown):
+                pattern = self._patterns[i]
+                after[i] = patterns.expand_blocks(pattern, g, pruned[i].shape) \
+                    if pattern.kind == "block" else g
+        return after

@@ -88,6 +88,30 @@ class Hook:
         return self.update_steps.any_between(first + self.step_offset, last + self.step_offset)
 
 
+def run_if(pred, fn, tensors=()):
+    """Runs ``fn(*tensors)`` (traced graph code with side effects) only when `pred` holds.
+
+    A loop of 0 or 1 trips, not a `tf.cond`: XLA keeps a loop's state in
+    place, whereas a cond copies every variable its true branch writes through
+    the false branch at every call. `tensors` reach `fn` through a select on the
+    trip counter, so nothing computed from them can be hoisted out of the loop
+    into the steps that do not update.
+
+    Args:
+      pred: scalar bool tensor.
+      fn: callable taking the gated `tensors`; its return value is ignored.
+      tensors: tensors (or None) that `fn` reads and the loop does not write.
+    """
+    def body(trip):
+        first = tf.equal(trip, 0)
+        gated = [t if t is None else tf.where(first, t, tf.zeros_like(t)) for t in tensors]
+        fn(*gated)
+        return trip + 1
+
+    tf.while_loop(lambda trip: trip < tf.cast(pred, tf.int32), body,
+                  [tf.constant(0, tf.int32)], maximum_iterations=1)
+
+
 def installed(optimizer) -> list:
     """The hooks installed on `optimizer` (its base optimizer), in call order."""
     return list(base_optimizer(optimizer).__dict__.get(_HOOKS_ATTR, []))

@@ -21,7 +21,6 @@ from keras_dst.hooks import Hook, state_variable
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
 from keras_dst.step_switch import HookedCallback
-from keras_dst.topology import count_true
 
 
 class OverlapEngine(Hook):
@@ -71,12 +70,13 @@ class OverlapEngine(Hook):
                               mask=tf.convert_to_tensor(t.mask),
                               seed=tf.stack([tf.constant(s, tf.int64), step]))
                   for t, g, s in zip(self.targets, grads, self._seeds)]
+        counts = tf.unstack(topology.prune_count(topology.count_true_each([x.mask for x in inputs]),
+                                                 rate))
         sets = []
-        for criterion in self.criteria:
-            removed = [tf.reshape(x.mask & ~criteria_lib.select_pruned(
-                criterion, [x], topology.prune_count(count_true(x.mask), rate))[0], [-1])
-                for x in inputs]
-            sets.append(tf.concat(removed, axis=0))
+        for criterion in self.criteria:  # one selection over all layers per criterion
+            kept = criteria_lib.select_pruned_each(criterion, inputs, counts)
+            sets.append(tf.concat([tf.reshape(x.mask & ~k, [-1]) for x, k in zip(inputs, kept)],
+                                  axis=0))
         return sets
 
     def _update(self, step, grads):

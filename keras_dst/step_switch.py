@@ -1,13 +1,16 @@
 """Step switching: which compiled training step runs, decided on the host (floor 5).
 
-An update touches the topology only every few steps, but a `tf.cond` in the
-compiled step is not free: XLA passes every variable the update writes (weights,
-masks, ever-active flags, optimizer slots) through the cond's false branch as a
-copy, at every step (~7 % of a CPU MLP step). So the training function is
-compiled in variants, one per set of hooks traced into it, and the host picks,
-before each execution, the variant with exactly the hooks that may update in it
-(`Hook.may_update_between`, from the hook's `UpdateSteps`). Without any hook the
-step is the plain static-sparse step.
+`DynamicSparseTraining` puts its update into every step, in a loop of zero or
+one trip (`hooks.run_if`): one step to compile, nothing copied at the steps that
+do not update. Hooks whose update sits in a `tf.cond` (`GradualPruning`,
+`CriteriaOverlap`, DST under a tf.distribute strategy) would pay at every step:
+XLA passes every variable the cond writes (weights, masks, ever-active flags,
+optimizer slots) through its false branch as a copy (~7 % of a CPU MLP step).
+For those the training function is compiled in variants, one per set of hooks
+traced into it, and the host picks, before each execution, the variant with
+exactly the hooks that may update in it (`Hook.may_update_between`, from the
+hook's `UpdateSteps`; a hook with `runs_every_step` is always in). Without any
+hook the step is the plain static-sparse step.
 
 `HookedCallback` is the host side of a hook (the base of `DynamicSparseTraining`,
 `GradualPruning` and `CriteriaOverlap`); `StepSwitch` is the model's training
@@ -37,8 +40,9 @@ class StepSwitch:
     `fit` with the same callback, or with a new one of equal configuration,
     reuses both, so it compiles nothing; `evaluate` and `predict` in between do
     not touch them. When the last hooked callback of a `fit` ends,
-    `model.train_function` becomes the static variant, so a later plain `fit`
-    runs it with no hook and no compile. `model.compile()` (which gives the
+    `model.train_function` becomes the static variant (or the switch, which
+    compiles it on first use, as Keras would), so a later plain `fit` runs it
+    with no hook. `model.compile()` (which gives the
     model a new training function) drops the switch and what it kept. Hooks
     left installed by a `fit` that raised are uninstalled when the next `fit`
     starts.
@@ -110,7 +114,7 @@ class StepSwitch:
         self._needed.pop(engine, None)
         if not self.engines:
             self.params = None
-            self.model.train_function = self._functions.get(frozenset())
+            self.model.train_function = self._functions.get(frozenset(), self)
 
     def release(self):
         """Uninstalls this switch's hooks and forgets its hooks and functions."""

@@ -21,18 +21,20 @@ built on `select_lowest` / `select_highest`):
 
 Implementation: each entry gets a unique key `(order of the score, flat index)`
 (ineligible entries get an order above every eligible one) and the chosen
-entries are the `count` smallest keys. The `count`-th smallest key is found
-without sorting: for a selection over >= 2**17 entries by a radix select on
-the 32-bit order (two histogram passes of 16 bits: scatter-add into 2**16
-bins, prefix sums over the bins), for smaller ones by bisection on the order
-(~33 vectorised counting passes; lower fixed cost, faster to compile); then,
-only when the threshold order is tied, the tied entries of lowest flat index
-by one prefix sum over the tied flags. Both give the same entries. Cost O(n),
-no sort (XLA's comparator sort costs ~1 us per entry on CPU); at most
-2**31 - 1 entries per call.
+entries are the `count` smallest keys, found without sorting (XLA's comparator
+sort costs ~1 us per entry on CPU): a bisection on the 32-bit order gives the
+threshold order, and only where more entries tie at it than are needed, a
+second bisection on the index splits the tie (~32 vectorised counting passes,
+~63 with a split tie; O(n) each). Every selection of an update runs at once
+(`select_each`): the tensors are laid out as the rows of one matrix
+(`RowLayout`), each group's counts are matrix products, and one loop serves
+them all, so the compiled update does not grow with the number of layers (XLA
+compiles each kernel separately, at ~10-30 ms each on CPU). At most 2**31 - 1
+entries per call.
 """
 
-from typing import List, Sequence
+import itertools
+from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -64,141 +66,210 @@ def _score_order(scores: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.math.is_nan(x), tf.fill(tf.shape(bits), tf.int32.min), monotone)
 
 
-_DIGIT = 16  # bits per radix digit: two counting passes per 32-bit key
-_BINS = 1 << _DIGIT
-_ROOT = 1 << (_DIGIT // 2)
-_RADIX_MIN = 1 << 17  # entries from which the radix select is used
 _SIGN = -2**31
+_TOP = 2**31 - 1  # above every eligible key, and the largest index
 
 
-def _count_threshold(key: tf.Tensor, counted: tf.Tensor, count, key_max=2**32 - 1):
-    """Smallest t with ``#{counted entries with key <= t} >= count``.
+def _keys(scores: tf.Tensor, lowest: bool) -> tf.Tensor:
+    """int32 selection keys, smallest chosen first (1-D in, 1-D out).
 
-    Keys are int32 compared as UNSIGNED 32-bit numbers. From `_RADIX_MIN`
-    entries on, a radix select (`_radix_threshold`: two histogram passes);
-    below, a bisection (`_bisect_threshold`: one counting pass per bit), whose
-    fixed cost is lower and which compiles faster. Both are exact and give the
-    same t.
+    Every eligible key is below `_TOP` (kept for ineligible entries): NaN takes
+    int32.min when pruning (chosen first) and int32.max - 1 when growing
+    (chosen last); finite and infinite scores lie strictly in between.
+    """
+    order = _score_order(scores)
+    if lowest:
+        return order
+    order = tf.bitwise.invert(order)  # -order - 1: +inf lowest, NaN at int32.max
+    return tf.minimum(order, _TOP - 1)
+
+
+class RowLayout:
+    """Several tensors laid out as the rows of one [rows, width] tensor.
+
+    Each tensor starts on a new row and fills ``ceil(size / width)`` rows in
+    row-major order; the tail of its last row is padding. Position in the
+    layout (row * width + column) follows the order of the tensors and, within
+    one, its row-major flat index, so it can break ties. One selection over
+    this layout serves every tensor at once: the compiled update holds one
+    selection loop for a whole model instead of one per layer, which is what
+    its compile time scales with.
 
     Args:
-      key: 1-D int32 tensor.
-      counted: 1-D bool tensor, the entries that count.
-      count: scalar int32 tensor in [0, #counted] (with 0, t is 0).
-      key_max: python int, an upper bound of the (unsigned) keys.
+      shapes: static shapes of the tensors, in order.
+      width: entries per row (default: 1024, more for layouts of over 4M entries,
+        so that per-row work stays small).
+    """
+
+    def __init__(self, shapes: Sequence[tf.TensorShape], width: Optional[int] = None):
+        self.shapes = [tf.TensorShape(s) for s in shapes]
+        self.sizes = [s.num_elements() for s in self.shapes]
+        total = sum(self.sizes)
+        if width is None:
+            width = 1024
+            while total > 4096 * width:
+                width *= 2
+        self.width = width
+        self.rows = [max(1, -(-n // width)) for n in self.sizes]
+        self.first_row = [0] + list(itertools.accumulate(self.rows))[:-1]
+        self.num_rows = sum(self.rows)
+        if self.num_rows * width >= _INDEX_SPAN:
+            raise ValueError(f"Selection over {total} entries; at most about {_INDEX_SPAN - 1} "
+                             "are supported.")
+
+    def pack(self, tensors: Sequence[tf.Tensor], fill) -> tf.Tensor:
+        """[rows, width] tensor of `tensors` (in the layout's order), padding = `fill`."""
+        parts = []
+        for t, n, r in zip(tensors, self.sizes, self.rows):
+            t = tf.reshape(t, [-1])
+            if r * self.width > n:
+                t = tf.concat([t, tf.fill([r * self.width - n], tf.constant(fill, t.dtype))], 0)
+            parts.append(tf.reshape(t, [r, self.width]))
+        return tf.concat(parts, 0)
+
+    def unpack(self, packed: tf.Tensor) -> List[tf.Tensor]:
+        """Inverse of `pack`: the tensors, in their shapes."""
+        flat = tf.reshape(packed, [-1])
+        return [tf.reshape(flat[r0 * self.width: r0 * self.width + n], shape)
+                for n, r0, shape in zip(self.sizes, self.first_row, self.shapes)]
+
+    def row_groups(self, groups: Sequence[Sequence[int]]) -> tf.Tensor:
+        """[rows] int32: the group of each row, for `groups` of tensor indices."""
+        of_tensor = [0] * len(self.sizes)
+        for g, members in enumerate(groups):
+            for i in members:
+                of_tensor[i] = g
+        return tf.constant([g for g, r in zip(of_tensor, self.rows) for _ in range(r)], tf.int32)
+
+
+class _Groups:
+    """Which rows of a `RowLayout` each of `n` groups owns, as 0/1 matrices.
+
+    Per-group sums and per-row spreads are matrix products: on CPU XLA compiles
+    a dot far faster than a reduction and runs it as fast, and the selection loop
+    runs them at every pass. Exact: per-row counts in float32 (at most `width`
+    <= 2**23), per-group sums and int32 values in float64.
+    """
+
+    def __init__(self, layout: RowLayout, groups: Sequence[Sequence[int]]):
+        self.n = len(groups)
+        member = tf.equal(layout.row_groups(groups)[:, None], tf.range(self.n)[None, :])
+        self._to_rows = tf.cast(member, tf.float64)           # [rows, groups]
+        self._to_groups = tf.transpose(self._to_rows)         # [groups, rows]
+
+    def count(self, flags: tf.Tensor) -> tf.Tensor:
+        """[groups] int32: True entries of a [rows, width] bool tensor, per group."""
+        per_row = tf.linalg.matvec(tf.cast(flags, tf.float32), tf.ones([flags.shape[1]], tf.float32))
+        return tf.cast(tf.linalg.matvec(self._to_groups, tf.cast(per_row, tf.float64)), tf.int32)
+
+    def spread(self, per_group: tf.Tensor) -> tf.Tensor:
+        """[groups, k] int32 -> [rows, k] int32: each row's group values."""
+        return tf.cast(tf.matmul(self._to_rows, tf.cast(per_group, tf.float64)), tf.int32)
+
+
+def _select_groups(layout: RowLayout, key: tf.Tensor, groups, counts) -> tf.Tensor:
+    """The chosen entries of a packed key tensor: the `counts[g]` smallest keys of group g.
+
+    Args:
+      layout: the `RowLayout` of `key`.
+      key: [rows, width] int32 from `_keys`, `_TOP` where ineligible (padding included).
+      groups: list of lists of tensor indices: the tensors each selection ranks together.
+      counts: [groups] int32 (<= 0: none; above the eligible number: all of them).
 
     Returns:
-      ``(t, less, equal)``: int32 scalars, t's key bits and the numbers of
-      counted entries with key < t and key == t.
+      [rows, width] bool.
+
+    One `tf.while_loop` for every group: a bisection on the key value gives each
+    group's threshold v, the smallest with ``#{key <= v} >= count``; where more
+    entries tie at v than are still needed, a second bisection, on the position,
+    takes the tied entries of lowest position p (the same loop, phase 1). The
+    chosen entries are those with ``(key, position) <= (v, p)``. ~32 counting
+    passes over the layout, plus ~31 when some group splits a tie. The loop's
+    state is one [5, groups] int64 tensor (lo, hi, v, count at hi, phase), so
+    that each pass compiles to a handful of kernels.
     """
-    if key.shape[0] >= _RADIX_MIN:
-        return _radix_threshold(key, counted, count)
-    return _bisect_threshold(key, counted, count, key_max)
+    rows = _Groups(layout, groups)
+    n = rows.n
+    index = tf.reshape(tf.range(layout.num_rows * layout.width, dtype=tf.int32), key.shape)
+    eligible = key < _TOP
+    top = tf.constant(_TOP, tf.int64)
+    counts = tf.cast(counts, tf.int64)
 
+    def chosen(vp):  # vp: [groups, 2 or 3] int (v, p[, wanted]) -> [rows, width] bool
+        vp = rows.spread(vp)
+        v, p = vp[:, :1], vp[:, 1:2]
+        return (key < v) | (tf.equal(key, v) & (index <= p))
 
-def _bisect_threshold(key, counted, count, key_max):
-    """`_count_threshold` by bisection on the key's value (~log2(key_max) passes)."""
-    signed = tf.bitwise.bitwise_xor(key, _SIGN)  # unsigned order as a signed one
-
-    def n_at_most(v):
-        return tf.reduce_sum(tf.cast(counted & (signed <= v), tf.int32))
-
-    # Bounds kept in int64: count(lo) < count <= count(hi).
-    def bisect(lo, hi):
+    def body(state):
+        lo, hi, v, at_hi, phase = tf.unstack(state)
+        on_key = tf.equal(phase, 0)  # all groups share the phase
         mid = lo + (hi - lo) // 2
-        above = n_at_most(tf.cast(mid, tf.int32)) >= count
-        return tf.where(above, lo, mid), tf.where(above, mid, hi)
+        c = tf.cast(rows.count(eligible & chosen(tf.stack(
+            [tf.where(on_key, mid, v), tf.where(on_key, top, mid)], axis=1))), tf.int64)
+        moving = hi - lo > 1  # converged groups keep their bounds
+        up, down = moving & (c >= counts), moving & (c < counts)
+        lo, hi, at_hi = tf.where(down, mid, lo), tf.where(up, mid, hi), tf.where(up, c, at_hi)
+        done = tf.reduce_all(hi - lo <= 1)
+        start = done & on_key  # v found: split its ties where fewer than all are needed
+        return [tf.stack([
+            tf.where(start, tf.where(at_hi > counts, tf.constant(-1, tf.int64), top - 1), lo),
+            tf.where(start, top, hi),
+            tf.where(start, hi, v),
+            at_hi,
+            phase + tf.cast(done, tf.int64)])]
 
-    _, v = tf.while_loop(lambda lo, hi: hi - lo > 1, bisect,
-                         (tf.constant(-2**31 - 1, tf.int64),
-                          tf.constant(key_max - 2**31, tf.int64)),
-                         maximum_iterations=33)
-    v = tf.cast(v, tf.int32)
-    less = tf.reduce_sum(tf.cast(counted & (signed < v), tf.int32))
-    equal = tf.reduce_sum(tf.cast(counted & tf.equal(signed, v), tf.int32))
-    return tf.bitwise.bitwise_xor(v, _SIGN), less, equal
+    state = tf.stack([tf.fill([n], tf.constant(_SIGN - 1, tf.int64)), tf.fill([n], top),
+                      tf.fill([n], top), tf.fill([n], top), tf.zeros([n], tf.int64)])
+    state = tf.while_loop(lambda state: state[4, 0] < 2, body, [state], maximum_iterations=70)[0]
+    # (v, p) of a count <= 0 choose nothing: v = the lowest bound, p = -1
+    none = counts <= 0
+    v = tf.where(none, tf.constant(_SIGN, tf.int64), state[2])
+    p = tf.where(none, tf.constant(-1, tf.int64), state[1])
+    return eligible & chosen(tf.stack([v, p], axis=1))
 
 
-def _radix_threshold(key, counted, count):
-    """`_count_threshold` by a radix select: two passes of 16 bits.
+def select_each(scores_list: Sequence[tf.Tensor], eligible_list: Sequence[tf.Tensor], counts,
+                lowest: bool, groups: Optional[Sequence[Sequence[int]]] = None) -> List[tf.Tensor]:
+    """Several selections in one: in each group, the `min(count, eligible)` lowest (highest) scores.
 
-    Each pass scatter-adds the counted entries into 2**16 bins and takes prefix
-    sums over the bins: the high 16 bits of t are the first bin whose running
-    count reaches `count`, the low 16 bits the same among the entries of that
-    bin. Exact, no sort, O(n).
+    The rule of the module docstring, per group: exact counts, never an
+    ineligible entry, ties to the lower position (within a group of several
+    tensors: earlier tensors first, then row-major), NaN least important.
+
+    Args:
+      scores_list: float tensors, any shapes.
+      eligible_list: bool tensors of the same shapes.
+      counts: one scalar int (tensor) per group.
+      lowest: choose the lowest scores (True) or the highest (False).
+      groups: lists of indices into `scores_list`: the tensors each selection
+        ranks together (default: one group per tensor).
+
+    Returns:
+      One bool tensor per input tensor, True at the chosen entries.
     """
-    weight = tf.cast(counted, tf.int32)
-    high = tf.bitwise.bitwise_and(tf.bitwise.right_shift(key, _DIGIT), _BINS - 1)
-    low = tf.bitwise.bitwise_and(key, _BINS - 1)
-
-    def first_reaching(counts, need):
-        """(first i with sum(counts[:i + 1]) >= need, sum(counts[:i]))."""
-        running = tf.cumsum(counts)
-        i = tf.minimum(tf.reduce_sum(tf.cast(running < need, tf.int32)), counts.shape[0] - 1)
-        return i, tf.gather(tf.concat([[0], running], 0), i)
-
-    def digit(ids, weights, need):
-        # Prefix sums in two levels of 2**8 (XLA's cumsum over 2**16 bins is slow).
-        counts = tf.reshape(tf.math.unsorted_segment_sum(weights, ids, _BINS), [_ROOT, _ROOT])
-        row, before_row = first_reaching(tf.reduce_sum(counts, axis=1), need)
-        row_counts = tf.gather(counts, row)
-        col, before_col = first_reaching(row_counts, need - before_row)
-        # (gather, not counts[row, col]: XLA needs a strided slice's bounds at
-        # compile time, which would make the scores compile-time constants)
-        return row * _ROOT + col, before_row + before_col, tf.gather(row_counts, col)
-
-    top, less_top, _ = digit(high, weight, count)
-    bottom, less_bottom, equal = digit(
-        low, weight * tf.cast(tf.equal(high, top), tf.int32), count - less_top)
-    t = tf.bitwise.bitwise_or(tf.bitwise.left_shift(top, _DIGIT), bottom)
-    return t, less_top + less_bottom, equal
+    if groups is None:
+        groups = [[i] for i in range(len(scores_list))]
+    shapes = [tf.TensorShape(e.shape) for e in eligible_list]
+    live = [i for i, shape in enumerate(shapes) if shape.num_elements() > 0]
+    if not live:
+        return [tf.zeros(shape, tf.bool) for shape in shapes]
+    layout = RowLayout([shapes[i] for i in live])
+    position = {i: k for k, i in enumerate(live)}
+    keys = [tf.where(tf.reshape(eligible_list[i], [-1]),
+                     _keys(tf.reshape(scores_list[i], [-1]), lowest), _TOP) for i in live]
+    key = layout.pack(keys, _TOP)
+    live_groups = [[position[i] for i in g if i in position] for g in groups]
+    # (no clipping needed: a count above the eligible number ends the search at _TOP,
+    # which chooses every eligible entry; a count <= 0 chooses none)
+    counts = tf.stack([_as_count(c) for c in counts])
+    chosen = layout.unpack(_select_groups(layout, key, live_groups, counts))
+    return [chosen[position[i]] if i in position else tf.zeros(shapes[i], tf.bool)
+            for i in range(len(shapes))]
 
 
 def _select(scores: tf.Tensor, eligible: tf.Tensor, count, lowest: bool) -> tf.Tensor:
-    """Chooses `min(count, eligible)` eligible entries (see module docstring).
-
-    Args:
-      scores: float tensor, any shape.
-      eligible: bool tensor of the same shape.
-      count: scalar int tensor (or int), how many entries to choose.
-      lowest: choose the lowest scores (True) or the highest (False).
-
-    Returns:
-      bool tensor of the shape of `scores`, True at the chosen entries.
-    """
-    shape = eligible.shape
-    n = shape.num_elements()
-    if n == 0:
-        return tf.zeros(shape, tf.bool)
-    if n >= _INDEX_SPAN:
-        raise ValueError(f"Selection over {n} entries; at most {_INDEX_SPAN - 1} are supported.")
-    flat_eligible = tf.reshape(eligible, [-1])
-    order = _score_order(tf.reshape(scores, [-1]))  # int32; NaN = int32.min
-    if not lowest:
-        order = tf.bitwise.invert(order)  # -order - 1: NaN becomes int32.max, chosen last
-    # Ineligible entries rank last (int32.max; only the eligible can be chosen below).
-    order = tf.where(flat_eligible, order, tf.constant(_INELIGIBLE, tf.int32))
-    available = tf.reduce_sum(tf.cast(flat_eligible, tf.int32))
-    count = tf.clip_by_value(_as_count(count), 0, available)
-
-    # Smallest order value v with #{order <= v} >= count, counting every entry
-    # (flipping the sign bit makes the signed order an unsigned one). Below
-    # int32.max only eligible entries have that order; at v = int32.max the
-    # ineligible ones are told apart by `tied` (and left out of n_tied).
-    v, below, at_v = _count_threshold(tf.bitwise.bitwise_xor(order, _SIGN),
-                                      tf.ones_like(flat_eligible), count)
-    v = tf.bitwise.bitwise_xor(v, _SIGN)
-    n_tied = at_v - tf.where(tf.equal(v, _INELIGIBLE), n - available, 0)
-    need = count - below  # ties to choose: >= 1 when count > 0
-    tied = flat_eligible & tf.equal(order, v)
-
-    def first_tied():
-        # The `need` tied entries of lowest flat index: one prefix sum of the tied flags
-        # (cheaper to compile than a second threshold search over the indices).
-        return tied & (tf.cumsum(tf.cast(tied, tf.int32)) <= need)
-
-    chosen_tied = tf.cond(need < n_tied, first_tied, lambda: tied)
-    chosen = (order < v) | chosen_tied
-    return tf.reshape(chosen & (count > 0), shape)
+    """One selection (see `select_each`)."""
+    return select_each([scores], [eligible], [count], lowest)[0]
 
 
 def select_lowest(scores: tf.Tensor, eligible: tf.Tensor, count) -> tf.Tensor:
@@ -344,8 +415,53 @@ def global_prune(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tenso
     Returns:
       List of new bool masks, one per layer.
     """
-    new_flat = prune(concat_flat(scores_list), concat_flat(masks_list), count)
-    return split_like(new_flat, masks_list)
+    chosen = select_each(scores_list, masks_list, [count], lowest=True,
+                         groups=[list(range(len(masks_list)))])
+    return [m & ~c for m, c in zip(masks_list, chosen)]
+
+
+def prune_each(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor], counts) -> List[tf.Tensor]:
+    """`prune` of every tensor with its own count, as one selection (`select_each`).
+
+    Args:
+      scores_list: float tensors, one per layer.
+      masks_list: bool tensors of the same shapes.
+      counts: one scalar int (tensor) per layer.
+
+    Returns:
+      List of new bool masks (subsets of the old ones).
+    """
+    chosen = select_each(scores_list, masks_list, counts, lowest=True)
+    return [m & ~c for m, c in zip(masks_list, chosen)]
+
+
+def grow_each(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor], counts) -> List[tf.Tensor]:
+    """`grow` of every tensor with its own count, as one selection (`select_each`).
+
+    Args:
+      scores_list: float tensors, one per layer.
+      masks_list: bool tensors of the same shapes.
+      counts: one scalar int (tensor) per layer.
+
+    Returns:
+      List of new bool masks (supersets of the old ones).
+    """
+    chosen = select_each(scores_list, [~m for m in masks_list], counts, lowest=False)
+    return [m | c for m, c in zip(masks_list, chosen)]
+
+
+def count_true_each(masks: Sequence[tf.Tensor]) -> tf.Tensor:
+    """[len(masks)] int32: the True entries of each bool tensor, in one reduction."""
+    shapes = [tf.TensorShape(m.shape) for m in masks]
+    live = [i for i, shape in enumerate(shapes) if shape.num_elements() > 0]
+    counts = [tf.constant(0)] * len(masks)
+    if live:
+        layout = RowLayout([shapes[i] for i in live])
+        per_tensor = _Groups(layout, [[k] for k in range(len(live))]).count(
+            layout.pack([masks[i] for i in live], False))
+        for k, i in enumerate(live):
+            counts[i] = per_tensor[k]
+    return tf.stack(counts)
 
 
 NORMALIZE_MODES = ("none", "input", "output", "channel", "depth", "layer")

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -221,57 +222,67 @@ def test_device_is_read_only_at_epoch_edges_and_after_update_steps(monkeypatch,
 
 
 # ----------------------------------------------------------------------------
-# Compiled step variants: the engine is only in the executions that may update.
+# Compiled steps: DST is in every step (its update in a zero-or-one-trip loop);
+# the switched hooks (CriteriaOverlap, GradualPruning) only in the executions
+# that may update.
 
 
 class StepRecorder(keras.callbacks.Callback):
-    """After `dst` in the list: per batch, whether the engine was in the step,
-    the optimizer step after it and the masks after it."""
+    """After `callback` in the list: per batch, whether its engine was in the step,
+    the optimizer step after it, its last update step and the masks after it."""
 
-    def __init__(self, dst):
+    def __init__(self, callback):
         super().__init__()
-        self.dst, self.rows = dst, []
+        self.callback, self.rows = callback, []
 
     def on_train_batch_begin(self, batch, logs=None):
-        self.needed = self.model.__dict__[StepSwitch.ATTR]._needed[self.dst.engine]
+        self.needed = self.model.__dict__[StepSwitch.ATTR]._needed[self.callback.engine]
 
     def on_train_batch_end(self, batch, logs=None):
         self.rows.append((self.needed, int(self.model.optimizer.iterations.numpy()),
+                          int(self.callback.engine.last_update_step.numpy()),
                           keras_dst.masks(self.model)))
 
 
+@pytest.mark.parametrize("kind", ["dst", "overlap"])
 @pytest.mark.parametrize("steps_per_execution", [1, 3])
-def test_only_executions_holding_an_update_step_run_the_engine(steps_per_execution):
+def test_the_engine_runs_in_the_executions_that_may_update(steps_per_execution, kind):
+    """DST's engine is in every execution and changes the masks exactly at its update
+    steps; a switched hook (CriteriaOverlap) is only in the executions holding one of
+    its update steps (and the first, which checks the host's count)."""
     model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
     model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True,
                   steps_per_execution=steps_per_execution)
     x, y = classification_data(n=160)  # 10 steps per epoch
-    dst = DST(prune="magnitude", grow="gradient", update_every=4)
-    recorder = StepRecorder(dst)
-    previous_step, previous_masks = 0, keras_dst.masks(model)
+    callback = (DST(prune="magnitude", grow="gradient", update_every=4) if kind == "dst" else
+                keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4))
+    recorder = StepRecorder(callback)
+    previous_step, previous_update, previous_masks = 0, -1, keras_dst.masks(model)
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
-              callbacks=[dst, recorder])
-    for i, (needed, step, masks) in enumerate(recorder.rows):
+              callbacks=[callback, recorder])
+    for i, (needed, step, update, masks) in enumerate(recorder.rows):
         first = previous_step + 1
         holds_update = any(t % 4 == 0 for t in range(first, step + 1))
-        assert needed == (holds_update or i == 0), (i, first, step)
+        assert needed == (kind == "dst" or holds_update or i == 0), (i, first, step)
+        assert (update != previous_update) == holds_update, (i, first, step)
         changed = any((previous_masks[k] != masks[k]).any() for k in masks)
-        assert changed == holds_update, (i, first, step)
-        previous_step, previous_masks = step, masks
-    assert int(dst.engine.last_update_step.numpy()) == 20
-    switch = model.__dict__[StepSwitch.ATTR]  # after fit: the static step
-    assert model.train_function is switch._functions[frozenset()]
+        assert changed == (holds_update and kind == "dst"), (i, first, step)
+        previous_step, previous_update, previous_masks = step, update, masks
+    assert int(callback.engine.last_update_step.numpy()) == 20
+    switch = model.__dict__[StepSwitch.ATTR]  # after fit: the static step (or the switch
+    # that compiles it on first use, if no execution ran it)
+    assert model.train_function is switch._functions.get(frozenset(), switch)
     assert "apply" not in vars(base_optimizer(model.optimizer))  # no hook
 
 
-def test_the_plain_step_is_traced_without_the_engine(monkeypatch):
+def test_a_switched_hook_is_traced_only_into_its_own_step(monkeypatch):
     model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
     model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
     x, y = classification_data(n=160)
-    dst = DST(prune="snip", grow="random", update_every=5)
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=5)
     calls = []
-    original = keras_dst.engine.TopologyEngine.before_apply
-    monkeypatch.setattr(keras_dst.engine.TopologyEngine, "before_apply",
+    original = keras_dst.overlap.OverlapEngine.before_apply
+    monkeypatch.setattr(keras_dst.overlap.OverlapEngine, "before_apply",
                         lambda self, optimizer, *a: (
                             calls.append(self in hooks_lib.installed(optimizer) and self in
                                          vars(optimizer)["_keras_dst_traced"]),
@@ -279,9 +290,18 @@ def test_the_plain_step_is_traced_without_the_engine(monkeypatch):
     variants = []
     record = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: variants.append(
         sorted(model.__dict__[StepSwitch.ATTR]._functions)))
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst, record])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[overlap, record])
     assert calls and all(calls)  # the hook only ever ran while traced into a step
-    assert sorted(variants[0], key=len) == [frozenset(), frozenset({dst.engine})]  # two
+    assert sorted(variants[0], key=len) == [frozenset(), frozenset({overlap.engine})]  # two
+
+
+def test_dst_compiles_one_step():
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=160)
+    dst = DST(prune="snip", grow="random", update_every=5)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[dst])
+    assert list(model.__dict__[StepSwitch.ATTR]._functions) == [frozenset({dst.engine})]
 
 
 def test_running_criteria_keep_the_engine_in_every_step():
@@ -291,7 +311,7 @@ def test_running_criteria_keep_the_engine_in_every_step():
     dst = DST(prune="running_magnitude", grow="random", update_every=4)
     recorder = StepRecorder(dst)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst, recorder])
-    assert all(needed for needed, _, _ in recorder.rows)
+    assert all(needed for needed, *_ in recorder.rows)
 
 
 class TwoStepsPerBatch(keras.Model):
@@ -307,19 +327,29 @@ class TwoStepsPerBatch(keras.Model):
         return {"loss": loss}
 
 
-def test_an_optimizer_ahead_of_the_batch_count_runs_the_engine_in_every_step():
+@pytest.mark.parametrize("kind", ["dst", "overlap"])
+def test_an_optimizer_ahead_of_the_batch_count_misses_no_update(kind):
+    """A train_step applying the optimizer twice: DST (in every step) updates on time;
+    a switched hook sees the device ahead of the host's count, warns, and runs in every
+    step from then on."""
     sparse = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
     model = TwoStepsPerBatch(sparse.inputs, sparse.outputs)
     model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
     x, y = classification_data(n=160)  # 10 batches, 20 optimizer steps
-    dst = DST(prune="magnitude", grow="random", update_every=3)
+    callback = (DST(prune="magnitude", grow="random", update_every=3) if kind == "dst" else
+                keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=3))
     seen = []
-    record = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda b, logs: seen.append(int(dst.engine.last_update_step.numpy())))
-    with pytest.warns(UserWarning, match="more than once"):
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst, record])
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(
+        int(callback.engine.last_update_step.numpy())))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback, record])
+    warned = any("more than once" in str(w.message) for w in caught)
+    assert warned == (kind == "overlap")
     assert int(model.optimizer.iterations.numpy()) == 20
-    assert sorted(set(seen) - {-1}) == [3, 6, 9, 12, 15, 18]  # no update missed
+    assert sorted(set(seen) - {-1})[-5:] == [6, 9, 12, 15, 18]  # none missed once detected
+    if kind == "dst":
+        assert sorted(set(seen) - {-1}) == [3, 6, 9, 12, 15, 18]
 
 
 def test_a_fit_that_raised_leaves_no_engine_behind():

@@ -52,7 +52,7 @@ def test_repeated_fits_with_evaluate_between_trace_only_in_the_first():
         model.evaluate(x, y, verbose=0)
         model.predict(x, verbose=0)
         masks.append(keras_dst.masks(model))
-    assert counts == [2, 2, 2]  # the static and the update variant, both in the first fit
+    assert counts == [1, 1, 1]  # one step, the update inside, traced in the first fit
     for before, after in zip(masks, masks[1:]):  # every fit really updated the topology
         assert any((before[k] != after[k]).any() for k in before)
     assert not hooked(model)
@@ -61,34 +61,43 @@ def test_repeated_fits_with_evaluate_between_trace_only_in_the_first():
 def test_epoch_edges_and_later_updates_trace_nothing():
     model, traces = traced_model()
     fit(model, [DST(prune="snip", grow="gradient", update_every=4)], epochs=3)
-    assert len(traces) == 2
+    assert len(traces) == 1
 
 
 def test_equal_configuration_reuses_a_changed_one_compiles_once():
     model, traces = traced_model()
     fit(model, [DST(update_every=3, seed=1)])
-    assert len(traces) == 2
+    assert len(traces) == 1
     fit(model, [DST(update_every=3, seed=1)])  # a new callback, equal configuration
+    assert len(traces) == 1
+    fit(model, [DST(update_every=4, seed=1)])  # changed: its step is new
     assert len(traces) == 2
-    fit(model, [DST(update_every=4, seed=1)])  # changed: only its update variant is new
-    assert len(traces) == 3
     fit(model, [DST(update_every=4, seed=1)])
     fit(model, [DST(update_every=3, seed=1)])
-    assert len(traces) == 3
+    assert len(traces) == 2
     mest = keras_dst.get_criterion("mest", gamma=0.5)  # parameters are configuration too
     fit(model, [DST(prune=mest)])
     fit(model, [DST(prune=keras_dst.get_criterion("mest", gamma=0.5))])
     fit(model, [DST(prune=keras_dst.get_criterion("mest", gamma=2.0))])
-    assert len(traces) == 5
+    assert len(traces) == 4
 
 
-def test_plain_fit_after_dst_runs_the_static_step_without_hook_or_trace():
+def test_plain_fit_after_dst_runs_the_static_step_without_hook():
+    """A plain fit traces the static step once (as any Keras model's first fit does),
+    with no hook; later plain and DST fits trace nothing."""
     model, traces = traced_model()
-    fit(model, [DST(update_every=3)])
-    assert len(traces) == 2 and not hooked(model)
+    dst = DST(update_every=3)
+    fit(model, [dst])
+    assert len(traces) == 1 and not hooked(model)
     masks = keras_dst.masks(model)
     fit(model)
     assert len(traces) == 2 and not hooked(model)
+    fit(model)
+    fit(model, [dst])
+    assert len(traces) == 2 and not hooked(model)
+    fit(model)
+    masks = keras_dst.masks(model)
+    fit(model)
     after = keras_dst.masks(model)
     assert all((masks[k] == after[k]).all() for k in masks)  # no update ran
     for t in keras_dst.sparse_targets(model):  # and the constraint still ran
@@ -101,9 +110,9 @@ def test_compile_again_gives_new_steps():
     fit(model, [dst])
     model.compile(keras.optimizers.Adam(0.01), LOSS, jit_compile=True)
     fit(model, [dst])
-    assert len(traces) == 4 and not hooked(model)
+    assert len(traces) == 2 and not hooked(model)
     fit(model, [dst])
-    assert len(traces) == 4
+    assert len(traces) == 2
 
 
 @pytest.mark.parametrize("make", [

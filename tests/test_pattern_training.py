@@ -177,7 +177,9 @@ def test_engine_updates_keep_every_pattern(pattern, shapes, rule, scope, seed):
             assert int(m1.sum()) == n, (t.weight.path, step)
             assert np.all(t.weight.numpy()[~m1] == 0)
             moved += int((m0 != m1).sum())
-    assert moved > 0  # the updates changed masks
+    # the updates changed masks (a lone 3:8 group regrowing at random may legitimately
+    # restore its 2 pruned entries three times: 1/21 per update)
+    assert moved > 0 or sum(counts) <= 3
 
 
 def test_a_1xb_update_moves_whole_blocks_by_summed_score():

@@ -209,8 +209,8 @@ def test_prune_grow_global_under_xla_with_dynamic_count():
 
 
 @pytest.mark.parametrize("kind", ["normal", "few_values", "nan_inf", "all_equal"])
-def test_large_selections_use_the_radix_select_and_match_the_reference(kind):
-    n = topology._RADIX_MIN + 37  # above the size where the radix select takes over
+def test_large_selections_over_many_rows_match_the_reference(kind):
+    n = 3 * 1024 + 37  # several rows of the layout, the last one padded
     rng = np.random.default_rng(7)
     scores = {"normal": rng.normal(size=n),
               "few_values": rng.integers(-2, 3, size=n).astype(float),
@@ -219,28 +219,42 @@ def test_large_selections_use_the_radix_select_and_match_the_reference(kind):
     mask = rng.random(n) < 0.3
     select = tf.function(lambda s, m, c: (topology.prune(s, m, c), topology.grow(s, m, c)),
                          jit_compile=True)
-    for count in (0, 1, 4321, int(mask.sum()) - 1, n):
+    for count in (0, 1, 432, int(mask.sum()) - 1, n):
         pruned, grown = select(tf.constant(scores), tf.constant(mask), tf.constant(count))
         np.testing.assert_array_equal(pruned.numpy(), np_prune(scores, mask, count))
         np.testing.assert_array_equal(grown.numpy(), np_grow(scores, mask, count))
 
 
-@pytest.mark.parametrize("key_max", [2**32 - 1, 1000])
-def test_radix_and_bisection_thresholds_agree(key_max):
-    rng = np.random.default_rng(3)
-    n = 5000
-    if key_max == 1000:
-        keys = rng.integers(0, key_max + 1, size=n)
-    else:
-        keys = rng.choice(np.concatenate([rng.integers(-2**31, 2**31, size=50),
-                                          [-2**31, -1, 0, 2**31 - 1]]), size=n)
-    key = tf.constant(keys.astype(np.int32))
-    counted = tf.constant(rng.random(n) < 0.6)
-    total = int(counted.numpy().sum())
-    for count in (0, 1, 2, total // 2, total - 1, total):
-        a = [int(x) for x in topology._radix_threshold(key, counted, tf.constant(count))]
-        b = [int(x) for x in topology._bisect_threshold(key, counted, tf.constant(count), key_max)]
-        assert a == b, (count, a, b)
+def test_select_each_is_one_selection_per_group():
+    """Grouped selections equal the separate ones, ties across tensors go to the earlier one,
+    and every count value runs through one compiled function (one loop for all groups)."""
+    rng = np.random.default_rng(11)
+    shapes = [(7, 5), (0, 3), (2000,), (3, 4, 2), (1,)]
+    scores = [rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, 2.0, 0.5],
+                         size=s).astype(np.float32) for s in shapes]
+    masks = [rng.random(s) < 0.5 for s in shapes]
+    groups = [[0, 2], [1], [3, 4]]
+
+    @tf.function(jit_compile=True)
+    def select(scores, masks, counts, lowest_counts):
+        each = topology.select_each(scores, masks, tf.unstack(lowest_counts), lowest=True)
+        grouped = topology.select_each(scores, masks, tf.unstack(counts), lowest=False,
+                                       groups=groups)
+        return each, grouped
+
+    for _ in range(4):
+        counts = rng.integers(0, 1200, size=3)
+        lowest_counts = rng.integers(0, 60, size=5)
+        each, grouped = select([tf.constant(x) for x in scores], [tf.constant(m) for m in masks],
+                               tf.constant(counts, tf.int32), tf.constant(lowest_counts, tf.int32))
+        for i, (x, m, c) in enumerate(zip(scores, masks, lowest_counts)):
+            np.testing.assert_array_equal(each[i].numpy(), np_select(x, m, c, lowest=True))
+        for g, c in zip(groups, counts):
+            flat = np_select(np.concatenate([scores[i].ravel() for i in g]),
+                             np.concatenate([masks[i].ravel() for i in g]), c, lowest=False)
+            got = np.concatenate([grouped[i].numpy().ravel() for i in g])
+            np.testing.assert_array_equal(got, flat)
+    assert select.experimental_get_tracing_count() == 1
 
 
 # ---------------------------------------------------------------------------
