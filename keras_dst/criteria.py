@@ -374,19 +374,38 @@ def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
     )
 
 
-def _unit_scores(criterion, inputs_list, scores_list, normalize, norm_type, patterns_list):
-    """Scores and masks in selection units (entries, or 1xB blocks), and the expansion back."""
+def unit_scores(criterion: Criterion, inputs_list: Sequence[ScoreInputs], scores_list=None,
+                normalize: str = "none", norm_type: str = "max",
+                patterns_list: Optional[Sequence[patterns.Pattern]] = None):
+    """A score criterion's pruning scores and masks in selection units, and the way back.
+
+    Units are entries, or whole blocks for a tensor with a 1xB pattern (scores
+    summed per block, `patterns.block_scores`).
+
+    Args:
+      criterion, inputs_list, scores_list, normalize, norm_type, patterns_list: as
+        `select_pruned`.
+
+    Returns:
+      ``(scores, masks, expand)``: per tensor, the (normalised) scores and the masks
+      in units, and a function mapping a list of unit masks back to entry masks.
+    """
     if scores_list is None:
         scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
     scores_list = [topology.normalize(s, i.mask, normalize, norm_type)
                    for s, i in zip(scores_list, inputs_list)]
     masks = [i.mask for i in inputs_list]
-    if patterns_list is None or not any(p.kind == "block" for p in patterns_list):
-        return scores_list, masks, lambda kept: kept
-    return ([patterns.block_scores(p, s) for p, s in zip(patterns_list, scores_list)],
-            [patterns.block_mask(p, m) for p, m in zip(patterns_list, masks)],
-            lambda kept: [patterns.expand_blocks(p, k, m.shape)
-                          for p, k, m in zip(patterns_list, kept, masks)])
+    patterns_list = patterns_list or [patterns.UNSTRUCTURED] * len(masks)
+    blocked = [p.kind == "block" for p in patterns_list]
+
+    def expand(kept):
+        return [patterns.expand_blocks(p, k, m.shape) if b else k
+                for p, b, k, m in zip(patterns_list, blocked, kept, masks)]
+
+    return ([patterns.block_scores(p, x) if b else x
+             for p, b, x in zip(patterns_list, blocked, scores_list)],
+            [patterns.block_mask(p, m) if b else m for p, b, m in zip(patterns_list, blocked, masks)],
+            expand)
 
 
 def _check_select(criterion, normalize, patterns_list):
@@ -445,8 +464,8 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
         joint = _concat_inputs(inputs_list)
         removed = criterion.select(joint, tf.cast(count, tf.int32), **criterion.params)
         return topology.split_like(joint.mask & ~removed, [i.mask for i in inputs_list])
-    scores, masks, expand = _unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
-                                         patterns_list)
+    scores, masks, expand = unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
+                                        patterns_list)
     return expand(topology.global_prune(scores, masks, count))
 
 
@@ -470,8 +489,8 @@ def select_pruned_each(criterion: Criterion, inputs_list: Sequence[ScoreInputs],
     if criterion.select is not None and scores_list is None:
         _check_select(criterion, normalize, patterns_list)
         return [select_pruned(criterion, [x], c)[0] for x, c in zip(inputs_list, counts)]
-    scores, masks, expand = _unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
-                                         patterns_list)
+    scores, masks, expand = unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
+                                        patterns_list)
     return expand(topology.prune_each(scores, masks, counts))
 
 

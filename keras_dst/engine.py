@@ -232,6 +232,32 @@ class TopologyEngine(Hook):
             return grads
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
+    def _prune_counts(self, step, grads, rate):
+        """What a pruning starts from: ``(inputs, finite, units, unit, count)``.
+
+        `inputs`: per target, its pruning ScoreInputs; `finite` [targets] bool (its
+        weight, and gradient if scored, hold no NaN/Inf; global scope: all of them);
+        `units` [targets] int32, its active selection units (entries, blocks for 1xB)
+        and `unit` their size; `count`: the number of units to prune, per target
+        ([targets], 0 where not finite) or in all (global scope).
+        """
+        inputs = [self._inputs(i, step, g, tf.convert_to_tensor(t.mask), 0)
+                  for i, (t, g) in enumerate(zip(self.targets, grads))]
+        n = len(inputs)
+        bad = [~tf.math.is_finite(x.weight) for x in inputs]
+        if self._needs_gradient():
+            bad = [b | ~tf.math.is_finite(x.gradient) for b, x in zip(bad, inputs)]
+        counts = topology.count_true_each(  # one reduction for all
+            bad + [patterns.selection_units(p, x.mask) for p, x in zip(self._patterns, inputs)])
+        finite, units = tf.equal(counts[:n], 0), counts[n:]
+        unit = tf.constant([p.unit if p.kind == "block" else 1 for p in self._patterns])
+        if self.scope == "global":
+            finite = tf.fill([n], tf.reduce_all(finite))
+            count = tf.where(finite[0], topology.prune_count(tf.reduce_sum(units), rate), 0)
+        else:
+            count = tf.where(finite, topology.prune_count(units, rate), 0)
+        return inputs, finite, units, unit, count
+
     def prune_masks(self, step, grads, rate, scores=None):
         """Masks after pruning (before growth), one per target; pure (no assignment).
 
@@ -243,24 +269,12 @@ class TopologyEngine(Hook):
           and `removed` [targets] int32, the entries active before the update and
           pruned by it.
         """
-        inputs = [self._inputs(i, step, g, tf.convert_to_tensor(t.mask), 0)
-                  for i, (t, g) in enumerate(zip(self.targets, grads))]
-        n = len(inputs)
-        bad = [~tf.math.is_finite(x.weight) for x in inputs]
-        if self._needs_gradient():
-            bad = [b | ~tf.math.is_finite(x.gradient) for b, x in zip(bad, inputs)]
-        counts = topology.count_true_each(  # one reduction for all
-            bad + [patterns.selection_units(p, x.mask) for p, x in zip(self._patterns, inputs)])
-        finite, units = tf.equal(counts[:n], 0), counts[n:]  # units: blocks for 1xB
-        unit = tf.constant([p.unit if p.kind == "block" else 1 for p in self._patterns])
+        inputs, finite, units, unit, count = self._prune_counts(step, grads, rate)
         options = dict(scores_list=scores, normalize=self.normalize, norm_type=self.norm_type,
                        patterns_list=self._patterns)
         if self.scope == "global":
-            finite = tf.fill([n], tf.reduce_all(finite))
-            count = tf.where(finite[0], topology.prune_count(tf.reduce_sum(units), rate), 0)
             pruned = criteria_lib.select_pruned(self.criterion, inputs, count, **options)
         else:
-            count = tf.where(finite, topology.prune_count(units, rate), 0)
             pruned = criteria_lib.select_pruned_each(self.criterion, inputs, tf.unstack(count),
                                                      **options)
         if self.criterion.select is not None and scores is None:  # a rule: its own count
@@ -272,6 +286,33 @@ class TopologyEngine(Hook):
             removed = tf.minimum(count, units) * unit  # a score selection takes exactly that
         return pruned, finite, units * unit, removed
 
+    def _one_loop(self, scores):
+        """Whether pruning and growth can share one selection loop (`topology.prune_then_grow`):
+        a score criterion, exact growth, and entries or 1xB blocks for every target."""
+        return (self.growth is not None and (self.criterion.select is None or scores is not None)
+                and (self.grow_exact or self.growth.name != "random")
+                and all(p.kind in ("unstructured", "block") for p in self._patterns))
+
+    def _prune_and_grow(self, step, grads, momenta, rate, scores):
+        """`prune_masks` then `_regrow`, in one selection loop (see `_one_loop`)."""
+        inputs, finite, units, unit, count = self._prune_counts(step, grads, rate)
+        unit_scores, unit_masks, expand = criteria_lib.unit_scores(
+            self.criterion, inputs, scores, self.normalize, self.norm_type, self._patterns)
+
+        def grow_scores(pruned_units):
+            out = []
+            for i, (pattern, pruned) in enumerate(zip(self._patterns, expand(pruned_units))):
+                x = self._inputs(i, step, grads[i], pruned, 1, None if momenta is None else momenta[i])
+                s = self.growth.evaluate(x)
+                out.append(patterns.block_scores(pattern, s) if pattern.kind == "block" else s)
+            return out
+
+        counts = [count] if self.scope == "global" else tf.unstack(count)
+        groups = [list(range(len(inputs)))] if self.scope == "global" else None
+        pruned, grown, removed = topology.prune_then_grow(unit_scores, unit_masks, counts,
+                                                          grow_scores, groups)
+        return expand(pruned), expand(grown), finite, units * unit, removed * unit
+
     def _update(self, optimizer, step, grads, momenta=None, scores=None):
         """Prunes and regrows every target (`momenta`, `scores`: see `_reads`; read here
         when not given)."""
@@ -279,10 +320,14 @@ class TopologyEngine(Hook):
             momenta, scores = self._reads(optimizer)
         grads = self._reduce_across_replicas(grads)
         rate = self.schedule(step)  # float64 for the built-in schedules (see prune_count)
-        pruned, finite, active, removed = self.prune_masks(step, grads, rate, scores)
         before = [tf.convert_to_tensor(t.mask) for t in self.targets]
         n = len(self.targets)
-        after = self._regrow(step, grads, momenta, before, pruned, removed)
+        if self._one_loop(scores):
+            pruned, after, finite, active, removed = self._prune_and_grow(step, grads, momenta,
+                                                                          rate, scores)
+        else:
+            pruned, finite, active, removed = self.prune_masks(step, grads, rate, scores)
+            after = self._regrow(step, grads, momenta, before, pruned, removed)
         for t, m_old, m_new in zip(self.targets, before, after):
             # As the reference (`apply_mask()` once, after pruning and growth): an entry
             # active before and after the update keeps its value, even if it was pruned

@@ -36,6 +36,7 @@ entries per call.
 import itertools
 from typing import List, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 _INDEX_SPAN = 2**31  # flat indices must stay below this
@@ -53,7 +54,7 @@ def count_true(mask) -> tf.Tensor:
 
 
 def _score_order(scores: tf.Tensor) -> tf.Tensor:
-    """Maps float scores to int32 values with the same order (1-D in, 1-D out).
+    """Maps float scores to int32 values with the same order (any shape).
 
     The float32 bit pattern is made monotone (negative floats have their
     magnitude bits flipped); -0.0 is folded onto +0.0 and NaN maps to -2**31,
@@ -71,7 +72,7 @@ _TOP = 2**31 - 1  # above every eligible key, and the largest index
 
 
 def _keys(scores: tf.Tensor, lowest: bool) -> tf.Tensor:
-    """int32 selection keys, smallest chosen first (1-D in, 1-D out).
+    """int32 selection keys, smallest chosen first (any shape).
 
     Every eligible key is below `_TOP` (kept for ineligible entries): NaN takes
     int32.min when pruning (chosen first) and int32.max - 1 when growing
@@ -135,11 +136,10 @@ class RowLayout:
 
     def row_groups(self, groups: Sequence[Sequence[int]]) -> tf.Tensor:
         """[rows] int32: the group of each row, for `groups` of tensor indices."""
-        of_tensor = [0] * len(self.sizes)
+        of_tensor = np.zeros(len(self.sizes), np.int32)
         for g, members in enumerate(groups):
-            for i in members:
-                of_tensor[i] = g
-        return tf.constant([g for g, r in zip(of_tensor, self.rows) for _ in range(r)], tf.int32)
+            of_tensor[list(members)] = g
+        return tf.constant(np.repeat(of_tensor, self.rows))
 
 
 class _Groups:
@@ -151,11 +151,20 @@ class _Groups:
     <= 2**23), per-group sums and int32 values in float64.
     """
 
-    def __init__(self, layout: RowLayout, groups: Sequence[Sequence[int]]):
-        self.n = len(groups)
-        member = tf.equal(layout.row_groups(groups)[:, None], tf.range(self.n)[None, :])
+    def __init__(self, member: tf.Tensor):
+        self.n = member.shape[1]
         self._to_rows = tf.cast(member, tf.float64)           # [rows, groups]
         self._to_groups = tf.transpose(self._to_rows)         # [groups, rows]
+
+    @staticmethod
+    def member(layout: RowLayout, groups: Sequence[Sequence[int]], n: Optional[int] = None):
+        """[rows, n] bool: row r belongs to group g (n defaults to len(groups))."""
+        n = len(groups) if n is None else n
+        return tf.equal(layout.row_groups(groups)[:, None], tf.range(n)[None, :])
+
+    @classmethod
+    def of(cls, layout: RowLayout, groups: Sequence[Sequence[int]]) -> "_Groups":
+        return cls(cls.member(layout, groups))
 
     def count(self, flags: tf.Tensor) -> tf.Tensor:
         """[groups] int32: True entries of a [rows, width] bool tensor, per group."""
@@ -167,14 +176,13 @@ class _Groups:
         return tf.cast(tf.matmul(self._to_rows, tf.cast(per_group, tf.float64)), tf.int32)
 
 
-def _select_groups(layout: RowLayout, key: tf.Tensor, groups, counts) -> tf.Tensor:
+def _select_groups(key: tf.Tensor, rows: _Groups, counts) -> tf.Tensor:
     """The chosen entries of a packed key tensor: the `counts[g]` smallest keys of group g.
 
     Args:
-      layout: the `RowLayout` of `key`.
       key: [rows, width] int32 from `_keys`, `_TOP` where ineligible (padding included).
-      groups: list of lists of tensor indices: the tensors each selection ranks together.
-      counts: [groups] int32 (<= 0: none; above the eligible number: all of them).
+      rows: the `_Groups` of the layout's rows.
+      counts: [groups] int (<= 0: none; above the eligible number: all of them).
 
     Returns:
       [rows, width] bool.
@@ -188,9 +196,8 @@ def _select_groups(layout: RowLayout, key: tf.Tensor, groups, counts) -> tf.Tens
     state is one [5, groups] int64 tensor (lo, hi, v, count at hi, phase), so
     that each pass compiles to a handful of kernels.
     """
-    rows = _Groups(layout, groups)
     n = rows.n
-    index = tf.reshape(tf.range(layout.num_rows * layout.width, dtype=tf.int32), key.shape)
+    index = tf.reshape(tf.range(key.shape.num_elements(), dtype=tf.int32), key.shape)
     eligible = key < _TOP
     top = tf.constant(_TOP, tf.int64)
     counts = tf.cast(counts, tf.int64)
@@ -255,14 +262,15 @@ def select_each(scores_list: Sequence[tf.Tensor], eligible_list: Sequence[tf.Ten
         return [tf.zeros(shape, tf.bool) for shape in shapes]
     layout = RowLayout([shapes[i] for i in live])
     position = {i: k for k, i in enumerate(live)}
-    keys = [tf.where(tf.reshape(eligible_list[i], [-1]),
-                     _keys(tf.reshape(scores_list[i], [-1]), lowest), _TOP) for i in live]
-    key = layout.pack(keys, _TOP)
+    # one key computation over the layout (not one per tensor: fewer ops to trace)
+    eligible = layout.pack([eligible_list[i] for i in live], False)
+    scores = layout.pack([tf.cast(scores_list[i], tf.float32) for i in live], 0.0)
+    key = tf.where(eligible, _keys(scores, lowest), _TOP)
     live_groups = [[position[i] for i in g if i in position] for g in groups]
     # (no clipping needed: a count above the eligible number ends the search at _TOP,
     # which chooses every eligible entry; a count <= 0 chooses none)
     counts = tf.stack([_as_count(c) for c in counts])
-    chosen = layout.unpack(_select_groups(layout, key, live_groups, counts))
+    chosen = layout.unpack(_select_groups(key, _Groups.of(layout, live_groups), counts))
     return [chosen[position[i]] if i in position else tf.zeros(shapes[i], tf.bool)
             for i in range(len(shapes))]
 
@@ -450,6 +458,69 @@ def grow_each(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor],
     return [m | c for m, c in zip(masks_list, chosen)]
 
 
+def prune_then_grow(prune_scores: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor],
+                    prune_counts, grow_scores, prune_groups: Optional[Sequence[Sequence[int]]] = None):
+    """A whole exact DST update in one selection loop: prune, then every tensor regrows what it lost.
+
+    The same masks as ``pruned = prune_each(prune_scores, masks_list, prune_counts)``
+    (or `global_prune` with ``prune_groups=[all]``) followed by ``grow_each(
+    grow_scores(pruned), pruned, removed)``, with ``removed[i]`` the entries tensor
+    i lost. Both selections run through one compiled loop (a loop of two trips
+    around the selection loop), so the update compiles one selection, not two.
+
+    Args:
+      prune_scores: float tensors, one per tensor (higher = kept).
+      masks_list: bool tensors of the same shapes, True where active.
+      prune_counts: one scalar int (tensor) per prune group.
+      grow_scores: callable taking the pruned masks (list) and returning the growth
+        scores (list, same shapes; higher = grown first). Traced once, inside the
+        loop, and run at both trips (so it must not write state).
+      prune_groups: lists of tensor indices ranked together when pruning (default:
+        one group per tensor; ``[list(range(n))]`` for a global prune).
+
+    Returns:
+      ``(pruned, grown, removed)``: two lists of bool masks and an int32 [tensors]
+      tensor.
+    """
+    n_all = len(masks_list)
+    if prune_groups is None:
+        prune_groups = [[i] for i in range(n_all)]
+    shapes = [tf.TensorShape(m.shape) for m in masks_list]
+    live = [i for i, shape in enumerate(shapes) if shape.num_elements() > 0]
+    if len(live) < n_all or len(prune_groups) > n_all:
+        pruned = select_each(prune_scores, masks_list, prune_counts, lowest=True, groups=prune_groups)
+        pruned = [m & ~c for m, c in zip(masks_list, pruned)]
+        removed = count_true_each(masks_list) - count_true_each(pruned)
+        return pruned, grow_each(grow_scores(pruned), pruned, tf.unstack(removed)), removed
+    layout = RowLayout(shapes)
+    n = n_all
+    real = layout.pack([tf.ones(s, tf.bool) for s in shapes], False)  # not padding
+    prune_key = _keys(layout.pack([tf.cast(x, tf.float32) for x in prune_scores], 0.0), True)
+    prune_member = _Groups.member(layout, prune_groups, n)
+    tensor_member = _Groups.member(layout, [[i] for i in range(n)])
+    tensors = _Groups(tensor_member)
+    counts = tf.stack([_as_count(c) for c in prune_counts]
+                      + [tf.constant(0)] * (n - len(prune_groups)))
+
+    def body(trip, mask, pruned, removed):
+        pruning = tf.equal(trip, 0)
+        scores = layout.pack([tf.cast(x, tf.float32) for x in grow_scores(layout.unpack(mask))],
+                             0.0)
+        eligible = tf.where(pruning, mask, real & ~mask)
+        key = tf.where(eligible, tf.where(pruning, prune_key, _keys(scores, False)), _TOP)
+        chosen = _select_groups(key, _Groups(tf.where(pruning, prune_member, tensor_member)),
+                                tf.where(pruning, counts, removed))
+        mask = tf.where(pruning, mask & ~chosen, mask | chosen)
+        removed = tf.where(pruning, tensors.count(chosen), removed)
+        return trip + 1, mask, tf.where(pruning, mask, pruned), removed
+
+    start = layout.pack(masks_list, False)
+    _, grown, pruned, removed = tf.while_loop(
+        lambda trip, *_: trip < 2, body, (tf.constant(0), start, start, tf.zeros([n], tf.int32)),
+        maximum_iterations=2)
+    return layout.unpack(pruned), layout.unpack(grown), removed
+
+
 def count_true_each(masks: Sequence[tf.Tensor]) -> tf.Tensor:
     """[len(masks)] int32: the True entries of each bool tensor, in one reduction."""
     shapes = [tf.TensorShape(m.shape) for m in masks]
@@ -457,7 +528,7 @@ def count_true_each(masks: Sequence[tf.Tensor]) -> tf.Tensor:
     counts = [tf.constant(0)] * len(masks)
     if live:
         layout = RowLayout([shapes[i] for i in live])
-        per_tensor = _Groups(layout, [[k] for k in range(len(live))]).count(
+        per_tensor = _Groups.of(layout, [[k] for k in range(len(live))]).count(
             layout.pack([masks[i] for i in live], False))
         for k, i in enumerate(live):
             counts[i] = per_tensor[k]

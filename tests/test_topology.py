@@ -315,3 +315,42 @@ def test_topology_is_pure():
             imported.add(node.module)
     assert not [m for m in imported if m.startswith("keras_dst")], imported
     assert "criterion" not in inspect.getsource(topology).lower()
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prune_then_grow_is_a_prune_followed_by_a_growth(scope):
+    """The one-loop update equals its two steps: prune (per layer or globally), then each
+    tensor regrows what it lost, growth scores computed from the pruned masks."""
+    rng = np.random.default_rng(5)
+    shapes = [(9, 7), (1500,), (2, 3, 4)]
+    n = len(shapes)
+    groups = [list(range(n))] if scope == "global" else None
+
+    def grow_scores(pruned, grads):  # depends on the pruned masks, as a growth rule may
+        return [tf.where(m, 0.0, g) for m, g in zip(pruned, grads)]
+
+    @tf.function(jit_compile=True)
+    def fused(scores, masks, counts, grads):
+        return topology.prune_then_grow(scores, masks, tf.unstack(counts),
+                                        lambda pruned: grow_scores(pruned, grads), groups)
+
+    @tf.function(jit_compile=True)
+    def stepwise(scores, masks, counts, grads):
+        if groups:
+            pruned = topology.global_prune(scores, masks, counts[0])
+        else:
+            pruned = topology.prune_each(scores, masks, tf.unstack(counts))
+        removed = topology.count_true_each(masks) - topology.count_true_each(pruned)
+        grown = topology.grow_each(grow_scores(pruned, grads), pruned, tf.unstack(removed))
+        return pruned, grown, removed
+
+    for _ in range(3):
+        scores = [tf.constant(rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0, 0.5, 1.0, 2.0],
+                                         size=s).astype(np.float32)) for s in shapes]
+        grads = [tf.constant(rng.integers(-2, 3, size=s).astype(np.float32)) for s in shapes]
+        masks = [tf.constant(rng.random(s) < 0.4) for s in shapes]
+        counts = tf.constant(rng.integers(0, 400, size=1 if groups else n), tf.int32)
+        got, want = fused(scores, masks, counts, grads), stepwise(scores, masks, counts, grads)
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(got[2].numpy(), want[2].numpy())
