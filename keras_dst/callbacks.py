@@ -26,15 +26,16 @@ class DynamicSparseTraining(HookedCallback):
         model.fit(x, y, callbacks=[keras_dst.DynamicSparseTraining(
             prune="magnitude", grow="gradient", update_every=800)])
 
-    The update runs inside the compiled training step (a `tf.cond` on the step
-    counter, no host round-trip), at the optimizer steps of
+    The update runs inside the compiled training step (a loop of zero or one
+    trip on the step counter, `keras_dst.hooks.run_if`: no host round-trip, one
+    step to compile, nothing done at the other steps), at the optimizer steps of
     ``UpdateSteps(update_every, begin_step, end_step)``: ``t = begin_step + j *
     update_every`` (``t >= 1``, ``t <= end_step``), with the default
     ``begin_step=0`` the reference's ``update_every, 2 * update_every, ...``,
     counted by ``optimizer.iterations`` (so it resumes with the optimizer).
-    Executions of the training function that cannot hold an update step run a
-    second compiled step without the update (see `keras_dst.step_switch`),
-    unless the criterion keeps running scores (updated at every step).
+    Under a tf.distribute strategy the update runs in cross-replica context in a
+    `tf.cond`, and executions that cannot hold an update step run a second
+    compiled step without it (see `keras_dst.step_switch`).
 
     Args:
       prune: pruning criterion: a registered name (``magnitude``, ``set``,
