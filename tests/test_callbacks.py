@@ -422,3 +422,26 @@ def test_deserialized_callback_trains():
     assert_sparse_invariants(model, counts)
     assert callback.engine.layer_stats.numpy()[:, 1].tolist() == [
         math.ceil(0.25 * c) for c in counts.values()]
+
+
+# ----------------------------------------------------------------------------
+# hooks.run_if: the update's zero-or-one-trip loop.
+
+
+def test_run_if_runs_its_body_exactly_when_the_predicate_holds_under_xla():
+    counter = tf.Variable(0.0)
+    seen = tf.Variable(tf.zeros([3]))
+
+    @tf.function(jit_compile=True)
+    def step(pred, x):
+        def body(gated):
+            counter.assign_add(1.0)
+            seen.assign(gated)
+        hooks_lib.run_if(pred, body, [x])
+
+    x = tf.constant([1.0, 2.0, 3.0])
+    for pred in (False, True, False, True, True):
+        step(tf.constant(pred), x)
+    assert float(counter.numpy()) == 3.0
+    np.testing.assert_array_equal(seen.numpy(), x.numpy())  # the body sees the tensor itself
+    assert step.experimental_get_tracing_count() == 1
