@@ -300,12 +300,8 @@ class TopologyEngine(Hook):
             self.criterion, inputs, scores, self.normalize, self.norm_type, self._patterns)
 
         def grow_scores(pruned_units):
-            out = []
-            for i, (pattern, pruned) in enumerate(zip(self._patterns, expand(pruned_units))):
-                x = self._inputs(i, step, grads[i], pruned, 1, None if momenta is None else momenta[i])
-                s = self.growth.evaluate(x)
-                out.append(patterns.block_scores(pattern, s) if pattern.kind == "block" else s)
-            return out
+            return [self._growth_scores(i, step, grads, momenta, pruned)
+                    for i, pruned in enumerate(expand(pruned_units))]
 
         counts = [count] if self.scope == "global" else tf.unstack(count)
         groups = [list(range(len(inputs)))] if self.scope == "global" else None
@@ -351,6 +347,15 @@ class TopologyEngine(Hook):
         self.skipped_layers.assign(tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64)))
         return tf.no_op()
 
+    def _growth_scores(self, index, step, grads, momenta, pruned):
+        """Target `index`'s growth scores given its pruned mask, in its growth units:
+        summed per block for 1xB, per entry otherwise (N:M and fan_in refill entries)."""
+        x = self._inputs(index, step, grads[index], pruned, 1,
+                         None if momenta is None else momenta[index])
+        scores = self.growth.evaluate(x)
+        pattern = self._patterns[index]
+        return patterns.block_scores(pattern, scores) if pattern.kind == "block" else scores
+
     def _regrow(self, step, grads, momenta, before, pruned, counts):
         """The masks after growth: each target regrows as many as it lost (`counts[i]`),
         in its pattern's units.
@@ -370,18 +375,16 @@ class TopologyEngine(Hook):
                 seed = tf.stack([tf.constant(self._seeds[i][1], tf.int64), step])
                 after[i] = topology.grow_bernoulli(pruned[i], counts[i], seed)
                 continue
-            scores = self.growth.evaluate(self._inputs(i, step, grads[i], pruned[i], 1,
-                                                       None if momenta is None else momenta[i]))
+            scores = self._growth_scores(i, step, grads, momenta, pruned[i])
             if pattern.kind in ("nm", "fan_in"):
                 after[i] = patterns.refill(pattern, before[i], pruned[i], scores)
-            elif pattern.kind == "block":
-                selected.append(i)
-                scores_list.append(patterns.block_scores(pattern, scores))
+                continue
+            selected.append(i)
+            scores_list.append(scores)
+            if pattern.kind == "block":
                 masks_list.append(patterns.block_mask(pattern, pruned[i]))
                 lost.append(counts[i] // pattern.unit)  # whole blocks were pruned
             else:
-                selected.append(i)
-                scores_list.append(scores)
                 masks_list.append(pruned[i])
                 lost.append(counts[i])
         if selected:

@@ -423,8 +423,12 @@ def global_prune(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tenso
     Returns:
       List of new bool masks, one per layer.
     """
-    chosen = select_each(scores_list, masks_list, [count], lowest=True,
-                         groups=[list(range(len(masks_list)))])
+    return _prune_groups(scores_list, masks_list, [count], [list(range(len(masks_list)))])
+
+
+def _prune_groups(scores_list, masks_list, counts, groups=None) -> List[tf.Tensor]:
+    """The masks after removing, in each group, its count of lowest-scored active entries."""
+    chosen = select_each(scores_list, masks_list, counts, lowest=True, groups=groups)
     return [m & ~c for m, c in zip(masks_list, chosen)]
 
 
@@ -439,8 +443,7 @@ def prune_each(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor]
     Returns:
       List of new bool masks (subsets of the old ones).
     """
-    chosen = select_each(scores_list, masks_list, counts, lowest=True)
-    return [m & ~c for m, c in zip(masks_list, chosen)]
+    return _prune_groups(scores_list, masks_list, counts)
 
 
 def grow_each(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor], counts) -> List[tf.Tensor]:
@@ -488,8 +491,7 @@ def prune_then_grow(prune_scores: Sequence[tf.Tensor], masks_list: Sequence[tf.T
     shapes = [tf.TensorShape(m.shape) for m in masks_list]
     live = [i for i, shape in enumerate(shapes) if shape.num_elements() > 0]
     if len(live) < n_all or len(prune_groups) > n_all:
-        pruned = select_each(prune_scores, masks_list, prune_counts, lowest=True, groups=prune_groups)
-        pruned = [m & ~c for m, c in zip(masks_list, pruned)]
+        pruned = _prune_groups(prune_scores, masks_list, prune_counts, prune_groups)
         removed = count_true_each(masks_list) - count_true_each(pruned)
         return pruned, grow_each(grow_scores(pruned), pruned, tf.unstack(removed)), removed
     layout = RowLayout(shapes)
