@@ -225,6 +225,30 @@ def test_large_selections_over_many_rows_match_the_reference(kind):
         np.testing.assert_array_equal(grown.numpy(), np_grow(scores, mask, count))
 
 
+def test_selection_passes_stop_early_and_stay_bounded(monkeypatch):
+    """An interpolated probe that counts exactly `count` ends the search: scores spread like
+    weights take far fewer counting passes than a bisection's 33; a tie split searches
+    the layout's positions only (here 2**15, not 2**31); and a count above the eligible
+    number ends at once."""
+    passes = []
+    count = topology._Groups.count
+    monkeypatch.setattr(topology._Groups, "count",
+                        lambda self, flags: passes.append(1) or count(self, flags))
+    rng = np.random.default_rng(3)
+    n = 20 * 1024
+    weights = np.abs(rng.normal(size=n)).astype(np.float32)
+    mask = rng.random(n) < 0.3
+    k = int(0.3 * mask.sum())
+    cases = [(weights, mask, k, True, 26), (weights, ~mask, k, False, 26),
+             (np.where(rng.random(n) < 0.5, 0.0, weights).astype(np.float32), mask, k, True, 50),
+             (weights, mask, n, True, 8)]
+    for scores, eligible, c, lowest, bound in cases:
+        passes.clear()  # eager: the loop body runs once per pass
+        chosen = topology.select_each([scores], [eligible], [c], lowest)[0].numpy()
+        np.testing.assert_array_equal(chosen, np_select(scores, eligible, c, lowest=lowest))
+        assert len(passes) <= bound, (lowest, c, len(passes))
+
+
 def test_select_each_is_one_selection_per_group():
     """Grouped selections equal the separate ones, ties across tensors go to the earlier one,
     and every count value runs through one compiled function (one loop for all groups)."""
