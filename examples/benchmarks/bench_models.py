@@ -114,11 +114,24 @@ def build(k, name, quick=False):
 
 
 def synthetic_dataset(tf, name, batch_size, n_batches=8, seed=0):
-    """A repeated tf.data dataset of random inputs of the model's shape (cached in memory)."""
+    """A repeated tf.data dataset of random inputs of the model's shape (cached in memory).
+
+    tf.data autotuning is off: with it, deleting the iterator at the end of every
+    `fit` waits for the autotuning thread's current sleep, whose period doubles up
+    to a minute (10 ms, 20 ms, ... 1.28 s, 2.56 s): TF 2.21 adds 0-2.5 s to
+    whole-call fit times at random, more to longer fits, whatever the model. A
+    fixed ``prefetch(2)`` leaves nothing to tune.
+    """
     shape = INPUT_SHAPES[name]
     g = tf.random.Generator.from_seed(seed)
     n = batch_size * n_batches
     x = g.normal((n,) + tuple(shape))
     y = g.uniform((n,), 0, NUM_CLASSES, dtype=tf.int32)
     return (tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True)
-            .cache().repeat().prefetch(2))
+            .cache().repeat().prefetch(2).with_options(_without_autotuning(tf)))
+
+
+def _without_autotuning(tf):
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options

@@ -14,10 +14,11 @@ Two sweeps:
   1e5 to 1e8 (``--sizes``); the fitted exponent b of ``t ~ n^b`` (least
   squares in log-log over n >= ``--fit_min``) and ``t / (n log2 n)`` show the
   per-layer complexity. The selection (`keras_dst.topology`) finds the
-  count-th smallest score by a radix select: two 16-bit histogram passes
-  (scatter-add) over the layer per prune and per grow (two more over the tied
-  entries' indices when the threshold is tied), no sort, so O(n) (at most
-  O(n log n)) is expected: b <= ~1 (below 1 while fixed per-call costs still matter).
+  count-th smallest score without a sort: a bisection on the 32-bit keys, up to
+  ~32 counting passes over all layers at once per prune and per grow (~31 more
+  over the positions where a threshold is tied; fewer where an interpolated
+  probe hits the exact count), so O(n) is expected: b <= ~1 (below
+  1 while fixed per-call costs still matter).
 * layers: L identical Dense layers of ``--layer_size`` weights each
   (``--layers``); time vs L is fitted by a line (per-layer cost) and a power
   law (b ≈ 1 = linear in L, nothing quadratic across layers).
@@ -34,8 +35,8 @@ of the largest layer-count case,
 3. ``jit_compile=True`` is *must-compile*: TF raises instead of falling back
    to op-by-op execution, so the whole update is one XLA computation.
 
-The numbers of ``sort`` (expected 0) and ``scatter`` (the radix-select
-histograms) instructions in the HLO are reported too.
+The numbers of ``sort`` and ``scatter`` instructions in the HLO (both
+expected 0) are reported too.
 
 Writes ``<out_dir>/<prefix>_scaling.json`` and ``.md`` (prefix "cpu"/"gpu",
 "quick" under ``--quick``).
@@ -230,9 +231,10 @@ def write_report(doc, out_dir, prefix):
         "",
         f"Fitted `t ∝ n^b` over n ≥ {pf['fit_min_n']:g}: **b = {fmt(pf['exponent'], '.3f')}** "
         f"(all points: {fmt(pf['exponent_all_points'], '.3f')}). The algorithm is O(n) per layer "
-        "(radix selection: two 16-bit histogram passes for pruning and two for growth, "
-        "plus a few elementwise passes, no sort), i.e. b = 1 up to constant per-call costs (which push b "
-        "below 1 for small n) and the memory hierarchy (which pushes it above 1 on a "
+        "(bisection selection: up to ~32 counting passes for pruning and as many for growth, "
+        "over every layer at once, plus a few elementwise passes, no sort), i.e. b = 1 up to "
+        "constant per-call costs (which push b below 1 for small n) and the memory hierarchy "
+        "(which pushes it above 1 on a "
         "CPU: a layer of <= 1e6 weights stays in the L2/L3 cache across the passes, "
         "larger ones stream from DRAM). Read the `ns / weight` column: flat = O(n); an "
         "O(n log n) routine would instead keep `ps / (n log2 n)` flat.", "",
@@ -253,8 +255,7 @@ def write_report(doc, out_dir, prefix):
         f"instructions (send/recv/infeed/outfeed): {host['hlo_forbidden_ops'] or 'none'}; "
         f"host custom-calls: {host['hlo_host_custom_calls'] or 'none'} (all custom-calls: "
         f"{host['hlo_custom_calls'] or 'none'}); {host['hlo_instructions']} HLO instructions, "
-        f"{host['hlo_sort_ops']} `sort`, {host['hlo_scatter_ops']} `scatter` (radix-select "
-        "histograms). jit_compile=True is must-compile, so "
+        f"{host['hlo_sort_ops']} `sort`, {host['hlo_scatter_ops']} `scatter`. jit_compile=True is must-compile, so "
         f"the update is a single XLA computation. **Result: "
         f"{'no host round-trip' if host['ok'] else 'HOST OPS FOUND'}.**", "",
     ]
@@ -304,8 +305,8 @@ def main(argv):
         "exponent": b, "prefactor_s": None if a is None else math.exp(a),
         "fit_min_n": setting("fit_min"), "points": len(fit_pts), "exponent_all_points": b_all,
         "per_n_log2n_ps_range": [min(nlogn), max(nlogn)],
-        "expected": "O(n) per layer (radix selection: two 16-bit histogram passes "
-                    "for pruning and two for growth, no sort); O(n log n) "
+        "expected": "O(n) per layer (bisection selection: ~32 counting passes "
+                    "for pruning and ~32 for growth, no sort); O(n log n) "
                     "would still meet the target",
     }
 
