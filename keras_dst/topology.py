@@ -62,10 +62,12 @@ def _score_order(scores: tf.Tensor) -> tf.Tensor:
     below `-inf` (which maps to -2139095041).
     """
     x = tf.cast(scores, tf.float32)
-    x = tf.where(tf.equal(x, 0.0), tf.zeros_like(x), x)
+    x = tf.where(tf.equal(x, 0.0), tf.constant(0.0), x)
     bits = tf.bitcast(x, tf.int32)
     monotone = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits)
-    return tf.where(tf.math.is_nan(x), tf.fill(tf.shape(bits), tf.int32.min), monotone)
+    # (scalars, not tensors of the scores' shape: TF would fold those into constants
+    # of that size inside the compiled program)
+    return tf.where(tf.math.is_nan(x), tf.constant(tf.int32.min), monotone)
 
 
 _SIGN = -2**31
@@ -205,7 +207,11 @@ def _select_groups(key: tf.Tensor, rows: _Groups, counts) -> tf.Tensor:
     phase), so that each pass compiles to a handful of kernels.
     """
     n = rows.n
-    index = tf.reshape(tf.range(key.shape.num_elements(), dtype=tf.int32), key.shape)
+    height, width = key.shape
+    # A position is compared as (row, column): a [rows, width] tensor of positions
+    # would be folded by TensorFlow into a constant of that size in the program.
+    row = tf.range(height, dtype=tf.int32)[:, None]
+    column = tf.range(width, dtype=tf.int32)[None, :]
     eligible = key < _TOP
     top = tf.constant(_TOP, tf.int64)
     last = tf.constant(key.shape.num_elements() - 1, tf.int64)  # the highest position
@@ -214,7 +220,9 @@ def _select_groups(key: tf.Tensor, rows: _Groups, counts) -> tf.Tensor:
     def chosen(vp):  # vp: [groups, 2] int (v, p) -> [rows, width] bool
         vp = rows.spread(vp)
         v, p = vp[:, :1], vp[:, 1:2]
-        return (key < v) | (tf.equal(key, v) & (index <= p))
+        p_row = tf.math.floordiv(p, width)  # p = -1: row -1, nothing at or before
+        at_or_before_p = (row < p_row) | (tf.equal(row, p_row) & (column <= p - p_row * width))
+        return (key < v) | (tf.equal(key, v) & at_or_before_p)
 
     def body(trip, state):
         lo, hi, v, at_lo, at_hi, phase = tf.unstack(state)
@@ -518,7 +526,10 @@ def prune_then_grow(prune_scores: Sequence[tf.Tensor], masks_list: Sequence[tf.T
         return pruned, grow_each(grow_scores(pruned), pruned, tf.unstack(removed)), removed
     layout = RowLayout(shapes)
     n = n_all
-    real = layout.pack([tf.ones(s, tf.bool) for s in shapes], False)  # not padding
+    # inactive at the start (padding neither active nor inactive); no pack of constant
+    # ones, which TF would fold into a constant of the layout's size in the program
+    start = layout.pack(masks_list, False)
+    inactive = layout.pack([tf.logical_not(m) for m in masks_list], False)
     prune_key = _keys(layout.pack([tf.cast(x, tf.float32) for x in prune_scores], 0.0), True)
     prune_member = _Groups.member(layout, prune_groups, n)
     tensor_member = _Groups.member(layout, [[i] for i in range(n)])
@@ -530,7 +541,7 @@ def prune_then_grow(prune_scores: Sequence[tf.Tensor], masks_list: Sequence[tf.T
         pruning = tf.equal(trip, 0)
         scores = layout.pack([tf.cast(x, tf.float32) for x in grow_scores(layout.unpack(mask))],
                              0.0)
-        eligible = tf.where(pruning, mask, real & ~mask)
+        eligible = tf.where(pruning, mask, inactive | (start & ~mask))  # growth: now inactive
         key = tf.where(eligible, tf.where(pruning, prune_key, _keys(scores, False)), _TOP)
         chosen = _select_groups(key, _Groups(tf.where(pruning, prune_member, tensor_member)),
                                 tf.where(pruning, counts, removed))
@@ -538,7 +549,6 @@ def prune_then_grow(prune_scores: Sequence[tf.Tensor], masks_list: Sequence[tf.T
         removed = tf.where(pruning, tensors.count(chosen), removed)
         return trip + 1, mask, tf.where(pruning, mask, pruned), removed
 
-    start = layout.pack(masks_list, False)
     _, grown, pruned, removed = tf.while_loop(
         lambda trip, *_: trip < 2, body, (tf.constant(0), start, start, tf.zeros([n], tf.int32)),
         maximum_iterations=2)

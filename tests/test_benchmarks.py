@@ -185,6 +185,24 @@ def test_scaling_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_breakdown_quick(tmp_path):
+    run_script("compile_breakdown.py", "--models=mlp", f"--out_dir={tmp_path}")
+    doc = json.loads((tmp_path / "quick_compile_breakdown.json").read_text())
+    check_machine(doc["machine"])
+    [res] = doc["results"]
+    assert set(res["median"]) == {"dense", "static", "dst_magnitude", "dst_snip"}
+    for variant, m in res["median"].items():
+        parts = [m[k] for k in ("trace_s", "to_hlo_s", "hlo_passes_s", "codegen_s")]
+        assert all(p > 0 for p in parts), (variant, m)
+        assert sum(parts) < m["first_batch_s"], (variant, m)  # parts of the first batch
+    # the static step compiles the dense kernels; DST's holds its update's as well
+    assert res["median"]["static"]["llvm_modules"] == res["median"]["dense"]["llvm_modules"]
+    assert res["median"]["dst_magnitude"]["llvm_modules"] > res["median"]["dense"]["llvm_modules"]
+    md = (tmp_path / "quick_compile_breakdown.md").read_text()
+    assert "| mlp | dst_snip |" in md and "LLVM modules" in md
+
+
+@pytest.mark.slow
 def test_memory_quick(tmp_path):
     run_script("memory.py", f"--out_dir={tmp_path}")
     doc = json.loads((tmp_path / "cpu_memory.json").read_text())

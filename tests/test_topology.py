@@ -3,6 +3,7 @@
 import ast
 import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -378,3 +379,35 @@ def test_prune_then_grow_is_a_prune_followed_by_a_growth(scope):
         for a, b in zip(got[0] + got[1], want[0] + want[1]):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
         np.testing.assert_array_equal(got[2].numpy(), want[2].numpy())
+
+
+def _largest_constant(hlo: str) -> int:
+    """Elements of the largest constant in an HLO module's text."""
+    sizes = [math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+             for dims in re.findall(r"\w+\[([\d,]*)\](?:\{[\d,]*\})? constant\(", hlo)]
+    return max(sizes, default=0)
+
+
+def test_compiled_selections_embed_no_constant_of_the_layout_size():
+    """TensorFlow folds a tensor computed from constants alone (a range of positions, a
+    fill of the scores' shape, packed ones) into a constant of that size in the program,
+    which costs compile time in every part of XLA: the selections build those from the
+    runtime inputs or compare rows and columns instead."""
+    shapes = [(300, 256), (256, 100), (100,)]
+    entries = sum(math.prod(s) for s in shapes)
+
+    @tf.function(jit_compile=True)
+    def update(scores, masks, grads):
+        pruned, grown, _ = topology.prune_then_grow(
+            scores, masks, [tf.constant(5)] * len(shapes),
+            lambda pruned: [tf.where(m, 0.0, g) for m, g in zip(pruned, grads)])
+        chosen = topology.select_each(scores, masks, [tf.constant(7)] * len(shapes), True)
+        return pruned, grown, chosen
+
+    rng = np.random.default_rng(0)
+    scores = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    masks = [tf.constant(rng.random(s) < 0.3) for s in shapes]
+    grads = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    hlo = update.experimental_get_compiler_ir(scores, masks, grads)(stage="hlo")
+    largest = _largest_constant(hlo)
+    assert 0 < largest < entries // 16, (largest, entries)

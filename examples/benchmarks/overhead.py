@@ -60,7 +60,8 @@ first step of the call, with the fit's set-up, left out).
 * First fit (``--first_fit_repeats`` R, 0 skips): in each repeat, for every
   variant in turn (the order reversed every other repeat): build and compile a
   fresh model, time its FIRST fit, tracing and XLA compilation included (a DST
-  model compiles its step with and without the update). The previous repeat's
+  model compiles one step, with its update inside; `compile_breakdown.py` splits
+  that compilation in parts). The previous repeat's
   models are deleted and collected; not ``keras.backend.clear_session()``,
   which drops the kernels of the live models (their next call would re-create
   them). Ratio = median over repeats of the ratio to the dense first fit of the
@@ -69,8 +70,8 @@ first step of the call, with the fit's set-up, left out).
   in a notebook or a loop that evaluates between epochs: ``model.evaluate`` on
   one batch, then fit call i, for every variant in turn (order reversed every
   other call; the DST callback is the same object in every call). Call 1 is
-  their first fit, reported alone; keras_dst compiles its step variants once per
-  model, so calls 2..N compile nothing. Call 2 is also reported alone: it
+  their first fit, reported alone; keras_dst compiles its step once per model
+  and configuration, so calls 2..N compile nothing. Call 2 is also reported alone: it
   follows the other variants' first fits, after which the first run of an
   already compiled step is slow (~0.2 s for a DST step of the --quick MLP on
   CPU; a few hundredths for a dense one; hardly any after the model's own
@@ -782,7 +783,7 @@ How to read this table (see BUILD.md#benchmarks):
   dense model weights; no gradient is stored (the update uses the step's own).
 * First fit: wall time of the first `fit` (one epoch of the listed steps) of a
   freshly built and compiled model, tracing and XLA compilation included (a
-  DST model compiles its step with and without the update); each repeat builds
+  DST model compiles one step, its update inside); each repeat builds
   a fresh model of every variant in turn and times it; the ratio is the median
   over repeats of the ratio to the dense first fit of the same repeat [95 %
   interval from 6 repeats on].
