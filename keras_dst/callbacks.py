@@ -181,16 +181,16 @@ class DynamicSparseTraining(HookedCallback):
         totals = np.array([int(np.prod(t.weight.shape)) for t in engine.targets])
         if engine.last_update_step.numpy() < 0:  # no update yet: report the masks
             active = np.array([int(np.count_nonzero(t.mask.numpy())) for t in engine.targets])
-            ever = np.array([int(np.count_nonzero(t.ever_active.numpy())) for t in engine.targets])
-            stats = np.stack([active, 0 * active, 0 * active, ever], axis=1)
-        active, pruned, grown, ever = stats.T
+            stats = np.stack([active, 0 * active, 0 * active], axis=1)
+        active, pruned, grown = stats.T
+        ever = sum(int(np.count_nonzero(t.ever_active.numpy())) for t in engine.targets)
         logs = {
             "density": float(active.sum() / totals.sum()),
             "prune_rate": float(engine.last_rate.numpy()),
             "pruned": float(pruned.sum()),
             "grown": float(grown.sum()),
             "mask_churn": float(grown.sum() / max(active.sum(), 1)),
-            "itop": float(ever.sum() / totals.sum()),
+            "itop": float(ever / totals.sum()),
         }
         for t, a, n in zip(engine.targets, active, totals):
             logs[f"density/{t.weight.path}"] = float(a / n) if n else 1.0

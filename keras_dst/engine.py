@@ -25,10 +25,13 @@ regrown weights one step from 0). A layer whose weight or gradient holds NaN/Inf
 update step keeps its mask unchanged for that update (global scope: the whole
 update is skipped), so densities stay exact.
 
-Compile cost: the pruning of every layer is one selection and the growth another
-(`topology.select_each`: one loop over a row layout of all layers), and the
-per-layer counts are one reduction each (`topology.count_true_each`), so the
-compiled update does not grow with the number of layers but by its writes.
+Compile cost: the pruning and the growth of every layer run through one selection
+loop over a row layout of all layers (`topology.prune_then_grow`), the per-layer
+counts are one reduction (`topology.count_true_each`), and what the update already
+knows is not counted again (in layer scope the entries each layer loses are its
+count; after an exact update every layer holds as many active entries as before), so
+the compiled update does not grow with the number of layers but by its writes (a
+layer's weight, mask and ever-active flags).
 """
 
 import tensorflow as tf
@@ -117,8 +120,9 @@ class TopologyEngine(Hook):
                        for i in range(len(self.targets))]
         n = len(self.targets)
         # Observability only (not needed to resume): the last update's numbers.
-        # Rows of layer_stats: active, pruned, grown, ever active.
-        self.layer_stats = state_variable(tf.zeros([n, 4], tf.int64), "dst_layer_stats")
+        # Columns of layer_stats: active, pruned, grown (the entries ever active are
+        # counted by the host when it reads the logs, from the `ever_active` masks).
+        self.layer_stats = state_variable(tf.zeros([n, 3], tf.int64), "dst_layer_stats")
         self.last_rate = state_variable(tf.constant(0.0), "dst_last_rate")
         self.skipped_layers = state_variable(tf.constant(0, tf.int64), "dst_skipped_layers")
 
@@ -200,17 +204,18 @@ class TopologyEngine(Hook):
             # new masks and weights.
             ctx.merge_call(self._cross_replica_update, args=(optimizer, step, grads))
             return
-        # The update reads the gradients, momenta and running scores through `run_if`,
-        # so that nothing computed from them is hoisted into the steps that do not update.
+        # The update reads the step, gradients, momenta and running scores through
+        # `run_if`, so that nothing computed from them (the schedule's rate, the scores)
+        # is hoisted into the steps that do not update.
         momenta, scores = self._reads(optimizer)
         n, m = len(grads), len(momenta or ())
 
-        def update(*read):
+        def update(step, *read):
             self._update(optimizer, step, list(read[:n]), momenta=list(read[n:n + m]) or None,
                          scores=list(read[n + m:]) or None)
 
         run_if(self.update_steps.is_update_step(step), update,
-               list(grads) + list(momenta or ()) + list(scores or ()))
+               [step] + list(grads) + list(momenta or ()) + list(scores or ()))
 
     def _cross_replica_update(self, strategy, optimizer, step, grads):
         step = strategy.experimental_local_results(step)[0]
@@ -303,10 +308,13 @@ class TopologyEngine(Hook):
             return [self._growth_scores(i, step, grads, momenta, pruned)
                     for i, pruned in enumerate(expand(pruned_units))]
 
-        counts = [count] if self.scope == "global" else tf.unstack(count)
-        groups = [list(range(len(inputs)))] if self.scope == "global" else None
-        pruned, grown, removed = topology.prune_then_grow(unit_scores, unit_masks, counts,
-                                                          grow_scores, groups)
+        if self.scope == "global":
+            pruned, grown, removed = topology.prune_then_grow(
+                unit_scores, unit_masks, [count], grow_scores, [list(range(len(inputs)))])
+        else:  # each layer loses its count (in [0, units]): known, not counted
+            pruned, grown, removed = topology.prune_then_grow(
+                unit_scores, unit_masks, tf.unstack(count), grow_scores,
+                counts_within_active=True)
         return expand(pruned), expand(grown), finite, units * unit, removed * unit
 
     def _update(self, optimizer, step, grads, momenta=None, scores=None):
@@ -317,7 +325,6 @@ class TopologyEngine(Hook):
         grads = self._reduce_across_replicas(grads)
         rate = self.schedule(step)  # float64 for the built-in schedules (see prune_count)
         before = [tf.convert_to_tensor(t.mask) for t in self.targets]
-        n = len(self.targets)
         if self._one_loop(scores):
             pruned, after, finite, active, removed = self._prune_and_grow(step, grads, momenta,
                                                                           rate, scores)
@@ -337,11 +344,12 @@ class TopologyEngine(Hook):
                 changed = tf.not_equal(m_old, m_new)
                 for slot in optimizer_state_lib.slot_variables(optimizer, t.weight).values():
                     slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
-        counts = topology.count_true_each(after + [tf.convert_to_tensor(t.ever_active)
-                                                   for t in self.targets])
-        now, ever = counts[:n], counts[n:]
-        grown = now - (active - removed)
-        self.layer_stats.assign(tf.cast(tf.stack([now, removed, grown, ever], axis=1), tf.int64))
+        if self._one_loop(scores):  # every layer regrew exactly what it lost
+            now, grown = active, removed
+        else:
+            now = topology.count_true_each(after)
+            grown = now - (active - removed)
+        self.layer_stats.assign(tf.cast(tf.stack([now, removed, grown], axis=1), tf.int64))
         self.last_rate.assign(tf.cast(rate, tf.float32))
         self.last_update_step.assign(step)
         self.skipped_layers.assign(tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64)))

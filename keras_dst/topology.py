@@ -125,24 +125,23 @@ class RowLayout:
         """[rows, width] tensor of `tensors` (in the layout's order), padding = `fill`."""
         parts = []
         for t, n, r in zip(tensors, self.sizes, self.rows):
-            t = tf.reshape(t, [-1])
+            parts.append(tf.reshape(t, [-1]))
             if r * self.width > n:
-                t = tf.concat([t, tf.fill([r * self.width - n], tf.constant(fill, t.dtype))], 0)
-            parts.append(tf.reshape(t, [r, self.width]))
-        return tf.concat(parts, 0)
+                parts.append(tf.constant(fill, t.dtype, shape=[r * self.width - n]))
+        return tf.reshape(tf.concat(parts, 0), [self.num_rows, self.width])
 
     def unpack(self, packed: tf.Tensor) -> List[tf.Tensor]:
         """Inverse of `pack`: the tensors, in their shapes."""
-        flat = tf.reshape(packed, [-1])
-        return [tf.reshape(flat[r0 * self.width: r0 * self.width + n], shape)
-                for n, r0, shape in zip(self.sizes, self.first_row, self.shapes)]
-
-    def row_groups(self, groups: Sequence[Sequence[int]]) -> tf.Tensor:
-        """[rows] int32: the group of each row, for `groups` of tensor indices."""
-        of_tensor = np.zeros(len(self.sizes), np.int32)
-        for g, members in enumerate(groups):
-            of_tensor[list(members)] = g
-        return tf.constant(np.repeat(of_tensor, self.rows))
+        sizes = []
+        for n, r in zip(self.sizes, self.rows):
+            sizes += [n, r * self.width - n] if r * self.width > n else [n]
+        parts = iter(tf.split(tf.reshape(packed, [-1]), sizes))
+        tensors = []
+        for n, r, shape in zip(self.sizes, self.rows, self.shapes):
+            tensors.append(tf.reshape(next(parts), shape))
+            if r * self.width > n:
+                next(parts)  # padding
+        return tensors
 
 
 class _Groups:
@@ -150,29 +149,49 @@ class _Groups:
 
     Per-group sums and per-row spreads are matrix products: on CPU XLA compiles
     a dot far faster than a reduction and runs it as fast, and the selection loop
-    runs them at every pass. Exact: per-row counts in float32 (at most `width`
-    <= 2**23), per-group sums and int32 values in float64.
+    runs them at every pass. Exact: counts in float32 (per row at most `width`
+    <= 2**23; per group as well when the layout has fewer than 2**24 positions,
+    in float64 otherwise), int32 values spread in float64.
+
+    Args:
+      to_rows: [rows, n] float64, 1 where row r belongs to group g.
+      size: [n] int64, the positions of each group (its rows times the width).
+      positions: the layout's positions (rows times width).
     """
 
-    def __init__(self, member: tf.Tensor):
-        self.n = member.shape[1]
-        self._to_rows = tf.cast(member, tf.float64)           # [rows, groups]
-        self._to_groups = tf.transpose(self._to_rows)         # [groups, rows]
-
-    @staticmethod
-    def member(layout: RowLayout, groups: Sequence[Sequence[int]], n: Optional[int] = None):
-        """[rows, n] bool: row r belongs to group g (n defaults to len(groups))."""
-        n = len(groups) if n is None else n
-        return tf.equal(layout.row_groups(groups)[:, None], tf.range(n)[None, :])
+    def __init__(self, to_rows: tf.Tensor, size: tf.Tensor, positions: int):
+        self.n = to_rows.shape[1]
+        self.positions = positions
+        self._to_rows = to_rows                               # [rows, groups]
+        # (float32 sums are exact below 2**24: no conversion kernel in the loop then)
+        self._sum_dtype = tf.float32 if positions < 2**24 else tf.float64
+        self._to_groups = tf.cast(tf.transpose(to_rows), self._sum_dtype)  # [groups, rows]
+        self.size = size
 
     @classmethod
-    def of(cls, layout: RowLayout, groups: Sequence[Sequence[int]]) -> "_Groups":
-        return cls(cls.member(layout, groups))
+    def of(cls, layout: RowLayout, groups: Sequence[Sequence[int]],
+           n: Optional[int] = None) -> "_Groups":
+        """The groups of tensor indices `groups` (n columns, default len(groups)), as
+        constants of [rows, n] (not of the layout's size)."""
+        member = np.zeros([layout.num_rows, len(groups) if n is None else n])
+        for g, members in enumerate(groups):
+            for i in members:
+                member[layout.first_row[i]:layout.first_row[i] + layout.rows[i], g] = 1.0
+        return cls(tf.constant(member, tf.float64),
+                   tf.constant(member.sum(axis=0).astype(np.int64) * layout.width),
+                   layout.num_rows * layout.width)
+
+    @staticmethod
+    def where(pred, a: "_Groups", b: "_Groups") -> "_Groups":
+        """`a` where the scalar `pred` holds, else `b` (same layout and n)."""
+        return _Groups(tf.where(pred, a._to_rows, b._to_rows), tf.where(pred, a.size, b.size),
+                       a.positions)
 
     def count(self, flags: tf.Tensor) -> tf.Tensor:
         """[groups] int32: True entries of a [rows, width] bool tensor, per group."""
         per_row = tf.linalg.matvec(tf.cast(flags, tf.float32), tf.ones([flags.shape[1]], tf.float32))
-        return tf.cast(tf.linalg.matvec(self._to_groups, tf.cast(per_row, tf.float64)), tf.int32)
+        return tf.cast(tf.linalg.matvec(self._to_groups, tf.cast(per_row, self._sum_dtype)),
+                       tf.int32)
 
     def spread(self, per_group: tf.Tensor) -> tf.Tensor:
         """[groups, k] int32 -> [rows, k] int32: each row's group values."""
@@ -192,77 +211,81 @@ def _select_groups(key: tf.Tensor, rows: _Groups, counts) -> tf.Tensor:
 
     One `tf.while_loop` for every group. Phase 0 searches each group's threshold
     v, the smallest key with ``#{key <= v} >= count``; where more entries tie at v
-    than are still needed, phase 1 searches, in the same loop, the position p up
-    to which the tied entries are taken (lowest positions first). The chosen
-    entries are those with ``(key, position) <= (v, p)``. Each pass counts, per
-    group, the entries at or below one probe, and a group stops as soon as a
-    probe counts exactly `count`. Probes bisect the bracket, except that every
-    other pass, once entries have been counted below the bracket's low end, the
-    probe interpolates (where the counts at the two ends put the target, as if
-    the keys between them were spread evenly); so a search never takes more
-    than twice a bisection's ~32 passes per phase (phase 1: log2 of the
-    positions). On scores spread like weights or gradients (1e6 entries) this
-    takes 13-26 passes instead of 33. The loop's
-    state is one [6, groups] int64 tensor (lo, hi, v, count at lo, count at hi,
-    phase), so that each pass compiles to a handful of kernels.
+    than are still needed, phase 1 searches the position p up to which the tied
+    entries are taken (lowest positions first); each group moves through its
+    phases on its own. The chosen entries are those with ``(key, position) <=
+    (v, p)``. Each pass counts, per group, the entries at or below one probe,
+    and a group stops as soon as a probe counts exactly `count`. Probes bisect
+    the bracket, except that every other pass, once entries have been counted
+    below the bracket's low end, the probe interpolates (where the counts at the
+    two ends put the target, as if the keys between them were spread evenly); so
+    a search never takes more than twice a bisection's ~32 passes per phase
+    (phase 1: log2 of the positions). On scores spread like weights or gradients
+    (1e6 entries) this takes 13-26 passes instead of 33. The loop's state is one
+    [8, groups] int64 tensor (lo, hi, v, count at lo, count at hi, phase, the
+    pass's probe, pass), computed by one fusion per pass: with the count's dots,
+    a pass compiles to a handful of kernels.
     """
-    n = rows.n
     height, width = key.shape
     # A position is compared as (row, column): a [rows, width] tensor of positions
     # would be folded by TensorFlow into a constant of that size in the program.
     row = tf.range(height, dtype=tf.int32)[:, None]
     column = tf.range(width, dtype=tf.int32)[None, :]
-    eligible = key < _TOP
-    top = tf.constant(_TOP, tf.int64)
-    last = tf.constant(key.shape.num_elements() - 1, tf.int64)  # the highest position
     counts = tf.cast(counts, tf.int64)
 
-    def chosen(vp):  # vp: [groups, 2] int (v, p) -> [rows, width] bool
-        vp = rows.spread(vp)
+    def chosen(v, p):  # [groups] int64 (v, p), v < _TOP -> [rows, width] bool (eligible only)
+        vp = rows.spread(tf.stack([v, p], axis=1))
         v, p = vp[:, :1], vp[:, 1:2]
         p_row = tf.math.floordiv(p, width)  # p = -1: row -1, nothing at or before
         at_or_before_p = (row < p_row) | (tf.equal(row, p_row) & (column <= p - p_row * width))
         return (key < v) | (tf.equal(key, v) & at_or_before_p)
 
-    def body(trip, state):
-        lo, hi, v, at_lo, at_hi, phase = tf.unstack(state)
-        on_key = tf.equal(phase, 0)  # all groups share the phase
-        moving = hi - lo > 1  # converged groups keep their bounds
+    def body(state):
+        lo, hi, v, at_lo, at_hi, phase, probe, trip = tf.unstack(state)
+        on_key = tf.equal(phase, 0)
+        c = tf.cast(rows.count(chosen(
+            tf.where(on_key, probe, v), tf.where(on_key, tf.constant(_TOP, tf.int64), probe))),
+            tf.int64)
+        moving = (phase < 2) & (hi - lo > 1)  # converged groups keep their bounds
+        up, down = moving & (c >= counts), moving & (c < counts)
+        exact = up & tf.equal(c, counts)  # the probe is the answer: stop there
+        lo = tf.where(down, probe, tf.where(exact, probe - 1, lo))
+        hi, at_lo, at_hi = tf.where(up, probe, hi), tf.where(down, c, at_lo), tf.where(up, c, at_hi)
+        done = (phase < 2) & (hi - lo <= 1)
+        start = done & on_key  # v found: split its ties where fewer than all are needed
+        split = start & (at_hi > counts) & (hi < _TOP)  # (v = _TOP: all eligible, no tie)
+        # phase 1 starts from the entries below v (at position -1, the count at lo)
+        # and all of those at v (at the last position, the count at hi)
+        v = tf.where(start, hi, v)
+        lo = tf.where(split, tf.constant(-1, tf.int64), lo)
+        hi = tf.where(split, tf.constant(height * width - 1, tf.int64),
+                      tf.where(start, tf.constant(_TOP, tf.int64), hi))  # no split: all at v
+        one = tf.ones_like(phase)
+        phase = phase + tf.where(done, tf.where(start & ~split, 2 * one, one), 0 * one)
+        trip = trip + 1
         span = tf.maximum(hi - lo, 2)
         share = tf.cast(counts - at_lo, tf.float64) / tf.cast(tf.maximum(at_hi - at_lo, 1),
                                                               tf.float64)
         step = tf.cast(tf.floor(share * tf.cast(span, tf.float64)), tf.int64)
         interpolate = tf.equal(trip % 2, 0) & (at_lo > 0)  # both ends counted
         step = tf.where(interpolate, tf.clip_by_value(step, 1, span - 1), span // 2)
-        mid = lo + step
-        c = tf.cast(rows.count(eligible & chosen(tf.stack(
-            [tf.where(on_key, mid, v), tf.where(on_key, top, mid)], axis=1))), tf.int64)
-        up, down = moving & (c >= counts), moving & (c < counts)
-        exact = up & tf.equal(c, counts)  # the probe is the answer: stop there
-        lo = tf.where(down, mid, tf.where(exact, mid - 1, lo))
-        hi, at_lo, at_hi = tf.where(up, mid, hi), tf.where(down, c, at_lo), tf.where(up, c, at_hi)
-        done = tf.reduce_all(hi - lo <= 1)
-        start = done & on_key  # v found: split its ties where fewer than all are needed
-        split = at_hi > counts
-        return [trip + 1, tf.stack([
-            tf.where(start, tf.where(split, tf.constant(-1, tf.int64), top - 1), lo),
-            tf.where(start, tf.where(split, last, top), hi),
-            tf.where(start, hi, v),
-            at_lo,  # (at the start of phase 1: the entries below v, i.e. at position -1)
-            at_hi,  # (and all of those at v, i.e. at the last position)
-            phase + tf.cast(done, tf.int64)])]
+        return [tf.stack([lo, hi, v, at_lo, at_hi, phase, lo + step, trip])]
 
-    size = tf.cast(rows.count(tf.ones_like(eligible)), tf.int64)  # an upper bound at _TOP
-    state = tf.stack([tf.fill([n], tf.constant(_SIGN - 1, tf.int64)), tf.fill([n], top),
-                      tf.fill([n], top), tf.zeros([n], tf.int64), size,
-                      tf.zeros([n], tf.int64)])
-    _, state = tf.while_loop(lambda trip, state: state[5, 0] < 2, body,
-                             [tf.constant(0, tf.int64), state], maximum_iterations=140)
-    # (v, p) of a count <= 0 choose nothing: v = the lowest bound, p = -1
-    none = counts <= 0
+    lo, hi = _SIGN - 1, _TOP  # counts at the bounds: none below lo, at most size at hi
+    none = counts <= 0  # done at once
+    state = tf.concat([  # (lo, hi, v, at_lo; at_hi = size; phase; the first probe, pass)
+        tf.constant(np.repeat([[lo], [hi], [hi], [0]], rows.n, axis=1), tf.int64),
+        rows.size[None, :], 2 * tf.cast(none, tf.int64)[None, :],
+        tf.constant(np.repeat([[lo + (hi - lo) // 2], [0]], rows.n, axis=1), tf.int64)], 0)
+    # (the bound on passes in the condition, not as maximum_iterations: that adds a
+    # counter, one more kernel per pass)
+    state, = tf.while_loop(lambda state: tf.reduce_any(state[5] < 2) & (state[7, 0] < 140),
+                           body, [state])
+    # (v, p) of a count <= 0 choose nothing: v = the lowest bound, p = -1; v = _TOP
+    # (a count above the eligible number) chooses every key below it: p = -1
     v = tf.where(none, tf.constant(_SIGN, tf.int64), state[2])
-    p = tf.where(none, tf.constant(-1, tf.int64), state[1])
-    return eligible & chosen(tf.stack([v, p], axis=1))
+    p = tf.where(none | tf.equal(v, _TOP), tf.constant(-1, tf.int64), state[1])
+    return chosen(v, p)
 
 
 def select_each(scores_list: Sequence[tf.Tensor], eligible_list: Sequence[tf.Tensor], counts,
@@ -492,7 +515,8 @@ def grow_each(scores_list: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor],
 
 
 def prune_then_grow(prune_scores: Sequence[tf.Tensor], masks_list: Sequence[tf.Tensor],
-                    prune_counts, grow_scores, prune_groups: Optional[Sequence[Sequence[int]]] = None):
+                    prune_counts, grow_scores, prune_groups: Optional[Sequence[Sequence[int]]] = None,
+                    counts_within_active: bool = False):
     """A whole exact DST update in one selection loop: prune, then every tensor regrows what it lost.
 
     The same masks as ``pruned = prune_each(prune_scores, masks_list, prune_counts)``
@@ -510,49 +534,57 @@ def prune_then_grow(prune_scores: Sequence[tf.Tensor], masks_list: Sequence[tf.T
         loop, and run at both trips (so it must not write state).
       prune_groups: lists of tensor indices ranked together when pruning (default:
         one group per tensor; ``[list(range(n))]`` for a global prune).
+      counts_within_active: with one group per tensor, True when the caller knows
+        every count to lie in [0, the tensor's active entries]: then ``removed`` is
+        the counts, known before the loop, and nothing is counted (by default
+        the masks are counted to clip them).
 
     Returns:
       ``(pruned, grown, removed)``: two lists of bool masks and an int32 [tensors]
       tensor.
     """
-    n_all = len(masks_list)
-    if prune_groups is None:
-        prune_groups = [[i] for i in range(n_all)]
+    n = len(masks_list)
+    tensor_groups = [[i] for i in range(n)]
+    prune_groups = tensor_groups if prune_groups is None else [list(g) for g in prune_groups]
     shapes = [tf.TensorShape(m.shape) for m in masks_list]
-    live = [i for i, shape in enumerate(shapes) if shape.num_elements() > 0]
-    if len(live) < n_all or len(prune_groups) > n_all:
+    if any(shape.num_elements() == 0 for shape in shapes) or len(prune_groups) > n:
         pruned = _prune_groups(prune_scores, masks_list, prune_counts, prune_groups)
         removed = count_true_each(masks_list) - count_true_each(pruned)
         return pruned, grow_each(grow_scores(pruned), pruned, tf.unstack(removed)), removed
     layout = RowLayout(shapes)
-    n = n_all
-    # inactive at the start (padding neither active nor inactive); no pack of constant
-    # ones, which TF would fold into a constant of the layout's size in the program
-    start = layout.pack(masks_list, False)
-    inactive = layout.pack([tf.logical_not(m) for m in masks_list], False)
+    # One int8 tensor holds the masks: 1 active, 0 inactive, 2 padding (never eligible);
+    # pruning sets the chosen to 0, growth chooses among the 0s (just-pruned included).
+    # (No pack of constant ones: TF would fold it into a constant of the layout's size.)
+    start = layout.pack([tf.cast(m, tf.int8) for m in masks_list], 2)
     prune_key = _keys(layout.pack([tf.cast(x, tf.float32) for x in prune_scores], 0.0), True)
-    prune_member = _Groups.member(layout, prune_groups, n)
-    tensor_member = _Groups.member(layout, [[i] for i in range(n)])
-    tensors = _Groups(tensor_member)
+    tensors = _Groups.of(layout, tensor_groups)
     counts = tf.stack([_as_count(c) for c in prune_counts]
                       + [tf.constant(0)] * (n - len(prune_groups)))
+    per_tensor = prune_groups == tensor_groups
+    if per_tensor:  # each tensor loses exactly min(count, active)
+        removed = counts if counts_within_active else tf.clip_by_value(
+            counts, 0, tensors.count(tf.equal(start, 1)))
+    else:
+        removed = tf.zeros([n], tf.int32)  # counted at the first trip
+        by_prune_group = _Groups.of(layout, prune_groups, n)
 
-    def body(trip, mask, pruned, removed):
+    def body(trip, state, pruned, removed):
         pruning = tf.equal(trip, 0)
-        scores = layout.pack([tf.cast(x, tf.float32) for x in grow_scores(layout.unpack(mask))],
-                             0.0)
-        eligible = tf.where(pruning, mask, inactive | (start & ~mask))  # growth: now inactive
+        scores = layout.pack([tf.cast(x, tf.float32)
+                              for x in grow_scores(layout.unpack(tf.equal(state, 1)))], 0.0)
+        eligible = tf.equal(state, tf.cast(tf.where(pruning, 1, 0), tf.int8))
         key = tf.where(eligible, tf.where(pruning, prune_key, _keys(scores, False)), _TOP)
-        chosen = _select_groups(key, _Groups(tf.where(pruning, prune_member, tensor_member)),
-                                tf.where(pruning, counts, removed))
-        mask = tf.where(pruning, mask & ~chosen, mask | chosen)
-        removed = tf.where(pruning, tensors.count(chosen), removed)
-        return trip + 1, mask, tf.where(pruning, mask, pruned), removed
+        chosen = _select_groups(
+            key, tensors if per_tensor else _Groups.where(pruning, by_prune_group, tensors),
+            tf.where(pruning, counts, removed))
+        state = tf.where(chosen, tf.cast(tf.where(pruning, 0, 1), tf.int8), state)
+        if not per_tensor:
+            removed = tf.where(pruning, tensors.count(chosen), removed)
+        return trip + 1, state, tf.where(pruning, state, pruned), removed
 
     _, grown, pruned, removed = tf.while_loop(
-        lambda trip, *_: trip < 2, body, (tf.constant(0), start, start, tf.zeros([n], tf.int32)),
-        maximum_iterations=2)
-    return layout.unpack(pruned), layout.unpack(grown), removed
+        lambda trip, *_: trip < 2, body, (tf.constant(0), start, start, removed))
+    return (layout.unpack(tf.equal(pruned, 1)), layout.unpack(tf.equal(grown, 1)), removed)
 
 
 def count_true_each(masks: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -564,6 +596,8 @@ def count_true_each(masks: Sequence[tf.Tensor]) -> tf.Tensor:
         layout = RowLayout([shapes[i] for i in live])
         per_tensor = _Groups.of(layout, [[k] for k in range(len(live))]).count(
             layout.pack([masks[i] for i in live], False))
+        if len(live) == len(masks):
+            return per_tensor
         for k, i in enumerate(live):
             counts[i] = per_tensor[k]
     return tf.stack(counts)

@@ -176,7 +176,9 @@ def test_logs_in_history_and_csv_logger_and_itop_grows(tmp_path):
     assert h["pruned"][1] == stats[:, 1].sum() == sum(math.ceil(p6 * c) for c in counts.values())
     assert h["grown"][1] == h["pruned"][1]
     assert h["mask_churn"][1] == pytest.approx(h["grown"][1] / sum(counts.values()))
-    assert h["itop"][1] == pytest.approx(stats[:, 3].sum() / n_total)
+    ever = sum(int(np.count_nonzero(t.ever_active.numpy())) for t in dst.engine.targets)
+    assert h["itop"][1] == pytest.approx(ever / n_total)
+    assert stats.shape == (len(counts), 3)
 
     # per batch: nothing before the first update, ITOP grows at every update (steps 3 and 6)
     itop = [b["itop"] for b in batches.logs]

@@ -245,7 +245,7 @@ def test_every_criterion_and_growth_exact_counts_end_to_end(prune, grow):
             w_scored = np.where(m0, prev["weights"][i] + delta, 0.0) \
                 if criterion.ordering == "after_optimizer" else prev["weights"][i]
             want = expected_removed(prune, w_scored, m0, "0.3")
-            active, pruned, grown, _ = new["stats"][i]
+            active, pruned, grown = new["stats"][i]
             assert (active, pruned, grown) == (count, want, want), (path, step)
             if step == 2:  # values from the weights (first update: no |w| ~ 0)
                 kept, grown = classify(prev, new, i, delta, criterion.ordering)

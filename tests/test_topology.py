@@ -250,6 +250,18 @@ def test_selection_passes_stop_early_and_stay_bounded(monkeypatch):
         assert len(passes) <= bound, (lowest, c, len(passes))
 
 
+def test_group_counts_are_exact_past_float32_integers():
+    """Counts per group are float32 sums below 2**24 positions (no conversion kernel) and
+    float64 sums from there on, exact in both: a group of 2**24 + 5 entries counts 2**24 + 5."""
+    small = topology.RowLayout([(1000, 10), (7,)])
+    assert topology._Groups.of(small, [[0], [1]])._sum_dtype == tf.float32
+    layout = topology.RowLayout([(2**24 + 5,), (3,)])
+    groups = topology._Groups.of(layout, [[0], [1]])
+    assert groups._sum_dtype == tf.float64
+    packed = layout.pack([tf.ones([2**24 + 5], tf.bool), tf.ones([3], tf.bool)], False)
+    assert groups.count(packed).numpy().tolist() == [2**24 + 5, 3]
+
+
 def test_select_each_is_one_selection_per_group():
     """Grouped selections equal the separate ones, ties across tensors go to the earlier one,
     and every count value runs through one compiled function (one loop for all groups)."""
@@ -342,14 +354,17 @@ def test_topology_is_pure():
     assert "criterion" not in inspect.getsource(topology).lower()
 
 
-@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("scope", ["layer", "global", "layer_within_active"])
 def test_prune_then_grow_is_a_prune_followed_by_a_growth(scope):
     """The one-loop update equals its two steps: prune (per layer or globally), then each
-    tensor regrows what it lost, growth scores computed from the pruned masks."""
+    tensor regrows what it lost, growth scores computed from the pruned masks; with
+    counts known to lie within the active entries, nothing is counted and the result is
+    the same."""
     rng = np.random.default_rng(5)
     shapes = [(9, 7), (1500,), (2, 3, 4)]
     n = len(shapes)
     groups = [list(range(n))] if scope == "global" else None
+    within = scope == "layer_within_active"
 
     def grow_scores(pruned, grads):  # depends on the pruned masks, as a growth rule may
         return [tf.where(m, 0.0, g) for m, g in zip(pruned, grads)]
@@ -357,7 +372,8 @@ def test_prune_then_grow_is_a_prune_followed_by_a_growth(scope):
     @tf.function(jit_compile=True)
     def fused(scores, masks, counts, grads):
         return topology.prune_then_grow(scores, masks, tf.unstack(counts),
-                                        lambda pruned: grow_scores(pruned, grads), groups)
+                                        lambda pruned: grow_scores(pruned, grads), groups,
+                                        counts_within_active=within)
 
     @tf.function(jit_compile=True)
     def stepwise(scores, masks, counts, grads):
@@ -375,6 +391,8 @@ def test_prune_then_grow_is_a_prune_followed_by_a_growth(scope):
         grads = [tf.constant(rng.integers(-2, 3, size=s).astype(np.float32)) for s in shapes]
         masks = [tf.constant(rng.random(s) < 0.4) for s in shapes]
         counts = tf.constant(rng.integers(0, 400, size=1 if groups else n), tf.int32)
+        if within:
+            counts = tf.minimum(counts, topology.count_true_each(masks))
         got, want = fused(scores, masks, counts, grads), stepwise(scores, masks, counts, grads)
         for a, b in zip(got[0] + got[1], want[0] + want[1]):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
