@@ -125,10 +125,11 @@ class RowLayout:
         """[rows, width] tensor of `tensors` (in the layout's order), padding = `fill`."""
         parts = []
         for t, n, r in zip(tensors, self.sizes, self.rows):
-            parts.append(tf.reshape(t, [-1]))
+            t = tf.reshape(t, [-1])
             if r * self.width > n:
-                parts.append(tf.constant(fill, t.dtype, shape=[r * self.width - n]))
-        return tf.reshape(tf.concat(parts, 0), [self.num_rows, self.width])
+                t = tf.concat([t, tf.constant(fill, t.dtype, shape=[r * self.width - n])], 0)
+            parts.append(tf.reshape(t, [r, self.width]))
+        return tf.concat(parts, 0)
 
     def unpack(self, packed: tf.Tensor) -> List[tf.Tensor]:
         """Inverse of `pack`: the tensors, in their shapes."""
