@@ -337,13 +337,13 @@ class TopologyEngine(Hook):
             # and regrown in this update; an entry that was inactive starts from 0; a
             # pruned entry that stays inactive goes to 0.
             kept = tf.logical_and(m_old, m_new)
-            t.weight.assign(tf.where(kept, t.weight, tf.zeros_like(t.weight)))
+            t.weight.assign(tf.where(kept, t.weight, tf.zeros([], t.weight.dtype)))
             t.mask.assign(m_new)
             t.ever_active.assign(tf.logical_or(t.ever_active, m_new))
             if self.optimizer_state == "reset":
                 changed = tf.not_equal(m_old, m_new)
                 for slot in optimizer_state_lib.slot_variables(optimizer, t.weight).values():
-                    slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
+                    slot.assign(tf.where(changed, tf.zeros([], slot.dtype), slot))
         if self._one_loop(scores):  # every layer regrew exactly what it lost
             now, grown = active, removed
         else:

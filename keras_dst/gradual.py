@@ -115,7 +115,7 @@ class GradualEngine(Hook):
             magnitude = tf.abs(tf.cast(t.weight, tf.float32))
             mask = topology.select_highest(magnitude, tf.convert_to_tensor(t.mask),
                                            keep_count(size, density))
-            t.weight.assign(tf.where(mask, t.weight, tf.zeros_like(t.weight)))
+            t.weight.assign(tf.where(mask, t.weight, tf.zeros([], t.weight.dtype)))
             t.mask.assign(mask)
             active.append(tf.cast(topology.count_true(mask), tf.int64))
         self.layer_active.assign(tf.stack(active))

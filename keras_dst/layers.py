@@ -194,7 +194,7 @@ class MaskConstraint(keras.constraints.Constraint):
     def __call__(self, w):
         if self.previous is not None:
             w = self.previous(w)
-        return tf.where(self.mask, w, tf.zeros_like(w))
+        return tf.where(self.mask, w, tf.zeros([], w.dtype))
 
     def get_config(self):
         raise TypeError(

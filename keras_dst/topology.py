@@ -747,7 +747,7 @@ def _rank_in_rows(order: tf.Tensor, eligible: tf.Tensor) -> tf.Tensor:
     per column (S unrolled comparisons), for short rows.
     """
     index = tf.range(order.shape[1])
-    rank = tf.zeros_like(order)
+    rank = tf.zeros([], tf.int32)  # (a scalar: TF folds a fill of a static shape into a constant)
     for k in range(order.shape[1]):
         key = order[:, k:k + 1]
         before = (key < order) | (tf.equal(key, order) & (index > k))

@@ -7,6 +7,7 @@ per traced (and so XLA-compiled) training-step variant.
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_dst
 from keras_dst import optimizer_state
@@ -103,6 +104,52 @@ def test_plain_fit_after_dst_runs_the_static_step_without_hook():
     for t in keras_dst.sparse_targets(model):  # and the constraint still ran
         assert np.all(t.weight.numpy()[~t.mask.numpy()] == 0)
 
+
+
+def _weight_sized_fills(graph, sizes):
+    """Nodes of a traced graph (its nested loop bodies included) that materialise a
+    tensor of one of `sizes` elements from constants alone: a Fill with constant dims,
+    or a Const. TensorFlow folds a fill into a constant before XLA sees the step, at
+    every compile (tens of milliseconds per megabyte)."""
+    graph_def = graph.as_graph_def()
+    functions = [graph_def.node] + [f.node_def for f in graph_def.library.function]
+    found = []
+    for nodes in functions:
+        by_name = {n.name: n for n in nodes}
+        for n in nodes:
+            if n.op == "Const":
+                elements = int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
+            elif n.op == "Fill" and by_name.get(n.input[0].split(":")[0], n).op == "Const":
+                dims = tf.make_ndarray(by_name[n.input[0].split(":")[0]].attr["value"].tensor)
+                elements = int(np.prod(dims))
+            else:
+                continue
+            if elements in sizes and "/Initializer/" not in n.name:  # (a variable's, not the step's)
+                found.append((n.op, n.name, elements))
+    return found
+
+
+@pytest.mark.parametrize("prune, ordering", [("magnitude", "auto"), ("snip", "auto"),
+                                             ("magnitude", "before_optimizer")])
+def test_traced_steps_fill_nothing_of_a_weight_size(prune, ordering):
+    """Neither the static step (the mask constraint) nor the DST step (the update's
+    gated reads and masked writes) zeroes entries through a fill of the weight's shape."""
+    model = keras_dst.prunable(mlp((20, 64, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
+    graphs, train_step = [], model.train_step
+
+    def recording_train_step(data):
+        graphs.append(tf.compat.v1.get_default_graph())
+        return train_step(data)
+
+    model.train_step = recording_train_step
+    sizes = {int(np.prod(t.weight.shape)) for t in keras_dst.sparse_targets(model)}
+    fit(model)
+    fit(model, [DST(prune=prune, grow="gradient", update_every=3, ordering=ordering,
+                    optimizer_state="reset")])
+    assert len(graphs) >= 2  # the static step (Keras may trace it twice) and the DST step
+    for graph in graphs:
+        assert _weight_sized_fills(graph, sizes) == []
 
 def test_compile_again_gives_new_steps():
     model, traces = traced_model()
