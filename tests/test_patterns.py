@@ -271,7 +271,8 @@ def test_satisfied_traces_under_xla():
 @given(patterned_shapes(st.integers(2, 8).map(lambda b: f"1x{b}")), st.data())
 def test_block_scores_sum_and_expand_round_trip(case, data):
     pattern, shape, density = case
-    scores = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(-4, 4, width=32)))
+    scores = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(-4, 4, width=32,
+                                                                            allow_subnormal=False)))
     b = pattern.block
     view = scores.reshape(shape[:-2] + (shape[-2] // b, b, shape[-1]))
     summed = patterns.block_scores(pattern, tf.constant(scores)).numpy()
@@ -432,7 +433,8 @@ def rank_max_group(value):
 def grouped_cases(draw, max_side=40):
     g = draw(st.integers(1, 6))
     s = draw(st.integers(1, max_side))
-    values = draw(st.sampled_from([TIE_VALUES, st.floats(width=32)]))
+    # (no subnormals: TensorFlow's CPU kernels flush them to zero, so they tie with 0)
+    values = draw(st.sampled_from([TIE_VALUES, st.floats(width=32, allow_subnormal=False)]))
     scores = draw(hnp.arrays(np.float32, (g, s), elements=values))
     eligible = draw(hnp.arrays(np.bool_, (g, s)))
     counts = draw(hnp.arrays(np.int32, (g,), elements=st.integers(-1, s + 2)))
