@@ -54,7 +54,7 @@ Adding a criterion takes a few lines::
 
     @register_criterion("weight_times_grad", ordering="before_optimizer", params={"power": 1.0})
     def weight_times_grad(inputs, power):
-        return tf.abs(inputs.weight * inputs.gradient) ** power
+        return absolute(inputs.weight * inputs.gradient) ** power
 """
 
 import dataclasses
@@ -66,7 +66,7 @@ import tensorflow as tf
 
 from keras_dst import patterns, topology
 from keras_dst.registry import Registry
-from keras_dst.scoring import ScoreInputs
+from keras_dst.scoring import ScoreInputs, absolute
 from keras_dst.topology import select_highest, select_lowest
 
 # When an update runs relative to the optimizer step. The reference's flag
@@ -519,7 +519,7 @@ def ema_update(state: tf.Tensor, score: tf.Tensor, initialized, beta) -> tf.Tens
 @register_criterion("magnitude", ordering="after_optimizer", needs_gradient=False)
 def magnitude(inputs: ScoreInputs) -> tf.Tensor:
     """abs(w)."""
-    return tf.abs(inputs.weight)
+    return absolute(inputs.weight)
 
 
 def random_scores(inputs: ScoreInputs) -> tf.Tensor:
@@ -533,25 +533,25 @@ register_criterion("random", ordering="after_optimizer", needs_gradient=False)(r
 @register_criterion("mest", ordering="before_optimizer", params={"gamma": 1.0})
 def mest(inputs: ScoreInputs, gamma) -> tf.Tensor:
     """abs(w) + gamma * abs(g)."""
-    return tf.abs(inputs.weight) + gamma * tf.abs(inputs.gradient)
+    return absolute(inputs.weight) + gamma * absolute(inputs.gradient)
 
 
 @register_criterion("snip", ordering="before_optimizer")
 def snip(inputs: ScoreInputs) -> tf.Tensor:
     """abs(w * g) + 1e-5 (the offset keeps every score positive, as in the reference)."""
-    return tf.abs(inputs.weight * inputs.gradient) + 1e-5
+    return absolute(inputs.weight * inputs.gradient) + 1e-5
 
 
 @register_criterion("sensitivity", ordering="before_optimizer")
 def sensitivity(inputs: ScoreInputs) -> tf.Tensor:
     """abs(g) / (abs(w) + 1e-8) + 1."""
-    return tf.abs(inputs.gradient) / (tf.abs(inputs.weight) + 1e-8) + 1.0
+    return absolute(inputs.gradient) / (absolute(inputs.weight) + 1e-8) + 1.0
 
 
 @register_criterion("reciprocal_sensitivity", ordering="before_optimizer")
 def reciprocal_sensitivity(inputs: ScoreInputs) -> tf.Tensor:
     """abs(w) / (abs(g) + 1e-8) + 1."""
-    return tf.abs(inputs.weight) / (tf.abs(inputs.gradient) + 1e-8) + 1.0
+    return absolute(inputs.weight) / (absolute(inputs.gradient) + 1e-8) + 1.0
 
 
 @register_criterion("taylor_fo", ordering="before_optimizer")
@@ -577,7 +577,7 @@ def running_magnitude(inputs: ScoreInputs, beta) -> tf.Tensor:
 def running_snip(inputs: ScoreInputs, beta) -> tf.Tensor:
     """Base score abs(w * g) of the EMA (no 1e-5 offset, as in the reference)."""
     del beta
-    return tf.abs(inputs.weight * inputs.gradient)
+    return absolute(inputs.weight * inputs.gradient)
 
 
 # ----------------------------------------------------------------------------

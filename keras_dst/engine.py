@@ -40,7 +40,7 @@ from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, patterns, topology
 from keras_dst import optimizer_state as optimizer_state_lib
 from keras_dst.hooks import Hook, run_if, state_variable
-from keras_dst.scoring import ScoreInputs
+from keras_dst.scoring import ScoreInputs, is_finite
 
 
 def _f32(x):
@@ -249,9 +249,9 @@ class TopologyEngine(Hook):
         inputs = [self._inputs(i, step, g, tf.convert_to_tensor(t.mask), 0)
                   for i, (t, g) in enumerate(zip(self.targets, grads))]
         n = len(inputs)
-        bad = [~tf.math.is_finite(x.weight) for x in inputs]
+        bad = [~is_finite(x.weight) for x in inputs]
         if self._needs_gradient():
-            bad = [b | ~tf.math.is_finite(x.gradient) for b, x in zip(bad, inputs)]
+            bad = [b | ~is_finite(x.gradient) for b, x in zip(bad, inputs)]
         counts = topology.count_true_each(  # one reduction for all
             bad + [patterns.selection_units(p, x.mask) for p, x in zip(self._patterns, inputs)])
         finite, units = tf.equal(counts[:n], 0), counts[n:]

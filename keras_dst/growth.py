@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from keras_dst.criteria import check_registered, merge_params, random_scores, require_inputs
 from keras_dst.registry import Registry
-from keras_dst.scoring import ScoreInputs
+from keras_dst.scoring import ScoreInputs, absolute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ register_growth("random")(random_scores)
 @register_growth("gradient", needs_gradient=True)
 def gradient(inputs: ScoreInputs) -> tf.Tensor:
     """abs(g): RigL's gradient growth."""
-    return tf.abs(inputs.gradient)
+    return absolute(inputs.gradient)
 
 
 @register_growth("momentum", needs_momentum=True)
@@ -192,4 +192,4 @@ def momentum(inputs: ScoreInputs) -> tf.Tensor:
       ValueError: `inputs.momentum` is None (the optimizer has no momentum).
     """
     require_inputs(inputs, "growth", "momentum", momentum=True)
-    return tf.abs(inputs.momentum)
+    return absolute(inputs.momentum)

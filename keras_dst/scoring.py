@@ -26,3 +26,19 @@ class ScoreInputs(NamedTuple):
     mask: tf.Tensor
     seed: tf.Tensor
     momentum: Optional[tf.Tensor] = None
+
+
+def absolute(x: tf.Tensor) -> tf.Tensor:
+    """``|x|`` for score functions, as ``maximum(x, -x)``: `tf.abs` exactly, except that
+    -0.0 may stay -0.0 (the selection ranks it as 0.0); NaN stays NaN.
+
+    Written with a native op because TensorFlow's XLA bridge lowers `tf.abs` (as it does
+    `is_finite`, `is_nan`, `floor` and `ceil`) through MLIR, at ~3 ms of compile time per
+    op against ~0.1 ms for `maximum`, and a DST step holds one per layer and score.
+    """
+    return tf.maximum(x, -x)
+
+
+def is_finite(x: tf.Tensor) -> tf.Tensor:
+    """`tf.math.is_finite` with native ops (see `absolute`): False at NaN and +-inf."""
+    return absolute(x) < float("inf")

@@ -67,7 +67,7 @@ def _score_order(scores: tf.Tensor) -> tf.Tensor:
     monotone = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits)
     # (scalars, not tensors of the scores' shape: TF would fold those into constants
     # of that size inside the compiled program)
-    return tf.where(tf.math.is_nan(x), tf.constant(tf.int32.min), monotone)
+    return tf.where(tf.not_equal(x, x), tf.constant(tf.int32.min), monotone)  # (x != x: NaN)
 
 
 _SIGN = -2**31
@@ -267,7 +267,7 @@ def _select_groups(key: tf.Tensor, rows: _Groups, counts) -> tf.Tensor:
         span = tf.maximum(hi - lo, 2)
         share = tf.cast(counts - at_lo, tf.float64) / tf.cast(tf.maximum(at_hi - at_lo, 1),
                                                               tf.float64)
-        step = tf.cast(tf.floor(share * tf.cast(span, tf.float64)), tf.int64)
+        step = tf.cast(share * tf.cast(span, tf.float64), tf.int64)  # (clipped to >= 1 below)
         interpolate = tf.equal(trip % 2, 0) & (at_lo > 0)  # both ends counted
         step = tf.where(interpolate, tf.clip_by_value(step, 1, span - 1), span // 2)
         return [tf.stack([lo, hi, v, at_lo, at_hi, phase, lo + step, trip])]
@@ -443,7 +443,10 @@ def prune_count(active, rate) -> tf.Tensor:
     active = tf.cast(tf.convert_to_tensor(active), tf.float64)
     rate = tf.convert_to_tensor(rate)
     product = tf.cast(rate, tf.float64) * active
-    count = tf.math.ceil(product)
+    # ceil(product) for product >= 0 (and <= 0 where it is not; clipped below), with
+    # native ops: `tf.math.ceil` compiles through MLIR (see `scoring.absolute`)
+    whole = tf.cast(tf.cast(product, tf.int64), tf.float64)
+    count = whole + tf.cast(whole < product, tf.float64)
     if rate.dtype != tf.float64:
         nearest = tf.round(product)
         snapped = tf.abs(product - nearest) <= tf.abs(product) * 2.0**-23
