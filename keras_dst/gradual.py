@@ -44,6 +44,7 @@ from keras_dst import schedules, topology, validation
 from keras_dst.hooks import Hook, state_variable
 from keras_dst.masks import sparse_targets
 from keras_dst.optimizer_state import base_optimizer
+from keras_dst.scoring import absolute
 from keras_dst.step_switch import HookedCallback
 
 
@@ -112,7 +113,7 @@ class GradualEngine(Hook):
         density = self.target_density(step)
         active = []
         for t, size in zip(self.targets, self.sizes):
-            magnitude = tf.abs(tf.cast(t.weight, tf.float32))
+            magnitude = absolute(tf.cast(t.weight, tf.float32))
             mask = topology.select_highest(magnitude, tf.convert_to_tensor(t.mask),
                                            keep_count(size, density))
             t.weight.assign(tf.where(mask, t.weight, tf.zeros([], t.weight.dtype)))

@@ -443,8 +443,8 @@ def prune_count(active, rate) -> tf.Tensor:
     active = tf.cast(tf.convert_to_tensor(active), tf.float64)
     rate = tf.convert_to_tensor(rate)
     product = tf.cast(rate, tf.float64) * active
-    # ceil(product) for product >= 0 (and <= 0 where it is not; clipped below), with
-    # native ops: `tf.math.ceil` compiles through MLIR (see `scoring.absolute`)
+    # ceil(product): truncation toward zero, plus one where that fell below the product
+    # (native ops: `tf.math.ceil` compiles through MLIR, see `scoring.absolute`)
     whole = tf.cast(tf.cast(product, tf.int64), tf.float64)
     count = whole + tf.cast(whole < product, tf.float64)
     if rate.dtype != tf.float64:

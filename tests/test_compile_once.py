@@ -105,7 +105,6 @@ def test_plain_fit_after_dst_runs_the_static_step_without_hook():
         assert np.all(t.weight.numpy()[~t.mask.numpy()] == 0)
 
 
-
 def _weight_sized_fills(graph, sizes):
     """Nodes of a traced graph (its nested loop bodies included) that materialise a
     tensor of one of `sizes` elements from constants alone: a Fill with constant dims,
@@ -119,9 +118,11 @@ def _weight_sized_fills(graph, sizes):
         for n in nodes:
             if n.op == "Const":
                 elements = int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
-            elif n.op == "Fill" and by_name.get(n.input[0].split(":")[0], n).op == "Const":
-                dims = tf.make_ndarray(by_name[n.input[0].split(":")[0]].attr["value"].tensor)
-                elements = int(np.prod(dims))
+            elif n.op == "Fill":
+                dims = by_name.get(n.input[0].split(":")[0])
+                if dims is None or dims.op != "Const":
+                    continue
+                elements = int(np.prod(tf.make_ndarray(dims.attr["value"].tensor)))
             else:
                 continue
             if elements in sizes and "/Initializer/" not in n.name:  # (a variable's, not the step's)
@@ -150,6 +151,7 @@ def test_traced_steps_fill_nothing_of_a_weight_size(prune, ordering):
     assert len(graphs) >= 2  # the static step (Keras may trace it twice) and the DST step
     for graph in graphs:
         assert _weight_sized_fills(graph, sizes) == []
+
 
 def test_compile_again_gives_new_steps():
     model, traces = traced_model()
