@@ -1,6 +1,7 @@
 """The dynamic sparse training callback: `DynamicSparseTraining` (floor 6)."""
 
 import numbers
+import warnings
 
 import keras
 import numpy as np
@@ -74,7 +75,10 @@ class DynamicSparseTraining(HookedCallback):
       normalize, norm_type: score normalisation of the reference
         (``none``/``input``/``output``/``channel``/``depth``/``layer``; ``max``/``sum``).
       total_steps: steps of the whole run for the schedules; default
-        ``epochs * steps_per_epoch`` of `fit`.
+        ``epochs * steps_per_epoch`` of each `fit` (needed only by what is made
+        from it: the cosine schedule, a fractional `end_step`). Pass it for one
+        schedule over several `fit` calls; a fit that starts after the cosine
+        schedule has ended warns.
 
     `get_config` reports the criterion and growth rule by name with all their
     parameters (``prune_params``/``grow_params``), so an object passed as
@@ -130,22 +134,26 @@ class DynamicSparseTraining(HookedCallback):
         """The ordering of the run: the criterion's own for ``"auto"``."""
         return self.criterion.ordering if self.ordering == "auto" else self.ordering
 
-    def _run_steps(self):
-        return (self.total_steps if self.total_steps is not None
-                else self._total_steps("the prune-rate schedule"))
+    def _schedule(self):
+        """The prune-rate schedule of this fit (`schedules.for_run`)."""
+        return schedules_lib.for_run(self.schedule, self.prune_rate, self.total_steps,
+                                     self._total_steps)
 
     def _update_steps(self):
         end_step = self.end_step
         if isinstance(end_step, float):
-            end_step = int(end_step * self._run_steps())
+            end_step = int(end_step * (self.total_steps or self._total_steps(f"end_step={end_step}")))
         return schedules_lib.UpdateSteps(self.update_every, self.begin_step, end_step)
 
     def _engine_key(self):
-        # Criterion and GrowthRule compare by value (name, functions, params); a
-        # schedule object or callable by identity.
-        return (self.criterion, self.growth, self._update_steps(), self.prune_rate,
-                self.schedule, self._run_steps(), self.resolved_ordering, self.scope,
-                self.grow_exact, self.optimizer_state, self.seed, self.normalize, self.norm_type)
+        # Criterion and GrowthRule compare by value (name, functions, params), the
+        # schedule by its configuration: a fit of another length compiles again only
+        # where the schedule or the update steps depend on it.
+        return (self.criterion, self.growth, self._update_steps(),
+                schedules_lib.run_key(self.schedule, self.prune_rate, self.total_steps,
+                                      self._total_steps), self.resolved_ordering,
+                self.scope, self.grow_exact, self.optimizer_state, self.seed, self.normalize,
+                self.norm_type)
 
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="DynamicSparseTraining")
@@ -167,13 +175,23 @@ class DynamicSparseTraining(HookedCallback):
                     f"DynamicSparseTraining(grow='momentum'): optimizer "
                     f"{type(optimizer).__name__} keeps no momentum; use SGD with momentum > 0 "
                     "or an Adam-like optimizer.")
-        update_steps = self._update_steps()
-        schedule = schedules_lib.get_schedule(self.schedule, self.prune_rate, self._run_steps())
         return TopologyEngine(
-            targets, self.criterion, self.growth, schedule, update_steps,
+            targets, self.criterion, self.growth, self._schedule(), self._update_steps(),
             ordering=self.resolved_ordering, scope=self.scope, grow_exact=self.grow_exact,
             optimizer_state=self.optimizer_state, seed=self.seed, normalize=self.normalize,
             norm_type=self.norm_type)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        schedule, step = self.engine.schedule, self._optimizer_step()
+        if (self.total_steps is None and isinstance(schedule, schedules_lib.CosineRate)
+                and step >= schedule.total_steps):
+            warnings.warn(
+                f"DynamicSparseTraining: this fit starts at optimizer step {step}, after the "
+                f"cosine prune-rate schedule has ended: its {schedule.total_steps} steps are "
+                "this fit's (epochs x steps per epoch), so every update of this fit uses the "
+                f"final rate {schedule.floor}. For one schedule over several fit calls, pass "
+                "total_steps= (the steps of the whole run).", stacklevel=2)
 
     def _read_logs(self):
         engine = self.engine

@@ -167,20 +167,19 @@ class CriteriaOverlap(HookedCallback):
         self.seed = validation.check_seed(seed)
         self.history = []
 
-    def _schedule_steps(self):
-        if self.total_steps is not None or self.schedule != "cosine":
-            return self.total_steps
-        return self._total_steps("schedule='cosine'")
+    def _schedule(self):
+        """The prune-rate schedule of this fit (`schedules.for_run`)."""
+        return schedules_lib.for_run(self.schedule, self.prune_rate, self.total_steps,
+                                     self._total_steps)
 
     def _engine_key(self):
-        return (tuple(self.criteria), self.update_every, self.prune_rate, self.schedule,
-                self._schedule_steps(), self.seed)
+        return (tuple(self.criteria), self.update_every,
+                schedules_lib.run_key(self.schedule, self.prune_rate, self.total_steps,
+                                      self._total_steps), self.seed)
 
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="CriteriaOverlap")
-        schedule = schedules_lib.get_schedule(self.schedule, self.prune_rate,
-                                              self._schedule_steps())
-        return OverlapEngine(targets, self.criteria, schedule,
+        return OverlapEngine(targets, self.criteria, self._schedule(),
                              schedules_lib.UpdateSteps(self.update_every), seed=self.seed)
 
     def _read_logs(self):

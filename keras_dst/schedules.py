@@ -26,6 +26,7 @@ the update rule of every hook (see `keras_dst.hooks`).
 """
 
 import dataclasses
+import json
 import math
 import warnings
 from typing import Optional
@@ -237,6 +238,46 @@ def get_schedule(schedule, initial: float = 0.5, total_steps=None):
     if callable(schedule):
         return schedule
     return SCHEDULES.get(schedule)(initial, total_steps)
+
+
+def for_run(schedule, initial: float, total_steps: Optional[int], run_steps):
+    """The prune-rate schedule of a training run (a callback's `schedule` argument).
+
+    A named schedule is made with `total_steps`, or else with the run's length
+    ``run_steps(None)`` (None when unknown), which it needs only if its factory
+    does: "cosine" does, "constant" and "linear" do not. Where a factory refuses
+    an unknown length, ``run_steps(what)`` raises the caller's error.
+
+    Args:
+      schedule, initial: as `get_schedule`.
+      total_steps: the callback's explicit run length, or None.
+      run_steps: callable ``what -> int or None``: the run's steps (epochs times
+        steps per epoch); with a description `what`, raises ValueError naming it
+        when they are unknown.
+    """
+    if callable(schedule) or total_steps is not None:
+        return get_schedule(schedule, initial, total_steps)
+    steps = run_steps(None)
+    try:
+        return get_schedule(schedule, initial, steps)
+    except ValueError:
+        if steps is None:
+            run_steps(f"schedule={schedule!r}")
+        raise
+
+
+def run_key(schedule, initial: float, total_steps: Optional[int], run_steps):
+    """Hashable, and equal for two runs whose schedules (`for_run`, same arguments)
+    compute the same rates: the class and config of that schedule where it has a
+    `get_config` (so "cosine" depends on the run's length, "constant" does not),
+    else the arguments it was made from (a callable by identity).
+    """
+    made = for_run(schedule, initial, total_steps, run_steps)
+    if callable(getattr(made, "get_config", None)):
+        return type(made), json.dumps(made.get_config(), sort_keys=True, default=repr)
+    if callable(schedule):
+        return schedule
+    return schedule, initial, total_steps if total_steps is not None else run_steps(None)
 
 
 def polynomial_density(step, initial_density: float, final_density: float, begin_step: int,

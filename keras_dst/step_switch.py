@@ -18,6 +18,7 @@ function while hooked callbacks train, and keeps what it compiled.
 """
 
 import warnings
+from typing import Optional
 
 import keras
 
@@ -188,10 +189,13 @@ class HookedCallback(keras.callbacks.Callback):
         """The engine's numbers for `logs` (host reads of its variables)."""
         raise NotImplementedError
 
-    def _total_steps(self, what: str) -> int:
-        """``epochs * steps`` of the running `fit`; `what` says who needs it (for the error)."""
+    def _total_steps(self, what: Optional[str]) -> Optional[int]:
+        """``epochs * steps`` of the running `fit`. Where the steps per epoch are unknown:
+        None if `what` is None, else a ValueError saying that `what` needs them."""
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         if not epochs or not steps:
+            if what is None:
+                return None
             raise ValueError(
                 f"{type(self).__name__}: {what} needs the number of training steps, but the "
                 "number of steps per epoch is unknown (a dataset without a length?); pass "

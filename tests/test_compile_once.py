@@ -83,6 +83,45 @@ def test_equal_configuration_reuses_a_changed_one_compiles_once():
     assert len(traces) == 4
 
 
+def test_a_fit_of_another_length_compiles_again_only_where_the_schedule_depends_on_it():
+    """A fit's length is configuration only through what is made from it: the horizon
+    of the default cosine schedule (without total_steps)."""
+    model, traces = traced_model()
+    x, y = classification_data(n=160)
+
+    def fit_batches(n, callback):
+        model.fit(x[:16 * n], y[:16 * n], batch_size=16, verbose=0, shuffle=False,
+                  callbacks=[callback])
+
+    fit_batches(10, DST(update_every=3, schedule="constant"))
+    fit_batches(5, DST(update_every=3, schedule="constant"))  # its rates do not depend on it
+    assert len(traces) == 1
+    fit_batches(10, DST(update_every=3, total_steps=40))  # cosine over 40 steps
+    fit_batches(5, DST(update_every=3, total_steps=40))
+    fit_batches(7, DST(update_every=3, schedule=keras_dst.schedules.cosine(0.5, 40)))  # the same
+    assert len(traces) == 2
+    with pytest.warns(UserWarning, match="after the cosine prune-rate schedule has ended"):
+        fit_batches(5, DST(update_every=3))  # cosine over this fit's 5 steps: a new schedule
+    assert len(traces) == 3
+    fit_batches(6, DST(update_every=3))  # and over 6
+    assert len(traces) == 4
+
+
+def test_a_schedule_that_needs_no_length_trains_on_a_dataset_without_one():
+    model, _ = traced_model()
+    x, y = classification_data(n=64)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).filter(lambda *_: True)
+    assert data.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    dst = DST(update_every=2, schedule="constant")
+    model.fit(data, epochs=2, verbose=0, callbacks=[dst])
+    assert int(dst.engine.last_update_step.numpy()) == 8
+    with pytest.raises(ValueError, match="schedule='cosine' needs the number of training steps"):
+        model.fit(data, epochs=1, verbose=0, callbacks=[DST(update_every=2)])
+    with pytest.raises(ValueError, match="end_step=0.5 needs the number of training steps"):
+        model.fit(data, epochs=1, verbose=0,
+                  callbacks=[DST(update_every=2, schedule="constant", end_step=0.5)])
+
+
 def test_plain_fit_after_dst_runs_the_static_step_without_hook():
     """A plain fit traces the static step once (as any Keras model's first fit does),
     with no hook; later plain and DST fits trace nothing."""

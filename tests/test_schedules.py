@@ -56,6 +56,39 @@ def test_get_schedule():
         schedules.linear(0.5, every=0)
 
 
+def test_a_run_s_schedule_and_its_key():
+    def steps_of(known):
+        def run_steps(what):
+            if known is None and what is not None:
+                raise ValueError(f"{what} needs the number of training steps")
+            return known
+        return run_steps
+
+    def key(schedule, total=None, known=100):
+        return schedules.run_key(schedule, 0.5, total, steps_of(known))
+
+    assert schedules.for_run("cosine", 0.5, None, steps_of(100)).total_steps == 100
+    assert schedules.for_run("cosine", 0.5, 30, steps_of(100)).total_steps == 30
+    assert isinstance(schedules.for_run("constant", 0.5, None, steps_of(None)), schedules.ConstantRate)
+    with pytest.raises(ValueError, match="schedule='cosine' needs the number"):
+        schedules.for_run("cosine", 0.5, None, steps_of(None))
+    # by value: the length matters where the schedule is made from it
+    assert key("constant", known=10) == key("constant", known=20) == key("constant", known=None)
+    assert key("cosine", known=10) != key("cosine", known=20)
+    assert key("cosine", known=40) == key("cosine", total=40, known=10) == key(schedules.cosine(0.5, 40))
+    assert key(schedules.cosine(0.5, 40)) != key(schedules.cosine(0.5, 41))
+    # a factory's result without a config: by its arguments; a plain callable by identity
+    schedules.register_schedule("test_only_closure")(
+        lambda initial, total: (lambda step: tf.constant(initial, tf.float64)))
+    try:
+        assert key("test_only_closure", known=10) == key("test_only_closure", known=10)
+        assert key("test_only_closure", known=10) != key("test_only_closure", known=20)
+    finally:
+        schedules.SCHEDULES.unregister("test_only_closure")
+    rate = schedules.constant(0.1).__call__
+    assert key(rate) == key(rate) and key(rate) != key(schedules.constant(0.1).__call__)
+
+
 def test_schedule_registry_is_the_shared_type():
     assert isinstance(schedules.SCHEDULES, Registry)
     assert tuple(schedules.SCHEDULES) == ("constant", "cosine", "linear")  # callbacks validate against these
