@@ -184,7 +184,8 @@ class DynamicSparseTraining(HookedCallback):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         schedule, step = self.engine.schedule, self._optimizer_step()
-        if (self.total_steps is None and isinstance(schedule, schedules_lib.CosineRate)
+        made_from_this_fit = self.total_steps is None and isinstance(self.schedule, str)
+        if (made_from_this_fit and isinstance(schedule, schedules_lib.CosineRate)
                 and step >= schedule.total_steps):
             warnings.warn(
                 f"DynamicSparseTraining: this fit starts at optimizer step {step}, after the "

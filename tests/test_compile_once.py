@@ -4,6 +4,8 @@ The trace count is the number of times Keras's `train_step` runs in Python: once
 per traced (and so XLA-compiled) training-step variant.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -104,6 +106,12 @@ def test_a_fit_of_another_length_compiles_again_only_where_the_schedule_depends_
         fit_batches(5, DST(update_every=3))  # cosine over this fit's 5 steps: a new schedule
     assert len(traces) == 3
     fit_batches(6, DST(update_every=3))  # and over 6
+    assert len(traces) == 4
+    with warnings.catch_warnings(record=True) as caught:  # an explicit horizon: the user's
+        warnings.simplefilter("always")
+        fit_batches(5, DST(update_every=3, schedule=keras_dst.schedules.cosine(0.5, 40)))
+        fit_batches(5, DST(update_every=3, total_steps=40))
+    assert not [w for w in caught if "prune-rate schedule has ended" in str(w.message)]
     assert len(traces) == 4
 
 
