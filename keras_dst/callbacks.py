@@ -12,11 +12,11 @@ from keras_dst import optimizer_state, topology, validation
 from keras_dst import schedules as schedules_lib
 from keras_dst.engine import TopologyEngine
 from keras_dst.masks import sparse_targets
-from keras_dst.step_switch import HookedCallback
+from keras_dst.step_switch import ScheduledCallback
 
 
 @keras.saving.register_keras_serializable(package="keras_dst")
-class DynamicSparseTraining(HookedCallback):
+class DynamicSparseTraining(ScheduledCallback):
     """Dynamic sparse training: prune and regrow every `update_every` steps.
 
     Use with a model made by `keras_dst.prunable` (or built from
@@ -134,11 +134,6 @@ class DynamicSparseTraining(HookedCallback):
         """The ordering of the run: the criterion's own for ``"auto"``."""
         return self.criterion.ordering if self.ordering == "auto" else self.ordering
 
-    def _schedule(self):
-        """The prune-rate schedule of this fit (`schedules.for_run`)."""
-        return schedules_lib.for_run(self.schedule, self.prune_rate, self.total_steps,
-                                     self._total_steps)
-
     def _update_steps(self):
         end_step = self.end_step
         if isinstance(end_step, float):
@@ -149,11 +144,9 @@ class DynamicSparseTraining(HookedCallback):
         # Criterion and GrowthRule compare by value (name, functions, params), the
         # schedule by its configuration: a fit of another length compiles again only
         # where the schedule or the update steps depend on it.
-        return (self.criterion, self.growth, self._update_steps(),
-                schedules_lib.run_key(self.schedule, self.prune_rate, self.total_steps,
-                                      self._total_steps), self.resolved_ordering,
-                self.scope, self.grow_exact, self.optimizer_state, self.seed, self.normalize,
-                self.norm_type)
+        return (self.criterion, self.growth, self._update_steps(), self._schedule_key(),
+                self.resolved_ordering, self.scope, self.grow_exact, self.optimizer_state,
+                self.seed, self.normalize, self.norm_type)
 
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="DynamicSparseTraining")

@@ -20,7 +20,7 @@ from keras_dst import schedules as schedules_lib
 from keras_dst.hooks import Hook, state_variable
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
-from keras_dst.step_switch import HookedCallback
+from keras_dst.step_switch import ScheduledCallback
 
 
 class OverlapEngine(Hook):
@@ -89,7 +89,7 @@ class OverlapEngine(Hook):
 
 
 @keras.saving.register_keras_serializable(package="keras_dst")
-class CriteriaOverlap(HookedCallback):
+class CriteriaOverlap(ScheduledCallback):
     """Records how similar the weight sets chosen by several pruning criteria are.
 
     Every `update_every` optimizer steps (``t = update_every, 2 * update_every,
@@ -167,15 +167,8 @@ class CriteriaOverlap(HookedCallback):
         self.seed = validation.check_seed(seed)
         self.history = []
 
-    def _schedule(self):
-        """The prune-rate schedule of this fit (`schedules.for_run`)."""
-        return schedules_lib.for_run(self.schedule, self.prune_rate, self.total_steps,
-                                     self._total_steps)
-
     def _engine_key(self):
-        return (tuple(self.criteria), self.update_every,
-                schedules_lib.run_key(self.schedule, self.prune_rate, self.total_steps,
-                                      self._total_steps), self.seed)
+        return (tuple(self.criteria), self.update_every, self._schedule_key(), self.seed)
 
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="CriteriaOverlap")

@@ -13,7 +13,8 @@ hook's `UpdateSteps`; a hook with `runs_every_step` is always in). Without any
 hook the step is the plain static-sparse step.
 
 `HookedCallback` is the host side of a hook (the base of `DynamicSparseTraining`,
-`GradualPruning` and `CriteriaOverlap`); `StepSwitch` is the model's training
+`GradualPruning` and `CriteriaOverlap`; `ScheduledCallback` adds the prune-rate
+schedule of the first and last); `StepSwitch` is the model's training
 function while hooked callbacks train, and keeps what it compiled.
 """
 
@@ -22,7 +23,7 @@ from typing import Optional
 
 import keras
 
-from keras_dst import hooks
+from keras_dst import hooks, schedules
 from keras_dst.masks import reapply_masks_if_needed
 from keras_dst.optimizer_state import base_optimizer
 
@@ -287,3 +288,19 @@ class HookedCallback(keras.callbacks.Callback):
         if last != self._seen_update:
             self._seen_update = last
             self._logs = self._read_logs()
+
+
+class ScheduledCallback(HookedCallback):
+    """A `HookedCallback` whose engine follows a prune-rate schedule (the base of
+    `DynamicSparseTraining` and `CriteriaOverlap`): subclasses set `schedule`,
+    `prune_rate` and `total_steps` as their constructors accept them."""
+
+    def _schedule(self):
+        """The prune-rate schedule of this fit (`schedules.for_run`)."""
+        return schedules.for_run(self.schedule, self.prune_rate, self.total_steps,
+                                 self._total_steps)
+
+    def _schedule_key(self):
+        """Equal for two fits whose schedules compute the same rates (`schedules.run_key`)."""
+        return schedules.run_key(self.schedule, self.prune_rate, self.total_steps,
+                                 self._total_steps)
