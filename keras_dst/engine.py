@@ -21,7 +21,12 @@ trip (`hooks.run_if`), prunes and regrows every sparsified weight:
 
 Ordering "after_optimizer" runs this after the optimizer update (scoring the
 updated weights), "before_optimizer" before it (the optimizer then moves the
-regrown weights one step from 0). A layer whose weight or gradient holds NaN/Inf at an
+regrown weights one step from 0). The engine reads every weight through its
+mask (0 where the mask is False), so with "after_optimizer" the mask constraint
+of a weight that has no other constraint runs once after the update instead of
+inside the optimizer's (`late_constraints`): the same values, and XLA then
+updates the weight in place across the update's loop instead of copying a
+weight (or mask) at every step. A layer whose weight or gradient holds NaN/Inf at an
 update step keeps its mask unchanged for that update (global scope: the whole
 update is skipped), so densities stay exact.
 
@@ -40,6 +45,7 @@ from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, patterns, topology
 from keras_dst import optimizer_state as optimizer_state_lib
 from keras_dst.hooks import Hook, run_if, state_variable
+from keras_dst.layers import mask_is_only_constraint
 from keras_dst.scoring import ScoreInputs, is_finite
 
 
@@ -136,6 +142,19 @@ class TopologyEngine(Hook):
         return self.criterion.ema or not self._cross_replica
 
     # -- hook interface ---------------------------------------------------------
+    def late_constraints(self, variables):
+        """With "after_optimizer" (outside a tf.distribute strategy, whose update runs in
+        `merge_call`): the sparsified weights among `variables` whose only constraint is
+        their mask. The update reads them through their masks (`_masked_weight`) and
+        writes 0 wherever the mask was False before it, so zeroing the rest afterwards
+        with the final masks gives exactly what the constraint inside the optimizer's
+        update followed by the update gives."""
+        if self.ordering != "after_optimizer" or self._cross_replica:
+            return []
+        applied = {id(v) for v in variables}
+        return [t.weight for t in self.targets
+                if id(t.weight) in applied and mask_is_only_constraint(t.weight)]
+
     def before_apply(self, optimizer, grads_by_variable):
         if self.ordering == "before_optimizer":
             self._step(optimizer, tf.cast(optimizer.iterations, tf.int64) + 1, grads_by_variable)
@@ -152,6 +171,13 @@ class TopologyEngine(Hook):
         self._maybe_update(optimizer, step, grads)
 
     # -- pieces -------------------------------------------------------------------
+    @staticmethod
+    def _masked_weight(target):
+        """`target`'s weight as float32, 0 where its mask is False: what the update reads
+        (the optimizer may have moved masked entries when the mask constraint runs
+        after the update, see `late_constraints`)."""
+        return tf.where(target.mask, _f32(target.weight), tf.zeros([], tf.float32))
+
     def _grads(self, grads_by_var):
         grads = []
         for t in self.targets:
@@ -167,7 +193,7 @@ class TopologyEngine(Hook):
         """ScoreInputs of target `index`; `which` 0 = pruning, 1 = growth (own seed)."""
         t = self.targets[index]
         seed = tf.stack([tf.constant(self._seeds[index][which], tf.int64), step])
-        return ScoreInputs(weight=_f32(t.weight), gradient=grad, mask=mask, seed=seed,
+        return ScoreInputs(weight=self._masked_weight(t), gradient=grad, mask=mask, seed=seed,
                            momentum=momentum if which == 1 else None)
 
     def _reads(self, optimizer):
@@ -188,7 +214,7 @@ class TopologyEngine(Hook):
         if self.criterion.needs_gradient and ctx is not None and ctx.num_replicas_in_sync > 1:
             grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         for t, g in zip(self.targets, grads):
-            inputs = ScoreInputs(_f32(t.weight), g, tf.convert_to_tensor(t.mask),
+            inputs = ScoreInputs(self._masked_weight(t), g, tf.convert_to_tensor(t.mask),
                                  tf.zeros([2], tf.int64))
             t.running_score.assign(criteria_lib.ema_update(t.running_score, self.criterion.evaluate(inputs),
                                                    tf.logical_not(restarted),

@@ -9,7 +9,9 @@ inside the compiled step, with no second training loop:
   uses the stored kernels, whose inactive entries are 0, so their gradient is the
   true dense gradient): free, they are the tensors the optimizer receives;
 * two places to run: `Hook.before_apply`, ahead of the optimizer's update, and
-  `Hook.after_apply`, once the update and the mask constraints are done.
+  `Hook.after_apply`, once the update and the mask constraints are done (or, for
+  the weights the hook lists in `Hook.late_constraints`, before their constraints,
+  which then run once after it).
 
 With a `LossScaleOptimizer` the hooks sit on the *inner* optimizer, which only
 runs on finite steps: a step skipped for overflow neither advances the step
@@ -63,6 +65,8 @@ class Hook:
       state before any update of the same step).
     * `last_update_step`: int64 variable, the step of its last update (-1: none
       yet); the host reads its logs again when it changes.
+    * `late_constraints`: the weights whose constraints may wait until after its
+      `after_apply` (none by default).
 
     Args:
       update_steps: the `UpdateSteps` of this hook.
@@ -82,6 +86,20 @@ class Hook:
 
     def after_apply(self, optimizer, grads_by_variable):
         del optimizer, grads_by_variable
+
+    def late_constraints(self, variables) -> list:
+        """Of `variables` (those an ``apply`` updates), the ones whose constraint may run
+        after this hook's `after_apply` rather than inside the optimizer's update.
+
+        A hook lists a weight here only if its `after_apply` gives the same result
+        either way (e.g. it reads the weight through the mask its constraint
+        applies). The constraint then runs once, after the hook, where XLA can
+        update the weight in place across an update loop that writes it (see
+        `install`). Honoured only when the hook is the only one traced into the
+        ``apply``. Default: none.
+        """
+        del variables
+        return []
 
     def may_update_between(self, first: int, last: int) -> bool:
         """Can an ``optimizer.apply`` of the optimizer steps [first, last] update? (host)"""
@@ -122,11 +140,32 @@ def installed(optimizer) -> list:
     return list(base_optimizer(optimizer).__dict__.get(_HOOKS_ATTR, []))
 
 
+@contextlib.contextmanager
+def _constraints_removed(variables):
+    """Within the block, `variables` have no constraint; yields ``[(variable, constraint)]``."""
+    removed = [(v, v.constraint) for v in variables if v.constraint is not None]
+    for v, _ in removed:
+        v.constraint = None
+    try:
+        yield removed
+    finally:
+        for v, c in removed:
+            v.constraint = c
+
+
 def install(optimizer, hook: Hook):
     """Adds `hook` to `optimizer`'s ``apply`` (its base optimizer's: see `base_optimizer`).
 
     Hooks run in the order they were installed, except that a hook with
     ``first = True`` goes ahead of the others. Returns the base optimizer.
+
+    The traced ``apply`` runs every hook's `Hook.before_apply`, the optimizer's
+    update with its constraints, then every hook's `Hook.after_apply`. When one hook
+    is traced, the constraints of the weights it lists in `Hook.late_constraints`
+    run after its `after_apply` instead: a weight written by the optimizer, then
+    maybe by an update loop, then by its constraint is updated in place, where a
+    constraint ahead of the loop makes XLA copy the weight, or its mask, at every
+    step.
     """
     optimizer = base_optimizer(optimizer)
     if getattr(optimizer, "gradient_accumulation_steps", None):
@@ -145,11 +184,15 @@ def install(optimizer, hook: Hook):
             by_variable = {id(v): g for v, g in zip(variables, grads)}
             traced = optimizer.__dict__.get(_TRACED_ATTR)
             hooks = [h for h in optimizer.__dict__[_HOOKS_ATTR] if traced is None or h in traced]
+            late = hooks[0].late_constraints(variables) if len(hooks) == 1 else []
             for h in hooks:
                 h.before_apply(optimizer, by_variable)
-            result = original(grads, trainable_variables)
+            with _constraints_removed(late) as removed:
+                result = original(grads, trainable_variables)
             for h in hooks:
                 h.after_apply(optimizer, by_variable)
+            for variable, constraint in removed:
+                variable.assign(constraint(variable))
             return result
 
         optimizer.__dict__[_ORIGINAL_ATTR] = original

@@ -203,6 +203,13 @@ class MaskConstraint(keras.constraints.Constraint):
             "SparseWrapper layers) instead.")
 
 
+def mask_is_only_constraint(variable) -> bool:
+    """Whether `variable`'s constraint is its `MaskConstraint` alone (none of the user's
+    runs before it), so that applying it is exactly zeroing where the mask is False."""
+    constraint = variable.constraint
+    return isinstance(constraint, MaskConstraint) and constraint.previous is None
+
+
 def _relative_name(layer, variable) -> str:
     prefix = layer.path + "/" if getattr(layer, "path", None) else ""
     path = variable.path
