@@ -165,6 +165,27 @@ def test_overhead_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_overhead_quick_fit_loop_of_several_models(tmp_path):
+    """--fit_loop_models=2: the first two repeats' models each make every fit-loop call;
+    a call's time is the median over them (their own times kept)."""
+    run_script("overhead.py", "--models=mlp", "--epochs=1", "--update_cost=none",
+               "--fit_loop_models=2", f"--out_dir={tmp_path}")
+    r = json.loads((tmp_path / "quick_overhead.json").read_text())["models"]["mlp"]
+    assert r["config"]["fit_loop_models"] == 2
+    assert r["first_fit"]["repeats"] == 2  # both models' first fits are first fits
+    fl = r["fit_loop"]
+    assert fl["models"] == 2 and fl["calls"] == 3
+    for v, calls in fl["raw_calls"].items():
+        for i, call in enumerate(calls):
+            both = call["seconds_per_model"]
+            assert len(both) == 2 and all(t > 0 for t in both), (v, i)
+            assert call["seconds"] == pytest.approx(sum(both) / 2), (v, i)  # median of two
+        assert [c["seconds_per_model"] for c in calls[:1]] == [
+            r["first_fit"]["variants"][v]["seconds_all"]]  # call 1 = the two first fits
+    assert "2 models" in (tmp_path / "quick_overhead.md").read_text()
+
+
+@pytest.mark.slow
 def test_scaling_quick(tmp_path):
     run_script("scaling.py", "--sizes=1e4,4e4", "--layers=1,2", f"--out_dir={tmp_path}")
     doc = json.loads((tmp_path / "quick_scaling.json").read_text())

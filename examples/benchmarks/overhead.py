@@ -66,7 +66,9 @@ first step of the call, with the fit's set-up, left out).
   which drops the kernels of the live models (their next call would re-create
   them). Ratio = median over repeats of the ratio to the dense first fit of the
   same repeat (95 % interval from R = 6 on). Target: DST <= 1.5 x dense.
-* Fit loop (``--fit_loop_calls`` N, 0 skips): the first repeat's models go on, as
+* Fit loop (``--fit_loop_calls`` N, 0 skips; ``--fit_loop_models`` K models per
+  variant, default 1, a call's time being the median over them): the first K
+  repeats' models go on, as
   in a notebook or a loop that evaluates between epochs: ``model.evaluate`` on
   one batch, then fit call i, for every variant in turn (order reversed every
   other call; the DST callback is the same object in every call). Call 1 is
@@ -147,6 +149,10 @@ flags.DEFINE_integer("first_fit_repeats", 3, "fresh models per variant whose FIR
 flags.DEFINE_integer("fit_loop_calls", 8, "fit loop: model.fit(epochs=1) calls per variant, "
                      "evaluate between them, interleaved across variants; 0 skips, else >= 3 "
                      "(calls 3..N are the later calls; 8 or more give their 95 % intervals)")
+flags.DEFINE_integer("fit_loop_models", 1, "fit loop: models per variant (the first repeats' "
+                     "models), each making every call; a call's time is the median over them "
+                     "(two fresh models of one variant can differ by a few % in step time "
+                     "on CPU, so one model per variant decides a 1.03 target by chance)")
 flags.DEFINE_integer("fit_call_steps", None, "steps of every first fit and fit-loop call, "
                      ">= 2 (default: --steps_per_epoch)")
 flags.DEFINE_bool("fit_calls_only", False, "skip the step-time round robin (and the update cost, "
@@ -583,10 +589,12 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
 
     Each repeat (--first_fit_repeats), for every variant in turn (the order
     reversed every other repeat): build and compile a fresh model, time its
-    first fit. The first repeat's models then go on as the fit loop: calls
-    2..N (--fit_loop_calls) of every variant in turn (order reversed every
-    other call), ``evaluate`` on one batch before each; the loop's call 1 is
-    their first fit. (No ``keras.backend.clear_session()``: it drops the
+    first fit. The first K repeats' models (--fit_loop_models) then go on as the
+    fit loop: calls 2..N (--fit_loop_calls) of every variant in turn (order
+    reversed every other call), each of its K models in turn (order reversed
+    every other call), ``evaluate`` on one batch before each; the loop's call 1
+    is their first fit. A call's record is the median over the K models
+    (`merged_calls`). (No ``keras.backend.clear_session()``: it drops the
     kernels of the live models, and their next call would pay to re-create
     them; the previous repeat's models are deleted and collected.)
     """
@@ -601,19 +609,42 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
             f"{1e3 * rec['window_s'] / max(rec['window_steps'], 1):.2f} ms/step)")
         return rec
 
-    for r in range(max(repeats, 1 if calls else 0)):
+    instances = setting("fit_loop_models") if calls else 0
+    kept = []  # the first `instances` repeats' runs, for the fit loop
+    for r in range(max(repeats, instances)):
         runs = {}
         for _, v in bench_utils.interleaved(FIT_VARIANTS, r + 1, start=r):
             runs[v] = FitRun(keras, keras_dst, tf, model_name, v, max(calls, 1) * steps)
             first[v].append(timed(f"first fit {r + 1}", runs[v], v))
-        if r == 0 and calls:
-            loop = {v: [first[v][0]] for v in FIT_VARIANTS}
+        if r < instances:
+            kept.append(runs)
+        if r + 1 == instances:
+            calls_of = {v: [[first[v][k]] for k in range(instances)] for v in FIT_VARIANTS}
             for i, v in bench_utils.interleaved(FIT_VARIANTS, calls, start=1):
-                runs[v].evaluate()
-                loop[v].append(timed(f"fit call {i + 1}", runs[v], v))
+                for k in (range(instances) if i % 2 == 0 else reversed(range(instances))):
+                    kept[k][v].evaluate()
+                    calls_of[v][k].append(timed(f"fit call {i + 1} (model {k + 1})",
+                                                kept[k][v], v))
+            loop = {v: merged_calls(calls_of[v]) for v in FIT_VARIANTS}
+            kept = []
         del runs
         gc.collect()  # the repeat's models, before the next repeat's are built
     return (first if repeats else None), loop
+
+
+def merged_calls(per_model):
+    """One record per fit-loop call from the records of every model of a variant
+    (``per_model[k][i]``: model k's call i): the medians over the models of
+    ``seconds`` and ``window_s`` (the models make the same steps), the rest from the
+    first model, and ``seconds_per_model``."""
+    merged = []
+    for calls in zip(*per_model):
+        rec = dict(calls[0])
+        rec["seconds"] = bench_utils.median([c["seconds"] for c in calls])
+        rec["window_s"] = bench_utils.median([c["window_s"] for c in calls])
+        rec["seconds_per_model"] = [c["seconds"] for c in calls]
+        merged.append(rec)
+    return merged
 
 
 def update_cost_s(result):
@@ -665,6 +696,7 @@ def analyse_fit_loop(records, update_costs):
     d_later = [r["seconds"] for r in dense[2:]]
     d_window = window(dense[2:])
     out = {"calls": len(dense), "steps_per_call": dense[0]["steps"],
+           "models": len(dense[0].get("seconds_per_model", [None])),
            "window_steps": dense[0]["window_steps"], "later_calls": len(d_later),
            "variants": {}, "raw_calls": records}
     for v, recs in records.items():
@@ -845,7 +877,8 @@ def write_report(out_dir, prefix, results, machine, config):
         if fl:
             lv = fl["variants"]
             d = lv["dense"]
-            lrows.append([m, f"{fl['calls']} × {fl['steps_per_call']}",
+            lrows.append([m, f"{fl['calls']} × {fl['steps_per_call']}"
+                          + (f", {fl['models']} models" if fl.get("models", 1) > 1 else ""),
                           f"{fmt(d['first_call_s'], '.2f')} / {fmt(d['second_call_s'], '.2f')}",
                           fmt(d["later_call_s"], ".3f"), fmt(d["window_step_ms"], ".2f")] +
                          [pair(lv[k], "window_ratio") for k in FIT_VARIANTS[1:]] +
@@ -939,11 +972,13 @@ def main(argv):
     calls, repeats = setting("fit_loop_calls"), setting("first_fit_repeats")
     if calls in (1, 2) or min(calls, repeats) < 0:
         raise app.UsageError("--fit_loop_calls must be 0 or >= 3, --first_fit_repeats >= 0")
+    if setting("fit_loop_models") < 1:
+        raise app.UsageError("--fit_loop_models must be >= 1")
     if (calls or repeats) and setting("fit_call_steps") < 2:
         raise app.UsageError("--fit_call_steps must be >= 2 (the step window leaves out step 1)")
     config = {name: setting(name) for name in
               ("epochs", "steps_per_epoch", "batch_size", "update_every", "every1_steps",
-               "isolated_repeats", "first_fit_repeats", "fit_loop_calls")}
+               "isolated_repeats", "first_fit_repeats", "fit_loop_calls", "fit_loop_models")}
     config.update(fit_call_steps=setting("fit_call_steps"), fit_calls_only=FLAGS.fit_calls_only,
                   density=FLAGS.density, pattern=FLAGS.pattern, update_cost=FLAGS.update_cost,
                   quick=FLAGS.quick,

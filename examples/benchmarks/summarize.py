@@ -54,7 +54,9 @@ def fit_call_rows(m, r):
         d, st = v["dense"], v["static"]
         rows.append([m, f"fit-loop window DST/dense (≤ {TARGETS['fit_window']})",
                      f"{fmt(d['window_step_ms'], '.2f')} ms/step (calls 3-{fl['calls']}, "
-                     f"{fl['window_steps']} steps each)",
+                     f"{fl['window_steps']} steps each"
+                     + (f", median of {fl['models']} models" if fl.get("models", 1) > 1 else "")
+                     + ")",
                      with_ci(st["window_ratio"], st["window_ratio_ci95"])]
                     + [mark(v[k]["window_ratio"], TARGETS["fit_window"],
                             ci=v[k]["window_ratio_ci95"]) + f", {v[k]['updates_in_windows']} upd."
