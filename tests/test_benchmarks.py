@@ -186,6 +186,23 @@ def test_overhead_quick_fit_loop_of_several_models(tmp_path):
 
 
 @pytest.mark.slow
+def test_late_constraint_quick(tmp_path):
+    run_script("late_constraint.py", f"--out_dir={tmp_path}")
+    doc = json.loads((tmp_path / "quick_late_constraint.json").read_text())
+    check_machine(doc["machine"])
+    assert doc["config"]["quick"] is True and doc["config"]["rounds"] == 3
+    results = doc["results"]
+    assert list(results) == ["dense", "static", "dst_late", "dst_inside"]
+    for v, res in results.items():
+        assert len(res["first_fit_s"]) == 1 and len(res["window_ms"]) == 3
+        assert all(t > 0 for t in res["first_fit_s"] + res["window_ms"]), v
+        if v != "dense":
+            assert math.isfinite(res["window_ratio"]) and math.isfinite(res["first_fit_ratio"])
+    md = (tmp_path / "quick_late_constraint.md").read_text()
+    assert "| dst_inside |" in md and "window / dense" in md
+
+
+@pytest.mark.slow
 def test_scaling_quick(tmp_path):
     run_script("scaling.py", "--sizes=1e4,4e4", "--layers=1,2", f"--out_dir={tmp_path}")
     doc = json.loads((tmp_path / "quick_scaling.json").read_text())
