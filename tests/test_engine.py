@@ -729,3 +729,26 @@ def test_the_compiled_dst_step_updates_the_weights_in_place():
     fit_dst(model, keras.optimizers.SGD(LR, momentum=0.9), x, y, extra_callbacks=[Inspect()],
             prune="magnitude", grow="gradient", update_every=100)
     assert found == [[]]
+
+
+def test_a_user_constraint_keeps_the_mask_constraint_inside_the_optimizer():
+    """A weight with a constraint of the user's (here MaxNorm) keeps its constraints inside
+    the optimizer's update (the user's would otherwise see the masked entries the optimizer
+    moved); the others' mask constraints run after the update. Both train consistently."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((20,))
+    h = keras.layers.Dense(16, activation="relu", name="fc1",
+                           kernel_constraint=keras.constraints.MaxNorm(0.5))(inp)
+    out = keras.layers.Dense(3, name="fc2")(h)
+    model = keras_dst.prunable(keras.Model(inp, out), density=0.3)
+    x, y = classification_data(n=64)
+    dst, rec, _ = fit_dst(model, keras.optimizers.SGD(LR, momentum=0.9), x, y, epochs=2,
+                          prune="magnitude", grow="gradient", update_every=2, prune_rate=0.3,
+                          schedule="constant")
+    targets = {t.weight.path: t.weight for t in keras_dst.sparse_targets(model)}
+    listed = {w.path for w in dst.engine.late_constraints(list(targets.values()))}
+    assert listed == {p for p in targets if "fc2" in p} and len(listed) == 1
+    assert len(rec.update_steps()) >= 3
+    fc1 = next(w for p, w in targets.items() if "fc1" in p).numpy()
+    assert np.all(np.linalg.norm(fc1, axis=0) <= 0.5 + 1e-5)  # MaxNorm held every step
+    assert_sparse_invariants(model)
