@@ -149,7 +149,7 @@ class TopologyEngine(Hook):
         writes 0 wherever the mask was False before it, so zeroing the rest afterwards
         with the final masks gives exactly what the constraint inside the optimizer's
         update followed by the update gives."""
-        if self.ordering != "after_optimizer" or self._cross_replica:
+        if not self._constraints_may_run_late:
             return []
         applied = {id(v) for v in variables}
         return [t.weight for t in self.targets
@@ -171,12 +171,21 @@ class TopologyEngine(Hook):
         self._maybe_update(optimizer, step, grads)
 
     # -- pieces -------------------------------------------------------------------
-    @staticmethod
-    def _masked_weight(target):
-        """`target`'s weight as float32, 0 where its mask is False: what the update reads
-        (the optimizer may have moved masked entries when the mask constraint runs
-        after the update, see `late_constraints`)."""
-        return tf.where(target.mask, _f32(target.weight), tf.zeros([], tf.float32))
+    @property
+    def _constraints_may_run_late(self):
+        """Whether `late_constraints` may list weights: "after_optimizer", outside a
+        tf.distribute strategy."""
+        return self.ordering == "after_optimizer" and not self._cross_replica
+
+    def _masked_weight(self, target):
+        """`target`'s weight as float32, 0 where its mask is False: what the update and the
+        running scores read. Where the mask constraint may run after them (see
+        `late_constraints`) the optimizer may have moved masked entries, so the mask is
+        applied here; elsewhere the weight already is (no extra work per step)."""
+        weight = _f32(target.weight)
+        if not self._constraints_may_run_late:
+            return weight
+        return tf.where(target.mask, weight, tf.zeros([], tf.float32))
 
     def _grads(self, grads_by_var):
         grads = []
