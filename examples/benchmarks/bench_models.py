@@ -113,6 +113,27 @@ def build(k, name, quick=False):
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}.")
 
 
+def compiled(k, keras_dst, name, *, sparse, seed, mask_seed=None, quick=False,
+             learning_rate=0.01, jit_compile=True, pattern=None, **prunable_kwargs):
+    """The model `name`, built after ``k.utils.set_random_seed(seed)``, made prunable when
+    `sparse` (``keras_dst.prunable(model, seed=mask_seed, **prunable_kwargs)``, `mask_seed`
+    defaulting to `seed`; with a `pattern`, the layers it does not fit keep unstructured
+    masks), and compiled as every benchmark compiles it:
+    SGD with momentum 0.9 at `learning_rate`, sparse categorical cross-entropy from logits."""
+    k.utils.set_random_seed(seed)
+    model = build(k, name, quick=quick)
+    if sparse:
+        if pattern is not None:
+            prunable_kwargs.update(pattern=pattern,
+                                   pattern_overrides=keras_dst.unfit_layers(model, pattern))
+        model = keras_dst.prunable(model, seed=seed if mask_seed is None else mask_seed,
+                                   **prunable_kwargs)
+    model.compile(optimizer=k.optimizers.SGD(learning_rate, momentum=0.9),
+                  loss=k.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+    return model
+
+
 def synthetic_dataset(tf, name, batch_size, n_batches=8, seed=0):
     """A repeated tf.data dataset of random inputs of the model's shape (cached in memory).
 

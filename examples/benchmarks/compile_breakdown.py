@@ -65,13 +65,8 @@ PARTS = ("first_batch_s", "trace_s", "to_hlo_s", "hlo_passes_s", "codegen_s", "l
 
 def build(keras, keras_dst, model_name, variant):
     """A freshly built and compiled model of `variant` and its callbacks."""
-    keras.utils.set_random_seed(FLAGS.seed)
-    model = bench_models.build(keras, model_name, quick=FLAGS.quick)
-    if variant != "dense":
-        model = keras_dst.prunable(model, density=FLAGS.density, seed=FLAGS.seed)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=True)
+    model = bench_models.compiled(keras, keras_dst, model_name, sparse=variant != "dense",
+                                  seed=FLAGS.seed, quick=FLAGS.quick, density=FLAGS.density)
     callbacks = []
     if variant.startswith("dst_"):
         callbacks.append(keras_dst.DynamicSparseTraining(

@@ -61,13 +61,9 @@ VARIANTS = ("dense", "static", "dst_late", "dst_inside")
 
 def build(keras, keras_dst, variant, seed):
     """A fresh compiled model of `variant` and its callbacks."""
-    keras.utils.set_random_seed(seed)
-    model = bench_models.build(keras, FLAGS.model, quick=FLAGS.quick)
-    if variant != "dense":
-        model = keras_dst.prunable(model, density=FLAGS.density, seed=FLAGS.seed)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=True)
+    model = bench_models.compiled(keras, keras_dst, FLAGS.model, sparse=variant != "dense",
+                                  seed=seed, mask_seed=FLAGS.seed, quick=FLAGS.quick,
+                                  density=FLAGS.density)
     callbacks = []
     if variant.startswith("dst_"):  # a constant rate: every call's update prunes alike
         callbacks.append(keras_dst.DynamicSparseTraining(

@@ -187,16 +187,12 @@ def build_variant(keras, keras_dst, model_name, variant, total_steps=None, quick
 
     `total_steps` goes to the callback (its schedule's length; default: the
     steps of each `fit`); `quick` overrides --quick (tiny model)."""
-    keras.utils.set_random_seed(FLAGS.seed)
-    model = bench_models.build(keras, model_name, quick=FLAGS.quick if quick is None else quick)
-    if variant != "dense":
-        pattern = keras_dst.patterns.parse(FLAGS.pattern)
-        model = keras_dst.prunable(
-            model, density=None if pattern.kind == "nm" else FLAGS.density, seed=FLAGS.seed,
-            pattern=pattern, pattern_overrides=keras_dst.unfit_layers(model, pattern))
-    model.compile(optimizer=keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=FLAGS.jit_compile)
+    pattern = keras_dst.patterns.parse(FLAGS.pattern)
+    model = bench_models.compiled(
+        keras, keras_dst, model_name, sparse=variant != "dense", seed=FLAGS.seed,
+        quick=FLAGS.quick if quick is None else quick, learning_rate=FLAGS.learning_rate,
+        jit_compile=FLAGS.jit_compile, pattern=pattern,
+        density=None if pattern.kind == "nm" else FLAGS.density)
     callback = None
     if variant.startswith("dst_"):
         base = variant[:-4] if variant.endswith("_dt1") else variant
