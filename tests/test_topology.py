@@ -429,3 +429,39 @@ def test_compiled_selections_embed_no_constant_of_the_layout_size():
     hlo = update.experimental_get_compiler_ir(scores, masks, grads)(stage="hlo")
     largest = _largest_constant(hlo)
     assert 0 < largest < entries // 16, (largest, entries)
+
+
+@pytest.mark.parametrize("lowest", [True, False])
+def test_keys_of_a_packed_layout_compile_into_the_pack_kernel(lowest):
+    """XLA fuses a concatenation into its consumer only when the consumer reads each of
+    its elements once; the score order reads the bit pattern only, so the keys of the
+    packed scores (pruning and growth alike) are one kernel with the pack, not two
+    (each kernel costs XLA:CPU compile time; a second one also re-reads the layout)."""
+    shapes = [(300, 256), (256, 100), (100,)]
+    layout = topology.RowLayout(shapes)
+
+    @tf.function(jit_compile=True)
+    def keys(weights, masks):
+        return topology._keys(layout.pack(
+            [tf.abs(tf.where(m, w, 0.0)) for w, m in zip(weights, masks)], 0.0), lowest)
+
+    rng = np.random.default_rng(0)
+    weights = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    masks = [tf.constant(rng.random(s) < 0.3) for s in shapes]
+    hlo = keys.experimental_get_compiler_ir(weights, masks)(stage="optimized_hlo")
+    entry = hlo[hlo.index("\nENTRY"):]
+    assert len(re.findall(r"= \S+ fusion\(", entry)) == 1, entry
+
+
+def test_score_order_is_monotone_on_special_values():
+    """-0.0 and +0.0 share a key, NaN ranks below -inf, infinities at the ends, and
+    subnormal scores rank by value (read from the bits: a float comparison under the
+    CPU's denormals-are-zero mode tied them with 0)."""
+    x = tf.constant([np.nan, -np.inf, -3.0, -1e-45, -0.0, 0.0, 1e-45, 2.0, np.inf],
+                    tf.float32)
+    order = topology._score_order(x).numpy()
+    assert order[0] == np.iinfo(np.int32).min and order[1] == -2139095041
+    assert order[4] == order[5] == 0
+    assert all(order[i] < order[i + 1] for i in (0, 1, 2, 3, 5, 6, 7))
+    assert topology._score_order(tf.constant([-np.nan, np.float32("nan")])).numpy().tolist() \
+        == [np.iinfo(np.int32).min] * 2
