@@ -44,6 +44,7 @@ import numbers
 import zlib
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import tensorflow as tf
 
 from keras_dst import validation
@@ -403,7 +404,9 @@ def exact_mask(shape: Sequence[int], count, seed) -> tf.Tensor:
     Draws ``u = stateless_uniform([n], seed)`` and sets True the `count`
     entries with the smallest ``u`` (stable argsort: ties go to the lower flat
     index). Deterministic for a given seed; works under
-    ``tf.function(jit_compile=True)``.
+    ``tf.function(jit_compile=True)``. Eagerly the same entries are found by a
+    partition on the host (O(n); an eager argsort of a 2.4M-entry kernel takes
+    ~0.6 s on a CPU core).
 
     Args:
       shape: static shape of the mask (list, tuple or fully known
@@ -424,9 +427,25 @@ def exact_mask(shape: Sequence[int], count, seed) -> tf.Tensor:
     if isinstance(count, numbers.Integral) and not 0 <= count <= n:
         raise ValueError(f"count must be in [0, {n}] for shape {shape}, got {count}")
     u = tf.random.stateless_uniform([n], seed=seed)
+    if tf.executing_eagerly():  # the same mask in O(n): no sort of every entry
+        return tf.reshape(_smallest_first(u.numpy(), int(count)), shape)
     order = tf.argsort(u, stable=True)
     ranks = tf.scatter_nd(order[:, None], tf.range(n, dtype=tf.int32), [n])
     return tf.reshape(ranks < tf.cast(count, tf.int32), shape)
+
+
+def _smallest_first(values: np.ndarray, count: int) -> np.ndarray:
+    """bool [n]: the `count` smallest of `values` (1-D, no NaN), ties to the lower index
+    (what the first `count` of a stable argsort choose); `count` is clipped to [0, n]."""
+    count = min(max(count, 0), values.size)
+    chosen = np.zeros(values.size, bool)
+    if count == 0:
+        return chosen
+    threshold = np.partition(values, count - 1)[count - 1]
+    chosen[values < threshold] = True
+    ties = np.flatnonzero(values == threshold)
+    chosen[ties[:count - int(chosen.sum())]] = True
+    return chosen
 
 
 def bernoulli_mask(shape: Sequence[int], density, seed) -> tf.Tensor:

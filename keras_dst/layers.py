@@ -336,8 +336,18 @@ class SparseState:
         for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
             name = _relative_name(self.layer, w)
 
-            def initial_mask(shape, dtype=None, d=d, i=i, p=p):
-                return self._initial_mask(shape, d, i, p)
+            # The mask, the ever-active flags and the weight's zeroing use the same
+            # draw: made once when eager (a symbolic one is not kept: a deferred
+            # initializer may run in another graph).
+            drawn = []
+
+            def initial_mask(shape, dtype=None, d=d, i=i, p=p, drawn=drawn):
+                if drawn:
+                    return drawn[0]
+                mask = self._initial_mask(shape, d, i, p)
+                if tf.executing_eagerly():
+                    drawn.append(mask)
+                return mask
 
             mask = make_variable(f"{name}_mask", w.shape, "bool", initial_mask)
             self.masks.append(mask)
@@ -348,6 +358,7 @@ class SparseState:
                     f"{name}_running_score", w.shape, "float32", keras.initializers.Zeros()))
             w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
             _zero_initial_value(w, initial_mask)
+            drawn.clear()  # (the initializers may outlive the build: keep no mask-sized copy)
             _guard_writes(w, mask, self)
         self.created = True
 

@@ -67,6 +67,25 @@ def test_weights_are_copied_then_zeroed_and_original_untouched():
                                   model.get_layer("fc1").bias.numpy())
 
 
+def test_each_initial_mask_is_drawn_once(monkeypatch):
+    """The mask, its ever-active flags and the weight's zeroing share one draw per
+    weight (a draw is a partition of a uniform sample of the weight's size)."""
+    from keras_dst import patterns
+    draws = []
+    original = patterns.initial_mask
+
+    def counted(pattern, shape, density, seed):
+        draws.append(tuple(shape))
+        return original(pattern, shape, density, seed)
+
+    monkeypatch.setattr(patterns, "initial_mask", counted)
+    sparse = keras_dst.prunable(mlp((30, 40, 20, 5)), density=0.3, distribution="uniform")
+    assert sorted(draws) == sorted(tuple(t.weight.shape) for t in keras_dst.sparse_targets(sparse))
+    for t in keras_dst.sparse_targets(sparse):
+        np.testing.assert_array_equal(t.ever_active.numpy(), t.mask.numpy())
+    assert_sparse_invariants(sparse)
+
+
 def test_same_seed_same_masks_other_seed_other_masks():
     a = keras_dst.masks(keras_dst.prunable(mlp(), density=0.2, seed=3))
     b = keras_dst.masks(keras_dst.prunable(mlp(), density=0.2, seed=3))

@@ -573,6 +573,26 @@ def test_exact_mask_positions_are_uniform():
     assert hits.min() >= 65 and hits.max() <= 135
 
 
+@pytest.mark.parametrize("shape,count", [((20, 30), 0), ((20, 30), 1), ((20, 30), 599),
+                                         ((20, 30), 600), ((5, 5, 8), 60), ((300, 400), 12000)])
+def test_exact_mask_eager_equals_the_traced_argsort(shape, count):
+    """Eagerly the mask comes from a partition on the host, traced from a stable
+    argsort: the same entries for every seed."""
+    traced = tf.function(lambda seed: exact_mask(shape, count, seed))
+    for seed in [(1, 2), (7, 3), (0, 0)]:
+        np.testing.assert_array_equal(exact_mask(shape, count, seed).numpy(),
+                                      traced(tf.constant(seed)).numpy())
+
+
+def test_smallest_first_breaks_ties_as_a_stable_argsort():
+    from keras_dst.distributions import _smallest_first
+    values = np.array([0.5, 0.1, 0.5, 0.5, 0.2, 0.5, 0.1], np.float32)
+    for count in range(-1, values.size + 2):
+        expected = np.zeros(values.size, bool)
+        expected[np.argsort(values, kind="stable")[:max(count, 0)]] = True
+        np.testing.assert_array_equal(_smallest_first(values, count), expected)
+
+
 def test_exact_mask_edges_and_errors():
     assert exact_mask((0, 3), 0, (1, 2)).shape == (0, 3)
     with pytest.raises(ValueError, match="count"):
