@@ -96,6 +96,7 @@ def check_fit_calls(r):
     assert ff["repeats"] == 1 and ff["steps"] == 4
     for v in variants:
         assert ff["variants"][v]["seconds"] > 0 and len(ff["variants"][v]["seconds_all"]) == 1
+        assert ff["variants"][v]["build_s"] > 0  # build (+ prunable) + compile, not in the fit
     for v in variants[1:]:
         ratio = ff["variants"][v]["ratio"]
         assert math.isfinite(ratio) and ratio > 0
@@ -150,6 +151,7 @@ def test_overhead_quick(tmp_path):
     md = (tmp_path / "quick_overhead.md").read_text()
     for heading in ("## Step time, ratios to dense", "## Memory", "| mlp |",
                     "static kernels = dense", "yes (+3 inputs)", "## First fit of a fresh model",
+                    "model build s, dense / sparse",
                     "## Fit loop: repeated fit(epochs=1) calls"):
         assert heading in md
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "summarize.py"),

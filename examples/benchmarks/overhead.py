@@ -533,7 +533,9 @@ class FitRun:
     object in every fit) and its data."""
 
     def __init__(self, keras, keras_dst, tf, model_name, variant, total_steps):
+        t0 = time.perf_counter()
         self.model, self.dst = build_variant(keras, keras_dst, model_name, variant, total_steps)
+        self.build_s = time.perf_counter() - t0  # build (+ prunable) + compile, eager
         self.dataset = bench_models.synthetic_dataset(tf, model_name, setting("batch_size"),
                                                       seed=FLAGS.seed)
         self.batch = next(iter(self.dataset))
@@ -600,7 +602,7 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
     first, loop = {v: [] for v in FIT_VARIANTS}, None
 
     def timed(label, run, v):
-        rec = run.fit(steps, clock)
+        rec = dict(run.fit(steps, clock), build_s=run.build_s)
         log(f"  {label}: {v:<14} {rec['seconds']:8.3f} s  {rec['steps']} steps  (window "
             f"{1e3 * rec['window_s'] / max(rec['window_steps'], 1):.2f} ms/step)")
         return rec
@@ -658,7 +660,9 @@ def analyse_first_fits(records):
     out = {"repeats": len(dense), "steps": records["dense"][0]["steps"], "variants": {}}
     for v, recs in records.items():
         xs = [r["seconds"] for r in recs]
-        res = {"seconds": bench_utils.median(xs), "seconds_all": xs}
+        res = {"seconds": bench_utils.median(xs), "seconds_all": xs,
+               "build_s": bench_utils.median([r.get("build_s") for r in recs])
+               if all(r.get("build_s") is not None for r in recs) else None}
         if v != "dense":
             res["ratio"], res["ratio_ci95"] = bench_utils.ratio_stats(xs, dense)
         if v in DST_VARIANTS:
@@ -814,7 +818,8 @@ How to read this table (see BUILD.md#benchmarks):
   DST model compiles one step, its update inside); each repeat builds
   a fresh model of every variant in turn and times it; the ratio is the median
   over repeats of the ratio to the dense first fit of the same repeat [95 %
-  interval from 6 repeats on].
+  interval from 6 repeats on]. `model build` (not in the fit's time): building
+  the model, `prunable` for the sparse ones, and `compile`, median over repeats.
 * Fit loop: the models of the first repeat go on: `evaluate` on one batch,
   then `fit(epochs=1)` again (the same DST callback, `total_steps` = the loop's
   steps), N calls in all, call i of every variant in turn. Call 1 (their first
@@ -869,7 +874,9 @@ def write_report(out_dir, prefix, results, machine, config):
             fv = ff["variants"]
             frows.append([m, ff["repeats"], ff["steps"], fmt(fv["dense"]["seconds"], ".2f")] +
                          [f"{pair(fv[k], 'ratio')} ({fmt(fv[k]['seconds'], '.2f')} s)"
-                          for k in FIT_VARIANTS[1:]])
+                          for k in FIT_VARIANTS[1:]] +
+                         [f"{fmt(fv['dense'].get('build_s'), '.2f')} / "
+                          f"{fmt(fv['static'].get('build_s'), '.2f')}"])
         if fl:
             lv = fl["variants"]
             d = lv["dense"]
@@ -921,7 +928,8 @@ def write_report(out_dir, prefix, results, machine, config):
         lines += ["", "## First fit of a fresh model (tracing and compilation included)", "",
                   bench_utils.markdown_table(
                       ["model", "fresh models", "steps", "dense s", "static × (s)",
-                       "DST-mag × (s)", "DST-snip × (s)"], frows)]
+                       "DST-mag × (s)", "DST-snip × (s)",
+                       "model build s, dense / sparse"], frows)]
     if lrows:
         lines += ["", "## Fit loop: repeated fit(epochs=1) calls, evaluate between them", "",
                   bench_utils.markdown_table(
