@@ -151,24 +151,29 @@ class RowLayout:
 
 
 class _Groups:
-    """Which rows of a `RowLayout` each of `n` groups owns, as 0/1 matrices.
+    """Which rows of a `RowLayout` each of `n` groups owns.
 
-    Per-group sums and per-row spreads are matrix products: on CPU XLA compiles
-    a dot far faster than a reduction and runs it as fast, and the selection loop
-    runs them at every pass. Exact: counts in float32 (per row at most `width`
-    <= 2**23; per group as well when the layout has fewer than 2**24 positions,
-    in float64 otherwise), int32 values spread in float64.
+    Per-group sums are matrix products with a 0/1 [groups, rows] matrix: on CPU XLA
+    compiles a dot far faster than a reduction and runs it as fast, and the
+    selection loop runs them at every pass. Exact: counts in float32 (per row at
+    most `width` <= 2**23; per group as well when the layout has fewer than 2**24
+    positions, in float64 otherwise). Per-row spreads are gathers by each row's
+    group, which XLA fuses into the kernel that reads them (a dot would be a
+    kernel of its own, compiled and run at every pass).
 
     Args:
       to_rows: [rows, n] float64, 1 where row r belongs to group g.
+      row_group: [rows] int32, the group of each row (n: none).
       size: [n] int64, the positions of each group (its rows times the width).
       positions: the layout's positions (rows times width).
     """
 
-    def __init__(self, to_rows: tf.Tensor, size: tf.Tensor, positions: int):
+    def __init__(self, to_rows: tf.Tensor, row_group: tf.Tensor, size: tf.Tensor,
+                 positions: int):
         self.n = to_rows.shape[1]
         self.positions = positions
         self._to_rows = to_rows                               # [rows, groups]
+        self._row_group = row_group                           # [rows]
         # (float32 sums are exact below 2**24: no conversion kernel in the loop then)
         self._sum_dtype = tf.float32 if positions < 2**24 else tf.float64
         self._to_groups = tf.cast(tf.transpose(to_rows), self._sum_dtype)  # [groups, rows]
@@ -178,20 +183,25 @@ class _Groups:
     def of(cls, layout: RowLayout, groups: Sequence[Sequence[int]],
            n: Optional[int] = None) -> "_Groups":
         """The groups of tensor indices `groups` (n columns, default len(groups)), as
-        constants of [rows, n] (not of the layout's size)."""
-        member = np.zeros([layout.num_rows, len(groups) if n is None else n])
+        constants of [rows, n] and [rows] (not of the layout's size)."""
+        n = len(groups) if n is None else n
+        member = np.zeros([layout.num_rows, n])
+        row_group = np.full([layout.num_rows], n, np.int32)
         for g, members in enumerate(groups):
             for i in members:
-                member[layout.first_row[i]:layout.first_row[i] + layout.rows[i], g] = 1.0
-        return cls(tf.constant(member, tf.float64),
+                rows = slice(layout.first_row[i], layout.first_row[i] + layout.rows[i])
+                member[rows, g] = 1.0
+                row_group[rows] = g
+        return cls(tf.constant(member, tf.float64), tf.constant(row_group),
                    tf.constant(member.sum(axis=0).astype(np.int64) * layout.width),
                    layout.num_rows * layout.width)
 
     @staticmethod
     def where(pred, a: "_Groups", b: "_Groups") -> "_Groups":
         """`a` where the scalar `pred` holds, else `b` (same layout and n)."""
-        return _Groups(tf.where(pred, a._to_rows, b._to_rows), tf.where(pred, a.size, b.size),
-                       a.positions)
+        return _Groups(tf.where(pred, a._to_rows, b._to_rows),
+                       tf.where(pred, a._row_group, b._row_group),
+                       tf.where(pred, a.size, b.size), a.positions)
 
     def count(self, flags: tf.Tensor) -> tf.Tensor:
         """[groups] int32: True entries of a [rows, width] bool tensor, per group."""
@@ -200,8 +210,10 @@ class _Groups:
                        tf.int32)
 
     def spread(self, per_group: tf.Tensor) -> tf.Tensor:
-        """[groups, k] int32 -> [rows, k] int32: each row's group values."""
-        return tf.cast(tf.matmul(self._to_rows, tf.cast(per_group, tf.float64)), tf.int32)
+        """[groups, k] int -> [rows, k] int32: each row's group values (0: no group)."""
+        per_group = tf.cast(per_group, tf.int32)
+        padded = tf.concat([per_group, tf.zeros([1, per_group.shape[1]], tf.int32)], 0)
+        return tf.gather(padded, self._row_group)
 
 
 def _select_groups(key: tf.Tensor, rows: _Groups, counts) -> tf.Tensor:

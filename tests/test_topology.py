@@ -465,3 +465,26 @@ def test_score_order_is_monotone_on_special_values():
     assert all(order[i] < order[i + 1] for i in (0, 1, 2, 3, 5, 6, 7))
     assert topology._score_order(tf.constant([-np.nan, np.float32("nan")])).numpy().tolist() \
         == [np.iinfo(np.int32).min] * 2
+
+
+def test_selection_spreads_per_group_values_without_a_dot():
+    """The selection's only dots are its counts (entries per row, rows per group, in
+    float32 below 2**24 positions); each row's group values come by a gather, which XLA
+    compiles into a kernel that also does other work (a float64 dot per spread was a
+    kernel of its own in both loops)."""
+    shapes = [(300, 256), (256, 100), (100,)]
+
+    @tf.function(jit_compile=True)
+    def update(scores, masks, grads):
+        return topology.prune_then_grow(
+            scores, masks, [tf.constant(5)] * len(shapes),
+            lambda pruned: [tf.where(m, 0.0, g) for m, g in zip(pruned, grads)],
+            counts_within_active=True)
+
+    rng = np.random.default_rng(0)
+    scores = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    masks = [tf.constant(rng.random(s) < 0.3) for s in shapes]
+    grads = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    hlo = update.experimental_get_compiler_ir(scores, masks, grads)(stage="optimized_hlo")
+    dots = re.findall(r"= (\w+)\[[\d,]*\]\S* dot\(", hlo)
+    assert dots == ["f32", "f32"], dots
