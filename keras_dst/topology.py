@@ -158,8 +158,8 @@ class _Groups:
     selection loop runs them at every pass. Exact: counts in float32 (per row at
     most `width` <= 2**23; per group as well when the layout has fewer than 2**24
     positions, in float64 otherwise). Per-row spreads are gathers by each row's
-    group, which XLA fuses into the kernel that reads them (a dot would be a
-    kernel of its own, compiled and run at every pass).
+    group: one small kernel (a float64 dot with the 0/1 matrix was two, the dot and
+    its operand's cast, compiled and run at every pass).
 
     Args:
       to_rows: [rows, n] float64, 1 where row r belongs to group g.

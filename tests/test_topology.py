@@ -469,9 +469,9 @@ def test_score_order_is_monotone_on_special_values():
 
 def test_selection_spreads_per_group_values_without_a_dot():
     """The selection's only dots are its counts (entries per row, rows per group, in
-    float32 below 2**24 positions); each row's group values come by a gather, which XLA
-    compiles into a kernel that also does other work (a float64 dot per spread was a
-    kernel of its own in both loops)."""
+    float32 below 2**24 positions); each row's group values come by a gather, one small
+    kernel (a float64 dot per spread was two in both loops: the dot and its operand's
+    cast)."""
     shapes = [(300, 256), (256, 100), (100,)]
 
     @tf.function(jit_compile=True)
