@@ -337,16 +337,16 @@ class SparseState:
             name = _relative_name(self.layer, w)
 
             # The mask, the ever-active flags and the weight's zeroing use the same
-            # draw: made once when eager (a symbolic one is not kept: a deferred
-            # initializer may run in another graph).
-            drawn = []
+            # draw: made once when eager, during this build only (a symbolic draw is not
+            # kept, and a deferred initializer, run later, draws afresh and keeps none).
+            cache = {"open": True}
 
-            def initial_mask(shape, dtype=None, d=d, i=i, p=p, drawn=drawn):
-                if drawn:
-                    return drawn[0]
+            def initial_mask(shape, dtype=None, d=d, i=i, p=p, cache=cache):
+                if "mask" in cache:
+                    return cache["mask"]
                 mask = self._initial_mask(shape, d, i, p)
-                if tf.executing_eagerly():
-                    drawn.append(mask)
+                if cache.get("open") and tf.executing_eagerly():
+                    cache["mask"] = mask
                 return mask
 
             mask = make_variable(f"{name}_mask", w.shape, "bool", initial_mask)
@@ -358,7 +358,7 @@ class SparseState:
                     f"{name}_running_score", w.shape, "float32", keras.initializers.Zeros()))
             w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
             _zero_initial_value(w, initial_mask)
-            drawn.clear()  # (the initializers may outlive the build: keep no mask-sized copy)
+            cache.clear()  # closed: the initializers may outlive the build
             _guard_writes(w, mask, self)
         self.created = True
 
