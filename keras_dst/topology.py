@@ -153,54 +153,48 @@ class RowLayout:
 class _Groups:
     """Which rows of a `RowLayout` each of `n` groups owns.
 
-    Per-group sums are matrix products with a 0/1 [groups, rows] matrix: on CPU XLA
-    compiles a dot far faster than a reduction and runs it as fast, and the
+    Per-group sums are matrix products with the 0/1 [groups, rows] membership: on CPU
+    XLA compiles a dot far faster than a reduction and runs it as fast, and the
     selection loop runs them at every pass. Exact: counts in float32 (per row at
     most `width` <= 2**23; per group as well when the layout has fewer than 2**24
     positions, in float64 otherwise). Per-row spreads are gathers by each row's
-    group: one small kernel (a float64 dot with the 0/1 matrix was two, the dot and
+    group: one small kernel (a float64 dot with the membership was two, the dot and
     its operand's cast, compiled and run at every pass).
 
     Args:
-      to_rows: [rows, n] float64, 1 where row r belongs to group g.
       row_group: [rows] int32, the group of each row (n: none).
+      n: the number of groups.
       size: [n] int64, the positions of each group (its rows times the width).
       positions: the layout's positions (rows times width).
     """
 
-    def __init__(self, to_rows: tf.Tensor, row_group: tf.Tensor, size: tf.Tensor,
-                 positions: int):
-        self.n = to_rows.shape[1]
+    def __init__(self, row_group: tf.Tensor, n: int, size: tf.Tensor, positions: int):
+        self.n = n
         self.positions = positions
-        self._to_rows = to_rows                               # [rows, groups]
         self._row_group = row_group                           # [rows]
         # (float32 sums are exact below 2**24: no conversion kernel in the loop then)
         self._sum_dtype = tf.float32 if positions < 2**24 else tf.float64
-        self._to_groups = tf.cast(tf.transpose(to_rows), self._sum_dtype)  # [groups, rows]
+        # (a row of group n, none, is a zero column)
+        self._to_groups = tf.one_hot(row_group, n, axis=0, dtype=self._sum_dtype)  # [groups, rows]
         self.size = size
 
     @classmethod
     def of(cls, layout: RowLayout, groups: Sequence[Sequence[int]],
            n: Optional[int] = None) -> "_Groups":
-        """The groups of tensor indices `groups` (n columns, default len(groups)), as
-        constants of [rows, n] and [rows] (not of the layout's size)."""
+        """The groups of tensor indices `groups` (n of them, default len(groups)), as
+        constants of [rows] and [n] (not of the layout's size)."""
         n = len(groups) if n is None else n
-        member = np.zeros([layout.num_rows, n])
         row_group = np.full([layout.num_rows], n, np.int32)
         for g, members in enumerate(groups):
             for i in members:
-                rows = slice(layout.first_row[i], layout.first_row[i] + layout.rows[i])
-                member[rows, g] = 1.0
-                row_group[rows] = g
-        return cls(tf.constant(member, tf.float64), tf.constant(row_group),
-                   tf.constant(member.sum(axis=0).astype(np.int64) * layout.width),
-                   layout.num_rows * layout.width)
+                row_group[layout.first_row[i]:layout.first_row[i] + layout.rows[i]] = g
+        size = np.bincount(row_group, minlength=n + 1)[:n].astype(np.int64) * layout.width
+        return cls(tf.constant(row_group), n, tf.constant(size), layout.num_rows * layout.width)
 
     @staticmethod
     def where(pred, a: "_Groups", b: "_Groups") -> "_Groups":
         """`a` where the scalar `pred` holds, else `b` (same layout and n)."""
-        return _Groups(tf.where(pred, a._to_rows, b._to_rows),
-                       tf.where(pred, a._row_group, b._row_group),
+        return _Groups(tf.where(pred, a._row_group, b._row_group), a.n,
                        tf.where(pred, a.size, b.size), a.positions)
 
     def count(self, flags: tf.Tensor) -> tf.Tensor:
