@@ -661,8 +661,7 @@ def analyse_first_fits(records):
     for v, recs in records.items():
         xs = [r["seconds"] for r in recs]
         res = {"seconds": bench_utils.median(xs), "seconds_all": xs,
-               "build_s": bench_utils.median([r.get("build_s") for r in recs])
-               if all(r.get("build_s") is not None for r in recs) else None}
+               "build_s": bench_utils.median([r["build_s"] for r in recs])}
         if v != "dense":
             res["ratio"], res["ratio_ci95"] = bench_utils.ratio_stats(xs, dense)
         if v in DST_VARIANTS:
