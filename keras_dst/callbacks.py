@@ -1,5 +1,6 @@
 """The dynamic sparse training callback: `DynamicSparseTraining` (floor 6)."""
 
+import collections.abc
 import numbers
 import warnings
 
@@ -91,6 +92,8 @@ class DynamicSparseTraining(ScheduledCallback):
     entries ever active), and ``density/<weight path>`` per layer.
     """
 
+    supports_strategies = True
+
     def __init__(self, prune="magnitude", grow="random", update_every=100, prune_rate=0.5,
                  schedule="cosine", begin_step=0, end_step=None, ordering="auto",
                  scope="layer", grow_exact=True, optimizer_state="keep", seed=0,
@@ -98,6 +101,9 @@ class DynamicSparseTraining(ScheduledCallback):
                  total_steps=None):
         super().__init__()
         self.criterion = _resolve(criteria_lib, "prune", prune, prune_params)
+        if grow is None and grow_params:
+            raise ValueError(f"DynamicSparseTraining: grow_params={grow_params!r} given with "
+                             "grow=None (no growth rule to take them).")
         self.growth = None if grow is None else _resolve(growth_lib, "grow", grow, grow_params)
         self.update_every = validation.check_positive_int(update_every, "update_every")
         self.prune_rate = validation.check_density(prune_rate, "prune_rate")
@@ -112,6 +118,10 @@ class DynamicSparseTraining(ScheduledCallback):
                                                        "optimizer_state")
         self.seed = validation.check_seed(seed)
         self.normalize = validation.check_choice(normalize, topology.NORMALIZE_MODES, "normalize")
+        try:
+            criteria_lib.check_normalize(self.criterion, self.normalize)
+        except ValueError as e:
+            raise ValueError(f"DynamicSparseTraining(prune={prune!r}): {e}") from None
         self.norm_type = validation.check_choice(norm_type, topology.NORM_TYPES, "norm_type")
         self.total_steps = (None if total_steps is None
                             else validation.check_positive_int(total_steps, "total_steps"))
@@ -189,12 +199,10 @@ class DynamicSparseTraining(ScheduledCallback):
 
     def _read_logs(self):
         engine = self.engine
-        stats = engine.layer_stats.numpy()
         totals = np.array([int(np.prod(t.weight.shape)) for t in engine.targets])
-        if engine.last_update_step.numpy() < 0:  # no update yet: report the masks
-            active = np.array([int(np.count_nonzero(t.mask.numpy())) for t in engine.targets])
-            stats = np.stack([active, 0 * active, 0 * active], axis=1)
-        active, pruned, grown = stats.T
+        # the masks as they are (they may have been set since the last update)
+        active = np.array([int(np.count_nonzero(t.mask.numpy())) for t in engine.targets])
+        _, pruned, grown = engine.layer_stats.numpy().T  # of the last update (0: none yet)
         ever = sum(int(np.count_nonzero(t.ever_active.numpy())) for t in engine.targets)
         logs = {
             "density": float(active.sum() / totals.sum()),
@@ -233,10 +241,13 @@ def _resolve(registry_module, argument, value, params):
     """
     get = (registry_module.get_criterion if registry_module is criteria_lib
            else registry_module.get_growth)
+    if params is not None and not isinstance(params, collections.abc.Mapping):
+        raise TypeError(f"DynamicSparseTraining: {argument}_params must be a dict of parameter "
+                        f"values, got {argument}_params={params!r}.")
     try:
         resolved = get(value, **(params or {}))
         registry_module.check_serializable(resolved, argument)
-    except ValueError as e:
-        raise ValueError(f"DynamicSparseTraining({argument}={value!r}, "
-                         f"{argument}_params={params!r}): {e}") from None
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"DynamicSparseTraining({argument}={value!r}, "
+                      f"{argument}_params={params!r}): {e}") from None
     return resolved

@@ -17,7 +17,7 @@ from keras_dst import compat, distributions, patterns
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper, attached_state, layer_label
 from keras_dst.masks import sparse_states
-from keras_dst.validation import check_choice, check_density, check_seed
+from keras_dst.validation import check_bool, check_choice, check_density, check_seed
 
 
 def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_overrides=None,
@@ -105,6 +105,7 @@ def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_ov
     density = check_density(density)
     check_choice(init, ("exact", "bernoulli"), "init")
     seed = check_seed(seed)
+    skip_unsupported = check_bool(skip_unsupported, "skip_unsupported")
     if in_place is not None and not isinstance(in_place, bool):
         raise TypeError(f"prunable(): in_place must be None, True or False, got {in_place!r}.")
     if isinstance(obj, keras.Model):
@@ -259,6 +260,7 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
             for layer in done:
                 sparse_layers.detach(layer)
             raise
+        _retrace_training(model)
         return model
 
     # 2b. Clone with wrappers and copy the weights over.
@@ -443,6 +445,14 @@ def _named_overrides(keep_dense, density_overrides, known, layer_names):
     return overrides
 
 
+def _retrace_training(model):
+    """After constraints were added or removed in place: a training step `model` already
+    compiled applies the constraints it was traced with, so the next `fit` traces it
+    again (as after ``compile()``)."""
+    if isinstance(model, keras.Model) and getattr(model, "train_function", None) is not None:
+        model.train_function = None
+
+
 def strip(model):
     """A plain Keras model computing what the sparse one computes, without masks.
 
@@ -464,6 +474,7 @@ def strip(model):
         if attached:
             for layer in attached:
                 sparse_layers.detach(layer)
+            _retrace_training(model)
             return model
     if not isinstance(model, keras.Model) or not compat.is_graph_model(model):
         raise TypeError(f"strip() needs a Sequential or functional model or a model with masks "

@@ -64,8 +64,8 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from keras_dst import patterns, topology
-from keras_dst.registry import Registry
+from keras_dst import patterns, topology, validation
+from keras_dst.registry import Registry, check_callable
 from keras_dst.scoring import ScoreInputs, absolute
 from keras_dst.topology import select_highest, select_lowest
 
@@ -110,11 +110,30 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
         else:
             keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
             accepted |= {p.name for p in list(signature.parameters.values())[1:] if p.kind in keywords}
-    for param in params:
+    checked = {}
+    for param, value in params.items():
         if accepted is not None and param not in accepted:
             raise ValueError(f"Unknown parameter {param!r} for {kind} {name!r}; "
                              f"accepted: {sorted(accepted) or 'none'}.")
-    return types.MappingProxyType({**defaults, **params})
+        default = defaults.get(param)
+        if validation.is_real(default):  # a number's parameter stays a finite number
+            try:
+                checked_value = validation.check_real(value, param)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{kind} {name!r}: {e}") from None
+            value = checked_value if isinstance(default, float) else value
+        checked[param] = value
+    return types.MappingProxyType({**defaults, **checked})
+
+
+def scores_of(scores, inputs: ScoreInputs, kind: str, name: str) -> tf.Tensor:
+    """A score function's result as float32, refused unless it has the weight's shape."""
+    scores = tf.convert_to_tensor(scores)
+    if not scores.shape.is_compatible_with(inputs.weight.shape):
+        raise ValueError(f"{kind} {name!r} returned scores of shape {scores.shape} for a weight "
+                         f"of shape {inputs.weight.shape}; a score function returns one score "
+                         "per entry.")
+    return tf.cast(scores, tf.float32)
 
 
 def require_inputs(inputs: ScoreInputs, kind: str, name: str, gradient: bool = False, momentum: bool = False):
@@ -199,6 +218,9 @@ class Criterion:
         if (self.score is None) == (self.select is None):
             raise ValueError(f"Criterion {self.name!r} needs exactly one of `score` and `select`.")
         object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))
+        if self.ema and not 0.0 <= self.params.get("beta", 0.0) <= 1.0:
+            raise ValueError(f"Criterion {self.name!r}: the running average's beta must be in "
+                             f"[0, 1], got beta={self.params['beta']!r}.")
 
     def with_params(self, **params) -> "Criterion":
         """A copy with `params` merged into the current ones.
@@ -221,7 +243,7 @@ class Criterion:
         if self.score is None:
             raise ValueError(f"Criterion {self.name!r} selects by rule and has no per-entry score.")
         require_inputs(inputs, "criterion", self.name, gradient=self.needs_gradient)
-        return tf.cast(self.score(inputs, **self.params), tf.float32)
+        return scores_of(self.score(inputs, **self.params), inputs, "Criterion", self.name)
 
     def get_config(self) -> dict:
         """A plain dict from which `from_config` rebuilds an equal criterion.
@@ -285,6 +307,7 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
     _CRITERIA.check_available(name, overwrite)
 
     def decorator(fn):
+        check_callable(fn, "register_criterion", name)
         _CRITERIA.register(name, Criterion(name=name, score=None if select else fn, ordering=ordering,
                                            needs_gradient=needs_gradient, params=dict(params or {}),
                                            select=fn if select else None, ema=ema), overwrite=overwrite)
@@ -391,7 +414,7 @@ def unit_scores(criterion: Criterion, inputs_list: Sequence[ScoreInputs], scores
       in units, and a function mapping a list of unit masks back to entry masks.
     """
     if scores_list is None:
-        scores_list = [criterion.score(i, **criterion.params) for i in inputs_list]
+        scores_list = [criterion.evaluate(i) for i in inputs_list]
     scores_list = [topology.normalize(s, i.mask, normalize, norm_type)
                    for s, i in zip(scores_list, inputs_list)]
     masks = [i.mask for i in inputs_list]
@@ -408,13 +431,18 @@ def unit_scores(criterion: Criterion, inputs_list: Sequence[ScoreInputs], scores
             expand)
 
 
+def check_normalize(criterion: Criterion, normalize: str):
+    """Refuses score normalisation for a criterion that selects by rule (it has no scores)."""
+    if criterion.select is not None and normalize != "none":
+        raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
+                         f"normalize={normalize!r}; use normalize='none'.")
+
+
 def _check_select(criterion, normalize, patterns_list):
     if patterns_list is not None and any(p.kind == "block" for p in patterns_list):
         raise ValueError(f"Criterion {criterion.name!r} selects entries by a sign rule and cannot "
                          "prune whole 1xB blocks; use a score criterion (e.g. 'magnitude').")
-    if normalize != "none":
-        raise ValueError(f"Criterion {criterion.name!r} selects by sign rule and refuses "
-                         f"normalize={normalize!r}; use normalize='none'.")
+    check_normalize(criterion, normalize)
 
 
 def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,

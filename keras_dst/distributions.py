@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import validation
-from keras_dst.registry import Registry
+from keras_dst.registry import Registry, check_callable
 
 Shape = Tuple[int, ...]
 DistributionFn = Callable[..., Dict[str, float]]
@@ -147,6 +147,7 @@ def register_distribution(name: str, *, overwrite: bool = False) -> Callable[[Di
     _DISTRIBUTIONS.check_available(name, overwrite)
 
     def decorator(fn: DistributionFn) -> DistributionFn:
+        check_callable(fn, "register_distribution", name)
         _DISTRIBUTIONS.register(name, fn, overwrite=overwrite)
         return fn
 

@@ -28,8 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
-from keras_dst.criteria import check_registered, merge_params, random_scores, require_inputs
-from keras_dst.registry import Registry
+from keras_dst.criteria import check_registered, merge_params, random_scores, require_inputs, scores_of
+from keras_dst.registry import Registry, check_callable
 from keras_dst.scoring import ScoreInputs, absolute
 
 
@@ -66,7 +66,7 @@ class GrowthRule:
           ValueError: a needed gradient or momentum is None.
         """
         require_inputs(inputs, "growth", self.name, gradient=self.needs_gradient, momentum=self.needs_momentum)
-        return tf.cast(self.score(inputs, **self.params), tf.float32)
+        return scores_of(self.score(inputs, **self.params), inputs, "Growth rule", self.name)
 
     def get_config(self) -> dict:
         """A plain dict (registry name and merged params) from which `from_config` rebuilds an equal rule.
@@ -115,6 +115,7 @@ def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: 
     _GROWTH.check_available(name, overwrite)
 
     def decorator(fn):
+        check_callable(fn, "register_growth", name)
         _GROWTH.register(name, GrowthRule(name=name, score=fn, needs_gradient=needs_gradient,
                                           needs_momentum=needs_momentum, params=dict(params or {})),
                          overwrite=overwrite)

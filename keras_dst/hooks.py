@@ -20,7 +20,8 @@ already unscaled.
 
 Which installed hooks a traced function contains is decided by the step switch
 (`keras_dst.step_switch`) through `tracing`: a hook that cannot update in an
-execution is left out of the function compiled for it.
+execution is left out of the function compiled for it, and a function traced
+outside `tracing` contains none.
 """
 
 import contextlib
@@ -67,6 +68,8 @@ class Hook:
       yet); the host reads its logs again when it changes.
     * `late_constraints`: the weights whose constraints may wait until after its
       `after_apply` (none by default).
+    * `writes_masks`: True when its updates change masks (one such hook per
+      `fit`); False for an observer.
 
     Args:
       update_steps: the `UpdateSteps` of this hook.
@@ -75,6 +78,7 @@ class Hook:
     step_offset = 0
     runs_every_step = False
     first = False
+    writes_masks = True
 
     def __init__(self, update_steps: UpdateSteps):
         self.update_steps = update_steps
@@ -125,6 +129,11 @@ def run_if(pred, fn, tensors=()):
       fn: callable taking the gated `tensors`; its return value is ignored.
       tensors: tensors (or None) that `fn` reads and the loop does not write.
     """
+    if tf.executing_eagerly():  # (`run_eagerly=True`: no loop to keep in place)
+        if bool(pred):
+            fn(*tensors)
+        return
+
     def body(trip):
         first = tf.equal(trip, 0)
         gated = [t if t is None else tf.where(first, t, tf.zeros([], t.dtype)) for t in tensors]
@@ -182,8 +191,12 @@ def install(optimizer, hook: Hook):
                          else list(compat.optimizer_trainable_variables(optimizer)))
             grads = list(grads)
             by_variable = {id(v): g for v, g in zip(variables, grads)}
-            traced = optimizer.__dict__.get(_TRACED_ATTR)
-            hooks = [h for h in optimizer.__dict__[_HOOKS_ATTR] if traced is None or h in traced]
+            if _TRACED_ATTR not in optimizer.__dict__:  # no step switch is running: the
+                for h in list(optimizer.__dict__[_HOOKS_ATTR]):  # fit of these hooks raised
+                    uninstall(optimizer, h)
+                return original(grads, trainable_variables)
+            traced = optimizer.__dict__[_TRACED_ATTR]
+            hooks = [h for h in optimizer.__dict__[_HOOKS_ATTR] if h in traced]
             late = hooks[0].late_constraints(variables) if len(hooks) == 1 else []
             for h in hooks:
                 h.before_apply(optimizer, by_variable)
@@ -214,6 +227,11 @@ def uninstall(optimizer, hook: Hook):
 @contextlib.contextmanager
 def tracing(optimizer, hooks):
     """Within the block, a traced ``apply`` contains only the installed hooks in `hooks`.
+
+    Outside any such block it contains none: a training function that is not the
+    step switch's (a `compile()` made after a `fit` that raised, a user's own
+    loop) traces the plain ``apply`` and uninstalls the hooks that such a `fit`
+    left installed.
 
     (The hooks are read when, and only when, a function calling ``apply`` is
     traced: `step_switch.StepSwitch` wraps each call of its functions in this.)

@@ -41,7 +41,7 @@ from keras_dst import compat, distributions, patterns, validation
 from keras_dst.registry import Registry
 from keras_dst.validation import check_choice, check_density
 
-_PRUNABLE_LAYERS = Registry("prunable layer class")  # class -> tuple of weight names
+_PRUNABLE_LAYERS = Registry("prunable layer class", by_name=False)  # class -> tuple of weight names
 
 # Layers whose weights stay dense by design (normalisation, etc.).
 _DENSE_BY_DESIGN = (
@@ -174,7 +174,14 @@ def prunable_weights(layer) -> list:
             "keras_dst: implement `get_prunable_weights()` on it, register its class "
             "with keras_dst.register_prunable_layer(), or pass skip_unsupported=True."
         )
-    return [v for v in layer.weights if v.name in names and v.trainable]
+    named = [v for v in layer.weights if v.name in names]
+    if layer.weights and not named:  # (a registration's typo would leave it dense)
+        raise TypeError(
+            f"Layer '{layer.name}' of class {type(layer).__name__} is registered as prunable "
+            f"with weight names {list(names)}, but has no variable of these names (its "
+            f"variables: {[v.name for v in layer.weights]}); fix its "
+            "keras_dst.register_prunable_layer() call.")
+    return [v for v in named if v.trainable]
 
 
 class MaskConstraint(keras.constraints.Constraint):
@@ -753,6 +760,12 @@ def masked_nonzeros(value, mask) -> tf.Tensor:
     return tf.math.count_nonzero(tf.logical_and(tf.logical_not(mask), tf.not_equal(value, 0)))
 
 
+def _same_bits(a, b) -> bool:
+    """Whether two float tensors of one shape and dtype hold the same bits (NaNs too)."""
+    ints = {2: tf.int16, 4: tf.int32, 8: tf.int64}[a.dtype.size]
+    return bool(tf.reduce_all(tf.equal(tf.bitcast(a, ints), tf.bitcast(b, ints))))
+
+
 def _guard_writes(variable, mask, state):
     """Makes every eager write of `variable` or `mask` keep the weight's zeros where the
     mask is False.
@@ -768,8 +781,10 @@ def _guard_writes(variable, mask, state):
 
     A bulk write may set the weight before its mask (``model.set_weights`` lists
     a wrapper's kernel before its mask): a weight write that drops non-zeros
-    under the current mask keeps its raw value until the next eager mask write,
-    which then applies the new mask to it (`SparseWrapper.apply_masks` drops it).
+    under the current mask keeps its raw value for the next eager mask write,
+    which then applies the new mask to it, unless the weight changed since
+    (a training step, another write: the raw value is stale then, and the mask
+    applies to the weight as it is; `SparseWrapper.apply_masks` drops it).
 
     A write during a load (flagged by `SparseState.mark_loading`, which the wrapper's
     or the attached layer's `load_own_variables` calls once the masks are loaded and
@@ -785,24 +800,27 @@ def _guard_writes(variable, mask, state):
             return assign_weight(variable, value)
         value = tf.cast(tf.convert_to_tensor(value), variable.dtype)
         dropped = int(masked_nonzeros(value, mask))
-        if dropped:
-            pending[id(variable)] = value
-        else:
-            pending.pop(id(variable), None)
         if variable.__dict__.pop("_keras_dst_loading", False) and dropped:
             warnings.warn(
                 f"{state.owner}: the loaded '{variable.path}' holds "
                 f"{dropped} non-zero entries where its mask is 0; they were set to 0 "
                 "(the mask wins; use keras_dst.set_masks to change the topology).",
                 stacklevel=2)
-        return assign_weight(variable, tf.where(mask, value, tf.zeros_like(value)))
+        written = tf.where(mask, value, tf.zeros_like(value))
+        pending.pop(id(variable), None)
+        result = assign_weight(variable, written)
+        if dropped:  # (raw value, what the weight holds while the raw value is current)
+            pending[id(variable)] = (value, tf.identity(variable.value))
+        return result
 
     def guarded_mask_assign(value):
         result = assign_mask(mask, value)
         if tf.executing_eagerly():
-            raw = pending.pop(id(variable), None)
-            source = variable.value if raw is None else raw
-            assign_weight(variable, tf.where(mask, source, tf.zeros_like(source)))
+            raw, written = pending.pop(id(variable), (None, None))
+            current = variable.value
+            if raw is None or not _same_bits(current, written):
+                raw = current  # no raw value, or a stale one: the weight changed since
+            assign_weight(variable, tf.where(mask, raw, tf.zeros_like(raw)))
         return result
 
     variable.assign = guarded_weight_assign

@@ -99,13 +99,15 @@ def masks(model) -> dict:
 def set_masks(model, new_masks: dict, apply=True):
     """Replaces masks from ``{weight.path: 0/1 or bool array}``.
 
-    Every entry is validated (known path, same shape, only 0/1 values) before any
-    mask changes. Weights are then zeroed where the new mask is 0 (every eager
-    mask write does so, see `layers._guard_writes`), so the model stays
-    consistent; `apply` is kept for compatibility and no longer leaves them.
+    Every entry is validated (known path, same shape, only 0/1 values, the
+    weight's sparsity pattern kept) before any mask changes. Weights are then
+    zeroed where the new mask is 0 (every eager mask write does so, see
+    `layers._guard_writes`), so the model stays consistent; `apply` is kept for
+    compatibility and no longer leaves them.
 
     Raises:
-      ValueError: unknown path, shape mismatch or non-binary values.
+      ValueError: unknown path, shape mismatch, non-binary values or a broken
+        pattern (e.g. three active entries in a group of a 2:4 weight).
     """
     by_path = {t.weight.path: t for t in sparse_targets(model, require=True, caller="set_masks()")}
     checked = {}
@@ -120,6 +122,10 @@ def set_masks(model, new_masks: dict, apply=True):
                              f"weight has shape {tuple(target.weight.shape)}.")
         if not np.isin(array, (0, 1)).all():
             raise ValueError(f"set_masks(): mask for '{path}' must contain only 0/1 values.")
+        problem = patterns.violation(target.pattern, array.astype(bool))
+        if problem is not None:
+            raise ValueError(f"set_masks(): mask for '{path}' breaks the weight's pattern "
+                             f"'{target.pattern}': {problem}")
         checked[path] = array.astype(bool)
     for path, array in checked.items():
         by_path[path].mask.assign(array)  # its write guard zeroes the weight where it is 0

@@ -39,6 +39,7 @@ class OverlapEngine(Hook):
     """
 
     first = True
+    writes_masks = False
 
     def __init__(self, targets, criteria, schedule, update_steps, *, seed):
         super().__init__(update_steps)
@@ -114,8 +115,8 @@ class CriteriaOverlap(ScheduledCallback):
 
     Args:
       criteria: at least two criteria with distinct names: registered names,
-        `Criterion` objects (e.g. ``keras_dst.get_criterion("mest", gamma=0.1)``)
-        or score callables. Running (EMA) criteria are refused.
+        or `Criterion` objects (e.g. ``keras_dst.get_criterion("mest", gamma=0.1)``)
+        of registered criteria. Running (EMA) criteria are refused.
       update_every: steps between computations (int >= 1).
       prune_rate: the rate ``p`` (initial rate for a schedule), in (0, 1].
       schedule: ``"constant"`` (default), ``"cosine"``, ``"linear"`` (as

@@ -23,6 +23,12 @@ def normalize_name(key: Hashable) -> Hashable:
     return key
 
 
+def check_callable(item, register_function: str, name) -> None:
+    """Raises a TypeError unless `item` (what a register decorator decorates) is callable."""
+    if not callable(item):
+        raise TypeError(f"{register_function}({name!r}) decorates a function, got {item!r}.")
+
+
 def _label(key: Hashable) -> str:
     """How a key is shown in messages and `names()`: a string as registered, a class by its name."""
     if isinstance(key, str):
@@ -37,8 +43,9 @@ class Registry:
       kind: what is stored, used in messages ("criterion", "distribution", ...).
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, by_name: bool = True):
         self.kind = kind
+        self.by_name = by_name  # keys are names (str); else classes or other hashables
         self._items = {}  # normalised key -> (key as registered, item)
 
     def check_available(self, key: Hashable, overwrite: bool = False) -> None:
@@ -47,7 +54,10 @@ class Registry:
         Raises:
           ValueError: `key` is taken and `overwrite` is False (names the kind
             and the key), or `key` is a string that is empty once normalised.
+          TypeError: a registry of names is given a key that is not a str.
         """
+        if self.by_name and not isinstance(key, str):
+            raise TypeError(f"{self.kind} name must be a non-empty str, got {key!r}.")
         lookup = normalize_name(key)
         if isinstance(key, str) and not lookup:
             raise ValueError(f"{self.kind} name must be a non-empty str (ignoring '_' and '-'), got {key!r}.")

@@ -271,6 +271,10 @@ class BackupAndRestore(keras.callbacks.Callback):
     def get_config(self):
         return {"backup_dir": self.backup_dir, "delete_checkpoint": self.delete_checkpoint}
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
 
 def _fsync(path):
     """Flushes a file or a directory to disk (directories: a no-op where unsupported)."""

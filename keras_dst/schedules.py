@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 
 from keras_dst import validation
-from keras_dst.registry import Registry
+from keras_dst.registry import Registry, check_callable
 
 _PI = math.pi
 
@@ -50,6 +50,13 @@ class _Schedule:
     """Base: `get_config` returns the constructor arguments."""
 
     _fields = ()
+
+    def _check(self, check, value, name, **kwargs):
+        """`check(value, name)` (a `validation` check), its error naming this class."""
+        try:
+            return check(value, name, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{type(self).__name__}: {e}") from None
 
     def get_config(self):
         return {name: getattr(self, name) for name in self._fields}
@@ -68,17 +75,17 @@ class CosineRate(_Schedule):
     """Cosine annealing from `initial` to `floor` over `total_steps`, then constant.
 
     Args:
-      initial: rate at step 0 (0.5 in the paper).
-      total_steps: T, the step at which `floor` is reached (all training steps).
-      floor: final rate (0.005 in the reference).
+      initial: rate at step 0, in (0, 1] (0.5 in the paper).
+      total_steps: T >= 1, the step at which `floor` is reached (all training steps).
+      floor: final rate, in [0, 1] (0.005 in the reference).
     """
 
     _fields = ("initial", "total_steps", "floor")
 
     def __init__(self, initial: float, total_steps: int, floor: float = 0.005):
-        if total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps}.")
-        self.initial, self.total_steps, self.floor = float(initial), int(total_steps), float(floor)
+        self.initial = self._check(validation.check_density, initial, "initial")
+        self.total_steps = self._check(validation.check_positive_int, total_steps, "total_steps")
+        self.floor = self._check(validation.check_density, floor, "floor", allow_zero=True)
 
     def __call__(self, step) -> tf.Tensor:
         progress = tf.minimum(_step(step), float(self.total_steps)) / float(self.total_steps)
@@ -90,13 +97,13 @@ class ConstantRate(_Schedule):
     """The same rate at every step.
 
     Args:
-      initial: the rate.
+      initial: the rate, in (0, 1].
     """
 
     _fields = ("initial",)
 
     def __init__(self, initial: float):
-        self.initial = float(initial)
+        self.initial = self._check(validation.check_density, initial, "initial")
 
     def __call__(self, step) -> tf.Tensor:
         return tf.zeros_like(_step(step)) + self.initial
@@ -107,17 +114,17 @@ class LinearRate(_Schedule):
     """Step decay: `initial * factor ** floor(step / every)`.
 
     Args:
-      initial: rate at step 0.
-      factor: multiplier applied every `every` steps.
-      every: period in steps.
+      initial: rate at step 0, in (0, 1].
+      factor: multiplier applied every `every` steps, in (0, 1].
+      every: period in steps (>= 1).
     """
 
     _fields = ("initial", "factor", "every")
 
     def __init__(self, initial: float, factor: float = 0.99, every: int = 600):
-        if every <= 0:
-            raise ValueError(f"every must be positive, got {every}.")
-        self.initial, self.factor, self.every = float(initial), float(factor), int(every)
+        self.initial = self._check(validation.check_density, initial, "initial")
+        self.factor = self._check(validation.check_density, factor, "factor")
+        self.every = self._check(validation.check_positive_int, every, "every")
 
     def __call__(self, step) -> tf.Tensor:
         factor = tf.constant(self.factor, tf.float64)
@@ -163,6 +170,7 @@ def register_schedule(name: str, *, overwrite: bool = False):
     SCHEDULES.check_available(name, overwrite)
 
     def decorator(factory):
+        check_callable(factory, "register_schedule", name)
         SCHEDULES.register(name, factory, overwrite=overwrite)
         return factory
 

@@ -22,6 +22,7 @@ import warnings
 from typing import Optional
 
 import keras
+import tensorflow as tf
 
 from keras_dst import hooks, schedules
 from keras_dst.masks import reapply_masks_if_needed
@@ -45,9 +46,14 @@ class StepSwitch:
     `model.train_function` becomes the static variant (or the switch, which
     compiles it on first use, as Keras would), so a later plain `fit` runs it
     with no hook. `model.compile()` (which gives the
-    model a new training function) drops the switch and what it kept. Hooks
-    left installed by a `fit` that raised are uninstalled when the next `fit`
-    starts.
+    model a new training function) drops the switch and what it kept.
+
+    A `fit` that raised (in a step, in a callback, or interrupted) never reaches
+    `on_train_end`; its hooks stay installed until the next execution, which
+    uninstalls them unless a hooked callback of the running `fit` prepared it
+    (`set_needed`, before every batch): a later plain `fit` (or
+    `train_on_batch`) runs the static step, and a later hooked `fit` installs its
+    own hooks afresh.
     """
 
     ATTR = "_keras_dst_step_switch"
@@ -59,6 +65,8 @@ class StepSwitch:
         self._needed = {}      # hook -> traced into the coming execution?
         self._engines = {}     # configuration key -> hook, kept across fits
         self._functions = {}   # frozenset of traced hooks -> compiled train function
+        self._prepared = False  # a hooked callback set up the coming execution
+        self._owners = {}      # hook -> the name of its callback's class
 
     @classmethod
     def current(cls, model):
@@ -80,12 +88,16 @@ class StepSwitch:
             switch = cls(model)
             model.__dict__[cls.ATTR] = switch
         if switch.params is not params:
-            for engine in switch.engines:  # a fit that never reached on_train_end
-                hooks.uninstall(model.optimizer, engine)
-            switch.engines, switch._needed = [], {}
+            switch._end_fit()  # of a fit that never reached on_train_end
             switch.params = params
         model.train_function = switch
         return switch
+
+    def _end_fit(self):
+        """Uninstalls the hooks of the running (or an abandoned) fit."""
+        for engine in self.engines:
+            hooks.uninstall(self.model.optimizer, engine)
+        self.engines, self._needed, self._owners, self.params = [], {}, {}, None
 
     def _owns(self, function):
         return function is self or any(function is f for f in self._functions.values())
@@ -98,15 +110,32 @@ class StepSwitch:
         """Keeps `engine` for later fits with an equal configuration `key`."""
         self._engines[key] = engine
 
-    def add(self, engine):
-        """Installs `engine` on the model's optimizer for this fit."""
+    def add(self, engine, owner: str):
+        """Installs `engine` (the hook of callback `owner`) on the model's optimizer for
+        this fit.
+
+        Raises:
+          ValueError: `engine` changes masks and another hook of this fit does too
+            (two DST or gradual-pruning callbacks would each change the masks that
+            the other selects from); the fit's hooks are uninstalled first.
+        """
+        writers = [self._owners.get(e, type(e).__name__) for e in self.engines
+                   if e.writes_masks and e is not engine]
+        if engine.writes_masks and writers:
+            self._end_fit()
+            raise ValueError(
+                f"{owner}: this fit already has a callback that changes the masks "
+                f"({writers[0]}); pass one per fit (CriteriaOverlap, which only observes, "
+                "can join it).")
         hooks.install(self.model.optimizer, engine)
+        self._owners[engine] = owner
         if engine not in self.engines:
             self.engines.append(engine)
 
     def set_needed(self, engine, needed: bool):
         """Whether `engine` is traced into the function of the coming execution."""
         self._needed[engine] = bool(needed)
+        self._prepared = True
 
     def remove(self, engine):
         """Ends `engine`'s part in this fit; the last one out restores the static step."""
@@ -120,12 +149,14 @@ class StepSwitch:
 
     def release(self):
         """Uninstalls this switch's hooks and forgets its hooks and functions."""
-        for engine in self.engines:
-            hooks.uninstall(self.model.optimizer, engine)
-        self.engines, self._needed, self._engines, self._functions = [], {}, {}, {}
+        self._end_fit()
+        self._engines, self._functions = {}, {}
         self.model.__dict__.pop(self.ATTR, None)
 
     def __call__(self, *args, **kwargs):
+        if self.engines and not self._prepared:  # the fit that installed them raised
+            self._end_fit()
+        self._prepared = False
         key = frozenset(e for e in self.engines if self._needed.get(e, True))
         function = self._functions.get(key)
         if function is None:
@@ -161,6 +192,8 @@ class HookedCallback(keras.callbacks.Callback):
     could put the device ahead; the read after the first execution (and every
     later one) detects it, and the engine then runs in every step.
     """
+
+    supports_strategies = False  # (its engine writes in sync under a tf.distribute strategy)
 
     def __init__(self):
         super().__init__()
@@ -207,7 +240,20 @@ class HookedCallback(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             raise ValueError(f"{type(self).__name__}: compile the model before fit().")
+        if not self.supports_strategies:
+            with self.model.distribute_strategy.scope():
+                if tf.distribute.has_strategy():
+                    raise NotImplementedError(
+                        f"{type(self).__name__} does not support tf.distribute strategies "
+                        f"yet (the model is under {type(self.model.distribute_strategy).__name__}"
+                        "); DynamicSparseTraining does.")
         base = base_optimizer(optimizer)
+        if getattr(base, "use_ema", False):
+            raise ValueError(
+                f"{type(self).__name__}: optimizer '{base.name}' has use_ema=True; its moving "
+                "averages hold values at masked entries, which would overwrite the sparse "
+                "weights (every ema_overwrite_frequency steps and at the end of fit). Compile "
+                "with an optimizer without use_ema.")
         if not base.built:
             base.build(self.model.trainable_variables)
         # The engine of an equal configuration is reused with the steps compiled
@@ -225,9 +271,10 @@ class HookedCallback(keras.callbacks.Callback):
         # uninstalls them, this callback's previous engine included)
         switch = StepSwitch.of(self.model, self.params)
         switch.keep(key, engine)
-        switch.add(engine)
+        switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step
         self._verify = True
+        self._seen_update, self._logs = None, {}  # (this model's, read afresh)
 
     def on_train_end(self, logs=None):
         if self.engine is not None:

@@ -6,6 +6,7 @@ changes with a message that names the argument and the value it got:
 Callers that know more context (a layer, a callback) prefix it to the message.
 """
 
+import math
 import numbers
 from typing import Collection, Optional
 
@@ -14,7 +15,7 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -28,7 +29,7 @@ def check_density(value, name: str = "density", allow_zero: bool = False) -> flo
       ValueError: it is outside the interval, or NaN.
     """
     interval = "[0, 1]" if allow_zero else "(0, 1]"
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a float in {interval}, got {name}={value!r}.")
     low_ok = float(value) >= 0.0 if allow_zero else float(value) > 0.0
     if not (low_ok and float(value) <= 1.0):
@@ -78,9 +79,18 @@ def check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+def check_real(value, name: str) -> float:
+    """`value` as a finite float."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number, got {name}={value!r}.")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {name}={value!r}.")
+    return float(value)
+
+
 def check_positive_real(value, name: str) -> float:
     """`value` as a finite float > 0."""
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number > 0, got {name}={value!r}.")
     if not (float(value) > 0.0 and float(value) != float("inf")):
         raise ValueError(f"{name} must be a finite real > 0, got {name}={value!r}.")

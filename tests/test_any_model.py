@@ -470,3 +470,20 @@ def test_a_failing_attach_rolls_back_the_layers_already_done(monkeypatch):
         warnings.simplefilter("error")
         monkeypatch.setattr(layers_lib, "attach", real)
         assert keras_dst.prunable(net, density=0.3) is net
+
+
+def test_masks_attached_after_a_fit_constrain_the_next_plain_fit():
+    """A model that trained dense (its step compiled without constraints) and then got
+    masks in place trains sparse in the next plain `fit`; stripped in place, dense again."""
+    net = compile_model(two_dense(), keras.optimizers.SGD(0.05, momentum=0.9))
+    x, y = dense_data(n=32)
+    net.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert keras_dst.prunable(net, density=0.3) is net
+    counts = active_counts(net)
+    net.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert_sparse_invariants(net, counts)
+    masks = [t.mask.numpy() for t in keras_dst.sparse_targets(net)]
+    keras_dst.strip(net)
+    net.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    kernels = [net.a.kernel.numpy(), net.b.kernel.numpy()]
+    assert all(np.count_nonzero(k[~m]) > 0 for k, m in zip(kernels, masks))  # trained dense

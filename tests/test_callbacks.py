@@ -54,6 +54,19 @@ BAD_ARGUMENTS = [
     (dict(normalize="row"), ValueError, ["normalize", "'row'"]),
     (dict(norm_type="mean"), ValueError, ["norm_type", "'mean'"]),
     (dict(total_steps=0), ValueError, ["total_steps", "0"]),
+    (dict(prune="mest", prune_params={"gamma": "x"}), TypeError,
+     ["prune_params", "'mest'", "gamma must be a real number", "'x'"]),
+    (dict(prune="mest", prune_params={"gamma": float("nan")}), ValueError,
+     ["prune_params", "gamma must be finite", "nan"]),
+    (dict(prune="running_magnitude", prune_params={"beta": 2.0}), ValueError,
+     ["prune_params", "beta must be in [0, 1]", "2.0"]),
+    (dict(prune="mest", prune_params=[("gamma", 1.0)]), TypeError,
+     ["prune_params must be a dict", "[('gamma', 1.0)]"]),
+    (dict(grow="gradient", grow_params=5), TypeError, ["grow_params must be a dict", "5"]),
+    (dict(grow=None, grow_params={"offset": 1.0}), ValueError,
+     ["grow_params={'offset': 1.0}", "grow=None"]),
+    (dict(prune="set", normalize="layer"), ValueError,
+     ["prune='set'", "sign rule", "normalize='layer'"]),
 ]
 
 
@@ -378,6 +391,55 @@ def test_a_fit_that_raised_leaves_no_engine_behind():
     assert "apply" not in vars(base_optimizer(model.optimizer))
 
 
+@keras_dst.register_criterion("test_fails_when_traced", ordering="after_optimizer",
+                              needs_gradient=False, overwrite=True)
+def _fails_when_traced(inputs):
+    raise ValueError("this criterion cannot be traced")
+
+
+def _boom_at_batch_1(batch, logs):
+    if batch == 1:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("failure, then", [
+    ("callback", "fit"), ("callback", "compile_same_optimizer"), ("trace", "fit"),
+    ("callback", "train_on_batch")])
+def test_after_a_fit_that_raised_a_plain_fit_runs_the_static_step(failure, then):
+    """A DST fit interrupted by a callback (or whose step failed to trace) never reaches
+    on_train_end: the plain fit that follows, on the same compiled model or after a
+    `compile()` with the same optimizer, must neither update the masks nor fail again."""
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    if failure == "callback":
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+                DST(update_every=1, prune_rate=0.5),
+                keras.callbacks.LambdaCallback(on_train_batch_end=_boom_at_batch_1)])
+    else:
+        with pytest.raises(ValueError, match="cannot be traced"):
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                      callbacks=[DST(prune="test_fails_when_traced", update_every=1)])
+    if then == "compile_same_optimizer":
+        model.compile(model.optimizer, LOSS, jit_compile=True)
+    masks = keras_dst.masks(model)
+    if then == "train_on_batch":
+        for _ in range(3):
+            model.train_on_batch(x[:16], y[:16])
+    else:
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)  # updates at every step if hooked
+    after = keras_dst.masks(model)
+    assert all((masks[k] == after[k]).all() for k in masks)
+    assert "apply" not in vars(base_optimizer(model.optimizer))
+    assert_sparse_invariants(model)
+    # and DST trains again, with a hook of its own only while it fits
+    dst = DST(update_every=1, prune_rate=0.5)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst])
+    assert any((after[k] != v).any() for k, v in keras_dst.masks(model).items())
+    assert "apply" not in vars(base_optimizer(model.optimizer))
+
+
 # ----------------------------------------------------------------------------
 # Serialization.
 
@@ -447,3 +509,112 @@ def test_run_if_runs_its_body_exactly_when_the_predicate_holds_under_xla():
     assert float(counter.numpy()) == 3.0
     np.testing.assert_array_equal(seen.numpy(), x.numpy())  # the body sees the tensor itself
     assert step.experimental_get_tracing_count() == 1
+
+
+def test_dst_runs_eagerly():
+    """`run_eagerly=True` (Keras's debugging mode) runs the update as plain Python."""
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, run_eagerly=True)
+    x, y = classification_data(n=64)
+    counts, masks = active_counts(model), keras_dst.masks(model)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+        DST(prune="magnitude", grow="gradient", update_every=2, prune_rate=0.5)])
+    assert any((masks[k] != v).any() for k, v in keras_dst.masks(model).items())
+    assert_sparse_invariants(model, counts)
+    assert history.history["pruned"][-1] > 0
+
+
+@pytest.mark.parametrize("second", ["dst", "gradual"])
+def test_a_second_callback_that_changes_masks_is_refused(second):
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    other = (DST(prune="snip", update_every=3) if second == "dst" else
+             keras_dst.GradualPruning(final_density=0.1, begin_step=0, end_step=8))
+    masks = keras_dst.masks(model)
+    with pytest.raises(ValueError, match=r"already has a callback that changes the masks "
+                                         r"\(DynamicSparseTraining\); pass one per fit"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[DST(update_every=1), other])
+    assert "apply" not in vars(base_optimizer(model.optimizer))  # nothing left installed
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
+    # an observer joins a DST callback
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+        DST(update_every=2), keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=2)])
+
+
+def test_logs_describe_this_model_and_its_masks_as_they_are():
+    """A callback reused on another model reports that model; masks set between fits
+    are the density logged by the next fit, before its first update."""
+    x, y = classification_data(n=64)
+    dst = DST(update_every=100)  # no update in these fits
+    first = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    second = keras_dst.prunable(mlp((20, 16, 3)), density=0.6)
+    for model in (first, second):
+        model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+        logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst]).history
+        assert logs["density"][-1] == pytest.approx(keras_dst.density(model))
+        assert set(k for k in logs if k.startswith("density/")) == {
+            f"density/{t.weight.path}" for t in keras_dst.sparse_targets(model)}
+    masks = {k: np.ones_like(v) for k, v in keras_dst.masks(second).items()}
+    keras_dst.set_masks(second, masks)
+    logs = second.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst]).history
+    assert logs["density"][-1] == 1.0
+
+
+def test_backup_and_restore_round_trips_its_config(tmp_path):
+    backup = keras_dst.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(backup)))
+    clone = keras.saving.deserialize_keras_object(config)
+    assert type(clone) is keras_dst.BackupAndRestore
+    assert clone.get_config() == backup.get_config()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras_dst.GradualPruning(final_density=0.1, begin_step=0, end_step=8),
+    lambda: keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=2),
+], ids=["gradual", "overlap"])
+def test_callbacks_without_strategy_support_refuse_one_before_any_change(make):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = keras_dst.prunable(mlp((20, 16, 3)), density=0.5)
+        model.compile(keras.optimizers.SGD(0.05), LOSS)
+    x, y = classification_data(n=32)
+    callback = make()
+    with pytest.raises(NotImplementedError, match=rf"{type(callback).__name__} does not support "
+                                                  r"tf.distribute strategies yet \(the model is "
+                                                  r"under MirroredStrategy\)"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    assert "apply" not in vars(base_optimizer(model.optimizer))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # and the model trains
+
+
+@keras_dst.register_criterion("test_one_score_per_layer", ordering="after_optimizer",
+                              needs_gradient=False, overwrite=True)
+def _one_score_per_layer(inputs):
+    return tf.reduce_sum(tf.abs(inputs.weight))
+
+
+def test_a_score_of_the_wrong_shape_is_refused_naming_the_criterion():
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=32)
+    masks = keras_dst.masks(model)
+    with pytest.raises(ValueError, match=r"Criterion 'test_one_score_per_layer' returned scores "
+                                         r"of shape \(\) for a weight of shape \(20, 16\)"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[DST(prune="test_one_score_per_layer", update_every=1)])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
+
+
+def test_an_optimizer_with_moving_averages_is_refused_before_any_change():
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.Adam(0.01, use_ema=True), LOSS, jit_compile=True)
+    x, y = classification_data(n=32)
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: optimizer 'adam' has "
+                                         r"use_ema=True; its moving averages hold values at "
+                                         r"masked entries"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[DST(update_every=1)])
+    assert not base_optimizer(model.optimizer).built

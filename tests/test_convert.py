@@ -190,6 +190,11 @@ def test_bad_density(density, error):
         keras_dst.prunable(mlp(), density=density)
 
 
+def test_skip_unsupported_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"skip_unsupported must be a bool, got skip_unsupported=1"):
+        keras_dst.prunable(mlp(), density=0.1, skip_unsupported=1)
+
+
 def test_unknown_distribution():
     with pytest.raises(ValueError, match="gaussian"):
         keras_dst.prunable(mlp(), density=0.1, distribution="gaussian")
@@ -301,3 +306,26 @@ def test_prunable_layer_registry_is_the_shared_type():
         assert list(keras_dst.masks(keras_dst.prunable(model, density=0.5))) == ["child/a", "child/b"]
     finally:
         layers_lib._PRUNABLE_LAYERS.unregister(Pair)
+
+
+def test_a_registration_naming_no_variable_of_the_layer_is_refused():
+    """A typo in `register_prunable_layer` (a weight name the layer does not have) would
+    leave the layer dense without a word: prunable() names the layer and its variables."""
+
+    class Typo(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], 2), name="kernel")
+
+        def call(self, x):
+            return x @ self.kernel
+
+    keras_dst.register_prunable_layer(Typo, ["kernal"])
+    try:
+        inp = keras.Input((6,))
+        model = keras.Model(inp, Typo(name="typo")(inp))
+        with pytest.raises(TypeError, match=r"Layer 'typo' of class .*Typo is registered as "
+                                            r"prunable with weight names \['kernal'\], but has no "
+                                            r"variable of these names \(its variables: \['kernel'\]\)"):
+            keras_dst.prunable(model, density=0.5)
+    finally:
+        layers_lib._PRUNABLE_LAYERS.unregister(Typo)

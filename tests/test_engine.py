@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from keras_dst import optimizer_state
+from keras_dst import hooks, optimizer_state
 
 from conftest import LOSS, active_counts, assert_sparse_invariants, classification_data, mlp
 
@@ -706,7 +706,8 @@ def _weight_copies_in_compiled_step(model, x, y):
     import re
 
     step = tf.function(lambda x, y: model.train_step((x, y)), jit_compile=True)
-    hlo = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    with hooks.tracing(model.optimizer, hooks.installed(model.optimizer)):
+        hlo = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
     entry = hlo[hlo.index("\nENTRY "):]
     shapes = {",".join(str(d) for d in t.weight.shape) for t in keras_dst.sparse_targets(model)}
     return [m for m in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} copy\(", entry) if m in shapes]

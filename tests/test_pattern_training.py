@@ -286,3 +286,20 @@ def test_global_scope_with_blocks_needs_one_pattern_and_gradual_refuses_patterns
                   callbacks=[keras_dst.DynamicSparseTraining(scope="global")])
     with pytest.raises(ValueError, match="GradualPruning.*1x4"):
         model.fit(x, y, verbose=0, callbacks=[keras_dst.GradualPruning(0.1, update_every=2, end_step=4)])
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1x4", "fan_in"])
+def test_set_masks_refuses_a_mask_that_breaks_the_pattern(pattern):
+    """DST keeps a pattern by moving whole units; a mask set by hand must hold it already
+    (a 2:4 weight given one group of three stayed broken through every update)."""
+    model = keras_dst.prunable(mlp_model(), density=0.5, pattern=pattern)
+    masks = keras_dst.masks(model)
+    keras_dst.set_masks(model, masks)  # its own masks hold the pattern
+    broken = {k: v.copy() for k, v in masks.items()}
+    path = next(iter(broken))
+    row = broken[path][0] if pattern != "fan_in" else broken[path][:, 0]
+    row[np.flatnonzero(~row)[0]] = True  # one more active entry in one group / unit
+    with pytest.raises(ValueError, match=rf"set_masks\(\): mask for '{path}' breaks the "
+                                         rf"weight's pattern '{pattern}'"):
+        keras_dst.set_masks(model, broken)
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())

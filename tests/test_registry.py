@@ -2,6 +2,8 @@
 
 import pytest
 
+import keras_dst
+from keras_dst import criterion_names
 from keras_dst.registry import Registry, normalize_name
 
 
@@ -72,7 +74,7 @@ def test_class_keys_match_exactly():
     class Child(Base):
         pass
 
-    r = Registry("thing class")
+    r = Registry("thing class", by_name=False)
     r.register(Base, "base")
     assert Base in r and Child not in r  # no MRO walk here; callers do that
     assert r.get(Base) == "base" and r.names() == ("test_class_keys_match_exactly.<locals>.Base",)
@@ -91,3 +93,17 @@ def test_unregister():
     assert "gear" not in r and r.unregister("gear") is None
     r.register("gear", 3)  # free again
     assert r.get("gear") == 3
+
+
+def test_names_are_strings_and_registered_functions_are_callable():
+    r = Registry("widget")
+    with pytest.raises(TypeError, match=r"widget name must be a non-empty str, got None"):
+        r.register(None, 1)
+    with pytest.raises(TypeError, match=r"register_criterion\('probe'\) decorates a function, "
+                                        r"got None"):
+        keras_dst.register_criterion("probe", ordering="after_optimizer")(None)
+    with pytest.raises(TypeError, match=r"register_growth\('probe'\) decorates a function, got 5"):
+        keras_dst.register_growth("probe")(5)
+    with pytest.raises(TypeError, match=r"criterion name must be a non-empty str, got None"):
+        keras_dst.register_criterion(None, ordering="after_optimizer")
+    assert "probe" not in criterion_names() and "None" not in criterion_names()

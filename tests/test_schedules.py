@@ -26,7 +26,8 @@ def test_cosine_matches_spec_example(step, expected, tol):
 
 
 @SETTINGS
-@given(st.integers(0, 10**6), st.integers(1, 10**5), st.floats(0.0, 1.0), st.floats(0.0, 0.1))
+@given(st.integers(0, 10**6), st.integers(1, 10**5), st.floats(0.0, 1.0, exclude_min=True),
+       st.floats(0.0, 0.1))
 def test_cosine_formula(step, total, initial, floor):
     expected = floor + (initial - floor) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
     assert float(schedules.CosineRate(initial, total, floor)(step)) == pytest.approx(expected, abs=1e-6)
@@ -208,3 +209,30 @@ def test_prune_count_of_a_large_layer_is_the_float64_ceiling_of_the_reference():
             assert int(topology.prune_count(active, schedule(step))) == want, (step, active)
             differ += int(topology.prune_count(active, tf.cast(schedule(step), tf.float32))) != want
     assert differ > 0  # the float32 rate really was off somewhere: the check can fail
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: schedules.CosineRate(5.0, 10), ValueError,
+     "CosineRate: initial must be in (0, 1], got initial=5.0."),
+    (lambda: schedules.CosineRate(0.5, float("nan")), TypeError,
+     "CosineRate: total_steps must be a positive int, got total_steps=nan."),
+    (lambda: schedules.CosineRate(0.5, 1.5), TypeError,
+     "CosineRate: total_steps must be a positive int, got total_steps=1.5."),
+    (lambda: schedules.CosineRate(0.5, 10, floor=-0.1), ValueError,
+     "CosineRate: floor must be in [0, 1], got floor=-0.1."),
+    (lambda: schedules.ConstantRate(-1.0), ValueError,
+     "ConstantRate: initial must be in (0, 1], got initial=-1.0."),
+    (lambda: schedules.ConstantRate(float("nan")), ValueError,
+     "ConstantRate: initial must be in (0, 1], got initial=nan."),
+    (lambda: schedules.LinearRate(0.5, 0.9, every=0.5), TypeError,
+     "LinearRate: every must be a positive int, got every=0.5."),
+    (lambda: schedules.LinearRate(0.5, factor=1.5), ValueError,
+     "LinearRate: factor must be in (0, 1], got factor=1.5."),
+])
+def test_a_schedule_refuses_rates_outside_a_fraction(make, error, message):
+    """A schedule object is a prune rate over steps: the constructor checks what
+    `prune_rate=` is checked for (a rate above 1 pruned every active weight; a negative
+    or NaN one silently skipped every update)."""
+    with pytest.raises(error) as info:
+        make()
+    assert str(info.value) == message

@@ -188,3 +188,23 @@ def test_set_weights_of_a_whole_state_with_other_masks_restores_it_exactly():
     assert stray(model) == 0
     for t in keras_dst.sparse_targets(model):
         np.testing.assert_array_equal(t.weight.numpy(), np.where(t.mask.numpy(), 2.0, 0.0))
+
+
+def test_a_warm_start_is_not_written_back_by_a_later_set_masks():
+    """The raw dense values of a warm start wait for the mask write that follows them
+    (`model.set_weights` writes a kernel before its mask); once the weights have trained
+    they are stale, and a later `set_masks` keeps the trained weights (with the same masks
+    it changes nothing)."""
+    dense, model = sparse_mlp()
+    for layer in model.layers:
+        if isinstance(layer, keras_dst.SparseWrapper):
+            layer.layer.set_weights(dense.get_layer(layer.layer.name).get_weights())
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[
+        keras_dst.DynamicSparseTraining(prune="magnitude", grow="gradient", update_every=2)])
+    weights = [t.weight.numpy().copy() for t in keras_dst.sparse_targets(model)]
+    keras_dst.set_masks(model, keras_dst.masks(model))
+    for t, before in zip(keras_dst.sparse_targets(model), weights):
+        np.testing.assert_array_equal(t.weight.numpy(), before)
+    assert_sparse_invariants(model)
