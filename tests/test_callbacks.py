@@ -611,9 +611,10 @@ def test_a_score_of_the_wrong_shape_is_refused_naming_the_criterion():
 
 def test_an_optimizer_with_moving_averages_is_refused_before_any_change():
     model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
-    model.compile(keras.optimizers.Adam(0.01, use_ema=True), LOSS, jit_compile=True)
+    model.compile(keras.optimizers.Adam(0.01, use_ema=True, name="averaging"), LOSS,
+                  jit_compile=True)
     x, y = classification_data(n=32)
-    with pytest.raises(ValueError, match=r"DynamicSparseTraining: optimizer 'adam' has "
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: optimizer 'averaging' has "
                                          r"use_ema=True; its moving averages hold values at "
                                          r"masked entries"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[DST(update_every=1)])
