@@ -25,6 +25,7 @@ The .keras files load with ``import keras_dst`` and ``keras.models.load_model`` 
 """
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -176,10 +177,20 @@ def validate(config):
             raise ValueError(f"--{name}={value}: {CHECKS[name][1]}")
     if config.get("overlap") and config.get("method") == "dense":
         raise ValueError("--overlap needs a sparse model: --method static, dst or gmp")
+    if config.get("strategy", "default") != "default":
+        if config.get("method") == "gmp" or config.get("overlap"):
+            raise ValueError(f"--strategy={config['strategy']}: --method gmp and --overlap run "
+                             "without a tf.distribute strategy (DST and static runs take one)")
     if "pattern" in config:
         pattern = keras_dst.patterns.parse(config["pattern"])  # ValueError names the value
         if pattern.kind != "unstructured" and config.get("method") == "gmp":
             raise ValueError(f"--pattern={pattern}: gmp prunes unstructured; use --method dst")
+        if pattern.kind != "unstructured" and config.get("method") == "dense":
+            raise ValueError(f"--pattern={pattern}: a dense model has no pattern; use "
+                             "--method static or dst")
+    if config.get("export") == "litert" and importlib.util.find_spec("ai_edge_litert") is None:
+        raise ValueError("--export=litert runs the exported model with the LiteRT runtime, "
+                         "which is not installed: python3 -m pip install \".[litert]\"")
         if pattern.kind == "nm" and "density" in config:
             keras_dst.patterns.check_density(pattern, config["density"], "--density")
 
@@ -407,7 +418,9 @@ def run(config):
         "final_val_accuracy": float(history.history["val_accuracy"][-1]),
         "density": density,
         "layer_densities": layer_densities,
-        "num_params": int(model.count_params()),
+        # (the model's own weights: not its masks, ever-active flags or running scores)
+        "num_params": int((model if config.get("method") == "dense"
+                           else keras_dst.strip(model)).count_params()),
         "steps": int(model.optimizer.iterations.numpy()),
         "steps_per_epoch": steps_per_epoch,
         "train_size": info["train_size"],
@@ -418,8 +431,11 @@ def run(config):
         "overlap_file": overlap_file,
         "keras_dst_version": keras_dst.__version__,
     }
+    path = os.path.join(output_dir, "results.json")
+    with open(path, "w") as f:  # (the training's results stay if the export fails)
+        json.dump(results, f, indent=2)
     results["export"] = deploy.export_trained(config, model, test_ds, info, output_dir, final_test)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     return results
 

@@ -6,7 +6,10 @@
         prune="magnitude", grow="gradient", update_every=800)])
 """
 
-from keras_dst import optimizers  # noqa: F401  (registers TorchSGD for load_model)
+from keras_dst import (
+    optimizers,  # noqa: F401  (registers TorchSGD for load_model)
+    testing,  # noqa: F401  (keras_dst.testing.assert_sparse_invariants)
+)
 from keras_dst.callbacks import DynamicSparseTraining
 from keras_dst.convert import prunable, strip, unfit_layers
 from keras_dst.criteria import Criterion, criterion_names, get_criterion, register_criterion

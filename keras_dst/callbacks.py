@@ -159,7 +159,8 @@ class DynamicSparseTraining(ScheduledCallback):
                 self.seed, self.normalize, self.norm_type)
 
     def _make_engine(self):
-        targets = sparse_targets(self.model, require=True, caller="DynamicSparseTraining")
+        targets = sparse_targets(self.model, require=True, caller="DynamicSparseTraining",
+                                 trainable_only=True)
         if self.criterion.ema and not all(t.state.track_running_scores for t in targets):
             raise ValueError(
                 f"DynamicSparseTraining: prune='{self.criterion.name}' keeps running scores; "

@@ -187,6 +187,10 @@ def _solve(
     budget = max(budget, 0.0)
     free = [k for k in shapes if k not in fixed]
     n_free = sum(sizes[k] for k in free)
+    if n_free and budget <= tol:  # (a layer meant to be empty is fixed at 0 explicitly)
+        raise _infeasible(
+            density, fixed, f"they use the whole budget, so the other layers {free} would "
+            "get density 0 (fix those at 0 too if that is meant)")
     rho = {k: score(shapes[k]) for k in free}
     eps = 0.0
     while free:
@@ -273,7 +277,8 @@ def layer_densities(
       ValueError: if `density` is outside (0, 1]; a `fixed` or custom value is
         outside [0, 1]; `fixed` names unknown layers; a custom mapping misses or
         adds layers; the distribution name is unknown; or the budget left by
-        `fixed` cannot be realised (negative, or more than the free layers hold).
+        `fixed` cannot be realised (negative, none left for the free layers, or
+        more than they hold).
     """
     shapes = _check_shapes(shapes)
     density = validation.check_density(density, "density", allow_zero=False)

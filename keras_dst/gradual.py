@@ -210,7 +210,8 @@ class GradualPruning(HookedCallback):
         return (self._update_steps(), self.final_density, self.initial_density, self.power)
 
     def _make_engine(self):
-        targets = sparse_targets(self.model, require=True, caller="GradualPruning")
+        targets = sparse_targets(self.model, require=True, caller="GradualPruning",
+                                 trainable_only=True)
         structured = [t for t in targets if t.pattern.kind != "unstructured"]
         if structured:
             raise ValueError(

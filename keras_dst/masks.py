@@ -63,13 +63,16 @@ def sparse_states(model) -> list:
     return states
 
 
-def sparse_targets(model, require=False, caller="keras_dst") -> list:
+def sparse_targets(model, require=False, caller="keras_dst", trainable_only=False) -> list:
     """Every sparsified weight of `model` as `SparseTarget`s, in a stable order.
 
     Args:
       model: a model or layer.
-      require: raise a ValueError when there is nothing sparsified.
+      require: raise a ValueError when there is nothing sparsified (with
+        `trainable_only`, nothing trainable).
       caller: name used in that error message.
+      trainable_only: only the weights that are trainable now: what an update
+        changes (a layer frozen after `prunable` keeps its mask and values).
     """
     targets = []
     for state in sparse_states(model):
@@ -87,6 +90,12 @@ def sparse_targets(model, require=False, caller="keras_dst") -> list:
             "Make it with keras_dst.prunable(model, density=...) (or build it from "
             "keras_dst.prunable(layer) layers) first."
         )
+    if trainable_only:
+        targets = [t for t in targets if t.weight.trainable]
+        if require and not targets:
+            raise ValueError(f"{caller}: every sparse layer of model "
+                             f"'{getattr(model, 'name', model)}' is frozen (trainable=False); "
+                             "there is nothing to update.")
     return targets
 
 
@@ -176,8 +185,10 @@ def reapply_masks_if_needed(model, caller) -> int:
     return stray
 
 
-def layer_stats(model) -> list:
+def layer_stats(model, caller: str = "layer_stats()") -> list:
     """Per sparsified weight: dict(layer, path, shape, pattern, active, total, density, stray).
+
+    Raises a ValueError naming `caller` for a model with no sparse layers.
 
     ``active`` counts the entries the model computes with: its mask's active
     entries plus ``stray``, the non-zero entries where the mask is 0 (0 unless a
@@ -185,7 +196,7 @@ def layer_stats(model) -> list:
     stray entries warns.
     """
     rows = []
-    targets = sparse_targets(model)
+    targets = sparse_targets(model, require=True, caller=caller)
     for t, stray in zip(targets, _stray_entries(targets)):
         active = int(np.count_nonzero(t.mask.numpy())) + stray
         total = int(np.prod(t.weight.shape))
@@ -204,7 +215,7 @@ def layer_stats(model) -> list:
 
 def density(model) -> float:
     """Fraction of active entries over all sparsified weights of `model`."""
-    rows = layer_stats(model)
+    rows = layer_stats(model, "density()")
     total = sum(r["total"] for r in rows)
     if total == 0:
         raise ValueError(
@@ -217,8 +228,11 @@ def summary(model, print_fn=print):
     """Prints a table of layer, weight shape, pattern, active/total and density per weight.
 
     Columns widen to fit (a library model's layer paths are long).
+
+    Raises:
+      ValueError: `model` has no sparse layers (as `density`).
     """
-    rows = layer_stats(model)
+    rows = layer_stats(model, "summary()")
     wl = max([28] + [len(r["layer"]) for r in rows])
     wp = max([34] + [len(r["path"]) for r in rows])
     header = (f"{'layer':<{wl}} {'weight':<{wp}} {'shape':<20} {'pattern':<12} "

@@ -172,7 +172,8 @@ class CriteriaOverlap(ScheduledCallback):
         return (tuple(self.criteria), self.update_every, self._schedule_key(), self.seed)
 
     def _make_engine(self):
-        targets = sparse_targets(self.model, require=True, caller="CriteriaOverlap")
+        targets = sparse_targets(self.model, require=True, caller="CriteriaOverlap",
+                                 trainable_only=True)
         return OverlapEngine(targets, self.criteria, self._schedule(),
                              schedules_lib.UpdateSteps(self.update_every), seed=self.seed)
 

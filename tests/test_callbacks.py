@@ -619,3 +619,39 @@ def test_an_optimizer_with_moving_averages_is_refused_before_any_change():
                                          r"masked entries"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[DST(update_every=1)])
     assert not base_optimizer(model.optimizer).built
+
+
+@pytest.mark.parametrize("dst", [dict(prune="magnitude", grow="random"),
+                                 dict(prune="snip", grow="gradient", optimizer_state="reset"),
+                                 dict(prune="magnitude", grow="momentum")], ids=str)
+def test_a_layer_frozen_after_prunable_keeps_its_mask_and_values(dst):
+    """Fine-tuning: a layer frozen after `prunable` is not the optimizer's, so an update
+    must not touch it (it pruned trained values for good and regrew entries that no step
+    could move; with optimizer state to read, it failed on a KeyError)."""
+    model = keras_dst.prunable(mlp((20, 16, 16, 3)), density=0.3)
+    frozen = model.layers[1]
+    frozen.trainable = False
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    path = frozen.layer.kernel.path  # (the wrapper's inner Dense)
+    before = {t.weight.path: (t.mask.numpy().copy(), t.weight.numpy().copy())
+              for t in keras_dst.sparse_targets(model)}
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+              callbacks=[DST(update_every=2, prune_rate=0.5, **dst)])
+    after = {t.weight.path: (t.mask.numpy(), t.weight.numpy())
+             for t in keras_dst.sparse_targets(model)}
+    np.testing.assert_array_equal(after[path][0], before[path][0])
+    np.testing.assert_array_equal(after[path][1], before[path][1])
+    assert any((after[k][0] != before[k][0]).any() for k in before if k != path)
+    assert_sparse_invariants(model)
+
+
+def test_a_model_whose_sparse_layers_are_all_frozen_is_refused():
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    for layer in model.layers:
+        layer.trainable = False
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    x, y = classification_data(n=32)
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: every sparse layer of model "
+                                         r"'.*' is frozen \(trainable=False\)"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[DST(update_every=1)])

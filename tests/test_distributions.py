@@ -630,3 +630,12 @@ def test_masks_under_xla():
     np.testing.assert_array_equal(exact1.numpy(), exact2.numpy())
     np.testing.assert_array_equal(bern1.numpy(), bern2.numpy())
     assert count_true(bern1) / 2048 == pytest.approx(0.25, abs=0.05)
+
+
+def test_fixed_layers_that_use_the_whole_budget_leave_none_silently_empty():
+    shapes = {"a": (8, 8), "b": (8, 8)}
+    with pytest.raises(ValueError, match=r"density=0\.25 is infeasible with fixed layers "
+                                         r"\{'b': 0\.5\}: they use the whole budget, so the "
+                                         r"other layers \['a'\] would get density 0"):
+        layer_densities(shapes, 0.25, fixed={"b": 0.5})
+    assert layer_densities(shapes, 0.25, fixed={"a": 0.0, "b": 0.5}) == {"a": 0.0, "b": 0.5}

@@ -7,6 +7,7 @@ WRN) run in the slow pass only.
 
 import csv
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -66,6 +67,10 @@ def _check_run(results, config):
     assert (out / "model.keras").exists() and (out / "best.keras").exists()
     assert (out / "history.csv").exists()
     method = on_disk["config"]["method"]
+    model = keras.models.load_model(out / "model.keras")  # (its weights, not masks or flags)
+    plain = model if method == "dense" else keras_dst.strip(model)
+    assert results["num_params"] == plain.count_params() < (
+        model.count_params() if method in ("static", "dst") else math.inf)
     if method == "dense":
         assert results["density"] == 1.0 and results["layer_densities"] == {}
     elif method in ("static", "dst"):
@@ -343,9 +348,19 @@ def test_run_rejects_bad_configs(tmp_path):
     for bad in ({"model": "nope"}, {"density": 0.0}, {"density": 1.5}, {"epochs": 0},
                 {"prune": "nope"}, {"typo_key": 1}, {"overlap": ["magnitude"]},
                 {"overlap": ["magnitude", "nope"]}, {"overlap": ["magnitude", "running_snip"]},
-                {"overlap": ["snip", "magnitude"], "method": "dense"}):
+                {"overlap": ["snip", "magnitude"], "method": "dense"},
+                {"method": "dense", "pattern": "1x4"}, {"method": "gmp", "strategy": "mirrored"},
+                {"overlap": ["snip", "magnitude"], "strategy": "mirrored"}):
         with pytest.raises(ValueError):
             train.run({**DIGITS, "output_dir": str(tmp_path), **bad})
+
+
+def test_a_litert_export_without_the_runtime_is_refused_before_training(monkeypatch):
+    monkeypatch.setattr(train.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ai_edge_litert" else object())
+    with pytest.raises(ValueError, match=r"--export=litert .* LiteRT runtime, which is not "
+                                         r"installed: python3 -m pip install \"\.\[litert\]\""):
+        train.validate({**train.default_config(), "export": "litert"})
 
 
 # -- sweep.py and plot.py ------------------------------------------------------------

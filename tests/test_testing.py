@@ -1,7 +1,10 @@
 """keras_dst.testing.assert_sparse_invariants: passes on a consistent model, fails on
 each violation with a message naming the weight and the first offending entry."""
 
+import os
 import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -182,3 +185,21 @@ def test_a_mask_that_breaks_its_pattern_fails():
     mask[row, col] = False  # one entry of an active block
     t.mask.assign(mask)
     _fails(r"breaks its pattern '1x4'", model)
+
+
+def test_the_testing_module_comes_with_the_package():
+    """`keras_dst.testing.assert_sparse_invariants(model)`, as documented, after a bare
+    `import keras_dst` (a fresh process: here the tests imported it already)."""
+    code = "import keras_dst; print(keras_dst.testing.assert_sparse_invariants.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("assert_sparse_invariants")
+
+
+def test_summary_and_density_refuse_a_model_without_sparse_layers():
+    plain = mlp((4, 3))
+    for report in (keras_dst.density, keras_dst.summary):
+        with pytest.raises(ValueError, match=r"has no sparse layers"):
+            report(plain)
