@@ -3,6 +3,7 @@
 import collections.abc
 import numbers
 import warnings
+from typing import Any, Callable, Mapping, Optional, Union
 
 import keras
 import numpy as np
@@ -94,11 +95,15 @@ class DynamicSparseTraining(ScheduledCallback):
 
     supports_strategies = True
 
-    def __init__(self, prune="magnitude", grow="random", update_every=100, prune_rate=0.5,
-                 schedule="cosine", begin_step=0, end_step=None, ordering="auto",
-                 scope="layer", grow_exact=True, optimizer_state="keep", seed=0,
-                 prune_params=None, grow_params=None, normalize="none", norm_type="max",
-                 total_steps=None):
+    def __init__(self, prune: Union[str, criteria_lib.Criterion, dict] = "magnitude",
+                 grow: Union[str, growth_lib.GrowthRule, dict, None] = "random",
+                 update_every: int = 100, prune_rate: float = 0.5,
+                 schedule: Union[str, Callable, dict] = "cosine", begin_step: int = 0,
+                 end_step: Union[int, float, None] = None, ordering: str = "auto",
+                 scope: str = "layer", grow_exact: bool = True, optimizer_state: str = "keep",
+                 seed: int = 0, prune_params: Optional[Mapping[str, Any]] = None,
+                 grow_params: Optional[Mapping[str, Any]] = None, normalize: str = "none",
+                 norm_type: str = "max", total_steps: Optional[int] = None):
         super().__init__()
         self.criterion = _resolve(criteria_lib, "prune", prune, prune_params)
         if grow is None and grow_params:

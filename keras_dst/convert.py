@@ -10,6 +10,8 @@ Two ways to put masks on a model, one state (`layers.SparseState`) behind both:
   supported layers (`layers.attach`) and the same object is returned.
 """
 
+from typing import Iterable, Mapping, Optional, Union
+
 import keras
 import numpy as np
 
@@ -20,9 +22,13 @@ from keras_dst.masks import sparse_states
 from keras_dst.validation import check_bool, check_choice, check_density, check_seed
 
 
-def prunable(obj, density=None, distribution="erk", *, keep_dense=(), density_overrides=None,
-             init="exact", seed=0, skip_unsupported=False, track_running_scores=False,
-             pattern="unstructured", pattern_overrides=None, in_place=None):
+def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
+             distribution: Union[str, Mapping[str, float]] = "erk", *,
+             keep_dense: Iterable[str] = (), density_overrides: Optional[Mapping[str, float]] = None,
+             init: str = "exact", seed: int = 0, skip_unsupported: bool = False,
+             track_running_scores: bool = False, pattern: Union[str, "patterns.Pattern"] = "unstructured",
+             pattern_overrides: Optional[Mapping[str, str]] = None,
+             in_place: Optional[bool] = None) -> "keras.layers.Layer":
     """Makes a Keras model or layer sparse.
 
     **New model or the same one.** A model Keras can rebuild from its graph — a
@@ -374,7 +380,7 @@ def _clone_graph(model, clone):
     return cloned
 
 
-def unfit_layers(model, pattern) -> dict:
+def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) -> dict:
     """The layers of `model` whose kernels cannot take `pattern`, as ``{name: "unstructured"}``.
 
     Ready for ``prunable(model, ..., pattern=pattern, pattern_overrides=unfit_layers(model,
@@ -453,7 +459,7 @@ def _retrace_training(model):
         model.train_function = None
 
 
-def strip(model):
+def strip(model: "keras.layers.Layer") -> "keras.layers.Layer":
     """A plain Keras model computing what the sparse one computes, without masks.
 
     Every sparsified weight ends up multiplied by its mask (kernel ⊙ mask), so the

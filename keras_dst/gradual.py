@@ -35,6 +35,7 @@ Deliberate differences from TF-MOT (none shows in ordinary runs):
 """
 
 import warnings
+from typing import Optional
 
 import keras
 import numpy as np
@@ -168,8 +169,8 @@ class GradualPruning(HookedCallback):
     the first).
     """
 
-    def __init__(self, final_density, update_every=100, begin_step=0, end_step=None, power=3,
-                 initial_density=1.0):
+    def __init__(self, final_density: float, update_every: int = 100, begin_step: int = 0,
+                 end_step: Optional[int] = None, power: float = 3, initial_density: float = 1.0):
         super().__init__()
         self.final_density = validation.check_density(final_density, "final_density")
         self.initial_density = validation.check_density(initial_density, "initial_density")

@@ -31,7 +31,7 @@ functional models, single layers), or attached to a layer of a model in place
 import contextlib
 import json
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -53,7 +53,8 @@ _DENSE_BY_DESIGN = (
 )
 
 
-def register_prunable_layer(layer_class, weight_names: Sequence[str], overwrite: bool = False):
+def register_prunable_layer(layer_class: type, weight_names: Sequence[str],
+                            overwrite: bool = False) -> None:
     """Declares which weights of `layer_class` (and subclasses) are prunable.
 
     A subclass uses the registration of its nearest registered class in its
@@ -194,7 +195,7 @@ class MaskConstraint(keras.constraints.Constraint):
     wrapper re-installs it when it is built. `get_config` says so.
     """
 
-    def __init__(self, mask, previous=None):
+    def __init__(self, mask: "keras.Variable", previous: Optional[keras.constraints.Constraint] = None):
         self.mask = mask
         self.previous = previous
 
@@ -436,8 +437,9 @@ class SparseWrapper(keras.layers.Wrapper):
     scores.
     """
 
-    def __init__(self, layer, density=1.0, init="exact", seed=None, track_running_scores=False,
-                 pattern="unstructured", **kwargs):
+    def __init__(self, layer: keras.layers.Layer, density: Union[float, Sequence[float]] = 1.0,
+                 init: str = "exact", seed: Optional[int] = None, track_running_scores: bool = False,
+                 pattern: Union[str, Sequence[str]] = "unstructured", **kwargs):
         if "track_scores" in kwargs:  # the name in configs saved by keras_dst 0.1
             track_running_scores = kwargs.pop("track_scores")
         if not isinstance(layer, keras.layers.Layer):

@@ -6,7 +6,7 @@ own layers (`keras_dst.layers.attach`).
 """
 
 import warnings
-from typing import NamedTuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple
 
 import keras
 import numpy as np
@@ -63,7 +63,8 @@ def sparse_states(model) -> list:
     return states
 
 
-def sparse_targets(model, require=False, caller="keras_dst", trainable_only=False) -> list:
+def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: str = "keras_dst",
+                   trainable_only: bool = False) -> List["SparseTarget"]:
     """Every sparsified weight of `model` as `SparseTarget`s, in a stable order.
 
     Args:
@@ -99,13 +100,13 @@ def sparse_targets(model, require=False, caller="keras_dst", trainable_only=Fals
     return targets
 
 
-def masks(model) -> dict:
+def masks(model: "keras.layers.Layer") -> Dict[str, np.ndarray]:
     """Masks of `model` as ``{weight.path: numpy uint8 array of 0/1}``."""
     return {t.weight.path: np.asarray(t.mask.numpy(), dtype=np.uint8)
             for t in sparse_targets(model)}
 
 
-def set_masks(model, new_masks: dict, apply=True):
+def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any], apply: bool = True) -> None:
     """Replaces masks from ``{weight.path: 0/1 or bool array}``.
 
     Every entry is validated (known path, same shape, only 0/1 values, the
@@ -140,7 +141,7 @@ def set_masks(model, new_masks: dict, apply=True):
         by_path[path].mask.assign(array)  # its write guard zeroes the weight where it is 0
 
 
-def apply_masks(model) -> int:
+def apply_masks(model: "keras.layers.Layer") -> int:
     """Zeroes every sparsified weight of `model` where its mask is 0.
 
     For writes keras_dst cannot see: keras_dst already re-zeroes what
@@ -213,7 +214,7 @@ def layer_stats(model, caller: str = "layer_stats()") -> list:
     return rows
 
 
-def density(model) -> float:
+def density(model: "keras.layers.Layer") -> float:
     """Fraction of active entries over all sparsified weights of `model`."""
     rows = layer_stats(model, "density()")
     total = sum(r["total"] for r in rows)
@@ -224,7 +225,7 @@ def density(model) -> float:
     return sum(r["active"] for r in rows) / total
 
 
-def summary(model, print_fn=print):
+def summary(model: "keras.layers.Layer", print_fn: Callable[[str], Any] = print) -> None:
     """Prints a table of layer, weight shape, pattern, active/total and density per weight.
 
     Columns widen to fit (a library model's layer paths are long).

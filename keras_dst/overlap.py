@@ -9,6 +9,7 @@ the whole model (the union of the per-layer sets; 1 when both are empty).
 """
 
 import json
+from typing import Callable, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -138,8 +139,10 @@ class CriteriaOverlap(ScheduledCallback):
     last update (absent before the first one).
     """
 
-    def __init__(self, criteria, update_every=100, prune_rate=0.5, schedule="constant",
-                 total_steps=None, seed=0):
+    def __init__(self, criteria: Sequence[Union[str, criteria_lib.Criterion, dict]],
+                 update_every: int = 100, prune_rate: float = 0.5,
+                 schedule: Union[str, Callable, dict] = "constant",
+                 total_steps: Optional[int] = None, seed: int = 0):
         super().__init__()
         if isinstance(criteria, (str, dict, criteria_lib.Criterion)) or callable(criteria) \
                 or not hasattr(criteria, "__iter__"):

@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from typing import Optional, Union
 
 import h5py
 import keras
@@ -42,7 +43,7 @@ from keras_dst import compat
 from keras_dst import layers as sparse_layers
 
 
-def save_model(model, filepath, overwrite=True):
+def save_model(model: "keras.Model", filepath: Union[str, os.PathLike], overwrite: bool = True) -> None:
     """Saves `model` to the `.keras` file `filepath` atomically.
 
     The result is exactly ``model.save(filepath)`` (masks, weights, optimizer
@@ -89,7 +90,8 @@ def save_model(model, filepath, overwrite=True):
 _ARCHIVE_WEIGHTS = "model.weights.h5"  # the weights member of a `.keras` archive (Keras 3)
 
 
-def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict] = None,
+               compile: bool = True, safe_mode: bool = True) -> "keras.Model":
     """Loads a `.keras` file saved from a keras_dst model of any kind, masks included.
 
     ``keras.models.load_model`` loads Sequential and functional models made with
@@ -189,7 +191,7 @@ class BackupAndRestore(keras.callbacks.Callback):
       delete_checkpoint: remove `backup_dir` when `fit` ends normally.
     """
 
-    def __init__(self, backup_dir, delete_checkpoint=True):
+    def __init__(self, backup_dir: Union[str, os.PathLike], delete_checkpoint: bool = True):
         super().__init__()
         if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
             raise ValueError(f"BackupAndRestore needs a directory path, got "
