@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
+from keras_dst import criteria as criteria_lib
 from keras_dst import hooks as hooks_lib
 from keras_dst import schedules
 from keras_dst.optimizer_state import base_optimizer
@@ -391,10 +392,17 @@ def test_a_fit_that_raised_leaves_no_engine_behind():
     assert "apply" not in vars(base_optimizer(model.optimizer))
 
 
-@keras_dst.register_criterion("test_fails_when_traced", ordering="after_optimizer",
-                              needs_gradient=False, overwrite=True)
-def _fails_when_traced(inputs):
-    raise ValueError("this criterion cannot be traced")
+@pytest.fixture
+def criterion_failing_when_traced():
+    """A registered criterion that raises when traced (registered for the test only: the
+    registry is global, and other modules parametrize over every registered name)."""
+    def fails_when_traced(inputs):
+        raise ValueError("this criterion cannot be traced")
+
+    keras_dst.register_criterion("test_fails_when_traced", ordering="after_optimizer",
+                                 needs_gradient=False, overwrite=True)(fails_when_traced)
+    yield "test_fails_when_traced"
+    criteria_lib._CRITERIA.unregister("test_fails_when_traced")
 
 
 def _boom_at_batch_1(batch, logs):
@@ -405,7 +413,8 @@ def _boom_at_batch_1(batch, logs):
 @pytest.mark.parametrize("failure, then", [
     ("callback", "fit"), ("callback", "compile_same_optimizer"), ("trace", "fit"),
     ("callback", "train_on_batch")])
-def test_after_a_fit_that_raised_a_plain_fit_runs_the_static_step(failure, then):
+def test_after_a_fit_that_raised_a_plain_fit_runs_the_static_step(
+        failure, then, criterion_failing_when_traced):
     """A DST fit interrupted by a callback (or whose step failed to trace) never reaches
     on_train_end: the plain fit that follows, on the same compiled model or after a
     `compile()` with the same optimizer, must neither update the masks nor fail again."""
@@ -420,7 +429,7 @@ def test_after_a_fit_that_raised_a_plain_fit_runs_the_static_step(failure, then)
     else:
         with pytest.raises(ValueError, match="cannot be traced"):
             model.fit(x, y, batch_size=16, epochs=1, verbose=0,
-                      callbacks=[DST(prune="test_fails_when_traced", update_every=1)])
+                      callbacks=[DST(prune=criterion_failing_when_traced, update_every=1)])
     if then == "compile_same_optimizer":
         model.compile(model.optimizer, LOSS, jit_compile=True)
     masks = keras_dst.masks(model)
@@ -590,13 +599,17 @@ def test_callbacks_without_strategy_support_refuse_one_before_any_change(make):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # and the model trains
 
 
-@keras_dst.register_criterion("test_one_score_per_layer", ordering="after_optimizer",
-                              needs_gradient=False, overwrite=True)
-def _one_score_per_layer(inputs):
-    return tf.reduce_sum(tf.abs(inputs.weight))
-
-
 def test_a_score_of_the_wrong_shape_is_refused_naming_the_criterion():
+    keras_dst.register_criterion("test_one_score_per_layer", ordering="after_optimizer",
+                                 needs_gradient=False, overwrite=True)(
+        lambda inputs: tf.reduce_sum(tf.abs(inputs.weight)))
+    try:
+        _check_a_score_of_the_wrong_shape_is_refused()
+    finally:
+        criteria_lib._CRITERIA.unregister("test_one_score_per_layer")
+
+
+def _check_a_score_of_the_wrong_shape_is_refused():
     model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
     model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
     x, y = classification_data(n=32)
