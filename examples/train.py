@@ -30,6 +30,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -63,9 +64,10 @@ FLAG_SPECS = [
      "dst: dynamic sparse training; gmp: gradual magnitude pruning (Zhu & Gupta).", METHODS),
     ("float", "density", 0.1, "Global density in (0, 1] of the sparsified weights "
      "(static/dst: from the start; gmp: final).", None),
-    ("enum", "distribution", "erk", "How the density is spread over layers.",
-     ("erk", "er", "uniform")),
-    ("enum", "init", "exact", "Initial masks: exact counts, or i.i.d. Bernoulli (reference).",
+    ("enum", "distribution", "erk", "How the density is spread over layers (static/dst; "
+     "gmp prunes every layer to --density, as TF-MOT).", ("erk", "er", "uniform")),
+    ("enum", "init", "exact", "Initial masks: exact counts, or i.i.d. Bernoulli (reference) "
+     "(static/dst; gmp starts dense).",
      ("exact", "bernoulli")),
     ("string", "pattern", "unstructured", "Sparsity pattern of the sparsified weights "
      "(static/dst): unstructured, 1xB (e.g. 1x4: blocks along the input axis), N:M (e.g. "
@@ -188,11 +190,11 @@ def validate(config):
         if pattern.kind != "unstructured" and config.get("method") == "dense":
             raise ValueError(f"--pattern={pattern}: a dense model has no pattern; use "
                              "--method static or dst")
+        if pattern.kind == "nm" and "density" in config:
+            keras_dst.patterns.check_density(pattern, config["density"], "--density")
     if config.get("export") == "litert" and importlib.util.find_spec("ai_edge_litert") is None:
         raise ValueError("--export=litert runs the exported model with the LiteRT runtime, "
                          "which is not installed: python3 -m pip install \".[litert]\"")
-        if pattern.kind == "nm" and "density" in config:
-            keras_dst.patterns.check_density(pattern, config["density"], "--density")
 
 
 # -- building blocks -----------------------------------------------------------------
@@ -216,7 +218,14 @@ def build_model(config, info):
     options = {k: config[k] for k in ("depth", "width") if config[k] and
                config["model"] == "wide_resnet"}
     outputs = 1 if info["binary"] else info["num_classes"]
-    model = models_lib.get_model(config["model"], info["input_shape"], outputs, **options)
+    try:
+        model = models_lib.get_model(config["model"], info["input_shape"], outputs, **options)
+    except ValueError as e:  # e.g. conv_cifar10's pooling on digits' 8x8 images
+        lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()
+                 if line.strip()]  # Keras: "... calling MaxPooling2D.call()." + the cause
+        raise ValueError(f"--model={config['model']} cannot be built for --dataset="
+                         f"{config['dataset']} (examples of shape {tuple(info['input_shape'])})"
+                         f": {' '.join(lines[:2])}") from None
     method = config["method"]
     if method == "dense":
         return model

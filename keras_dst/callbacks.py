@@ -51,7 +51,8 @@ class DynamicSparseTraining(ScheduledCallback):
         (SNFS), a registered name or a `GrowthRule` of one, or None (prune only).
       update_every: ΔT, optimizer steps between updates (int >= 1).
       prune_rate: initial fraction p0 of each layer's active weights to replace,
-        in (0, 1].
+        in (0, 1] (default 0.5), for a named `schedule`; a schedule object sets
+        its own rates, and giving both is refused.
       schedule: ``"cosine"`` (default: p0 to 0.005 over all training steps),
         ``"constant"``, ``"linear"``, or a prune-rate schedule object
         (``keras_dst.schedules.CosineRate`` ...; a registered serializable
@@ -97,7 +98,7 @@ class DynamicSparseTraining(ScheduledCallback):
 
     def __init__(self, prune: Union[str, criteria_lib.Criterion, dict] = "magnitude",
                  grow: Union[str, growth_lib.GrowthRule, dict, None] = "random",
-                 update_every: int = 100, prune_rate: float = 0.5,
+                 update_every: int = 100, prune_rate: Optional[float] = None,
                  schedule: Union[str, Callable, dict] = "cosine", begin_step: int = 0,
                  end_step: Union[int, float, None] = None, ordering: str = "auto",
                  scope: str = "layer", grow_exact: bool = True, optimizer_state: str = "keep",
@@ -111,8 +112,8 @@ class DynamicSparseTraining(ScheduledCallback):
                              "grow=None (no growth rule to take them).")
         self.growth = None if grow is None else _resolve(growth_lib, "grow", grow, grow_params)
         self.update_every = validation.check_positive_int(update_every, "update_every")
-        self.prune_rate = validation.check_density(prune_rate, "prune_rate")
         self.schedule = schedules_lib.check_schedule(schedule, "schedule")
+        self.prune_rate = schedules_lib.check_prune_rate(prune_rate, self.schedule)
         self.begin_step = validation.check_step(begin_step, "begin_step")
         self.end_step = self._check_end_step(end_step)
         self.ordering = ("auto" if ordering == "auto"
@@ -123,10 +124,8 @@ class DynamicSparseTraining(ScheduledCallback):
                                                        "optimizer_state")
         self.seed = validation.check_seed(seed)
         self.normalize = validation.check_choice(normalize, topology.NORMALIZE_MODES, "normalize")
-        try:
+        with validation.errors_named(f"DynamicSparseTraining(prune={prune!r})"):
             criteria_lib.check_normalize(self.criterion, self.normalize)
-        except ValueError as e:
-            raise ValueError(f"DynamicSparseTraining(prune={prune!r}): {e}") from None
         self.norm_type = validation.check_choice(norm_type, topology.NORM_TYPES, "norm_type")
         self.total_steps = (None if total_steps is None
                             else validation.check_positive_int(total_steps, "total_steps"))
@@ -250,10 +249,8 @@ def _resolve(registry_module, argument, value, params):
     if params is not None and not isinstance(params, collections.abc.Mapping):
         raise TypeError(f"DynamicSparseTraining: {argument}_params must be a dict of parameter "
                         f"values, got {argument}_params={params!r}.")
-    try:
+    with validation.errors_named(f"DynamicSparseTraining({argument}={value!r}, "
+                                 f"{argument}_params={params!r})"):
         resolved = get(value, **(params or {}))
         registry_module.check_serializable(resolved, argument)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"DynamicSparseTraining({argument}={value!r}, "
-                      f"{argument}_params={params!r}): {e}") from None
     return resolved

@@ -117,10 +117,8 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
                              f"accepted: {sorted(accepted) or 'none'}.")
         default = defaults.get(param)
         if validation.is_real(default):  # a number's parameter stays a finite number
-            try:
+            with validation.errors_named(f"{kind} {name!r}"):
                 checked_value = validation.check_real(value, param)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"{kind} {name!r}: {e}") from None
             value = checked_value if isinstance(default, float) else value
         checked[param] = value
     return types.MappingProxyType({**defaults, **checked})
@@ -211,10 +209,8 @@ class Criterion:
     ema: bool = False
 
     def __post_init__(self):
-        try:
+        with validation.errors_named(f"Criterion {self.name!r}"):
             object.__setattr__(self, "ordering", canonical_ordering(self.ordering))
-        except ValueError as e:
-            raise ValueError(f"Criterion {self.name!r}: {e}") from None
         if (self.score is None) == (self.select is None):
             raise ValueError(f"Criterion {self.name!r} needs exactly one of `score` and `select`.")
         object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))

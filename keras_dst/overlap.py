@@ -119,7 +119,9 @@ class CriteriaOverlap(ScheduledCallback):
         or `Criterion` objects (e.g. ``keras_dst.get_criterion("mest", gamma=0.1)``)
         of registered criteria. Running (EMA) criteria are refused.
       update_every: steps between computations (int >= 1).
-      prune_rate: the rate ``p`` (initial rate for a schedule), in (0, 1].
+      prune_rate: the rate ``p`` (initial rate for a named schedule), in (0, 1]
+        (default 0.5); a schedule object sets its own rates, and giving both is
+        refused.
       schedule: ``"constant"`` (default), ``"cosine"``, ``"linear"`` (as
         `DynamicSparseTraining`) or a callable of the step.
       total_steps: steps of the whole run for ``"cosine"``; default
@@ -140,7 +142,7 @@ class CriteriaOverlap(ScheduledCallback):
     """
 
     def __init__(self, criteria: Sequence[Union[str, criteria_lib.Criterion, dict]],
-                 update_every: int = 100, prune_rate: float = 0.5,
+                 update_every: int = 100, prune_rate: Optional[float] = None,
                  schedule: Union[str, Callable, dict] = "constant",
                  total_steps: Optional[int] = None, seed: int = 0):
         super().__init__()
@@ -149,11 +151,9 @@ class CriteriaOverlap(ScheduledCallback):
             raise TypeError(f"criteria must be a list of criteria, got criteria={criteria!r}.")
         self.criteria = []
         for i, c in enumerate(criteria):
-            try:
+            with validation.errors_named(f"CriteriaOverlap(criteria[{i}]={c!r})"):
                 resolved = criteria_lib.get_criterion(c)
                 criteria_lib.check_serializable(resolved, f"criteria[{i}]")
-            except ValueError as e:
-                raise ValueError(f"CriteriaOverlap(criteria[{i}]={c!r}): {e}") from None
             self.criteria.append(resolved)
         self.names = [c.name for c in self.criteria]
         if len(self.names) < 2:
@@ -164,8 +164,8 @@ class CriteriaOverlap(ScheduledCallback):
         if running:
             raise ValueError(f"CriteriaOverlap does not support running criteria {running}.")
         self.update_every = validation.check_positive_int(update_every, "update_every")
-        self.prune_rate = validation.check_density(prune_rate, "prune_rate")
         self.schedule = schedules_lib.check_schedule(schedule, "schedule")
+        self.prune_rate = schedules_lib.check_prune_rate(prune_rate, self.schedule)
         self.total_steps = (None if total_steps is None
                             else validation.check_positive_int(total_steps, "total_steps"))
         self.seed = validation.check_seed(seed)

@@ -53,10 +53,8 @@ class _Schedule:
 
     def _check(self, check, value, name, **kwargs):
         """`check(value, name)` (a `validation` check), its error naming this class."""
-        try:
+        with validation.errors_named(type(self).__name__):
             return check(value, name, **kwargs)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{type(self).__name__}: {e}") from None
 
     def get_config(self):
         return {name: getattr(self, name) for name in self._fields}
@@ -224,6 +222,31 @@ def check_schedule(schedule, name: str = "schedule"):
             "keras_dst.schedules object (CosineRate, ConstantRate, LinearRate), or a class "
             "registered with keras.saving.register_keras_serializable that has get_config().")
     return schedule
+
+
+DEFAULT_PRUNE_RATE = 0.5
+
+
+def check_prune_rate(prune_rate, schedule) -> Optional[float]:
+    """A callback's `prune_rate` for its `schedule` (as `check_schedule` returned it).
+
+    A named schedule starts at `prune_rate` (default `DEFAULT_PRUNE_RATE`); a
+    schedule object carries its own rates, so `prune_rate` stays None there.
+
+    Raises:
+      TypeError, ValueError: `prune_rate` is not a fraction in (0, 1].
+      ValueError: `prune_rate` given with a schedule object (it would be ignored).
+    """
+    if isinstance(schedule, str):
+        return validation.check_density(
+            DEFAULT_PRUNE_RATE if prune_rate is None else prune_rate, "prune_rate")
+    if prune_rate is not None:
+        raise ValueError(
+            f"prune_rate={prune_rate!r} was given with schedule={schedule!r}, which sets its "
+            "own rates: pass the initial rate to the schedule (e.g. "
+            "keras_dst.schedules.CosineRate(initial=..., total_steps=...)) and leave "
+            "prune_rate unset.")
+    return None
 
 
 def get_schedule(schedule, initial: float = 0.5, total_steps=None):

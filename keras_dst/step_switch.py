@@ -144,7 +144,7 @@ class StepSwitch:
             self.engines.remove(engine)
         self._needed.pop(engine, None)
         if not self.engines:
-            self.params = None
+            self._end_fit()
             self.model.train_function = self._functions.get(frozenset(), self)
 
     def release(self):

@@ -6,9 +6,25 @@ changes with a message that names the argument and the value it got:
 Callers that know more context (a layer, a callback) prefix it to the message.
 """
 
+import contextlib
 import math
 import numbers
-from typing import Collection, Optional
+from typing import Collection, Iterator, Optional
+
+
+@contextlib.contextmanager
+def errors_named(owner: str) -> Iterator[None]:
+    """Re-raise a check's TypeError / ValueError with `owner` before its message.
+
+    The one way a caller adds its context (a class, a layer, an argument) to the
+    message of a check it runs: ``with errors_named("CosineRate"): ...`` turns
+    "initial must be in (0, 1], got initial=5.0." into
+    "CosineRate: initial must be in (0, 1], got initial=5.0.", same type.
+    """
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{owner}: {e}") from None
 
 
 def _is_int(value) -> bool:

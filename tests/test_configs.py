@@ -76,6 +76,23 @@ def test_a_lambda_schedule_is_refused_and_a_schedule_object_round_trips():
     assert clone.schedule.get_config() == overlap.schedule.get_config()
 
 
+@pytest.mark.parametrize("make", [DST, lambda **kw: keras_dst.CriteriaOverlap(
+    ["magnitude", "snip"], **kw)], ids=["dst", "overlap"])
+def test_prune_rate_with_a_schedule_object_is_refused_not_ignored(make):
+    # the object sets its own rates: a prune_rate beside it used to be dropped silently
+    with pytest.raises(ValueError, match=r"prune_rate=0\.2 was given with schedule=.*"
+                                         r"CosineRate\(initial="):
+        make(prune_rate=0.2, schedule=schedules.CosineRate(0.3, 100))
+    with_object = make(schedule=schedules.CosineRate(0.3, 100))
+    assert with_object.prune_rate is None
+    assert with_object.get_config()["prune_rate"] is None
+    assert round_trip(with_object).schedule.get_config() == with_object.schedule.get_config()
+    assert make().prune_rate == 0.5  # a named schedule's default
+    assert make(prune_rate=0.2, schedule="constant").prune_rate == 0.2
+    with pytest.raises(ValueError, match=r"prune_rate must be in \(0, 1\], got prune_rate=1\.5"):
+        make(prune_rate=1.5, schedule="constant")
+
+
 def test_criteria_overlap_keeps_criterion_parameters():
     overlap = keras_dst.CriteriaOverlap(
         [keras_dst.get_criterion("mest", gamma=0.1), "snip",

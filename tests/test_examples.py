@@ -355,6 +355,20 @@ def test_run_rejects_bad_configs(tmp_path):
             train.run({**DIGITS, "output_dir": str(tmp_path), **bad})
 
 
+def test_a_model_that_does_not_fit_the_dataset_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"--model=conv_cifar10 cannot be built for "
+                                         r"--dataset=digits \(examples of shape \(8, 8, 1\)\): "
+                                         r".*MaxPooling2D.*zero or negative"):
+        train.run({**DIGITS, "output_dir": str(tmp_path), "model": "conv_cifar10"})
+
+
+def test_an_nm_pattern_with_another_density_is_refused_by_validate():
+    config = {**train.default_config(), "method": "dst", "pattern": "2:4"}
+    with pytest.raises(ValueError, match=r"--density: pattern '2:4' has density 2/4"):
+        train.validate({**config, "density": 0.1})
+    train.validate({**config, "density": 0.5})
+
+
 def test_a_litert_export_without_the_runtime_is_refused_before_training(monkeypatch):
     monkeypatch.setattr(train.importlib.util, "find_spec",
                         lambda name, *a: None if name == "ai_edge_litert" else object())
