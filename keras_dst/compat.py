@@ -116,6 +116,48 @@ def wrap_deferred_initializer(variable, wrap) -> bool:
     return True
 
 
+def on_raw_variables(variable, install) -> None:
+    """Calls ``install(raw)`` for each `tf.Variable` that holds `variable`'s value: now,
+    or right after its deferred initialisation creates them.
+
+    Keras 3's TensorFlow backend keeps a `KerasVariable`'s value in ``_value``, a
+    `tf.Variable` (one per replica inside a distributed variable's ``values``;
+    checked on 3.15), created later for a variable made inside a stateless scope
+    (``KerasVariable._deferred_initialize``). Some Keras code writes that
+    `tf.Variable` directly, past ``KerasVariable.assign``: the optimizer's EMA
+    overwrite (``TFOptimizer._overwrite_model_variables_with_average_value``, at
+    the end of `fit` with ``use_ema=True``). No public API.
+    """
+    if _raw_variables(variable):
+        for raw in _raw_variables(variable):
+            install(raw)
+        return
+    deferred = variable._deferred_initialize
+
+    def deferred_initialize():
+        deferred()
+        variable.__dict__.pop("_deferred_initialize", None)
+        for raw in _raw_variables(variable):
+            install(raw)
+
+    variable._deferred_initialize = deferred_initialize
+
+
+def off_raw_variables(variable, attribute: str) -> None:
+    """Undoes `on_raw_variables`: drops the instance attribute `attribute` that its
+    `install` set on each `tf.Variable` of `variable`, or the install still pending."""
+    variable.__dict__.pop("_deferred_initialize", None)
+    for raw in _raw_variables(variable):
+        raw.__dict__.pop(attribute, None)
+
+
+def _raw_variables(variable) -> list:
+    value = getattr(variable, "_value", None)
+    if value is None:  # not initialised yet
+        return []
+    return list(getattr(value, "values", None) or (value,))
+
+
 def set_initial_epoch(model, epoch):
     """Makes the current `model.fit` call resume at `epoch` (0-based), from a callback.
 

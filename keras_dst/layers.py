@@ -396,6 +396,7 @@ class SparseState:
             w.constraint = _original_constraint(w)
             for name in ("assign", "_keras_dst_loading"):
                 w.__dict__.pop(name, None)
+            compat.off_raw_variables(w, "assign")
 
 
 def layer_label(layer) -> str:
@@ -774,9 +775,12 @@ def _guard_writes(variable, mask, state):
 
     Keras writes weights outside the optimizer with ``variable.assign`` (eager):
     ``load_model``, ``load_weights`` (and so ``BackupAndRestore``),
-    ``set_weights``, a user's own ``assign``. Instance-level ``assign`` methods on
-    the weight and on its mask mask the value there, so no such write can make
-    the model compute densely while its masks say otherwise. Writes traced into a
+    ``set_weights``, a user's own ``assign``; the optimizer's EMA overwrite at the
+    end of `fit` writes the `tf.Variable` behind the weight directly
+    (`compat.on_raw_variables`). Instance-level ``assign`` methods on the weight,
+    on the `tf.Variable` (s) holding it, and on its mask mask the value there, so
+    no such write can make the model compute densely while its masks say
+    otherwise. Writes traced into a
     compiled function (the optimizer's update, the DST engine) pass through
     untouched: there the `MaskConstraint` already runs, and the compiled step
     stays the dense one.
@@ -825,8 +829,20 @@ def _guard_writes(variable, mask, state):
             assign_weight(variable, tf.where(mask, raw, tf.zeros_like(raw)))
         return result
 
+    def guard_raw(raw):  # eager writes of the tf.Variable itself, past `variable.assign`
+        assign_raw = type(raw).assign
+
+        def guarded_raw_assign(value, *args, **kwargs):
+            if tf.executing_eagerly():
+                value = tf.cast(tf.convert_to_tensor(value), raw.dtype)
+                value = tf.where(tf.convert_to_tensor(mask), value, tf.zeros_like(value))
+            return assign_raw(raw, value, *args, **kwargs)
+
+        raw.assign = guarded_raw_assign
+
     variable.assign = guarded_weight_assign
     mask.assign = guarded_mask_assign
+    compat.on_raw_variables(variable, guard_raw)
 
 
 def _original_constraint(variable):

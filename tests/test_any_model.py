@@ -313,6 +313,8 @@ def test_in_place_chooses_explicitly_and_strip_follows_prunable():
     assert kernel.constraint is None and "assign" not in vars(kernel)
     kernel.assign(np.ones(kernel.shape, "float32"))  # no guard left: dense writes stay
     assert np.all(kernel.numpy() == 1)
+    kernel.value.assign(np.full(kernel.shape, 2.0, "float32"))  # nor on its tf.Variable
+    assert np.all(kernel.numpy() == 2)
 
     # A single layer: a wrapper, or with in_place=True the layer itself.
     layer = L.Dense(4)

@@ -9,6 +9,7 @@ import copy
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_dst
 from keras_dst import compat
@@ -137,6 +138,20 @@ def test_wrap_deferred_initializer():
     kernel, mask = model.sparse.layer.kernel.numpy(), model.sparse.masks[0].numpy()
     assert 0 < mask.sum() < mask.size
     assert (kernel[~mask] == 0).all() and (kernel[mask] != 0).all()
+
+
+def test_on_raw_variables_now_or_after_the_deferred_initialisation():
+    seen = []
+    ready = keras.Variable(np.ones(3, "float32"))
+    compat.on_raw_variables(ready, seen.append)
+    assert len(seen) == 1 and isinstance(seen[0], tf.Variable) and seen[0] is ready.value
+    with keras.StatelessScope():
+        deferred = keras.Variable(initializer="ones", shape=(3,))
+        compat.on_raw_variables(deferred, seen.append)
+        assert len(seen) == 1  # not created yet
+    # (leaving the scope initialises it)
+    assert len(seen) == 2 and seen[1] is deferred.value
+    np.testing.assert_allclose(np.asarray(deferred.value), 1.0)
 
 
 def test_set_initial_epoch():

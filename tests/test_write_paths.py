@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import keras_dst
 
-from conftest import LOSS, assert_sparse_invariants, classification_data, mlp
+from conftest import LOSS, assert_sparse_invariants, classification_data, mlp, write_underneath
 
 
 def sparse_mlp():
@@ -127,7 +127,7 @@ def test_checkpoint_restore_underneath_keras_is_reported_stripped_and_repaired(t
     targets = keras_dst.sparse_targets(model)
     # a tf.train.Checkpoint of dense values with the sparse model's variable layout
     for t in targets:
-        t.weight.value.assign(dense.get_layer(t.wrapper.layer.name).kernel.numpy())
+        write_underneath(t.weight, dense.get_layer(t.wrapper.layer.name).kernel.numpy())
     path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
     _, model = sparse_mlp()
     tf.train.Checkpoint(model=model).read(path).expect_partial()
@@ -150,7 +150,7 @@ def test_checkpoint_restore_underneath_keras_is_reported_stripped_and_repaired(t
 def test_a_dst_fit_repairs_a_model_written_underneath_keras():
     dense, model = sparse_mlp()
     for t in keras_dst.sparse_targets(model):
-        t.weight.value.assign(dense.get_layer(t.wrapper.layer.name).kernel.numpy())
+        write_underneath(t.weight, dense.get_layer(t.wrapper.layer.name).kernel.numpy())
     assert stray(model) > 0
     model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(
         from_logits=True), jit_compile=True)
@@ -165,7 +165,7 @@ def test_strip_of_a_bare_wrapper_zeroes_its_masked_entries():
     wrapper = keras_dst.prunable(keras.layers.Dense(4), density=0.5)
     wrapper.build((None, 6))
     w = wrapper.sparse_weights[0]
-    w.value.assign(np.ones(w.shape, "float32"))
+    write_underneath(w, np.ones(w.shape, "float32"))
     inner = keras_dst.strip(wrapper)
     np.testing.assert_array_equal(inner.kernel.numpy(), wrapper.masks[0].numpy().astype("float32"))
 
@@ -208,3 +208,52 @@ def test_a_warm_start_is_not_written_back_by_a_later_set_masks():
     for t, before in zip(keras_dst.sparse_targets(model), weights):
         np.testing.assert_array_equal(t.weight.numpy(), before)
     assert_sparse_invariants(model)
+
+
+class Holder(keras.Model):
+    """A subclassed model whose wrapper builds in Keras's symbolic (stateless) first call:
+    its variables are created later, from their initializers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.sparse = keras_dst.prunable(keras.layers.Dense(16, activation="relu"), density=0.3)
+        self.head = keras_dst.prunable(keras.layers.Dense(3), density=0.5)
+
+    def call(self, inputs):
+        return self.head(self.sparse(inputs))
+
+
+def _holder():
+    model = Holder(name="holder")
+    model(np.ones((2, 20), "float32"))
+    return model
+
+
+@pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _holder], ids=["functional", "subclassed"])
+@pytest.mark.parametrize("overwrite_every", [None, 3])
+def test_a_plain_fit_with_ema_ends_with_the_averages_masked(make, overwrite_every):
+    # Keras overwrites the weights with their moving averages at the end of fit (and every
+    # `ema_overwrite_frequency` steps), writing the tf.Variable itself: the averages hold
+    # what the optimizer wrote at masked entries before the mask constraint zeroed it
+    model = make()
+    masks = keras_dst.masks(model)
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9, use_ema=True,
+                                      ema_overwrite_frequency=overwrite_every)
+    model.compile(optimizer, LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert stray(model) == 0
+    assert keras_dst.masks(model).keys() == masks.keys()
+    averages = {id(v): a for v, a in zip(optimizer._trainable_variables,
+                                         optimizer._model_variables_moving_average)}
+    for t in keras_dst.sparse_targets(model):  # the weights are the averages, masked
+        np.testing.assert_array_equal(masks[t.weight.path], t.mask.numpy())
+        expected = np.where(t.mask.numpy(), averages[id(t.weight)].numpy(), 0)
+        np.testing.assert_array_equal(t.weight.numpy(), expected)
+
+
+def test_an_eager_write_of_the_tf_variable_itself_is_masked():
+    for model in (sparse_mlp()[1], _holder()):
+        for t in keras_dst.sparse_targets(model):
+            t.weight.value.assign(np.ones(t.weight.shape, "float32"))
+            np.testing.assert_array_equal(t.weight.numpy(), t.mask.numpy().astype("float32"))
