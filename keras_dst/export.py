@@ -338,6 +338,11 @@ def _plain_model(model):
                 continue
             weights += [_Weight(layer.name, w.path, patterns.UNSTRUCTURED, w.numpy(), False)
                         for w in sparse_layers.prunable_weights(layer)]
+    if any(sparse_layers.attached_state(t.state.layer) is not None for t in targets):
+        # masks attached in place: the layers compute with their (masked) kernels, and
+        # `strip` would detach the caller's masks
+        masks_lib.apply_masks(model)
+        return model, weights
     try:
         plain = convert.strip(model)
     except TypeError:  # a subclassed model: its wrappers compute with the (masked) kernels

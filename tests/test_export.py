@@ -16,7 +16,7 @@ import tensorflow as tf
 import keras_dst
 from keras_dst.export import LiteRTModel, _read_constants
 
-from conftest import all_layers_data, all_layers_model
+from conftest import all_layers_data, all_layers_model, assert_sparse_invariants
 
 try:
     import ai_edge_litert  # noqa: F401
@@ -221,6 +221,29 @@ def test_subclassed_model_of_prunable_layers_is_exported_as_it_is(tmp_path):
     report = keras_dst.export(model, tmp_path / "s.tflite", compare_dense=False)
     assert np.max(np.abs(report.load().predict(x) - expected)) <= FLOAT_TOL
     assert [w.stored for w in report.weights] == ["sparse (block 1x4)"]
+
+
+@needs_litert
+@pytest.mark.parametrize("fmt, name", [("litert", "a.tflite"), ("tf_saved_model", "a_saved")])
+def test_a_model_with_masks_attached_in_place_keeps_them_after_export(tmp_path, fmt, name):
+    # export used strip(), which detaches attached masks in place: the caller's model lost
+    # them and trained dense afterwards
+    model = keras_dst.prunable(mlp((32, 16, 4)), density=0.25, pattern="1x4", in_place=True)
+    masks = keras_dst.masks(model)
+    x = data((32,))
+    expected = model.predict(x, verbose=0)
+    report = keras_dst.export(model, tmp_path / name, format=fmt, compare_dense=False)
+    if fmt == "litert":
+        assert np.max(np.abs(report.load().predict(x) - expected)) <= FLOAT_TOL
+    assert keras_dst.masks(model).keys() == masks.keys()
+    for path, mask in keras_dst.masks(model).items():
+        np.testing.assert_array_equal(mask, masks[path])
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), jit_compile=True)
+    model.fit(x, np.zeros(len(x), "int32"), epochs=1, verbose=0)
+    assert_sparse_invariants(model)
+    for path, mask in keras_dst.masks(model).items():
+        np.testing.assert_array_equal(mask, masks[path])
 
 
 @needs_litert

@@ -303,3 +303,24 @@ def test_set_masks_refuses_a_mask_that_breaks_the_pattern(pattern):
                                          rf"weight's pattern '{pattern}'"):
         keras_dst.set_masks(model, broken)
     assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
+
+
+@pytest.mark.parametrize("pattern", ["1x4", "2:4", "fan_in"])
+@pytest.mark.parametrize("grow", ["gradient", "momentum"])
+def test_an_embedding_s_sparse_gradient_grows_a_pattern(pattern, grow):
+    # an Embedding's gradient is an IndexedSlices; made dense it had an unknown first
+    # dimension, which the pattern refill refused inside the compiled step
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 32, (64, 8)), rng.integers(0, 4, 64)
+    model = keras.Sequential([keras.Input((8,), dtype="int32"),
+                              keras.layers.Embedding(32, 16, name="emb"),
+                              keras.layers.Flatten(), keras.layers.Dense(4, name="out")])
+    model = keras_dst.prunable(model, density=0.5, pattern=pattern)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    before = keras_dst.masks(model)["emb/embeddings"]
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[
+        keras_dst.DynamicSparseTraining(prune="magnitude", grow=grow, update_every=2,
+                                        schedule="constant", prune_rate=0.3)])
+    assert_patterns(model)
+    assert (keras_dst.masks(model)["emb/embeddings"] != before).any()  # it did update
