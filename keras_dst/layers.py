@@ -367,7 +367,7 @@ class SparseState:
             w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
             _zero_initial_value(w, initial_mask)
             cache.clear()  # closed: the initializers may outlive the build
-            _guard_writes(w, mask, self)
+            _guard_writes(w, mask, self, p)
         self.created = True
 
     def _initial_mask(self, shape, density, index, pattern):
@@ -769,7 +769,7 @@ def _same_bits(a, b) -> bool:
     return bool(tf.reduce_all(tf.equal(tf.bitcast(a, ints), tf.bitcast(b, ints))))
 
 
-def _guard_writes(variable, mask, state):
+def _guard_writes(variable, mask, state, pattern):
     """Makes every eager write of `variable` or `mask` keep the weight's zeros where the
     mask is False.
 
@@ -791,6 +791,9 @@ def _guard_writes(variable, mask, state):
     which then applies the new mask to it, unless the weight changed since
     (a training step, another write: the raw value is stale then, and the mask
     applies to the weight as it is; `SparseWrapper.apply_masks` drops it).
+
+    An eager mask write that breaks the weight's `pattern` (a file or `set_weights`
+    of a model made with another pattern) raises ValueError before the mask changes.
 
     A write during a load (flagged by `SparseState.mark_loading`, which the wrapper's
     or the attached layer's `load_own_variables` calls once the masks are loaded and
@@ -820,6 +823,13 @@ def _guard_writes(variable, mask, state):
         return result
 
     def guarded_mask_assign(value):
+        if tf.executing_eagerly() and pattern.kind != "unstructured":
+            problem = patterns.violation(pattern, np.asarray(value, bool))
+            if problem is not None:  # (a mask of a model made with another pattern)
+                raise ValueError(
+                    f"{state.owner}: the mask written to '{variable.path}' breaks its "
+                    f"{problem}; it was left as it was. Write masks of this pattern "
+                    "(e.g. load weights saved by a model made prunable the same way).")
         result = assign_mask(mask, value)
         if tf.executing_eagerly():
             raw, written = pending.pop(id(variable), (None, None))

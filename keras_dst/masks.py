@@ -134,8 +134,7 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any], apply: 
             raise ValueError(f"set_masks(): mask for '{path}' must contain only 0/1 values.")
         problem = patterns.violation(target.pattern, array.astype(bool))
         if problem is not None:
-            raise ValueError(f"set_masks(): mask for '{path}' breaks the weight's pattern "
-                             f"'{target.pattern}': {problem}")
+            raise ValueError(f"set_masks(): mask for '{path}' breaks the weight's {problem}")
         checked[path] = array.astype(bool)
     for path, array in checked.items():
         by_path[path].mask.assign(array)  # its write guard zeroes the weight where it is 0

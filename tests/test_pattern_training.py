@@ -305,6 +305,27 @@ def test_set_masks_refuses_a_mask_that_breaks_the_pattern(pattern):
     assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "1x4", "fan_in"])
+def test_keras_writes_of_masks_of_another_pattern_are_refused(pattern, tmp_path):
+    # set_weights / load_weights from a model made with another pattern wrote its masks
+    # silently, and DST never repaired them
+    unstructured = keras_dst.prunable(mlp_model(), density=0.5)
+    path = str(tmp_path / "unstructured.weights.h5")
+    unstructured.save_weights(path)
+    model = keras_dst.prunable(mlp_model(), density=0.5, pattern=pattern)
+    masks = keras_dst.masks(model)
+    message = rf"the mask written to 'fc\d/kernel' breaks its pattern '{pattern}'"
+    with pytest.raises(ValueError, match=message):
+        model.set_weights(unstructured.get_weights())
+    with pytest.raises(ValueError, match=message):
+        model.load_weights(path)
+    assert_patterns(model)
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
+    same = keras_dst.prunable(mlp_model(), density=0.5, pattern=pattern, seed=1)
+    same.set_weights(model.get_weights())  # masks of the same pattern are written
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(same).items())
+
+
 @pytest.mark.parametrize("pattern", ["1x4", "2:4", "fan_in"])
 @pytest.mark.parametrize("grow", ["gradient", "momentum"])
 def test_an_embedding_s_sparse_gradient_grows_a_pattern(pattern, grow):
