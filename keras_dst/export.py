@@ -245,7 +245,8 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
       TypeError: `model` is not a Keras model, `filepath` is not a path, wrong
         argument types.
       ValueError: unknown `format` / `quantize`, a litert path not ending in
-        ".tflite", int8 without `representative_data`, quantize with
+        ".tflite", int8 without `representative_data` (or it without int8, or of
+        another shape than the model's inputs), quantize with
         tf_saved_model, an unbuilt model, or a model the converter cannot
         convert (the message names the model and gives the converter's reason).
     """
@@ -270,6 +271,9 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
     if quantize == "int8" and representative_data is None:
         raise ValueError("export(quantize='int8') needs representative_data: a few hundred "
                          "typical inputs to calibrate the activations' int8 ranges.")
+    if quantize is None and representative_data is not None:
+        raise ValueError("export(): representative_data calibrates quantize='int8'; without "
+                         "quantize the export is float32 and would ignore it.")
     if not model.built:
         raise ValueError(f"export(): model '{model.name}' is not built; call it on data or "
                          "build it first.")
@@ -413,6 +417,13 @@ def _calibration(data, saved_model_dir, input_names, steps):
         samples = [{k: v[i] for k, v in keyed.items()} for i in range(min(n, steps))]
     if not samples:
         raise ValueError("export(): representative_data is empty.")
+    for key, spec in specs.items():  # (a sample of another shape calibrated nothing, silently)
+        shape = np.shape(samples[0][key])
+        if not spec.shape[1:].is_compatible_with(shape):
+            raise ValueError(
+                f"export(): representative_data for input '{key}' has samples of shape "
+                f"{shape}; the model takes inputs of shape {tuple(spec.shape)} (a batch of "
+                f"samples of shape {tuple(spec.shape[1:])}).")
     return _generator(samples, dtypes)
 
 

@@ -383,6 +383,15 @@ def test_errors_name_the_argument_and_value(tmp_path):
         keras_dst.export(model, path, calibration_steps=0)
     with pytest.raises(ValueError, match="not built"):
         keras_dst.export(keras.Sequential([keras.layers.Dense(3)]), path)
+    with pytest.raises(ValueError, match="representative_data calibrates quantize='int8'"):
+        keras_dst.export(model, path, representative_data=data((16,)))
+    # samples of another shape: a rank too low was converted to a float32 file reported
+    # as int8; a width mismatch failed inside the converter
+    for bad, shape in ((np.zeros(200, "float32"), r"\(\)"), (data((5,)), r"\(5,\)")):
+        with pytest.raises(ValueError, match=rf"representative_data for input '.*' has samples "
+                                             rf"of shape {shape}; the model takes inputs of "
+                                             r"shape \(None, 16\)"):
+            keras_dst.export(model, path, quantize="int8", representative_data=bad)
     assert not path.exists()
 
 
