@@ -288,7 +288,7 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
 
     `label(layer)` names a layer in messages; option keys match a layer's name or path.
     """
-    shapes, owner = {}, {}
+    shapes, owner, variables = {}, {}, {}
     for layer, weights in targets:
         for w in weights:
             if w.path in shapes:
@@ -299,6 +299,7 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
                     "names.")
             shapes[w.path] = tuple(w.shape)
             owner[w.path] = layer
+            variables[w.path] = w
     layer_names = sorted({label(layer) for layer, _ in targets})
     known = {k for layer, _ in targets for k in (layer.name, layer_label(layer))}
 
@@ -308,8 +309,8 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
     fixed = {}
     for key, value in _named_overrides(keep_dense, density_overrides, known, layer_names):
         fixed.update({p: value for p in matching(key)})
-    weight_patterns = _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes,
-                                       init, known, layer_names, matching, label)
+    weight_patterns = _weight_patterns(pattern, pattern_overrides, keep_dense, owner,
+                                       variables, init, known, layer_names, matching, label)
     for path, p in weight_patterns.items():  # N:M: the density is N/M
         if p.kind == "nm":
             if path in fixed:
@@ -388,20 +389,21 @@ def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) 
     first convolution with 3 input channels and 1x4 blocks).
     """
     pattern = patterns.parse(pattern)
+    # the layers `prunable` would sparsify (a MultiHeadAttention as one, not its
+    # projections), by the names its `pattern_overrides` takes
+    targets = (_wrap_targets if _rebuildable(model) else _attach_targets)(
+        model, skip_unsupported=True)
     unfit = {}
-    for layer in compat.flatten_layers(model):
-        if isinstance(layer, keras.Model) or not sparse_layers.is_supported(layer) \
-                or sparse_layers.needs_no_wrapping(layer):
-            continue
-        for weight in sparse_layers.prunable_weights(layer):
+    for layer, weights in targets:
+        for weight in weights:
             try:
-                patterns.check(pattern, tuple(weight.shape), layer.name)
+                sparse_layers.check_pattern(pattern, layer, weight, layer.name)
             except ValueError:
                 unfit[layer.name] = "unstructured"
     return unfit
 
 
-def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes, init, known,
+def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, init, known,
                      layer_names, matching, label):
     """{weight path: Pattern}, checked against every weight's shape before anything changes.
 
@@ -426,7 +428,8 @@ def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, shapes, init
     result = {}
     for path, layer in owner.items():
         p = per_weight.get(path, pattern)
-        patterns.check(p, shapes[path], f"layer '{label(layer)}' (weight '{path}')")
+        sparse_layers.check_pattern(p, layer, variables[path],
+                                    f"layer '{label(layer)}' (weight '{path}')")
         if p.kind != "unstructured" and init != "exact":
             raise ValueError(f"prunable(): pattern '{p}' of layer '{label(layer)}' needs "
                              f"init='exact', got init={init!r}.")

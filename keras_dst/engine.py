@@ -191,9 +191,13 @@ class TopologyEngine(Hook):
         grads = []
         for t in self.targets:
             g = grads_by_var.get(id(t.weight))
-            if isinstance(g, tf.IndexedSlices):  # an Embedding's: dense, of static shape
+            if g is None:
+                g = tf.zeros(t.weight.shape, tf.float32)
+            elif isinstance(g, tf.IndexedSlices):  # an Embedding's: dense, of static shape
                 g = tf.math.unsorted_segment_sum(g.values, g.indices, t.weight.shape[0])
-            grads.append(tf.zeros(t.weight.shape, tf.float32) if g is None else _f32(g))
+            elif not g.shape.is_fully_defined():  # (one made dense already, e.g. keras-hub's)
+                g = tf.reshape(g, t.weight.shape)
+            grads.append(_f32(g))
         return grads
 
     def _needs_gradient(self):

@@ -127,6 +127,31 @@ def is_supported(layer) -> bool:
     return hasattr(layer, "get_prunable_weights") or _registered_names(layer) is not None
 
 
+def check_pattern(pattern, layer, weight, where: str) -> None:
+    """Raises ValueError naming `where` if `weight` of `layer` cannot take `pattern`.
+
+    Patterns read a kernel as ``[positions..., inputs, outputs]`` (`patterns.check`:
+    the shape, e.g. an input axis that is a multiple of the block): its last axis
+    must be its only output axis. Dense and convolution kernels are laid out so;
+    an `EinsumDense` kernel is when every other axis is contracted with the input
+    (MultiHeadAttention's output projection, ``abcd,cde->abe``), not when it keeps
+    several output axes (its query/key/value projections, ``abc,cde->abde``:
+    ``[model dim, heads, head dim]``, whose blocks would run along the heads).
+    """
+    patterns.check(pattern, tuple(weight.shape), where)
+    if patterns.parse(pattern).kind == "unstructured":
+        return
+    for sub in [layer] + compat.flatten_layers(layer):
+        if isinstance(sub, keras.layers.EinsumDense) and sub.kernel is weight:
+            kernel, output = sub.equation.replace("...", "").split(",")[1].split("->")
+            outputs = "".join(axis for axis in kernel if axis in output)
+            if outputs != kernel[-1:]:
+                raise ValueError(
+                    f"{where}: pattern '{pattern}' needs a kernel whose last axis is its only "
+                    f"output axis; EinsumDense '{sub.name}' ({sub.equation}) has kernel axes "
+                    f"'{kernel}' with outputs '{outputs}'; {patterns.REMEDY}.")
+
+
 def is_dense_by_design(layer) -> bool:
     """True for normalisation layers, whose parameters are never sparsified."""
     return isinstance(layer, _DENSE_BY_DESIGN)
@@ -336,7 +361,7 @@ class SparseState:
         parsed = [patterns.parse(p) for p in specs]
         for w, p, d in zip(weights, parsed, densities):
             where = f"layer '{self.layer.name}' weight '{w.name}'"
-            patterns.check(p, tuple(w.shape), where)
+            check_pattern(p, self.layer, w, where)
             patterns.check_density(p, d, where)
         self.patterns = parsed
         self.sparse_weights = weights

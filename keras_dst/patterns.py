@@ -51,7 +51,7 @@ from keras_dst import distributions, topology, validation
 
 KINDS = ("unstructured", "block", "nm", "fan_in")
 ACCEPTED = "'unstructured', '1xB' (B >= 2, e.g. '1x4'), 'N:M' (1 <= N < M, e.g. '2:4'), 'fan_in', or None"
-_REMEDY = ("keep it dense with keep_dense=[...], or give it another pattern with a "
+REMEDY = ("keep it dense with keep_dense=[...], or give it another pattern with a "
            "per-layer override")
 _DENSITY_TOL = 1e-9
 
@@ -157,10 +157,10 @@ def check(pattern: PatternLike, shape: Sequence[int], name: str) -> None:
         return
     if len(shape) < 2:
         raise ValueError(f"{name}: pattern '{pattern}' needs a kernel of rank >= 2 "
-                         f"([..., inputs, outputs]), got shape {shape}; {_REMEDY}.")
+                         f"([..., inputs, outputs]), got shape {shape}; {REMEDY}.")
     if shape[-2] % pattern.unit:
         raise ValueError(f"{name}: pattern '{pattern}' needs the input axis (shape[-2] = {shape[-2]}) "
-                         f"of shape {shape} to be a multiple of {pattern.unit}; {_REMEDY}.")
+                         f"of shape {shape} to be a multiple of {pattern.unit}; {REMEDY}.")
 
 
 def check_density(pattern: PatternLike, density: Optional[float], name: str) -> float:

@@ -72,6 +72,36 @@ def test_bert_text_classifier(tmp_path):
     train_save_reload(clf, x, y, tmp_path, steps=4)
 
 
+@pytest.mark.parametrize("pattern", ["1x4", "fan_in"])
+def test_bert_with_a_pattern_trains_where_it_fits(pattern):
+    # unfit_layers names the attention blocks (their query/key/value kernels have two
+    # output axes) by the names prunable takes; the token embedding's gradient reaches the
+    # optimizer dense with an unknown first dimension, which the pattern's growth refused
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=100, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=8)
+    clf = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    unfit = keras_dst.unfit_layers(clf, pattern)
+    assert "self_attention_layer" in unfit
+    keras_dst.prunable(clf, density=0.3, pattern=pattern, pattern_overrides=unfit)
+    patterns = {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(clf)}
+    assert patterns["token_embedding/embeddings"] == pattern
+    before = keras_dst.masks(clf)
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(0, 100, (16, 8)).astype("int32"),
+         "segment_ids": np.zeros((16, 8), "int32"), "padding_mask": np.ones((16, 8), "int32")}
+    clf.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, jit_compile=False)
+    clf.fit(x, (x["token_ids"][:, 0] % 2).astype("int32"), batch_size=8, epochs=1, verbose=0,
+            callbacks=[keras_dst.DynamicSparseTraining(prune="magnitude", grow="gradient",
+                                                       update_every=1)])
+    assert_sparse_invariants(clf, active_counts(clf))
+    after = keras_dst.masks(clf)
+    assert (after["token_embedding/embeddings"] != before["token_embedding/embeddings"]).any()
+    for t in keras_dst.sparse_targets(clf):
+        assert keras_dst.patterns.violation(t.pattern, after[t.weight.path]) is None
+
+
 def test_gpt2_causal_lm(tmp_path):
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(

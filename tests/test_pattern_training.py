@@ -121,6 +121,36 @@ def test_unfit_layers_names_the_layers_a_pattern_cannot_take():
         ["unstructured", "1x4", "1x4"]
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_einsum_kernels_with_several_output_axes_are_unfit_and_named(in_place):
+    # MultiHeadAttention's query/key/value kernels are [model dim, heads, head dim]: a
+    # pattern read them as [positions, inputs, outputs], its blocks running along the heads
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 16))
+    x = keras.layers.MultiHeadAttention(4, 8, name="mha")(inputs, inputs)
+    x = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 8), name="proj")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    for pattern in ("1x4", "2:4", "fan_in"):
+        assert keras_dst.unfit_layers(model, pattern) == {"mha": "unstructured"}
+        with pytest.raises(ValueError, match=r"layer 'mha' \(weight 'mha/query/kernel'\): "
+                                             rf"pattern '{pattern}' needs a kernel whose last "
+                                             r"axis is its only output axis; EinsumDense "
+                                             r"'query' \(abc,cde->abde\) has kernel axes 'cde' "
+                                             r"with outputs 'de'"):
+            keras_dst.prunable(model, density=0.5, pattern=pattern, in_place=in_place)
+        assert not keras_dst.sparse_targets(model)  # refused before anything changed
+    sparse = keras_dst.prunable(model, density=0.5, pattern="1x4", in_place=in_place,
+                                pattern_overrides=keras_dst.unfit_layers(model, "1x4"))
+    by_path = {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(sparse)}
+    assert by_path["proj/kernel"] == "1x4" and by_path["head/kernel"] == "1x4"
+    assert {by_path[f"mha/{n}/kernel"] for n in ("query", "key", "value",
+                                                 "attention_output")} == {"unstructured"}
+    wrapper = keras_dst.prunable(keras.layers.EinsumDense(  # a bare wrapper, at its build
+        "abc,cde->abde", output_shape=(None, 4, 8), name="qkv"), density=0.5, pattern="1x4")
+    with pytest.raises(ValueError, match="EinsumDense 'qkv'"):
+        wrapper(np.zeros((1, 5, 16), "float32"))
+
+
 def test_patterns_on_convolutions():
     x = np.random.default_rng(0).normal(size=(32, 6, 6, 4)).astype("float32")
     y = np.arange(32) % 3
