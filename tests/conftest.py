@@ -86,10 +86,10 @@ def classification_data(n=128, d=20, classes=3, seed=0):
     return x, y
 
 
-def write_underneath(weight, value):
-    """Writes `value` into `weight`'s tf.Variable as a `tf.train.Checkpoint` restore does
-    (an AssignVariableOp on its handle), past every eager write that keras_dst masks."""
-    raw = weight.value
+def write_underneath(variable, value):
+    """Writes `value` into `variable`'s tf.Variable as a `tf.train.Checkpoint` restore does
+    (an AssignVariableOp on its handle), past every eager write that keras_dst checks."""
+    raw = variable.value
     tf.raw_ops.AssignVariableOp(resource=raw.handle, value=tf.cast(value, raw.dtype))
 
 
