@@ -803,12 +803,11 @@ def _guard_writes(variable, mask, state, pattern):
     ``set_weights``, a user's own ``assign``; the optimizer's EMA overwrite at the
     end of `fit` writes the `tf.Variable` behind the weight directly
     (`compat.on_raw_variables`). Instance-level ``assign`` methods on the weight,
-    on the `tf.Variable` (s) holding it, and on its mask mask the value there, so
-    no such write can make the model compute densely while its masks say
-    otherwise. Writes traced into a
-    compiled function (the optimizer's update, the DST engine) pass through
-    untouched: there the `MaskConstraint` already runs, and the compiled step
-    stays the dense one.
+    on the `tf.Variable`s holding it, and on its mask mask the value there, so no
+    such write can make the model compute densely while its masks say otherwise.
+    Writes traced into a compiled function (the optimizer's update, the DST
+    engine) pass through untouched: there the `MaskConstraint` already runs, and
+    the compiled step stays the dense one.
 
     A bulk write may set the weight before its mask (``model.set_weights`` lists
     a wrapper's kernel before its mask): a weight write that drops non-zeros

@@ -458,7 +458,8 @@ def satisfied(pattern: PatternLike, mask: tf.Tensor) -> tf.Tensor:
 def violation(pattern: PatternLike, mask) -> Optional[str]:
     """NumPy check: None if `mask` keeps the pattern, else a message naming one offending group.
 
-    For test helpers (`keras_dst.testing`); the same invariant as `satisfied`.
+    For eager mask writes (`masks.set_masks`, the write guards of `layers`) and test
+    helpers (`keras_dst.testing`); the same invariant as `satisfied`.
 
     Args:
       pattern: a pattern or spec.
