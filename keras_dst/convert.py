@@ -18,7 +18,7 @@ import numpy as np
 from keras_dst import compat, distributions, patterns
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper, attached_state, layer_label
-from keras_dst.masks import sparse_states
+from keras_dst.masks import carry_attached_state_in_weights, release_attached_state_from_weights, sparse_states
 from keras_dst.validation import check_bool, check_choice, check_density, check_seed
 
 
@@ -267,6 +267,7 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
                 sparse_layers.detach(layer)
             raise
         _retrace_training(model)
+        carry_attached_state_in_weights(model)
         return model
 
     # 2b. Clone with wrappers and copy the weights over.
@@ -484,6 +485,7 @@ def strip(model: "keras.layers.Layer") -> "keras.layers.Layer":
             for layer in attached:
                 sparse_layers.detach(layer)
             _retrace_training(model)
+            release_attached_state_from_weights(model)
             return model
     if not isinstance(model, keras.Model) or not compat.is_graph_model(model):
         raise TypeError(f"strip() needs a Sequential or functional model or a model with masks "

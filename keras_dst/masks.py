@@ -63,6 +63,46 @@ def sparse_states(model) -> list:
     return states
 
 
+def carry_attached_state_in_weights(model) -> None:
+    """Makes ``model.get_weights()`` / ``set_weights()`` carry the state attached in place
+    to its layers (masks, ever-active flags, running scores), after its own weights, as
+    a wrapper's weights carry a wrapper's.
+
+    Attached state is not among ``model.weights`` (Keras's loader must refuse such a
+    file rather than load it dense), so a get/set round trip (Keras's
+    ``EarlyStopping(restore_best_weights=True)``) restored the values without their
+    masks. `set_weights` still takes the model's own weights alone (a warm start keeps
+    the masks); with the state too, the masks are written first, then the values.
+    Instance methods on `model`; `strip` removes them.
+    """
+    if not isinstance(model, keras.Model) or "get_weights" in model.__dict__:
+        return
+    cls = type(model)
+
+    def attached_variables():
+        return [v for state in sparse_states(model) if state.wrapper is None
+                for v in state.masks + state.ever_active + state.running_scores]
+
+    def get_weights():
+        return cls.get_weights(model) + [v.numpy() for v in attached_variables()]
+
+    def set_weights(weights):
+        weights, own, extra = list(weights), len(model.weights), attached_variables()
+        if extra and len(weights) == own + len(extra):
+            for variable, value in zip(extra, weights[own:]):
+                variable.assign(value)
+            weights = weights[:own]
+        cls.set_weights(model, weights)
+
+    model.get_weights, model.set_weights = get_weights, set_weights
+
+
+def release_attached_state_from_weights(model) -> None:
+    """Undoes `carry_attached_state_in_weights`."""
+    for name in ("get_weights", "set_weights"):
+        model.__dict__.pop(name, None)
+
+
 def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: str = "keras_dst",
                    trainable_only: bool = False) -> List["SparseTarget"]:
     """Every sparsified weight of `model` as `SparseTarget`s, in a stable order.

@@ -41,6 +41,7 @@ import keras
 
 from keras_dst import compat
 from keras_dst import layers as sparse_layers
+from keras_dst.masks import carry_attached_state_in_weights
 
 
 def save_model(model: "keras.Model", filepath: Union[str, os.PathLike], overwrite: bool = True) -> None:
@@ -150,6 +151,7 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
             f"keras_dst.load_model({filepath!r}): the file holds masks for {len(saved)} layers, "
             f"the rebuilt model '{model.name}' took them for {len(attached)}; not found: "
             f"{sorted(set(saved) - found)} (was the model's code changed since it was saved?).")
+    carry_attached_state_in_weights(model)
     return model
 
 

@@ -489,3 +489,46 @@ def test_masks_attached_after_a_fit_constrain_the_next_plain_fit():
     net.fit(x, y, batch_size=8, epochs=1, verbose=0)
     kernels = [net.a.kernel.numpy(), net.b.kernel.numpy()]
     assert all(np.count_nonzero(k[~m]) > 0 for k, m in zip(kernels, masks))  # trained dense
+
+
+def test_get_and_set_weights_carry_attached_state_so_early_stopping_restores_the_best_topology(
+        tmp_path):
+    # attached masks are not among model.weights: EarlyStopping(restore_best_weights=True)
+    # put the best epoch's values back under the last epoch's masks
+    model = keras_dst.prunable(two_dense(), density=0.3)
+    own = len(model.weights)
+    assert len(model.get_weights()) == own + 2 * 2  # masks and ever-active flags, 2 layers
+    rng = np.random.default_rng(0)  # random labels: the validation loss soon rises
+    x, y = rng.normal(size=(128, 8)).astype("float32"), rng.integers(0, 3, 128)
+    xv, yv = rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 3, 64)
+    snapshots = {}
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots[epoch] = (self.model.get_weights(), keras_dst.masks(self.model))
+
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), LOSS)
+    history = model.fit(x, y, validation_data=(xv, yv), batch_size=16, epochs=40, verbose=0,
+                        callbacks=[keras_dst.DynamicSparseTraining(
+                            update_every=4, schedule="constant", prune_rate=0.5),
+                            Snapshot(), keras.callbacks.EarlyStopping(
+                                patience=2, restore_best_weights=True)])
+    best = int(np.argmin(history.history["val_loss"]))
+    assert best < len(history.history["val_loss"]) - 1  # the last epoch's state differs
+    weights, masks = snapshots[best]
+    for path, mask in keras_dst.masks(model).items():
+        np.testing.assert_array_equal(mask, masks[path])
+    for a, b in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    assert_sparse_invariants(model)
+    keras_dst.save_model(model, tmp_path / "m.keras")  # a reloaded model carries it too
+    loaded = keras_dst.load_model(tmp_path / "m.keras")
+    for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # a warm start with the model's own weights keeps the masks; strip drops the state
+    before = keras_dst.masks(model)
+    model.set_weights([np.ones_like(w) for w in model.get_weights()[:own]])
+    for path, mask in keras_dst.masks(model).items():
+        np.testing.assert_array_equal(mask, before[path])
+    keras_dst.strip(model)
+    assert len(model.get_weights()) == own
