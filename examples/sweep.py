@@ -114,8 +114,11 @@ def run_key(config):
         ignored.add("overlap")
     if config.get("pattern", "unstructured") == "unstructured":  # likewise
         ignored.add("pattern")
-    if config["method"] != "dst":
-        ignored.update(DST_ONLY)
+    if config["method"] != "dst":  # but gmp's period, and the overlap's schedule, count
+        used = {"update_every"} if config["method"] == "gmp" else set()
+        if config.get("overlap"):
+            used |= {"update_every", "prune_rate", "schedule"}
+        ignored.update(set(DST_ONLY) - used)
     if config["method"] == "dense":
         ignored.update(SPARSE_ONLY)
     relevant = {k: v for k, v in sorted(config.items()) if k not in ignored}

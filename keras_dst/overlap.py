@@ -170,6 +170,7 @@ class CriteriaOverlap(ScheduledCallback):
                             else validation.check_positive_int(total_steps, "total_steps"))
         self.seed = validation.check_seed(seed)
         self.history = []
+        self._recorded = None  # (engine, step) of the last update in `history`
 
     def _engine_key(self):
         return (tuple(self.criteria), self.update_every, self._schedule_key(), self.seed)
@@ -185,7 +186,9 @@ class CriteriaOverlap(ScheduledCallback):
         if step < 0:
             return {}
         matrix = self.engine.matrix.numpy().astype(float)
-        self.history.append((step, list(self.names), matrix))
+        if self._recorded != (self.engine, step):  # (a later fit reads the same update)
+            self._recorded = (self.engine, step)
+            self.history.append((step, list(self.names), matrix))
         return {f"jaccard/{a}/{b}": float(matrix[i, j])
                 for i, a in enumerate(self.names) for j, b in enumerate(self.names) if i < j}
 

@@ -438,6 +438,16 @@ def test_sweep_keys():
     assert sweep.run_key(config) != sweep.run_key({**config, "epochs": 3})
     dst = {**config, "method": "dst"}
     assert sweep.run_key(dst) != sweep.run_key({**dst, "prune": "snip"})
+    # settings a method uses are in its key: gmp's period (a gmp run with another
+    # --update_every was skipped as done), the overlap callback's schedule
+    gmp = {**config, "method": "gmp"}
+    assert sweep.run_key(gmp) != sweep.run_key({**gmp, "update_every": 1})
+    assert sweep.run_key(gmp) == sweep.run_key({**gmp, "prune": "snip", "prune_rate": 0.1})
+    static = {**config, "method": "static"}
+    assert sweep.run_key(static) == sweep.run_key({**static, "update_every": 1})
+    overlap = {**static, "overlap": ["magnitude", "snip"]}
+    for key, value in (("update_every", 1), ("prune_rate", 0.1), ("schedule", "constant")):
+        assert sweep.run_key(overlap) != sweep.run_key({**overlap, key: value})
     runs = sweep.grid(["dense", "static", "dst"], ["magnitude", "snip"], ["random", "gradient"],
                       [0.1, 0.2], [1, 2])
     assert len(runs) == 2 + 2 * 2 + 2 * 2 * 2 * 2

@@ -159,3 +159,22 @@ def test_config_round_trip():
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(overlap))
     assert isinstance(clone, keras_dst.CriteriaOverlap)
     assert clone.get_config() == overlap.get_config()
+
+
+def test_history_records_each_update_once_across_fits_and_models():
+    # every fit re-reads the last update at its start: it was appended again, and
+    # save_json's mean weighed it twice
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4,
+                                        schedule="constant")
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp(), density=0.5)
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    for _ in range(2):  # 8 steps per fit
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[overlap])
+    assert [step for step, _, _ in overlap.history] == [4, 8, 12, 16]
+    other = keras_dst.prunable(mlp(seed=1), density=0.5)  # reused on another model
+    other.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    other.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[overlap])
+    assert [step for step, _, _ in overlap.history] == [4, 8, 12, 16, 4, 8]
