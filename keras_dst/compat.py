@@ -128,8 +128,9 @@ def on_raw_variables(variable, install) -> None:
     overwrite (``TFOptimizer._overwrite_model_variables_with_average_value``, at
     the end of `fit` with ``use_ema=True``). No public API.
     """
-    if _raw_variables(variable):
-        for raw in _raw_variables(variable):
+    raws = _raw_variables(variable)
+    if raws:
+        for raw in raws:
             install(raw)
         return
     deferred = variable._deferred_initialize

@@ -289,18 +289,18 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
 
     `label(layer)` names a layer in messages; option keys match a layer's name or path.
     """
-    shapes, owner, variables = {}, {}, {}
+    owner, variables = {}, {}
     for layer, weights in targets:
         for w in weights:
-            if w.path in shapes:
+            if w.path in variables:
                 raise ValueError(
                     f"prunable(): two sparsified weights share the path '{w.path}' (layers "
                     f"'{label(owner[w.path])}' and '{label(layer)}'); keras_dst keys masks by "
                     "variable path, so give the layers (or the models holding them) distinct "
                     "names.")
-            shapes[w.path] = tuple(w.shape)
             owner[w.path] = layer
             variables[w.path] = w
+    shapes = {path: tuple(w.shape) for path, w in variables.items()}
     layer_names = sorted({label(layer) for layer, _ in targets})
     known = {k for layer, _ in targets for k in (layer.name, layer_label(layer))}
 

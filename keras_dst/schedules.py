@@ -249,7 +249,7 @@ def check_prune_rate(prune_rate, schedule) -> Optional[float]:
     return None
 
 
-def get_schedule(schedule, initial: float = 0.5, total_steps=None):
+def get_schedule(schedule, initial: float = DEFAULT_PRUNE_RATE, total_steps=None):
     """Resolves a prune-rate schedule.
 
     Args:
