@@ -68,6 +68,21 @@ def all_layers_data(n=16, seed=0):
     return x, y
 
 
+class SubclassedNet(keras.Model):
+    """A subclassed model of two `SparseWrapper` layers (20 inputs, 3 logits): they build in
+    Keras's symbolic first call, their variables initialised later from initializers."""
+
+    def __init__(self, **kwargs):
+        import keras_dst
+
+        super().__init__(**kwargs)
+        self.hidden = keras_dst.prunable(keras.layers.Dense(32, activation="relu"), density=0.25)
+        self.out = keras_dst.prunable(keras.layers.Dense(3), density=0.5)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
 def mlp(sizes=(20, 32, 16, 3), seed=0, name="mlp"):
     keras.utils.set_random_seed(seed)
     inp = keras.Input((sizes[0],))

@@ -48,12 +48,28 @@ def train_save_reload(model, x, y, tmp_path, steps):
     return loaded
 
 
-def test_bert_text_classifier(tmp_path):
+def bert_classifier(vocabulary_size, num_layers, hidden_dim, max_sequence_length):
+    """A small `BertTextClassifier` (2 heads, 2 classes, no preprocessor), random weights."""
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=300, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
-        max_sequence_length=16)
-    clf = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+        vocabulary_size=vocabulary_size, num_layers=num_layers, num_heads=2,
+        hidden_dim=hidden_dim, intermediate_dim=2 * hidden_dim,
+        max_sequence_length=max_sequence_length)
+    return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+
+
+def bert_data(n, length, vocabulary_size):
+    """BERT inputs (random token ids, one segment, no padding), labels from the first token."""
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(0, vocabulary_size, (n, length)).astype("int32"),
+         "segment_ids": np.zeros((n, length), "int32"),
+         "padding_mask": np.ones((n, length), "int32")}
+    return x, (x["token_ids"][:, 0] % 2).astype("int32")
+
+
+def test_bert_text_classifier(tmp_path):
+    clf = bert_classifier(vocabulary_size=300, num_layers=2, hidden_dim=32,
+                          max_sequence_length=16)
     assert keras_dst.prunable(clf, density=0.2) is clf
     paths = set(keras_dst.masks(clf))
     # Dense, EinsumDense (inside MultiHeadAttention), Embedding, ReversibleEmbedding,
@@ -63,12 +79,7 @@ def test_bert_text_classifier(tmp_path):
             "transformer_layer_1/self_attention_layer/query/kernel",
             "transformer_layer_0/feedforward_intermediate_dense/kernel"} <= paths
     assert len(paths) == 17 and abs(keras_dst.density(clf) - 0.2) < 1e-4
-    rng = np.random.default_rng(0)
-    n, length = 32, 12
-    x = {"token_ids": rng.integers(0, 300, (n, length)).astype("int32"),
-         "segment_ids": np.zeros((n, length), "int32"),
-         "padding_mask": np.ones((n, length), "int32")}
-    y = (x["token_ids"][:, 0] % 2).astype("int32")
+    x, y = bert_data(n=32, length=12, vocabulary_size=300)
     train_save_reload(clf, x, y, tmp_path, steps=4)
 
 
@@ -77,22 +88,17 @@ def test_bert_with_a_pattern_trains_where_it_fits(pattern):
     # unfit_layers names the attention blocks (their query/key/value kernels have two
     # output axes) by the names prunable takes; the token embedding's gradient reaches the
     # optimizer dense with an unknown first dimension, which the pattern's growth refused
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=100, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=8)
-    clf = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    clf = bert_classifier(vocabulary_size=100, num_layers=1, hidden_dim=16,
+                          max_sequence_length=8)
     unfit = keras_dst.unfit_layers(clf, pattern)
     assert "self_attention_layer" in unfit
     keras_dst.prunable(clf, density=0.3, pattern=pattern, pattern_overrides=unfit)
     patterns = {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(clf)}
     assert patterns["token_embedding/embeddings"] == pattern
     before = keras_dst.masks(clf)
-    rng = np.random.default_rng(0)
-    x = {"token_ids": rng.integers(0, 100, (16, 8)).astype("int32"),
-         "segment_ids": np.zeros((16, 8), "int32"), "padding_mask": np.ones((16, 8), "int32")}
+    x, y = bert_data(n=16, length=8, vocabulary_size=100)
     clf.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, jit_compile=False)
-    clf.fit(x, (x["token_ids"][:, 0] % 2).astype("int32"), batch_size=8, epochs=1, verbose=0,
+    clf.fit(x, y, batch_size=8, epochs=1, verbose=0,
             callbacks=[keras_dst.DynamicSparseTraining(prune="magnitude", grow="gradient",
                                                        update_every=1)])
     assert_sparse_invariants(clf, active_counts(clf))

@@ -10,6 +10,7 @@ import tensorflow as tf
 import keras_dst
 
 from conftest import (
+    SubclassedNet,
     active_counts,
     all_layers_data,
     all_layers_model,
@@ -79,16 +80,6 @@ def test_dense_gradient_is_nonzero_at_inactive_positions():
         loss = loss_fn(y, sparse(x))
     grad = tape.gradient(loss, target.weight.value).numpy()
     assert np.count_nonzero(grad[~target.mask.numpy()]) > 0
-
-
-class SubclassedNet(keras.Model):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden = keras_dst.prunable(keras.layers.Dense(32, activation="relu"), density=0.25)
-        self.out = keras_dst.prunable(keras.layers.Dense(3), density=0.5)
-
-    def call(self, x):
-        return self.out(self.hidden(x))
 
 
 def test_subclassed_model_trains_sparse_from_the_first_step():

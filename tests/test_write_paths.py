@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import keras_dst
 
-from conftest import LOSS, assert_sparse_invariants, classification_data, mlp, write_underneath
+from conftest import LOSS, SubclassedNet, assert_sparse_invariants, classification_data, mlp, write_underneath
 
 
 def sparse_mlp():
@@ -210,26 +210,13 @@ def test_a_warm_start_is_not_written_back_by_a_later_set_masks():
     assert_sparse_invariants(model)
 
 
-class Holder(keras.Model):
-    """A subclassed model whose wrapper builds in Keras's symbolic (stateless) first call:
-    its variables are created later, from their initializers."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.sparse = keras_dst.prunable(keras.layers.Dense(16, activation="relu"), density=0.3)
-        self.head = keras_dst.prunable(keras.layers.Dense(3), density=0.5)
-
-    def call(self, inputs):
-        return self.head(self.sparse(inputs))
-
-
-def _holder():
-    model = Holder(name="holder")
+def _subclassed():
+    model = SubclassedNet(name="subclassed")
     model(np.ones((2, 20), "float32"))
     return model
 
 
-@pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _holder], ids=["functional", "subclassed"])
+@pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _subclassed], ids=["functional", "subclassed"])
 @pytest.mark.parametrize("overwrite_every", [None, 3])
 def test_a_plain_fit_with_ema_ends_with_the_averages_masked(make, overwrite_every):
     # Keras overwrites the weights with their moving averages at the end of fit (and every
@@ -253,7 +240,7 @@ def test_a_plain_fit_with_ema_ends_with_the_averages_masked(make, overwrite_ever
 
 
 def test_an_eager_write_of_the_tf_variable_itself_is_masked():
-    for model in (sparse_mlp()[1], _holder()):
+    for model in (sparse_mlp()[1], _subclassed()):
         for t in keras_dst.sparse_targets(model):
             t.weight.value.assign(np.ones(t.weight.shape, "float32"))
             np.testing.assert_array_equal(t.weight.numpy(), t.mask.numpy().astype("float32"))
