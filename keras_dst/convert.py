@@ -19,7 +19,7 @@ from keras_dst import compat, distributions, patterns
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper, attached_state, layer_label
 from keras_dst.masks import carry_attached_state_in_weights, release_attached_state_from_weights, sparse_states
-from keras_dst.validation import check_bool, check_choice, check_density, check_seed
+from keras_dst.validation import check_bool, check_choice, check_density, check_names, check_seed
 
 
 def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
@@ -49,13 +49,15 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         layer gives `SparseWrapper(layer)` (use it to build subclassed models
         sparse), or with ``in_place=True`` the layer itself with masks attached.
       density: the global target density D in (0, 1] over all sparsified weights.
-        For a single layer, that layer's density.
+        For a single layer, that layer's density. May be omitted with a
+        distribution dict (which sets every layer's density); if given, it must be
+        the density the dict gives.
       distribution: how D is spread over layers: ``"erk"`` (default, the
         reference), ``"er"``, ``"uniform"``, another registered name, or a dict
         ``{layer name: density}`` naming every sparsified layer.
-      keep_dense: names of layers kept fully dense (density 1; their masks exist
-        but are all ones; a DST update can still reset their lowest-score weights,
-        as in the reference).
+      keep_dense: a layer name, or names, of layers kept fully dense (density 1;
+        their masks exist but are all ones; a DST update can still reset their
+        lowest-score weights, as in the reference).
       density_overrides: ``{layer name: density}`` imposed on those layers; the
         others share the rest of the budget.
       init: ``"exact"`` (default): exactly ``round(d_l n_l)`` active entries per
@@ -86,6 +88,9 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
     `distribution` dict) match a layer's name or its path: library models repeat
     names in every block (``"query"`` matches the query projection of every
     attention layer, ``"transformer_layer_0/self_attention_layer/query"`` one).
+    A layer given two different values (by two keys, or by two options) is
+    refused, naming both; a single layer takes only `density`, `init`, `seed`,
+    `track_running_scores`, `pattern` and `in_place`.
     With masks attached in place, a layer's supported sub-layers are found at any
     depth (a `MultiHeadAttention` or a layer defining `get_prunable_weights` is
     sparsified as a whole); layers whose weights are all vectors (normalisation,
@@ -98,17 +103,22 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
     Raises:
       TypeError: wrong argument types, unsupported layer (names it and its class),
         ``in_place=False`` for a model that cannot be rebuilt.
-      ValueError: density outside (0, 1], unknown distribution or layer name,
+      ValueError: density outside (0, 1] (or missing, without a distribution dict;
+        or not the density a distribution dict gives), unknown distribution or
+        layer name, a layer given two values, a model-only option for a layer,
         infeasible overrides, a model that is already prunable, an unbuilt model
         or layer, a pattern a layer's shape cannot take (names the layer and the
         remedy), an N:M pattern with another density.
     """
+    keep_dense = check_names(keep_dense, "keep_dense")
     pattern = patterns.parse(pattern)
     if pattern.kind == "nm":  # N:M fixes the density of every layer it applies to
         density = patterns.check_density(pattern, density, "prunable(pattern=...)")
-    if density is None:
-        raise ValueError("prunable() needs a density in (0, 1], e.g. density=0.1.")
-    density = check_density(density)
+    if density is not None:
+        density = check_density(density)
+    elif not isinstance(distribution, Mapping) or not isinstance(obj, keras.Model):
+        raise ValueError("prunable() needs a density in (0, 1], e.g. density=0.1 (for a "
+                         "model, or a distribution dict {layer name: density}).")
     check_choice(init, ("exact", "bernoulli"), "init")
     seed = check_seed(seed)
     skip_unsupported = check_bool(skip_unsupported, "skip_unsupported")
@@ -122,9 +132,13 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         if isinstance(obj, SparseWrapper) or attached_state(obj) is not None:
             raise ValueError(f"Layer '{obj.name}' is already prunable (a SparseWrapper or a "
                              "layer with masks attached).")
-        if pattern_overrides:
-            raise ValueError("prunable(layer): pattern_overrides applies to models; pass "
-                             "the layer's pattern as pattern=.")
+        model_only = [name for name, given in (
+            ("distribution", not isinstance(distribution, str) or distribution != "erk"),
+            ("keep_dense", bool(keep_dense)), ("density_overrides", bool(density_overrides)),
+            ("pattern_overrides", bool(pattern_overrides))) if given]
+        if model_only:
+            raise ValueError(f"prunable(layer): {model_only[0]} applies to models; pass the "
+                             "layer's density as density= and its pattern as pattern=.")
         options = dict(density=density, init=init, seed=distributions.stable_seed(seed, obj.name),
                        track_running_scores=track_running_scores, pattern=str(pattern))
         if in_place:
@@ -307,30 +321,58 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
     def matching(key):
         return [p for p, layer in owner.items() if key in (layer.name, layer_label(layer))]
 
-    fixed = {}
-    for key, value in _named_overrides(keep_dense, density_overrides, known, layer_names):
-        fixed.update({p: value for p in matching(key)})
+    def refuse_two_values(path, value, source, other, other_source):
+        raise ValueError(
+            f"prunable(): layer '{label(owner[path])}' (weight '{path}') is given {value} by "
+            f"{source} and {other} by {other_source}; give each layer one value.")
+
+    def by_weight(entries):
+        """{weight path: value}, {weight path: source} from ``[(source, key, value)]``
+        (`source` names the option and key in messages); a weight given two different
+        values raises, naming both."""
+        values, sources = {}, {}
+        for source, key, value in entries:
+            for path in matching(key):
+                if path in values and values[path] != value:
+                    refuse_two_values(path, values[path], sources[path], value, source)
+                values[path], sources[path] = value, source
+        return values, sources
+
+    fixed, fixed_by = by_weight(_named_overrides(keep_dense, density_overrides, known,
+                                                 layer_names))
     weight_patterns = _weight_patterns(pattern, pattern_overrides, keep_dense, owner,
-                                       variables, init, known, layer_names, matching, label)
+                                       variables, init, known, layer_names, by_weight, label)
     for path, p in weight_patterns.items():  # N:M: the density is N/M
         if p.kind == "nm":
             if path in fixed:
                 patterns.check_density(p, fixed[path], f"layer '{label(owner[path])}'")
             fixed[path] = p.n / p.m
-    if isinstance(distribution, dict):
+            fixed_by.setdefault(path, f"pattern '{p}'")
+    if isinstance(distribution, Mapping):
         unknown = set(distribution) - known
         if unknown:
             raise ValueError(f"prunable(): distribution names unknown layers {sorted(unknown)}; "
                              f"sparsified layers are {layer_names}.")
-        per_weight = {}
-        for key, value in distribution.items():
-            value = check_density(value, f"distribution['{key}']")
-            per_weight.update({p: value for p in matching(key)})
+        per_weight, per_weight_by = by_weight(
+            [(f"distribution['{key}']", key, check_density(value, f"distribution['{key}']"))
+             for key, value in distribution.items()])
         missing = sorted({label(layer) for p, layer in owner.items() if p not in per_weight})
         if missing:
             raise ValueError(f"prunable(): the distribution dict must name every sparsified "
                              f"layer; missing {missing}.")
-        distribution = per_weight
+        for path, value in fixed.items():
+            if per_weight[path] != value:
+                refuse_two_values(path, per_weight[path], per_weight_by[path], value,
+                                  fixed_by[path])
+        sizes = {path: int(np.prod(shape)) for path, shape in shapes.items()}
+        realised = (sum(per_weight[path] * n for path, n in sizes.items())
+                    / sum(sizes.values())) if sum(sizes.values()) else 1.0
+        if density is not None and abs(realised - density) > 1e-6:
+            raise ValueError(
+                f"prunable(): the distribution dict gives a density of {realised:.6g} over "
+                f"the sparsified weights, not density={density}; omit density (the dict sets "
+                "every layer's) or make them agree.")
+        density, distribution = realised, per_weight
     densities = distributions.layer_densities(shapes, density, distribution, fixed=fixed)
     if init == "exact":
         counts = distributions.active_counts(shapes, densities)
@@ -405,30 +447,28 @@ def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) 
 
 
 def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, init, known,
-                     layer_names, matching, label):
+                     layer_names, by_weight, label):
     """{weight path: Pattern}, checked against every weight's shape before anything changes.
 
-    Layers in `keep_dense` are unstructured (all ones).
+    Layers in `keep_dense` are unstructured (all ones); `by_weight` (see `_plan`) refuses
+    a layer given two patterns.
     """
     if pattern_overrides is None:
         pattern_overrides = {}
-    if not isinstance(pattern_overrides, dict):
+    if not isinstance(pattern_overrides, Mapping):
         raise TypeError("pattern_overrides must be a dict {layer name: pattern}, got "
                         f"{type(pattern_overrides).__name__}.")
     unknown = sorted(set(pattern_overrides) - known)
     if unknown:
         raise ValueError(f"prunable(): unknown layer names {unknown} in pattern_overrides; "
                          f"sparsified layers are {layer_names}.")
-    per_weight = {}
-    for key, p in pattern_overrides.items():
-        parsed = patterns.parse(p)
-        per_weight.update({path: parsed for path in matching(key)})
-    dense = {keep_dense} if isinstance(keep_dense, str) else set(keep_dense)
-    for key in dense:
-        per_weight.update({path: patterns.UNSTRUCTURED for path in matching(key)})
+    per_weight, _ = by_weight(
+        [(f"pattern_overrides['{key}']", key, str(patterns.parse(p)))
+         for key, p in pattern_overrides.items()]
+        + [(f"keep_dense '{key}'", key, str(patterns.UNSTRUCTURED)) for key in keep_dense])
     result = {}
     for path, layer in owner.items():
-        p = per_weight.get(path, pattern)
+        p = patterns.parse(per_weight[path]) if path in per_weight else pattern
         sparse_layers.check_pattern(p, layer, variables[path],
                                     f"layer '{label(layer)}' (weight '{path}')")
         if p.kind != "unstructured" and init != "exact":
@@ -439,16 +479,17 @@ def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, i
 
 
 def _named_overrides(keep_dense, density_overrides, known, layer_names):
-    if isinstance(keep_dense, str):
-        keep_dense = (keep_dense,)
-    overrides = [(name, 1.0) for name in keep_dense]
+    """``[(source, layer name, density)]`` of `keep_dense` (density 1) and
+    `density_overrides`, names checked."""
+    overrides = [(f"keep_dense '{name}'", name, 1.0) for name in keep_dense]
     if density_overrides is not None:
-        if not isinstance(density_overrides, dict):
+        if not isinstance(density_overrides, Mapping):
             raise TypeError("density_overrides must be a dict {layer name: density}, got "
                             f"{type(density_overrides).__name__}.")
-        overrides += [(n, check_density(d, f"density_overrides['{n}']"))
+        overrides += [(f"density_overrides['{n}']", n,
+                       check_density(d, f"density_overrides['{n}']"))
                       for n, d in density_overrides.items()]
-    unknown = sorted({n for n, _ in overrides} - known)
+    unknown = sorted({n for _, n, _ in overrides} - known)
     if unknown:
         raise ValueError(f"prunable(): unknown layer names {unknown} in keep_dense/"
                          f"density_overrides; sparsified layers are {layer_names}.")

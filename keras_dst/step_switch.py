@@ -117,10 +117,17 @@ class StepSwitch:
         Raises:
           ValueError: `engine` changes masks and another hook of this fit does too
             (two DST or gradual-pruning callbacks would each change the masks that
-            the other selects from); the fit's hooks are uninstalled first.
+            the other selects from), or `engine` is in this fit already (a second
+            callback of an equal configuration, or one callback listed twice); the
+            fit's hooks are uninstalled first.
         """
+        if engine in self.engines:  # equal configurations share one engine
+            self._end_fit()
+            raise ValueError(
+                f"{owner}: this fit already has this callback, or another {owner} of an "
+                "equal configuration; pass it once.")
         writers = [self._owners.get(e, type(e).__name__) for e in self.engines
-                   if e.writes_masks and e is not engine]
+                   if e.writes_masks]
         if engine.writes_masks and writers:
             self._end_fit()
             raise ValueError(
@@ -129,8 +136,7 @@ class StepSwitch:
                 "can join it).")
         hooks.install(self.model.optimizer, engine)
         self._owners[engine] = owner
-        if engine not in self.engines:
-            self.engines.append(engine)
+        self.engines.append(engine)
 
     def set_needed(self, engine, needed: bool):
         """Whether `engine` is traced into the function of the coming execution."""

@@ -60,6 +60,22 @@ def check_choice(value, choices: Collection, name: str):
     return value
 
 
+def check_names(value, name: str) -> tuple:
+    """Names: one str, or an iterable (list, tuple, set) of str, as a tuple of str.
+
+    Raises:
+      TypeError: `value` is neither (a number, None, a dict), or holds a non-str.
+    """
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        bad = [v for v in value if not isinstance(v, str)]
+        if not bad:
+            return tuple(value)
+        raise TypeError(f"{name} must hold names (str), got {bad[0]!r} in {name}={value!r}.")
+    raise TypeError(f"{name} must be a name or a list of names, got {name}={value!r}.")
+
+
 def check_positive_int(value, name: str) -> int:
     """`value` as an int >= 1 (bool excluded)."""
     if not _is_int(value):

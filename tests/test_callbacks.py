@@ -553,6 +553,31 @@ def test_a_second_callback_that_changes_masks_is_refused(second):
         DST(update_every=2), keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=2)])
 
 
+@pytest.mark.parametrize("twice", ["equal", "same", "observer"])
+def test_a_callback_twice_in_one_fit_is_refused(twice):
+    """Equal configurations share one engine; a second callback of that configuration
+    (or one listed twice) would go unnoticed, so it is refused like any second writer."""
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    if twice == "observer":
+        first = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=2)
+        second = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=2)
+        name = "CriteriaOverlap"
+    else:
+        first = DST(update_every=2)
+        second = first if twice == "same" else DST(update_every=2)
+        name = "DynamicSparseTraining"
+    masks = keras_dst.masks(model)
+    with pytest.raises(ValueError, match=f"{name}: this fit already has this callback, or "
+                                         f"another {name} of an equal configuration"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[first, second])
+    assert "apply" not in vars(base_optimizer(model.optimizer))  # nothing left installed
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
+    logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[first]).history
+    assert len(logs["loss"]) == 1
+
+
 def test_logs_describe_this_model_and_its_masks_as_they_are():
     """A callback reused on another model reports that model; masks set between fits
     are the density logged by the next fit, before its first update."""

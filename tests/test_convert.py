@@ -107,7 +107,7 @@ def test_keep_dense_and_overrides():
 
 
 def test_custom_distribution_dict():
-    sparse = keras_dst.prunable(mlp((30, 40, 20, 5)), density=0.3,
+    sparse = keras_dst.prunable(mlp((30, 40, 20, 5)),
                                 distribution={"fc1": 0.1, "fc2": 0.5, "fc3": 1.0})
     counts = active_counts(sparse)
     assert counts == {"fc1/kernel": 120, "fc2/kernel": 400, "fc3/kernel": 100}
@@ -329,3 +329,69 @@ def test_a_registration_naming_no_variable_of_the_layer_is_refused():
             keras_dst.prunable(model, density=0.5)
     finally:
         layers_lib._PRUNABLE_LAYERS.unregister(Typo)
+
+
+def nested_mlp():
+    inner = keras.Sequential([keras.Input((20,)), keras.layers.Dense(16, name="d1")], name="seq")
+    inputs = keras.Input((20,))
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(inner(inputs)))
+
+
+def test_a_layer_given_two_values_is_refused_naming_both():
+    """An option naming a layer twice (by name and by path), or two options for one
+    layer, used to let the last one win silently."""
+    cases = [
+        (dict(density=0.5, keep_dense=["fc2"], density_overrides={"fc2": 0.25}),
+         r"'fc2'.*given 1.0 by keep_dense 'fc2' and 0.25 by density_overrides\['fc2'\]"),
+        (dict(density=0.5, keep_dense=["fc1"], pattern_overrides={"fc1": "1x4"}),
+         r"'fc1'.*given 1x4 by pattern_overrides\['fc1'\] and unstructured by keep_dense"),
+        (dict(distribution={"fc1": 0.5, "fc2": 0.5, "fc3": 1.0}, keep_dense=["fc2"]),
+         r"'fc2'.*given 0.5 by distribution\['fc2'\] and 1.0 by keep_dense 'fc2'"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            keras_dst.prunable(mlp(), **options)
+    model = nested_mlp()
+    with pytest.raises(ValueError, match=r"'seq/d1/kernel'.*given 0.5 by distribution\['d1'\] and "
+                                         r"0.1 by distribution\['seq/d1'\]"):
+        keras_dst.prunable(model, distribution={"d1": 0.5, "seq/d1": 0.1, "head": 1.0})
+    with pytest.raises(ValueError, match=r"0.25 by density_overrides\['d1'\] and 0.75 by "
+                                         r"density_overrides\['seq/d1'\]"):
+        keras_dst.prunable(model, density=0.5, density_overrides={"d1": 0.25, "seq/d1": 0.75})
+    # the same value twice is one value
+    sparse = keras_dst.prunable(model, distribution={"d1": 0.5, "seq/d1": 0.5, "head": 1.0})
+    assert keras_dst.density(sparse) == pytest.approx((160 + 48) / (320 + 48))
+
+
+def test_keep_dense_takes_names_only():
+    for bad in (5, None, 1.5, ["fc1", 2]):
+        with pytest.raises(TypeError, match="keep_dense"):
+            keras_dst.prunable(mlp(), density=0.5, keep_dense=bad)
+    one = keras_dst.prunable(mlp(), density=0.5, keep_dense="fc3")  # one name
+    assert keras_dst.masks(one)["fc3/kernel"].all()
+
+
+def test_a_distribution_dict_sets_the_density_a_given_one_must_agree():
+    sizes = {"fc1": 20 * 32, "fc2": 32 * 16, "fc3": 16 * 3}
+    dict_ = {"fc1": 0.25, "fc2": 0.5, "fc3": 1.0}
+    realised = sum(dict_[k] * n for k, n in sizes.items()) / sum(sizes.values())
+    sparse = keras_dst.prunable(mlp(), distribution=dict_)
+    assert keras_dst.density(sparse) == pytest.approx(realised, abs=1e-3)
+    keras_dst.prunable(mlp(), density=realised, distribution=dict_)
+    with pytest.raises(ValueError, match=f"density of {realised:.6g} .*not density=0.1"):
+        keras_dst.prunable(mlp(), density=0.1, distribution=dict_)
+    with pytest.raises(ValueError, match="needs a density"):
+        keras_dst.prunable(mlp(), distribution="erk")
+
+
+@pytest.mark.parametrize("option", [dict(distribution="bogus"), dict(distribution="uniform"),
+                                    dict(keep_dense=["fc1"]), dict(density_overrides={"x": 0.5}),
+                                    dict(pattern_overrides={"x": "1x4"})])
+def test_a_single_layer_refuses_the_options_of_models(option):
+    layer = keras.layers.Dense(4)
+    layer.build((None, 8))
+    kernel = layer.kernel.numpy()
+    with pytest.raises(ValueError, match=f"prunable\\(layer\\): {next(iter(option))} applies "
+                                         "to models"):
+        keras_dst.prunable(layer, density=0.5, **option)
+    assert np.array_equal(layer.kernel.numpy(), kernel) and layer.kernel.constraint is None

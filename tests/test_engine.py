@@ -374,7 +374,7 @@ def test_update_changes_only_the_weights_that_moved(prune, grow):
     inp = keras.Input((8,))
     h = keras.layers.Dense(4, activation="tanh", name="fc1")(inp)
     model = keras_dst.prunable(keras.Model(inp, keras.layers.Dense(6, name="fc2")(h)),
-                               density=0.9, distribution={"fc1": 1.0, "fc2": 0.8},
+                               distribution={"fc1": 1.0, "fc2": 0.8},
                                track_running_scores=keras_dst.get_criterion(prune).ema)
     x, y = classification_data(n=BATCH * 2, d=8)
     dst, rec, _ = fit_dst(model, keras.optimizers.SGD(0.0, momentum=0.9), x, y, prune=prune,

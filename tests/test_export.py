@@ -254,7 +254,7 @@ def test_converter_padding_bug_is_repaired(tmp_path):
     inputs = keras.Input((6,))
     x = keras.layers.Dense(256, name="fc")(inputs)
     model = keras_dst.prunable(keras.Model(inputs, keras.layers.Dense(3, name="head")(x)),
-                               density=0.02, distribution={"fc": 0.02, "head": 1.0})
+                               distribution={"fc": 0.02, "head": 1.0})
     report = keras_dst.export(model, tmp_path / "p.tflite", compare_dense=False)
     assert_same_outputs(report, model, data((6,), n=64))
     row = by_weight(report)["fc/kernel"]
