@@ -150,9 +150,13 @@ class DynamicSparseTraining(ScheduledCallback):
 
     def _update_steps(self):
         end_step = self.end_step
-        if isinstance(end_step, float):
-            end_step = int(end_step * (self.total_steps or self._total_steps(f"end_step={end_step}")))
-        return schedules_lib.UpdateSteps(self.update_every, self.begin_step, end_step)
+        if not isinstance(end_step, float):
+            return schedules_lib.UpdateSteps(self.update_every, self.begin_step, end_step)
+        total = self.total_steps or self._total_steps(f"end_step={end_step}")
+        with validation.errors_named(f"DynamicSparseTraining(end_step={end_step}, a fraction of the "
+                          f"run's {total} steps)"):
+            return schedules_lib.UpdateSteps(self.update_every, self.begin_step,
+                                             int(end_step * total))
 
     def _engine_key(self):
         # Criterion and GrowthRule compare by value (name, functions, params), the

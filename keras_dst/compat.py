@@ -28,16 +28,28 @@ def safe_mode_scope(safe_mode):
 
 
 def flatten_layers(layer) -> list:
-    """Every layer nested inside `layer` (itself excluded), at any depth, each once.
+    """Every layer nested inside `layer` (itself excluded), at any depth, each once,
+    depth first in model order (a layer, then the layers inside it, in the order it
+    tracks them).
 
-    Relies on ``Layer._flatten_layers(include_self=False, recursive=True)`` (Keras 3,
-    checked on 3.15): the layers Keras tracks on each layer (including a
-    `Wrapper`'s inner layer, the sub-layers of `MultiHeadAttention`, the layers
-    of nested models and of subclassed models/layers), deduplicated by identity,
-    in Keras's order. No public API lists them: `Model.layers` is one level only,
-    and a plain `Layer` has no ``layers``.
+    Relies on ``Layer._flatten_layers(include_self=False, recursive=False)`` (Keras 3,
+    checked on 3.15): the layers Keras tracks on a layer (including a `Wrapper`'s
+    inner layer, the sub-layers of `MultiHeadAttention`, the layers of nested models
+    and of subclassed models/layers), in order. (Its ``recursive=True`` lists the
+    layers of a nested model in reverse.) No public API lists them: `Model.layers`
+    is one level only, and a plain `Layer` has no ``layers``.
     """
-    return list(layer._flatten_layers(include_self=False, recursive=True))
+    result, seen = [], {id(layer)}
+
+    def visit(parent):
+        for child in parent._flatten_layers(include_self=False, recursive=False):
+            if id(child) not in seen:
+                seen.add(id(child))
+                result.append(child)
+                visit(child)
+
+    visit(layer)
+    return result
 
 
 def is_graph_model(model) -> bool:

@@ -35,7 +35,8 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
     Sequential or functional model (``keras.Model(inputs, outputs)``), with only such
     models nested in it — is cloned: `prunable` returns a *new* model whose
     supported layers are wrapped in `SparseWrapper` (weights copied, then zeroed
-    where the mask is 0) and leaves `obj` untouched; it saves and loads with
+    where the mask is 0; each wrapper named as its layer, so the layer and output
+    names are the dense model's) and leaves `obj` untouched; it saves and loads with
     ``keras.models.load_model``. Any other model — subclassed, a library's `Model`
     subclass such as keras-hub's backbones and tasks (even when built
     functionally), or a graph model with one of those nested in it — cannot be
@@ -292,7 +293,9 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
             return layer.__class__.from_config(layer.get_config()), layer
         inner = layer.__class__.from_config(layer.get_config())
         inner.build_from_config(layer.get_build_config())
-        return SparseWrapper(inner, **options(index, by_id[id(layer)])), layer
+        # named as the layer it wraps: the model keeps the dense model's layer and
+        # output names (compile's loss / metric dicts, `get_layer`, history keys)
+        return SparseWrapper(inner, name=layer.name, **options(index, by_id[id(layer)])), layer
 
     return _clone_graph(model, clone)
 

@@ -65,7 +65,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from keras_dst import patterns, topology, validation
-from keras_dst.registry import Registry, check_callable
+from keras_dst.registry import Registry, check_callable, pop_config_name
 from keras_dst.scoring import ScoreInputs, absolute
 from keras_dst.topology import select_highest, select_lowest
 
@@ -268,7 +268,7 @@ class Criterion:
           ValueError: unknown name, parameter or config key.
         """
         config = dict(config)
-        name, params = config.pop("name"), config.pop("params", {})
+        name, params = pop_config_name(config, "criterion"), config.pop("params", {})
         overrides = {k: config.pop(k) for k in ("ordering", "needs_gradient") if k in config}
         if config:
             raise ValueError(f"Unknown key(s) {sorted(config)} in the config of criterion {name!r}.")

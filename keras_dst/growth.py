@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 import tensorflow as tf
 
 from keras_dst.criteria import check_registered, merge_params, random_scores, require_inputs, scores_of
-from keras_dst.registry import Registry, check_callable
+from keras_dst.registry import Registry, check_callable, pop_config_name
 from keras_dst.scoring import ScoreInputs, absolute
 
 
@@ -86,7 +86,7 @@ class GrowthRule:
           ValueError: unknown name, parameter or config key.
         """
         config = dict(config)
-        name, params = config.pop("name"), config.pop("params", {})
+        name, params = pop_config_name(config, "growth rule"), config.pop("params", {})
         if config:
             raise ValueError(f"Unknown key(s) {sorted(config)} in the config of growth rule {name!r}.")
         return get_growth(name, **params)
@@ -128,9 +128,9 @@ def get_growth(growth, **params) -> GrowthRule:
     """Resolves a growth rule and merges parameters.
 
     Args:
-      growth: a registered name, a `GrowthRule`, or a plain callable
-        fn(inputs, **params), which becomes
-        `GrowthRule(name=fn.__name__, score=fn, needs_gradient=True)`.
+      growth: a registered name, a `GrowthRule`, its config (a dict from
+        `GrowthRule.get_config`), or a plain callable fn(inputs, **params), which
+        becomes `GrowthRule(name=fn.__name__, score=fn, needs_gradient=True)`.
       **params: parameter values.
 
     Returns:
@@ -143,12 +143,14 @@ def get_growth(growth, **params) -> GrowthRule:
         return _GROWTH.get(growth).with_params(**params)
     if isinstance(growth, GrowthRule):
         return growth.with_params(**params)
+    if isinstance(growth, Mapping):
+        return GrowthRule.from_config(growth).with_params(**params)
     if callable(growth):
         name = getattr(growth, "__name__", type(growth).__name__)
         return GrowthRule(name=name, score=growth, needs_gradient=True,
                           params=merge_params("growth", name, {}, params, fn=growth))
     raise ValueError(f"Cannot interpret {growth!r} as a growth rule; "
-                     f"use a name ({', '.join(growth_names())}), a GrowthRule or a callable.")
+                     f"use a name ({', '.join(growth_names())}), a GrowthRule, its config or a callable.")
 
 
 def growth_names() -> Tuple[str, ...]:

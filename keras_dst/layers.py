@@ -270,7 +270,7 @@ class SparseState:
     Args:
       layer: the layer whose weights are sparsified.
       density, init, seed, track_running_scores, pattern: see `SparseWrapper`.
-      owner: how messages name the state (e.g. ``"SparseWrapper 'sparse_fc1'"``).
+      owner: how messages name the state (e.g. ``"SparseWrapper 'fc1'"``).
       wrapper: the `SparseWrapper` that owns it, or None for an attached state.
 
     Raises:

@@ -153,7 +153,8 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any], apply: 
     weight's sparsity pattern kept) before any mask changes. Weights are then
     zeroed where the new mask is 0 (every eager mask write does so, see
     `layers._guard_writes`), so the model stays consistent; `apply` is kept for
-    compatibility and no longer leaves them.
+    compatibility and no longer leaves them. The entries a new mask activates are
+    added to the weight's ever-active flags (the ITOP rate counts them).
 
     Raises:
       ValueError: unknown path, shape mismatch, non-binary values or a broken
@@ -177,7 +178,10 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any], apply: 
             raise ValueError(f"set_masks(): mask for '{path}' breaks the weight's {problem}")
         checked[path] = array.astype(bool)
     for path, array in checked.items():
-        by_path[path].mask.assign(array)  # its write guard zeroes the weight where it is 0
+        target = by_path[path]
+        target.mask.assign(array)  # its write guard zeroes the weight where it is 0
+        # the entries it activates will be trained: they count for the ITOP rate
+        target.ever_active.assign(np.logical_or(target.ever_active.numpy(), array))
 
 
 def apply_masks(model: "keras.layers.Layer") -> int:

@@ -29,6 +29,14 @@ def check_callable(item, register_function: str, name) -> None:
         raise TypeError(f"{register_function}({name!r}) decorates a function, got {item!r}.")
 
 
+def pop_config_name(config: dict, kind: str) -> str:
+    """Removes and returns the registry name of `config` (a dict from an item's
+    ``get_config``), or raises a ValueError naming the kind and the keys it got."""
+    if "name" not in config:
+        raise ValueError(f"A {kind} config needs a 'name' key; got the keys {sorted(config)}.")
+    return config.pop("name")
+
+
 def _label(key: Hashable) -> str:
     """How a key is shown in messages and `names()`: a string as registered, a class by its name."""
     if isinstance(key, str):

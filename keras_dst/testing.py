@@ -37,8 +37,8 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
     * with `finite`, the weight is finite wherever the mask is True (so, with
       the previous check, everywhere);
     * with `ever_active`, ``ever_active`` is True wherever the mask is True (it
-      holds during training; `keras_dst.set_masks` does not update
-      ``ever_active``, so it may not hold right after it);
+      holds during training and after `keras_dst.set_masks`; a mask written
+      another way, e.g. ``layer.mask.assign``, may break it);
     * with `expected_active`, the number of active entries is the expected one.
 
     Args:

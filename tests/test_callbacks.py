@@ -693,3 +693,29 @@ def test_a_model_whose_sparse_layers_are_all_frozen_is_refused():
     with pytest.raises(ValueError, match=r"DynamicSparseTraining: every sparse layer of model "
                                          r"'.*' is frozen \(trainable=False\)"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[DST(update_every=1)])
+
+
+def test_set_masks_adds_what_it_activates_to_the_ever_active_flags():
+    """The ITOP rate counts every entry ever trained with: entries activated by
+    `set_masks` and pruned at the next update were missing from it."""
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    rng = np.random.default_rng(0)
+    masks = {k: rng.permutation(v.ravel()).reshape(v.shape)  # same counts, moved
+             for k, v in keras_dst.masks(model).items()}
+    before = {t.weight.path: t.ever_active.numpy() for t in keras_dst.sparse_targets(model)}
+    keras_dst.set_masks(model, masks)
+    assert_sparse_invariants(model, ever_active=True)
+    for t in keras_dst.sparse_targets(model):
+        np.testing.assert_array_equal(t.ever_active.numpy(),
+                                      before[t.weight.path] | masks[t.weight.path])
+    x, y = classification_data(n=64)
+    logs = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+        DST(prune="magnitude", grow="random", update_every=2)]).history
+    assert_sparse_invariants(model, ever_active=True)
+    ever = sum(int(np.count_nonzero(t.ever_active.numpy()))
+               for t in keras_dst.sparse_targets(model))
+    trained = sum(int(np.count_nonzero(before[p] | masks[p])) for p in masks)
+    assert ever >= trained
+    total = sum(v.size for v in masks.values())
+    assert logs["itop"][-1] == pytest.approx(ever / total)

@@ -42,9 +42,9 @@ def test_flatten_layers():
     out = keras_dst.prunable(L.Dense(3, name="d"), density=0.5)(h)
     model = keras.Model(x, out, name="outer")
     layers = compat.flatten_layers(model)
-    # Nested models, a wrapper's inner layer and the input layers, each once, in Keras's
-    # order (depth first; a layer's own sub-layers come in reverse).
-    assert [l.name for l in layers] == ["x", "shared", "inner", "i2", "i1", "inner_in",
+    # Nested models, a wrapper's inner layer and the input layers, each once, depth first
+    # in model order (Keras's own recursive listing reverses a nested model's layers).
+    assert [l.name for l in layers] == ["x", "shared", "inner", "inner_in", "i1", "i2",
                                         "sparse_d", "d"]
     assert compat.flatten_layers(L.Dense(2)) == []
     mha = L.MultiHeadAttention(2, 4, name="mha")

@@ -128,6 +128,11 @@ def test_a_schedule_that_needs_no_length_trains_on_a_dataset_without_one():
     with pytest.raises(ValueError, match="end_step=0.5 needs the number of training steps"):
         model.fit(data, epochs=1, verbose=0,
                   callbacks=[DST(update_every=2, schedule="constant", end_step=0.5)])
+    # a fraction resolved before begin_step: the message gives the fraction and the run
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining\(end_step=0.1, a fraction of "
+                                         r"the run's 8 steps\): end_step must be >= begin_step"):
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                  callbacks=[DST(update_every=1, begin_step=5, end_step=0.1)])
 
 
 def test_plain_fit_after_dst_runs_the_static_step_without_hook():

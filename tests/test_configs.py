@@ -49,6 +49,8 @@ def test_a_growth_rule_object_keeps_its_parameters():
     assert callback.get_config()["grow_params"] == {"scale": 3.0}
     clone = round_trip(callback)
     assert clone.growth == callback.growth and clone.growth.params["scale"] == 3.0
+    # its config, as grow= (the signature's dict; a criterion's config works as prune=)
+    assert DST(grow=callback.growth.get_config()).growth == callback.growth
 
 
 def test_a_plain_callable_criterion_is_refused_at_construction():

@@ -63,7 +63,7 @@ def test_weights_are_copied_then_zeroed_and_original_untouched():
         np.testing.assert_array_equal(t.weight.numpy()[m], original[m])
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(sparse.get_layer("sparse_fc1").layer.bias.numpy(),
+    np.testing.assert_array_equal(sparse.get_layer("fc1").layer.bias.numpy(),
                                   model.get_layer("fc1").bias.numpy())
 
 
@@ -145,9 +145,9 @@ def test_model_with_a_python_lambda_layer_is_made_prunable_and_stripped():
     sparse = keras_dst.prunable(model, density=0.5)
     assert set(keras_dst.masks(sparse)) == {"fc/kernel"}
     x_data = np.random.default_rng(0).normal(size=(4, 10)).astype("float32")
-    kernel = sparse.get_layer("sparse_fc").layer.kernel.numpy()
+    kernel = sparse.get_layer("fc").layer.kernel.numpy()
     np.testing.assert_allclose(sparse.predict(x_data, verbose=0),
-                               2.0 * x_data @ kernel + sparse.get_layer("sparse_fc").layer.bias.numpy(),
+                               2.0 * x_data @ kernel + sparse.get_layer("fc").layer.bias.numpy(),
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(keras_dst.strip(sparse).predict(x_data, verbose=0),
                                sparse.predict(x_data, verbose=0), atol=1e-6)
@@ -395,3 +395,30 @@ def test_a_single_layer_refuses_the_options_of_models(option):
                                          "to models"):
         keras_dst.prunable(layer, density=0.5, **option)
     assert np.array_equal(layer.kernel.numpy(), kernel) and layer.kernel.constraint is None
+
+
+def test_the_sparse_model_keeps_the_dense_model_s_layer_and_output_names(tmp_path):
+    """Wrappers are named as their layers: a loss / metric dict keyed by the model's
+    output names compiles the sparse model too (the wrappers were 'sparse_<name>', and
+    fit refused the dict), and `get_layer` finds the same names."""
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu", name="body")(inputs)
+    dense = keras.Model(inputs, [keras.layers.Dense(3, name="cls")(h),
+                                 keras.layers.Dense(1, name="reg")(h)])
+    sparse = keras_dst.prunable(dense, density=0.5)
+    assert sparse.output_names == dense.output_names == ["cls", "reg"]
+    assert isinstance(sparse.get_layer("body"), keras_dst.SparseWrapper)
+    sparse.compile("adam", loss={"cls": keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), "reg": "mse"}, metrics={"cls": ["accuracy"]}, jit_compile=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8)).astype("float32")
+    y = {"cls": rng.integers(0, 3, 32), "reg": rng.normal(size=(32, 1))}
+    history = sparse.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+        keras_dst.DynamicSparseTraining(update_every=1)]).history
+    assert {"cls_loss", "reg_loss", "cls_accuracy"} <= set(history)
+    assert_sparse_invariants(sparse)
+    sparse.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert loaded.output_names == ["cls", "reg"]
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0)[0], sparse.predict(x, verbose=0)[0])
+    assert keras_dst.strip(sparse).output_names == ["cls", "reg"]

@@ -151,6 +151,17 @@ def test_growth_config_round_trip(name, params):
     assert config == {"name": name, "params": {}}
     restored = GrowthRule.from_config(json.loads(json.dumps(config)))
     assert restored == original and restored.get_config() == config
+    # a config is accepted wherever a rule is, as a criterion's is (the callback's grow=)
+    assert get_growth(json.loads(json.dumps(config))) == original
+
+
+def test_a_config_without_a_name_is_refused_naming_its_keys():
+    from keras_dst.criteria import Criterion
+    for from_config, kind in ((GrowthRule.from_config, "growth rule"),
+                              (Criterion.from_config, "criterion")):
+        with pytest.raises(ValueError, match=f"A {kind} config needs a 'name' key; got the "
+                                             r"keys \['params'\]"):
+            from_config({"params": {}})
 
 
 def test_growth_config_keeps_params_and_check_serializable():
