@@ -153,8 +153,8 @@ class DynamicSparseTraining(ScheduledCallback):
         if not isinstance(end_step, float):
             return schedules_lib.UpdateSteps(self.update_every, self.begin_step, end_step)
         total = self.total_steps or self._total_steps(f"end_step={end_step}")
-        with validation.errors_named(f"DynamicSparseTraining(end_step={end_step}, a fraction of the "
-                          f"run's {total} steps)"):
+        with validation.errors_named(f"DynamicSparseTraining(end_step={end_step}, a fraction "
+                                     f"of the run's {total} steps)"):
             return schedules_lib.UpdateSteps(self.update_every, self.begin_step,
                                              int(end_step * total))
 

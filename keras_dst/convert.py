@@ -368,8 +368,9 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
                 refuse_two_values(path, per_weight[path], per_weight_by[path], value,
                                   fixed_by[path])
         sizes = {path: int(np.prod(shape)) for path, shape in shapes.items()}
-        realised = (sum(per_weight[path] * n for path, n in sizes.items())
-                    / sum(sizes.values())) if sum(sizes.values()) else 1.0
+        total = sum(sizes.values())
+        realised = (sum(per_weight[path] * n for path, n in sizes.items()) / total
+                    if total else 1.0)
         if density is not None and abs(realised - density) > 1e-6:
             raise ValueError(
                 f"prunable(): the distribution dict gives a density of {realised:.6g} over "

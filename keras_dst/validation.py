@@ -64,7 +64,8 @@ def check_names(value, name: str) -> tuple:
     """Names: one str, or an iterable (list, tuple, set) of str, as a tuple of str.
 
     Raises:
-      TypeError: `value` is neither (a number, None, a dict), or holds a non-str.
+      TypeError: `value` is neither a str nor a list, tuple or set (a number, None, a
+        dict), or holds something other than a str.
     """
     if isinstance(value, str):
         return (value,)
