@@ -184,6 +184,7 @@ def _wrap_targets(model, skip_unsupported):
                     "to them, define `get_prunable_weights()` on it, or pass "
                     "skip_unsupported=True to leave it dense.")
             sparse_layers.prunable_weights(layer)  # raises TypeError naming the layer
+        sparse_layers.check_maskable(layer, "prunable()")
         weights = sparse_layers.prunable_weights(layer)
         if weights:
             result.append((layer, weights))
@@ -210,6 +211,7 @@ def _attach_targets(model, skip_unsupported):
                     f"prunable(): layer '{layer_label(layer)}' of model '{model.name}' is not "
                     "built; call the model on a batch of data (or model.build(input_shape)) "
                     "first.")
+            sparse_layers.check_maskable(layer, "prunable()")
             weights = [w for w in sparse_layers.prunable_weights(layer) if id(w) not in claimed]
             claimed.update(id(w) for w in weights)
             covered.update(id(l) for l in compat.flatten_layers(layer))

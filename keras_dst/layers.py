@@ -175,6 +175,26 @@ def _has_weight_creating_build(layer) -> bool:
     return type(layer).build is not keras.layers.Layer.build
 
 
+def check_maskable(layer, owner: str) -> None:
+    """Raises a ValueError naming `owner` and `layer` when masks cannot hold what the layer
+    computes: it was quantized to integers (``model.quantize("int8")``, ``"int4"``, ...:
+    its float weights were replaced by integer ones that masks and constraints never
+    see) or has LoRA enabled (``enable_lora``: it computes with ``kernel + A @ B``, a
+    dense update of its kernel). ``"float8"`` keeps the float weights (trainable; an
+    entry at 0 stays 0), so masks still hold them. Keras layers only; any other
+    layer passes.
+    """
+    mode = getattr(layer, "quantization_mode", None)
+    reason = (f"is quantized ({mode}, by model.quantize())" if mode and mode != "float8"
+              else "has LoRA enabled (it computes with its kernel plus a dense low-rank "
+                   "update)" if getattr(layer, "lora_enabled", False) else None)
+    if reason:
+        raise ValueError(
+            f"{owner}: layer '{layer_label(layer)}' {reason}, so keras_dst's masks no "
+            "longer hold what it computes. Quantize or add LoRA once sparse training is "
+            "done, to keras_dst.strip(model): a plain Keras model that keeps the zeros.")
+
+
 def prunable_weights(layer) -> list:
     """The variables of a *built* `layer` that are sparsified, in a stable order.
 
@@ -342,6 +362,7 @@ class SparseState:
           make_variable: ``(name, shape, dtype, initializer) -> variable``; called
             mask, ever-active flag (and running score) per weight, in that order.
         """
+        check_maskable(self.layer, self.owner)
         weights = prunable_weights(self.layer)
         densities = (
             [float(self.density)] * len(weights)
@@ -558,6 +579,7 @@ class SparseWrapper(keras.layers.Wrapper):
 
     # -- config -----------------------------------------------------------------
     def get_config(self):
+        check_maskable(self.layer, f"SparseWrapper '{self.name}'")  # (a file it could not load)
         config = super().get_config()
         config.update(self._sparse_state.get_config())
         return config
@@ -619,6 +641,7 @@ def attach(layer, density=1.0, init="exact", seed=None, track_running_scores=Fal
     save_class, load_class = _class_own_variables_io(layer)
 
     def save_own_variables(store):
+        check_maskable(layer, "keras_dst (saving)")
         save_class(store)
         for key, value in _store_entries(state):
             store[key] = value

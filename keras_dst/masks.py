@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import compat, patterns
-from keras_dst.layers import SparseState, SparseWrapper, attached_state, masked_nonzeros
+from keras_dst.layers import SparseState, SparseWrapper, attached_state, check_maskable, masked_nonzeros
 
 
 class SparseTarget(NamedTuple):
@@ -114,6 +114,11 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
       caller: name used in that error message.
       trainable_only: only the weights that are trainable now: what an update
         changes (a layer frozen after `prunable` keeps its mask and values).
+
+    Raises:
+      ValueError: naming `caller` and the layer, for a layer not built yet or one
+        whose masks no longer hold what it computes (quantized, LoRA:
+        `keras_dst.layers.check_maskable`).
     """
     targets = []
     for state in sparse_states(model):
@@ -122,6 +127,7 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
                 f"{caller}: layer '{state.wrapper.name if state.wrapper else state.label}' is "
                 "not built yet; build or call the model once before using it."
             )
+        check_maskable(state.layer, caller)
         scores = state.running_scores or [None] * len(state.masks)
         targets.extend(SparseTarget(w, m, e, s, state.wrapper, p, state) for w, m, e, s, p in zip(
             state.sparse_weights, state.masks, state.ever_active, scores, state.patterns))
@@ -143,7 +149,7 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
 def masks(model: "keras.layers.Layer") -> Dict[str, np.ndarray]:
     """Masks of `model` as ``{weight.path: numpy uint8 array of 0/1}``."""
     return {t.weight.path: np.asarray(t.mask.numpy(), dtype=np.uint8)
-            for t in sparse_targets(model)}
+            for t in sparse_targets(model, caller="masks()")}
 
 
 def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any], apply: bool = True) -> None:
@@ -219,7 +225,7 @@ def _zero_masked(targets):
 def reapply_masks_if_needed(model, caller) -> int:
     """Zeroes stray entries (see `layer_stats`) with a warning naming `caller`; returns
     how many there were."""
-    targets = sparse_targets(model)
+    targets = sparse_targets(model, caller=caller)
     stray = sum(_stray_entries(targets))
     if stray:
         warnings.warn(f"{caller}: {stray} weights were non-zero where their masks are 0 "

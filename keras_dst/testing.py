@@ -69,7 +69,7 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
     if isinstance(model, (list, tuple)) and all(isinstance(t, SparseTarget) for t in model):
         targets = list(model)
     else:
-        targets = sparse_targets(model)
+        targets = sparse_targets(model, caller="assert_sparse_invariants()")
     if not targets:
         raise AssertionError(f"{getattr(model, 'name', model)!s} has no sparsified weights: "
                              "nothing to check")

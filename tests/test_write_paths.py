@@ -9,6 +9,7 @@ next DST fit does so with a warning.
 """
 
 import os
+import re
 import warnings
 import zipfile
 
@@ -20,7 +21,15 @@ import tensorflow as tf
 
 import keras_dst
 
-from conftest import LOSS, SubclassedNet, assert_sparse_invariants, classification_data, mlp, write_underneath
+from conftest import (
+    LOSS,
+    SubclassedNet,
+    assert_sparse_invariants,
+    classification_data,
+    compile_and_fit,
+    mlp,
+    write_underneath,
+)
 
 
 def sparse_mlp():
@@ -244,3 +253,121 @@ def test_an_eager_write_of_the_tf_variable_itself_is_masked():
         for t in keras_dst.sparse_targets(model):
             t.weight.value.assign(np.ones(t.weight.shape, "float32"))
             np.testing.assert_array_equal(t.weight.numpy(), t.mask.numpy().astype("float32"))
+
+
+class _PlainNet(keras.Model):
+    """A subclassed model of plain layers: `prunable` attaches masks to them in place."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fc1 = keras.layers.Dense(32, activation="relu", name="fc1")
+        self.fc2 = keras.layers.Dense(3, name="fc2")
+
+    def call(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def _attached():
+    model = _PlainNet(name="plain")
+    model(np.ones((2, 20), "float32"))
+    return keras_dst.prunable(model, density=0.3)
+
+
+def _quantize(model, mode):
+    with warnings.catch_warnings():  # (Keras: "InputLayer does not have a quantize method")
+        warnings.simplefilter("ignore")
+        model.quantize(mode)
+
+
+def _refusal(use) -> str:
+    """The message of the ValueError that `use()` raises ("" if it raises none)."""
+    try:
+        use()
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def _every_use_of_the_masks(model, masks, path):
+    return {
+        "density": lambda: keras_dst.density(model),
+        "summary": lambda: keras_dst.summary(model, print_fn=lambda line: None),
+        "masks": lambda: keras_dst.masks(model),
+        "set_masks": lambda: keras_dst.set_masks(model, masks),
+        "apply_masks": lambda: keras_dst.apply_masks(model),
+        "assert_sparse_invariants": lambda: keras_dst.testing.assert_sparse_invariants(model),
+        "DynamicSparseTraining": lambda: compile_and_fit(
+            model, [keras_dst.DynamicSparseTraining(update_every=3)]),
+        "model.save": lambda: model.save(path),
+        "export": lambda: keras_dst.export(model, str(path.with_suffix("")),
+                                           format="tf_saved_model"),
+    }
+
+
+@pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _attached], ids=["wrapped", "attached"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_layer_quantized_to_integers_is_refused_wherever_its_masks_are_used(make, mode, tmp_path):
+    # model.quantize() replaces a Dense's float kernel with an integer one: the masks
+    # would describe (and DST would train) a variable the model no longer computes with,
+    # and a wrapped model's file would not load
+    model = make()
+    compile_and_fit(model, [keras_dst.DynamicSparseTraining(update_every=3)])
+    masks = keras_dst.masks(model)
+    x, _ = classification_data(n=32)
+    _quantize(model, mode)
+    quantized = model.predict(x, verbose=0)
+    for what, use in _every_use_of_the_masks(model, masks, tmp_path / "q.keras").items():
+        assert re.search(rf"layer '.*fc1' is quantized \({mode}.*strip", _refusal(use)), what
+    # the way out: strip gives the plain quantized model, the zeros kept
+    stripped = keras_dst.strip(model)
+    np.testing.assert_array_equal(stripped.predict(x, verbose=0), quantized)
+    fc1 = next(l for l in stripped._flatten_layers() if l.name == "fc1")
+    kernel = keras.ops.convert_to_numpy(fc1._kernel)  # the layer's quantized kernel
+    if mode == "int8":  # (int4 packs two entries per byte)
+        mask = next(m for p, m in masks.items() if "fc1" in p).astype(bool)
+        assert not np.any(kernel[~mask])
+    if make is not _attached:  # (Keras cannot reload a quantized subclassed model)
+        stripped.save(tmp_path / "stripped.keras")
+        reloaded = keras.models.load_model(tmp_path / "stripped.keras", safe_mode=True)
+        np.testing.assert_array_equal(reloaded.predict(x, verbose=0), quantized)
+
+
+def test_prunable_refuses_a_quantized_model_naming_the_layer():
+    for make in (lambda: mlp((20, 16, 3)), lambda: _PlainNet(name="plain")):
+        model = make()
+        model(np.ones((2, 20), "float32"))
+        _quantize(model, "int8")
+        with pytest.raises(ValueError, match=r"prunable\(\): layer '.*fc1' is quantized \(int8"):
+            keras_dst.prunable(model, density=0.3)
+        assert all(keras_dst.layers.attached_state(l) is None for l in model._flatten_layers())
+
+
+@pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _attached], ids=["wrapped", "attached"])
+def test_a_layer_with_lora_is_refused_wherever_its_masks_are_used(make, tmp_path):
+    # with LoRA a Dense computes with kernel + A @ B: dense, whatever its mask says
+    model = make()
+    masks = keras_dst.masks(model)
+    fc1 = next(l for l in model._flatten_layers()
+               if l.name == "fc1" and not isinstance(l, keras_dst.SparseWrapper))
+    fc1.enable_lora(2)
+    for what, use in _every_use_of_the_masks(model, masks, tmp_path / "l.keras").items():
+        assert re.search(r"layer '.*fc1' has LoRA enabled", _refusal(use)), what
+
+
+@pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _attached], ids=["wrapped", "attached"])
+def test_float8_keeps_the_float_weights_so_dst_trains_it_sparse(make, tmp_path):
+    # Keras's float8 mode keeps the float kernel (trainable) and adds scales: the masks
+    # still hold what the layer computes with
+    model = make()
+    before = keras_dst.masks(model)
+    _quantize(model, "float8")
+    compile_and_fit(model, [keras_dst.DynamicSparseTraining(update_every=2, prune_rate=0.5)])
+    after = keras_dst.masks(model)
+    assert any(np.any(before[k] != after[k]) for k in before)
+    assert_sparse_invariants(model, expected_active={k: int(v.sum()) for k, v in before.items()})
+    if make is not _attached:
+        model.save(tmp_path / "f8.keras")
+        reloaded = keras.models.load_model(tmp_path / "f8.keras", safe_mode=True)
+        assert keras_dst.masks(reloaded).keys() == after.keys()
+        for k in after:
+            np.testing.assert_array_equal(keras_dst.masks(reloaded)[k], after[k])
