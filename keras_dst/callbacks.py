@@ -69,7 +69,8 @@ class DynamicSparseTraining(ScheduledCallback):
       scope: ``"layer"`` (each layer prunes ``ceil(p a_l)``) or ``"global"`` (one
         ranking across all layers; each layer regrows what it lost).
       grow_exact: True: every layer regrows exactly what it lost; False: the
-        reference's Bernoulli random growth (exact in expectation only).
+        reference's Bernoulli random growth (exact in expectation only), with
+        ``grow="random"`` only.
       optimizer_state: ``"keep"`` (the reference: never touched) or ``"reset"``
         (the slots of the entries whose mask changed are zeroed).
       seed: int; all randomness is stateless in (seed, layer, step).
@@ -81,7 +82,8 @@ class DynamicSparseTraining(ScheduledCallback):
         ``epochs * steps_per_epoch`` of each `fit` (needed only by what is made
         from it: the cosine schedule, a fractional `end_step`). Pass it for one
         schedule over several `fit` calls; a fit that starts after the cosine
-        schedule has ended warns.
+        schedule has ended warns. Refused with a schedule object (which sets its
+        own steps) unless `end_step` is a fraction.
 
     `get_config` reports the criterion and growth rule by name with all their
     parameters (``prune_params``/``grow_params``), so an object passed as
@@ -120,6 +122,12 @@ class DynamicSparseTraining(ScheduledCallback):
                          else criteria_lib.canonical_ordering(ordering, "ordering"))
         self.scope = validation.check_choice(scope, ("layer", "global"), "scope")
         self.grow_exact = validation.check_bool(grow_exact, "grow_exact")
+        if not self.grow_exact and (self.growth is None or self.growth.name != "random"):
+            raise ValueError(
+                f"DynamicSparseTraining: grow_exact=False (the reference's Bernoulli random "
+                f"growth) applies to grow='random' only; grow={grow!r} "
+                f"{'regrows nothing' if grow is None else 'regrows exactly what each layer lost'}"
+                ". Leave grow_exact=True.")
         self.optimizer_state = validation.check_choice(optimizer_state, ("keep", "reset"),
                                                        "optimizer_state")
         self.seed = validation.check_seed(seed)
@@ -127,8 +135,8 @@ class DynamicSparseTraining(ScheduledCallback):
         with validation.errors_named(f"DynamicSparseTraining(prune={prune!r})"):
             criteria_lib.check_normalize(self.criterion, self.normalize)
         self.norm_type = validation.check_choice(norm_type, topology.NORM_TYPES, "norm_type")
-        self.total_steps = (None if total_steps is None
-                            else validation.check_positive_int(total_steps, "total_steps"))
+        self.total_steps = schedules_lib.check_total_steps(total_steps, self.schedule,
+                                                           isinstance(self.end_step, float))
 
     def _check_end_step(self, end_step):
         if end_step is None:

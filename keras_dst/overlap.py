@@ -125,7 +125,8 @@ class CriteriaOverlap(ScheduledCallback):
       schedule: ``"constant"`` (default), ``"cosine"``, ``"linear"`` (as
         `DynamicSparseTraining`) or a callable of the step.
       total_steps: steps of the whole run for ``"cosine"``; default
-        ``epochs * steps_per_epoch`` of `fit`.
+        ``epochs * steps_per_epoch`` of `fit`. Refused with a schedule object (which
+        sets its own steps).
       seed: int; the ``random`` criterion draws what `DynamicSparseTraining`
         with the same seed would.
 
@@ -166,8 +167,7 @@ class CriteriaOverlap(ScheduledCallback):
         self.update_every = validation.check_positive_int(update_every, "update_every")
         self.schedule = schedules_lib.check_schedule(schedule, "schedule")
         self.prune_rate = schedules_lib.check_prune_rate(prune_rate, self.schedule)
-        self.total_steps = (None if total_steps is None
-                            else validation.check_positive_int(total_steps, "total_steps"))
+        self.total_steps = schedules_lib.check_total_steps(total_steps, self.schedule)
         self.seed = validation.check_seed(seed)
         self.history = []
         self._recorded = None  # (engine, step) of the last update in `history`

@@ -249,6 +249,30 @@ def check_prune_rate(prune_rate, schedule) -> Optional[float]:
     return None
 
 
+def check_total_steps(total_steps, schedule, fraction_end_step: bool = False) -> Optional[int]:
+    """A callback's `total_steps` (None: each `fit`'s own steps) for its `schedule` (as
+    `check_schedule` returned it).
+
+    The run's length sets the steps of a named schedule and the step of a fractional
+    `end_step` (`fraction_end_step`); a schedule object carries its own steps.
+
+    Raises:
+      TypeError, ValueError: `total_steps` is not an int >= 1.
+      ValueError: `total_steps` given with a schedule object and no fractional
+        `end_step` (it would be ignored).
+    """
+    if total_steps is None:
+        return None
+    total_steps = validation.check_positive_int(total_steps, "total_steps")
+    if not isinstance(schedule, str) and not fraction_end_step:
+        raise ValueError(
+            f"total_steps={total_steps!r} was given with schedule={schedule!r}, which sets its "
+            "own steps (and no fractional end_step uses it): pass the steps to the schedule "
+            "(e.g. keras_dst.schedules.CosineRate(initial=..., total_steps=...)) and leave "
+            "total_steps unset.")
+    return total_steps
+
+
 def get_schedule(schedule, initial: float = DEFAULT_PRUNE_RATE, total_steps=None):
     """Resolves a prune-rate schedule.
 

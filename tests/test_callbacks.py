@@ -51,6 +51,11 @@ BAD_ARGUMENTS = [
     (dict(end_step=0), ValueError, ["end_step", "0"]),
     (dict(end_step=1.5), ValueError, ["end_step", "1.5"]),
     (dict(grow_exact="yes"), TypeError, ["grow_exact", "'yes'"]),
+    (dict(grow="gradient", grow_exact=False), ValueError,
+     ["grow_exact=False", "grow='random' only", "grow='gradient'", "exactly"]),
+    (dict(grow=None, grow_exact=False), ValueError, ["grow_exact=False", "grow=None", "nothing"]),
+    (dict(total_steps=100, schedule=schedules.CosineRate(0.3, 50)), ValueError,
+     ["total_steps=100", "CosineRate", "own steps"]),
     (dict(seed="a"), TypeError, ["seed", "'a'"]),
     (dict(normalize="row"), ValueError, ["normalize", "'row'"]),
     (dict(norm_type="mean"), ValueError, ["norm_type", "'mean'"]),
@@ -454,7 +459,7 @@ def test_after_a_fit_that_raised_a_plain_fit_runs_the_static_step(
 
 
 def test_get_config_round_trip():
-    callback = DST(prune="mest", grow="gradient", update_every=7, prune_rate=0.3,
+    callback = DST(prune="mest", grow="random", update_every=7, prune_rate=0.3,
                    schedule="linear", end_step=0.75, ordering="after", scope="global",
                    grow_exact=False, optimizer_state="reset", seed=3,
                    prune_params={"gamma": 0.5}, normalize="layer", norm_type="sum",
@@ -464,7 +469,7 @@ def test_get_config_round_trip():
     assert type(clone) is DST
     assert clone.get_config() == callback.get_config()
     assert clone.criterion.params["gamma"] == 0.5 and clone.criterion.name == "mest"
-    assert clone.growth.name == "gradient" and clone.resolved_ordering == "before_optimizer"
+    assert clone.growth.name == "random" and clone.resolved_ordering == "before_optimizer"
 
 
 @pytest.mark.parametrize("schedule", [schedules.constant(0.2), schedules.cosine(0.4, 50, 0.01),

@@ -95,6 +95,23 @@ def test_prune_rate_with_a_schedule_object_is_refused_not_ignored(make):
         make(prune_rate=1.5, schedule="constant")
 
 
+@pytest.mark.parametrize("make", [DST, lambda **kw: keras_dst.CriteriaOverlap(
+    ["magnitude", "snip"], **kw)], ids=["dst", "overlap"])
+def test_total_steps_with_a_schedule_object_is_refused_unless_a_fraction_end_step_uses_it(make):
+    # the object sets its own steps: a total_steps beside it used to be dropped silently
+    with pytest.raises(ValueError, match=r"total_steps=500 was given with schedule=.*"
+                                         r"CosineRate\(initial="):
+        make(total_steps=500, schedule=schedules.CosineRate(0.3, 100))
+    for named in ("cosine", "constant", "linear"):  # (named: the run's length, if used)
+        assert make(total_steps=500, schedule=named).total_steps == 500
+    with pytest.raises(ValueError, match=r"total_steps must be >= 1, got total_steps=0"):
+        make(total_steps=0)
+    if make is DST:  # its fractional end_step is a step of the run: total_steps sets it
+        dst = DST(total_steps=500, schedule=schedules.CosineRate(0.3, 100), end_step=0.75)
+        assert dst.total_steps == 500 and round_trip(dst).get_config() == dst.get_config()
+        assert dst._update_steps().end == 375
+
+
 def test_criteria_overlap_keeps_criterion_parameters():
     overlap = keras_dst.CriteriaOverlap(
         [keras_dst.get_criterion("mest", gamma=0.1), "snip",
