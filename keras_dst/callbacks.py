@@ -72,7 +72,8 @@ class DynamicSparseTraining(ScheduledCallback):
         reference's Bernoulli random growth (exact in expectation only), with
         ``grow="random"`` only.
       optimizer_state: ``"keep"`` (the reference: never touched) or ``"reset"``
-        (the slots of the entries whose mask changed are zeroed).
+        (the slots of the entries whose mask changed restart from their initial
+        value: 0, or Adagrad's and Ftrl's ``initial_accumulator_value``).
       seed: int; all randomness is stateless in (seed, layer, step).
       prune_params: dict of criterion parameters (e.g. ``{"gamma": 1.0}`` for mest).
       grow_params: dict of growth parameters.

@@ -17,7 +17,8 @@ trip (`hooks.run_if`), prunes and regrows every sparsified weight:
    pruned and regrown in the same update keeps its value (it never left the
    mask as far as the weights are concerned);
 4. optionally (``optimizer_state="reset"``) the optimizer slots of the entries
-   whose mask changed are zeroed.
+   whose mask changed restart from their initial value (0; Adagrad's and Ftrl's
+   accumulators from ``initial_accumulator_value``).
 
 Ordering "after_optimizer" runs this after the optimizer update (scoring the
 updated weights), "before_optimizer" before it (the optimizer then moves the
@@ -383,8 +384,9 @@ class TopologyEngine(Hook):
             t.ever_active.assign(tf.logical_or(t.ever_active, m_new))
             if self.optimizer_state == "reset":
                 changed = tf.not_equal(m_old, m_new)
-                for slot in optimizer_state_lib.slot_variables(optimizer, t.weight).values():
-                    slot.assign(tf.where(changed, tf.zeros([], slot.dtype), slot))
+                for name, slot in optimizer_state_lib.slot_variables(optimizer, t.weight).items():
+                    initial = optimizer_state_lib.initial_slot_value(optimizer, name)
+                    slot.assign(tf.where(changed, tf.constant(initial, slot.dtype), slot))
         if self._one_loop(scores):  # every layer regrew exactly what it lost
             now, grown = active, removed
         else:

@@ -1,7 +1,8 @@
 """The optimizer's per-weight state, found generically (floor 2).
 
 `slot_variables` maps a weight to its optimizer slots (SGD momentum, Adam's
-moments, ...), which ``optimizer_state="reset"`` zeroes where a mask changed;
+moments, ...), which ``optimizer_state="reset"`` restores to their initial value
+(`initial_slot_value`) where a mask changed;
 `momentum` gives the signal of momentum growth (SNFS); `base_optimizer` unwraps
 loss scaling (the inner optimizer is the one that updates variables).
 """
@@ -40,6 +41,19 @@ def slot_variables(optimizer, variable) -> dict:
     index = compat.optimizer_variable_index(optimizer, variable)
     return {name: slots[index] for name, slots in _slot_lists(optimizer).items()
             if slots[index] is not None and tuple(slots[index].shape) == tuple(variable.shape)}
+
+
+def initial_slot_value(optimizer, slot_list: str) -> float:
+    """What the slots of list `slot_list` (a key of `slot_variables`) hold before the
+    optimizer's first step, which ``optimizer_state="reset"`` restores: 0, except the
+    accumulators of optimizers that start them at ``initial_accumulator_value``
+    (Adagrad, Ftrl: Ftrl's step divides by the accumulator's root, so at 0 an entry
+    without a gradient becomes NaN).
+    """
+    optimizer = base_optimizer(optimizer)
+    if "accumulator" in slot_list and hasattr(optimizer, "initial_accumulator_value"):
+        return float(optimizer.initial_accumulator_value)
+    return 0.0
 
 
 def unmapped_state(optimizer, variables=None) -> list:
