@@ -40,6 +40,8 @@ the compiled update does not grow with the number of layers but by its writes (a
 layer's weight, mask and ever-active flags).
 """
 
+import warnings
+
 import tensorflow as tf
 
 from keras_dst import criteria as criteria_lib
@@ -165,7 +167,22 @@ class TopologyEngine(Hook):
             self._step(optimizer, tf.cast(optimizer.iterations, tf.int64), grads_by_variable)
 
     def _step(self, optimizer, step, grads_by_variable):
-        """What runs in optimizer step `step` (1-based), where the run's ordering puts it."""
+        """What runs in optimizer step `step` (1-based), where the run's ordering puts it.
+
+        Warns (when traced) naming the sparse weights that this ``apply`` does not
+        update: their gradient counts as 0 (right for a weight the loss does not
+        reach, and a train_step may leave those out) though another optimizer may
+        train them (a GAN's), whose gradients and steps the update never sees.
+        """
+        missing = [t.weight.path for t in self.targets if id(t.weight) not in grads_by_variable]
+        if missing:
+            warnings.warn(
+                f"DynamicSparseTraining: the optimizer it hooks ('{optimizer.name}', the one "
+                f"the model was compiled with) does not update the sparse weights {missing} "
+                "in this training step; their updates take their gradient as 0. If another "
+                "optimizer trains them (a GAN's, say), the updates never see their gradients "
+                "or steps: make only the part of the model that model.optimizer trains "
+                "sparse (keras_dst.prunable(model.part, ..., in_place=True)).", stacklevel=2)
         grads = self._grads(grads_by_variable)
         if self.criterion.ema:  # running scores follow the run's ordering
             self._update_running_scores(step, grads)

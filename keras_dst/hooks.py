@@ -70,6 +70,9 @@ class Hook:
       `after_apply` (none by default).
     * `writes_masks`: True when its updates change masks (one such hook per
       `fit`); False for an observer.
+    * `reached_apply`: set True once an ``optimizer.apply`` that contains it runs or
+      is traced; False after a training step means that step never calls the
+      hooked optimizer (its `train_step` applies optimizers of its own).
 
     Args:
       update_steps: the `UpdateSteps` of this hook.
@@ -79,6 +82,7 @@ class Hook:
     runs_every_step = False
     first = False
     writes_masks = True
+    reached_apply = False
 
     def __init__(self, update_steps: UpdateSteps):
         self.update_steps = update_steps
@@ -197,6 +201,8 @@ def install(optimizer, hook: Hook):
                 return original(grads, trainable_variables)
             traced = optimizer.__dict__[_TRACED_ATTR]
             hooks = [h for h in optimizer.__dict__[_HOOKS_ATTR] if h in traced]
+            for h in hooks:
+                h.reached_apply = True
             late = hooks[0].late_constraints(variables) if len(hooks) == 1 else []
             for h in hooks:
                 h.before_apply(optimizer, by_variable)

@@ -316,6 +316,15 @@ class HookedCallback(keras.callbacks.Callback):
         if self.engine is None:
             return
         self._host_step += int(batch) - self._batch_begin + 1  # no device read
+        if self._verify and not self.engine.reached_apply:
+            optimizer = base_optimizer(self.model.optimizer)
+            raise ValueError(
+                f"{type(self).__name__}: the model's training step did not call the "
+                f"optimizer it was compiled with ('{optimizer.name}', "
+                f"{type(optimizer).__name__}), whose `apply` keras_dst hooks, so the masks "
+                "would never change. A train_step that applies optimizers of its own (a "
+                "GAN's, say) is not supported: apply the sparse layers' gradients with "
+                "model.optimizer.")
         if self._read_after:
             device = self._optimizer_step()
             if device > self._host_step and not self._every_step:

@@ -532,3 +532,90 @@ def test_get_and_set_weights_carry_attached_state_so_early_stopping_restores_the
         np.testing.assert_array_equal(mask, before[path])
     keras_dst.strip(model)
     assert len(model.get_weights()) == own
+
+
+class GAN(keras.Model):
+    """A train_step with two optimizers of its own (a GAN's): `generator_optimizer` always,
+    the discriminator's `model.optimizer` with `discriminator_on_model_optimizer`."""
+
+    def __init__(self, discriminator_on_model_optimizer=False, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = keras.Sequential([keras.Input((8,)), L.Dense(16, activation="relu", name="g1"),
+                                           L.Dense(12, name="g2")], name="generator")
+        self.discriminator = keras.Sequential([keras.Input((12,)),
+                                               L.Dense(16, activation="relu", name="d1"),
+                                               L.Dense(1, name="d2")], name="discriminator")
+        self.on_model_optimizer = discriminator_on_model_optimizer
+
+    def call(self, z):
+        return self.discriminator(self.generator(z))
+
+    def train_step(self, real):
+        import tensorflow as tf
+
+        bce = keras.losses.BinaryCrossentropy(from_logits=True)
+        z = tf.random.normal((tf.shape(real)[0], 8), seed=1)
+        ones, zeros = tf.ones_like(real[:, :1]), tf.zeros_like(real[:, :1])
+        with tf.GradientTape() as tape:
+            d_loss = bce(ones, self.discriminator(real)) + bce(zeros, self(z))
+        d_vars = self.discriminator.trainable_variables
+        d_optimizer = self.optimizer if self.on_model_optimizer else self.discriminator_optimizer
+        d_optimizer.apply(tape.gradient(d_loss, d_vars), d_vars)
+        with tf.GradientTape() as tape:
+            g_loss = bce(ones, self(z))
+        g_vars = self.generator.trainable_variables
+        self.generator_optimizer.apply(tape.gradient(g_loss, g_vars), g_vars)
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def _gan(on_model_optimizer):
+    model = GAN(on_model_optimizer)
+    model(np.zeros((2, 8), "float32"))
+    model = keras_dst.prunable(model, density=0.3)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    model.discriminator_optimizer = keras.optimizers.Adam(1e-3)
+    model.generator_optimizer = keras.optimizers.Adam(1e-3)
+    return model
+
+
+def test_a_train_step_that_never_calls_the_compiled_optimizer_is_refused_at_its_first_step():
+    # every update runs inside model.optimizer.apply: a train_step with optimizers of its
+    # own would train on with masks that never change (it did, without a word)
+    model = _gan(on_model_optimizer=False)
+    real = np.random.default_rng(0).normal(size=(64, 12)).astype("float32")
+    for callback in (keras_dst.DynamicSparseTraining(update_every=1),
+                     keras_dst.GradualPruning(0.1, update_every=1, end_step=4)):
+        with pytest.raises(ValueError, match=rf"{type(callback).__name__}: the model's training "
+                                             r"step did not call the optimizer it was compiled "
+                                             r"with \('adam"):
+            model.fit(real, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    model.fit(real, batch_size=16, epochs=1, verbose=0)  # static sparse training still works
+    assert_sparse_invariants(model)
+
+
+def test_sparse_weights_that_another_optimizer_trains_are_named_in_a_warning():
+    # model.optimizer trains the discriminator, the generator's optimizer its own layers:
+    # DST updates the generator's masks taking their gradient as 0 (as for weights the loss
+    # does not reach, which a train_step may leave out of apply), so it says so
+    model = _gan(on_model_optimizer=True)
+    real = np.random.default_rng(0).normal(size=(64, 12)).astype("float32")
+    with pytest.warns(UserWarning, match=r"does not update the sparse weights \['generator/g1/"
+                                         r"kernel', 'generator/g2/kernel'\].*gradient as 0"):
+        model.fit(real, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[keras_dst.DynamicSparseTraining(update_every=1, grow="gradient")])
+    assert_sparse_invariants(model)
+    # with masks on the discriminator only, DST trains it
+    model = GAN(True)
+    model(np.zeros((2, 8), "float32"))
+    assert keras_dst.prunable(model.discriminator, density=0.3, in_place=True) is model.discriminator
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    model.generator_optimizer = keras.optimizers.Adam(1e-3)
+    masks = keras_dst.masks(model)
+    assert sorted(masks) == ["discriminator/d1/kernel", "discriminator/d2/kernel"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(real, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[keras_dst.DynamicSparseTraining(update_every=1, grow="gradient")])
+    assert not [w for w in caught if "does not update the sparse weights" in str(w.message)]
+    assert any((masks[k] != v).any() for k, v in keras_dst.masks(model).items())
+    assert_sparse_invariants(model)
