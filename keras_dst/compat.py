@@ -211,3 +211,18 @@ def set_own_variables_io(layer, save=None, load=None):
             layer.__dict__.pop(name, None)
         else:
             layer.__dict__[name] = function
+
+
+def unquantized_policy(policy):
+    """The dtype policy a quantized one was made from (``"float8_from_mixed_bfloat16"`` ->
+    ``"mixed_bfloat16"``); any other policy as it is.
+
+    Keras names a quantized policy ``"<mode>_from_<source policy>"``
+    (``keras.src.dtype_policies.QuantizedDTypePolicy``, Keras 3.0 to 3.15; the source
+    policy is kept in its private ``_source_name`` only). A wrapper around a quantized
+    layer takes the source policy: with the quantized one, Keras would route the
+    wrapper's own call to a quantized call it does not have.
+    """
+    if not getattr(policy, "quantization_mode", None):
+        return policy
+    return keras.dtype_policies.get(policy.name.split("_from_", 1)[1])

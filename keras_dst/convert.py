@@ -420,14 +420,28 @@ def _clone_graph(model, clone):
         target = layer.layer if isinstance(layer, SparseWrapper) else layer
         if isinstance(source, SparseWrapper):  # strip(): the inner weights, kernel ⊙ mask
             masks = {id(w): m for w, m in zip(source.sparse_weights, source.masks)}
-            target.set_weights([
-                np.where(masks[id(w)].numpy(), w.numpy(), 0) if id(w) in masks else w.numpy()
-                for w in source.layer.weights])
+            _copy_weights(source.layer, target, lambda w, masks=masks: np.where(
+                masks[id(w)].numpy(), w.numpy(), 0) if id(w) in masks else w.numpy())
         elif source.weights:
-            target.set_weights(source.get_weights())
+            _copy_weights(source, target, lambda w: w.numpy())
         if isinstance(layer, SparseWrapper):
             layer.apply_masks()
     return cloned
+
+
+def _copy_weights(source, target, value_of):
+    """``target.set_weights`` with ``value_of(w)`` of each weight `w` of `source`, matched
+    by their paths below the layers (`layers.relative_name`): a layer rebuilt from its
+    config may create its weights in another order (Keras's float8 layers create their
+    scales first); by position where the names do not match one to one.
+    """
+    names = [sparse_layers.relative_name(source, w) for w in source.weights]
+    wanted = [sparse_layers.relative_name(target, w) for w in target.weights]
+    if len(set(names)) == len(names) and sorted(names) == sorted(wanted):
+        by_name = dict(zip(names, source.weights))
+        target.set_weights([value_of(by_name[n]) for n in wanted])
+    else:
+        target.set_weights([value_of(w) for w in source.weights])
 
 
 def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) -> dict:

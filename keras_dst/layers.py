@@ -263,7 +263,9 @@ def mask_is_only_constraint(variable) -> bool:
     return isinstance(constraint, MaskConstraint) and constraint.previous is None
 
 
-def _relative_name(layer, variable) -> str:
+def relative_name(layer, variable) -> str:
+    """`variable`'s path below `layer` (``query/kernel`` -> ``query_kernel``): the same for
+    a layer and its clone, whatever their own paths."""
     prefix = layer.path + "/" if getattr(layer, "path", None) else ""
     path = variable.path
     rel = path[len(prefix):] if path.startswith(prefix) else variable.name
@@ -388,7 +390,7 @@ class SparseState:
         self.sparse_weights = weights
         self.masks, self.ever_active, self.running_scores = [], [], []
         for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
-            name = _relative_name(self.layer, w)
+            name = relative_name(self.layer, w)
 
             # The mask, the ever-active flags and the weight's zeroing use the same
             # draw: made once when eager, during this build only (a symbolic draw is not
@@ -504,7 +506,7 @@ class SparseWrapper(keras.layers.Wrapper):
                             track_running_scores=track_running_scores, pattern=pattern,
                             owner=f"SparseWrapper(layer '{layer.name}')")
         kwargs.setdefault("name", f"sparse_{layer.name}")
-        kwargs.setdefault("dtype", layer.dtype_policy)
+        kwargs.setdefault("dtype", compat.unquantized_policy(layer.dtype_policy))
         super().__init__(layer, **kwargs)
         state.owner, state.wrapper = f"SparseWrapper '{self.name}'", self
         self._sparse_state = state

@@ -217,3 +217,14 @@ def test_set_own_variables_io(tmp_path):
     assert "save_own_variables" not in vars(dense) and "load_own_variables" not in vars(dense)
     with pytest.raises(ValueError, match="expected 2 variables"):  # the class checks the count
         model.load_weights(path)
+
+
+@pytest.mark.parametrize("name,source", [("float8_from_mixed_bfloat16", "mixed_bfloat16"),
+                                         ("int8_from_float32", "float32"),
+                                         ("mixed_float16", "mixed_float16"), ("float32", "float32")])
+def test_unquantized_policy(name, source):
+    policy = keras.dtype_policies.get(name)
+    unquantized = compat.unquantized_policy(policy)
+    assert unquantized.name == source and not getattr(unquantized, "quantization_mode", None)
+    if name == source:
+        assert unquantized is policy

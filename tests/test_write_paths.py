@@ -371,3 +371,25 @@ def test_float8_keeps_the_float_weights_so_dst_trains_it_sparse(make, tmp_path):
         assert keras_dst.masks(reloaded).keys() == after.keys()
         for k in after:
             np.testing.assert_array_equal(keras_dst.masks(reloaded)[k], after[k])
+    # strip gives the plain float8 model (its layers rebuilt from their configs create the
+    # scales before the kernel: the weights are copied by name)
+    x, _ = classification_data(n=32)
+    expected = model.predict(x, verbose=0)
+    stripped = keras_dst.strip(model)
+    np.testing.assert_array_equal(stripped.predict(x, verbose=0), expected)
+    if make is not _attached:
+        stripped.save(tmp_path / "stripped.keras")
+        reloaded = keras.models.load_model(tmp_path / "stripped.keras", safe_mode=True)
+        np.testing.assert_array_equal(reloaded.predict(x, verbose=0), expected)
+
+
+def test_prunable_makes_a_float8_model_sparse():
+    dense = mlp((20, 16, 3))
+    _quantize(dense, "float8")
+    x, _ = classification_data(n=32)
+    same = keras_dst.prunable(dense, density=1.0)  # weights copied by name, wrappers float32
+    np.testing.assert_array_equal(same.predict(x, verbose=0), dense.predict(x, verbose=0))
+    model = keras_dst.prunable(dense, density=0.3)
+    counts = {k: int(v.sum()) for k, v in keras_dst.masks(model).items()}
+    compile_and_fit(model, [keras_dst.DynamicSparseTraining(update_every=2, prune_rate=0.5)])
+    assert_sparse_invariants(model, expected_active=counts)
