@@ -185,14 +185,16 @@ def check_maskable(layer, owner: str) -> None:
     layer passes.
     """
     mode = getattr(layer, "quantization_mode", None)
-    reason = (f"is quantized ({mode}, by model.quantize())" if mode and mode != "float8"
-              else "has LoRA enabled (it computes with its kernel plus a dense low-rank "
-                   "update)" if getattr(layer, "lora_enabled", False) else None)
-    if reason:
-        raise ValueError(
-            f"{owner}: layer '{layer_label(layer)}' {reason}, so keras_dst's masks no "
-            "longer hold what it computes. Quantize or add LoRA once sparse training is "
-            "done, to keras_dst.strip(model): a plain Keras model that keeps the zeros.")
+    if mode and mode != "float8":
+        reason = f"is quantized ({mode}, by model.quantize())"
+    elif getattr(layer, "lora_enabled", False):
+        reason = "has LoRA enabled (it computes with its kernel plus a dense low-rank update)"
+    else:
+        return
+    raise ValueError(
+        f"{owner}: layer '{layer_label(layer)}' {reason}, so keras_dst's masks no longer "
+        "hold what it computes. Quantize or add LoRA once sparse training is done, to "
+        "keras_dst.strip(model): a plain Keras model that keeps the zeros.")
 
 
 def prunable_weights(layer) -> list:

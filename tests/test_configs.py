@@ -78,8 +78,13 @@ def test_a_lambda_schedule_is_refused_and_a_schedule_object_round_trips():
     assert clone.schedule.get_config() == overlap.schedule.get_config()
 
 
-@pytest.mark.parametrize("make", [DST, lambda **kw: keras_dst.CriteriaOverlap(
-    ["magnitude", "snip"], **kw)], ids=["dst", "overlap"])
+# the two callbacks that take a prune-rate schedule (and prune_rate / total_steps beside it)
+SCHEDULED_CALLBACKS = pytest.mark.parametrize(
+    "make", [DST, lambda **kw: keras_dst.CriteriaOverlap(["magnitude", "snip"], **kw)],
+    ids=["dst", "overlap"])
+
+
+@SCHEDULED_CALLBACKS
 def test_prune_rate_with_a_schedule_object_is_refused_not_ignored(make):
     # the object sets its own rates: a prune_rate beside it used to be dropped silently
     with pytest.raises(ValueError, match=r"prune_rate=0\.2 was given with schedule=.*"
@@ -95,8 +100,7 @@ def test_prune_rate_with_a_schedule_object_is_refused_not_ignored(make):
         make(prune_rate=1.5, schedule="constant")
 
 
-@pytest.mark.parametrize("make", [DST, lambda **kw: keras_dst.CriteriaOverlap(
-    ["magnitude", "snip"], **kw)], ids=["dst", "overlap"])
+@SCHEDULED_CALLBACKS
 def test_total_steps_with_a_schedule_object_is_refused_unless_a_fraction_end_step_uses_it(make):
     # the object sets its own steps: a total_steps beside it used to be dropped silently
     with pytest.raises(ValueError, match=r"total_steps=500 was given with schedule=.*"
