@@ -213,6 +213,21 @@ def set_own_variables_io(layer, save=None, load=None):
             layer.__dict__[name] = function
 
 
+def created_trainable(layer) -> list:
+    """The variables that `layer` and the layers inside it created trainable, whether or
+    not they are frozen now.
+
+    Relies on ``Layer._trainable_variables`` (Keras 3, checked on 3.15): the variables a
+    layer tracks as created with ``trainable=True``. ``layer.trainable = False`` sets
+    each of them to ``trainable=False`` but leaves them in that list (and sets them back
+    when the layer is unfrozen), so it tells a frozen weight from a weight that is never
+    trained (a statistic, a fixed embedding). The public ``Variable.trainable`` and
+    ``layer.trainable_weights`` reflect the freezing and cannot.
+    """
+    return [v for inner in [layer] + flatten_layers(layer)
+            for v in getattr(inner, "_trainable_variables", ())]
+
+
 def unquantized_policy(policy):
     """The dtype policy a quantized one was made from (``"float8_from_mixed_bfloat16"`` ->
     ``"mixed_bfloat16"``); any other policy as it is.

@@ -10,6 +10,7 @@ Two ways to put masks on a model, one state (`layers.SparseState`) behind both:
   supported layers (`layers.attach`) and the same object is returned.
 """
 
+import warnings
 from typing import Iterable, Mapping, Optional, Union
 
 import keras
@@ -196,8 +197,8 @@ def _attach_targets(model, skip_unsupported):
 
     The outermost supported layer takes its prunable weights (a MultiHeadAttention
     its four projections); a weight reachable from two layers goes to the first.
-    Then every other layer holding a trainable weight of rank >= 2 that no target
-    took is unsupported (`TypeError`, or left dense with `skip_unsupported`).
+    Then every other layer holding a weight of rank >= 2 that it created trainable
+    (frozen or not) that no target took is unsupported (`TypeError`, or left dense with `skip_unsupported`).
     """
     result, claimed, covered, seen = [], set(), set(), set()
 
@@ -228,7 +229,7 @@ def _attach_targets(model, skip_unsupported):
             continue
         inside = {id(v) for child in compat.child_layers(layer) for v in child.weights}
         left = [w for w in layer.weights if id(w) not in inside and id(w) not in claimed
-                and w.trainable and len(w.shape) >= 2]
+                and sparse_layers.is_trainable_by_design(layer, w) and len(w.shape) >= 2]
         if left and not skip_unsupported:
             raise TypeError(
                 f"Layer '{layer_label(layer)}' of class {type(layer).__name__} is not "
@@ -265,6 +266,14 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     label = layer_label if in_place else (lambda layer: layer.name)
     densities, weight_patterns = _plan(targets, label, density, distribution, keep_dense,
                                        density_overrides, init, pattern, pattern_overrides)
+    frozen = [label(layer) for layer, weights in targets
+              if any(not w.trainable and densities[w.path] < 1.0 for w in weights)]
+    if frozen:
+        warnings.warn(
+            f"prunable(): layers {frozen} of model '{model.name}' are frozen (trainable="
+            "False): they are made sparse, and no step retrains what is left of them until "
+            "they are unfrozen. To keep them dense, pass keep_dense=" + repr(frozen) + ".",
+            stacklevel=3)
 
     def options(index, weights):
         return dict(density=[densities[w.path] for w in weights], init=init,

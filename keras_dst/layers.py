@@ -200,6 +200,11 @@ def check_maskable(layer, owner: str) -> None:
 def prunable_weights(layer) -> list:
     """The variables of a *built* `layer` that are sparsified, in a stable order.
 
+    A registered layer's named weights that it created trainable
+    (`is_trainable_by_design`): a layer frozen now (``trainable=False``) has the same
+    prunable weights as when it is trained, so its masks are made, saved and loaded
+    alike.
+
     Raises:
       TypeError: if the layer is neither registered nor implements the protocol.
       ValueError: if the protocol returns something that is not a variable of
@@ -229,7 +234,14 @@ def prunable_weights(layer) -> list:
             f"with weight names {list(names)}, but has no variable of these names (its "
             f"variables: {[v.name for v in layer.weights]}); fix its "
             "keras_dst.register_prunable_layer() call.")
-    return [v for v in named if v.trainable]
+    return [v for v in named if is_trainable_by_design(layer, v)]
+
+
+def is_trainable_by_design(layer, variable) -> bool:
+    """Whether `layer` (or a layer inside it) created `variable` trainable: True for a
+    weight frozen with ``trainable=False``, False for one that is never trained (a
+    statistic, a fixed table)."""
+    return any(variable is v for v in compat.created_trainable(layer))
 
 
 class MaskConstraint(keras.constraints.Constraint):
@@ -509,6 +521,7 @@ class SparseWrapper(keras.layers.Wrapper):
                             owner=f"SparseWrapper(layer '{layer.name}')")
         kwargs.setdefault("name", f"sparse_{layer.name}")
         kwargs.setdefault("dtype", compat.unquantized_policy(layer.dtype_policy))
+        kwargs.setdefault("trainable", layer.trainable)  # a frozen layer's wrapper reads frozen
         super().__init__(layer, **kwargs)
         state.owner, state.wrapper = f"SparseWrapper '{self.name}'", self
         self._sparse_state = state

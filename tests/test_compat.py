@@ -193,6 +193,17 @@ def test_child_layers():
     assert [l.name for l in compat.child_layers(wrapper)] == ["d"]
 
 
+def test_created_trainable():
+    block = keras.Sequential([keras.Input((4,)), L.Dense(3, name="d"),
+                              L.BatchNormalization(name="bn")], name="block")
+    expected = ["block/d/kernel", "block/d/bias", "block/bn/gamma", "block/bn/beta"]
+    assert [v.path for v in compat.created_trainable(block)] == expected
+    block.trainable = False  # frozen: every variable reads trainable=False, the list stays
+    assert not any(v.trainable for v in block.weights)
+    assert [v.path for v in compat.created_trainable(block)] == expected
+    assert [v.path for v in compat.created_trainable(block.get_layer("bn"))] == expected[2:]
+
+
 def test_set_own_variables_io(tmp_path):
     calls = []
     x = keras.Input((3,))

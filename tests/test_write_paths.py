@@ -393,3 +393,72 @@ def test_prunable_makes_a_float8_model_sparse():
     counts = {k: int(v.sum()) for k, v in keras_dst.masks(model).items()}
     compile_and_fit(model, [keras_dst.DynamicSparseTraining(update_every=2, prune_rate=0.5)])
     assert_sparse_invariants(model, expected_active=counts)
+
+
+def _frozen_copies(model, make, tmp_path):
+    """`model` rebuilt every way Keras rebuilds one: `.keras` file (safe mode), config and
+    `clone_model` for graph models; a new `make()` frozen alike that loads its weights
+    file for a subclassed one (its class is not registered)."""
+    if not keras_dst.compat.is_graph_model(model):
+        model.save_weights(str(tmp_path / "frozen.weights.h5"))
+        copy = make()
+        keras_dst.sparse_targets(copy)[0].state.layer.trainable = False
+        copy.load_weights(str(tmp_path / "frozen.weights.h5"))
+        return {"load_weights": copy}
+    path = str(tmp_path / "frozen.keras")
+    model.save(path)
+    return {"load_model": keras.models.load_model(path, safe_mode=True),
+            "from_config": type(model).from_config(model.get_config()),
+            "clone_model": keras.models.clone_model(model)}
+
+
+@pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _attached], ids=["wrapped", "attached"])
+def test_a_layer_frozen_after_prunable_saves_loads_and_clones_with_its_masks(make, tmp_path):
+    """Freezing a sparse layer (fine-tuning) emptied its prunable weights, so the model could
+    not be loaded, rebuilt from its config or cloned ("got 1 densities for 0 prunable
+    weights")."""
+    model = make()
+    frozen = keras_dst.sparse_targets(model)[0].state.layer
+    frozen.trainable = False
+    masks, path = keras_dst.masks(model), keras_dst.sparse_targets(model)[0].weight.path
+    for how, copy in _frozen_copies(model, make, tmp_path).items():
+        assert sorted(keras_dst.masks(copy)) == sorted(masks), how
+        trainable = {t.weight.path: t.weight.trainable for t in keras_dst.sparse_targets(copy)}
+        assert sum(not v for v in trainable.values()) == 1, (how, trainable)
+        if how.startswith("load_"):  # (the others start from initializers)
+            for k, v in keras_dst.masks(copy).items():
+                np.testing.assert_array_equal(v, masks[k], err_msg=f"{how} {k}")
+            np.testing.assert_allclose(copy.predict(np.ones((2, 20), "float32"), verbose=0),
+                                       model.predict(np.ones((2, 20), "float32"), verbose=0))
+        assert_sparse_invariants(copy)
+    # unfrozen, the reloaded layer trains sparse again, its masks updated by DST
+    copy = next(c for how, c in _frozen_copies(model, make, tmp_path).items()
+                if how.startswith("load_"))
+    keras_dst.sparse_targets(copy)[0].state.layer.trainable = True
+    compile_and_fit(copy, callbacks=[keras_dst.DynamicSparseTraining(update_every=1)])
+    assert (keras_dst.masks(copy)[path] != masks[path]).any()
+    assert_sparse_invariants(copy)
+
+
+def test_prunable_makes_a_frozen_layer_sparse_and_it_stays_frozen():
+    """A layer frozen before `prunable` was left dense without a word; it is made sparse
+    like every supported layer (``keep_dense`` keeps it dense) and stays frozen."""
+    dense = mlp((20, 16, 16, 3))
+    frozen = next(layer for layer in dense.layers if layer.weights)
+    frozen.trainable = False
+    with pytest.warns(UserWarning, match=rf"prunable\(\): layers \['{frozen.name}'\] of model "
+                                         r"'mlp' are frozen.*keep_dense=\['"):
+        model = keras_dst.prunable(dense, density=0.3)
+    first = model.get_layer(frozen.name)
+    assert isinstance(first, keras_dst.SparseWrapper) and not first.trainable
+    assert not first.layer.kernel.trainable
+    assert all(v is not first.layer.kernel for v in model.trainable_weights)
+    assert keras_dst.density(model) == pytest.approx(0.3, abs=0.01)
+    before = keras_dst.masks(model)
+    compile_and_fit(model, callbacks=[keras_dst.DynamicSparseTraining(update_every=1)])
+    after = keras_dst.masks(model)
+    path = first.layer.kernel.path
+    np.testing.assert_array_equal(after[path], before[path])
+    assert any((after[k] != before[k]).any() for k in before if k != path)
+    kept = no_warning(lambda: keras_dst.prunable(dense, density=0.6, keep_dense=[frozen.name]))
+    assert keras_dst.masks(kept)[path].all()
