@@ -180,8 +180,29 @@ def check_registered(item, registry: Registry, argument_name: str, *, fields: Se
 # Criterion objects.
 
 
+class FrozenEntry:
+    """Copying and pickling of a frozen registry entry (`Criterion`, `GrowthRule`).
+
+    An entry is an immutable value, so `copy.copy` and `copy.deepcopy` return it
+    (a callback that holds one, deep-copied per trial by a tuner, shares it); it
+    pickles by its fields, with `params` as a plain dict (its read-only view does not
+    pickle), and its functions by reference, as pickle does.
+    """
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        fields = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return type(self), tuple(dict(v) if isinstance(v, types.MappingProxyType) else v
+                                 for v in fields)
+
+
 @dataclasses.dataclass(frozen=True)
-class Criterion:
+class Criterion(FrozenEntry):
     """A pruning criterion.
 
     Attributes:

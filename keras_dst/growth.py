@@ -28,13 +28,20 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
-from keras_dst.criteria import check_registered, merge_params, random_scores, require_inputs, scores_of
+from keras_dst.criteria import (
+    FrozenEntry,
+    check_registered,
+    merge_params,
+    random_scores,
+    require_inputs,
+    scores_of,
+)
 from keras_dst.registry import Registry, check_callable, pop_config_name
 from keras_dst.scoring import ScoreInputs, absolute
 
 
 @dataclasses.dataclass(frozen=True)
-class GrowthRule:
+class GrowthRule(FrozenEntry):
     """A growth rule.
 
     Attributes:

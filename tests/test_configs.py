@@ -1,7 +1,9 @@
 """Every object a constructor accepts round-trips through get_config/from_config with its
 parameters, or is refused at construction with an error naming the argument."""
 
+import copy
 import json
+import pickle
 
 import keras
 import pytest
@@ -10,6 +12,8 @@ import tensorflow as tf
 import keras_dst
 from keras_dst import schedules
 from keras_dst.callbacks import DynamicSparseTraining as DST
+
+from conftest import compile_and_fit, mlp
 
 
 def round_trip(obj):
@@ -151,3 +155,37 @@ def test_the_mask_constraint_is_not_a_serializable_object():
     with pytest.raises(TypeError, match="not serializable"):
         constraint.get_config()
     assert "MaskConstraint" not in json.dumps(keras.saving.serialize_keras_object(model))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DST(prune=keras_dst.get_criterion("mest", gamma=0.2), grow="gradient", update_every=2),
+    lambda: keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=2),
+    lambda: keras_dst.GradualPruning(0.3, update_every=2, end_step=4),
+], ids=["DynamicSparseTraining", "CriteriaOverlap", "GradualPruning"])
+def test_callbacks_deep_copy_and_pickle_before_and_after_a_fit(make):
+    """A tuner deep-copies the callbacks of every trial (keras-tuner does): the criteria's
+    read-only parameter view made DST and CriteriaOverlap refuse it."""
+    callback = make()
+    for clone in (copy.deepcopy(callback), pickle.loads(pickle.dumps(callback))):
+        assert type(clone) is type(callback) and clone.get_config() == callback.get_config()
+    density = 1.0 if isinstance(callback, keras_dst.GradualPruning) else 0.3
+    compile_and_fit(keras_dst.prunable(mlp(), density=density), [callback])
+    clone = copy.deepcopy(callback)  # (as used: it holds the model and engine of that fit)
+    model = keras_dst.prunable(mlp(), density=density)
+    masks = keras_dst.masks(model)
+    compile_and_fit(model, [clone])
+    if isinstance(clone, keras_dst.CriteriaOverlap):  # it observes, and its copy goes on
+        assert callback.history and len(clone.history) == 2 * len(callback.history)
+    else:
+        assert any((masks[k] != v).any() for k, v in keras_dst.masks(model).items())
+
+
+@pytest.mark.parametrize("entry", [keras_dst.get_criterion("mest", gamma=0.2),
+                                   keras_dst.get_criterion("set"),
+                                   keras_dst.get_growth("gradient")], ids=str)
+def test_criteria_and_growth_rules_are_values_that_copy_and_pickle(entry):
+    assert copy.copy(entry) is entry and copy.deepcopy(entry) is entry
+    restored = pickle.loads(pickle.dumps(entry))
+    assert restored == entry and dict(restored.params) == dict(entry.params)
+    with pytest.raises(TypeError):  # still read-only
+        restored.params["gamma"] = 1.0
