@@ -40,14 +40,12 @@ the compiled update does not grow with the number of layers but by its writes (a
 layer's weight, mask and ever-active flags).
 """
 
-import warnings
-
 import tensorflow as tf
 
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, patterns, topology
 from keras_dst import optimizer_state as optimizer_state_lib
-from keras_dst.hooks import Hook, run_if, state_variable
+from keras_dst.hooks import Hook, run_if, state_variable, step_gradients, summed_over_replicas
 from keras_dst.layers import mask_is_only_constraint
 from keras_dst.scoring import ScoreInputs, is_finite
 
@@ -76,11 +74,7 @@ def check_patterns(targets, criterion, growth, scope, grow_exact):
     first = structured[0]
     where = f"weight '{first.weight.path}' has pattern '{first.pattern}'"
     blocks = [t for t in structured if t.pattern.kind == "block"]
-    if blocks and criterion.select is not None:
-        raise ValueError(f"DynamicSparseTraining(prune='{criterion.name}'): weight "
-                         f"'{blocks[0].weight.path}' has 1xB blocks, which are pruned by a "
-                         "score; the SET rules select single entries. Use a score criterion "
-                         "(e.g. 'magnitude').")
+    check_criterion_pattern(targets, criterion, f"DynamicSparseTraining(prune='{criterion.name}')")
     if scope == "global" and blocks and len({str(t.pattern) for t in targets}) > 1:
         raise ValueError("DynamicSparseTraining(scope='global'): 1xB blocks are ranked across "
                          "layers only when every sparsified weight has the same pattern; got "
@@ -92,6 +86,87 @@ def check_patterns(targets, criterion, growth, scope, grow_exact):
     if not grow_exact and growth is not None and growth.name == "random":
         raise ValueError(f"DynamicSparseTraining(grow_exact=False): {where}; structured "
                          "patterns keep exact counts. Use grow_exact=True.")
+
+
+def check_criterion_pattern(targets, criterion, owner: str) -> None:
+    """Refuses a criterion that cannot prune the targets in their pattern's units: 1xB
+    blocks are pruned by a score, and the SET family (a sign rule) selects entries.
+
+    Raises:
+      ValueError: naming `owner`, the first weight with blocks and the remedy.
+    """
+    blocks = [t for t in targets if t.pattern.kind == "block"]
+    if blocks and criterion.select is not None:
+        raise ValueError(f"{owner}: weight '{blocks[0].weight.path}' has 1xB blocks, which "
+                         "are pruned by a score; the SET rules select single entries. Use a "
+                         "score criterion (e.g. 'magnitude').")
+
+
+def prune_counts(inputs, patterns_list, rate, *, scope: str, check_gradient: bool):
+    """What a pruning starts from: ``(finite, units, unit, count)``.
+
+    Args:
+      inputs: per target, its pruning `ScoreInputs` (weight, gradient, mask).
+      patterns_list: per target, its `patterns.Pattern`.
+      rate: the prune rate p (scalar).
+      scope: ``"layer"`` or ``"global"``.
+      check_gradient: whether a non-finite gradient stops a layer's pruning (the
+        update scores with it).
+
+    Returns:
+      `finite` [targets] bool (its weight, and gradient if checked, hold no NaN/Inf;
+      global scope: all of them); `units` [targets] int32, its active selection units
+      (entries, blocks for 1xB) and `unit` their size; `count`: the units to prune,
+      ``ceil(p * units)`` per target ([targets], 0 where not finite) or of all their
+      units together (global scope).
+    """
+    n = len(inputs)
+    bad = [~is_finite(x.weight) for x in inputs]
+    if check_gradient:
+        bad = [b | ~is_finite(x.gradient) for b, x in zip(bad, inputs)]
+    counts = topology.count_true_each(  # one reduction for all
+        bad + [patterns.selection_units(p, x.mask) for p, x in zip(patterns_list, inputs)])
+    finite, units = tf.equal(counts[:n], 0), counts[n:]
+    unit = tf.constant([p.unit if p.kind == "block" else 1 for p in patterns_list])
+    if scope == "global":
+        finite = tf.fill([n], tf.reduce_all(finite))
+        count = tf.where(finite[0], topology.prune_count(tf.reduce_sum(units), rate), 0)
+    else:
+        count = tf.where(finite, topology.prune_count(units, rate), 0)
+    return finite, units, unit, count
+
+
+def pruned_masks(criterion, inputs, patterns_list, rate, *, scope: str = "layer",
+                 check_gradient: bool, scores=None, normalize: str = "none",
+                 norm_type: str = "max"):
+    """The masks after pruning (before growth), one per target; pure (no assignment).
+
+    Prunes ``count`` selection units of each target (`prune_counts`) by `criterion`
+    (`criteria.select_pruned` / `select_pruned_each`); targets with non-finite weights
+    or gradients keep their mask (global scope: every target does). `scores`: the
+    running scores of a running criterion.
+
+    Returns:
+      ``(masks, finite, active, removed)``: `finite` [targets] bool; `active` and
+      `removed` [targets] int32, the entries active before the pruning and pruned by it.
+    """
+    finite, units, unit, count = prune_counts(inputs, patterns_list, rate, scope=scope,
+                                              check_gradient=check_gradient)
+    options = dict(scores_list=scores, normalize=normalize, norm_type=norm_type,
+                   patterns_list=patterns_list)
+    if scope == "global":
+        pruned = criteria_lib.select_pruned(criterion, inputs, count, **options)
+    else:
+        pruned = criteria_lib.select_pruned_each(criterion, inputs, tf.unstack(count), **options)
+    by_rule = criterion.select is not None and scores is None  # a rule: its own count
+    if by_rule:
+        pruned = [tf.where(finite[i], p, x.mask) for i, (p, x) in enumerate(zip(pruned, inputs))]
+    # (a score selection with count 0 leaves a non-finite layer's mask as it is)
+    if scope == "global" or by_rule:
+        removed = units * unit - topology.count_true_each(pruned)  # per layer, or by a rule
+    else:
+        removed = tf.minimum(count, units) * unit  # a score selection takes exactly that
+    return pruned, finite, units * unit, removed
 
 
 class TopologyEngine(Hook):
@@ -167,23 +242,11 @@ class TopologyEngine(Hook):
             self._step(optimizer, tf.cast(optimizer.iterations, tf.int64), grads_by_variable)
 
     def _step(self, optimizer, step, grads_by_variable):
-        """What runs in optimizer step `step` (1-based), where the run's ordering puts it.
-
-        Warns (when traced) naming the sparse weights that this ``apply`` does not
-        update: their gradient counts as 0 (right for a weight the loss does not
-        reach, and a train_step may leave those out) though another optimizer may
-        train them (a GAN's), whose gradients and steps the update never sees.
-        """
-        missing = [t.weight.path for t in self.targets if id(t.weight) not in grads_by_variable]
-        if missing:
-            warnings.warn(
-                f"DynamicSparseTraining: the optimizer it hooks ('{optimizer.name}', the one "
-                f"the model was compiled with) does not update the sparse weights {missing} "
-                "in this training step; their updates take their gradient as 0. If another "
-                "optimizer trains them (a GAN's, say), the updates never see their gradients "
-                "or steps: make only the part of the model that model.optimizer trains "
-                "sparse (keras_dst.prunable(model.part, ..., in_place=True)).", stacklevel=2)
-        grads = self._grads(grads_by_variable)
+        """What runs in optimizer step `step` (1-based), where the run's ordering puts it
+        (`hooks.step_gradients` warns, when traced, naming the sparse weights that this
+        ``apply`` does not update)."""
+        grads = step_gradients("DynamicSparseTraining", optimizer, self.targets,
+                               grads_by_variable)
         if self.criterion.ema:  # running scores follow the run's ordering
             self._update_running_scores(step, grads)
         self._maybe_update(optimizer, step, grads)
@@ -204,19 +267,6 @@ class TopologyEngine(Hook):
         if not self._constraints_may_run_late:
             return weight
         return tf.where(target.mask, weight, tf.zeros([], tf.float32))
-
-    def _grads(self, grads_by_var):
-        grads = []
-        for t in self.targets:
-            g = grads_by_var.get(id(t.weight))
-            if g is None:
-                g = tf.zeros(t.weight.shape, tf.float32)
-            elif isinstance(g, tf.IndexedSlices):  # an Embedding's: dense, of static shape
-                g = tf.math.unsorted_segment_sum(g.values, g.indices, t.weight.shape[0])
-            elif not g.shape.is_fully_defined():  # (one made dense already, e.g. keras-hub's)
-                g = tf.reshape(g, t.weight.shape)
-            grads.append(_f32(g))
-        return grads
 
     def _needs_gradient(self):
         return self.criterion.needs_gradient or (
@@ -243,9 +293,7 @@ class TopologyEngine(Hook):
         # S restarts from the current score on the first step after an update.
         restarted = tf.equal(tf.math.floormod(step - 1 - self.update_steps.begin,
                                               self.update_steps.every), 0)
-        ctx = tf.distribute.get_replica_context()
-        if self.criterion.needs_gradient and ctx is not None and ctx.num_replicas_in_sync > 1:
-            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads = summed_over_replicas(grads, self.criterion.needs_gradient)
         for t, g in zip(self.targets, grads):
             inputs = ScoreInputs(self._masked_weight(t), g, tf.convert_to_tensor(t.mask),
                                  tf.zeros([2], tf.int64))
@@ -289,66 +337,17 @@ class TopologyEngine(Hook):
 
         tf.cond(self.update_steps.is_update_step(step), update, tf.no_op)
 
-    def _reduce_across_replicas(self, grads):
-        """Replicas score with the summed gradient, so their masks agree."""
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1 or not self._needs_gradient():
-            return grads
-        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
-    def _prune_counts(self, step, grads, rate):
-        """What a pruning starts from: ``(inputs, finite, units, unit, count)``.
-
-        `inputs`: per target, its pruning ScoreInputs; `finite` [targets] bool (its
-        weight, and gradient if scored, hold no NaN/Inf; global scope: all of them);
-        `units` [targets] int32, its active selection units (entries, blocks for 1xB)
-        and `unit` their size; `count`: the number of units to prune, per target
-        ([targets], 0 where not finite) or in all (global scope).
-        """
-        inputs = [self._inputs(i, step, g, tf.convert_to_tensor(t.mask), 0)
-                  for i, (t, g) in enumerate(zip(self.targets, grads))]
-        n = len(inputs)
-        bad = [~is_finite(x.weight) for x in inputs]
-        if self._needs_gradient():
-            bad = [b | ~is_finite(x.gradient) for b, x in zip(bad, inputs)]
-        counts = topology.count_true_each(  # one reduction for all
-            bad + [patterns.selection_units(p, x.mask) for p, x in zip(self._patterns, inputs)])
-        finite, units = tf.equal(counts[:n], 0), counts[n:]
-        unit = tf.constant([p.unit if p.kind == "block" else 1 for p in self._patterns])
-        if self.scope == "global":
-            finite = tf.fill([n], tf.reduce_all(finite))
-            count = tf.where(finite[0], topology.prune_count(tf.reduce_sum(units), rate), 0)
-        else:
-            count = tf.where(finite, topology.prune_count(units, rate), 0)
-        return inputs, finite, units, unit, count
+    def _prune_inputs(self, step, grads):
+        """Per target, the `ScoreInputs` its pruning scores."""
+        return [self._inputs(i, step, g, tf.convert_to_tensor(t.mask), 0)
+                for i, (t, g) in enumerate(zip(self.targets, grads))]
 
     def prune_masks(self, step, grads, rate, scores=None):
-        """Masks after pruning (before growth), one per target; pure (no assignment).
-
-        Layers with non-finite weights or gradients keep their mask (global scope:
-        every layer does). `scores`: the running scores of a running criterion.
-
-        Returns:
-          ``(masks, finite, active, removed)``: `finite` [targets] bool; `active`
-          and `removed` [targets] int32, the entries active before the update and
-          pruned by it.
-        """
-        inputs, finite, units, unit, count = self._prune_counts(step, grads, rate)
-        options = dict(scores_list=scores, normalize=self.normalize, norm_type=self.norm_type,
-                       patterns_list=self._patterns)
-        if self.scope == "global":
-            pruned = criteria_lib.select_pruned(self.criterion, inputs, count, **options)
-        else:
-            pruned = criteria_lib.select_pruned_each(self.criterion, inputs, tf.unstack(count),
-                                                     **options)
-        if self.criterion.select is not None and scores is None:  # a rule: its own count
-            pruned = [tf.where(finite[i], p, x.mask) for i, (p, x) in enumerate(zip(pruned, inputs))]
-        # (a score selection with count 0 leaves a non-finite layer's mask as it is)
-        if self.scope == "global" or (self.criterion.select is not None and scores is None):
-            removed = units * unit - topology.count_true_each(pruned)  # per layer, or by a rule
-        else:
-            removed = tf.minimum(count, units) * unit  # a score selection takes exactly that
-        return pruned, finite, units * unit, removed
+        """`pruned_masks` of this run's targets, criterion, scope and normalisation."""
+        return pruned_masks(self.criterion, self._prune_inputs(step, grads), self._patterns,
+                            rate, scope=self.scope, check_gradient=self._needs_gradient(),
+                            scores=scores, normalize=self.normalize, norm_type=self.norm_type)
 
     def _one_loop(self, scores):
         """Whether pruning and growth can share one selection loop (`topology.prune_then_grow`):
@@ -359,7 +358,9 @@ class TopologyEngine(Hook):
 
     def _prune_and_grow(self, step, grads, momenta, rate, scores):
         """`prune_masks` then `_regrow`, in one selection loop (see `_one_loop`)."""
-        inputs, finite, units, unit, count = self._prune_counts(step, grads, rate)
+        inputs = self._prune_inputs(step, grads)
+        finite, units, unit, count = prune_counts(inputs, self._patterns, rate, scope=self.scope,
+                                                  check_gradient=self._needs_gradient())
         unit_scores, unit_masks, expand = criteria_lib.unit_scores(
             self.criterion, inputs, scores, self.normalize, self.norm_type, self._patterns)
 
@@ -381,7 +382,7 @@ class TopologyEngine(Hook):
         when not given)."""
         if momenta is None and scores is None:
             momenta, scores = self._reads(optimizer)
-        grads = self._reduce_across_replicas(grads)
+        grads = summed_over_replicas(grads, self._needs_gradient())
         rate = self.schedule(step)  # float64 for the built-in schedules (see prune_count)
         before = [tf.convert_to_tensor(t.mask) for t in self.targets]
         if self._one_loop(scores):

@@ -25,6 +25,7 @@ outside `tracing` contains none.
 """
 
 import contextlib
+import warnings
 
 import tensorflow as tf
 
@@ -35,6 +36,54 @@ from keras_dst.schedules import UpdateSteps
 _HOOKS_ATTR = "_keras_dst_hooks"
 _ORIGINAL_ATTR = "_keras_dst_original_apply"
 _TRACED_ATTR = "_keras_dst_traced"
+
+
+def step_gradients(owner: str, optimizer, targets, grads_by_variable) -> list:
+    """The dense float32 gradient of each target's weight in this ``apply``, in order.
+
+    Each is of the weight's shape: a `tf.IndexedSlices` (an Embedding's) summed into
+    its rows, a gradient of unknown static shape reshaped; a weight this ``apply``
+    does not update gets zeros, with a warning (at trace time) naming `owner`, the
+    callback: right for a weight the loss does not reach (a train_step may leave
+    those out), but another optimizer may train it (a GAN's), whose gradients and
+    steps the hook never sees.
+
+    Args:
+      owner: the callback's name, for the warning.
+      optimizer: the hooked optimizer.
+      targets: the `masks.SparseTarget`s whose gradients the hook reads.
+      grads_by_variable: ``id(variable) -> gradient`` of the ``apply`` (see `Hook`).
+    """
+    missing = [t.weight.path for t in targets if grads_by_variable.get(id(t.weight)) is None]
+    if missing:
+        warnings.warn(
+            f"{owner}: the optimizer it hooks ('{optimizer.name}', the one the model was "
+            f"compiled with) does not update the sparse weights {missing} in this training "
+            "step; their scores take their gradient as 0. If another optimizer trains them "
+            f"(a GAN's, say), {owner} never sees their gradients or steps: make only the "
+            "part of the model that model.optimizer trains sparse "
+            "(keras_dst.prunable(model.part, ..., in_place=True)).", stacklevel=3)
+    grads = []
+    for t in targets:
+        g = grads_by_variable.get(id(t.weight))
+        if g is None:
+            g = tf.zeros(t.weight.shape, tf.float32)
+        elif isinstance(g, tf.IndexedSlices):  # an Embedding's: dense, of static shape
+            g = tf.math.unsorted_segment_sum(g.values, g.indices, t.weight.shape[0])
+        elif not g.shape.is_fully_defined():  # (one made dense already, e.g. keras-hub's)
+            g = tf.reshape(g, t.weight.shape)
+        grads.append(tf.cast(g, tf.float32))
+    return grads
+
+
+def summed_over_replicas(grads: list, needed: bool = True) -> list:
+    """`grads` summed over the replicas of a tf.distribute strategy (as they are with one
+    replica, outside a strategy, or when not `needed`): every replica then scores
+    with the same gradient, so their masks agree."""
+    ctx = tf.distribute.get_replica_context()
+    if not needed or ctx is None or ctx.num_replicas_in_sync == 1:
+        return grads
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
 
 def state_variable(value, name):

@@ -2,8 +2,9 @@
 
 At each of its update steps, from one and the same state (weights, the step's
 dense gradient, masks), every criterion selects the weights it *would* prune,
-exactly as a layer-scope DST update would (``r = ceil(p * a)`` active entries per
-layer, `criteria.select_pruned`), without changing anything. For each pair of
+exactly as a layer-scope DST update would (``r = ceil(p * a)`` of each layer's
+active selection units, 1xB blocks whole: `engine.pruned_masks`), without changing
+anything. For each pair of
 criteria the Jaccard index ``|A & B| / |A | B|`` of the pruned sets is taken over
 the whole model (the union of the per-layer sets; 1 when both are empty).
 """
@@ -18,7 +19,8 @@ import tensorflow as tf
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, topology, validation
 from keras_dst import schedules as schedules_lib
-from keras_dst.hooks import Hook, state_variable
+from keras_dst.engine import check_criterion_pattern, pruned_masks
+from keras_dst.hooks import Hook, state_variable, step_gradients, summed_over_replicas
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
 from keras_dst.step_switch import ScheduledCallback
@@ -53,30 +55,27 @@ class OverlapEngine(Hook):
 
     def before_apply(self, optimizer, grads_by_variable):
         step = tf.cast(optimizer.iterations, tf.int64) + 1
-        tf.cond(self.update_steps.is_update_step(step),
-                lambda: self._update(step, self._grads(grads_by_variable)), tf.no_op)
-
-    def _grads(self, grads_by_variable):
-        grads = [grads_by_variable.get(id(t.weight)) for t in self.targets]
-        grads = [tf.zeros(t.weight.shape, tf.float32) if g is None else tf.cast(g, tf.float32)
-                 for t, g in zip(self.targets, grads)]
-        ctx = tf.distribute.get_replica_context()
-        if ctx is not None and ctx.num_replicas_in_sync > 1 \
-                and any(c.needs_gradient for c in self.criteria):
-            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)  # as the DST engine
-        return grads
+        grads = step_gradients("CriteriaOverlap", optimizer, self.targets, grads_by_variable)
+        grads = summed_over_replicas(grads, any(c.needs_gradient for c in self.criteria))
+        tf.cond(self.update_steps.is_update_step(step), lambda: self._update(step, grads),
+                tf.no_op)
 
     def pruned_sets(self, step, grads, rate):
-        """What each criterion would prune: C flat bool tensors over all targets (pure)."""
+        """What each criterion would prune: C flat bool tensors over all targets (pure).
+
+        Each is what a layer-scope DST update with that criterion would prune
+        (`engine.pruned_masks`: ``ceil(p * a)`` of each target's selection units, 1xB
+        blocks included; a target with non-finite values prunes nothing).
+        """
         inputs = [ScoreInputs(weight=tf.cast(t.weight, tf.float32), gradient=g,
                               mask=tf.convert_to_tensor(t.mask),
                               seed=tf.stack([tf.constant(s, tf.int64), step]))
                   for t, g, s in zip(self.targets, grads, self._seeds)]
-        counts = tf.unstack(topology.prune_count(topology.count_true_each([x.mask for x in inputs]),
-                                                 rate))
+        patterns_list = [t.pattern for t in self.targets]
         sets = []
         for criterion in self.criteria:  # one selection over all layers per criterion
-            kept = criteria_lib.select_pruned_each(criterion, inputs, counts)
+            kept, _, _, _ = pruned_masks(criterion, inputs, patterns_list, rate,
+                                         check_gradient=criterion.needs_gradient)
             sets.append(tf.concat([tf.reshape(x.mask & ~k, [-1]) for x, k in zip(inputs, kept)],
                                   axis=0))
         return sets
@@ -96,8 +95,9 @@ class CriteriaOverlap(ScheduledCallback):
 
     Every `update_every` optimizer steps (``t = update_every, 2 * update_every,
     ...``, as `DynamicSparseTraining`), each criterion selects, per layer, the
-    ``r = ceil(p(t) * a)`` active weights it would prune (the SET family: its own
-    rule) from the same weights, the step's dense gradient and the current masks.
+    ``r = ceil(p(t) * a)`` active weights it would prune (in the layer's pattern
+    units, as DST prunes them: 1xB blocks whole; the SET family: its own rule, refused
+    on blocks as by DST) from the same weights, the step's dense gradient and the current masks.
     Nothing changes: masks, weights and optimizer state are left as they are.
     The pairwise Jaccard index of those sets, over all layers together, is
     logged and kept in `history`.
@@ -178,6 +178,8 @@ class CriteriaOverlap(ScheduledCallback):
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="CriteriaOverlap",
                                  trainable_only=True)
+        for criterion in self.criteria:
+            check_criterion_pattern(targets, criterion, f"CriteriaOverlap('{criterion.name}')")
         return OverlapEngine(targets, self.criteria, self._schedule(),
                              schedules_lib.UpdateSteps(self.update_every), seed=self.seed)
 

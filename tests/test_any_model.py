@@ -444,6 +444,10 @@ def test_errors_name_the_layer_and_change_nothing():
     net(np.zeros((1, 3), "float32"))
     with pytest.raises(TypeError, match=r"'gated/gate'.*Gate.*gated/gate/gate"):
         keras_dst.prunable(net, density=0.5)
+    net.gate.trainable = False  # frozen, it is still a 2-D weight left dense unasked
+    with pytest.raises(TypeError, match=r"'gated/gate'.*Gate.*gated/gate/gate"):
+        keras_dst.prunable(net, density=0.5)
+    net.gate.trainable = True
     assert not keras_dst.sparse_targets(net) and net.fc.kernel.constraint is None
     with pytest.raises(ValueError, match="unknown layer names"):
         keras_dst.prunable(net, density=0.5, skip_unsupported=True, keep_dense=["nope"])
@@ -599,10 +603,13 @@ def test_sparse_weights_that_another_optimizer_trains_are_named_in_a_warning():
     # does not reach, which a train_step may leave out of apply), so it says so
     model = _gan(on_model_optimizer=True)
     real = np.random.default_rng(0).normal(size=(64, 12)).astype("float32")
-    with pytest.warns(UserWarning, match=r"does not update the sparse weights \['generator/g1/"
-                                         r"kernel', 'generator/g2/kernel'\].*gradient as 0"):
-        model.fit(real, batch_size=16, epochs=1, verbose=0,
-                  callbacks=[keras_dst.DynamicSparseTraining(update_every=1, grow="gradient")])
+    for callback in (keras_dst.DynamicSparseTraining(update_every=1, grow="gradient"),
+                     keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=1)):
+        name = type(callback).__name__
+        with pytest.warns(UserWarning, match=rf"{name}: the optimizer it hooks \('adam.*does not "
+                                             r"update the sparse weights \['generator/g1/"
+                                             r"kernel', 'generator/g2/kernel'\].*gradient as 0"):
+            model.fit(real, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
     assert_sparse_invariants(model)
     # with masks on the discriminator only, DST trains it
     model = GAN(True)

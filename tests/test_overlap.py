@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import keras_dst
 
-from conftest import classification_data, compile_and_fit, mlp, sparse_state
+from conftest import LOSS, classification_data, compile_and_fit, mlp, sparse_state
 
 
 @keras_dst.register_criterion("square", ordering="after_optimizer", needs_gradient=False,
@@ -120,6 +120,63 @@ def test_with_dst_overlap_sees_the_state_before_the_dst_update():
     assert [s for s, _, _ in overlap.history] == [4, 8]
     assert all(m[0, 1] == 1.0 for _, _, m in overlap.history)
     assert "pruned" in logs and "jaccard/magnitude/test_overlap_probe" in logs
+
+
+def test_an_embedding_is_scored_with_its_dense_gradient():
+    """An Embedding's gradient is a `tf.IndexedSlices` of the looked-up rows (a token seen
+    twice, twice): the scores use it summed into the table's shape, as DST does."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, (16, 4))  # 6 tokens: many repeated rows
+    y = rng.integers(0, 3, 16)
+    dense = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(6, 8),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    model = keras_dst.prunable(dense, density=0.5, distribution="uniform")
+    targets = keras_dst.sparse_targets(model)
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x))
+    gradients = tape.gradient(loss, [t.weight for t in targets])
+    assert isinstance(gradients[0], tf.IndexedSlices)
+    magnitude, snip = [], []  # per layer r = ceil(a / 2) lowest scores among active
+    for t, gradient in zip(targets, gradients):
+        weight, mask = t.weight.numpy(), t.mask.numpy()
+        r = math.ceil(0.5 * mask.sum())
+        for chosen, score in ((magnitude, weight), (snip, weight * tf.convert_to_tensor(gradient))):
+            order = np.argsort(np.abs(np.asarray(score)[mask]), kind="stable")
+            chosen.append(np.isin(np.arange(mask.sum()), order[:r]))
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=1, prune_rate=0.5,
+                                        schedule="constant")
+    compile_and_fit(model, [overlap], keras.optimizers.SGD(0.0), batch_size=16, data=(x, y))
+    magnitude, snip = np.concatenate(magnitude), np.concatenate(snip)
+    expected = (magnitude & snip).sum() / (magnitude | snip).sum()
+    assert 0.0 < expected < 1.0
+    np.testing.assert_allclose(overlap.history[0][2][0, 1], expected, rtol=1e-6)
+
+
+def test_on_blocks_each_criterion_prunes_whole_blocks_as_dst_would():
+    """With 1xB blocks a DST update prunes ``ceil(p * blocks)`` whole blocks; the overlap
+    compared entry sets that no update could prune. The SET rules, which DST refuses on
+    blocks, are refused here too."""
+    model = keras_dst.prunable(mlp((32, 16, 8)), density=0.5, pattern="1x4",
+                               distribution="uniform")
+    targets = keras_dst.sparse_targets(model)
+    with pytest.raises(ValueError, match=r"CriteriaOverlap\('set'\): weight '.*' has 1xB "
+                                         r"blocks.*Use a score criterion"):
+        compile_and_fit(model, [keras_dst.CriteriaOverlap(["magnitude", "set"])])
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip", "random"], update_every=1)
+    compile_and_fit(model, [overlap], keras.optimizers.SGD(0.0),
+                    data=classification_data(n=32, d=32))
+    rng = np.random.default_rng(0)
+    grads = [tf.constant(rng.normal(size=t.weight.shape), tf.float32) for t in targets]
+    sets = overlap.engine.pruned_sets(tf.constant(1, tf.int64), grads, tf.constant(0.5))
+    for criterion, flat in zip(overlap.names, sets):
+        offset = 0
+        for t in targets:
+            (rows, cols), mask = t.weight.shape, t.mask.numpy()
+            pruned = flat.numpy()[offset:offset + rows * cols].reshape(rows // 4, 4, cols)
+            offset += rows * cols
+            assert (pruned.all(axis=1) == pruned.any(axis=1)).all(), (criterion, t.weight.path)
+            blocks = mask.reshape(rows // 4, 4, cols).any(axis=1).sum()
+            assert pruned.any(axis=1).sum() == math.ceil(0.5 * blocks), criterion
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
