@@ -204,6 +204,8 @@ class DynamicSparseTraining(ScheduledCallback):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
+        if self.engine is None:  # (a fit of no epoch)
+            return
         schedule, step = self.engine.schedule, self._optimizer_step()
         made_from_this_fit = self.total_steps is None and isinstance(self.schedule, str)
         if (made_from_this_fit and isinstance(schedule, schedules_lib.CosineRate)

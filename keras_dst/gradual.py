@@ -224,6 +224,8 @@ class GradualPruning(HookedCallback):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
+        if self.engine is None:  # (a fit of no epoch)
+            return
         # The first step of this fit has no previous step to prune at its end.
         step = int(base_optimizer(self.model.optimizer).iterations.numpy()) + 1
         with self.model.distribute_strategy.scope():

@@ -243,6 +243,9 @@ class HookedCallback(keras.callbacks.Callback):
         return int(epochs) * int(steps)
 
     def on_train_begin(self, logs=None):
+        self.engine = None
+        if (self.params or {}).get("epochs") == 0:  # a fit of no epoch: nothing to hook
+            return
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             raise ValueError(f"{type(self).__name__}: compile the model before fit().")

@@ -724,3 +724,29 @@ def test_set_masks_adds_what_it_activates_to_the_ever_active_flags():
     assert ever >= trained
     total = sum(v.size for v in masks.values())
     assert logs["itop"][-1] == pytest.approx(ever / total)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DST(update_every=2),  # the cosine schedule needs the fit's steps
+    lambda: DST(update_every=2, end_step=0.5, schedule="constant"),
+    lambda: keras_dst.GradualPruning(0.5, update_every=2),
+    lambda: keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=2),
+], ids=["dst_cosine", "dst_fraction", "gradual", "overlap"])
+def test_a_fit_of_no_epoch_changes_nothing_and_a_later_fit_trains(make):
+    """``fit(epochs=0)`` (a loop whose epoch count comes out 0) trains no step; the
+    callbacks whose schedules take the fit's steps said the steps per epoch were unknown."""
+    callback = make()
+    gradual = isinstance(callback, keras_dst.GradualPruning)  # (starts dense)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=1.0 if gradual else 0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    masks = keras_dst.masks(model)
+    history = model.fit(x, y, batch_size=16, epochs=0, verbose=0, callbacks=[callback])
+    assert history.history == {} and int(model.optimizer.iterations.numpy()) == 0
+    assert all((keras_dst.masks(model)[k] == v).all() for k, v in masks.items())
+    assert not hooks_lib.installed(base_optimizer(model.optimizer))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 4
+    if not isinstance(callback, keras_dst.CriteriaOverlap):
+        assert any((keras_dst.masks(model)[k] != v).any() for k, v in masks.items())
+    assert_sparse_invariants(model)
