@@ -127,21 +127,33 @@ def is_supported(layer) -> bool:
     return hasattr(layer, "get_prunable_weights") or _registered_names(layer) is not None
 
 
+_TRANSPOSED_CONVOLUTIONS = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                            keras.layers.Conv3DTranspose)
+
+
 def check_pattern(pattern, layer, weight, where: str) -> None:
     """Raises ValueError naming `where` if `weight` of `layer` cannot take `pattern`.
 
     Patterns read a kernel as ``[positions..., inputs, outputs]`` (`patterns.check`:
     the shape, e.g. an input axis that is a multiple of the block): its last axis
     must be its only output axis. Dense and convolution kernels are laid out so;
-    an `EinsumDense` kernel is when every other axis is contracted with the input
-    (MultiHeadAttention's output projection, ``abcd,cde->abe``), not when it keeps
-    several output axes (its query/key/value projections, ``abc,cde->abde``:
-    ``[model dim, heads, head dim]``, whose blocks would run along the heads).
+    a transposed convolution's is not (``[taps..., filters, input channels]``: its
+    last axis is its input, so blocks would run along its outputs and a constant
+    fan-in would be a constant fan-out); an `EinsumDense` kernel is when every other
+    axis is contracted with the input (MultiHeadAttention's output projection,
+    ``abcd,cde->abe``), not when it keeps several output axes (its query/key/value
+    projections, ``abc,cde->abde``: ``[model dim, heads, head dim]``, whose blocks
+    would run along the heads).
     """
     patterns.check(pattern, tuple(weight.shape), where)
     if patterns.parse(pattern).kind == "unstructured":
         return
     for sub in [layer] + compat.flatten_layers(layer):
+        if isinstance(sub, _TRANSPOSED_CONVOLUTIONS) and sub.kernel is weight:
+            raise ValueError(
+                f"{where}: pattern '{pattern}' needs a kernel whose last axis is its only "
+                f"output axis; {type(sub).__name__} '{sub.name}' has kernel axes [taps..., "
+                f"filters, input channels], its last axis its input; {patterns.REMEDY}.")
         if isinstance(sub, keras.layers.EinsumDense) and sub.kernel is weight:
             kernel, output = sub.equation.replace("...", "").split(",")[1].split("->")
             outputs = "".join(axis for axis in kernel if axis in output)

@@ -151,6 +151,27 @@ def test_einsum_kernels_with_several_output_axes_are_unfit_and_named(in_place):
         wrapper(np.zeros((1, 5, 16), "float32"))
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_transposed_convolution_kernels_are_unfit_and_named(in_place):
+    # [taps, filters, input channels]: a pattern read the filters as its input axis, so
+    # its blocks ran along the outputs and fan_in made a constant fan-out
+    inputs = keras.Input((6, 6, 4))
+    x = keras.layers.Conv2DTranspose(8, 3, name="up")(inputs)
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(x))
+    for pattern in ("1x4", "2:4", "fan_in"):
+        assert keras_dst.unfit_layers(model, pattern) == {"up": "unstructured"}
+        with pytest.raises(ValueError, match=r"layer 'up' \(weight 'up/kernel'\): pattern "
+                                             rf"'{pattern}' needs a kernel whose last axis is "
+                                             r"its only output axis; Conv2DTranspose 'up' has "
+                                             r"kernel axes \[taps..., filters, input channels\]"):
+            keras_dst.prunable(model, density=0.5, pattern=pattern, in_place=in_place)
+        assert not keras_dst.sparse_targets(model)
+    sparse = keras_dst.prunable(model, density=0.5, pattern="2:4", in_place=in_place,
+                                pattern_overrides=keras_dst.unfit_layers(model, "2:4"))
+    assert {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(sparse)} == \
+        {"up/kernel": "unstructured", "conv/kernel": "2:4"}
+
+
 def test_patterns_on_convolutions():
     x = np.random.default_rng(0).normal(size=(32, 6, 6, 4)).astype("float32")
     y = np.arange(32) % 3
