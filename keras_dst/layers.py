@@ -127,8 +127,17 @@ def is_supported(layer) -> bool:
     return hasattr(layer, "get_prunable_weights") or _registered_names(layer) is not None
 
 
-_TRANSPOSED_CONVOLUTIONS = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-                            keras.layers.Conv3DTranspose)
+# Kernels not laid out [taps..., inputs, outputs]: (layer classes, kernel attribute,
+# their layout) for `check_pattern`.
+_DEPTHWISE = "[taps..., input channels, depth multiplier], each output channel reading the "\
+    "taps of one input channel"
+_OTHER_LAYOUTS = (
+    ((keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose),
+     "kernel", "[taps..., filters, input channels], its last axis its input"),
+    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), "kernel", _DEPTHWISE),
+    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), "depthwise_kernel",
+     _DEPTHWISE),
+)
 
 
 def check_pattern(pattern, layer, weight, where: str) -> None:
@@ -136,10 +145,13 @@ def check_pattern(pattern, layer, weight, where: str) -> None:
 
     Patterns read a kernel as ``[positions..., inputs, outputs]`` (`patterns.check`:
     the shape, e.g. an input axis that is a multiple of the block): its last axis
-    must be its only output axis. Dense and convolution kernels are laid out so;
-    a transposed convolution's is not (``[taps..., filters, input channels]``: its
-    last axis is its input, so blocks would run along its outputs and a constant
-    fan-in would be a constant fan-out); an `EinsumDense` kernel is when every other
+    must be its only output axis. Dense and convolution kernels are laid out so
+    (a separable convolution's pointwise kernel too); a transposed convolution's is
+    not (``[taps..., filters, input channels]``: its last axis is its input, so blocks
+    would run along its outputs and a constant fan-in would be a constant fan-out),
+    nor a depthwise kernel (``[taps..., input channels, depth multiplier]``: an output
+    channel reads the taps of one input channel, so blocks and groups would run across
+    output channels); an `EinsumDense` kernel is when every other
     axis is contracted with the input (MultiHeadAttention's output projection,
     ``abcd,cde->abe``), not when it keeps several output axes (its query/key/value
     projections, ``abc,cde->abde``: ``[model dim, heads, head dim]``, whose blocks
@@ -149,11 +161,12 @@ def check_pattern(pattern, layer, weight, where: str) -> None:
     if patterns.parse(pattern).kind == "unstructured":
         return
     for sub in [layer] + compat.flatten_layers(layer):
-        if isinstance(sub, _TRANSPOSED_CONVOLUTIONS) and sub.kernel is weight:
-            raise ValueError(
-                f"{where}: pattern '{pattern}' needs a kernel whose last axis is its only "
-                f"output axis; {type(sub).__name__} '{sub.name}' has kernel axes [taps..., "
-                f"filters, input channels], its last axis its input; {patterns.REMEDY}.")
+        for classes, attribute, layout in _OTHER_LAYOUTS:
+            if isinstance(sub, classes) and getattr(sub, attribute, None) is weight:
+                raise ValueError(
+                    f"{where}: pattern '{pattern}' needs a kernel whose last axis is its only "
+                    f"output axis; {type(sub).__name__} '{sub.name}' has its {attribute} laid "
+                    f"out {layout}; {patterns.REMEDY}.")
         if isinstance(sub, keras.layers.EinsumDense) and sub.kernel is weight:
             kernel, output = sub.equation.replace("...", "").split(",")[1].split("->")
             outputs = "".join(axis for axis in kernel if axis in output)

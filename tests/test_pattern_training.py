@@ -151,25 +151,35 @@ def test_einsum_kernels_with_several_output_axes_are_unfit_and_named(in_place):
         wrapper(np.zeros((1, 5, 16), "float32"))
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_transposed_convolution_kernels_are_unfit_and_named(in_place):
-    # [taps, filters, input channels]: a pattern read the filters as its input axis, so
-    # its blocks ran along the outputs and fan_in made a constant fan-out
+@pytest.mark.parametrize("in_place", [False, True], ids=["wrapped", "attached"])
+@pytest.mark.parametrize("layer, weight, layout", [
+    (lambda: keras.layers.Conv2DTranspose(8, 3, name="odd"), "kernel",
+     r"\[taps..., filters, input channels\], its last axis its input"),
+    (lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="odd"), "kernel",
+     r"\[taps..., input channels, depth multiplier\], each output channel"),
+    (lambda: keras.layers.SeparableConv2D(8, 3, name="odd"), "depthwise_kernel",
+     r"\[taps..., input channels, depth multiplier\]"),
+], ids=["transposed", "depthwise", "separable"])
+def test_kernels_not_laid_out_inputs_outputs_are_unfit_and_named(layer, weight, layout, in_place):
+    # a transposed convolution's kernel is [taps, filters, input channels]: a pattern ran
+    # along its outputs (fan_in was a constant fan-out); a depthwise kernel's input axis
+    # indexes output channels, so blocks and N:M groups ran across them
     inputs = keras.Input((6, 6, 4))
-    x = keras.layers.Conv2DTranspose(8, 3, name="up")(inputs)
+    x = layer()(inputs)
     model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(x))
     for pattern in ("1x4", "2:4", "fan_in"):
-        assert keras_dst.unfit_layers(model, pattern) == {"up": "unstructured"}
-        with pytest.raises(ValueError, match=r"layer 'up' \(weight 'up/kernel'\): pattern "
+        assert keras_dst.unfit_layers(model, pattern) == {"odd": "unstructured"}
+        with pytest.raises(ValueError, match=rf"layer 'odd' \(weight 'odd/{weight}'\): pattern "
                                              rf"'{pattern}' needs a kernel whose last axis is "
-                                             r"its only output axis; Conv2DTranspose 'up' has "
-                                             r"kernel axes \[taps..., filters, input channels\]"):
+                                             rf"its only output axis; .* 'odd' has its {weight} "
+                                             rf"laid out {layout}"):
             keras_dst.prunable(model, density=0.5, pattern=pattern, in_place=in_place)
         assert not keras_dst.sparse_targets(model)
     sparse = keras_dst.prunable(model, density=0.5, pattern="2:4", in_place=in_place,
                                 pattern_overrides=keras_dst.unfit_layers(model, "2:4"))
-    assert {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(sparse)} == \
-        {"up/kernel": "unstructured", "conv/kernel": "2:4"}
+    patterns_by_path = {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(sparse)}
+    assert patterns_by_path.pop("conv/kernel") == "2:4" and patterns_by_path[f"odd/{weight}"]
+    assert set(patterns_by_path.values()) == {"unstructured"}  # (the override is per layer)
 
 
 def test_patterns_on_convolutions():
