@@ -17,8 +17,11 @@ Which weights are prunable:
   same method name as TFMOT's `PrunableLayer`);
 * otherwise the class registry below names them: ``kernel`` of Dense, EinsumDense
   and every convolution, ``depthwise_kernel``/``pointwise_kernel`` of
-  SeparableConv, ``embeddings`` of Embedding, and the ``kernel`` of every
-  projection inside MultiHeadAttention. `register_prunable_layer` adds a class.
+  SeparableConv, ``embeddings`` of Embedding, the ``kernel`` of every
+  projection inside MultiHeadAttention, and ``kernel``/``recurrent_kernel`` of
+  the recurrent layers (SimpleRNN, GRU, LSTM, ConvLSTM: their cell's input and
+  recurrent kernels, ``[inputs, gates x units]`` and ``[units, gates x units]``,
+  taps first for ConvLSTM). `register_prunable_layer` adds a class.
 * biases, normalisation parameters and non-trainable statistics are never
   sparsified; a layer whose weights are all vectors or scalars (e.g. a library's
   own RMS normalisation) has nothing to sparsify.
@@ -100,6 +103,20 @@ for _cls in (
 register_prunable_layer(keras.layers.SeparableConv1D, ("depthwise_kernel", "pointwise_kernel"))
 register_prunable_layer(keras.layers.SeparableConv2D, ("depthwise_kernel", "pointwise_kernel"))
 register_prunable_layer(keras.layers.Embedding, ("embeddings",))
+# Recurrent layers: the weights live in their cell (`layer.cell.kernel`), found by name
+# among the layer's variables. Gates are stacked along the output axis, so every
+# pattern keeps its meaning (blocks, groups and fan-in run along the inputs of one gate
+# unit). A generic `keras.layers.RNN(cell)` is not registered: its cell names its
+# weights as it likes (register the RNN class, or define `get_prunable_weights()`).
+for _cls in (
+    keras.layers.SimpleRNN,
+    keras.layers.GRU,
+    keras.layers.LSTM,
+    keras.layers.ConvLSTM1D,
+    keras.layers.ConvLSTM2D,
+    keras.layers.ConvLSTM3D,
+):
+    register_prunable_layer(_cls, ("kernel", "recurrent_kernel"))
 if hasattr(keras.layers, "ReversibleEmbedding"):  # recent Keras 3: keras-hub's token embedding
     register_prunable_layer(keras.layers.ReversibleEmbedding,
                             ("embeddings", "reverse_embeddings"))

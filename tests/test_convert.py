@@ -200,11 +200,21 @@ def test_unknown_distribution():
         keras_dst.prunable(mlp(), density=0.1, distribution="gaussian")
 
 
+class _Bilinear(keras.layers.Layer):
+    """A layer with a 2-D weight that keras_dst knows nothing of."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], input_shape[-1]), name="w")
+
+    def call(self, x):
+        return x @ self.w
+
+
 def test_unsupported_layer_names_layer_and_class():
     inp = keras.Input((5, 3))
-    x = keras.layers.LSTM(4, name="my_lstm")(inp)
+    x = keras.layers.Flatten()(_Bilinear(name="my_bilinear")(inp))
     model = keras.Model(inp, keras.layers.Dense(2)(x))
-    with pytest.raises(TypeError, match=r"my_lstm.*LSTM"):
+    with pytest.raises(TypeError, match=r"my_bilinear.*_Bilinear"):
         keras_dst.prunable(model, density=0.5)
     sparse = keras_dst.prunable(model, density=0.5, skip_unsupported=True)
     assert set(keras_dst.masks(sparse)) == {"dense/kernel"} or len(keras_dst.masks(sparse)) == 1

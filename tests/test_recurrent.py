@@ -1,0 +1,117 @@
+"""Recurrent layers (SimpleRNN, GRU, LSTM, ConvLSTM): their input and recurrent kernels are
+sparsified like any kernel, wrapped or attached in place, through DST, patterns, files and
+`strip`."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dst
+
+from conftest import EveryStep, active_counts, sparse_state
+
+L = keras.layers
+
+
+def _encoder_decoder():
+    """An LSTM whose states start a second LSTM (functional, wrapped)."""
+    inp = keras.Input((6, 4))
+    seq, h, c = L.LSTM(8, return_sequences=True, return_state=True, name="encoder")(inp)
+    x = L.LSTM(8, name="decoder")(seq, initial_state=[h, c])
+    return keras.Model(inp, L.Dense(3, name="head")(x))
+
+
+def _masked_gru():
+    """A GRU reading an Embedding with `mask_zero` (the mask passes through the wrappers)."""
+    inp = keras.Input((6,), dtype="int32")
+    x = L.Embedding(12, 4, mask_zero=True, name="embedding")(inp)
+    return keras.Model(inp, L.Dense(3, name="head")(L.GRU(8, name="gru")(x)))
+
+
+def _stacked():
+    return keras.Sequential([keras.Input((6, 4)),
+                             L.SimpleRNN(8, return_sequences=True, name="simple_rnn"),
+                             L.Reshape((6, 8, 1)),
+                             L.ConvLSTM1D(2, 3, name="conv_lstm"),
+                             L.Flatten(), L.Dense(3, name="head")])
+
+
+def _bidirectional():
+    """Bidirectional holds two LSTMs a wrapper cannot reach: their masks are attached."""
+    return keras.Sequential([keras.Input((6, 4)), L.Bidirectional(L.LSTM(8), name="bidi"),
+                             L.Dense(3, name="head")])
+
+
+MODELS = {  # name -> (model, recurrent layers, prunable() options)
+    "encoder_decoder": (_encoder_decoder, ["encoder", "decoder"], {}),
+    "masked_gru": (_masked_gru, ["gru"], {}),
+    "simple_rnn_conv_lstm": (_stacked, ["simple_rnn", "conv_lstm"], {}),
+    "bidirectional": (_bidirectional, ["forward_lstm", "backward_lstm"], {"in_place": True}),
+}
+
+
+def _data(name, n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    if name == "masked_gru":
+        x = rng.integers(1, 12, size=(n, 6)).astype("int32")
+        x[:, 4:] = 0  # padding the Embedding masks
+    else:
+        x = rng.normal(size=(n, 6, 4)).astype("float32")
+    return x, rng.integers(0, 3, size=(n,))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_recurrent_kernels_train_sparse_and_survive_a_file_and_strip(name, tmp_path):
+    make, recurrent, options = MODELS[name]
+    keras.utils.set_random_seed(0)
+    model = keras_dst.prunable(make(), density=0.3, **options)
+    paths = {t.weight.path for t in keras_dst.sparse_targets(model)}
+    for layer in recurrent:  # both kernels of every recurrent layer, never a bias
+        for weight in ("kernel", "recurrent_kernel"):
+            assert any(f"/{layer}/" in f"/{p}" and p.endswith(f"cell/{weight}") for p in paths), \
+                (layer, weight, sorted(paths))
+    assert not any(p.endswith("bias") for p in paths)
+    counts = active_counts(model)
+    before = sparse_state(model)
+    model.compile(keras.optimizers.Adam(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    x, y = _data(name)
+    every_step = EveryStep(counts)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[
+        keras_dst.DynamicSparseTraining(prune="magnitude", grow="gradient", update_every=2,
+                                        prune_rate=0.3), every_step])
+    assert every_step.steps == 4 and every_step.changed >= 1
+    after = sparse_state(model)
+    assert any(not np.array_equal(before[p][0], after[p][0]) for p in paths if "cell" in p)
+
+    path = str(tmp_path / "model.keras")
+    keras_dst.save_model(model, path)
+    loaded = keras_dst.load_model(path)
+    reloaded = list(sparse_state(loaded).values())  # (paths name the model: compare in order)
+    assert len(reloaded) == len(after)
+    for (mask, weight), (mask_read, weight_read) in zip(after.values(), reloaded):
+        np.testing.assert_array_equal(mask_read, mask)
+        np.testing.assert_array_equal(weight_read, weight)
+    expected = model.predict(x, verbose=0)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
+    np.testing.assert_allclose(keras_dst.strip(model).predict(x, verbose=0), expected, atol=1e-6)
+
+
+def test_patterns_run_along_the_inputs_of_each_gate_unit():
+    """2:4 on an LSTM: every 4 consecutive inputs of one gate unit (kernel [4, 4 x 8] and
+    recurrent kernel [8, 4 x 8]) hold exactly 2 active entries, before and after DST."""
+    keras.utils.set_random_seed(0)
+    model = keras_dst.prunable(
+        keras.Sequential([keras.Input((6, 4)), L.LSTM(8, name="lstm"), L.Dense(3, name="head")]),
+        density=0.5, pattern="2:4")
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    x, y = _data("lstm")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[
+        keras_dst.DynamicSparseTraining(update_every=2, prune_rate=0.5)])
+    masks = keras_dst.masks(model)
+    assert sorted(masks) == ["head/kernel", "lstm/lstm_cell/kernel",
+                             "lstm/lstm_cell/recurrent_kernel"]
+    for mask in masks.values():
+        groups = mask.reshape(-1, 4, mask.shape[-1]).sum(axis=1)
+        assert (groups == 2).all()
