@@ -24,6 +24,8 @@ What the converter does (TensorFlow 2.21, checked by tests/test_export.py):
   is stored compressed (CSR) and expanded to a dense tensor when the model
   loads (a DENSIFY op): smaller file, dense speed.
 * Embedding (GATHER), CONV_3D and CONV_3D_TRANSPOSE weights are never compressed.
+* Recurrent layers (SimpleRNN, GRU, LSTM, ConvLSTM) do not convert: their loop
+  needs TensorList ops outside the builtin set (the error names the layer).
 
 Storage is read back from the .tflite flatbuffer itself (the tensors'
 ``sparsity`` parameters and the DENSIFY ops), not predicted.

@@ -115,3 +115,19 @@ def test_patterns_run_along_the_inputs_of_each_gate_unit():
     for mask in masks.values():
         groups = mask.reshape(-1, 4, mask.shape[-1]).sum(axis=1)
         assert (groups == 2).all()
+
+
+def test_litert_export_names_the_recurrent_layer_and_the_saved_model_serves_it(tmp_path):
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras_dst.prunable(
+        keras.Sequential([keras.Input((6, 4)), L.LSTM(8, name="lstm"), L.Dense(3, name="head")]),
+        density=0.3)
+    with pytest.raises(ValueError, match=r"TensorList.*'lstm'.*tf_saved_model"):
+        keras_dst.export(model, tmp_path / "model.tflite")
+    assert not (tmp_path / "model.tflite").exists()
+    keras_dst.export(model, tmp_path / "serving", format="tf_saved_model")
+    x, _ = _data("lstm", n=4)
+    serving = tf.saved_model.load(str(tmp_path / "serving"))  # (kept: it owns the variables)
+    np.testing.assert_allclose(serving.serve(tf.constant(x)).numpy(), model.predict(x, verbose=0), atol=1e-6)
