@@ -111,7 +111,10 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
     there warns).
 
     Args:
-      filepath: a local `.keras` file (str or path-like).
+      filepath: a local `.keras` file, or the directory that ``model.save(path,
+        zipped=False)`` writes (str or path-like). Anything else (a remote or
+        ``hf://`` path, a legacy `.h5` file) is Keras's to load, without attached
+        masks.
       custom_objects, compile, safe_mode: as ``keras.models.load_model`` (safe mode
         stays on by default: nothing but configs and arrays is read).
 
@@ -123,28 +126,38 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
     """
     filepath = os.fspath(filepath)
     options = dict(custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
-    with zipfile.ZipFile(filepath) as archive:
-        if _ARCHIVE_WEIGHTS not in archive.namelist():
+    with tempfile.TemporaryDirectory(prefix="keras_dst_load_") as tmp:
+        weights = os.path.join(tmp, _ARCHIVE_WEIGHTS)  # the saved weights, entries kept
+        copy = os.path.join(tmp, "model")              # the saved model, entries removed
+        if os.path.isdir(filepath) and os.path.exists(os.path.join(filepath, _ARCHIVE_WEIGHTS)):
+            shutil.copytree(filepath, copy)
+            shutil.copyfile(os.path.join(copy, _ARCHIVE_WEIGHTS), weights)
+            saved = _remove_attached_entries(os.path.join(copy, _ARCHIVE_WEIGHTS))
+        elif os.path.isfile(filepath) and zipfile.is_zipfile(filepath):
+            with zipfile.ZipFile(filepath) as archive:
+                if _ARCHIVE_WEIGHTS not in archive.namelist():
+                    return keras.models.load_model(filepath, **options)
+                with archive.open(_ARCHIVE_WEIGHTS) as src, open(weights, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                stripped = os.path.join(tmp, "stripped.weights.h5")
+                shutil.copyfile(weights, stripped)
+                saved = _remove_attached_entries(stripped)
+                if saved:
+                    copy += ".keras"
+                    with zipfile.ZipFile(copy, "w") as out:
+                        for info in archive.infolist():
+                            if info.filename == _ARCHIVE_WEIGHTS:
+                                out.write(stripped, _ARCHIVE_WEIGHTS,
+                                          compress_type=info.compress_type)
+                            else:
+                                out.writestr(info, archive.read(info.filename))
+        else:
             return keras.models.load_model(filepath, **options)
-        with tempfile.TemporaryDirectory(prefix="keras_dst_load_") as tmp:
-            weights = os.path.join(tmp, _ARCHIVE_WEIGHTS)
-            with archive.open(_ARCHIVE_WEIGHTS) as src, open(weights, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            stripped = os.path.join(tmp, "stripped.weights.h5")
-            shutil.copyfile(weights, stripped)
-            saved = _remove_attached_entries(stripped)
-            if not saved:
-                return keras.models.load_model(filepath, **options)
-            copy = os.path.join(tmp, "model.keras")
-            with zipfile.ZipFile(copy, "w") as out:
-                for info in archive.infolist():
-                    if info.filename == _ARCHIVE_WEIGHTS:
-                        out.write(stripped, _ARCHIVE_WEIGHTS, compress_type=info.compress_type)
-                    else:
-                        out.writestr(info, archive.read(info.filename))
-            model = keras.models.load_model(copy, **options)
-            with sparse_layers.attaching_saved_masks(model) as attached:
-                model.load_weights(weights)
+        if not saved:
+            return keras.models.load_model(filepath, **options)
+        model = keras.models.load_model(copy, **options)
+        with sparse_layers.attaching_saved_masks(model) as attached:
+            model.load_weights(weights)
     if len(attached) != len(saved):
         found = {state.label for state in attached}
         raise ValueError(

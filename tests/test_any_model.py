@@ -10,6 +10,7 @@ forward pass is the layers' own. Everything downstream (DST, `GradualPruning`,
 """
 
 import json
+import os
 import warnings
 import zipfile
 
@@ -202,6 +203,33 @@ def test_load_model_of_wrapper_and_dense_models_is_keras_s(tmp_path):
         loaded = keras_dst.load_model(path)
         assert type(loaded) is type(keras.models.load_model(path))
         assert keras_dst.masks(loaded).keys() == keras_dst.masks(model).keys()
+
+
+def test_a_directory_saved_unzipped_and_other_paths(tmp_path):
+    """`model.save(path, zipped=False)` writes a directory: keras_dst.load_model restores an
+    attached model's masks from it as from a `.keras` file, and loads a wrapper model's as
+    Keras does; a legacy `.h5` file is Keras's to load."""
+    net = compile_model(keras_dst.prunable(two_dense(), density=0.3))
+    x, y = dense_data()
+    fit_dst(net, x, y, epochs=1)
+    directory = str(tmp_path / "net_dir")
+    net.save(directory, zipped=False)
+    with pytest.raises(ValueError, match="could not be loaded"):
+        keras.models.load_model(directory)
+    loaded = keras_dst.load_model(directory)
+    for a, b in zip(sparse_state(net), sparse_state(loaded), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), net.predict(x, verbose=0), atol=1e-6)
+    assert sorted(os.listdir(directory)) == sorted(["assets", "config.json", "metadata.json",
+                                                    "model.weights.h5"])  # left as it was
+    wrapped = keras_dst.prunable(mlp(), density=0.3)
+    wrapped.save(str(tmp_path / "mlp_dir"), zipped=False)
+    wrapped.save(str(tmp_path / "mlp.h5"))
+    for path in ("mlp_dir", "mlp.h5"):
+        loaded = keras_dst.load_model(str(tmp_path / path))
+        assert keras_dst.masks(loaded).keys() == keras_dst.masks(wrapped).keys()
+        for mask, again in zip(keras_dst.masks(wrapped).values(), keras_dst.masks(loaded).values()):
+            np.testing.assert_array_equal(mask, again)
 
 
 class Interrupt(Exception):
