@@ -19,8 +19,8 @@ Which weights are prunable:
   and every convolution, ``depthwise_kernel``/``pointwise_kernel`` of
   SeparableConv, ``embeddings`` of Embedding, the ``kernel`` of every
   projection inside MultiHeadAttention, and ``kernel``/``recurrent_kernel`` of
-  the recurrent layers (SimpleRNN, GRU, LSTM, ConvLSTM: their cell's input and
-  recurrent kernels, ``[inputs, gates x units]`` and ``[units, gates x units]``,
+  the recurrent layers and cells (SimpleRNN, GRU, LSTM, ConvLSTM: the cell's input
+  and recurrent kernels, ``[inputs, gates x units]`` and ``[units, gates x units]``,
   taps first for ConvLSTM). `register_prunable_layer` adds a class.
 * biases, normalisation parameters and non-trainable statistics are never
   sparsified; a layer whose weights are all vectors or scalars (e.g. a library's
@@ -106,8 +106,8 @@ register_prunable_layer(keras.layers.Embedding, ("embeddings",))
 # Recurrent layers: the weights live in their cell (`layer.cell.kernel`), found by name
 # among the layer's variables. Gates are stacked along the output axis, so every
 # pattern keeps its meaning (blocks, groups and fan-in run along the inputs of one gate
-# unit). A generic `keras.layers.RNN(cell)` is not registered: its cell names its
-# weights as it likes (register the RNN class, or define `get_prunable_weights()`).
+# unit). A generic `keras.layers.RNN(cell)` is not registered, its cells are: a wrapper
+# cannot reach them, masks attached in place can (`prunable(..., in_place=True)`).
 for _cls in (
     keras.layers.SimpleRNN,
     keras.layers.GRU,
@@ -115,6 +115,9 @@ for _cls in (
     keras.layers.ConvLSTM1D,
     keras.layers.ConvLSTM2D,
     keras.layers.ConvLSTM3D,
+    keras.layers.SimpleRNNCell,  # (in a generic `keras.layers.RNN`, also stacked: in place)
+    keras.layers.GRUCell,
+    keras.layers.LSTMCell,
 ):
     register_prunable_layer(_cls, ("kernel", "recurrent_kernel"))
 if hasattr(keras.layers, "ReversibleEmbedding"):  # recent Keras 3: keras-hub's token embedding

@@ -42,11 +42,19 @@ def _bidirectional():
                              L.Dense(3, name="head")])
 
 
+def _generic_rnn():
+    """Keras's generic RNN over stacked cells: the cells' masks are attached."""
+    cells = [L.GRUCell(8, name="gru_cell"), L.SimpleRNNCell(8, name="simple_rnn_cell")]
+    return keras.Sequential([keras.Input((6, 4)), L.RNN(cells, name="rnn"),
+                             L.Dense(3, name="head")])
+
+
 MODELS = {  # name -> (model, recurrent layers, prunable() options)
     "encoder_decoder": (_encoder_decoder, ["encoder", "decoder"], {}),
     "masked_gru": (_masked_gru, ["gru"], {}),
     "simple_rnn_conv_lstm": (_stacked, ["simple_rnn", "conv_lstm"], {}),
     "bidirectional": (_bidirectional, ["forward_lstm", "backward_lstm"], {"in_place": True}),
+    "generic_rnn": (_generic_rnn, ["gru_cell", "simple_rnn_cell"], {"in_place": True}),
 }
 
 
@@ -131,3 +139,10 @@ def test_litert_export_names_the_recurrent_layer_and_the_saved_model_serves_it(t
     x, _ = _data("lstm", n=4)
     serving = tf.saved_model.load(str(tmp_path / "serving"))  # (kept: it owns the variables)
     np.testing.assert_allclose(serving.serve(tf.constant(x)).numpy(), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_a_wrapper_cannot_reach_the_cells_of_a_generic_rnn_so_in_place_is_named():
+    model = _generic_rnn()
+    with pytest.raises(TypeError, match=r"'rnn' of class RNN.*in_place=True"):
+        keras_dst.prunable(model, density=0.3)
+    assert not keras_dst.sparse_targets(model)  # nothing attached by the refusal
