@@ -127,34 +127,10 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
     filepath = os.fspath(filepath)
     options = dict(custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
     with tempfile.TemporaryDirectory(prefix="keras_dst_load_") as tmp:
-        weights = os.path.join(tmp, _ARCHIVE_WEIGHTS)  # the saved weights, entries kept
-        copy = os.path.join(tmp, "model")              # the saved model, entries removed
-        if os.path.isdir(filepath) and os.path.exists(os.path.join(filepath, _ARCHIVE_WEIGHTS)):
-            shutil.copytree(filepath, copy)
-            shutil.copyfile(os.path.join(copy, _ARCHIVE_WEIGHTS), weights)
-            saved = _remove_attached_entries(os.path.join(copy, _ARCHIVE_WEIGHTS))
-        elif os.path.isfile(filepath) and zipfile.is_zipfile(filepath):
-            with zipfile.ZipFile(filepath) as archive:
-                if _ARCHIVE_WEIGHTS not in archive.namelist():
-                    return keras.models.load_model(filepath, **options)
-                with archive.open(_ARCHIVE_WEIGHTS) as src, open(weights, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                stripped = os.path.join(tmp, "stripped.weights.h5")
-                shutil.copyfile(weights, stripped)
-                saved = _remove_attached_entries(stripped)
-                if saved:
-                    copy += ".keras"
-                    with zipfile.ZipFile(copy, "w") as out:
-                        for info in archive.infolist():
-                            if info.filename == _ARCHIVE_WEIGHTS:
-                                out.write(stripped, _ARCHIVE_WEIGHTS,
-                                          compress_type=info.compress_type)
-                            else:
-                                out.writestr(info, archive.read(info.filename))
-        else:
+        copied = _copy_without_attached_entries(filepath, tmp)
+        if copied is None:
             return keras.models.load_model(filepath, **options)
-        if not saved:
-            return keras.models.load_model(filepath, **options)
+        copy, weights, saved = copied
         model = keras.models.load_model(copy, **options)
         with sparse_layers.attaching_saved_masks(model) as attached:
             model.load_weights(weights)
@@ -166,6 +142,45 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
             f"{sorted(set(saved) - found)} (was the model's code changed since it was saved?).")
     carry_attached_state_in_weights(model)
     return model
+
+
+def _copy_without_attached_entries(filepath: str, tmp: str):
+    """Copies the saved model `filepath` (a `.keras` archive, or the directory of
+    ``model.save(path, zipped=False)``) into `tmp` without keras_dst's entries.
+
+    Returns ``(copy, weights, saved)``: the copy's path (Keras rebuilds the model from
+    it), the path of a copy of the original weights file (entries kept: read once the
+    masks are attached), and the labels of the layers whose entries held masks. None
+    where there is nothing to remove: no attached masks, or a path that is neither a
+    local archive nor such a directory (Keras's loader takes it as it is).
+    """
+    weights = os.path.join(tmp, _ARCHIVE_WEIGHTS)
+    if os.path.isdir(filepath) and os.path.exists(os.path.join(filepath, _ARCHIVE_WEIGHTS)):
+        copy = os.path.join(tmp, "model")
+        shutil.copytree(filepath, copy)
+        shutil.copyfile(os.path.join(copy, _ARCHIVE_WEIGHTS), weights)
+        saved = _remove_attached_entries(os.path.join(copy, _ARCHIVE_WEIGHTS))
+        return (copy, weights, saved) if saved else None
+    if not (os.path.isfile(filepath) and zipfile.is_zipfile(filepath)):
+        return None
+    with zipfile.ZipFile(filepath) as archive:
+        if _ARCHIVE_WEIGHTS not in archive.namelist():
+            return None
+        with archive.open(_ARCHIVE_WEIGHTS) as src, open(weights, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        stripped = os.path.join(tmp, "stripped.weights.h5")
+        shutil.copyfile(weights, stripped)
+        saved = _remove_attached_entries(stripped)
+        if not saved:
+            return None
+        copy = os.path.join(tmp, "model.keras")
+        with zipfile.ZipFile(copy, "w") as out:
+            for info in archive.infolist():
+                if info.filename == _ARCHIVE_WEIGHTS:
+                    out.write(stripped, _ARCHIVE_WEIGHTS, compress_type=info.compress_type)
+                else:
+                    out.writestr(info, archive.read(info.filename))
+    return copy, weights, saved
 
 
 def _remove_attached_entries(path) -> list:
