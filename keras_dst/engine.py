@@ -337,7 +337,6 @@ class TopologyEngine(Hook):
 
         tf.cond(self.update_steps.is_update_step(step), update, tf.no_op)
 
-
     def _prune_inputs(self, step, grads):
         """Per target, the `ScoreInputs` its pruning scores."""
         return [self._inputs(i, step, g, tf.convert_to_tensor(t.mask), 0)

@@ -55,10 +55,14 @@ class OverlapEngine(Hook):
 
     def before_apply(self, optimizer, grads_by_variable):
         step = tf.cast(optimizer.iterations, tf.int64) + 1
-        grads = step_gradients("CriteriaOverlap", optimizer, self.targets, grads_by_variable)
-        grads = summed_over_replicas(grads, any(c.needs_gradient for c in self.criteria))
-        tf.cond(self.update_steps.is_update_step(step), lambda: self._update(step, grads),
-                tf.no_op)
+
+        def update():  # (the gradients are made dense at the update steps only)
+            grads = step_gradients("CriteriaOverlap", optimizer, self.targets,
+                                   grads_by_variable)
+            return self._update(step, summed_over_replicas(
+                grads, any(c.needs_gradient for c in self.criteria)))
+
+        tf.cond(self.update_steps.is_update_step(step), update, tf.no_op)
 
     def pruned_sets(self, step, grads, rate):
         """What each criterion would prune: C flat bool tensors over all targets (pure).
