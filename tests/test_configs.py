@@ -182,7 +182,7 @@ def test_callbacks_deep_copy_and_pickle_before_and_after_a_fit(make):
 
 @pytest.mark.parametrize("entry", [keras_dst.get_criterion("mest", gamma=0.2),
                                    keras_dst.get_criterion("set"),
-                                   keras_dst.get_growth("gradient")], ids=str)
+                                   keras_dst.get_growth("gradient")], ids=lambda e: e.name)
 def test_criteria_and_growth_rules_are_values_that_copy_and_pickle(entry):
     assert copy.copy(entry) is entry and copy.deepcopy(entry) is entry
     restored = pickle.loads(pickle.dumps(entry))
