@@ -49,9 +49,12 @@ def _run(args, timeout, **env):
 
 @pytest.fixture(scope="module")
 def mirrored_result():
+    """One subprocess run of every configuration; its tests are in one `xdist_group`
+    so that under pytest-xdist's ``--dist loadgroup`` it runs once."""
     return _run(["mirrored"], timeout=600)
 
 
+@pytest.mark.xdist_group("mirrored")
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_mirrored_replicas_agree_after_every_update(mirrored_result, config):
     r = mirrored_result[config]
@@ -62,6 +65,7 @@ def test_mirrored_replicas_agree_after_every_update(mirrored_result, config):
     assert r["invariant_errors"] == []
 
 
+@pytest.mark.xdist_group("mirrored")
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_mirrored_matches_one_replica_with_same_global_batch(mirrored_result, config):
     r = mirrored_result[config]

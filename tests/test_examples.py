@@ -593,7 +593,8 @@ def _selected_commands(session, every):
 @pytest.fixture(scope="module")
 def cli(request, tmp_path_factory):
     """Runs the command lines the session's tests read, all at once; returns
-    {name: CompletedProcess}."""
+    {name: CompletedProcess}. The tests that read it are in one `xdist_group` so that
+    under pytest-xdist's ``--dist loadgroup`` one worker runs the commands, once."""
     tmp = tmp_path_factory.mktemp("cli")
     _fake_sweep_csv(tmp / "sweep.csv")
     script = lambda name: [sys.executable, str(ROOT / "examples" / name)]  # noqa: E731
@@ -626,6 +627,7 @@ def cli(request, tmp_path_factory):
 # checked in-process in test_bad_train_flags_are_one_line_errors.
 @pytest.mark.parametrize("case", [
     pytest.param(c, marks=pytest.mark.slow if c == "density" else ()) for c in sorted(CLI_BAD_FLAGS)])
+@pytest.mark.xdist_group("cli")
 def test_bad_flags_exit_with_one_line_error(cli, case):
     proc = cli[f"bad_{case}"]
     assert proc.returncode != 0
@@ -635,12 +637,14 @@ def test_bad_flags_exit_with_one_line_error(cli, case):
 
 
 @pytest.mark.slow  # the flags' help text is checked in-process in test_flags_parse_into_...
+@pytest.mark.xdist_group("cli")
 def test_helpfull_documents_every_flag(cli):
     text = cli["helpfull"].stdout + cli["helpfull"].stderr
     for _, name, *_ in train.FLAG_SPECS:
         assert f"--{name}" in text or f"--[no]{name}" in text, name
 
 
+@pytest.mark.xdist_group("cli")
 def test_train_command_line(cli):
     proc = cli["train"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -649,6 +653,7 @@ def test_train_command_line(cli):
     assert results["config"]["epochs"] == 2 and results["steps"] == 10
 
 
+@pytest.mark.xdist_group("cli")
 def test_sweep_and_plot_command_lines(cli):
     dry = cli["sweep_dry"]
     assert dry.returncode == 0, dry.stderr[-3000:]
