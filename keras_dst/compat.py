@@ -156,6 +156,22 @@ def on_raw_variables(variable, install) -> None:
     variable._deferred_initialize = deferred_initialize
 
 
+def on_checkpoint_restore(variable, assign) -> None:
+    """Makes a `tf.train.Checkpoint` restore of `variable` call ``assign(value)``.
+
+    Keras 3's TensorFlow `Variable._restore_from_tensors` (the `Trackable` method a
+    checkpoint restore calls; checked on 3.15) writes its `tf.Variable` through the
+    handle, past every ``assign``. An instance-level override (removed by deleting
+    the instance attribute ``_restore_from_tensors``) takes its place; the value comes
+    under TensorFlow's ``"VARIABLE_VALUE"`` key. No public API.
+    """
+
+    def restore_from_tensors(restored_tensors):
+        return assign(restored_tensors["VARIABLE_VALUE"])
+
+    variable._restore_from_tensors = restore_from_tensors
+
+
 def off_raw_variables(variable, attribute: str) -> None:
     """Undoes `on_raw_variables`: drops the instance attribute `attribute` that its
     `install` set on each `tf.Variable` of `variable`, or the install still pending."""

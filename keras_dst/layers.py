@@ -475,7 +475,14 @@ class SparseState:
             _zero_initial_value(w, initial_mask)
             cache.clear()  # closed: the initializers may outlive the build
             _guard_writes(w, mask, self, p)
+        setattr(self._holder, _CHECKPOINT_ATTR, _CheckpointedVariables(self))
         self.created = True
+
+    @property
+    def _holder(self):
+        """The layer that holds the state in TensorFlow's object graph: the wrapper, or
+        the layer it is attached to."""
+        return self.wrapper if self.wrapper is not None else self.layer
 
     def _initial_mask(self, shape, density, index, pattern):
         seed = tf.constant([self.seed % (2**31 - 1), index], dtype=tf.int32)
@@ -501,9 +508,29 @@ class SparseState:
         self.apply_masks()
         for w in self.sparse_weights:
             w.constraint = _original_constraint(w)
-            for name in ("assign", "_keras_dst_loading"):
+            for name in ("assign", "_restore_from_tensors", "_keras_dst_loading"):
                 w.__dict__.pop(name, None)
             compat.off_raw_variables(w, "assign")
+        if _CHECKPOINT_ATTR in self._holder.__dict__:
+            delattr(self._holder, _CHECKPOINT_ATTR)
+
+
+_CHECKPOINT_ATTR = "_keras_dst_variables"
+
+
+class _CheckpointedVariables(tf.Module):
+    """A `SparseState`'s variables as a dependency of the layer that holds them
+    (attribute ``_keras_dst_variables``) in TensorFlow's object graph, so that
+    `tf.train.Checkpoint` / `tf.train.CheckpointManager` save and restore the masks
+    with the weights they mask (keys ``.../_keras_dst_variables/masks/0/...``). Keras's
+    own files (``.keras``, ``.weights.h5``) do not read it: they store the variables
+    as the wrapper's weights or in the attached layer's entry."""
+
+    def __init__(self, state):
+        super().__init__(name="keras_dst_variables")
+        self.masks = list(state.masks)
+        self.ever_active = list(state.ever_active)
+        self.running_scores = list(state.running_scores)
 
 
 def layer_label(layer) -> str:
@@ -904,6 +931,8 @@ def _guard_writes(variable, mask, state, pattern):
     An eager mask write that breaks the weight's `pattern` (a file or `set_weights`
     of a model made with another pattern) raises ValueError before the mask changes.
 
+    `tf.train.Checkpoint` restores are such writes too (`compat.on_checkpoint_restore`).
+
     A write during a load (flagged by `SparseState.mark_loading`, which the wrapper's
     or the attached layer's `load_own_variables` calls once the masks are loaded and
     before the weights are) that holds non-zeros at masked entries warns with their
@@ -962,6 +991,11 @@ def _guard_writes(variable, mask, state, pattern):
     variable.assign = guarded_weight_assign
     mask.assign = guarded_mask_assign
     compat.on_raw_variables(variable, guard_raw)
+    # A checkpoint restore (`tf.train.Checkpoint`) writes the weight and the mask, in
+    # no set order, through their `tf.Variable`s' handles: route both through the
+    # writes above, which keep the raw weight for a mask written after it.
+    for target in (variable, mask):
+        compat.on_checkpoint_restore(target, target.assign)
 
 
 def _original_constraint(variable):

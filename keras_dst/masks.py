@@ -195,8 +195,9 @@ def apply_masks(model: "keras.layers.Layer") -> int:
 
     For writes keras_dst cannot see: keras_dst already re-zeroes what
     ``load_model``, ``load_weights``, ``set_weights`` and ``variable.assign``
-    write (eagerly), but a ``tf.train.Checkpoint`` restore writes the variables
-    underneath Keras. Call this after such a write.
+    write (eagerly), and what a ``tf.train.Checkpoint`` restores, but a write of a
+    variable's handle (``tf.raw_ops.AssignVariableOp``) goes underneath Keras. Call
+    this after such a write.
 
     Returns:
       The number of non-zero entries that were zeroed (0 for a consistent model).
@@ -229,8 +230,8 @@ def reapply_masks_if_needed(model, caller) -> int:
     stray = sum(_stray_entries(targets))
     if stray:
         warnings.warn(f"{caller}: {stray} weights were non-zero where their masks are 0 "
-                      "(written by a path keras_dst cannot see, e.g. a tf.train.Checkpoint "
-                      "restore); they were set to 0.", stacklevel=3)
+                      "(written by a path keras_dst cannot see, e.g. a write of the "
+                      "variable's handle); they were set to 0.", stacklevel=3)
         _zero_masked(targets)
     return stray
 

@@ -102,8 +102,8 @@ def classification_data(n=128, d=20, classes=3, seed=0):
 
 
 def write_underneath(variable, value):
-    """Writes `value` into `variable`'s tf.Variable as a `tf.train.Checkpoint` restore does
-    (an AssignVariableOp on its handle), past every eager write that keras_dst checks."""
+    """Writes `value` into `variable`'s tf.Variable through its handle (an
+    AssignVariableOp), past every eager write that keras_dst checks."""
     raw = variable.value
     tf.raw_ops.AssignVariableOp(resource=raw.handle, value=tf.cast(value, raw.dtype))
 

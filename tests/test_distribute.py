@@ -75,6 +75,13 @@ def test_mirrored_matches_one_replica_with_same_global_batch(mirrored_result, co
     assert r["iterations"] == r["iterations_single"]
 
 
+@pytest.mark.xdist_group("mirrored")
+def test_mirrored_checkpoint_restores_the_masks_on_every_replica(mirrored_result):
+    r = mirrored_result["checkpoint"]
+    assert r["masks_differed_before"]
+    assert r["replicas_equal_saved"] and all(r["replicas_equal_saved"].values()), r
+
+
 def _free_ports(n):
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -257,7 +264,38 @@ def _train(strategy, config, check_replicas, dataset=False, epochs=3, callbacks=
         masks=np.concatenate([v.ravel() for v in final.values()]),
         weights=np.concatenate([t.weight.numpy().ravel() for t in keras_dst.sparse_targets(model)]),
         iterations=int(model.optimizer.iterations.numpy()),
+        model=model,
     )
+
+
+def _checkpoint_round_trip(strategy, model):
+    """Writes a `tf.train.Checkpoint` of `model` (trained under `strategy`), restores it
+    into a fresh prunable model of other masks under `strategy`; returns per sparse
+    weight whether every replica's mask and weight equal the saved ones."""
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_dst
+
+    from conftest import mlp
+
+    path = tf.train.Checkpoint(model=model).write(os.path.join(tempfile.mkdtemp(), "ckpt"))
+    with strategy.scope():
+        fresh = keras_dst.prunable(mlp(seed=3), density=0.3, seed=2)
+    changed = any((a != b).any() for a, b in zip(keras_dst.masks(model).values(),
+                                                  keras_dst.masks(fresh).values()))
+    tf.train.Checkpoint(model=fresh).read(path).assert_existing_objects_matched()
+    same = {}
+    for saved, restored in zip(keras_dst.sparse_targets(model), keras_dst.sparse_targets(fresh)):
+        values = [(m.numpy(), w.numpy()) for m, w in zip(
+            strategy.experimental_local_results(restored.mask.value),
+            strategy.experimental_local_results(restored.weight.value))]
+        same[saved.weight.path] = len(values) == 2 and all(
+            np.array_equal(m, saved.mask.numpy()) and np.array_equal(w, saved.weight.numpy())
+            for m, w in values)
+    return dict(masks_differed_before=bool(changed), replicas_equal_saved=same)
 
 
 def _main_mirrored(configs):
@@ -271,6 +309,8 @@ def _main_mirrored(configs):
     results = {}
     for config in configs:
         two = _train(strategy, config, check_replicas=True)
+        if "checkpoint" not in results:
+            results["checkpoint"] = _checkpoint_round_trip(strategy, two["model"])
         one = _train(tf.distribute.get_strategy(), config, check_replicas=False)
         results[config] = dict(
             replicas=two["replicas"], updates_checked=two["updates_checked"],

@@ -2,10 +2,11 @@
 
 Keras writes weights outside the optimizer eagerly (`load_model`, `load_weights`,
 `BackupAndRestore`, `set_weights`, `variable.assign`): keras_dst re-zeroes masked
-entries there (a load warns with the count). A `tf.train.Checkpoint` restore writes
-underneath Keras: `density`/`summary` then report what the model computes (with a
-warning), `strip` still gives kernel ⊙ mask, `apply_masks` repairs it on demand and the
-next DST fit does so with a warning.
+entries there (a load warns with the count). A `tf.train.Checkpoint` holds the masks
+and its restore goes through the same writes, whatever order it writes them in. A write
+of a variable's handle underneath Keras: `density`/`summary` then report what the model
+computes (with a warning), `strip` still gives kernel ⊙ mask, `apply_masks` repairs it
+on demand and the next DST fit does so with a warning.
 """
 
 import os
@@ -131,15 +132,10 @@ def test_load_weights_and_backup_and_restore_of_such_a_file_zero_them(tmp_path):
     assert stray(fresh) == 0
 
 
-def test_checkpoint_restore_underneath_keras_is_reported_stripped_and_repaired(tmp_path):
+def test_a_write_underneath_keras_is_reported_stripped_and_repaired():
     dense, model = sparse_mlp()
-    targets = keras_dst.sparse_targets(model)
-    # a tf.train.Checkpoint of dense values with the sparse model's variable layout
-    for t in targets:
+    for t in keras_dst.sparse_targets(model):  # dense values written through the handles
         write_underneath(t.weight, dense.get_layer(t.wrapper.layer.name).kernel.numpy())
-    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
-    _, model = sparse_mlp()
-    tf.train.Checkpoint(model=model).read(path).expect_partial()
     n_stray = stray(model)
     assert n_stray > 0
     masked_density = sum(int(t.mask.numpy().sum()) for t in keras_dst.sparse_targets(model)) / \
@@ -154,6 +150,107 @@ def test_checkpoint_restore_underneath_keras_is_reported_stripped_and_repaired(t
     assert keras_dst.apply_masks(model) == n_stray
     assert stray(model) == 0 and keras_dst.apply_masks(model) == 0
     assert no_warning(lambda: keras_dst.density(model)) == pytest.approx(masked_density)
+
+
+class TwoDense(keras.Model):
+    """A subclassed model (masks attached in place): 20 inputs, 3 logits."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.a = keras.layers.Dense(16, activation="relu", name="a")
+        self.b = keras.layers.Dense(3, name="b")
+
+    def call(self, x):
+        return self.b(self.a(x))
+
+
+def two_dense(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = TwoDense()
+    model(np.zeros((1, 20), "float32"))
+    return model
+
+
+def full_state(model):
+    """Per sparsified weight, in order: (mask, ever-active flags, weight) as numpy."""
+    return [(t.mask.numpy(), t.ever_active.numpy(), t.weight.numpy())
+            for t in keras_dst.sparse_targets(model)]
+
+
+@pytest.mark.parametrize("make", [lambda seed: keras_dst.prunable(mlp(seed=seed), density=0.3),
+                                  lambda seed: keras_dst.prunable(two_dense(seed), density=0.3)],
+                         ids=["wrapped", "attached"])
+def test_a_tf_train_checkpoint_holds_the_masks_and_restores_them_exactly(make, tmp_path):
+    def compiled(model):
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9), LOSS, jit_compile=True)
+        return model
+
+    def dst():
+        return keras_dst.DynamicSparseTraining(update_every=3, total_steps=100)
+
+    x, y = classification_data()
+    model = compiled(make(0))
+    initial = full_state(model)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[dst()])
+    saved = full_state(model)
+    assert any((a[0] != b[0]).any() for a, b in zip(initial, saved))  # the masks moved
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model, optimizer=model.optimizer), str(tmp_path), 1)
+    manager.save()
+
+    fresh = compiled(make(1))  # other initial weights and masks
+    fresh.optimizer.build(fresh.trainable_variables)
+    assert any((a[0] != b[0]).any() for a, b in zip(saved, full_state(fresh)))
+    no_warning(lambda: tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer)
+               .restore(manager.latest_checkpoint).assert_consumed())
+    for a, b in zip(saved, full_state(fresh)):  # masks, flags and weights
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    assert int(fresh.optimizer.iterations) == int(model.optimizer.iterations)
+    assert_sparse_invariants(fresh)
+    fresh.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[dst()])
+    assert_sparse_invariants(fresh)
+
+
+@pytest.mark.parametrize("mask_first", [True, False])
+def test_a_checkpoint_restore_in_either_order_leaves_the_weight_masked(mask_first):
+    # What a restore calls on each variable (`Trackable._restore_from_tensors`), in
+    # both orders: the weight's raw value is kept for a mask restored after it.
+    _, model = sparse_mlp()
+    t = keras_dst.sparse_targets(model)[0]
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=t.weight.shape).astype("float32")
+    mask = ~t.mask.numpy()  # every entry changes
+    writes = [(t.mask, mask), (t.weight, weight)]
+    for variable, value in writes if mask_first else writes[::-1]:
+        variable._restore_from_tensors({"VARIABLE_VALUE": tf.constant(value)})
+    np.testing.assert_array_equal(t.mask.numpy(), mask)
+    np.testing.assert_array_equal(t.weight.numpy(), np.where(mask, weight, 0))
+    assert_sparse_invariants(model)
+
+
+def test_a_checkpoint_without_masks_restores_the_weights_through_the_masks(tmp_path):
+    dense = two_dense(0)  # saved before `prunable`: the same keys, no masks
+    path = tf.train.Checkpoint(model=dense).write(str(tmp_path / "dense"))
+    model = keras_dst.prunable(two_dense(1), density=0.3)
+    masks = keras_dst.masks(model)
+    no_warning(lambda: tf.train.Checkpoint(model=model).read(path).expect_partial())
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
+    for t, layer in zip(keras_dst.sparse_targets(model), (dense.a, dense.b)):
+        np.testing.assert_array_equal(t.weight.numpy(),
+                                      np.where(t.mask.numpy(), layer.kernel.numpy(), 0))
+    assert_sparse_invariants(model)
+
+
+def test_a_checkpoint_restore_of_masks_of_another_pattern_is_refused(tmp_path):
+    path = tf.train.Checkpoint(model=keras_dst.prunable(mlp(), density=0.5)).write(
+        str(tmp_path / "unstructured"))
+    model = keras_dst.prunable(mlp(), density=0.5, pattern="2:4")
+    masks = keras_dst.masks(model)
+    with pytest.raises(ValueError, match=r"fc\d/kernel.*breaks its pattern '2:4'"):
+        tf.train.Checkpoint(model=model).read(path)
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
+    assert_sparse_invariants(model)
 
 
 def test_a_dst_fit_repairs_a_model_written_underneath_keras():
