@@ -156,6 +156,13 @@ def on_raw_variables(variable, install) -> None:
     variable._deferred_initialize = deferred_initialize
 
 
+def checkpoint_restore_waits_for(trackable, name: str) -> bool:
+    """Whether a `tf.train.Checkpoint` restore called earlier waits for `trackable` to get
+    a dependency called `name` (TensorFlow's ``Trackable._deferred_dependencies``: it
+    restores that dependency's variables as soon as it is assigned). No public API."""
+    return name in getattr(trackable, "_deferred_dependencies", {})
+
+
 def on_checkpoint_restore(variable, assign) -> None:
     """Makes a `tf.train.Checkpoint` restore of `variable` call ``assign(value)``.
 

@@ -448,6 +448,9 @@ class SparseState:
         self.patterns = parsed
         self.sparse_weights = weights
         self.masks, self.ever_active, self.running_scores = [], [], []
+        # A checkpoint restored into the model before `prunable` restores the masks once
+        # they are tracked (below): they then apply to the weights as they were.
+        restoring = compat.checkpoint_restore_waits_for(self._holder, _CHECKPOINT_ATTR)
         for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
             name = relative_name(self.layer, w)
 
@@ -472,10 +475,14 @@ class SparseState:
                 self.running_scores.append(make_variable(
                     f"{name}_running_score", w.shape, "float32", keras.initializers.Zeros()))
             w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
-            _zero_initial_value(w, initial_mask)
+            raw = _zero_initial_value(w, initial_mask, keep_raw=restoring)
             cache.clear()  # closed: the initializers may outlive the build
             _guard_writes(w, mask, self, p)
+            if raw is not None:  # the raw value for the mask write to come (`_guard_writes`)
+                self._pending_writes[id(w)] = (raw, tf.identity(w.value))
         setattr(self._holder, _CHECKPOINT_ATTR, _CheckpointedVariables(self))
+        for w in weights:  # (not for a later `set_masks`)
+            self._pending_writes.pop(id(w), None)
         self.created = True
 
     @property
@@ -874,12 +881,13 @@ def attaching_saved_masks(model):
                 compat.set_own_variables_io(layer)
 
 
-def _zero_initial_value(variable, initial_mask):
+def _zero_initial_value(variable, initial_mask, keep_raw=False):
     """Zeroes `variable` where `initial_mask` is False, now or at its deferred init.
 
     Inside a stateless scope (the symbolic build Keras runs for subclassed
     models) variables are initialised later from their initializer, so the
     masking is folded into that initializer; otherwise it is written eagerly.
+    With `keep_raw`, returns the value written over (None when deferred or not asked).
     """
     def masked(pending):
         def initializer(shape, dtype=None):
@@ -888,10 +896,12 @@ def _zero_initial_value(variable, initial_mask):
         return initializer
 
     if compat.wrap_deferred_initializer(variable, masked):
-        return
+        return None
     with tf.init_scope():
+        raw = tf.identity(variable.value) if keep_raw else None
         variable.assign(tf.where(initial_mask(variable.shape), variable,
                                  tf.zeros_like(variable)))
+    return raw
 
 
 def masked_nonzeros(value, mask) -> tf.Tensor:

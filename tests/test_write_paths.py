@@ -246,6 +246,23 @@ def test_a_checkpoint_without_masks_restores_the_weights_through_the_masks(tmp_p
     assert_sparse_invariants(model)
 
 
+def test_a_checkpoint_restored_before_prunable_in_place_gives_the_saved_model(tmp_path):
+    # The restore finds the layers' weights but not yet their masks: TensorFlow restores
+    # those when `prunable` attaches them, and they apply to the restored weights.
+    saved = keras_dst.prunable(two_dense(0), density=0.3, seed=0)
+    path = tf.train.Checkpoint(model=saved).write(str(tmp_path / "sparse"))
+    model = two_dense(1)
+    tf.train.Checkpoint(model=model).read(path).expect_partial()
+    model = keras_dst.prunable(model, density=0.3, seed=9)  # other initial masks
+    for a, b in zip(full_state(saved), full_state(model)):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    assert_sparse_invariants(model)
+    t = keras_dst.sparse_targets(model)[0]  # a later set_masks starts new entries at 0
+    keras_dst.set_masks(model, {t.weight.path: np.ones(t.weight.shape, bool)})
+    assert (t.weight.numpy()[~full_state(saved)[0][0]] == 0).all()
+
+
 def test_a_checkpoint_restore_of_masks_of_another_pattern_is_refused(tmp_path):
     path = tf.train.Checkpoint(model=keras_dst.prunable(mlp(), density=0.5)).write(
         str(tmp_path / "unstructured"))
