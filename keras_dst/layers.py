@@ -451,6 +451,7 @@ class SparseState:
         # A checkpoint restored into the model before `prunable` restores the masks once
         # they are tracked (below): they then apply to the weights as they were.
         restoring = compat.checkpoint_restore_waits_for(self._holder, _CHECKPOINT_ATTR)
+        raws = []
         for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
             name = relative_name(self.layer, w)
 
@@ -475,14 +476,22 @@ class SparseState:
                 self.running_scores.append(make_variable(
                     f"{name}_running_score", w.shape, "float32", keras.initializers.Zeros()))
             w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
-            raw = _zero_initial_value(w, initial_mask, keep_raw=restoring)
+            raws.append(_zero_initial_value(w, initial_mask, keep_raw=restoring))
             cache.clear()  # closed: the initializers may outlive the build
             _guard_writes(w, mask, self, p)
-            if raw is not None:  # the raw value for the mask write to come (`_guard_writes`)
-                self._pending_writes[id(w)] = (raw, tf.identity(w.value))
-        setattr(self._holder, _CHECKPOINT_ATTR, _CheckpointedVariables(self))
-        for w in weights:  # (not for a later `set_masks`)
-            self._pending_writes.pop(id(w), None)
+            if raws[-1] is not None:  # the raw value for the mask write to come
+                self._pending_writes[id(w)] = (raws[-1], tf.identity(w.value))
+        try:
+            setattr(self._holder, _CHECKPOINT_ATTR, _CheckpointedVariables(self))
+        except Exception:  # (a restore waiting for masks of another pattern)
+            self._unguard()
+            for w, raw in zip(weights, raws):  # the weights as they were
+                if raw is not None:
+                    w.assign(raw)
+            raise
+        finally:
+            for w in weights:  # (not for a later `set_masks`)
+                self._pending_writes.pop(id(w), None)
         self.created = True
 
     @property
@@ -513,6 +522,10 @@ class SparseState:
         """Zeroes the masked entries, then removes the constraints and write guards: the
         weights are plain variables again (what `strip` leaves)."""
         self.apply_masks()
+        self._unguard()
+
+    def _unguard(self):
+        """Removes the constraints, write guards and checkpoint dependency of `create`."""
         for w in self.sparse_weights:
             w.constraint = _original_constraint(w)
             for name in ("assign", "_restore_from_tensors", "_keras_dst_loading"):

@@ -262,6 +262,17 @@ def test_a_checkpoint_restored_before_prunable_in_place_gives_the_saved_model(tm
     keras_dst.set_masks(model, {t.weight.path: np.ones(t.weight.shape, bool)})
     assert (t.weight.numpy()[~full_state(saved)[0][0]] == 0).all()
 
+    # masks of another pattern waiting for `prunable`: refused, the model left as it was
+    model = two_dense(1)
+    tf.train.Checkpoint(model=model).read(path).expect_partial()
+    before = [w.numpy() for w in model.weights]
+    with pytest.raises(ValueError, match="breaks its pattern '2:4'"):
+        keras_dst.prunable(model, density=0.5, pattern="2:4")
+    assert keras_dst.sparse_targets(model) == []
+    for value, w in zip(before, model.weights):
+        np.testing.assert_array_equal(value, w.numpy())
+        assert w.constraint is None
+
 
 def test_a_checkpoint_restore_of_masks_of_another_pattern_is_refused(tmp_path):
     path = tf.train.Checkpoint(model=keras_dst.prunable(mlp(), density=0.5)).write(
