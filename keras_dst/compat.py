@@ -163,6 +163,21 @@ def checkpoint_restore_waits_for(trackable, name: str) -> bool:
     return name in getattr(trackable, "_deferred_dependencies", {})
 
 
+def delete_checkpoint_dependency(trackable, name: str) -> None:
+    """Removes `trackable`'s attribute `name` and its dependency in TensorFlow's object
+    graph, also after an assignment that raised half way. TensorFlow's
+    ``Trackable._track_trackable`` (checked on 2.21) appends the reference to
+    ``_self_unconditional_checkpoint_dependencies``, restores what waited for it (which
+    may raise), then records the name, and only then is the attribute set; deleting an
+    attribute (``AutoTrackable.__delattr__``) drops a recorded one. No public API."""
+    if name in trackable.__dict__:
+        delattr(trackable, name)
+        return
+    references = getattr(trackable, "_self_unconditional_checkpoint_dependencies", None)
+    if references is not None:
+        references[:] = [r for r in references if r.name != name]
+
+
 def on_checkpoint_restore(variable, assign) -> None:
     """Makes a `tf.train.Checkpoint` restore of `variable` call ``assign(value)``.
 

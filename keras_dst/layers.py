@@ -531,8 +531,7 @@ class SparseState:
             for name in ("assign", "_restore_from_tensors", "_keras_dst_loading"):
                 w.__dict__.pop(name, None)
             compat.off_raw_variables(w, "assign")
-        if _CHECKPOINT_ATTR in self._holder.__dict__:
-            delattr(self._holder, _CHECKPOINT_ATTR)
+        compat.delete_checkpoint_dependency(self._holder, _CHECKPOINT_ATTR)
 
 
 _CHECKPOINT_ATTR = "_keras_dst_variables"

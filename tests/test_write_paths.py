@@ -272,6 +272,8 @@ def test_a_checkpoint_restored_before_prunable_in_place_gives_the_saved_model(tm
     for value, w in zip(before, model.weights):
         np.testing.assert_array_equal(value, w.numpy())
         assert w.constraint is None
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "after"))
+    assert not [k for k, _ in tf.train.list_variables(path) if "keras_dst" in k]
 
 
 def test_a_checkpoint_restore_of_masks_of_another_pattern_is_refused(tmp_path):
