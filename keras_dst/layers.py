@@ -480,7 +480,7 @@ class SparseState:
             cache.clear()  # closed: the initializers may outlive the build
             _guard_writes(w, mask, self, p)
             if raws[-1] is not None:  # the raw value for the mask write to come
-                self._pending_writes[id(w)] = (raws[-1], tf.identity(w.value))
+                self.keep_raw_value(w, raws[-1])
         try:
             setattr(self._holder, _CHECKPOINT_ATTR, _CheckpointedVariables(self))
         except Exception:  # (a restore waiting for masks of another pattern)
@@ -499,6 +499,12 @@ class SparseState:
         """The layer that holds the state in TensorFlow's object graph: the wrapper, or
         the layer it is attached to."""
         return self.wrapper if self.wrapper is not None else self.layer
+
+    def keep_raw_value(self, weight, raw):
+        """Keeps `raw`, a value `weight` was written with before entries of it were
+        zeroed, for the next eager write of its mask (`_guard_writes`), as long as the
+        weight holds what it holds now."""
+        self._pending_writes[id(weight)] = (raw, tf.identity(weight.value))
 
     def _initial_mask(self, shape, density, index, pattern):
         seed = tf.constant([self.seed % (2**31 - 1), index], dtype=tf.int32)
@@ -978,8 +984,8 @@ def _guard_writes(variable, mask, state, pattern):
         written = tf.where(mask, value, tf.zeros_like(value))
         pending.pop(id(variable), None)
         result = assign_weight(variable, written)
-        if dropped:  # (raw value, what the weight holds while the raw value is current)
-            pending[id(variable)] = (value, tf.identity(variable.value))
+        if dropped:
+            state.keep_raw_value(variable, value)
         return result
 
     def guarded_mask_assign(value):

@@ -152,22 +152,23 @@ def test_a_write_underneath_keras_is_reported_stripped_and_repaired():
     assert no_warning(lambda: keras_dst.density(model)) == pytest.approx(masked_density)
 
 
-class TwoDense(keras.Model):
-    """A subclassed model (masks attached in place): 20 inputs, 3 logits."""
+class _PlainNet(keras.Model):
+    """A subclassed model of plain layers: `prunable` attaches masks to them in place."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.a = keras.layers.Dense(16, activation="relu", name="a")
-        self.b = keras.layers.Dense(3, name="b")
+        self.fc1 = keras.layers.Dense(32, activation="relu", name="fc1")
+        self.fc2 = keras.layers.Dense(3, name="fc2")
 
     def call(self, x):
-        return self.b(self.a(x))
+        return self.fc2(self.fc1(x))
 
 
-def two_dense(seed=0):
+def _plain(seed=0):
+    """A built `_PlainNet` (20 inputs, 3 logits), its weights drawn with `seed`."""
     keras.utils.set_random_seed(seed)
-    model = TwoDense()
-    model(np.zeros((1, 20), "float32"))
+    model = _PlainNet(name="plain")
+    model(np.ones((2, 20), "float32"))
     return model
 
 
@@ -177,8 +178,15 @@ def full_state(model):
             for t in keras_dst.sparse_targets(model)]
 
 
+def assert_same_state(a, b):
+    """`full_state` lists `a` and `b` hold the same arrays, bit for bit."""
+    for x, y in zip(a, b, strict=True):
+        for u, v in zip(x, y, strict=True):
+            np.testing.assert_array_equal(u, v)
+
+
 @pytest.mark.parametrize("make", [lambda seed: keras_dst.prunable(mlp(seed=seed), density=0.3),
-                                  lambda seed: keras_dst.prunable(two_dense(seed), density=0.3)],
+                                  lambda seed: keras_dst.prunable(_plain(seed), density=0.3)],
                          ids=["wrapped", "attached"])
 def test_a_tf_train_checkpoint_holds_the_masks_and_restores_them_exactly(make, tmp_path):
     def compiled(model):
@@ -203,17 +211,13 @@ def test_a_tf_train_checkpoint_holds_the_masks_and_restores_them_exactly(make, t
     assert any((a[0] != b[0]).any() for a, b in zip(saved, full_state(fresh)))
     no_warning(lambda: tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer)
                .restore(manager.latest_checkpoint).assert_consumed())
-    for a, b in zip(saved, full_state(fresh)):  # masks, flags and weights
-        for u, v in zip(a, b):
-            np.testing.assert_array_equal(u, v)
+    assert_same_state(saved, full_state(fresh))  # masks, flags and weights
     assert int(fresh.optimizer.iterations) == int(model.optimizer.iterations)
     assert_sparse_invariants(fresh)
     for m in (model, fresh):  # the restored run goes on exactly as the saved one
         m.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False, callbacks=[dst()])
     assert_sparse_invariants(fresh)
-    for a, b in zip(full_state(model), full_state(fresh)):
-        for u, v in zip(a, b):
-            np.testing.assert_array_equal(u, v)
+    assert_same_state(full_state(model), full_state(fresh))
 
 
 @pytest.mark.parametrize("mask_first", [True, False])
@@ -234,13 +238,13 @@ def test_a_checkpoint_restore_in_either_order_leaves_the_weight_masked(mask_firs
 
 
 def test_a_checkpoint_without_masks_restores_the_weights_through_the_masks(tmp_path):
-    dense = two_dense(0)  # saved before `prunable`: the same keys, no masks
+    dense = _plain(0)  # saved before `prunable`: the same keys, no masks
     path = tf.train.Checkpoint(model=dense).write(str(tmp_path / "dense"))
-    model = keras_dst.prunable(two_dense(1), density=0.3)
+    model = keras_dst.prunable(_plain(1), density=0.3)
     masks = keras_dst.masks(model)
     no_warning(lambda: tf.train.Checkpoint(model=model).read(path).expect_partial())
     assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
-    for t, layer in zip(keras_dst.sparse_targets(model), (dense.a, dense.b)):
+    for t, layer in zip(keras_dst.sparse_targets(model), (dense.fc1, dense.fc2)):
         np.testing.assert_array_equal(t.weight.numpy(),
                                       np.where(t.mask.numpy(), layer.kernel.numpy(), 0))
     assert_sparse_invariants(model)
@@ -249,21 +253,19 @@ def test_a_checkpoint_without_masks_restores_the_weights_through_the_masks(tmp_p
 def test_a_checkpoint_restored_before_prunable_in_place_gives_the_saved_model(tmp_path):
     # The restore finds the layers' weights but not yet their masks: TensorFlow restores
     # those when `prunable` attaches them, and they apply to the restored weights.
-    saved = keras_dst.prunable(two_dense(0), density=0.3, seed=0)
+    saved = keras_dst.prunable(_plain(0), density=0.3, seed=0)
     path = tf.train.Checkpoint(model=saved).write(str(tmp_path / "sparse"))
-    model = two_dense(1)
+    model = _plain(1)
     tf.train.Checkpoint(model=model).read(path).expect_partial()
     model = keras_dst.prunable(model, density=0.3, seed=9)  # other initial masks
-    for a, b in zip(full_state(saved), full_state(model)):
-        for u, v in zip(a, b):
-            np.testing.assert_array_equal(u, v)
+    assert_same_state(full_state(saved), full_state(model))
     assert_sparse_invariants(model)
     t = keras_dst.sparse_targets(model)[0]  # a later set_masks starts new entries at 0
     keras_dst.set_masks(model, {t.weight.path: np.ones(t.weight.shape, bool)})
     assert (t.weight.numpy()[~full_state(saved)[0][0]] == 0).all()
 
     # masks of another pattern waiting for `prunable`: refused, the model left as it was
-    model = two_dense(1)
+    model = _plain(1)
     tf.train.Checkpoint(model=model).read(path).expect_partial()
     before = [w.numpy() for w in model.weights]
     with pytest.raises(ValueError, match="breaks its pattern '2:4'"):
@@ -386,22 +388,10 @@ def test_an_eager_write_of_the_tf_variable_itself_is_masked():
             np.testing.assert_array_equal(t.weight.numpy(), t.mask.numpy().astype("float32"))
 
 
-class _PlainNet(keras.Model):
-    """A subclassed model of plain layers: `prunable` attaches masks to them in place."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.fc1 = keras.layers.Dense(32, activation="relu", name="fc1")
-        self.fc2 = keras.layers.Dense(3, name="fc2")
-
-    def call(self, x):
-        return self.fc2(self.fc1(x))
 
 
 def _attached():
-    model = _PlainNet(name="plain")
-    model(np.ones((2, 20), "float32"))
-    return keras_dst.prunable(model, density=0.3)
+    return keras_dst.prunable(_plain(), density=0.3)
 
 
 def _quantize(model, mode):
