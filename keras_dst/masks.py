@@ -152,15 +152,14 @@ def masks(model: "keras.layers.Layer") -> Dict[str, np.ndarray]:
             for t in sparse_targets(model, caller="masks()")}
 
 
-def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any], apply: bool = True) -> None:
+def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None:
     """Replaces masks from ``{weight.path: 0/1 or bool array}``.
 
     Every entry is validated (known path, same shape, only 0/1 values, the
     weight's sparsity pattern kept) before any mask changes. Weights are then
     zeroed where the new mask is 0 (every eager mask write does so, see
-    `layers._guard_writes`), so the model stays consistent; `apply` is kept for
-    compatibility and no longer leaves them. The entries a new mask activates are
-    added to the weight's ever-active flags (the ITOP rate counts them).
+    `layers._guard_writes`), so the model stays consistent. The entries a new mask
+    activates are added to the weight's ever-active flags (the ITOP rate counts them).
 
     Raises:
       ValueError: unknown path, shape mismatch, non-binary values or a broken
