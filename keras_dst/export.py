@@ -46,6 +46,7 @@ The runtime (`LiteRTModel`, `interpreter`) is the LiteRT interpreter of the
 needs only TensorFlow; running and timing an export needs that package.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -215,6 +216,10 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
       with ``quantize="int8"``: ``"1x16"``); other sparse weights make the file
       smaller but are expanded to dense when the model loads. See the module
       docstring and `ExportReport`.
+      A mixed-precision model (``"mixed_float16"``, ``"mixed_bfloat16"``: float32
+      variables, 16-bit computation) is converted computing in float32, with its
+      float32 variables (LiteRT has no 16-bit float kernels for its layers); the
+      report notes it, and the model keeps its policies.
     * ``format="tf_saved_model"``: a SavedModel directory (Keras's
       ``model.export(..., format="tf_saved_model")`` of the stripped model) for
       TensorFlow Serving; it stores and computes every weight dense.
@@ -290,7 +295,8 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
                             input_names=input_names)
 
     with tempfile.TemporaryDirectory(prefix="keras_dst_export_") as saved:
-        _save(plain, saved, input_signature)
+        with _computing_in_float32(plain) as mixed:
+            _save(plain, saved, input_signature)
         calibration = None
         if quantize == "int8":
             calibration = _calibration(representative_data, saved, input_names,
@@ -310,6 +316,10 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
     constants, densify = _read_constants(content)
     rows = _match(weights, constants, quantize, repaired, sparsity)
     notes = []
+    if mixed:
+        notes.append(f"computes in float32: the layers of mixed precision ({', '.join(mixed)}) "
+                     "were exported with a float32 policy (LiteRT has no 16-bit float kernels "
+                     "for them); their weights were float32 already")
     if not sparsity:
         notes.append("written without the sparsity optimisation (sparsity=False): every weight "
                      "is stored dense")
@@ -370,6 +380,30 @@ def _save(model, directory, input_signature):
         raise ValueError(f"export(): Keras cannot export model '{model.name}' as a SavedModel "
                          f"(the first step of every format): {type(e).__name__}: "
                          f"{_first_lines(e)}") from e
+
+
+@contextlib.contextmanager
+def _computing_in_float32(model):
+    """Gives every layer of `model` with a mixed-precision policy (float32 variables,
+    16-bit computation: "mixed_float16", "mixed_bfloat16") the "float32" policy while
+    the block runs, then its own again; yields the sorted names of the policies changed.
+
+    The LiteRT converter refuses float16/bfloat16 MatMul, BiasAdd, Relu, ... (no
+    builtin kernel), and mixed precision is a way of training: the float32 variables
+    are the model, so the export computes with them in float32.
+    """
+    changed = []
+    for layer in [model] + compat.flatten_layers(model):
+        policy = layer.dtype_policy
+        if (policy.variable_dtype == "float32" and policy.compute_dtype != "float32"
+                and getattr(policy, "quantization_mode", None) is None):
+            changed.append((layer, policy))
+            layer.dtype_policy = "float32"
+    try:
+        yield sorted({policy.name for _, policy in changed})
+    finally:
+        for layer, policy in reversed(changed):
+            layer.dtype_policy = policy
 
 
 def _first_lines(error, n=6):
@@ -808,15 +842,20 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
                    "are not: compressed, expanded to dense at load (DENSIFY): smaller, dense "
                    "speed")
         else:
-            share = _block_zero_share(c.values, need)
+            zeros = _block_zeros(c.values, need)
             threshold = 80 if quantize == "int8" else 90
-            if share is None:
+            if zeros is None:
                 detail = "its zeros are not in such blocks"
             else:
-                detail = (f"only {share:.0%} of its zeros fill such blocks (the converter needs "
-                          f"> {threshold} %")
+                in_blocks, outside = zeros
+                detail = (f"only {in_blocks / (in_blocks + outside):.0%} of its zeros fill such "
+                          f"blocks (the converter needs > {threshold} %")
                 if w.pattern.kind == "block" and w.pattern.block % need == 0:
-                    detail += "; int8 rounding set small active weights to 0"
+                    # the masks' zeros fill whole blocks: the others are active weights
+                    detail += (f"; {outside} active weights are 0: int8 rounding set small ones "
+                               "to 0" if quantize == "int8" else
+                               f"; {outside} active weights are exactly 0, e.g. regrown at 0 and "
+                               "given no gradient since (an input that stays 0)")
                 detail += ")"
             why = (f"the {kind} sparse {op} kernel runs on all-zero 1x{need} blocks, but "
                    f"{detail}: compressed, expanded to dense at load (DENSIFY): smaller, "
@@ -839,17 +878,19 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
     return _row(w, stored, op, why + note, c.nbytes)
 
 
-def _block_zero_share(values, block):
-    """Fraction of the zeros of a rank-2 [out, in] weight that lie in all-zero 1x`block`
-    blocks along `in` (the converter's block-over-random sparsity ratio); None when it does
-    not apply (another rank, `in` not a multiple of `block`, no zeros)."""
+def _block_zeros(values, block):
+    """``(in blocks, outside)``: how many zeros of a rank-2 [out, in] weight lie in all-zero
+    1x`block` blocks along `in`, and how many do not (their ratio to all zeros is the
+    converter's block-over-random sparsity ratio); None when it does not apply (another
+    rank, `in` not a multiple of `block`, no zeros)."""
     if values.ndim != 2 or values.shape[1] % block:
         return None
     zeros = np.count_nonzero(values == 0)
     if not zeros:
         return None
     blocks = values.reshape(values.shape[0], -1, block)
-    return float(np.count_nonzero(np.all(blocks == 0, axis=-1)) * block / zeros)
+    in_blocks = int(np.count_nonzero(np.all(blocks == 0, axis=-1))) * block
+    return in_blocks, zeros - in_blocks
 
 
 # --------------------------------------------------------------------------- #

@@ -154,6 +154,52 @@ def test_unstructured_at_very_low_density_is_block_encoded_with_stored_zeros(tmp
     assert row.stored == "sparse (block 1x4)" and "zeros inside active blocks" in row.why
 
 
+def test_1x4_weight_with_active_zeros_says_how_many_and_why(tmp_path):
+    """A 1x4 weight whose active entries hold exact zeros (regrown at 0 and given no gradient
+    since) has zeros outside whole blocks: the converter densifies it, and the report counts
+    those active zeros (not int8 rounding: this export is float32)."""
+    model = sparse(mlp((64, 32, 4)), "1x4", density=0.5)
+    target = [t for t in keras_dst.sparse_targets(model) if t.weight.path == "fc1/kernel"][0]
+    kernel, mask = target.weight.numpy(), target.mask.numpy()
+    rows, cols = np.nonzero(mask[::4])  # one entry (the first) of 200 active blocks
+    kernel[rows[:200] * 4, cols[:200]] = 0.0  # and 1024 masked zeros: 84 % of the zeros in blocks
+    target.weight.assign(kernel)
+    report = keras_dst.export(model, tmp_path / "m.tflite", compare_dense=False)
+    row = by_weight(report)["fc1/kernel"]
+    assert row.stored == "densified (CSR)"
+    assert ("only 84% of its zeros fill such blocks (the converter needs > 90 %; 200 active weights "
+            "are exactly 0, e.g. regrown at 0") in row.why
+    assert "int8" not in row.why
+    assert by_weight(report)["head/kernel"].stored == "sparse (block 1x4)"
+
+
+@needs_litert
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_mixed_precision_model_exports_computing_in_float32(tmp_path, policy, in_place):
+    """LiteRT has no 16-bit float MatMul/BiasAdd/Relu kernels (the converter refused a
+    mixed-precision model): the export computes with the float32 variables in float32, says so,
+    and leaves the model's own policies as they were."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = sparse(mlp((32, 16, 4)), "1x4", density=0.25, in_place=in_place)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = data((32,))
+    report = keras_dst.export(model, tmp_path / "m.tflite", compare_dense=False)
+    assert any(f"the layers of mixed precision ({policy})" in note for note in report.notes)
+    assert [w.stored for w in report.weights] == ["sparse (block 1x4)"] * 2
+    assert {layer.dtype_policy.name for layer in model.layers[1:]} == {policy}
+    source = model if in_place else keras_dst.strip(model)  # kernels ⊙ masks, float32 variables
+    reference = keras.models.clone_model(source, clone_function=lambda layer: layer.__class__.from_config(
+        {**layer.get_config(), "dtype": "float32"}))
+    for mine, theirs in zip(reference.layers, source.layers):
+        values = {v.name: v for v in theirs.weights}  # (attached masks are weights of theirs too)
+        for v in mine.weights:
+            v.assign(values[v.name])
+    assert np.max(np.abs(report.load().predict(x) - reference.predict(x, verbose=0))) <= FLOAT_TOL
+
+
 # --------------------------------------------------------------------------- #
 # Other layer types
 # --------------------------------------------------------------------------- #
