@@ -394,9 +394,10 @@ def _computing_in_float32(model):
     """
     changed = []
     for layer in [model] + compat.flatten_layers(model):
-        policy = layer.dtype_policy
+        policy = layer.dtype_policy  # (a DTypePolicyMap, of a quantized model: left as it is)
         if (policy.variable_dtype == "float32" and policy.compute_dtype != "float32"
-                and getattr(policy, "quantization_mode", None) is None):
+                and getattr(policy, "quantization_mode", None) is None
+                and not isinstance(policy, keras.dtype_policies.DTypePolicyMap)):
             changed.append((layer, policy))
             layer.dtype_policy = "float32"
     try:
