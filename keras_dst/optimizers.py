@@ -31,7 +31,7 @@ model saved with it loads with ``import keras_dst`` and
 import keras
 from keras import ops
 
-from keras_dst import compat
+from keras_dst import compat, validation
 
 
 @keras.saving.register_keras_serializable(package="keras_dst")
@@ -42,7 +42,7 @@ class TorchSGD(keras.optimizers.SGD):
       learning_rate: float or a `keras.optimizers.schedules.LearningRateSchedule`.
       momentum: float in [0, 1].
       nesterov: bool.
-      l2: coupled weight decay coefficient (PyTorch's ``weight_decay``), >= 0;
+      l2: coupled weight decay coefficient (PyTorch's ``weight_decay``), a finite real >= 0;
         applied to every variable the optimizer updates (kernels, biases, BN).
       name: optimizer name.
       **kwargs: other `keras.optimizers.Optimizer` arguments. Keras' own
@@ -51,11 +51,12 @@ class TorchSGD(keras.optimizers.SGD):
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, l2=0.0,
                  name="torch_sgd", **kwargs):
-        super().__init__(learning_rate=learning_rate, momentum=float(momentum),
-                         nesterov=nesterov, name=name, **kwargs)
+        l2 = validation.check_real(l2, "l2")
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got l2={l2!r}.")
-        self.l2 = float(l2)
+        super().__init__(learning_rate=learning_rate, momentum=float(momentum),
+                         nesterov=nesterov, name=name, **kwargs)
+        self.l2 = l2
 
     def update_step(self, gradient, variable, learning_rate):
         learning_rate = ops.cast(learning_rate, variable.dtype)

@@ -146,6 +146,12 @@ def test_torch_sgd_matches_pytorch_formula():
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("l2, error", [("0.1", TypeError), (float("nan"), ValueError), (-1.0, ValueError)])
+def test_torch_sgd_refuses_a_bad_l2_naming_it(l2, error):
+    with pytest.raises(error, match="l2"):
+        optim.TorchSGD(0.1, momentum=0.9, l2=l2)
+
+
 def test_step_decay_drops_at_half_and_three_quarters():
     schedule = optim.step_decay(0.1, epochs=100, steps_per_epoch=10)
     lr = lambda step: float(schedule(step))  # noqa: E731
