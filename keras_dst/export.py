@@ -297,14 +297,17 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
     with tempfile.TemporaryDirectory(prefix="keras_dst_export_") as saved:
         with _computing_in_float32(plain) as mixed:
             _save(plain, saved, input_signature)
+            sixteen = sorted(f"'{layer.name}' ({layer.dtype_policy.name})"
+                             for layer in [plain] + compat.flatten_layers(plain)
+                             if layer.compute_dtype in ("float16", "bfloat16"))
         calibration = None
         if quantize == "int8":
             calibration = _calibration(representative_data, saved, input_names,
                                        calibration_steps)
-        content = _convert(saved, model.name, sparse=sparsity, calibration=calibration)
+        content = _convert(saved, model.name, sparsity, calibration, sixteen)
         broken = _padded_block_tensors(content) if sparsity else {}
         dense = content if not sparsity else (
-            _convert(saved, model.name, sparse=False, calibration=calibration)
+            _convert(saved, model.name, False, calibration, sixteen)
             if compare_dense or broken else None)
     repaired = {}
     if broken:
@@ -412,7 +415,10 @@ def _first_lines(error, n=6):
     return "\n".join(lines[:n]) + ("\n..." if len(lines) > n else "")
 
 
-def _convert(saved_model_dir, name, sparse, calibration):
+def _convert(saved_model_dir, name, sparse, calibration, sixteen_bit_layers=()):
+    """The .tflite bytes of the SavedModel; a converter failure is a ValueError naming the
+    ops it could not convert, their layers, and `sixteen_bit_layers` (which compute in
+    float16/bfloat16 with 16-bit variables: LiteRT has no such kernels)."""
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []
@@ -433,6 +439,11 @@ def _convert(saved_model_dir, name, sparse, calibration):
                  if op in where else op for op in ops]
         detail = (f"TensorFlow ops without a LiteRT builtin: {', '.join(named)}" if ops else
                   f"{type(e).__name__}: {_first_lines(e)}")
+        if sixteen_bit_layers:
+            detail += (f". These layers compute in a 16-bit float type with 16-bit variables, "
+                       f"which LiteRT has no kernels for: {', '.join(sixteen_bit_layers)}; build "
+                       "the model in float32 or with a mixed policy (\"mixed_float16\": exported "
+                       "computing in float32)")
         raise ValueError(f"export(format='litert'): the LiteRT converter cannot convert model "
                          f"'{name}': {detail}. Export it with format='tf_saved_model', or "
                          "replace those layers.") from e

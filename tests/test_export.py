@@ -441,6 +441,18 @@ def test_errors_name_the_argument_and_value(tmp_path):
     assert not path.exists()
 
 
+def test_a_float16_model_is_a_clear_error_naming_its_16_bit_layers(tmp_path):
+    """Variables and computation in float16 (not a mixed policy): the error names the layer
+    and its policy, not only the ops, and points at float32 / mixed precision."""
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(16, activation="relu", dtype="float16", name="half")(inputs)
+    model = sparse(keras.Model(inputs, keras.layers.Dense(4, name="head")(x)), density=0.5)
+    with pytest.raises(ValueError, match=r"MatMul \(layer 'half'\).*16-bit float.*'half' \(float16\)"
+                                         r".*mixed_float16"):
+        keras_dst.export(model, tmp_path / "half.tflite", compare_dense=False)
+    assert not (tmp_path / "half.tflite").exists()
+
+
 def test_a_model_the_converter_cannot_handle_is_a_clear_error(tmp_path):
     inputs = keras.Input((4, 4))
     x = Det(name="det")(keras.layers.Dense(4, name="fc")(inputs))
