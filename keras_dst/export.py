@@ -1000,7 +1000,28 @@ class LiteRTModel:
                 raise ValueError(f"LiteRTModel: the model has inputs {self.input_names}; pass a "
                                  "list (in that order) or a dict.")
             items = {self.input_names[0]: x}
-        return {k: np.asarray(v, dtype=self._inputs[k]["dtype"]) for k, v in items.items()}
+        feed = {}
+        for name, value in items.items():
+            detail = self._inputs[name]
+            try:
+                array = np.asarray(value, dtype=detail["dtype"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"LiteRTModel: input '{name}' is not an array of numbers: "
+                                 f"{e}") from e
+            expected = [int(d) for d in detail["shape_signature"]]  # -1: any size (the batch)
+            if array.ndim != len(expected) or any(
+                    e >= 0 and e != d for e, d in zip(expected[1:], array.shape[1:])):
+                shown = tuple(None if e < 0 else e for e in expected)
+                raise ValueError(f"LiteRTModel: input '{name}' has shape {array.shape}; the model "
+                                 f"takes a batch of shape {shown}.")
+            feed[name] = array
+        sizes = {name: len(array) for name, array in feed.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"LiteRTModel: the inputs hold different numbers of samples: {sizes}.")
+        if not next(iter(sizes.values())):
+            shapes = {name: array.shape for name, array in feed.items()}
+            raise ValueError(f"LiteRTModel: no samples (inputs of shapes {shapes}).")
+        return feed
 
     def predict(self, x, batch_size: int = 32):
         """Outputs for a batch of inputs (array, list or dict), computed `batch_size` at a time.

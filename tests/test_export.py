@@ -237,6 +237,8 @@ def test_every_supported_layer_type_outputs_equal_and_is_found(tmp_path):
     assert rows["conv2d_transpose/kernel"].op == "TRANSPOSE_CONV"
     # a list of inputs in the Keras model's order, though the signature sorts them by name
     assert report.input_names == ["img", "seq", "vol", "tok"]
+    with pytest.raises(ValueError, match=r"different numbers of samples: \{'img': 8, 'seq': 7"):
+        report.load().predict([x[0], x[1][:7], x[2], x[3]])
 
 
 @needs_litert
@@ -386,6 +388,16 @@ def test_litert_model_inputs_and_timing(tmp_path):
     assert runtime.time_invoke(runs=3) > 0
     with pytest.raises(ValueError, match="missing"):
         runtime.predict({"nope": x})
+    # inputs of another shape were reshaped by the runtime (7 features, or a list of two batches
+    # for one input, gave outputs for other samples), an empty batch failed inside predict
+    name = runtime.input_names[0]
+    for bad in (data((15,), n=5), x[0], [x, x]):
+        with pytest.raises(ValueError, match=rf"input '{name}' has shape .*batch of shape \(None, 16\)"):
+            runtime.predict(bad)
+    with pytest.raises(ValueError, match="no samples"):
+        runtime.predict(x[:0])
+    with pytest.raises(ValueError, match=rf"input '{name}' is not an array of numbers"):
+        runtime.predict("x")
 
 
 def test_missing_runtime_says_how_to_install_it(tmp_path, monkeypatch):
