@@ -1047,6 +1047,7 @@ class LiteRTModel:
 
         Call it before `time_invoke` (which times the inputs set here).
         """
+        batch_size = check_positive_int(batch_size, "batch_size")
         rng = np.random.default_rng(seed)
         it = self.interpreter
         for d in it.get_input_details():
@@ -1066,6 +1067,7 @@ class LiteRTModel:
 
     def time_invoke(self, runs: int = 100) -> float:
         """Mean wall time (s) of `runs` invocations on the inputs of the last `prepare`."""
+        runs = check_positive_int(runs, "runs")
         invoke = self.interpreter.invoke
         start = time.perf_counter()
         for _ in range(runs):

@@ -386,6 +386,10 @@ def test_litert_model_inputs_and_timing(tmp_path):
     assert np.allclose(runtime.predict({runtime.input_names[0]: x}), runtime.predict(x))
     runtime.prepare(batch_size=3)
     assert runtime.time_invoke(runs=3) > 0
+    with pytest.raises(ValueError, match="batch_size"):
+        runtime.prepare(batch_size=0)
+    with pytest.raises(ValueError, match="runs"):
+        runtime.time_invoke(runs=0)  # (was a ZeroDivisionError)
     with pytest.raises(ValueError, match="missing"):
         runtime.predict({"nope": x})
     # inputs of another shape were reshaped by the runtime (7 features, or a list of two batches
