@@ -295,11 +295,8 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
                             input_names=input_names)
 
     with tempfile.TemporaryDirectory(prefix="keras_dst_export_") as saved:
-        with _computing_in_float32(plain) as mixed:
+        with _computing_in_float32(plain) as (mixed, sixteen):
             _save(plain, saved, input_signature)
-            sixteen = sorted(f"'{layer.name}' ({layer.dtype_policy.name})"
-                             for layer in [plain] + compat.flatten_layers(plain)
-                             if layer.compute_dtype in ("float16", "bfloat16"))
         calibration = None
         if quantize == "int8":
             calibration = _calibration(representative_data, saved, input_names,
@@ -389,13 +386,15 @@ def _save(model, directory, input_signature):
 def _computing_in_float32(model):
     """Gives every layer of `model` with a mixed-precision policy (float32 variables,
     16-bit computation: "mixed_float16", "mixed_bfloat16") the "float32" policy while
-    the block runs, then its own again; yields the sorted names of the policies changed.
+    the block runs, then its own again. Yields ``(mixed, sixteen)``: the sorted names of
+    the policies changed, and the layers left computing in float16/bfloat16 (16-bit
+    variables, or a DTypePolicyMap) as ``"'name' (policy)"``, for the converter's error.
 
     The LiteRT converter refuses float16/bfloat16 MatMul, BiasAdd, Relu, ... (no
     builtin kernel), and mixed precision is a way of training: the float32 variables
     are the model, so the export computes with them in float32.
     """
-    changed = []
+    changed, sixteen = [], []
     for layer in [model] + compat.flatten_layers(model):
         policy = layer.dtype_policy  # (a DTypePolicyMap, of a quantized model: left as it is)
         if (policy.variable_dtype == "float32" and policy.compute_dtype != "float32"
@@ -403,8 +402,10 @@ def _computing_in_float32(model):
                 and not isinstance(policy, keras.dtype_policies.DTypePolicyMap)):
             changed.append((layer, policy))
             layer.dtype_policy = "float32"
+        elif layer.compute_dtype in ("float16", "bfloat16"):
+            sixteen.append(f"'{layer.name}' ({policy.name})")
     try:
-        yield sorted({policy.name for _, policy in changed})
+        yield sorted({policy.name for _, policy in changed}), sorted(sixteen)
     finally:
         for layer, policy in reversed(changed):
             layer.dtype_policy = policy
