@@ -75,7 +75,10 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         ``"1x4"``: blocks of B consecutive entries along the kernel's input axis,
         the axis before the last), ``"N:M"`` (e.g. ``"2:4"``: exactly N active
         in every M consecutive input-axis entries; the layer's density is then
-        N/M, fixed outside the distribution) or ``"fan_in"`` (every output unit
+        N/M, fixed outside the distribution, and `density` may be omitted: N/M is
+        the density of the weights that `keep_dense` and `density_overrides` leave
+        free, those with another pattern sharing it, the fixed ones on top) or
+        ``"fan_in"`` (every output unit
         has the same number of active inputs; the distribution still sets each
         layer's density). Kept through every DST update.
       pattern_overrides: ``{layer name: pattern}`` for layers that need another
@@ -114,11 +117,13 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
     """
     keep_dense = check_names(keep_dense, "keep_dense")
     pattern = patterns.parse(pattern)
-    if pattern.kind == "nm":  # N:M fixes the density of every layer it applies to
-        density = patterns.check_density(pattern, density, "prunable(pattern=...)")
     if density is not None:
         density = check_density(density)
-    elif not isinstance(distribution, Mapping) or not isinstance(obj, keras.Model):
+    if pattern.kind == "nm":  # N:M fixes the density of every layer it applies to
+        if density is not None or not isinstance(obj, keras.Model):
+            density = patterns.check_density(pattern, density, "prunable(pattern=...)")
+    elif density is None and (not isinstance(distribution, Mapping)
+                              or not isinstance(obj, keras.Model)):
         raise ValueError("prunable() needs a density in (0, 1], e.g. density=0.1 (for a "
                          "model, or a distribution dict {layer name: density}).")
     check_choice(init, ("exact", "bernoulli"), "init")
@@ -362,6 +367,13 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
                 patterns.check_density(p, fixed[path], f"layer '{label(owner[path])}'")
             fixed[path] = p.n / p.m
             fixed_by.setdefault(path, f"pattern '{p}'")
+    sizes = {path: int(np.prod(shape)) for path, shape in shapes.items()}
+    total = sum(sizes.values())
+    if pattern.kind == "nm" and not isinstance(distribution, Mapping):
+        # N:M's N/M is the density of the weights that keep_dense and density_overrides
+        # leave free (those with another pattern share it); the fixed ones come on top.
+        density = (sum(fixed.get(path, pattern.n / pattern.m) * n for path, n in sizes.items())
+                   / total if total else 1.0)
     if isinstance(distribution, Mapping):
         unknown = set(distribution) - known
         if unknown:
@@ -378,11 +390,10 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
             if per_weight[path] != value:
                 refuse_two_values(path, per_weight[path], per_weight_by[path], value,
                                   fixed_by[path])
-        sizes = {path: int(np.prod(shape)) for path, shape in shapes.items()}
-        total = sum(sizes.values())
         realised = (sum(per_weight[path] * n for path, n in sizes.items()) / total
                     if total else 1.0)
-        if density is not None and abs(realised - density) > 1e-6:
+        # (with N:M, `density` is the pattern's N/M, checked per layer above)
+        if density is not None and pattern.kind != "nm" and abs(realised - density) > 1e-6:
             raise ValueError(
                 f"prunable(): the distribution dict gives a density of {realised:.6g} over "
                 f"the sparsified weights, not density={density}; omit density (the dict sets "

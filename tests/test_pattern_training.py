@@ -296,6 +296,42 @@ def test_n_m_fixes_the_density():
     assert keras_dst.density(model) == pytest.approx(0.5)
 
 
+def _densities(model):
+    return {"/".join(t.weight.path.split("/")[-2:]): float(t.mask.numpy().mean())
+            for t in keras_dst.sparse_targets(model)}
+
+
+@pytest.mark.parametrize("density", [None, 0.5])
+def test_n_m_leaves_kept_dense_and_overridden_layers_outside_its_density(density):
+    # The remedy the shape error names (keep_dense) must work: N/M is the density of the
+    # weights keep_dense and density_overrides leave free, the fixed ones come on top.
+    sizes = {"fc1": 30 * 16, "fc2": 16 * 8, "fc3": 8 * 3}
+    kept = keras_dst.prunable(mlp_model((30, 16, 8, 3)), density=density, pattern="2:4",
+                              keep_dense="fc1")
+    assert _densities(kept) == {"fc1/kernel": 1.0, "fc2/kernel": 0.5, "fc3/kernel": 0.5}
+    assert keras_dst.density(kept) == pytest.approx(
+        (sizes["fc1"] + 0.5 * (sizes["fc2"] + sizes["fc3"])) / sum(sizes.values()))
+    overridden = keras_dst.prunable(
+        mlp_model((30, 16, 8, 3)), density=density, pattern="2:4", keep_dense="fc1",
+        density_overrides={"fc3": 0.75}, pattern_overrides={"fc3": "unstructured"})
+    assert _densities(overridden) == {"fc1/kernel": 1.0, "fc2/kernel": 0.5, "fc3/kernel": 0.75}
+    # Free layers with another pattern share N/M of their own weights (as without fixed ones).
+    shared = keras_dst.prunable(mlp_model((30, 16, 8, 3)), density=density, pattern="2:4",
+                                keep_dense="fc1", pattern_overrides={"fc3": "unstructured"})
+    assert _densities(shared) == {"fc1/kernel": 1.0, "fc2/kernel": 0.5, "fc3/kernel": 0.5}
+
+
+def test_n_m_with_a_distribution_dict_and_no_density_takes_the_dict():
+    model = keras_dst.prunable(mlp_model((30, 16, 8, 3)), pattern="2:4",
+                               distribution={"fc1": 1.0, "fc2": 0.5, "fc3": 0.5},
+                               pattern_overrides={"fc1": "unstructured"})
+    assert _densities(model) == {"fc1/kernel": 1.0, "fc2/kernel": 0.5, "fc3/kernel": 0.5}
+    with pytest.raises(ValueError, match=r"fc2.*0\.25.*2:4"):
+        keras_dst.prunable(mlp_model((30, 16, 8, 3)), pattern="2:4",
+                           distribution={"fc1": 1.0, "fc2": 0.25, "fc3": 0.5},
+                           pattern_overrides={"fc1": "unstructured"})
+
+
 def test_fan_in_gives_every_output_unit_the_same_count():
     model = keras_dst.prunable(mlp_model(), density=0.25, pattern="fan_in")
     for t in keras_dst.sparse_targets(model):
@@ -308,6 +344,7 @@ def test_fan_in_gives_every_output_unit_the_same_count():
     (dict(density=0.3, pattern="1x16"), ValueError, ["fc3", "16", "keep_dense", "override"]),
     (dict(pattern="3:5"), ValueError, ["fc1", "3:5", "keep_dense"]),
     (dict(density=0.3, pattern="2:4"), ValueError, ["2:4", "0.5", "0.3"]),
+    (dict(density="0.5", pattern="2:4"), TypeError, ["density", "'0.5'"]),
     (dict(density=0.3, pattern="1x4", init="bernoulli"), ValueError, ["init", "exact"]),
     (dict(density=0.3, pattern="2x4"), ValueError, ["pattern", "2x4", "1xB"]),
     (dict(density=0.3, pattern="1x4", pattern_overrides={"nope": "2:4"}), ValueError, ["nope"]),
