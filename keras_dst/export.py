@@ -982,7 +982,11 @@ class LiteRTModel:
         self.input_names = list(input_names) if input_names and \
             sorted(input_names) == sorted(details) else sorted(details)
         self._inputs = details
-        self.output_names = sorted(runner.get_output_details(), key=lambda n: (len(n), n))
+        names = list(runner.get_output_details())
+        # Keras names a list's outputs output_0, output_1, ... and a dict's by their keys.
+        self._outputs_by_name = not all(re.fullmatch(r"output_\d+", n) for n in names)
+        self.output_names = sorted(names) if self._outputs_by_name else sorted(
+            names, key=lambda n: int(n[len("output_"):]))
         del runner
 
     def _feed(self, x) -> Dict[str, np.ndarray]:
@@ -1027,7 +1031,9 @@ class LiteRTModel:
     def predict(self, x, batch_size: int = 32):
         """Outputs for a batch of inputs (array, list or dict), computed `batch_size` at a time.
 
-        Returns one array for a single-output model, else a list in output order.
+        Returns what Keras's ``predict`` returns: one array for a single output, a list
+        in the model's order for a list of outputs, a dict by output name for a model
+        whose outputs are a dict.
         """
         batch_size = check_positive_int(batch_size, "batch_size")
         feed = self._feed(x)
@@ -1039,9 +1045,10 @@ class LiteRTModel:
             for name in self.output_names:
                 outputs[name].append(np.array(result[name], copy=True))
         del runner, result
-        joined = [np.concatenate(outputs[name]) if outputs[name] else np.zeros(0)
-                  for name in self.output_names]
-        return joined[0] if len(joined) == 1 else joined
+        joined = {name: np.concatenate(arrays) for name, arrays in outputs.items()}
+        if self._outputs_by_name:
+            return joined
+        return joined[self.output_names[0]] if len(joined) == 1 else list(joined.values())
 
     def prepare(self, batch_size: int = 1, seed: int = 0):
         """Resizes the inputs to `batch_size`, fills them with random data, runs once.

@@ -242,6 +242,32 @@ def test_every_supported_layer_type_outputs_equal_and_is_found(tmp_path):
 
 
 @needs_litert
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_several_outputs_come_back_as_keras_predict_returns_them(tmp_path, as_dict):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(12, activation="relu", name="hidden")(inputs)
+    # 12 outputs (output_10 comes after output_9); as a dict, keys whose sorted order is
+    # neither the order of definition nor that of their lengths
+    names = ["b", "aa_long"] + [f"h{i}" for i in range(10)]
+    heads = [keras.layers.Dense(i + 1, name=name)(hidden) for i, name in enumerate(names)]
+    outputs = dict(zip(names, heads)) if as_dict else heads
+    model = sparse(keras.Model(inputs, outputs), density=0.5)
+    report = keras_dst.export(model, tmp_path / "o.tflite", compare_dense=False)
+    x = data((8,), n=5)
+    expected, got = keras_dst.strip(model).predict(x, verbose=0), report.load().predict(x)
+    assert type(got) is type(expected)
+    if as_dict:
+        assert sorted(got) == sorted(expected)
+        pairs = [(got[name], expected[name]) for name in expected]
+    else:
+        assert len(got) == len(expected) == 12
+        pairs = list(zip(got, expected))
+    for g, e in pairs:
+        assert g.shape == e.shape and np.max(np.abs(g - e)) <= FLOAT_TOL
+
+
+@needs_litert
 def test_plain_model_without_masks_exports_and_reports_its_zeros(tmp_path):
     model = mlp((16, 8, 4))
     report = keras_dst.export(model, tmp_path / "d.tflite", compare_dense=False)
