@@ -295,16 +295,16 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
                             input_names=input_names)
 
     with tempfile.TemporaryDirectory(prefix="keras_dst_export_") as saved:
-        with _computing_in_float32(plain) as (mixed, sixteen):
+        with _computing_in_float32(plain) as (mixed, hints):
             _save(plain, saved, input_signature)
         calibration = None
         if quantize == "int8":
             calibration = _calibration(representative_data, saved, input_names,
                                        calibration_steps)
-        content = _convert(saved, model.name, sparsity, calibration, sixteen)
+        content = _convert(saved, model.name, sparsity, calibration, hints)
         broken = _padded_block_tensors(content) if sparsity else {}
         dense = content if not sparsity else (
-            _convert(saved, model.name, False, calibration, sixteen)
+            _convert(saved, model.name, False, calibration, hints)
             if compare_dense or broken else None)
     repaired = {}
     if broken:
@@ -386,26 +386,41 @@ def _save(model, directory, input_signature):
 def _computing_in_float32(model):
     """Gives every layer of `model` with a mixed-precision policy (float32 variables,
     16-bit computation: "mixed_float16", "mixed_bfloat16") the "float32" policy while
-    the block runs, then its own again. Yields ``(mixed, sixteen)``: the sorted names of
-    the policies changed, and the layers left computing in float16/bfloat16 (16-bit
-    variables, or a DTypePolicyMap) as ``"'name' (policy)"``, for the converter's error.
+    the block runs, then its own again. Yields ``(mixed, hints)``: the sorted names of
+    the policies changed, and the text the converter's error adds about the layers
+    LiteRT may have no kernels for (empty if none): those left computing in
+    float16/bfloat16 (16-bit variables, or a DTypePolicyMap) and those quantized by
+    Keras (``model.quantize``: its "int8" and "float8" layers do not convert).
 
     The LiteRT converter refuses float16/bfloat16 MatMul, BiasAdd, Relu, ... (no
     builtin kernel), and mixed precision is a way of training: the float32 variables
     are the model, so the export computes with them in float32.
     """
-    changed, sixteen = [], []
+    changed, sixteen, quantized = [], [], []
     for layer in [model] + compat.flatten_layers(model):
         policy = layer.dtype_policy  # (a DTypePolicyMap, of a quantized model: left as it is)
-        if (policy.variable_dtype == "float32" and policy.compute_dtype != "float32"
-                and getattr(policy, "quantization_mode", None) is None
+        mode = getattr(policy, "quantization_mode", None)
+        if mode is not None:
+            quantized.append(f"'{layer.name}' ({mode})")
+        elif (policy.variable_dtype == "float32" and policy.compute_dtype != "float32"
                 and not isinstance(policy, keras.dtype_policies.DTypePolicyMap)):
             changed.append((layer, policy))
             layer.dtype_policy = "float32"
         elif layer.compute_dtype in ("float16", "bfloat16"):
             sixteen.append(f"'{layer.name}' ({policy.name})")
+    hints = ""
+    if sixteen:
+        hints += (f". These layers compute in a 16-bit float type with 16-bit variables, "
+                  f"which LiteRT has no kernels for: {', '.join(sorted(sixteen))}; build the "
+                  "model in float32 or with a mixed policy (\"mixed_float16\": exported "
+                  "computing in float32)")
+    if quantized:
+        hints += (f". These layers were quantized by Keras (model.quantize), whose int8 and "
+                  f"float8 layers LiteRT cannot take: {', '.join(sorted(quantized))}; export "
+                  "the float model instead, with export(..., quantize='int8', "
+                  "representative_data=...) for an int8 LiteRT model")
     try:
-        yield sorted({policy.name for _, policy in changed}), sorted(sixteen)
+        yield sorted({policy.name for _, policy in changed}), hints
     finally:
         for layer, policy in reversed(changed):
             layer.dtype_policy = policy
@@ -416,10 +431,9 @@ def _first_lines(error, n=6):
     return "\n".join(lines[:n]) + ("\n..." if len(lines) > n else "")
 
 
-def _convert(saved_model_dir, name, sparse, calibration, sixteen_bit_layers=()):
+def _convert(saved_model_dir, name, sparse, calibration, hints=""):
     """The .tflite bytes of the SavedModel; a converter failure is a ValueError naming the
-    ops it could not convert, their layers, and `sixteen_bit_layers` (which compute in
-    float16/bfloat16 with 16-bit variables: LiteRT has no such kernels)."""
+    ops it could not convert, their layers, and `hints` (see `_computing_in_float32`)."""
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []
@@ -440,13 +454,8 @@ def _convert(saved_model_dir, name, sparse, calibration, sixteen_bit_layers=()):
                  if op in where else op for op in ops]
         detail = (f"TensorFlow ops without a LiteRT builtin: {', '.join(named)}" if ops else
                   f"{type(e).__name__}: {_first_lines(e)}")
-        if sixteen_bit_layers:
-            detail += (f". These layers compute in a 16-bit float type with 16-bit variables, "
-                       f"which LiteRT has no kernels for: {', '.join(sixteen_bit_layers)}; build "
-                       "the model in float32 or with a mixed policy (\"mixed_float16\": exported "
-                       "computing in float32)")
         raise ValueError(f"export(format='litert'): the LiteRT converter cannot convert model "
-                         f"'{name}': {detail}. Export it with format='tf_saved_model', or "
+                         f"'{name}': {detail}{hints}. Export it with format='tf_saved_model', or "
                          "replace those layers.") from e
 
 

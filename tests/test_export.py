@@ -494,6 +494,17 @@ def test_a_float16_model_is_a_clear_error_naming_its_16_bit_layers(tmp_path):
         keras_dst.export(model, tmp_path / "half.tflite", compare_dense=False)
     assert not (tmp_path / "half.tflite").exists()
 
+def test_a_keras_quantized_model_is_a_clear_error_pointing_at_quantize_int8(tmp_path):
+    """The README's way to quantize is `strip(model).quantize(...)`; LiteRT cannot take
+    Keras's int8 layers: the error names them and points at export(quantize='int8')."""
+    plain = keras_dst.strip(sparse(mlp(), density=0.5))
+    plain.quantize("int8")
+    with pytest.raises(ValueError, match=r"quantized by Keras.*'fc1' \(int8\).*'head' \(int8\)"
+                                         r".*quantize='int8', representative_data"):
+        keras_dst.export(plain, tmp_path / "q.tflite", compare_dense=False)
+    assert not (tmp_path / "q.tflite").exists()
+
+
 
 def test_a_model_the_converter_cannot_handle_is_a_clear_error(tmp_path):
     inputs = keras.Input((4, 4))
