@@ -301,7 +301,8 @@ _CRITERIA = Registry("criterion")
 
 def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
                        params: Optional[Mapping[str, Any]] = None, select: bool = False,
-                       ema: bool = False, overwrite: bool = False):
+                       ema: bool = False, overwrite: bool = False
+                       ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a score function (or, with `select=True`, a selection function).
 
     Args:
@@ -333,7 +334,7 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
     return decorator
 
 
-def get_criterion(criterion, *, ordering: Optional[str] = None, needs_gradient: Optional[bool] = None,
+def get_criterion(criterion: Any, *, ordering: Optional[str] = None, needs_gradient: Optional[bool] = None,
                   **params) -> Criterion:
     """Resolves a criterion and merges parameters.
 

@@ -1037,7 +1037,8 @@ class LiteRTModel:
             raise ValueError(f"LiteRTModel: no samples (inputs of shapes {shapes}).")
         return feed
 
-    def predict(self, x, batch_size: int = 32):
+    def predict(self, x: Any, batch_size: int = 32
+                ) -> Union[np.ndarray, List[np.ndarray], Dict[str, np.ndarray]]:
         """Outputs for a batch of inputs (array, list or dict), computed `batch_size` at a time.
 
         Returns what Keras's ``predict`` returns: one array for a single output, a list
@@ -1059,7 +1060,7 @@ class LiteRTModel:
             return joined
         return joined[self.output_names[0]] if len(joined) == 1 else list(joined.values())
 
-    def prepare(self, batch_size: int = 1, seed: int = 0):
+    def prepare(self, batch_size: int = 1, seed: int = 0) -> None:
         """Resizes the inputs to `batch_size`, fills them with random data, runs once.
 
         Call it before `time_invoke` (which times the inputs set here).

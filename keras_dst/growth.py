@@ -103,7 +103,8 @@ _GROWTH = Registry("growth rule")
 
 
 def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: bool = False,
-                    params: Optional[Mapping[str, Any]] = None, overwrite: bool = False):
+                    params: Optional[Mapping[str, Any]] = None, overwrite: bool = False
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a growth score function fn(inputs, **params).
 
     Args:
@@ -131,7 +132,7 @@ def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: 
     return decorator
 
 
-def get_growth(growth, **params) -> GrowthRule:
+def get_growth(growth: Any, **params: Any) -> GrowthRule:
     """Resolves a growth rule and merges parameters.
 
     Args:

@@ -512,7 +512,7 @@ class SparseState:
             return distributions.bernoulli_mask(shape, density, seed)
         return patterns.initial_mask(pattern, shape, density, seed)
 
-    def apply_masks(self):
+    def apply_masks(self) -> None:
         """Zeroes every sparsified weight where its mask is False."""
         self._pending_writes.clear()
         for w, m in zip(self.sparse_weights, self.masks):
@@ -665,7 +665,7 @@ class SparseWrapper(keras.layers.Wrapper):
         return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer,
                                trainable=False, aggregation="only_first_replica")
 
-    def apply_masks(self):
+    def apply_masks(self) -> None:
         """Zeroes every sparsified weight where its mask is False."""
         self._sparse_state.apply_masks()
 

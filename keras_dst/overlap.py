@@ -10,6 +10,7 @@ the whole model (the union of the per-layer sets; 1 when both are empty).
 """
 
 import json
+import os
 from typing import Callable, Optional, Sequence, Union
 
 import keras
@@ -198,7 +199,7 @@ class CriteriaOverlap(ScheduledCallback):
         return {f"jaccard/{a}/{b}": float(matrix[i, j])
                 for i, a in enumerate(self.names) for j, b in enumerate(self.names) if i < j}
 
-    def save_json(self, path, matrix="mean"):
+    def save_json(self, path: Union[str, os.PathLike], matrix: str = "mean") -> None:
         """Writes ``{"names", "matrix", "history": [{"step", "matrix"}, ...]}`` to `path`.
 
         Args:

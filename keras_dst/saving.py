@@ -232,7 +232,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.backup_dir = os.fspath(backup_dir)
         self.delete_checkpoint = delete_checkpoint
 
-    def latest(self):
+    def latest(self) -> Optional[str]:
         """Path of the newest complete backup, or None."""
         try:
             with open(os.path.join(self.backup_dir, _LATEST)) as f:
