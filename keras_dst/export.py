@@ -53,7 +53,7 @@ import re
 import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -1060,20 +1060,52 @@ class LiteRTModel:
             return joined
         return joined[self.output_names[0]] if len(joined) == 1 else list(joined.values())
 
-    def prepare(self, batch_size: int = 1, seed: int = 0) -> None:
+    def prepare(self, batch_size: int = 1, seed: int = 0,
+                shapes: Optional[Mapping[str, Sequence[int]]] = None) -> None:
         """Resizes the inputs to `batch_size`, fills them with random data, runs once.
 
         Call it before `time_invoke` (which times the inputs set here).
+
+        Args:
+          batch_size: samples per invocation.
+          seed: seed of the random inputs (integer inputs are zeros).
+          shapes: ``{input name: shape of one sample}`` for inputs with dimensions
+            of unknown size besides the batch (a sequence length:
+            ``{"tokens": (128,)}``); their other dimensions must match the model's.
         """
         batch_size = check_positive_int(batch_size, "batch_size")
+        if shapes is None:
+            shapes = {}
+        if not isinstance(shapes, Mapping):
+            raise TypeError(f"LiteRTModel.prepare: shapes must be a dict {{input name: shape}}, "
+                            f"got shapes={shapes!r}.")
+        unknown = sorted(set(shapes) - set(self.input_names))
+        if unknown:
+            raise ValueError(f"LiteRTModel.prepare: shapes names unknown inputs {unknown}; the "
+                             f"inputs are {self.input_names}.")
+        sizes = {}  # input tensor index -> shape, all checked before the interpreter changes
+        for name in self.input_names:
+            detail = self._inputs[name]
+            signature = [int(s) for s in detail["shape_signature"][1:]]
+            shown = tuple(None if s < 0 else s for s in signature)
+            sample = signature
+            if name in shapes:
+                given = shapes[name]
+                if (not isinstance(given, (tuple, list)) or len(given) != len(signature)
+                        or any(s >= 0 and s != g for s, g in zip(signature, given))):
+                    raise ValueError(f"LiteRTModel.prepare: shapes['{name}'] = {given!r}; a "
+                                     f"sample of input '{name}' has shape {shown}.")
+                sample = [check_positive_int(g, f"shapes['{name}'][{i}]")
+                          for i, g in enumerate(given)]
+            if any(s < 0 for s in sample):
+                raise ValueError(f"LiteRTModel.prepare: a sample of input '{name}' has shape "
+                                 f"{shown}; give the unknown sizes with shapes={{'{name}': "
+                                 "(...)}.")
+            sizes[detail["index"]] = [batch_size] + sample
         rng = np.random.default_rng(seed)
         it = self.interpreter
-        for d in it.get_input_details():
-            shape = [batch_size] + [int(s) for s in d["shape_signature"][1:]]
-            if any(s < 0 for s in shape):
-                raise ValueError(f"LiteRTModel: input {d['name']} has unknown dimensions "
-                                 f"{d['shape_signature'].tolist()}; cannot time it.")
-            it.resize_tensor_input(d["index"], shape)
+        for index, shape in sizes.items():
+            it.resize_tensor_input(index, shape)
         it.allocate_tensors()
         for d in it.get_input_details():
             if np.issubdtype(d["dtype"], np.floating):

@@ -430,6 +430,32 @@ def test_litert_model_inputs_and_timing(tmp_path):
         runtime.predict("x")
 
 
+@needs_litert
+def test_a_sequence_model_runs_at_any_length_and_is_timed_at_a_given_one(tmp_path):
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(50, 8, name="embedding")(tokens)
+    x = keras.layers.Conv1D(8, 3, padding="same", activation="relu", name="conv")(x)
+    x = keras.layers.GlobalMaxPooling1D()(x)
+    model = sparse(keras.Model(tokens, keras.layers.Dense(3, name="head")(x)), density=0.3)
+    runtime = keras_dst.export(model, tmp_path / "seq.tflite", compare_dense=False).load()
+    reference = keras_dst.strip(model)
+    for length in (5, 11):
+        ids = np.random.default_rng(length).integers(0, 50, size=(4, length))
+        assert np.max(np.abs(runtime.predict(ids) - reference.predict(ids, verbose=0))) <= FLOAT_TOL
+    with pytest.raises(ValueError, match=r"input 'tokens' has shape \(None,\); give .*shapes="):
+        runtime.prepare(batch_size=2)
+    for bad, error, words in [({"nope": (3,)}, ValueError, "unknown inputs \\['nope'\\]"),
+                              ({"tokens": (3, 4)}, ValueError, "shape \\(None,\\)"),
+                              ({"tokens": (0,)}, ValueError, "shapes\\['tokens'\\]\\[0\\]"),
+                              ([7], TypeError, "shapes must be a dict")]:
+        with pytest.raises(error, match=words):
+            runtime.prepare(batch_size=2, shapes=bad)
+    runtime.prepare(batch_size=2, shapes={"tokens": (7,)})
+    assert runtime.interpreter.get_input_details()[0]["shape"].tolist() == [2, 7]
+    assert runtime.time_invoke(runs=2) > 0
+
+
 def test_missing_runtime_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
