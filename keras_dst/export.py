@@ -1083,7 +1083,7 @@ class LiteRTModel:
         if unknown:
             raise ValueError(f"LiteRTModel.prepare: shapes names unknown inputs {unknown}; the "
                              f"inputs are {self.input_names}.")
-        sizes = {}  # input tensor index -> shape, all checked before the interpreter changes
+        sizes, unsized = {}, {}  # input tensor index -> shape, all checked before any change
         for name in self.input_names:
             detail = self._inputs[name]
             signature = [int(s) for s in detail["shape_signature"][1:]]
@@ -1098,10 +1098,13 @@ class LiteRTModel:
                 sample = [check_positive_int(g, f"shapes['{name}'][{i}]")
                           for i, g in enumerate(given)]
             if any(s < 0 for s in sample):
-                raise ValueError(f"LiteRTModel.prepare: a sample of input '{name}' has shape "
-                                 f"{shown}; give the unknown sizes with shapes={{'{name}': "
-                                 "(...)}.")
+                unsized[name] = shown
             sizes[detail["index"]] = [batch_size] + sample
+        if unsized:
+            shown = ", ".join(f"'{name}' {shape}" for name, shape in unsized.items())
+            example = ", ".join(f"'{name}': (...)" for name in unsized)
+            raise ValueError(f"LiteRTModel.prepare: samples of inputs {shown} have sizes unknown "
+                             f"besides the batch; give them with shapes={{{example}}}.")
         rng = np.random.default_rng(seed)
         it = self.interpreter
         for index, shape in sizes.items():
