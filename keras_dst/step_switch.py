@@ -236,6 +236,9 @@ class HookedCallback(keras.callbacks.Callback):
         if not epochs or not steps:
             if what is None:
                 return None
+            if steps == 0:
+                raise ValueError(f"{type(self).__name__}: this fit has no training data (0 "
+                                 f"batches per epoch), so {what} has no steps to run over.")
             raise ValueError(
                 f"{type(self).__name__}: {what} needs the number of training steps, but the "
                 "number of steps per epoch is unknown (a dataset without a length?); pass "

@@ -128,6 +128,12 @@ def test_a_schedule_that_needs_no_length_trains_on_a_dataset_without_one():
     with pytest.raises(ValueError, match="end_step=0.5 needs the number of training steps"):
         model.fit(data, epochs=1, verbose=0,
                   callbacks=[DST(update_every=2, schedule="constant", end_step=0.5)])
+    # empty data is no dataset without a length: the message says what it is
+    before = {k: v.copy() for k, v in keras_dst.masks(model).items()}
+    with pytest.raises(ValueError, match=r"no training data \(0 batches per epoch\), so "
+                                         r"schedule='cosine'"):
+        model.fit(x[:0], y[:0], epochs=1, verbose=0, callbacks=[DST(update_every=2)])
+    assert all((keras_dst.masks(model)[k] == v).all() for k, v in before.items())
     # a fraction resolved before begin_step: the message gives the fraction and the run
     with pytest.raises(ValueError, match=r"DynamicSparseTraining\(end_step=0.1, a fraction of "
                                          r"the run's 8 steps\): end_step must be >= begin_step"):
