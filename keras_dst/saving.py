@@ -42,6 +42,7 @@ import keras
 from keras_dst import compat
 from keras_dst import layers as sparse_layers
 from keras_dst.masks import carry_attached_state_in_weights
+from keras_dst.validation import check_bool
 
 
 def save_model(model: "keras.Model", filepath: Union[str, os.PathLike], overwrite: bool = True) -> None:
@@ -52,18 +53,23 @@ def save_model(model: "keras.Model", filepath: Union[str, os.PathLike], overwrit
 
     Args:
       model: a `keras.Model`.
-      filepath: local path ending in ``.keras`` (str or path-like). Remote
-        paths (``gs://...``) are saved with ``model.save`` (not atomic).
+      filepath: local path ending in ``.keras`` (str or path-like); its directory
+        is created if needed. Remote paths (``gs://...``) are saved with
+        ``model.save`` (not atomic).
       overwrite: replace an existing file (default); False raises
         `FileExistsError` if `filepath` exists.
 
     Raises:
-      TypeError: `model` is not a Keras model.
+      TypeError: `model` is not a Keras model, `filepath` not a path, `overwrite` not a bool.
       ValueError: `filepath` does not end in ``.keras``.
       FileExistsError: `filepath` exists and `overwrite` is False.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"save_model() needs a keras Model, got {type(model).__name__}.")
+    if not isinstance(filepath, (str, os.PathLike)):
+        raise TypeError(f"save_model(): filepath must be a str or os.PathLike, got "
+                        f"filepath={filepath!r}.")
+    overwrite = check_bool(overwrite, "overwrite")
     filepath = os.fspath(filepath)
     if not str(filepath).endswith(".keras"):
         raise ValueError(f"save_model() writes the .keras format; the path must end in "
@@ -74,6 +80,7 @@ def save_model(model: "keras.Model", filepath: Union[str, os.PathLike], overwrit
     if not overwrite and os.path.exists(filepath):
         raise FileExistsError(f"save_model(): {filepath!r} exists and overwrite=False.")
     directory = os.path.dirname(os.path.abspath(filepath))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(filepath) + ".",
                                suffix=".tmp.keras", dir=directory)
     os.close(fd)

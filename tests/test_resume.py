@@ -267,6 +267,14 @@ def test_save_model_checks_its_arguments(tmp_path):
         keras_dst.save_model(model, str(tmp_path / "model.h5"))
     with pytest.raises(TypeError):
         keras_dst.save_model("not a model", str(tmp_path / "model.keras"))
+    with pytest.raises(TypeError, match="filepath must be a str or os.PathLike, got filepath=5"):
+        keras_dst.save_model(model, 5)
+    with pytest.raises(TypeError, match="overwrite"):
+        keras_dst.save_model(model, str(tmp_path / "model.keras"), overwrite="no")
+    assert os.listdir(tmp_path) == []
+    # a directory that does not exist yet is created (it failed naming the temporary file)
+    keras_dst.save_model(model, tmp_path / "new" / "dir" / "model.keras")
+    assert os.listdir(tmp_path / "new" / "dir") == ["model.keras"]
 
 
 # ----------------------------------------------------------------------------
