@@ -953,6 +953,11 @@ def interpreter(model_path: Optional[PathLike] = None, *, model_content: Optiona
                               experimental_op_resolver_type=resolver)
 
 
+def _fits(signature: Sequence[int], shape: Sequence[int]) -> bool:
+    """Whether `shape` fits a LiteRT tensor's shape signature (-1: any size)."""
+    return len(shape) == len(signature) and all(s < 0 or s == d for s, d in zip(signature, shape))
+
+
 class LiteRTModel:
     """An exported .tflite model in the LiteRT interpreter, with `predict` and timing.
 
@@ -1023,8 +1028,7 @@ class LiteRTModel:
                 raise ValueError(f"LiteRTModel: input '{name}' is not an array of numbers: "
                                  f"{e}") from e
             expected = [int(d) for d in detail["shape_signature"]]  # -1: any size (the batch)
-            if array.ndim != len(expected) or any(
-                    e >= 0 and e != d for e, d in zip(expected[1:], array.shape[1:])):
+            if not _fits([-1] + expected[1:], array.shape):
                 shown = tuple(None if e < 0 else e for e in expected)
                 raise ValueError(f"LiteRTModel: input '{name}' has shape {array.shape}; the model "
                                  f"takes a batch of shape {shown}.")
@@ -1091,8 +1095,7 @@ class LiteRTModel:
             sample = signature
             if name in shapes:
                 given = shapes[name]
-                if (not isinstance(given, (tuple, list)) or len(given) != len(signature)
-                        or any(s >= 0 and s != g for s, g in zip(signature, given))):
+                if not isinstance(given, (tuple, list)) or not _fits(signature, given):
                     raise ValueError(f"LiteRTModel.prepare: shapes['{name}'] = {given!r}; a "
                                      f"sample of input '{name}' has shape {shown}.")
                 sample = [check_positive_int(g, f"shapes['{name}'][{i}]")
