@@ -195,7 +195,7 @@ class DynamicSparseTraining(ScheduledCallback):
                 raise ValueError(
                     f"DynamicSparseTraining(grow='momentum'): optimizer "
                     f"{type(optimizer).__name__} keeps no momentum; use SGD with momentum > 0 "
-                    "or an Adam-like optimizer.")
+                    "or an Adam-like optimizer (Adam, AdamW, Nadam, Adamax, Lamb, Lion, ...).")
         return TopologyEngine(
             targets, self.criterion, self.growth, self._schedule(), self._update_steps(),
             ordering=self.resolved_ordering, scope=self.scope, grow_exact=self.grow_exact,

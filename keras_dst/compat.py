@@ -91,24 +91,28 @@ def optimizer_variable_index(optimizer, variable) -> int:
 
 
 def moment_slots(slots) -> tuple:
-    """The moment buffers among the per-weight slots of one weight: ``(first, second)``.
+    """The moment buffers among the per-weight slots of one weight: ``(first, second, root)``.
 
     `slots` maps the optimizer attribute that holds a per-weight slot list to
     that weight's slot (`optimizer_state.slot_variables`). Relies on the
     attribute names of Keras's optimizers (Keras 3, checked on 3.15): Adam,
     AdamW, Nadam, Lamb keep ``_momentums`` (first moment) and ``_velocities``
     (second) (so does RMSprop with momentum, whose pair reads the same way);
-    SGD keeps its momentum buffer in ``momentums``, Lion in ``_momentums``. Returns
-    ``(m, v)`` when both Adam moments are there,
-    ``(buffer, None)`` for a momentum buffer alone, ``(None, None)`` otherwise.
-    No public API.
+    Adamax keeps ``_m`` and ``_u`` (the infinity norm that its step divides by,
+    where Adam's divides by the root of its second moment); SGD keeps its
+    momentum buffer in ``momentums``, Lion and Muon in ``_momentums``. Returns
+    ``(m, v, True)`` for Adam's moments (the step scales by ``1 / sqrt(v)``),
+    ``(m, u, False)`` for Adamax's (by ``1 / u``), ``(buffer, None, False)`` for a
+    momentum buffer alone, ``(None, None, False)`` otherwise. No public API.
     """
     if "_momentums" in slots and "_velocities" in slots:
-        return slots["_momentums"], slots["_velocities"]
+        return slots["_momentums"], slots["_velocities"], True
+    if "_m" in slots and "_u" in slots:
+        return slots["_m"], slots["_u"], False
     for name in ("momentums", "_momentums"):
         if name in slots:
-            return slots[name], None
-    return None, None
+            return slots[name], None, False
+    return None, None, False
 
 
 def wrap_deferred_initializer(variable, wrap) -> bool:

@@ -80,12 +80,13 @@ def momentum(optimizer, variable):
     """The momentum signal of `variable` for momentum growth, or None.
 
     SGD: its momentum buffer; Adam-like (first and second moments): m / (sqrt(v) + 1e-8)
-    (raw, not bias-corrected, as the reference); other optimizers with a
-    ``_momentums`` list: that buffer.
+    (raw, not bias-corrected, as the reference); Adamax: m / (u + 1e-8), its
+    infinity norm u in the place of sqrt(v); other optimizers with a ``_momentums``
+    list (Lion, Muon): that buffer.
     """
-    first, second = compat.moment_slots(slot_variables(optimizer, variable))
+    first, second, root = compat.moment_slots(slot_variables(optimizer, variable))
     if first is None:
         return None
     if second is not None:
-        return first / (tf.sqrt(second) + 1e-8)
+        return first / ((tf.sqrt(second) if root else second) + 1e-8)
     return first + 0.0

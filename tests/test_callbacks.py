@@ -141,6 +141,24 @@ def test_momentum_growth_without_momentum_is_an_error():
     assert "momentum" in message and "SGD" in message
 
 
+def test_momentum_growth_reads_adamax_moments():
+    """Adamax keeps m and u (its step is m / u): it was refused as keeping no momentum."""
+    from keras_dst import optimizer_state
+
+    model = keras_dst.prunable(mlp(), density=0.3)
+    model.compile(optimizer=keras.optimizers.Adamax(0.01), loss=LOSS)
+    x, y = classification_data()
+    dst = DST(grow="momentum", update_every=2)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst])
+    assert sum(s[2] for s in dst.engine.layer_stats.numpy()) > 0  # it grew
+    assert_sparse_invariants(model)
+    optimizer, weight = model.optimizer, keras_dst.sparse_targets(model)[0].weight
+    index = optimizer._get_variable_index(weight)
+    m, u = optimizer._m[index].numpy(), optimizer._u[index].numpy()
+    np.testing.assert_allclose(optimizer_state.momentum(optimizer, weight).numpy(),
+                               m / (u + 1e-8), rtol=1e-6)
+
+
 def test_running_criterion_without_track_running_scores_is_an_error():
     message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.SGD(0.1),
                          DST(prune="running_magnitude"))
