@@ -95,8 +95,9 @@ def export_trained(config, model, test_ds, info, output_dir, keras_accuracy=None
         + (f"; Keras model {keras_accuracy:.4f}" if keras_accuracy is not None else "") + "\n"
         f"  size             {report.file_bytes / 1e6:.3f} MB = {report.size_ratio:.3f} x the "
         f"dense export ({report.dense_file_bytes / 1e6:.3f} MB)\n"
-        f"  latency          batch 1, 1 thread: {sparse_us:.1f} µs vs {dense_us:.1f} µs dense: "
-        f"{speedup:.2f} x faster (median of {ROUNDS} interleaved rounds)")
+        f"  latency          batch 1, 1 thread: {sparse_us:.1f} µs vs {dense_us:.1f} µs dense "
+        f"(medians): {speedup:.2f} x faster (median of {ROUNDS} interleaved rounds' ratios; "
+        "on a busy machine it can differ from the medians' ratio)")
     return {"format": fmt, "path": os.path.abspath(path), "test_accuracy": accuracy,
             "file_bytes": report.file_bytes, "dense_file_bytes": report.dense_file_bytes,
             "size_ratio": report.size_ratio, "sparse_kernels": report.sparse_kernels,
