@@ -167,6 +167,9 @@ class DynamicSparseTraining(ScheduledCallback):
             return schedules_lib.UpdateSteps(self.update_every, self.begin_step,
                                              int(end_step * total))
 
+    def _end_from_this_fit(self):
+        return isinstance(self.end_step, float) and self.total_steps is None
+
     def _engine_key(self):
         # Criterion and GrowthRule compare by value (name, functions, params), the
         # schedule by its configuration: a fit of another length compiles again only

@@ -207,6 +207,9 @@ class GradualPruning(HookedCallback):
     def _update_steps(self):
         return schedules.UpdateSteps(self.update_every, self.begin_step, self.resolved_end_step())
 
+    def _end_from_this_fit(self):
+        return self.end_step is None
+
     def _engine_key(self):
         return (self._update_steps(), self.final_density, self.initial_density, self.power)
 

@@ -229,6 +229,11 @@ class HookedCallback(keras.callbacks.Callback):
         """The engine's numbers for `logs` (host reads of its variables)."""
         raise NotImplementedError
 
+    def _end_from_this_fit(self) -> bool:
+        """Whether the engine's last update step is resolved from the running fit's length
+        (e.g. an end_step left to its default or given as a fraction). Default: False."""
+        return False
+
     def _total_steps(self, what: Optional[str]) -> Optional[int]:
         """``epochs * steps`` of the running `fit`. Where the steps per epoch are unknown:
         None if `what` is None, else a ValueError saying that `what` needs them."""
@@ -287,6 +292,19 @@ class HookedCallback(keras.callbacks.Callback):
         self._every_step = engine.runs_every_step
         self._verify = True
         self._seen_update, self._logs = None, {}  # (this model's, read afresh)
+        # An end resolved from this fit's length that a later fit (not a resumed one, which
+        # counts the whole run's steps) starts after: it updates nothing.
+        steps, first = engine.update_steps, self._optimizer_step() + 1
+        total = self._total_steps(None)
+        if (steps.end is not None and self._end_from_this_fit() and total and first > total
+                and not steps.any_between(first, steps.end)):
+            warnings.warn(
+                f"{type(self).__name__}: this fit runs optimizer steps {first}-"
+                f"{first + total - 1} (1-based), all after its last update step ({steps.end}),"
+                " so it updates nothing. Update steps count from the optimizer's first step, "
+                "across fit calls, and an end_step left to its default or given as a fraction "
+                f"is resolved against this fit's own {total} steps; pass begin_step= and "
+                "end_step= that reach this fit.", stacklevel=2)
 
     def on_train_end(self, logs=None):
         if self.engine is not None:

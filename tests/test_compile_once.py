@@ -113,6 +113,10 @@ def test_a_fit_of_another_length_compiles_again_only_where_the_schedule_depends_
         fit_batches(5, DST(update_every=3, total_steps=40))
     assert not [w for w in caught if "prune-rate schedule has ended" in str(w.message)]
     assert len(traces) == 4
+    # an end_step fraction resolves against this fit's steps: past it, the fit updates nothing
+    with pytest.warns(UserWarning, match=r"DynamicSparseTraining: this fit runs optimizer steps "
+                                         r"\d+-\d+ \(1-based\), all after its last update step"):
+        fit_batches(5, DST(update_every=3, schedule="constant", end_step=0.5))
 
 
 def test_a_schedule_that_needs_no_length_trains_on_a_dataset_without_one():

@@ -104,6 +104,32 @@ def test_end_step_none_is_75_percent_aligned_to_update_every():
                                      for t in keras_dst.sparse_targets(model)})
 
 
+def test_a_fit_after_the_last_update_step_warns_that_it_updates_nothing():
+    callback = keras_dst.GradualPruning(0.25, update_every=5)
+    model, _ = _fit(callback)  # 16 steps; 75% of them: updates up to step 10
+    before = {k: v.copy() for k, v in keras_dst.masks(model).items()}
+    x, y = classification_data()
+    fit = dict(batch_size=16, epochs=2, verbose=0, shuffle=False)
+    # a second ramp to a lower density: its steps count from the optimizer's first, so
+    # the default end (75% of this fit's 16 steps) lies before it (it pruned nothing, silently)
+    with pytest.warns(UserWarning, match=r"GradualPruning: this fit runs optimizer steps "
+                                         r"17-32 \(1-based\), all after its last update step "
+                                         r"\(10\), so it updates nothing.*begin_step="):
+        model.fit(x, y, callbacks=[keras_dst.GradualPruning(0.1, update_every=5)], **fit)
+    assert all((keras_dst.masks(model)[k] == v).all() for k, v in before.items())
+    with warnings.catch_warnings():  # the remedy the warning names
+        warnings.simplefilter("error")
+        model.fit(x, y, callbacks=[keras_dst.GradualPruning(
+            0.1, update_every=5, begin_step=32, end_step=42, initial_density=0.25)], **fit)
+    assert keras_dst.density(model) == pytest.approx(0.1, abs=0.01)
+    # a resumed run (initial_epoch) counts the whole run's steps: no warning
+    resumed, _ = _fit(keras_dst.GradualPruning(0.25, update_every=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.fit(x, y, callbacks=[keras_dst.GradualPruning(0.25, update_every=5)],
+                    **{**fit, "epochs": 4, "initial_epoch": 2})
+
+
 @pytest.mark.slow
 def test_split_fit_resumes_like_one_fit():
     config = dict(final_density=0.3, begin_step=0, end_step=12, update_every=4)
