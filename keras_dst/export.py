@@ -62,7 +62,7 @@ import tensorflow as tf
 from keras_dst import compat, convert, patterns
 from keras_dst import layers as sparse_layers
 from keras_dst import masks as masks_lib
-from keras_dst.validation import check_bool, check_choice, check_positive_int
+from keras_dst.validation import check_bool, check_choice, check_path, check_positive_int, errors_named
 
 FORMATS = ("litert", "tf_saved_model")
 QUANTIZE = (None, "int8")
@@ -259,10 +259,8 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"export() needs a keras.Model, got model={type(model).__name__}.")
-    if not isinstance(filepath, (str, os.PathLike)):
-        raise TypeError(f"export(): filepath must be a str or os.PathLike, got "
-                        f"filepath={filepath!r}.")
-    filepath = os.fspath(filepath)
+    with errors_named("export()"):
+        filepath = check_path(filepath, "filepath")
     check_choice(format, FORMATS, "format")
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {list(QUANTIZE)}, got quantize={quantize!r}.")

@@ -42,7 +42,7 @@ import keras
 from keras_dst import compat
 from keras_dst import layers as sparse_layers
 from keras_dst.masks import carry_attached_state_in_weights
-from keras_dst.validation import check_bool
+from keras_dst.validation import check_bool, check_path, errors_named
 
 
 def save_model(model: "keras.Model", filepath: Union[str, os.PathLike], overwrite: bool = True) -> None:
@@ -66,11 +66,9 @@ def save_model(model: "keras.Model", filepath: Union[str, os.PathLike], overwrit
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"save_model() needs a keras Model, got {type(model).__name__}.")
-    if not isinstance(filepath, (str, os.PathLike)):
-        raise TypeError(f"save_model(): filepath must be a str or os.PathLike, got "
-                        f"filepath={filepath!r}.")
-    overwrite = check_bool(overwrite, "overwrite")
-    filepath = os.fspath(filepath)
+    with errors_named("save_model()"):
+        filepath = check_path(filepath, "filepath")
+        overwrite = check_bool(overwrite, "overwrite")
     if not str(filepath).endswith(".keras"):
         raise ValueError(f"save_model() writes the .keras format; the path must end in "
                          f"'.keras', got filepath={filepath!r}.")

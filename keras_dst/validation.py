@@ -9,6 +9,7 @@ Callers that know more context (a layer, a callback) prefix it to the message.
 import contextlib
 import math
 import numbers
+import os
 from typing import Collection, Iterator, Optional
 
 
@@ -103,6 +104,13 @@ def check_seed(value, name: str = "seed", allow_none: bool = False) -> Optional[
         allowed = "an int or None" if allow_none else "an int"
         raise TypeError(f"{name} must be {allowed}, got {name}={value!r}.")
     return int(value)
+
+
+def check_path(value, name: str) -> str:
+    """`value` (a str or os.PathLike) as a str path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {name}={value!r}.")
+    return os.fspath(value)
 
 
 def check_bool(value, name: str) -> bool:
