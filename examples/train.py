@@ -63,7 +63,7 @@ FLAG_SPECS = [
     ("enum", "method", "dst", "dense: plain model; static: fixed random sparse masks; "
      "dst: dynamic sparse training; gmp: gradual magnitude pruning (Zhu & Gupta).", METHODS),
     ("float", "density", 0.1, "Global density in (0, 1] of the sparsified weights "
-     "(static/dst: from the start; gmp: final).", None),
+     "(static/dst: from the start; gmp: final). Left out with an N:M --pattern: N/M.", None),
     ("enum", "distribution", "erk", "How the density is spread over layers (static/dst; "
      "gmp prunes every layer to --density, as TF-MOT).", ("erk", "er", "uniform")),
     ("enum", "init", "exact", "Initial masks: exact counts, or i.i.d. Bernoulli (reference) "
@@ -71,7 +71,7 @@ FLAG_SPECS = [
      ("exact", "bernoulli")),
     ("string", "pattern", "unstructured", "Sparsity pattern of the sparsified weights "
      "(static/dst): unstructured, 1xB (e.g. 1x4: blocks along the input axis), N:M (e.g. "
-     "2:4; --density must then be N/M) or fan_in. Layers whose input axis cannot take it "
+     "2:4, whose density is N/M: leave --density out or give N/M) or fan_in. Layers whose input axis cannot take it "
      "stay unstructured (printed).", None),
     ("enum", "prune", "magnitude", "DST pruning criterion.", keras_dst.criterion_names()),
     ("enum", "grow", "random", "DST growth rule.", keras_dst.growth_names()),
@@ -160,9 +160,18 @@ def default_config():
 
 
 def config_from_flags(flag_values=flags.FLAGS, exclude=()):
-    """The parsed training flags (but `exclude`) as a config dict."""
-    return {name: flag_values[name].value for _, name, *_ in FLAG_SPECS
-            if name in flag_values and name not in exclude}
+    """The parsed training flags (but `exclude`) as a config dict. A command line
+    without --density asks for N/M when its --pattern is N:M (which fixes its density)."""
+    config = {name: flag_values[name].value for _, name, *_ in FLAG_SPECS
+              if name in flag_values and name not in exclude}
+    if "density" in config and not flag_values["density"].present:
+        try:
+            pattern = keras_dst.patterns.parse(config.get("pattern", "unstructured"))
+        except ValueError:  # `validate` names the bad value
+            return config
+        if pattern.kind == "nm":
+            config["density"] = pattern.n / pattern.m
+    return config
 
 
 def validate(config):

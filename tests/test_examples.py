@@ -375,6 +375,25 @@ def test_an_nm_pattern_with_another_density_is_refused_by_validate():
     train.validate({**config, "density": 0.5})
 
 
+@pytest.mark.parametrize("argv, density", [
+    (["--pattern", "2:4"], 0.5),              # left out: the pattern's N/M
+    (["--pattern", "1:8"], 0.125),
+    (["--pattern", "1x4"], 0.1),              # not N:M: the flag's default
+    (["--pattern", "2:4", "--density", "0.3"], 0.3),  # given: kept, and refused below
+])
+def test_a_command_line_without_density_takes_an_nm_patterns_own(argv, density):
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["prog", *argv], fv)
+    config = train.config_from_flags(fv)
+    assert config["density"] == density
+    if density == 0.3:
+        with pytest.raises(ValueError, match=r"--density: pattern '2:4' has density 2/4"):
+            train.validate({**train.default_config(), **config})
+    else:
+        train.validate({**train.default_config(), **config})
+
+
 def test_a_litert_export_without_the_runtime_is_refused_before_training(monkeypatch):
     monkeypatch.setattr(train.importlib.util, "find_spec",
                         lambda name, *a: None if name == "ai_edge_litert" else object())
