@@ -46,6 +46,7 @@ The runtime (`LiteRTModel`, `interpreter`) is the LiteRT interpreter of the
 needs only TensorFlow; running and timing an export needs that package.
 """
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -308,11 +309,11 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
     if broken:
         content, repaired = _repair(content, dense, broken, model.name)
     dense_bytes = len(dense) if compare_dense else None
+    constants, densify = _read_constants(content)  # read back before anything is written
+    rows = _match(weights, constants, quantize, repaired, sparsity)
     os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
     with open(filepath, "wb") as f:
         f.write(content)
-    constants, densify = _read_constants(content)
-    rows = _match(weights, constants, quantize, repaired, sparsity)
     notes = []
     if mixed:
         notes.append(f"computes in float32: the layers of mixed precision ({', '.join(mixed)}) "
@@ -753,6 +754,7 @@ def _repair(content, dense_content, broken, model_name):
     dense = schema.ModelT.InitFromPackedBuf(dense_content, 0)
     kept = {(c.graph, c.index): c for c in _read_constants(content)[0]}
     twins = _read_constants(dense_content)[0]
+    shared = collections.Counter(t.buffer for graph in model.subgraphs for t in graph.tensors)
     for (g, i), (dim, block) in broken.items():
         tensor, part = model.subgraphs[g].tensors[i], kept.get((g, i))
         shape = tuple(int(d) for d in tensor.shape)
@@ -771,7 +773,15 @@ def _repair(content, dense_content, broken, model_name):
         source = dense.subgraphs[g].tensors[found[0].index]
         tensor.sparsity = None
         tensor.quantization = source.quantization
-        model.buffers[tensor.buffer].data = dense.buffers[source.buffer].data
+        data = dense.buffers[source.buffer].data
+        if shared[tensor.buffer] > 1:  # e.g. two all-zero weights, one empty buffer
+            shared[tensor.buffer] -= 1
+            buffer = schema.BufferT()
+            buffer.data = data
+            model.buffers.append(buffer)
+            tensor.buffer = len(model.buffers) - 1
+        else:
+            model.buffers[tensor.buffer].data = data
     builder = flatbuffers.Builder(len(content) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output()), dict(broken)

@@ -335,6 +335,25 @@ def test_converter_padding_bug_is_repaired(tmp_path):
     assert row.stored == "dense" and "loses values" in row.why
 
 
+@needs_litert
+def test_two_repaired_weights_that_share_the_converters_empty_buffer_keep_their_own(tmp_path):
+    """Two all-zero weights with 6 inputs: the converter block-encodes both (the padding bug
+    above) into one shared empty buffer; each gets its own dense copy (writing both into that
+    buffer broke the export and the file)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10,))
+    x = keras.layers.Dense(6, name="d0")(inputs)
+    x = keras.layers.Dense(6, name="d1", bias_initializer="random_normal")(x)
+    outputs = keras.layers.Dense(3, name="d2", bias_initializer="random_normal")(x)
+    model = keras_dst.prunable(keras.Model(inputs, outputs), density=0.5)
+    keras_dst.set_masks(model, {"d1/kernel": np.zeros((6, 6), bool),
+                                "d2/kernel": np.zeros((6, 3), bool)})
+    report = keras_dst.export(model, tmp_path / "z.tflite", compare_dense=False)
+    assert_same_outputs(report, model, data((10,), n=16))
+    rows = by_weight(report)
+    assert rows["d1/kernel"].stored == rows["d2/kernel"].stored == "dense"
+
+
 # --------------------------------------------------------------------------- #
 # int8
 # --------------------------------------------------------------------------- #
