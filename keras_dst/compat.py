@@ -283,3 +283,17 @@ def unquantized_policy(policy):
     if not getattr(policy, "quantization_mode", None):
         return policy
     return keras.dtype_policies.get(policy.name.split("_from_", 1)[1])
+
+
+def inferred_input_signature(model):
+    """The input signature Keras's ``model.export`` infers for a built `model` (a
+    list of one structure of `keras.InputSpec`, e.g. ``[{"a": InputSpec, ...}]``).
+
+    Relies on `keras.src.export.export_utils.get_input_signature` (Keras 3, checked on
+    3.15): ``model.export`` calls it when no ``input_signature`` is given, and has no
+    public way to return it. `keras_dst.export` reads it to name the inputs of a
+    subclassed model called on a dict (Keras leaves them unnamed: ``args_0``, ...).
+    """
+    from keras.src.export import export_utils
+
+    return export_utils.get_input_signature(model)

@@ -132,8 +132,9 @@ class ExportReport:
       dense_file_bytes: size of the same stripped model converted the same way
         without the sparsity optimisation (None when not measured / SavedModel).
       densify_ops: DENSIFY ops in the .tflite model (weights expanded at load).
-      input_names: the model's input names in the Keras model's order (what
-        `LiteRTModel` maps a list of inputs to).
+      input_names: the exported model's input names in the Keras model's order
+        (LiteRT: the .tflite signature's names, what `LiteRTModel.predict` takes in
+        a dict; a list of inputs maps to them in this order).
       notes: things a deployment should know (printed under the table).
     """
 
@@ -309,6 +310,9 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
     if broken:
         content, repaired = _repair(content, dense, broken, model.name)
     dense_bytes = len(dense) if compare_dense else None
+    exported = _signature_inputs(content)
+    if sorted(input_names) != sorted(exported):  # the .tflite's names are what it takes
+        input_names = exported
     constants, densify = _read_constants(content)  # read back before anything is written
     rows = _match(weights, constants, quantize, repaired, sparsity)
     os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
@@ -372,6 +376,8 @@ def _leaf_layers(model):
 
 
 def _save(model, directory, input_signature):
+    if input_signature is None and not getattr(model, "inputs", None):
+        input_signature = _named_dict_signature(model)
     try:
         model.export(directory, format="tf_saved_model", verbose=False,
                      input_signature=input_signature)
@@ -379,6 +385,21 @@ def _save(model, directory, input_signature):
         raise ValueError(f"export(): Keras cannot export model '{model.name}' as a SavedModel "
                          f"(the first step of every format): {type(e).__name__}: "
                          f"{_first_lines(e)}") from e
+
+
+def _named_dict_signature(model):
+    """For a subclassed model called on one dict of tensors, the signature Keras infers
+    with each input named by its key (Keras leaves them unnamed, and the .tflite inputs
+    read ``args_0``, ``args_0_1``, ...); None (Keras infers it) for any other model."""
+    try:
+        inferred = compat.inferred_input_signature(model)
+    except Exception:  # noqa: BLE001 - Keras's own export names the problem
+        return None
+    if len(inferred) != 1 or not isinstance(inferred[0], dict) or not all(
+            isinstance(spec, keras.InputSpec) for spec in inferred[0].values()):
+        return None
+    return [{key: tf.TensorSpec(spec.shape, spec.dtype, name=key)
+             for key, spec in inferred[0].items()}]
 
 
 @contextlib.contextmanager
@@ -615,6 +636,20 @@ def _read_constants(content):
                 constants.append(_decode(tensor, np.frombuffer(data, dtype=dtype),
                                          g, i, ops, densified))
     return constants, densify
+
+
+def _signature_inputs(content):
+    """The input names of the .tflite model's signature, in the order of its graph's
+    inputs (the Keras model's order; the signature itself lists them sorted)."""
+    model = _schema().ModelT.InitFromPackedBuf(content, 0)
+    if not model.signatureDefs:
+        return []
+    signature = model.signatureDefs[0]
+    graph_inputs = [int(i) for i in model.subgraphs[signature.subgraphIndex].inputs]
+    named = [(graph_inputs.index(int(t.tensorIndex)) if int(t.tensorIndex) in graph_inputs
+              else len(graph_inputs), t.name.decode() if isinstance(t.name, bytes) else t.name)
+             for t in signature.inputs or []]
+    return [name for _, name in sorted(named)]
 
 
 def _decode(tensor, stored, graph, index, ops, densified):
@@ -971,8 +1006,9 @@ class LiteRTModel:
 
     Args:
       model: a .tflite path or its bytes.
-      input_names: the Keras model's input names in its order (what a list of
-        inputs maps to; `ExportReport.input_names`). Not needed for one input.
+      input_names: the model's input names in the order a list of inputs maps
+        to; by default the order of the .tflite graph's inputs, which is the Keras
+        model's (`ExportReport.input_names`). They must name the file's inputs.
       num_threads: see `interpreter`.
       xnnpack: True: the XNNPACK delegate (an error if it refuses the model);
         False: builtin kernels only; None (default): XNNPACK unless it refuses
@@ -984,25 +1020,26 @@ class LiteRTModel:
                  num_threads: Optional[int] = None, xnnpack: Optional[bool] = None):
         content = model if isinstance(model, (bytes, bytearray)) else None
         path = None if content is not None else model
+        self._source = (path, content, num_threads)
+        self._automatic = xnnpack is None
         self.interpreter = interpreter(path, model_content=content, num_threads=num_threads,
                                        xnnpack=xnnpack is not False)
         self.xnnpack = xnnpack is not False
-        try:
-            self.interpreter.allocate_tensors()
-        except RuntimeError as e:
-            if xnnpack is not None or "XNNPack" not in str(e):
-                raise
-            warnings.warn(f"LiteRTModel: the XNNPACK delegate refused this model ({e}); running "
-                          "it with the builtin kernels.", stacklevel=2)
-            self.interpreter = interpreter(path, model_content=content, num_threads=num_threads,
-                                           xnnpack=False)
-            self.xnnpack = False
+        self._on_builtin_kernels_if_refused(lambda: self.interpreter.allocate_tensors())
         # A signature runner holds a reference to the interpreter's core, which makes the
         # interpreter refuse to resize (see `prepare`): one is made per `predict` call.
         runner = self.interpreter.get_signature_runner()
         details = runner.get_input_details()
-        self.input_names = list(input_names) if input_names and \
-            sorted(input_names) == sorted(details) else sorted(details)
+        # The signature lists its inputs by name; the graph's inputs keep the model's order.
+        position = {d["index"]: k for k, d in enumerate(self.interpreter.get_input_details())}
+        in_order = sorted(details, key=lambda name: position.get(details[name]["index"], 0))
+        if input_names is None:
+            self.input_names = in_order
+        else:
+            if isinstance(input_names, str) or sorted(input_names) != sorted(details):
+                raise ValueError(f"LiteRTModel: input_names={input_names!r} does not name the "
+                                 f"model's inputs {in_order} (in the model's order).")
+            self.input_names = list(input_names)
         self._inputs = details
         names = list(runner.get_output_details())
         # Keras names a list's outputs output_0, output_1, ... and a dict's by their keys.
@@ -1026,6 +1063,8 @@ class LiteRTModel:
             if len(self.input_names) != 1:
                 raise ValueError(f"LiteRTModel: the model has inputs {self.input_names}; pass a "
                                  "list (in that order) or a dict.")
+            if isinstance(x, (list, tuple)) and len(x) == 1:  # as Keras: [x] is x
+                x = x[0]
             items = {self.input_names[0]: x}
         feed = {}
         for name, value in items.items():
@@ -1059,6 +1098,13 @@ class LiteRTModel:
         """
         batch_size = check_positive_int(batch_size, "batch_size")
         feed = self._feed(x)
+        joined = self._on_builtin_kernels_if_refused(self._run, feed, batch_size)
+        if self._outputs_by_name:
+            return joined
+        return joined[self.output_names[0]] if len(joined) == 1 else list(joined.values())
+
+    def _run(self, feed, batch_size):
+        """{output name: outputs for `feed`}, `batch_size` samples per invocation."""
         n = len(next(iter(feed.values())))
         outputs = {name: [] for name in self.output_names}
         runner = self.interpreter.get_signature_runner()
@@ -1067,10 +1113,25 @@ class LiteRTModel:
             for name in self.output_names:
                 outputs[name].append(np.array(result[name], copy=True))
         del runner, result
-        joined = {name: np.concatenate(arrays) for name, arrays in outputs.items()}
-        if self._outputs_by_name:
-            return joined
-        return joined[self.output_names[0]] if len(joined) == 1 else list(joined.values())
+        return {name: np.concatenate(arrays) for name, arrays in outputs.items()}
+
+    def _on_builtin_kernels_if_refused(self, run, *args):
+        """``run(*args)``; with ``xnnpack=None``, where the XNNPACK delegate refuses the
+        model (at allocation, or at the first invocation of a shape: int8 models with
+        DENSIFY ops), the interpreter switches to the builtin kernels, with a warning, and
+        `run` runs again."""
+        try:
+            return run(*args)
+        except RuntimeError as e:
+            if not (self._automatic and self.xnnpack and "XNNPack" in str(e)):
+                raise
+            warnings.warn(f"LiteRTModel: the XNNPACK delegate refused this model ({e}); running "
+                          "it with the builtin kernels.", stacklevel=3)
+            path, content, num_threads = self._source
+            self.interpreter = interpreter(path, model_content=content, num_threads=num_threads,
+                                           xnnpack=False)
+            self.xnnpack = False
+            return run(*args)  # reads self.interpreter again
 
     def prepare(self, batch_size: int = 1, seed: int = 0,
                 shapes: Optional[Mapping[str, Sequence[int]]] = None) -> None:
@@ -1116,6 +1177,10 @@ class LiteRTModel:
             example = ", ".join(f"'{name}': (...)" for name in unsized)
             raise ValueError(f"LiteRTModel.prepare: samples of inputs {shown} have sizes unknown "
                              f"besides the batch; give them with shapes={{{example}}}.")
+        self._on_builtin_kernels_if_refused(self._fill_and_invoke, sizes, seed)
+
+    def _fill_and_invoke(self, sizes, seed):
+        """Resizes the inputs (tensor index -> shape), fills them randomly, invokes once."""
         rng = np.random.default_rng(seed)
         it = self.interpreter
         for index, shape in sizes.items():

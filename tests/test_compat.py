@@ -243,3 +243,19 @@ def test_unquantized_policy(name, source):
     assert unquantized.name == source and not getattr(unquantized, "quantization_mode", None)
     if name == source:
         assert unquantized is policy
+
+
+def test_inferred_input_signature():
+    class DictModel(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, inputs):
+            return self.dense(inputs["a"] + inputs["b"])
+
+    model = DictModel()
+    model({"a": np.zeros((3, 4), "float32"), "b": np.zeros((3, 4), "float32")})
+    [signature] = compat.inferred_input_signature(model)
+    assert sorted(signature) == ["a", "b"]
+    assert tuple(signature["a"].shape) == (None, 4) and signature["a"].dtype == "float32"

@@ -394,6 +394,33 @@ def test_int8_with_1x4_blocks_is_densified_and_says_it_needs_1x16(tmp_path):
     assert_int8_close(runtime.predict(x), keras_dst.strip(model).predict(x, verbose=0))
 
 
+@needs_litert
+def test_int8_sequence_model_falls_back_when_xnnpack_refuses_it_at_the_first_invocation(tmp_path):
+    """XNNPACK accepts this model when it is allocated and refuses it when it first runs
+    (`predict` raised 'failed to delegate FULLY_CONNECTED node'); with xnnpack=None the
+    runtime switches to the builtin kernels there, as at allocation."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, 16), name="seq")
+    x = keras.layers.Dense(32, activation="relu", name="d1")(inputs)
+    outputs = keras.layers.Dense(4, name="head")(keras.layers.GlobalAveragePooling1D()(x))
+    model = keras_dst.prunable(keras.Model(inputs, outputs), density=0.3)
+    x = np.random.default_rng(0).normal(size=(32, 8, 16)).astype("float32")
+    report = keras_dst.export(model, tmp_path / "s.tflite", quantize="int8",
+                              representative_data=x, compare_dense=False)
+    expected = keras_dst.strip(model).predict(x, verbose=0)
+    for prepare in (False, True):
+        runtime = report.load()
+        with pytest.warns(UserWarning, match="XNNPACK delegate refused"):
+            if prepare:
+                runtime.prepare(batch_size=2, shapes={"seq": (8, 16)})
+            else:
+                assert_int8_close(runtime.predict(x), expected)
+        assert not runtime.xnnpack
+    assert_int8_close(runtime.predict(x), expected)
+    with pytest.raises(RuntimeError, match="XNNPack"):  # asked for: no fall-back
+        report.load(xnnpack=True).predict(x)
+
+
 # --------------------------------------------------------------------------- #
 # SavedModel, report, runtime, errors
 # --------------------------------------------------------------------------- #
@@ -429,6 +456,7 @@ def test_litert_model_inputs_and_timing(tmp_path):
     x = data((16,), n=5)
     assert runtime.predict(x, batch_size=2).shape == (5, 4)
     assert np.allclose(runtime.predict({runtime.input_names[0]: x}), runtime.predict(x))
+    assert np.allclose(runtime.predict([x]), runtime.predict(x))  # as Keras's predict([x])
     runtime.prepare(batch_size=3)
     assert runtime.time_invoke(runs=3) > 0
     with pytest.raises(ValueError, match="batch_size"):
@@ -447,6 +475,49 @@ def test_litert_model_inputs_and_timing(tmp_path):
         runtime.predict(x[:0])
     with pytest.raises(ValueError, match=rf"input '{name}' is not an array of numbers"):
         runtime.predict("x")
+
+
+@needs_litert
+def test_a_list_of_inputs_maps_to_the_model_order_read_from_the_file(tmp_path):
+    """The signature lists inputs sorted ('alpha', 'zeta'); a `LiteRTModel` made from the
+    path alone mapped a list in that order (outputs of swapped inputs, silently)."""
+    a, b = keras.Input((8,), name="zeta"), keras.Input((8,), name="alpha")
+    outputs = keras.layers.Dense(2)(keras.layers.Concatenate()([a, b * 3.0]))
+    model = keras_dst.prunable(keras.Model([a, b], outputs), density=0.5)
+    xa, xb = data((8,), seed=1), data((8,), seed=2)
+    report = keras_dst.export(model, tmp_path / "two.tflite", compare_dense=False)
+    runtime = LiteRTModel(report.path)
+    assert report.input_names == runtime.input_names == ["zeta", "alpha"]
+    expected = model.predict([xa, xb], verbose=0)
+    np.testing.assert_allclose(runtime.predict([xa, xb]), expected, atol=FLOAT_TOL)
+    np.testing.assert_allclose(runtime.predict({"alpha": xb, "zeta": xa}), expected, atol=FLOAT_TOL)
+    swapped = LiteRTModel(report.path, input_names=["alpha", "zeta"])  # the caller's order
+    np.testing.assert_allclose(swapped.predict([xb, xa]), expected, atol=FLOAT_TOL)
+    for bad in (["nope"], ["zeta"], "zeta"):
+        with pytest.raises(ValueError, match=r"input_names=.* does not name the model's inputs "
+                                             r"\['zeta', 'alpha'\]"):
+            LiteRTModel(report.path, input_names=bad)
+
+
+@needs_litert
+def test_a_subclassed_model_called_on_a_dict_exports_inputs_named_by_its_keys(tmp_path):
+    class TwoInputs(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.za = keras_dst.prunable(keras.layers.Dense(8, name="za"), density=0.5)
+            self.al = keras_dst.prunable(keras.layers.Dense(8, name="al"), density=0.5)
+            self.head = keras.layers.Dense(2, name="head")
+
+        def call(self, inputs):
+            return self.head(self.za(inputs["zeta"]) + 3.0 * self.al(inputs["alpha"]))
+
+    x = {"zeta": data((8,), seed=1), "alpha": data((8,), seed=2)}
+    model = TwoInputs(name="two")
+    model(x)
+    report = keras_dst.export(model, tmp_path / "d.tflite", compare_dense=False)
+    assert sorted(report.input_names) == ["alpha", "zeta"]  # were args_0, args_0_1
+    np.testing.assert_allclose(report.load().predict(x), model.predict(x, verbose=0),
+                               atol=FLOAT_TOL)
 
 
 @needs_litert
