@@ -119,8 +119,7 @@ class DynamicSparseTraining(ScheduledCallback):
         self.prune_rate = schedules_lib.check_prune_rate(prune_rate, self.schedule)
         self.begin_step = validation.check_step(begin_step, "begin_step")
         self.end_step = self._check_end_step(end_step)
-        self.ordering = ("auto" if ordering == "auto"
-                         else criteria_lib.canonical_ordering(ordering, "ordering"))
+        self.ordering = criteria_lib.canonical_ordering(ordering, "ordering", auto=True)
         self.scope = validation.check_choice(scope, ("layer", "global"), "scope")
         self.grow_exact = validation.check_bool(grow_exact, "grow_exact")
         if not self.grow_exact and (self.growth is None or self.growth.name != "random"):
@@ -190,9 +189,11 @@ class DynamicSparseTraining(ScheduledCallback):
             unmapped = optimizer_state.unmapped_state(optimizer, [t.weight for t in targets])
             if unmapped:
                 raise ValueError(
-                    f"DynamicSparseTraining(optimizer_state='reset'): cannot map the state of "
-                    f"optimizer {type(optimizer).__name__} to weights "
-                    f"({[v.path for v in unmapped][:3]}...); use optimizer_state='keep'.")
+                    f"DynamicSparseTraining(optimizer_state='reset'): optimizer "
+                    f"{type(optimizer).__name__} keeps state that is not one value per weight "
+                    f"entry ({len(unmapped)} variables, e.g. of shapes "
+                    f"{sorted({tuple(v.shape) for v in unmapped})[:3]}: factored moments?), so "
+                    "it cannot be reset where masks change; use optimizer_state='keep'.")
         if self.growth is not None and self.growth.needs_momentum:
             if optimizer_state.momentum(optimizer, targets[0].weight) is None:
                 raise ValueError(

@@ -78,12 +78,14 @@ ORDERINGS = ("after_optimizer", "before_optimizer")
 ORDERING_ALIASES = {"before": "after_optimizer", "after": "before_optimizer"}
 
 
-def canonical_ordering(value, name: str = "ordering") -> str:
-    """`value` as one of `ORDERINGS` (the reference's "before"/"after" accepted)."""
+def canonical_ordering(value, name: str = "ordering", auto: bool = False) -> str:
+    """`value` as one of `ORDERINGS` (the reference's "before"/"after" accepted; with
+    `auto`, also "auto": each criterion's own, which a callback resolves)."""
     if isinstance(value, str) and value in ORDERING_ALIASES:
         return ORDERING_ALIASES[value]
-    if not isinstance(value, str) or value not in ORDERINGS:
-        raise ValueError(f"{name} must be one of {list(ORDERINGS)} (or the reference's "
+    choices = (["auto"] if auto else []) + list(ORDERINGS)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices} (or the reference's "
                          f"{sorted(ORDERING_ALIASES)}), got {name}={value!r}.")
     return value
 

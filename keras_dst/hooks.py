@@ -232,7 +232,9 @@ def install(optimizer, hook: Hook):
     optimizer = base_optimizer(optimizer)
     if getattr(optimizer, "gradient_accumulation_steps", None):
         raise NotImplementedError(
-            "keras_dst does not support optimizers with gradient_accumulation_steps yet.")
+            f"keras_dst does not support gradient accumulation yet: optimizer "
+            f"{type(optimizer).__name__} has gradient_accumulation_steps="
+            f"{optimizer.gradient_accumulation_steps}; compile with an optimizer without it.")
     hooks = optimizer.__dict__.setdefault(_HOOKS_ATTR, [])
     if hook not in hooks:
         hooks.insert(0, hook) if hook.first else hooks.append(hook)

@@ -234,6 +234,10 @@ class HookedCallback(keras.callbacks.Callback):
         (e.g. an end_step left to its default or given as a fraction). Default: False."""
         return False
 
+    # The constructor argument that gives the run's length instead (named by the error
+    # of `_total_steps`).
+    _length_argument = "end_step"
+
     def _total_steps(self, what: Optional[str]) -> Optional[int]:
         """``epochs * steps`` of the running `fit`. Where the steps per epoch are unknown:
         None if `what` is None, else a ValueError saying that `what` needs them."""
@@ -247,7 +251,8 @@ class HookedCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"{type(self).__name__}: {what} needs the number of training steps, but the "
                 "number of steps per epoch is unknown (a dataset without a length?); pass "
-                "steps_per_epoch= to fit(), or the steps explicitly to the callback.")
+                f"steps_per_epoch= to fit(), or {self._length_argument}= to "
+                f"{type(self).__name__}.")
         return int(epochs) * int(steps)
 
     def on_train_begin(self, logs=None):
@@ -380,6 +385,8 @@ class ScheduledCallback(HookedCallback):
     """A `HookedCallback` whose engine follows a prune-rate schedule (the base of
     `DynamicSparseTraining` and `CriteriaOverlap`): subclasses set `schedule`,
     `prune_rate` and `total_steps` as their constructors accept them."""
+
+    _length_argument = "total_steps"
 
     def _schedule(self):
         """The prune-rate schedule of this fit (`schedules.for_run`)."""

@@ -12,6 +12,8 @@ import numbers
 import os
 from typing import Collection, Iterator, Optional
 
+import numpy as np
+
 
 @contextlib.contextmanager
 def errors_named(owner: str) -> Iterator[None]:
@@ -115,7 +117,7 @@ def check_path(value, name: str) -> str:
 
 def check_bool(value, name: str) -> bool:
     """`value` if it is a bool (numpy bools accepted)."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {name}={value!r}.")
     return bool(value)
 

@@ -44,7 +44,9 @@ BAD_ARGUMENTS = [
     (dict(prune_rate="x"), TypeError, ["prune_rate", "'x'"]),
     (dict(schedule="cosinus"), ValueError, ["schedule", "'cosinus'", "cosine"]),
     (dict(schedule=None), ValueError, ["schedule", "None"]),
-    (dict(ordering="sideways"), ValueError, ["ordering", "'sideways'", "before", "after"]),
+    (dict(ordering="sideways"), ValueError, ["ordering", "'sideways'", "'auto'", "before",
+                                             "after"]),
+    (dict(ordering=None), ValueError, ["ordering", "None", "'auto'"]),
     (dict(scope="local"), ValueError, ["scope", "'local'", "global"]),
     (dict(optimizer_state="zero"), ValueError, ["optimizer_state", "'zero'", "reset"]),
     (dict(optimizer_state=None), ValueError, ["optimizer_state", "None"]),
@@ -120,6 +122,20 @@ def test_reset_with_an_optimizer_whose_state_cannot_be_mapped_is_an_error():
     message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.Adafactor(),
                          DST(optimizer_state="reset"))
     assert "optimizer_state" in message and "Adafactor" in message and "keep" in message
+    assert "not one value per weight entry" in message
+
+
+def test_an_optimizer_that_accumulates_gradients_is_refused_naming_it():
+    message = _fit_fails(keras_dst.prunable(mlp(), density=0.3),
+                         keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), DST(),
+                         error=NotImplementedError)
+    assert "SGD has gradient_accumulation_steps=2" in message
+
+
+def test_numpy_bools_are_bools():
+    callback = DST(grow="random", grow_exact=np.False_)
+    assert callback.grow_exact is False
+    assert keras_dst.DynamicSparseTraining.from_config(callback.get_config()).grow_exact is False
 
 
 def test_reset_with_an_optimizer_with_unlisted_state_is_an_error():

@@ -127,7 +127,9 @@ def test_a_schedule_that_needs_no_length_trains_on_a_dataset_without_one():
     dst = DST(update_every=2, schedule="constant")
     model.fit(data, epochs=2, verbose=0, callbacks=[dst])
     assert int(dst.engine.last_update_step.numpy()) == 8
-    with pytest.raises(ValueError, match="schedule='cosine' needs the number of training steps"):
+    with pytest.raises(ValueError, match=r"schedule='cosine' needs the number of training steps.*"
+                                         r"steps_per_epoch= to fit\(\), or total_steps= to "
+                                         r"DynamicSparseTraining"):
         model.fit(data, epochs=1, verbose=0, callbacks=[DST(update_every=2)])
     with pytest.raises(ValueError, match="end_step=0.5 needs the number of training steps"):
         model.fit(data, epochs=1, verbose=0,

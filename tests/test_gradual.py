@@ -279,3 +279,17 @@ def test_tfmot_parity(tmp_path):
         for i, t in enumerate(targets):
             np.testing.assert_array_equal(t.mask.numpy(), tfmot_masks[i][step],
                                           err_msg=f"{paths[i]} at step {step}")
+
+
+def test_default_end_on_data_without_a_length_names_the_argument_that_gives_it():
+    import tensorflow as tf
+
+    model = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    model.compile("sgd", LOSS)
+    x, y = classification_data()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).filter(lambda *_: True)
+    with pytest.raises(ValueError, match=r"end_step=None .* needs the number of training steps.*"
+                                         r"steps_per_epoch= to fit\(\), or end_step= to "
+                                         r"GradualPruning\."):
+        model.fit(data, epochs=1, verbose=0,
+                  callbacks=[keras_dst.GradualPruning(final_density=0.5, update_every=2)])
