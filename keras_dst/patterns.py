@@ -53,7 +53,8 @@ KINDS = ("unstructured", "block", "nm", "fan_in")
 ACCEPTED = "'unstructured', '1xB' (B >= 2, e.g. '1x4'), 'N:M' (1 <= N < M, e.g. '2:4'), 'fan_in', or None"
 REMEDY = ("keep it dense with keep_dense=[...], or give it another pattern with a "
            "per-layer override")
-_DENSITY_TOL = 1e-9
+# An N:M density given as a rounded decimal or a float32 (0.333333, np.float32(1 / 3)).
+_DENSITY_TOL = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +176,7 @@ def check_density(pattern: PatternLike, density: Optional[float], name: str) -> 
       The effective density (a float).
 
     Raises:
-      ValueError: an N:M density other than N/M (beyond 1e-9), a None density
+      ValueError: an N:M density other than N/M (beyond 1e-6), a None density
         for another pattern, or a density outside [0, 1].
     """
     pattern = parse(pattern)
@@ -183,7 +184,8 @@ def check_density(pattern: PatternLike, density: Optional[float], name: str) -> 
         fixed = pattern.n / pattern.m
         if density is not None and not abs(float(density) - fixed) <= _DENSITY_TOL:
             raise ValueError(f"{name}: pattern '{pattern}' has density {pattern.n}/{pattern.m} = {fixed:g}, "
-                             f"but density {density!r} was asked; drop it or use {fixed:g}.")
+                             f"but density {density!r} was asked; drop it or use "
+                             f"{pattern.n}/{pattern.m}.")
         return fixed
     if density is None:
         raise ValueError(f"{name}: pattern '{pattern}' needs a density (only N:M patterns fix their own).")

@@ -125,7 +125,12 @@ def test_check_density():
     with pytest.raises(ValueError, match=r"dense_3.*'2:4'.*0\.5.*0\.3"):
         patterns.check_density("2:4", 0.3, "dense_3")
     with pytest.raises(ValueError, match="2:4"):
-        patterns.check_density("2:4", 0.5 + 1e-6, "d")
+        patterns.check_density("2:4", 0.5 + 1e-5, "d")
+    # 1/3 as a user writes it (the error suggested "use 0.333333", then refused it)
+    assert patterns.check_density("1:3", 0.333333, "d") == 1 / 3
+    assert patterns.check_density("1:3", np.float32(1 / 3), "d") == 1 / 3
+    with pytest.raises(ValueError, match=r"density 0\.33 was asked; drop it or use 1/3\."):
+        patterns.check_density("1:3", 0.33, "d")
     assert patterns.check_density("1x4", 0.3, "d") == 0.3
     assert patterns.check_density(None, 1.0, "d") == 1.0
     with pytest.raises(ValueError, match="needs a density"):
