@@ -405,9 +405,40 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
         for path, p in weight_patterns.items():  # a pattern's counts come in its units
             if p.kind != "unstructured":
                 counts[path] = patterns.active_count(p, shapes[path], densities[path])
+        asked = densities
         densities = {p: (counts[p] / int(np.prod(s)) if np.prod(s) else 1.0)
                      for p, s in shapes.items()}
+        _warn_where_counts_miss(asked, densities, sizes, weight_patterns,
+                                lambda path: label(owner[path]))
     return densities, weight_patterns
+
+
+def _warn_where_counts_miss(asked, got, sizes, weight_patterns, layer_of):
+    """Warns (naming the layers) where the exact counts of `_plan` leave a weight asked to
+    keep some entries with none, or make a fan_in weight denser than asked by more than
+    a quarter (its floor of one input per output unit)."""
+    empty = [path for path in asked if asked[path] > 0 and got[path] == 0 and sizes[path]]
+    if empty:
+        shown = ", ".join(f"'{layer_of(p)}' ({p}: {asked[p]:.3g} of {sizes[p]} entries)"
+                          for p in empty)
+        warnings.warn(
+            f"prunable(): no active entry is left at the density asked (the count rounds to "
+            f"0) in {shown}: such a layer passes nothing of its input on, and DST regrows "
+            "only what it prunes, so it stays empty. Give it entries with "
+            "density_overrides={...}, keep it dense with keep_dense=[...], or raise density.",
+            stacklevel=5)
+    denser = [path for path, p in weight_patterns.items()
+              if p.kind == "fan_in" and got[path] > 1.25 * asked[path]]
+    if denser:
+        total = sum(sizes.values())
+        overall = sum(got[p] * n for p, n in sizes.items()) / total
+        wanted = sum(asked[p] * n for p, n in sizes.items()) / total
+        shown = ", ".join(f"'{layer_of(p)}' {got[p]:.3g} (asked {asked[p]:.3g})"
+                          for p in denser)
+        warnings.warn(
+            f"prunable(): pattern 'fan_in' keeps at least one input per output unit, so "
+            f"{shown} are denser than asked; the sparsified weights' density is "
+            f"{overall:.4g}, not {wanted:.4g}.", stacklevel=5)
 
 
 def _clone_graph(model, clone):

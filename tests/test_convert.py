@@ -1,5 +1,7 @@
 """prunable() / strip() / masks utilities on every kind of model."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -432,3 +434,30 @@ def test_the_sparse_model_keeps_the_dense_model_s_layer_and_output_names(tmp_pat
     assert loaded.output_names == ["cls", "reg"]
     np.testing.assert_array_equal(loaded.predict(x, verbose=0)[0], sparse.predict(x, verbose=0)[0])
     assert keras_dst.strip(sparse).output_names == ["cls", "reg"]
+
+
+def _three_dense(sizes=(10, 6, 6, 3)):
+    inputs = keras.Input((sizes[0],))
+    x = inputs
+    for i, units in enumerate(sizes[1:]):
+        x = keras.layers.Dense(units, name=f"d{i}")(x)
+    return keras.Model(inputs, x)
+
+
+def test_a_layer_left_without_active_entries_is_named_in_a_warning():
+    # uniform 0.03: round(0.03 * 18) = 0 entries for d2 (it would stay empty under DST)
+    with pytest.warns(UserWarning, match=r"no active entry .* in 'd2' \(d2/kernel: 0\.03 of 18 "
+                                         r"entries\).*density_overrides"):
+        model = keras_dst.prunable(_three_dense(), density=0.03, distribution="uniform")
+    assert int(np.sum(keras_dst.masks(model)["d2/kernel"])) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # entries for every layer: no warning
+        keras_dst.prunable(_three_dense(), density=0.3, distribution="uniform")
+        keras_dst.prunable(_three_dense(), distribution={"d0": 0.03, "d1": 0.03, "d2": 0.5})
+
+
+def test_fan_in_denser_than_asked_is_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"'fan_in' keeps at least one input per output unit.*"
+                                         r"'d0' 0\.1 \(asked .*not 0\.05"):
+        model = keras_dst.prunable(_three_dense((10, 6, 3)), density=0.05, pattern="fan_in")
+    assert abs(keras_dst.density(model) - 9 / 78) < 1e-9
