@@ -922,6 +922,16 @@ def _zero_initial_value(variable, initial_mask, keep_raw=False):
     return raw
 
 
+def non_binary_values(array: np.ndarray) -> list:
+    """Up to three distinct values of `array` other than 0 and 1 (NaN included), sorted:
+    what makes it no mask (empty for a bool array or one of 0/1 only)."""
+    if array.dtype == bool:
+        return []
+    bad = array[~np.isin(array, (0, 1))]
+    return sorted({float(v) if np.isfinite(v) else repr(float(v)) for v in bad.ravel()[:1000]},
+                  key=str)[:3]
+
+
 def masked_nonzeros(value, mask) -> tf.Tensor:
     """Number of non-zero entries of `value` where the bool `mask` is False (int64 scalar):
     what a weight computes with beyond its mask."""
@@ -989,6 +999,12 @@ def _guard_writes(variable, mask, state, pattern):
         return result
 
     def guarded_mask_assign(value):
+        if tf.executing_eagerly():
+            bad = non_binary_values(np.asarray(value))
+            if bad:  # a bool variable would read any of them as True
+                raise ValueError(
+                    f"{state.owner}: the mask written to '{variable.path}' holds values other "
+                    f"than 0/1 (e.g. {', '.join(map(str, bad))}); it was left as it was.")
         if tf.executing_eagerly() and pattern.kind != "unstructured":
             problem = patterns.violation(pattern, np.asarray(value, bool))
             if problem is not None:  # (a mask of a model made with another pattern)

@@ -13,7 +13,14 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import compat, patterns
-from keras_dst.layers import SparseState, SparseWrapper, attached_state, check_maskable, masked_nonzeros
+from keras_dst.layers import (
+    SparseState,
+    SparseWrapper,
+    attached_state,
+    check_maskable,
+    masked_nonzeros,
+    non_binary_values,
+)
 
 
 class SparseTarget(NamedTuple):
@@ -176,8 +183,10 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None
         if array.shape != tuple(target.weight.shape):
             raise ValueError(f"set_masks(): mask for '{path}' has shape {array.shape}, but the "
                              f"weight has shape {tuple(target.weight.shape)}.")
-        if not np.isin(array, (0, 1)).all():
-            raise ValueError(f"set_masks(): mask for '{path}' must contain only 0/1 values.")
+        bad = non_binary_values(array)
+        if bad:
+            raise ValueError(f"set_masks(): mask for '{path}' must contain only 0/1 values "
+                             f"(got e.g. {', '.join(map(str, bad))}).")
         problem = patterns.violation(target.pattern, array.astype(bool))
         if problem is not None:
             raise ValueError(f"set_masks(): mask for '{path}' breaks the weight's {problem}")

@@ -332,6 +332,26 @@ def test_set_weights_of_a_whole_state_with_other_masks_restores_it_exactly():
         np.testing.assert_array_equal(t.weight.numpy(), np.where(t.mask.numpy(), 2.0, 0.0))
 
 
+@pytest.mark.parametrize("value", [2.0, 0.5, -1.0, np.nan])
+def test_a_mask_write_of_values_other_than_0_1_is_refused(value):
+    """A bool mask variable reads any non-zero as True: `set_weights` with a mask of 2.0 or
+    NaN made the layer dense, silently (`set_masks` refused the same values)."""
+    _, model = sparse_mlp()
+    state = model.get_weights()
+    index = [i for i, v in enumerate(model.weights) if "kernel_mask" in v.path][0]
+    bad = list(state)
+    bad[index] = np.full(state[index].shape, value, "float32")
+    masks_before = {k: v.copy() for k, v in keras_dst.masks(model).items()}
+    with pytest.raises(ValueError, match=r"the mask written to '.*' holds values other than "
+                                         r"0/1 \(e\.g\. " + re.escape(str(value))):
+        model.set_weights(bad)
+    for path, mask in keras_dst.masks(model).items():
+        np.testing.assert_array_equal(mask, masks_before[path])
+    assert stray(model) == 0
+    with pytest.raises(ValueError, match=r"set_masks\(\): .* only 0/1 values \(got e\.g\. "):
+        keras_dst.set_masks(model, {next(iter(masks_before)): bad[index]})
+
+
 def test_a_warm_start_is_not_written_back_by_a_later_set_masks():
     """The raw dense values of a warm start wait for the mask write that follows them
     (`model.set_weights` writes a kernel before its mask); once the weights have trained
