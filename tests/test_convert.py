@@ -436,28 +436,20 @@ def test_the_sparse_model_keeps_the_dense_model_s_layer_and_output_names(tmp_pat
     assert keras_dst.strip(sparse).output_names == ["cls", "reg"]
 
 
-def _three_dense(sizes=(10, 6, 6, 3)):
-    inputs = keras.Input((sizes[0],))
-    x = inputs
-    for i, units in enumerate(sizes[1:]):
-        x = keras.layers.Dense(units, name=f"d{i}")(x)
-    return keras.Model(inputs, x)
-
-
 def test_a_layer_left_without_active_entries_is_named_in_a_warning():
-    # uniform 0.03: round(0.03 * 18) = 0 entries for d2 (it would stay empty under DST)
-    with pytest.warns(UserWarning, match=r"no active entry .* in 'd2' \(d2/kernel: 0\.03 of 18 "
+    # uniform 0.03: round(0.03 * 18) = 0 entries for fc3 (it would stay empty under DST)
+    with pytest.warns(UserWarning, match=r"no active entry .* in 'fc3' \(fc3/kernel: 0\.03 of 18 "
                                          r"entries\).*density_overrides"):
-        model = keras_dst.prunable(_three_dense(), density=0.03, distribution="uniform")
-    assert int(np.sum(keras_dst.masks(model)["d2/kernel"])) == 0
+        model = keras_dst.prunable(mlp((10, 6, 6, 3)), density=0.03, distribution="uniform")
+    assert int(np.sum(keras_dst.masks(model)["fc3/kernel"])) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # entries for every layer: no warning
-        keras_dst.prunable(_three_dense(), density=0.3, distribution="uniform")
-        keras_dst.prunable(_three_dense(), distribution={"d0": 0.03, "d1": 0.03, "d2": 0.5})
+        keras_dst.prunable(mlp((10, 6, 6, 3)), density=0.3, distribution="uniform")
+        keras_dst.prunable(mlp((10, 6, 6, 3)), distribution={"fc1": 0.03, "fc2": 0.03, "fc3": 0.5})
 
 
 def test_fan_in_denser_than_asked_is_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"'fan_in' keeps at least one input per output unit.*"
-                                         r"'d0' 0\.1 \(asked .*not 0\.05"):
-        model = keras_dst.prunable(_three_dense((10, 6, 3)), density=0.05, pattern="fan_in")
+                                         r"'fc1' 0\.1 \(asked .*not 0\.05"):
+        model = keras_dst.prunable(mlp((10, 6, 3)), density=0.05, pattern="fan_in")
     assert abs(keras_dst.density(model) - 9 / 78) < 1e-9
