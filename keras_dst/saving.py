@@ -221,6 +221,10 @@ class BackupAndRestore(keras.callbacks.Callback):
     does the same reads) and every restarted worker restores it, so give all
     workers the same `backup_dir` on a shared file system.
 
+    It restores the backup in ``on_train_begin``: list it after the keras_dst callbacks
+    (either order resumes exactly), so that a fit they refuse at its start (two
+    callbacks that change masks, say) raises before the backup overwrites the model.
+
     Args:
       backup_dir: local directory of the backups (created if needed).
       delete_checkpoint: remove `backup_dir` when `fit` ends normally.
