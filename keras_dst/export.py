@@ -302,18 +302,20 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
             calibration = _calibration(representative_data, saved, input_names,
                                        calibration_steps)
         content = _convert(saved, model.name, sparsity, calibration, hints)
-        broken = _padded_block_tensors(content) if sparsity else {}
+        parsed = _parse(content)
+        broken = _padded_block_tensors(parsed) if sparsity else {}
         dense = content if not sparsity else (
             _convert(saved, model.name, False, calibration, hints)
             if compare_dense or broken else None)
     repaired = {}
     if broken:
-        content, repaired = _repair(content, dense, broken, model.name)
+        content, repaired = _repair(parsed, _parse(dense), broken, model.name)
+        parsed = _parse(content)
     dense_bytes = len(dense) if compare_dense else None
-    exported = _signature_inputs(content)
+    exported = _signature_inputs(parsed)
     if sorted(input_names) != sorted(exported):  # the .tflite's names are what it takes
         input_names = exported
-    constants, densify = _read_constants(content)  # read back before anything is written
+    constants, densify = _read_constants(parsed)  # read back before anything is written
     rows = _match(weights, constants, quantize, repaired, sparsity)
     os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
     with open(filepath, "wb") as f:
@@ -576,6 +578,12 @@ def _schema():
     return schema
 
 
+def _parse(content: bytes):
+    """The .tflite flatbuffer `content` as the schema's object tree (`ModelT`), which the
+    readers below take: parsed once per file."""
+    return _schema().ModelT.InitFromPackedBuf(content, 0)
+
+
 _DTYPES = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT8": np.int8, "UINT8": np.uint8,
            "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
 
@@ -594,10 +602,10 @@ class _Constant:
     nbytes: int
 
 
-def _read_constants(content):
-    """([_Constant] of every constant operator input, number of DENSIFY ops)."""
+def _read_constants(model):
+    """([_Constant] of every constant operator input, number of DENSIFY ops) of a parsed
+    .tflite `model` (`_parse`)."""
     schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(content, 0)
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
     codes = [op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "CUSTOM")
@@ -638,10 +646,9 @@ def _read_constants(content):
     return constants, densify
 
 
-def _signature_inputs(content):
-    """The input names of the .tflite model's signature, in the order of its graph's
-    inputs (the Keras model's order; the signature itself lists them sorted)."""
-    model = _schema().ModelT.InitFromPackedBuf(content, 0)
+def _signature_inputs(model):
+    """The input names of a parsed .tflite `model`'s signature, in the order of its
+    graph's inputs (the Keras model's order; the signature itself lists them sorted)."""
     if not model.signatureDefs:
         return []
     signature = model.signatureDefs[0]
@@ -742,7 +749,7 @@ def _dequantize(values, quantization):
     return ((values.astype(np.float32) - zero) * scale).astype(np.float32), float(np.max(scale))
 
 
-def _padded_block_tensors(content):
+def _padded_block_tensors(model):
     """{(subgraph, tensor index): (dimension, block)} of the block-sparse tensors whose
     blocked dimension is not a multiple of the block.
 
@@ -750,10 +757,8 @@ def _padded_block_tensors(content):
     padded but stores only part of its values: the model computes wrong
     outputs (seen for FULLY_CONNECTED weights with 6 inputs at density 0.02, 22
     inputs at 0.01, and int8 weights whose input axis is not a multiple of 16).
-    `_repair` stores them dense.
+    `_repair` stores them dense. `model`: the parsed .tflite (`_parse`).
     """
-    schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(content, 0)
     broken = {}
     for g, graph in enumerate(model.subgraphs):
         for i, tensor in enumerate(graph.tensors):
@@ -773,9 +778,10 @@ def _name(tensor):
     return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
 
 
-def _repair(content, dense_content, broken, model_name):
-    """`content` with every tensor of `broken` replaced by the same weight of
-    `dense_content` (the model converted without sparsity), and `broken` itself.
+def _repair(model, dense, broken, model_name):
+    """The .tflite content of `model` (parsed, `_parse`; changed in place) with every
+    tensor of `broken` replaced by the same weight of `dense` (the model converted
+    without sparsity, parsed), and `broken` itself.
 
     The dense twin of a broken tensor is the constant of the dense model with
     the same subgraph, shape and type (tensor names differ between the two
@@ -785,10 +791,8 @@ def _repair(content, dense_content, broken, model_name):
     import flatbuffers  # a TensorFlow dependency
 
     schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(content, 0)
-    dense = schema.ModelT.InitFromPackedBuf(dense_content, 0)
-    kept = {(c.graph, c.index): c for c in _read_constants(content)[0]}
-    twins = _read_constants(dense_content)[0]
+    kept = {(c.graph, c.index): c for c in _read_constants(model)[0]}
+    twins = _read_constants(dense)[0]
     shared = collections.Counter(t.buffer for graph in model.subgraphs for t in graph.tensors)
     for (g, i), (dim, block) in broken.items():
         tensor, part = model.subgraphs[g].tensors[i], kept.get((g, i))
@@ -817,7 +821,7 @@ def _repair(content, dense_content, broken, model_name):
             tensor.buffer = len(model.buffers) - 1
         else:
             model.buffers[tensor.buffer].data = data
-    builder = flatbuffers.Builder(len(content) + 1024)
+    builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output()), dict(broken)
 

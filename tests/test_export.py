@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
-from keras_dst.export import LiteRTModel, _read_constants
+from keras_dst.export import LiteRTModel, _parse, _read_constants
 
 from conftest import all_layers_data, all_layers_model, assert_sparse_invariants
 
@@ -38,7 +38,7 @@ def output_step(path):
     from keras_dst.export import _schema
     schema = _schema()
     with open(path, "rb") as f:
-        model = schema.ModelT.InitFromPackedBuf(f.read(), 0)
+        model = _parse(f.read())
     graph = model.subgraphs[0]
     codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
     last = [op for op in graph.operators
@@ -133,7 +133,7 @@ def test_orientation_tflite_blocks_run_along_the_keras_input_axis(tmp_path):
     model = sparse(mlp((16, 8, 4)), "1x4", density=0.25)
     report = keras_dst.export(model, tmp_path / "m.tflite", compare_dense=False)
     with open(report.path, "rb") as f:
-        constants, _ = _read_constants(f.read())
+        constants, _ = _read_constants(_parse(f.read()))
     kernels = {t.weight.path: np.where(t.mask.numpy(), t.weight.numpy(), 0)
                for t in keras_dst.sparse_targets(model)}
     blocked = [c for c in constants if c.block == 4]
