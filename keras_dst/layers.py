@@ -1000,13 +1000,14 @@ def _guard_writes(variable, mask, state, pattern):
 
     def guarded_mask_assign(value):
         if tf.executing_eagerly():
-            bad = non_binary_values(np.asarray(value))
+            array = np.asarray(value)
+            bad = non_binary_values(array)
             if bad:  # a bool variable would read any of them as True
                 raise ValueError(
                     f"{state.owner}: the mask written to '{variable.path}' holds values other "
                     f"than 0/1 (e.g. {', '.join(map(str, bad))}); it was left as it was.")
-        if tf.executing_eagerly() and pattern.kind != "unstructured":
-            problem = patterns.violation(pattern, np.asarray(value, bool))
+            problem = None if pattern.kind == "unstructured" else \
+                patterns.violation(pattern, array.astype(bool))
             if problem is not None:  # (a mask of a model made with another pattern)
                 raise ValueError(
                     f"{state.owner}: the mask written to '{variable.path}' breaks its "
