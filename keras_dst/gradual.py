@@ -231,8 +231,28 @@ class GradualPruning(HookedCallback):
             return
         # The first step of this fit has no previous step to prune at its end.
         step = int(base_optimizer(self.model.optimizer).iterations.numpy()) + 1
+        self._warn_where_masks_are_below_the_ramp(step)
         with self.model.distribute_strategy.scope():
             self.engine.maybe_update(step)
+
+    def _warn_where_masks_are_below_the_ramp(self, step):
+        """Warns, naming them, about the weights that hold fewer active entries than the
+        ramp keeps at `step`: pruning never regrows, so they stay as they are until the
+        ramp falls below them, and the final density is reached by the others first."""
+        engine = self.engine
+        density = float(engine.target_density(step))
+        below = [(t.weight.path, int(np.count_nonzero(t.mask.numpy())), size)
+                 for t, size in zip(engine.targets, engine.sizes)
+                 if np.count_nonzero(t.mask.numpy()) < int(keep_count(size, density))]
+        if below:
+            listed = ", ".join(f"'{path}' ({active / size:.3f})" for path, active, size in below[:5])
+            more = f" and {len(below) - 5} more" if len(below) > 5 else ""
+            warnings.warn(
+                f"GradualPruning: {listed}{more} hold fewer active entries than the ramp's "
+                f"density {density:.3f} at step {step}; pruning never regrows, so they stay "
+                "as they are until the ramp falls below them. Start from a dense-masked "
+                "model (prunable(..., density=1.0)), or start the ramp at their density "
+                "(initial_density=, begin_step=).", stacklevel=2)
 
     def _read_logs(self):
         engine = self.engine

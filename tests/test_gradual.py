@@ -123,11 +123,37 @@ def test_a_fit_after_the_last_update_step_warns_that_it_updates_nothing():
             0.1, update_every=5, begin_step=32, end_step=42, initial_density=0.25)], **fit)
     assert keras_dst.density(model) == pytest.approx(0.1, abs=0.01)
     # a resumed run (initial_epoch) counts the whole run's steps: no warning
-    resumed, _ = _fit(keras_dst.GradualPruning(0.25, update_every=5))
+    # (its first half ran the ramp the whole run resolves: 75 % of 32 steps, up to 20)
+    resumed, _ = _fit(keras_dst.GradualPruning(0.25, update_every=5, end_step=20))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resumed.fit(x, y, callbacks=[keras_dst.GradualPruning(0.25, update_every=5)],
                     **{**fit, "epochs": 4, "initial_epoch": 2})
+
+
+def test_weights_sparser_than_the_ramp_are_named_and_wait_for_it():
+    """A model already sparse (here 0.3, from DST say) under a ramp starting dense: its
+    weights cannot follow the ramp (pruning never regrows); a warning names them, they
+    keep their masks until the ramp falls below 0.3, then follow it to the end."""
+    model = keras_dst.prunable(mlp(), density=0.3, distribution="uniform")
+    before = {k: v.copy() for k, v in keras_dst.masks(model).items()}
+    callback = keras_dst.GradualPruning(0.1, update_every=1, begin_step=0, end_step=12)
+    recorder = MaskRecorder()
+    with pytest.warns(UserWarning, match=r"GradualPruning: '.*kernel' \(0\.300\).* fewer "
+                                         r"active entries than the ramp's density 0\.793 at "
+                                         r"step 1; pruning never regrows"):
+        _fit(callback, recorder=recorder, model=model)
+    for step in (1, 2, 3, 4):  # d(t) = 0.1 + 0.9 (1 - t/12)^3: 0.79 ... 0.37, above 0.3
+        for path, (mask, _) in recorder.states[step - 1].items():
+            np.testing.assert_array_equal(mask, before[path], err_msg=(step, path))
+    for path, (mask, _) in recorder.states[4].items():  # d(5) = 0.275: the ramp reaches them
+        assert mask.sum() < before[path].sum(), path
+    assert keras_dst.density(model) == pytest.approx(0.1, abs=0.01)
+    dense = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fit(keras_dst.GradualPruning(0.1, update_every=1, begin_step=0, end_step=12),
+             model=dense)
 
 
 @pytest.mark.slow
