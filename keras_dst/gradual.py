@@ -10,7 +10,8 @@ run can be compared with TF-MOT step by step:
   ``t - 1`` optimizer steps. Here ``t = optimizer.iterations + 1`` is the index of
   the step about to run: the update for step ``t`` runs at the end of optimizer
   step ``t - 1`` (inside the compiled step, after the update and the mask
-  constraints) and, for the first step of a `fit`, in ``on_train_begin``.
+  constraints) and, for the first step of a `fit`, before its first batch
+  (``on_train_batch_begin``).
 * **When.** Steps with ``begin_step <= t <= end_step`` and
   ``(t - begin_step) % update_every == 0`` (`schedules.UpdateSteps`, TF-MOT's
   ``frequency``). Since ``t >= 1``, ``begin_step=0`` prunes first at
@@ -44,7 +45,6 @@ import tensorflow as tf
 from keras_dst import schedules, topology, validation
 from keras_dst.hooks import Hook, state_variable
 from keras_dst.masks import sparse_targets
-from keras_dst.optimizer_state import base_optimizer
 from keras_dst.scoring import absolute
 from keras_dst.step_switch import HookedCallback
 
@@ -88,10 +88,7 @@ class GradualEngine(Hook):
         self.final_density = float(final_density)
         self.power = power
         self.sizes = [int(np.prod(t.weight.shape)) for t in self.targets]
-        # Observability only: active entries per target and the target density
-        # of the last update.
-        self.layer_active = state_variable(tf.zeros([len(self.targets)], tf.int64),
-                                           "gmp_layer_active")
+        # Observability only: the target density of the last update.
         self.last_density = state_variable(tf.constant(self.initial_density, tf.float32),
                                            "gmp_last_density")
 
@@ -112,15 +109,12 @@ class GradualEngine(Hook):
 
     def _update(self, step):
         density = self.target_density(step)
-        active = []
         for t, size in zip(self.targets, self.sizes):
             magnitude = absolute(tf.cast(t.weight, tf.float32))
             mask = topology.select_highest(magnitude, tf.convert_to_tensor(t.mask),
                                            keep_count(size, density))
             t.weight.assign(tf.where(mask, t.weight, tf.zeros([], t.weight.dtype)))
             t.mask.assign(mask)
-            active.append(tf.cast(topology.count_true(mask), tf.int64))
-        self.layer_active.assign(tf.stack(active))
         self.last_density.assign(density)
         self.last_update_step.assign(step)
         return tf.no_op()
@@ -172,6 +166,7 @@ class GradualPruning(HookedCallback):
     def __init__(self, final_density: float, update_every: int = 100, begin_step: int = 0,
                  end_step: Optional[int] = None, power: float = 3, initial_density: float = 1.0):
         super().__init__()
+        self._first_batch = False  # the next batch is its fit's first
         self.final_density = validation.check_density(final_density, "final_density")
         self.initial_density = validation.check_density(initial_density, "initial_density")
         if self.final_density > self.initial_density:
@@ -226,14 +221,20 @@ class GradualPruning(HookedCallback):
                              final_density=self.final_density, power=self.power)
 
     def on_train_begin(self, logs=None):
+        self._first_batch = True
         super().on_train_begin(logs)
-        if self.engine is None:  # (a fit of no epoch)
-            return
-        # The first step of this fit has no previous step to prune at its end.
-        step = int(base_optimizer(self.model.optimizer).iterations.numpy()) + 1
-        self._warn_where_masks_are_below_the_ramp(step)
-        with self.model.distribute_strategy.scope():
-            self.engine.maybe_update(step)
+        if self.engine is not None:  # (None: a fit of no epoch)
+            self._warn_where_masks_are_below_the_ramp(self._optimizer_step() + 1)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.engine is not None and self._first_batch:
+            # The first step of this fit has no previous step to prune at its end: its
+            # update runs here, once every callback's on_train_begin has passed (a fit
+            # that a later callback refuses changes no mask) and a backup is restored.
+            self._first_batch = False
+            with self.model.distribute_strategy.scope():
+                self.engine.maybe_update(self._optimizer_step() + 1)
+        super().on_train_batch_begin(batch, logs)
 
     def _warn_where_masks_are_below_the_ramp(self, step):
         """Warns, naming them, about the weights that hold fewer active entries than the
@@ -255,12 +256,9 @@ class GradualPruning(HookedCallback):
                 "(initial_density=, begin_step=).", stacklevel=2)
 
     def _read_logs(self):
-        engine = self.engine
-        if engine.last_update_step.numpy() < 0:  # no update yet: report the masks
-            active = np.array([np.count_nonzero(t.mask.numpy()) for t in engine.targets])
-        else:
-            active = engine.layer_active.numpy()
-        return {"density": float(active.sum() / max(sum(engine.sizes), 1)),
+        engine = self.engine  # the masks as they are (they may have been set since an update)
+        active = sum(int(np.count_nonzero(t.mask.numpy())) for t in engine.targets)
+        return {"density": float(active / max(sum(engine.sizes), 1)),
                 "target_density": float(engine.last_density.numpy())}
 
     def get_config(self):

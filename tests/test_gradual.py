@@ -22,8 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class MaskRecorder(keras.callbacks.Callback):
     """states[i]: {path: (mask, kernel)} in effect for optimizer step i + 1.
 
-    Index 0 is taken at train begin (place this after GradualPruning), index i
-    after step i.
+    Index 0 is taken before the first batch (place this after GradualPruning, which
+    prunes for the fit's first step then), index i after step i.
     """
 
     def __init__(self, check_zeros=False):
@@ -36,8 +36,9 @@ class MaskRecorder(keras.callbacks.Callback):
             assert_sparse_invariants(self.model)
         self.states.append(sparse_state(self.model))
 
-    def on_train_begin(self, logs=None):
-        self._record()
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.states:
+            self._record()
 
     def on_train_batch_end(self, batch, logs=None):
         self._record()
@@ -154,6 +155,36 @@ def test_weights_sparser_than_the_ramp_are_named_and_wait_for_it():
         warnings.simplefilter("error")
         _fit(keras_dst.GradualPruning(0.1, update_every=1, begin_step=0, end_step=12),
              model=dense)
+
+
+@pytest.mark.parametrize("second", ["itself", "dst"])
+def test_a_fit_refused_by_a_later_callback_prunes_nothing(second):
+    """GradualPruning prunes for a fit's first step before its first batch, once every
+    callback's on_train_begin has passed: a callback listed after it that refuses the
+    fit leaves masks and weights as they were (it pruned to d(1) first)."""
+    model = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    before = sparse_state(model)
+    gradual = keras_dst.GradualPruning(0.2, update_every=1, end_step=8)
+    other = gradual if second == "itself" else keras_dst.DynamicSparseTraining(update_every=2)
+    x, y = classification_data()
+    with pytest.raises(ValueError, match="pass (it|one per fit)"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[gradual, other])
+    after = sparse_state(model)
+    for path, (mask, kernel) in before.items():
+        np.testing.assert_array_equal(after[path][0], mask, err_msg=path)
+        np.testing.assert_array_equal(after[path][1], kernel, err_msg=path)
+
+
+def test_logged_density_is_that_of_the_masks_as_they_are():
+    """After set_masks (or a load) between fits, the logged density is the masks', not
+    the last update's."""
+    model, _ = _fit(keras_dst.GradualPruning(0.2, update_every=2, end_step=8))
+    keras_dst.set_masks(model, {k: np.ones_like(v) for k, v in keras_dst.masks(model).items()})
+    x, y = classification_data()
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                        callbacks=[keras_dst.GradualPruning(0.2, update_every=2, end_step=8)])
+    assert history.history["density"] == [1.0]
 
 
 @pytest.mark.slow
