@@ -139,11 +139,10 @@ def register_distribution(name: str, *, overwrite: bool = False) -> Callable[[Di
       The decorator, which returns the function unchanged.
 
     Raises:
-      ValueError: if `name` is empty or not a string, or is already registered
-        and `overwrite` is False.
+      TypeError: `name` is not a str.
+      ValueError: `name` is empty, or is already registered and `overwrite` is
+        False.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"distribution name must be a non-empty str, got {name!r}")
     _DISTRIBUTIONS.check_available(name, overwrite)
 
     def decorator(fn: DistributionFn) -> DistributionFn:
@@ -213,6 +212,20 @@ def _solve(
         d = fixed[k] if k in fixed else eps * rho[k] if k in free else 1.0
         out[k] = 1.0 if d > 1.0 - _SNAP else d
     return out
+
+
+def _check_budget(name: str, densities: Mapping[str, float], shapes: Mapping[str, Shape],
+                  density: float) -> None:
+    """Raises a ValueError unless the per-layer `densities` that distribution `name`
+    returned (fixed layers applied) realise the global `density` over `shapes`."""
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    total = sum(sizes.values())
+    active = sum(densities[k] * sizes[k] for k in shapes)
+    if abs(active - density * total) > _RTOL * max(total, 1) + 0.5:
+        raise ValueError(
+            f"distribution {name!r} returned densities that realise a global density of "
+            f"{active / max(total, 1):.6g}, not density={density!r} (its function must "
+            "share density * N active weights among the layers).")
 
 
 def _erk_score(shape: Shape) -> float:
@@ -298,6 +311,8 @@ def layer_densities(
         result = _check_layer_map(
             raw, live, f"distribution {distribution!r} result", complete=True
         )
+        _check_budget(distribution, {k: fixed.get(k, d) for k, d in result.items()}, live,
+                      density)
     else:
         raise TypeError(
             "distribution must be a name or a mapping name -> density, got "

@@ -365,13 +365,15 @@ def test_register_distribution(registered):
     calls = []
 
     @registered("test_flat")
-    def flat(shapes, density, fixed, **kw):
+    def flat(shapes, density, fixed, **kw):  # the budget left by `fixed`, shared evenly
         calls.append((dict(shapes), density, dict(fixed), kw))
-        return {k: 0.3 for k in shapes}
+        sizes = {k: math.prod(s) for k, s in shapes.items()}
+        left = density * sum(sizes.values()) - sum(fixed[k] * sizes[k] for k in fixed)
+        return {k: left / sum(n for k, n in sizes.items() if k not in fixed) for k in shapes}
 
     shapes = {"a": (4, 4), "e": (0, 2), "b": (2,)}
     got = layer_densities(shapes, 0.5, "test_flat", fixed={"b": 1.0, "e": 0.0}, power=2)
-    assert got == {"a": 0.3, "e": 1.0, "b": 1.0}
+    assert got == {"a": 7 / 16, "e": 1.0, "b": 1.0}
     assert "test_flat" in distribution_names()
     # Zero-size layers are removed before the call; power is forwarded.
     assert calls == [({"a": (4, 4), "b": (2,)}, 0.5, {"b": 1.0}, {"power": 2.0})]
@@ -379,6 +381,8 @@ def test_register_distribution(registered):
         register_distribution("erk")
     with pytest.raises(ValueError, match="non-empty"):
         register_distribution("")
+    with pytest.raises(TypeError, match=r"distribution name must be a non-empty str, got 123"):
+        register_distribution(123)
 
 
 def test_distribution_registry_is_the_shared_type(registered):
@@ -391,7 +395,7 @@ def test_distribution_registry_is_the_shared_type(registered):
     def quarter(shapes, density, fixed, **kw):
         return {k: 0.25 for k in shapes}
 
-    assert layer_densities(shapes, 0.5, "test-quarter") == {"a": 0.25, "b": 0.25}
+    assert layer_densities(shapes, 0.25, "test-quarter") == {"a": 0.25, "b": 0.25}
     with pytest.raises(ValueError, match=r"distribution 'test_quarter' is already registered.*overwrite=True"):
         register_distribution("test_quarter")
 
@@ -399,7 +403,7 @@ def test_distribution_registry_is_the_shared_type(registered):
     def eighth(shapes, density, fixed, **kw):
         return {k: 0.125 for k in shapes}
 
-    assert layer_densities(shapes, 0.5, "test_quarter") == {"a": 0.125, "b": 0.125}
+    assert layer_densities(shapes, 0.125, "test_quarter") == {"a": 0.125, "b": 0.125}
     assert distribution_names().count("test_quarter") == 1
 
 
@@ -412,6 +416,17 @@ def test_registered_result_is_validated(registered):
         layer_densities({"a": (2,), "b": (3,)}, 0.5, "test_broken")
     with pytest.raises(ValueError, match=r"test_broken.*\['a'\].*2\.0"):
         layer_densities({"a": (2,)}, 0.5, "test_broken")
+
+    @registered("test_half_each")
+    def half_each(shapes, density, fixed, **kw):  # ignores `density`
+        return {k: 0.5 for k in shapes}
+
+    with pytest.raises(ValueError, match=r"distribution 'test_half_each' returned densities "
+                                         r"that realise a global density of 0\.5, not "
+                                         r"density=0\.3"):
+        layer_densities({"a": (4, 4), "b": (2, 8)}, 0.3, "test_half_each")
+    assert layer_densities({"a": (4, 4), "b": (2, 8)}, 0.5, "test_half_each") == \
+        {"a": 0.5, "b": 0.5}
 
 
 # --------------------------------------------------------------------------- #
