@@ -197,7 +197,7 @@ class DynamicSparseTraining(ScheduledCallback):
         if self.growth is not None and self.growth.needs_momentum:
             if optimizer_state.momentum(optimizer, targets[0].weight) is None:
                 raise ValueError(
-                    f"DynamicSparseTraining(grow='momentum'): optimizer "
+                    f"DynamicSparseTraining(grow={self.growth.name!r}): optimizer "
                     f"{type(optimizer).__name__} keeps no momentum; use SGD with momentum > 0 "
                     "or an Adam-like optimizer (Adam, AdamW, Nadam, Adamax, Lamb, Lion, ...).")
         return TopologyEngine(

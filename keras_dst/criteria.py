@@ -57,11 +57,13 @@ Adding a criterion takes a few lines::
         return absolute(inputs.weight * inputs.gradient) ** power
 """
 
+import contextlib
 import dataclasses
 import inspect
 import types
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from keras_dst import patterns, topology, validation
@@ -114,6 +116,7 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
             accepted |= {p.name for p in list(signature.parameters.values())[1:] if p.kind in keywords}
     checked = {}
     for param, value in params.items():
+        value = _plain(value)
         if accepted is not None and param not in accepted:
             raise ValueError(f"Unknown parameter {param!r} for {kind} {name!r}; "
                              f"accepted: {sorted(accepted) or 'none'}.")
@@ -123,12 +126,73 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
                 checked_value = validation.check_real(value, param)
             value = checked_value if isinstance(default, float) else value
         checked[param] = value
-    return types.MappingProxyType({**defaults, **checked})
+    return types.MappingProxyType({**{k: _plain(v) for k, v in defaults.items()}, **checked})
+
+
+def _plain(value):
+    """A NumPy scalar as the Python number it holds (configs stay JSON); other values as given."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def check_entry(kind: str, name: str, fn: Optional[Callable], params, flags: Mapping[str, Any],
+                leading: int = 1) -> None:
+    """The registration checks of a `Criterion` or `GrowthRule` (run when one is made).
+
+    Args:
+      kind: "Criterion" or "Growth rule", for the messages.
+      name: its name.
+      fn: its score (or selection) function.
+      params: its default parameters: a mapping.
+      flags: its bool fields by name (``needs_gradient``, ...).
+      leading: the positional arguments `fn` takes before its parameters (1: the
+        inputs; 2 for a selection function: the inputs and the count).
+
+    Raises:
+      TypeError: `params` is not a mapping, or a flag is not a bool.
+      ValueError: a parameter of `fn` has no default and `params` gives none (it would
+        fail at the first training step).
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{kind} {name!r}: params must be a dict of default keyword parameters, "
+                        f"got params={params!r}.")
+    with validation.errors_named(f"{kind} {name!r}"):
+        for flag, value in flags.items():
+            validation.check_bool(value, flag)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # (no signature to read: a builtin)
+        return
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    missing = [p.name for p in list(signature.parameters.values())[leading:]
+               if p.kind in keywords and p.default is p.empty and p.name not in params]
+    if missing:
+        raise ValueError(f"{kind} {name!r}: its function's parameter(s) {missing} have no default "
+                         "and params= gives none; give them defaults or add them to params=.")
+
+
+@contextlib.contextmanager
+def calling(kind: str, name: str) -> Iterator[None]:
+    """Re-raises an error of the criterion's or growth rule's own function (traced into the
+    training step: a `.numpy()` call on a symbolic tensor, say) with its name first, same
+    type (errors that cannot be made from a message pass as they are)."""
+    try:
+        yield
+    except Exception as e:
+        try:
+            named = type(e)(f"{kind} {name!r} (its function is traced into the training step: "
+                            f"TensorFlow ops only, no .numpy()): {e}")
+        except Exception:
+            raise e from None
+        raise named from e
 
 
 def scores_of(scores, inputs: ScoreInputs, kind: str, name: str) -> tf.Tensor:
-    """A score function's result as float32, refused unless it has the weight's shape."""
+    """A score function's result as float32, refused unless it has the weight's shape and
+    a numeric dtype."""
     scores = tf.convert_to_tensor(scores)
+    if not (scores.dtype.is_floating or scores.dtype.is_integer or scores.dtype.is_bool):
+        raise TypeError(f"{kind} {name!r} returned scores of dtype {scores.dtype.name}; a score "
+                        "function returns real numbers (cast to float32).")
     if not scores.shape.is_compatible_with(inputs.weight.shape):
         raise ValueError(f"{kind} {name!r} returned scores of shape {scores.shape} for a weight "
                          f"of shape {inputs.weight.shape}; a score function returns one score "
@@ -236,7 +300,14 @@ class Criterion(FrozenEntry):
             object.__setattr__(self, "ordering", canonical_ordering(self.ordering))
         if (self.score is None) == (self.select is None):
             raise ValueError(f"Criterion {self.name!r} needs exactly one of `score` and `select`.")
-        object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))
+        check_entry("Criterion", self.name, self.score or self.select, self.params,
+                    {"needs_gradient": self.needs_gradient, "ema": self.ema},
+                    leading=1 if self.select is None else 2)
+        object.__setattr__(self, "params", merge_params("criterion", self.name, self.params, {}))
+        if self.ema and "beta" not in self.params:
+            raise ValueError(f"Criterion {self.name!r} is a running criterion (ema=True): give it "
+                             "the running average's weight as a 'beta' param (e.g. "
+                             "params={'beta': 0.9}).")
         if self.ema and not 0.0 <= self.params.get("beta", 0.0) <= 1.0:
             raise ValueError(f"Criterion {self.name!r}: the running average's beta must be in "
                              f"[0, 1], got beta={self.params['beta']!r}.")
@@ -262,7 +333,27 @@ class Criterion(FrozenEntry):
         if self.score is None:
             raise ValueError(f"Criterion {self.name!r} selects by rule and has no per-entry score.")
         require_inputs(inputs, "criterion", self.name, gradient=self.needs_gradient)
-        return scores_of(self.score(inputs, **self.params), inputs, "Criterion", self.name)
+        with calling("Criterion", self.name):
+            scores = self.score(inputs, **self.params)
+        return scores_of(scores, inputs, "Criterion", self.name)
+
+    def removed(self, inputs: ScoreInputs, count) -> tf.Tensor:
+        """`select(inputs, count, **params)`: bool of the weight's shape, True at the active
+        entries the rule removes (a selection criterion).
+
+        Raises:
+          TypeError / ValueError: the rule returned another dtype / shape (named).
+        """
+        with calling("Criterion", self.name):
+            removed = tf.convert_to_tensor(self.select(inputs, count, **self.params))
+        if removed.dtype != tf.bool:
+            raise TypeError(f"Criterion {self.name!r} selected with dtype {removed.dtype.name}; a "
+                            "selection function returns a bool tensor (True: remove).")
+        if not removed.shape.is_compatible_with(inputs.mask.shape):
+            raise ValueError(f"Criterion {self.name!r} selected a tensor of shape {removed.shape} "
+                             f"for a weight of shape {inputs.mask.shape}; a selection function "
+                             "returns one bool per entry.")
+        return removed
 
     def get_config(self) -> dict:
         """A plain dict from which `from_config` rebuilds an equal criterion.
@@ -329,7 +420,7 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
     def decorator(fn):
         check_callable(fn, "register_criterion", name)
         _CRITERIA.register(name, Criterion(name=name, score=None if select else fn, ordering=ordering,
-                                           needs_gradient=needs_gradient, params=dict(params or {}),
+                                           needs_gradient=needs_gradient, params={} if params is None else params,
                                            select=fn if select else None, ema=ema), overwrite=overwrite)
         return fn
 
@@ -510,7 +601,7 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
     if criterion.select is not None and scores_list is None:
         _check_select(criterion, normalize, patterns_list)
         joint = _concat_inputs(inputs_list)
-        removed = criterion.select(joint, tf.cast(count, tf.int32), **criterion.params)
+        removed = criterion.removed(joint, tf.cast(count, tf.int32))
         return topology.split_like(joint.mask & ~removed, [i.mask for i in inputs_list])
     scores, masks, expand = unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
                                         patterns_list)

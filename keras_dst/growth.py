@@ -30,6 +30,8 @@ import tensorflow as tf
 
 from keras_dst.criteria import (
     FrozenEntry,
+    calling,
+    check_entry,
     check_registered,
     merge_params,
     random_scores,
@@ -60,6 +62,8 @@ class GrowthRule(FrozenEntry):
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
+        check_entry("Growth rule", self.name, self.score, self.params,
+                    {"needs_gradient": self.needs_gradient, "needs_momentum": self.needs_momentum})
         object.__setattr__(self, "params", merge_params("growth", self.name, self.params, {}))
 
     def with_params(self, **params) -> "GrowthRule":
@@ -73,7 +77,9 @@ class GrowthRule(FrozenEntry):
           ValueError: a needed gradient or momentum is None.
         """
         require_inputs(inputs, "growth", self.name, gradient=self.needs_gradient, momentum=self.needs_momentum)
-        return scores_of(self.score(inputs, **self.params), inputs, "Growth rule", self.name)
+        with calling("Growth rule", self.name):
+            scores = self.score(inputs, **self.params)
+        return scores_of(scores, inputs, "Growth rule", self.name)
 
     def get_config(self) -> dict:
         """A plain dict (registry name and merged params) from which `from_config` rebuilds an equal rule.
@@ -125,7 +131,7 @@ def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: 
     def decorator(fn):
         check_callable(fn, "register_growth", name)
         _GROWTH.register(name, GrowthRule(name=name, score=fn, needs_gradient=needs_gradient,
-                                          needs_momentum=needs_momentum, params=dict(params or {})),
+                                          needs_momentum=needs_momentum, params={} if params is None else params),
                          overwrite=overwrite)
         return fn
 

@@ -154,7 +154,19 @@ def test_reset_with_an_optimizer_with_unlisted_state_is_an_error():
 def test_momentum_growth_without_momentum_is_an_error():
     message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.SGD(0.1),
                          DST(grow="momentum"))
-    assert "momentum" in message and "SGD" in message
+    assert "DynamicSparseTraining(grow='momentum'): optimizer SGD keeps no momentum" in message
+    from keras_dst import growth as growth_lib
+
+    @keras_dst.register_growth("test_only_momentum_too", needs_momentum=True)
+    def momentum_too(inputs):
+        return tf.abs(inputs.momentum)
+
+    try:  # a registered momentum rule is named by its own name
+        message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.SGD(0.1),
+                             DST(grow="test_only_momentum_too"))
+        assert "DynamicSparseTraining(grow='test_only_momentum_too'): optimizer SGD" in message
+    finally:
+        growth_lib._GROWTH.unregister("test_only_momentum_too")
 
 
 def test_momentum_growth_reads_adamax_moments():

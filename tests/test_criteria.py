@@ -408,6 +408,75 @@ def test_criterion_validation():
         Criterion(name="x", score=lambda i: i.weight, ordering="sometime")
 
 
+def test_registration_refuses_what_would_fail_at_the_first_step():
+    """Bad registrations are refused when made, naming the criterion, and leave nothing
+    registered (they failed at the first training step, or with a message that named
+    nothing)."""
+    def scaled(inputs, k):
+        return k * tf.abs(inputs.weight)
+
+    cases = [
+        (dict(params=[1, 2]), TypeError, r"Criterion 'test_only_bad': params must be a dict"),
+        (dict(needs_gradient="yes"), TypeError, r"Criterion 'test_only_bad': needs_gradient must "
+                                                r"be a bool"),
+        (dict(ema=True, params={"k": 1.0}), ValueError, r"'test_only_bad' is a running "
+                                                        r"criterion \(ema=True\): give it .*'beta'"),
+        (dict(), ValueError, r"Criterion 'test_only_bad': its function's parameter\(s\) \['k'\] "
+                             r"have no default and params= gives none"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            register_criterion("test_only_bad", ordering="after_optimizer", **kwargs)(scaled)
+        assert "test_only_bad" not in criteria.criterion_names()
+    try:  # NumPy numbers become Python numbers: the configs stay JSON
+        register_criterion("test_only_bad", ordering="after_optimizer",
+                           params={"k": np.float32(2.0)})(scaled)
+        criterion = get_criterion("test_only_bad", k=np.int64(3))
+        assert type(criterion.params["k"]) is float
+        json.dumps(criterion.get_config())
+    finally:
+        criteria._CRITERIA.unregister("test_only_bad")
+    def as_text(inputs):
+        return tf.strings.as_string(inputs.weight)
+
+    with pytest.raises(TypeError, match=r"Criterion 'as_text' returned scores of dtype string"):
+        get_criterion(as_text).evaluate(make_inputs([1.0, 2.0]))
+
+    def with_numpy(inputs):
+        return inputs.weight.numpy()
+
+    @tf.function
+    def traced(w):
+        inputs = ScoreInputs(w, None, tf.ones_like(w, tf.bool), tf.zeros([2], tf.int64))
+        return get_criterion(with_numpy, needs_gradient=False).evaluate(inputs)
+
+    with pytest.raises(AttributeError, match=r"Criterion 'with_numpy' \(its function is traced "
+                                             r"into the training step.*no \.numpy\(\)\)"):
+        traced(tf.constant([1.0, 2.0]))
+
+
+def test_a_selection_rule_s_result_is_checked():
+    def flat_count(inputs, count):
+        return tf.zeros([3], tf.bool)
+
+    def floats(inputs, count):
+        return tf.zeros_like(inputs.weight)
+
+    inputs = [make_inputs([1.0, 2.0, 3.0, 4.0])]
+    for fn, error, message in [
+        (flat_count, ValueError, r"Criterion 'test_only_sel' selected a tensor of shape \(3,\) "
+                                 r"for a weight of shape \(4,\)"),
+        (floats, TypeError, r"Criterion 'test_only_sel' selected with dtype float32; a selection "
+                            r"function returns a bool tensor")]:
+        register_criterion("test_only_sel", ordering="after_optimizer", needs_gradient=False,
+                           select=True, overwrite=True)(fn)
+        try:
+            with pytest.raises(error, match=message):
+                criteria.select_pruned(get_criterion("test_only_sel"), inputs, 1)
+        finally:
+            criteria._CRITERIA.unregister("test_only_sel")
+
+
 def test_registry_is_the_shared_type_with_overwrite():
     assert isinstance(criteria._CRITERIA, Registry)
 

@@ -120,6 +120,15 @@ def test_registry_errors_and_custom_rule():
     with pytest.raises(ValueError, match="already registered"):
         register_growth("test_only_first_entries")(first_entries)
     assert isinstance(get_growth(rule), GrowthRule)
+    # bad registrations are refused when made, naming the rule, and register nothing
+    for kwargs, error, message in [
+            (dict(needs_momentum="yes"), TypeError, r"Growth rule 'test_only_bad': "
+                                                    r"needs_momentum must be a bool"),
+            (dict(params=5), TypeError, r"Growth rule 'test_only_bad': params must be a dict"),
+            (dict(), ValueError, r"parameter\(s\) \['offset'\] have no default")]:
+        with pytest.raises(error, match=message):
+            register_growth("test_only_bad", **kwargs)(first_entries)
+        assert "test_only_bad" not in growth.growth_names()
 
 
 def test_registry_is_the_shared_type_with_overwrite():
