@@ -2,7 +2,6 @@
 
 import collections.abc
 import numbers
-import warnings
 from typing import Any, Callable, Mapping, Optional, Union
 
 import keras
@@ -205,21 +204,6 @@ class DynamicSparseTraining(ScheduledCallback):
             ordering=self.resolved_ordering, scope=self.scope, grow_exact=self.grow_exact,
             optimizer_state=self.optimizer_state, seed=self.seed, normalize=self.normalize,
             norm_type=self.norm_type)
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.engine is None:  # (a fit of no epoch)
-            return
-        schedule, step = self.engine.schedule, self._optimizer_step()
-        made_from_this_fit = self.total_steps is None and isinstance(self.schedule, str)
-        if (made_from_this_fit and isinstance(schedule, schedules_lib.CosineRate)
-                and step >= schedule.total_steps):
-            warnings.warn(
-                f"DynamicSparseTraining: this fit starts at optimizer step {step}, after the "
-                f"cosine prune-rate schedule has ended: its {schedule.total_steps} steps are "
-                "this fit's (epochs x steps per epoch), so every update of this fit uses the "
-                f"final rate {schedule.floor}. For one schedule over several fit calls, pass "
-                "total_steps= (the steps of the whole run).", stacklevel=2)
 
     def _read_logs(self):
         engine = self.engine

@@ -185,8 +185,11 @@ class CriteriaOverlap(ScheduledCallback):
                                  trainable_only=True)
         for criterion in self.criteria:
             check_criterion_pattern(targets, criterion, f"CriteriaOverlap('{criterion.name}')")
-        return OverlapEngine(targets, self.criteria, self._schedule(),
-                             schedules_lib.UpdateSteps(self.update_every), seed=self.seed)
+        return OverlapEngine(targets, self.criteria, self._schedule(), self._update_steps(),
+                             seed=self.seed)
+
+    def _update_steps(self):
+        return schedules_lib.UpdateSteps(self.update_every)
 
     def _read_logs(self):
         step = int(self.engine.last_update_step.numpy())

@@ -214,13 +214,15 @@ def check_schedule(schedule, name: str = "schedule"):
             restored = keras.saving.deserialize_keras_object(
                 keras.saving.serialize_keras_object(schedule), safe_mode=True)
         restorable = callable(restored)
-    except Exception:  # noqa: BLE001 - any failure means "cannot be restored"
-        restorable = False
+        cause = "" if restorable else f" (it restored {restored!r}, not a callable)"
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot be restored"
+        restorable, cause = False, f" ({type(e).__name__}: {e})"
     if not restorable:
         raise ValueError(
-            f"{name}={schedule!r} cannot be restored from a config: use a built-in name, a "
-            "keras_dst.schedules object (CosineRate, ConstantRate, LinearRate), or a class "
-            "registered with keras.saving.register_keras_serializable that has get_config().")
+            f"{name}={schedule!r} cannot be restored from a config{cause}: use a built-in name, "
+            "a keras_dst.schedules object (CosineRate, ConstantRate, LinearRate), or a class "
+            "registered with keras.saving.register_keras_serializable that has get_config() "
+            "and from_config().")
     return schedule
 
 
@@ -412,9 +414,11 @@ class UpdateSteps:
 
     def any_between(self, first: int, last: int) -> bool:
         """Does the step range [first, last] (inclusive) hold an update step? (host, exact)."""
+        return bool(self.steps_between(first, last, limit=1))
+
+    def steps_between(self, first: int, last: int, limit: int) -> list:
+        """The first `limit` update steps in [first, last] (inclusive), in order (host)."""
         low = max(int(first), self.begin, 1)
         high = int(last) if self.end is None else min(int(last), self.end)
-        if low > high:
-            return False
         next_update = self.begin + -(-(low - self.begin) // self.every) * self.every
-        return next_update <= high
+        return list(range(next_update, high + 1, self.every)[:limit]) if low <= high else []

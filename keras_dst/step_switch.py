@@ -241,7 +241,8 @@ class HookedCallback(keras.callbacks.Callback):
     def _total_steps(self, what: Optional[str]) -> Optional[int]:
         """``epochs * steps`` of the running `fit`. Where the steps per epoch are unknown:
         None if `what` is None, else a ValueError saying that `what` needs them."""
-        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        params = self.params or {}  # (None: a CallbackList made without them)
+        epochs, steps = params.get("epochs"), params.get("steps")
         if not epochs or not steps:
             if what is None:
                 return None
@@ -397,3 +398,51 @@ class ScheduledCallback(HookedCallback):
         """Equal for two fits whose schedules compute the same rates (`schedules.run_key`)."""
         return schedules.run_key(self.schedule, self.prune_rate, self.total_steps,
                                  self._total_steps)
+
+    def _update_steps(self) -> "schedules.UpdateSteps":
+        """The optimizer steps its engine updates at, for the current `fit`."""
+        raise NotImplementedError
+
+    # The update steps of a fit whose rates `on_train_begin` checks (a schedule that is not
+    # a built-in one): the first ones, enough to catch a rule gone wrong, few enough to
+    # cost nothing (each is one eager call of the schedule).
+    _RATES_CHECKED = 200
+
+    def on_train_begin(self, logs=None):
+        if (self.params or {}).get("epochs") != 0 and getattr(self.model, "optimizer", None):
+            self._check_rates()
+        super().on_train_begin(logs)
+        if self.engine is not None:
+            self._warn_if_the_schedule_has_ended()
+
+    def _check_rates(self):
+        """Refuses, before anything changes, a schedule that is not a built-in one and gives
+        a prune rate outside [0, 1] (or NaN) at one of this fit's first update steps."""
+        schedule = self._schedule()
+        if isinstance(schedule, (schedules.CosineRate, schedules.ConstantRate,
+                                 schedules.LinearRate)):
+            return  # (their rates are in range by construction)
+        first, total = self._optimizer_step() + 1, self._total_steps(None)
+        steps = self._update_steps().steps_between(
+            first, first + total - 1 if total else first + self._RATES_CHECKED * 10**6,
+            limit=self._RATES_CHECKED)
+        for step in steps:
+            rate = float(schedule(step))
+            if not 0.0 <= rate <= 1.0:  # (NaN too)
+                raise ValueError(
+                    f"{type(self).__name__}: schedule={self.schedule!r} gives the prune rate "
+                    f"{rate:.6g} at step {step}; a prune rate is a fraction in [0, 1].")
+
+    def _warn_if_the_schedule_has_ended(self):
+        """Warns when a cosine schedule made from an earlier fit's length (no `total_steps`)
+        has ended before this fit starts: every update would use its floor."""
+        schedule, step = self.engine.schedule, self._optimizer_step()
+        made_from_this_fit = self.total_steps is None and isinstance(self.schedule, str)
+        if (made_from_this_fit and isinstance(schedule, schedules.CosineRate)
+                and step >= schedule.total_steps):
+            warnings.warn(
+                f"{type(self).__name__}: this fit starts at optimizer step {step}, after the "
+                f"cosine prune-rate schedule has ended: its {schedule.total_steps} steps are "
+                "this fit's (epochs x steps per epoch), so every update of this fit uses the "
+                f"final rate {schedule.floor}. For one schedule over several fit calls, pass "
+                "total_steps= (the steps of the whole run).", stacklevel=2)

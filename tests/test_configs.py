@@ -13,7 +13,7 @@ import keras_dst
 from keras_dst import schedules
 from keras_dst.callbacks import DynamicSparseTraining as DST
 
-from conftest import compile_and_fit, mlp
+from conftest import classification_data, compile_and_fit, mlp
 
 
 def round_trip(obj):
@@ -189,3 +189,80 @@ def test_criteria_and_growth_rules_are_values_that_copy_and_pickle(entry):
     assert restored == entry and dict(restored.params) == dict(entry.params)
     with pytest.raises(TypeError):  # still read-only
         restored.params["gamma"] = 1.0
+
+
+@keras.saving.register_keras_serializable(package="test_configs")
+class StepRate:
+    """A user's schedule object: `rate` up to step `until`, then `after`."""
+
+    def __init__(self, rate, until=0, after=0.0):
+        self.rate, self.until, self.after = rate, until, after
+
+    def __call__(self, step):
+        return tf.where(tf.cast(step, tf.int64) <= self.until, self.rate, self.after)
+
+    def get_config(self):
+        return {"rate": self.rate, "until": self.until, "after": self.after}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@SCHEDULED_CALLBACKS
+@pytest.mark.parametrize("rate", [2.0, -0.3, float("nan")])
+def test_a_user_schedule_s_rate_out_of_range_is_refused_before_anything_changes(make, rate):
+    """A schedule object (not a built-in) is evaluated at the fit's update steps before the
+    fit changes anything: a rate outside [0, 1] replaced every active weight (2.0) or
+    silently updated nothing (NaN, negative)."""
+    model = keras_dst.prunable(mlp(), density=0.3)
+    masks = keras_dst.masks(model)
+    callback = make(update_every=2, schedule=StepRate(0.3, until=6, after=rate))
+    with pytest.raises(ValueError, match=rf"{type(callback).__name__}: schedule=.*StepRate.* "
+                                         r"gives the prune rate (2|-0\.3|nan) at step 8; a "
+                                         r"prune rate is a fraction in \[0, 1\]"):
+        compile_and_fit(model, [callback])
+    assert all((keras_dst.masks(model)[k] == v).all() for k, v in masks.items())
+    assert int(model.optimizer.iterations.numpy()) == 0
+    compile_and_fit(model, [make(update_every=2, schedule=StepRate(0.3, until=6, after=0.1))])
+
+
+def test_a_schedule_object_that_cannot_be_restored_says_why():
+    @keras.saving.register_keras_serializable(package="test_configs")
+    class NeedsMore:
+        def __init__(self, rate, extra):
+            self.rate, self.extra = rate, extra
+
+        def __call__(self, step):
+            return self.rate
+
+        def get_config(self):  # (and no from_config: Keras cannot rebuild it)
+            return {"rate": self.rate, "extra": self.extra}
+
+    with pytest.raises(ValueError, match=r"schedule=.*NeedsMore.* cannot be restored from a "
+                                         r"config \(TypeError: Unable to reconstruct an instance "
+                                         r"of 'NeedsMore' because the class is missing a "
+                                         r"`from_config\(\)` method"):
+        DST(schedule=NeedsMore(0.3, 1))
+
+
+def test_criteria_overlap_warns_when_a_cosine_schedule_of_an_earlier_fit_has_ended():
+    model = keras_dst.prunable(mlp(), density=0.3)
+    compile_and_fit(model, [keras_dst.CriteriaOverlap(["magnitude", "snip"], schedule="cosine")])
+    x, y = classification_data()
+    with pytest.warns(UserWarning, match=r"CriteriaOverlap: this fit starts at optimizer step 8, "
+                                         r"after the cosine prune-rate schedule has ended"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[keras_dst.CriteriaOverlap(["magnitude", "snip"], schedule="cosine")])
+
+
+def test_a_callback_list_made_without_params_trains():
+    """Keras takes a CallbackList as callbacks=; one made without epochs/steps has no
+    params (an AttributeError in the schedule's key)."""
+    model = keras_dst.prunable(mlp(), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    x, y = classification_data()
+    callbacks = keras.callbacks.CallbackList([DST(update_every=3, schedule="constant")],
+                                             model=model, add_history=True)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
+    assert int(model.optimizer.iterations.numpy()) == 8
