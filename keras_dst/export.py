@@ -475,10 +475,23 @@ def _convert(saved_model_dir, name, sparse, calibration, hints=""):
         named = [f"{op} (layer {', '.join(repr(n) for n in sorted(where[op]))})"
                  if op in where else op for op in ops]
         detail = (f"TensorFlow ops without a LiteRT builtin: {', '.join(named)}" if ops else
-                  f"{type(e).__name__}: {_first_lines(e)}")
+                  f"{type(e).__name__}: {_first_lines(e) or '(no message)'}")
+        remedy = "Export it with format='tf_saved_model', or replace those layers."
+        if sparse and not ops and _converts(saved_model_dir, name, calibration):
+            detail = f"its sparsity optimisation fails ({detail})"  # (e.g. tied embeddings)
+            remedy = ("Without it the model converts: export(..., sparsity=False) stores every "
+                      "weight dense (or export it with format='tf_saved_model').")
         raise ValueError(f"export(format='litert'): the LiteRT converter cannot convert model "
-                         f"'{name}': {detail}{hints}. Export it with format='tf_saved_model', or "
-                         "replace those layers.") from e
+                         f"'{name}': {detail}{hints}. {remedy}") from e
+
+
+def _converts(saved_model_dir, name, calibration) -> bool:
+    """Whether the SavedModel converts without the sparsity optimisation."""
+    try:
+        _convert(saved_model_dir, name, False, calibration)
+    except ValueError:
+        return False
+    return True
 
 
 def _calibration(data, saved_model_dir, input_names, steps):

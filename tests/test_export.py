@@ -629,3 +629,33 @@ def test_a_model_the_converter_cannot_handle_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"MatrixDeterminant \(layer 'det'\).*tf_saved_model"):
         keras_dst.export(model, tmp_path / "bad.tflite")
     assert not (tmp_path / "bad.tflite").exists()
+
+
+@keras.saving.register_keras_serializable(package="test_export")
+class TiedLM(keras.Model):
+    """An embedding whose table is also the output projection (tied weights)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = keras.layers.ReversibleEmbedding(32, 16, name="embedding")
+        self.mid = keras.layers.Dense(16, name="mid")
+
+    def call(self, x):
+        return self.embedding(self.mid(self.embedding(x)), reverse=True)
+
+
+def test_a_model_whose_sparsity_pass_fails_points_at_sparsity_false(tmp_path):
+    """The converter's sparsity pass fails on tied embeddings (a table read by a gather and
+    a matmul) with an empty RuntimeError; the error says so and that sparsity=False
+    converts the model, which it does."""
+    ids = np.random.default_rng(0).integers(0, 32, (8, 6)).astype("int32")
+    model = TiedLM(name="tied")
+    model(ids[:2])
+    model = keras_dst.prunable(model, density=0.3)
+    with pytest.raises(ValueError, match=r"cannot convert model 'tied': its sparsity "
+                                         r"optimisation fails \(RuntimeError.*\)\. Without it the "
+                                         r"model converts: export\(\.\.\., sparsity=False\)"):
+        keras_dst.export(model, tmp_path / "tied.tflite", compare_dense=False)
+    report = keras_dst.export(model, tmp_path / "tied.tflite", sparsity=False, compare_dense=False)
+    np.testing.assert_allclose(report.load().predict(ids), model.predict(ids, verbose=0),
+                               atol=1e-5)
