@@ -10,6 +10,7 @@ Two ways to put masks on a model, one state (`layers.SparseState`) behind both:
   supported layers (`layers.attach`) and the same object is returned.
 """
 
+import collections
 import warnings
 from typing import Iterable, Mapping, Optional, Union
 
@@ -306,8 +307,8 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
 
     def clone(layer, index):
         if id(layer) not in by_id:
-            return layer.__class__.from_config(layer.get_config()), layer
-        inner = layer.__class__.from_config(layer.get_config())
+            return _rebuilt(layer), layer
+        inner = _rebuilt(layer)
         inner.build_from_config(layer.get_build_config())
         # named as the layer it wraps: the model keeps the dense model's layer and
         # output names (compile's loss / metric dicts, `get_layer`, history keys)
@@ -329,8 +330,8 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
                 raise ValueError(
                     f"prunable(): two sparsified weights share the path '{w.path}' (layers "
                     f"'{label(owner[w.path])}' and '{label(layer)}'); keras_dst keys masks by "
-                    "variable path, so give the layers (or the models holding them) distinct "
-                    "names.")
+                    "variable path, so give the layers distinct names (renaming a functional "
+                    "model that holds them does not change their paths).")
             owner[w.path] = layer
             variables[w.path] = w
     shapes = {path: tuple(w.shape) for path, w in variables.items()}
@@ -441,6 +442,20 @@ def _warn_where_counts_miss(asked, got, sizes, weight_patterns, layer_of):
             f"{overall:.4g}, not {wanted:.4g}.", stacklevel=5)
 
 
+def _rebuilt(layer):
+    """A new layer from `layer`'s config (the clone `prunable` wraps or keeps); a layer that
+    cannot be rebuilt so is a TypeError naming it and the remedies."""
+    try:
+        return layer.__class__.from_config(layer.get_config())
+    except Exception as e:  # noqa: BLE001 - whatever the user's class raises
+        raise TypeError(
+            f"prunable(): layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from "
+            f"its config to clone the model ({type(e).__name__}: {' '.join(str(e).split())}). "
+            "Give it a get_config() "
+            "that its constructor takes (accepting **kwargs), or pass in_place=True to attach "
+            "the masks to the model's own layers.") from e
+
+
 def _clone_graph(model, clone):
     """Clones a Sequential/functional model layer by layer and copies the weights.
 
@@ -496,24 +511,28 @@ def _copy_weights(source, target, value_of):
 
 
 def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) -> dict:
-    """The layers of `model` whose kernels cannot take `pattern`, as ``{name: "unstructured"}``.
+    """The layers of `model` whose kernels cannot take `pattern`, as ``{key: "unstructured"}``.
 
     Ready for ``prunable(model, ..., pattern=pattern, pattern_overrides=unfit_layers(model,
     pattern))`` when such layers should stay unstructured rather than be refused (e.g. a
-    first convolution with 3 input channels and 1x4 blocks).
+    first convolution with 3 input channels and 1x4 blocks). A layer is keyed by its name,
+    or by its path where another sparsified layer has the same name (the blocks of a
+    library model), so that the overrides reach exactly these layers.
     """
     pattern = patterns.parse(pattern)
     # the layers `prunable` would sparsify (a MultiHeadAttention as one, not its
     # projections), by the names its `pattern_overrides` takes
     targets = (_wrap_targets if _rebuildable(model) else _attach_targets)(
         model, skip_unsupported=True)
+    names = collections.Counter(layer.name for layer, _ in targets)
     unfit = {}
     for layer, weights in targets:
         for weight in weights:
             try:
                 sparse_layers.check_pattern(pattern, layer, weight, layer.name)
             except ValueError:
-                unfit[layer.name] = "unstructured"
+                key = layer.name if names[layer.name] == 1 else layer_label(layer)
+                unfit[key] = "unstructured"
     return unfit
 
 

@@ -453,3 +453,23 @@ def test_fan_in_denser_than_asked_is_named_in_a_warning():
                                          r"'fc1' 0\.1 \(asked .*not 0\.05"):
         model = keras_dst.prunable(mlp((10, 6, 3)), density=0.05, pattern="fan_in")
     assert abs(keras_dst.density(model) - 9 / 78) < 1e-9
+
+
+def test_a_layer_that_cannot_be_rebuilt_from_its_config_is_named_with_the_remedies():
+    class Scale(keras.layers.Layer):  # its constructor takes no **kwargs
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def call(self, x):
+            return x * self.k
+
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(4, name="b")(Scale(2.0, )(
+        keras.layers.Dense(8, name="a")(inputs))))
+    with pytest.raises(TypeError, match=r"prunable\(\): layer 'scale' \(Scale\) cannot be rebuilt "
+                                        r"from its config to clone the model \(TypeError: .*\)\. "
+                                        r".*or pass in_place=True"):
+        keras_dst.prunable(model, density=0.5)
+    assert keras_dst.prunable(model, density=0.5, in_place=True) is model
+    assert keras_dst.density(model) == pytest.approx(0.5, abs=0.02)

@@ -121,6 +121,38 @@ def test_unfit_layers_names_the_layers_a_pattern_cannot_take():
         ["unstructured", "1x4", "1x4"]
 
 
+class _Block(keras.layers.Layer):
+    def __init__(self, width, **kwargs):
+        super().__init__(**kwargs)
+        self.proj = keras.layers.Dense(width, name="proj")
+
+    def call(self, x):
+        return self.proj(x)
+
+
+class _TwoBlocks(keras.Model):
+    """Two blocks whose Dense layers share the name 'proj' (as in a library model)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.b1, self.b2 = _Block(6, name="b1"), _Block(8, name="b2")
+
+    def call(self, x):
+        return self.b2(self.b1(x))
+
+
+def test_unfit_layers_keys_a_layer_whose_name_repeats_by_its_path():
+    """b1/proj (16 inputs) takes 1x4, b2/proj (6 inputs) does not: keyed by the shared name
+    'proj', the override made b1/proj unstructured too, silently."""
+    model = _TwoBlocks(name="net")
+    model(np.zeros((1, 16), "float32"))
+    unfit = keras_dst.unfit_layers(model, "1x4")
+    assert list(unfit) == [model.b2.proj.path] and "b2" in model.b2.proj.path
+    keras_dst.prunable(model, density=0.5, pattern="1x4", pattern_overrides=unfit)
+    assert {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(model)} == \
+        {model.b1.proj.kernel.path: "1x4", model.b2.proj.kernel.path: "unstructured"}
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_einsum_kernels_with_several_output_axes_are_unfit_and_named(in_place):
     # MultiHeadAttention's query/key/value kernels are [model dim, heads, head dim]: a
