@@ -51,8 +51,8 @@ from keras_dst import distributions, topology, validation
 
 KINDS = ("unstructured", "block", "nm", "fan_in")
 ACCEPTED = "'unstructured', '1xB' (B >= 2, e.g. '1x4'), 'N:M' (1 <= N < M, e.g. '2:4'), 'fan_in', or None"
-REMEDY = ("keep it dense with keep_dense=[...], or give it another pattern with a "
-           "per-layer override")
+REMEDY = ("give it another pattern (a model's: prunable(..., pattern_overrides={...}) or "
+          "keep_dense=[...]; a single layer's: another pattern=)")
 # An N:M density given as a rounded decimal or a float32 (0.333333, np.float32(1 / 3)).
 _DENSITY_TOL = 1e-6
 

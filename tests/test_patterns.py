@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from keras_dst import patterns, topology
 
 SETTINGS = settings(max_examples=40, deadline=None)
 TIE_VALUES = st.sampled_from([-2.0, -1.0, -0.0, 0.0, 0.5, 1.0, 3.0, np.inf, -np.inf, np.nan])
-REMEDY = "keep it dense with keep_dense=[...], or give it another pattern with a per-layer override"
+REMEDY = ("give it another pattern (a model's: prunable(..., pattern_overrides={...}) or "
+          "keep_dense=[...]; a single layer's: another pattern=)")
 
 
 def np_count(mask) -> int:
@@ -217,7 +219,7 @@ def test_initial_masks_under_xla():
 
 
 def test_initial_mask_checks_shape_and_density():
-    with pytest.raises(ValueError, match=REMEDY.replace("[...]", r"\[\.\.\.\]")):
+    with pytest.raises(ValueError, match=re.escape(REMEDY)):
         patterns.initial_mask("1x4", (6, 2), 0.5, tf.constant([0, 0]))
     with pytest.raises(ValueError, match="2:4"):
         patterns.initial_mask("2:4", (8, 2), 0.25, tf.constant([0, 0]))
