@@ -177,10 +177,10 @@ def check_pattern(pattern, layer, weight, where: str) -> None:
     projections, ``abc,cde->abde``: ``[model dim, heads, head dim]``, whose blocks
     would run along the heads).
     """
-    patterns.check(pattern, tuple(weight.shape), where)
-    if patterns.parse(pattern).kind == "unstructured":
-        return
-    for sub in [layer] + compat.flatten_layers(layer):
+    structured = patterns.parse(pattern).kind != "unstructured"
+    # the layout first: a kernel whose last axis is not its only output axis fails the
+    # shape check too (MultiHeadAttention's [model dim, heads, head dim]), misleadingly
+    for sub in [layer] + compat.flatten_layers(layer) if structured else []:
         for classes, attribute, layout in _OTHER_LAYOUTS:
             if isinstance(sub, classes) and getattr(sub, attribute, None) is weight:
                 raise ValueError(
@@ -195,6 +195,7 @@ def check_pattern(pattern, layer, weight, where: str) -> None:
                     f"{where}: pattern '{pattern}' needs a kernel whose last axis is its only "
                     f"output axis; EinsumDense '{sub.name}' ({sub.equation}) has kernel axes "
                     f"'{kernel}' with outputs '{outputs}'; {patterns.REMEDY}.")
+    patterns.check(pattern, tuple(weight.shape), where)
 
 
 def is_dense_by_design(layer) -> bool:
