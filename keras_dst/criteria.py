@@ -67,7 +67,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import patterns, topology, validation
-from keras_dst.registry import Registry, check_callable, pop_config_name
+from keras_dst.registry import Registry, check_callable, normalize_name, pop_config_name
 from keras_dst.scoring import ScoreInputs, absolute
 from keras_dst.topology import select_highest, select_lowest
 
@@ -232,6 +232,13 @@ def check_registered(item, registry: Registry, argument_name: str, *, fields: Se
     hint = (f"Register the function with keras_dst.{register_function}(...) under a name "
             f"of its own and pass that name as {argument_name}.")
     if item.name not in registry.names():
+        if item.name in registry:  # (its registration was replaced under another spelling)
+            now = next(name for name in registry.names()
+                       if normalize_name(name) == normalize_name(item.name))
+            raise ValueError(f"{argument_name}={item.name!r} cannot be saved in a config: its "
+                             f"registration was replaced by the {registry.kind} registered as "
+                             f"{now!r}, which a config would restore instead; make it again "
+                             "from the registry.")
         raise ValueError(f"{argument_name}={item.name!r} cannot be saved in a config: no {registry.kind} "
                          f"is registered under that name (was it made from a plain callable?). {hint}")
     registered = registry.get(item.name)

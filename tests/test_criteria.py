@@ -496,6 +496,13 @@ def test_registry_is_the_shared_type_with_overwrite():
         assert get_criterion("test_only_doubled").score is tripled
         with pytest.raises(ValueError, match=r"Unknown criterion 'test_only_halved'; known: .*'magnitude'"):
             get_criterion("test_only_halved")
+        old = get_criterion("test_only_doubled")  # replaced under another spelling:
+        register_criterion("TEST_only_doubled", ordering="before", needs_gradient=False,
+                           overwrite=True)(doubled)
+        with pytest.raises(ValueError, match=r"criterion='test_only_doubled' cannot be saved in a "
+                                             r"config: its registration was replaced by the "
+                                             r"criterion registered as 'TEST_only_doubled'"):
+            old.get_config()
     finally:
         criteria._CRITERIA.unregister("test_only_doubled")
 
