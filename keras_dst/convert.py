@@ -60,7 +60,8 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         ``{layer name: density}`` naming every sparsified layer.
       keep_dense: a layer name, or names, of layers kept fully dense (density 1;
         their masks exist but are all ones; a DST update can still reset their
-        lowest-score weights, as in the reference).
+        lowest-score weights, as in the reference; `GradualPruning` leaves them
+        dense). Saved with the model.
       density_overrides: ``{layer name: density}`` imposed on those layers; the
         others share the rest of the budget.
       init: ``"exact"`` (default): exactly ``round(d_l n_l)`` active entries per
@@ -281,18 +282,19 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
             "they are unfrozen. To keep them dense, pass keep_dense=" + repr(frozen) + ".",
             stacklevel=3)
 
-    def options(index, weights):
+    def options(index, layer, weights):
         return dict(density=[densities[w.path] for w in weights], init=init,
                     seed=distributions.stable_seed(seed, index),
                     track_running_scores=track_running_scores,
-                    pattern=[str(weight_patterns[w.path]) for w in weights])
+                    pattern=[str(weight_patterns[w.path]) for w in weights],
+                    keep_dense=bool({layer.name, layer_label(layer)} & set(keep_dense)))
 
     # 2a. Attach in place (all or nothing).
     if in_place:
         done = []
         try:
             for index, (layer, weights) in enumerate(targets):
-                sparse_layers.attach(layer, **options(index, weights))
+                sparse_layers.attach(layer, **options(index, layer, weights))
                 done.append(layer)
         except BaseException:
             for layer in done:
@@ -312,7 +314,7 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
         inner.build_from_config(layer.get_build_config())
         # named as the layer it wraps: the model keeps the dense model's layer and
         # output names (compile's loss / metric dicts, `get_layer`, history keys)
-        return SparseWrapper(inner, name=layer.name, **options(index, by_id[id(layer)])), layer
+        return SparseWrapper(inner, name=layer.name, **options(index, layer, by_id[id(layer)])), layer
 
     return _clone_graph(model, clone)
 

@@ -130,8 +130,9 @@ class GradualPruning(HookedCallback):
         model.compile("sgd", "sparse_categorical_crossentropy", jit_compile=True)
         model.fit(x, y, epochs=10, callbacks=[keras_dst.GradualPruning(0.1)])
 
-    Every sparsified weight is pruned, by magnitude and without regrowth, to the
-    density ``d(t)`` of the polynomial ramp
+    Every sparsified weight (but those of the layers `prunable` keeps dense, its
+    `keep_dense`) is pruned, by magnitude and without regrowth, to the density
+    ``d(t)`` of the polynomial ramp
     ``d(t) = 1 - s_f - (s_i - s_f) * (1 - (t - begin_step) / (end_step - begin_step)) ** power``
     (sparsities ``s_i = 1 - initial_density``, ``s_f = 1 - final_density``) at the
     steps ``t = begin_step + j * update_every <= end_step`` (``t >= 1``, the
@@ -209,8 +210,13 @@ class GradualPruning(HookedCallback):
         return (self._update_steps(), self.final_density, self.initial_density, self.power)
 
     def _make_engine(self):
-        targets = sparse_targets(self.model, require=True, caller="GradualPruning",
-                                 trainable_only=True)
+        targets = [t for t in sparse_targets(self.model, require=True, caller="GradualPruning",
+                                             trainable_only=True)
+                   if not t.state.keep_dense]  # (prunable's keep_dense: left dense)
+        if not targets:
+            raise ValueError("GradualPruning: every sparsified layer of model "
+                             f"'{self.model.name}' is kept dense (prunable(..., keep_dense=...))"
+                             "; there is nothing to prune.")
         structured = [t for t in targets if t.pattern.kind != "unstructured"]
         if structured:
             raise ValueError(

@@ -360,11 +360,15 @@ class SparseState:
     """
 
     def __init__(self, layer, density=1.0, init="exact", seed=None, track_running_scores=False,
-                 pattern="unstructured", owner=None, wrapper=None):
+                 pattern="unstructured", owner=None, wrapper=None, keep_dense=False):
         check_choice(init, ("exact", "bernoulli"), "init")
         densities = [density] if np.isscalar(density) else list(density)
         for d in densities:
             check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
+        keep_dense = validation.check_bool(keep_dense, "keep_dense")
+        if keep_dense and any(float(d) != 1.0 for d in densities):
+            raise ValueError(f"layer '{layer.name}': keep_dense=True needs density 1, got "
+                             f"density={density!r}.")
         seed = validation.check_seed(seed, allow_none=True)
         pattern_list = [pattern] if isinstance(pattern, (str, patterns.Pattern)) or pattern is None \
             else list(pattern)
@@ -386,6 +390,7 @@ class SparseState:
         self.seed = int(seed) if seed is not None else distributions.stable_seed(layer.name)
         self.track_running_scores = validation.check_bool(track_running_scores,
                                                           "track_running_scores")
+        self.keep_dense = keep_dense
         self.pattern = str(parsed[0]) if len(parsed) == 1 and not isinstance(pattern, (list, tuple)) \
             else [str(p) for p in parsed]
         self.patterns = []  # one `patterns.Pattern` per sparsified weight, once created
@@ -405,8 +410,11 @@ class SparseState:
         return self.layer.name if self.wrapper is not None else layer_label(self.layer)
 
     def get_config(self) -> dict:
-        return {"density": self.density, "init": self.init, "seed": self.seed,
-                "track_running_scores": self.track_running_scores, "pattern": self.pattern}
+        config = {"density": self.density, "init": self.init, "seed": self.seed,
+                  "track_running_scores": self.track_running_scores, "pattern": self.pattern}
+        if self.keep_dense:  # (absent otherwise: the configs of earlier versions)
+            config["keep_dense"] = True
+        return config
 
     def variables(self) -> list:
         """The state variables, in creation (and saving) order."""
@@ -588,6 +596,9 @@ class SparseWrapper(keras.layers.Wrapper):
         ``"1xB"``, ``"N:M"``, ``"fan_in"``; see `keras_dst.patterns`), or one per
         prunable weight. A structured pattern needs ``init="exact"``; an N:M
         weight's density must be N/M.
+      keep_dense: the layer is kept dense on purpose (`prunable`'s `keep_dense`; density
+        1): `GradualPruning` leaves it dense, while a DST update may reset its
+        lowest-score weights, as in the reference.
       **kwargs: base `Layer` arguments (name, ...).
 
     The state lives in a `SparseState` (`sparse_state`), whose variables are the
@@ -600,7 +611,8 @@ class SparseWrapper(keras.layers.Wrapper):
 
     def __init__(self, layer: keras.layers.Layer, density: Union[float, Sequence[float]] = 1.0,
                  init: str = "exact", seed: Optional[int] = None, track_running_scores: bool = False,
-                 pattern: Union[str, Sequence[str]] = "unstructured", **kwargs):
+                 pattern: Union[str, Sequence[str]] = "unstructured", keep_dense: bool = False,
+                 **kwargs):
         if "track_scores" in kwargs:  # the name in configs saved by keras_dst 0.1
             track_running_scores = kwargs.pop("track_scores")
         if not isinstance(layer, keras.layers.Layer):
@@ -616,7 +628,7 @@ class SparseWrapper(keras.layers.Wrapper):
             prunable_weights(layer)  # raises the TypeError that names the layer
         state = SparseState(layer, density=density, init=init, seed=seed,
                             track_running_scores=track_running_scores, pattern=pattern,
-                            owner=f"SparseWrapper(layer '{layer.name}')")
+                            owner=f"SparseWrapper(layer '{layer.name}')", keep_dense=keep_dense)
         kwargs.setdefault("name", f"sparse_{layer.name}")
         kwargs.setdefault("dtype", compat.unquantized_policy(layer.dtype_policy))
         kwargs.setdefault("trainable", layer.trainable)  # a frozen layer's wrapper reads frozen
@@ -635,6 +647,7 @@ class SparseWrapper(keras.layers.Wrapper):
     seed = property(lambda self: self._sparse_state.seed)
     track_running_scores = property(lambda self: self._sparse_state.track_running_scores)
     pattern = property(lambda self: self._sparse_state.pattern)
+    keep_dense = property(lambda self: self._sparse_state.keep_dense)
     patterns = property(lambda self: self._sparse_state.patterns)
     sparse_weights = property(lambda self: self._sparse_state.sparse_weights)
     masks = property(lambda self: self._sparse_state.masks)
@@ -723,7 +736,7 @@ def attached_state(layer):
 
 
 def attach(layer, density=1.0, init="exact", seed=None, track_running_scores=False,
-           pattern="unstructured") -> SparseState:
+           pattern="unstructured", keep_dense=False) -> SparseState:
     """Attaches masks to a built layer in place (no wrapper, no change to its call).
 
     Arguments as `SparseWrapper`. The layer's weights are zeroed where the initial
@@ -741,7 +754,8 @@ def attach(layer, density=1.0, init="exact", seed=None, track_running_scores=Fal
         raise ValueError(f"Layer '{layer_label(layer)}' is not built; call the model on a batch "
                          "(or build it) before making it prunable.")
     state = SparseState(layer, density=density, init=init, seed=seed,
-                        track_running_scores=track_running_scores, pattern=pattern)
+                        track_running_scores=track_running_scores, pattern=pattern,
+                        keep_dense=keep_dense)
     scope = [keras.name_scope(part) for part in layer_label(layer).split("/") if part]
 
     def make_variable(name, shape, dtype, initializer):
@@ -886,7 +900,7 @@ def attaching_saved_masks(model):
             state = attach(layer, density=config["density"], init=config["init"],
                            seed=config["seed"],
                            track_running_scores=config["track_running_scores"],
-                           pattern=config["pattern"])
+                           pattern=config["pattern"], keep_dense=config.get("keep_dense", False))
             attached.append(state)
             return layer.load_own_variables(store)  # the hook `attach` installed
 

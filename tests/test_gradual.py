@@ -187,6 +187,29 @@ def test_logged_density_is_that_of_the_masks_as_they_are():
     assert history.history["density"] == [1.0]
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_layers_kept_dense_stay_dense_also_after_a_reload(tmp_path, in_place):
+    """prunable's keep_dense layers are left dense by GradualPruning (it pruned them to the
+    ramp like the others), also in a model loaded from a file."""
+    model = keras_dst.prunable(mlp(), density=1.0, distribution="uniform", keep_dense="fc3",
+                               in_place=in_place)
+    assert [t.state.keep_dense for t in keras_dst.sparse_targets(model)] == [False, False, True]
+    compile_and_fit(model)
+    keras_dst.save_model(model, str(tmp_path / "m.keras"))
+    loaded = keras_dst.load_model(str(tmp_path / "m.keras"))
+    assert [t.state.keep_dense for t in keras_dst.sparse_targets(loaded)] == [False, False, True]
+    x, y = classification_data()
+    loaded.fit(x, y, batch_size=16, epochs=2, verbose=0,
+               callbacks=[keras_dst.GradualPruning(0.2, update_every=2, end_step=24)])
+    densities = {t.weight.path: t.mask.numpy().mean() for t in keras_dst.sparse_targets(loaded)}
+    assert list(densities.values())[:2] == [pytest.approx(0.2, abs=0.01)] * 2
+    assert list(densities.values())[2] == 1.0
+    only_dense = keras_dst.prunable(mlp(), density=1.0, keep_dense=["fc1", "fc2", "fc3"])
+    with pytest.raises(ValueError, match=r"GradualPruning: every sparsified layer of model .* is "
+                                         r"kept dense"):
+        compile_and_fit(only_dense, [keras_dst.GradualPruning(0.2, update_every=2, end_step=8)])
+
+
 @pytest.mark.slow
 def test_split_fit_resumes_like_one_fit():
     config = dict(final_density=0.3, begin_step=0, end_step=12, update_every=4)
