@@ -67,6 +67,7 @@ class StepSwitch:
         self._functions = {}   # frozenset of traced hooks -> compiled train function
         self._prepared = False  # a hooked callback set up the coming execution
         self._owners = {}      # hook -> the name of its callback's class
+        self._ran = False      # an execution ran since the running fit's hooks were added
 
     @classmethod
     def current(cls, model):
@@ -87,8 +88,11 @@ class StepSwitch:
         if switch is None:
             switch = cls(model)
             model.__dict__[cls.ATTR] = switch
-        if switch.params is not params:
-            switch._end_fit()  # of a fit that never reached on_train_end
+        if switch.params is not params or switch._ran:
+            # a fit that never reached on_train_end (its callbacks' `params`, unless a
+            # reused CallbackList keeps them: then it ran steps, which no fit does before
+            # its callbacks' on_train_begin)
+            switch._end_fit()
             switch.params = params
         model.train_function = switch
         return switch
@@ -98,6 +102,7 @@ class StepSwitch:
         for engine in self.engines:
             hooks.uninstall(self.model.optimizer, engine)
         self.engines, self._needed, self._owners, self.params = [], {}, {}, None
+        self._ran = False
 
     def _owns(self, function):
         return function is self or any(function is f for f in self._functions.values())
@@ -162,7 +167,7 @@ class StepSwitch:
     def __call__(self, *args, **kwargs):
         if self.engines and not self._prepared:  # the fit that installed them raised
             self._end_fit()
-        self._prepared = False
+        self._prepared, self._ran = False, True
         key = frozenset(e for e in self.engines if self._needed.get(e, True))
         function = self._functions.get(key)
         if function is None:

@@ -443,6 +443,28 @@ def test_a_fit_that_raised_leaves_no_engine_behind():
     assert "apply" not in vars(base_optimizer(model.optimizer))
 
 
+def test_a_callback_list_reused_after_a_fit_that_raised_trains_again():
+    """A keras.callbacks.CallbackList passed to fit again (a notebook cell re-run) keeps its
+    `params`: after a fit interrupted mid-way, the next fit was refused as "this fit already
+    has this callback"."""
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    dst = DST(update_every=1, prune_rate=0.5)
+    callbacks = keras.callbacks.CallbackList(
+        [dst, keras.callbacks.LambdaCallback(on_train_batch_end=_boom_at_batch_1)],
+        model=model, add_history=True, epochs=1, steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
+    callbacks.callbacks.pop(1)  # (the interruption's callback, removed in place)
+    masks = keras_dst.masks(model)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
+    assert any((masks[k] != v).any() for k, v in keras_dst.masks(model).items())
+    assert "apply" not in vars(base_optimizer(model.optimizer))
+    with pytest.raises(ValueError, match="pass it once"):  # a real duplicate still is one
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst, dst])
+
+
 @pytest.fixture
 def criterion_failing_when_traced():
     """A registered criterion that raises when traced (registered for the test only: the
