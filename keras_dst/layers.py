@@ -487,7 +487,7 @@ class SparseState:
             w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
             raws.append(_zero_initial_value(w, initial_mask, keep_raw=restoring))
             cache.clear()  # closed: the initializers may outlive the build
-            _guard_writes(w, mask, self, p)
+            _guard_writes(w, mask, self.ever_active[-1], self, p)
             if raws[-1] is not None:  # the raw value for the mask write to come
                 self.keep_raw_value(w, raws[-1])
         try:
@@ -937,6 +937,24 @@ def _zero_initial_value(variable, initial_mask, keep_raw=False):
     return raw
 
 
+def check_mask_array(array: np.ndarray, where: str, after: str = "") -> None:
+    """Raises unless `array` can be a mask (or ever-active flags): bools, or numbers that
+    are all 0 or 1. `where` starts the message (what was written, and where), `after`
+    ends it.
+
+    Raises:
+      TypeError: `array` holds neither bools nor numbers (strings, objects).
+      ValueError: it holds numbers other than 0 and 1 (NaN included), up to three named.
+    """
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{where} holds values of dtype {array.dtype}; a mask holds bools "
+                        f"or 0/1{after}.")
+    bad = non_binary_values(array)
+    if bad:  # a bool variable would read any of them as True
+        raise ValueError(f"{where} holds values other than 0/1 (e.g. "
+                         f"{', '.join(map(str, bad))}){after}.")
+
+
 def non_binary_values(array: np.ndarray) -> list:
     """Up to three distinct values of `array` other than 0 and 1 (NaN included), sorted:
     what makes it no mask (empty for a bool array or one of 0/1 only)."""
@@ -959,9 +977,10 @@ def _same_bits(a, b) -> bool:
     return bool(tf.reduce_all(tf.equal(tf.bitcast(a, ints), tf.bitcast(b, ints))))
 
 
-def _guard_writes(variable, mask, state, pattern):
+def _guard_writes(variable, mask, flags, state, pattern):
     """Makes every eager write of `variable` or `mask` keep the weight's zeros where the
-    mask is False.
+    mask is False; eager writes of the mask and of its ever-active `flags` take 0/1 values
+    only.
 
     Keras writes weights outside the optimizer with ``variable.assign`` (eager):
     ``load_model``, ``load_weights`` (and so ``BackupAndRestore``),
@@ -992,13 +1011,24 @@ def _guard_writes(variable, mask, state, pattern):
     count; ``set_weights`` (e.g. a warm start from dense weights) masks silently, as
     documented.
     """
-    assign_weight, assign_mask = type(variable).assign, type(mask).assign
+    assign_weight, assign_mask, assign_flags = \
+        type(variable).assign, type(mask).assign, type(flags).assign
     pending = state._pending_writes
+
+    def checked(value, dtype):
+        """`value` as a tensor of `dtype`, refused unless it has the weight's shape (as
+        Keras refuses it; the masking below would broadcast or fail in TensorFlow)."""
+        value = tf.cast(tf.convert_to_tensor(value), dtype)
+        if value.shape != variable.shape:
+            raise ValueError(f"{state.owner}: the value written to '{variable.path}' has shape "
+                             f"{tuple(value.shape)}, the weight {tuple(variable.shape)}; it "
+                             "was left as it was.")
+        return value
 
     def guarded_weight_assign(value):
         if not tf.executing_eagerly():
             return assign_weight(variable, value)
-        value = tf.cast(tf.convert_to_tensor(value), variable.dtype)
+        value = checked(value, variable.dtype)
         dropped = int(masked_nonzeros(value, mask))
         if variable.__dict__.pop("_keras_dst_loading", False) and dropped:
             warnings.warn(
@@ -1016,11 +1046,8 @@ def _guard_writes(variable, mask, state, pattern):
     def guarded_mask_assign(value):
         if tf.executing_eagerly():
             array = np.asarray(value)
-            bad = non_binary_values(array)
-            if bad:  # a bool variable would read any of them as True
-                raise ValueError(
-                    f"{state.owner}: the mask written to '{variable.path}' holds values other "
-                    f"than 0/1 (e.g. {', '.join(map(str, bad))}); it was left as it was.")
+            check_mask_array(array, f"{state.owner}: the mask written to '{variable.path}'",
+                             "; it was left as it was")
             problem = None if pattern.kind == "unstructured" else \
                 patterns.violation(pattern, array.astype(bool))
             if problem is not None:  # (a mask of a model made with another pattern)
@@ -1042,19 +1069,32 @@ def _guard_writes(variable, mask, state, pattern):
 
         def guarded_raw_assign(value, *args, **kwargs):
             if tf.executing_eagerly():
-                value = tf.cast(tf.convert_to_tensor(value), raw.dtype)
+                value = checked(value, raw.dtype)
                 value = tf.where(tf.convert_to_tensor(mask), value, tf.zeros_like(value))
             return assign_raw(raw, value, *args, **kwargs)
 
         raw.assign = guarded_raw_assign
 
+    def guarded_flags_assign(value):
+        if not tf.executing_eagerly():  # (the DST update)
+            return assign_flags(flags, value)
+        array = np.asarray(value)
+        check_mask_array(array, f"{state.owner}: the ever-active flags written to "
+                                f"'{variable.path}'", "; they were left as they were")
+        if array.shape != tuple(flags.shape):
+            raise ValueError(f"{state.owner}: the ever-active flags written to "
+                             f"'{variable.path}' have shape {array.shape}, the weight "
+                             f"{tuple(flags.shape)}; they were left as they were.")
+        return assign_flags(flags, array.astype(bool))
+
     variable.assign = guarded_weight_assign
     mask.assign = guarded_mask_assign
+    flags.assign = guarded_flags_assign
     compat.on_raw_variables(variable, guard_raw)
     # A checkpoint restore (`tf.train.Checkpoint`) writes the weight and the mask, in
     # no set order, through their `tf.Variable`s' handles: route both through the
     # writes above, which keep the raw weight for a mask written after it.
-    for target in (variable, mask):
+    for target in (variable, mask, flags):
         compat.on_checkpoint_restore(target, target.assign)
 
 

@@ -17,9 +17,9 @@ from keras_dst.layers import (
     SparseState,
     SparseWrapper,
     attached_state,
+    check_mask_array,
     check_maskable,
     masked_nonzeros,
-    non_binary_values,
 )
 
 
@@ -169,24 +169,28 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None
     activates are added to the weight's ever-active flags (the ITOP rate counts them).
 
     Raises:
+      TypeError: `new_masks` is not a dict, or a mask holds neither bools nor numbers.
       ValueError: unknown path, shape mismatch, non-binary values or a broken
         pattern (e.g. three active entries in a group of a 2:4 weight).
     """
+    if not isinstance(new_masks, Mapping):
+        raise TypeError(f"set_masks(): new_masks must be a dict {{weight path: mask}} (as "
+                        f"masks() returns), got {type(new_masks).__name__}.")
     by_path = {t.weight.path: t for t in sparse_targets(model, require=True, caller="set_masks()")}
     checked = {}
     for path, value in new_masks.items():
         if path not in by_path:
             raise ValueError(f"set_masks(): no sparsified weight at path '{path}'. "
                              f"Known paths: {sorted(by_path)}.")
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except ValueError as e:  # (ragged nested lists)
+            raise ValueError(f"set_masks(): the mask for '{path}' is not an array: {e}") from None
         target = by_path[path]
         if array.shape != tuple(target.weight.shape):
             raise ValueError(f"set_masks(): mask for '{path}' has shape {array.shape}, but the "
                              f"weight has shape {tuple(target.weight.shape)}.")
-        bad = non_binary_values(array)
-        if bad:
-            raise ValueError(f"set_masks(): mask for '{path}' must contain only 0/1 values "
-                             f"(got e.g. {', '.join(map(str, bad))}).")
+        check_mask_array(array, f"set_masks(): the mask for '{path}'")
         problem = patterns.violation(target.pattern, array.astype(bool))
         if problem is not None:
             raise ValueError(f"set_masks(): mask for '{path}' breaks the weight's {problem}")

@@ -348,8 +348,62 @@ def test_a_mask_write_of_values_other_than_0_1_is_refused(value):
     for path, mask in keras_dst.masks(model).items():
         np.testing.assert_array_equal(mask, masks_before[path])
     assert stray(model) == 0
-    with pytest.raises(ValueError, match=r"set_masks\(\): .* only 0/1 values \(got e\.g\. "):
+    with pytest.raises(ValueError, match=r"set_masks\(\): the mask for '.*' holds values other "
+                                         r"than 0/1 \(e\.g\. "):
         keras_dst.set_masks(model, {next(iter(masks_before)): bad[index]})
+
+
+def test_ever_active_flags_written_are_checked():
+    """The ever-active flags (the ITOP rate's) took any value (0.5 read as True): non-0/1
+    values and other shapes are refused like a mask's."""
+    _, model = sparse_mlp()
+    target = keras_dst.sparse_targets(model)[0]
+    before = target.ever_active.numpy().copy()
+    with pytest.raises(ValueError, match=r"the ever-active flags written to '.*' holds values "
+                                         r"other than 0/1 \(e\.g\. 0\.5\); they were left as they "
+                                         r"were"):
+        target.ever_active.assign(np.full(before.shape, 0.5, "float32"))
+    with pytest.raises(ValueError, match=r"the ever-active flags written to '.*' have shape "
+                                         r"\(1, \d+\), the weight"):
+        target.ever_active.assign(np.ones((1, before.shape[1]), bool))
+    np.testing.assert_array_equal(target.ever_active.numpy(), before)
+    state = model.get_weights()  # 0/1 floats are bools
+    index = [i for i, v in enumerate(model.weights) if v is target.ever_active][0]
+    state[index] = np.ones(state[index].shape, "float32")
+    model.set_weights(state)
+    assert target.ever_active.numpy().all()
+
+
+def test_a_weight_write_of_another_shape_is_refused_naming_the_weight():
+    """Keras refuses a value of another shape; the write guard masked it first (a scalar
+    or a row was broadcast over the kernel, a wrong shape failed inside TensorFlow)."""
+    _, model = sparse_mlp()
+    weight = keras_dst.sparse_targets(model)[0].weight
+    before = weight.numpy().copy()
+    for value in (1.0, np.ones(weight.shape[-1]), np.ones((1, weight.shape[-1])),
+                  np.ones((weight.shape[0] + 1, weight.shape[1]))):
+        with pytest.raises(ValueError, match=r"the value written to '.*kernel' has shape .*, the "
+                                             r"weight \(\d+, \d+\); it was left as it was"):
+            weight.assign(value)
+        with pytest.raises(ValueError, match=r"has shape"):
+            weight.value.assign(value)  # (the tf.Variable behind it)
+    np.testing.assert_array_equal(weight.numpy(), before)
+
+
+@pytest.mark.parametrize("masks, error, message", [
+    (lambda m: [np.ones((2, 2))], TypeError, r"set_masks\(\): new_masks must be a dict"),
+    (lambda m: None, TypeError, r"set_masks\(\): new_masks must be a dict"),
+    (lambda m: {k: np.full(v.shape, "1") for k, v in m.items()}, TypeError,
+     r"set_masks\(\): the mask for '.*' holds values of dtype <U1"),
+    (lambda m: {k: [[1, 0], [1]] for k in m}, ValueError,
+     r"set_masks\(\): the mask for '.*' is not an array"),
+], ids=["list", "none", "strings", "ragged"])
+def test_set_masks_names_itself_for_inputs_of_the_wrong_kind(masks, error, message):
+    _, model = sparse_mlp()
+    before = keras_dst.masks(model)
+    with pytest.raises(error, match=message):
+        keras_dst.set_masks(model, masks(before))
+    assert all((keras_dst.masks(model)[k] == v).all() for k, v in before.items())
 
 
 def test_a_warm_start_is_not_written_back_by_a_later_set_masks():
