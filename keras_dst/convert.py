@@ -453,9 +453,8 @@ def _rebuilt(layer):
         raise TypeError(
             f"prunable(): layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from "
             f"its config to clone the model ({type(e).__name__}: {' '.join(str(e).split())}). "
-            "Give it a get_config() "
-            "that its constructor takes (accepting **kwargs), or pass in_place=True to attach "
-            "the masks to the model's own layers.") from e
+            "Give it a get_config() that its constructor takes (accepting **kwargs), or pass "
+            "in_place=True to attach the masks to the model's own layers.") from e
 
 
 def _clone_graph(model, clone):

@@ -315,7 +315,7 @@ class Criterion(FrozenEntry):
             raise ValueError(f"Criterion {self.name!r} is a running criterion (ema=True): give it "
                              "the running average's weight as a 'beta' param (e.g. "
                              "params={'beta': 0.9}).")
-        if self.ema and not 0.0 <= self.params.get("beta", 0.0) <= 1.0:
+        if self.ema and not 0.0 <= self.params["beta"] <= 1.0:
             raise ValueError(f"Criterion {self.name!r}: the running average's beta must be in "
                              f"[0, 1], got beta={self.params['beta']!r}.")
 

@@ -248,9 +248,9 @@ class GradualPruning(HookedCallback):
         ramp falls below them, and the final density is reached by the others first."""
         engine = self.engine
         density = float(engine.target_density(step))
-        below = [(t.weight.path, int(np.count_nonzero(t.mask.numpy())), size)
-                 for t, size in zip(engine.targets, engine.sizes)
-                 if np.count_nonzero(t.mask.numpy()) < int(keep_count(size, density))]
+        active = [int(np.count_nonzero(t.mask.numpy())) for t in engine.targets]
+        below = [(t.weight.path, a, size) for t, a, size in zip(engine.targets, active, engine.sizes)
+                 if a < int(keep_count(size, density))]
         if below:
             listed = ", ".join(f"'{path}' ({active / size:.3f})" for path, active, size in below[:5])
             more = f" and {len(below) - 5} more" if len(below) > 5 else ""

@@ -1091,9 +1091,9 @@ def _guard_writes(variable, mask, flags, state, pattern):
     mask.assign = guarded_mask_assign
     flags.assign = guarded_flags_assign
     compat.on_raw_variables(variable, guard_raw)
-    # A checkpoint restore (`tf.train.Checkpoint`) writes the weight and the mask, in
-    # no set order, through their `tf.Variable`s' handles: route both through the
-    # writes above, which keep the raw weight for a mask written after it.
+    # A checkpoint restore (`tf.train.Checkpoint`) writes the weight, the mask and the
+    # flags, in no set order, through their `tf.Variable`s' handles: route them through
+    # the writes above, which keep the raw weight for a mask written after it.
     for target in (variable, mask, flags):
         compat.on_checkpoint_restore(target, target.assign)
 

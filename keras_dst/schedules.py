@@ -416,9 +416,11 @@ class UpdateSteps:
         """Does the step range [first, last] (inclusive) hold an update step? (host, exact)."""
         return bool(self.steps_between(first, last, limit=1))
 
-    def steps_between(self, first: int, last: int, limit: int) -> list:
-        """The first `limit` update steps in [first, last] (inclusive), in order (host)."""
+    def steps_between(self, first: int, last: Optional[int], limit: int) -> list:
+        """The first `limit` update steps in [first, last] (inclusive; `last` None: no
+        bound but `end`), in order (host)."""
         low = max(int(first), self.begin, 1)
-        high = int(last) if self.end is None else min(int(last), self.end)
         next_update = self.begin + -(-(low - self.begin) // self.every) * self.every
-        return list(range(next_update, high + 1, self.every)[:limit]) if low <= high else []
+        high = min(h for h in (last, self.end, next_update + (limit - 1) * self.every)
+                   if h is not None)
+        return list(range(next_update, int(high) + 1, self.every)[:limit]) if low <= high else []

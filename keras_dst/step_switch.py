@@ -429,8 +429,7 @@ class ScheduledCallback(HookedCallback):
             return  # (their rates are in range by construction)
         first, total = self._optimizer_step() + 1, self._total_steps(None)
         steps = self._update_steps().steps_between(
-            first, first + total - 1 if total else first + self._RATES_CHECKED * 10**6,
-            limit=self._RATES_CHECKED)
+            first, first + total - 1 if total else None, limit=self._RATES_CHECKED)
         for step in steps:
             rate = float(schedule(step))
             if not 0.0 <= rate <= 1.0:  # (NaN too)
