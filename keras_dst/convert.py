@@ -204,8 +204,8 @@ def _attach_targets(model, skip_unsupported):
 
     The outermost supported layer takes its prunable weights (a MultiHeadAttention
     its four projections); a weight reachable from two layers goes to the first.
-    Then every other layer holding a weight of rank >= 2 that it created trainable
-    (frozen or not) that no target took is unsupported (`TypeError`, or left dense with `skip_unsupported`).
+    Then every other layer holding a matrix (`layers.is_matrix`) that it created
+    trainable (frozen or not) that no target took is unsupported (`TypeError`, or left dense with `skip_unsupported`).
     """
     result, claimed, covered, seen = [], set(), set(), set()
 
@@ -236,7 +236,8 @@ def _attach_targets(model, skip_unsupported):
             continue
         inside = {id(v) for child in compat.child_layers(layer) for v in child.weights}
         left = [w for w in layer.weights if id(w) not in inside and id(w) not in claimed
-                and sparse_layers.is_trainable_by_design(layer, w) and len(w.shape) >= 2]
+                and sparse_layers.is_trainable_by_design(layer, w)
+                and sparse_layers.is_matrix(w)]
         if left and not skip_unsupported:
             raise TypeError(
                 f"Layer '{layer_label(layer)}' of class {type(layer).__name__} is not "

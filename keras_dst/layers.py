@@ -203,16 +203,28 @@ def is_dense_by_design(layer) -> bool:
     return isinstance(layer, _DENSE_BY_DESIGN)
 
 
+def is_matrix(weight) -> bool:
+    """Whether a weight of a layer keras_dst does not know holds a matrix (a kernel, a
+    table): at least two of its axes are longer than 1. One with at most one such axis,
+    whatever its rank, is a vector: a bias, a scale, a ViT's class token ``[1, 1,
+    hidden]``; it is never a reason to refuse its layer."""
+    return sum(size > 1 for size in weight.shape) >= 2
+
+
 def needs_no_wrapping(layer) -> bool:
-    """True for layers with nothing to sparsify: no weights, only vectors and scalars
-    (biases, the scales of a library's own normalisation layers), or dense by design."""
+    """True for layers with nothing to sparsify: dense by design, no weights, a supported
+    layer with no weight of rank >= 2, or a layer keras_dst does not know holding no
+    matrix (`is_matrix`: only biases, the scales of a library's own normalisation
+    layers, ...)."""
     if isinstance(layer, _DENSE_BY_DESIGN):
         return True
     if isinstance(layer, keras.Model):
         return False
     if not layer.built:
         return not _has_weight_creating_build(layer)
-    return not any(len(w.shape) >= 2 for w in layer.weights)
+    if is_supported(layer):
+        return not any(len(w.shape) >= 2 for w in layer.weights)
+    return not any(is_matrix(w) for w in layer.weights)
 
 
 def _has_weight_creating_build(layer) -> bool:
@@ -704,6 +716,26 @@ class SparseWrapper(keras.layers.Wrapper):
         if hasattr(self.layer, "compute_mask"):
             return self.layer.compute_mask(inputs, previous_mask)
         return previous_mask
+
+    @property
+    def reset_state(self):
+        """The wrapped layer's ``reset_state`` (a stateful RNN's, ``Bidirectional``'s): code
+        that resets a model's states layer by layer (``for layer in model.layers: if
+        hasattr(layer, "reset_state"): layer.reset_state()``, as Keras's RNN documents)
+        reaches it through the wrapper. An AttributeError where the layer has none."""
+        return self._wrapped_method("reset_state")
+
+    @property
+    def reset_states(self):
+        """The wrapped layer's ``reset_states`` (Keras's older name), as `reset_state`."""
+        return self._wrapped_method("reset_states")
+
+    def _wrapped_method(self, name):
+        method = getattr(self.layer, name, None)
+        if method is None:
+            raise AttributeError(f"SparseWrapper '{self.name}': its layer '{self.layer.name}' "
+                                 f"({type(self.layer).__name__}) has no '{name}'.")
+        return method
 
     # -- config -----------------------------------------------------------------
     def get_config(self):

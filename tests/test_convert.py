@@ -222,6 +222,32 @@ def test_unsupported_layer_names_layer_and_class():
     assert set(keras_dst.masks(sparse)) == {"dense/kernel"} or len(keras_dst.masks(sparse)) == 1
 
 
+class _Token(keras.layers.Layer):
+    """A layer keras_dst does not know that adds a learned token of `shape`."""
+
+    def __init__(self, shape, **kwargs):
+        super().__init__(**kwargs)
+        self.token = self.add_weight(shape=shape, initializer="ones", name="token")
+
+    def call(self, x):
+        return x + self.token
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_unknown_layer_holding_only_a_vector_of_any_rank_is_left_dense(in_place):
+    # A class token [1, 1, d] is a vector (one axis longer than 1), like a bias; a
+    # learned [2, d] table is a matrix, whose unknown layer is refused.
+    def model(shape):
+        inp = keras.Input((2, 4))
+        x = keras.layers.Flatten()(_Token(shape, name="token_layer")(inp))
+        return keras.Model(inp, keras.layers.Dense(2, name="head")(x))
+
+    sparse = keras_dst.prunable(model((1, 1, 4)), density=0.5, in_place=in_place)
+    assert set(keras_dst.masks(sparse)) == {"head/kernel"}
+    with pytest.raises(TypeError, match=r"token_layer.*_Token"):
+        keras_dst.prunable(model((2, 4)), density=0.5, in_place=in_place)
+
+
 def test_already_prunable():
     sparse = keras_dst.prunable(mlp(), density=0.5)
     with pytest.raises(ValueError, match="already prunable"):

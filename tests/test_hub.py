@@ -130,6 +130,25 @@ def test_gpt2_causal_lm(tmp_path):
     np.testing.assert_array_equal(out["token_ids"][:, :6], tokens[:2, :6])
 
 
+def test_vit_image_classifier_leaves_its_class_token_dense(tmp_path):
+    # The class token [1, 1, hidden] is a vector, not a matrix of an unknown layer: the
+    # patch and position embeddings inside its layer get masks, the token stays dense.
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.ViTBackbone(image_shape=(16, 16, 3), patch_size=4,
+                                            num_layers=1, num_heads=2, hidden_dim=16,
+                                            mlp_dim=32)
+    clf = keras_hub.models.ViTImageClassifier(backbone=backbone, num_classes=2,
+                                              preprocessor=None)
+    assert keras_dst.prunable(clf, density=0.3) is clf
+    paths = set(keras_dst.masks(clf))
+    embedding = "vit_patching_and_embedding"
+    assert {f"{embedding}/patch_embedding/kernel",
+            f"{embedding}/position_embedding/embeddings"} <= paths
+    assert not any("class_token" in p for p in paths)
+    x = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype("float32")
+    train_save_reload(clf, x, (x[:, 0, 0, 0] > 0).astype("int32"), tmp_path, steps=2)
+
+
 def test_backbone_alone_names_and_strip():
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,

@@ -146,3 +146,24 @@ def test_a_wrapper_cannot_reach_the_cells_of_a_generic_rnn_so_in_place_is_named(
     with pytest.raises(TypeError, match=r"'rnn' of class RNN.*in_place=True"):
         keras_dst.prunable(model, density=0.3)
     assert not keras_dst.sparse_targets(model)  # nothing attached by the refusal
+
+
+def test_a_wrapped_stateful_rnn_resets_its_states_through_the_wrapper():
+    """Keras's RNN documents resetting a stateful model layer by layer with
+    ``reset_state()``; the wrapper passes it through (and has none for other layers)."""
+    model = keras.Sequential([keras.Input((3, 2), batch_size=4),
+                              L.LSTM(5, stateful=True, name="lstm"), L.Dense(2, name="head")])
+    sparse = keras_dst.prunable(model, density=0.5)
+    x = np.random.default_rng(0).normal(size=(4, 3, 2)).astype("float32")
+    first = sparse.predict(x, verbose=0)
+    carried = sparse.predict(x, verbose=0)
+    assert not np.allclose(first, carried)  # the states carried over: the check can fail
+    resettable = [layer for layer in sparse.layers if hasattr(layer, "reset_state")]
+    assert [layer.layer.name for layer in resettable] == ["lstm"]
+    for layer in resettable:
+        layer.reset_state()
+    np.testing.assert_allclose(sparse.predict(x, verbose=0), first, rtol=1e-6)
+    resettable[0].reset_states()
+    np.testing.assert_allclose(sparse.predict(x, verbose=0), first, rtol=1e-6)
+    with pytest.raises(AttributeError, match="layer 'head' \\(Dense\\) has no 'reset_state'"):
+        sparse.get_layer("head").reset_state()
