@@ -301,7 +301,8 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
         if quantize == "int8":
             calibration = _calibration(representative_data, saved, input_names,
                                        calibration_steps)
-        content = _convert(saved, model.name, sparsity, calibration, hints)
+        content = _convert(saved, model.name, sparsity, calibration, hints,
+                           tied=_tied_tables(plain, weights))
         parsed = _parse(content)
         broken = _padded_block_tensors(parsed) if sparsity else {}
         dense = content if not sparsity else (
@@ -453,9 +454,20 @@ def _first_lines(error, n=6):
     return "\n".join(lines[:n]) + ("\n..." if len(lines) > n else "")
 
 
-def _convert(saved_model_dir, name, sparse, calibration, hints=""):
+def _tied_tables(model, weights):
+    """The names of `model`'s layers that read a sparse table twice: a `ReversibleEmbedding`
+    with ``tie_weights=True`` (a language model's token embedding, also its output
+    projection; keras-hub's GPT-2, OPT, Gemma, ...), whose table the LiteRT sparsity pass
+    fails to encode (a gather and a fully connected op share the constant)."""
+    sparse = {w.layer for w in weights if w.has_mask and not np.all(w.value)}
+    return sorted({layer.name for layer in [model] + compat.flatten_layers(model)
+                   if getattr(layer, "tie_weights", False) is True and layer.name in sparse})
+
+
+def _convert(saved_model_dir, name, sparse, calibration, hints="", tied=()):
     """The .tflite bytes of the SavedModel; a converter failure is a ValueError naming the
-    ops it could not convert, their layers, and `hints` (see `_computing_in_float32`)."""
+    ops it could not convert, their layers, and `hints` (see `_computing_in_float32`);
+    a failure of the sparsity optimisation alone names the `tied` layers (`_tied_tables`)."""
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []
@@ -478,9 +490,16 @@ def _convert(saved_model_dir, name, sparse, calibration, hints=""):
                   f"{type(e).__name__}: {_first_lines(e) or '(no message)'}")
         remedy = "Export it with format='tf_saved_model', or replace those layers."
         if sparse and not ops and _converts(saved_model_dir, name, calibration):
-            detail = f"its sparsity optimisation fails ({detail})"  # (e.g. tied embeddings)
+            detail = f"its sparsity optimisation fails ({detail})"
             remedy = ("Without it the model converts: export(..., sparsity=False) stores every "
                       "weight dense (or export it with format='tf_saved_model').")
+            if tied:
+                names = ", ".join(repr(n) for n in tied)
+                detail += (f"; layer {names} reads its sparse table twice (tie_weights=True: "
+                           "the embedding lookup and the output projection), which that pass "
+                           "cannot encode")
+                remedy += (f" For a sparse file, train with that table dense: "
+                           f"keras_dst.prunable(..., keep_dense=[{names}]).")
         raise ValueError(f"export(format='litert'): the LiteRT converter cannot convert model "
                          f"'{name}': {detail}{hints}. {remedy}") from e
 

@@ -653,9 +653,21 @@ def test_a_model_whose_sparsity_pass_fails_points_at_sparsity_false(tmp_path):
     model(ids[:2])
     model = keras_dst.prunable(model, density=0.3)
     with pytest.raises(ValueError, match=r"cannot convert model 'tied': its sparsity "
-                                         r"optimisation fails \(RuntimeError.*\)\. Without it the "
-                                         r"model converts: export\(\.\.\., sparsity=False\)"):
+                                         r"optimisation fails \(RuntimeError.*\); layer "
+                                         r"'embedding' reads its sparse table twice.*\. Without "
+                                         r"it the model converts: export\(\.\.\., "
+                                         r"sparsity=False\).*keep_dense=\['embedding'\]"):
         keras_dst.export(model, tmp_path / "tied.tflite", compare_dense=False)
     report = keras_dst.export(model, tmp_path / "tied.tflite", sparsity=False, compare_dense=False)
     np.testing.assert_allclose(report.load().predict(ids), model.predict(ids, verbose=0),
+                               atol=1e-5)
+    # the remedy the error names: the table trained dense, the rest stored sparse
+    kept = TiedLM(name="tied")
+    kept(ids[:2])
+    kept = keras_dst.prunable(kept, density=0.8, keep_dense=["embedding"])  # mid at 0.4
+    report = keras_dst.export(kept, tmp_path / "kept.tflite", compare_dense=False)
+    stored = {w.weight: w.stored for w in report.weights}
+    assert stored["tied/embedding/embeddings"] == "dense", stored
+    assert stored["tied/mid/kernel"] != "dense", stored
+    np.testing.assert_allclose(report.load().predict(ids), kept.predict(ids, verbose=0),
                                atol=1e-5)
