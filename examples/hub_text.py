@@ -15,8 +15,9 @@ the model is built from a config with random weights (nothing is downloaded)::
     python examples/hub_text.py                       # dense, static, DST; seed 1
     python examples/hub_text.py --seeds=1,2,3 --output_dir=runs/hub_text
 
-Writes `results.json` (one record per run) and `results.md` (the table of
-examples/README.md) to --output_dir, and checks that the last sparse model reloads
+Writes `results.json` (one record per run, from which examples/README.md's per-seed
+column is read) and `results.md` (its table, with the number of runs per method) to
+--output_dir, and checks that the last sparse model reloads
 from its `.keras` file with the same masks and test accuracy.
 """
 

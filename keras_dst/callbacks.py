@@ -21,7 +21,9 @@ class DynamicSparseTraining(ScheduledCallback):
     """Dynamic sparse training: prune and regrow every `update_every` steps.
 
     Use with a model made by `keras_dst.prunable` (or built from
-    `keras_dst.prunable(layer)` layers), compiled with any optimizer::
+    `keras_dst.prunable(layer)` layers, and then called once on a batch before `fit`:
+    Keras builds such a model when it traces the first step, after the callbacks
+    start), compiled with any optimizer::
 
         model = keras_dst.prunable(model, density=0.1)
         model.compile("sgd", "sparse_categorical_crossentropy", jit_compile=True)

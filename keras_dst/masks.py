@@ -132,7 +132,10 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
         if not state.created:
             raise ValueError(
                 f"{caller}: layer '{state.wrapper.name if state.wrapper else state.label}' is "
-                "not built yet; build or call the model once before using it."
+                "not built yet; call the model once on a batch (e.g. model(x[:1])) or "
+                "model.build(input_shape) first (without a tf.distribute strategy, Keras "
+                "builds a model's layers only when it traces the first step of fit, after "
+                "the callbacks start)."
             )
         check_maskable(state.layer, caller)
         scores = state.running_scores or [None] * len(state.masks)

@@ -144,7 +144,9 @@ class CriteriaOverlap(ScheduledCallback):
       names: the criteria names, in order.
 
     Logs: ``jaccard/<a>/<b>`` for every pair a before b in `criteria`, from the
-    last update (absent before the first one).
+    last update (NaN before the first one: the keys are logged from the first batch, so
+    a `keras.callbacks.CSVLogger` that fixes its columns at the first epoch's end
+    records them).
     """
 
     def __init__(self, criteria: Sequence[Union[str, criteria_lib.Criterion, dict]],
@@ -193,12 +195,13 @@ class CriteriaOverlap(ScheduledCallback):
 
     def _read_logs(self):
         step = int(self.engine.last_update_step.numpy())
-        if step < 0:
-            return {}
-        matrix = self.engine.matrix.numpy().astype(float)
-        if self._recorded != (self.engine, step):  # (a later fit reads the same update)
-            self._recorded = (self.engine, step)
-            self.history.append((step, list(self.names), matrix))
+        if step < 0:  # NaN: the keys are there from the first batch (a `CSVLogger` fixes
+            matrix = np.full([len(self.names)] * 2, np.nan)  # its columns at epoch 1)
+        else:
+            matrix = self.engine.matrix.numpy().astype(float)
+            if self._recorded != (self.engine, step):  # (a later fit reads the same update)
+                self._recorded = (self.engine, step)
+                self.history.append((step, list(self.names), matrix))
         return {f"jaccard/{a}/{b}": float(matrix[i, j])
                 for i, a in enumerate(self.names) for j, b in enumerate(self.names) if i < j}
 

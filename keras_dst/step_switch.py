@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from keras_dst import hooks, schedules
-from keras_dst.masks import reapply_masks_if_needed
+from keras_dst.masks import reapply_masks_if_needed, sparse_targets
 from keras_dst.optimizer_state import base_optimizer
 
 
@@ -283,6 +283,9 @@ class HookedCallback(keras.callbacks.Callback):
                 "weights (every ema_overwrite_frequency steps and at the end of fit). Compile "
                 "with an optimizer without use_ema.")
         if not base.built:
+            # (a model of `prunable(layer)` wrappers is built by Keras only when it traces
+            # the first step: refused unbuilt before the optimizer is built without them)
+            sparse_targets(self.model, caller=type(self).__name__)
             base.build(self.model.trainable_variables)
         # The engine of an equal configuration is reused with the steps compiled
         # with it (see StepSwitch); a new one is made (and checked) before any

@@ -122,6 +122,24 @@ def test_with_dst_overlap_sees_the_state_before_the_dst_update():
     assert "pruned" in logs and "jaccard/magnitude/test_overlap_probe" in logs
 
 
+def test_a_csv_log_has_the_jaccard_columns_when_the_first_update_comes_after_epoch_one(
+        tmp_path):
+    # CSVLogger fixes its columns at the end of the first epoch: the keys are there
+    # from the first batch (NaN before the first update), one History entry per epoch.
+    model = keras_dst.prunable(mlp(), density=0.5)
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=12)
+    path = tmp_path / "history.csv"
+    history = compile_and_fit(model, [overlap, keras.callbacks.CSVLogger(str(path))],
+                              epochs=3).history  # 8 steps per epoch: updates at 12, 24
+    values = history["jaccard/magnitude/snip"]
+    assert len(values) == 3 and math.isnan(values[0])
+    assert 0.0 <= values[1] <= 1.0 and 0.0 <= values[2] <= 1.0
+    with open(path) as f:
+        header, *rows = [line.strip().split(",") for line in f]
+    column = header.index("jaccard/magnitude/snip")
+    assert [float(r[column]) for r in rows[1:]] == pytest.approx(values[1:])
+
+
 def test_an_embedding_is_scored_with_its_dense_gradient():
     """An Embedding's gradient is a `tf.IndexedSlices` of the looked-up rows (a token seen
     twice, twice): the scores use it summed into the table's shape, as DST does."""

@@ -92,6 +92,26 @@ def test_subclassed_model_trains_sparse_from_the_first_step():
     assert_sparse_invariants(net, counts)
 
 
+def test_a_subclassed_model_of_wrappers_is_called_once_before_a_dst_fit():
+    # Keras builds it when it traces the first step, after the callbacks start: the
+    # callback names the unbuilt layer and the remedy, and the remedy works
+    net = SubclassedNet()
+    _compile(net, keras.optimizers.SGD(0.05))
+    x, y = classification_data()
+    dst = keras_dst.DynamicSparseTraining(update_every=2)
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: layer 'sparse_dense(_\d+)?' is "
+                                         r"not built yet; call the model once on a batch "
+                                         r"\(e\.g\. model\(x\[:1\]\)\)"):
+        net.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[dst])
+    assert not net.hidden.built and not net.optimizer.built  # refused before any change
+    net(x[:1])
+    counts = active_counts(net)
+    before = keras_dst.masks(net)
+    net.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[dst])
+    assert_sparse_invariants(net, counts)
+    assert any((before[k] != m).any() for k, m in keras_dst.masks(net).items())
+
+
 def test_subclassed_model_initial_weights_are_zero_where_masked():
     net = SubclassedNet()
     net(np.zeros((1, 20), "float32"))
