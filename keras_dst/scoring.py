@@ -40,5 +40,11 @@ def absolute(x: tf.Tensor) -> tf.Tensor:
 
 
 def is_finite(x: tf.Tensor) -> tf.Tensor:
-    """`tf.math.is_finite` with native ops (see `absolute`): False at NaN and +-inf."""
-    return absolute(x) < float("inf")
+    """`tf.math.is_finite` with native ops (see `absolute`): False at NaN and +-inf.
+
+    ``x - x == 0`` (NaN and inf give NaN, which equals nothing), not ``|x| < inf``: in a
+    `tf.function` without XLA, TensorFlow's graph optimizer rewrites ``~(a < b)`` as
+    ``a >= b``, which is False at NaN, so ``~is_finite`` missed NaN; ``~(a == b)``
+    becomes ``a != b``, True at NaN, as it should be.
+    """
+    return tf.equal(x - x, tf.zeros([], x.dtype))

@@ -340,10 +340,10 @@ class HookedCallback(keras.callbacks.Callback):
         if self.engine is None:
             return
         self._batch_begin = int(batch)
+        # An execution runs `steps_per_execution` steps unless the data ends first: Keras
+        # runs the last one of an epoch whole, past `steps_per_epoch`, on data that goes on
+        # (a repeated dataset, arrays with `steps_per_epoch`), so it may hold that many.
         steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
-        per_epoch = (self.params or {}).get("steps")
-        if per_epoch:  # the last execution of an epoch may be shorter
-            steps = max(1, min(steps, int(per_epoch) - self._batch_begin))
         self._read_after = self._verify or self.engine.may_update_between(
             self._host_step + 1, self._host_step + steps)
         switch = self.model.__dict__.get(StepSwitch.ATTR)

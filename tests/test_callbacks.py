@@ -288,6 +288,28 @@ def test_device_is_read_only_at_epoch_edges_and_after_update_steps(monkeypatch,
     assert len(reads) == 2 * 2 + 5 + 1
 
 
+@pytest.mark.parametrize("kind", ["gradual", "overlap"])
+def test_an_epoch_s_last_execution_run_whole_past_steps_per_epoch_updates(kind):
+    # On data that goes on, Keras runs an epoch's last execution whole: 3 executions of 3
+    # steps for steps_per_epoch=7. A switched hook must be in the one holding step 18.
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=1.0, distribution="uniform")
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True, steps_per_execution=3)
+    x, y = classification_data(n=640)
+    callback = (keras_dst.GradualPruning(0.1, update_every=2, end_step=18) if kind == "gradual"
+                else keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4))
+    model.fit(x, y, batch_size=32, epochs=2, steps_per_epoch=7, verbose=0, shuffle=False,
+              callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 18
+    if kind == "gradual":  # updates at 2, 4, ..., 18: the last in an epoch's last execution
+        assert int(callback.engine.last_update_step.numpy()) == 18
+        total = sum(int(np.prod(t.weight.shape)) for t in keras_dst.sparse_targets(model))
+        active = sum(int(m.sum()) for m in keras_dst.masks(model).values())
+        assert abs(active / total - 0.1) < 1e-2 and keras_dst.density(model) == active / total
+    else:
+        assert [step for step, _, _ in callback.history] == [4, 8, 12, 16]  # 8: in the
+        # epoch's last execution (steps 7-9)
+
+
 # ----------------------------------------------------------------------------
 # Compiled steps: DST is in every step (its update in a zero-or-one-trip loop);
 # the switched hooks (CriteriaOverlap, GradualPruning) only in the executions
@@ -330,7 +352,10 @@ def test_the_engine_runs_in_the_executions_that_may_update(steps_per_execution, 
     for i, (needed, step, update, masks) in enumerate(recorder.rows):
         first = previous_step + 1
         holds_update = any(t % 4 == 0 for t in range(first, step + 1))
-        assert needed == (kind == "dst" or holds_update or i == 0), (i, first, step)
+        # (an epoch's last execution runs 1 step here, the data ending: it is switched as
+        # one that may run steps_per_execution steps, as on data that goes on)
+        may_hold = any(t % 4 == 0 for t in range(first, first + steps_per_execution))
+        assert needed == (kind == "dst" or may_hold or i == 0), (i, first, step)
         assert (update != previous_update) == holds_update, (i, first, step)
         changed = any((previous_masks[k] != masks[k]).any() for k in masks)
         assert changed == (holds_update and kind == "dst"), (i, first, step)

@@ -558,3 +558,22 @@ def test_check_serializable():
     impostor = Criterion(name="snip", score=impostor.score, ordering="after")
     with pytest.raises(ValueError, match=r"overlap='snip'.*score.*register_criterion"):
         criteria.check_serializable(impostor, "overlap")
+
+
+def test_is_finite_holds_eagerly_in_a_graph_and_under_xla_also_negated():
+    # a graph without XLA rewrites ~(a < b) as a >= b, False at NaN: the engine's
+    # non-finite check (~is_finite) missed NaN there
+    from keras_dst.scoring import is_finite
+
+    x = tf.constant([1.0, -0.0, np.nan, np.inf, -np.inf, 3e38, -1e-45], tf.float32)
+    expected = np.isfinite(x.numpy())
+
+    def finite(v):
+        return is_finite(v)
+
+    def bad_count(v):
+        return tf.reduce_sum(tf.cast(~is_finite(v), tf.int32))
+
+    for run in (lambda f: f, tf.function, lambda f: tf.function(f, jit_compile=True)):
+        np.testing.assert_array_equal(run(finite)(x).numpy(), expected)
+        assert int(run(bad_count)(x)) == 3
