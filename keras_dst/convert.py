@@ -160,10 +160,23 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
     raise TypeError(f"prunable() takes a keras Model or Layer, got {type(obj).__name__}.")
 
 
-def _rebuildable(model) -> bool:
-    """True for a Sequential/functional model with only such models nested in it."""
-    return compat.is_graph_model(model) and all(
-        _rebuildable(layer) for layer in model.layers if isinstance(layer, keras.Model))
+def _why_not_rebuildable(model) -> Optional[str]:
+    """None for a Sequential/functional model with only such models nested in it, each
+    leaf layer in one of them; else why a clone with wrappers cannot stand for it."""
+    def graphs(m):
+        return compat.is_graph_model(m) and all(
+            graphs(layer) for layer in m.layers if isinstance(layer, keras.Model))
+
+    if not graphs(model):
+        return (f"the subclassed model '{model.name}' ({type(model).__name__}), or a model "
+                "nested in it: only Sequential and functional models can be cloned")
+    seen = set()
+    for layer in _walk(model):
+        if id(layer) in seen:  # a clone gives each nested model a wrapper of its own
+            return (f"model '{model.name}': its layer '{layer.name}' is shared by two "
+                    "nested models, which clones would no longer share")
+        seen.add(id(layer))
+    return None
 
 
 def _walk(model):
@@ -254,15 +267,13 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     if sparse_states(model):
         raise ValueError(f"prunable(): model '{model.name}' is already prunable "
                          "(it contains SparseWrapper layers or layers with masks attached).")
-    rebuildable = _rebuildable(model)
+    not_rebuildable = _why_not_rebuildable(model)
     if in_place is None:
-        in_place = not rebuildable
-    if not in_place and not rebuildable:
+        in_place = not_rebuildable is not None
+    if not in_place and not_rebuildable is not None:
         raise TypeError(
-            f"prunable(in_place=False) cannot rebuild the subclassed model '{model.name}' "
-            f"({type(model).__name__}), or a model nested in it, with wrappers: only "
-            "Sequential and functional models can be cloned. Leave in_place=None (or pass "
-            "True) to attach the masks to its own layers in place.")
+            f"prunable(in_place=False) cannot rebuild {not_rebuildable}. Leave "
+            "in_place=None (or pass True) to attach the masks to its own layers in place.")
     if not model.built:
         raise ValueError(f"prunable(): model '{model.name}' is not built; give it an Input "
                          "or call model.build(input_shape) (or the model on a batch) first.")
@@ -330,11 +341,16 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
     for layer, weights in targets:
         for w in weights:
             if w.path in variables:
+                first, second = label(owner[w.path]), label(layer)
+                where = (f"layers '{first}' and '{second}'" if first != second else
+                         f"two layers '{first}', in different sub-models")
                 raise ValueError(
-                    f"prunable(): two sparsified weights share the path '{w.path}' (layers "
-                    f"'{label(owner[w.path])}' and '{label(layer)}'); keras_dst keys masks by "
-                    "variable path, so give the layers distinct names (renaming a functional "
-                    "model that holds them does not change their paths).")
+                    f"prunable(): two sparsified weights share the path '{w.path}' ({where}); "
+                    "keras_dst keys masks by variable path, so it cannot tell them apart. "
+                    "Give the layers distinct names where they are created (renaming a model "
+                    "that holds them does not change their paths); a library model whose "
+                    "sub-models create layers of the same names (keras-hub's CLIP) is not "
+                    "supported yet.")
             owner[w.path] = layer
             variables[w.path] = w
     shapes = {path: tuple(w.shape) for path, w in variables.items()}
@@ -524,7 +540,7 @@ def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) 
     pattern = patterns.parse(pattern)
     # the layers `prunable` would sparsify (a MultiHeadAttention as one, not its
     # projections), by the names its `pattern_overrides` takes
-    targets = (_wrap_targets if _rebuildable(model) else _attach_targets)(
+    targets = (_attach_targets if _why_not_rebuildable(model) else _wrap_targets)(
         model, skip_unsupported=True)
     names = collections.Counter(layer.name for layer, _ in targets)
     unfit = {}

@@ -281,6 +281,47 @@ def test_subclassed_model_cannot_be_rebuilt_so_its_masks_are_attached_in_place()
     assert [t.wrapper for t in keras_dst.sparse_targets(net)] == [None]
 
 
+def test_a_layer_shared_by_two_nested_models_gets_its_masks_in_place():
+    # clones of the two nested models would each wrap the layer: one layer, one mask
+    shared = keras.layers.Dense(8, name="shared")
+    subs = []
+    for name in ("sub1", "sub2"):
+        inp = keras.Input((4,))
+        subs.append(keras.Model(inp, keras.layers.Dense(4, name=f"{name}_out")(shared(inp)),
+                                name=name))
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Add()([subs[0](inp), subs[1](inp)]))
+    with pytest.raises(TypeError, match=r"cannot rebuild model '.*': its layer 'shared' is "
+                                        r"shared by two nested models.*in_place=None"):
+        keras_dst.prunable(model, density=0.5, in_place=False)
+    assert not keras_dst.sparse_targets(model)  # the refusal changed nothing
+    assert keras_dst.prunable(model, density=0.5) is model  # attached in place
+    paths = [t.weight.path for t in keras_dst.sparse_targets(model)]
+    assert sorted(paths) == ["shared/kernel", "sub1_out/kernel", "sub2_out/kernel"]
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    before = keras_dst.masks(model)
+    model.fit(x, x, batch_size=4, verbose=0,
+              callbacks=[keras_dst.DynamicSparseTraining(update_every=2)])
+    assert_sparse_invariants(model)
+    assert (keras_dst.masks(model)["shared/kernel"] != before["shared/kernel"]).any()
+    assert keras_dst.unfit_layers(model, "1x4") == {}
+
+
+def test_same_named_layers_of_two_sub_models_are_refused_saying_why():
+    subs = []
+    for name in ("tower_a", "tower_b"):
+        inp = keras.Input((4,))
+        subs.append(keras.Model(inp, keras.layers.Dense(3, name="fc")(inp), name=name))
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Add()([subs[0](inp), subs[1](inp)]))
+    assert subs[0].layers[-1].kernel.path == subs[1].layers[-1].kernel.path == "fc/kernel"
+    with pytest.raises(ValueError, match=r"share the path 'fc/kernel' \(two layers 'fc', in "
+                                         r"different sub-models\); .*cannot tell them apart"):
+        keras_dst.prunable(model, density=0.5)
+    assert not keras_dst.sparse_targets(model)
+
+
 def test_wrong_object_type():
     with pytest.raises(TypeError, match="Model or Layer"):
         keras_dst.prunable("model", density=0.5)
