@@ -44,7 +44,7 @@ def is_finite(x: tf.Tensor) -> tf.Tensor:
 
     ``x - x == 0`` (NaN and inf give NaN, which equals nothing), not ``|x| < inf``: in a
     `tf.function` without XLA, TensorFlow's graph optimizer rewrites ``~(a < b)`` as
-    ``a >= b``, which is False at NaN, so ``~is_finite`` missed NaN; ``~(a == b)``
-    becomes ``a != b``, True at NaN, as it should be.
+    ``a >= b``, which is False at NaN, so ``~is_finite`` missed NaN; ``~(a == b)``, as it
+    is or as ``a != b``, is True at NaN.
     """
     return tf.equal(x - x, tf.zeros([], x.dtype))
