@@ -75,7 +75,9 @@ class DynamicSparseTraining(ScheduledCallback):
       optimizer_state: ``"keep"`` (the reference: never touched) or ``"reset"``
         (the slots of the entries whose mask changed restart from their initial
         value: 0, or Adagrad's and Ftrl's ``initial_accumulator_value``).
-      seed: int; all randomness is stateless in (seed, layer, step).
+      seed: int; all randomness is stateless in (seed, layer, step), for one
+        ``jit_compile`` setting: XLA draws other random numbers than TensorFlow's
+        kernels from the same seed, so a run and its resume use the same setting.
       prune_params: dict of criterion parameters (e.g. ``{"gamma": 1.0}`` for mest).
       grow_params: dict of growth parameters.
       normalize, norm_type: score normalisation of the reference

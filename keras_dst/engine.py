@@ -76,9 +76,14 @@ def check_patterns(targets, criterion, growth, scope, grow_exact):
     blocks = [t for t in structured if t.pattern.kind == "block"]
     check_criterion_pattern(targets, criterion, f"DynamicSparseTraining(prune='{criterion.name}')")
     if scope == "global" and blocks and len({str(t.pattern) for t in targets}) > 1:
+        first = {}
+        for t in targets:
+            first.setdefault(str(t.pattern), t.weight.path)
         raise ValueError("DynamicSparseTraining(scope='global'): 1xB blocks are ranked across "
-                         "layers only when every sparsified weight has the same pattern; got "
-                         f"{sorted({str(t.pattern) for t in targets})}. Use scope='layer'.")
+                         "layers only when every sparsified weight has the same pattern, the "
+                         "layers kept dense (keep_dense) or given another pattern included; got "
+                         + ", ".join(f"'{p}' (e.g. '{w}')" for p, w in sorted(first.items()))
+                         + ". Use scope='layer'.")
     if growth is None and any(t.pattern.kind in ("nm", "fan_in") for t in structured):
         raise ValueError(f"DynamicSparseTraining(grow=None): {where}; N:M and fan_in keep "
                          "exact counts per group by regrowing what each group lost. Pass a "

@@ -413,7 +413,9 @@ def test_global_scope_with_blocks_needs_one_pattern_and_gradual_refuses_patterns
                                pattern_overrides={"fc3": "unstructured"})
     model.compile("sgd", LOSS)
     x, y = classification_data(n=32, d=32)
-    with pytest.raises(ValueError, match="scope='global'.*same pattern"):
+    with pytest.raises(ValueError, match=r"scope='global'.*same pattern, the layers kept "
+                                         r"dense \(keep_dense\).*'1x4' \(e\.g\. 'fc1/kernel'\), "
+                                         r"'unstructured' \(e\.g\. 'fc3/kernel'\)"):
         model.fit(x, y, verbose=0,
                   callbacks=[keras_dst.DynamicSparseTraining(scope="global")])
     with pytest.raises(ValueError, match="GradualPruning.*1x4"):
