@@ -459,9 +459,10 @@ def _tied_tables(model, weights):
     with ``tie_weights=True`` (a language model's token embedding, also its output
     projection; keras-hub's GPT-2, OPT, Gemma, ...), whose table the LiteRT sparsity pass
     fails to encode (a gather and a fully connected op share the constant)."""
-    sparse = {w.layer for w in weights if w.has_mask and not np.all(w.value)}
-    return sorted({layer.name for layer in [model] + compat.flatten_layers(model)
-                   if getattr(layer, "tie_weights", False) is True and layer.name in sparse})
+    tied = {layer.name for layer in [model] + compat.flatten_layers(model)
+            if getattr(layer, "tie_weights", False) is True}
+    return sorted({w.layer for w in weights
+                   if w.layer in tied and w.has_mask and not np.all(w.value)})
 
 
 def _convert(saved_model_dir, name, sparse, calibration, hints="", tied=()):
