@@ -97,7 +97,7 @@ class DynamicSparseTraining(ScheduledCallback):
     Logs (every batch and epoch; place this callback before CSVLogger and
     TensorBoard so they see them): ``density``, ``prune_rate``, ``pruned``,
     ``grown``, ``mask_churn`` (grown / active at the last update), ``itop`` (fraction of
-    entries ever active), and ``density/<weight path>`` per layer.
+    entries ever active), and ``density/<weight key>`` (`keras_dst.masks` keys) per layer.
     """
 
     supports_strategies = True
@@ -225,7 +225,7 @@ class DynamicSparseTraining(ScheduledCallback):
             "itop": float(ever / totals.sum()),
         }
         for t, a, n in zip(engine.targets, active, totals):
-            logs[f"density/{t.weight.path}"] = float(a / n) if n else 1.0
+            logs[f"density/{t.key}"] = float(a / n) if n else 1.0
         return logs
 
     def get_config(self):

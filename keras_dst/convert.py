@@ -20,7 +20,12 @@ import numpy as np
 from keras_dst import compat, distributions, patterns
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper, attached_state, layer_label
-from keras_dst.masks import carry_attached_state_in_weights, release_attached_state_from_weights, sparse_states
+from keras_dst.masks import (
+    carry_attached_state_in_weights,
+    release_attached_state_from_weights,
+    sparse_states,
+    weight_keys,
+)
 from keras_dst.validation import check_bool, check_choice, check_density, check_names, check_seed
 
 
@@ -283,10 +288,11 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     if not targets:
         raise ValueError(f"prunable(): model '{model.name}' has no layer with prunable weights.")
     label = layer_label if in_place else (lambda layer: layer.name)
-    densities, weight_patterns = _plan(targets, label, density, distribution, keep_dense,
+    keys = _weight_keys(model, targets, in_place)
+    densities, weight_patterns = _plan(targets, keys, label, density, distribution, keep_dense,
                                        density_overrides, init, pattern, pattern_overrides)
     frozen = [label(layer) for layer, weights in targets
-              if any(not w.trainable and densities[w.path] < 1.0 for w in weights)]
+              if any(not w.trainable and densities[keys[id(w)]] < 1.0 for w in weights)]
     if frozen:
         warnings.warn(
             f"prunable(): layers {frozen} of model '{model.name}' are frozen (trainable="
@@ -295,10 +301,10 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
             stacklevel=3)
 
     def options(index, layer, weights):
-        return dict(density=[densities[w.path] for w in weights], init=init,
+        return dict(density=[densities[keys[id(w)]] for w in weights], init=init,
                     seed=distributions.stable_seed(seed, index),
                     track_running_scores=track_running_scores,
-                    pattern=[str(weight_patterns[w.path]) for w in weights],
+                    pattern=[str(weight_patterns[keys[id(w)]]) for w in weights],
                     keep_dense=bool({layer.name, layer_label(layer)} & set(keep_dense)))
 
     # 2a. Attach in place (all or nothing).
@@ -331,28 +337,31 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     return _clone_graph(model, clone)
 
 
-def _plan(targets, label, density, distribution, keep_dense, density_overrides, init, pattern,
-          pattern_overrides):
-    """({weight path: density}, {weight path: Pattern}) for `targets`, every option checked.
+def _weight_keys(model, targets, in_place) -> dict:
+    """``{id(weight): key}``: the keys (`masks.weight_keys`) that `targets`' weights will
+    have in the model `prunable` returns: their paths when attached in place; in a
+    clone, the wrapped layer's name and the weight's path below it (``conv1/kernel``, as
+    the clone's rebuilt layers name their variables)."""
+    def in_clone(owner, layer, weight):
+        return f"{layer.name}/{sparse_layers.relative_path(layer, weight)}"
+
+    owned = [(layer, layer, w) for layer, weights in targets for w in weights]
+    keys = weight_keys(model, owned, None if in_place else in_clone)
+    return {id(w): key for (_, _, w), key in zip(owned, keys)}
+
+
+def _plan(targets, keys, label, density, distribution, keep_dense, density_overrides, init,
+          pattern, pattern_overrides):
+    """({weight key: density}, {weight key: Pattern}) for `targets`, every option checked
+    (`keys`: `_weight_keys`).
 
     `label(layer)` names a layer in messages; option keys match a layer's name or path.
     """
     owner, variables = {}, {}
     for layer, weights in targets:
         for w in weights:
-            if w.path in variables:
-                first, second = label(owner[w.path]), label(layer)
-                where = (f"layers '{first}' and '{second}'" if first != second else
-                         f"two layers '{first}', in different sub-models")
-                raise ValueError(
-                    f"prunable(): two sparsified weights share the path '{w.path}' ({where}); "
-                    "keras_dst keys masks by variable path, so it cannot tell them apart. "
-                    "Give the layers distinct names where they are created (renaming a model "
-                    "that holds them does not change their paths); a library model whose "
-                    "sub-models create layers of the same names (keras-hub's CLIP) is not "
-                    "supported yet.")
-            owner[w.path] = layer
-            variables[w.path] = w
+            owner[keys[id(w)]] = layer
+            variables[keys[id(w)]] = w
     shapes = {path: tuple(w.shape) for path, w in variables.items()}
     layer_names = sorted({label(layer) for layer, _ in targets})
     known = {k for layer, _ in targets for k in (layer.name, layer_label(layer))}
@@ -366,7 +375,7 @@ def _plan(targets, label, density, distribution, keep_dense, density_overrides, 
             f"{source} and {other} by {other_source}; give each layer one value.")
 
     def by_weight(entries):
-        """{weight path: value}, {weight path: source} from ``[(source, key, value)]``
+        """{weight key: value}, {weight key: source} from ``[(source, key, value)]``
         (`source` names the option and key in messages); a weight given two different
         values raises, naming both."""
         values, sources = {}, {}
@@ -556,7 +565,7 @@ def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) 
 
 def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, init, known,
                      layer_names, by_weight, label):
-    """{weight path: Pattern}, checked against every weight's shape before anything changes.
+    """{weight key: Pattern}, checked against every weight's shape before anything changes.
 
     Layers in `keep_dense` are unstructured (all ones); `by_weight` (see `_plan`) refuses
     a layer given two patterns.

@@ -72,13 +72,13 @@ def check_patterns(targets, criterion, growth, scope, grow_exact):
     if not structured:
         return
     first = structured[0]
-    where = f"weight '{first.weight.path}' has pattern '{first.pattern}'"
+    where = f"weight '{first.key}' has pattern '{first.pattern}'"
     blocks = [t for t in structured if t.pattern.kind == "block"]
     check_criterion_pattern(targets, criterion, f"DynamicSparseTraining(prune='{criterion.name}')")
     if scope == "global" and blocks and len({str(t.pattern) for t in targets}) > 1:
         first = {}
         for t in targets:
-            first.setdefault(str(t.pattern), t.weight.path)
+            first.setdefault(str(t.pattern), t.key)
         raise ValueError("DynamicSparseTraining(scope='global'): 1xB blocks are ranked across "
                          "layers only when every sparsified weight has the same pattern, the "
                          "layers kept dense (keep_dense) or given another pattern included; got "
@@ -102,7 +102,7 @@ def check_criterion_pattern(targets, criterion, owner: str) -> None:
     """
     blocks = [t for t in targets if t.pattern.kind == "block"]
     if blocks and criterion.select is not None:
-        raise ValueError(f"{owner}: weight '{blocks[0].weight.path}' has 1xB blocks, which "
+        raise ValueError(f"{owner}: weight '{blocks[0].key}' has 1xB blocks, which "
                          "are pruned by a score; the SET rules select single entries. Use a "
                          "score criterion (e.g. 'magnitude').")
 

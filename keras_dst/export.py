@@ -351,7 +351,7 @@ def _plain_model(model):
     """(the model to export, [_Weight]): the stripped model and the values it exports."""
     targets = masks_lib.sparse_targets(model, caller="export()")
     if targets:
-        weights = [_Weight(t.state.layer.name, t.weight.path, t.pattern,
+        weights = [_Weight(t.state.layer.name, t.key, t.pattern,
                            np.where(t.mask.numpy(), t.weight.numpy(), 0), True) for t in targets]
     else:
         weights = []

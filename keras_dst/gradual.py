@@ -220,7 +220,7 @@ class GradualPruning(HookedCallback):
         structured = [t for t in targets if t.pattern.kind != "unstructured"]
         if structured:
             raise ValueError(
-                f"GradualPruning: weight '{structured[0].weight.path}' has pattern "
+                f"GradualPruning: weight '{structured[0].key}' has pattern "
                 f"'{structured[0].pattern}'; gradual magnitude pruning keeps TF-MOT's "
                 "unstructured semantics. Use DynamicSparseTraining for structured patterns.")
         return GradualEngine(targets, self._update_steps(), initial_density=self.initial_density,
@@ -249,7 +249,7 @@ class GradualPruning(HookedCallback):
         engine = self.engine
         density = float(engine.target_density(step))
         active = [int(np.count_nonzero(t.mask.numpy())) for t in engine.targets]
-        below = [(t.weight.path, a, size) for t, a, size in zip(engine.targets, active, engine.sizes)
+        below = [(t.key, a, size) for t, a, size in zip(engine.targets, active, engine.sizes)
                  if a < int(keep_count(size, density))]
         if below:
             listed = ", ".join(f"'{path}' ({active / size:.3f})" for path, active, size in below[:5])

@@ -54,7 +54,7 @@ def step_gradients(owner: str, optimizer, targets, grads_by_variable) -> list:
       targets: the `masks.SparseTarget`s whose gradients the hook reads.
       grads_by_variable: ``id(variable) -> gradient`` of the ``apply`` (see `Hook`).
     """
-    missing = [t.weight.path for t in targets if grads_by_variable.get(id(t.weight)) is None]
+    missing = [t.key for t in targets if grads_by_variable.get(id(t.weight)) is None]
     if missing:
         warnings.warn(
             f"{owner}: the optimizer it hooks ('{optimizer.name}', the one the model was "

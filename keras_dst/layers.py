@@ -335,13 +335,17 @@ def mask_is_only_constraint(variable) -> bool:
     return isinstance(constraint, MaskConstraint) and constraint.previous is None
 
 
-def relative_name(layer, variable) -> str:
-    """`variable`'s path below `layer` (``query/kernel`` -> ``query_kernel``): the same for
-    a layer and its clone, whatever their own paths."""
+def relative_path(layer, variable) -> str:
+    """`variable`'s path below `layer` (``kernel``; ``query/kernel`` in a
+    MultiHeadAttention): the same for a layer and its clone, whatever their own paths."""
     prefix = layer.path + "/" if getattr(layer, "path", None) else ""
     path = variable.path
-    rel = path[len(prefix):] if path.startswith(prefix) else variable.name
-    return rel.replace("/", "_")
+    return path[len(prefix):] if path.startswith(prefix) else variable.name
+
+
+def relative_name(layer, variable) -> str:
+    """`relative_path` as one name (``query/kernel`` -> ``query_kernel``)."""
+    return relative_path(layer, variable).replace("/", "_")
 
 
 class SparseState:

@@ -5,6 +5,7 @@ nested) or layer whose masks live in `SparseWrapper` layers or are attached to i
 own layers (`keras_dst.layers.attach`).
 """
 
+import collections
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple
 
@@ -20,6 +21,7 @@ from keras_dst.layers import (
     check_mask_array,
     check_maskable,
     masked_nonzeros,
+    relative_path,
 )
 
 
@@ -36,6 +38,8 @@ class SparseTarget(NamedTuple):
         attached to the layer in place.
       pattern: its `patterns.Pattern` (unstructured, 1xB, N:M or fan_in).
       state: the `SparseState` that owns them (the wrapper's, or the attached one).
+      key: the weight's name in keras_dst's dicts and logs (`masks`, `set_masks`,
+        `layer_stats`, ``density/<key>`` logs, export rows): see `weight_keys`.
     """
 
     weight: "keras.Variable"
@@ -45,6 +49,43 @@ class SparseTarget(NamedTuple):
     wrapper: "SparseWrapper | None"
     pattern: "patterns.Pattern"
     state: "SparseState"
+    key: str
+
+
+def weight_keys(root, weights, natural: Callable = None) -> List[str]:
+    """The keys of sparsified weights inside `root`, one per ``(owner, layer, weight)``
+    of `weights` (`owner`: the layer that sits in `root`'s layer tree, a `SparseWrapper`
+    or the layer itself; `layer`: the layer whose own weight `weight` is).
+
+    A weight's key is ``natural(owner, layer, weight)`` (default: ``weight.path``, as
+    Keras names variables) where that key is unique among `weights`; where it repeats
+    (two sub-models creating layers of the same names, e.g. keras-hub's CLIP encoders,
+    or nested models whose variable paths Keras drops on a clone or a reload), it is
+    the weight's place in `root`'s layer tree instead: the names of the layers from
+    `root` (excluded) down to `owner`, then the weight's path below `layer`
+    (``tower_a/fc/kernel``). Such places are the same before and after a save and load.
+    """
+    natural = natural or (lambda owner, layer, weight: weight.path)
+    keys = [natural(*entry) for entry in weights]
+    counts = collections.Counter(keys)
+    if all(n == 1 for n in counts.values()):
+        return keys
+    places = {id(root): root.name}
+    stack = [(root, "")]
+    while stack:  # the first place reached names a layer held in two places
+        parent, prefix = stack.pop(0)
+        for child in compat.child_layers(parent):
+            if id(child) not in places:
+                places[id(child)] = prefix + child.name
+                stack.append((child, prefix + child.name + "/"))
+    keys = [key if counts[key] == 1 else
+            f"{places[id(owner)]}/{relative_path(layer, weight)}"
+            for key, (owner, layer, weight) in zip(keys, weights)]
+    repeated = sorted(k for k, n in collections.Counter(keys).items() if n > 1)
+    if repeated:
+        raise ValueError(f"keras_dst: model '{root.name}' holds sparsified weights at the "
+                         f"same places {repeated}; give its layers distinct names.")
+    return keys
 
 
 def sparse_wrappers(model) -> list:
@@ -127,7 +168,7 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
         whose masks no longer hold what it computes (quantized, LoRA:
         `keras_dst.layers.check_maskable`).
     """
-    targets = []
+    targets, owned = [], []
     for state in sparse_states(model):
         if not state.created:
             raise ValueError(
@@ -139,8 +180,10 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
             )
         check_maskable(state.layer, caller)
         scores = state.running_scores or [None] * len(state.masks)
-        targets.extend(SparseTarget(w, m, e, s, state.wrapper, p, state) for w, m, e, s, p in zip(
-            state.sparse_weights, state.masks, state.ever_active, scores, state.patterns))
+        targets.extend(zip(state.sparse_weights, state.masks, state.ever_active, scores,
+                           [state.wrapper] * len(scores), state.patterns, [state] * len(scores)))
+        owned.extend((state.wrapper or state.layer, state.layer, w) for w in state.sparse_weights)
+    targets = [SparseTarget(*fields, key) for fields, key in zip(targets, weight_keys(model, owned))]
     if require and not targets:
         raise ValueError(
             f"{caller}: model '{getattr(model, 'name', model)}' has no sparse layers. "
@@ -157,13 +200,17 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
 
 
 def masks(model: "keras.layers.Layer") -> Dict[str, np.ndarray]:
-    """Masks of `model` as ``{weight.path: numpy uint8 array of 0/1}``."""
-    return {t.weight.path: np.asarray(t.mask.numpy(), dtype=np.uint8)
+    """Masks of `model` as ``{key: numpy uint8 array of 0/1}``, in model order.
+
+    A key is the weight's variable path (``conv1/kernel``), or where two sparsified
+    weights of `model` share a path, the weight's place in the model (see
+    `weight_keys`)."""
+    return {t.key: np.asarray(t.mask.numpy(), dtype=np.uint8)
             for t in sparse_targets(model, caller="masks()")}
 
 
 def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None:
-    """Replaces masks from ``{weight.path: 0/1 or bool array}``.
+    """Replaces masks from ``{key: 0/1 or bool array}`` (the keys of `masks`).
 
     Every entry is validated (known path, same shape, only 0/1 values, the
     weight's sparsity pattern kept) before any mask changes. Weights are then
@@ -177,9 +224,9 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None
         pattern (e.g. three active entries in a group of a 2:4 weight).
     """
     if not isinstance(new_masks, Mapping):
-        raise TypeError(f"set_masks(): new_masks must be a dict {{weight path: mask}} (as "
+        raise TypeError(f"set_masks(): new_masks must be a dict {{weight key: mask}} (as "
                         f"masks() returns), got {type(new_masks).__name__}.")
-    by_path = {t.weight.path: t for t in sparse_targets(model, require=True, caller="set_masks()")}
+    by_path = {t.key: t for t in sparse_targets(model, require=True, caller="set_masks()")}
     checked = {}
     for path, value in new_masks.items():
         if path not in by_path:
@@ -266,7 +313,7 @@ def layer_stats(model, caller: str = "layer_stats()") -> list:
     for t, stray in zip(targets, _stray_entries(targets)):
         active = int(np.count_nonzero(t.mask.numpy())) + stray
         total = int(np.prod(t.weight.shape))
-        rows.append(dict(layer=t.state.label, path=t.weight.path,
+        rows.append(dict(layer=t.state.label, path=t.key,
                          shape=tuple(t.weight.shape), pattern=str(t.pattern),
                          active=active, total=total,
                          density=active / total if total else 1.0, stray=stray))

@@ -75,7 +75,7 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
                              "nothing to check")
     counts = {}
     for t in targets:
-        counts[t.weight.path] = _check_target(t, finite, ever_active, dtype)
+        counts[t.key] = _check_target(t, finite, ever_active, dtype)
     if expected is None:
         return counts
     if isinstance(expected, int):
@@ -91,7 +91,7 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
             raise AssertionError(f"expected_active names {unknown}, which are not sparsified "
                                  f"weights; those are {list(counts)}")
     for t in targets:
-        path = t.weight.path
+        path = t.key
         if isinstance(expected, Mapping):
             if path not in expected:
                 raise AssertionError(f"{path}: no expected active count in expected_active")
@@ -128,7 +128,7 @@ def _first(bad) -> tuple:
 
 def _check_target(t, finite, ever_active, dtype) -> int:
     """Checks one `SparseTarget`; returns its number of active entries."""
-    path = t.weight.path
+    path = t.key
     shape = tuple(t.weight.shape)
     if _dtype(t.mask) != "bool" or tuple(t.mask.shape) != shape:
         raise AssertionError(f"{path}: mask is {_dtype(t.mask)}{tuple(t.mask.shape)}, "

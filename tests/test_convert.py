@@ -308,18 +308,68 @@ def test_a_layer_shared_by_two_nested_models_gets_its_masks_in_place():
     assert keras_dst.unfit_layers(model, "1x4") == {}
 
 
-def test_same_named_layers_of_two_sub_models_are_refused_saying_why():
-    subs = []
-    for name in ("tower_a", "tower_b"):
-        inp = keras.Input((4,))
-        subs.append(keras.Model(inp, keras.layers.Dense(3, name="fc")(inp), name=name))
+def _two_towers(tower):
+    """A model adding two `tower(name)` sub-models, each with a Dense named 'fc'."""
     inp = keras.Input((4,))
-    model = keras.Model(inp, keras.layers.Add()([subs[0](inp), subs[1](inp)]))
-    assert subs[0].layers[-1].kernel.path == subs[1].layers[-1].kernel.path == "fc/kernel"
-    with pytest.raises(ValueError, match=r"share the path 'fc/kernel' \(two layers 'fc', in "
-                                         r"different sub-models\); .*cannot tell them apart"):
-        keras_dst.prunable(model, density=0.5)
-    assert not keras_dst.sparse_targets(model)
+    subs = [tower("tower_a"), tower("tower_b")]
+    return keras.Model(inp, keras.layers.Add()([subs[0](inp), subs[1](inp)]), name="towers")
+
+
+def _functional_tower(name):  # its 'fc' is made outside the tower: path 'fc/kernel'
+    inp = keras.Input((4,))
+    return keras.Model(inp, keras.layers.Dense(3, name="fc")(inp), name=name)
+
+
+def _sequential_tower(name):  # 'tower_a/fc/kernel', but 'fc/kernel' in a clone or a reload
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")], name=name)
+
+
+@pytest.mark.parametrize("tower,in_place", [(_functional_tower, None),
+                                            (_sequential_tower, None),
+                                            (_sequential_tower, True)])
+def test_same_named_layers_of_two_sub_models_are_keyed_by_their_place(tower, in_place, tmp_path):
+    # Keras gives both kernels the path 'fc/kernel' (from the start, or in the clone and
+    # after a reload): masks() must still hold one entry per sparsified weight, keyed by
+    # the weight's place in the model, the same before and after a save and load.
+    model = keras_dst.prunable(_two_towers(tower), density=0.5, in_place=in_place)
+    keys = ["tower_a/fc/kernel", "tower_b/fc/kernel"]
+    assert list(keras_dst.masks(model)) == keys
+    assert [t.key for t in keras_dst.sparse_targets(model)] == keys
+    lines = []
+    keras_dst.summary(model, print_fn=lines.append)
+    assert all(any(k in line for line in lines) for k in keys)
+    assert list(assert_sparse_invariants(model)) == keys
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    before = keras_dst.masks(model)
+    history = model.fit(x, x[:, :3], batch_size=4, verbose=0,
+                        callbacks=[keras_dst.DynamicSparseTraining(update_every=2)])
+    assert {f"density/{k}" for k in keys} <= set(history.history)
+    after = keras_dst.masks(model)
+    assert all((after[k] != before[k]).any() for k in keys)  # both towers were updated
+    # set_masks reaches each tower's own kernel
+    new = {k: np.ones_like(v) for k, v in after.items()}
+    new["tower_b/fc/kernel"][0] = 0
+    keras_dst.set_masks(model, new)
+    assert keras_dst.masks(model)["tower_a/fc/kernel"].all()
+    assert not keras_dst.masks(model)["tower_b/fc/kernel"][0].any()
+    path = str(tmp_path / "towers.keras")
+    model.save(path)
+    loaded = keras_dst.load_model(path)
+    assert {k: v.tolist() for k, v in keras_dst.masks(loaded).items()} == \
+        {k: v.tolist() for k, v in keras_dst.masks(model).items()}
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_prunable_errors_name_the_weight_as_masks_will_key_it():
+    # the clone's kernel is 'conv1/kernel' (not the input model's 'sequential/conv1/kernel')
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3, name="conv1"),
+                              keras.layers.Flatten(), keras.layers.Dense(4, name="fc")])
+    assert model.layers[0].kernel.path == "sequential/conv1/kernel"
+    with pytest.raises(ValueError, match=r"layer 'conv1' \(weight 'conv1/kernel'\): pattern "
+                                         r"'1x4' needs the input axis"):
+        keras_dst.prunable(model, density=0.5, pattern="1x4")
+    assert "conv1/kernel" in keras_dst.masks(keras_dst.prunable(model, density=0.5))
 
 
 def test_wrong_object_type():
@@ -431,7 +481,9 @@ def test_a_layer_given_two_values_is_refused_naming_both():
         with pytest.raises(ValueError, match=message):
             keras_dst.prunable(mlp(), **options)
     model = nested_mlp()
-    with pytest.raises(ValueError, match=r"'seq/d1/kernel'.*given 0.5 by distribution\['d1'\] and "
+    # the weight named as the clone's masks() will key it (its input path: 'seq/d1/kernel')
+    with pytest.raises(ValueError, match=r"\(weight 'd1/kernel'\) is given 0.5 by "
+                                         r"distribution\['d1'\] and "
                                          r"0.1 by distribution\['seq/d1'\]"):
         keras_dst.prunable(model, distribution={"d1": 0.5, "seq/d1": 0.1, "head": 1.0})
     with pytest.raises(ValueError, match=r"0.25 by density_overrides\['d1'\] and 0.75 by "

@@ -149,6 +149,58 @@ def test_vit_image_classifier_leaves_its_class_token_dense(tmp_path):
     train_save_reload(clf, x, (x[:, 0, 0, 0] > 0).astype("int32"), tmp_path, steps=2)
 
 
+def test_clip_encoders_with_same_named_layers_are_keyed_by_their_place(tmp_path):
+    # CLIP's vision and text encoders create layers of the same names: their variables
+    # share paths ('encoder_block_0/attention/query/kernel'), so those weights are keyed
+    # by their place in the model, under each encoder's name.
+    keras.utils.set_random_seed(0)
+    vision = keras_hub.models.CLIPVisionEncoder(patch_size=4, hidden_dim=16, num_layers=1,
+                                                num_heads=2, intermediate_dim=32,
+                                                image_shape=(16, 16, 3))
+    text = keras_hub.models.CLIPTextEncoder(vocabulary_size=50, embedding_dim=16,
+                                            hidden_dim=16, num_layers=1, num_heads=2,
+                                            intermediate_dim=32, max_sequence_length=8)
+    clip = keras_hub.models.CLIPBackbone(vision, text, projection_dim=8)
+    n, batch = 16, 8
+    rng = np.random.default_rng(0)
+    x = {"images": rng.random((n, 16, 16, 3)).astype("float32"),
+         "token_ids": rng.integers(1, 50, (n, 8)).astype("int32")}
+    clip(x)
+    assert keras_dst.prunable(clip, density=0.3) is clip
+    keys = list(keras_dst.masks(clip))
+    query = "encoder_block_0/attention/query/kernel"
+    assert {f"clip_vision_encoder/{query}", f"clip_text_encoder/{query}"} <= set(keys)
+    assert len(keys) == len(set(keys)) == len(keras_dst.sparse_targets(clip)) == 18
+    # contrastive: image i goes with text i of its batch
+    labels = np.tile(np.arange(batch), n // batch)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    clip.compile(keras.optimizers.Adam(1e-3), loss={"vision_logits": loss, "text_logits": loss},
+                 jit_compile=True)
+    before = keras_dst.masks(clip)
+    checker = EveryStep(active_counts(clip))
+    history = clip.fit(x, {"vision_logits": labels, "text_logits": labels}, batch_size=batch,
+                       epochs=2, shuffle=False, verbose=0, callbacks=[
+                           keras_dst.DynamicSparseTraining(update_every=2), checker])
+    assert checker.steps == 4
+    assert {f"density/clip_text_encoder/{query}"} <= set(history.history)
+    after = keras_dst.masks(clip)
+    for encoder in ("clip_vision_encoder", "clip_text_encoder"):
+        assert (after[f"{encoder}/{query}"] != before[f"{encoder}/{query}"]).any()
+    path = str(tmp_path / "clip.keras")
+    keras_dst.save_model(clip, path)
+    loaded = keras_dst.load_model(path)
+    # Rebuilt from its config, each encoder names its layers after itself
+    # ('clip_vision_encoder_encoder_block_0'): no path repeats there, and the keys are
+    # the new paths, in the same order, holding the same masks.
+    reloaded = keras_dst.masks(loaded)
+    assert f"clip_vision_encoder_{query}" in reloaded
+    assert len(reloaded) == len(keys)
+    for a, b in zip(after.values(), reloaded.values()):
+        np.testing.assert_array_equal(a, b)
+    for name, value in clip.predict(x, verbose=0).items():
+        np.testing.assert_allclose(loaded.predict(x, verbose=0)[name], value, atol=1e-5)
+
+
 def test_backbone_alone_names_and_strip():
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
