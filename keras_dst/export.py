@@ -88,7 +88,8 @@ class WeightExport:
 
     Attributes:
       layer: the Keras layer's name.
-      weight: the weight's path (``variable.path``, as in `keras_dst.masks`).
+      weight: the weight's key in `keras_dst.masks` (its ``variable.path``, or its place in
+        the model where two sparsified weights share a path).
       shape: the Keras weight's shape.
       pattern: its sparsity pattern ("unstructured", "1x4", ...; "dense" for a
         weight of a model without masks).

@@ -251,6 +251,14 @@ class HookedCallback(keras.callbacks.Callback):
         if not epochs or not steps:
             if what is None:
                 return None
+            if "steps" not in params:  # fit always passes it (None where unknown)
+                raise ValueError(
+                    f"{type(self).__name__}: {what} needs the number of training steps, but "
+                    "this callback was given no fit parameters: a keras.callbacks."
+                    "CallbackList made by hand gets none from fit; make it with epochs= and "
+                    f"steps= (CallbackList([...], model=model, epochs=..., steps=...)), pass "
+                    f"{self._length_argument}= to {type(self).__name__}, or pass the "
+                    "callback to fit(callbacks=[...]) itself.")
             if steps == 0:
                 raise ValueError(f"{type(self).__name__}: this fit has no training data (0 "
                                  f"batches per epoch), so {what} has no steps to run over.")
@@ -265,6 +273,11 @@ class HookedCallback(keras.callbacks.Callback):
         self.engine = None
         if (self.params or {}).get("epochs") == 0:  # a fit of no epoch: nothing to hook
             return
+        if self.model is None:
+            raise ValueError(
+                f"{type(self).__name__} has no model: a keras.callbacks.CallbackList made by "
+                "hand gets none from fit; make it with model= (CallbackList([...], "
+                "model=model)), or pass the callback to fit(callbacks=[...]) itself.")
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
             raise ValueError(f"{type(self).__name__}: compile the model before fit().")

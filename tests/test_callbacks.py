@@ -843,3 +843,32 @@ def test_a_fit_of_no_epoch_changes_nothing_and_a_later_fit_trains(make):
     if not isinstance(callback, keras_dst.CriteriaOverlap):
         assert any((keras_dst.masks(model)[k] != v).any() for k, v in masks.items())
     assert_sparse_invariants(model)
+
+
+def test_a_callback_list_made_by_hand_says_what_it_lacks():
+    """Keras's fit gives a user's `CallbackList` neither its model nor its parameters: the
+    errors say so (not "compile the model" or "pass steps_per_epoch=", which do not help),
+    and a list made with them trains."""
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    masks = keras_dst.masks(model)
+
+    def fit(callbacks):
+        model.fit(x, y, batch_size=16, epochs=1, steps_per_epoch=4, verbose=0,
+                  callbacks=callbacks)
+
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining has no model: a keras\."
+                                         r"callbacks\.CallbackList made by hand .*model="):
+        fit(keras.callbacks.CallbackList([keras_dst.DynamicSparseTraining(update_every=2)]))
+    with pytest.raises(ValueError, match=r"schedule='cosine' needs the number of training "
+                                         r"steps, but this callback was given no fit "
+                                         r"parameters: .*epochs= and steps=.*total_steps="):
+        fit(keras.callbacks.CallbackList([keras_dst.DynamicSparseTraining(update_every=2)],
+                                         model=model))
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert all((keras_dst.masks(model)[k] == v).all() for k, v in masks.items())
+    fit(keras.callbacks.CallbackList([keras_dst.DynamicSparseTraining(update_every=2)],
+                                     add_history=True, model=model, epochs=1, steps=4))
+    assert any((keras_dst.masks(model)[k] != v).any() for k, v in masks.items())
+    assert_sparse_invariants(model)

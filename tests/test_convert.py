@@ -362,10 +362,11 @@ def test_same_named_layers_of_two_sub_models_are_keyed_by_their_place(tower, in_
 
 
 def test_prunable_errors_name_the_weight_as_masks_will_key_it():
-    # the clone's kernel is 'conv1/kernel' (not the input model's 'sequential/conv1/kernel')
+    # the clone's kernel is 'conv1/kernel' (not the input model's 'net/conv1/kernel')
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3, name="conv1"),
-                              keras.layers.Flatten(), keras.layers.Dense(4, name="fc")])
-    assert model.layers[0].kernel.path == "sequential/conv1/kernel"
+                              keras.layers.Flatten(), keras.layers.Dense(4, name="fc")],
+                             name="net")
+    assert model.layers[0].kernel.path == "net/conv1/kernel"
     with pytest.raises(ValueError, match=r"layer 'conv1' \(weight 'conv1/kernel'\): pattern "
                                          r"'1x4' needs the input axis"):
         keras_dst.prunable(model, density=0.5, pattern="1x4")
