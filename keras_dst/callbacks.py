@@ -75,9 +75,13 @@ class DynamicSparseTraining(ScheduledCallback):
       optimizer_state: ``"keep"`` (the reference: never touched) or ``"reset"``
         (the slots of the entries whose mask changed restart from their initial
         value: 0, or Adagrad's and Ftrl's ``initial_accumulator_value``).
-      seed: int; all randomness is stateless in (seed, layer, step), for one
-        ``jit_compile`` setting: XLA draws other random numbers than TensorFlow's
-        kernels from the same seed, so a run and its resume use the same setting.
+      seed: int; all randomness is stateless in (seed, layer, step, the layer's count of
+        entries ever active), for one ``jit_compile`` setting: XLA draws other random
+        numbers than TensorFlow's kernels from the same seed, so a run and its resume
+        use the same setting. Steps are the optimizer's: after ``compile`` with a new
+        optimizer they count from 1 again (the schedule restarts, as Keras's learning
+        rate schedules do), and the explored count keeps such a run from replaying the
+        first run's draws.
       prune_params: dict of criterion parameters (e.g. ``{"gamma": 1.0}`` for mest).
       grow_params: dict of growth parameters.
       normalize, norm_type: score normalisation of the reference

@@ -54,6 +54,24 @@ def _f32(x):
     return tf.cast(x, tf.float32)
 
 
+# odd multiplier that spreads the explored counts over the seed's first word
+_EXPLORED_STRIDE = 1_000_003
+
+
+def draw_seed(seed: int, target, step):
+    """The stateless seed (int64 [2]) of a target's random draws at optimizer step `step`:
+    its own `seed` (`distributions.stable_seed` of the callback's seed and the target),
+    moved by how many of the target's entries were ever active, and the step.
+
+    The step count is the optimizer's, which a new optimizer (``compile`` made one) starts
+    again from 1: with the explored count in the seed, such a run draws anew instead of
+    replaying the first run's numbers at the same steps (its updates would largely undo
+    each other's exploration), while a resume, which restores the ever-active flags,
+    draws the same."""
+    explored = tf.math.count_nonzero(target.ever_active, dtype=tf.int64)
+    return tf.stack([tf.constant(seed, tf.int64) + explored * _EXPLORED_STRIDE, step])
+
+
 def check_patterns(targets, criterion, growth, scope, grow_exact):
     """Refuses a DST configuration that cannot keep the targets' sparsity patterns exact.
 
@@ -280,9 +298,13 @@ class TopologyEngine(Hook):
     def _inputs(self, index, step, grad, mask, which, momentum=None):
         """ScoreInputs of target `index`; `which` 0 = pruning, 1 = growth (own seed)."""
         t = self.targets[index]
-        seed = tf.stack([tf.constant(self._seeds[index][which], tf.int64), step])
-        return ScoreInputs(weight=self._masked_weight(t), gradient=grad, mask=mask, seed=seed,
+        return ScoreInputs(weight=self._masked_weight(t), gradient=grad, mask=mask,
+                           seed=self._seed(index, which, step),
                            momentum=momentum if which == 1 else None)
+
+    def _seed(self, index, which, step):
+        """`draw_seed` of target `index` (`which` 0 = pruning, 1 = growth) at `step`."""
+        return draw_seed(self._seeds[index][which], self.targets[index], step)
 
     def _reads(self, optimizer):
         """What the update reads and never writes, as tensors: ``(momenta, running scores)``
@@ -445,8 +467,7 @@ class TopologyEngine(Hook):
         selected, scores_list, masks_list, lost = [], [], [], []
         for i, pattern in enumerate(self._patterns):
             if not self.grow_exact and self.growth.name == "random":
-                seed = tf.stack([tf.constant(self._seeds[i][1], tf.int64), step])
-                after[i] = topology.grow_bernoulli(pruned[i], counts[i], seed)
+                after[i] = topology.grow_bernoulli(pruned[i], counts[i], self._seed(i, 1, step))
                 continue
             scores = self._growth_scores(i, step, grads, momenta, pruned[i])
             if pattern.kind in ("nm", "fan_in"):

@@ -20,7 +20,7 @@ import tensorflow as tf
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, topology, validation
 from keras_dst import schedules as schedules_lib
-from keras_dst.engine import check_criterion_pattern, pruned_masks
+from keras_dst.engine import check_criterion_pattern, draw_seed, pruned_masks
 from keras_dst.hooks import Hook, state_variable, step_gradients, summed_over_replicas
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
@@ -38,8 +38,8 @@ class OverlapEngine(Hook):
       criteria: list of `criteria.Criterion` (C >= 2, none with running scores).
       schedule: callable step -> prune rate (float scalar tensor).
       update_steps: `schedules.UpdateSteps`, the steps that compute.
-      seed: int; the random criterion draws from (seed, layer, step), as
-        `DynamicSparseTraining` with the same seed.
+      seed: int; the random criterion draws as `DynamicSparseTraining` with the same
+        seed (`engine.draw_seed`).
     """
 
     first = True
@@ -74,7 +74,7 @@ class OverlapEngine(Hook):
         """
         inputs = [ScoreInputs(weight=tf.cast(t.weight, tf.float32), gradient=g,
                               mask=tf.convert_to_tensor(t.mask),
-                              seed=tf.stack([tf.constant(s, tf.int64), step]))
+                              seed=draw_seed(s, t, step))
                   for t, g, s in zip(self.targets, grads, self._seeds)]
         patterns_list = [t.pattern for t in self.targets]
         sets = []

@@ -872,3 +872,30 @@ def test_a_callback_list_made_by_hand_says_what_it_lacks():
                                      add_history=True, model=model, epochs=1, steps=4))
     assert any((keras_dst.masks(model)[k] != v).any() for k, v in masks.items())
     assert_sparse_invariants(model)
+
+
+def test_a_new_optimizer_restarts_the_steps_but_does_not_replay_the_draws():
+    """``compile`` with a new optimizer starts its step count at 1 again (the schedule
+    restarts, as Keras's learning-rate schedules do); the random draws, keyed by step,
+    used to repeat the first run's, so a second run with random growth largely undid
+    its own exploration (16 entries changed where another seed changed 204)."""
+    x, y = classification_data(n=320)
+
+    def changed_in_second_run(second_seed):
+        model = keras_dst.prunable(mlp((20, 32, 32, 3)), density=0.3)
+        rates = []
+        for seed in (0, second_seed):
+            model.compile(keras.optimizers.Adam(1e-3), LOSS, jit_compile=True)  # new optimizer
+            before = keras_dst.masks(model)
+            history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+                keras_dst.DynamicSparseTraining(prune="magnitude", grow="random", update_every=5,
+                                                prune_rate=0.3, total_steps=40, seed=seed)])
+            rates.append(history.history["prune_rate"])
+            assert_sparse_invariants(model)
+        assert rates[0] == rates[1]  # the step count (and so the schedule) restarted
+        after = keras_dst.masks(model)
+        return sum(int((after[k] != before[k]).sum()) for k in after)
+
+    same_seed, other_seed = changed_in_second_run(0), changed_in_second_run(1)
+    assert other_seed > 100
+    assert same_seed > other_seed / 2, (same_seed, other_seed)
