@@ -22,6 +22,7 @@ from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper, attached_state, layer_label
 from keras_dst.masks import (
     carry_attached_state_in_weights,
+    layer_places,
     release_attached_state_from_weights,
     sparse_states,
     weight_keys,
@@ -99,7 +100,9 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
     Layer names (in `keep_dense`, `density_overrides`, `pattern_overrides` and a
     `distribution` dict) match a layer's name or its path: library models repeat
     names in every block (``"query"`` matches the query projection of every
-    attention layer, ``"transformer_layer_0/self_attention_layer/query"`` one).
+    attention layer, ``"transformer_layer_0/self_attention_layer/query"`` one);
+    where two layers share a path (keras-hub's CLIP encoders), their places in the
+    model tell them apart (``"clip_text_encoder/encoder_block_0/attention"``).
     A layer given two different values (by two keys, or by two options) is
     refused, naming both; a single layer takes only `density`, `init`, `seed`,
     `track_running_scores`, `pattern` and `in_place`.
@@ -289,8 +292,10 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
         raise ValueError(f"prunable(): model '{model.name}' has no layer with prunable weights.")
     label = layer_label if in_place else (lambda layer: layer.name)
     keys = _weight_keys(model, targets, in_place)
-    densities, weight_patterns = _plan(targets, keys, label, density, distribution, keep_dense,
-                                       density_overrides, init, pattern, pattern_overrides)
+    names = _option_names(model)
+    densities, weight_patterns = _plan(targets, keys, names, label, density, distribution,
+                                       keep_dense, density_overrides, init, pattern,
+                                       pattern_overrides)
     frozen = [label(layer) for layer, weights in targets
               if any(not w.trainable and densities[keys[id(w)]] < 1.0 for w in weights)]
     if frozen:
@@ -305,7 +310,7 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
                     seed=distributions.stable_seed(seed, index),
                     track_running_scores=track_running_scores,
                     pattern=[str(weight_patterns[keys[id(w)]]) for w in weights],
-                    keep_dense=bool({layer.name, layer_label(layer)} & set(keep_dense)))
+                    keep_dense=bool(set(names(layer)) & set(keep_dense)))
 
     # 2a. Attach in place (all or nothing).
     if in_place:
@@ -350,12 +355,26 @@ def _weight_keys(model, targets, in_place) -> dict:
     return {id(w): key for (_, _, w), key in zip(owned, keys)}
 
 
-def _plan(targets, keys, label, density, distribution, keep_dense, density_overrides, init,
-          pattern, pattern_overrides):
+def _option_names(model):
+    """``names(layer)``: what an option of `prunable` may name a layer of `model` by: its
+    name, its path, or its place in the model (`masks.layer_places`: where two layers
+    share a path, as the encoders of keras-hub's CLIP do, only the place tells them
+    apart)."""
+    places = layer_places(model)
+
+    def names(layer):
+        return (layer.name, layer_label(layer), places[id(layer)])
+
+    return names
+
+
+def _plan(targets, keys, names, label, density, distribution, keep_dense, density_overrides,
+          init, pattern, pattern_overrides):
     """({weight key: density}, {weight key: Pattern}) for `targets`, every option checked
     (`keys`: `_weight_keys`).
 
-    `label(layer)` names a layer in messages; option keys match a layer's name or path.
+    `label(layer)` names a layer in messages; option keys match one of `names(layer)`
+    (`_option_names`).
     """
     owner, variables = {}, {}
     for layer, weights in targets:
@@ -364,10 +383,10 @@ def _plan(targets, keys, label, density, distribution, keep_dense, density_overr
             variables[keys[id(w)]] = w
     shapes = {path: tuple(w.shape) for path, w in variables.items()}
     layer_names = sorted({label(layer) for layer, _ in targets})
-    known = {k for layer, _ in targets for k in (layer.name, layer_label(layer))}
+    known = {k for layer, _ in targets for k in names(layer)}
 
     def matching(key):
-        return [p for p, layer in owner.items() if key in (layer.name, layer_label(layer))]
+        return [p for p, layer in owner.items() if key in names(layer)]
 
     def refuse_two_values(path, value, source, other, other_source):
         raise ValueError(
@@ -544,21 +563,25 @@ def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) 
     pattern))`` when such layers should stay unstructured rather than be refused (e.g. a
     first convolution with 3 input channels and 1x4 blocks). A layer is keyed by its name,
     or by its path where another sparsified layer has the same name (the blocks of a
-    library model), so that the overrides reach exactly these layers.
+    library model), or by its place in the model where another has the same path too
+    (keras-hub's CLIP encoders), so that the overrides reach exactly these layers.
     """
     pattern = patterns.parse(pattern)
     # the layers `prunable` would sparsify (a MultiHeadAttention as one, not its
     # projections), by the names its `pattern_overrides` takes
     targets = (_attach_targets if _why_not_rebuildable(model) else _wrap_targets)(
         model, skip_unsupported=True)
-    names = collections.Counter(layer.name for layer, _ in targets)
+    names = _option_names(model)
+    counts = [collections.Counter(names(layer)[i] for layer, _ in targets) for i in range(2)]
     unfit = {}
     for layer, weights in targets:
         for weight in weights:
             try:
                 sparse_layers.check_pattern(pattern, layer, weight, layer.name)
             except ValueError:
-                key = layer.name if names[layer.name] == 1 else layer_label(layer)
+                # the first of name, path, place that no other sparsified layer shares
+                key = next((n for n, c in zip(names(layer), counts) if c[n] == 1),
+                           names(layer)[-1])
                 unfit[key] = "unstructured"
     return unfit
 

@@ -52,6 +52,24 @@ class SparseTarget(NamedTuple):
     key: str
 
 
+def layer_places(root) -> Dict[int, str]:
+    """``{id(layer): place}`` for `root` and every layer inside it: a layer's place is the
+    names of the layers from `root` (excluded) down to it, joined by "/"
+    (``tower_a/fc``; `root`'s own place is its name). Unlike variable paths, places do not
+    depend on the name scopes the layers were built in: a model rebuilt from its config
+    has the same ones where it gives its layers the same names. A layer held in two places takes the first one reached
+    (breadth first)."""
+    places = {id(root): root.name}
+    queue = collections.deque([(root, "")])
+    while queue:
+        parent, prefix = queue.popleft()
+        for child in compat.child_layers(parent):
+            if id(child) not in places:
+                places[id(child)] = prefix + child.name
+                queue.append((child, prefix + child.name + "/"))
+    return places
+
+
 def weight_keys(root, weights, natural: Callable = None) -> List[str]:
     """The keys of sparsified weights inside `root`, one per ``(owner, layer, weight)``
     of `weights` (`owner`: the layer that sits in `root`'s layer tree, a `SparseWrapper`
@@ -61,23 +79,15 @@ def weight_keys(root, weights, natural: Callable = None) -> List[str]:
     Keras names variables) where that key is unique among `weights`; where it repeats
     (two sub-models creating layers of the same names, e.g. keras-hub's CLIP encoders,
     or nested models whose variable paths Keras drops on a clone or a reload), it is
-    the weight's place in `root`'s layer tree instead: the names of the layers from
-    `root` (excluded) down to `owner`, then the weight's path below `layer`
-    (``tower_a/fc/kernel``). Such places are the same before and after a save and load.
+    the weight's place in `root` instead: `owner`'s place (`layer_places`), then the
+    weight's path below `layer` (``tower_a/fc/kernel``).
     """
     natural = natural or (lambda owner, layer, weight: weight.path)
     keys = [natural(*entry) for entry in weights]
     counts = collections.Counter(keys)
     if all(n == 1 for n in counts.values()):
         return keys
-    places = {id(root): root.name}
-    stack = [(root, "")]
-    while stack:  # the first place reached names a layer held in two places
-        parent, prefix = stack.pop(0)
-        for child in compat.child_layers(parent):
-            if id(child) not in places:
-                places[id(child)] = prefix + child.name
-                stack.append((child, prefix + child.name + "/"))
+    places = layer_places(root)
     keys = [key if counts[key] == 1 else
             f"{places[id(owner)]}/{relative_path(layer, weight)}"
             for key, (owner, layer, weight) in zip(keys, weights)]

@@ -361,6 +361,19 @@ def test_same_named_layers_of_two_sub_models_are_keyed_by_their_place(tower, in_
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+def test_options_name_same_named_layers_of_two_sub_models_by_their_place():
+    # both 'fc' layers have the name and the path 'fc': only the place names one
+    model = _two_towers(_functional_tower)
+    unfit = keras_dst.unfit_layers(model, "1x8")  # (4, 3) kernels: 4 inputs, not 8
+    assert unfit == {"tower_a/fc": "unstructured", "tower_b/fc": "unstructured"}
+    with pytest.raises(ValueError, match=r"unknown layer names \['tower_c/fc'\]"):
+        keras_dst.prunable(model, density=0.5, keep_dense=["tower_c/fc"])
+    sparse = keras_dst.prunable(model, density=0.6, keep_dense=["tower_b/fc"], pattern="1x8",
+                                pattern_overrides={"tower_a/fc": "unstructured"})
+    masks = keras_dst.masks(sparse)
+    assert masks["tower_b/fc/kernel"].all() and not masks["tower_a/fc/kernel"].all()
+
+
 def test_prunable_errors_name_the_weight_as_masks_will_key_it():
     # the clone's kernel is 'conv1/kernel' (not the input model's 'net/conv1/kernel')
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3, name="conv1"),

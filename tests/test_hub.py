@@ -166,11 +166,16 @@ def test_clip_encoders_with_same_named_layers_are_keyed_by_their_place(tmp_path)
     x = {"images": rng.random((n, 16, 16, 3)).astype("float32"),
          "token_ids": rng.integers(1, 50, (n, 8)).astype("int32")}
     clip(x)
-    assert keras_dst.prunable(clip, density=0.3) is clip
+    # options name one encoder's layer by its place ('encoder_block_0/attention' is the
+    # name and path of both encoders' attention)
+    assert keras_dst.prunable(clip, density=0.3,
+                              keep_dense=["clip_text_encoder/encoder_block_0/attention"]) is clip
     keys = list(keras_dst.masks(clip))
     query = "encoder_block_0/attention/query/kernel"
     assert {f"clip_vision_encoder/{query}", f"clip_text_encoder/{query}"} <= set(keys)
     assert len(keys) == len(set(keys)) == len(keras_dst.sparse_targets(clip)) == 18
+    assert keras_dst.masks(clip)[f"clip_text_encoder/{query}"].all()
+    assert not keras_dst.masks(clip)[f"clip_vision_encoder/{query}"].all()
     # contrastive: image i goes with text i of its batch
     labels = np.tile(np.arange(batch), n // batch)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -182,10 +187,11 @@ def test_clip_encoders_with_same_named_layers_are_keyed_by_their_place(tmp_path)
                        epochs=2, shuffle=False, verbose=0, callbacks=[
                            keras_dst.DynamicSparseTraining(update_every=2), checker])
     assert checker.steps == 4
-    assert {f"density/clip_text_encoder/{query}"} <= set(history.history)
+    dense_1 = "encoder_block_0/dense_1/kernel"
+    assert {f"density/clip_text_encoder/{dense_1}"} <= set(history.history)
     after = keras_dst.masks(clip)
     for encoder in ("clip_vision_encoder", "clip_text_encoder"):
-        assert (after[f"{encoder}/{query}"] != before[f"{encoder}/{query}"]).any()
+        assert (after[f"{encoder}/{dense_1}"] != before[f"{encoder}/{dense_1}"]).any()
     path = str(tmp_path / "clip.keras")
     keras_dst.save_model(clip, path)
     loaded = keras_dst.load_model(path)
