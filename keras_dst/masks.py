@@ -80,7 +80,9 @@ def weight_keys(root, weights, natural: Callable = None) -> List[str]:
     (two sub-models creating layers of the same names, e.g. keras-hub's CLIP encoders,
     or nested models whose variable paths Keras drops on a clone or a reload), it is
     the weight's place in `root` instead: `owner`'s place (`layer_places`), then the
-    weight's path below `layer` (``tower_a/fc/kernel``).
+    weight's path below `layer` (``tower_a/fc/kernel``). Where places repeat too (a
+    subclassed model holding two layers of one name), the second and later weights of
+    one key get ``#2``, ``#3``, ... in model order.
     """
     natural = natural or (lambda owner, layer, weight: weight.path)
     keys = [natural(*entry) for entry in weights]
@@ -91,10 +93,11 @@ def weight_keys(root, weights, natural: Callable = None) -> List[str]:
     keys = [key if counts[key] == 1 else
             f"{places[id(owner)]}/{relative_path(layer, weight)}"
             for key, (owner, layer, weight) in zip(keys, weights)]
-    repeated = sorted(k for k, n in collections.Counter(keys).items() if n > 1)
-    if repeated:
-        raise ValueError(f"keras_dst: model '{root.name}' holds sparsified weights at the "
-                         f"same places {repeated}; give its layers distinct names.")
+    seen = collections.Counter()
+    for i, key in enumerate(keys):  # places repeat too: numbered in model order
+        seen[key] += 1
+        if seen[key] > 1:
+            keys[i] = f"{key}#{seen[key]}"
     return keys
 
 

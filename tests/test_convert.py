@@ -374,6 +374,33 @@ def test_options_name_same_named_layers_of_two_sub_models_by_their_place():
     assert masks["tower_b/fc/kernel"].all() and not masks["tower_a/fc/kernel"].all()
 
 
+def test_two_layers_of_one_name_in_one_subclassed_model_are_numbered():
+    # the same path and the same place: the second is numbered, none is lost
+    class Twice(keras.Model):
+        def __init__(self):
+            super().__init__(name="twice")
+            self.first = keras_dst.prunable(keras.layers.Dense(8, name="x"), density=0.5)
+            self.second = keras_dst.prunable(keras.layers.Dense(2, name="x"), density=0.5)
+
+        def call(self, x):
+            return self.second(self.first(x))
+
+    model = Twice()
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    model(x[:1])
+    masks = keras_dst.masks(model)
+    assert [(k, v.shape) for k, v in masks.items()] == [("sparse_x/kernel", (4, 8)),
+                                                        ("sparse_x/kernel#2", (8, 2))]
+    keras_dst.set_masks(model, {"sparse_x/kernel#2": np.ones((8, 2))})
+    assert model.second.sparse_state.masks[0].numpy().all()
+    assert not model.first.sparse_state.masks[0].numpy().all()
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    history = model.fit(x, x[:, :2], batch_size=8, verbose=0,
+                        callbacks=[keras_dst.DynamicSparseTraining(update_every=2)])
+    assert {"density/sparse_x/kernel", "density/sparse_x/kernel#2"} <= set(history.history)
+    assert_sparse_invariants(model)
+
+
 def test_prunable_errors_name_the_weight_as_masks_will_key_it():
     # the clone's kernel is 'conv1/kernel' (not the input model's 'net/conv1/kernel')
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3, name="conv1"),
