@@ -368,6 +368,15 @@ def _option_names(model):
     return names
 
 
+def _distinct_names(targets, names) -> dict:
+    """``{id(layer): key}``: for each layer of `targets`, the first of `names(layer)` (name,
+    path, place) that no other layer of `targets` has: the shortest option key that
+    reaches it alone."""
+    counts = [collections.Counter(names(layer)[i] for layer, _ in targets) for i in range(2)]
+    return {id(layer): next((n for n, c in zip(names(layer), counts) if c[n] == 1),
+                            names(layer)[-1]) for layer, _ in targets}
+
+
 def _plan(targets, keys, names, label, density, distribution, keep_dense, density_overrides,
           init, pattern, pattern_overrides):
     """({weight key: density}, {weight key: Pattern}) for `targets`, every option checked
@@ -382,7 +391,8 @@ def _plan(targets, keys, names, label, density, distribution, keep_dense, densit
             owner[keys[id(w)]] = layer
             variables[keys[id(w)]] = w
     shapes = {path: tuple(w.shape) for path, w in variables.items()}
-    layer_names = sorted({label(layer) for layer, _ in targets})
+    distinct = _distinct_names(targets, names)
+    layer_names = sorted(set(distinct.values()))
     known = {k for layer, _ in targets for k in names(layer)}
 
     def matching(key):
@@ -430,7 +440,8 @@ def _plan(targets, keys, names, label, density, distribution, keep_dense, densit
         per_weight, per_weight_by = by_weight(
             [(f"distribution['{key}']", key, check_density(value, f"distribution['{key}']"))
              for key, value in distribution.items()])
-        missing = sorted({label(layer) for p, layer in owner.items() if p not in per_weight})
+        missing = sorted({distinct[id(layer)] for p, layer in owner.items()
+                          if p not in per_weight})
         if missing:
             raise ValueError(f"prunable(): the distribution dict must name every sparsified "
                              f"layer; missing {missing}.")
@@ -571,18 +582,14 @@ def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) 
     # projections), by the names its `pattern_overrides` takes
     targets = (_attach_targets if _why_not_rebuildable(model) else _wrap_targets)(
         model, skip_unsupported=True)
-    names = _option_names(model)
-    counts = [collections.Counter(names(layer)[i] for layer, _ in targets) for i in range(2)]
+    distinct = _distinct_names(targets, _option_names(model))
     unfit = {}
     for layer, weights in targets:
         for weight in weights:
             try:
                 sparse_layers.check_pattern(pattern, layer, weight, layer.name)
             except ValueError:
-                # the first of name, path, place that no other sparsified layer shares
-                key = next((n for n, c in zip(names(layer), counts) if c[n] == 1),
-                           names(layer)[-1])
-                unfit[key] = "unstructured"
+                unfit[distinct[id(layer)]] = "unstructured"
     return unfit
 
 

@@ -366,8 +366,13 @@ def test_options_name_same_named_layers_of_two_sub_models_by_their_place():
     model = _two_towers(_functional_tower)
     unfit = keras_dst.unfit_layers(model, "1x8")  # (4, 3) kernels: 4 inputs, not 8
     assert unfit == {"tower_a/fc": "unstructured", "tower_b/fc": "unstructured"}
-    with pytest.raises(ValueError, match=r"unknown layer names \['tower_c/fc'\]"):
+    # errors list each layer by the shortest key that reaches it alone
+    with pytest.raises(ValueError, match=r"unknown layer names \['tower_c/fc'\].*sparsified "
+                                         r"layers are \['tower_a/fc', 'tower_b/fc'\]"):
         keras_dst.prunable(model, density=0.5, keep_dense=["tower_c/fc"])
+    with pytest.raises(ValueError, match=r"must name every sparsified layer; missing "
+                                         r"\['tower_b/fc'\]"):
+        keras_dst.prunable(model, distribution={"tower_a/fc": 0.5})
     sparse = keras_dst.prunable(model, density=0.6, keep_dense=["tower_b/fc"], pattern="1x8",
                                 pattern_overrides={"tower_a/fc": "unstructured"})
     masks = keras_dst.masks(sparse)
