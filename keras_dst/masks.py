@@ -57,8 +57,8 @@ def layer_places(root) -> Dict[int, str]:
     names of the layers from `root` (excluded) down to it, joined by "/"
     (``tower_a/fc``; `root`'s own place is its name). Unlike variable paths, places do not
     depend on the name scopes the layers were built in: a model rebuilt from its config
-    has the same ones where it gives its layers the same names. A layer held in two places takes the first one reached
-    (breadth first)."""
+    has the same ones where it gives its layers the same names. A layer held in two
+    places takes the first one reached (breadth first)."""
     places = {id(root): root.name}
     queue = collections.deque([(root, "")])
     while queue:
