@@ -181,7 +181,7 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
         whose masks no longer hold what it computes (quantized, LoRA:
         `keras_dst.layers.check_maskable`).
     """
-    targets, owned = [], []
+    entries = []  # (state, weight, mask, ever_active, running score, pattern)
     for state in sparse_states(model):
         if not state.created:
             raise ValueError(
@@ -193,10 +193,11 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
             )
         check_maskable(state.layer, caller)
         scores = state.running_scores or [None] * len(state.masks)
-        targets.extend(zip(state.sparse_weights, state.masks, state.ever_active, scores,
-                           [state.wrapper] * len(scores), state.patterns, [state] * len(scores)))
-        owned.extend((state.wrapper or state.layer, state.layer, w) for w in state.sparse_weights)
-    targets = [SparseTarget(*fields, key) for fields, key in zip(targets, weight_keys(model, owned))]
+        entries.extend((state, *fields) for fields in zip(
+            state.sparse_weights, state.masks, state.ever_active, scores, state.patterns))
+    keys = weight_keys(model, [(s.wrapper or s.layer, s.layer, w) for s, w, *_ in entries])
+    targets = [SparseTarget(w, m, e, score, s.wrapper, p, s, key)
+               for (s, w, m, e, score, p), key in zip(entries, keys)]
     if require and not targets:
         raise ValueError(
             f"{caller}: model '{getattr(model, 'name', model)}' has no sparse layers. "
