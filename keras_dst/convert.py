@@ -136,7 +136,7 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
                               or not isinstance(obj, keras.Model)):
         raise ValueError("prunable() needs a density in (0, 1], e.g. density=0.1 (for a "
                          "model, or a distribution dict {layer name: density}).")
-    check_choice(init, ("exact", "bernoulli"), "init")
+    init = check_choice(init, ("exact", "bernoulli"), "init")
     seed = check_seed(seed)
     skip_unsupported = check_bool(skip_unsupported, "skip_unsupported")
     if in_place is not None and not isinstance(in_place, bool):

@@ -83,13 +83,13 @@ ORDERING_ALIASES = {"before": "after_optimizer", "after": "before_optimizer"}
 def canonical_ordering(value, name: str = "ordering", auto: bool = False) -> str:
     """`value` as one of `ORDERINGS` (the reference's "before"/"after" accepted; with
     `auto`, also "auto": each criterion's own, which a callback resolves)."""
-    if isinstance(value, str) and value in ORDERING_ALIASES:
-        return ORDERING_ALIASES[value]
     choices = (["auto"] if auto else []) + list(ORDERINGS)
-    if not isinstance(value, str) or value not in choices:
+    try:
+        choice = validation.check_choice(value, choices + list(ORDERING_ALIASES), name)
+    except ValueError:
         raise ValueError(f"{name} must be one of {choices} (or the reference's "
-                         f"{sorted(ORDERING_ALIASES)}), got {name}={value!r}.")
-    return value
+                         f"{sorted(ORDERING_ALIASES)}), got {name}={value!r}.") from None
+    return ORDERING_ALIASES.get(choice, choice)
 
 
 # ----------------------------------------------------------------------------

@@ -264,9 +264,9 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
         raise TypeError(f"export() needs a keras.Model, got model={type(model).__name__}.")
     with errors_named("export()"):
         filepath = check_path(filepath, "filepath")
-    check_choice(format, FORMATS, "format")
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {list(QUANTIZE)}, got quantize={quantize!r}.")
+    format = check_choice(format, FORMATS, "format")
+    if quantize is not None:
+        quantize = check_choice(quantize, [q for q in QUANTIZE if q is not None], "quantize (or None)")
     calibration_steps = check_positive_int(calibration_steps, "calibration_steps")
     compare_dense = check_bool(compare_dense, "compare_dense")
     sparsity = check_bool(sparsity, "sparsity")

@@ -377,7 +377,7 @@ class SparseState:
 
     def __init__(self, layer, density=1.0, init="exact", seed=None, track_running_scores=False,
                  pattern="unstructured", owner=None, wrapper=None, keep_dense=False):
-        check_choice(init, ("exact", "bernoulli"), "init")
+        init = check_choice(init, ("exact", "bernoulli"), "init")
         densities = [density] if np.isscalar(density) else list(density)
         for d in densities:
             check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
@@ -515,8 +515,8 @@ class SparseState:
                     w.assign(raw)
             raise
         finally:
-            for w in weights:  # (not for a later `set_masks`)
-                self._pending_writes.pop(id(w), None)
+            for v in weights + self.ever_active:  # (not for a later `set_masks`)
+                self._pending_writes.pop(id(v), None)
         self.created = True
 
     @property
@@ -526,9 +526,9 @@ class SparseState:
         return self.wrapper if self.wrapper is not None else self.layer
 
     def keep_raw_value(self, weight, raw):
-        """Keeps `raw`, a value `weight` was written with before entries of it were
-        zeroed, for the next eager write of its mask (`_guard_writes`), as long as the
-        weight holds what it holds now."""
+        """Keeps `raw`, a value `weight` (or its ever-active flags) was written with before
+        the mask changed entries of it, for the next eager write of its mask
+        (`_guard_writes`), as long as it holds what it holds now."""
         self._pending_writes[id(weight)] = (raw, tf.identity(weight.value))
 
     def _initial_mask(self, shape, density, index, pattern):
@@ -1008,7 +1008,10 @@ def masked_nonzeros(value, mask) -> tf.Tensor:
 
 
 def _same_bits(a, b) -> bool:
-    """Whether two float tensors of one shape and dtype hold the same bits (NaNs too)."""
+    """Whether two float (or bool) tensors of one shape and dtype hold the same bits
+    (NaNs too)."""
+    if a.dtype == tf.bool:
+        return bool(tf.reduce_all(tf.equal(a, b)))
     ints = {2: tf.int16, 4: tf.int32, 8: tf.int64}[a.dtype.size]
     return bool(tf.reduce_all(tf.equal(tf.bitcast(a, ints), tf.bitcast(b, ints))))
 
@@ -1025,6 +1028,10 @@ def _guard_writes(variable, mask, flags, state, pattern):
     (`compat.on_raw_variables`). Instance-level ``assign`` methods on the weight,
     on the `tf.Variable`s holding it, and on its mask mask the value there, so no
     such write can make the model compute densely while its masks say otherwise.
+    Eager writes of the mask or of its flags keep the flags True wherever the mask is
+    (an active entry was ever active, whatever the flags a file or list held); flags
+    written before their mask (a bulk write or a restore in either order) keep their
+    raw value for that mask write, as a weight does.
     Writes traced into a compiled function (the optimizer's update, the DST
     engine) pass through untouched: there the `MaskConstraint` already runs, and
     the compiled step stays the dense one.
@@ -1061,6 +1068,15 @@ def _guard_writes(variable, mask, flags, state, pattern):
                              "was left as it was.")
         return value
 
+    def _unwritten(target):
+        """The value last written to `target` (the weight or the flags) before the mask
+        changed it, if it holds what it was left with since; else its value."""
+        raw, written = pending.pop(id(target), (None, None))
+        current = target.value
+        if raw is None or not _same_bits(current, written):
+            return current  # no raw value, or a stale one: the variable changed since
+        return raw
+
     def guarded_weight_assign(value):
         if not tf.executing_eagerly():
             return assign_weight(variable, value)
@@ -1093,10 +1109,8 @@ def _guard_writes(variable, mask, flags, state, pattern):
                     "(e.g. load weights saved by a model made prunable the same way).")
         result = assign_mask(mask, value)
         if tf.executing_eagerly():
-            raw, written = pending.pop(id(variable), (None, None))
-            current = variable.value
-            if raw is None or not _same_bits(current, written):
-                raw = current  # no raw value, or a stale one: the weight changed since
+            assign_flags(flags, tf.logical_or(_unwritten(flags), mask))
+            raw = _unwritten(variable)
             assign_weight(variable, tf.where(mask, raw, tf.zeros_like(raw)))
         return result
 
@@ -1121,7 +1135,13 @@ def _guard_writes(variable, mask, flags, state, pattern):
             raise ValueError(f"{state.owner}: the ever-active flags written to "
                              f"'{variable.path}' have shape {array.shape}, the weight "
                              f"{tuple(flags.shape)}; they were left as they were.")
-        return assign_flags(flags, array.astype(bool))
+        array = array.astype(bool)
+        written = np.logical_or(array, mask.numpy())
+        pending.pop(id(flags), None)
+        result = assign_flags(flags, written)
+        if not np.array_equal(array, written):  # (a mask written next may take them)
+            state.keep_raw_value(flags, array)
+        return result
 
     variable.assign = guarded_weight_assign
     mask.assign = guarded_mask_assign

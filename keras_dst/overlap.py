@@ -215,7 +215,7 @@ class CriteriaOverlap(ScheduledCallback):
         Raises:
           ValueError: unknown `matrix`, or nothing recorded yet.
         """
-        validation.check_choice(matrix, ("mean", "last"), "matrix")
+        matrix = validation.check_choice(matrix, ("mean", "last"), "matrix")
         if not self.history:
             raise ValueError("CriteriaOverlap.save_json(): no update recorded yet.")
         matrices = np.stack([m for _, _, m in self.history])

@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import distributions, topology, validation
+from keras_dst.registry import normalize_name
 
 KINDS = ("unstructured", "block", "nm", "fan_in")
 ACCEPTED = "'unstructured', '1xB' (B >= 2, e.g. '1x4'), 'N:M' (1 <= N < M, e.g. '2:4'), 'fan_in', or None"
@@ -103,7 +104,8 @@ PatternLike = Union[None, str, Pattern]
 def parse(spec: PatternLike) -> Pattern:
     """The `Pattern` of a spec: "unstructured", "1xB", "N:M", "fan_in", a Pattern, or None.
 
-    None means "unstructured"; a Pattern is returned as is. Round trip:
+    None means "unstructured"; a Pattern is returned as is. Names match as registered
+    names do (case, "_" and "-" ignored: ``"Fan-In"``, ``"1X4"``). Round trip:
     ``parse(str(p)) == p``.
 
     Raises:
@@ -114,9 +116,10 @@ def parse(spec: PatternLike) -> Pattern:
     if isinstance(spec, Pattern):
         return spec
     if isinstance(spec, str):
-        text = spec.strip()
-        if text in ("unstructured", "fan_in"):
-            return Pattern(text)
+        text = spec.strip().lower()
+        for kind in ("unstructured", "fan_in"):  # (named as registered names are matched)
+            if normalize_name(text) == normalize_name(kind):
+                return Pattern(kind)
         block = re.fullmatch(r"1x(\d+)", text)
         if block and int(block.group(1)) >= 2:
             return Pattern("block", block=int(block.group(1)))

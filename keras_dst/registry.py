@@ -110,6 +110,11 @@ class Registry:
             raise ValueError(f"Unknown {self.kind} {_label(key)!r}; known: {known}.")
         return entry[1]
 
+    def registered_key(self, key: Hashable) -> Hashable:
+        """`key` as it was registered (``"Cosine"`` gives ``"cosine"``); ValueError as `get`."""
+        self.get(key)
+        return self._items[normalize_name(key)][0]
+
     def names(self) -> Tuple[str, ...]:
         """Registered keys as registered (classes by name), sorted."""
         return tuple(sorted(_label(key) for key, _ in self._items.values()))

@@ -204,7 +204,7 @@ def check_schedule(schedule, name: str = "schedule"):
         if schedule not in SCHEDULES:
             raise ValueError(f"{name} must be one of {sorted(SCHEDULES)} or a schedule object, "
                              f"got {name}={schedule!r}.")
-        return schedule
+        return SCHEDULES.registered_key(schedule)
     if not callable(schedule):
         raise ValueError(f"{name} must be one of {sorted(SCHEDULES)} or a schedule object "
                          f"(a callable of the step), got {name}={schedule!r}.")

@@ -7,7 +7,7 @@ callback after every batch::
 
     from keras_dst.testing import assert_sparse_invariants
 
-    counts = assert_sparse_invariants(model)          # {weight path: active count}
+    counts = assert_sparse_invariants(model)          # {weight key: active count}
     model.fit(x, y, callbacks=[keras_dst.DynamicSparseTraining(...)])
     assert_sparse_invariants(model, expected_active=counts)  # DST keeps every count
 """
@@ -37,8 +37,10 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
     * with `finite`, the weight is finite wherever the mask is True (so, with
       the previous check, everywhere);
     * with `ever_active`, ``ever_active`` is True wherever the mask is True (it
-      holds during training and after `keras_dst.set_masks`; a mask written
-      another way, e.g. ``layer.mask.assign``, may break it);
+      holds during training and after every eager write of a mask or of its
+      flags: `keras_dst.set_masks`, a load, ``set_weights``, ``assign``; only a
+      write past the variables, e.g. into the `tf.Variable` behind one, may
+      break it);
     * with `expected_active`, the number of active entries is the expected one.
 
     Args:
@@ -46,8 +48,9 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
         `keras_dst.masks.SparseTarget` (what ``sparse_targets(model)`` returns).
       expected_active: None (counts are not checked), or the expected number of
         active (mask True) entries as
-        - a mapping ``{weight path: count}`` that names every sparsified weight
-          exactly (a missing or unknown path fails the check);
+        - a mapping ``{weight key: count}`` (`SparseTarget.key`: the weight's
+          path, or its place in the model where paths repeat) that names every
+          sparsified weight exactly (a missing or unknown key fails the check);
         - an int: the total over all sparsified weights;
         - a callable ``f(target) -> int or None`` called with each
           `SparseTarget` (None: that weight's count is not checked).
@@ -57,10 +60,10 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
         mixed precision policy, where the weights stay float32), or None.
 
     Returns:
-      ``{weight path: number of active entries}``, in model order.
+      ``{weight key: number of active entries}``, in model order.
 
     Raises:
-      AssertionError: on the first violation; the message names the weight path,
+      AssertionError: on the first violation; the message names the weight's key,
         the invariant, the number of offending entries and the index of the first.
         Also when `model` has no sparsified weight (a check of nothing).
       TypeError: `expected_active` is none of the above.
@@ -112,7 +115,7 @@ def _expected_counts(expected_active):
         return expected_active
     if isinstance(expected_active, (int, np.integer)) and not isinstance(expected_active, bool):
         return int(expected_active)
-    raise TypeError("expected_active must be None, a mapping {weight path: count}, an int "
+    raise TypeError("expected_active must be None, a mapping {weight key: count}, an int "
                     f"(total) or a callable(target) -> int, got {expected_active!r}.")
 
 

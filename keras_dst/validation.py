@@ -14,6 +14,8 @@ from typing import Collection, Iterator, Optional
 
 import numpy as np
 
+from keras_dst.registry import normalize_name
+
 
 @contextlib.contextmanager
 def errors_named(owner: str) -> Iterator[None]:
@@ -56,11 +58,14 @@ def check_density(value, name: str = "density", allow_zero: bool = False) -> flo
     return float(value)
 
 
-def check_choice(value, choices: Collection, name: str):
-    """`value` if it is one of `choices`, else a ValueError naming both."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(choices)}, got {name}={value!r}.")
-    return value
+def check_choice(value, choices: Collection[str], name: str) -> str:
+    """The one of `choices` that `value` names, matched as registered names are (case,
+    "_" and "-" ignored: ``"Global"`` gives ``"global"``), else a ValueError naming both."""
+    if isinstance(value, str):
+        for choice in choices:
+            if normalize_name(choice) == normalize_name(value):
+                return choice
+    raise ValueError(f"{name} must be one of {sorted(choices)}, got {name}={value!r}.")
 
 
 def check_names(value, name: str) -> tuple:

@@ -139,6 +139,28 @@ def test_the_reference_ordering_flags_are_aliases():
         DST(ordering="later")
 
 
+def test_every_named_option_is_matched_as_registered_names_are():
+    """Criteria, growth rules, schedules and distributions ignored case, "_" and "-";
+    the other named options took only their exact spelling ("Global", "1X4", "Exact"
+    were refused). Now every name is matched one way and kept in its canonical form."""
+    callback = DST(prune="Magnitude", schedule="COSINE", ordering="Before", scope="Global",
+                   optimizer_state="Reset", normalize="Layer", norm_type="SUM")
+    config = callback.get_config()
+    assert {k: config[k] for k in ("prune", "schedule", "ordering", "scope", "optimizer_state",
+                                   "normalize", "norm_type")} == dict(
+        prune="magnitude", schedule="cosine", ordering="after_optimizer", scope="global",
+        optimizer_state="reset", normalize="layer", norm_type="sum")
+    assert round_trip(callback).get_config() == config
+    model = keras_dst.prunable(mlp(), density=0.5, init="Exact", pattern="Fan-In")
+    wrapper = [layer for layer in model.layers if isinstance(layer, keras_dst.SparseWrapper)][0]
+    assert wrapper.get_config()["init"] == "exact"
+    assert [str(t.pattern) for t in keras_dst.sparse_targets(model)] == ["fan_in"] * 3
+    assert keras_dst.patterns.parse("1X4") == keras_dst.patterns.parse("1x4")
+    with pytest.raises(ValueError, match=r"scope must be one of \['global', 'layer'\], got "
+                                         r"scope='globe'"):
+        DST(scope="globe")
+
+
 def test_gradual_pruning_round_trips():
     callback = keras_dst.GradualPruning(0.2, update_every=5, begin_step=3, end_step=53, power=2,
                                         initial_density=0.9)

@@ -79,10 +79,13 @@ def test_none_is_unstructured_and_pattern_is_frozen():
         patterns.parse("2:4").n = 1
     assert patterns.parse("1x4").unit == 4 and patterns.parse("2:8").unit == 8
     assert patterns.parse("fan_in").unit == 1
+    # names matched as registered names are: case, "_" and "-" ignored
+    assert patterns.parse("FAN_IN") == patterns.parse("Fan-In") == patterns.parse("fan_in")
+    assert patterns.parse("1X4") == patterns.parse("1x4")
 
 
 @pytest.mark.parametrize("bad", ["1x1", "1x0", "1x", "x4", "2x4", "4:4", "0:4", "5:4", "2:4:8", ":4",
-                                 "", "dense", "FAN_IN", "nm", 4, 2.5, True, ("2", "4")])
+                                 "", "dense", "fan", "nm", 4, 2.5, True, ("2", "4")])
 def test_parse_rejects_bad_values_naming_them_and_the_accepted_forms(bad):
     with pytest.raises(ValueError) as err:
         patterns.parse(bad)

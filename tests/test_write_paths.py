@@ -374,6 +374,52 @@ def test_ever_active_flags_written_are_checked():
     assert target.ever_active.numpy().all()
 
 
+def test_every_eager_write_keeps_the_ever_active_flags_true_under_the_mask(tmp_path):
+    """A list, a file or an ``assign`` holding flags False where the mask is True was
+    taken as it was: an active entry counted as never active (the ITOP rate, the
+    draws' seeds). Now the flags written are joined with the mask, and a mask write
+    adds what it activates; flags set beyond the mask stay."""
+    _, model = sparse_mlp()
+    targets = keras_dst.sparse_targets(model)
+    flags = [i for i, v in enumerate(model.weights) if any(v is t.ever_active for t in targets)]
+    state = model.get_weights()
+    for i in flags:
+        state[i] = np.zeros_like(state[i])
+    model.set_weights(state)
+    for t in targets:
+        np.testing.assert_array_equal(t.ever_active.numpy(), t.mask.numpy())
+
+    weights = str(tmp_path / "m.weights.h5")
+    model.save_weights(weights)
+    zeroed = []
+    with h5py.File(weights, "r+") as f:
+        def visit(name, obj):
+            # a wrapper's own entries: its masks and flags in turn (vars/0, vars/1)
+            if isinstance(obj, h5py.Dataset) and obj.dtype == bool and name.endswith("vars/1"):
+                obj[...] = False
+                zeroed.append(name)
+        f.visititems(visit)
+    assert len(zeroed) == len(targets)
+    _, fresh = sparse_mlp()
+    fresh.load_weights(weights)
+    for t, saved in zip(keras_dst.sparse_targets(fresh), targets):
+        np.testing.assert_array_equal(t.mask.numpy(), saved.mask.numpy())
+        np.testing.assert_array_equal(t.ever_active.numpy(), t.mask.numpy())
+
+    t = targets[0]
+    mask = t.mask.numpy()
+    off = tuple(np.argwhere(~mask)[0])
+    on = tuple(np.argwhere(mask)[0])
+    extra = t.mask.numpy()
+    extra[tuple(np.argwhere(~mask)[1])] = True  # a flag beyond the mask
+    t.ever_active.assign(extra)
+    mask[off], mask[on] = True, False
+    t.mask.assign(mask)
+    np.testing.assert_array_equal(t.ever_active.numpy(), extra | mask)
+    assert t.ever_active.numpy()[off] and t.ever_active.numpy()[on]
+    keras_dst.testing.assert_sparse_invariants(model, ever_active=True)
+
+
 def test_a_weight_write_of_another_shape_is_refused_naming_the_weight():
     """Keras refuses a value of another shape; the write guard masked it first (a scalar
     or a row was broadcast over the kernel, a wrong shape failed inside TensorFlow)."""
