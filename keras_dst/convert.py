@@ -98,9 +98,11 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         rebuilt.
 
     Layer names (in `keep_dense`, `density_overrides`, `pattern_overrides` and a
-    `distribution` dict) match a layer's name or its path: library models repeat
-    names in every block (``"query"`` matches the query projection of every
-    attention layer, ``"transformer_layer_0/self_attention_layer/query"`` one);
+    `distribution` dict) match a layer's name or its path, and reach the weights of
+    the sub-layers below a sparsified layer too (a `MultiHeadAttention` is sparsified
+    as one layer; its projections are sub-layers): library models repeat names in
+    every block (``"query"`` matches the query projection of every attention layer,
+    ``"transformer_layer_0/self_attention_layer/query"`` one);
     where two layers share a path (keras-hub's CLIP encoders), their places in the
     model tell them apart (``"clip_text_encoder/encoder_block_0/attention"``).
     A layer given two different values (by two keys, or by two options) is
@@ -293,9 +295,10 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     label = layer_label if in_place else (lambda layer: layer.name)
     keys = _weight_keys(model, targets, in_place)
     names = _option_names(model)
-    densities, weight_patterns = _plan(targets, keys, names, label, density, distribution,
-                                       keep_dense, density_overrides, init, pattern,
-                                       pattern_overrides)
+    weight_names = _weight_names(targets, keys, names)
+    densities, weight_patterns = _plan(targets, keys, names, weight_names, label, density,
+                                       distribution, keep_dense, density_overrides, init,
+                                       pattern, pattern_overrides)
     frozen = [label(layer) for layer, weights in targets
               if any(not w.trainable and densities[keys[id(w)]] < 1.0 for w in weights)]
     if frozen:
@@ -306,11 +309,12 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
             stacklevel=3)
 
     def options(index, layer, weights):
+        kept = [bool(set(weight_names[keys[id(w)]]) & set(keep_dense)) for w in weights]
         return dict(density=[densities[keys[id(w)]] for w in weights], init=init,
                     seed=distributions.stable_seed(seed, index),
                     track_running_scores=track_running_scores,
                     pattern=[str(weight_patterns[keys[id(w)]]) for w in weights],
-                    keep_dense=bool(set(names(layer)) & set(keep_dense)))
+                    keep_dense=kept[0] if len(set(kept)) == 1 else kept)
 
     # 2a. Attach in place (all or nothing).
     if in_place:
@@ -368,6 +372,24 @@ def _option_names(model):
     return names
 
 
+def _weight_names(targets, keys, names) -> dict:
+    """``{weight key: names}``: what an option of `prunable` may name a weight by: its
+    layer's names (`_option_names`), and, where the weight belongs to a sub-layer of that
+    layer (the ``query`` projection of a `MultiHeadAttention`, sparsified as one layer),
+    each sub-layer on the way by its name and by its path below each of the layer's
+    names (``"query"``, ``"mha/query"``)."""
+    result = {}
+    for layer, weights in targets:
+        own = names(layer)
+        for w in weights:
+            parts = sparse_layers.relative_path(layer, w).split("/")[:-1]
+            below = []
+            for i, part in enumerate(parts):
+                below += [part] + [f"{n}/{'/'.join(parts[:i + 1])}" for n in own]
+            result[keys[id(w)]] = tuple(dict.fromkeys(own + tuple(below)))
+    return result
+
+
 def _distinct_names(targets, names) -> dict:
     """``{id(layer): key}``: for each layer of `targets`, the first of `names(layer)` (name,
     path, place) that no other layer of `targets` has: the shortest option key that
@@ -377,13 +399,13 @@ def _distinct_names(targets, names) -> dict:
                             names(layer)[-1]) for layer, _ in targets}
 
 
-def _plan(targets, keys, names, label, density, distribution, keep_dense, density_overrides,
-          init, pattern, pattern_overrides):
+def _plan(targets, keys, names, weight_names, label, density, distribution, keep_dense,
+          density_overrides, init, pattern, pattern_overrides):
     """({weight key: density}, {weight key: Pattern}) for `targets`, every option checked
     (`keys`: `_weight_keys`).
 
-    `label(layer)` names a layer in messages; option keys match one of `names(layer)`
-    (`_option_names`).
+    `label(layer)` names a layer in messages; option keys match one of a weight's
+    `weight_names` (`_weight_names`: its layer's `names(layer)`, its sub-layers').
     """
     owner, variables = {}, {}
     for layer, weights in targets:
@@ -392,11 +414,19 @@ def _plan(targets, keys, names, label, density, distribution, keep_dense, densit
             variables[keys[id(w)]] = w
     shapes = {path: tuple(w.shape) for path, w in variables.items()}
     distinct = _distinct_names(targets, names)
-    layer_names = sorted(set(distinct.values()))
-    known = {k for layer, _ in targets for k in names(layer)}
+    # what the messages of an unknown name list: the layers, and the sub-layers below them
+    layer_names = str(sorted(set(distinct.values())))
+    below = {path: [n for n in weight_names[path] if n not in names(layer)]
+             for path, layer in owner.items()}
+    sub_layers = sorted({n for ns in below.values() for n in ns if "/" not in n})
+    if sub_layers:
+        example = next(max(ns, key=len) for ns in below.values() if ns)
+        layer_names += (f"; sub-layers holding their weights {sub_layers} (also by their path "
+                        f"below the layer's, e.g. '{example}')")
+    known = {k for path in owner for k in weight_names[path]}
 
     def matching(key):
-        return [p for p, layer in owner.items() if key in names(layer)]
+        return [p for p in owner if key in weight_names[p]]
 
     def refuse_two_values(path, value, source, other, other_source):
         raise ValueError(

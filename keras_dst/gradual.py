@@ -212,7 +212,7 @@ class GradualPruning(HookedCallback):
     def _make_engine(self):
         targets = [t for t in sparse_targets(self.model, require=True, caller="GradualPruning",
                                              trainable_only=True)
-                   if not t.state.keep_dense]  # (prunable's keep_dense: left dense)
+                   if not t.state.is_kept_dense(t.weight)]  # (prunable's keep_dense: left dense)
         if not targets:
             raise ValueError("GradualPruning: every sparsified layer of model "
                              f"'{self.model.name}' is kept dense (prunable(..., keep_dense=...))"

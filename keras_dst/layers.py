@@ -381,10 +381,16 @@ class SparseState:
         densities = [density] if np.isscalar(density) else list(density)
         for d in densities:
             check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
-        keep_dense = validation.check_bool(keep_dense, "keep_dense")
-        if keep_dense and any(float(d) != 1.0 for d in densities):
-            raise ValueError(f"layer '{layer.name}': keep_dense=True needs density 1, got "
-                             f"density={density!r}.")
+        per_weight = isinstance(keep_dense, (list, tuple))
+        kept = [validation.check_bool(k, "keep_dense") for k in
+                (keep_dense if per_weight else [keep_dense])]
+        if len(kept) == len(densities) or 1 in (len(kept), len(densities)):
+            n = max(len(kept), len(densities))  # (else `create` reports the lengths)
+            if any(k and float(d) != 1.0 for k, d in zip(kept * n if len(kept) == 1 else kept,
+                                                         densities * n if len(densities) == 1
+                                                         else densities)):
+                raise ValueError(f"layer '{layer.name}': keep_dense={keep_dense!r} needs density "
+                                 f"1 for the weights it keeps dense, got density={density!r}.")
         seed = validation.check_seed(seed, allow_none=True)
         pattern_list = [pattern] if isinstance(pattern, (str, patterns.Pattern)) or pattern is None \
             else list(pattern)
@@ -406,7 +412,7 @@ class SparseState:
         self.seed = int(seed) if seed is not None else distributions.stable_seed(layer.name)
         self.track_running_scores = validation.check_bool(track_running_scores,
                                                           "track_running_scores")
-        self.keep_dense = keep_dense
+        self.keep_dense = kept if per_weight else kept[0]
         self.pattern = str(parsed[0]) if len(parsed) == 1 and not isinstance(pattern, (list, tuple)) \
             else [str(p) for p in parsed]
         self.patterns = []  # one `patterns.Pattern` per sparsified weight, once created
@@ -428,9 +434,15 @@ class SparseState:
     def get_config(self) -> dict:
         config = {"density": self.density, "init": self.init, "seed": self.seed,
                   "track_running_scores": self.track_running_scores, "pattern": self.pattern}
-        if self.keep_dense:  # (absent otherwise: the configs of earlier versions)
-            config["keep_dense"] = True
+        if np.any(self.keep_dense):  # (absent otherwise: the configs of earlier versions)
+            config["keep_dense"] = self.keep_dense
         return config
+
+    def is_kept_dense(self, weight) -> bool:
+        """Whether the sparsified `weight` is kept dense on purpose (`keep_dense`)."""
+        if isinstance(self.keep_dense, bool):
+            return self.keep_dense
+        return next(k for w, k in zip(self.sparse_weights, self.keep_dense) if w is weight)
 
     def variables(self) -> list:
         """The state variables, in creation (and saving) order."""
@@ -460,6 +472,10 @@ class SparseState:
                 f"{self.owner}: got {len(densities)} densities for "
                 f"{len(weights)} prunable weights of layer '{self.layer.name}'."
             )
+        if not isinstance(self.keep_dense, bool) and len(self.keep_dense) != len(weights):
+            raise ValueError(
+                f"{self.owner}: got {len(self.keep_dense)} keep_dense flags for "
+                f"{len(weights)} prunable weights of layer '{self.layer.name}'.")
         specs = [self.pattern] * len(weights) if isinstance(self.pattern, str) else self.pattern
         if len(specs) != len(weights):
             raise ValueError(
@@ -613,8 +629,9 @@ class SparseWrapper(keras.layers.Wrapper):
         prunable weight. A structured pattern needs ``init="exact"``; an N:M
         weight's density must be N/M.
       keep_dense: the layer is kept dense on purpose (`prunable`'s `keep_dense`; density
-        1): `GradualPruning` leaves it dense, while a DST update may reset its
-        lowest-score weights, as in the reference.
+        1), or one flag per prunable weight (a `MultiHeadAttention`'s value projection
+        alone): `GradualPruning` leaves such weights dense, while a DST update may
+        reset their lowest-score entries, as in the reference.
       **kwargs: base `Layer` arguments (name, ...).
 
     The state lives in a `SparseState` (`sparse_state`), whose variables are the
@@ -627,8 +644,8 @@ class SparseWrapper(keras.layers.Wrapper):
 
     def __init__(self, layer: keras.layers.Layer, density: Union[float, Sequence[float]] = 1.0,
                  init: str = "exact", seed: Optional[int] = None, track_running_scores: bool = False,
-                 pattern: Union[str, Sequence[str]] = "unstructured", keep_dense: bool = False,
-                 **kwargs):
+                 pattern: Union[str, Sequence[str]] = "unstructured",
+                 keep_dense: Union[bool, Sequence[bool]] = False, **kwargs):
         if "track_scores" in kwargs:  # the name in configs saved by keras_dst 0.1
             track_running_scores = kwargs.pop("track_scores")
         if not isinstance(layer, keras.layers.Layer):

@@ -144,7 +144,10 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
         raise ValueError(
             f"keras_dst.load_model({filepath!r}): the file holds masks for {len(saved)} layers, "
             f"the rebuilt model '{model.name}' took them for {len(attached)}; not found: "
-            f"{sorted(set(saved) - found)} (was the model's code changed since it was saved?).")
+            f"{sorted(set(saved) - found)}: the rebuilt model lacks these layers where the "
+            "file has them (its code changed since it was saved, or it creates them outside "
+            "__init__, in build() or call(), where Keras's load does not match them to the "
+            "file: Keras itself leaves their weights as initialised).")
     carry_attached_state_in_weights(model)
     return model
 
@@ -227,14 +230,24 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     Args:
       backup_dir: local directory of the backups (created if needed).
+      save_freq: ``"epoch"``, the only setting (taken for Keras's signature): a backup
+        inside an epoch resumes inexactly, since Keras restarts that epoch from its
+        first batch.
       delete_checkpoint: remove `backup_dir` when `fit` ends normally.
     """
 
-    def __init__(self, backup_dir: Union[str, os.PathLike], delete_checkpoint: bool = True):
+    def __init__(self, backup_dir: Union[str, os.PathLike], save_freq: str = "epoch",
+                 delete_checkpoint: bool = True):
         super().__init__()
         if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
             raise ValueError(f"BackupAndRestore needs a directory path, got "
                              f"backup_dir={backup_dir!r}.")
+        if save_freq != "epoch":
+            raise ValueError(
+                f"keras_dst.BackupAndRestore saves at epoch ends only (save_freq='epoch'), got "
+                f"save_freq={save_freq!r}: Keras resumes a backup made inside an epoch from "
+                "that epoch's first batch, so the resumed run would not be the one it "
+                "interrupted. Use shorter epochs (fit's steps_per_epoch) for finer backups.")
         if not isinstance(delete_checkpoint, bool):
             raise TypeError(f"delete_checkpoint must be a bool, got "
                             f"delete_checkpoint={delete_checkpoint!r}.")
@@ -310,7 +323,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             shutil.rmtree(self.backup_dir, ignore_errors=True)
 
     def get_config(self):
-        return {"backup_dir": self.backup_dir, "delete_checkpoint": self.delete_checkpoint}
+        return {"backup_dir": self.backup_dir, "save_freq": "epoch",
+                "delete_checkpoint": self.delete_checkpoint}
 
     @classmethod
     def from_config(cls, config):

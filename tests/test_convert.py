@@ -108,6 +108,71 @@ def test_keep_dense_and_overrides():
         keras_dst.prunable(mlp((30, 40, 20, 5)), density=0.2, keep_dense=["fc1"])
 
 
+def _attention_model():
+    inp = keras.Input((6, 8))
+    h = keras.layers.MultiHeadAttention(2, 4, name="mha")(inp, inp)
+    return keras.Model(inp, keras.layers.Dense(3, name="head")(keras.layers.Flatten()(h)))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_options_reach_the_projections_of_an_attention_layer(in_place, tmp_path):
+    """A MultiHeadAttention is sparsified as one layer: its projections' names, which the
+    docstring gave as examples ("query"), were refused as unknown. Now an option reaches
+    a sub-layer's weights by its name or its path below the layer's, and keep_dense holds
+    per weight (GradualPruning leaves only that projection dense; a reload keeps it)."""
+    model = keras_dst.prunable(
+        _attention_model(), density=0.3, distribution="uniform", in_place=in_place,
+        density_overrides={"query": 0.5}, keep_dense=["mha/value"])
+    densities = {k: float(m.mean()) for k, m in keras_dst.masks(model).items()}
+    assert densities["mha/query/kernel"] == 0.5 and densities["mha/value/kernel"] == 1.0
+    assert densities["mha/key/kernel"] < 0.5
+    structured = keras_dst.prunable(_attention_model(), density=0.3, in_place=in_place,
+                                    pattern_overrides={"mha/attention_output": "fan_in"})
+    assert [str(t.pattern) for t in keras_dst.sparse_targets(structured)] == [
+        "unstructured", "unstructured", "unstructured", "fan_in", "unstructured"]
+    state = keras_dst.sparse_targets(model)[0].state
+    assert state.keep_dense == [False, False, True, False]
+    model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=True)
+    x = np.random.default_rng(0).random((32, 6, 8), "float32")
+    model.fit(x, np.zeros((32, 3), "float32"), epochs=1, batch_size=4, verbose=0,
+              callbacks=[keras_dst.GradualPruning(0.1, update_every=1, initial_density=0.3)])
+    after = {k: float(m.mean()) for k, m in keras_dst.masks(model).items()}
+    assert after["mha/value/kernel"] == 1.0 and after["mha/query/kernel"] < 0.5
+    path = str(tmp_path / "m.keras")
+    keras_dst.save_model(model, path)
+    loaded = keras_dst.load_model(path)
+    assert keras_dst.sparse_targets(loaded)[0].state.keep_dense == [False, False, True, False]
+
+    with pytest.raises(ValueError, match=r"unknown layer names \['qury'\] in keep_dense/"
+                                         r"density_overrides; sparsified layers are \['head', "
+                                         r"'mha'\]; sub-layers holding their weights "
+                                         r"\['attention_output', 'key', 'query', 'value'\]"):
+        keras_dst.prunable(_attention_model(), density=0.3, density_overrides={"qury": 0.5})
+    with pytest.raises(ValueError, match=r"weight 'mha/query/kernel'\) is given 0.5 by "
+                                         r"density_overrides\['query'\] and 0.2 by "
+                                         r"density_overrides\['mha'\]"):
+        keras_dst.prunable(_attention_model(), density=0.3,
+                           density_overrides={"query": 0.5, "mha": 0.2})
+
+
+def test_a_wrapper_takes_keep_dense_per_weight_and_checks_it():
+    with pytest.raises(ValueError, match=r"keep_dense=\[False, True\] needs density 1 for "
+                                         r"the weights it keeps dense"):
+        keras_dst.SparseWrapper(keras.layers.Dense(2), density=[0.5, 0.5], keep_dense=[False, True])
+    with pytest.raises(TypeError, match="keep_dense must be a bool, got keep_dense='yes'"):
+        keras_dst.SparseWrapper(keras.layers.Dense(2), keep_dense="yes")
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    x = np.zeros((1, 6, 8), "float32")
+    mha(x, x)
+    with pytest.raises(ValueError, match="got 2 keep_dense flags for 4 prunable weights"):
+        layers_lib.attach(mha, density=1.0, keep_dense=[False, True])
+    assert layers_lib.attached_state(mha) is None
+    state = layers_lib.attach(mha, density=[0.5, 0.5, 1.0, 0.5],
+                              keep_dense=[False, False, True, False])
+    assert [state.is_kept_dense(w) for w in state.sparse_weights] == [False, False, True, False]
+    assert state.get_config()["keep_dense"] == [False, False, True, False]
+
+
 def test_custom_distribution_dict():
     sparse = keras_dst.prunable(mlp((30, 40, 20, 5)),
                                 distribution={"fc1": 0.1, "fc2": 0.5, "fc3": 1.0})

@@ -272,9 +272,15 @@ def test_engine_updates_keep_every_pattern(pattern, shapes, rule, scope, seed):
             assert int(m1.sum()) == n, (t.weight.path, step)
             assert np.all(t.weight.numpy()[~m1] == 0)
             moved += int((m0 != m1).sum())
-    # the updates changed masks (a lone 3:8 group regrowing at random may legitimately
-    # restore its 2 pruned entries three times: 1/21 per update)
-    assert moved > 0 or sum(counts) <= 3
+    # the updates changed masks, unless every layer is so small that regrowing what was
+    # pruned is likely (an [8, 1] kernel of two 1x4 blocks, one active: 1/2 per update;
+    # a lone 3:8 group: 1/21). With >= 10 inactive units in a layer, the three updates
+    # all restore their pruned units with a chance below 1/1331.
+    def inactive_units(t, n):
+        unit = t.pattern.block if t.pattern.kind == "block" else 1
+        return (int(np.prod(t.weight.shape)) - n) // unit
+
+    assert moved > 0 or all(inactive_units(t, n) < 10 for t, n in zip(targets, counts))
 
 
 def test_a_1xb_update_moves_whole_blocks_by_summed_score():

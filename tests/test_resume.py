@@ -199,6 +199,14 @@ def test_keras_dst_backup_checks_its_arguments():
         keras_dst.BackupAndRestore("")
     with pytest.raises(TypeError, match="delete_checkpoint"):
         keras_dst.BackupAndRestore("/tmp/x", delete_checkpoint="yes")
+    # Keras's signature: save_freq="epoch" is taken, a mid-epoch frequency refused
+    backup = keras_dst.BackupAndRestore("/tmp/x", save_freq="epoch", delete_checkpoint=False)
+    assert keras_dst.BackupAndRestore.from_config(backup.get_config()).get_config() == \
+        backup.get_config()
+    for bad in (100, True, "batch"):
+        with pytest.raises(ValueError, match=rf"saves at epoch ends only \(save_freq='epoch'\), "
+                                             rf"got save_freq={bad!r}"):
+            keras_dst.BackupAndRestore("/tmp/x", bad)
 
 
 @pytest.mark.parametrize("config", _slow_unless("running_magnitude", sorted(CONFIGS)))
