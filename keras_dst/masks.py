@@ -261,9 +261,9 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None
         checked[path] = array.astype(bool)
     for path, array in checked.items():
         target = by_path[path]
-        target.mask.assign(array)  # its write guard zeroes the weight where it is 0
-        # the entries it activates will be trained: they count for the ITOP rate
-        target.ever_active.assign(np.logical_or(target.ever_active.numpy(), array))
+        # its write guard zeroes the weight where it is 0 and adds the entries it
+        # activates to the ever-active flags (they will be trained: the ITOP rate)
+        target.mask.assign(array)
 
 
 def apply_masks(model: "keras.layers.Layer") -> int:
