@@ -11,13 +11,12 @@ Two ways to put masks on a model, one state (`layers.SparseState`) behind both:
 """
 
 import collections
-import warnings
 from typing import Iterable, Mapping, Optional, Union
 
 import keras
 import numpy as np
 
-from keras_dst import compat, distributions, patterns
+from keras_dst import compat, distributions, patterns, user_warnings
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper, attached_state, layer_label
 from keras_dst.masks import (
@@ -302,11 +301,10 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     frozen = [label(layer) for layer, weights in targets
               if any(not w.trainable and densities[keys[id(w)]] < 1.0 for w in weights)]
     if frozen:
-        warnings.warn(
+        user_warnings.warn(
             f"prunable(): layers {frozen} of model '{model.name}' are frozen (trainable="
             "False): they are made sparse, and no step retrains what is left of them until "
-            "they are unfrozen. To keep them dense, pass keep_dense=" + repr(frozen) + ".",
-            stacklevel=3)
+            "they are unfrozen. To keep them dense, pass keep_dense=" + repr(frozen) + ".")
 
     def options(index, layer, weights):
         kept = [bool(set(weight_names[keys[id(w)]]) & set(keep_dense)) for w in weights]
@@ -510,12 +508,11 @@ def _warn_where_counts_miss(asked, got, sizes, weight_patterns, layer_of):
     if empty:
         shown = ", ".join(f"'{layer_of(p)}' ({p}: {asked[p]:.3g} of {sizes[p]} entries)"
                           for p in empty)
-        warnings.warn(
+        user_warnings.warn(
             f"prunable(): no active entry is left at the density asked (the count rounds to "
             f"0) in {shown}: such a layer passes nothing of its input on, and DST regrows "
             "only what it prunes, so it stays empty. Give it entries with "
-            "density_overrides={...}, keep it dense with keep_dense=[...], or raise density.",
-            stacklevel=5)
+            "density_overrides={...}, keep it dense with keep_dense=[...], or raise density.")
     denser = [path for path, p in weight_patterns.items()
               if p.kind == "fan_in" and got[path] > 1.25 * asked[path]]
     if denser:
@@ -524,10 +521,10 @@ def _warn_where_counts_miss(asked, got, sizes, weight_patterns, layer_of):
         wanted = sum(asked[p] * n for p, n in sizes.items()) / total
         shown = ", ".join(f"'{layer_of(p)}' {got[p]:.3g} (asked {asked[p]:.3g})"
                           for p in denser)
-        warnings.warn(
+        user_warnings.warn(
             f"prunable(): pattern 'fan_in' keeps at least one input per output unit, so "
             f"{shown} are denser than asked; the sparsified weights' density is "
-            f"{overall:.4g}, not {wanted:.4g}.", stacklevel=5)
+            f"{overall:.4g}, not {wanted:.4g}.")
 
 
 def _rebuilt(layer):

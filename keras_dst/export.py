@@ -60,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat, convert, patterns
+from keras_dst import compat, convert, patterns, user_warnings
 from keras_dst import layers as sparse_layers
 from keras_dst import masks as masks_lib
 from keras_dst.validation import check_bool, check_choice, check_path, check_positive_int, errors_named
@@ -1163,8 +1163,8 @@ class LiteRTModel:
         except RuntimeError as e:
             if not (self._automatic and self.xnnpack and "XNNPack" in str(e)):
                 raise
-            warnings.warn(f"LiteRTModel: the XNNPACK delegate refused this model ({e}); running "
-                          "it with the builtin kernels.", stacklevel=3)
+            user_warnings.warn(f"LiteRTModel: the XNNPACK delegate refused this model ({e}); running "
+                          "it with the builtin kernels.")
             path, content, num_threads = self._source
             self.interpreter = interpreter(path, model_content=content, num_threads=num_threads,
                                            xnnpack=False)

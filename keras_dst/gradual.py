@@ -35,14 +35,13 @@ Deliberate differences from TF-MOT (none shows in ordinary runs):
 * ``end_step`` must be ``> begin_step`` (TF-MOT divides by zero when equal).
 """
 
-import warnings
 from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import schedules, topology, validation
+from keras_dst import schedules, topology, user_warnings, validation
 from keras_dst.hooks import Hook, state_variable
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import absolute
@@ -181,11 +180,11 @@ class GradualPruning(HookedCallback):
             minimum_name=f"begin_step + 1 ({self.begin_step + 1})")
         self.power = validation.check_positive_real(power, "power")
         if self.end_step is not None and (self.end_step - self.begin_step) % self.update_every:
-            warnings.warn(
+            user_warnings.warn(
                 f"GradualPruning: end_step={self.end_step} is not begin_step={self.begin_step} "
                 f"plus a multiple of update_every={self.update_every}, so no update happens at "
                 f"end_step and final_density={self.final_density} is never reached (as in "
-                "TF-MOT).", stacklevel=2)
+                "TF-MOT).")
 
     def resolved_end_step(self) -> int:
         """The ramp's end step for the current `fit` (resolves ``end_step=None``)."""
@@ -254,12 +253,12 @@ class GradualPruning(HookedCallback):
         if below:
             listed = ", ".join(f"'{path}' ({active / size:.3f})" for path, active, size in below[:5])
             more = f" and {len(below) - 5} more" if len(below) > 5 else ""
-            warnings.warn(
+            user_warnings.warn(
                 f"GradualPruning: {listed}{more} hold fewer active entries than the ramp's "
                 f"density {density:.3f} at step {step}; pruning never regrows, so they stay "
                 "as they are until the ramp falls below them. Start from a dense-masked "
                 "model (prunable(..., density=1.0)), or start the ramp at their density "
-                "(initial_density=, begin_step=).", stacklevel=2)
+                "(initial_density=, begin_step=).")
 
     def _read_logs(self):
         engine = self.engine  # the masks as they are (they may have been set since an update)

@@ -25,11 +25,10 @@ outside `tracing` contains none.
 """
 
 import contextlib
-import warnings
 
 import tensorflow as tf
 
-from keras_dst import compat
+from keras_dst import compat, user_warnings
 from keras_dst.optimizer_state import base_optimizer
 from keras_dst.schedules import UpdateSteps
 
@@ -56,13 +55,13 @@ def step_gradients(owner: str, optimizer, targets, grads_by_variable) -> list:
     """
     missing = [t.key for t in targets if grads_by_variable.get(id(t.weight)) is None]
     if missing:
-        warnings.warn(
+        user_warnings.warn(
             f"{owner}: the optimizer it hooks ('{optimizer.name}', the one the model was "
             f"compiled with) does not update the sparse weights {missing} in this training "
             "step; their scores take their gradient as 0. If another optimizer trains them "
             f"(a GAN's, say), {owner} never sees their gradients or steps: make only the "
             "part of the model that model.optimizer trains sparse "
-            "(keras_dst.prunable(model.part, ..., in_place=True)).", stacklevel=3)
+            "(keras_dst.prunable(model.part, ..., in_place=True)).")
     grads = []
     for t in targets:
         g = grads_by_variable.get(id(t.weight))

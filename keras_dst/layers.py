@@ -33,14 +33,13 @@ functional models, single layers), or attached to a layer of a model in place
 
 import contextlib
 import json
-import warnings
 from typing import Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat, distributions, patterns, validation
+from keras_dst import compat, distributions, patterns, user_warnings, validation
 from keras_dst.registry import Registry
 from keras_dst.validation import check_choice, check_density
 
@@ -1100,11 +1099,10 @@ def _guard_writes(variable, mask, flags, state, pattern):
         value = checked(value, variable.dtype)
         dropped = int(masked_nonzeros(value, mask))
         if variable.__dict__.pop("_keras_dst_loading", False) and dropped:
-            warnings.warn(
+            user_warnings.warn(
                 f"{state.owner}: the loaded '{variable.path}' holds "
                 f"{dropped} non-zero entries where its mask is 0; they were set to 0 "
-                "(the mask wins; use keras_dst.set_masks to change the topology).",
-                stacklevel=2)
+                "(the mask wins; use keras_dst.set_masks to change the topology).")
         written = tf.where(mask, value, tf.zeros_like(value))
         pending.pop(id(variable), None)
         result = assign_weight(variable, written)

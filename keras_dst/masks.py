@@ -6,14 +6,13 @@ own layers (`keras_dst.layers.attach`).
 """
 
 import collections
-import warnings
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat, patterns
+from keras_dst import compat, patterns, user_warnings
 from keras_dst.layers import (
     SparseState,
     SparseWrapper,
@@ -305,9 +304,9 @@ def reapply_masks_if_needed(model, caller) -> int:
     targets = sparse_targets(model, caller=caller)
     stray = sum(_stray_entries(targets))
     if stray:
-        warnings.warn(f"{caller}: {stray} weights were non-zero where their masks are 0 "
+        user_warnings.warn(f"{caller}: {stray} weights were non-zero where their masks are 0 "
                       "(written by a path keras_dst cannot see, e.g. a write of the "
-                      "variable's handle); they were set to 0.", stacklevel=3)
+                      "variable's handle); they were set to 0.")
         _zero_masked(targets)
     return stray
 
@@ -333,10 +332,10 @@ def layer_stats(model, caller: str = "layer_stats()") -> list:
                          density=active / total if total else 1.0, stray=stray))
     stray = {r["path"]: r["stray"] for r in rows if r["stray"]}
     if stray:
-        warnings.warn(
+        user_warnings.warn(
             f"Model '{getattr(model, 'name', model)}' computes with {sum(stray.values())} "
             f"non-zero weights where its masks are 0 ({stray}); the density counts them. "
-            "keras_dst.apply_masks(model) zeroes them.", stacklevel=3)
+            "keras_dst.apply_masks(model) zeroes them.")
     return rows
 
 

@@ -18,13 +18,12 @@ schedule of the first and last); `StepSwitch` is the model's training
 function while hooked callbacks train, and keeps what it compiled.
 """
 
-import warnings
 from typing import Optional
 
 import keras
 import tensorflow as tf
 
-from keras_dst import hooks, schedules
+from keras_dst import hooks, schedules, user_warnings
 from keras_dst.masks import reapply_masks_if_needed, sparse_targets
 from keras_dst.optimizer_state import base_optimizer
 
@@ -325,13 +324,13 @@ class HookedCallback(keras.callbacks.Callback):
         total = self._total_steps(None)
         if (steps.end is not None and self._end_from_this_fit() and total and first > total
                 and not steps.any_between(first, steps.end)):
-            warnings.warn(
+            user_warnings.warn(
                 f"{type(self).__name__}: this fit runs optimizer steps {first}-"
                 f"{first + total - 1} (1-based), all after its last update step ({steps.end}),"
                 " so it updates nothing. Update steps count from the optimizer's first step, "
                 "across fit calls, and an end_step left to its default or given as a fraction "
                 f"is resolved against this fit's own {total} steps; pass begin_step= and "
-                "end_step= that reach this fit.", stacklevel=2)
+                "end_step= that reach this fit.")
 
     def on_train_end(self, logs=None):
         if self.engine is not None:
@@ -380,10 +379,10 @@ class HookedCallback(keras.callbacks.Callback):
             device = self._optimizer_step()
             if device > self._host_step and not self._every_step:
                 self._every_step = True  # see the class docstring
-                warnings.warn(
+                user_warnings.warn(
                     f"{type(self).__name__}: the optimizer made {device} steps where the host "
                     f"counted {self._host_step} (a train_step applying it more than once?); "
-                    "the engine now runs in every step.", stacklevel=2)
+                    "the engine now runs in every step.")
             self._host_step = device
             self._verify = False
             self._refresh()
@@ -460,9 +459,9 @@ class ScheduledCallback(HookedCallback):
         made_from_this_fit = self.total_steps is None and isinstance(self.schedule, str)
         if (made_from_this_fit and isinstance(schedule, schedules.CosineRate)
                 and step >= schedule.total_steps):
-            warnings.warn(
+            user_warnings.warn(
                 f"{type(self).__name__}: this fit starts at optimizer step {step}, after the "
                 f"cosine prune-rate schedule has ended: its {schedule.total_steps} steps are "
                 "this fit's (epochs x steps per epoch), so every update of this fit uses the "
                 f"final rate {schedule.floor}. For one schedule over several fit calls, pass "
-                "total_steps= (the steps of the whole run).", stacklevel=2)
+                "total_steps= (the steps of the whole run).")

@@ -9,8 +9,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_dst"
 
 FLOORS = {
-    # 1. checks, the registry type, score inputs, Keras internals
-    "validation": 1, "registry": 1, "scoring": 1, "compat": 1,
+    # 1. checks, the registry type, score inputs, Keras internals, warnings
+    "validation": 1, "registry": 1, "scoring": 1, "compat": 1, "user_warnings": 1,
     # 2. pure selection, distributions, schedules (and the update rule), optimizer state
     "topology": 2, "distributions": 2, "schedules": 2, "optimizer_state": 2,
     # 3. patterns (units of selection), criteria and growth (scores + dispatch)

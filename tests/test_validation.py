@@ -39,3 +39,34 @@ def test_every_owner_prefix_is_the_helper_s():
             continue
         text = path.read_text()
         assert "raise type(e)(" not in text, path.name
+
+
+def test_warnings_point_at_the_users_line():
+    """keras_dst's warnings named a line inside keras_dst or Keras's callback list (fixed
+    stack levels); `user_warnings.warn` names the first frame outside the libraries: the
+    user's ``prunable(...)`` / ``model.fit(...)`` line, which warnings filters match."""
+    import warnings
+
+    import keras
+    import numpy as np
+
+    from conftest import mlp
+
+    dense = mlp()
+    dense.get_layer("fc1").trainable = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = keras_dst.prunable(dense, density=0.5)  # the frozen layer: a warning
+    frozen = [w for w in caught if "frozen" in str(w.message)]
+    assert frozen and all(w.filename == __file__ for w in frozen)
+
+    model = keras_dst.prunable(mlp(), density=0.05)
+    model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=True)
+    x = np.zeros((8, int(model.inputs[0].shape[-1])), "float32")
+    y = np.zeros((8, int(model.outputs[0].shape[-1])), "float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=2, verbose=0,  # a ramp above the masks: warned
+                  callbacks=[keras_dst.GradualPruning(0.01, update_every=1, initial_density=0.5)])
+    ramp = [w for w in caught if "GradualPruning" in str(w.message)]
+    assert ramp and all(w.filename == __file__ for w in ramp), [(w.filename, w.lineno) for w in ramp]
