@@ -97,11 +97,12 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         rebuilt.
 
     Layer names (in `keep_dense`, `density_overrides`, `pattern_overrides` and a
-    `distribution` dict) match a layer's name or its path, and reach the weights of
-    the sub-layers below a sparsified layer too (a `MultiHeadAttention` is sparsified
-    as one layer; its projections are sub-layers): library models repeat names in
-    every block (``"query"`` matches the query projection of every attention layer,
-    ``"transformer_layer_0/self_attention_layer/query"`` one);
+    `distribution` dict) match a layer's name or its path, and a name that matches no
+    sparsified layer reaches the weights of the sub-layers below one (a
+    `MultiHeadAttention` is sparsified as one layer; its projections are sub-layers):
+    library models repeat names in every block (``"query"`` matches the query
+    projection of every attention layer, ``"transformer_layer_0/self_attention_layer/query"``
+    one);
     where two layers share a path (keras-hub's CLIP encoders), their places in the
     model tell them apart (``"clip_text_encoder/encoder_block_0/attention"``).
     A layer given two different values (by two keys, or by two options) is
@@ -295,9 +296,9 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
     keys = _weight_keys(model, targets, in_place)
     names = _option_names(model)
     weight_names = _weight_names(targets, keys, names)
-    densities, weight_patterns = _plan(targets, keys, names, weight_names, label, density,
-                                       distribution, keep_dense, density_overrides, init,
-                                       pattern, pattern_overrides)
+    densities, weight_patterns, kept = _plan(targets, keys, names, weight_names, label, density,
+                                             distribution, keep_dense, density_overrides, init,
+                                             pattern, pattern_overrides)
     frozen = [label(layer) for layer, weights in targets
               if any(not w.trainable and densities[keys[id(w)]] < 1.0 for w in weights)]
     if frozen:
@@ -307,12 +308,12 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
             "they are unfrozen. To keep them dense, pass keep_dense=" + repr(frozen) + ".")
 
     def options(index, layer, weights):
-        kept = [bool(set(weight_names[keys[id(w)]]) & set(keep_dense)) for w in weights]
+        flags = [keys[id(w)] in kept for w in weights]
         return dict(density=[densities[keys[id(w)]] for w in weights], init=init,
                     seed=distributions.stable_seed(seed, index),
                     track_running_scores=track_running_scores,
                     pattern=[str(weight_patterns[keys[id(w)]]) for w in weights],
-                    keep_dense=kept[0] if len(set(kept)) == 1 else kept)
+                    keep_dense=flags[0] if len(set(flags)) == 1 else flags)
 
     # 2a. Attach in place (all or nothing).
     if in_place:
@@ -388,6 +389,16 @@ def _weight_names(targets, keys, names) -> dict:
     return result
 
 
+def _missing_name(path, layer, distinct, weight_names, layer_names, given, owner) -> str:
+    """How a distribution dict's message names the weight at `path` it misses: by its
+    layer (`distinct`) where the dict names none of that layer's weights, else by the
+    sub-layer holding it below that name (``"mha/value"``), or by its key."""
+    if not any(p in given for p, other in owner.items() if other is layer):
+        return distinct
+    below = [n for n in weight_names if n not in layer_names and n.startswith(distinct + "/")]
+    return min(below, key=len) if below else path
+
+
 def _distinct_names(targets, names) -> dict:
     """``{id(layer): key}``: for each layer of `targets`, the first of `names(layer)` (name,
     path, place) that no other layer of `targets` has: the shortest option key that
@@ -399,8 +410,8 @@ def _distinct_names(targets, names) -> dict:
 
 def _plan(targets, keys, names, weight_names, label, density, distribution, keep_dense,
           density_overrides, init, pattern, pattern_overrides):
-    """({weight key: density}, {weight key: Pattern}) for `targets`, every option checked
-    (`keys`: `_weight_keys`).
+    """({weight key: density}, {weight key: Pattern}, {weight keys kept dense}) for
+    `targets`, every option checked (`keys`: `_weight_keys`).
 
     `label(layer)` names a layer in messages; option keys match one of a weight's
     `weight_names` (`_weight_names`: its layer's `names(layer)`, its sub-layers').
@@ -424,7 +435,11 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     known = {k for path in owner for k in weight_names[path]}
 
     def matching(key):
-        return [p for p in owner if key in weight_names[p]]
+        """The weights `key` reaches: a sparsified layer's weights where it names one (a
+        top-level Dense named "value" alone, not the attention layers' value
+        projections), else the weights of the sub-layers it names."""
+        return [p for p, layer in owner.items() if key in names(layer)] or \
+            [p for p in owner if key in weight_names[p]]
 
     def refuse_two_values(path, value, source, other, other_source):
         raise ValueError(
@@ -468,8 +483,9 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
         per_weight, per_weight_by = by_weight(
             [(f"distribution['{key}']", key, check_density(value, f"distribution['{key}']"))
              for key, value in distribution.items()])
-        missing = sorted({distinct[id(layer)] for p, layer in owner.items()
-                          if p not in per_weight})
+        missing = sorted({_missing_name(p, layer, distinct[id(layer)], weight_names[p],
+                                        names(layer), per_weight, owner)
+                          for p, layer in owner.items() if p not in per_weight})
         if missing:
             raise ValueError(f"prunable(): the distribution dict must name every sparsified "
                              f"layer; missing {missing}.")
@@ -497,7 +513,7 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
                      for p, s in shapes.items()}
         _warn_where_counts_miss(asked, densities, sizes, weight_patterns,
                                 lambda path: label(owner[path]))
-    return densities, weight_patterns
+    return densities, weight_patterns, {path for name in keep_dense for path in matching(name)}
 
 
 def _warn_where_counts_miss(asked, got, sizes, weight_patterns, layer_of):

@@ -266,7 +266,11 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
         filepath = check_path(filepath, "filepath")
     format = check_choice(format, FORMATS, "format")
     if quantize is not None:
-        quantize = check_choice(quantize, [q for q in QUANTIZE if q is not None], "quantize (or None)")
+        try:
+            quantize = check_choice(quantize, [q for q in QUANTIZE if q is not None], "quantize")
+        except ValueError:
+            raise ValueError(f"quantize must be one of {list(QUANTIZE)}, got "
+                             f"quantize={quantize!r}.") from None
     calibration_steps = check_positive_int(calibration_steps, "calibration_steps")
     compare_dense = check_bool(compare_dense, "compare_dense")
     sparsity = check_bool(sparsity, "sparsity")

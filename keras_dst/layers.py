@@ -380,9 +380,14 @@ class SparseState:
         densities = [density] if np.isscalar(density) else list(density)
         for d in densities:
             check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
-        per_weight = isinstance(keep_dense, (list, tuple))
-        kept = [validation.check_bool(k, "keep_dense") for k in
-                (keep_dense if per_weight else [keep_dense])]
+        per_weight = isinstance(keep_dense, (list, tuple, np.ndarray))
+        if per_weight:
+            kept = [validation.check_bool(k, f"keep_dense[{i}]") for i, k in enumerate(keep_dense)]
+        elif isinstance(keep_dense, (bool, np.bool_)):
+            kept = [bool(keep_dense)]
+        else:
+            raise TypeError(f"keep_dense must be a bool or a list of bools (one per prunable "
+                            f"weight), got keep_dense={keep_dense!r}.")
         if len(kept) == len(densities) or 1 in (len(kept), len(densities)):
             n = max(len(kept), len(densities))  # (else `create` reports the lengths)
             if any(k and float(d) != 1.0 for k, d in zip(kept * n if len(kept) == 1 else kept,
@@ -438,10 +443,16 @@ class SparseState:
         return config
 
     def is_kept_dense(self, weight) -> bool:
-        """Whether the sparsified `weight` is kept dense on purpose (`keep_dense`)."""
-        if isinstance(self.keep_dense, bool):
-            return self.keep_dense
-        return next(k for w, k in zip(self.sparse_weights, self.keep_dense) if w is weight)
+        """Whether the sparsified `weight` is kept dense on purpose (`keep_dense`).
+
+        Raises:
+          ValueError: `weight` is not one of the layer's sparsified weights.
+        """
+        index = next((i for i, w in enumerate(self.sparse_weights) if w is weight), None)
+        if index is None:
+            raise ValueError(f"{self.owner}: '{getattr(weight, 'path', weight)}' is not one "
+                             "of its sparsified weights.")
+        return self.keep_dense if isinstance(self.keep_dense, bool) else self.keep_dense[index]
 
     def variables(self) -> list:
         """The state variables, in creation (and saving) order."""
@@ -540,11 +551,13 @@ class SparseState:
         the layer it is attached to."""
         return self.wrapper if self.wrapper is not None else self.layer
 
-    def keep_raw_value(self, weight, raw):
-        """Keeps `raw`, a value `weight` (or its ever-active flags) was written with before
-        the mask changed entries of it, for the next eager write of its mask
-        (`_guard_writes`), as long as it holds what it holds now."""
-        self._pending_writes[id(weight)] = (raw, tf.identity(weight.value))
+    def keep_raw_value(self, variable, raw, watched=()):
+        """Keeps `raw`, a value `variable` (a weight or its ever-active flags) was written
+        with before the mask changed entries of it, for the next eager write of its mask
+        (`_guard_writes`), as long as `variable` and the `watched` variables hold what
+        they hold now."""
+        self._pending_writes[id(variable)] = (
+            raw, [(v, tf.identity(v.value)) for v in (variable, *watched)])
 
     def _initial_mask(self, shape, density, index, pattern):
         seed = tf.constant([self.seed % (2**31 - 1), index], dtype=tf.int32)
@@ -1047,7 +1060,8 @@ def _guard_writes(variable, mask, flags, state, pattern):
     Eager writes of the mask or of its flags keep the flags True wherever the mask is
     (an active entry was ever active, whatever the flags a file or list held); flags
     written before their mask (a bulk write or a restore in either order) keep their
-    raw value for that mask write, as a weight does.
+    raw value for that mask write, as a weight does, unless the weight was written or
+    trained in between (the mask they were joined with was in use).
     Writes traced into a compiled function (the optimizer's update, the DST
     engine) pass through untouched: there the `MaskConstraint` already runs, and
     the compiled step stays the dense one.
@@ -1086,11 +1100,11 @@ def _guard_writes(variable, mask, flags, state, pattern):
 
     def _unwritten(target):
         """The value last written to `target` (the weight or the flags) before the mask
-        changed it, if it holds what it was left with since; else its value."""
-        raw, written = pending.pop(id(target), (None, None))
-        current = target.value
-        if raw is None or not _same_bits(current, written):
-            return current  # no raw value, or a stale one: the variable changed since
+        changed it, if nothing it was kept with changed since (`keep_raw_value`); else
+        its value."""
+        raw, watched = pending.pop(id(target), (None, ()))
+        if raw is None or not all(_same_bits(v.value, snapshot) for v, snapshot in watched):
+            return target.value  # no raw value, or a stale one: a variable changed since
         return raw
 
     def guarded_weight_assign(value):
@@ -1105,6 +1119,7 @@ def _guard_writes(variable, mask, flags, state, pattern):
                 "(the mask wins; use keras_dst.set_masks to change the topology).")
         written = tf.where(mask, value, tf.zeros_like(value))
         pending.pop(id(variable), None)
+        pending.pop(id(flags), None)  # (flags written before: joined with the mask in use)
         result = assign_weight(variable, written)
         if dropped:
             state.keep_raw_value(variable, value)
@@ -1154,8 +1169,10 @@ def _guard_writes(variable, mask, flags, state, pattern):
         written = np.logical_or(array, mask.numpy())
         pending.pop(id(flags), None)
         result = assign_flags(flags, written)
-        if not np.array_equal(array, written):  # (a mask written next may take them)
-            state.keep_raw_value(flags, array)
+        if not np.array_equal(array, written):
+            # for a mask written next in the same load or restore: not once the weight is
+            # written or trained (`mask` was in use since)
+            state.keep_raw_value(flags, array, watched=[variable])
         return result
 
     variable.assign = guarded_weight_assign

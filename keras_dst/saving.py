@@ -42,7 +42,7 @@ import keras
 from keras_dst import compat
 from keras_dst import layers as sparse_layers
 from keras_dst.masks import carry_attached_state_in_weights
-from keras_dst.validation import check_bool, check_path, errors_named
+from keras_dst.validation import check_bool, check_choice, check_path, errors_named
 
 
 def save_model(model: "keras.Model", filepath: Union[str, os.PathLike], overwrite: bool = True) -> None:
@@ -242,12 +242,16 @@ class BackupAndRestore(keras.callbacks.Callback):
         if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
             raise ValueError(f"BackupAndRestore needs a directory path, got "
                              f"backup_dir={backup_dir!r}.")
-        if save_freq != "epoch":
+        if isinstance(save_freq, bool):  # (delete_checkpoint, second before save_freq came)
+            raise TypeError(f"BackupAndRestore: save_freq={save_freq!r}; delete_checkpoint is "
+                            "the third argument: pass it by name (delete_checkpoint=...).")
+        if not isinstance(save_freq, str):
             raise ValueError(
                 f"keras_dst.BackupAndRestore saves at epoch ends only (save_freq='epoch'), got "
                 f"save_freq={save_freq!r}: Keras resumes a backup made inside an epoch from "
                 "that epoch's first batch, so the resumed run would not be the one it "
                 "interrupted. Use shorter epochs (fit's steps_per_epoch) for finer backups.")
+        check_choice(save_freq, ("epoch",), "save_freq")
         if not isinstance(delete_checkpoint, bool):
             raise TypeError(f"delete_checkpoint must be a bool, got "
                             f"delete_checkpoint={delete_checkpoint!r}.")

@@ -155,12 +155,33 @@ def test_options_reach_the_projections_of_an_attention_layer(in_place, tmp_path)
                            density_overrides={"query": 0.5, "mha": 0.2})
 
 
+def test_a_name_of_a_sparsified_layer_reaches_that_layer_only():
+    """A top-level Dense named like a projection ("value"): its name reaches it alone, as
+    before sub-layers could be named (every key reaching it reached the projections too);
+    a distribution dict naming some projections says which it misses."""
+    inp = keras.Input((6, 8))
+    h = keras.layers.Flatten()(keras.layers.MultiHeadAttention(2, 4, name="mha")(inp, inp))
+    model = keras.Model(inp, keras.layers.Dense(1, name="value")(h))
+    sparse = keras_dst.prunable(model, density=0.3, keep_dense=["value"])
+    densities = {k: float(m.mean()) for k, m in keras_dst.masks(sparse).items()}
+    assert densities["value/kernel"] == 1.0 and densities["mha/value/kernel"] < 1.0
+    sparse = keras_dst.prunable(model, distribution={"mha": 0.3, "value": 0.5})
+    densities = {k: round(float(m.mean()), 2) for k, m in keras_dst.masks(sparse).items()}
+    assert densities["value/kernel"] == 0.5 and densities["mha/value/kernel"] == 0.3
+    with pytest.raises(ValueError, match=r"must name every sparsified layer; missing "
+                                         r"\['mha/attention_output', 'mha/value'\]"):
+        keras_dst.prunable(model, distribution={"query": 0.5, "key": 0.5, "value": 0.3})
+
+
 def test_a_wrapper_takes_keep_dense_per_weight_and_checks_it():
     with pytest.raises(ValueError, match=r"keep_dense=\[False, True\] needs density 1 for "
                                          r"the weights it keeps dense"):
         keras_dst.SparseWrapper(keras.layers.Dense(2), density=[0.5, 0.5], keep_dense=[False, True])
-    with pytest.raises(TypeError, match="keep_dense must be a bool, got keep_dense='yes'"):
+    with pytest.raises(TypeError, match=r"keep_dense must be a bool or a list of bools \(one "
+                                        r"per prunable weight\), got keep_dense='yes'"):
         keras_dst.SparseWrapper(keras.layers.Dense(2), keep_dense="yes")
+    with pytest.raises(TypeError, match=r"keep_dense\[1\] must be a bool, got keep_dense\[1\]=2"):
+        keras_dst.SparseWrapper(keras.layers.Dense(2), keep_dense=[True, 2])
     mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
     x = np.zeros((1, 6, 8), "float32")
     mha(x, x)
@@ -170,6 +191,8 @@ def test_a_wrapper_takes_keep_dense_per_weight_and_checks_it():
     state = layers_lib.attach(mha, density=[0.5, 0.5, 1.0, 0.5],
                               keep_dense=[False, False, True, False])
     assert [state.is_kept_dense(w) for w in state.sparse_weights] == [False, False, True, False]
+    with pytest.raises(ValueError, match=r"'mha/query/bias' is not one of its sparsified weights"):
+        state.is_kept_dense(mha.query_dense.bias)  # (not sparsified)
     assert state.get_config()["keep_dense"] == [False, False, True, False]
 
 

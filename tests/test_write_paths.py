@@ -417,6 +417,21 @@ def test_every_eager_write_keeps_the_ever_active_flags_true_under_the_mask(tmp_p
     t.mask.assign(mask)
     np.testing.assert_array_equal(t.ever_active.numpy(), extra | mask)
     assert t.ever_active.numpy()[off] and t.ever_active.numpy()[on]
+
+    # flags of a load stand for the loaded masks once the load wrote the weights (or a
+    # step trained them): a later set_masks adds to them, it does not take them back
+    for train in (False, True):
+        _, model = sparse_mlp()
+        model.compile(keras.optimizers.SGD(0.01), LOSS)
+        model.load_weights(weights)
+        loaded = {t.key: t.mask.numpy() for t in keras_dst.sparse_targets(model)}
+        if train:
+            x, y = classification_data(n=16)
+            model.fit(x, y, epochs=1, verbose=0)
+        new = {k: np.roll(m, 1, axis=1) for k, m in loaded.items()}
+        keras_dst.set_masks(model, new)
+        for t in keras_dst.sparse_targets(model):
+            np.testing.assert_array_equal(t.ever_active.numpy(), loaded[t.key] | new[t.key])
     keras_dst.testing.assert_sparse_invariants(model, ever_active=True)
 
 
