@@ -230,7 +230,18 @@ def plan(flag_values=flags.FLAGS):
     fv = flag_values
     grid_values = parse_grid(fv.methods, fv.prune, fv.grow, fv.densities, fv.seeds)
     base = train.config_from_flags(fv, exclude=SWEPT)
+    if "pattern" in base:  # one spelling, one run key ("1X4" is "1x4")
+        try:
+            base["pattern"] = str(keras_dst.patterns.parse(base["pattern"]))
+        except ValueError as e:
+            raise ValueError(f"--pattern={base['pattern']}: {e}") from None
+        if base["pattern"] != "unstructured" and "gmp" in grid_values[0]:
+            raise ValueError(f"--pattern={base['pattern']}: gmp prunes unstructured; leave gmp "
+                             "out of --methods")
     runs = grid(*grid_values)
+    for run in runs:
+        if run["method"] == "dense":  # the dense baseline has no pattern (nor a key for it)
+            run["pattern"] = "unstructured"
     for run in runs:  # fail before the first run, not in the middle of the sweep
         train.validate({**train.default_config(), **base, **run})
     return base, runs

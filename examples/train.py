@@ -18,7 +18,8 @@ Outputs in --output_dir: results.json, model.keras (last epoch, with optimizer),
 best.keras (best validation accuracy), history.csv and TensorBoard logs (tb/; with
 the DST metrics density, density/<layer>, itop, pruned, grown, mask_churn, prune_rate),
 and with ``--overlap magnitude,snip,...`` overlap.json, the Jaccard matrix of
-`keras_dst.CriteriaOverlap` (for ``plot.py --overlap``).
+`keras_dst.CriteriaOverlap` (for ``plot.py --overlap``). A run into the directory of an
+earlier one removes that run's tb/, exports and overlap.json first.
 The .keras files load with ``import keras_dst`` and ``keras.models.load_model`` alone
 (the optimizer is `keras_dst.optimizers.TorchSGD`, every initializer a Keras built-in).
 `run(config)` runs the same in-process from a dict of flag values.
@@ -31,6 +32,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import sys
 import time
 
@@ -192,8 +194,13 @@ def validate(config):
         if config.get("method") == "gmp" or config.get("overlap"):
             raise ValueError(f"--strategy={config['strategy']}: --method gmp and --overlap run "
                              "without a tf.distribute strategy (DST and static runs take one)")
+    if config.get("output_dir"):
+        _check_directory(config["output_dir"], "--output_dir")
     if "pattern" in config:
-        pattern = keras_dst.patterns.parse(config["pattern"])  # ValueError names the value
+        try:
+            pattern = keras_dst.patterns.parse(config["pattern"])
+        except ValueError as e:
+            raise ValueError(f"--pattern={config['pattern']}: {e}") from None
         if pattern.kind != "unstructured" and config.get("method") == "gmp":
             raise ValueError(f"--pattern={pattern}: gmp prunes unstructured; use --method dst")
         if pattern.kind != "unstructured" and config.get("method") == "dense":
@@ -332,11 +339,41 @@ def tensorboard(log_dir):
     return [keras.callbacks.TensorBoard(log_dir, write_graph=False)]
 
 
+def _check_directory(path, flag):
+    """Raises ValueError naming `flag` where `path` cannot be a directory (it, or a folder
+    above it, is a file)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag}={path}: {existing} is a file, not a directory")
+
+
+# What a run writes beside the files it always overwrites: an earlier run's would be
+# mixed with this one's (TensorBoard curves of both, its exports with this run's results).
+EARLIER_OUTPUTS = ("tb", "saved_model", "model.tflite", "model_dense.tflite", "overlap.json")
+
+
 def _output_dir(config):
+    """The run's output directory, created; an earlier run's `EARLIER_OUTPUTS` in it are
+    removed (with a line saying so)."""
     if config["output_dir"]:
-        return config["output_dir"]
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{stamp}_{config['method']}_{config['model']}")
+        path = config["output_dir"]
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = os.path.join("runs", f"{stamp}_{config['method']}_{config['model']}")
+    os.makedirs(path, exist_ok=True)
+    earlier = [name for name in EARLIER_OUTPUTS if os.path.lexists(os.path.join(path, name))]
+    if earlier:
+        print(f"{path} holds an earlier run's outputs: removed {earlier} (the other files are "
+              "overwritten)")
+        for name in earlier:
+            full = os.path.join(path, name)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+    return path
 
 
 def _sparsity_report(model):
@@ -365,10 +402,10 @@ def run(config):
         config["overlap"] = [c for c in config["overlap"].split(",") if c]
     config["overlap"] = list(config["overlap"] or [])
     validate(config)
+    config["pattern"] = str(keras_dst.patterns.parse(config["pattern"]))  # "1X4" -> "1x4"
     start = time.time()
     keras.backend.clear_session()
     output_dir = _output_dir(config)
-    os.makedirs(output_dir, exist_ok=True)
     keras.utils.set_random_seed(config["seed"])
     previous_policy = keras.mixed_precision.global_policy()
     if config["mixed_precision"] != "off":

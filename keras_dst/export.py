@@ -257,8 +257,10 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
       ValueError: unknown `format` / `quantize`, a litert path not ending in
         ".tflite", int8 without `representative_data` (or it without int8, or of
         another shape than the model's inputs), quantize with
-        tf_saved_model, an unbuilt model, or a model the converter cannot
-        convert (the message names the model and gives the converter's reason).
+        tf_saved_model, an unbuilt model, a `filepath` that cannot be written (a
+        directory for litert, a file for tf_saved_model, a path below a file: checked
+        before converting), or a model the converter cannot convert (the message
+        names the model and gives the converter's reason).
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"export() needs a keras.Model, got model={type(model).__name__}.")
@@ -289,6 +291,7 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
     if not model.built:
         raise ValueError(f"export(): model '{model.name}' is not built; call it on data or "
                          "build it first.")
+    _check_destination(filepath, format)
 
     plain, weights = _plain_model(model)
     input_names = [t.name for t in getattr(plain, "inputs", None) or []]
@@ -588,6 +591,23 @@ def _keyed(data, keys, input_names, batched):
         raise ValueError("export(): representative_data must be a batch of inputs (an array "
                          f"with a leading sample axis), got shape {array.shape}.")
     return {keys[0]: array}
+
+
+def _check_destination(filepath, format):
+    """Raises ValueError, before any conversion, where `filepath` cannot be written: a
+    .tflite path that is a directory, a SavedModel path that is a file, or a path below
+    a file."""
+    if format == "litert" and os.path.isdir(filepath):
+        raise ValueError(f"export(): filepath={filepath!r} is a directory; give the .tflite "
+                         "file's path.")
+    if format == "tf_saved_model" and os.path.isfile(filepath):
+        raise ValueError(f"export(format='tf_saved_model'): filepath={filepath!r} is a file; "
+                         "a SavedModel is a directory.")
+    above = os.path.dirname(os.path.abspath(filepath))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"export(): filepath={filepath!r} lies below {above!r}, a file.")
 
 
 def _disk_size(path):

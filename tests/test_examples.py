@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -586,6 +587,49 @@ def test_bad_sweep_flags_are_value_errors(argv, match):
     train.parse_flags(["sweep.py", *argv], fv)
     with pytest.raises(ValueError, match=match):
         sweep.plan(fv)
+
+
+def test_sweep_takes_a_pattern_in_any_spelling_and_leaves_the_dense_baseline_without():
+    """`--pattern 1X4` ran under another key than `1x4` (a redone run, two rows in the
+    pattern table); a pattern with the default --methods (dense among them) was refused,
+    naming a --method flag the sweep does not have."""
+    fv = flags.FlagValues()
+    sweep.define_flags(fv)
+    train.parse_flags(["sweep.py", "--pattern", "1X4", "--methods", "dense,static,dst"], fv)
+    base, runs = sweep.plan(fv)
+    assert base["pattern"] == "1x4"
+    assert {r["method"] for r in runs if r.get("pattern") == "unstructured"} == {"dense"}
+    spelled = {**train.default_config(), **base, **runs[-1]}
+    assert sweep.run_key(spelled) == sweep.run_key({**spelled, "pattern": "1x4"})
+    fv = flags.FlagValues()
+    sweep.define_flags(fv)
+    train.parse_flags(["sweep.py", "--pattern", "2:4", "--methods", "gmp,dst"], fv)
+    with pytest.raises(ValueError, match=r"--pattern=2:4: gmp prunes unstructured; leave gmp out "
+                                         r"of --methods"):
+        sweep.plan(fv)
+
+
+def test_train_names_a_bad_pattern_and_an_output_dir_that_is_a_file(tmp_path):
+    with pytest.raises(ValueError, match=r"^--pattern=1x1: Unknown sparsity pattern"):
+        train.validate({**train.default_config(), "method": "dst", "pattern": "1x1"})
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for path in (afile, afile / "sub"):
+        with pytest.raises(ValueError, match=rf"^--output_dir={re.escape(str(path))}: "
+                                             rf"{re.escape(str(afile))} is a file, not a directory"):
+            train.validate({**train.default_config(), "output_dir": str(path)})
+
+
+def test_a_run_into_an_earlier_runs_directory_removes_what_would_mix(tmp_path, capsys):
+    """A second run into one --output_dir left the first's TensorBoard events (two runs'
+    curves in one plot) and exports (beside a results.json without an export)."""
+    out = tmp_path / "run"
+    (out / "tb" / "train").mkdir(parents=True)
+    (out / "model.tflite").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    assert train._output_dir({**train.default_config(), "output_dir": str(out)}) == str(out)
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert "removed ['tb', 'model.tflite']" in capsys.readouterr().out
 
 
 # -- command lines (run concurrently: each one imports TensorFlow) --------------------

@@ -597,6 +597,19 @@ def test_errors_name_the_argument_and_value(tmp_path):
                                              r"shape \(None, 16\)"):
             keras_dst.export(model, path, quantize="int8", representative_data=bad)
     assert not path.exists()
+    # a destination that cannot be written: refused before converting (was an OSError after)
+    (tmp_path / "dir.tflite").mkdir()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"filepath='.*dir.tflite' is a directory"):
+        keras_dst.export(model, tmp_path / "dir.tflite")
+    with pytest.raises(ValueError, match=r"filepath='.*afile' is a file; a SavedModel is a "
+                                         r"directory"):
+        keras_dst.export(model, tmp_path / "afile", format="tf_saved_model")
+    with pytest.raises(ValueError, match=r"filepath='.*m.tflite' lies below '.*afile', a file"):
+        keras_dst.export(model, tmp_path / "afile" / "sub" / "m.tflite")
+    with pytest.raises(ValueError, match=r"quantize must be one of \[None, 'int8'\], got "
+                                         r"quantize='int4'"):
+        keras_dst.export(model, path, quantize="int4")
 
 
 def test_a_float16_model_is_a_clear_error_naming_its_16_bit_layers(tmp_path):
