@@ -98,7 +98,8 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
 
     Layer names (in `keep_dense`, `density_overrides`, `pattern_overrides` and a
     `distribution` dict) match a layer's name or its path, and a name that matches no
-    sparsified layer reaches the weights of the sub-layers below one (a
+    sparsified layer reaches the sparsified layers inside the layer it names (a block:
+    ``"transformer_layer_0"``) or the weights of the sub-layers it names below one (a
     `MultiHeadAttention` is sparsified as one layer; its projections are sub-layers):
     library models repeat names in every block (``"query"`` matches the query
     projection of every attention layer, ``"transformer_layer_0/self_attention_layer/query"``
@@ -372,31 +373,41 @@ def _option_names(model):
 
 
 def _weight_names(targets, keys, names) -> dict:
-    """``{weight key: names}``: what an option of `prunable` may name a weight by: its
-    layer's names (`_option_names`), and, where the weight belongs to a sub-layer of that
-    layer (the ``query`` projection of a `MultiHeadAttention`, sparsified as one layer),
-    each sub-layer on the way by its name and by its path below each of the layer's
-    names (``"query"``, ``"mha/query"``)."""
+    """``{weight key: (below, above)}``: what else than its layer's names
+    (`_option_names`) an option of `prunable` may name a weight by.
+
+    * below: where the weight belongs to a sub-layer of its layer (the ``query``
+      projection of a `MultiHeadAttention`, sparsified as one layer), each sub-layer on
+      the way by its name and by its path below each of the layer's names (``"query"``,
+      ``"mha/query"``);
+    * above: each layer that contains its layer, by name and by the path or place of
+      the layer down to it (``"transformer_layer_0"``, a functional model's nested
+      ``"tower_a"``)."""
     result = {}
     for layer, weights in targets:
         own = names(layer)
+        above = []
+        for n in own[1:]:  # the path and the place
+            parts = n.split("/")[:-1]
+            above += parts + ["/".join(parts[:i + 1]) for i in range(len(parts))]
         for w in weights:
             parts = sparse_layers.relative_path(layer, w).split("/")[:-1]
             below = []
             for i, part in enumerate(parts):
                 below += [part] + [f"{n}/{'/'.join(parts[:i + 1])}" for n in own]
-            result[keys[id(w)]] = tuple(dict.fromkeys(own + tuple(below)))
+            result[keys[id(w)]] = (tuple(dict.fromkeys(below)), tuple(dict.fromkeys(above)))
     return result
 
 
-def _missing_name(path, layer, distinct, weight_names, layer_names, given, owner) -> str:
+def _missing_name(path, layer, distinct, below, given, owner) -> str:
     """How a distribution dict's message names the weight at `path` it misses: by its
     layer (`distinct`) where the dict names none of that layer's weights, else by the
-    sub-layer holding it below that name (``"mha/value"``), or by its key."""
+    sub-layer holding it below that name (``"mha/value"``; `below`: `_weight_names`), or
+    by its key."""
     if not any(p in given for p, other in owner.items() if other is layer):
         return distinct
-    below = [n for n in weight_names if n not in layer_names and n.startswith(distinct + "/")]
-    return min(below, key=len) if below else path
+    paths = [n for n in below if n.startswith(distinct + "/")]
+    return min(paths, key=len) if paths else path
 
 
 def _distinct_names(targets, names) -> dict:
@@ -413,8 +424,9 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     """({weight key: density}, {weight key: Pattern}, {weight keys kept dense}) for
     `targets`, every option checked (`keys`: `_weight_keys`).
 
-    `label(layer)` names a layer in messages; option keys match one of a weight's
-    `weight_names` (`_weight_names`: its layer's `names(layer)`, its sub-layers').
+    `label(layer)` names a layer in messages; an option key reaches the weights of the
+    layers it names (`names(layer)`), else those it names a sub-layer or a container
+    of (`weight_names`: `_weight_names`).
     """
     owner, variables = {}, {}
     for layer, weights in targets:
@@ -425,21 +437,24 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     distinct = _distinct_names(targets, names)
     # what the messages of an unknown name list: the layers, and the sub-layers below them
     layer_names = str(sorted(set(distinct.values())))
-    below = {path: [n for n in weight_names[path] if n not in names(layer)]
-             for path, layer in owner.items()}
-    sub_layers = sorted({n for ns in below.values() for n in ns if "/" not in n})
+    sub_layers = sorted({n for below, _ in weight_names.values() for n in below if "/" not in n})
     if sub_layers:
-        example = next(max(ns, key=len) for ns in below.values() if ns)
+        example = next(max(below, key=len) for below, _ in weight_names.values() if below)
         layer_names += (f"; sub-layers holding their weights {sub_layers} (also by their path "
                         f"below the layer's, e.g. '{example}')")
-    known = {k for path in owner for k in weight_names[path]}
+    containers = sorted({n for _, above in weight_names.values() for n in above if "/" not in n})
+    if containers:
+        layer_names += f"; layers containing them {containers}"
+    known = {k for path, layer in owner.items() for k in names(layer)} | \
+        {k for below, above in weight_names.values() for k in below + above}
 
     def matching(key):
         """The weights `key` reaches: a sparsified layer's weights where it names one (a
         top-level Dense named "value" alone, not the attention layers' value
-        projections), else the weights of the sub-layers it names."""
+        projections), else those of the sub-layers and of the layers inside the
+        containers it names."""
         return [p for p, layer in owner.items() if key in names(layer)] or \
-            [p for p in owner if key in weight_names[p]]
+            [p for p in owner if key in weight_names[p][0] + weight_names[p][1]]
 
     def refuse_two_values(path, value, source, other, other_source):
         raise ValueError(
@@ -483,8 +498,8 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
         per_weight, per_weight_by = by_weight(
             [(f"distribution['{key}']", key, check_density(value, f"distribution['{key}']"))
              for key, value in distribution.items()])
-        missing = sorted({_missing_name(p, layer, distinct[id(layer)], weight_names[p],
-                                        names(layer), per_weight, owner)
+        missing = sorted({_missing_name(p, layer, distinct[id(layer)], weight_names[p][0],
+                                        per_weight, owner)
                           for p, layer in owner.items() if p not in per_weight})
         if missing:
             raise ValueError(f"prunable(): the distribution dict must name every sparsified "

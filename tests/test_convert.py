@@ -467,6 +467,24 @@ def test_options_name_same_named_layers_of_two_sub_models_by_their_place():
     assert masks["tower_b/fc/kernel"].all() and not masks["tower_a/fc/kernel"].all()
 
 
+@pytest.mark.parametrize("tower,in_place", [(_functional_tower, None), (_sequential_tower, True)])
+def test_a_name_of_a_layer_containing_sparsified_ones_reaches_them_all(tower, in_place):
+    """Naming a block (a keras-hub "transformer_layer_0", a nested tower) to keep it dense
+    or give it a density was refused as an unknown layer name."""
+    model = _two_towers(tower)
+    sparse = keras_dst.prunable(model, density=0.6, keep_dense=["tower_b"], in_place=in_place)
+    masks = keras_dst.masks(sparse)
+    assert masks["tower_b/fc/kernel"].all() and not masks["tower_a/fc/kernel"].all()
+    sparse = keras_dst.prunable(_two_towers(tower), distribution={"tower_a": 0.25, "tower_b": 0.5},
+                                in_place=in_place)
+    assert {k: float(m.mean()) for k, m in keras_dst.masks(sparse).items()} == {
+        "tower_a/fc/kernel": 0.25, "tower_b/fc/kernel": 0.5}
+    with pytest.raises(ValueError, match=r"sparsified layers are \['tower_a/fc', 'tower_b/fc'\]; "
+                                         r"layers containing them \['tower_a', 'tower_b'\]"):
+        keras_dst.prunable(_two_towers(tower), density=0.5, keep_dense=["tower_c"],
+                           in_place=in_place)
+
+
 def test_two_layers_of_one_name_in_one_subclassed_model_are_numbered():
     # the same path and the same place: the second is numbered, none is lost
     class Twice(keras.Model):
