@@ -40,32 +40,95 @@ import keras_dst  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-    """The flags of this script (defined when it runs, so that importing it defines none)."""
+def define_flags(flag_values=FLAGS):
+    """The flags of this script (defined when it runs, so that importing it defines none),
+    with their validators: a bad value is refused when the flags are parsed, before any
+    model is built or trained."""
+    fv = dict(flag_values=flag_values)
     flags.DEFINE_list("methods", ["dense", "static", "dst"], "Methods to run: dense, static "
-                      "(fixed random ERK masks), dst.")
-    flags.DEFINE_list("seeds", ["1"], "Seeds (weights, masks, shuffling, DST randomness).")
+                      "(fixed random ERK masks), dst.", **fv)
+    flags.DEFINE_list("seeds", ["1"], "Seeds (weights, masks, shuffling, DST randomness).", **fv)
     flags.DEFINE_float("density", 0.2, "Global density in (0, 1] of the sparsified weights "
-                       "(ERK over embeddings, attention, feed-forward, pooler and head).")
-    flags.DEFINE_string("prune", "magnitude", "DST pruning criterion.")
-    flags.DEFINE_string("grow", "gradient", "DST growth rule (gradient: RigL).")
-    flags.DEFINE_integer("update_every", 100, "DST update period in optimizer steps.")
-    flags.DEFINE_float("prune_rate", 0.3, "Initial DST prune rate (cosine decay).")
+                       "(ERK over embeddings, attention, feed-forward, pooler and head).", **fv)
+    flags.DEFINE_string("prune", "magnitude", "DST pruning criterion.", **fv)
+    flags.DEFINE_string("grow", "gradient", "DST growth rule (gradient: RigL).", **fv)
+    flags.DEFINE_integer("update_every", 100, "DST update period in optimizer steps.", **fv)
+    flags.DEFINE_float("prune_rate", 0.3, "Initial DST prune rate (cosine decay).", **fv)
     flags.DEFINE_float("end_step", 0.75, "Last DST update, as a fraction of the training steps "
-                       "(RigL: 0.75; 1.0: until the end).")
-    flags.DEFINE_integer("epochs", 10, "Training epochs.")
-    flags.DEFINE_integer("batch_size", 32, "Batch size.")
-    flags.DEFINE_float("lr", 2e-3, "Adam learning rate (constant).")
-    flags.DEFINE_integer("num_train", 4000, "Training sentences.")
-    flags.DEFINE_integer("num_test", 2000, "Test sentences.")
-    flags.DEFINE_integer("num_layers", 2, "Transformer layers.")
-    flags.DEFINE_integer("hidden_dim", 64, "Hidden size.")
-    flags.DEFINE_integer("num_heads", 2, "Attention heads.")
-    flags.DEFINE_integer("intermediate_dim", 128, "Feed-forward size.")
-    flags.DEFINE_integer("sequence_length", 32, "Tokens per sentence ([CLS] and [SEP] included).")
+                       "(RigL: 0.75; 1.0: until the end).", **fv)
+    flags.DEFINE_integer("epochs", 10, "Training epochs.", **fv)
+    flags.DEFINE_integer("batch_size", 32, "Batch size.", **fv)
+    flags.DEFINE_float("lr", 2e-3, "Adam learning rate (constant).", **fv)
+    flags.DEFINE_integer("num_train", 4000, "Training sentences.", **fv)
+    flags.DEFINE_integer("num_test", 2000, "Test sentences.", **fv)
+    flags.DEFINE_integer("num_layers", 2, "Transformer layers.", **fv)
+    flags.DEFINE_integer("hidden_dim", 64, "Hidden size.", **fv)
+    flags.DEFINE_integer("num_heads", 2, "Attention heads.", **fv)
+    flags.DEFINE_integer("intermediate_dim", 128, "Feed-forward size.", **fv)
+    flags.DEFINE_integer("sequence_length", 32, "Tokens per sentence ([CLS] and [SEP] included).",
+                         **fv)
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (faster steps, "
-                      "longer compilation: worth it on a GPU or for long runs).")
-    flags.DEFINE_string("output_dir", "runs/hub_text", "Where results and the model go.")
+                      "longer compilation: worth it on a GPU or for long runs).", **fv)
+    flags.DEFINE_string("output_dir", "runs/hub_text", "Where results and the model go.", **fv)
+    for name, (check, message) in CHECKS.items():
+        flags.register_validator(name, check, f"--{name} {message}", **fv)
+    for name, lookup in (("prune", keras_dst.get_criterion), ("grow", keras_dst.get_growth)):
+        flags.register_validator(name, _library_name(lookup), **fv)
+
+
+def parse_flags(argv, flag_values=FLAGS):
+    """absl flag parser that turns every flag error into a one-line exit message (the
+    validators run here, before any model is built or trained)."""
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        sys.exit("error: " + "; ".join(str(e).splitlines()))
+
+
+def _is_int(text):
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _library_name(lookup):
+    """A validator of a criterion or growth name: `lookup`'s ValueError (which lists the
+    names it knows; it matches them ignoring case, "_" and "-") as the flag's error."""
+    def check(name):
+        try:
+            lookup(name)
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+    return check
+
+
+METHODS = ("dense", "static", "dst")
+# Flag checks: (check, message); a failed one is a one-line error naming the flag (--prune
+# and --grow: the library's own check, `_library_name`).
+CHECKS = {
+    "methods": (lambda v: bool(v) and len(set(v)) == len(v) and set(v) <= set(METHODS),
+                f"must name one or more of {', '.join(METHODS)}, each once"),
+    "seeds": (lambda v: bool(v) and len(set(v)) == len(v) and all(map(_is_int, v)),
+              "must be one or more distinct integers, comma-separated"),
+    "density": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "update_every": (lambda v: v >= 1, "must be >= 1"),
+    "prune_rate": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "end_step": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "epochs": (lambda v: v >= 1, "must be >= 1"),
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "lr": (lambda v: v > 0, "must be > 0"),
+    "num_train": (lambda v: v >= 1, "must be >= 1"),
+    "num_test": (lambda v: v >= 1, "must be >= 1"),
+    "num_layers": (lambda v: v >= 1, "must be >= 1"),
+    "hidden_dim": (lambda v: v >= 1, "must be >= 1"),
+    "num_heads": (lambda v: v >= 1, "must be >= 1"),
+    "intermediate_dim": (lambda v: v >= 1, "must be >= 1"),
+    "sequence_length": (lambda v: v >= 3, "must be >= 3 ([CLS], a word, [SEP])"),
+}
 
 
 POSITIVE = ("good great fine superb lovely brilliant charming delightful wonderful excellent "
@@ -136,13 +199,16 @@ def run(method, seed, data):
     (x_train, y_train), (x_test, y_test) = data
     model = build_classifier(seed)
     callbacks = []
-    if method != "dense":
-        same = keras_dst.prunable(model, density=FLAGS.density, seed=seed)
+    if method != "dense":  # (a running_* criterion scores from running scores the masks keep)
+        running = method == "dst" and keras_dst.get_criterion(FLAGS.prune).ema
+        same = keras_dst.prunable(model, density=FLAGS.density, seed=seed,
+                                  track_running_scores=running)
         assert same is model  # a keras-hub model: masks attached in place
-    if method == "dst":
+    if method == "dst":  # (end_step 1.0, "until the end", is the callback's None)
         callbacks.append(keras_dst.DynamicSparseTraining(
             prune=FLAGS.prune, grow=FLAGS.grow, update_every=FLAGS.update_every,
-            prune_rate=FLAGS.prune_rate, end_step=FLAGS.end_step, seed=seed))
+            prune_rate=FLAGS.prune_rate, end_step=FLAGS.end_step if FLAGS.end_step < 1 else None,
+            seed=seed))
     model.compile(optimizer=keras.optimizers.Adam(FLAGS.lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=FLAGS.jit_compile)
@@ -194,11 +260,18 @@ def table(records):
     return "\n".join(rows)
 
 
+def canonical_names(flag_values=FLAGS):
+    """Sets --prune and --grow to the library's own spelling of the names they match (it
+    ignores case, "_" and "-": "Magnitude" is "magnitude"), as the table and results.json
+    print them."""
+    flag_values.prune = keras_dst.get_criterion(flag_values.prune).name
+    flag_values.grow = keras_dst.get_growth(flag_values.grow).name
+
+
 def main(argv):
-    del argv
-    unknown = set(FLAGS.methods) - {"dense", "static", "dst"}
-    if unknown:
-        raise app.UsageError(f"--methods: unknown {sorted(unknown)}")
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    canonical_names()
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     train = make_data(FLAGS.num_train, seed=0)
     test = make_data(FLAGS.num_test, seed=1)
@@ -226,4 +299,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

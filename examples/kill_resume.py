@@ -21,6 +21,7 @@ Exit status 0 when every check passed, 1 otherwise.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,15 +33,81 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("kills", 30, "SIGKILLs before the run may finish")
-flags.DEFINE_integer("epochs", 40, "epochs of the training run")
-flags.DEFINE_integer("seed", 0, "seed of the kill moments (the training has its own)")
-flags.DEFINE_enum("backup", "keras_dst", ["keras_dst", "keras"],
-                  "backup callback: keras_dst.BackupAndRestore or keras.callbacks.BackupAndRestore")
-flags.DEFINE_string("work_dir", None, "directory for backups and results (default: a temp dir)")
-flags.DEFINE_float("start_timeout", 120.0, "seconds a worker may take to reach its first epoch")
-flags.DEFINE_string("worker", None, "internal: run the training, writing its final state here")
-flags.DEFINE_string("backup_dir", None, "internal: the worker's backup directory")
+
+# Range checks of the flags: (check, message); a failed one is a one-line error naming the flag.
+CHECKS = {
+    "kills": (lambda v: v >= 0, "must be >= 0"),
+    "epochs": (lambda v: v >= 1, "must be >= 1 (a run with no epoch has nothing to kill or compare)"),
+    "start_timeout": (lambda v: v > 0, "must be > 0"),
+}
+
+
+def define_flags(flag_values=FLAGS):
+    """The flags of this script (defined when it runs, so that importing it defines none)."""
+    flags.DEFINE_integer("kills", 30, "SIGKILLs before the run may finish", flag_values=flag_values)
+    flags.DEFINE_integer("epochs", 40, "epochs of the training run", flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "seed of the kill moments (the training has its own)",
+                         flag_values=flag_values)
+    flags.DEFINE_enum("backup", "keras_dst", ["keras_dst", "keras"],
+                      "backup callback: keras_dst.BackupAndRestore or keras.callbacks.BackupAndRestore",
+                      flag_values=flag_values)
+    flags.DEFINE_string("work_dir", None, "directory for backups and results (default: a temp dir); "
+                        "a previous run's backup and results in it are removed first",
+                        flag_values=flag_values)
+    flags.DEFINE_float("start_timeout", 120.0, "seconds a worker may take to reach its first epoch",
+                       flag_values=flag_values)
+    flags.DEFINE_string("worker", None, "internal: run the training, writing its final state here",
+                        flag_values=flag_values)
+    flags.DEFINE_string("backup_dir", None, "internal: the worker's backup directory",
+                        flag_values=flag_values)
+    for name, (check, message) in CHECKS.items():
+        flags.register_validator(name, check, f"--{name} {message}", flag_values=flag_values)
+
+
+def parse_flags(argv, flag_values=FLAGS):
+    """absl flag parser that turns every flag error into a one-line exit message."""
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        sys.exit("error: " + "; ".join(str(e).splitlines()))
+
+
+# What a run writes into --work_dir: its backup directory and the two final states it
+# compares. A rerun into the same directory must not restore or read the previous run's.
+OWN_FILES = ("backup", "reference.npz", "killed.npz")
+
+
+def prepare_work_dir(work_dir, print_fn=print):
+    """Creates `work_dir` if needed and removes what an earlier run of this script left in
+    it (`OWN_FILES`, nothing else), printing one line if it removed anything: a leftover
+    backup would be restored by the first restart (the run would resume at its end, with
+    no epoch left to kill). Returns `work_dir`.
+
+    Raises:
+      ValueError: `work_dir` (or a directory above it) is not a directory, or cannot be
+        created; the message names --work_dir.
+    """
+    blocker = os.path.abspath(work_dir)  # the path, or the nearest existing one above it
+    while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+        blocker = os.path.dirname(blocker)
+    if os.path.exists(blocker) and not os.path.isdir(blocker):
+        where = "it" if blocker == os.path.abspath(work_dir) else blocker
+        raise ValueError(f"--work_dir={work_dir}: {where} is a file, not a directory")
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+    except OSError as e:  # no permission, ...
+        raise ValueError(f"--work_dir={work_dir}: cannot create it: {e.strerror or e}") from None
+    stale = [name for name in OWN_FILES if os.path.lexists(os.path.join(work_dir, name))]
+    for name in stale:
+        path = os.path.join(work_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    if stale:
+        print_fn(f"--work_dir={work_dir}: removed the previous run's {', '.join(stale)}", flush=True)
+    return work_dir
+
 
 BATCH, STEPS_PER_EPOCH = 32, 8
 
@@ -170,15 +237,33 @@ def run_killed(work_dir, rng):
         return report, final_path
 
 
+def failures(report, kills):
+    """Why a run (its report) failed, one phrase per check; [] when it passed."""
+    reasons = []
+    if report["failed_restarts"]:
+        reasons.append("a restart failed (above)")
+    elif not report["final_state_bit_identical"]:
+        reasons.append("the final state differs from the uninterrupted run's")
+    if report["unreadable_backups"]:
+        reasons.append(f"{report['unreadable_backups']} kill(s) left an unreadable backup")
+    if not report["failed_restarts"] and report["kills"] < kills:
+        reasons.append(f"the run finished after {report['kills']} of {kills} kills "
+                       "(too few epochs to kill in: raise --epochs)")
+    return reasons
+
+
 def main(argv):
-    del argv
     if FLAGS.worker:
         train(FLAGS.worker, FLAGS.backup_dir, FLAGS.backup, FLAGS.epochs)
         return 0
     import numpy as np
 
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="kill_resume_")
-    os.makedirs(work_dir, exist_ok=True)
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    try:
+        work_dir = prepare_work_dir(FLAGS.work_dir or tempfile.mkdtemp(prefix="kill_resume_"))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     reference = os.path.join(work_dir, "reference.npz")
     print(f"reference run ({FLAGS.epochs} epochs, no kill) ...", flush=True)
     subprocess.run(worker_command(reference), check=True, stdout=subprocess.DEVNULL)
@@ -192,10 +277,11 @@ def main(argv):
             and want[k].tobytes() == got[k].tobytes() for k in want.files)
     report["final_state_bit_identical"] = identical
     print(json.dumps(report, indent=1))
-    ok = identical and report["unreadable_backups"] == 0 and report["kills"] >= FLAGS.kills
-    print("PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    reasons = failures(report, FLAGS.kills)
+    print("FAIL: " + "; ".join(reasons) if reasons else "PASS")
+    return 1 if reasons else 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

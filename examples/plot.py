@@ -10,9 +10,14 @@ sparse training as its own curve and the dense model as a dashed horizontal line
 
 Writes ``<out>.png`` and ``<out>.pdf``; with ``--csv`` it also prints the numbers as a
 Markdown table (mean ± std over seeds per criterion and density); ``--ymin`` sets the
-bottom of the y axes. The overlap input is the JSON that ``train.py --overlap a,b,...``
-writes (`keras_dst.CriteriaOverlap.save_json`: ``{"names": [...], "matrix": [[...]],
-...}``, the mean over the updates) or a CSV whose header row holds the names.
+bottom of the y axes (below the data's highest value). ``--patterns`` prints a table and
+draws curves whose every cell or point is the mean over the seeds of one configuration
+(method, criterion and growth, epochs), pattern and density; CSVs holding several
+configurations get one row or curve per configuration, named after its pattern. Every
+input is read and checked before anything is printed. The overlap input is the JSON that
+``train.py --overlap a,b,...`` writes (`keras_dst.CriteriaOverlap.save_json`:
+``{"names": [...], "matrix": [[...]], ...}``, the mean over the updates) or a CSV whose
+header row holds the names.
 """
 
 import collections
@@ -34,14 +39,63 @@ METRICS = ("best_val_test_accuracy", "final_test_accuracy")
 
 
 def read_rows(csv_path):
-    """The rows of a sweep CSV as dicts (numbers converted)."""
+    """The rows of a sweep CSV as dicts (numbers converted; ValueError names the line of
+    one that is not a number)."""
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    for row in rows:
+    for line, row in enumerate(rows, start=2):  # (line 1 is the header)
         for key in ("density", "actual_density", *METRICS):
             if row.get(key) not in (None, ""):
-                row[key] = float(row[key])
+                try:
+                    row[key] = float(row[key])
+                except ValueError:
+                    raise ValueError(f"{csv_path} line {line}: {key}={row[key]!r} is not a "
+                                     "number") from None
     return rows
+
+
+# The columns (besides the metric) that the tables and figures group rows by.
+GROUPED_BY = ("model", "dataset", "method", "prune", "grow", "density")
+
+
+def load_rows(paths, metric, flag):
+    """The rows of the sweep CSVs `paths`, checked before anything is printed or drawn:
+    every file readable and holding rows with the columns the tables and figures group
+    by, and every row a number for `metric` and `density`.
+
+    Raises:
+      ValueError: naming `flag` (the command-line flag the paths came from) and the file.
+    """
+    rows = []
+    for path in paths:
+        try:
+            found = read_rows(path)
+        except OSError as e:
+            raise ValueError(f"{flag}={path}: cannot read it: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ValueError(f"{flag}={path}: {e}") from None
+        if not found:
+            raise ValueError(f"{flag}={path}: no rows to plot (the file is empty or only a header)")
+        missing = [c for c in (*GROUPED_BY, metric) if c not in found[0]]
+        if missing:
+            raise ValueError(f"{flag}={path}: no column {', '.join(missing)} (not a sweep.py CSV?)")
+        for line, row in enumerate(found, start=2):
+            blank = [c for c in ("density", metric) if not isinstance(row[c], float)]
+            if blank:
+                raise ValueError(f"{flag}={path} line {line}: no number for {', '.join(blank)}")
+        rows += found
+    return rows
+
+
+def check_ymin(rows, metric, ymin):
+    """Refuses a `ymin` (bottom of the y axes) at or above every value of `metric` in
+    `rows`: the figure would show no data (an accuracy is at most 1)."""
+    if ymin is None or not rows:
+        return
+    top = max(r[metric] for r in rows)
+    if ymin >= top:
+        raise ValueError(f"--ymin={ymin:g} is at or above the highest {metric} in the data "
+                         f"({top:.4f}): the figure would show no data")
 
 
 def _mean_std(rows, metric):
@@ -85,6 +139,7 @@ def plot_figure1(rows, out="figure1", metric="best_val_test_accuracy", ymin=None
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if not rows:
         raise ValueError("no rows to plot")
+    check_ymin(rows, metric, ymin)
     setups = sorted({(r["model"], r["dataset"]) for r in rows})
     growths = sorted({r["grow"] for r in rows if r["method"] == "dst"}) or [""]
     fig, axes = plt.subplots(len(growths), len(setups), squeeze=False, sharex=True,
@@ -155,35 +210,94 @@ def summary_table(rows, metric="best_val_test_accuracy"):
     return "\n".join(lines)
 
 
-def _setups(rows):
-    return sorted({(r["model"], r["dataset"]) for r in rows})
+def _pattern_rows(rows_or_csvs):
+    """Rows from a CSV path, or a list of CSV paths and/or row dicts."""
+    rows = []
+    for source in ([rows_or_csvs] if isinstance(rows_or_csvs, (str, os.PathLike)) else rows_or_csvs):
+        rows += read_rows(source) if isinstance(source, (str, os.PathLike)) else [source]
+    return rows
+
+
+def _configuration(row):
+    """What a run of a pattern cell holds fixed besides its pattern and density (the
+    columns sweep.py writes): method, criterion and growth (DST), epochs."""
+    return (row["method"], row.get("prune") or "", row.get("grow") or "",
+            str(row.get("epochs") or ""))
+
+
+def _labels(configurations):
+    """{configuration: its name in a table or legend}: "" for every sparse one when
+    there is only one (the pattern alone names a cell), else the method, DST's
+    criterion/growth, and the epochs when they differ."""
+    sparse = {c for c in configurations if c[0] != "dense"}
+    epochs = len({c[3] for c in configurations}) > 1
+    labels = {}
+    for c in configurations:
+        method, prune, grow, n = c
+        parts = [] if (method == "dense" or len(sparse) == 1) else [
+            f"{method} {prune}/{grow}" if method == "dst" else method]
+        parts += [f"{n} epochs"] if epochs else []
+        labels[c] = ", ".join(parts)
+    return labels
+
+
+def pattern_cells(rows, metric="best_val_test_accuracy"):
+    """{(model, dataset): {(configuration, pattern, density): [metric values]}}: each
+    cell the seeds of one configuration (`_configuration`), one pattern ("dense" for
+    the dense model) and one density.
+
+    Raises:
+      ValueError: a cell holds a seed twice: its runs differ in a setting that the CSV
+        has no column for (e.g. --lr), and their mean would not be over seeds.
+    """
+    setups = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in rows:
+        pattern = "dense" if r["method"] == "dense" else (r.get("pattern") or "unstructured")
+        setups[(r["model"], r["dataset"])][(_configuration(r), pattern, r["density"])].append(r)
+    for (model, dataset), cells in setups.items():
+        labels = _labels({c for c, _, _ in cells})
+        for (config, pattern, density), cell in cells.items():
+            seeds = collections.Counter(r["seed"] for r in cell if r.get("seed") not in (None, ""))
+            twice = sorted(str(s) for s, n in seeds.items() if n > 1)
+            if twice:
+                name = pattern + (f" ({labels[config]})" if labels[config] else "")
+                raise ValueError(
+                    f"{model} / {dataset}, {name} at density {density:g} has seed(s) "
+                    f"{', '.join(twice)} more than once: the same run read twice, or runs that "
+                    "differ in a setting the CSV has no column for (e.g. --lr; plot those from "
+                    "separate CSVs)")
+    return {setup: {key: [r[metric] for r in cell] for key, cell in cells.items()}
+            for setup, cells in sorted(setups.items())}
 
 
 def plot_patterns(rows_or_csvs, out="patterns", metric="best_val_test_accuracy"):
-    """Accuracy vs density per sparsity pattern (DST rows of one or more sweep CSVs).
+    """Accuracy vs density per sparsity pattern (the sparse rows of one or more sweep CSVs).
 
-    One panel per setup (model / dataset), one curve per pattern with mean ± std over
-    seeds, the dense model as a dashed line. Returns the written paths.
+    One panel per setup (model / dataset), one curve per pattern and configuration
+    (method, criterion/growth: `pattern_cells`; named in the legend when a setup has
+    more than one) with mean ± std over seeds, the dense model as a dashed line.
+    Returns the written paths.
     """
-    rows = []
-    for source in ([rows_or_csvs] if isinstance(rows_or_csvs, str) else rows_or_csvs):
-        rows += read_rows(source) if isinstance(source, str) else [source]
-    setups = _setups(rows)
-    if not setups:
+    cells = pattern_cells(_pattern_rows(rows_or_csvs), metric)
+    if not cells:
         raise ValueError("no rows to plot")
-    fig, axes = plt.subplots(1, len(setups), figsize=(5.0 * len(setups), 3.6), squeeze=False)
-    for ax, (model, dataset) in zip(axes[0], setups):
-        mine = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
-        dense = [r[metric] for r in mine if r["method"] == "dense"]
-        if dense:
-            ax.axhline(np.mean(dense), color="k", linestyle="--", linewidth=1, label="dense")
-        for pattern in sorted({r.get("pattern") or "unstructured" for r in mine
-                               if r["method"] == "dst"}):
-            curve = [r for r in mine if r["method"] == "dst"
-                     and (r.get("pattern") or "unstructured") == pattern]
-            _curve(ax, _mean_std(curve, metric), pattern)
+    fig, axes = plt.subplots(1, len(cells), figsize=(5.0 * len(cells), 3.6), squeeze=False)
+    for ax, ((model, dataset), groups) in zip(axes[0], cells.items()):
+        labels = _labels({c for c, _, _ in groups})
+        curves = collections.defaultdict(dict)
+        for (config, pattern, density), values in groups.items():
+            curves[(config, pattern)][density] = values
+        for (config, pattern), by_density in sorted(  # the dense line first, then by pattern
+                curves.items(), key=lambda kv: (kv[0][1] != "dense", kv[0][1], kv[0][0])):
+            label = pattern + (f" ({labels[config]})" if labels[config] else "")
+            if pattern == "dense":
+                mean = np.mean([v for vs in by_density.values() for v in vs])
+                ax.axhline(mean, color="k", linestyle="--", linewidth=1, label=label)
+                continue
+            _curve(ax, {d: (float(np.mean(v)), float(np.std(v)))
+                        for d, v in sorted(by_density.items())}, label)
         ax.set_xscale("log")
-        ticks = sorted({r["density"] for r in mine if r["method"] == "dst"})
+        ticks = sorted({d for _, pattern, d in groups if pattern != "dense"})
         ax.set_xticks(ticks, [f"{d:g}" for d in ticks])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(f"{model} / {dataset}")
@@ -195,25 +309,21 @@ def plot_patterns(rows_or_csvs, out="patterns", metric="best_val_test_accuracy")
 
 
 def pattern_table(rows_or_csvs, metric="best_val_test_accuracy"):
-    """Markdown: mean ± std (seeds) per setup, pattern and density, and the difference to
-    unstructured DST at the same density in percentage points."""
-    rows = []
-    for source in ([rows_or_csvs] if isinstance(rows_or_csvs, str) else rows_or_csvs):
-        rows += read_rows(source)
+    """Markdown: mean ± std over seeds (and their number) per setup, configuration
+    (method, criterion/growth: `pattern_cells`; named after the pattern when a setup
+    has more than one), pattern and density, and the difference to unstructured masks
+    of the same configuration and density in percentage points."""
     lines = ["| setup | pattern | density | accuracy (mean ± std, seeds) | vs unstructured |",
              "|---|---|---|---|---|"]
-    for model, dataset in _setups(rows):
-        mine = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
-        groups = collections.defaultdict(list)
-        for r in mine:
-            key = ("dense", 1.0) if r["method"] == "dense" else (
-                r.get("pattern") or "unstructured", r["density"])
-            groups[key].append(r[metric])
-        for (pattern, density), values in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            base = groups.get(("unstructured", density))
+    for (model, dataset), groups in pattern_cells(_pattern_rows(rows_or_csvs), metric).items():
+        labels = _labels({c for c, _, _ in groups})
+        for (config, pattern, density), values in sorted(
+                groups.items(), key=lambda kv: (kv[0][2], labels[kv[0][0]], kv[0][1])):
+            base = groups.get((config, "unstructured", density))
             diff = ("" if pattern in ("unstructured", "dense") or not base
                     else f"{100 * (np.mean(values) - np.mean(base)):+.1f} pp")
-            lines.append(f"| {model} / {dataset} | {pattern} | {density:g} | "
+            name = pattern + (f" ({labels[config]})" if labels[config] else "")
+            lines.append(f"| {model} / {dataset} | {name} | {density:g} | "
                          f"{np.mean(values):.4f} ± {np.std(values):.4f} ({len(values)}) | {diff} |")
     return "\n".join(lines)
 
@@ -267,8 +377,9 @@ def define_flags(flag_values=flags.FLAGS):
                         "overlap).", flag_values=flag_values)
     flags.DEFINE_enum("metric", "best_val_test_accuracy", METRICS, "Accuracy to plot.",
                       flag_values=flag_values)
-    flags.DEFINE_float("ymin", None, "Bottom of Figure 1's y axes (default: automatic); "
-                       "curves below it are marked in the legend.", flag_values=flag_values)
+    flags.DEFINE_float("ymin", None, "Bottom of Figure 1's y axes (default: automatic; --csv "
+                       "only; below the data's highest value); curves below it are marked in "
+                       "the legend.", flag_values=flag_values)
     flags.DEFINE_list("patterns", None, "Sweep CSVs with a pattern column (sweep.py --pattern): "
                       "accuracy vs density per pattern, one panel per setup, and a table.",
                       flag_values=flag_values)
@@ -290,24 +401,31 @@ def main(argv):
     if sum(bool(v) for v in (FLAGS.csv, FLAGS.overlap, FLAGS.patterns)) != 1:
         sys.exit("error: pass exactly one of --csv (Figure 1), --overlap (heatmap) or "
                  "--patterns (accuracy per sparsity pattern)")
-    if FLAGS.patterns:
-        try:
-            print(pattern_table(FLAGS.patterns, FLAGS.metric))
-            paths = plot_patterns(FLAGS.patterns, FLAGS.out or "patterns", FLAGS.metric)
-        except (OSError, ValueError, KeyError) as e:
-            sys.exit(f"error: {type(e).__name__}: {e}")
-        print("wrote " + ", ".join(paths))
-        return
+    if FLAGS.ymin is not None and not FLAGS.csv:
+        sys.exit(f"error: --ymin={FLAGS.ymin:g}: it sets the bottom of Figure 1's y axes (--csv)")
+    # Every input is read and checked (and the figure drawn) before anything is printed:
+    # an error is the one line printed.
+    text = ""
     try:
-        if FLAGS.csv:
-            print(f"{FLAGS.metric}: mean ± std over seeds (number of seeds)")
-            print(summary_table(FLAGS.csv, FLAGS.metric))
-        paths = (plot_figure1(FLAGS.csv, FLAGS.out or "figure1", FLAGS.metric, FLAGS.ymin)
-                 if FLAGS.csv
-                 else plot_overlap(FLAGS.overlap, FLAGS.out or "overlap",
-                                   FLAGS.title or "Jaccard index of pruned sets"))
-    except (OSError, ValueError, KeyError) as e:
+        if FLAGS.overlap:
+            paths = plot_overlap(FLAGS.overlap, FLAGS.out or "overlap",
+                                 FLAGS.title or "Jaccard index of pruned sets")
+        elif FLAGS.csv:
+            rows = load_rows([FLAGS.csv], FLAGS.metric, "--csv")
+            check_ymin(rows, FLAGS.metric, FLAGS.ymin)
+            text = (f"{FLAGS.metric}: mean ± std over seeds (number of seeds)\n"
+                    + summary_table(rows, FLAGS.metric))
+            paths = plot_figure1(rows, FLAGS.out or "figure1", FLAGS.metric, FLAGS.ymin)
+        else:
+            rows = load_rows(FLAGS.patterns, FLAGS.metric, "--patterns")
+            text = pattern_table(rows, FLAGS.metric)
+            paths = plot_patterns(rows, FLAGS.out or "patterns", FLAGS.metric)
+    except ValueError as e:  # (these name the flag and file)
+        sys.exit(f"error: {e}")
+    except (OSError, KeyError) as e:
         sys.exit(f"error: {type(e).__name__}: {e}")
+    if text:
+        print(text)
     print("wrote " + ", ".join(paths))
 
 

@@ -61,6 +61,35 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_integer("batch_size", 32, "Batch size.", lower_bound=1, flag_values=flag_values)
     flags.DEFINE_integer("report_every", 1000, "Print a progress line every this many updates "
                          "(0: never).", lower_bound=0, flag_values=flag_values)
+    flags.register_multi_flags_validator(
+        ["steps", "update_every"], lambda v: _check_steps(v["steps"], v["update_every"]),
+        flag_values=flag_values)
+
+
+def _check_steps(steps, update_every):
+    """True, or raises flags.ValidationError: the run must reach at least one update."""
+    message = steps_error(steps, update_every)
+    if message:
+        raise flags.ValidationError(message)
+    return True
+
+
+def steps_error(steps, update_every):
+    """Why `steps` and `update_every` check nothing, or None. The updates run at steps
+    update_every, 2 * update_every, ... (`DynamicSparseTraining`'s default begin_step 0),
+    so a run shorter than one period has none, and would "pass" without a check."""
+    if steps < update_every:
+        return (f"--steps={steps} is below --update_every={update_every}: no DST update would "
+                "run, so no invariant would be checked")
+    return None
+
+
+def parse_flags(argv, flag_values=FLAGS):
+    """absl flag parser that turns every flag error into a one-line exit message."""
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        sys.exit("error: " + "; ".join(str(e).splitlines()))
 
 
 class SoakInvariantError(AssertionError):
@@ -175,7 +204,11 @@ class InvariantChecker(keras.callbacks.Callback):
 
 def run(steps=100_000, update_every=10, seed=0, prune="magnitude", grow="gradient",
         density=0.1, batch_size=32, report_every=0, print_fn=print):
-    """Runs the soak; returns a summary dict. Raises `SoakInvariantError` on a violation."""
+    """Runs the soak; returns a summary dict. Raises `SoakInvariantError` on a violation,
+    ValueError when the run would reach no update (`steps_error`)."""
+    message = steps_error(steps, update_every)
+    if message:
+        raise ValueError(message)
     start = time.perf_counter()
     (x, y), (x_test, y_test) = digits()
     model = keras_dst.prunable(build_model(seed), density=density, seed=seed)
@@ -227,4 +260,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
