@@ -21,7 +21,6 @@ Exit status 0 when every check passed, 1 otherwise.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +30,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python examples/kill_resume.py` as well as `import examples.kill_resume`
+    sys.path.insert(0, ROOT)
+
+from examples import outputs  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -87,23 +92,8 @@ def prepare_work_dir(work_dir, print_fn=print):
       ValueError: `work_dir` (or a directory above it) is not a directory, or cannot be
         created; the message names --work_dir.
     """
-    blocker = os.path.abspath(work_dir)  # the path, or the nearest existing one above it
-    while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
-        blocker = os.path.dirname(blocker)
-    if os.path.exists(blocker) and not os.path.isdir(blocker):
-        where = "it" if blocker == os.path.abspath(work_dir) else blocker
-        raise ValueError(f"--work_dir={work_dir}: {where} is a file, not a directory")
-    try:
-        os.makedirs(work_dir, exist_ok=True)
-    except OSError as e:  # no permission, ...
-        raise ValueError(f"--work_dir={work_dir}: cannot create it: {e.strerror or e}") from None
-    stale = [name for name in OWN_FILES if os.path.lexists(os.path.join(work_dir, name))]
-    for name in stale:
-        path = os.path.join(work_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+    outputs.make_directory(work_dir, "--work_dir")
+    stale = outputs.remove_earlier(work_dir, OWN_FILES)
     if stale:
         print_fn(f"--work_dir={work_dir}: removed the previous run's {', '.join(stale)}", flush=True)
     return work_dir

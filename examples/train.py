@@ -32,7 +32,6 @@ import math
 import os
 import pathlib
 import re
-import shutil
 import sys
 import time
 
@@ -49,6 +48,7 @@ from examples import data as data_lib  # noqa: E402
 from examples import (
     deploy,  # noqa: E402
     optim,  # noqa: E402
+    outputs,  # noqa: E402
 )
 from examples import models as models_lib  # noqa: E402
 
@@ -195,7 +195,7 @@ def validate(config):
             raise ValueError(f"--strategy={config['strategy']}: --method gmp and --overlap run "
                              "without a tf.distribute strategy (DST and static runs take one)")
     if config.get("output_dir"):
-        _check_directory(config["output_dir"], "--output_dir")
+        outputs.check_directory(config["output_dir"], "--output_dir")
     if "pattern" in config:
         try:
             pattern = keras_dst.patterns.parse(config["pattern"])
@@ -339,16 +339,6 @@ def tensorboard(log_dir):
     return [keras.callbacks.TensorBoard(log_dir, write_graph=False)]
 
 
-def _check_directory(path, flag):
-    """Raises ValueError naming `flag` where `path` cannot be a directory (it, or a folder
-    above it, is a file)."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{flag}={path}: {existing} is a file, not a directory")
-
-
 # What a run writes beside the files it always overwrites: an earlier run's would be
 # mixed with this one's (TensorBoard curves of both, its exports with this run's results).
 EARLIER_OUTPUTS = ("tb", "saved_model", "model.tflite", "model_dense.tflite", "overlap.json")
@@ -362,17 +352,11 @@ def _output_dir(config):
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = os.path.join("runs", f"{stamp}_{config['method']}_{config['model']}")
-    os.makedirs(path, exist_ok=True)
-    earlier = [name for name in EARLIER_OUTPUTS if os.path.lexists(os.path.join(path, name))]
+    outputs.make_directory(path, "--output_dir")
+    earlier = outputs.remove_earlier(path, EARLIER_OUTPUTS)
     if earlier:
         print(f"{path} holds an earlier run's outputs: removed {earlier} (the other files are "
               "overwritten)")
-        for name in earlier:
-            full = os.path.join(path, name)
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full)
-            else:
-                os.remove(full)
     return path
 
 

@@ -614,9 +614,9 @@ def test_train_names_a_bad_pattern_and_an_output_dir_that_is_a_file(tmp_path):
         train.validate({**train.default_config(), "method": "dst", "pattern": "1x1"})
     afile = tmp_path / "afile"
     afile.write_text("")
-    for path in (afile, afile / "sub"):
+    for path, where in ((afile, "it"), (afile / "sub", str(afile))):
         with pytest.raises(ValueError, match=rf"^--output_dir={re.escape(str(path))}: "
-                                             rf"{re.escape(str(afile))} is a file, not a directory"):
+                                             rf"{re.escape(where)} is a file, not a directory"):
             train.validate({**train.default_config(), "output_dir": str(path)})
 
 

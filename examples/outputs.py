@@ -1,0 +1,39 @@
+"""Output directories of the example scripts (no TensorFlow import): checked before a
+run starts, and cleared of what an earlier run of the same script left there, which the
+new run would otherwise restore, compare with or show beside its own outputs."""
+
+import os
+import shutil
+
+
+def check_directory(path, flag):
+    """Raises ValueError naming `flag` where `path` cannot be a directory: it, or a
+    directory above it, is a file."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        where = "it" if existing == os.path.abspath(path) else existing
+        raise ValueError(f"{flag}={path}: {where} is a file, not a directory")
+
+
+def make_directory(path, flag):
+    """`check_directory`, then creates `path` (ValueError naming `flag` where it cannot)."""
+    check_directory(path, flag)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # no permission, ...
+        raise ValueError(f"{flag}={path}: cannot create it: {e.strerror or e}") from None
+
+
+def remove_earlier(directory, names):
+    """Removes the entries `names` of `directory` that exist (files, links or directory
+    trees); returns the names removed, in the order given."""
+    removed = [name for name in names if os.path.lexists(os.path.join(directory, name))]
+    for name in removed:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return removed
