@@ -1187,8 +1187,8 @@ class LiteRTModel:
         except RuntimeError as e:
             if not (self._automatic and self.xnnpack and "XNNPack" in str(e)):
                 raise
-            user_warnings.warn(f"LiteRTModel: the XNNPACK delegate refused this model ({e}); running "
-                          "it with the builtin kernels.")
+            user_warnings.warn(f"LiteRTModel: the XNNPACK delegate refused this model ({e}); "
+                               "running it with the builtin kernels.")
             path, content, num_threads = self._source
             self.interpreter = interpreter(path, model_content=content, num_threads=num_threads,
                                            xnnpack=False)

@@ -347,6 +347,16 @@ def relative_name(layer, variable) -> str:
     return relative_path(layer, variable).replace("/", "_")
 
 
+def _per_weight_pairs(a: list, b: list) -> list:
+    """The pairs of two per-weight settings, each a list of one value per weight or of
+    one value for every weight (repeated); [] where their lengths disagree (`create`,
+    which knows the weights, reports that)."""
+    if len(a) != len(b) and 1 not in (len(a), len(b)):
+        return []
+    n = max(len(a), len(b))
+    return list(zip(a * n if len(a) == 1 else a, b * n if len(b) == 1 else b))
+
+
 class SparseState:
     """The sparse state of one layer and what keeps its weights at 0 where masked.
 
@@ -388,13 +398,9 @@ class SparseState:
         else:
             raise TypeError(f"keep_dense must be a bool or a list of bools (one per prunable "
                             f"weight), got keep_dense={keep_dense!r}.")
-        if len(kept) == len(densities) or 1 in (len(kept), len(densities)):
-            n = max(len(kept), len(densities))  # (else `create` reports the lengths)
-            if any(k and float(d) != 1.0 for k, d in zip(kept * n if len(kept) == 1 else kept,
-                                                         densities * n if len(densities) == 1
-                                                         else densities)):
-                raise ValueError(f"layer '{layer.name}': keep_dense={keep_dense!r} needs density "
-                                 f"1 for the weights it keeps dense, got density={density!r}.")
+        if any(k and float(d) != 1.0 for k, d in _per_weight_pairs(kept, densities)):
+            raise ValueError(f"layer '{layer.name}': keep_dense={keep_dense!r} needs density "
+                             f"1 for the weights it keeps dense, got density={density!r}.")
         seed = validation.check_seed(seed, allow_none=True)
         pattern_list = [pattern] if isinstance(pattern, (str, patterns.Pattern)) or pattern is None \
             else list(pattern)
@@ -403,11 +409,8 @@ class SparseState:
         if init != "exact" and any(p.kind != "unstructured" for p in parsed):
             raise ValueError(f"{owner}: pattern={pattern!r} needs init='exact' (exact counts "
                              f"per block, group or unit), got init={init!r}.")
-        if 1 in (len(parsed), len(densities)) or len(parsed) == len(densities):
-            n = max(len(parsed), len(densities))  # (else `create` reports the lengths)
-            for p, d in zip(parsed * n if len(parsed) == 1 else parsed,
-                            densities * n if len(densities) == 1 else densities):
-                patterns.check_density(p, d, f"layer '{layer.name}'")
+        for p, d in _per_weight_pairs(parsed, densities):
+            patterns.check_density(p, d, f"layer '{layer.name}'")
         self.layer = layer
         self.owner = owner
         self.wrapper = wrapper

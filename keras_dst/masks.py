@@ -305,8 +305,8 @@ def reapply_masks_if_needed(model, caller) -> int:
     stray = sum(_stray_entries(targets))
     if stray:
         user_warnings.warn(f"{caller}: {stray} weights were non-zero where their masks are 0 "
-                      "(written by a path keras_dst cannot see, e.g. a write of the "
-                      "variable's handle); they were set to 0.")
+                           "(written by a path keras_dst cannot see, e.g. a write of the "
+                           "variable's handle); they were set to 0.")
         _zero_masked(targets)
     return stray
 

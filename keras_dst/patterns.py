@@ -48,7 +48,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import distributions, topology, validation
-from keras_dst.registry import normalize_name
 
 KINDS = ("unstructured", "block", "nm", "fan_in")
 ACCEPTED = "'unstructured', '1xB' (B >= 2, e.g. '1x4'), 'N:M' (1 <= N < M, e.g. '2:4'), 'fan_in', or None"
@@ -117,9 +116,9 @@ def parse(spec: PatternLike) -> Pattern:
         return spec
     if isinstance(spec, str):
         text = spec.strip().lower()
-        for kind in ("unstructured", "fan_in"):  # (named as registered names are matched)
-            if normalize_name(text) == normalize_name(kind):
-                return Pattern(kind)
+        kind = validation.find_choice(text, ("unstructured", "fan_in"))
+        if kind is not None:
+            return Pattern(kind)
         block = re.fullmatch(r"1x(\d+)", text)
         if block and int(block.group(1)) >= 2:
             return Pattern("block", block=int(block.group(1)))

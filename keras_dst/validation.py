@@ -58,14 +58,22 @@ def check_density(value, name: str = "density", allow_zero: bool = False) -> flo
     return float(value)
 
 
-def check_choice(value, choices: Collection[str], name: str) -> str:
+def find_choice(value, choices: Collection[str]) -> Optional[str]:
     """The one of `choices` that `value` names, matched as registered names are (case,
-    "_" and "-" ignored: ``"Global"`` gives ``"global"``), else a ValueError naming both."""
+    "_" and "-" ignored: ``"Global"`` gives ``"global"``), or None."""
     if isinstance(value, str):
         for choice in choices:
             if normalize_name(choice) == normalize_name(value):
                 return choice
-    raise ValueError(f"{name} must be one of {sorted(choices)}, got {name}={value!r}.")
+    return None
+
+
+def check_choice(value, choices: Collection[str], name: str) -> str:
+    """`find_choice`, else a ValueError naming `name`, the choices and `value`."""
+    choice = find_choice(value, choices)
+    if choice is None:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {name}={value!r}.")
+    return choice
 
 
 def check_names(value, name: str) -> tuple:
