@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_dst  # noqa: E402
+from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -74,15 +75,6 @@ def define_flags(flag_values=FLAGS):
         flags.register_validator(name, check, f"--{name} {message}", **fv)
     for name, lookup in (("prune", keras_dst.get_criterion), ("grow", keras_dst.get_growth)):
         flags.register_validator(name, _library_name(lookup), **fv)
-
-
-def parse_flags(argv, flag_values=FLAGS):
-    """absl flag parser that turns every flag error into a one-line exit message (the
-    validators run here, before any model is built or trained)."""
-    try:
-        return flag_values(argv)
-    except flags.Error as e:
-        sys.exit("error: " + "; ".join(str(e).splitlines()))
 
 
 def _is_int(text):
@@ -299,4 +291,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

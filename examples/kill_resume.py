@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python examples/kill_resume.py` as well as `import examples.kill_resume`
     sys.path.insert(0, ROOT)
 
-from examples import outputs  # noqa: E402
+from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -69,14 +69,6 @@ def define_flags(flag_values=FLAGS):
         flags.register_validator(name, check, f"--{name} {message}", flag_values=flag_values)
 
 
-def parse_flags(argv, flag_values=FLAGS):
-    """absl flag parser that turns every flag error into a one-line exit message."""
-    try:
-        return flag_values(argv)
-    except flags.Error as e:
-        sys.exit("error: " + "; ".join(str(e).splitlines()))
-
-
 # What a run writes into --work_dir: its backup directory and the two final states it
 # compares. A rerun into the same directory must not restore or read the previous run's.
 OWN_FILES = ("backup", "reference.npz", "killed.npz")
@@ -92,8 +84,8 @@ def prepare_work_dir(work_dir, print_fn=print):
       ValueError: `work_dir` (or a directory above it) is not a directory, or cannot be
         created; the message names --work_dir.
     """
-    outputs.make_directory(work_dir, "--work_dir")
-    stale = outputs.remove_earlier(work_dir, OWN_FILES)
+    cli.make_directory(work_dir, "--work_dir")
+    stale = cli.remove_earlier(work_dir, OWN_FILES)
     if stale:
         print_fn(f"--work_dir={work_dir}: removed the previous run's {', '.join(stale)}", flush=True)
     return work_dir
@@ -274,4 +266,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

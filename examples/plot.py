@@ -24,16 +24,23 @@ import collections
 import csv
 import json
 import os
+import pathlib
 import sys
 import textwrap
 
-import matplotlib
-from absl import app, flags
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python examples/plot.py` as well as `import examples.plot`
+    sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+
+from examples import cli  # noqa: E402
 
 METRICS = ("best_val_test_accuracy", "final_test_accuracy")
 
@@ -387,13 +394,6 @@ def define_flags(flag_values=flags.FLAGS):
                         "of pruned sets').", flag_values=flag_values)
 
 
-def parse_flags(argv):
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"error: {e}")
-
-
 def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
@@ -431,4 +431,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -40,6 +40,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_dst  # noqa: E402
+from examples import cli  # noqa: E402
 from keras_dst.testing import assert_sparse_invariants  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -82,14 +83,6 @@ def steps_error(steps, update_every):
         return (f"--steps={steps} is below --update_every={update_every}: no DST update would "
                 "run, so no invariant would be checked")
     return None
-
-
-def parse_flags(argv, flag_values=FLAGS):
-    """absl flag parser that turns every flag error into a one-line exit message."""
-    try:
-        return flag_values(argv)
-    except flags.Error as e:
-        sys.exit("error: " + "; ".join(str(e).splitlines()))
 
 
 class SoakInvariantError(AssertionError):
@@ -260,4 +253,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 from absl import app, flags  # noqa: E402
 
 import keras_dst  # noqa: E402
-from examples import train  # noqa: E402
+from examples import cli, train  # noqa: E402
 
 SWEPT = ("method", "prune", "grow", "density", "seed", "output_dir")
 COLUMNS = ("key", "method", "prune", "grow", "density", "pattern", "seed", "model", "dataset",
@@ -268,4 +268,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=train.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

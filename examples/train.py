@@ -44,12 +44,12 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import keras_dst  # noqa: E402
-from examples import data as data_lib  # noqa: E402
 from examples import (
+    cli,  # noqa: E402
     deploy,  # noqa: E402
     optim,  # noqa: E402
-    outputs,  # noqa: E402
 )
+from examples import data as data_lib  # noqa: E402
 from examples import models as models_lib  # noqa: E402
 
 METHODS = ("dense", "static", "dst", "gmp")
@@ -195,7 +195,7 @@ def validate(config):
             raise ValueError(f"--strategy={config['strategy']}: --method gmp and --overlap run "
                              "without a tf.distribute strategy (DST and static runs take one)")
     if config.get("output_dir"):
-        outputs.check_directory(config["output_dir"], "--output_dir")
+        cli.check_directory(config["output_dir"], "--output_dir")
     if "pattern" in config:
         try:
             pattern = keras_dst.patterns.parse(config["pattern"])
@@ -352,8 +352,8 @@ def _output_dir(config):
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = os.path.join("runs", f"{stamp}_{config['method']}_{config['model']}")
-    outputs.make_directory(path, "--output_dir")
-    earlier = outputs.remove_earlier(path, EARLIER_OUTPUTS)
+    cli.make_directory(path, "--output_dir")
+    earlier = cli.remove_earlier(path, EARLIER_OUTPUTS)
     if earlier:
         print(f"{path} holds an earlier run's outputs: removed {earlier} (the other files are "
               "overwritten)")
@@ -502,14 +502,6 @@ def report(results, print_fn=print):
     print_fn("\n".join(lines))
 
 
-def parse_flags(argv, flag_values=flags.FLAGS):
-    """absl flag parser that turns every flag error into a one-line exit message."""
-    try:
-        return flag_values(argv)
-    except flags.Error as e:
-        sys.exit(f"error: {e}")
-
-
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
@@ -524,4 +516,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples import hub_text, kill_resume, plot, soak, sweep  # noqa: E402
+from examples import cli, hub_text, kill_resume, plot, soak, sweep  # noqa: E402
 
 
 def _exit_message(module, argv):
@@ -27,7 +27,7 @@ def _exit_message(module, argv):
     fv = flags.FlagValues()
     module.define_flags(fv)
     with pytest.raises(SystemExit) as exit_info:
-        module.parse_flags(["prog", *argv], fv)
+        cli.parse_flags(["prog", *argv], fv)
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
@@ -36,7 +36,7 @@ def _exit_message(module, argv):
 def _parsed(module, argv):
     fv = flags.FlagValues()
     module.define_flags(fv)
-    module.parse_flags(["prog", *argv], fv)
+    cli.parse_flags(["prog", *argv], fv)
     return fv
 
 

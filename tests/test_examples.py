@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 import keras_dst  # noqa: E402
 from examples import data, models, optim, plot, sweep, train  # noqa: E402
+from examples.cli import parse_flags  # noqa: E402
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -385,7 +386,7 @@ def test_an_nm_pattern_with_another_density_is_refused_by_validate():
 def test_a_command_line_without_density_takes_an_nm_patterns_own(argv, density):
     fv = flags.FlagValues()
     train.define_flags(fv)
-    train.parse_flags(["prog", *argv], fv)
+    parse_flags(["prog", *argv], fv)
     config = train.config_from_flags(fv)
     assert config["density"] == density
     if density == 0.3:
@@ -545,7 +546,7 @@ def _flag_error(define, argv):
     fv = flags.FlagValues()
     define(fv)
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_flags(["prog", *argv], fv)
+        parse_flags(["prog", *argv], fv)
     return str(exit_info.value.code)
 
 
@@ -558,7 +559,7 @@ def test_bad_train_flags_are_one_line_errors(case):
 def test_flags_parse_into_a_valid_config():
     fv = flags.FlagValues()
     train.define_flags(fv)
-    train.parse_flags(["prog", "--density", "0.3", "--nonesterov", "--method", "static"], fv)
+    parse_flags(["prog", "--density", "0.3", "--nonesterov", "--method", "static"], fv)
     config = train.config_from_flags(fv)
     assert config == {**train.default_config(), "density": 0.3, "nesterov": False,
                       "method": "static"}
@@ -584,7 +585,7 @@ def test_stray_arguments_are_one_line_errors():
 def test_bad_sweep_flags_are_value_errors(argv, match):
     fv = flags.FlagValues()
     sweep.define_flags(fv)
-    train.parse_flags(["sweep.py", *argv], fv)
+    parse_flags(["sweep.py", *argv], fv)
     with pytest.raises(ValueError, match=match):
         sweep.plan(fv)
 
@@ -595,7 +596,7 @@ def test_sweep_takes_a_pattern_in_any_spelling_and_leaves_the_dense_baseline_wit
     naming a --method flag the sweep does not have."""
     fv = flags.FlagValues()
     sweep.define_flags(fv)
-    train.parse_flags(["sweep.py", "--pattern", "1X4", "--methods", "dense,static,dst"], fv)
+    parse_flags(["sweep.py", "--pattern", "1X4", "--methods", "dense,static,dst"], fv)
     base, runs = sweep.plan(fv)
     assert base["pattern"] == "1x4"
     assert {r["method"] for r in runs if r.get("pattern") == "unstructured"} == {"dense"}
@@ -603,7 +604,7 @@ def test_sweep_takes_a_pattern_in_any_spelling_and_leaves_the_dense_baseline_wit
     assert sweep.run_key(spelled) == sweep.run_key({**spelled, "pattern": "1x4"})
     fv = flags.FlagValues()
     sweep.define_flags(fv)
-    train.parse_flags(["sweep.py", "--pattern", "2:4", "--methods", "gmp,dst"], fv)
+    parse_flags(["sweep.py", "--pattern", "2:4", "--methods", "gmp,dst"], fv)
     with pytest.raises(ValueError, match=r"--pattern=2:4: gmp prunes unstructured; leave gmp out "
                                          r"of --methods"):
         sweep.plan(fv)

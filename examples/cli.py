@@ -1,9 +1,25 @@
-"""Output directories of the example scripts (no TensorFlow import): checked before a
-run starts, and cleared of what an earlier run of the same script left there, which the
-new run would otherwise restore, compare with or show beside its own outputs."""
+"""What the example scripts share at their command line (no TensorFlow import): the flag
+parser that turns an absl flag error into a one-line exit message, and their output
+directories, checked before a run starts and cleared of what an earlier run of the same
+script left there, which the new run would otherwise restore, compare with or show
+beside its own outputs."""
 
 import os
 import shutil
+import sys
+
+from absl import flags
+
+
+def parse_flags(argv, flag_values=flags.FLAGS):
+    """absl flag parser for `app.run(main, flags_parser=parse_flags)`: parses `argv` into
+    `flag_values` (running their validators, before any model is built) and returns the
+    remaining arguments; a flag error exits with one line, "error: " and the error's
+    lines joined by "; ", instead of absl's usage dump."""
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        sys.exit("error: " + "; ".join(str(e).splitlines()))
 
 
 def check_directory(path, flag):
