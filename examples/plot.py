@@ -3,7 +3,8 @@ accuracy per sparsity pattern (``--patterns a.csv,b.csv``).
 
 Figure 1: test accuracy vs. density (log x), one column per setup (model / dataset),
 one row per growth rule, one curve per criterion with mean ± std over seeds, static
-sparse training as its own curve and the dense model as a dashed horizontal line::
+sparse training as its own curve and the dense model as a dashed horizontal line (a CSV
+holding runs of several sparsity patterns gets one curve per pattern)::
 
     python examples/plot.py --csv runs/sweep.csv --out runs/figure1
     python examples/plot.py --overlap runs/run0/overlap.json --out runs/overlap
@@ -105,6 +106,15 @@ def check_ymin(rows, metric, ymin):
                          f"({top:.4f}): the figure would show no data")
 
 
+def _pattern(row):
+    """A row's sparsity pattern: "dense" for the dense model, "unstructured" where the
+    CSV has no pattern (written before sweep.py had --pattern)."""
+    return "dense" if row["method"] == "dense" else (row.get("pattern") or "unstructured")
+
+
+MARKERS = "os^Dv<>p"  # one per pattern in Figure 1 (the pattern's position in sorted order)
+
+
 def _mean_std(rows, metric):
     """{density: (mean, std)} over the seeds of `rows`."""
     by_density = collections.defaultdict(list)
@@ -118,8 +128,19 @@ def _curve(ax, stats, label, ymin=None, **style):
     mean, std = np.array([stats[d] for d in x]).T
     if ymin is not None and (mean < ymin).any():
         label += f" (below {ymin:g} at d=" + ",".join(f"{d:g}" for d in x[mean < ymin]) + ")"
-    line, = ax.plot(x, mean, marker="o", markersize=3, label=label, **style)
+    line, = ax.plot(x, mean, **{"marker": "o", "markersize": 3, "label": label, **style})
     ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color(), linewidth=0)
+
+
+def _pattern_curves(ax, runs, label, patterns, metric, ymin, **style):
+    """One `_curve` of `runs` per pattern of `patterns` they hold, named "[pattern]" and
+    marked by it where there are several patterns."""
+    for i, pattern in enumerate(patterns):
+        of_pattern = [r for r in runs if _pattern(r) == pattern]
+        if of_pattern:
+            _curve(ax, _mean_std(of_pattern, metric),
+                   label + (f" [{pattern}]" if len(patterns) > 1 else ""), ymin,
+                   marker=MARKERS[i % len(MARKERS)], **style)
 
 
 def _save(fig, out):
@@ -135,7 +156,9 @@ def plot_figure1(rows, out="figure1", metric="best_val_test_accuracy", ymin=None
     """Draws Figure 1 from sweep rows (a CSV path or `read_rows` output).
 
     `ymin` (optional) is the bottom of the y axes; curves that go below it say so in
-    the legend.
+    the legend. Rows of several sparsity patterns (a CSV that sweep.py wrote with
+    different --pattern values) are not pooled: each criterion, static and gmp gets one
+    curve per pattern, named "[pattern]" and marked by it.
 
     Returns:
       The paths written (PNG and PDF).
@@ -157,19 +180,19 @@ def plot_figure1(rows, out="figure1", metric="best_val_test_accuracy", ymin=None
         static = [r for r in setup if r["method"] == "static"]
         gmp = [r for r in setup if r["method"] == "gmp"]
         densities = sorted({r["density"] for r in setup if r["method"] != "dense"})
+        patterns = sorted({_pattern(r) for r in setup if r["method"] != "dense"})
+
         for row, growth in enumerate(growths):
             ax = axes[row][col]
             criteria = sorted({r["prune"] for r in setup
                                if r["method"] == "dst" and r["grow"] == growth})
             for criterion in criteria:
-                _curve(ax, _mean_std([r for r in setup if r["method"] == "dst" and
-                                      r["prune"] == criterion and r["grow"] == growth],
-                                     metric), criterion, ymin)
-            if static:
-                _curve(ax, _mean_std(static, metric), "static", ymin, color="black",
-                       linestyle=":")
-            if gmp:
-                _curve(ax, _mean_std(gmp, metric), "gmp", ymin, color="gray", linestyle="-.")
+                _pattern_curves(ax, [r for r in setup if r["method"] == "dst" and
+                                     r["prune"] == criterion and r["grow"] == growth],
+                                criterion, patterns, metric, ymin)
+            _pattern_curves(ax, static, "static", patterns, metric, ymin, color="black",
+                            linestyle=":")
+            _pattern_curves(ax, gmp, "gmp", patterns, metric, ymin, color="gray", linestyle="-.")
             if dense:
                 ax.axhline(np.mean(dense), color="black", linestyle="--", linewidth=1,
                            label=f"dense ({np.mean(dense):.3f})")
@@ -194,20 +217,23 @@ def plot_figure1(rows, out="figure1", metric="best_val_test_accuracy", ymin=None
 
 def summary_table(rows, metric="best_val_test_accuracy"):
     """Markdown table of `metric`: mean ± std over seeds (and the seed count) per setup,
-    method, growth and criterion (rows) and density (columns)."""
+    method, growth and criterion (rows) and density (columns); with a pattern column
+    where the sparse rows have several sparsity patterns (not pooled)."""
     if isinstance(rows, (str, os.PathLike)):
         rows = read_rows(rows)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    several = len({_pattern(r) for r in rows if r["method"] != "dense"}) > 1
     groups = collections.defaultdict(list)
     for r in rows:
-        groups[(f"{r['model']} / {r['dataset']}", r["method"], r["grow"], r["prune"])].append(r)
+        key = (f"{r['model']} / {r['dataset']}", r["method"], r["grow"], r["prune"])
+        groups[key + ((_pattern(r),) if several else ())].append(r)
     order = {"dense": 0, "static": 1, "gmp": 2, "dst": 3}
-    keys = sorted(groups, key=lambda k: (k[0], order.get(k[1], 9), k[2], k[3]))
+    keys = sorted(groups, key=lambda k: (k[0], order.get(k[1], 9), *k[2:]))
     densities = sorted({r["density"] for r in rows})
-    lines = ["| setup | method | growth | criterion | " +
-             " | ".join(f"d={d:g}" for d in densities) + " |",
-             "|---" * (4 + len(densities)) + "|"]
+    columns = ["setup", "method", "growth", "criterion"] + (["pattern"] if several else [])
+    lines = ["| " + " | ".join(columns) + " | " + " | ".join(f"d={d:g}" for d in densities) + " |",
+             "|---" * (len(columns) + len(densities)) + "|"]
     for key in keys:
         stats = _mean_std(groups[key], metric)
         counts = collections.Counter(r["density"] for r in groups[key])
@@ -259,8 +285,7 @@ def pattern_cells(rows, metric="best_val_test_accuracy"):
     """
     setups = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in rows:
-        pattern = "dense" if r["method"] == "dense" else (r.get("pattern") or "unstructured")
-        setups[(r["model"], r["dataset"])][(_configuration(r), pattern, r["density"])].append(r)
+        setups[(r["model"], r["dataset"])][(_configuration(r), _pattern(r), r["density"])].append(r)
     for (model, dataset), cells in setups.items():
         labels = _labels({c for c, _, _ in cells})
         for (config, pattern, density), cell in cells.items():

@@ -523,6 +523,41 @@ def test_plot_figure1_and_overlap(tmp_path):
         plot.plot_overlap({"names": ["a"], "matrix": [[1, 0]]}, str(tmp_path / "bad"))
 
 
+def test_figure1_and_its_table_keep_the_patterns_of_a_csv_apart(tmp_path, monkeypatch):
+    """A sweep CSV holding runs of two patterns (sweep.py run with two --pattern values)
+    gives one curve and one table row per pattern, not their pooled mean."""
+    rows = [dict(method="dense", prune="", grow="", density=1.0, seed=1, pattern="")]
+    rows += [dict(method=m, prune=p, grow=g, density=d, seed=s, pattern=pattern)
+             for m, p, g in (("static", "", ""), ("dst", "magnitude", "gradient"))
+             for pattern in ("unstructured", "1x4") for d in (0.1, 0.2) for s in (1, 2)]
+    path = tmp_path / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            acc = 0.5 if row["pattern"] == "1x4" else 0.9
+            writer.writerow({**{c: "" for c in sweep.COLUMNS}, **row, "key": str(i),
+                             "model": "mlp_digits", "dataset": "digits", "epochs": 1,
+                             "final_test_accuracy": acc, "best_val_test_accuracy": acc,
+                             "best_val_accuracy": acc, "actual_density": row["density"]})
+    table = plot.summary_table(str(path)).splitlines()
+    assert table[0].startswith("| setup | method | growth | criterion | pattern | d=0.1 |")
+    cells = {tuple(c.strip() for c in line.split("|")[2:6]): line for line in table[2:]}
+    assert "0.5000 ± 0.0000 (2)" in cells[("dst", "gradient", "magnitude", "1x4")]
+    assert "0.9000 ± 0.0000 (2)" in cells[("dst", "gradient", "magnitude", "unstructured")]
+    assert "0.5000 ± 0.0000 (2)" in cells[("static", "", "", "1x4")]
+    assert not any("0.7000" in line for line in table)  # nothing pooled
+    drawn = {}
+    real_curve = plot._curve
+    monkeypatch.setattr(plot, "_curve", lambda ax, stats, label, ymin=None, **style: (
+        drawn.__setitem__(label, stats), real_curve(ax, stats, label, ymin, **style)))
+    plot.plot_figure1(str(path), str(tmp_path / "fig1"))
+    assert sorted(drawn) == ["magnitude [1x4]", "magnitude [unstructured]", "static [1x4]",
+                             "static [unstructured]"]
+    assert drawn["magnitude [1x4]"][0.1] == (0.5, 0.0)
+    assert drawn["static [unstructured]"][0.2] == (0.9, 0.0)
+
+
 # -- flags ----------------------------------------------------------------------------
 
 BAD_TRAIN_FLAGS = {
