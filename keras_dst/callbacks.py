@@ -215,6 +215,7 @@ class DynamicSparseTraining(ScheduledCallback):
 
     def _read_logs(self):
         engine = self.engine
+        self._check_last_rate(engine)
         totals = np.array([int(np.prod(t.weight.shape)) for t in engine.targets])
         # the masks as they are (they may have been set since the last update)
         active = np.array([int(np.count_nonzero(t.mask.numpy())) for t in engine.targets])

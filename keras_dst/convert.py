@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Optional, Union
 import keras
 import numpy as np
 
-from keras_dst import compat, distributions, patterns, user_warnings
+from keras_dst import compat, distributions, patterns, user_warnings, validation
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper, attached_state, layer_label
 from keras_dst.masks import (
@@ -129,7 +129,8 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         remedy), an N:M pattern with another density.
     """
     keep_dense = check_names(keep_dense, "keep_dense")
-    pattern = patterns.parse(pattern)
+    with validation.errors_named("prunable(): pattern"):
+        pattern = patterns.parse(pattern)
     if density is not None:
         density = check_density(density)
     if pattern.kind == "nm":  # N:M fixes the density of every layer it applies to
@@ -635,7 +636,8 @@ def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) 
     library model), or by its place in the model where another has the same path too
     (keras-hub's CLIP encoders), so that the overrides reach exactly these layers.
     """
-    pattern = patterns.parse(pattern)
+    with validation.errors_named("unfit_layers(): pattern"):
+        pattern = patterns.parse(pattern)
     # the layers `prunable` would sparsify (a MultiHeadAttention as one, not its
     # projections), by the names its `pattern_overrides` takes
     targets = (_attach_targets if _why_not_rebuildable(model) else _wrap_targets)(
@@ -667,9 +669,12 @@ def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, i
     if unknown:
         raise ValueError(f"prunable(): unknown layer names {unknown} in pattern_overrides; "
                          f"sparsified layers are {layer_names}.")
+    parsed = {}
+    for key, p in pattern_overrides.items():
+        with validation.errors_named(f"prunable(): pattern_overrides['{key}']"):
+            parsed[key] = str(patterns.parse(p))
     per_weight, _ = by_weight(
-        [(f"pattern_overrides['{key}']", key, str(patterns.parse(p)))
-         for key, p in pattern_overrides.items()]
+        [(f"pattern_overrides['{key}']", key, p) for key, p in parsed.items()]
         + [(f"keep_dense '{key}'", key, str(patterns.UNSTRUCTURED)) for key in keep_dense])
     result = {}
     for path, layer in owner.items():

@@ -63,6 +63,7 @@ import inspect
 import types
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -274,6 +275,7 @@ class FrozenEntry:
                                  for v in fields)
 
 
+@keras.saving.register_keras_serializable(package="keras_dst")
 @dataclasses.dataclass(frozen=True)
 class Criterion(FrozenEntry):
     """A pruning criterion.

@@ -186,6 +186,9 @@ def _solve(
     budget = max(budget, 0.0)
     free = [k for k in shapes if k not in fixed]
     n_free = sum(sizes[k] for k in free)
+    if n_free and budget <= tol and not fixed:
+        raise ValueError(f"density={density!r} keeps {density * sum(sizes.values()):.3g} of the "
+                         f"{sum(sizes.values())} weights: every layer {free} would get density 0")
     if n_free and budget <= tol:  # (a layer meant to be empty is fixed at 0 explicitly)
         raise _infeasible(
             density, fixed, f"they use the whole budget, so the other layers {free} would "

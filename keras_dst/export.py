@@ -545,6 +545,15 @@ def _calibration(data, saved_model_dir, input_names, steps):
                 f"export(): representative_data for input '{key}' has samples of shape "
                 f"{shape}; the model takes inputs of shape {tuple(spec.shape)} (a batch of "
                 f"samples of shape {tuple(spec.shape[1:])}).")
+        if np.issubdtype(dtypes[key], np.floating):
+            # (the converter's scales come from these ranges: an inf aborts the process,
+            # a NaN leaves the model float32 without a word)
+            bad = sum(not np.all(np.isfinite(np.asarray(s[key], dtypes[key]))) for s in samples)
+            if bad:
+                raise ValueError(
+                    f"export(): representative_data for input '{key}' holds NaN or inf in "
+                    f"{bad} of the {len(samples)} calibration samples; int8 calibration needs "
+                    "finite inputs.")
     return _generator(samples, dtypes)
 
 

@@ -26,6 +26,7 @@ callable does not, which `check_serializable` reports.
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Tuple
 
+import keras
 import tensorflow as tf
 
 from keras_dst.criteria import (
@@ -42,6 +43,7 @@ from keras_dst.registry import Registry, check_callable, pop_config_name
 from keras_dst.scoring import ScoreInputs, absolute
 
 
+@keras.saving.register_keras_serializable(package="keras_dst")
 @dataclasses.dataclass(frozen=True)
 class GrowthRule(FrozenEntry):
     """A growth rule.

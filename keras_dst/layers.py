@@ -384,9 +384,18 @@ class SparseState:
       ValueError: a bad density, init, seed or pattern (nothing is created).
     """
 
-    def __init__(self, layer, density=1.0, init="exact", seed=None, track_running_scores=False,
+    def __init__(self, layer, density=None, init="exact", seed=None, track_running_scores=False,
                  pattern="unstructured", owner=None, wrapper=None, keep_dense=False):
         init = check_choice(init, ("exact", "bernoulli"), "init")
+        owner = owner or f"layer '{layer_label(layer)}'"
+        listed = isinstance(pattern, (list, tuple))
+        parsed = []
+        for i, p in enumerate(pattern if listed else [pattern]):
+            with validation.errors_named(f"{owner}: pattern" + (f"[{i}]" if listed else "")):
+                parsed.append(patterns.parse(p))
+        if density is None:  # the patterns' own: N/M for an N:M weight, 1 (dense) otherwise
+            own = [p.n / p.m if p.kind == "nm" else 1.0 for p in parsed]
+            density = own if listed else own[0]
         densities = [density] if np.isscalar(density) else list(density)
         for d in densities:
             check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
@@ -402,10 +411,6 @@ class SparseState:
             raise ValueError(f"layer '{layer.name}': keep_dense={keep_dense!r} needs density "
                              f"1 for the weights it keeps dense, got density={density!r}.")
         seed = validation.check_seed(seed, allow_none=True)
-        pattern_list = [pattern] if isinstance(pattern, (str, patterns.Pattern)) or pattern is None \
-            else list(pattern)
-        parsed = [patterns.parse(p) for p in pattern_list]
-        owner = owner or f"layer '{layer_label(layer)}'"
         if init != "exact" and any(p.kind != "unstructured" for p in parsed):
             raise ValueError(f"{owner}: pattern={pattern!r} needs init='exact' (exact counts "
                              f"per block, group or unit), got init={init!r}.")
@@ -420,8 +425,7 @@ class SparseState:
         self.track_running_scores = validation.check_bool(track_running_scores,
                                                           "track_running_scores")
         self.keep_dense = kept if per_weight else kept[0]
-        self.pattern = str(parsed[0]) if len(parsed) == 1 and not isinstance(pattern, (list, tuple)) \
-            else [str(p) for p in parsed]
+        self.pattern = [str(p) for p in parsed] if listed else str(parsed[0])
         self.patterns = []  # one `patterns.Pattern` per sparsified weight, once created
         self.sparse_weights = []
         self.masks = []
@@ -629,7 +633,8 @@ class SparseWrapper(keras.layers.Wrapper):
       density: target fraction of active entries, a float in [0, 1] for every
         prunable weight, or one float per prunable weight (in
         `prunable_weights(layer)` order). The initial active count of a weight of
-        n entries is ``round(density * n)`` in ``"exact"`` init.
+        n entries is ``round(density * n)`` in ``"exact"`` init. None (default): the
+        pattern's own, N/M for an N:M weight, 1 (dense) for the others.
       init: ``"exact"`` (default: exactly that many active entries at uniformly
         random positions) or ``"bernoulli"`` (the reference: each entry active with
         probability `density`).
@@ -657,7 +662,8 @@ class SparseWrapper(keras.layers.Wrapper):
     scores.
     """
 
-    def __init__(self, layer: keras.layers.Layer, density: Union[float, Sequence[float]] = 1.0,
+    def __init__(self, layer: keras.layers.Layer,
+                 density: Union[float, Sequence[float], None] = None,
                  init: str = "exact", seed: Optional[int] = None, track_running_scores: bool = False,
                  pattern: Union[str, Sequence[str]] = "unstructured",
                  keep_dense: Union[bool, Sequence[bool]] = False, **kwargs):
@@ -803,7 +809,7 @@ def attached_state(layer):
     return layer.__dict__.get(_ATTACHED)
 
 
-def attach(layer, density=1.0, init="exact", seed=None, track_running_scores=False,
+def attach(layer, density=None, init="exact", seed=None, track_running_scores=False,
            pattern="unstructured", keep_dense=False) -> SparseState:
     """Attaches masks to a built layer in place (no wrapper, no change to its call).
 

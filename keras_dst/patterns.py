@@ -108,7 +108,8 @@ def parse(spec: PatternLike) -> Pattern:
     ``parse(str(p)) == p``.
 
     Raises:
-      ValueError: any other value (the message names it and the accepted forms).
+      TypeError: a value that is not a string, a Pattern or None.
+      ValueError: any other string (the messages name the value and the accepted forms).
     """
     if spec is None:
         return UNSTRUCTURED
@@ -125,7 +126,9 @@ def parse(spec: PatternLike) -> Pattern:
         nm = re.fullmatch(r"(\d+):(\d+)", text)
         if nm and 1 <= int(nm.group(1)) < int(nm.group(2)):
             return Pattern("nm", n=int(nm.group(1)), m=int(nm.group(2)))
-    raise ValueError(f"Unknown sparsity pattern {spec!r}; accepted: {ACCEPTED}.")
+        raise ValueError(f"Unknown sparsity pattern {spec!r}; accepted: {ACCEPTED}.")
+    raise TypeError(f"A sparsity pattern is a string, a keras_dst.patterns.Pattern or None, got "
+                    f"{type(spec).__name__} {spec!r}; accepted: {ACCEPTED}.")
 
 
 def _pio(shape: Sequence[int]) -> Tuple[int, int, int]:

@@ -402,6 +402,10 @@ class HookedCallback(keras.callbacks.Callback):
             self._logs = self._read_logs()
 
 
+# The built-in schedules, whose rates are in [0, 1] by construction.
+_IN_RANGE = (schedules.CosineRate, schedules.ConstantRate, schedules.LinearRate)
+
+
 class ScheduledCallback(HookedCallback):
     """A `HookedCallback` whose engine follows a prune-rate schedule (the base of
     `DynamicSparseTraining` and `CriteriaOverlap`): subclasses set `schedule`,
@@ -439,18 +443,42 @@ class ScheduledCallback(HookedCallback):
         """Refuses, before anything changes, a schedule that is not a built-in one and gives
         a prune rate outside [0, 1] (or NaN) at one of this fit's first update steps."""
         schedule = self._schedule()
-        if isinstance(schedule, (schedules.CosineRate, schedules.ConstantRate,
-                                 schedules.LinearRate)):
-            return  # (their rates are in range by construction)
+        if isinstance(schedule, _IN_RANGE):
+            return
         first, total = self._optimizer_step() + 1, self._total_steps(None)
         steps = self._update_steps().steps_between(
             first, first + total - 1 if total else None, limit=self._RATES_CHECKED)
         for step in steps:
-            rate = float(schedule(step))
-            if not 0.0 <= rate <= 1.0:  # (NaN too)
-                raise ValueError(
-                    f"{type(self).__name__}: schedule={self.schedule!r} gives the prune rate "
-                    f"{rate:.6g} at step {step}; a prune rate is a fraction in [0, 1].")
+            self._check_rate(step, schedule(step))
+
+    def _check_last_rate(self, engine):
+        """`_check_rate` of the rate `engine`'s last update used (its `last_rate`), for a
+        schedule that is not a built-in one: a rate out of range at a step past those
+        `_check_rates` checked stops the fit at the next read of the logs."""
+        step = int(engine.last_update_step.numpy())
+        if step >= 0 and not isinstance(engine.schedule, _IN_RANGE):
+            self._check_rate(step, engine.last_rate.numpy(), after=(
+                f" (The rates of a fit's first {self._RATES_CHECKED} update steps are checked "
+                "before it starts; this update came later and ran with the rate clamped to "
+                "[0, 1].)"))
+
+    def _check_rate(self, step, value, after=""):
+        """Refuses a schedule's `value` at `step` that is not one real number in [0, 1]
+        (NaN included), naming the schedule; `after` ends the message."""
+        try:
+            rate = tf.convert_to_tensor(value)
+        except (TypeError, ValueError):
+            rate = None
+        if rate is None or rate.shape.rank != 0 or not (rate.dtype.is_floating
+                                                        or rate.dtype.is_integer):
+            raise ValueError(
+                f"{type(self).__name__}: schedule={self.schedule!r} returns {value!r} at step "
+                f"{step}; a schedule returns one number, the prune rate (a fraction in [0, 1]).")
+        rate = float(rate.numpy())
+        if not 0.0 <= rate <= 1.0:  # (NaN too)
+            raise ValueError(
+                f"{type(self).__name__}: schedule={self.schedule!r} gives the prune rate "
+                f"{rate:.6g} at step {step}; a prune rate is a fraction in [0, 1].{after}")
 
     def _warn_if_the_schedule_has_ended(self):
         """Warns when a cosine schedule made from an earlier fit's length (no `total_steps`)

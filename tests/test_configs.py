@@ -57,6 +57,19 @@ def test_a_growth_rule_object_keeps_its_parameters():
     assert DST(grow=callback.growth.get_config()).growth == callback.growth
 
 
+@pytest.mark.parametrize("entry", [
+    keras_dst.get_criterion("mest", gamma=0.2),
+    keras_dst.get_criterion("magnitude", ordering="before_optimizer"),
+    keras_dst.get_growth("gradient"),
+], ids=["mest", "magnitude_before", "gradient"])
+def test_criteria_and_growth_rules_round_trip_through_keras_serialization(entry):
+    """Registered Keras objects, as the schedules are: a Keras config (or a custom
+    object's) holding one deserializes with safe_mode=True."""
+    clone = round_trip(entry)
+    assert type(clone) is type(entry) and clone == entry
+    assert clone.get_config() == entry.get_config()
+
+
 def test_a_plain_callable_criterion_is_refused_at_construction():
     def my_score(inputs):
         return tf.abs(inputs.weight)
@@ -247,6 +260,52 @@ def test_a_user_schedule_s_rate_out_of_range_is_refused_before_anything_changes(
     assert all((keras_dst.masks(model)[k] == v).all() for k, v in masks.items())
     assert int(model.optimizer.iterations.numpy()) == 0
     compile_and_fit(model, [make(update_every=2, schedule=StepRate(0.3, until=6, after=0.1))])
+
+
+@keras.saving.register_keras_serializable(package="test_configs")
+class OddRate:
+    """A user's schedule object that returns `value` (not one number)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, step):
+        return self.value
+
+    def get_config(self):
+        return {"value": self.value}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@SCHEDULED_CALLBACKS
+@pytest.mark.parametrize("value,shown", [("0.3", "'0.3'"), ([0.3, 0.3], r"\[0.3, 0.3\]"),
+                                         (True, "True")], ids=["str", "list", "bool"])
+def test_a_user_schedule_that_returns_no_number_is_refused_before_anything_changes(make, value,
+                                                                                     shown):
+    """A string failed inside the compiled step, a vector with a message naming nothing."""
+    model = keras_dst.prunable(mlp(), density=0.3)
+    masks = keras_dst.masks(model)
+    with pytest.raises(ValueError, match=r"schedule=.*OddRate.* returns " + shown + r" at step 2; "
+                                         r"a schedule returns one number"):
+        compile_and_fit(model, [make(update_every=2, schedule=OddRate(value))])
+    assert all((keras_dst.masks(model)[k] == v).all() for k, v in masks.items())
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_a_user_schedule_s_rate_out_of_range_after_the_checked_steps_stops_the_fit(monkeypatch):
+    """Past the update steps checked before the fit, a rate outside [0, 1] ran clamped and
+    was logged as it was, with no error."""
+    monkeypatch.setattr(DST, "_RATES_CHECKED", 2)  # steps 2 and 4 checked, not 6
+    model = keras_dst.prunable(mlp(), density=0.3)
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: schedule=.*StepRate.* gives the "
+                                         r"prune rate 2 at step 6; .* first 2 update steps are "
+                                         r"checked .* clamped to \[0, 1\]"):
+        compile_and_fit(model, [DST(update_every=2, schedule=StepRate(0.3, until=4, after=2.0))])
+    assert int(model.optimizer.iterations.numpy()) == 6
+    keras_dst.testing.assert_sparse_invariants(model)
 
 
 def test_a_schedule_object_that_cannot_be_restored_says_why():

@@ -596,6 +596,14 @@ def test_errors_name_the_argument_and_value(tmp_path):
                                              rf"of shape {shape}; the model takes inputs of "
                                              r"shape \(None, 16\)"):
             keras_dst.export(model, path, quantize="int8", representative_data=bad)
+    # non-finite calibration samples: an inf crashed the converter's process, a NaN gave
+    # a float32 file reported as int8
+    for value in (np.inf, np.nan):
+        bad = data((16,))
+        bad[3, 5] = value
+        with pytest.raises(ValueError, match=r"representative_data for input '.*' holds NaN "
+                                             r"or inf in 1 of the \d+ calibration samples"):
+            keras_dst.export(model, path, quantize="int8", representative_data=bad)
     assert not path.exists()
     # a destination that cannot be written: refused before converting (was an OSError after)
     (tmp_path / "dir.tflite").mkdir()

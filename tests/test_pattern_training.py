@@ -388,6 +388,11 @@ def test_fan_in_gives_every_output_unit_the_same_count():
     (dict(density=0.3, pattern="1x4", init="bernoulli"), ValueError, ["init", "exact"]),
     (dict(density=0.3, pattern="2x4"), ValueError, ["pattern", "2x4", "1xB"]),
     (dict(density=0.3, pattern="1x4", pattern_overrides={"nope": "2:4"}), ValueError, ["nope"]),
+    (dict(density=0.3, pattern_overrides={"fc1": "2:1"}), ValueError,
+     ["pattern_overrides['fc1']", "'2:1'", "'N:M'"]),
+    (dict(density=0.3, pattern_overrides={"fc1": 4}), TypeError, ["pattern_overrides['fc1']", "int 4"]),
+    (dict(density=0.3, pattern=4), TypeError, ["pattern", "int 4", "'1xB'"]),
+    (dict(density=1e-9), ValueError, ["density=1e-09", "of the", "density 0"]),
 ])
 def test_bad_patterns_are_refused_before_anything_changes(kwargs, error, words):
     model = mlp_model((32, 16, 8, 3))  # fc3's input axis (8) is no multiple of 16
@@ -397,6 +402,25 @@ def test_bad_patterns_are_refused_before_anything_changes(kwargs, error, words):
     message = str(info.value)
     assert all(w in message for w in words), message
     assert all((a == w.numpy()).all() for a, w in zip(before, model.weights))
+
+
+def test_a_wrapper_without_density_takes_an_nm_patterns_own_and_names_a_bad_pattern():
+    wrapper = keras_dst.SparseWrapper(keras.layers.Dense(8, name="fc"), pattern="2:4")
+    assert wrapper.density == 0.5  # (a given density other than 2/4 is refused)
+    wrapper.build((None, 16))
+    assert wrapper.masks[0].numpy().mean() == 0.5
+    clone = keras_dst.SparseWrapper.from_config(wrapper.get_config())
+    assert clone.get_config() == wrapper.get_config()
+    assert keras_dst.SparseWrapper(keras.layers.Dense(8)).density == 1.0  # unstructured: dense
+    mixed = keras_dst.SparseWrapper(keras.layers.LSTM(8), pattern=["2:4", "unstructured"])
+    assert mixed.density == [0.5, 1.0]
+    with pytest.raises(ValueError, match=r"SparseWrapper\(layer 'fc2'\): pattern\[1\]: Unknown "
+                                         r"sparsity pattern '1x1'"):
+        keras_dst.SparseWrapper(keras.layers.LSTM(8, name="fc2"), pattern=["2:4", "1x1"])
+    with pytest.raises(TypeError, match=r"SparseWrapper\(layer 'fc3'\): pattern: .* got int 3"):
+        keras_dst.SparseWrapper(keras.layers.Dense(8, name="fc3"), pattern=3)
+    with pytest.raises(ValueError, match=r"unfit_layers\(\): pattern: Unknown sparsity pattern 'abc'"):
+        keras_dst.unfit_layers(mlp_model(), "abc")
 
 
 @pytest.mark.parametrize("pattern,dst_kwargs,words", [
