@@ -43,6 +43,13 @@ def _accuracy(logits, y, binary):
     return float(np.mean(predicted == np.asarray(y).reshape(-1)))
 
 
+def _speed_words(speedup):
+    """A dense / sparse latency ratio in words: "1.52 x faster" or "1.25 x slower"."""
+    if speedup >= 1.0:
+        return f"{speedup:.2f} x faster"
+    return f"{1.0 / speedup:.2f} x slower" if speedup > 0 else "no ratio"
+
+
 def latency_vs_dense(sparse_path, dense_path, rounds=ROUNDS, batch_size=1, threads=1):
     """Batch-`batch_size` latency of two .tflite files, interleaved: (sparse µs, dense µs,
     speedup = median over rounds of dense / sparse)."""
@@ -96,7 +103,7 @@ def export_trained(config, model, test_ds, info, output_dir, keras_accuracy=None
         f"  size             {report.file_bytes / 1e6:.3f} MB = {report.size_ratio:.3f} x the "
         f"dense export ({report.dense_file_bytes / 1e6:.3f} MB)\n"
         f"  latency          batch 1, 1 thread: {sparse_us:.1f} µs vs {dense_us:.1f} µs dense "
-        f"(medians): {speedup:.2f} x faster (median of {ROUNDS} interleaved rounds' ratios; "
+        f"(medians): {_speed_words(speedup)} (median of {ROUNDS} interleaved rounds' ratios; "
         "on a busy machine it can differ from the medians' ratio)")
     return {"format": fmt, "path": os.path.abspath(path), "test_accuracy": accuracy,
             "file_bytes": report.file_bytes, "dense_file_bytes": report.dense_file_bytes,

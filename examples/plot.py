@@ -361,23 +361,55 @@ def pattern_table(rows_or_csvs, metric="best_val_test_accuracy"):
 
 
 def read_matrix(source):
-    """(names, matrix) from a dict, a JSON file or a CSV file with a header of names."""
+    """(names, matrix) from a dict, a JSON file or a CSV file with a header of names.
+
+    Raises:
+      OSError: the file cannot be read.
+      ValueError: it holds no square matrix of numbers with its names.
+    """
     if isinstance(source, dict):
         data = source
     elif str(source).endswith(".csv"):
         with open(source, newline="") as f:
-            lines = list(csv.reader(f))
-        names = lines[0][1:] if lines[0] and lines[0][0] == "" else lines[0]
-        body = [line[-len(names):] for line in lines[1:]]
-        data = {"names": names, "matrix": [[float(v) for v in line] for line in body]}
+            lines = [line for line in csv.reader(f) if line]
+        if not lines:
+            raise ValueError("the file is empty")
+        names = lines[0][1:] if lines[0][0] == "" else lines[0]
+        matrix = []
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                matrix.append([float(v) for v in line[-len(names):]])
+            except ValueError:
+                raise ValueError(f"line {number} holds a value that is not a number: "
+                                 f"{line}") from None
+        data = {"names": names, "matrix": matrix}
     else:
         with open(source) as f:
-            data = json.load(f)
-    names, matrix = list(data["names"]), np.asarray(data["matrix"], dtype=float)
+            try:
+                data = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(data, dict) or not {"names", "matrix"} <= set(data):
+        raise ValueError('no "names" and "matrix" (the JSON that train.py --overlap writes, '
+                         "or a CSV whose header row holds the names)")
+    try:
+        names, matrix = list(data["names"]), np.asarray(data["matrix"], dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError("its matrix is not a table of numbers") from None
     if matrix.shape != (len(names), len(names)):
         raise ValueError(f"the matrix must be {len(names)}x{len(names)} for names {names}, "
                          f"got shape {matrix.shape}")
     return names, matrix
+
+
+def load_matrix(path, flag):
+    """`read_matrix(path)`, its errors naming `flag` and the file (ValueError)."""
+    try:
+        return read_matrix(path)
+    except OSError as e:
+        raise ValueError(f"{flag}={path}: cannot read it: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ValueError(f"{flag}={path}: {e}") from None
 
 
 def plot_overlap(source, out="overlap", title="Jaccard index of pruned sets"):
@@ -432,8 +464,11 @@ def main(argv):
     # an error is the one line printed.
     text = ""
     try:
+        if FLAGS.out:
+            cli.check_directory(os.path.dirname(os.path.abspath(FLAGS.out)), "the directory of --out")
         if FLAGS.overlap:
-            paths = plot_overlap(FLAGS.overlap, FLAGS.out or "overlap",
+            names, matrix = load_matrix(FLAGS.overlap, "--overlap")
+            paths = plot_overlap({"names": names, "matrix": matrix}, FLAGS.out or "overlap",
                                  FLAGS.title or "Jaccard index of pruned sets")
         elif FLAGS.csv:
             rows = load_rows([FLAGS.csv], FLAGS.metric, "--csv")

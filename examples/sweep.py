@@ -172,7 +172,10 @@ def run_in_subprocess(config):
     import subprocess
 
     code = "import json, sys; from examples import train; train.run(json.loads(sys.argv[1]))"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], cwd=str(ROOT))
+    # (in this working directory, which relative paths of the config are relative to)
+    path = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)],
+                          env={**os.environ, "PYTHONPATH": path})
     if proc.returncode != 0:
         raise RunFailed(f"{config['output_dir']}: the run exited with status {proc.returncode}")
     with open(os.path.join(config["output_dir"], "results.json")) as f:
@@ -192,7 +195,11 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
         out of the CSV (a rerun of the sweep retries it); the sweep goes on.
 
     Returns:
-      The number of runs executed (failed ones included).
+      (the number of runs executed, failed ones included; the names of the failed ones).
+
+    Raises:
+      ValueError: a run refused its config in this process (e.g. a model that cannot be
+        built for the dataset), with the run's name; the runs before it are in the CSV.
     """
     run_fn = run_fn or train.run
     runs_dir = runs_dir or os.path.splitext(csv_path)[0] + "_runs"
@@ -202,14 +209,19 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
     todo = [(c, k) for c, k in todo if k not in done]
     print_fn(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already in {csv_path}, "
              f"{len(todo)} to do")
+    failed = []
     for i, (config, key) in enumerate(todo):
-        config["output_dir"] = os.path.join(runs_dir, _run_name(config, key))
-        print_fn(f"sweep: run {i + 1}/{len(todo)}: {_run_name(config, key)}")
+        name = _run_name(config, key)
+        config["output_dir"] = os.path.join(runs_dir, name)
+        print_fn(f"sweep: run {i + 1}/{len(todo)}: {name}")
         try:
             results = run_fn(config)
         except RunFailed as e:
             print_fn(f"sweep: run {i + 1}/{len(todo)} FAILED, left out of the CSV: {e}")
+            failed.append(name)
             continue
+        except ValueError as e:
+            raise ValueError(f"run {i + 1}/{len(todo)} ({name}): {e}") from None
         sparse = config["method"] != "dense"
         _append_row(csv_path, {
             "key": key, "method": config["method"],
@@ -222,7 +234,7 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
             **{k: results[k] for k in ("final_test_accuracy", "best_val_test_accuracy",
                                        "best_val_accuracy", "train_time_s", "steps")},
             "actual_density": results["density"], "output_dir": results["output_dir"]})
-    return len(todo)
+    return len(todo), failed
 
 
 def plan(flag_values=flags.FLAGS):
@@ -262,8 +274,14 @@ def main(argv):
             key = run_key(config)
             print(("done  " if key in done else "todo  ") + _run_name(config, key))
         return
-    sweep(base, runs, FLAGS.csv, FLAGS.runs_dir,
-          run_fn=run_in_subprocess if FLAGS.subprocess else None)
+    try:
+        _, failed = sweep(base, runs, FLAGS.csv, FLAGS.runs_dir,
+                          run_fn=run_in_subprocess if FLAGS.subprocess else None)
+    except (ValueError, train.data_lib.DataUnavailableError) as e:
+        sys.exit(f"error: {e}")
+    if failed:
+        sys.exit(f"error: {len(failed)} run(s) failed and are left out of {FLAGS.csv} (a rerun "
+                 f"retries them): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

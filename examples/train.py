@@ -148,6 +148,8 @@ CHECKS = {
     "update_every": (lambda v: v >= 1, "must be >= 1"),
     "lr": (lambda v: v > 0, "must be > 0"),
     "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "momentum": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32 - 1]"),
     "method": (lambda v: v != "gmp" or hasattr(keras_dst, "GradualPruning"),
                "=gmp needs keras_dst.GradualPruning, which this keras_dst version lacks"),
     "overlap": (lambda v: not v or (len(set(v)) == len(v) >= 2 and all(
@@ -389,7 +391,6 @@ def run(config):
     config["pattern"] = str(keras_dst.patterns.parse(config["pattern"]))  # "1X4" -> "1x4"
     start = time.time()
     keras.backend.clear_session()
-    output_dir = _output_dir(config)
     keras.utils.set_random_seed(config["seed"])
     previous_policy = keras.mixed_precision.global_policy()
     if config["mixed_precision"] != "off":
@@ -414,6 +415,9 @@ def run(config):
                          if info["binary"] else
                          keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                 jit_compile={"true": True, "false": False}.get(config["jit_compile"], "auto"))
+        # (made, and cleared of an earlier run's outputs, once the run is known to start:
+        # a refused model leaves an earlier run's outputs as they were)
+        output_dir = _output_dir(config)
         best = BestWeights()
         overlap = overlap_callbacks(config, total_steps)
         callbacks = sparsity_callbacks(config, total_steps) + overlap + [

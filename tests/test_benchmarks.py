@@ -245,11 +245,120 @@ def test_compile_breakdown_quick(tmp_path):
 @pytest.mark.slow
 def test_memory_quick(tmp_path):
     run_script("memory.py", f"--out_dir={tmp_path}")
-    doc = json.loads((tmp_path / "cpu_memory.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quick_memory.json", "quick_memory.md"]
+    doc = json.loads((tmp_path / "quick_memory.json").read_text())
+    assert doc["quick"] is True and doc["cycles"] == 6
     assert set(doc["growth_mb_per_model"]) == {"dense", "static", "dst"}
     assert all(len(v) == doc["cycles"] and min(v) > 0 for v in doc["rss_mb"].values())
     assert math.isfinite(doc["dst_minus_dense_mb"])
-    assert "DST - dense" in (tmp_path / "cpu_memory.md").read_text()
+    md = (tmp_path / "quick_memory.md").read_text()
+    assert "DST - dense" in md and "not a measurement" in md and "not judged" in md
+
+
+def _memory_result(quick, dst_growth=0.5):
+    rss = {v: [100.0 + i for i in range(6)] for v in ("dense", "static", "dst")}
+    return dict(cycles=6, warmup=2, quick=quick, rss_mb=rss,
+                growth_mb_per_model={"dense": 1.0, "static": 1.0, "dst": 1.0 + dst_growth},
+                dst_minus_dense_mb=dst_growth, command="python memory.py")
+
+
+def test_memory_quick_run_has_its_own_file_names_and_no_verdict(tmp_path):
+    """A --quick run writes quick_memory.*, never the measurement's cpu_memory.* (the
+    default --out_dir is the committed results), and its .md says it is no measurement."""
+    from examples.benchmarks import memory  # defines its flags (only this test module does)
+
+    assert bench_utils.output_prefix(None, True, "cpu") == "quick"
+    assert bench_utils.output_prefix(None, False, "cpu") == "cpu"
+    assert bench_utils.output_prefix(None, False, lambda: "gpu") == "gpu"
+    assert bench_utils.output_prefix("mine", True, "cpu") == "mine"
+    md = memory.write_report(str(tmp_path), "quick", _memory_result(quick=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quick_memory.json", "quick_memory.md"]
+    assert md == (tmp_path / "quick_memory.md").read_text()
+    assert "--quick smoke run" in md and "not a measurement" in md
+    assert "target <= 1 MB: not judged" in md and ": met" not in md
+    full = memory.write_report(str(tmp_path), "cpu", _memory_result(quick=False))
+    assert "--quick" not in full and "(target <= 1 MB: met)" in full
+    assert "MISSED" in memory.write_report(str(tmp_path), "cpu", _memory_result(False, 1.5))
+
+
+def test_memory_refuses_fewer_cycles_than_the_warmup_needs():
+    from absl import flags
+
+    from examples.benchmarks import memory
+
+    for cycles, warmup in ((1, 5), (5, 5), (6, 5), (3, -1)):
+        with pytest.raises(flags.ValidationError) as e:
+            memory.check_cycles({"quick": False, "cycles": cycles, "warmup": warmup})
+        assert "--warmup" in str(e.value), (cycles, warmup)
+    assert "--cycles=1" in str(pytest.raises(flags.ValidationError, memory.check_cycles,
+                                             {"quick": False, "cycles": 1, "warmup": 5}).value)
+    assert memory.check_cycles({"quick": False, "cycles": 7, "warmup": 5})
+    assert memory.check_cycles({"quick": True, "cycles": 1, "warmup": 5})  # --quick: its own counts
+
+
+def test_list_flag_items_are_checked_one_by_one():
+    import keras_dst
+
+    assert bench_utils.parse_items(["0.1", "1"], bench_utils.density, "a density") == [0.1, 1.0]
+    assert bench_utils.parse_items(["1e4", "3e5"], bench_utils.weight_count, "n") == [10_000, 300_000]
+    assert bench_utils.parse_items(["2"], bench_utils.positive_int, "n") == [2]
+    assert bench_utils.parse_items(["mlp"], bench_utils.one_of(("mlp", "convnet")), "m") == ["mlp"]
+    for values, parse in ((["0.1", "abc"], bench_utils.density), (["0"], bench_utils.density),
+                          (["1.5"], bench_utils.density), (["foo"], bench_utils.weight_count),
+                          (["1"], bench_utils.weight_count), (["inf"], bench_utils.weight_count),
+                          (["0"], bench_utils.positive_int), (["2.5"], bench_utils.positive_int),
+                          (["nope"], bench_utils.one_of(("mlp",))), ([], bench_utils.density)):
+        with pytest.raises(ValueError, match="is not a thing|no value given"):
+            bench_utils.parse_items(values, parse, "a thing")
+    with pytest.raises(ValueError, match="'bogus' is not a sparsity pattern .*accepted"):
+        bench_utils.parse_items(["1x4", "bogus"], keras_dst.patterns.parse, "a sparsity pattern")
+
+
+def run_refused(name, *args):
+    """Runs examples/benchmarks/<name> with flags it must refuse: one `error:` line, no
+    traceback; returns that line."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, name), *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("name, args, fragments", [
+    ("memory.py", ["--cycles=1"], ["--cycles=1", "--warmup=5"]),
+    ("export_latency.py", ["--densities=abc"], ["--densities", "'abc'"]),
+    pytest.param("export_latency.py", ["--patterns=bogus"], ["--patterns", "'bogus'", "accepted"],
+                 marks=pytest.mark.slow),  # its check imports keras_dst (TensorFlow)
+    ("scaling.py", ["--sizes=foo"], ["--sizes", "'foo'"]),
+    ("compile_breakdown.py", ["--models=nope"], ["--models", "'nope'", "mlp"]),
+    ("late_constraint.py", ["--model=nope"], ["--model=nope", "mlp"]),
+])
+def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, name, args, fragments):
+    out = "--out" if name == "export_latency.py" else "--out_dir"
+    line = run_refused(name, *args, f"{out}={tmp_path}")
+    for fragment in fragments:
+        assert fragment in line, line
+    assert list(tmp_path.iterdir()) == []  # refused before anything ran
+
+
+def test_summarize_names_its_missing_inputs(tmp_path):
+    line = run_refused("summarize.py", f"--out_dir={tmp_path}", "--prefix=nope")
+    for fragment in ("--prefix=nope", f"--out_dir={tmp_path}", "nope_overhead.json",
+                     "nope_scaling.json"):
+        assert fragment in line, line
+    assert list(tmp_path.iterdir()) == []
+    # only the scaling input: summarized, the overhead one named as left out
+    scaling = os.path.join(BENCH, "results", "cpu_scaling.json")
+    (tmp_path / "part_scaling.json").write_text(open(scaling).read())
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "summarize.py"),
+                           f"--out_dir={tmp_path}", "--prefix=part"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "left out of the summary: part_overhead.json (missing" in proc.stdout
+    summary = (tmp_path / "part_summary.md").read_text()
+    assert "Left out: part_overhead.json (missing" in summary and "## Mask-update scaling" in summary
 
 
 @pytest.mark.slow

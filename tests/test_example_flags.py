@@ -236,6 +236,34 @@ def test_plot_reads_and_checks_its_input_before_printing(tmp_path, case):
         assert proc.stdout == "" and not (tmp_path / "fig.png").exists()
 
 
+@pytest.mark.parametrize("name,text,expected", [
+    ("nope.json", None, "cannot read it: No such file or directory"),
+    ("bad.json", "{x", "not JSON"),
+    ("empty.csv", "", "the file is empty"),
+    ("word.csv", "a,b\n1,x\n0.5,1\n", "line 2 holds a value that is not a number"),
+    ("keys.json", '{"names": ["a"]}', 'no "names" and "matrix"'),
+    ("shape.json", '{"names": ["a", "b"], "matrix": [[1, 0]]}', "the matrix must be 2x2"),
+])
+def test_plot_overlap_input_errors_name_the_flag_and_file(tmp_path, name, text, expected):
+    """(were tracebacks, or errors naming neither: an IndexError, a KeyError, ...)"""
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError) as info:
+        plot.load_matrix(str(tmp_path / name), "--overlap")
+    assert str(info.value).startswith(f"--overlap={tmp_path / name}: ") and expected in str(info.value)
+
+
+def test_plot_errors_of_overlap_and_out_are_one_line(tmp_path):
+    proc = _script("plot.py", "--overlap=nope.json", cwd=tmp_path)
+    _one_error_line(proc, "error: --overlap=nope.json: cannot read it")
+    (tmp_path / "m.json").write_text('{"names": ["a", "b"], "matrix": [[1, 0.5], [0.5, 1]]}')
+    (tmp_path / "afile").write_text("")
+    proc = _script("plot.py", "--overlap=m.json", "--out=afile/sub/fig", cwd=tmp_path)
+    _one_error_line(proc, "error: the directory of --out=", "afile is a file, not a directory")
+    proc = _script("plot.py", "--overlap=m.json", "--out=fig", cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "fig.png").exists(), proc.stderr
+
+
 def test_plot_refuses_a_ymin_above_the_data(tmp_path):
     path = _mixed_csvs(tmp_path)[0]
     with pytest.raises(ValueError, match=r"--ymin=2 is at or above the highest "

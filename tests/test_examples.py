@@ -431,28 +431,44 @@ def test_sweep_resumes_after_interruption(tmp_path):
 
     calls.clear()
     counted = lambda config: calls.append(config) or train.run(config)  # noqa: E731
-    assert sweep.sweep(base, runs, path, run_fn=counted, print_fn=lambda *_: None) == 1
+    assert sweep.sweep(base, runs, path, run_fn=counted, print_fn=lambda *_: None) == (1, [])
     assert [c["method"] for c in calls] == ["dst"]
-    assert sweep.sweep(base, runs, path, run_fn=counted, print_fn=lambda *_: None) == 0
+    assert sweep.sweep(base, runs, path, run_fn=counted, print_fn=lambda *_: None) == (0, [])
     rows = _csv_rows(path)
     assert [r["method"] for r in rows] == ["static", "dst"]
     assert len({r["key"] for r in rows}) == 2 and set(sweep.COLUMNS) == set(rows[0])
     assert float(rows[1]["actual_density"]) == pytest.approx(0.2, abs=1e-3)
 
 
+def test_a_run_that_refuses_its_config_in_process_names_the_run(tmp_path):
+    """(was a traceback from the middle of the sweep)"""
+    runs = sweep.grid(["dense"], ["magnitude"], ["random"], [0.2], [1])
+
+    def refused(config):
+        raise ValueError("--model=conv_cifar10 cannot be built for --dataset=digits")
+
+    with pytest.raises(ValueError, match=r"^run 1/1 \(dense_s1_\w+\): --model=conv_cifar10"):
+        sweep.sweep(dict(DIGITS), runs, str(tmp_path / "s.csv"), run_fn=refused,
+                    print_fn=lambda *_: None)
+
+
 @pytest.mark.slow  # two fresh Python processes
-def test_sweep_in_subprocesses_survives_a_crashed_run(tmp_path):
+def test_sweep_in_subprocesses_survives_a_crashed_run(tmp_path, monkeypatch):
     base = dict(DIGITS)
     runs = sweep.grid(["static"], ["magnitude"], ["random"], [0.2, 0.3], [1])
-    path = str(tmp_path / "sweep.csv")
+    monkeypatch.chdir(tmp_path)  # a relative path: the runs' processes work here too
+    path = os.path.join("rel", "sweep.csv")
     messages, started = [], []
 
     def first_crashes(config):  # a bad value only the run itself checks: exit status 1
         started.append(config)
         return sweep.run_in_subprocess({**config, "epochs": -1} if len(started) == 1 else config)
 
-    assert sweep.sweep(base, runs, path, run_fn=first_crashes, print_fn=messages.append) == 2
+    executed, failed = sweep.sweep(base, runs, path, run_fn=first_crashes,
+                                   print_fn=messages.append)
+    assert executed == 2 and len(failed) == 1 and failed[0].startswith("static_")
     assert any("FAILED" in m for m in messages)
+    assert (tmp_path / "rel" / "sweep_runs").is_dir() and not (ROOT / "rel").exists()
     rows = _csv_rows(path)
     assert [float(r["density"]) for r in rows] == [0.3]  # the crashed run left no row
     assert float(rows[0]["actual_density"]) == pytest.approx(0.3, abs=1e-3)
@@ -573,6 +589,8 @@ BAD_TRAIN_FLAGS = {
     "not_a_number": ["--lr", "fast"],
     "unknown_flag": ["--learning_rate", "0.1"],
     "export": ["--export", "onnx"],
+    "momentum": ["--momentum", "-1"],
+    "seed": ["--seed", "4294967296"],
 }
 
 
@@ -666,6 +684,25 @@ def test_a_run_into_an_earlier_runs_directory_removes_what_would_mix(tmp_path, c
     assert train._output_dir({**train.default_config(), "output_dir": str(out)}) == str(out)
     assert sorted(os.listdir(out)) == ["notes.txt"]
     assert "removed ['tb', 'model.tflite']" in capsys.readouterr().out
+
+
+def test_the_export_report_says_slower_where_the_sparse_export_is_slower():
+    """(0.80 was printed as "0.80 x faster")"""
+    from examples import deploy
+
+    assert deploy._speed_words(1.5) == "1.50 x faster"
+    assert deploy._speed_words(0.8) == "1.25 x slower"
+
+
+def test_a_refused_run_leaves_an_earlier_runs_outputs_as_they_were(tmp_path):
+    """A model that cannot be built for the dataset was refused after the earlier run's
+    TensorBoard logs and overlap.json had been removed."""
+    out = tmp_path / "run"
+    (out / "tb").mkdir(parents=True)
+    (out / "overlap.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--model=conv_cifar10 cannot be built for --dataset=digits"):
+        train.run({**DIGITS, "model": "conv_cifar10", "output_dir": str(out)})
+    assert sorted(os.listdir(out)) == ["overlap.json", "tb"]
 
 
 # -- command lines (run concurrently: each one imports TensorFlow) --------------------

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: machine info, round-robin timing, reports.
+"""Shared helpers of the benchmarks: machine info, round-robin timing, reports, checks
+of their command-line flags.
 
 Nothing here imports keras_dst or tf_keras, so both `overhead.py` (Keras 3) and
 `tfmot_epoch.py` (Keras 2 through tf_keras) can use it.
@@ -285,6 +286,92 @@ def compiled_step_kernels(tf, model, x, y):
     inputs = counts.pop("parameter", 0)
     counts.pop("constant", None)
     return {"kernels": dict(sorted(counts.items())), "inputs": inputs}
+
+
+# -- command line ---------------------------------------------------------------
+def output_prefix(prefix, quick, default):
+    """File prefix of a run's outputs: --prefix when given, else "quick" for a --quick run
+    (so that a smoke run never overwrites a measurement's files), else `default` (a string,
+    or a callable returning it, e.g. `lambda: device_prefix(tf)`)."""
+    if prefix:
+        return prefix
+    if quick:
+        return "quick"
+    return default() if callable(default) else default
+
+
+def parse_items(values, parse, what):
+    """``[parse(v) for v in values]`` for the items of a list flag; ValueError "'v' is not
+    <what>" at the first item `parse` refuses (by raising ValueError or TypeError), or when
+    the list is empty."""
+    if not values:
+        raise ValueError(f"no value given; expected {what}")
+    out = []
+    for v in values:
+        try:
+            out.append(parse(v))
+        except (TypeError, ValueError) as e:
+            detail = "; ".join(str(e).split("\n")).strip()
+            raise ValueError(f"{v!r} is not {what}" + (f" ({detail})" if detail else "")) from None
+    return out
+
+
+# The parsers below raise a ValueError without a message: `parse_items` names the item and
+# what it should be.
+def _number(convert, text):
+    try:
+        return convert(str(text).strip())
+    except (TypeError, ValueError):
+        raise ValueError() from None
+
+
+def positive_int(text):
+    """An integer >= 1 from `text` (ValueError otherwise)."""
+    n = _number(int, text)
+    if n < 1:
+        raise ValueError()
+    return n
+
+
+def density(text):
+    """A density in (0, 1] from `text` (ValueError otherwise)."""
+    x = _number(float, text)
+    if not 0.0 < x <= 1.0:
+        raise ValueError()
+    return x
+
+
+def weight_count(text):
+    """A number of weights >= 2 from `text` ("1e5" allowed; rounded to an integer)."""
+    x = _number(float, text)
+    if not math.isfinite(x) or round(x) < 2:
+        raise ValueError()
+    return int(round(x))
+
+
+def one_of(choices):
+    """Parser of a list item that must be one of `choices` (returned as given)."""
+    def parse(text):
+        if text not in choices:
+            raise ValueError()
+        return text
+    return parse
+
+
+def register_list_check(name, parse, what, flag_values=None):
+    """Registers an absl validator of the list flag `name` (checked when the flags are
+    parsed, before any work): every item must pass `parse` (see `parse_items`); the error
+    names the flag and the first bad item."""
+    from absl import flags
+
+    def check(values):
+        try:
+            parse_items(values, parse, what)
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+    flags.register_validator(name, check, flag_values=flags.FLAGS if flag_values is None else flag_values)
 
 
 # -- output ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ medians over repeats go to ``<out_dir>/<prefix>_compile_breakdown.{json,md}``
   python examples/benchmarks/compile_breakdown.py --models=mlp --repeats=5
 """
 
+import atexit
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DUMP_DIR = tempfile.mkdtemp(prefix="xla_dump_")
+atexit.register(shutil.rmtree, DUMP_DIR, True)  # also when the flags are refused
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
     os.environ.get("XLA_FLAGS"), f"--xla_dump_to={DUMP_DIR}",
     "--xla_dump_hlo_module_re=.*one_step_on_data.*"]))
@@ -43,10 +45,15 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [
 from absl import app, flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+if ROOT not in sys.path:  # `from examples import cli` when run as a script
+    sys.path.insert(1, ROOT)
 import bench_models  # noqa: E402
 import bench_utils  # noqa: E402
 from bench_utils import fmt  # noqa: E402
+
+from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "convnet"], f"models, of {bench_models.MODEL_NAMES}")
@@ -58,6 +65,13 @@ flags.DEFINE_integer("seed", 0, "seed")
 flags.DEFINE_bool("quick", False, "tiny models, 1 repeat (a smoke run; numbers mean nothing)")
 flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results go")
 flags.DEFINE_string("prefix", None, "result file prefix (default: cpu / gpu, quick)")
+# Checked when the flags are parsed (one-line errors naming the flag, before any work).
+bench_utils.register_list_check("models", bench_utils.one_of(bench_models.MODEL_NAMES),
+                                f"a model of {', '.join(bench_models.MODEL_NAMES)}")
+flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
+flags.register_validator("batch_size", lambda v: v is None or v >= 1, "--batch_size must be >= 1")
+flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
+flags.register_validator("update_every", lambda v: v >= 1, "--update_every must be >= 1")
 
 VARIANTS = ("dense", "static", "dst_magnitude", "dst_snip")
 PARTS = ("first_batch_s", "trace_s", "to_hlo_s", "hlo_passes_s", "codegen_s", "llvm_modules")
@@ -190,4 +204,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -48,11 +48,14 @@ if ROOT not in sys.path:  # keras_dst from this checkout when it is not installe
 import bench_models  # noqa: E402
 import bench_utils  # noqa: E402
 
+from examples import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "tiny run (MLP, 1x4 at 0.1, batch 1, 1 thread, 2 rounds): a "
                   "smoke test, numbers meaningless")
 flags.DEFINE_list("models", ["mlp", "convnet"], "models (examples/benchmarks/bench_models.py)")
-flags.DEFINE_list("patterns", ["unstructured", "1x4", "1x16"], "sparsity patterns "
+DEFAULT_PATTERNS = ["unstructured", "1x4", "1x16"]
+flags.DEFINE_list("patterns", DEFAULT_PATTERNS, "sparsity patterns "
                   "(keras_dst.patterns: unstructured, 1xB, N:M, fan_in)")
 flags.DEFINE_list("densities", ["0.2", "0.1", "0.05", "0.02"], "densities of the sparse models")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "batch sizes")
@@ -69,6 +72,43 @@ flags.DEFINE_bool("xnnpack", True, "LiteRT's default XNNPACK delegate (False: bu
 flags.DEFINE_integer("seed", 0, "weights and masks")
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "where results are written")
 flags.DEFINE_string("prefix", None, "file prefix (default: 'cpu', or 'quick' with --quick)")
+
+
+
+def parse_pattern(spec):
+    """`keras_dst.patterns.parse` (imported here: it imports TensorFlow)."""
+    from keras_dst import patterns
+
+    return patterns.parse(spec)
+
+
+def parse_threads(text):
+    """A thread count >= 1 or 'all'."""
+    return "all" if str(text).strip() == "all" else bench_utils.positive_int(text)
+
+
+def check_patterns(values):
+    """absl validator of --patterns. The default list is valid: TensorFlow is imported (by
+    keras_dst) only to check patterns given on the command line."""
+    if list(values) == DEFAULT_PATTERNS:
+        return True
+    try:
+        bench_utils.parse_items(values, parse_pattern, "a sparsity pattern")
+    except ValueError as e:
+        raise flags.ValidationError(str(e)) from None
+    return True
+
+
+# Checked when the flags are parsed (one-line errors naming the flag, before any model is
+# built); --patterns last, as its check may import TensorFlow.
+bench_utils.register_list_check("models", bench_utils.one_of(bench_models.MODEL_NAMES),
+                                f"a model of {', '.join(bench_models.MODEL_NAMES)}")
+bench_utils.register_list_check("densities", bench_utils.density, "a density in (0, 1]")
+bench_utils.register_list_check("batch_sizes", bench_utils.positive_int, "a batch size >= 1")
+bench_utils.register_list_check("threads", parse_threads, "a thread count >= 1 or 'all'")
+flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
+flags.register_validator("min_time_ms", lambda v: v > 0, "--min_time_ms must be > 0")
+flags.register_validator("patterns", check_patterns)
 
 QUICK = dict(models=["mlp"], patterns=["1x4"], densities=["0.1"], batch_sizes=["1"],
              threads=["1"], repeats=2, min_time_ms=5.0)
@@ -348,14 +388,9 @@ def main(argv):
         litert_version = metadata.version("ai-edge-litert")
     except ImportError:
         raise app.UsageError('needs the LiteRT runtime: pip install "keras-dst[litert]"') from None
-    prefix = FLAGS.prefix or ("quick" if FLAGS.quick else "cpu")
-    for name in setting("models"):
-        if name not in bench_models.MODEL_NAMES:
-            raise app.UsageError(f"unknown model {name!r}; known: {bench_models.MODEL_NAMES}")
-    batch_sizes = [int(b) for b in setting("batch_sizes")]
+    prefix = bench_utils.output_prefix(FLAGS.prefix, FLAGS.quick, "cpu")
+    batch_sizes = [int(b) for b in setting("batch_sizes")]  # checked at parse time
     threads = thread_counts()
-    if setting("repeats") < 1 or min(batch_sizes) < 1:
-        raise app.UsageError("--repeats and --batch_sizes must be >= 1")
     log = lambda s: print(s, flush=True)  # noqa: E731
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # Keras's SavedModel writer logs at INFO
@@ -392,4 +427,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

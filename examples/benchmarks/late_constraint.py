@@ -36,14 +36,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+if ROOT not in sys.path:  # `from examples import cli` when run as a script
+    sys.path.insert(1, ROOT)
 import bench_models  # noqa: E402
 import bench_utils  # noqa: E402
 from bench_utils import fmt, with_ci  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from examples import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "mlp", f"model, of {bench_models.MODEL_NAMES}")
+flags.DEFINE_enum("model", "mlp", bench_models.MODEL_NAMES, "model (examples/benchmarks/bench_models.py)")
 flags.DEFINE_integer("fit_loop_models", 3, "fresh models per variant")
 flags.DEFINE_integer("rounds", 9, "fit-loop rounds (every model one fit call per round)")
 flags.DEFINE_integer("steps", 100, "steps per fit call")
@@ -55,6 +60,12 @@ flags.DEFINE_bool("quick", False, "tiny model, 1 model per variant, 3 rounds of 
                   "run; numbers meaningless)")
 flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results go")
 flags.DEFINE_string("prefix", None, "file prefix (default: cpu / gpu, quick under --quick)")
+# Checked when the flags are parsed (one-line errors naming the flag, before any work);
+# --quick replaces the counts by its own.
+for _name, _low in (("fit_loop_models", 1), ("rounds", 2), ("steps", 2), ("update_every", 1),
+                    ("batch_size", 1)):
+    flags.register_validator(_name, lambda v, low=_low: v >= low, f"--{_name} must be >= {_low}")
+flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
 
 VARIANTS = ("dense", "static", "dst_late", "dst_inside")
 
@@ -89,8 +100,6 @@ def main(argv):
     rounds = 3 if FLAGS.quick else FLAGS.rounds
     steps = 4 if FLAGS.quick else FLAGS.steps
     batch_size = 8 if FLAGS.quick else FLAGS.batch_size
-    if models < 1 or rounds < 2 or steps < 2:
-        raise app.UsageError("--fit_loop_models >= 1, --rounds >= 2 and --steps >= 2")
     info = bench_utils.machine_info(tf, keras)
     data = bench_models.synthetic_dataset(tf, FLAGS.model, batch_size, seed=FLAGS.seed)
     x, y = next(iter(data))
@@ -180,4 +189,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -11,6 +11,9 @@ the cycles after `--warmup` cycles per variant.
 
 Target: DST's growth per model within 1 MB of dense's.
 
+Writes ``<out_dir>/<prefix>_memory.json`` and ``.md`` (prefix "cpu", "quick" under
+``--quick``: a smoke run never overwrites a measurement's files).
+
   python examples/benchmarks/memory.py --cycles=50
   python examples/benchmarks/memory.py --quick --out_dir=/tmp/bench   # smoke run
 """
@@ -26,16 +29,42 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+if ROOT not in sys.path:  # `from examples import cli` when run as a script
+    sys.path.insert(1, ROOT)
 import bench_utils  # noqa: E402
 
+from examples import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "a few cycles (a smoke test, numbers meaningless)")
+flags.DEFINE_bool("quick", False, "6 cycles, warm-up 2 (a smoke "
+                  "test, numbers meaningless; --cycles / --warmup ignored)")
 flags.DEFINE_integer("cycles", 50, "train-and-discard cycles per variant")
 flags.DEFINE_integer("warmup", 5, "first cycles per variant left out of the slope")
-flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where cpu_memory.{json,md} go")
+flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where <prefix>_memory.{json,md} go")
+flags.DEFINE_string("prefix", None, "file prefix (default: 'cpu', or 'quick' with --quick)")
 
 VARIANTS = ("dense", "static", "dst")
+QUICK = (6, 2)  # cycles, warm-up of a --quick run
+
+
+def check_cycles(values):
+    """absl validator of --cycles / --warmup: the slope needs 2 cycles after the warm-up
+    (a --quick run uses its own counts)."""
+    if values["quick"]:
+        return True
+    cycles, warmup = values["cycles"], values["warmup"]
+    if warmup < 0:
+        raise flags.ValidationError(f"--warmup={warmup} must be >= 0")
+    if cycles < warmup + 2:
+        raise flags.ValidationError(
+            f"--cycles={cycles} must be at least --warmup={warmup} + 2 (the growth per model is "
+            "the slope over the cycles after the warm-up)")
+    return True
+
+
+flags.register_multi_flags_validator(["quick", "cycles", "warmup"], check_cycles)
 
 
 def rss_mb():
@@ -81,11 +110,44 @@ def slope(ys):
     return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sum((i - mx) ** 2 for i in range(n))
 
 
+def write_report(out_dir, prefix, result):
+    """Writes `<prefix>_memory.json` and `.md` into `out_dir`; returns the .md text."""
+    cycles, warmup, rss = result["cycles"], result["warmup"], result["rss_mb"]
+    per_model = result["growth_mb_per_model"]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{prefix}_memory.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = ["# Memory kept per discarded model (CPU)", ""]
+    if result.get("quick"):
+        lines += [f"**--quick smoke run ({cycles} cycles): not a measurement, the numbers mean "
+                  "nothing and the target is not judged.**", ""]
+    lines += [f"{cycles} train-and-discard cycles per variant, interleaved in one process "
+              f"(slope over cycles {warmup}..{cycles - 1}); command: "
+              f"`{result.get('command', 'python examples/benchmarks/memory.py')}`.", "",
+              "| variant | RSS after warm-up MB | RSS at the end MB | growth per model MB |",
+              "|---|---|---|---|"]
+    for v in VARIANTS:
+        lines.append(f"| {v} | {rss[v][warmup]:.1f} | {rss[v][-1]:.1f} | {per_model[v]:.3f} |")
+    verdict = ("not judged: --quick run" if result.get("quick")
+               else "met" if result["dst_minus_dense_mb"] <= 1.0 else "MISSED")
+    lines += ["", f"DST - dense: {result['dst_minus_dense_mb']:+.3f} MB per model "
+              f"(target <= 1 MB: {verdict})."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, f"{prefix}_memory.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def main(argv):
     del argv
     import numpy as np
 
-    cycles, warmup = (6, 2) if FLAGS.quick else (FLAGS.cycles, FLAGS.warmup)
+    cycles, warmup = QUICK if FLAGS.quick else (FLAGS.cycles, FLAGS.warmup)
+    prefix = bench_utils.output_prefix(FLAGS.prefix, FLAGS.quick, "cpu")
+    try:  # before the cycles, not when writing their results
+        cli.check_directory(FLAGS.out_dir, "--out_dir")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 64)).astype("float32")
     y = rng.integers(0, 10, size=256)
@@ -97,29 +159,14 @@ def main(argv):
         if variant == VARIANTS[-1] or r % 2:
             print(f"  cycle {r}: {variant:<7} RSS {rss[variant][-1]:.1f} MB", flush=True)
     per_model = {v: slope(rss[v][warmup:]) for v in VARIANTS}
-    result = dict(cycles=cycles, warmup=warmup, rss_mb=rss,
+    result = dict(cycles=cycles, warmup=warmup, quick=FLAGS.quick, rss_mb=rss,
                   growth_mb_per_model=per_model,
                   dst_minus_dense_mb=per_model["dst"] - per_model["dense"],
-                  seconds=time.time() - start, machine=bench_utils.machine_info())
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.out_dir, "cpu_memory.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    lines = ["# Memory kept per discarded model (CPU)", "",
-             f"{cycles} train-and-discard cycles per variant, interleaved in one process "
-             f"(slope over cycles {warmup}..{cycles - 1}); command: "
-             "`python examples/benchmarks/memory.py`.", "",
-             "| variant | RSS after warm-up MB | RSS at the end MB | growth per model MB |",
-             "|---|---|---|---|"]
-    for v in VARIANTS:
-        lines.append(f"| {v} | {rss[v][warmup]:.1f} | {rss[v][-1]:.1f} | {per_model[v]:.3f} |")
-    verdict = "met" if result["dst_minus_dense_mb"] <= 1.0 else "MISSED"
-    lines += ["", f"DST - dense: {result['dst_minus_dense_mb']:+.3f} MB per model "
-              f"(target <= 1 MB: {verdict})."]
-    with open(os.path.join(FLAGS.out_dir, "cpu_memory.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                  seconds=time.time() - start, command="python " + " ".join(sys.argv),
+                  machine=bench_utils.machine_info())
+    print(write_report(FLAGS.out_dir, prefix, result), end="")
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

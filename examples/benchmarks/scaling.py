@@ -55,9 +55,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+if ROOT not in sys.path:  # `from examples import cli` when run as a script
+    sys.path.insert(1, ROOT)
 import bench_utils  # noqa: E402
 from bench_utils import fmt  # noqa: E402
+
+from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "tiny sizes, few repeats (a smoke test, numbers meaningless)")
@@ -78,6 +83,13 @@ flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results are
 flags.DEFINE_string("prefix", None, "file prefix; default 'cpu'/'gpu' ('quick' under --quick)")
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_bool("report_only", False, "only rewrite the .md from the existing .json")
+# Checked when the flags are parsed (one-line errors naming the flag, before any work).
+bench_utils.register_list_check("sizes", bench_utils.weight_count, "a number of weights >= 2 (e.g. 1e5)")
+bench_utils.register_list_check("layers", bench_utils.positive_int, "a layer count >= 1")
+flags.register_validator("layer_size", lambda v: v >= 2, "--layer_size must be >= 2")
+flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
+flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
+flags.register_validator("prune_rate", lambda v: 0 <= v <= 1, "--prune_rate must be in [0, 1]")
 
 QUICK = dict(sizes=["1e4", "3e4", "1e5"], layers=["1", "2", "4"], layer_size=64 * 64,
              repeats=2, fit_min=1e4)
@@ -273,10 +285,13 @@ def main(argv):
 
     import keras_dst
 
-    prefix = FLAGS.prefix or ("quick" if FLAGS.quick else bench_utils.device_prefix(tf))
+    prefix = bench_utils.output_prefix(FLAGS.prefix, FLAGS.quick, lambda: bench_utils.device_prefix(tf))
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     if FLAGS.report_only:
-        doc = bench_utils.read_json(os.path.join(FLAGS.out_dir, f"{prefix}_scaling.json"))
+        path = os.path.join(FLAGS.out_dir, f"{prefix}_scaling.json")
+        doc = bench_utils.read_json(path)
+        if doc is None:
+            sys.exit(f"error: --report_only: {path} is missing or not JSON (--out_dir / --prefix)")
         print(write_report(doc, FLAGS.out_dir, prefix))
         return
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -349,4 +364,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

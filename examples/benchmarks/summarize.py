@@ -4,7 +4,8 @@ Reads ``<prefix>_overhead.json`` and ``<prefix>_scaling.json`` (written by
 `overhead.py` and `scaling.py`) and writes one table per model with the ratios
 the targets are stated in, each marked met / missed, then the compilation and
 repeated-fit rows of each model (first fit, fit-loop window, later fit call).
-No TensorFlow needed.
+An input that is missing is named on stdout and in the summary; with neither, the
+script stops with an error naming them. No TensorFlow needed.
 
   python examples/benchmarks/summarize.py            # results/cpu_summary.md
 """
@@ -27,6 +28,20 @@ flags.DEFINE_string("note", "", "free text put under the title (e.g. contention,
 TARGETS = {"static": 1.01, "amortised": 1.03, "update_steps": 1.0, "tfmot": 0.7,
            "first_fit": 1.5, "fit_window": 1.03, "later_call": 1.05}
 DST = ("dst_magnitude", "dst_snip")
+INPUTS = ("overhead", "scaling")  # <prefix>_<name>.json, written by <name>.py
+
+
+def read_inputs(out_dir, prefix):
+    """The input documents ``{name: doc or None}`` of `INPUTS`, and the list of
+    ``"<file> (missing | not readable JSON)"`` for those that could not be read."""
+    docs, left_out = {}, []
+    for name in INPUTS:
+        path = os.path.join(out_dir, f"{prefix}_{name}.json")
+        docs[name] = bench_utils.read_json(path)
+        if docs[name] is None:
+            why = "not readable JSON" if os.path.exists(path) else "missing"
+            left_out.append(f"{prefix}_{name}.json ({why}; written by {name}.py)")
+    return docs, left_out
 
 
 def mark(x, limit, applies=True, ci=None):
@@ -71,11 +86,17 @@ def fit_call_rows(m, r):
 
 def main(argv):
     del argv
-    over = bench_utils.read_json(os.path.join(FLAGS.out_dir, f"{FLAGS.prefix}_overhead.json"))
-    scal = bench_utils.read_json(os.path.join(FLAGS.out_dir, f"{FLAGS.prefix}_scaling.json"))
+    docs, left_out = read_inputs(FLAGS.out_dir, FLAGS.prefix)
+    if len(left_out) == len(INPUTS):
+        sys.exit(f"error: nothing to summarize for --prefix={FLAGS.prefix} in "
+                 f"--out_dir={FLAGS.out_dir}: " + ", ".join(left_out))
+    over, scal = docs["overhead"], docs["scaling"]
     lines = [f"# keras_dst benchmark summary ({FLAGS.prefix.upper()})", ""]
     if FLAGS.note:
         lines += [FLAGS.note, ""]
+    if left_out:
+        print(f"note: left out of the summary: {', '.join(left_out)}")
+        lines += [f"Left out: {', '.join(left_out)}.", ""]
     if over:
         rows, frows = [], []
         for m, r in over["models"].items():
