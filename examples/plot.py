@@ -66,6 +66,17 @@ def read_rows(csv_path):
 GROUPED_BY = ("model", "dataset", "method", "prune", "grow", "density")
 
 
+def _read_input(read, path, flag):
+    """`read(path)`, its errors as ValueErrors naming `flag` (the command-line flag the
+    path came from) and the file."""
+    try:
+        return read(path)
+    except OSError as e:
+        raise ValueError(f"{flag}={path}: cannot read it: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ValueError(f"{flag}={path}: {e}") from None
+
+
 def load_rows(paths, metric, flag):
     """The rows of the sweep CSVs `paths`, checked before anything is printed or drawn:
     every file readable and holding rows with the columns the tables and figures group
@@ -76,12 +87,7 @@ def load_rows(paths, metric, flag):
     """
     rows = []
     for path in paths:
-        try:
-            found = read_rows(path)
-        except OSError as e:
-            raise ValueError(f"{flag}={path}: cannot read it: {e.strerror or e}") from None
-        except ValueError as e:
-            raise ValueError(f"{flag}={path}: {e}") from None
+        found = _read_input(read_rows, path, flag)
         if not found:
             raise ValueError(f"{flag}={path}: no rows to plot (the file is empty or only a header)")
         missing = [c for c in (*GROUPED_BY, metric) if c not in found[0]]
@@ -404,12 +410,7 @@ def read_matrix(source):
 
 def load_matrix(path, flag):
     """`read_matrix(path)`, its errors naming `flag` and the file (ValueError)."""
-    try:
-        return read_matrix(path)
-    except OSError as e:
-        raise ValueError(f"{flag}={path}: cannot read it: {e.strerror or e}") from None
-    except ValueError as e:
-        raise ValueError(f"{flag}={path}: {e}") from None
+    return _read_input(read_matrix, path, flag)
 
 
 def plot_overlap(source, out="overlap", title="Jaccard index of pruned sets"):

@@ -177,8 +177,9 @@ def _solve(
     ``eps`` is recomputed over the rest.
     """
     sizes = {k: math.prod(s) for k, s in shapes.items()}
-    tol = _RTOL * max(sum(sizes.values()), 1)
-    budget = density * sum(sizes.values()) - sum(fixed[k] * sizes[k] for k in fixed)
+    total = sum(sizes.values())
+    tol = _RTOL * max(total, 1)
+    budget = density * total - sum(fixed[k] * sizes[k] for k in fixed)
     if budget < -tol:
         raise _infeasible(
             density, fixed, f"they alone exceed the global budget by {-budget:g} weights"
@@ -186,10 +187,10 @@ def _solve(
     budget = max(budget, 0.0)
     free = [k for k in shapes if k not in fixed]
     n_free = sum(sizes[k] for k in free)
-    if n_free and budget <= tol and not fixed:
-        raise ValueError(f"density={density!r} keeps {density * sum(sizes.values()):.3g} of the "
-                         f"{sum(sizes.values())} weights: every layer {free} would get density 0")
     if n_free and budget <= tol:  # (a layer meant to be empty is fixed at 0 explicitly)
+        if not fixed:
+            raise ValueError(f"density={density!r} keeps {density * total:.3g} of the {total} "
+                             f"weights: every layer {free} would get density 0")
         raise _infeasible(
             density, fixed, f"they use the whole budget, so the other layers {free} would "
             "get density 0 (fix those at 0 too if that is meant)")
