@@ -38,7 +38,7 @@ def _stacked():
 
 def _bidirectional():
     """Bidirectional holds two LSTMs a wrapper cannot reach: their masks are attached."""
-    return keras.Sequential([keras.Input((6, 4)), L.Bidirectional(L.LSTM(8), name="bidi"),
+    return keras.Sequential([keras.Input((6, 4)), L.Bidirectional(L.LSTM(8, name="lstm"), name="bidi"),
                              L.Dense(3, name="head")])
 
 
