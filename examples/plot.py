@@ -461,6 +461,11 @@ def main(argv):
                  "--patterns (accuracy per sparsity pattern)")
     if FLAGS.ymin is not None and not FLAGS.csv:
         sys.exit(f"error: --ymin={FLAGS.ymin:g}: it sets the bottom of Figure 1's y axes (--csv)")
+    if FLAGS.title is not None and not FLAGS.overlap:
+        sys.exit(f"error: --title={FLAGS.title}: it titles the overlap heatmap (--overlap)")
+    if FLAGS["metric"].present and FLAGS.overlap:
+        sys.exit(f"error: --metric={FLAGS.metric}: the overlap heatmap (--overlap) shows "
+                 "Jaccard indices, not an accuracy")
     # Every input is read and checked (and the figure drawn) before anything is printed:
     # an error is the one line printed.
     text = ""

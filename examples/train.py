@@ -158,6 +158,36 @@ CHECKS = {
 }
 
 
+# Flags that only some runs read: (does a run of this config read it, which runs do).
+# Given on the command line for a run that would ignore it, such a flag is refused.
+_SPARSE = (lambda c: c["method"] != "dense", "--method static, dst or gmp")
+_MASKED = (lambda c: c["method"] in ("static", "dst"), "--method static or dst")
+_DST = (lambda c: c["method"] == "dst", "--method dst")
+_RATES = (lambda c: c["method"] == "dst" or bool(c["overlap"]), "--method dst or --overlap")
+APPLIES_TO = {
+    "density": _SPARSE, "distribution": _MASKED, "init": _MASKED,
+    "prune": _DST, "grow": _DST, "ordering": _DST, "scope": _DST, "grow_exact": _DST,
+    "prune_rate": _RATES, "schedule": _RATES,
+    "update_every": (lambda c: c["method"] in ("dst", "gmp") or bool(c["overlap"]),
+                     "--method dst or gmp, or --overlap"),
+    "tpu": (lambda c: c["strategy"] == "tpu", "--strategy tpu"),
+    "depth": (lambda c: c["model"] == "wide_resnet", "--model wide_resnet"),
+    "width": (lambda c: c["model"] == "wide_resnet", "--model wide_resnet"),
+}
+
+
+def check_given_flags_apply(config, flag_values=flags.FLAGS):
+    """Raises ValueError naming the first flag given on the command line (parsed into
+    `flag_values`) that the run of `config` (a complete config) would ignore, and the runs
+    that read it: `--method dense --density 0.05` would otherwise train a dense model
+    without a word."""
+    for name in sorted(APPLIES_TO):
+        applies, runs = APPLIES_TO[name]
+        if name in flag_values and flag_values[name].present and not applies(config):
+            raise ValueError(f"--{name}={config[name]} is not used by this run: it applies "
+                             f"to {runs}")
+
+
 def default_config():
     """The flag defaults as a dict (a complete config for `run`)."""
     return {name: default for _, name, default, _, _ in FLAG_SPECS}
@@ -512,6 +542,7 @@ def main(argv):
     config = config_from_flags()
     try:
         validate({**default_config(), **config})
+        check_given_flags_apply({**default_config(), **config})
         results = run(config)
     except (ValueError, data_lib.DataUnavailableError) as e:
         sys.exit(f"error: {e}")

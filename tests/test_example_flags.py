@@ -281,3 +281,15 @@ def test_plot_refuses_a_ymin_above_the_data(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("best_val_test_accuracy: mean ± std over seeds")
     assert (tmp_path / "fig.png").exists()
+
+
+def test_plot_refuses_a_flag_its_figure_would_ignore(tmp_path):
+    """(--title with --csv and --metric with --overlap were ignored without a word)"""
+    _mixed_csvs(tmp_path)
+    proc = _script("plot.py", "--csv=p.csv", "--title=Mine", "--out=fig", cwd=tmp_path)
+    _one_error_line(proc, "error: --title=Mine: it titles the overlap heatmap (--overlap)")
+    proc = _script("plot.py", "--overlap=m.json", "--metric=final_test_accuracy", cwd=tmp_path)
+    _one_error_line(proc, "error: --metric=final_test_accuracy: the overlap heatmap (--overlap) "
+                          "shows Jaccard indices, not an accuracy")
+    assert not list(tmp_path.glob("*.png"))
+

@@ -623,6 +623,38 @@ def test_flags_parse_into_a_valid_config():
         assert name in help_text
 
 
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "dense", "--density", "0.05"], r"--density=0.05 is not used .* static, dst or gmp"),
+    (["--method", "static", "--prune", "snip"], r"--prune=snip .* --method dst$"),
+    (["--method", "gmp", "--schedule", "linear"], r"--schedule=linear .* --method dst or --overlap"),
+    (["--method", "dense", "--update_every", "10"], r"--update_every=10 .* dst or gmp, or --overlap"),
+    (["--tpu", "my-tpu"], r"--tpu=my-tpu .* --strategy tpu"),
+    (["--width", "4"], r"--width=4 .* --model wide_resnet"),
+])
+def test_a_flag_the_run_would_ignore_is_refused(argv, match):
+    """(`--method dense --density 0.05` trained a dense model without a word)"""
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    parse_flags(["prog", *argv], fv)
+    with pytest.raises(ValueError, match=match):
+        train.check_given_flags_apply({**train.default_config(), **train.config_from_flags(fv)}, fv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--method", "static", "--overlap", "magnitude,snip", "--prune_rate", "0.3", "--schedule",
+     "linear", "--update_every", "10", "--density", "0.2"],
+    ["--method", "gmp", "--update_every", "10", "--density", "0.2"],
+    ["--model", "wide_resnet", "--width", "4", "--depth", "10"],
+    ["--prune", "snip", "--grow", "gradient", "--scope", "global", "--nogrow_exact"],
+    ["--method", "dense"],  # defaults of flags it ignores are not "given"
+])
+def test_flags_the_run_reads_are_accepted(argv):
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    parse_flags(["prog", *argv], fv)
+    train.check_given_flags_apply({**train.default_config(), **train.config_from_flags(fv)}, fv)
+
+
 def test_stray_arguments_are_one_line_errors():
     with pytest.raises(SystemExit, match="^error: unexpected arguments"):
         train.main(["train.py", "oops"])
