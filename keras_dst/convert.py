@@ -344,7 +344,9 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
         # output names (compile's loss / metric dicts, `get_layer`, history keys)
         return SparseWrapper(inner, name=layer.name, **options(index, layer, by_id[id(layer)])), layer
 
-    return _clone_graph(model, clone)
+    result = _clone_graph(model, clone)
+    carry_attached_state_in_weights(result)  # (set_weights checks every value first)
+    return result
 
 
 def _weight_keys(model, targets, in_place) -> dict:

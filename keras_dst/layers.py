@@ -461,6 +461,19 @@ class SparseState:
                              "of its sparsified weights.")
         return self.keep_dense if isinstance(self.keep_dense, bool) else self.keep_dense[index]
 
+    def check_write(self, target, value) -> None:
+        """Raises as an eager write of `value` to `target` would, and writes nothing: the
+        refusals of the write guard (`_guard_writes`) for a sparsified weight (shape), its
+        mask (0/1, its pattern) or its ever-active flags (0/1, shape); nothing for any
+        other variable. `set_weights` checks every value with it before writing any."""
+        for i, weight in enumerate(self.sparse_weights):
+            if target is weight:
+                _checked_weight_value(self, weight, value, weight.dtype)
+            elif target is self.masks[i]:
+                _check_mask_value(self, weight, self.patterns[i], value)
+            elif target is self.ever_active[i]:
+                _check_flags_value(self, weight, value)
+
     def variables(self) -> list:
         """The state variables, in creation (and saving) order."""
         result = []
@@ -736,6 +749,15 @@ class SparseWrapper(keras.layers.Wrapper):
     def apply_masks(self) -> None:
         """Zeroes every sparsified weight where its mask is False."""
         self._sparse_state.apply_masks()
+
+    def set_weights(self, weights):
+        """Keras's ``set_weights``, after every value is checked (`check_weight_list`):
+        a refused value (another shape, a mask that is not 0/1 or breaks the pattern)
+        raises before any weight is written."""
+        weights = list(weights)
+        if len(weights) == len(self.weights):  # (else Keras names the lengths)
+            check_weight_list([self._sparse_state], self.weights, weights, f"SparseWrapper '{self.name}'")
+        super().set_weights(weights)
 
     def load_own_variables(self, store):
         """Loads the masks (and flags, scores); the weights the inner layer loads next
@@ -1098,14 +1120,7 @@ def _guard_writes(variable, mask, flags, state, pattern):
     pending = state._pending_writes
 
     def checked(value, dtype):
-        """`value` as a tensor of `dtype`, refused unless it has the weight's shape (as
-        Keras refuses it; the masking below would broadcast or fail in TensorFlow)."""
-        value = tf.cast(tf.convert_to_tensor(value), dtype)
-        if value.shape != variable.shape:
-            raise ValueError(f"{state.owner}: the value written to '{variable.path}' has shape "
-                             f"{tuple(value.shape)}, the weight {tuple(variable.shape)}; it "
-                             "was left as it was.")
-        return value
+        return _checked_weight_value(state, variable, value, dtype)
 
     def _unwritten(target):
         """The value last written to `target` (the weight or the flags) before the mask
@@ -1136,16 +1151,7 @@ def _guard_writes(variable, mask, flags, state, pattern):
 
     def guarded_mask_assign(value):
         if tf.executing_eagerly():
-            array = np.asarray(value)
-            check_mask_array(array, f"{state.owner}: the mask written to '{variable.path}'",
-                             "; it was left as it was")
-            problem = None if pattern.kind == "unstructured" else \
-                patterns.violation(pattern, array.astype(bool))
-            if problem is not None:  # (a mask of a model made with another pattern)
-                raise ValueError(
-                    f"{state.owner}: the mask written to '{variable.path}' breaks its "
-                    f"{problem}; it was left as it was. Write masks of this pattern "
-                    "(e.g. load weights saved by a model made prunable the same way).")
+            _check_mask_value(state, variable, pattern, value)
         result = assign_mask(mask, value)
         if tf.executing_eagerly():
             assign_flags(flags, tf.logical_or(_unwritten(flags), mask))
@@ -1167,14 +1173,7 @@ def _guard_writes(variable, mask, flags, state, pattern):
     def guarded_flags_assign(value):
         if not tf.executing_eagerly():  # (the DST update)
             return assign_flags(flags, value)
-        array = np.asarray(value)
-        check_mask_array(array, f"{state.owner}: the ever-active flags written to "
-                                f"'{variable.path}'", "; they were left as they were")
-        if array.shape != tuple(flags.shape):
-            raise ValueError(f"{state.owner}: the ever-active flags written to "
-                             f"'{variable.path}' have shape {array.shape}, the weight "
-                             f"{tuple(flags.shape)}; they were left as they were.")
-        array = array.astype(bool)
+        array = _check_flags_value(state, variable, value).astype(bool)
         written = np.logical_or(array, mask.numpy())
         pending.pop(id(flags), None)
         result = assign_flags(flags, written)
@@ -1193,6 +1192,64 @@ def _guard_writes(variable, mask, flags, state, pattern):
     # the writes above, which keep the raw weight for a mask written after it.
     for target in (variable, mask, flags):
         compat.on_checkpoint_restore(target, target.assign)
+
+
+def check_weight_list(states, variables, values, owner: str) -> None:
+    """Raises as ``set_weights`` (which writes `values` to `variables` one by one) would
+    at its first refused value, before any is written: a value of another shape than
+    its variable (Keras refuses it as it comes, after writing those before it), or a
+    value the write guard of one of `states` refuses (`SparseState.check_write`).
+    `owner` names the model or layer in the shape error."""
+    by_variable = {id(v): state for state in states
+                   for v in state.sparse_weights + state.masks + state.ever_active}
+    for variable, value in zip(variables, values):
+        shape = tuple(np.shape(value))
+        if shape != tuple(variable.shape):
+            raise ValueError(f"{owner}.set_weights(): the value for '{variable.path}' has shape "
+                             f"{shape}, the weight {tuple(variable.shape)}; no weight was "
+                             "written.")
+        state = by_variable.get(id(variable))
+        if state is not None:
+            state.check_write(variable, value)
+
+
+def _checked_weight_value(state, variable, value, dtype):
+    """`value` as a tensor of `dtype`, refused unless it has the weight `variable`'s shape
+    (as Keras refuses it; the masking of the write would broadcast or fail in TensorFlow)."""
+    value = tf.cast(tf.convert_to_tensor(value), dtype)
+    if value.shape != variable.shape:
+        raise ValueError(f"{state.owner}: the value written to '{variable.path}' has shape "
+                         f"{tuple(value.shape)}, the weight {tuple(variable.shape)}; it "
+                         "was left as it was.")
+    return value
+
+
+def _check_mask_value(state, variable, pattern, value):
+    """Raises unless `value` can be the mask of the weight `variable`: 0/1 values
+    (`check_mask_array`) that keep its `pattern`."""
+    array = np.asarray(value)
+    check_mask_array(array, f"{state.owner}: the mask written to '{variable.path}'",
+                     "; it was left as it was")
+    problem = None if pattern.kind == "unstructured" else \
+        patterns.violation(pattern, array.astype(bool))
+    if problem is not None:  # (a mask of a model made with another pattern)
+        raise ValueError(
+            f"{state.owner}: the mask written to '{variable.path}' breaks its "
+            f"{problem}; it was left as it was. Write masks of this pattern "
+            "(e.g. load weights saved by a model made prunable the same way).")
+
+
+def _check_flags_value(state, variable, value) -> np.ndarray:
+    """`value` as an array, refused unless it can be the ever-active flags of the weight
+    `variable`: 0/1 values of its shape."""
+    array = np.asarray(value)
+    check_mask_array(array, f"{state.owner}: the ever-active flags written to "
+                            f"'{variable.path}'", "; they were left as they were")
+    if array.shape != tuple(variable.shape):
+        raise ValueError(f"{state.owner}: the ever-active flags written to "
+                         f"'{variable.path}' have shape {array.shape}, the weight "
+                         f"{tuple(variable.shape)}; they were left as they were.")
+    return array
 
 
 def _original_constraint(variable):

@@ -19,6 +19,7 @@ from keras_dst.layers import (
     attached_state,
     check_mask_array,
     check_maskable,
+    check_weight_list,
     masked_nonzeros,
     relative_path,
 )
@@ -126,14 +127,17 @@ def sparse_states(model) -> list:
 def carry_attached_state_in_weights(model) -> None:
     """Makes ``model.get_weights()`` / ``set_weights()`` carry the state attached in place
     to its layers (masks, ever-active flags, running scores), after its own weights, as
-    a wrapper's weights carry a wrapper's.
+    a wrapper's weights carry a wrapper's, and makes ``set_weights`` check every value
+    before it writes any (`layers.check_weight_list`: Keras writes the values one by
+    one, so a refused one left those before it written).
 
     Attached state is not among ``model.weights`` (Keras's loader must refuse such a
     file rather than load it dense), so a get/set round trip (Keras's
     ``EarlyStopping(restore_best_weights=True)``) restored the values without their
     masks. `set_weights` still takes the model's own weights alone (a warm start keeps
     the masks); with the state too, the masks are written first, then the values.
-    Instance methods on `model`; `strip` removes them.
+    Instance methods on `model` (`prunable` and `keras_dst.load_model` install them);
+    `strip` removes them.
     """
     if not isinstance(model, keras.Model) or "get_weights" in model.__dict__:
         return
@@ -147,12 +151,16 @@ def carry_attached_state_in_weights(model) -> None:
         return cls.get_weights(model) + [v.numpy() for v in attached_variables()]
 
     def set_weights(weights):
-        weights, own, extra = list(weights), len(model.weights), attached_variables()
-        if extra and len(weights) == own + len(extra):
-            for variable, value in zip(extra, weights[own:]):
-                variable.assign(value)
-            weights = weights[:own]
-        cls.set_weights(model, weights)
+        weights, own, extra = list(weights), list(model.weights), attached_variables()
+        carried = bool(extra) and len(weights) == len(own) + len(extra)
+        variables = extra + own if carried else own
+        if carried:  # (written first)
+            weights = weights[len(own):] + weights[:len(own)]
+        if len(weights) == len(variables):  # (else Keras names the lengths)
+            check_weight_list(sparse_states(model), variables, weights, f"model '{model.name}'")
+        for variable, value in zip(extra if carried else [], weights):
+            variable.assign(value)
+        cls.set_weights(model, weights[len(extra):] if carried else weights)
 
     model.get_weights, model.set_weights = get_weights, set_weights
 

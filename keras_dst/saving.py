@@ -133,8 +133,10 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
     options = dict(custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
     with tempfile.TemporaryDirectory(prefix="keras_dst_load_") as tmp:
         copied = _copy_without_attached_entries(filepath, tmp)
-        if copied is None:
-            return keras.models.load_model(filepath, **options)
+        if copied is None:  # (no attached state: a model of wrappers, or no keras_dst one)
+            model = keras.models.load_model(filepath, **options)
+            carry_attached_state_in_weights(model)  # (set_weights checks every value first)
+            return model
         copy, weights, saved = copied
         model = keras.models.load_model(copy, **options)
         with sparse_layers.attaching_saved_masks(model) as attached:

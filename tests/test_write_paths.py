@@ -718,3 +718,53 @@ def test_prunable_makes_a_frozen_layer_sparse_and_it_stays_frozen():
     assert any((after[k] != before[k]).any() for k in before if k != path)
     kept = no_warning(lambda: keras_dst.prunable(dense, density=0.6, keep_dense=[frozen.name]))
     assert keras_dst.masks(kept)[path].all()
+
+
+@pytest.mark.parametrize("how", ["wrappers", "in_place", "reloaded"])
+def test_set_weights_checks_every_value_before_writing_any(how, tmp_path):
+    # Keras writes set_weights' values one by one: a refused value (the last layer's mask
+    # of another pattern, a value of another shape) left the weights before it written
+    model = keras_dst.prunable(mlp(), density=0.5, pattern="2:4", in_place=how == "in_place")
+    if how == "reloaded":
+        model.save(tmp_path / "m.keras")
+        model = keras_dst.load_model(tmp_path / "m.keras")
+    targets = keras_dst.sparse_targets(model)
+    variables = list(model.weights)
+    if how == "in_place":  # get_weights carries the attached state after the model's own
+        variables += [v for t in targets for v in (t.mask, t.ever_active)]
+    before = model.get_weights()
+    assert len(before) == len(variables)
+    sparse = {id(t.weight) for t in targets}  # (doubled: still 0 where masked)
+    changed = [v if v.dtype == bool else v * 2.0 if id(w) in sparse else v + 1.0
+               for v, w in zip(before, variables)]
+    last_mask = next(i for i, v in enumerate(variables) if v is targets[-1].mask)
+    broken = list(changed)
+    broken[last_mask] = np.ones_like(before[last_mask])  # 4 of every 4 active
+    with pytest.raises(ValueError, match=r"fc3/kernel' breaks its pattern '2:4'"):
+        model.set_weights(broken)
+    misshapen = list(changed)
+    misshapen[len(model.weights) - 1] = np.zeros(7, "float32")
+    with pytest.raises(ValueError, match=r"'fc3/bias' has shape \(7,\), the weight \(3,\); "
+                                         "no weight was written"):
+        model.set_weights(misshapen)
+    for value, now in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(value, now)
+    model.set_weights(changed)  # the same values with nothing refused are all written
+    for value, now in zip(changed, model.get_weights()):
+        np.testing.assert_array_equal(value, now)
+    assert_sparse_invariants(model)
+
+
+def test_a_wrapper_s_set_weights_checks_every_value_before_writing_any():
+    # (its masks come first: a value of another shape for its bias left them written)
+    wrapper = keras_dst.prunable(mlp(), density=0.5, pattern="2:4").get_layer("fc1")
+    before = wrapper.get_weights()
+    paths = [w.path for w in wrapper.weights]
+    values = list(before)
+    values[paths.index("fc1/kernel_mask")] = ~before[paths.index("fc1/kernel_mask")]  # 2:4 too
+    values[paths.index("fc1/bias")] = np.zeros(7, "float32")
+    with pytest.raises(ValueError, match=r"SparseWrapper 'fc1'.set_weights\(\): the value for "
+                                         r"'fc1/bias' has shape \(7,\)"):
+        wrapper.set_weights(values)
+    for value, now in zip(before, wrapper.get_weights()):
+        np.testing.assert_array_equal(value, now)
