@@ -265,7 +265,7 @@ def _memory_result(quick, dst_growth=0.5):
 def test_memory_quick_run_has_its_own_file_names_and_no_verdict(tmp_path):
     """A --quick run writes quick_memory.*, never the measurement's cpu_memory.* (the
     default --out_dir is the committed results), and its .md says it is no measurement."""
-    from examples.benchmarks import memory  # defines its flags (only this test module does)
+    from examples.benchmarks import memory
 
     assert bench_utils.output_prefix(None, True, "cpu") == "quick"
     assert bench_utils.output_prefix(None, False, "cpu") == "cpu"
@@ -395,3 +395,16 @@ def test_overhead_quick_against_tfmot(tmp_path):
     summary = r["tfmot_summary"]["tfmot_pruned"]
     assert summary["tfmot"] and summary["tf_keras"]
     assert "## Against TFMOT" in (tmp_path / "quick_overhead.md").read_text()
+
+
+def test_benchmark_scripts_define_their_flags_when_they_run_not_when_imported():
+    """(importing two of them in one process failed on their common --out_dir)"""
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    # (not tfmot_epoch: importing it switches the process to tf_keras)
+    for name in ("compile_breakdown", "export_latency", "late_constraint", "memory", "overhead",
+                 "scaling", "summarize"):
+        module = importlib.import_module(f"examples.benchmarks.{name}")
+        assert callable(module.define_flags), name
+    assert set(flags.FLAGS) == before

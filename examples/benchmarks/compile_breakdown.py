@@ -56,22 +56,28 @@ from bench_utils import fmt  # noqa: E402
 from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["mlp", "convnet"], f"models, of {bench_models.MODEL_NAMES}")
-flags.DEFINE_integer("repeats", 3, "fresh models per variant")
-flags.DEFINE_integer("batch_size", None, "batch size (default: 128; 32 for resnet56 / vgg16)")
-flags.DEFINE_float("density", 0.1, "density of the sparse variants")
-flags.DEFINE_integer("update_every", 100, "DST update period")
-flags.DEFINE_integer("seed", 0, "seed")
-flags.DEFINE_bool("quick", False, "tiny models, 1 repeat (a smoke run; numbers mean nothing)")
-flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results go")
-flags.DEFINE_string("prefix", None, "result file prefix (default: cpu / gpu, quick)")
-# Checked when the flags are parsed (one-line errors naming the flag, before any work).
-bench_utils.register_list_check("models", bench_utils.one_of(bench_models.MODEL_NAMES),
-                                f"a model of {', '.join(bench_models.MODEL_NAMES)}")
-flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
-flags.register_validator("batch_size", lambda v: v is None or v >= 1, "--batch_size must be >= 1")
-flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
-flags.register_validator("update_every", lambda v: v >= 1, "--update_every must be >= 1")
+
+
+def define_flags():
+    """Defines this script's flags on absl's global FLAGS (when it runs: importing
+    the module defines none, so that scripts and tests can import it)."""
+    flags.DEFINE_list("models", ["mlp", "convnet"], f"models, of {bench_models.MODEL_NAMES}")
+    flags.DEFINE_integer("repeats", 3, "fresh models per variant")
+    flags.DEFINE_integer("batch_size", None, "batch size (default: 128; 32 for resnet56 / vgg16)")
+    flags.DEFINE_float("density", 0.1, "density of the sparse variants")
+    flags.DEFINE_integer("update_every", 100, "DST update period")
+    flags.DEFINE_integer("seed", 0, "seed")
+    flags.DEFINE_bool("quick", False, "tiny models, 1 repeat (a smoke run; numbers mean nothing)")
+    flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results go")
+    flags.DEFINE_string("prefix", None, "result file prefix (default: cpu / gpu, quick)")
+    # Checked when the flags are parsed (one-line errors naming the flag, before any work).
+    bench_utils.register_list_check("models", bench_utils.one_of(bench_models.MODEL_NAMES),
+                                    f"a model of {', '.join(bench_models.MODEL_NAMES)}")
+    flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
+    flags.register_validator("batch_size", lambda v: v is None or v >= 1, "--batch_size must be >= 1")
+    flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
+    flags.register_validator("update_every", lambda v: v >= 1, "--update_every must be >= 1")
+
 
 VARIANTS = ("dense", "static", "dst_magnitude", "dst_snip")
 PARTS = ("first_batch_s", "trace_s", "to_hlo_s", "hlo_passes_s", "codegen_s", "llvm_modules")
@@ -204,4 +210,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

@@ -51,28 +51,7 @@ import bench_utils  # noqa: E402
 from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "tiny run (MLP, 1x4 at 0.1, batch 1, 1 thread, 2 rounds): a "
-                  "smoke test, numbers meaningless")
-flags.DEFINE_list("models", ["mlp", "convnet"], "models (examples/benchmarks/bench_models.py)")
 DEFAULT_PATTERNS = ["unstructured", "1x4", "1x16"]
-flags.DEFINE_list("patterns", DEFAULT_PATTERNS, "sparsity patterns "
-                  "(keras_dst.patterns: unstructured, 1xB, N:M, fan_in)")
-flags.DEFINE_list("densities", ["0.2", "0.1", "0.05", "0.02"], "densities of the sparse models")
-flags.DEFINE_list("batch_sizes", ["1", "32"], "batch sizes")
-flags.DEFINE_list("threads", ["1", "all"], "interpreter threads ('all' = os.cpu_count())")
-flags.DEFINE_integer("repeats", 15, "timed rounds (6 or more give 95 % intervals)")
-flags.DEFINE_float("min_time_ms", 100.0, "wall time of one measurement (invoke() is repeated "
-                   "until it is filled)")
-flags.DEFINE_enum("distribution", "erk", ["erk", "er", "uniform"], "how a density is spread "
-                  "over layers (keras_dst.prunable)")
-flags.DEFINE_enum("quantize", "float32", ["float32", "int8"], "float32 exports, or int8 "
-                  "weights and activations (random calibration inputs; the dense baseline is "
-                  "int8 too)")
-flags.DEFINE_bool("xnnpack", True, "LiteRT's default XNNPACK delegate (False: builtin kernels)")
-flags.DEFINE_integer("seed", 0, "weights and masks")
-flags.DEFINE_string("out", os.path.join(HERE, "results"), "where results are written")
-flags.DEFINE_string("prefix", None, "file prefix (default: 'cpu', or 'quick' with --quick)")
-
 
 
 def parse_pattern(spec):
@@ -99,16 +78,40 @@ def check_patterns(values):
     return True
 
 
-# Checked when the flags are parsed (one-line errors naming the flag, before any model is
-# built); --patterns last, as its check may import TensorFlow.
-bench_utils.register_list_check("models", bench_utils.one_of(bench_models.MODEL_NAMES),
-                                f"a model of {', '.join(bench_models.MODEL_NAMES)}")
-bench_utils.register_list_check("densities", bench_utils.density, "a density in (0, 1]")
-bench_utils.register_list_check("batch_sizes", bench_utils.positive_int, "a batch size >= 1")
-bench_utils.register_list_check("threads", parse_threads, "a thread count >= 1 or 'all'")
-flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
-flags.register_validator("min_time_ms", lambda v: v > 0, "--min_time_ms must be > 0")
-flags.register_validator("patterns", check_patterns)
+def define_flags():
+    """Defines this script's flags on absl's global FLAGS (when it runs: importing
+    the module defines none, so that scripts and tests can import it)."""
+    flags.DEFINE_bool("quick", False, "tiny run (MLP, 1x4 at 0.1, batch 1, 1 thread, 2 rounds): a "
+                      "smoke test, numbers meaningless")
+    flags.DEFINE_list("models", ["mlp", "convnet"], "models (examples/benchmarks/bench_models.py)")
+    flags.DEFINE_list("patterns", DEFAULT_PATTERNS, "sparsity patterns "
+                      "(keras_dst.patterns: unstructured, 1xB, N:M, fan_in)")
+    flags.DEFINE_list("densities", ["0.2", "0.1", "0.05", "0.02"], "densities of the sparse models")
+    flags.DEFINE_list("batch_sizes", ["1", "32"], "batch sizes")
+    flags.DEFINE_list("threads", ["1", "all"], "interpreter threads ('all' = os.cpu_count())")
+    flags.DEFINE_integer("repeats", 15, "timed rounds (6 or more give 95 % intervals)")
+    flags.DEFINE_float("min_time_ms", 100.0, "wall time of one measurement (invoke() is repeated "
+                       "until it is filled)")
+    flags.DEFINE_enum("distribution", "erk", ["erk", "er", "uniform"], "how a density is spread "
+                      "over layers (keras_dst.prunable)")
+    flags.DEFINE_enum("quantize", "float32", ["float32", "int8"], "float32 exports, or int8 "
+                      "weights and activations (random calibration inputs; the dense baseline is "
+                      "int8 too)")
+    flags.DEFINE_bool("xnnpack", True, "LiteRT's default XNNPACK delegate (False: builtin kernels)")
+    flags.DEFINE_integer("seed", 0, "weights and masks")
+    flags.DEFINE_string("out", os.path.join(HERE, "results"), "where results are written")
+    flags.DEFINE_string("prefix", None, "file prefix (default: 'cpu', or 'quick' with --quick)")
+    # Checked when the flags are parsed (one-line errors naming the flag, before any model is
+    # built); --patterns last, as its check may import TensorFlow.
+    bench_utils.register_list_check("models", bench_utils.one_of(bench_models.MODEL_NAMES),
+                                    f"a model of {', '.join(bench_models.MODEL_NAMES)}")
+    bench_utils.register_list_check("densities", bench_utils.density, "a density in (0, 1]")
+    bench_utils.register_list_check("batch_sizes", bench_utils.positive_int, "a batch size >= 1")
+    bench_utils.register_list_check("threads", parse_threads, "a thread count >= 1 or 'all'")
+    flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
+    flags.register_validator("min_time_ms", lambda v: v > 0, "--min_time_ms must be > 0")
+    flags.register_validator("patterns", check_patterns)
+
 
 QUICK = dict(models=["mlp"], patterns=["1x4"], densities=["0.1"], batch_sizes=["1"],
              threads=["1"], repeats=2, min_time_ms=5.0)
@@ -427,4 +430,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

@@ -48,24 +48,30 @@ from bench_utils import fmt, with_ci  # noqa: E402
 from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "mlp", bench_models.MODEL_NAMES, "model (examples/benchmarks/bench_models.py)")
-flags.DEFINE_integer("fit_loop_models", 3, "fresh models per variant")
-flags.DEFINE_integer("rounds", 9, "fit-loop rounds (every model one fit call per round)")
-flags.DEFINE_integer("steps", 100, "steps per fit call")
-flags.DEFINE_integer("update_every", 100, "ΔT of the DST variants")
-flags.DEFINE_integer("batch_size", 128, "batch size")
-flags.DEFINE_float("density", 0.1, "density of the sparse variants")
-flags.DEFINE_integer("seed", 0, "seed")
-flags.DEFINE_bool("quick", False, "tiny model, 1 model per variant, 3 rounds of 4 steps (a smoke "
-                  "run; numbers meaningless)")
-flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results go")
-flags.DEFINE_string("prefix", None, "file prefix (default: cpu / gpu, quick under --quick)")
-# Checked when the flags are parsed (one-line errors naming the flag, before any work);
-# --quick replaces the counts by its own.
-for _name, _low in (("fit_loop_models", 1), ("rounds", 2), ("steps", 2), ("update_every", 1),
-                    ("batch_size", 1)):
-    flags.register_validator(_name, lambda v, low=_low: v >= low, f"--{_name} must be >= {_low}")
-flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
+
+
+def define_flags():
+    """Defines this script's flags on absl's global FLAGS (when it runs: importing
+    the module defines none, so that scripts and tests can import it)."""
+    flags.DEFINE_enum("model", "mlp", bench_models.MODEL_NAMES, "model (examples/benchmarks/bench_models.py)")
+    flags.DEFINE_integer("fit_loop_models", 3, "fresh models per variant")
+    flags.DEFINE_integer("rounds", 9, "fit-loop rounds (every model one fit call per round)")
+    flags.DEFINE_integer("steps", 100, "steps per fit call")
+    flags.DEFINE_integer("update_every", 100, "ΔT of the DST variants")
+    flags.DEFINE_integer("batch_size", 128, "batch size")
+    flags.DEFINE_float("density", 0.1, "density of the sparse variants")
+    flags.DEFINE_integer("seed", 0, "seed")
+    flags.DEFINE_bool("quick", False, "tiny model, 1 model per variant, 3 rounds of 4 steps (a smoke "
+                      "run; numbers meaningless)")
+    flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results go")
+    flags.DEFINE_string("prefix", None, "file prefix (default: cpu / gpu, quick under --quick)")
+    # Checked when the flags are parsed (one-line errors naming the flag, before any work);
+    # --quick replaces the counts by its own.
+    for _name, _low in (("fit_loop_models", 1), ("rounds", 2), ("steps", 2), ("update_every", 1),
+                        ("batch_size", 1)):
+        flags.register_validator(_name, lambda v, low=_low: v >= low, f"--{_name} must be >= {_low}")
+    flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
+
 
 VARIANTS = ("dense", "static", "dst_late", "dst_inside")
 
@@ -189,4 +195,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

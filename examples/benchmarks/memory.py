@@ -38,12 +38,6 @@ import bench_utils  # noqa: E402
 from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "6 cycles, warm-up 2 (a smoke "
-                  "test, numbers meaningless; --cycles / --warmup ignored)")
-flags.DEFINE_integer("cycles", 50, "train-and-discard cycles per variant")
-flags.DEFINE_integer("warmup", 5, "first cycles per variant left out of the slope")
-flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where <prefix>_memory.{json,md} go")
-flags.DEFINE_string("prefix", None, "file prefix (default: 'cpu', or 'quick' with --quick)")
 
 VARIANTS = ("dense", "static", "dst")
 QUICK = (6, 2)  # cycles, warm-up of a --quick run
@@ -64,7 +58,16 @@ def check_cycles(values):
     return True
 
 
-flags.register_multi_flags_validator(["quick", "cycles", "warmup"], check_cycles)
+def define_flags():
+    """Defines this script's flags on absl's global FLAGS (when it runs: importing
+    the module defines none, so that scripts and tests can import it)."""
+    flags.DEFINE_bool("quick", False, "6 cycles, warm-up 2 (a smoke "
+                      "test, numbers meaningless; --cycles / --warmup ignored)")
+    flags.DEFINE_integer("cycles", 50, "train-and-discard cycles per variant")
+    flags.DEFINE_integer("warmup", 5, "first cycles per variant left out of the slope")
+    flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where <prefix>_memory.{json,md} go")
+    flags.DEFINE_string("prefix", None, "file prefix (default: 'cpu', or 'quick' with --quick)")
+    flags.register_multi_flags_validator(["quick", "cycles", "warmup"], check_cycles)
 
 
 def rss_mb():
@@ -169,4 +172,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

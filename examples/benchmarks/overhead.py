@@ -115,50 +115,61 @@ from absl import app, flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+if ROOT not in sys.path:  # `from examples import cli` when run as a script
+    sys.path.insert(1, ROOT)
 import bench_models  # noqa: E402
 import bench_utils  # noqa: E402
 from bench_utils import fmt  # noqa: E402
 
+from examples import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "tiny models, few steps (a smoke test, numbers meaningless)")
-flags.DEFINE_list("models", list(bench_models.MODEL_NAMES), "models to run")
-flags.DEFINE_integer("epochs", 5, "timed epochs (rounds) per variant; one more untimed "
-                     "epoch (compilation) comes first")
-flags.DEFINE_integer("steps_per_epoch", 100, "steps per epoch of the main variants "
-                     "(a multiple of --update_every makes the 'direct' column cover updates)")
-flags.DEFINE_integer("batch_size", 128, "batch size")
-flags.DEFINE_float("density", 0.1, "global density of the sparse variants (ERK)")
-flags.DEFINE_string("pattern", "unstructured", "sparsity pattern of the sparse variants "
-                    "(unstructured, 1xB, N:M, fan_in; layers that cannot take it stay "
-                    "unstructured); use a --prefix per pattern")
-flags.DEFINE_integer("update_every", 100, "ΔT of the DST variants")
-flags.DEFINE_enum("update_cost", "both", ["isolated", "every1", "both", "none"],
-                  "how to measure one mask update (see the module docstring)")
-flags.DEFINE_integer("every1_steps", 5, "steps per epoch of the ΔT=1 variants")
-flags.DEFINE_integer("isolated_repeats", 5, "timed calls of the isolated update")
-flags.DEFINE_bool("tfmot", False, "also time TFMOT prune_low_magnitude (and a tf_keras dense "
-                  "model) in subprocesses (needs tensorflow-model-optimization + tf-keras)")
-flags.DEFINE_bool("jit_compile", True, "XLA-compile the train steps (both sides)")
-flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9)")
-flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results are written")
-flags.DEFINE_string("prefix", None, "file prefix; default 'cpu' or 'gpu' from the device")
-flags.DEFINE_integer("seed", 0, "random seed (same initial weights for every variant)")
-flags.DEFINE_integer("first_fit_repeats", 3, "fresh models per variant whose FIRST fit is timed "
-                     "(compilation included), interleaved across variants; 0 skips; 6 or more "
-                     "give the ratio's 95 % interval")
-flags.DEFINE_integer("fit_loop_calls", 8, "fit loop: model.fit(epochs=1) calls per variant, "
-                     "evaluate between them, interleaved across variants; 0 skips, else >= 3 "
-                     "(calls 3..N are the later calls; 8 or more give their 95 % intervals)")
-flags.DEFINE_integer("fit_loop_models", 1, "fit loop: models per variant (the first repeats' "
-                     "models), each making every call; a call's time is the median over them "
-                     "(two fresh models of one variant can differ by a few % in step time "
-                     "on CPU, so one model per variant decides a 1.03 target by chance)")
-flags.DEFINE_integer("fit_call_steps", None, "steps of every first fit and fit-loop call, "
-                     ">= 2 (default: --steps_per_epoch)")
-flags.DEFINE_bool("fit_calls_only", False, "skip the step-time round robin (and the update cost, "
-                  "compiled-step and memory parts): only the first-fit and fit-loop measurements "
-                  "run, merged into the model's entry already in the JSON (same batch size, "
-                  "density, ΔT and jit_compile), whose update cost U gives the later-call bound")
+
+
+def define_flags():
+    """Defines this script's flags on absl's global FLAGS (when it runs: importing
+    the module defines none, so that scripts and tests can import it)."""
+    flags.DEFINE_bool("quick", False, "tiny models, few steps (a smoke test, numbers meaningless)")
+    flags.DEFINE_list("models", list(bench_models.MODEL_NAMES), "models to run")
+    flags.DEFINE_integer("epochs", 5, "timed epochs (rounds) per variant; one more untimed "
+                         "epoch (compilation) comes first")
+    flags.DEFINE_integer("steps_per_epoch", 100, "steps per epoch of the main variants "
+                         "(a multiple of --update_every makes the 'direct' column cover updates)")
+    flags.DEFINE_integer("batch_size", 128, "batch size")
+    flags.DEFINE_float("density", 0.1, "global density of the sparse variants (ERK)")
+    flags.DEFINE_string("pattern", "unstructured", "sparsity pattern of the sparse variants "
+                        "(unstructured, 1xB, N:M, fan_in; layers that cannot take it stay "
+                        "unstructured); use a --prefix per pattern")
+    flags.DEFINE_integer("update_every", 100, "ΔT of the DST variants")
+    flags.DEFINE_enum("update_cost", "both", ["isolated", "every1", "both", "none"],
+                      "how to measure one mask update (see the module docstring)")
+    flags.DEFINE_integer("every1_steps", 5, "steps per epoch of the ΔT=1 variants")
+    flags.DEFINE_integer("isolated_repeats", 5, "timed calls of the isolated update")
+    flags.DEFINE_bool("tfmot", False, "also time TFMOT prune_low_magnitude (and a tf_keras dense "
+                      "model) in subprocesses (needs tensorflow-model-optimization + tf-keras)")
+    flags.DEFINE_bool("jit_compile", True, "XLA-compile the train steps (both sides)")
+    flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9)")
+    flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results are written")
+    flags.DEFINE_string("prefix", None, "file prefix; default 'cpu' or 'gpu' from the device")
+    flags.DEFINE_integer("seed", 0, "random seed (same initial weights for every variant)")
+    flags.DEFINE_integer("first_fit_repeats", 3, "fresh models per variant whose FIRST fit is timed "
+                         "(compilation included), interleaved across variants; 0 skips; 6 or more "
+                         "give the ratio's 95 % interval")
+    flags.DEFINE_integer("fit_loop_calls", 8, "fit loop: model.fit(epochs=1) calls per variant, "
+                         "evaluate between them, interleaved across variants; 0 skips, else >= 3 "
+                         "(calls 3..N are the later calls; 8 or more give their 95 % intervals)")
+    flags.DEFINE_integer("fit_loop_models", 1, "fit loop: models per variant (the first repeats' "
+                         "models), each making every call; a call's time is the median over them "
+                         "(two fresh models of one variant can differ by a few % in step time "
+                         "on CPU, so one model per variant decides a 1.03 target by chance)")
+    flags.DEFINE_integer("fit_call_steps", None, "steps of every first fit and fit-loop call, "
+                         ">= 2 (default: --steps_per_epoch)")
+    flags.DEFINE_bool("fit_calls_only", False, "skip the step-time round robin (and the update cost, "
+                      "compiled-step and memory parts): only the first-fit and fit-loop measurements "
+                      "run, merged into the model's entry already in the JSON (same batch size, "
+                      "density, ΔT and jit_compile), whose update cost U gives the later-call bound")
+
 
 QUICK = dict(epochs=2, steps_per_epoch=4, batch_size=8, every1_steps=2, isolated_repeats=2,
              update_every=4, first_fit_repeats=1, fit_loop_calls=3)
@@ -1010,4 +1021,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

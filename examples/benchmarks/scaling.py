@@ -65,31 +65,37 @@ from bench_utils import fmt  # noqa: E402
 from examples import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "tiny sizes, few repeats (a smoke test, numbers meaningless)")
-flags.DEFINE_list("sizes", ["1e5", "3e5", "1e6", "3e6", "1e7", "3e7", "1e8"],
-                  "weights of the single layer of the parameter sweep")
-flags.DEFINE_list("layers", ["1", "2", "4", "8", "16", "32", "64"],
-                  "layer counts of the layer sweep")
-flags.DEFINE_integer("layer_size", 512 * 512, "weights per layer in the layer sweep")
-flags.DEFINE_integer("repeats", 5, "timed calls per point (fewer above 1e7 weights, see "
-                     "--max_seconds)")
-flags.DEFINE_float("max_seconds", 60.0, "stop repeating a point after this much wall time "
-                   "(at least 2 timed calls)")
-flags.DEFINE_float("density", 0.1, "density of the sparsified layers")
-flags.DEFINE_float("prune_rate", 0.3, "fraction of active weights pruned and regrown")
-flags.DEFINE_float("fit_min", 1e6, "smallest n used to fit the exponent (below it fixed "
-                   "per-call costs dominate)")
-flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results are written")
-flags.DEFINE_string("prefix", None, "file prefix; default 'cpu'/'gpu' ('quick' under --quick)")
-flags.DEFINE_integer("seed", 0, "random seed")
-flags.DEFINE_bool("report_only", False, "only rewrite the .md from the existing .json")
-# Checked when the flags are parsed (one-line errors naming the flag, before any work).
-bench_utils.register_list_check("sizes", bench_utils.weight_count, "a number of weights >= 2 (e.g. 1e5)")
-bench_utils.register_list_check("layers", bench_utils.positive_int, "a layer count >= 1")
-flags.register_validator("layer_size", lambda v: v >= 2, "--layer_size must be >= 2")
-flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
-flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
-flags.register_validator("prune_rate", lambda v: 0 <= v <= 1, "--prune_rate must be in [0, 1]")
+
+
+def define_flags():
+    """Defines this script's flags on absl's global FLAGS (when it runs: importing
+    the module defines none, so that scripts and tests can import it)."""
+    flags.DEFINE_bool("quick", False, "tiny sizes, few repeats (a smoke test, numbers meaningless)")
+    flags.DEFINE_list("sizes", ["1e5", "3e5", "1e6", "3e6", "1e7", "3e7", "1e8"],
+                      "weights of the single layer of the parameter sweep")
+    flags.DEFINE_list("layers", ["1", "2", "4", "8", "16", "32", "64"],
+                      "layer counts of the layer sweep")
+    flags.DEFINE_integer("layer_size", 512 * 512, "weights per layer in the layer sweep")
+    flags.DEFINE_integer("repeats", 5, "timed calls per point (fewer above 1e7 weights, see "
+                         "--max_seconds)")
+    flags.DEFINE_float("max_seconds", 60.0, "stop repeating a point after this much wall time "
+                       "(at least 2 timed calls)")
+    flags.DEFINE_float("density", 0.1, "density of the sparsified layers")
+    flags.DEFINE_float("prune_rate", 0.3, "fraction of active weights pruned and regrown")
+    flags.DEFINE_float("fit_min", 1e6, "smallest n used to fit the exponent (below it fixed "
+                       "per-call costs dominate)")
+    flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results are written")
+    flags.DEFINE_string("prefix", None, "file prefix; default 'cpu'/'gpu' ('quick' under --quick)")
+    flags.DEFINE_integer("seed", 0, "random seed")
+    flags.DEFINE_bool("report_only", False, "only rewrite the .md from the existing .json")
+    # Checked when the flags are parsed (one-line errors naming the flag, before any work).
+    bench_utils.register_list_check("sizes", bench_utils.weight_count, "a number of weights >= 2 (e.g. 1e5)")
+    bench_utils.register_list_check("layers", bench_utils.positive_int, "a layer count >= 1")
+    flags.register_validator("layer_size", lambda v: v >= 2, "--layer_size must be >= 2")
+    flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
+    flags.register_validator("density", lambda v: 0 < v <= 1, "--density must be in (0, 1]")
+    flags.register_validator("prune_rate", lambda v: 0 <= v <= 1, "--prune_rate must be in [0, 1]")
+
 
 QUICK = dict(sizes=["1e4", "3e4", "1e5"], layers=["1", "2", "4"], layer_size=64 * 64,
              repeats=2, fit_min=1e4)
@@ -364,4 +370,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

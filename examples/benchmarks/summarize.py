@@ -17,13 +17,24 @@ from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+if ROOT not in sys.path:  # `from examples import cli` when run as a script
+    sys.path.insert(1, ROOT)
 import bench_utils  # noqa: E402
 from bench_utils import fmt, with_ci  # noqa: E402
 
+from examples import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "results folder")
-flags.DEFINE_string("prefix", "cpu", "file prefix")
-flags.DEFINE_string("note", "", "free text put under the title (e.g. contention, missing GPU)")
+
+
+def define_flags():
+    """Defines this script's flags on absl's global FLAGS (when it runs: importing
+    the module defines none, so that scripts and tests can import it)."""
+    flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "results folder")
+    flags.DEFINE_string("prefix", "cpu", "file prefix")
+    flags.DEFINE_string("note", "", "free text put under the title (e.g. contention, missing GPU)")
+
 
 TARGETS = {"static": 1.01, "amortised": 1.03, "update_steps": 1.0, "tfmot": 0.7,
            "first_fit": 1.5, "fit_window": 1.03, "later_call": 1.05}
@@ -180,4 +191,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -31,23 +31,34 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"  # what tfmot sets anyway; set before TF
 
 from absl import app, flags  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+if ROOT not in sys.path:  # `from examples import cli` when run as a script
+    sys.path.insert(1, ROOT)
 import bench_models  # noqa: E402
 import bench_utils  # noqa: E402
 
+from examples import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "mlp", f"one of {bench_models.MODEL_NAMES}")
-flags.DEFINE_enum("variant", "pruned", ["pruned", "dense"], "TFMOT-pruned or plain tf_keras model")
-flags.DEFINE_integer("epochs", 4, "epochs in total (the first one includes compilation)")
-flags.DEFINE_integer("steps_per_epoch", 100, "steps per epoch")
-flags.DEFINE_integer("batch_size", 128, "batch size")
-flags.DEFINE_float("density", 0.1, "fraction of weights kept (TFMOT sparsity = 1 - density)")
-flags.DEFINE_integer("frequency", 100, "TFMOT pruning frequency (steps between mask updates)")
-flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9)")
-flags.DEFINE_bool("jit_compile", True, "compile the train step with XLA (tf_keras compile(jit_compile=...))")
-flags.DEFINE_bool("quick", False, "tiny model versions (for tests)")
-flags.DEFINE_bool("interactive", False, "wait for a 'go' line on stdin before every epoch")
-flags.DEFINE_integer("seed", 0, "random seed")
+
+
+def define_flags():
+    """Defines this script's flags on absl's global FLAGS (when it runs: importing
+    the module defines none, so that scripts and tests can import it)."""
+    flags.DEFINE_string("model", "mlp", f"one of {bench_models.MODEL_NAMES}")
+    flags.DEFINE_enum("variant", "pruned", ["pruned", "dense"], "TFMOT-pruned or plain tf_keras model")
+    flags.DEFINE_integer("epochs", 4, "epochs in total (the first one includes compilation)")
+    flags.DEFINE_integer("steps_per_epoch", 100, "steps per epoch")
+    flags.DEFINE_integer("batch_size", 128, "batch size")
+    flags.DEFINE_float("density", 0.1, "fraction of weights kept (TFMOT sparsity = 1 - density)")
+    flags.DEFINE_integer("frequency", 100, "TFMOT pruning frequency (steps between mask updates)")
+    flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9)")
+    flags.DEFINE_bool("jit_compile", True, "compile the train step with XLA (tf_keras compile(jit_compile=...))")
+    flags.DEFINE_bool("quick", False, "tiny model versions (for tests)")
+    flags.DEFINE_bool("interactive", False, "wait for a 'go' line on stdin before every epoch")
+    flags.DEFINE_integer("seed", 0, "random seed")
 
 
 def emit(obj):
@@ -115,4 +126,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
