@@ -20,9 +20,9 @@ from keras_dst import compat, distributions, patterns, user_warnings, validation
 from keras_dst import layers as sparse_layers
 from keras_dst.layers import SparseWrapper, attached_state, layer_label
 from keras_dst.masks import (
-    carry_attached_state_in_weights,
+    guard_weight_io,
     layer_places,
-    release_attached_state_from_weights,
+    release_weight_io,
     sparse_states,
     weight_keys,
 )
@@ -329,7 +329,7 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
                 sparse_layers.detach(layer)
             raise
         _retrace_training(model)
-        carry_attached_state_in_weights(model)
+        guard_weight_io(model)
         return model
 
     # 2b. Clone with wrappers and copy the weights over.
@@ -345,7 +345,7 @@ def _prunable_model(model, density, distribution, keep_dense, density_overrides,
         return SparseWrapper(inner, name=layer.name, **options(index, layer, by_id[id(layer)])), layer
 
     result = _clone_graph(model, clone)
-    carry_attached_state_in_weights(result)  # (set_weights checks every value first)
+    guard_weight_io(result)  # (set_weights / load_weights all or nothing)
     return result
 
 
@@ -738,7 +738,7 @@ def strip(model: "keras.layers.Layer") -> "keras.layers.Layer":
             for layer in attached:
                 sparse_layers.detach(layer)
             _retrace_training(model)
-            release_attached_state_from_weights(model)
+            release_weight_io(model)
             return model
     if not isinstance(model, keras.Model) or not compat.is_graph_model(model):
         raise TypeError(f"strip() needs a Sequential or functional model or a model with masks "

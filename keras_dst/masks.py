@@ -124,20 +124,26 @@ def sparse_states(model) -> list:
     return states
 
 
-def carry_attached_state_in_weights(model) -> None:
+def guard_weight_io(model) -> None:
     """Makes ``model.get_weights()`` / ``set_weights()`` carry the state attached in place
-    to its layers (masks, ever-active flags, running scores), after its own weights, as
-    a wrapper's weights carry a wrapper's, and makes ``set_weights`` check every value
-    before it writes any (`layers.check_weight_list`: Keras writes the values one by
-    one, so a refused one left those before it written).
+    to its layers, and its ``set_weights`` / ``load_weights`` all or nothing.
 
-    Attached state is not among ``model.weights`` (Keras's loader must refuse such a
-    file rather than load it dense), so a get/set round trip (Keras's
-    ``EarlyStopping(restore_best_weights=True)``) restored the values without their
-    masks. `set_weights` still takes the model's own weights alone (a warm start keeps
-    the masks); with the state too, the masks are written first, then the values.
+    * Attached state (masks, ever-active flags, running scores) is not among
+      ``model.weights`` (Keras's loader must refuse such a file rather than load it
+      dense), so a get/set round trip (Keras's ``EarlyStopping(restore_best_weights=
+      True)``) restored the values without their masks: `get_weights` lists it after
+      the model's own weights, as a wrapper's weights list a wrapper's. `set_weights`
+      still takes the model's own weights alone (a warm start keeps the masks); with
+      the state too, the masks are written first, then the values.
+    * Keras writes the values of `set_weights` one by one, and `load_weights` layer by
+      layer: a refused value (a mask of another pattern, another shape) left those
+      before it written. `set_weights` checks every value before it writes any
+      (`layers.check_weight_list`); `load_weights` puts the model's weights and state
+      back as they were when it raises (the optimizer's variables, which a weights
+      file may hold too, are Keras's).
+
     Instance methods on `model` (`prunable` and `keras_dst.load_model` install them);
-    `strip` removes them.
+    `strip` removes them (`release_weight_io`).
     """
     if not isinstance(model, keras.Model) or "get_weights" in model.__dict__:
         return
@@ -162,12 +168,29 @@ def carry_attached_state_in_weights(model) -> None:
             variable.assign(value)
         cls.set_weights(model, weights[len(extra):] if carried else weights)
 
-    model.get_weights, model.set_weights = get_weights, set_weights
+    def load_weights(*args, **kwargs):
+        states = sparse_states(model)
+        # masks and flags first: each then applies to the weight as it is, which the
+        # values written after it restore
+        first = [v for state in states for v in state.masks + state.ever_active]
+        listed = {id(v) for v in first}
+        variables = first + [v for v in list(model.weights) + attached_variables()
+                             if id(v) not in listed]
+        saved = [v.numpy() for v in variables]
+        try:
+            return cls.load_weights(model, *args, **kwargs)
+        except BaseException:
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
+            raise
+
+    model.get_weights, model.set_weights, model.load_weights = (get_weights, set_weights,
+                                                                load_weights)
 
 
-def release_attached_state_from_weights(model) -> None:
-    """Undoes `carry_attached_state_in_weights`."""
-    for name in ("get_weights", "set_weights"):
+def release_weight_io(model) -> None:
+    """Undoes `guard_weight_io`."""
+    for name in ("get_weights", "set_weights", "load_weights"):
         model.__dict__.pop(name, None)
 
 

@@ -41,7 +41,7 @@ import keras
 
 from keras_dst import compat
 from keras_dst import layers as sparse_layers
-from keras_dst.masks import carry_attached_state_in_weights
+from keras_dst.masks import guard_weight_io
 from keras_dst.validation import check_bool, check_choice, check_path, errors_named
 
 
@@ -135,7 +135,7 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
         copied = _copy_without_attached_entries(filepath, tmp)
         if copied is None:  # (no attached state: a model of wrappers, or no keras_dst one)
             model = keras.models.load_model(filepath, **options)
-            carry_attached_state_in_weights(model)  # (set_weights checks every value first)
+            guard_weight_io(model)  # (set_weights / load_weights all or nothing)
             return model
         copy, weights, saved = copied
         model = keras.models.load_model(copy, **options)
@@ -150,7 +150,7 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
             "file has them (its code changed since it was saved, or it creates them outside "
             "__init__, in build() or call(), where Keras's load does not match them to the "
             "file: Keras itself leaves their weights as initialised).")
-    carry_attached_state_in_weights(model)
+    guard_weight_io(model)
     return model
 
 

@@ -768,3 +768,26 @@ def test_a_wrapper_s_set_weights_checks_every_value_before_writing_any():
         wrapper.set_weights(values)
     for value, now in zip(before, wrapper.get_weights()):
         np.testing.assert_array_equal(value, now)
+
+
+@pytest.mark.parametrize("how", ["wrappers", "in_place", "reloaded"])
+def test_a_refused_load_weights_leaves_the_model_as_it_was(how, tmp_path):
+    # Keras loads a weights file layer by layer: the last layer's mask of another pattern
+    # was refused after the layers before it had loaded the file's weights and masks
+    in_place = how == "in_place"
+    other = keras_dst.prunable(mlp(seed=1), density=0.5, pattern="2:4", seed=1, in_place=in_place,
+                               pattern_overrides={"fc3": "unstructured"})
+    other.save_weights(tmp_path / "other.weights.h5")
+    model = keras_dst.prunable(mlp(), density=0.5, pattern="2:4", in_place=in_place)
+    if how == "reloaded":
+        model.save(tmp_path / "m.keras")
+        model = keras_dst.load_model(tmp_path / "m.keras")
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"fc3/kernel' breaks its pattern '2:4'"):
+        model.load_weights(tmp_path / "other.weights.h5")
+    for value, now in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(value, now)
+    assert_sparse_invariants(model)
+    model.save_weights(tmp_path / "same.weights.h5")  # a file of its pattern still loads
+    keras_dst.prunable(mlp(seed=2), density=0.5, pattern="2:4", seed=2,
+                       in_place=in_place).load_weights(tmp_path / "same.weights.h5")
