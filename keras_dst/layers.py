@@ -756,7 +756,8 @@ class SparseWrapper(keras.layers.Wrapper):
         raises before any weight is written."""
         weights = list(weights)
         if len(weights) == len(self.weights):  # (else Keras names the lengths)
-            check_weight_list([self._sparse_state], self.weights, weights, f"SparseWrapper '{self.name}'")
+            weights = check_weight_list([self._sparse_state], self.weights, weights,
+                                        f"SparseWrapper '{self.name}'")
         super().set_weights(weights)
 
     def load_own_variables(self, store):
@@ -1194,23 +1195,39 @@ def _guard_writes(variable, mask, flags, state, pattern):
         compat.on_checkpoint_restore(target, target.assign)
 
 
-def check_weight_list(states, variables, values, owner: str) -> None:
-    """Raises as ``set_weights`` (which writes `values` to `variables` one by one) would
-    at its first refused value, before any is written: a value of another shape than
-    its variable (Keras refuses it as it comes, after writing those before it), or a
-    value the write guard of one of `states` refuses (`SparseState.check_write`).
-    `owner` names the model or layer in the shape error."""
+def check_weight_list(states, variables, values, owner: str) -> list:
+    """Checks the values ``set_weights`` writes to `variables` one by one, all before any
+    is written, and returns them as arrays (what it then writes).
+
+    Refused as Keras would refuse it only as it comes, after writing those before it: a
+    value that is not numbers or bools (strings, objects, ragged nested lists), a value of
+    another shape than its variable, and a value the write guard of one of `states`
+    refuses (`SparseState.check_write`). `owner` names the model or layer.
+
+    Raises:
+      TypeError: a value is not numbers or bools.
+      ValueError: another shape, or a refused mask or ever-active flags.
+    """
     by_variable = {id(v): state for state in states
                    for v in state.sparse_weights + state.masks + state.ever_active}
+    arrays = []
     for variable, value in zip(variables, values):
-        shape = tuple(np.shape(value))
-        if shape != tuple(variable.shape):
-            raise ValueError(f"{owner}.set_weights(): the value for '{variable.path}' has shape "
-                             f"{shape}, the weight {tuple(variable.shape)}; no weight was "
-                             "written.")
+        where = f"{owner}.set_weights(): the value for '{variable.path}'"
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as e:  # (ragged nested lists)
+            raise TypeError(f"{where} is not an array ({e}); no weight was written.") from None
+        if array.dtype.kind in "OSUMm":
+            raise TypeError(f"{where} holds values of dtype {array.dtype}, not numbers; no "
+                            "weight was written.")
+        if array.shape != tuple(variable.shape):
+            raise ValueError(f"{where} has shape {array.shape}, the weight "
+                             f"{tuple(variable.shape)}; no weight was written.")
         state = by_variable.get(id(variable))
         if state is not None:
-            state.check_write(variable, value)
+            state.check_write(variable, array)
+        arrays.append(array)
+    return arrays
 
 
 def _checked_weight_value(state, variable, value, dtype):

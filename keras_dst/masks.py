@@ -142,11 +142,18 @@ def guard_weight_io(model) -> None:
       back as they were when it raises (the optimizer's variables, which a weights
       file may hold too, are Keras's).
 
-    Instance methods on `model` (`prunable` and `keras_dst.load_model` install them);
-    `strip` removes them (`release_weight_io`).
+    Instance methods on `model` and on every model nested in it (`prunable` and
+    `keras_dst.load_model` install them); `strip` removes them (`release_weight_io`).
     """
-    if not isinstance(model, keras.Model) or "get_weights" in model.__dict__:
+    if not isinstance(model, keras.Layer):
         return
+    for nested in [model] + compat.flatten_layers(model):
+        if isinstance(nested, keras.Model) and "get_weights" not in nested.__dict__:
+            _guard_model_weight_io(nested)
+
+
+def _guard_model_weight_io(model) -> None:
+    """`guard_weight_io` of one model (not of the models nested in it)."""
     cls = type(model)
 
     def attached_variables():
@@ -158,12 +165,19 @@ def guard_weight_io(model) -> None:
 
     def set_weights(weights):
         weights, own, extra = list(weights), list(model.weights), attached_variables()
+        if extra and len(weights) not in (len(own), len(own) + len(extra)):
+            raise ValueError(
+                f"model '{model.name}'.set_weights(): got {len(weights)} values; it takes "
+                f"{len(own)} (its own weights) or {len(own) + len(extra)} (with the "
+                f"{len(extra)} masks, ever-active flags and running scores attached to its "
+                "layers, as get_weights() lists them); no weight was written.")
         carried = bool(extra) and len(weights) == len(own) + len(extra)
         variables = extra + own if carried else own
         if carried:  # (written first)
             weights = weights[len(own):] + weights[:len(own)]
         if len(weights) == len(variables):  # (else Keras names the lengths)
-            check_weight_list(sparse_states(model), variables, weights, f"model '{model.name}'")
+            weights = check_weight_list(sparse_states(model), variables, weights,
+                                        f"model '{model.name}'")
         for variable, value in zip(extra if carried else [], weights):
             variable.assign(value)
         cls.set_weights(model, weights[len(extra):] if carried else weights)
@@ -189,9 +203,10 @@ def guard_weight_io(model) -> None:
 
 
 def release_weight_io(model) -> None:
-    """Undoes `guard_weight_io`."""
-    for name in ("get_weights", "set_weights", "load_weights"):
-        model.__dict__.pop(name, None)
+    """Undoes `guard_weight_io` (on `model` and the models nested in it)."""
+    for nested in [model] + compat.flatten_layers(model):
+        for name in ("get_weights", "set_weights", "load_weights"):
+            nested.__dict__.pop(name, None)
 
 
 def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: str = "keras_dst",

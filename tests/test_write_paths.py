@@ -791,3 +791,46 @@ def test_a_refused_load_weights_leaves_the_model_as_it_was(how, tmp_path):
     model.save_weights(tmp_path / "same.weights.h5")  # a file of its pattern still loads
     keras_dst.prunable(mlp(seed=2), density=0.5, pattern="2:4", seed=2,
                        in_place=in_place).load_weights(tmp_path / "same.weights.h5")
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_set_weights_refuses_values_that_are_not_numbers_before_writing_any(in_place):
+    # (an attached model wrote its masks, then Keras refused a string value after them)
+    model = keras_dst.prunable(mlp(), density=0.5, in_place=in_place)
+    before = model.get_weights()
+    values = [~v if v.dtype == bool else v for v in before]  # other masks (valid: unstructured)
+    values[len(model.weights) - 1] = np.full(3, "x")  # fc3/bias
+    with pytest.raises(TypeError, match=r"'fc3/bias' holds values of dtype <U1, not numbers; "
+                                        "no weight was written"):
+        model.set_weights(values)
+    for value, now in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(value, now)
+    values[len(model.weights) - 1] = [0.5, 0.5, 0.5]  # a list of numbers is an array
+    model.set_weights(values)
+    np.testing.assert_array_equal(model.get_weights()[len(model.weights) - 1], [0.5] * 3)
+    assert_sparse_invariants(model)
+
+
+def test_an_attached_model_s_set_weights_names_both_lengths_it_takes():
+    model = keras_dst.prunable(mlp(), density=0.5, in_place=True)
+    with pytest.raises(ValueError, match=r"got 7 values; it takes 6 \(its own weights\) or 12 "
+                                         r"\(with the 6 masks, ever-active flags"):
+        model.set_weights(model.get_weights()[:7])
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_nested_model_s_weight_lists_are_guarded_too(in_place):
+    inner = mlp(name="inner")
+    inp = keras.Input((20,))
+    model = keras_dst.prunable(keras.Model(inp, inner(inp)), density=0.5, pattern="2:4",
+                               in_place=in_place)
+    nested = model.get_layer("inner")
+    before = nested.get_weights()
+    assert len(before) == 12  # masks and flags included, attached or wrapped
+    values = [v if v.dtype == bool else v * 2.0 for v in before]
+    last_mask = [i for i, v in enumerate(before) if v.dtype == bool and v.shape == (16, 3)][0]
+    values[last_mask] = np.ones((16, 3), bool)
+    with pytest.raises(ValueError, match=r"fc3/kernel' breaks its pattern '2:4'"):
+        nested.set_weights(values)
+    for value, now in zip(before, nested.get_weights()):
+        np.testing.assert_array_equal(value, now)
