@@ -245,8 +245,9 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
         optimisation (same quantisation) to report the dense file size.
       sparsity: False writes that dense conversion itself (every weight
         stored dense; the baseline of a size or latency comparison).
-      input_signature: passed to Keras's ``model.export`` (needed only for a
-        model whose input shapes Keras cannot infer).
+      input_signature: passed to Keras's ``model.export`` (needed for a model whose
+        input shapes or dtypes Keras cannot infer: a subclassed model taking int token
+        ids is otherwise served with float32 inputs).
 
     Returns:
       An `ExportReport` (``print(report)`` gives the per-weight table).
