@@ -49,7 +49,8 @@ class DynamicSparseTraining(ScheduledCallback):
         `keras_dst.register_criterion`), or a `Criterion` of a registered name
         (e.g. ``keras_dst.get_criterion("mest", gamma=0.1)``) or its config.
       grow: growth rule: ``"random"``, ``"gradient"`` (RigL), ``"momentum"``
-        (SNFS), a registered name or a `GrowthRule` of one, or None (prune only).
+        (SNFS), a registered name or a `GrowthRule` of one, or None (prune only: the
+        layers `prunable` keeps dense are then left out, which it would shrink for good).
       update_every: ΔT, optimizer steps between updates (int >= 1).
       prune_rate: initial fraction p0 of each layer's active weights to replace,
         in (0, 1] (default 0.5), for a named `schedule`; a schedule object sets
@@ -101,7 +102,9 @@ class DynamicSparseTraining(ScheduledCallback):
     Logs (every batch and epoch; place this callback before CSVLogger and
     TensorBoard so they see them): ``density``, ``prune_rate``, ``pruned``,
     ``grown``, ``mask_churn`` (grown / active at the last update), ``itop`` (fraction of
-    entries ever active), and ``density/<weight key>`` (`keras_dst.masks` keys) per layer.
+    entries ever active), and ``density/<weight key>`` (`keras_dst.masks` keys) per layer,
+    all over the weights it updates (frozen layers left out, where `keras_dst.density`
+    counts them).
     """
 
     supports_strategies = True
@@ -187,6 +190,13 @@ class DynamicSparseTraining(ScheduledCallback):
     def _make_engine(self):
         targets = sparse_targets(self.model, require=True, caller="DynamicSparseTraining",
                                  trainable_only=True)
+        if self.growth is None:  # prune only: a layer kept dense would lose weights for good
+            targets = [t for t in targets if not t.state.is_kept_dense(t.weight)]
+            if not targets:
+                raise ValueError(
+                    "DynamicSparseTraining(grow=None): every sparsified layer of model "
+                    f"'{self.model.name}' is kept dense (prunable(..., keep_dense=...)); there "
+                    "is nothing to prune.")
         if self.criterion.ema and not all(t.state.track_running_scores for t in targets):
             raise ValueError(
                 f"DynamicSparseTraining: prune='{self.criterion.name}' keeps running scores; "

@@ -64,9 +64,10 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         reference), ``"er"``, ``"uniform"``, another registered name, or a dict
         ``{layer name: density}`` naming every sparsified layer.
       keep_dense: a layer name, or names, of layers kept fully dense (density 1;
-        their masks exist but are all ones; a DST update can still reset their
-        lowest-score weights, as in the reference; `GradualPruning` leaves them
-        dense). Saved with the model.
+        their masks exist but are all ones; a DST update with a growth rule can
+        still reset their lowest-score weights, as in the reference; a prune-only
+        update (``grow=None``) and `GradualPruning` leave them dense). Saved with
+        the model.
       density_overrides: ``{layer name: density}`` imposed on those layers; the
         others share the rest of the budget.
       init: ``"exact"`` (default): exactly ``round(d_l n_l)`` active entries per

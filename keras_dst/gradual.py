@@ -158,7 +158,9 @@ class GradualPruning(HookedCallback):
       initial_density: density at `begin_step`, in [final_density, 1].
 
     Logs (every batch and epoch; place it before CSVLogger / TensorBoard):
-    ``density`` (active fraction over all sparsified weights) and
+    ``density`` (active fraction of the weights it prunes, which `target_density`
+    aims at: layers kept dense or frozen are left out, where `keras_dst.density`
+    counts them) and
     ``target_density`` (``d(t)`` of the last update; `initial_density` before
     the first).
     """

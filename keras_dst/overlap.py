@@ -140,7 +140,9 @@ class CriteriaOverlap(ScheduledCallback):
         (the device is read once per batch; with ``steps_per_execution >
         update_every`` intermediate updates are not recorded). ``matrix`` is a
         float numpy array [C, C], ``matrix[i, j]`` the Jaccard index of criteria i
-        and j.
+        and j. It spans every fit of this callback, on whichever model (a callback
+        reused on another model goes on appending: make one per model to keep them
+        apart).
       names: the criteria names, in order.
 
     Logs: ``jaccard/<a>/<b>`` for every pair a before b in `criteria`, from the
@@ -157,8 +159,16 @@ class CriteriaOverlap(ScheduledCallback):
         if isinstance(criteria, (str, dict, criteria_lib.Criterion)) or callable(criteria) \
                 or not hasattr(criteria, "__iter__"):
             raise TypeError(f"criteria must be a list of criteria, got criteria={criteria!r}.")
+        if isinstance(criteria, (set, frozenset)):  # (its order, which names the matrix's
+            raise TypeError(  # rows and the logs, would change from one process to the next)
+                f"criteria must be a list of criteria (in the order of the matrix's rows), "
+                f"got the set {criteria!r}.")
         self.criteria = []
         for i, c in enumerate(criteria):
+            if not isinstance(c, (str, dict, criteria_lib.Criterion)):  # (get_criterion's
+                raise TypeError(  # message offers running criteria and plain callables)
+                    f"CriteriaOverlap(criteria[{i}]={c!r}): a criterion here is a registered "
+                    "name (not running_*), a Criterion of one, or its config.")
             with validation.errors_named(f"CriteriaOverlap(criteria[{i}]={c!r})"):
                 resolved = criteria_lib.get_criterion(c)
                 criteria_lib.check_serializable(resolved, f"criteria[{i}]")

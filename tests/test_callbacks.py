@@ -899,3 +899,22 @@ def test_a_new_optimizer_restarts_the_steps_but_does_not_replay_the_draws():
     same_seed, other_seed = changed_in_second_run(0), changed_in_second_run(1)
     assert other_seed > 100
     assert same_seed > other_seed / 2, (same_seed, other_seed)
+
+
+def test_prune_only_dst_leaves_the_layers_kept_dense_dense():
+    # (grow=None pruned a keep_dense layer for good, as any other)
+    model = keras_dst.prunable(mlp(), density=0.5, keep_dense=["fc3"])
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    x, y = classification_data(n=64)
+    before = active_counts(model)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
+        DST(grow=None, update_every=2, prune_rate=0.3, schedule="constant")])
+    after = active_counts(model)
+    kept = [t.key for t in keras_dst.sparse_targets(model) if t.state.keep_dense]
+    assert kept == ["fc3/kernel"] and after["fc3/kernel"] == before["fc3/kernel"] == 16 * 3
+    assert all(after[k] < before[k] for k in ("fc1/kernel", "fc2/kernel"))
+    assert_sparse_invariants(model)
+    only_dense = keras_dst.prunable(mlp(), density=1.0, keep_dense=["fc1", "fc2", "fc3"])
+    only_dense.compile("sgd", LOSS)
+    with pytest.raises(ValueError, match=r"grow=None\): every sparsified layer .* kept dense"):
+        only_dense.fit(x, y, verbose=0, callbacks=[DST(grow=None)])

@@ -199,6 +199,9 @@ def test_on_blocks_each_criterion_prunes_whole_blocks_as_dst_would():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(criteria="magnitude"), TypeError, "criteria"),
+    # (a set's order, which names the matrix's rows and the logs, changes across processes)
+    (dict(criteria={"magnitude", "snip"}), TypeError, "criteria must be a list .* got the set"),
+    (dict(criteria=["magnitude", None]), TypeError, r"criteria\[1\]=None\): a criterion here is"),
     (dict(criteria=["magnitude"]), ValueError, "at least two"),
     (dict(criteria=["magnitude", "Magnitude"]), ValueError, "distinct"),
     (dict(criteria=["magnitude", "nope"]), ValueError, "nope"),
