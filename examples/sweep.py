@@ -15,12 +15,14 @@ The key covers every setting that changes the result (not paths or verbosity), s
 changing e.g. ``--epochs`` starts new rows in the same CSV.
 """
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
 import pathlib
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -83,6 +85,11 @@ def parse_grid(methods, prunes, grows, densities, seeds):
         seeds = [int(s) for s in seeds]
     except ValueError as e:
         raise ValueError(f"--densities must be floats and --seeds ints ({e})") from None
+    for flag, values in (("methods", methods), ("prune", prunes), ("grow", grows),
+                         ("densities", densities), ("seeds", seeds)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:  # (the same run twice: two CSV rows of one key, a seed counted twice)
+            raise ValueError(f"--{flag} repeats {', '.join(repeated)}")
     bad = [d for d in densities if not 0.0 < d <= 1.0]
     if bad:
         raise ValueError(f"densities {bad} are not in (0, 1]")
@@ -163,19 +170,37 @@ class RunFailed(RuntimeError):
     """A run in its own process exited abnormally (see `run_in_subprocess`)."""
 
 
+# A run's process: a config it refuses (train.run's ValueError) is written to the file
+# argv[2] and exits with status _REFUSED, which stops the sweep as in one process.
+_REFUSED = 3
+_RUN_CODE = f"""import json, sys
+from examples import train
+try:
+    train.run(json.loads(sys.argv[1]))
+except ValueError as e:
+    open(sys.argv[2], "w").write(str(e))
+    sys.exit({_REFUSED})
+"""
+
+
 def run_in_subprocess(config):
     """`train.run(config)` in a fresh Python process; returns its results.json.
 
     Raises:
-      RunFailed: the process exited with a non-zero status (or a signal).
+      ValueError: the run refused its config (`train.run`'s ValueError, its message).
+      RunFailed: the process exited with another non-zero status (or a signal).
     """
     import subprocess
 
-    code = "import json, sys; from examples import train; train.run(json.loads(sys.argv[1]))"
     # (in this working directory, which relative paths of the config are relative to)
     path = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)],
-                          env={**os.environ, "PYTHONPATH": path})
+    with tempfile.TemporaryDirectory(prefix="sweep_run_") as tmp:
+        refusal = os.path.join(tmp, "refused.txt")
+        proc = subprocess.run([sys.executable, "-c", _RUN_CODE, json.dumps(config), refusal],
+                              env={**os.environ, "PYTHONPATH": path})
+        if proc.returncode == _REFUSED and os.path.exists(refusal):
+            with open(refusal) as f:
+                raise ValueError(f.read())
     if proc.returncode != 0:
         raise RunFailed(f"{config['output_dir']}: the run exited with status {proc.returncode}")
     with open(os.path.join(config["output_dir"], "results.json")) as f:
@@ -192,7 +217,8 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
       runs_dir: parent of the runs' output directories.
       run_fn: the training function (default `train.run`; `run_in_subprocess` for
         one process per run). A run that raises `RunFailed` is reported and left
-        out of the CSV (a rerun of the sweep retries it); the sweep goes on.
+        out of the CSV (a rerun of the sweep retries it); the sweep goes on. A run
+        that refuses its config (ValueError, in either) stops it.
 
     Returns:
       (the number of runs executed, failed ones included; the names of the failed ones).
@@ -254,9 +280,22 @@ def plan(flag_values=flags.FLAGS):
     for run in runs:
         if run["method"] == "dense":  # the dense baseline has no pattern (nor a key for it)
             run["pattern"] = "unstructured"
-    for run in runs:  # fail before the first run, not in the middle of the sweep
-        train.validate({**train.default_config(), **base, **run})
+    configs = [{**train.default_config(), **base, **run} for run in runs]
+    for config in configs:  # fail before the first run, not in the middle of the sweep
+        with _naming(config):
+            train.validate(config)
+            train.check_callbacks(config)
+    train.check_given_flags_apply(configs, fv, runs="any run of this sweep")
     return base, runs
+
+
+@contextlib.contextmanager
+def _naming(config):
+    """Prefixes a ValueError / TypeError raised inside with the name of `config`'s run."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{_run_name(config, run_key(config))}: {e}") from None
 
 
 def main(argv):

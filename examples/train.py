@@ -150,6 +150,9 @@ CHECKS = {
     "weight_decay": (lambda v: v >= 0, "must be >= 0"),
     "momentum": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32 - 1]"),
+    "depth": (lambda v: v == 0 or (v >= 10 and (v - 4) % 6 == 0),
+              "must be 0 (the model's default) or 6n + 4 >= 10 (10, 16, 22, 28, 40)"),
+    "width": (lambda v: v >= 0, "must be >= 0 (0: the model's default)"),
     "method": (lambda v: v != "gmp" or hasattr(keras_dst, "GradualPruning"),
                "=gmp needs keras_dst.GradualPruning, which this keras_dst version lacks"),
     "overlap": (lambda v: not v or (len(set(v)) == len(v) >= 2 and all(
@@ -165,8 +168,15 @@ _MASKED = (lambda c: c["method"] in ("static", "dst"), "--method static or dst")
 _DST = (lambda c: c["method"] == "dst", "--method dst")
 _RATES = (lambda c: c["method"] == "dst" or bool(c["overlap"]), "--method dst or --overlap")
 APPLIES_TO = {
-    "density": _SPARSE, "distribution": _MASKED, "init": _MASKED,
-    "prune": _DST, "grow": _DST, "ordering": _DST, "scope": _DST, "grow_exact": _DST,
+    "density": _SPARSE, "init": _MASKED,
+    # (N:M gives every layer N/M, whatever the distribution)
+    "distribution": (lambda c: c["method"] in ("static", "dst")
+                     and keras_dst.patterns.parse(c["pattern"]).kind != "nm",
+                     "--method static or dst without an N:M --pattern"),
+    "prune": _DST, "grow": _DST, "ordering": _DST, "scope": _DST,
+    "grow_exact": (lambda c: c["method"] == "dst" and c["grow"] == "random",
+                   "--method dst with --grow random"),
+    "data_dir": (lambda c: c["dataset"] != "digits", "the TFDS datasets and higgs"),
     "prune_rate": _RATES, "schedule": _RATES,
     "update_every": (lambda c: c["method"] in ("dst", "gmp") or bool(c["overlap"]),
                      "--method dst or gmp, or --overlap"),
@@ -176,16 +186,26 @@ APPLIES_TO = {
 }
 
 
-def check_given_flags_apply(config, flag_values=flags.FLAGS):
+def check_given_flags_apply(configs, flag_values=flags.FLAGS, runs="this run"):
     """Raises ValueError naming the first flag given on the command line (parsed into
-    `flag_values`) that the run of `config` (a complete config) would ignore, and the runs
-    that read it: `--method dense --density 0.05` would otherwise train a dense model
-    without a word."""
+    `flag_values`) that no run of `configs` (complete configs: one, or a sweep's) would
+    read, and the runs that do: `--method dense --density 0.05` would otherwise train a
+    dense model without a word. `runs` names the runs in the message."""
+    configs = [configs] if isinstance(configs, dict) else list(configs)
     for name in sorted(APPLIES_TO):
-        applies, runs = APPLIES_TO[name]
-        if name in flag_values and flag_values[name].present and not applies(config):
-            raise ValueError(f"--{name}={config[name]} is not used by this run: it applies "
-                             f"to {runs}")
+        applies, readers = APPLIES_TO[name]
+        if name in flag_values and flag_values[name].present and \
+                not any(applies(c) for c in configs):
+            raise ValueError(f"{flag_values[name].serialize()} is not used by {runs}: it "
+                             f"applies to {readers}")
+
+
+def check_callbacks(config):
+    """Makes the callbacks of `config`'s run (a complete, validated config), which check
+    their arguments (ValueError / TypeError), without running anything: what a sweep
+    checks of every run before its first."""
+    sparsity_callbacks(config, None)
+    overlap_callbacks(config, None)
 
 
 def default_config():
@@ -377,19 +397,30 @@ EARLIER_OUTPUTS = ("tb", "saved_model", "model.tflite", "model_dense.tflite", "o
 
 
 def _output_dir(config):
-    """The run's output directory, created; an earlier run's `EARLIER_OUTPUTS` in it are
-    removed (with a line saying so)."""
+    """The run's output directory (made by `PrepareOutputDir`)."""
     if config["output_dir"]:
-        path = config["output_dir"]
-    else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = os.path.join("runs", f"{stamp}_{config['method']}_{config['model']}")
-    cli.make_directory(path, "--output_dir")
-    earlier = cli.remove_earlier(path, EARLIER_OUTPUTS)
-    if earlier:
-        print(f"{path} holds an earlier run's outputs: removed {earlier} (the other files are "
-              "overwritten)")
-    return path
+        return config["output_dir"]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{stamp}_{config['method']}_{config['model']}")
+
+
+class PrepareOutputDir(keras.callbacks.Callback):
+    """Creates the run's output directory and removes an earlier run's `EARLIER_OUTPUTS`
+    in it (with a line saying so) when training starts: after the sparsity callbacks
+    listed before it have checked the run against the model (their refusals, at the start
+    of `fit`, leave an earlier run's outputs as they were), before the loggers listed
+    after it open their files."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        cli.make_directory(self.path, "--output_dir")
+        earlier = cli.remove_earlier(self.path, EARLIER_OUTPUTS)
+        if earlier:
+            print(f"{self.path} holds an earlier run's outputs: removed {earlier} (the other "
+                  "files are overwritten)")
 
 
 def _sparsity_report(model):
@@ -446,11 +477,13 @@ def run(config):
                          keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                 jit_compile={"true": True, "false": False}.get(config["jit_compile"], "auto"))
         # (made, and cleared of an earlier run's outputs, once the run is known to start:
-        # a refused model leaves an earlier run's outputs as they were)
+        # a refused model, callback argument or callback check at the start of fit leaves
+        # an earlier run's outputs as they were)
         output_dir = _output_dir(config)
         best = BestWeights()
         overlap = overlap_callbacks(config, total_steps)
         callbacks = sparsity_callbacks(config, total_steps) + overlap + [
+            PrepareOutputDir(output_dir),
             best,
             keras.callbacks.CSVLogger(os.path.join(output_dir, "history.csv")),
             *tensorboard(os.path.join(output_dir, "tb")),

@@ -461,9 +461,9 @@ def test_sweep_in_subprocesses_survives_a_crashed_run(tmp_path, monkeypatch):
     path = os.path.join("rel", "sweep.csv")
     messages, started = [], []
 
-    def first_crashes(config):  # a bad value only the run itself checks: exit status 1
+    def first_crashes(config):  # a value the run's own check trips on (TypeError): status 1
         started.append(config)
-        return sweep.run_in_subprocess({**config, "epochs": -1} if len(started) == 1 else config)
+        return sweep.run_in_subprocess({**config, "epochs": "x"} if len(started) == 1 else config)
 
     executed, failed = sweep.sweep(base, runs, path, run_fn=first_crashes,
                                    print_fn=messages.append)
@@ -473,6 +473,38 @@ def test_sweep_in_subprocesses_survives_a_crashed_run(tmp_path, monkeypatch):
     rows = _csv_rows(path)
     assert [float(r["density"]) for r in rows] == [0.3]  # the crashed run left no row
     assert float(rows[0]["actual_density"]) == pytest.approx(0.3, abs=1e-3)
+
+
+def test_a_run_that_refuses_its_config_in_its_own_process_stops_the_sweep(tmp_path):
+    """(it was reported as a crash, with a traceback, and the sweep went on to refuse the
+    same way in every run like it)"""
+    runs = sweep.grid(["static"], ["magnitude"], ["random"], [0.2, 0.3], [1])
+    with pytest.raises(ValueError, match=r"^run 1/2 \(static_.*\): --epochs=-1: must be >= 1"):
+        sweep.sweep({**DIGITS, "epochs": -1}, runs, str(tmp_path / "s.csv"),
+                    run_fn=sweep.run_in_subprocess, print_fn=lambda m: None)
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--seeds", "1,1"], r"--seeds repeats 1$"),
+    (["--densities", "0.1,0.10"], r"--densities repeats 0.1$"),
+    # a callback's own argument check, for every run before the first
+    (["--methods", "dense,dst", "--prune", "magnitude", "--grow", "random,gradient",
+      "--nogrow_exact"],
+     r"^dst_magnitude_gradient_.*grow_exact=False"),
+    # a flag no run of the grid reads
+    (["--methods", "dense,static", "--depth", "16"], r"--depth=16 is not used by any run of "
+                                                     r"this sweep: it applies to --model wide_resnet"),
+    (["--methods", "static", "--schedule", "linear"], r"--schedule=linear is not used by any run"),
+    (["--methods", "dense,static", "--prune", "snip"], r"--prune=snip is not used by any run .* "
+                                                       r"--method dst"),
+])
+def test_a_sweep_refuses_before_its_first_run(argv, match):
+    fv = flags.FlagValues()
+    sweep.define_flags(fv)
+    parse_flags(["sweep.py", *argv], fv)
+    with pytest.raises(ValueError, match=match):
+        sweep.plan(fv)
 
 
 def test_sweep_keys():
@@ -630,6 +662,9 @@ def test_flags_parse_into_a_valid_config():
     (["--method", "dense", "--update_every", "10"], r"--update_every=10 .* dst or gmp, or --overlap"),
     (["--tpu", "my-tpu"], r"--tpu=my-tpu .* --strategy tpu"),
     (["--width", "4"], r"--width=4 .* --model wide_resnet"),
+    (["--pattern", "2:4", "--distribution", "er"], r"--distribution=er .* without an N:M"),
+    (["--grow", "gradient", "--grow_exact"], r"--grow_exact=True .* with --grow random"),
+    (["--data_dir", "/tmp/x"], r"--data_dir=/tmp/x .* the TFDS datasets and higgs"),
 ])
 def test_a_flag_the_run_would_ignore_is_refused(argv, match):
     """(`--method dense --density 0.05` trained a dense model without a word)"""
@@ -640,12 +675,28 @@ def test_a_flag_the_run_would_ignore_is_refused(argv, match):
         train.check_given_flags_apply({**train.default_config(), **train.config_from_flags(fv)}, fv)
 
 
+@pytest.mark.parametrize("name,value,match", [
+    ("depth", 15, r"must be 0 .* or 6n \+ 4"),
+    ("width", -2, r"must be >= 0"),
+])
+def test_wide_resnet_shape_flags_are_checked_before_the_model(name, value, match):
+    """(the error blamed the dataset: "cannot be built for --dataset=digits")"""
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    with pytest.raises(SystemExit, match=f"--{name} {match}"):
+        parse_flags(["prog", "--model", "wide_resnet", f"--{name}", str(value)], fv)
+    with pytest.raises(ValueError, match=f"--{name}={value}: {match}"):
+        train.validate({**train.default_config(), "model": "wide_resnet", name: value})
+
+
 @pytest.mark.parametrize("argv", [
     ["--method", "static", "--overlap", "magnitude,snip", "--prune_rate", "0.3", "--schedule",
      "linear", "--update_every", "10", "--density", "0.2"],
     ["--method", "gmp", "--update_every", "10", "--density", "0.2"],
     ["--model", "wide_resnet", "--width", "4", "--depth", "10"],
-    ["--prune", "snip", "--grow", "gradient", "--scope", "global", "--nogrow_exact"],
+    ["--dataset", "higgs", "--data_dir", "/tmp/x"],
+    ["--pattern", "1x4", "--distribution", "er", "--grow", "random", "--nogrow_exact"],
+    ["--prune", "snip", "--grow", "gradient", "--scope", "global"],
     ["--method", "dense"],  # defaults of flags it ignores are not "given"
 ])
 def test_flags_the_run_reads_are_accepted(argv):
@@ -733,6 +784,13 @@ def test_a_refused_run_leaves_an_earlier_runs_outputs_as_they_were(tmp_path):
     (out / "overlap.json").write_text("{}")
     with pytest.raises(ValueError, match=r"--model=conv_cifar10 cannot be built for --dataset=digits"):
         train.run({**DIGITS, "model": "conv_cifar10", "output_dir": str(out)})
+    assert sorted(os.listdir(out)) == ["overlap.json", "tb"]
+    # refused by a callback's argument check, and by its check against the model at the
+    # start of fit (momentum growth needs an optimizer with momentum)
+    with pytest.raises(ValueError, match=r"grow_exact=False"):
+        train.run({**DIGITS, "grow": "gradient", "grow_exact": False, "output_dir": str(out)})
+    with pytest.raises(ValueError, match=r"keeps no momentum"):
+        train.run({**DIGITS, "grow": "momentum", "momentum": 0.0, "output_dir": str(out)})
     assert sorted(os.listdir(out)) == ["overlap.json", "tb"]
 
 
