@@ -263,8 +263,11 @@ def canonical_names(flag_values=FLAGS):
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
-    canonical_names()
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    canonical_names(FLAGS)
+    try:
+        cli.make_directory(FLAGS.output_dir, "--output_dir")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     train = make_data(FLAGS.num_train, seed=0)
     test = make_data(FLAGS.num_test, seed=1)
     records, last_sparse = [], None

@@ -24,6 +24,7 @@ header row holds the names.
 import collections
 import csv
 import json
+import math
 import os
 import pathlib
 import sys
@@ -104,7 +105,11 @@ def load_rows(paths, metric, flag):
 def check_ymin(rows, metric, ymin):
     """Refuses a `ymin` (bottom of the y axes) at or above every value of `metric` in
     `rows`: the figure would show no data (an accuracy is at most 1)."""
-    if ymin is None or not rows:
+    if ymin is None:
+        return
+    if not math.isfinite(ymin):
+        raise ValueError(f"--ymin={ymin}: must be a finite number")
+    if not rows:
         return
     top = max(r[metric] for r in rows)
     if ymin >= top:

@@ -204,7 +204,8 @@ def run(steps=100_000, update_every=10, seed=0, prune="magnitude", grow="gradien
         raise ValueError(message)
     start = time.perf_counter()
     (x, y), (x_test, y_test) = digits()
-    model = keras_dst.prunable(build_model(seed), density=density, seed=seed)
+    model = keras_dst.prunable(build_model(seed), density=density, seed=seed,  # (running_*
+                               track_running_scores=keras_dst.get_criterion(prune).ema)  # keep them)
     # The host sees the model right after every update (and only then).
     per_epoch = math.gcd(steps, 1000 * update_every)
     model.compile(keras.optimizers.SGD(0.02, momentum=0.9, nesterov=True),

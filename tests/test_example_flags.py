@@ -157,6 +157,16 @@ def test_hub_text_prints_the_library_s_names(monkeypatch):
     assert "| DST (magnitude prune, gradient growth) | 0.200 | 0.7500 ± 0.0000 | 1 |" in table
 
 
+def test_hub_text_names_an_output_dir_that_is_a_file(tmp_path, monkeypatch):
+    """(os.makedirs' FileExistsError ended in a traceback)"""
+    (tmp_path / "afile").write_text("")
+    fv = _parsed(hub_text, [f"--output_dir={tmp_path / 'afile'}"])
+    monkeypatch.setattr(hub_text, "FLAGS", fv)
+    with pytest.raises(SystemExit, match=r"^error: --output_dir=.*afile: it is a file, not a "
+                                         r"directory$"):
+        hub_text.main(["hub_text.py"])
+
+
 # -- plot.py --------------------------------------------------------------------------
 
 def _sweep_csv(path, rows):
@@ -292,4 +302,12 @@ def test_plot_refuses_a_flag_its_figure_would_ignore(tmp_path):
     _one_error_line(proc, "error: --metric=final_test_accuracy: the overlap heatmap (--overlap) "
                           "shows Jaccard indices, not an accuracy")
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_plot_refuses_a_ymin_that_is_not_a_finite_number(tmp_path):
+    path = _mixed_csvs(tmp_path)[0]
+    rows = plot.load_rows([path], "best_val_test_accuracy", "--csv")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"--ymin=(nan|inf): must be a finite number"):
+            plot.check_ymin(rows, "best_val_test_accuracy", bad)
 

@@ -29,6 +29,14 @@ def test_soak_runs_200_steps_and_checks_every_update():
     assert len(lines) == 4 and "updates checked" in lines[0]
 
 
+def test_soak_runs_a_running_criterion():
+    """(--prune running_magnitude, which its help lists, asked for track_running_scores=True,
+    a step the command line cannot take)"""
+    summary = soak.run(steps=20, update_every=10, prune="running_magnitude",
+                       print_fn=lambda s, **_: None)
+    assert summary["updates_checked"] == 2
+
+
 def _state():
     model = keras_dst.prunable(soak.build_model(), density=0.1)
     targets = keras_dst.sparse_targets(model)
