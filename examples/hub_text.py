@@ -260,11 +260,27 @@ def canonical_names(flag_values=FLAGS):
     flag_values.grow = keras_dst.get_growth(flag_values.grow).name
 
 
+# The flags only some methods read (the others are read by every run).
+READ_BY = {name: ("dst",) for name in ("prune", "grow", "update_every", "prune_rate", "end_step")}
+READ_BY["density"] = ("static", "dst")
+
+
+def check_given_flags_apply(flag_values=FLAGS):
+    """Raises ValueError naming a flag given on the command line that no method of
+    --methods reads (`--methods dense --prune snip` would otherwise run without a word)."""
+    for name, readers in READ_BY.items():
+        if flag_values[name].present and not set(readers) & set(flag_values.methods):
+            raise ValueError(f"{flag_values[name].serialize()} is not used by --methods="
+                             f"{','.join(flag_values.methods)}: it applies to "
+                             f"{' and '.join(readers)}")
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     canonical_names(FLAGS)
     try:
+        check_given_flags_apply(FLAGS)
         cli.make_directory(FLAGS.output_dir, "--output_dir")
     except ValueError as e:
         sys.exit(f"error: {e}")

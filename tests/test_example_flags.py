@@ -157,6 +157,17 @@ def test_hub_text_prints_the_library_s_names(monkeypatch):
     assert "| DST (magnitude prune, gradient growth) | 0.200 | 0.7500 ± 0.0000 | 1 |" in table
 
 
+@pytest.mark.parametrize("argv,match", [
+    (["--methods=dense,static", "--prune=snip"], r"--prune=snip is not used by "
+                                                 r"--methods=dense,static: it applies to dst"),
+    (["--methods=dense", "--density=0.1"], r"--density=0.1 .* applies to static and dst"),
+])
+def test_hub_text_refuses_a_flag_no_method_reads(argv, match):
+    with pytest.raises(ValueError, match=match):
+        hub_text.check_given_flags_apply(_parsed(hub_text, argv))
+    hub_text.check_given_flags_apply(_parsed(hub_text, [*argv, "--methods=dst"]))
+
+
 def test_hub_text_names_an_output_dir_that_is_a_file(tmp_path, monkeypatch):
     """(os.makedirs' FileExistsError ended in a traceback)"""
     (tmp_path / "afile").write_text("")
