@@ -663,7 +663,7 @@ def test_flags_parse_into_a_valid_config():
     (["--tpu", "my-tpu"], r"--tpu=my-tpu .* --strategy tpu"),
     (["--width", "4"], r"--width=4 .* --model wide_resnet"),
     (["--pattern", "2:4", "--distribution", "er"], r"--distribution=er .* without an N:M"),
-    (["--grow", "gradient", "--grow_exact"], r"--grow_exact=True .* with --grow random"),
+    (["--grow", "gradient", "--grow_exact"], r"--grow_exact is not used .* with --grow random"),
     (["--data_dir", "/tmp/x"], r"--data_dir=/tmp/x .* the TFDS datasets and higgs"),
 ])
 def test_a_flag_the_run_would_ignore_is_refused(argv, match):
@@ -766,6 +766,8 @@ def test_a_run_into_an_earlier_runs_directory_removes_what_would_mix(tmp_path, c
     (out / "model.tflite").write_text("old")
     (out / "notes.txt").write_text("mine")
     assert train._output_dir({**train.default_config(), "output_dir": str(out)}) == str(out)
+    assert sorted(os.listdir(out)) == ["model.tflite", "notes.txt", "tb"]  # (at fit's start)
+    train.PrepareOutputDir(str(out)).on_train_begin()
     assert sorted(os.listdir(out)) == ["notes.txt"]
     assert "removed ['tb', 'model.tflite']" in capsys.readouterr().out
 
