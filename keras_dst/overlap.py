@@ -165,8 +165,8 @@ class CriteriaOverlap(ScheduledCallback):
                 f"got the set {criteria!r}.")
         self.criteria = []
         for i, c in enumerate(criteria):
-            if not isinstance(c, (str, dict, criteria_lib.Criterion)):  # (get_criterion's
-                raise TypeError(  # message offers running criteria and plain callables)
+            if not isinstance(c, (str, dict, criteria_lib.Criterion)) and not callable(c):
+                raise TypeError(  # (get_criterion's message offers running criteria)
                     f"CriteriaOverlap(criteria[{i}]={c!r}): a criterion here is a registered "
                     "name (not running_*), a Criterion of one, or its config.")
             with validation.errors_named(f"CriteriaOverlap(criteria[{i}]={c!r})"):
