@@ -12,7 +12,7 @@ from keras_dst import growth as growth_lib
 from keras_dst import optimizer_state, topology, validation
 from keras_dst import schedules as schedules_lib
 from keras_dst.engine import TopologyEngine
-from keras_dst.masks import sparse_targets
+from keras_dst.masks import sparse_targets, without_kept_dense
 from keras_dst.step_switch import ScheduledCallback
 
 
@@ -191,12 +191,7 @@ class DynamicSparseTraining(ScheduledCallback):
         targets = sparse_targets(self.model, require=True, caller="DynamicSparseTraining",
                                  trainable_only=True)
         if self.growth is None:  # prune only: a layer kept dense would lose weights for good
-            targets = [t for t in targets if not t.state.is_kept_dense(t.weight)]
-            if not targets:
-                raise ValueError(
-                    "DynamicSparseTraining(grow=None): every sparsified layer of model "
-                    f"'{self.model.name}' is kept dense (prunable(..., keep_dense=...)); there "
-                    "is nothing to prune.")
+            targets = without_kept_dense(targets, self.model, "DynamicSparseTraining(grow=None)")
         if self.criterion.ema and not all(t.state.track_running_scores for t in targets):
             raise ValueError(
                 f"DynamicSparseTraining: prune='{self.criterion.name}' keeps running scores; "

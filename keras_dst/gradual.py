@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from keras_dst import schedules, topology, user_warnings, validation
 from keras_dst.hooks import Hook, state_variable
-from keras_dst.masks import sparse_targets
+from keras_dst.masks import sparse_targets, without_kept_dense
 from keras_dst.scoring import absolute
 from keras_dst.step_switch import HookedCallback
 
@@ -211,13 +211,9 @@ class GradualPruning(HookedCallback):
         return (self._update_steps(), self.final_density, self.initial_density, self.power)
 
     def _make_engine(self):
-        targets = [t for t in sparse_targets(self.model, require=True, caller="GradualPruning",
-                                             trainable_only=True)
-                   if not t.state.is_kept_dense(t.weight)]  # (prunable's keep_dense: left dense)
-        if not targets:
-            raise ValueError("GradualPruning: every sparsified layer of model "
-                             f"'{self.model.name}' is kept dense (prunable(..., keep_dense=...))"
-                             "; there is nothing to prune.")
+        targets = without_kept_dense(  # (prunable's keep_dense: left dense)
+            sparse_targets(self.model, require=True, caller="GradualPruning", trainable_only=True),
+            self.model, "GradualPruning")
         structured = [t for t in targets if t.pattern.kind != "unstructured"]
         if structured:
             raise ValueError(

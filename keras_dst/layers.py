@@ -463,13 +463,12 @@ class SparseState:
 
     def check_write(self, target, value) -> None:
         """Raises as an eager write of `value` to `target` would, and writes nothing: the
-        refusals of the write guard (`_guard_writes`) for a sparsified weight (shape), its
-        mask (0/1, its pattern) or its ever-active flags (0/1, shape); nothing for any
-        other variable. `set_weights` checks every value with it before writing any."""
+        refusals of the write guard (`_guard_writes`) for a mask (0/1, its pattern) or
+        ever-active flags (0/1, shape); nothing for any other variable (a sparsified
+        weight's one refusal, its shape, is `check_weight_list`'s for every value).
+        `set_weights` checks every value with it before writing any."""
         for i, weight in enumerate(self.sparse_weights):
-            if target is weight:
-                _checked_weight_value(self, weight, value, weight.dtype)
-            elif target is self.masks[i]:
+            if target is self.masks[i]:
                 _check_mask_value(self, weight, self.patterns[i], value)
             elif target is self.ever_active[i]:
                 _check_flags_value(self, weight, value)
@@ -1121,7 +1120,14 @@ def _guard_writes(variable, mask, flags, state, pattern):
     pending = state._pending_writes
 
     def checked(value, dtype):
-        return _checked_weight_value(state, variable, value, dtype)
+        """`value` as a tensor of `dtype`, refused unless it has the weight's shape (as
+        Keras refuses it; the masking below would broadcast or fail in TensorFlow)."""
+        value = tf.cast(tf.convert_to_tensor(value), dtype)
+        if value.shape != variable.shape:
+            raise ValueError(f"{state.owner}: the value written to '{variable.path}' has shape "
+                             f"{tuple(value.shape)}, the weight {tuple(variable.shape)}; it "
+                             "was left as it was.")
+        return value
 
     def _unwritten(target):
         """The value last written to `target` (the weight or the flags) before the mask
@@ -1208,8 +1214,7 @@ def check_weight_list(states, variables, values, owner: str) -> list:
       TypeError: a value is not numbers or bools.
       ValueError: another shape, or a refused mask or ever-active flags.
     """
-    by_variable = {id(v): state for state in states
-                   for v in state.sparse_weights + state.masks + state.ever_active}
+    by_variable = {id(v): state for state in states for v in state.masks + state.ever_active}
     arrays = []
     for variable, value in zip(variables, values):
         where = f"{owner}.set_weights(): the value for '{variable.path}'"
@@ -1228,17 +1233,6 @@ def check_weight_list(states, variables, values, owner: str) -> list:
             state.check_write(variable, array)
         arrays.append(array)
     return arrays
-
-
-def _checked_weight_value(state, variable, value, dtype):
-    """`value` as a tensor of `dtype`, refused unless it has the weight `variable`'s shape
-    (as Keras refuses it; the masking of the write would broadcast or fail in TensorFlow)."""
-    value = tf.cast(tf.convert_to_tensor(value), dtype)
-    if value.shape != variable.shape:
-        raise ValueError(f"{state.owner}: the value written to '{variable.path}' has shape "
-                         f"{tuple(value.shape)}, the weight {tuple(variable.shape)}; it "
-                         "was left as it was.")
-    return value
 
 
 def _check_mask_value(state, variable, pattern, value):

@@ -156,31 +156,28 @@ def _guard_model_weight_io(model) -> None:
     """`guard_weight_io` of one model (not of the models nested in it)."""
     cls = type(model)
 
-    def attached_variables():
-        return [v for state in sparse_states(model) if state.wrapper is None
+    def attached_variables(states):
+        return [v for state in states if state.wrapper is None
                 for v in state.masks + state.ever_active + state.running_scores]
 
     def get_weights():
-        return cls.get_weights(model) + [v.numpy() for v in attached_variables()]
+        return cls.get_weights(model) + [v.numpy() for v in attached_variables(sparse_states(model))]
 
     def set_weights(weights):
-        weights, own, extra = list(weights), list(model.weights), attached_variables()
+        states = sparse_states(model)
+        weights, own, extra = list(weights), list(model.weights), attached_variables(states)
         if extra and len(weights) not in (len(own), len(own) + len(extra)):
             raise ValueError(
                 f"model '{model.name}'.set_weights(): got {len(weights)} values; it takes "
                 f"{len(own)} (its own weights) or {len(own) + len(extra)} (with the "
                 f"{len(extra)} masks, ever-active flags and running scores attached to its "
                 "layers, as get_weights() lists them); no weight was written.")
-        carried = bool(extra) and len(weights) == len(own) + len(extra)
-        variables = extra + own if carried else own
-        if carried:  # (written first)
-            weights = weights[len(own):] + weights[:len(own)]
-        if len(weights) == len(variables):  # (else Keras names the lengths)
-            weights = check_weight_list(sparse_states(model), variables, weights,
-                                        f"model '{model.name}'")
-        for variable, value in zip(extra if carried else [], weights):
+        carried = extra if len(weights) == len(own) + len(extra) else []
+        if len(weights) == len(own) + len(carried):  # (else Keras names the lengths)
+            weights = check_weight_list(states, own + carried, weights, f"model '{model.name}'")
+        for variable, value in zip(carried, weights[len(own):]):  # the masks first
             variable.assign(value)
-        cls.set_weights(model, weights[len(extra):] if carried else weights)
+        cls.set_weights(model, weights[:len(own)] if carried else weights)
 
     def load_weights(*args, **kwargs):
         states = sparse_states(model)
@@ -188,7 +185,7 @@ def _guard_model_weight_io(model) -> None:
         # values written after it restore
         first = [v for state in states for v in state.masks + state.ever_active]
         listed = {id(v) for v in first}
-        variables = first + [v for v in list(model.weights) + attached_variables()
+        variables = first + [v for v in list(model.weights) + attached_variables(states)
                              if id(v) not in listed]
         saved = [v.numpy() for v in variables]
         try:
@@ -207,6 +204,20 @@ def release_weight_io(model) -> None:
     for nested in [model] + compat.flatten_layers(model):
         for name in ("get_weights", "set_weights", "load_weights"):
             nested.__dict__.pop(name, None)
+
+
+def without_kept_dense(targets, model, caller: str) -> list:
+    """`targets` less the weights `prunable` keeps dense (`keep_dense`): what an update
+    that prunes without regrowing may prune (it would shrink them for good).
+
+    Raises:
+      ValueError: naming `caller`, where every target is kept dense.
+    """
+    targets = [t for t in targets if not t.state.is_kept_dense(t.weight)]
+    if not targets:
+        raise ValueError(f"{caller}: every sparsified layer of model '{model.name}' is kept "
+                         "dense (prunable(..., keep_dense=...)); there is nothing to prune.")
+    return targets
 
 
 def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: str = "keras_dst",
