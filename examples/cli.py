@@ -22,6 +22,21 @@ def parse_flags(argv, flag_values=flags.FLAGS):
         sys.exit("error: " + "; ".join(str(e).splitlines()))
 
 
+def check_given_flags_read(flag_values, readers, runs):
+    """Raises ValueError naming the first flag given on the command line (parsed into
+    `flag_values`) that no run reads, and the runs that do.
+
+    Args:
+      readers: ``{flag name: (whether a run reads it, which runs would)}``, checked in
+        its order.
+      runs: the runs in the message ("this run", "--methods=dense").
+    """
+    for name, (read, which) in readers.items():
+        if name in flag_values and flag_values[name].present and not read:
+            raise ValueError(f"{flag_values[name].serialize()} is not used by {runs}: it "
+                             f"applies to {which}")
+
+
 def check_directory(path, flag):
     """Raises ValueError naming `flag` where `path` cannot be a directory: it, or a
     directory above it, is a file."""

@@ -268,11 +268,10 @@ READ_BY["density"] = ("static", "dst")
 def check_given_flags_apply(flag_values=FLAGS):
     """Raises ValueError naming a flag given on the command line that no method of
     --methods reads (`--methods dense --prune snip` would otherwise run without a word)."""
-    for name, readers in READ_BY.items():
-        if flag_values[name].present and not set(readers) & set(flag_values.methods):
-            raise ValueError(f"{flag_values[name].serialize()} is not used by --methods="
-                             f"{','.join(flag_values.methods)}: it applies to "
-                             f"{' and '.join(readers)}")
+    cli.check_given_flags_read(
+        flag_values, {name: (bool(set(readers) & set(flag_values.methods)), " and ".join(readers))
+                      for name, readers in READ_BY.items()},
+        f"--methods={','.join(flag_values.methods)}")
 
 
 def main(argv):

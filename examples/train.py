@@ -192,12 +192,9 @@ def check_given_flags_apply(configs, flag_values=flags.FLAGS, runs="this run"):
     read, and the runs that do: `--method dense --density 0.05` would otherwise train a
     dense model without a word. `runs` names the runs in the message."""
     configs = [configs] if isinstance(configs, dict) else list(configs)
-    for name in sorted(APPLIES_TO):
-        applies, readers = APPLIES_TO[name]
-        if name in flag_values and flag_values[name].present and \
-                not any(applies(c) for c in configs):
-            raise ValueError(f"{flag_values[name].serialize()} is not used by {runs}: it "
-                             f"applies to {readers}")
+    cli.check_given_flags_read(
+        flag_values, {name: (any(APPLIES_TO[name][0](c) for c in configs), APPLIES_TO[name][1])
+                      for name in sorted(APPLIES_TO)}, runs)
 
 
 def check_callbacks(config):
@@ -574,8 +571,9 @@ def main(argv):
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     config = config_from_flags()
     try:
-        validate({**default_config(), **config})
-        check_given_flags_apply({**default_config(), **config})
+        complete = {**default_config(), **config}
+        validate(complete)
+        check_given_flags_apply(complete)
         results = run(config)
     except (ValueError, data_lib.DataUnavailableError) as e:
         sys.exit(f"error: {e}")
