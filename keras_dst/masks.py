@@ -138,9 +138,9 @@ def guard_weight_io(model) -> None:
     * Keras writes the values of `set_weights` one by one, and `load_weights` layer by
       layer: a refused value (a mask of another pattern, another shape) left those
       before it written. `set_weights` checks every value before it writes any
-      (`layers.check_weight_list`); `load_weights` puts the model's weights and state
-      back as they were when it raises (the optimizer's variables, which a weights
-      file may hold too, are Keras's).
+      (`layers.check_weight_list`); `load_weights` puts the model's variables, its
+      attached state and its optimizer's variables (a weights file holds them too, and
+      Keras loads the entries it can before it raises) back as they were when it raises.
 
     Instance methods on `model` and on every model nested in it (`prunable` and
     `keras_dst.load_model` install them); `strip` removes them (`release_weight_io`).
@@ -185,7 +185,9 @@ def _guard_model_weight_io(model) -> None:
         # values written after it restore
         first = [v for state in states for v in state.masks + state.ever_active]
         listed = {id(v) for v in first}
-        variables = first + [v for v in list(model.weights) + attached_variables(states)
+        optimizer = getattr(model, "optimizer", None)  # a weights file holds its state too
+        variables = first + [v for v in list(model.variables) + attached_variables(states)
+                             + list(getattr(optimizer, "variables", None) or [])
                              if id(v) not in listed]
         saved = [v.numpy() for v in variables]
         try:

@@ -773,20 +773,28 @@ def test_a_wrapper_s_set_weights_checks_every_value_before_writing_any():
 @pytest.mark.parametrize("how", ["wrappers", "in_place", "reloaded"])
 def test_a_refused_load_weights_leaves_the_model_as_it_was(how, tmp_path):
     # Keras loads a weights file layer by layer: the last layer's mask of another pattern
-    # was refused after the layers before it had loaded the file's weights and masks
+    # was refused after the layers before it had loaded the file's weights and masks, and
+    # the optimizer's state, which it loads before it raises
     in_place = how == "in_place"
     other = keras_dst.prunable(mlp(seed=1), density=0.5, pattern="2:4", seed=1, in_place=in_place,
                                pattern_overrides={"fc3": "unstructured"})
+    other.compile(keras.optimizers.Adam(0.1), "mse")
+    other.fit(np.ones((4, 20), "float32"), np.ones((4, 3), "float32"), verbose=0)
     other.save_weights(tmp_path / "other.weights.h5")
     model = keras_dst.prunable(mlp(), density=0.5, pattern="2:4", in_place=in_place)
     if how == "reloaded":
         model.save(tmp_path / "m.keras")
         model = keras_dst.load_model(tmp_path / "m.keras")
+    model.compile(keras.optimizers.Adam(0.1), "mse")
+    model.optimizer.build(model.trainable_variables)
     before = model.get_weights()
+    optimizer_before = [v.numpy() for v in model.optimizer.variables]
     with pytest.raises(ValueError, match=r"fc3/kernel' breaks its pattern '2:4'"):
         model.load_weights(tmp_path / "other.weights.h5")
     for value, now in zip(before, model.get_weights()):
         np.testing.assert_array_equal(value, now)
+    for value, variable in zip(optimizer_before, model.optimizer.variables):
+        np.testing.assert_array_equal(value, variable.numpy(), err_msg=variable.path)
     assert_sparse_invariants(model)
     model.save_weights(tmp_path / "same.weights.h5")  # a file of its pattern still loads
     keras_dst.prunable(mlp(seed=2), density=0.5, pattern="2:4", seed=2,
