@@ -604,14 +604,32 @@ def _clone_graph(model, clone):
             continue
         target = layer.layer if isinstance(layer, SparseWrapper) else layer
         if isinstance(source, SparseWrapper):  # strip(): the inner weights, kernel ⊙ mask
-            masks = {id(w): m for w, m in zip(source.sparse_weights, source.masks)}
-            _copy_weights(source.layer, target, lambda w, masks=masks: np.where(
-                masks[id(w)].numpy(), w.numpy(), 0) if id(w) in masks else w.numpy())
+            _copy_weights(source.layer, target, _masked_values(source))
         elif source.weights:
             _copy_weights(source, target, lambda w: w.numpy())
         if isinstance(layer, SparseWrapper):
             layer.apply_masks()
     return cloned
+
+
+def _masked_values(wrapper):
+    """``value_of(w)`` for `_copy_weights` from `wrapper`'s inner layer: its weights,
+    each sparsified one multiplied by its mask."""
+    masks = {id(w): m for w, m in zip(wrapper.sparse_weights, wrapper.masks)}
+    return lambda w: np.where(masks[id(w)].numpy(), w.numpy(), 0) if id(w) in masks else w.numpy()
+
+
+def _plain_copy(wrapper):
+    """`strip` of a bare `SparseWrapper`: a new layer of its inner layer's class and config,
+    built as it is, with its weights ⊙ masks (the inner layer itself keeps the mask
+    constraints and write guards the wrapper put on its variables)."""
+    inner = wrapper.layer
+    with compat.safe_mode_scope(False):
+        plain = inner.__class__.from_config(inner.get_config())
+    if inner.built:
+        plain.build_from_config(inner.get_build_config())
+        _copy_weights(inner, plain, _masked_values(wrapper))
+    return plain
 
 
 def _copy_weights(source, target, value_of):
@@ -726,12 +744,11 @@ def strip(model: "keras.layers.Layer") -> "keras.layers.Layer":
     `SparseWrapper` layers (Sequential/functional) gives a *new* model with the same
     graph and the wrappers' inner layers; a model whose masks were attached in place
     is stripped *in place* (masks, constraints and write guards removed) and
-    returned itself; a bare `SparseWrapper` gives its inner layer (after zeroing its
-    masked entries in place).
+    returned itself; a bare `SparseWrapper` gives a new layer like its inner one (same
+    config, built alike) holding its weights ⊙ masks, and is left as it was.
     """
     if isinstance(model, SparseWrapper):
-        model.apply_masks()
-        return model.layer
+        return _plain_copy(model)
     if isinstance(model, keras.layers.Layer):
         attached = [l for l in [model] + compat.flatten_layers(model)
                     if attached_state(l) is not None]

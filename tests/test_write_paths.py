@@ -303,13 +303,30 @@ def test_a_dst_fit_repairs_a_model_written_underneath_keras():
     assert_sparse_invariants(model)
 
 
-def test_strip_of_a_bare_wrapper_zeroes_its_masked_entries():
-    wrapper = keras_dst.prunable(keras.layers.Dense(4), density=0.5)
-    wrapper.build((None, 6))
+@pytest.mark.parametrize("layer, shape", [(keras.layers.Dense(4), (None, 6)),
+                                          (keras.layers.Conv2D(4, 3), (None, 5, 5, 4))])
+def test_strip_of_a_bare_wrapper_gives_a_plain_layer_and_leaves_the_wrapper(layer, shape):
+    # (it returned the wrapper's inner layer, whose kernel kept the mask constraint and
+    # write guards: trained in a new model, or written, it stayed sparse)
+    wrapper = keras_dst.prunable(layer, density=0.5)
+    wrapper.build(shape)
     w = wrapper.sparse_weights[0]
     write_underneath(w, np.ones(w.shape, "float32"))
-    inner = keras_dst.strip(wrapper)
-    np.testing.assert_array_equal(inner.kernel.numpy(), wrapper.masks[0].numpy().astype("float32"))
+    mask = wrapper.masks[0].numpy()
+    plain = keras_dst.strip(wrapper)
+    assert type(plain) is type(layer) and plain is not layer
+    assert plain.get_config() == layer.get_config()
+    np.testing.assert_array_equal(plain.kernel.numpy(), mask.astype("float32"))  # kernel ⊙ mask
+    np.testing.assert_array_equal(plain.bias.numpy(), layer.bias.numpy())
+    assert plain.kernel.constraint is None
+    plain.kernel.assign(np.ones(w.shape, "float32"))  # a plain variable: written as given
+    assert np.all(plain.kernel.numpy() == 1.0)
+    np.testing.assert_array_equal(w.numpy(), np.ones(w.shape, "float32"))  # the wrapper as it was
+    with pytest.raises(ValueError):  # (still guarded)
+        wrapper.set_weights([np.full(v.shape, 2.0) if v.dtype == bool else v
+                             for v in wrapper.get_weights()])
+    unbuilt = keras_dst.strip(keras_dst.prunable(keras.layers.Dense(3), density=0.5))
+    assert type(unbuilt) is keras.layers.Dense and not unbuilt.built
 
 
 def test_set_weights_of_a_whole_state_with_other_masks_restores_it_exactly():
