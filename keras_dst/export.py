@@ -300,7 +300,7 @@ def export(model: keras.Model, filepath: PathLike, format: str = "litert", *,
         _save(plain, filepath, input_signature)
         rows = [_row(w, "dense", "", "a SavedModel stores and computes every weight dense", 0)
                 for w in weights]
-        return ExportReport(filepath, format, None, rows, _disk_size(filepath),
+        return ExportReport(filepath, format, None, rows, _saved_model_bytes(filepath),
                             input_names=input_names)
 
     with tempfile.TemporaryDirectory(prefix="keras_dst_export_") as saved:
@@ -524,9 +524,12 @@ def _converts(saved_model_dir, name, calibration) -> bool:
 
 
 def _calibration(data, saved_model_dir, input_names, steps):
-    """A representative-dataset generator of `steps` single samples, keyed by input name."""
+    """A representative-dataset generator of `steps` single samples, keyed by input name
+    (the converter's: the model's own names, which the SavedModel signature's keys make
+    identifiers of, ``img-in`` → ``img_in``; its specs keep them)."""
     specs = tf.saved_model.load(saved_model_dir).signatures["serving_default"] \
         .structured_input_signature[1]
+    specs = {spec.name or key: spec for key, spec in specs.items()}
     keys = list(specs)
     dtypes = {k: spec.dtype.as_numpy_dtype for k, spec in specs.items()}
     if isinstance(data, tf.data.Dataset):
@@ -581,17 +584,17 @@ def _generator(samples, dtypes):
 
 def _keyed(data, keys, input_names, batched):
     """{signature input name: array} from an array, a list (model input order) or a dict."""
+    names = input_names if sorted(input_names) == sorted(keys) else keys  # the model's order
     if isinstance(data, dict):
         unknown = sorted(set(data) - set(keys))
         if unknown or len(data) != len(keys):
             raise ValueError(f"export(): representative_data keys {sorted(data)} must be the "
-                             f"model's input names {keys}.")
+                             f"model's input names {names}.")
         return {k: np.asarray(data[k]) for k in keys}
     if isinstance(data, (list, tuple)) and len(keys) > 1:
         if len(data) != len(keys):
             raise ValueError(f"export(): representative_data has {len(data)} arrays; the model "
-                             f"has {len(keys)} inputs {input_names or keys}.")
-        names = input_names if sorted(input_names) == sorted(keys) else keys
+                             f"has {len(keys)} inputs {names}.")
         return {name: np.asarray(v) for name, v in zip(names, data)}
     if len(keys) != 1:
         raise ValueError(f"export(): the model has {len(keys)} inputs {keys}; pass "
@@ -620,11 +623,18 @@ def _check_destination(filepath, format):
         raise ValueError(f"export(): filepath={filepath!r} lies below {above!r}, a file.")
 
 
-def _disk_size(path):
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(path) for f in files)
+def _saved_model_bytes(path):
+    """The bytes of the SavedModel in directory `path`: its own files (``saved_model.pb``,
+    ``fingerprint.pb``, ``variables/``, ``assets/``, ``assets.extra/``), not the others a
+    directory that existed before may hold."""
+    total = 0
+    for entry in ("saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra"):
+        entry = os.path.join(path, entry)
+        if os.path.isfile(entry):
+            total += os.path.getsize(entry)
+        for root, _, files in os.walk(entry):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
 
 
 # --------------------------------------------------------------------------- #

@@ -395,6 +395,27 @@ def test_int8_with_1x4_blocks_is_densified_and_says_it_needs_1x16(tmp_path):
 
 
 @needs_litert
+def test_int8_calibrates_inputs_whose_names_are_not_identifiers(tmp_path):
+    # (the SavedModel signature calls 'img-in' 'img_in', the converter's calibration keeps
+    # 'img-in': every form of representative_data failed with KeyError: 'img-in')
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((16,), name="img-in"), keras.Input((16,), name="b.x")
+    hidden = keras.layers.Dense(16, activation="relu")(keras.layers.Concatenate()([a, b]))
+    model = sparse(keras.Model([a, b], keras.layers.Dense(4)(hidden)), "1x16", density=0.5)
+    xa, xb = data((16,), n=64, seed=2), data((16,), n=64, seed=3)
+    expected = keras_dst.strip(model).predict([xa, xb], verbose=0)
+    for calibration in ([xa, xb], {"b.x": xb, "img-in": xa}):
+        report = keras_dst.export(model, tmp_path / "q.tflite", quantize="int8",
+                                  representative_data=calibration, compare_dense=False)
+        assert report.input_names == ["img-in", "b.x"]
+        assert_int8_close(report.load().predict([xa, xb]), expected)
+    with pytest.raises(ValueError, match=r"keys \['b_x', 'img_in'\] must be the model's input "
+                                         r"names \['img-in', 'b.x'\]"):
+        keras_dst.export(model, tmp_path / "r.tflite", quantize="int8",
+                         representative_data={"b_x": xb, "img_in": xa})
+
+
+@needs_litert
 def test_int8_sequence_model_falls_back_when_xnnpack_refuses_it_at_the_first_invocation(tmp_path):
     """XNNPACK accepts this model when it is allocated and refuses it when it first runs
     (`predict` raised 'failed to delegate FULLY_CONNECTED node'); with xnnpack=None the
@@ -436,7 +457,17 @@ def test_tf_saved_model_serves_the_stripped_model(tmp_path):
     signature = loaded.signatures["serving_default"]
     assert np.allclose(next(iter(signature(tf.constant(x)).values())).numpy(), served)
     assert all(w.stored == "dense" for w in report.weights) and report.dense_file_bytes is None
-    assert report.file_bytes > 0
+    assert report.file_bytes == directory_bytes(report.path) > 0
+    # into a directory holding other files: the SavedModel's bytes only (they counted)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.bin").write_bytes(b"x" * 100_000)
+    again = keras_dst.export(model, tmp_path / "used", format="tf_saved_model")
+    assert again.file_bytes == directory_bytes(again.path) - 100_000
+
+
+def directory_bytes(path):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+               for f in files)
 
 
 def test_report_prints_a_table_with_sizes(tmp_path):
