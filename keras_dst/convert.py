@@ -557,9 +557,9 @@ def _warn_where_counts_miss(asked, got, sizes, weight_patterns, layer_of):
         shown = ", ".join(f"'{layer_of(p)}' {got[p]:.3g} (asked {asked[p]:.3g})"
                           for p in denser)
         user_warnings.warn(
-            f"prunable(): pattern 'fan_in' keeps at least one input per output unit, so "
-            f"{shown} are denser than asked; the sparsified weights' density is "
-            f"{overall:.4g}, not {wanted:.4g}.")
+            f"prunable(): pattern 'fan_in' gives every output unit a whole number of inputs, "
+            f"at least one, so these layers are denser than asked: {shown}; the sparsified "
+            f"weights' density is {overall:.4g}, not {wanted:.4g}.")
 
 
 def _rebuilt(layer):

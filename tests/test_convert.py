@@ -720,8 +720,9 @@ def test_a_layer_left_without_active_entries_is_named_in_a_warning():
 
 
 def test_fan_in_denser_than_asked_is_named_in_a_warning():
-    with pytest.warns(UserWarning, match=r"'fan_in' keeps at least one input per output unit.*"
-                                         r"'fc1' 0\.1 \(asked .*not 0\.05"):
+    with pytest.warns(UserWarning, match=r"'fan_in' gives every output unit a whole number of "
+                                         r"inputs, at least one, so these layers are denser than "
+                                         r"asked: 'fc1' 0\.1 \(asked .*not 0\.05"):
         model = keras_dst.prunable(mlp((10, 6, 3)), density=0.05, pattern="fan_in")
     assert abs(keras_dst.density(model) - 9 / 78) < 1e-9
 
