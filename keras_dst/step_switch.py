@@ -52,7 +52,14 @@ class StepSwitch:
     uninstalls them unless a hooked callback of the running `fit` prepared it
     (`set_needed`, before every batch): a later plain `fit` (or
     `train_on_batch`) runs the static step, and a later hooked `fit` installs its
-    own hooks afresh.
+    own hooks afresh. The switch watches ``model.make_train_function``, which every
+    `fit` and `train_on_batch` calls before its first step: a preparation does not
+    outlive the fit that made it (a callback listed after a hooked one that raised in
+    ``on_train_batch_begin`` left it in place for the next plain `fit`), and a forced
+    rebuild (``make_train_function(force=True)``, from a callback inside a `fit`, say)
+    drops the compiled variants but keeps the switch as the training function (Keras's
+    new function, traced without the hooks, ended the hooked callbacks' updates for the
+    rest of the fit).
     """
 
     ATTR = "_keras_dst_step_switch"
@@ -67,6 +74,21 @@ class StepSwitch:
         self._prepared = False  # a hooked callback set up the coming execution
         self._owners = {}      # hook -> the name of its callback's class
         self._ran = False      # an execution ran since the running fit's hooks were added
+        self._building = False  # this switch is compiling a variant (`__call__`)
+        model.__dict__["make_train_function"] = self._make_train_function
+
+    def _make_train_function(self, force=False):
+        """``model.make_train_function`` while this switch is the model's (see the class
+        docstring); Keras's own otherwise."""
+        model = self.model
+        if self._building or StepSwitch.current(model) is not self:
+            return type(model).make_train_function(model, force=force)
+        if not force:  # a fit or train_on_batch starts: nothing is prepared for it yet
+            self._prepared = False
+            return model.train_function
+        self._functions = {}  # rebuilt, each on its next use
+        model.train_function = self
+        return self
 
     @classmethod
     def current(cls, model):
@@ -162,6 +184,8 @@ class StepSwitch:
         self._end_fit()
         self._engines, self._functions = {}, {}
         self.model.__dict__.pop(self.ATTR, None)
+        if self.model.__dict__.get("make_train_function") == self._make_train_function:
+            del self.model.__dict__["make_train_function"]
 
     def __call__(self, *args, **kwargs):
         if self.engines and not self._prepared:  # the fit that installed them raised
@@ -170,7 +194,11 @@ class StepSwitch:
         key = frozenset(e for e in self.engines if self._needed.get(e, True))
         function = self._functions.get(key)
         if function is None:
-            self.model.make_train_function(force=True)
+            self._building = True
+            try:
+                self.model.make_train_function(force=True)
+            finally:
+                self._building = False
             function = self._functions[key] = self.model.train_function
             self.model.train_function = self
         with hooks.tracing(self.model.optimizer, key):

@@ -510,20 +510,24 @@ def _boom_at_batch_1(batch, logs):
 
 @pytest.mark.parametrize("failure, then", [
     ("callback", "fit"), ("callback", "compile_same_optimizer"), ("trace", "fit"),
-    ("callback", "train_on_batch")])
+    ("callback", "train_on_batch"), ("callback_at_batch_begin", "fit"),
+    ("callback_at_batch_begin", "train_on_batch")])
 def test_after_a_fit_that_raised_a_plain_fit_runs_the_static_step(
         failure, then, criterion_failing_when_traced):
     """A DST fit interrupted by a callback (or whose step failed to trace) never reaches
     on_train_end: the plain fit that follows, on the same compiled model or after a
-    `compile()` with the same optimizer, must neither update the masks nor fail again."""
+    `compile()` with the same optimizer, must neither update the masks nor fail again.
+    (A callback after DST's that raised in `on_train_batch_begin` left DST's preparation
+    of that batch in place: the plain fit's first step ran the update.)"""
     model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
     x, y = classification_data(n=64)
-    if failure == "callback":
+    if failure.startswith("callback"):
+        hook = "on_train_batch_begin" if failure.endswith("begin") else "on_train_batch_end"
         with pytest.raises(KeyboardInterrupt):
             model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
                 DST(update_every=1, prune_rate=0.5),
-                keras.callbacks.LambdaCallback(on_train_batch_end=_boom_at_batch_1)])
+                keras.callbacks.LambdaCallback(**{hook: _boom_at_batch_1})])
     else:
         with pytest.raises(ValueError, match="cannot be traced"):
             model.fit(x, y, batch_size=16, epochs=1, verbose=0,
@@ -545,6 +549,32 @@ def test_after_a_fit_that_raised_a_plain_fit_runs_the_static_step(
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst])
     assert any((after[k] != v).any() for k, v in keras_dst.masks(model).items())
     assert "apply" not in vars(base_optimizer(model.optimizer))
+
+
+def test_a_forced_rebuild_of_the_training_function_inside_a_fit_keeps_dst_updating():
+    # (Keras's new function, traced without the hooks, uninstalled them: no update for the
+    # rest of the fit, without a word)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    x, y = classification_data(n=64)
+    changed, last = [], [keras_dst.masks(model)]
+
+    def record(batch, logs):
+        now = keras_dst.masks(model)
+        changed.append(any((last[0][k] != v).any() for k, v in now.items()))
+        last[0] = now
+
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[
+        DST(update_every=2, prune_rate=0.5, schedule="constant"),
+        keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: model.make_train_function(force=True),
+            on_train_batch_end=record)])
+    assert changed == [False, True] * 6  # optimizer steps 2, 4, ..., 12
+    assert "apply" not in vars(base_optimizer(model.optimizer))
+    masks = keras_dst.masks(model)
+    model.make_train_function(force=True)  # between fits: a plain fit after it
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert all((masks[k] == v).all() for k, v in keras_dst.masks(model).items())
 
 
 # ----------------------------------------------------------------------------
