@@ -86,7 +86,8 @@ class DynamicSparseTraining(ScheduledCallback):
       prune_params: dict of criterion parameters (e.g. ``{"gamma": 1.0}`` for mest).
       grow_params: dict of growth parameters.
       normalize, norm_type: score normalisation of the reference
-        (``none``/``input``/``output``/``channel``/``depth``/``layer``; ``max``/``sum``).
+        (``none``/``input``/``output``/``channel``/``depth``/``layer``; ``sum``, the
+        reference's default, or ``max``), per group of each layer (`topology.normalize`).
       total_steps: steps of the whole run for the schedules; default
         ``epochs * steps_per_epoch`` of each `fit` (needed only by what is made
         from it: the cosine schedule, a fractional `end_step`). Pass it for one
@@ -117,7 +118,7 @@ class DynamicSparseTraining(ScheduledCallback):
                  scope: str = "layer", grow_exact: bool = True, optimizer_state: str = "keep",
                  seed: int = 0, prune_params: Optional[Mapping[str, Any]] = None,
                  grow_params: Optional[Mapping[str, Any]] = None, normalize: str = "none",
-                 norm_type: str = "max", total_steps: Optional[int] = None):
+                 norm_type: str = "sum", total_steps: Optional[int] = None):
         super().__init__()
         self.criterion = _resolve(criteria_lib, "prune", prune, prune_params)
         if grow is None and grow_params:

@@ -518,16 +518,17 @@ def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
 
 
 def unit_scores(criterion: Criterion, inputs_list: Sequence[ScoreInputs], scores_list=None,
-                normalize: str = "none", norm_type: str = "max",
-                patterns_list: Optional[Sequence[patterns.Pattern]] = None):
+                normalize: str = "none", norm_type: str = "sum",
+                patterns_list: Optional[Sequence[patterns.Pattern]] = None,
+                layouts_list: Optional[Sequence[str]] = None):
     """A score criterion's pruning scores and masks in selection units, and the way back.
 
     Units are entries, or whole blocks for a tensor with a 1xB pattern (scores
     summed per block, `patterns.block_scores`).
 
     Args:
-      criterion, inputs_list, scores_list, normalize, norm_type, patterns_list: as
-        `select_pruned`.
+      criterion, inputs_list, scores_list, normalize, norm_type, patterns_list,
+        layouts_list: as `select_pruned`.
 
     Returns:
       ``(scores, masks, expand)``: per tensor, the (normalised) scores and the masks
@@ -535,8 +536,9 @@ def unit_scores(criterion: Criterion, inputs_list: Sequence[ScoreInputs], scores
     """
     if scores_list is None:
         scores_list = [criterion.evaluate(i) for i in inputs_list]
-    scores_list = [topology.normalize(s, i.mask, normalize, norm_type)
-                   for s, i in zip(scores_list, inputs_list)]
+    layouts_list = layouts_list or ["kernel"] * len(inputs_list)
+    scores_list = [topology.normalize(s, i.mask, normalize, norm_type, layout)
+                   for s, i, layout in zip(scores_list, inputs_list, layouts_list)]
     masks = [i.mask for i in inputs_list]
     patterns_list = patterns_list or [patterns.UNSTRUCTURED] * len(masks)
     blocked = [p.kind == "block" for p in patterns_list]
@@ -566,8 +568,9 @@ def _check_select(criterion, normalize, patterns_list):
 
 
 def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,
-                  normalize: str = "none", norm_type: str = "max",
-                  patterns_list: Optional[Sequence[patterns.Pattern]] = None) -> List[tf.Tensor]:
+                  normalize: str = "none", norm_type: str = "sum",
+                  patterns_list: Optional[Sequence[patterns.Pattern]] = None,
+                  layouts_list: Optional[Sequence[str]] = None) -> List[tf.Tensor]:
     """Prunes `count` active entries across the tensors of `inputs_list` with a criterion.
 
     Layer scope is a one-element list; global scope passes every layer (one
@@ -591,7 +594,9 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
       scores_list: optional precomputed scores per tensor used instead of
         `criterion.score` (e.g. the EMA state of a running criterion).
       normalize: one of `topology.NORMALIZE_MODES`.
-      norm_type: one of `topology.NORM_TYPES` ("max" or "sum").
+      norm_type: one of `topology.NORM_TYPES` ("sum", the reference's default, or "max").
+      layouts_list: one `layers.score_layout` per tensor (how `normalize` reads it),
+        or None (all ``"kernel"``).
       patterns_list: one `patterns.Pattern` per tensor, or None (all
         unstructured). With 1xB blocks (every tensor of the list then has the
         same B), whole blocks are pruned: the (normalised) scores are summed per
@@ -613,13 +618,14 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
         removed = criterion.removed(joint, tf.cast(count, tf.int32))
         return topology.split_like(joint.mask & ~removed, [i.mask for i in inputs_list])
     scores, masks, expand = unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
-                                        patterns_list)
+                                        patterns_list, layouts_list)
     return expand(topology.global_prune(scores, masks, count))
 
 
 def select_pruned_each(criterion: Criterion, inputs_list: Sequence[ScoreInputs], counts, *,
-                       scores_list=None, normalize: str = "none", norm_type: str = "max",
-                       patterns_list: Optional[Sequence[patterns.Pattern]] = None) -> List[tf.Tensor]:
+                       scores_list=None, normalize: str = "none", norm_type: str = "sum",
+                       patterns_list: Optional[Sequence[patterns.Pattern]] = None,
+                       layouts_list: Optional[Sequence[str]] = None) -> List[tf.Tensor]:
     """`select_pruned` of every tensor on its own (layer scope), with one count each.
 
     The same masks as ``[select_pruned(criterion, [x], c, ...)[0] for x, c in
@@ -627,8 +633,8 @@ def select_pruned_each(criterion: Criterion, inputs_list: Sequence[ScoreInputs],
     compiled update holds one selection loop for all layers.
 
     Args:
-      criterion, inputs_list, scores_list, normalize, norm_type, patterns_list:
-        as `select_pruned` (each pattern applies to its own tensor).
+      criterion, inputs_list, scores_list, normalize, norm_type, patterns_list,
+        layouts_list: as `select_pruned` (each pattern applies to its own tensor).
       counts: one scalar int (tensor) per tensor.
 
     Returns:
@@ -638,7 +644,7 @@ def select_pruned_each(criterion: Criterion, inputs_list: Sequence[ScoreInputs],
         _check_select(criterion, normalize, patterns_list)
         return [select_pruned(criterion, [x], c)[0] for x, c in zip(inputs_list, counts)]
     scores, masks, expand = unit_scores(criterion, inputs_list, scores_list, normalize, norm_type,
-                                        patterns_list)
+                                        patterns_list, layouts_list)
     return expand(topology.prune_each(scores, masks, counts))
 
 

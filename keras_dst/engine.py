@@ -46,7 +46,7 @@ from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, patterns, topology
 from keras_dst import optimizer_state as optimizer_state_lib
 from keras_dst.hooks import Hook, run_if, state_variable, step_gradients, summed_over_replicas
-from keras_dst.layers import mask_is_only_constraint
+from keras_dst.layers import mask_is_only_constraint, score_layout
 from keras_dst.scoring import ScoreInputs, is_finite
 
 
@@ -161,7 +161,7 @@ def prune_counts(inputs, patterns_list, rate, *, scope: str, check_gradient: boo
 
 def pruned_masks(criterion, inputs, patterns_list, rate, *, scope: str = "layer",
                  check_gradient: bool, scores=None, normalize: str = "none",
-                 norm_type: str = "max"):
+                 norm_type: str = "sum", layouts_list=None):
     """The masks after pruning (before growth), one per target; pure (no assignment).
 
     Prunes ``count`` selection units of each target (`prune_counts`) by `criterion`
@@ -176,7 +176,7 @@ def pruned_masks(criterion, inputs, patterns_list, rate, *, scope: str = "layer"
     finite, units, unit, count = prune_counts(inputs, patterns_list, rate, scope=scope,
                                               check_gradient=check_gradient)
     options = dict(scores_list=scores, normalize=normalize, norm_type=norm_type,
-                   patterns_list=patterns_list)
+                   patterns_list=patterns_list, layouts_list=layouts_list)
     if scope == "global":
         pruned = criteria_lib.select_pruned(criterion, inputs, count, **options)
     else:
@@ -207,7 +207,7 @@ class TopologyEngine(Hook):
     """
 
     def __init__(self, targets, criterion, growth, schedule, update_steps, *, ordering, scope,
-                 grow_exact, optimizer_state, seed, normalize="none", norm_type="max"):
+                 grow_exact, optimizer_state, seed, normalize="none", norm_type="sum"):
         super().__init__(update_steps)
         self.targets = list(targets)
         self.criterion = criterion
@@ -220,6 +220,7 @@ class TopologyEngine(Hook):
         self.normalize = normalize
         self.norm_type = norm_type
         self._patterns = [t.pattern for t in self.targets]
+        self._layouts = [score_layout(t.state.layer, t.weight) for t in self.targets]
         self._cross_replica = tf.distribute.has_strategy()  # made in the model's strategy scope
         check_patterns(self.targets, criterion, growth, scope, grow_exact)
         self._seeds = [(distributions.stable_seed(seed, i, "prune"),
@@ -373,7 +374,8 @@ class TopologyEngine(Hook):
         """`pruned_masks` of this run's targets, criterion, scope and normalisation."""
         return pruned_masks(self.criterion, self._prune_inputs(step, grads), self._patterns,
                             rate, scope=self.scope, check_gradient=self._needs_gradient(),
-                            scores=scores, normalize=self.normalize, norm_type=self.norm_type)
+                            scores=scores, normalize=self.normalize, norm_type=self.norm_type,
+                            layouts_list=self._layouts)
 
     def _one_loop(self, scores):
         """Whether pruning and growth can share one selection loop (`topology.prune_then_grow`):
@@ -388,7 +390,8 @@ class TopologyEngine(Hook):
         finite, units, unit, count = prune_counts(inputs, self._patterns, rate, scope=self.scope,
                                                   check_gradient=self._needs_gradient())
         unit_scores, unit_masks, expand = criteria_lib.unit_scores(
-            self.criterion, inputs, scores, self.normalize, self.norm_type, self._patterns)
+            self.criterion, inputs, scores, self.normalize, self.norm_type, self._patterns,
+            self._layouts)
 
         def grow_scores(pruned_units):
             return [self._growth_scores(i, step, grads, momenta, pruned)

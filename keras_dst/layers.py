@@ -159,6 +159,23 @@ _OTHER_LAYOUTS = (
 )
 
 
+def score_layout(layer, weight) -> str:
+    """How the reference's score normalisation (`topology.normalize`) reads `weight` of
+    `layer`: ``"depthwise"`` for a depthwise kernel (``[taps..., input channels, depth
+    multiplier]``: each output channel is one (input channel, multiplier) pair, its taps
+    its filter), ``"embedding"`` for an `Embedding` table (``[rows, dim]``, PyTorch's
+    layout too, where a Dense kernel is PyTorch's transposed), else ``"kernel"``
+    (``[taps..., inputs, outputs]``)."""
+    for sub in [layer] + compat.flatten_layers(layer):
+        for classes, attribute, layout in _OTHER_LAYOUTS:
+            if layout is _DEPTHWISE and isinstance(sub, classes) and getattr(
+                    sub, attribute, None) is weight:
+                return "depthwise"
+        if isinstance(sub, keras.layers.Embedding) and getattr(sub, "embeddings", None) is weight:
+            return "embedding"
+    return "kernel"
+
+
 def check_pattern(pattern, layer, weight, where: str) -> None:
     """Raises ValueError naming `where` if `weight` of `layer` cannot take `pattern`.
 

@@ -622,8 +622,13 @@ NORMALIZE_MODES = ("none", "input", "output", "channel", "depth", "layer")
 NORM_TYPES = ("max", "sum")
 
 
-def _normalize_axes(rank: int, mode: str):
-    """Reduction axes of a normalisation mode for a Keras kernel of this rank (None = all)."""
+def _normalize_axes(rank: int, mode: str, layout: str = "kernel"):
+    """Reduction axes of a normalisation mode for a Keras weight of this rank and
+    `layers.score_layout` (None = all)."""
+    if layout == "embedding" and rank == 2:  # (rows, dim), PyTorch's layout
+        return {"input": [1], "output": [0]}.get(mode)
+    if layout == "depthwise" and rank >= 3 and mode in ("channel", "depth"):
+        return list(range(rank - 2))  # per output channel: (input channel, multiplier)
     if mode == "input" and rank == 2:  # Dense (in, out): per output unit
         return [0]
     if mode == "output" and rank == 2:  # Dense (in, out): per input unit
@@ -635,35 +640,43 @@ def _normalize_axes(rank: int, mode: str):
     return None  # "layer", and every mode on a kernel of another rank
 
 
-def normalize(scores: tf.Tensor, mask: tf.Tensor, mode: str = "none", norm_type: str = "max") -> tf.Tensor:
+def normalize(scores: tf.Tensor, mask: tf.Tensor, mode: str = "none", norm_type: str = "sum",
+              layout: str = "kernel") -> tf.Tensor:
     """Divides scores by a per-group statistic of the ACTIVE scores.
 
     The reference's score normalisation (`norm_score` / `get_norm_value` in
     `sparselearning/pruners.py` of github alooow/fantastic_weights_paper).
-    Keras layouts (the reference's PyTorch axes translated):
+    Keras layouts (the reference's PyTorch axes translated; `layout` from
+    `layers.score_layout`):
 
-    | mode      | Dense kernel (in, out)      | Conv kernel (..., in, out)        |
-    |-----------|-----------------------------|-----------------------------------|
-    | "input"   | per output unit: axis 0     | whole tensor                      |
-    | "output"  | per input unit: axis 1      | whole tensor                      |
-    | "channel" | whole tensor                | per output filter: all but last   |
-    | "depth"   | whole tensor                | per (in, out) slice: spatial axes |
-    | "layer"   | whole tensor                | whole tensor                      |
-    | "none"    | unchanged                   | unchanged                         |
+    | mode      | Dense kernel (in, out)  | Conv kernel (..., in, out)        | depthwise (..., in, mult) |
+    |-----------|-------------------------|-----------------------------------|---------------------------|
+    | "input"   | per output unit: axis 0 | whole tensor                      | whole tensor              |
+    | "output"  | per input unit: axis 1  | whole tensor                      | whole tensor              |
+    | "channel" | whole tensor            | per output filter: all but last   | per output channel: taps  |
+    | "depth"   | whole tensor            | per (in, out) slice: spatial axes | per output channel: taps  |
+    | "layer"   | whole tensor            | whole tensor                      | whole tensor              |
+    | "none"    | unchanged               | unchanged                         | unchanged                 |
 
-    "Conv" means rank >= 3 (Conv1D/2D/3D, depthwise); any other rank uses the
-    whole tensor for every mode except "none".
+    "Conv" means rank >= 3 (Conv1D/2D/3D and their transposes, whose last axis is
+    their input, as PyTorch's first); any other rank uses the whole tensor for every
+    mode except "none". An Embedding table (rows, dim) is laid out as in PyTorch:
+    "input" is per row (axis 1), "output" per column (axis 0). The reference
+    normalises "channel" and "depth" on 4-D weights only (a Conv1D's or Conv3D's
+    whole tensor); here every convolution is normalised per filter.
 
-    The statistic (`norm_type` "max" = largest, "sum" = sum) is taken over the
-    active entries of each group only. Deviation from the reference (which
-    divides without a guard and gets 0/0 = NaN for an all-zero group): a group
-    whose statistic is 0, or that has no active entry, yields 0 everywhere.
+    The statistic (`norm_type` "sum" = sum, the reference's default, "max" =
+    largest) is taken over the active entries of each group only. Deviation from
+    the reference (which divides without a guard and gets 0/0 = NaN for an
+    all-zero group): a group whose statistic is 0, or that has no active entry,
+    yields 0 everywhere.
 
     Args:
       scores: float32 tensor, the shape of the kernel.
       mask: bool tensor of the same shape, True where active.
       mode: one of `NORMALIZE_MODES`.
       norm_type: one of `NORM_TYPES`.
+      layout: ``"kernel"``, ``"depthwise"`` or ``"embedding"`` (`layers.score_layout`).
 
     Returns:
       float32 tensor of the same shape.
@@ -677,7 +690,7 @@ def normalize(scores: tf.Tensor, mask: tf.Tensor, mode: str = "none", norm_type:
         raise ValueError(f"Unknown norm_type {norm_type!r}; expected one of {NORM_TYPES}.")
     if mode == "none":
         return scores
-    axes = _normalize_axes(scores.shape.rank, mode)
+    axes = _normalize_axes(scores.shape.rank, mode, layout)
     if norm_type == "max":
         statistic = tf.reduce_max(tf.where(mask, scores, float("-inf")), axis=axes, keepdims=True)
     else:

@@ -317,7 +317,7 @@ def test_select_pruned_layer_and_global_scope():
 
 def test_select_pruned_normalizes_per_layer():
     # Layer 0 has large magnitudes, layer 1 small ones: without normalisation
-    # both removals come from layer 1, with "layer"/"max" normalisation one each.
+    # both removals come from layer 1, with "layer" normalisation (by the sum) one each.
     w = [tf.constant([10.0, 20.0, 40.0]), tf.constant([1.0, 2.0, 4.0])]
     inputs = [ScoreInputs(wi, tf.zeros_like(wi), tf.ones([3], tf.bool), tf.constant([0, 0])) for wi in w]
     magnitude = get_criterion("magnitude")

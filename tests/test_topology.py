@@ -5,6 +5,7 @@ import inspect
 import math
 import re
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import keras_dst
 from keras_dst import topology
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -322,6 +324,64 @@ def test_normalize_keras_axes(shape, mode, axes, norm_type):
     scores.reshape(-1)[-1] = 0.0
     got = topology.normalize(tf.constant(scores), tf.constant(mask), mode, norm_type).numpy()
     np.testing.assert_allclose(got, np_normalize(scores, mask, axes, norm_type), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, layout, mode, axes", [
+    # a depthwise kernel [taps..., input channels, multiplier]: per output channel (its
+    # taps), as the reference's dims (1, 2, 3) of PyTorch's [C * m, 1, kh, kw] (it was
+    # normalised with one statistic per multiplier, across channels)
+    ((3, 3, 4, 2), "depthwise", "channel", (0, 1)), ((3, 3, 4, 2), "depthwise", "depth", (0, 1)),
+    ((5, 4, 1), "depthwise", "channel", (0,)), ((3, 3, 4, 2), "depthwise", "input", None),
+    # an Embedding table [rows, dim] is PyTorch's layout (a Dense kernel is its transpose)
+    ((6, 4), "embedding", "input", (1,)), ((6, 4), "embedding", "output", (0,)),
+    ((6, 4), "embedding", "channel", None),
+])
+def test_normalize_reads_depthwise_kernels_and_embeddings_as_the_reference(shape, layout, mode,
+                                                                           axes):
+    rng = np.random.default_rng(1)
+    scores = np.abs(rng.normal(size=shape)).astype(np.float32)
+    mask = rng.random(shape) < 0.6
+    got = topology.normalize(tf.constant(scores), tf.constant(mask), mode, "sum", layout).numpy()
+    np.testing.assert_allclose(got, np_normalize(scores, mask, axes, "sum"), rtol=1e-6)
+
+
+def test_score_layouts_of_the_supported_layers():
+    layers_ = {
+        "dense": (keras.layers.Dense(3), (None, 4), "kernel"),
+        "depthwise": (keras.layers.DepthwiseConv2D(3, depth_multiplier=2), (None, 6, 6, 4),
+                      "depthwise"),
+        "conv1d_transpose": (keras.layers.Conv1DTranspose(3, 2), (None, 5, 4), "kernel"),
+        "embedding": (keras.layers.Embedding(10, 4), (None, 3), "embedding"),
+    }
+    for name, (layer, shape, layout) in layers_.items():
+        layer.build(shape)
+        assert keras_dst.layers.score_layout(layer, layer.weights[0]) == layout, name
+    separable = keras.layers.SeparableConv2D(4, 3)
+    separable.build((None, 6, 6, 3))
+    assert keras_dst.layers.score_layout(separable, separable.depthwise_kernel) == "depthwise"
+    assert keras_dst.layers.score_layout(separable, separable.pointwise_kernel) == "kernel"
+
+
+def test_dst_normalises_a_depthwise_kernel_per_output_channel():
+    """A DST update with normalize="channel" prunes each output channel of a depthwise
+    kernel by its own share of the scores (one statistic per channel, as the reference)."""
+    inputs = keras.Input((4, 4, 2))
+    model = keras_dst.prunable(
+        keras.Model(inputs, keras.layers.DepthwiseConv2D(2, use_bias=False, name="dw")(inputs)),
+        density=1.0)
+    kernel = model.get_layer("dw").sparse_weights[0]
+    # channel 0's taps are 100x channel 1's: one statistic for both would prune channel 1 first
+    values = np.array([[1.0, 2.0], [3.0, 4.0]], "float32")[..., None]
+    kernel.assign(np.stack([values * 100.0, values], axis=2))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    model.fit(np.ones((2, 4, 4, 2), "float32"), np.zeros((2, 3, 3, 2), "float32"), verbose=0,
+              callbacks=[keras_dst.DynamicSparseTraining(
+                  update_every=1, prune_rate=0.5, schedule="constant", grow=None,
+                  normalize="channel")])
+    mask = keras_dst.masks(model)[kernel.path][..., 0]
+    # per channel, the two smallest of the four taps go (ratio to that channel's sum)
+    np.testing.assert_array_equal(mask[:, :, 0], [[False, False], [True, True]])
+    np.testing.assert_array_equal(mask[:, :, 1], [[False, False], [True, True]])
 
 
 def test_normalize_zero_group_gives_zero_not_nan():
