@@ -11,6 +11,8 @@ docstring names the internal it relies on, the Keras versions that have it and
 the public API it stands in for, if any.
 """
 
+import sys
+
 import keras
 from keras.src.saving import serialization_lib
 
@@ -211,6 +213,22 @@ def _raw_variables(variable) -> list:
     if value is None:  # not initialised yet
         return []
     return list(getattr(value, "values", None) or (value,))
+
+
+def called_by_keras_training_entry() -> bool:
+    """Whether the function that called our caller is Keras's ``fit`` or
+    ``train_on_batch`` (the caller being a ``model.make_train_function`` that keras_dst
+    installed: `step_switch.StepSwitch`).
+
+    Relies on Keras's trainers (``keras.src.backend.*.trainer``, Keras 3, checked on
+    3.15) calling ``self.make_train_function()`` directly from ``fit`` and
+    ``train_on_batch``, before their first step; read from the Python stack (CPython's
+    ``sys._getframe``). Keras has no public signal that a training call begins before
+    its callbacks run (a `fit` without keras_dst callbacks runs none of keras_dst's).
+    """
+    frame = sys._getframe(2)
+    return (frame.f_code.co_name in ("fit", "train_on_batch")
+            and frame.f_globals.get("__name__", "").startswith("keras."))
 
 
 def set_initial_epoch(model, epoch):

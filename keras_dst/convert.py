@@ -562,17 +562,18 @@ def _warn_where_counts_miss(asked, got, sizes, weight_patterns, layer_of):
             f"weights' density is {overall:.4g}, not {wanted:.4g}.")
 
 
-def _rebuilt(layer):
-    """A new layer from `layer`'s config (the clone `prunable` wraps or keeps); a layer that
-    cannot be rebuilt so is a TypeError naming it and the remedies."""
+def _rebuilt(layer, caller="prunable()", purpose="to clone the model",
+             remedy=", or pass in_place=True to attach the masks to the model's own layers"):
+    """A new layer from `layer`'s config (the clone `prunable` wraps or keeps, the plain
+    layer `strip` gives); a layer that cannot be rebuilt so is a TypeError naming it and
+    the remedies."""
     try:
         return layer.__class__.from_config(layer.get_config())
     except Exception as e:  # noqa: BLE001 - whatever the user's class raises
         raise TypeError(
-            f"prunable(): layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from "
-            f"its config to clone the model ({type(e).__name__}: {' '.join(str(e).split())}). "
-            "Give it a get_config() that its constructor takes (accepting **kwargs), or pass "
-            "in_place=True to attach the masks to the model's own layers.") from e
+            f"{caller}: layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from "
+            f"its config {purpose} ({type(e).__name__}: {' '.join(str(e).split())}). Give it "
+            f"a get_config() that its constructor takes (accepting **kwargs){remedy}.") from e
 
 
 def _clone_graph(model, clone):
@@ -625,7 +626,8 @@ def _plain_copy(wrapper):
     constraints and write guards the wrapper put on its variables)."""
     inner = wrapper.layer
     with compat.safe_mode_scope(False):
-        plain = inner.__class__.from_config(inner.get_config())
+        plain = _rebuilt(inner, "strip()", f"to give a plain copy of SparseWrapper "
+                         f"'{wrapper.name}'", remedy="")
     if inner.built:
         plain.build_from_config(inner.get_build_config())
         _copy_weights(inner, plain, _masked_values(wrapper))

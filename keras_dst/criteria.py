@@ -536,7 +536,7 @@ def unit_scores(criterion: Criterion, inputs_list: Sequence[ScoreInputs], scores
     """
     if scores_list is None:
         scores_list = [criterion.evaluate(i) for i in inputs_list]
-    layouts_list = layouts_list or ["kernel"] * len(inputs_list)
+    layouts_list = layouts_list or [None] * len(inputs_list)
     scores_list = [topology.normalize(s, i.mask, normalize, norm_type, layout)
                    for s, i, layout in zip(scores_list, inputs_list, layouts_list)]
     masks = [i.mask for i in inputs_list]
@@ -595,8 +595,8 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
         `criterion.score` (e.g. the EMA state of a running criterion).
       normalize: one of `topology.NORMALIZE_MODES`.
       norm_type: one of `topology.NORM_TYPES` ("sum", the reference's default, or "max").
-      layouts_list: one `layers.score_layout` per tensor (how `normalize` reads it),
-        or None (all ``"kernel"``).
+      layouts_list: one `topology.ScoreLayout` per tensor (`layers.score_layout`: how
+        `normalize` groups it), or None (each by its rank).
       patterns_list: one `patterns.Pattern` per tensor, or None (all
         unstructured). With 1xB blocks (every tensor of the list then has the
         same B), whole blocks are pruned: the (normalised) scores are summed per

@@ -39,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat, distributions, patterns, user_warnings, validation
+from keras_dst import compat, distributions, patterns, topology, user_warnings, validation
 from keras_dst.registry import Registry
 from keras_dst.validation import check_choice, check_density
 
@@ -159,21 +159,31 @@ _OTHER_LAYOUTS = (
 )
 
 
-def score_layout(layer, weight) -> str:
-    """How the reference's score normalisation (`topology.normalize`) reads `weight` of
-    `layer`: ``"depthwise"`` for a depthwise kernel (``[taps..., input channels, depth
-    multiplier]``: each output channel is one (input channel, multiplier) pair, its taps
-    its filter), ``"embedding"`` for an `Embedding` table (``[rows, dim]``, PyTorch's
-    layout too, where a Dense kernel is PyTorch's transposed), else ``"kernel"``
-    (``[taps..., inputs, outputs]``)."""
+def score_layout(layer, weight) -> "topology.ScoreLayout":
+    """How the reference's score normalisation (`topology.normalize`) groups `weight` of
+    `layer` (or of a layer inside it): a depthwise kernel per output channel, an
+    `EinsumDense` kernel by the axes its equation keeps in the output, an embedding
+    table (a 2-D weight named ``embeddings``: `Embedding`'s, keras-hub's
+    `ReversibleEmbedding`'s and `PositionEmbedding`'s) with its rows as units, as
+    PyTorch's ``Embedding``; otherwise by rank (`topology.default_layout`)."""
     for sub in [layer] + compat.flatten_layers(layer):
         for classes, attribute, layout in _OTHER_LAYOUTS:
             if layout is _DEPTHWISE and isinstance(sub, classes) and getattr(
                     sub, attribute, None) is weight:
-                return "depthwise"
-        if isinstance(sub, keras.layers.Embedding) and getattr(sub, "embeddings", None) is weight:
-            return "embedding"
-    return "kernel"
+                return topology.ScoreLayout("depthwise")
+        if isinstance(sub, keras.layers.EinsumDense) and sub.kernel is weight:
+            kernel, output = _einsum_kernel_axes(sub)
+            return topology.ScoreLayout(
+                "linear", tuple(i for i, axis in enumerate(kernel) if axis in output))
+    if len(weight.shape) == 2 and weight.name == "embeddings":  # (PositionEmbedding's
+        return topology.ScoreLayout("linear", (0,))                 # is position_embeddings)
+    return topology.default_layout(len(weight.shape))
+
+
+def _einsum_kernel_axes(layer):
+    """(kernel axes, output axes) of an `EinsumDense`'s equation, as letters."""
+    kernel, output = layer.equation.replace("...", "").split(",")[1].split("->")
+    return kernel, output
 
 
 def check_pattern(pattern, layer, weight, where: str) -> None:
@@ -204,7 +214,7 @@ def check_pattern(pattern, layer, weight, where: str) -> None:
                     f"output axis; {type(sub).__name__} '{sub.name}' has its {attribute} laid "
                     f"out {layout}; {patterns.REMEDY}.")
         if isinstance(sub, keras.layers.EinsumDense) and sub.kernel is weight:
-            kernel, output = sub.equation.replace("...", "").split(",")[1].split("->")
+            kernel, output = _einsum_kernel_axes(sub)
             outputs = "".join(axis for axis in kernel if axis in output)
             if outputs != kernel[-1:]:
                 raise ValueError(

@@ -18,12 +18,13 @@ schedule of the first and last); `StepSwitch` is the model's training
 function while hooked callbacks train, and keeps what it compiled.
 """
 
+import functools
 from typing import Optional
 
 import keras
 import tensorflow as tf
 
-from keras_dst import hooks, schedules, user_warnings
+from keras_dst import compat, hooks, schedules, user_warnings
 from keras_dst.masks import reapply_masks_if_needed, sparse_targets
 from keras_dst.optimizer_state import base_optimizer
 
@@ -52,14 +53,15 @@ class StepSwitch:
     uninstalls them unless a hooked callback of the running `fit` prepared it
     (`set_needed`, before every batch): a later plain `fit` (or
     `train_on_batch`) runs the static step, and a later hooked `fit` installs its
-    own hooks afresh. The switch watches ``model.make_train_function``, which every
-    `fit` and `train_on_batch` calls before its first step: a preparation does not
+    own hooks afresh. The switch watches ``model.make_train_function``, which Keras's
+    `fit` and `train_on_batch` call before their first step: a preparation does not
     outlive the fit that made it (a callback listed after a hooked one that raised in
     ``on_train_batch_begin`` left it in place for the next plain `fit`), and a forced
     rebuild (``make_train_function(force=True)``, from a callback inside a `fit`, say)
     drops the compiled variants but keeps the switch as the training function (Keras's
     new function, traced without the hooks, ended the hooked callbacks' updates for the
-    rest of the fit).
+    rest of the fit). The model's own ``make_train_function`` (its class's, or one set
+    on it before) still runs at every call.
     """
 
     ATTR = "_keras_dst_step_switch"
@@ -75,17 +77,21 @@ class StepSwitch:
         self._owners = {}      # hook -> the name of its callback's class
         self._ran = False      # an execution ran since the running fit's hooks were added
         self._building = False  # this switch is compiling a variant (`__call__`)
+        own = model.__dict__.get("make_train_function")  # (one set on the model before)
+        self._model_make_train_function = own or functools.partial(
+            type(model).make_train_function, model)
         model.__dict__["make_train_function"] = self._make_train_function
 
     def _make_train_function(self, force=False):
         """``model.make_train_function`` while this switch is the model's (see the class
-        docstring); Keras's own otherwise."""
+        docstring): the model's own, and for the switch what the call means."""
         model = self.model
         if self._building or StepSwitch.current(model) is not self:
-            return type(model).make_train_function(model, force=force)
-        if not force:  # a fit or train_on_batch starts: nothing is prepared for it yet
-            self._prepared = False
-            return model.train_function
+            return self._model_make_train_function(force=force)
+        if not force:
+            if compat.called_by_keras_training_entry():  # a fit or train_on_batch starts:
+                self._prepared = False                   # nothing is prepared for it yet
+            return self._model_make_train_function(force=force)
         self._functions = {}  # rebuilt, each on its next use
         model.train_function = self
         return self
@@ -185,7 +191,11 @@ class StepSwitch:
         self._engines, self._functions = {}, {}
         self.model.__dict__.pop(self.ATTR, None)
         if self.model.__dict__.get("make_train_function") == self._make_train_function:
-            del self.model.__dict__["make_train_function"]
+            own = self._model_make_train_function
+            if isinstance(own, functools.partial):
+                del self.model.__dict__["make_train_function"]
+            else:
+                self.model.__dict__["make_train_function"] = own
 
     def __call__(self, *args, **kwargs):
         if self.engines and not self._prepared:  # the fit that installed them raised

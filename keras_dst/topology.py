@@ -35,7 +35,7 @@ entries per call.
 """
 
 import itertools
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -622,48 +622,78 @@ NORMALIZE_MODES = ("none", "input", "output", "channel", "depth", "layer")
 NORM_TYPES = ("max", "sum")
 
 
-def _normalize_axes(rank: int, mode: str, layout: str = "kernel"):
-    """Reduction axes of a normalisation mode for a Keras weight of this rank and
-    `layers.score_layout` (None = all)."""
-    if layout == "embedding" and rank == 2:  # (rows, dim), PyTorch's layout
-        return {"input": [1], "output": [0]}.get(mode)
-    if layout == "depthwise" and rank >= 3 and mode in ("channel", "depth"):
-        return list(range(rank - 2))  # per output channel: (input channel, multiplier)
-    if mode == "input" and rank == 2:  # Dense (in, out): per output unit
-        return [0]
-    if mode == "output" and rank == 2:  # Dense (in, out): per input unit
-        return [1]
-    if mode == "channel" and rank >= 3:  # Conv (..., in, out): per output filter
-        return list(range(rank - 1))
-    if mode == "depth" and rank >= 3:  # Conv (..., in, out): per (in, out) slice
+class ScoreLayout(NamedTuple):
+    """How `normalize` groups a weight's entries (`layers.score_layout` makes it).
+
+    Attributes:
+      kind: ``"linear"`` (a Dense or EinsumDense kernel, a recurrent kernel, an
+        embedding table: PyTorch's ``Linear`` / ``Embedding``), ``"conv"`` (a
+        convolution's ``[taps..., inputs, outputs]``, a transposed one's ``[taps...,
+        outputs, inputs]``) or ``"depthwise"`` (``[taps..., input channels, depth
+        multiplier]``: each output channel is one (input channel, multiplier) pair).
+      output_axes: for ``"linear"``, the axes that index the layer's output units (a
+        Dense kernel's last; an embedding table's rows, axis 0, since PyTorch's
+        ``Embedding`` and ``Linear`` both put the units on their first axis).
+    """
+
+    kind: str
+    output_axes: Tuple[int, ...] = ()
+
+
+def default_layout(rank: int) -> ScoreLayout:
+    """The layout of a weight of this rank when nothing else is known: a 2-D kernel
+    ``[inputs, outputs]``, a convolution's for rank 3 and more."""
+    return ScoreLayout("linear", (1,)) if rank == 2 else ScoreLayout("conv")
+
+
+def _normalize_axes(rank: int, mode: str, layout: Optional[ScoreLayout] = None):
+    """Reduction axes of a normalisation mode for a weight of this rank and layout (None =
+    all: "layer", and every mode a layout has no group for)."""
+    layout = layout or default_layout(rank)
+    if layout.kind == "linear":
+        outputs = [a % rank for a in layout.output_axes]
+        if mode == "input":  # per output unit, over its inputs
+            return [a for a in range(rank) if a not in outputs]
+        if mode == "output":  # per input unit, over its outputs
+            return outputs
+        return None
+    if rank < 3:
+        return None
+    if layout.kind == "depthwise" and mode in ("channel", "depth"):
+        return list(range(rank - 2))  # per output channel: its taps
+    if layout.kind == "conv" and mode == "channel":  # per output filter (a transposed
+        return list(range(rank - 1))                 # convolution's: per input channel)
+    if layout.kind == "conv" and mode == "depth":  # per (in, out) slice: the taps
         return list(range(rank - 2))
-    return None  # "layer", and every mode on a kernel of another rank
+    return None
 
 
 def normalize(scores: tf.Tensor, mask: tf.Tensor, mode: str = "none", norm_type: str = "sum",
-              layout: str = "kernel") -> tf.Tensor:
+              layout: Optional[ScoreLayout] = None) -> tf.Tensor:
     """Divides scores by a per-group statistic of the ACTIVE scores.
 
     The reference's score normalisation (`norm_score` / `get_norm_value` in
     `sparselearning/pruners.py` of github alooow/fantastic_weights_paper).
-    Keras layouts (the reference's PyTorch axes translated; `layout` from
-    `layers.score_layout`):
+    The reference's groups on PyTorch's layouts, found in Keras's (`layout`, from
+    `layers.score_layout`; by default a 2-D weight is a Dense kernel, a larger one a
+    convolution's):
 
-    | mode      | Dense kernel (in, out)  | Conv kernel (..., in, out)        | depthwise (..., in, mult) |
-    |-----------|-------------------------|-----------------------------------|---------------------------|
-    | "input"   | per output unit: axis 0 | whole tensor                      | whole tensor              |
-    | "output"  | per input unit: axis 1  | whole tensor                      | whole tensor              |
-    | "channel" | whole tensor            | per output filter: all but last   | per output channel: taps  |
-    | "depth"   | whole tensor            | per (in, out) slice: spatial axes | per output channel: taps  |
-    | "layer"   | whole tensor            | whole tensor                      | whole tensor              |
-    | "none"    | unchanged               | unchanged                         | unchanged                 |
+    | mode      | "linear" (Dense, tables)  | "conv" (..., in, out)      | "depthwise" (..., in, m) |
+    |-----------|---------------------------|----------------------------|--------------------------|
+    | "input"   | per output unit: inputs   | whole tensor               | whole tensor             |
+    | "output"  | per input unit: outputs   | whole tensor               | whole tensor             |
+    | "channel" | whole tensor              | per output filter: all but | per output channel: taps |
+    |           |                           | the last axis              |                          |
+    | "depth"   | whole tensor              | per (in, out) slice: taps  | per output channel: taps |
+    | "layer"   | whole tensor              | whole tensor               | whole tensor             |
+    | "none"    | unchanged                 | unchanged                  | unchanged                |
 
-    "Conv" means rank >= 3 (Conv1D/2D/3D and their transposes, whose last axis is
-    their input, as PyTorch's first); any other rank uses the whole tensor for every
-    mode except "none". An Embedding table (rows, dim) is laid out as in PyTorch:
-    "input" is per row (axis 1), "output" per column (axis 0). The reference
-    normalises "channel" and "depth" on 4-D weights only (a Conv1D's or Conv3D's
-    whole tensor); here every convolution is normalised per filter.
+    ("inputs"/"outputs": the axes that index them; an EinsumDense kernel is "linear"
+    with the axes its equation keeps in the output as its outputs.)
+    A transposed convolution's kernel ends with its input axis, as PyTorch's starts
+    with it, so "channel" groups per input channel there, as in the reference. The
+    reference normalises "channel" and "depth" on 4-D weights only (a Conv1D's or
+    Conv3D's whole tensor); here every convolution is normalised per filter.
 
     The statistic (`norm_type` "sum" = sum, the reference's default, "max" =
     largest) is taken over the active entries of each group only. Deviation from
@@ -676,7 +706,7 @@ def normalize(scores: tf.Tensor, mask: tf.Tensor, mode: str = "none", norm_type:
       mask: bool tensor of the same shape, True where active.
       mode: one of `NORMALIZE_MODES`.
       norm_type: one of `NORM_TYPES`.
-      layout: ``"kernel"``, ``"depthwise"`` or ``"embedding"`` (`layers.score_layout`).
+      layout: a `ScoreLayout` (`layers.score_layout`), or None (`default_layout`).
 
     Returns:
       float32 tensor of the same shape.

@@ -175,6 +175,23 @@ def test_set_initial_epoch():
     assert epochs == [2, 3] and len(history.history["loss"]) == 2
 
 
+def test_called_by_keras_training_entry():
+    seen = []
+
+    def watch(force=False):  # what keras_dst installs as model.make_train_function
+        seen.append(compat.called_by_keras_training_entry())
+        return type(model).make_train_function(model, force=force)
+
+    model = keras.Sequential([keras.Input((2,)), L.Dense(1)])
+    model.compile("sgd", "mse")
+    model.__dict__["make_train_function"] = watch
+    model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=1, verbose=0, callbacks=[
+        keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, l: model.make_train_function())])
+    model.train_on_batch(np.zeros((4, 2)), np.zeros((4, 1)))
+    model.make_train_function()
+    assert seen == [True, False, True, False]
+
+
 def test_child_layers():
     inner = keras.Sequential([keras.Input((4,)), L.Dense(4, name="c1")], name="child_model")
 

@@ -271,3 +271,16 @@ def test_hub_text_example_runs(tmp_path):
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["dense", "dst"]
     assert abs(runs[1]["density"] - 0.2) < 1e-3
+
+
+def test_keras_hub_embedding_tables_are_normalised_by_their_rows():
+    # (PositionEmbedding's table, `position_embeddings`, was read as a Dense kernel: its
+    # "input" normalisation ran per column, ReversibleEmbedding's per row)
+    position = keras_hub.layers.PositionEmbedding(sequence_length=6)
+    position.build((None, 6, 4))
+    tables = keras_hub.layers.ReversibleEmbedding(10, 4, tie_weights=False)
+    tables.build((None, 3))
+    layout = keras_dst.layers.score_layout
+    assert tuple(layout(position, position.position_embeddings)) == ("linear", (0,))
+    assert tuple(layout(tables, tables.embeddings)) == ("linear", (0,))
+    assert tuple(layout(tables, tables.reverse_embeddings)) == ("linear", (1,))  # [dim, vocab]

@@ -326,18 +326,24 @@ def test_normalize_keras_axes(shape, mode, axes, norm_type):
     np.testing.assert_allclose(got, np_normalize(scores, mask, axes, norm_type), rtol=1e-6)
 
 
+DEPTHWISE, TABLE = topology.ScoreLayout("depthwise"), topology.ScoreLayout("linear", (0,))
+QUERY = topology.ScoreLayout("linear", (1, 2))  # MultiHeadAttention's [dim, heads, head dim]
+
+
 @pytest.mark.parametrize("shape, layout, mode, axes", [
     # a depthwise kernel [taps..., input channels, multiplier]: per output channel (its
     # taps), as the reference's dims (1, 2, 3) of PyTorch's [C * m, 1, kh, kw] (it was
     # normalised with one statistic per multiplier, across channels)
-    ((3, 3, 4, 2), "depthwise", "channel", (0, 1)), ((3, 3, 4, 2), "depthwise", "depth", (0, 1)),
-    ((5, 4, 1), "depthwise", "channel", (0,)), ((3, 3, 4, 2), "depthwise", "input", None),
-    # an Embedding table [rows, dim] is PyTorch's layout (a Dense kernel is its transpose)
-    ((6, 4), "embedding", "input", (1,)), ((6, 4), "embedding", "output", (0,)),
-    ((6, 4), "embedding", "channel", None),
+    ((3, 3, 4, 2), DEPTHWISE, "channel", (0, 1)), ((3, 3, 4, 2), DEPTHWISE, "depth", (0, 1)),
+    ((5, 4, 1), DEPTHWISE, "channel", (0,)), ((3, 3, 4, 2), DEPTHWISE, "input", None),
+    # an embedding table [rows, dim]: its rows are the units, as PyTorch's Embedding (a
+    # Dense kernel is PyTorch's Linear transposed)
+    ((6, 4), TABLE, "input", (1,)), ((6, 4), TABLE, "output", (0,)), ((6, 4), TABLE, "channel", None),
+    # an EinsumDense kernel by the axes its equation keeps (they were read as a conv's)
+    ((8, 2, 4), QUERY, "input", (0,)), ((8, 2, 4), QUERY, "output", (1, 2)),
+    ((8, 2, 4), QUERY, "channel", None), ((8, 2, 4), QUERY, "depth", None),
 ])
-def test_normalize_reads_depthwise_kernels_and_embeddings_as_the_reference(shape, layout, mode,
-                                                                           axes):
+def test_normalize_groups_as_the_reference_does_on_pytorch_s_layout(shape, layout, mode, axes):
     rng = np.random.default_rng(1)
     scores = np.abs(rng.normal(size=shape)).astype(np.float32)
     mask = rng.random(shape) < 0.6
@@ -347,19 +353,25 @@ def test_normalize_reads_depthwise_kernels_and_embeddings_as_the_reference(shape
 
 def test_score_layouts_of_the_supported_layers():
     layers_ = {
-        "dense": (keras.layers.Dense(3), (None, 4), "kernel"),
+        "dense": (keras.layers.Dense(3), (None, 4), ("linear", (1,))),
         "depthwise": (keras.layers.DepthwiseConv2D(3, depth_multiplier=2), (None, 6, 6, 4),
-                      "depthwise"),
-        "conv1d_transpose": (keras.layers.Conv1DTranspose(3, 2), (None, 5, 4), "kernel"),
-        "embedding": (keras.layers.Embedding(10, 4), (None, 3), "embedding"),
+                      ("depthwise", ())),
+        "conv1d_transpose": (keras.layers.Conv1DTranspose(3, 2), (None, 5, 4), ("conv", ())),
+        "embedding": (keras.layers.Embedding(10, 4), (None, 3), ("linear", (0,))),
+        "einsum": (keras.layers.EinsumDense("abc,cde->abde", (None, 2, 4)), (None, 5, 8),
+                   ("linear", (1, 2))),
     }
     for name, (layer, shape, layout) in layers_.items():
         layer.build(shape)
-        assert keras_dst.layers.score_layout(layer, layer.weights[0]) == layout, name
+        assert tuple(keras_dst.layers.score_layout(layer, layer.weights[0])) == layout, name
     separable = keras.layers.SeparableConv2D(4, 3)
     separable.build((None, 6, 6, 3))
-    assert keras_dst.layers.score_layout(separable, separable.depthwise_kernel) == "depthwise"
-    assert keras_dst.layers.score_layout(separable, separable.pointwise_kernel) == "kernel"
+    assert keras_dst.layers.score_layout(separable, separable.depthwise_kernel).kind == "depthwise"
+    assert keras_dst.layers.score_layout(separable, separable.pointwise_kernel).kind == "conv"
+    mha = keras.layers.MultiHeadAttention(2, 4)
+    mha.build((None, 5, 8), (None, 5, 8))
+    assert keras_dst.layers.score_layout(mha, mha.query_dense.kernel).output_axes == (1, 2)
+    assert keras_dst.layers.score_layout(mha, mha.output_dense.kernel).output_axes == (2,)
 
 
 def test_dst_normalises_a_depthwise_kernel_per_output_channel():

@@ -329,6 +329,29 @@ def test_strip_of_a_bare_wrapper_gives_a_plain_layer_and_leaves_the_wrapper(laye
     assert type(unbuilt) is keras.layers.Dense and not unbuilt.built
 
 
+def test_strip_of_a_bare_wrapper_whose_layer_has_no_config_names_it():
+    class Scaled(keras.layers.Layer):  # built from an array: Keras cannot make its config
+        def __init__(self, scale):
+            super().__init__(name="scaled")
+            self.scale = scale
+
+        def build(self, shape):
+            self.kernel = self.add_weight(shape=(shape[-1], 3))
+
+        def call(self, x):
+            return (x * self.scale) @ self.kernel
+
+        def get_prunable_weights(self):
+            return [self.kernel]
+
+    wrapper = keras_dst.prunable(Scaled(np.ones(4, "float32")), density=0.5)
+    wrapper.build((None, 4))
+    with pytest.raises(TypeError, match=r"strip\(\): layer 'scaled' \(Scaled\) cannot be rebuilt "
+                                        r"from its config to give a plain copy of SparseWrapper "
+                                        r".*Give it a get_config\(\)"):
+        keras_dst.strip(wrapper)
+
+
 def test_set_weights_of_a_whole_state_with_other_masks_restores_it_exactly():
     """`model.set_weights` writes a wrapper's kernel before its mask: the kernel must end
     as the state's kernel ⊙ the state's mask, not masked by the masks it replaces."""
