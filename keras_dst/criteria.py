@@ -520,7 +520,7 @@ def _concat_inputs(inputs_list: Sequence[ScoreInputs]) -> ScoreInputs:
 def unit_scores(criterion: Criterion, inputs_list: Sequence[ScoreInputs], scores_list=None,
                 normalize: str = "none", norm_type: str = "sum",
                 patterns_list: Optional[Sequence[patterns.Pattern]] = None,
-                layouts_list: Optional[Sequence[str]] = None):
+                layouts_list: Optional[Sequence["topology.ScoreLayout"]] = None):
     """A score criterion's pruning scores and masks in selection units, and the way back.
 
     Units are entries, or whole blocks for a tensor with a 1xB pattern (scores
@@ -570,7 +570,7 @@ def _check_select(criterion, normalize, patterns_list):
 def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], count, *, scores_list=None,
                   normalize: str = "none", norm_type: str = "sum",
                   patterns_list: Optional[Sequence[patterns.Pattern]] = None,
-                  layouts_list: Optional[Sequence[str]] = None) -> List[tf.Tensor]:
+                  layouts_list: Optional[Sequence["topology.ScoreLayout"]] = None) -> List[tf.Tensor]:
     """Prunes `count` active entries across the tensors of `inputs_list` with a criterion.
 
     Layer scope is a one-element list; global scope passes every layer (one
@@ -625,7 +625,7 @@ def select_pruned(criterion: Criterion, inputs_list: Sequence[ScoreInputs], coun
 def select_pruned_each(criterion: Criterion, inputs_list: Sequence[ScoreInputs], counts, *,
                        scores_list=None, normalize: str = "none", norm_type: str = "sum",
                        patterns_list: Optional[Sequence[patterns.Pattern]] = None,
-                       layouts_list: Optional[Sequence[str]] = None) -> List[tf.Tensor]:
+                       layouts_list: Optional[Sequence["topology.ScoreLayout"]] = None) -> List[tf.Tensor]:
     """`select_pruned` of every tensor on its own (layer scope), with one count each.
 
     The same masks as ``[select_pruned(criterion, [x], c, ...)[0] for x, c in

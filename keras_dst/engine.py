@@ -220,7 +220,8 @@ class TopologyEngine(Hook):
         self.normalize = normalize
         self.norm_type = norm_type
         self._patterns = [t.pattern for t in self.targets]
-        self._layouts = [score_layout(t.state.layer, t.weight) for t in self.targets]
+        self._layouts = (None if normalize == "none"  # (only normalisation reads them)
+                         else [score_layout(t.state.layer, t.weight) for t in self.targets])
         self._cross_replica = tf.distribute.has_strategy()  # made in the model's strategy scope
         check_patterns(self.targets, criterion, growth, scope, grow_exact)
         self._seeds = [(distributions.stable_seed(seed, i, "prune"),

@@ -146,17 +146,19 @@ def is_supported(layer) -> bool:
     return hasattr(layer, "get_prunable_weights") or _registered_names(layer) is not None
 
 
+# Depthwise kernels: (layer classes, kernel attribute).
+_DEPTHWISE_KERNELS = (
+    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), "kernel"),
+    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), "depthwise_kernel"),
+)
 # Kernels not laid out [taps..., inputs, outputs]: (layer classes, kernel attribute,
 # their layout) for `check_pattern`.
-_DEPTHWISE = "[taps..., input channels, depth multiplier], each output channel reading the "\
-    "taps of one input channel"
 _OTHER_LAYOUTS = (
     ((keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose),
      "kernel", "[taps..., filters, input channels], its last axis its input"),
-    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), "kernel", _DEPTHWISE),
-    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), "depthwise_kernel",
-     _DEPTHWISE),
-)
+) + tuple((classes, attribute, "[taps..., input channels, depth multiplier], each output "
+           "channel reading the taps of one input channel")
+          for classes, attribute in _DEPTHWISE_KERNELS)
 
 
 def score_layout(layer, weight) -> "topology.ScoreLayout":
@@ -167,9 +169,8 @@ def score_layout(layer, weight) -> "topology.ScoreLayout":
     `ReversibleEmbedding`'s and `PositionEmbedding`'s) with its rows as units, as
     PyTorch's ``Embedding``; otherwise by rank (`topology.default_layout`)."""
     for sub in [layer] + compat.flatten_layers(layer):
-        for classes, attribute, layout in _OTHER_LAYOUTS:
-            if layout is _DEPTHWISE and isinstance(sub, classes) and getattr(
-                    sub, attribute, None) is weight:
+        for classes, attribute in _DEPTHWISE_KERNELS:
+            if isinstance(sub, classes) and getattr(sub, attribute, None) is weight:
                 return topology.ScoreLayout("depthwise")
         if isinstance(sub, keras.layers.EinsumDense) and sub.kernel is weight:
             kernel, output = _einsum_kernel_axes(sub)
