@@ -9,7 +9,7 @@ import numpy as np
 
 from keras_dst import criteria as criteria_lib
 from keras_dst import growth as growth_lib
-from keras_dst import optimizer_state, topology, validation
+from keras_dst import optimizer_state, topology, user_warnings, validation
 from keras_dst import schedules as schedules_lib
 from keras_dst.engine import TopologyEngine
 from keras_dst.masks import sparse_targets, without_kept_dense
@@ -148,6 +148,7 @@ class DynamicSparseTraining(ScheduledCallback):
         self.norm_type = validation.check_choice(norm_type, topology.NORM_TYPES, "norm_type")
         self.total_steps = schedules_lib.check_total_steps(total_steps, self.schedule,
                                                            isinstance(self.end_step, float))
+        self._emptied = set()  # weights emptied by pruning without regrowth (warned once)
 
     def _check_end_step(self, end_step):
         if end_step is None:
@@ -157,7 +158,7 @@ class DynamicSparseTraining(ScheduledCallback):
                 raise ValueError(f"a float end_step is a fraction in (0, 1), "
                                  f"got end_step={end_step!r}.")
             return float(end_step)
-        if not isinstance(end_step, numbers.Integral) or isinstance(end_step, bool):
+        if not validation.is_int(end_step):
             raise TypeError(f"end_step must be None, an int step or a float fraction in (0, 1), "
                             f"got end_step={end_step!r}.")
         return validation.check_step(end_step, "end_step", minimum=max(self.begin_step, 1))
@@ -237,7 +238,23 @@ class DynamicSparseTraining(ScheduledCallback):
         }
         for t, a, n in zip(engine.targets, active, totals):
             logs[f"density/{t.key}"] = float(a / n) if n else 1.0
+        if self.growth is None:
+            self._warn_where_emptied(engine.targets, active, totals)
         return logs
+
+    def _warn_where_emptied(self, targets, active, totals):
+        """Pruning without regrowth removes ``ceil(p * active)`` entries of a layer at every
+        update, at least one: warns once per weight that it left without any."""
+        emptied = [t.key for t, a, n in zip(targets, active, totals)
+                   if n and not a and t.key not in self._emptied]
+        if emptied:
+            self._emptied.update(emptied)
+            user_warnings.warn(
+                f"DynamicSparseTraining(grow=None): no active entry is left in {emptied}: "
+                "pruning without regrowth removes ceil(prune_rate * active) entries of each "
+                "layer at every update, at least one, and such a layer passes nothing of its "
+                "input on. Lower prune_rate, stop pruning earlier (end_step), or keep the "
+                "layer dense (prunable(..., keep_dense=[...])).")
 
     def get_config(self):
         prune = self.criterion.get_config()

@@ -33,7 +33,7 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
              distribution: Union[str, Mapping[str, float]] = "erk", *,
              keep_dense: Iterable[str] = (), density_overrides: Optional[Mapping[str, float]] = None,
              init: str = "exact", seed: int = 0, skip_unsupported: bool = False,
-             track_running_scores: bool = False, pattern: Union[str, "patterns.Pattern"] = "unstructured",
+             track_running_scores: bool = False, pattern: "patterns.PatternLike" = "unstructured",
              pattern_overrides: Optional[Mapping[str, str]] = None,
              in_place: Optional[bool] = None) -> "keras.layers.Layer":
     """Makes a Keras model or layer sparse.
@@ -649,7 +649,7 @@ def _copy_weights(source, target, value_of):
         target.set_weights([value_of(w) for w in source.weights])
 
 
-def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) -> dict:
+def unfit_layers(model: "keras.Model", pattern: "patterns.PatternLike") -> dict:
     """The layers of `model` whose kernels cannot take `pattern`, as ``{key: "unstructured"}``.
 
     Ready for ``prunable(model, ..., pattern=pattern, pattern_overrides=unfit_layers(model,
@@ -659,6 +659,8 @@ def unfit_layers(model: "keras.Model", pattern: Union[str, "patterns.Pattern"]) 
     library model), or by its place in the model where another has the same path too
     (keras-hub's CLIP encoders), so that the overrides reach exactly these layers.
     """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"unfit_layers() needs a keras Model, got {model!r}.")
     with validation.errors_named("unfit_layers(): pattern"):
         pattern = patterns.parse(pattern)
     # the layers `prunable` would sparsify (a MultiHeadAttention as one, not its
@@ -722,10 +724,11 @@ def _named_overrides(keep_dense, density_overrides, known, layer_names):
         overrides += [(f"density_overrides['{n}']", n,
                        check_density(d, f"density_overrides['{n}']"))
                       for n, d in density_overrides.items()]
-    unknown = sorted({n for _, n, _ in overrides} - known)
-    if unknown:
-        raise ValueError(f"prunable(): unknown layer names {unknown} in keep_dense/"
-                         f"density_overrides; sparsified layers are {layer_names}.")
+    for argument in ("keep_dense", "density_overrides"):
+        unknown = sorted({n for source, n, _ in overrides if source.startswith(argument)} - known)
+        if unknown:
+            raise ValueError(f"prunable(): unknown layer names {unknown} in {argument}; "
+                             f"sparsified layers are {layer_names}.")
     return overrides
 
 

@@ -68,9 +68,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import patterns, topology, validation
-from keras_dst.registry import Registry, check_callable, normalize_name, pop_config_name
+from keras_dst.registry import Registry, check_callable, pop_config_name
 from keras_dst.scoring import ScoreInputs, absolute
 from keras_dst.topology import select_highest, select_lowest
+from keras_dst.validation import normalize_name
 
 # When an update runs relative to the optimizer step. The reference's flag
 # (``--ordering``, read in ``sparselearning/core.py``) names the same two places
@@ -97,37 +98,58 @@ def canonical_ordering(value, name: str = "ordering", auto: bool = False) -> str
 # Helpers shared with `growth`.
 
 
+def _accepted_params(fn: Optional[Callable], leading: int = 1) -> Optional[set]:
+    """The keyword parameters `fn` accepts after its `leading` positional arguments (the
+    inputs; the inputs and the count for a selection function); None where it takes
+    ``**kwargs`` or has no signature to read (any name)."""
+    if fn is None:
+        return set()
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # (no signature to read: a builtin)
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in parameters[leading:] if p.kind in keywords}
+
+
 def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapping[str, Any],
                  fn: Optional[Callable] = None) -> types.MappingProxyType:
     """`defaults` updated with `params`, refusing unknown parameter names.
 
     A name is known if it is in `defaults` or, when `fn` is given, if `fn`
-    accepts it as a keyword after its first (inputs) argument.
+    accepts it as a keyword after its first (inputs) argument. A number (in
+    `defaults`, or given for a number's parameter) must be finite.
 
     Raises:
-      ValueError: naming the unknown parameter and the accepted ones.
+      ValueError: naming the unknown parameter and the accepted ones, or a
+        number that is not finite.
+      TypeError: a number's parameter given something else.
     """
     accepted = set(defaults)
     if fn is not None:
-        signature = inspect.signature(fn)
-        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-            accepted = None
-        else:
-            keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-            accepted |= {p.name for p in list(signature.parameters.values())[1:] if p.kind in keywords}
+        by_fn = _accepted_params(fn)
+        accepted = None if by_fn is None else accepted | by_fn
     checked = {}
-    for param, value in params.items():
-        value = _plain(value)
-        if accepted is not None and param not in accepted:
-            raise ValueError(f"Unknown parameter {param!r} for {kind} {name!r}; "
-                             f"accepted: {sorted(accepted) or 'none'}.")
-        default = defaults.get(param)
-        if validation.is_real(default):  # a number's parameter stays a finite number
-            with validation.errors_named(f"{kind} {name!r}"):
+    with validation.errors_named(f"{kind} {name!r}"):
+        for param, value in defaults.items():
+            value = _plain(value)
+            if validation.is_real(value):  # a finite number
                 checked_value = validation.check_real(value, param)
-            value = checked_value if isinstance(default, float) else value
-        checked[param] = value
-    return types.MappingProxyType({**{k: _plain(v) for k, v in defaults.items()}, **checked})
+                value = checked_value if isinstance(value, float) else value
+            checked[param] = value
+        for param, value in params.items():
+            value = _plain(value)
+            if accepted is not None and param not in accepted:
+                raise ValueError(f"Unknown parameter {param!r} for {kind} {name!r}; "
+                                 f"accepted: {sorted(accepted) or 'none'}.")
+            default = defaults.get(param)
+            if validation.is_real(default):  # a number's parameter stays a finite number
+                checked_value = validation.check_real(value, param)
+                value = checked_value if isinstance(default, float) else value
+            checked[param] = value
+    return types.MappingProxyType(checked)
 
 
 def _plain(value):
@@ -135,40 +157,56 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def check_entry(kind: str, name: str, fn: Optional[Callable], params, flags: Mapping[str, Any],
+def check_entry(entry, kind: str, fn: Optional[Callable], flags: Sequence[str],
                 leading: int = 1) -> None:
-    """The registration checks of a `Criterion` or `GrowthRule` (run when one is made).
+    """The registration checks of a `Criterion` or `GrowthRule` (run when one is made);
+    its bool `flags` are stored as Python bools (configs stay JSON).
 
     Args:
+      entry: the `Criterion` or `GrowthRule` (its `name`, `params` and `flags` are read).
       kind: "Criterion" or "Growth rule", for the messages.
-      name: its name.
       fn: its score (or selection) function.
-      params: its default parameters: a mapping.
-      flags: its bool fields by name (``needs_gradient``, ...).
+      flags: the names of its bool fields (``needs_gradient``, ...).
       leading: the positional arguments `fn` takes before its parameters (1: the
         inputs; 2 for a selection function: the inputs and the count).
 
     Raises:
       TypeError: `params` is not a mapping, or a flag is not a bool.
       ValueError: a parameter of `fn` has no default and `params` gives none (it would
-        fail at the first training step).
+        fail at the first training step), or `params` names one `fn` does not take.
     """
+    name, params = entry.name, entry.params
     if not isinstance(params, Mapping):
         raise TypeError(f"{kind} {name!r}: params must be a dict of default keyword parameters, "
                         f"got params={params!r}.")
     with validation.errors_named(f"{kind} {name!r}"):
-        for flag, value in flags.items():
-            validation.check_bool(value, flag)
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # (no signature to read: a builtin)
+        for flag in flags:
+            object.__setattr__(entry, flag, validation.check_bool(getattr(entry, flag), flag))
+    accepted = _accepted_params(fn, leading)
+    if accepted is None:
         return
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"{kind} {name!r}: params {unknown} are not keyword parameters of its "
+                         f"function (it takes {sorted(accepted) or 'none'} after its "
+                         f"{'inputs and count' if leading == 2 else 'inputs'}).")
+    signature = inspect.signature(fn)
     keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     missing = [p.name for p in list(signature.parameters.values())[leading:]
                if p.kind in keywords and p.default is p.empty and p.name not in params]
     if missing:
         raise ValueError(f"{kind} {name!r}: its function's parameter(s) {missing} have no default "
                          "and params= gives none; give them defaults or add them to params=.")
+
+
+def config_params(config: dict, kind: str, name: str) -> Mapping[str, Any]:
+    """Removes and returns the ``params`` of a criterion's or growth rule's config (a
+    mapping; ``{}`` when absent)."""
+    params = config.pop("params", {})
+    if not isinstance(params, Mapping):
+        raise TypeError(f"The config of {kind} {name!r}: params must be a dict, got "
+                        f"params={params!r}.")
+    return params
 
 
 @contextlib.contextmanager
@@ -309,14 +347,16 @@ class Criterion(FrozenEntry):
             object.__setattr__(self, "ordering", canonical_ordering(self.ordering))
         if (self.score is None) == (self.select is None):
             raise ValueError(f"Criterion {self.name!r} needs exactly one of `score` and `select`.")
-        check_entry("Criterion", self.name, self.score or self.select, self.params,
-                    {"needs_gradient": self.needs_gradient, "ema": self.ema},
+        check_entry(self, "Criterion", self.score or self.select, ("needs_gradient", "ema"),
                     leading=1 if self.select is None else 2)
         object.__setattr__(self, "params", merge_params("criterion", self.name, self.params, {}))
         if self.ema and "beta" not in self.params:
             raise ValueError(f"Criterion {self.name!r} is a running criterion (ema=True): give it "
                              "the running average's weight as a 'beta' param (e.g. "
                              "params={'beta': 0.9}).")
+        if self.ema and not validation.is_real(self.params["beta"]):
+            raise TypeError(f"Criterion {self.name!r}: the running average's beta must be a "
+                            f"number in [0, 1], got beta={self.params['beta']!r}.")
         if self.ema and not 0.0 <= self.params["beta"] <= 1.0:
             raise ValueError(f"Criterion {self.name!r}: the running average's beta must be in "
                              f"[0, 1], got beta={self.params['beta']!r}.")
@@ -391,7 +431,8 @@ class Criterion(FrozenEntry):
           ValueError: unknown name, parameter or config key.
         """
         config = dict(config)
-        name, params = pop_config_name(config, "criterion"), config.pop("params", {})
+        name = pop_config_name(config, "criterion")
+        params = config_params(config, "criterion", name)
         overrides = {k: config.pop(k) for k in ("ordering", "needs_gradient") if k in config}
         if config:
             raise ValueError(f"Unknown key(s) {sorted(config)} in the config of criterion {name!r}.")
@@ -425,6 +466,8 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
       ValueError: `name` is taken and `overwrite` is False.
     """
     _CRITERIA.check_available(name, overwrite)
+    with validation.errors_named(f"register_criterion({name!r})"):
+        select = validation.check_bool(select, "select")
 
     def decorator(fn):
         check_callable(fn, "register_criterion", name)
@@ -460,6 +503,7 @@ def get_criterion(criterion: Any, *, ordering: Optional[str] = None, needs_gradi
     Raises:
       ValueError: unknown name (lists the known ones), unknown parameter
         (names it), bad ordering.
+      TypeError: `criterion` is none of the above.
     """
     if isinstance(criterion, str):
         result = _CRITERIA.get(criterion).with_params(**params)
@@ -472,7 +516,7 @@ def get_criterion(criterion: Any, *, ordering: Optional[str] = None, needs_gradi
         result = Criterion(name=name, score=criterion, ordering="before_optimizer",
                            params=merge_params("criterion", name, {}, params, fn=criterion))
     else:
-        raise ValueError(f"Cannot interpret {criterion!r} as a criterion; "
+        raise TypeError(f"Cannot interpret {criterion!r} as a criterion; "
                          f"use a name ({', '.join(criterion_names())}), a Criterion, its config or a callable.")
     overrides = {k: v for k, v in (("ordering", ordering), ("needs_gradient", needs_gradient)) if v is not None}
     return dataclasses.replace(result, **overrides) if overrides else result

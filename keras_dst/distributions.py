@@ -73,12 +73,15 @@ def _check_shapes(shapes) -> Dict[str, Shape]:
     out = {}
     for name, shape in shapes.items():
         try:
-            dims = tuple(int(d) for d in shape)
-        except (TypeError, ValueError):
+            dims = None if isinstance(shape, (str, bytes)) else tuple(shape)
+        except TypeError:
+            dims = None
+        if dims is None or not all(validation.is_int(d) for d in dims):
             raise ValueError(
                 f"shape of layer {name!r} must be fully known integers, "
                 f"got {shape!r}"
-            ) from None
+            )
+        dims = tuple(int(d) for d in dims)
         if any(d < 0 for d in dims):
             raise ValueError(f"shape of layer {name!r} is negative: {shape!r}")
         out[name] = dims
@@ -300,7 +303,7 @@ def layer_densities(
     shapes = _check_shapes(shapes)
     density = validation.check_density(density, "density", allow_zero=False)
     fixed = _check_layer_map(fixed or {}, shapes, "fixed", complete=False)
-    if isinstance(power, bool) or not isinstance(power, numbers.Real):
+    if not validation.is_real(power):
         raise TypeError(f"power must be a real number, got {power!r}")
     if not 0.0 <= power < math.inf:
         raise ValueError(f"power must be finite and >= 0, got {power!r}")
@@ -372,7 +375,7 @@ def active_counts(
     high = low + sum(r > 0 for r in remainders.values())
     if total is None:
         total = math.floor(sum(quotas.values()) + 0.5)
-    elif isinstance(total, bool) or not isinstance(total, numbers.Integral):
+    elif not validation.is_int(total):
         raise TypeError(f"total must be an int, got {total!r}")
     if not low <= total <= high:
         raise ValueError(
@@ -409,7 +412,7 @@ def stable_seed(*parts: Union[str, int]) -> int:
     for part in parts:
         if isinstance(part, str):
             tokens.append("s" + part)
-        elif isinstance(part, numbers.Integral) and not isinstance(part, bool):
+        elif validation.is_int(part):
             tokens.append("i" + str(int(part)))
         else:
             raise TypeError(f"seed parts must be str or int, got {part!r}")

@@ -608,8 +608,8 @@ def _keyed(data, keys, input_names, batched):
 
 def _check_destination(filepath, format):
     """Raises ValueError, before any conversion, where `filepath` cannot be written: a
-    .tflite path that is a directory, a SavedModel path that is a file, or a path below
-    a file."""
+    .tflite path that is a directory, a SavedModel path that is a file, a path below
+    a file, or one the file system refuses (`_check_writable`)."""
     if format == "litert" and os.path.isdir(filepath):
         raise ValueError(f"export(): filepath={filepath!r} is a directory; give the .tflite "
                          "file's path.")
@@ -621,6 +621,44 @@ def _check_destination(filepath, format):
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         raise ValueError(f"export(): filepath={filepath!r} lies below {above!r}, a file.")
+    _check_writable(filepath, directory=format == "tf_saved_model")
+
+
+def _check_writable(filepath, directory: bool):
+    """Raises ValueError naming `filepath` where the file system refuses to write it (no
+    permission, a name too long, a read-only or virtual file system), by making what an
+    export makes there (the missing folders, then the file, or a file in the SavedModel's
+    directory) and removing it again: the disk is left as it was."""
+    path = os.path.abspath(filepath)
+    folder = path if directory else os.path.dirname(path)
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    made = []
+    try:
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            made.append(folder)
+        if directory:
+            fd, probe = tempfile.mkstemp(dir=path)
+            os.close(fd)
+            os.remove(probe)
+        else:
+            existed = os.path.exists(path)
+            with open(path, "ab"):  # (an existing file keeps its bytes)
+                pass
+            if not existed:
+                os.remove(path)
+    except OSError as e:
+        raise ValueError(f"export(): filepath={filepath!r} cannot be written: "
+                         f"{e.strerror or e}.") from None
+    finally:
+        for folder in reversed(made):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
 
 
 def _saved_model_bytes(path):
@@ -1098,10 +1136,15 @@ class LiteRTModel:
         kernels with a warning. `xnnpack` (attribute) says which ran.
     """
 
-    def __init__(self, model: Union[PathLike, bytes], input_names: Optional[Sequence[str]] = None,
+    def __init__(self, model: Union[PathLike, bytes, bytearray], input_names: Optional[Sequence[str]] = None,
                  num_threads: Optional[int] = None, xnnpack: Optional[bool] = None):
-        content = model if isinstance(model, (bytes, bytearray)) else None
-        path = None if content is not None else model
+        content = bytes(model) if isinstance(model, (bytes, bytearray)) else None
+        with errors_named("LiteRTModel"):
+            path = None if content is not None else check_path(model, "model")
+            if num_threads is not None:
+                num_threads = check_positive_int(num_threads, "num_threads")
+            if xnnpack is not None:
+                xnnpack = check_bool(xnnpack, "xnnpack")
         self._source = (path, content, num_threads)
         self._automatic = xnnpack is None
         self.interpreter = interpreter(path, model_content=content, num_threads=num_threads,

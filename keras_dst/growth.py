@@ -34,6 +34,7 @@ from keras_dst.criteria import (
     calling,
     check_entry,
     check_registered,
+    config_params,
     merge_params,
     random_scores,
     require_inputs,
@@ -64,8 +65,7 @@ class GrowthRule(FrozenEntry):
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
-        check_entry("Growth rule", self.name, self.score, self.params,
-                    {"needs_gradient": self.needs_gradient, "needs_momentum": self.needs_momentum})
+        check_entry(self, "Growth rule", self.score, ("needs_gradient", "needs_momentum"))
         object.__setattr__(self, "params", merge_params("growth", self.name, self.params, {}))
 
     def with_params(self, **params) -> "GrowthRule":
@@ -101,7 +101,8 @@ class GrowthRule(FrozenEntry):
           ValueError: unknown name, parameter or config key.
         """
         config = dict(config)
-        name, params = pop_config_name(config, "growth rule"), config.pop("params", {})
+        name = pop_config_name(config, "growth rule")
+        params = config_params(config, "growth rule", name)
         if config:
             raise ValueError(f"Unknown key(s) {sorted(config)} in the config of growth rule {name!r}.")
         return get_growth(name, **params)
@@ -154,6 +155,7 @@ def get_growth(growth: Any, **params: Any) -> GrowthRule:
 
     Raises:
       ValueError: unknown name (lists the known ones) or unknown parameter.
+      TypeError: `growth` is none of the above.
     """
     if isinstance(growth, str):
         return _GROWTH.get(growth).with_params(**params)
@@ -165,7 +167,7 @@ def get_growth(growth: Any, **params: Any) -> GrowthRule:
         name = getattr(growth, "__name__", type(growth).__name__)
         return GrowthRule(name=name, score=growth, needs_gradient=True,
                           params=merge_params("growth", name, {}, params, fn=growth))
-    raise ValueError(f"Cannot interpret {growth!r} as a growth rule; "
+    raise TypeError(f"Cannot interpret {growth!r} as a growth rule; "
                      f"use a name ({', '.join(growth_names())}), a GrowthRule, its config or a callable.")
 
 

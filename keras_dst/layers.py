@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from keras_dst import compat, distributions, patterns, topology, user_warnings, validation
 from keras_dst.registry import Registry
-from keras_dst.validation import check_choice, check_density
+from keras_dst.validation import check_choice, check_density, check_names, errors_named
 
 _PRUNABLE_LAYERS = Registry("prunable layer class", by_name=False)  # class -> tuple of weight names
 
@@ -82,7 +82,9 @@ def register_prunable_layer(layer_class: type, weight_names: Sequence[str],
             "register_prunable_layer() needs a non-empty sequence of weight names, "
             f"got weight_names={weight_names!r}."
         )
-    _PRUNABLE_LAYERS.register(layer_class, tuple(weight_names), overwrite=overwrite)
+    with errors_named("register_prunable_layer()"):
+        weight_names = check_names(weight_names, "weight_names")
+    _PRUNABLE_LAYERS.register(layer_class, weight_names, overwrite=overwrite)
 
 
 for _cls in (
@@ -340,12 +342,20 @@ class MaskConstraint(keras.constraints.Constraint):
     """
 
     def __init__(self, mask: "keras.Variable", previous: Optional[keras.constraints.Constraint] = None):
+        if getattr(mask, "dtype", None) not in ("bool", tf.bool):
+            raise TypeError(f"MaskConstraint needs a bool mask variable, got mask={mask!r}.")
+        if previous is not None and not callable(previous):
+            raise TypeError(f"MaskConstraint: previous must be None or a constraint (callable), "
+                            f"got previous={previous!r}.")
         self.mask = mask
         self.previous = previous
 
     def __call__(self, w):
         if self.previous is not None:
             w = self.previous(w)
+        if not tf.TensorShape(self.mask.shape).is_compatible_with(w.shape):
+            raise ValueError(f"MaskConstraint: a mask of shape {tuple(self.mask.shape)} cannot "
+                             f"constrain a weight of shape {tuple(w.shape)}.")
         return tf.where(self.mask, w, tf.zeros([], w.dtype))
 
     def get_config(self):
@@ -425,8 +435,9 @@ class SparseState:
             own = [p.n / p.m if p.kind == "nm" else 1.0 for p in parsed]
             density = own if listed else own[0]
         densities = [density] if np.isscalar(density) else list(density)
-        for d in densities:
-            check_density(d, name=f"density (layer '{layer.name}')", allow_zero=True)
+        with validation.errors_named(f"layer '{layer.name}'"):
+            for d in densities:
+                check_density(d, name="density", allow_zero=True)
         per_weight = isinstance(keep_dense, (list, tuple, np.ndarray))
         if per_weight:
             kept = [validation.check_bool(k, f"keep_dense[{i}]") for i, k in enumerate(keep_dense)]
@@ -705,7 +716,7 @@ class SparseWrapper(keras.layers.Wrapper):
     def __init__(self, layer: keras.layers.Layer,
                  density: Union[float, Sequence[float], None] = None,
                  init: str = "exact", seed: Optional[int] = None, track_running_scores: bool = False,
-                 pattern: Union[str, Sequence[str]] = "unstructured",
+                 pattern: Union[patterns.PatternLike, Sequence[patterns.PatternLike]] = "unstructured",
                  keep_dense: Union[bool, Sequence[bool]] = False, **kwargs):
         if "track_scores" in kwargs:  # the name in configs saved by keras_dst 0.1
             track_running_scores = kwargs.pop("track_scores")
@@ -1133,7 +1144,9 @@ def _guard_writes(variable, mask, flags, state, pattern):
     applies to the weight as it is; `SparseWrapper.apply_masks` drops it).
 
     An eager mask write that breaks the weight's `pattern` (a file or `set_weights`
-    of a model made with another pattern) raises ValueError before the mask changes.
+    of a model made with another pattern) raises ValueError before the mask changes,
+    and puts back the flags written since the last mask write (a restore that wrote
+    them first leaves them as they were).
 
     `tf.train.Checkpoint` restores are such writes too (`compat.on_checkpoint_restore`).
 
@@ -1146,6 +1159,7 @@ def _guard_writes(variable, mask, flags, state, pattern):
     assign_weight, assign_mask, assign_flags = \
         type(variable).assign, type(mask).assign, type(flags).assign
     pending = state._pending_writes
+    flags_before = []  # the flags before their eager writes since the last mask write
 
     def checked(value, dtype):
         """`value` as a tensor of `dtype`, refused unless it has the weight's shape (as
@@ -1186,7 +1200,15 @@ def _guard_writes(variable, mask, flags, state, pattern):
 
     def guarded_mask_assign(value):
         if tf.executing_eagerly():
-            _check_mask_value(state, variable, pattern, value)
+            try:
+                _check_mask_value(state, variable, pattern, value)
+            except ValueError:
+                if flags_before:  # (written first by the refused load or restore)
+                    pending.pop(id(flags), None)
+                    assign_flags(flags, flags_before[0])
+                raise
+            finally:
+                flags_before.clear()
         result = assign_mask(mask, value)
         if tf.executing_eagerly():
             assign_flags(flags, tf.logical_or(_unwritten(flags), mask))
@@ -1210,6 +1232,8 @@ def _guard_writes(variable, mask, flags, state, pattern):
             return assign_flags(flags, value)
         array = _check_flags_value(state, variable, value).astype(bool)
         written = np.logical_or(array, mask.numpy())
+        if not flags_before:
+            flags_before.append(flags.numpy())
         pending.pop(id(flags), None)
         result = assign_flags(flags, written)
         if not np.array_equal(array, written):

@@ -23,6 +23,7 @@ from keras_dst.layers import (
     masked_nonzeros,
     relative_path,
 )
+from keras_dst.validation import check_bool, errors_named
 
 
 class SparseTarget(NamedTuple):
@@ -239,6 +240,9 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
         whose masks no longer hold what it computes (quantized, LoRA:
         `keras_dst.layers.check_maskable`).
     """
+    with errors_named("sparse_targets()"):
+        require = check_bool(require, "require")
+        trainable_only = check_bool(trainable_only, "trainable_only")
     entries = []  # (state, weight, mask, ever_active, running score, pattern)
     for state in sparse_states(model):
         if not state.created:
@@ -415,8 +419,11 @@ def summary(model: "keras.layers.Layer", print_fn: Callable[[str], Any] = print)
     Columns widen to fit (a library model's layer paths are long).
 
     Raises:
+      TypeError: `print_fn` is not callable.
       ValueError: `model` has no sparse layers (as `density`).
     """
+    if not callable(print_fn):
+        raise TypeError(f"summary(): print_fn must be callable, got print_fn={print_fn!r}.")
     rows = layer_stats(model, "summary()")
     wl = max([28] + [len(r["layer"]) for r in rows])
     wp = max([34] + [len(r["path"]) for r in rows])

@@ -120,10 +120,10 @@ def parse(spec: PatternLike) -> Pattern:
         kind = validation.find_choice(text, ("unstructured", "fan_in"))
         if kind is not None:
             return Pattern(kind)
-        block = re.fullmatch(r"1x(\d+)", text)
+        block = re.fullmatch(r"1x([0-9]+)", text)
         if block and int(block.group(1)) >= 2:
             return Pattern("block", block=int(block.group(1)))
-        nm = re.fullmatch(r"(\d+):(\d+)", text)
+        nm = re.fullmatch(r"([0-9]+):([0-9]+)", text)
         if nm and 1 <= int(nm.group(1)) < int(nm.group(2)):
             return Pattern("nm", n=int(nm.group(1)), m=int(nm.group(2)))
         raise ValueError(f"Unknown sparsity pattern {spec!r}; accepted: {ACCEPTED}.")

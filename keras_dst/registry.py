@@ -1,4 +1,4 @@
-"""The one registry type behind every `register_*` function (floor 1: imports nothing from keras_dst).
+"""The one registry type behind every `register_*` function (floor 1: imports only `validation`).
 
 Used for criteria, growth rules, density distributions, prune-rate schedules
 (keyed by name) and prunable layer classes (keyed by class). One behaviour
@@ -15,12 +15,7 @@ everywhere:
 
 from typing import Any, Hashable, Optional, Tuple
 
-
-def normalize_name(key: Hashable) -> Hashable:
-    """The lookup form of a key: strings lower-cased without "_" and "-"; other keys unchanged."""
-    if isinstance(key, str):
-        return key.lower().replace("_", "").replace("-", "")
-    return key
+from keras_dst.validation import check_bool, normalize_name
 
 
 def check_callable(item, register_function: str, name) -> None:
@@ -62,8 +57,10 @@ class Registry:
         Raises:
           ValueError: `key` is taken and `overwrite` is False (names the kind
             and the key), or `key` is a string that is empty once normalised.
-          TypeError: a registry of names is given a key that is not a str.
+          TypeError: a registry of names is given a key that is not a str, or
+            `overwrite` is not a bool.
         """
+        check_bool(overwrite, "overwrite")
         if self.by_name and not isinstance(key, str):
             raise TypeError(f"{self.kind} name must be a non-empty str, got {key!r}.")
         lookup = normalize_name(key)

@@ -31,6 +31,7 @@ refuses the file (the layers' entries hold more than the layers expect) and
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -127,9 +128,12 @@ def load_model(filepath: Union[str, os.PathLike], custom_objects: Optional[dict]
       The model, with its masks, ever-active flags and running scores.
 
     Raises:
+      TypeError: `filepath` is not a path, `compile` or `safe_mode` not a bool.
       ValueError: the file's masks do not fit the rebuilt model (its layers changed).
     """
-    filepath = os.fspath(filepath)
+    with errors_named("keras_dst.load_model()"):
+        filepath = check_path(filepath, "filepath")
+        compile, safe_mode = check_bool(compile, "compile"), check_bool(safe_mode, "safe_mode")
     options = dict(custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
     with tempfile.TemporaryDirectory(prefix="keras_dst_load_") as tmp:
         copied = _copy_without_attached_entries(filepath, tmp)
@@ -212,6 +216,8 @@ def _remove_attached_entries(path) -> list:
 _LATEST = "latest"
 _WEIGHTS = "model.weights.h5"
 _META = "training_metadata.json"
+# what BackupAndRestore writes in its directory: backups, the pointer, their temporaries
+_OWN_ENTRY = re.compile(r"(epoch-\d+|latest|\.(epoch-\d+|latest)\.\d+\.tmp)")
 
 
 @keras.saving.register_keras_serializable(package="keras_dst")
@@ -235,13 +241,18 @@ class BackupAndRestore(keras.callbacks.Callback):
       save_freq: ``"epoch"``, the only setting (taken for Keras's signature): a backup
         inside an epoch resumes inexactly, since Keras restarts that epoch from its
         first batch.
-      delete_checkpoint: remove `backup_dir` when `fit` ends normally.
+      delete_checkpoint: remove the backups when `fit` ends normally (and `backup_dir`
+        if nothing else is in it). The callback removes only what it wrote there: other
+        files in `backup_dir` (a `ModelCheckpoint`'s, a log) stay.
     """
 
     def __init__(self, backup_dir: Union[str, os.PathLike], save_freq: str = "epoch",
                  delete_checkpoint: bool = True):
         super().__init__()
-        if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
+        with errors_named("BackupAndRestore"):
+            path = check_path(backup_dir, "backup_dir")
+            delete_checkpoint = check_bool(delete_checkpoint, "delete_checkpoint")
+        if not path:
             raise ValueError(f"BackupAndRestore needs a directory path, got "
                              f"backup_dir={backup_dir!r}.")
         if isinstance(save_freq, bool):  # (delete_checkpoint, second before save_freq came)
@@ -254,10 +265,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "that epoch's first batch, so the resumed run would not be the one it "
                 "interrupted. Use shorter epochs (fit's steps_per_epoch) for finer backups.")
         check_choice(save_freq, ("epoch",), "save_freq")
-        if not isinstance(delete_checkpoint, bool):
-            raise TypeError(f"delete_checkpoint must be a bool, got "
-                            f"delete_checkpoint={delete_checkpoint!r}.")
-        self.backup_dir = os.fspath(backup_dir)
+        self.backup_dir = path
         self.delete_checkpoint = delete_checkpoint
 
     def latest(self) -> Optional[str]:
@@ -319,14 +327,22 @@ class BackupAndRestore(keras.callbacks.Callback):
         _fsync(pointer)
         os.replace(pointer, os.path.join(self.backup_dir, _LATEST))
         _fsync(self.backup_dir)
-        for entry in os.listdir(self.backup_dir):  # older backups, debris of killed runs
-            if entry not in (name, _LATEST):
+        self._remove_own_entries(keep=(name, _LATEST))
+
+    def _remove_own_entries(self, keep=()):
+        """Removes what this callback writes in `backup_dir` (its ``epoch-N`` backups,
+        ``latest`` and the temporary entries of killed runs), except `keep`; other files
+        there (a `ModelCheckpoint`'s, a log) stay."""
+        for entry in os.listdir(self.backup_dir):
+            if entry not in keep and _OWN_ENTRY.fullmatch(entry):
                 target = os.path.join(self.backup_dir, entry)
                 shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
 
     def on_train_end(self, logs=None):
-        if self.delete_checkpoint:
-            shutil.rmtree(self.backup_dir, ignore_errors=True)
+        if self.delete_checkpoint and os.path.isdir(self.backup_dir):
+            self._remove_own_entries()
+            if not os.listdir(self.backup_dir):
+                os.rmdir(self.backup_dir)
 
     def get_config(self):
         return {"backup_dir": self.backup_dir, "save_freq": "epoch",

@@ -1,4 +1,4 @@
-"""Argument checks shared by every public entry point (floor 1).
+"""Argument checks shared by every public entry point (floor 1: imports nothing from keras_dst).
 
 Each check returns the value in its canonical type, or raises before any state
 changes with a message that names the argument and the value it got:
@@ -10,11 +10,18 @@ import contextlib
 import math
 import numbers
 import os
-from typing import Collection, Iterator, Optional
+from typing import Collection, Hashable, Iterator, Optional
 
 import numpy as np
 
-from keras_dst.registry import normalize_name
+
+def normalize_name(key: Hashable) -> Hashable:
+    """The lookup form of a key: strings lower-cased without "_" and "-"; other keys unchanged.
+    The one rule by which registered names (`registry.Registry`) and named options
+    (`find_choice`) are matched."""
+    if isinstance(key, str):
+        return key.lower().replace("_", "").replace("-", "")
+    return key
 
 
 @contextlib.contextmanager
@@ -32,11 +39,13 @@ def errors_named(owner: str) -> Iterator[None]:
         raise type(e)(f"{owner}: {e}") from None
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """Whether `value` is an integer (numpy ints included, bools excluded)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_real(value) -> bool:
+    """Whether `value` is a real number (ints and numpy numbers included, bools excluded)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -95,7 +104,7 @@ def check_names(value, name: str) -> tuple:
 
 def check_positive_int(value, name: str) -> int:
     """`value` as an int >= 1 (bool excluded)."""
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be a positive int, got {name}={value!r}.")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {name}={value!r}.")
@@ -104,7 +113,7 @@ def check_positive_int(value, name: str) -> int:
 
 def check_step(value, name: str, minimum: int = 0, minimum_name: Optional[str] = None) -> int:
     """A training step: `value` as an int >= `minimum` (named `minimum_name` in the message)."""
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int step, got {name}={value!r}.")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum_name or minimum}, got {name}={value!r}.")
@@ -115,7 +124,7 @@ def check_seed(value, name: str = "seed", allow_none: bool = False) -> Optional[
     """A random seed: `value` as an int (numpy ints accepted; None with `allow_none`)."""
     if value is None and allow_none:
         return None
-    if not _is_int(value):
+    if not is_int(value):
         allowed = "an int or None" if allow_none else "an int"
         raise TypeError(f"{name} must be {allowed}, got {name}={value!r}.")
     return int(value)

@@ -948,3 +948,22 @@ def test_prune_only_dst_leaves_the_layers_kept_dense_dense():
     only_dense.compile("sgd", LOSS)
     with pytest.raises(ValueError, match=r"grow=None\): every sparsified layer .* kept dense"):
         only_dense.fit(x, y, verbose=0, callbacks=[DST(grow=None)])
+
+
+def test_prune_only_dst_warns_once_where_it_empties_a_layer():
+    """Pruning without regrowth removes at least one entry per update: a layer can end with
+    none, which passes nothing on; that is said once per weight, naming it."""
+    model = keras_dst.prunable(mlp(), density=0.2, seed=0)
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    x, y = classification_data(n=64)
+    dst = DST(grow=None, update_every=1, prune_rate=0.9, schedule="constant")
+    with pytest.warns(UserWarning, match=r"grow=None\): no active entry is left in "
+                                         r"\[.*'fc3/kernel'.*\]: pruning without regrowth") as seen:
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[dst])
+    assert active_counts(model)["fc3/kernel"] == 0
+    emptied = [w for w in seen if "no active entry is left" in str(w.message)]
+    keys = [k for w in emptied for k in active_counts(model) if f"'{k}'" in str(w.message)]
+    assert sorted(keys) == sorted(k for k, n in active_counts(model).items() if n == 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # said once: not again at the next fit
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[dst])

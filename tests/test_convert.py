@@ -143,11 +143,14 @@ def test_options_reach_the_projections_of_an_attention_layer(in_place, tmp_path)
     loaded = keras_dst.load_model(path)
     assert keras_dst.sparse_targets(loaded)[0].state.keep_dense == [False, False, True, False]
 
-    with pytest.raises(ValueError, match=r"unknown layer names \['qury'\] in keep_dense/"
+    with pytest.raises(ValueError, match=r"unknown layer names \['qury'\] in "
                                          r"density_overrides; sparsified layers are \['head', "
                                          r"'mha'\]; sub-layers holding their weights "
                                          r"\['attention_output', 'key', 'query', 'value'\]"):
         keras_dst.prunable(_attention_model(), density=0.3, density_overrides={"qury": 0.5})
+    with pytest.raises(ValueError, match=r"unknown layer names \['vlue'\] in keep_dense; "):
+        keras_dst.prunable(_attention_model(), density=0.3, keep_dense=["vlue"],
+                           density_overrides={"query": 0.5})
     with pytest.raises(ValueError, match=r"weight 'mha/query/kernel'\) is given 0.5 by "
                                          r"density_overrides\['query'\] and 0.2 by "
                                          r"density_overrides\['mha'\]"):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import keras_dst
 from keras_dst import criteria, topology
 from keras_dst.criteria import Criterion, get_criterion, register_criterion
 from keras_dst.registry import Registry
@@ -364,8 +365,11 @@ def test_unknown_name_and_param_errors():
         get_criterion("magnitude", ordering="during")
     with pytest.raises(ValueError, match="gradient"):
         get_criterion("snip").evaluate(ScoreInputs(tf.ones([2]), None, tf.ones([2], tf.bool), SEED))
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match=r"Cannot interpret 42 as a criterion; use a name"):
         get_criterion(42)
+    with pytest.raises(TypeError, match=r"The config of criterion 'magnitude': params must be a "
+                                        r"dict, got params=None"):
+        get_criterion({"name": "magnitude", "params": None})
 
 
 def test_params_are_merged_and_immutable():
@@ -412,7 +416,7 @@ def test_registration_refuses_what_would_fail_at_the_first_step():
     """Bad registrations are refused when made, naming the criterion, and leave nothing
     registered (they failed at the first training step, or with a message that named
     nothing)."""
-    def scaled(inputs, k):
+    def scaled(inputs, k, beta=None):  # (beta: a running criterion's parameter)
         return k * tf.abs(inputs.weight)
 
     cases = [
@@ -423,6 +427,18 @@ def test_registration_refuses_what_would_fail_at_the_first_step():
                                                         r"criterion \(ema=True\): give it .*'beta'"),
         (dict(), ValueError, r"Criterion 'test_only_bad': its function's parameter\(s\) \['k'\] "
                              r"have no default and params= gives none"),
+        (dict(params={"k": 1.0, "zz": 2.0}), ValueError,
+         r"Criterion 'test_only_bad': params \['zz'\] are not keyword parameters of its "
+         r"function \(it takes \['beta', 'k'\] after its inputs\)"),
+        (dict(params={"k": float("nan")}), ValueError, r"criterion 'test_only_bad': k must be "
+                                                       r"finite, got k=nan"),
+        (dict(ema=True, params={"k": 1.0, "beta": "0.9"}), TypeError,
+         r"Criterion 'test_only_bad': the running average's beta must be a number in \[0, 1\], "
+         r"got beta='0.9'"),
+        (dict(params={"k": 1.0}, select="yes"), TypeError,
+         r"register_criterion\('test_only_bad'\): select must be a bool, got select='yes'"),
+        (dict(params={"k": 1.0}, overwrite="no"), TypeError,
+         r"overwrite must be a bool, got overwrite='no'"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -431,9 +447,10 @@ def test_registration_refuses_what_would_fail_at_the_first_step():
     try:  # NumPy numbers become Python numbers: the configs stay JSON
         register_criterion("test_only_bad", ordering="after_optimizer",
                            params={"k": np.float32(2.0)})(scaled)
-        criterion = get_criterion("test_only_bad", k=np.int64(3))
-        assert type(criterion.params["k"]) is float
+        criterion = get_criterion("test_only_bad", k=np.int64(3), needs_gradient=np.bool_(False))
+        assert type(criterion.params["k"]) is float and criterion.needs_gradient is False
         json.dumps(criterion.get_config())
+        json.dumps(keras_dst.DynamicSparseTraining(prune=criterion).get_config())
     finally:
         criteria._CRITERIA.unregister("test_only_bad")
     def as_text(inputs):

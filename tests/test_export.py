@@ -528,6 +528,16 @@ def test_a_list_of_inputs_maps_to_the_model_order_read_from_the_file(tmp_path):
         with pytest.raises(ValueError, match=r"input_names=.* does not name the model's inputs "
                                              r"\['zeta', 'alpha'\]"):
             LiteRTModel(report.path, input_names=bad)
+    # the file's bytes (bytes or a bytearray) and NumPy thread counts are taken
+    content = bytearray(open(report.path, "rb").read())
+    np.testing.assert_allclose(LiteRTModel(content, num_threads=np.int64(1)).predict([xa, xb]),
+                               expected, atol=FLOAT_TOL)
+    for kwargs, error, message in [
+            (dict(model=None), TypeError, r"LiteRTModel: model must be a str or os.PathLike"),
+            (dict(num_threads=0), ValueError, r"LiteRTModel: num_threads must be >= 1"),
+            (dict(xnnpack="no"), TypeError, r"LiteRTModel: xnnpack must be a bool")]:
+        with pytest.raises(error, match=message):
+            LiteRTModel(**{"model": report.path, **kwargs})
 
 
 @needs_litert
@@ -646,6 +656,17 @@ def test_errors_name_the_argument_and_value(tmp_path):
         keras_dst.export(model, tmp_path / "afile", format="tf_saved_model")
     with pytest.raises(ValueError, match=r"filepath='.*m.tflite' lies below '.*afile', a file"):
         keras_dst.export(model, tmp_path / "afile" / "sub" / "m.tflite")
+    # one the file system refuses (a name too long for it): refused before converting,
+    # naming it, and the folders that the probe made are gone
+    long_name = tmp_path / "new" / "sub" / ("x" * 300 + ".tflite")
+    for where, format in ((long_name, "litert"), (tmp_path / "new" / ("y" * 300), "tf_saved_model")):
+        with pytest.raises(ValueError, match=r"filepath='.*(x{300}|y{300}).*' cannot be "
+                                             r"written: File name too long"):
+            keras_dst.export(model, where, format=format)
+    assert not (tmp_path / "new").exists()
+    before = sorted(os.listdir(tmp_path))
+    keras_dst.export(model, tmp_path / "made" / "here.tflite", compare_dense=False)
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["made"])
     with pytest.raises(ValueError, match=r"quantize must be one of \[None, 'int8'\], got "
                                          r"quantize='int4'"):
         keras_dst.export(model, path, quantize="int4")

@@ -99,8 +99,11 @@ def test_registry_errors_and_custom_rule():
         get_growth("rigl")
     with pytest.raises(ValueError, match="'scale'"):
         get_growth("gradient", scale=2.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match=r"Cannot interpret 3.5 as a growth rule"):
         get_growth(3.5)
+    with pytest.raises(TypeError, match=r"The config of growth rule 'gradient': params must be "
+                                        r"a dict, got params=None"):
+        get_growth({"name": "gradient", "params": None})
 
     def signed_gradient(inputs, sign=1.0):
         return sign * inputs.gradient
@@ -125,10 +128,18 @@ def test_registry_errors_and_custom_rule():
             (dict(needs_momentum="yes"), TypeError, r"Growth rule 'test_only_bad': "
                                                     r"needs_momentum must be a bool"),
             (dict(params=5), TypeError, r"Growth rule 'test_only_bad': params must be a dict"),
-            (dict(), ValueError, r"parameter\(s\) \['offset'\] have no default")]:
+            (dict(), ValueError, r"parameter\(s\) \['offset'\] have no default"),
+            (dict(params={"offset": 0.0, "scale": 1.0}), ValueError,
+             r"Growth rule 'test_only_bad': params \['scale'\] are not keyword parameters")]:
         with pytest.raises(error, match=message):
             register_growth("test_only_bad", **kwargs)(first_entries)
         assert "test_only_bad" not in growth.growth_names()
+    try:  # a NumPy bool flag is stored as a bool: the config stays JSON
+        register_growth("test_only_np", needs_gradient=np.bool_(True),
+                        params={"offset": 0.0})(first_entries)
+        assert get_growth("test_only_np").needs_gradient is True
+    finally:
+        growth._GROWTH.unregister("test_only_np")
 
 
 def test_registry_is_the_shared_type_with_overwrite():

@@ -85,6 +85,7 @@ def test_none_is_unstructured_and_pattern_is_frozen():
 
 
 @pytest.mark.parametrize("bad", ["1x1", "1x0", "1x", "x4", "2x4", "4:4", "0:4", "5:4", "2:4:8", ":4",
+                                 "1x\u0661\u0666", "\u0662:4",  # (digits other than ASCII's)
                                  "", "dense", "fan", "nm", 4, 2.5, True, ("2", "4")])
 def test_parse_rejects_bad_values_naming_them_and_the_accepted_forms(bad):
     with pytest.raises(ValueError if isinstance(bad, str) else TypeError) as err:

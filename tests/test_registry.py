@@ -4,7 +4,8 @@ import pytest
 
 import keras_dst
 from keras_dst import criterion_names
-from keras_dst.registry import Registry, normalize_name
+from keras_dst.registry import Registry
+from keras_dst.validation import normalize_name
 
 
 def test_register_get_names_contains():

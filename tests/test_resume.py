@@ -194,11 +194,47 @@ def test_a_kill_during_the_backup_write_keeps_keras_dst_s_backup_readable(
     _assert_bit_identical(_state(resumed), _reference(config))
 
 
+@pytest.mark.parametrize("delete_checkpoint", [False, True])
+def test_the_backup_removes_only_its_own_files(tmp_path, delete_checkpoint):
+    """A run's folder shared with a ModelCheckpoint, a CSV log and a user's file: the
+    backup replaces its own older backups and a killed run's temporaries, and at the
+    end (delete_checkpoint) removes its backups only; the folder goes when empty."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    (run / "keep").mkdir()
+    (run / ".epoch-7.123.tmp").mkdir()  # debris of a killed run
+    seen = []
+
+    class Listing(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(sorted(os.listdir(run)))
+
+    config = "random_growth"
+    backup = keras_dst.BackupAndRestore(run, delete_checkpoint=delete_checkpoint)
+    _fit(_model(config), config, [
+        keras.callbacks.ModelCheckpoint(str(run / "best.keras")),
+        keras.callbacks.CSVLogger(str(run / "log.csv")), backup, Listing()])
+    others = ["best.keras", "keep", "log.csv", "notes.txt"]
+    assert seen[-1] == sorted(others + [f"epoch-{EPOCHS}", "latest"])
+    assert sorted(os.listdir(run)) == (others if delete_checkpoint else seen[-1])
+    assert (run / "notes.txt").read_text() == "mine"
+    # a folder that holds only the backup goes with it
+    alone = tmp_path / "alone"
+    _fit(_model(config), config, [keras_dst.BackupAndRestore(alone)])
+    assert not alone.exists()
+
+
 def test_keras_dst_backup_checks_its_arguments():
     with pytest.raises(ValueError, match="backup_dir"):
         keras_dst.BackupAndRestore("")
     with pytest.raises(TypeError, match="delete_checkpoint"):
         keras_dst.BackupAndRestore("/tmp/x", delete_checkpoint="yes")
+    with pytest.raises(TypeError, match=r"BackupAndRestore: backup_dir must be a str or "
+                                        r"os.PathLike, got backup_dir=3"):
+        keras_dst.BackupAndRestore(3)
+    assert keras_dst.BackupAndRestore("/tmp/x", delete_checkpoint=np.False_).get_config()[
+        "delete_checkpoint"] is False
     # Keras's signature: save_freq="epoch" is taken, a mid-epoch frequency refused
     backup = keras_dst.BackupAndRestore("/tmp/x", save_freq="epoch", delete_checkpoint=False)
     assert keras_dst.BackupAndRestore.from_config(backup.get_config()).get_config() == \

@@ -70,3 +70,49 @@ def test_warnings_point_at_the_users_line():
                   callbacks=[keras_dst.GradualPruning(0.01, update_every=1, initial_density=0.5)])
     ramp = [w for w in caught if "GradualPruning" in str(w.message)]
     assert ramp and all(w.filename == __file__ for w in ramp), [(w.filename, w.lineno) for w in ramp]
+
+
+def test_the_arguments_of_the_smaller_entry_points_are_checked():
+    """Each was a raw error naming nothing (AttributeError, "'int' object is not
+    callable", os.fspath's), or silently took a meaningless value."""
+    import keras
+    import numpy as np
+
+    from keras_dst import distributions, layers
+
+    model = keras_dst.prunable(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+                               density=0.5)
+    before = keras_dst.masks(model)
+    for call, error, message in [
+            (lambda: keras_dst.unfit_layers(None, "2:4"), TypeError,
+             r"unfit_layers\(\) needs a keras Model, got None"),
+            (lambda: keras_dst.summary(model, print_fn=3), TypeError,
+             r"summary\(\): print_fn must be callable, got print_fn=3"),
+            (lambda: keras_dst.load_model(None), TypeError,
+             r"keras_dst.load_model\(\): filepath must be a str or os.PathLike, got filepath=None"),
+            (lambda: keras_dst.load_model("m.keras", safe_mode="no"), TypeError,
+             r"keras_dst.load_model\(\): safe_mode must be a bool"),
+            (lambda: keras_dst.sparse_targets(model, require="yes"), TypeError,
+             r"sparse_targets\(\): require must be a bool"),
+            (lambda: keras_dst.SparseWrapper(keras.layers.Dense(2, name="d"), density="0.5"),
+             TypeError, r"^layer 'd': density must be .*, got density='0.5'"),
+            (lambda: keras_dst.MaskConstraint(keras.Variable(np.ones(3, "float32"))), TypeError,
+             r"MaskConstraint needs a bool mask variable"),
+            (lambda: keras_dst.MaskConstraint(keras.Variable(np.ones(3, bool)), previous=3),
+             TypeError, r"MaskConstraint: previous must be None or a constraint"),
+            (lambda: keras_dst.MaskConstraint(keras.Variable(np.ones(3, bool)))(np.ones(4)),
+             ValueError, r"a mask of shape \(3,\) cannot constrain a weight of shape \(4,\)"),
+            (lambda: keras_dst.layer_densities({"a": "34"}, 0.5), ValueError,
+             r"shape of layer 'a' must be fully known integers, got '34'"),
+            (lambda: keras_dst.layer_densities({"a": (2.7, 3)}, 0.5), ValueError,
+             r"shape of layer 'a' must be fully known integers, got \(2.7, 3\)"),
+            (lambda: keras_dst.register_prunable_layer(keras.layers.Dense, [1, 2]), TypeError,
+             r"register_prunable_layer\(\): weight_names must hold names \(str\), got 1"),
+            (lambda: keras_dst.register_distribution("uniform", overwrite="no")(len), TypeError,
+             r"overwrite must be a bool, got overwrite='no'")]:
+        with pytest.raises(error, match=message):
+            call()
+    assert all((keras_dst.masks(model)[k] == v).all() for k, v in before.items())
+    assert keras_dst.layer_densities({"a": (np.int64(4), 3)}, 0.5) == \
+        distributions.layer_densities({"a": (4, 3)}, 0.5)
+    assert layers._registered_names(keras.layers.Dense(2)) == ("kernel",)  # (unchanged)
