@@ -22,6 +22,7 @@ from its `.keras` file with the same masks and test accuracy.
 """
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -75,13 +76,35 @@ def define_flags(flag_values=FLAGS):
         flags.register_validator(name, check, f"--{name} {message}", **fv)
     for name, lookup in (("prune", keras_dst.get_criterion), ("grow", keras_dst.get_growth)):
         flags.register_validator(name, _library_name(lookup), **fv)
+    flags.register_multi_flags_validator(list(_UPDATE_FLAGS), _check_an_update_runs, **fv)
 
 
-def _is_int(text):
+def _is_seed(text):
+    """Whether `text` is a seed NumPy takes: an int in [0, 2**32 - 1]."""
     try:
-        int(text)
+        return 0 <= int(text) < 2**32
     except ValueError:
         return False
+
+
+# what decides whether a DST run reaches an update
+_UPDATE_FLAGS = ("methods", "epochs", "num_train", "batch_size", "update_every", "end_step")
+
+
+def _check_an_update_runs(values):
+    """True, or raises flags.ValidationError: a DST run must reach at least one update
+    (before its last update step, `end_step` of its steps), or it is static training."""
+    sizes = [values[name] for name in ("epochs", "num_train", "batch_size", "end_step")]
+    if "dst" not in (values["methods"] or ()) or min(sizes) <= 0:  # (their own checks)
+        return True
+    steps = values["epochs"] * math.ceil(values["num_train"] / values["batch_size"])
+    last = steps if values["end_step"] >= 1 else int(values["end_step"] * steps)
+    if values["update_every"] > last:
+        raise flags.ValidationError(
+            f"no DST update would run: --update_every={values['update_every']} is past the "
+            f"last update step {last} (--end_step={values['end_step']} of the run's {steps} "
+            "steps: --epochs x ceil(--num_train / --batch_size)); lower --update_every or "
+            "train longer")
     return True
 
 
@@ -104,8 +127,8 @@ METHODS = ("dense", "static", "dst")
 CHECKS = {
     "methods": (lambda v: bool(v) and len(set(v)) == len(v) and set(v) <= set(METHODS),
                 f"must name one or more of {', '.join(METHODS)}, each once"),
-    "seeds": (lambda v: bool(v) and len(set(v)) == len(v) and all(map(_is_int, v)),
-              "must be one or more distinct integers, comma-separated"),
+    "seeds": (lambda v: bool(v) and len(set(v)) == len(v) and all(map(_is_seed, v)),
+              "must be one or more distinct integers in [0, 2**32 - 1], comma-separated"),
     "density": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     "update_every": (lambda v: v >= 1, "must be >= 1"),
     "prune_rate": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -44,6 +45,7 @@ CHECKS = {
     "kills": (lambda v: v >= 0, "must be >= 0"),
     "epochs": (lambda v: v >= 1, "must be >= 1 (a run with no epoch has nothing to kill or compare)"),
     "start_timeout": (lambda v: v > 0, "must be > 0"),
+    "seed": (lambda v: v >= 0, "must be >= 0"),
 }
 
 
@@ -59,8 +61,8 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_string("work_dir", None, "directory for backups and results (default: a temp dir); "
                         "a previous run's backup and results in it are removed first",
                         flag_values=flag_values)
-    flags.DEFINE_float("start_timeout", 120.0, "seconds a worker may take to reach its first epoch",
-                       flag_values=flag_values)
+    flags.DEFINE_float("start_timeout", 120.0, "seconds a worker may take from its start to its "
+                       "first epoch (then it is killed and the run fails)", flag_values=flag_values)
     flags.DEFINE_string("worker", None, "internal: run the training, writing its final state here",
                         flag_values=flag_values)
     flags.DEFINE_string("backup_dir", None, "internal: the worker's backup directory",
@@ -176,19 +178,28 @@ def run_killed(work_dir, rng):
     backup_dir = os.path.join(work_dir, "backup")
     final_path = os.path.join(work_dir, "killed.npz")
     report = dict(kills=0, kills_during_write=0, unreadable_backups=0, failed_restarts=0,
-                  restarts=0)
+                  restarts=0, start_timeouts=0)
     while True:
         proc = subprocess.Popen(worker_command(final_path, backup_dir), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         report["restarts"] += 1
         killing = report["kills"] < FLAGS.kills
         aim_write = bool(rng.integers(2))
-        lines, deadline = [], time.monotonic() + FLAGS.start_timeout
-        target = None
+        lines, target = [], None
+        started, timed_out = threading.Event(), threading.Event()
+
+        def watchdog(proc=proc, started=started, timed_out=timed_out):
+            if not started.wait(FLAGS.start_timeout):  # no first epoch in time
+                timed_out.set()
+                proc.kill()
+
+        threading.Thread(target=watchdog, daemon=True).start()
         for line in proc.stdout:
             line = line.strip()
             lines.append(line)
             kind, _, value = line.partition(" ")
+            if kind == "epoch":
+                started.set()
             if not killing or kind not in ("epoch", "saving"):
                 continue
             if target is None:  # the first epoch line of this run: choose the moment
@@ -197,10 +208,14 @@ def run_killed(work_dir, rng):
                 time.sleep(float(rng.uniform(0.0, 0.004 if aim_write else 0.03)))
                 proc.send_signal(signal.SIGKILL)
                 break
-            if time.monotonic() > deadline:
-                break
         rest, err = proc.communicate()
+        started.set()  # (the watchdog ends)
         lines += [r for r in rest.split("\n") if r]
+        if timed_out.is_set():
+            report["start_timeouts"] += 1
+            print(f"  worker killed: no first epoch within --start_timeout={FLAGS.start_timeout} "
+                  "s", flush=True)
+            return report, None
         markers = [ln.split(" ")[0] for ln in lines if ln.split(" ")[0] in ("saving", "saved")]
         if proc.returncode == -signal.SIGKILL:
             report["kills"] += 1
@@ -222,13 +237,16 @@ def run_killed(work_dir, rng):
 def failures(report, kills):
     """Why a run (its report) failed, one phrase per check; [] when it passed."""
     reasons = []
-    if report["failed_restarts"]:
+    if report["start_timeouts"]:
+        reasons.append("a worker did not reach its first epoch within --start_timeout (raise it "
+                       "on a slow or busy machine)")
+    elif report["failed_restarts"]:
         reasons.append("a restart failed (above)")
     elif not report["final_state_bit_identical"]:
         reasons.append("the final state differs from the uninterrupted run's")
     if report["unreadable_backups"]:
         reasons.append(f"{report['unreadable_backups']} kill(s) left an unreadable backup")
-    if not report["failed_restarts"] and report["kills"] < kills:
+    if not (report["failed_restarts"] or report["start_timeouts"]) and report["kills"] < kills:
         reasons.append(f"the run finished after {report['kills']} of {kills} kills "
                        "(too few epochs to kill in: raise --epochs)")
     return reasons

@@ -98,20 +98,18 @@ def canonical_ordering(value, name: str = "ordering", auto: bool = False) -> str
 # Helpers shared with `growth`.
 
 
-def _accepted_params(fn: Optional[Callable], leading: int = 1) -> Optional[set]:
-    """The keyword parameters `fn` accepts after its `leading` positional arguments (the
-    inputs; the inputs and the count for a selection function); None where it takes
-    ``**kwargs`` or has no signature to read (any name)."""
-    if fn is None:
-        return set()
+def _keyword_params(fn: Callable, leading: int = 1):
+    """``(parameters, any_name)``: the keyword parameters (`inspect.Parameter`) `fn` takes
+    after its `leading` positional arguments (the inputs; the inputs and the count for a
+    selection function), and whether it takes ``**kwargs`` too; None where it has no
+    signature to read (a builtin)."""
     try:
         parameters = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # (no signature to read: a builtin)
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+    except (TypeError, ValueError):
         return None
     keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name for p in parameters[leading:] if p.kind in keywords}
+    return ([p for p in parameters[leading:] if p.kind in keywords],
+            any(p.kind is p.VAR_KEYWORD for p in parameters))
 
 
 def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapping[str, Any],
@@ -129,8 +127,8 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
     """
     accepted = set(defaults)
     if fn is not None:
-        by_fn = _accepted_params(fn)
-        accepted = None if by_fn is None else accepted | by_fn
+        by_fn = _keyword_params(fn)
+        accepted = None if by_fn is None or by_fn[1] else accepted | {p.name for p in by_fn[0]}
     checked = {}
     with validation.errors_named(f"{kind} {name!r}"):
         for param, value in defaults.items():
@@ -182,18 +180,16 @@ def check_entry(entry, kind: str, fn: Optional[Callable], flags: Sequence[str],
     with validation.errors_named(f"{kind} {name!r}"):
         for flag in flags:
             object.__setattr__(entry, flag, validation.check_bool(getattr(entry, flag), flag))
-    accepted = _accepted_params(fn, leading)
-    if accepted is None:
+    by_fn = _keyword_params(fn, leading)
+    if by_fn is None:
         return
-    unknown = sorted(set(params) - accepted)
+    keywords, any_name = by_fn
+    unknown = [] if any_name else sorted(set(params) - {p.name for p in keywords})
     if unknown:
         raise ValueError(f"{kind} {name!r}: params {unknown} are not keyword parameters of its "
-                         f"function (it takes {sorted(accepted) or 'none'} after its "
-                         f"{'inputs and count' if leading == 2 else 'inputs'}).")
-    signature = inspect.signature(fn)
-    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    missing = [p.name for p in list(signature.parameters.values())[leading:]
-               if p.kind in keywords and p.default is p.empty and p.name not in params]
+                         f"function (it takes {sorted(p.name for p in keywords) or 'none'} "
+                         f"after its {'inputs and count' if leading == 2 else 'inputs'}).")
+    missing = [p.name for p in keywords if p.default is p.empty and p.name not in params]
     if missing:
         raise ValueError(f"{kind} {name!r}: its function's parameter(s) {missing} have no default "
                          "and params= gives none; give them defaults or add them to params=.")

@@ -11,7 +11,9 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -62,6 +64,7 @@ def _one_error_line(proc, *fragments):
     (["--kills=-1"], "flag --kills=-1: --kills must be >= 0"),
     (["--epochs=0"], "flag --epochs=0: --epochs must be >= 1"),
     (["--epochs=0", "--kills=2"], "--epochs must be >= 1"),
+    (["--seed=-1"], "flag --seed=-1: --seed must be >= 0"),
 ])
 def test_kill_resume_refuses_negative_kills_and_no_epochs(argv, fragment):
     assert fragment in _exit_message(kill_resume, argv)
@@ -105,7 +108,7 @@ def test_kill_resume_rerun_starts_without_the_previous_run_s_state(tmp_path):
 
 
 def test_kill_resume_names_why_it_failed():
-    report = dict(kills=30, unreadable_backups=0, failed_restarts=0,
+    report = dict(kills=30, unreadable_backups=0, failed_restarts=0, start_timeouts=0,
                   final_state_bit_identical=True)
     assert kill_resume.failures(report, 30) == []
     short = kill_resume.failures({**report, "kills": 0}, 2)
@@ -115,6 +118,23 @@ def test_kill_resume_names_why_it_failed():
         "the final state differs from the uninterrupted run's"]
     assert kill_resume.failures({**report, "unreadable_backups": 2}, 30) == [
         "2 kill(s) left an unreadable backup"]
+    assert kill_resume.failures({**report, "kills": 0, "start_timeouts": 1}, 2) == [
+        "a worker did not reach its first epoch within --start_timeout (raise it on a slow or "
+        "busy machine)"]
+
+
+def test_kill_resume_kills_a_worker_that_misses_its_first_epoch(tmp_path, monkeypatch):
+    """--start_timeout: a worker that had not reached its first epoch in time was left to
+    run (and one that hung before printing blocked the driver), then blamed on --epochs."""
+    monkeypatch.setattr(kill_resume, "FLAGS", _parsed(kill_resume, ["--start_timeout=0.5"]))
+    monkeypatch.setattr(kill_resume, "worker_command", lambda *args: [
+        sys.executable, "-c", "import time; time.sleep(60)"])  # hangs before printing
+    start = time.monotonic()
+    report, final = kill_resume.run_killed(str(tmp_path), np.random.default_rng(0))
+    assert time.monotonic() - start < 30
+    assert final is None and report["start_timeouts"] == 1 and report["kills"] == 0
+    assert kill_resume.failures({**report, "final_state_bit_identical": False}, 2)[0].startswith(
+        "a worker did not reach its first epoch within --start_timeout")
 
 
 # -- soak.py --------------------------------------------------------------------------
@@ -141,9 +161,21 @@ def test_soak_refuses_a_run_that_would_check_no_update():
     (["--prune=nope"], "flag --prune=nope: Unknown criterion 'nope'; known: '"),
     (["--grow=rigl"], "flag --grow=rigl: Unknown growth rule 'rigl'"),
     (["--end_step=1.5"], "--end_step must be in (0, 1]"),
+    (["--seeds=-1"], "--seeds must be one or more distinct integers in [0, 2**32 - 1]"),
+    (["--seeds=1,4294967296"], "--seeds must be one or more distinct integers in [0, 2**32 - 1]"),
+    # a DST run that would never update (it failed after the other methods had trained)
+    (["--num_train=32", "--epochs=1"], "no DST update would run: --update_every=100 is past "
+                                       "the last update step 0 (--end_step=0.75 of the run's 1 "
+                                       "steps"),
+    (["--num_train=320", "--epochs=2", "--end_step=1"], "--update_every=100 is past the last "
+                                                        "update step 20"),
 ])
 def test_hub_text_bad_flags_are_one_line_errors_before_training(argv, fragment):
     assert fragment in _exit_message(hub_text, argv)
+    fv = _parsed(hub_text, ["--num_train=32", "--epochs=1", "--methods=dense,static"])
+    assert fv.num_train == 32  # (no DST run: no update needed)
+    assert _parsed(hub_text, ["--num_train=320", "--epochs=2", "--update_every=20",
+                              "--end_step=1"]).update_every == 20
 
 
 def test_hub_text_prints_the_library_s_names(monkeypatch):
