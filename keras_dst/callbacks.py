@@ -148,7 +148,6 @@ class DynamicSparseTraining(ScheduledCallback):
         self.norm_type = validation.check_choice(norm_type, topology.NORM_TYPES, "norm_type")
         self.total_steps = schedules_lib.check_total_steps(total_steps, self.schedule,
                                                            isinstance(self.end_step, float))
-        self._emptied = set()  # weights emptied by pruning without regrowth (warned once)
 
     def _check_end_step(self, end_step):
         if end_step is None:
@@ -238,23 +237,18 @@ class DynamicSparseTraining(ScheduledCallback):
         }
         for t, a, n in zip(engine.targets, active, totals):
             logs[f"density/{t.key}"] = float(a / n) if n else 1.0
-        if self.growth is None:
-            self._warn_where_emptied(engine.targets, active, totals)
+        if self.growth is None:  # pruning without regrowth: the weights it has just emptied
+            emptied = [t.key for t, a, p in zip(engine.targets, active, pruned) if p and not a]
+            if emptied:
+                user_warnings.warn(
+                    f"DynamicSparseTraining(grow=None): the update at step "
+                    f"{int(engine.last_update_step.numpy())} pruned the last active entries of "
+                    f"{emptied}; such a layer passes nothing of its input on (pruning without "
+                    "regrowth removes ceil(prune_rate * active) entries at every update, of "
+                    "each layer or, in global scope, of all together). Lower prune_rate, stop "
+                    "pruning earlier (end_step), or keep the layer dense (prunable(..., "
+                    "keep_dense=[...])).")
         return logs
-
-    def _warn_where_emptied(self, targets, active, totals):
-        """Pruning without regrowth removes ``ceil(p * active)`` entries of a layer at every
-        update, at least one: warns once per weight that it left without any."""
-        emptied = [t.key for t, a, n in zip(targets, active, totals)
-                   if n and not a and t.key not in self._emptied]
-        if emptied:
-            self._emptied.update(emptied)
-            user_warnings.warn(
-                f"DynamicSparseTraining(grow=None): no active entry is left in {emptied}: "
-                "pruning without regrowth removes ceil(prune_rate * active) entries of each "
-                "layer at every update, at least one, and such a layer passes nothing of its "
-                "input on. Lower prune_rate, stop pruning earlier (end_step), or keep the "
-                "layer dense (prunable(..., keep_dense=[...])).")
 
     def get_config(self):
         prune = self.criterion.get_config()

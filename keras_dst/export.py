@@ -644,12 +644,13 @@ def _check_writable(filepath, directory: bool):
             fd, probe = tempfile.mkstemp(dir=path)
             os.close(fd)
             os.remove(probe)
-        else:
-            existed = os.path.exists(path)
+        elif os.path.exists(path):
             with open(path, "ab"):  # (an existing file keeps its bytes)
                 pass
-            if not existed:
-                os.remove(path)
+        elif not os.path.lexists(path):  # (a dangling link: nothing made through it here)
+            with open(path, "xb"):
+                pass
+            os.remove(path)
     except OSError as e:
         raise ValueError(f"export(): filepath={filepath!r} cannot be written: "
                          f"{e.strerror or e}.") from None

@@ -69,7 +69,8 @@ def register_prunable_layer(layer_class: type, weight_names: Sequence[str],
       overwrite: replace an existing registration of `layer_class`.
 
     Raises:
-      TypeError: `layer_class` is not a Layer subclass.
+      TypeError: `layer_class` is not a Layer subclass, `weight_names` not a list, tuple
+        or set of str.
       ValueError: `weight_names` is empty or a single string, or
         `layer_class` is already registered and `overwrite` is False.
     """
@@ -77,14 +78,14 @@ def register_prunable_layer(layer_class: type, weight_names: Sequence[str],
         raise TypeError(
             f"register_prunable_layer() needs a keras Layer class, got {layer_class!r}."
         )
-    if isinstance(weight_names, str) or not weight_names:
+    with errors_named("register_prunable_layer()"):
+        names = check_names(weight_names, "weight_names")
+    if isinstance(weight_names, str) or not names:
         raise ValueError(
             "register_prunable_layer() needs a non-empty sequence of weight names, "
             f"got weight_names={weight_names!r}."
         )
-    with errors_named("register_prunable_layer()"):
-        weight_names = check_names(weight_names, "weight_names")
-    _PRUNABLE_LAYERS.register(layer_class, weight_names, overwrite=overwrite)
+    _PRUNABLE_LAYERS.register(layer_class, names, overwrite=overwrite)
 
 
 for _cls in (
@@ -1144,9 +1145,7 @@ def _guard_writes(variable, mask, flags, state, pattern):
     applies to the weight as it is; `SparseWrapper.apply_masks` drops it).
 
     An eager mask write that breaks the weight's `pattern` (a file or `set_weights`
-    of a model made with another pattern) raises ValueError before the mask changes,
-    and puts back the flags written since the last mask write (a restore that wrote
-    them first leaves them as they were).
+    of a model made with another pattern) raises ValueError before the mask changes.
 
     `tf.train.Checkpoint` restores are such writes too (`compat.on_checkpoint_restore`).
 
@@ -1159,7 +1158,6 @@ def _guard_writes(variable, mask, flags, state, pattern):
     assign_weight, assign_mask, assign_flags = \
         type(variable).assign, type(mask).assign, type(flags).assign
     pending = state._pending_writes
-    flags_before = []  # the flags before their eager writes since the last mask write
 
     def checked(value, dtype):
         """`value` as a tensor of `dtype`, refused unless it has the weight's shape (as
@@ -1200,15 +1198,7 @@ def _guard_writes(variable, mask, flags, state, pattern):
 
     def guarded_mask_assign(value):
         if tf.executing_eagerly():
-            try:
-                _check_mask_value(state, variable, pattern, value)
-            except ValueError:
-                if flags_before:  # (written first by the refused load or restore)
-                    pending.pop(id(flags), None)
-                    assign_flags(flags, flags_before[0])
-                raise
-            finally:
-                flags_before.clear()
+            _check_mask_value(state, variable, pattern, value)
         result = assign_mask(mask, value)
         if tf.executing_eagerly():
             assign_flags(flags, tf.logical_or(_unwritten(flags), mask))
@@ -1232,8 +1222,6 @@ def _guard_writes(variable, mask, flags, state, pattern):
             return assign_flags(flags, value)
         array = _check_flags_value(state, variable, value).astype(bool)
         written = np.logical_or(array, mask.numpy())
-        if not flags_before:
-            flags_before.append(flags.numpy())
         pending.pop(id(flags), None)
         result = assign_flags(flags, written)
         if not np.array_equal(array, written):

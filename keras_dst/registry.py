@@ -15,7 +15,7 @@ everywhere:
 
 from typing import Any, Hashable, Optional, Tuple
 
-from keras_dst.validation import check_bool, normalize_name
+from keras_dst.validation import check_bool, errors_named, normalize_name
 
 
 def check_callable(item, register_function: str, name) -> None:
@@ -60,7 +60,8 @@ class Registry:
           TypeError: a registry of names is given a key that is not a str, or
             `overwrite` is not a bool.
         """
-        check_bool(overwrite, "overwrite")
+        with errors_named(f"{self.kind} {_label(key)!r}"):
+            check_bool(overwrite, "overwrite")
         if self.by_name and not isinstance(key, str):
             raise TypeError(f"{self.kind} name must be a non-empty str, got {key!r}.")
         lookup = normalize_name(key)

@@ -29,6 +29,7 @@ refuses the file (the layers' entries hold more than the layers expect) and
 `load_model` attaches the masks before the weights are read.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -217,7 +218,7 @@ _LATEST = "latest"
 _WEIGHTS = "model.weights.h5"
 _META = "training_metadata.json"
 # what BackupAndRestore writes in its directory: backups, the pointer, their temporaries
-_OWN_ENTRY = re.compile(r"(epoch-\d+|latest|\.(epoch-\d+|latest)\.\d+\.tmp)")
+_OWN_ENTRY = re.compile(r"(epoch-[0-9]+|latest|\.(epoch-[0-9]+|latest)\.[0-9]+\.tmp)")
 
 
 @keras.saving.register_keras_serializable(package="keras_dst")
@@ -336,13 +337,20 @@ class BackupAndRestore(keras.callbacks.Callback):
         for entry in os.listdir(self.backup_dir):
             if entry not in keep and _OWN_ENTRY.fullmatch(entry):
                 target = os.path.join(self.backup_dir, entry)
-                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):  # (another worker's removal)
+                        os.remove(target)
 
     def on_train_end(self, logs=None):
         if self.delete_checkpoint and os.path.isdir(self.backup_dir):
             self._remove_own_entries()
-            if not os.listdir(self.backup_dir):
-                os.rmdir(self.backup_dir)
+            # the folder too if nothing else is in it (not a link to one; never an error:
+            # another worker may have removed it, its parent may be read-only)
+            if not os.path.islink(self.backup_dir):
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.backup_dir)
 
     def get_config(self):
         return {"backup_dir": self.backup_dir, "save_freq": "epoch",

@@ -950,20 +950,25 @@ def test_prune_only_dst_leaves_the_layers_kept_dense_dense():
         only_dense.fit(x, y, verbose=0, callbacks=[DST(grow=None)])
 
 
-def test_prune_only_dst_warns_once_where_it_empties_a_layer():
-    """Pruning without regrowth removes at least one entry per update: a layer can end with
-    none, which passes nothing on; that is said once per weight, naming it."""
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prune_only_dst_warns_once_where_it_empties_a_layer(scope):
+    """Pruning without regrowth can prune a layer's last entries, which leaves a layer that
+    passes nothing on: the update that does it says so, naming the weights; a layer emptied
+    by the user (set_masks) is not blamed on the update."""
     model = keras_dst.prunable(mlp(), density=0.2, seed=0)
+    masks = keras_dst.masks(model)
+    keras_dst.set_masks(model, {"fc1/kernel": np.zeros_like(masks["fc1/kernel"])})
     model.compile(keras.optimizers.SGD(0.05), LOSS)
     x, y = classification_data(n=64)
-    dst = DST(grow=None, update_every=1, prune_rate=0.9, schedule="constant")
-    with pytest.warns(UserWarning, match=r"grow=None\): no active entry is left in "
-                                         r"\[.*'fc3/kernel'.*\]: pruning without regrowth") as seen:
+    dst = DST(grow=None, update_every=1, prune_rate=0.9, schedule="constant", scope=scope)
+    with pytest.warns(UserWarning, match=r"grow=None\): the update at step \d+ pruned the last "
+                                         r"active entries of \[.*'fc3/kernel'.*\]") as seen:
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[dst])
-    assert active_counts(model)["fc3/kernel"] == 0
-    emptied = [w for w in seen if "no active entry is left" in str(w.message)]
-    keys = [k for w in emptied for k in active_counts(model) if f"'{k}'" in str(w.message)]
-    assert sorted(keys) == sorted(k for k, n in active_counts(model).items() if n == 0)
+    emptied = [str(w.message) for w in seen if "pruned the last active entries" in str(w.message)]
+    named = sorted(k for k in masks if any(f"'{k}'" in m for m in emptied))
+    assert named == ["fc2/kernel", "fc3/kernel"]  # (fc1: emptied by the user)
+    assert all(n == 0 for n in active_counts(model).values())
+    assert len(emptied) <= 2 and sum(m.count("'fc3/kernel'") for m in emptied) == 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # said once: not again at the next fit
+        warnings.simplefilter("error", UserWarning)  # nothing left to empty: no warning
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[dst])

@@ -438,7 +438,7 @@ def test_registration_refuses_what_would_fail_at_the_first_step():
         (dict(params={"k": 1.0}, select="yes"), TypeError,
          r"register_criterion\('test_only_bad'\): select must be a bool, got select='yes'"),
         (dict(params={"k": 1.0}, overwrite="no"), TypeError,
-         r"overwrite must be a bool, got overwrite='no'"),
+         r"criterion 'test_only_bad': overwrite must be a bool, got overwrite='no'"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):

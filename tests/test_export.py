@@ -682,6 +682,15 @@ def test_a_float16_model_is_a_clear_error_naming_its_16_bit_layers(tmp_path):
                                          r".*mixed_float16"):
         keras_dst.export(model, tmp_path / "half.tflite", compare_dense=False)
     assert not (tmp_path / "half.tflite").exists()
+    # a failed export leaves an existing file's bytes, and a dangling link, as they were
+    # (the destination's probe, before converting)
+    (tmp_path / "old.tflite").write_bytes(b"kept")
+    (tmp_path / "dangling.tflite").symlink_to(tmp_path / "nowhere")
+    for where in ("old.tflite", "dangling.tflite"):
+        with pytest.raises(ValueError, match=r"MatMul \(layer 'half'\)"):
+            keras_dst.export(model, tmp_path / where, compare_dense=False)
+    assert (tmp_path / "old.tflite").read_bytes() == b"kept"
+    assert (tmp_path / "dangling.tflite").is_symlink() and not (tmp_path / "nowhere").exists()
 
 def test_a_keras_quantized_model_is_a_clear_error_pointing_at_quantize_int8(tmp_path):
     """The README's way to quantize is `strip(model).quantize(...)`; LiteRT cannot take

@@ -219,10 +219,14 @@ def test_the_backup_removes_only_its_own_files(tmp_path, delete_checkpoint):
     assert seen[-1] == sorted(others + [f"epoch-{EPOCHS}", "latest"])
     assert sorted(os.listdir(run)) == (others if delete_checkpoint else seen[-1])
     assert (run / "notes.txt").read_text() == "mine"
-    # a folder that holds only the backup goes with it
+    # a folder that holds only the backup goes with it; a link to one stays (emptied)
     alone = tmp_path / "alone"
     _fit(_model(config), config, [keras_dst.BackupAndRestore(alone)])
     assert not alone.exists()
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "scratch")
+    _fit(_model(config), config, [keras_dst.BackupAndRestore(tmp_path / "linked")])
+    assert (tmp_path / "linked").is_symlink() and os.listdir(tmp_path / "scratch") == []
 
 
 def test_keras_dst_backup_checks_its_arguments():
