@@ -12,6 +12,7 @@ the public API it stands in for, if any.
 """
 
 import sys
+from typing import Optional
 
 import keras
 from keras.src.saving import serialization_lib
@@ -215,10 +216,20 @@ def _raw_variables(variable) -> list:
     return list(getattr(value, "values", None) or (value,))
 
 
-def called_by_keras_training_entry() -> bool:
-    """Whether the function that called our caller is Keras's ``fit`` or
-    ``train_on_batch`` (the caller being a ``model.make_train_function`` that keras_dst
-    installed: `step_switch.StepSwitch`).
+_TRAINING_ENTRIES = ("fit", "train_on_batch")
+
+
+def _keras_training_entry(frame) -> Optional[str]:
+    """``"fit"`` or ``"train_on_batch"`` where `frame` runs Keras's, else None."""
+    name = frame.f_code.co_name
+    return name if (name in _TRAINING_ENTRIES and
+                    frame.f_globals.get("__name__", "").startswith("keras.")) else None
+
+
+def keras_training_entry() -> Optional[str]:
+    """``"fit"`` or ``"train_on_batch"`` where the function that called our caller is
+    Keras's (the caller being a ``model.make_train_function`` that keras_dst installed:
+    `step_switch.StepSwitch`), else None.
 
     Relies on Keras's trainers (``keras.src.backend.*.trainer``, Keras 3, checked on
     3.15) calling ``self.make_train_function()`` directly from ``fit`` and
@@ -226,9 +237,20 @@ def called_by_keras_training_entry() -> bool:
     ``sys._getframe``). Keras has no public signal that a training call begins before
     its callbacks run (a `fit` without keras_dst callbacks runs none of keras_dst's).
     """
-    frame = sys._getframe(2)
-    return (frame.f_code.co_name in ("fit", "train_on_batch")
-            and frame.f_globals.get("__name__", "").startswith("keras."))
+    return _keras_training_entry(sys._getframe(2))
+
+
+def inside_keras_fit() -> bool:
+    """Whether Keras's ``fit`` is on the Python stack of the caller: a callback's
+    ``on_train_begin`` called by the `fit` it belongs to, not by a
+    ``keras.callbacks.CallbackList`` that a user's own loop drives. Same reliance as
+    `keras_training_entry`."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if _keras_training_entry(frame) == "fit":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def set_initial_epoch(model, epoch):

@@ -69,6 +69,7 @@ class StepSwitch:
     def __init__(self, model):
         self.model = model
         self.params = None     # the `params` dict of the fit now running (one per fit)
+        self.driven_by_fit = True  # its callbacks run in Keras's fit (not a user's loop)
         self.engines = []      # hooks of the fit now running, in install order
         self._needed = {}      # hook -> traced into the coming execution?
         self._engines = {}     # configuration key -> hook, kept across fits
@@ -89,8 +90,12 @@ class StepSwitch:
         if self._building or StepSwitch.current(model) is not self:
             return self._model_make_train_function(force=force)
         if not force:
-            if compat.called_by_keras_training_entry():  # a fit or train_on_batch starts:
-                self._prepared = False                   # nothing is prepared for it yet
+            # A fit starts: nothing is prepared for it yet. A train_on_batch starts: what
+            # a fit prepared is stale (it raised after), what the callbacks of a user's own
+            # loop prepared (CallbackList, then train_on_batch) is for this step.
+            entry = compat.keras_training_entry()
+            if entry == "fit" or (entry == "train_on_batch" and self.driven_by_fit):
+                self._prepared = False
             return self._model_make_train_function(force=force)
         self._functions = {}  # rebuilt, each on its next use
         model.train_function = self
@@ -103,8 +108,10 @@ class StepSwitch:
         return switch if switch is not None and switch._owns(model.train_function) else None
 
     @classmethod
-    def of(cls, model, params):
-        """The switch of `model` for the `fit` whose callbacks share `params`.
+    def of(cls, model, params, driven_by_fit: bool = True):
+        """The switch of `model` for the `fit` whose callbacks share `params`
+        (`driven_by_fit`: run by Keras's `fit`, not by a user's own loop of
+        ``CallbackList`` and ``train_on_batch``).
 
         Made on first use, or again after `model.compile()`; installed as
         `model.train_function` for this fit.
@@ -121,6 +128,7 @@ class StepSwitch:
             # its callbacks' on_train_begin)
             switch._end_fit()
             switch.params = params
+        switch.driven_by_fit = driven_by_fit
         model.train_function = switch
         return switch
 
@@ -350,7 +358,7 @@ class HookedCallback(keras.callbacks.Callback):
         reapply_masks_if_needed(self.model, type(self).__name__)
         # (a fit that raised left its engines installed: StepSwitch.of
         # uninstalls them, this callback's previous engine included)
-        switch = StepSwitch.of(self.model, self.params)
+        switch = StepSwitch.of(self.model, self.params, compat.inside_keras_fit())
         switch.keep(key, engine)
         switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step
@@ -409,8 +417,8 @@ class HookedCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"{type(self).__name__}: the model's training step did not call the "
                 f"optimizer it was compiled with ('{optimizer.name}', "
-                f"{type(optimizer).__name__}), whose `apply` keras_dst hooks, so the masks "
-                "would never change. A train_step that applies optimizers of its own (a "
+                f"{type(optimizer).__name__}), whose `apply` keras_dst hooks, so "
+                f"{type(self).__name__} would never act. A train_step that applies optimizers of its own (a "
                 "GAN's, say) is not supported: apply the sparse layers' gradients with "
                 "model.optimizer.")
         if self._read_after:

@@ -551,6 +551,41 @@ def test_after_a_fit_that_raised_a_plain_fit_runs_the_static_step(
     assert "apply" not in vars(base_optimizer(model.optimizer))
 
 
+@pytest.mark.parametrize("make", [lambda: DST(update_every=2, prune_rate=0.5, seed=3),
+                                  lambda: keras_dst.GradualPruning(0.1, update_every=2,
+                                                                   initial_density=0.3)],
+                         ids=["dst", "gradual"])
+def test_a_users_own_loop_of_callbacks_and_train_on_batch_trains_as_fit(make):
+    """Keras's way to drive callbacks by hand: a CallbackList, then `train_on_batch` per
+    batch. The callbacks' preparation of each step was dropped as stale at
+    `train_on_batch`, so the first step ran without the update and the callback refused
+    the model as one whose train_step skips its optimizer."""
+    x, y = classification_data(n=64)
+    states = []
+    for by_hand in (False, True):
+        model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3, seed=0)
+        model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+        callback = make()
+        if by_hand:
+            callbacks = keras.callbacks.CallbackList([callback], model=model, epochs=1, steps=4)
+            callbacks.on_train_begin()
+            callbacks.on_epoch_begin(0)
+            for i in range(4):
+                callbacks.on_train_batch_begin(i)
+                logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
+                                            return_dict=True)
+                callbacks.on_train_batch_end(i, logs)
+            callbacks.on_epoch_end(0)
+            callbacks.on_train_end()
+        else:
+            model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                      callbacks=[callback])
+        states.append((int(callback.engine.last_update_step.numpy()), keras_dst.masks(model)))
+    (fit_last, fit_masks), (hand_last, hand_masks) = states
+    assert fit_last == hand_last >= 2
+    assert all((fit_masks[k] == hand_masks[k]).all() for k in fit_masks)
+
+
 def test_a_forced_rebuild_of_the_training_function_inside_a_fit_keeps_dst_updating():
     # (Keras's new function, traced without the hooks, uninstalled them: no update for the
     # rest of the fit, without a word)

@@ -175,21 +175,25 @@ def test_set_initial_epoch():
     assert epochs == [2, 3] and len(history.history["loss"]) == 2
 
 
-def test_called_by_keras_training_entry():
-    seen = []
+def test_keras_training_entry_and_inside_keras_fit():
+    seen, inside = [], []
 
     def watch(force=False):  # what keras_dst installs as model.make_train_function
-        seen.append(compat.called_by_keras_training_entry())
+        seen.append(compat.keras_training_entry())
         return type(model).make_train_function(model, force=force)
 
     model = keras.Sequential([keras.Input((2,)), L.Dense(1)])
     model.compile("sgd", "mse")
     model.__dict__["make_train_function"] = watch
-    model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=1, verbose=0, callbacks=[
-        keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, l: model.make_train_function())])
+    in_fit = keras.callbacks.LambdaCallback(
+        on_train_begin=lambda logs: inside.append(compat.inside_keras_fit()),
+        on_epoch_begin=lambda e, l: model.make_train_function())
+    model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=1, verbose=0, callbacks=[in_fit])
     model.train_on_batch(np.zeros((4, 2)), np.zeros((4, 1)))
     model.make_train_function()
-    assert seen == [True, False, True, False]
+    assert seen == ["fit", None, "train_on_batch", None]
+    keras.callbacks.CallbackList([in_fit], model=model).on_train_begin()  # a user's loop
+    assert inside == [True, False]
 
 
 def test_child_layers():
