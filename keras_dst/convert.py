@@ -724,8 +724,9 @@ def _named_overrides(keep_dense, density_overrides, known, layer_names):
         overrides += [(f"density_overrides['{n}']", n,
                        check_density(d, f"density_overrides['{n}']"))
                       for n, d in density_overrides.items()]
-    for argument in ("keep_dense", "density_overrides"):
-        unknown = sorted({n for source, n, _ in overrides if source.startswith(argument)} - known)
+    for argument, names in (("keep_dense", keep_dense), ("density_overrides",
+                                                          density_overrides or {})):
+        unknown = sorted(set(names) - known)
         if unknown:
             raise ValueError(f"prunable(): unknown layer names {unknown} in {argument}; "
                              f"sparsified layers are {layer_names}.")

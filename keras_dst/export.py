@@ -616,25 +616,23 @@ def _check_destination(filepath, format):
     if format == "tf_saved_model" and os.path.isfile(filepath):
         raise ValueError(f"export(format='tf_saved_model'): filepath={filepath!r} is a file; "
                          "a SavedModel is a directory.")
-    above = os.path.dirname(os.path.abspath(filepath))
+    path = os.path.abspath(filepath)
+    directory = format == "tf_saved_model"  # (a SavedModel's path is a folder it makes)
+    missing, above = [], path if directory else os.path.dirname(path)
     while not os.path.exists(above):
+        missing.append(above)
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         raise ValueError(f"export(): filepath={filepath!r} lies below {above!r}, a file.")
-    _check_writable(filepath, directory=format == "tf_saved_model")
+    _check_writable(filepath, directory, missing)
 
 
-def _check_writable(filepath, directory: bool):
+def _check_writable(filepath, directory: bool, missing):
     """Raises ValueError naming `filepath` where the file system refuses to write it (no
     permission, a name too long, a read-only or virtual file system), by making what an
-    export makes there (the missing folders, then the file, or a file in the SavedModel's
-    directory) and removing it again: the disk is left as it was."""
+    export makes there (the `missing` folders, listed deepest first, then the file, or a file in
+    the SavedModel's directory) and removing it again: the disk is left as it was."""
     path = os.path.abspath(filepath)
-    folder = path if directory else os.path.dirname(path)
-    missing = []
-    while not os.path.exists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
     made = []
     try:
         for folder in reversed(missing):
