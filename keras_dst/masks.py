@@ -293,6 +293,7 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None
     zeroed where the new mask is 0 (every eager mask write does so, see
     `layers._guard_writes`), so the model stays consistent. The entries a new mask
     activates are added to the weight's ever-active flags (the ITOP rate counts them).
+    A mask without any active entry is written, with a warning (DST leaves it empty).
 
     Raises:
       TypeError: `new_masks` is not a dict, or a mask holds neither bools nor numbers.
@@ -326,6 +327,12 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None
         # its write guard zeroes the weight where it is 0 and adds the entries it
         # activates to the ever-active flags (they will be trained: the ITOP rate)
         target.mask.assign(array)
+    empty = [path for path, array in checked.items() if array.size and not array.any()]
+    if empty:
+        user_warnings.warn(
+            f"set_masks(): the masks of {', '.join(repr(p) for p in empty)} have no active entry: "
+            "such a weight passes nothing of its input on, and DST regrows only what it prunes, "
+            "so it stays empty (as prunable() warns for a density that rounds to 0).")
 
 
 def apply_masks(model: "keras.layers.Layer") -> int:

@@ -992,7 +992,8 @@ def test_prune_only_dst_warns_once_where_it_empties_a_layer(scope):
     by the user (set_masks) is not blamed on the update."""
     model = keras_dst.prunable(mlp(), density=0.2, seed=0)
     masks = keras_dst.masks(model)
-    keras_dst.set_masks(model, {"fc1/kernel": np.zeros_like(masks["fc1/kernel"])})
+    with pytest.warns(UserWarning, match="'fc1/kernel' have no active entry"):
+        keras_dst.set_masks(model, {"fc1/kernel": np.zeros_like(masks["fc1/kernel"])})
     model.compile(keras.optimizers.SGD(0.05), LOSS)
     x, y = classification_data(n=64)
     dst = DST(grow=None, update_every=1, prune_rate=0.9, schedule="constant", scope=scope)

@@ -269,9 +269,13 @@ def test_set_masks_validates_everything_before_writing():
         keras_dst.set_masks(sparse, {"fc1/kernel": np.full((20, 32), 2)})
     after = keras_dst.masks(sparse)
     assert all((before[k] == after[k]).all() for k in before)
-    keras_dst.set_masks(sparse, {"fc1/kernel": good})
+    with pytest.warns(UserWarning, match=r"set_masks\(\): the masks of 'fc1/kernel' have no active entry"):
+        keras_dst.set_masks(sparse, {"fc1/kernel": good})
     assert keras_dst.masks(sparse)["fc1/kernel"].sum() == 0
     assert_sparse_invariants(sparse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mask with active entries: no warning
+        keras_dst.set_masks(sparse, {"fc1/kernel": before["fc1/kernel"]})
 
 
 # ---- bad inputs: clear errors, raised before anything changes -----------------------------
