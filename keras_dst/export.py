@@ -1177,6 +1177,10 @@ class LiteRTModel:
             missing = sorted(set(self.input_names) - set(x))
             if missing:
                 raise ValueError(f"LiteRTModel: inputs {missing} are missing.")
+            extra = sorted(set(x) - set(self.input_names), key=str)
+            if extra:  # (as Keras's predict: a warning, the rest is computed)
+                user_warnings.warn(f"LiteRTModel: inputs {extra} are not the model's "
+                                   f"({self.input_names}) and are ignored.")
             items = {k: x[k] for k in self.input_names}
         elif isinstance(x, (list, tuple)) and len(self.input_names) > 1:
             if len(x) != len(self.input_names):

@@ -497,6 +497,8 @@ def test_litert_model_inputs_and_timing(tmp_path):
         runtime.time_invoke(runs=0)  # (was a ZeroDivisionError)
     with pytest.raises(ValueError, match="missing"):
         runtime.predict({"nope": x})
+    with pytest.warns(UserWarning, match=r"inputs \['nope'\] are not the model's .* ignored"):
+        assert np.allclose(runtime.predict({runtime.input_names[0]: x, "nope": x}), runtime.predict(x))
     # inputs of another shape were reshaped by the runtime (7 features, or a list of two batches
     # for one input, gave outputs for other samples), an empty batch failed inside predict
     name = runtime.input_names[0]
