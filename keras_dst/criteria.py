@@ -19,9 +19,9 @@ Built-ins (`w` weight, `g` gradient):
 | random                   | stateless U[0, 1) from inputs.seed     | after_optimizer  | no       |
 | running_magnitude        | EMA of abs(w)                          | after_optimizer  | no       |
 | mest                     | abs(w) + gamma * abs(g)  (gamma=1.0)   | before_optimizer | yes      |
-| snip                     | abs(w * g) + 1e-5                      | before_optimizer | yes      |
+| snip                     | abs(w * g) + offset  (offset=1e-5)     | before_optimizer | yes      |
 | sensitivity              | abs(g) / (abs(w) + 1e-8) + 1           | before_optimizer | yes      |
-| reciprocal_sensitivity   | abs(w) / (abs(g) + 1e-8) + 1           | before_optimizer | yes      |
+| reciprocal_sensitivity   | abs(w) / (abs(g) + 1e-8) + offset (1)  | before_optimizer | yes      |
 | taylor_fo                | (w * g) ** 2                           | before_optimizer | yes      |
 | running_snip             | EMA of abs(w * g)                      | before_optimizer | yes      |
 
@@ -730,10 +730,14 @@ def mest(inputs: ScoreInputs, gamma) -> tf.Tensor:
     return absolute(inputs.weight) + gamma * absolute(inputs.gradient)
 
 
-@register_criterion("snip", ordering="before_optimizer")
-def snip(inputs: ScoreInputs) -> tf.Tensor:
-    """abs(w * g) + 1e-5 (the offset keeps every score positive, as in the reference)."""
-    return absolute(inputs.weight * inputs.gradient) + 1e-5
+@register_criterion("snip", ordering="before_optimizer", params={"offset": 1e-5})
+def snip(inputs: ScoreInputs, offset) -> tf.Tensor:
+    """abs(w * g) + offset.
+
+    The reference's layer-wise score (`snip_eps_pruning`) adds 1e-5, its global one
+    (`SNIPGlobalPruner`) 1e-8: with score normalisation the offset enters each layer's
+    statistic, so ``prune_params={"offset": 1e-8}`` reproduces its global scope."""
+    return absolute(inputs.weight * inputs.gradient) + offset
 
 
 @register_criterion("sensitivity", ordering="before_optimizer")
@@ -742,10 +746,15 @@ def sensitivity(inputs: ScoreInputs) -> tf.Tensor:
     return absolute(inputs.gradient) / (absolute(inputs.weight) + 1e-8) + 1.0
 
 
-@register_criterion("reciprocal_sensitivity", ordering="before_optimizer")
-def reciprocal_sensitivity(inputs: ScoreInputs) -> tf.Tensor:
-    """abs(w) / (abs(g) + 1e-8) + 1."""
-    return absolute(inputs.weight) / (absolute(inputs.gradient) + 1e-8) + 1.0
+@register_criterion("reciprocal_sensitivity", ordering="before_optimizer", params={"offset": 1.0})
+def reciprocal_sensitivity(inputs: ScoreInputs, offset) -> tf.Tensor:
+    """abs(w) / (abs(g) + 1e-8) + offset.
+
+    The reference's layer-wise score (`reciprocal_sensitivity_fixed_pruning`) adds 1,
+    its global one (`ReciprocalSensitivityGlobalPruner`) nothing: with score
+    normalisation the offset enters each layer's statistic, so
+    ``prune_params={"offset": 0.0}`` reproduces its global scope."""
+    return absolute(inputs.weight) / (absolute(inputs.gradient) + 1e-8) + offset
 
 
 @register_criterion("taylor_fo", ordering="before_optimizer")

@@ -328,6 +328,44 @@ def test_select_pruned_normalizes_per_layer():
     assert [int(tf.reduce_sum(tf.cast(m, tf.int32))) for m in normed] == [2, 2]
 
 
+def _reference_global_prune(scores, masks, rate):
+    """The reference's global pruning (`GlobalPruner.get_threshold` in
+    sparselearning/pruners.py) with score normalisation "layer" (sum): masked scores
+    divided by their layer's sum, threshold at the k-th lowest of all, k = zeros +
+    ceil(rate * nonzeros), entries above it kept."""
+    normed = [s * m / (s * m).sum() for s, m in zip(scores, masks)]
+    nonzeros = sum(int(m.sum()) for m in masks)
+    k = sum(m.size for m in masks) - nonzeros + math.ceil(rate * nonzeros)
+    threshold = np.sort(np.concatenate([n.ravel() for n in normed]))[k - 1]
+    return [n > threshold for n in normed], math.ceil(rate * nonzeros)
+
+
+@pytest.mark.parametrize("name, params, reference_score", [
+    ("reciprocal_sensitivity", {"offset": 0.0}, lambda w, g: np.abs(w) / (np.abs(g) + 1e-8)),
+    ("snip", {"offset": 1e-8}, lambda w, g: np.abs(w * g) + 1e-8)])
+def test_global_scope_with_normalisation_reproduces_the_reference_with_its_global_offset(
+        name, params, reference_score):
+    """The reference scores reciprocal sensitivity without its layer-wise +1, and SNIP with
+    1e-8 for 1e-5, in global scope (`ReciprocalSensitivityGlobalPruner`,
+    `SNIPGlobalPruner`); with normalisation the offset enters each layer's sum and moves
+    entries between layers, so the `offset` parameter reproduces it."""
+    rng = np.random.default_rng(3)
+    shapes, rate = [(12, 10), (30, 4)], 0.3
+    w = [rng.normal(size=s).astype(np.float32) * scale for s, scale in zip(shapes, (1.0, 0.05))]
+    g = [rng.normal(size=s).astype(np.float32) * scale for s, scale in zip(shapes, (0.01, 1.0))]
+    m = [rng.random(s) < 0.6 for s in shapes]
+    w = [wi * mi for wi, mi in zip(w, m)]  # inactive weights are 0, as in a masked model
+    expected, count = _reference_global_prune([reference_score(*a) for a in zip(w, g)], m, rate)
+    inputs = [ScoreInputs(tf.constant(wi), tf.constant(gi), tf.constant(mi), tf.constant([0, 0]))
+              for wi, gi, mi in zip(w, g, m)]
+    got = criteria.select_pruned(get_criterion(name, **params), inputs, count, normalize="layer")
+    for new, want in zip(got, expected):
+        np.testing.assert_array_equal(new.numpy(), want)
+    if name == "reciprocal_sensitivity":  # the layer-wise +1 moves entries between the layers here
+        default = criteria.select_pruned(get_criterion(name), inputs, count, normalize="layer")
+        assert any((d.numpy() != e).any() for d, e in zip(default, expected))
+
+
 def test_select_pruned_nonfinite_gradients_keep_exact_count():
     w = tf.random.stateless_normal([50], seed=[1, 1])
     g = tf.tensor_scatter_nd_update(tf.ones([50]), [[3], [10], [20]], [np.nan, np.inf, -np.inf])
@@ -550,7 +588,7 @@ def test_criterion_config_contents():
     assert get_criterion("mest", gamma=0.1).get_config() == {"name": "mest", "params": {"gamma": 0.1}}
     assert get_criterion("running_snip").get_config() == {"name": "running_snip", "params": {"beta": 0.9}}
     assert get_criterion("snip", ordering="before").get_config() == {
-        "name": "snip", "params": {}, "ordering": "after_optimizer"}
+        "name": "snip", "params": {"offset": 1e-5}, "ordering": "after_optimizer"}
     assert get_criterion("MEST", ordering="after").get_config() == {"name": "mest", "params": {"gamma": 1.0}}
     with pytest.raises(ValueError, match="'colour'"):
         Criterion.from_config({"name": "mest", "params": {}, "colour": "red"})
