@@ -161,8 +161,8 @@ class GradualPruning(HookedCallback):
     ``density`` (active fraction of the weights it prunes, which `target_density`
     aims at: layers kept dense or frozen are left out, where `keras_dst.density`
     counts them) and
-    ``target_density`` (``d(t)`` of the last update; `initial_density` before
-    the first).
+    ``target_density`` (``d(t)`` of the ramp's last update step; `initial_density`
+    before the first).
     """
 
     def __init__(self, final_density: float, update_every: int = 100, begin_step: int = 0,
@@ -262,7 +262,16 @@ class GradualPruning(HookedCallback):
         engine = self.engine  # the masks as they are (they may have been set since an update)
         active = sum(int(np.count_nonzero(t.mask.numpy())) for t in engine.targets)
         return {"density": float(active / max(sum(engine.sizes), 1)),
-                "target_density": float(engine.last_density.numpy())}
+                "target_density": self._target_density(engine)}
+
+    def _target_density(self, engine) -> float:
+        """``d(t)`` of the last update: the engine's, or, where this engine has not
+        updated yet (a model reloaded, or a new configuration, past updates of the
+        ramp), the ramp's at its last update step before the next optimizer step."""
+        if int(engine.last_update_step.numpy()) >= 0:
+            return float(engine.last_density.numpy())
+        last = engine.update_steps.last_at_or_before(self._optimizer_step() + 1)
+        return engine.initial_density if last is None else float(engine.target_density(last))
 
     def get_config(self):
         return dict(final_density=self.final_density, update_every=self.update_every,

@@ -142,7 +142,8 @@ class CriteriaOverlap(ScheduledCallback):
         float numpy array [C, C], ``matrix[i, j]`` the Jaccard index of criteria i
         and j. It spans every fit of this callback, on whichever model (a callback
         reused on another model goes on appending: make one per model to keep them
-        apart).
+        apart); the updates a fit resumed from a backup replays are not recorded
+        again.
       names: the criteria names, in order.
 
     Logs: ``jaccard/<a>/<b>`` for every pair a before b in `criteria`, from the
@@ -211,9 +212,18 @@ class CriteriaOverlap(ScheduledCallback):
             matrix = self.engine.matrix.numpy().astype(float)
             if self._recorded != (self.engine, step):  # (a later fit reads the same update)
                 self._recorded = (self.engine, step)
-                self.history.append((step, list(self.names), matrix))
+                if not self._in_history(step, matrix):
+                    self.history.append((step, list(self.names), matrix))
         return {f"jaccard/{a}/{b}": float(matrix[i, j])
                 for i, a in enumerate(self.names) for j, b in enumerate(self.names) if i < j}
+
+    def _in_history(self, step, matrix) -> bool:
+        """Is this update already in `history` (the same step and matrix)? A fit resumed
+        from a backup (`BackupAndRestore`, on a model built again: another engine)
+        replays the updates after the backup with the same result; another model's
+        update at the same step has its own matrix."""
+        return any(s == step and names == self.names and np.array_equal(m, matrix, equal_nan=True)
+                   for s, names, m in reversed(self.history))
 
     def save_json(self, path: Union[str, os.PathLike], matrix: str = "mean") -> None:
         """Writes ``{"names", "matrix", "history": [{"step", "matrix"}, ...]}`` to `path`.

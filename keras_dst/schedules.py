@@ -416,6 +416,12 @@ class UpdateSteps:
         """Does the step range [first, last] (inclusive) hold an update step? (host, exact)."""
         return bool(self.steps_between(first, last, limit=1))
 
+    def last_at_or_before(self, step: int) -> Optional[int]:
+        """The last update step ``<= step`` (host, exact), or None before the first."""
+        high = int(step) if self.end is None else min(int(step), self.end)
+        last = self.begin + (high - self.begin) // self.every * self.every
+        return last if high >= self.begin and last >= max(self.begin, 1) else None
+
     def steps_between(self, first: int, last: Optional[int], limit: int) -> list:
         """The first `limit` update steps in [first, last] (inclusive; `last` None: no
         bound but `end`), in order (host)."""

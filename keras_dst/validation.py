@@ -102,21 +102,25 @@ def check_names(value, name: str) -> tuple:
     raise TypeError(f"{name} must be a name or a list of names, got {name}={value!r}.")
 
 
+_INT64_MAX = 2**63 - 1  # the largest step or count a model's int64 step counter holds
+
+
 def check_positive_int(value, name: str) -> int:
-    """`value` as an int >= 1 (bool excluded)."""
+    """`value` as an int in [1, 2**63 - 1] (bool excluded)."""
     if not is_int(value):
         raise TypeError(f"{name} must be a positive int, got {name}={value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {name}={value!r}.")
-    return int(value)
+    return check_step(value, name, minimum=1)
 
 
 def check_step(value, name: str, minimum: int = 0, minimum_name: Optional[str] = None) -> int:
-    """A training step: `value` as an int >= `minimum` (named `minimum_name` in the message)."""
+    """A training step: `value` as an int in [`minimum`, 2**63 - 1] (the optimizer's int64
+    step counter; `minimum` named `minimum_name` in the message)."""
     if not is_int(value):
         raise TypeError(f"{name} must be an int step, got {name}={value!r}.")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum_name or minimum}, got {name}={value!r}.")
+    if value > _INT64_MAX:
+        raise ValueError(f"{name} must be <= 2**63 - 1 (steps are int64), got {name}={value!r}.")
     return int(value)
 
 

@@ -187,6 +187,30 @@ def test_logged_density_is_that_of_the_masks_as_they_are():
     assert history.history["density"] == [1.0]
 
 
+@pytest.mark.parametrize("epochs_before", [1, 2])
+def test_target_density_after_a_reload_is_the_ramp_s_not_initial_density(tmp_path, epochs_before):
+    """A new callback on a reloaded model logged `initial_density` as `target_density`
+    until its own first update, and for ever once the ramp had ended (fit 1: mid-ramp,
+    fit 2: past its end)."""
+    config = dict(final_density=0.2, update_every=4, end_step=16)  # 8 steps an epoch
+    x, y = classification_data()
+    one = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    history = compile_and_fit(one, [keras_dst.GradualPruning(**config)], epochs=epochs_before + 1).history
+    split = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    compile_and_fit(split, [keras_dst.GradualPruning(**config)], epochs=epochs_before)
+    keras_dst.save_model(split, str(tmp_path / "m.keras"))
+    loaded = keras_dst.load_model(str(tmp_path / "m.keras"))
+    recorded = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: recorded.append(logs["target_density"]))
+    resumed = loaded.fit(x, y, batch_size=16, epochs=epochs_before + 1, initial_epoch=epochs_before,
+                         verbose=0, shuffle=False, callbacks=[keras_dst.GradualPruning(**config), record])
+    assert resumed.history["target_density"][-1] == pytest.approx(history["target_density"][-1])
+    assert recorded[0] < 1.0  # (the ramp's value at the reload, not initial_density)
+    if epochs_before == 2:
+        assert recorded == [pytest.approx(0.2)] * 8
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_layers_kept_dense_stay_dense_also_after_a_reload(tmp_path, in_place):
     """prunable's keep_dense layers are left dense by GradualPruning (it pruned them to the

@@ -256,3 +256,35 @@ def test_history_records_each_update_once_across_fits_and_models():
         from_logits=True))
     other.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[overlap])
     assert [step for step, _, _ in overlap.history] == [4, 8, 12, 16, 4, 8]
+
+
+def test_a_fit_resumed_from_a_backup_does_not_record_the_replayed_updates_again(tmp_path):
+    """A fit stopped at step 14 (backup at step 8) and resumed on a model built again
+    (another engine) replays the update of step 12: it was recorded twice, and
+    save_json's mean weighed it twice."""
+    x, y = classification_data(n=64)
+
+    def build():
+        model = keras_dst.prunable(mlp(), density=0.5, seed=0)
+        model.compile(keras.optimizers.SGD(0.1), LOSS)
+        return model
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations) == 14:
+                raise KeyboardInterrupt
+
+    def fit(model, overlap, *extra):
+        model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                  callbacks=[overlap, keras_dst.BackupAndRestore(str(tmp_path / "backup")), *extra])
+
+    whole = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4)
+    build().fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[whole])
+    resumed = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(build(), resumed, Stop())
+    assert [step for step, _, _ in resumed.history] == [4, 8, 12]
+    fit(build(), resumed)
+    assert [step for step, _, _ in resumed.history] == [4, 8, 12, 16, 20, 24]
+    for (_, _, got), (_, _, want) in zip(resumed.history, whole.history):
+        np.testing.assert_allclose(got, want)

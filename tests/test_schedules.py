@@ -194,6 +194,16 @@ def test_the_host_rule_agrees_with_the_device_rule(every, begin, end, first, len
     assert steps.any_between(first, last) == device
 
 
+@SETTINGS
+@given(st.integers(1, 7), st.integers(0, 12), st.one_of(st.none(), st.integers(0, 30)), st.integers(0, 60))
+def test_last_update_step_at_or_before_agrees_with_the_device_rule(every, begin, end, step):
+    if end is not None and end < max(begin, 1):
+        end = max(begin, 1) + end
+    steps = schedules.UpdateSteps(every, begin, end)
+    due = [t for t in range(0, step + 1) if bool(steps.is_update_step(t))]
+    assert steps.last_at_or_before(step) == (due[-1] if due else None)
+
+
 def test_prune_count_of_a_large_layer_is_the_float64_ceiling_of_the_reference():
     """The reference computes ceil(p * a) with p from Python float64 arithmetic. For layers
     of >= 10^5 active weights a float32 rate puts the count one off in some (step, a); the

@@ -116,3 +116,18 @@ def test_the_arguments_of_the_smaller_entry_points_are_checked():
     assert keras_dst.layer_densities({"a": (np.int64(4), 3)}, 0.5) == \
         distributions.layer_densities({"a": (4, 3)}, 0.5)
     assert layers._registered_names(keras.layers.Dense(2)) == ("kernel",)  # (unchanged)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: keras_dst.GradualPruning(0.5, begin_step=2**63, end_step=2**63 + 10), "begin_step"),
+    (lambda: keras_dst.GradualPruning(0.5, end_step=2**63), "end_step"),
+    (lambda: keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=2**64), "update_every"),
+    (lambda: keras_dst.DynamicSparseTraining(update_every=2**63), "update_every"),
+    (lambda: keras_dst.DynamicSparseTraining(end_step=2**63), "end_step"),
+])
+def test_steps_past_the_int64_step_counter_are_refused_when_made(make, name):
+    """They were accepted, then failed inside fit with TensorFlow's conversion error (or an
+    OverflowError) naming nothing, after the callback had installed its hook."""
+    with pytest.raises(ValueError, match=rf"{name} must be <= 2\*\*63 - 1 \(steps are int64\)"):
+        make()
+    assert validation.check_step(2**63 - 1, "end_step") == 2**63 - 1
