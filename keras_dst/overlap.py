@@ -189,6 +189,7 @@ class CriteriaOverlap(ScheduledCallback):
         self.seed = validation.check_seed(seed)
         self.history = []
         self._recorded = None  # (engine, step) of the last update in `history`
+        self._fit_start = None
 
     def _engine_key(self):
         return (tuple(self.criteria), self.update_every, self._schedule_key(), self.seed)
@@ -212,18 +213,28 @@ class CriteriaOverlap(ScheduledCallback):
             matrix = self.engine.matrix.numpy().astype(float)
             if self._recorded != (self.engine, step):  # (a later fit reads the same update)
                 self._recorded = (self.engine, step)
-                if not self._in_history(step, matrix):
+                if not self._replayed(step, matrix):
                     self.history.append((step, list(self.names), matrix))
         return {f"jaccard/{a}/{b}": float(matrix[i, j])
                 for i, a in enumerate(self.names) for j, b in enumerate(self.names) if i < j}
 
-    def _in_history(self, step, matrix) -> bool:
-        """Is this update already in `history` (the same step and matrix)? A fit resumed
-        from a backup (`BackupAndRestore`, on a model built again: another engine)
-        replays the updates after the backup with the same result; another model's
-        update at the same step has its own matrix."""
-        return any(s == step and names == self.names and np.array_equal(m, matrix, equal_nan=True)
-                   for s, names, m in reversed(self.history))
+    def on_train_begin(self, logs=None):
+        self._fit_start = None  # the optimizer step this fit starts from
+        super().on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._fit_start is None:  # (after a backup's restore, in on_train_begin)
+            self._fit_start = self._optimizer_step()
+        super().on_epoch_begin(epoch, logs)
+
+    def _replayed(self, step, matrix) -> bool:
+        """Is this update one that `history` holds already, replayed by a fit resumed from a
+        backup (`BackupAndRestore`, on a model built again: another engine)? Such a fit
+        starts past step 0 and computes the same matrix at the same step after its start;
+        a fit from step 0 (another model, or a run started over) is recorded anew."""
+        return bool(self._fit_start) and step > self._fit_start and any(
+            s == step and names == self.names and np.array_equal(m, matrix, equal_nan=True)
+            for s, names, m in reversed(self.history))
 
     def save_json(self, path: Union[str, os.PathLike], matrix: str = "mean") -> None:
         """Writes ``{"names", "matrix", "history": [{"step", "matrix"}, ...]}`` to `path`.
