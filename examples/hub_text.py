@@ -88,7 +88,8 @@ def _is_seed(text):
 
 
 # what decides whether a DST run reaches an update
-_UPDATE_FLAGS = ("methods", "epochs", "num_train", "batch_size", "update_every", "end_step")
+_UPDATE_FLAGS = ("methods", "epochs", "num_train", "batch_size", "update_every", "end_step", "prune",
+                 "grow", "prune_rate")
 
 
 def _check_an_update_runs(values):
@@ -98,14 +99,31 @@ def _check_an_update_runs(values):
     if "dst" not in (values["methods"] or ()) or min(sizes) <= 0:  # (their own checks)
         return True
     steps = values["epochs"] * math.ceil(values["num_train"] / values["batch_size"])
-    last = steps if values["end_step"] >= 1 else int(values["end_step"] * steps)
-    if values["update_every"] > last:
+    try:
+        callback = dst_callback(values, seed=0)
+    except (TypeError, ValueError):  # (a bad --prune, --grow, ...: its own check names it)
+        return True
+    try:
+        update_steps = callback.update_steps(total_steps=steps)
+        last = steps if update_steps.end is None else update_steps.end
+    except ValueError:  # (a fraction of the run that rounds to step 0)
+        update_steps, last = None, 0
+    if update_steps is None or not update_steps.any_between(1, steps):
         raise flags.ValidationError(
             f"no DST update would run: --update_every={values['update_every']} is past the "
             f"last update step {last} (--end_step={values['end_step']} of the run's {steps} "
             "steps: --epochs x ceil(--num_train / --batch_size)); lower --update_every or "
             "train longer")
     return True
+
+
+def dst_callback(values, seed):
+    """The run's DynamicSparseTraining from flag values (a dict, or FLAGS). --end_step 1.0,
+    "until the end", is the callback's None."""
+    end_step = values["end_step"]
+    return keras_dst.DynamicSparseTraining(
+        prune=values["prune"], grow=values["grow"], update_every=values["update_every"],
+        prune_rate=values["prune_rate"], end_step=end_step if end_step < 1 else None, seed=seed)
 
 
 def _library_name(lookup):
@@ -219,11 +237,8 @@ def run(method, seed, data):
         same = keras_dst.prunable(model, density=FLAGS.density, seed=seed,
                                   track_running_scores=running)
         assert same is model  # a keras-hub model: masks attached in place
-    if method == "dst":  # (end_step 1.0, "until the end", is the callback's None)
-        callbacks.append(keras_dst.DynamicSparseTraining(
-            prune=FLAGS.prune, grow=FLAGS.grow, update_every=FLAGS.update_every,
-            prune_rate=FLAGS.prune_rate, end_step=FLAGS.end_step if FLAGS.end_step < 1 else None,
-            seed=seed))
+    if method == "dst":
+        callbacks.append(dst_callback(FLAGS, seed))
     model.compile(optimizer=keras.optimizers.Adam(FLAGS.lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=FLAGS.jit_compile)

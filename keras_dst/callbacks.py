@@ -167,15 +167,31 @@ class DynamicSparseTraining(ScheduledCallback):
         """The ordering of the run: the criterion's own for ``"auto"``."""
         return self.criterion.ordering if self.ordering == "auto" else self.ordering
 
-    def _update_steps(self):
+    def update_steps(self, total_steps: Optional[int] = None) -> "schedules_lib.UpdateSteps":
+        """The optimizer steps its updates run at (``UpdateSteps.any_between(1, n)``: does
+        a run of ``n`` steps update?).
+
+        Args:
+          total_steps: the run's steps, which a fractional `end_step` is a fraction of
+            (``int(end_step * total_steps)``); default: the constructor's `total_steps`,
+            else the current fit's ``epochs * steps_per_epoch``.
+
+        Raises:
+          ValueError: a fractional `end_step` whose run length is unknown, or that leaves
+            no step from `begin_step` on.
+        """
         end_step = self.end_step
         if not isinstance(end_step, float):
             return schedules_lib.UpdateSteps(self.update_every, self.begin_step, end_step)
-        total = self.total_steps or self._total_steps(f"end_step={end_step}")
+        total = (validation.check_positive_int(total_steps, "total_steps") if total_steps is not None
+                 else self.total_steps or self._total_steps(f"end_step={end_step}"))
         with validation.errors_named(f"DynamicSparseTraining(end_step={end_step}, a fraction "
                                      f"of the run's {total} steps)"):
             return schedules_lib.UpdateSteps(self.update_every, self.begin_step,
                                              int(end_step * total))
+
+    def _update_steps(self):
+        return self.update_steps()
 
     def _end_from_this_fit(self):
         return isinstance(self.end_step, float) and self.total_steps is None

@@ -1008,3 +1008,22 @@ def test_prune_only_dst_warns_once_where_it_empties_a_layer(scope):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing left to empty: no warning
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[dst])
+
+
+def test_update_steps_of_a_run_resolve_a_fractional_end_step_as_fit_does():
+    """`update_steps(total_steps)` is the rule fit uses (examples check runs with it)."""
+    x, y = classification_data(n=160)  # 10 steps an epoch
+    dst = DST(update_every=4, end_step=0.75, schedule="constant")
+    assert dst.update_steps(total_steps=30) == schedules.UpdateSteps(4, 0, 22)
+    assert not DST(update_every=4, end_step=0.1).update_steps(total_steps=30).any_between(1, 30)
+    with pytest.raises(ValueError, match="end_step"):  # (the fraction rounds to step 0)
+        DST(update_every=4, end_step=0.01).update_steps(total_steps=30)
+    with pytest.raises(ValueError, match="total_steps"):
+        dst.update_steps(total_steps=0)
+    with pytest.raises(ValueError, match="end_step=0.75"):  # (no fit: the run's length is unknown)
+        dst.update_steps()
+    assert DST(update_every=4, end_step=9).update_steps() == schedules.UpdateSteps(4, 0, 9)
+    model = keras_dst.prunable(mlp(), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[dst])
+    assert dst.engine.update_steps == dst.update_steps(total_steps=30)
