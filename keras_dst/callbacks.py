@@ -267,8 +267,13 @@ class DynamicSparseTraining(ScheduledCallback):
         return logs
 
     def get_config(self):
+        # (a criterion or rule registered again since, with overwrite=True, is refused: a
+        # config would restore the new one)
+        criteria_lib.check_serializable(self.criterion, "prune")
         prune = self.criterion.get_config()
         prune_params = prune.pop("params")
+        if self.growth is not None:
+            growth_lib.check_serializable(self.growth, "grow")
         return dict(prune=prune["name"] if list(prune) == ["name"] else prune,
                     grow=None if self.growth is None else self.growth.name,
                     update_every=self.update_every, prune_rate=self.prune_rate,

@@ -113,32 +113,35 @@ def _keyword_params(fn: Callable, leading: int = 1):
 
 
 def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapping[str, Any],
-                 fn: Optional[Callable] = None) -> types.MappingProxyType:
+                 fn: Optional[Callable] = None, leading: int = 1) -> types.MappingProxyType:
     """`defaults` updated with `params`, refusing unknown parameter names.
 
     A name is known if it is in `defaults` or, when `fn` is given, if `fn`
-    accepts it as a keyword after its first (inputs) argument. A number (in
-    `defaults`, or given for a number's parameter) must be finite.
+    accepts it as a keyword after its `leading` positional arguments (the inputs;
+    the inputs and the count for a selection function). A number (in `defaults`,
+    or given for a number's parameter) must be finite. Every value must be one a
+    JSON config holds (`_plain`).
 
     Raises:
       ValueError: naming the unknown parameter and the accepted ones, or a
         number that is not finite.
-      TypeError: a number's parameter given something else.
+      TypeError: a number's parameter given something else, or a value a config
+        cannot hold (an array, a tensor, a function).
     """
     accepted = set(defaults)
     if fn is not None:
-        by_fn = _keyword_params(fn)
+        by_fn = _keyword_params(fn, leading)
         accepted = None if by_fn is None or by_fn[1] else accepted | {p.name for p in by_fn[0]}
     checked = {}
     with validation.errors_named(f"{kind} {name!r}"):
         for param, value in defaults.items():
-            value = _plain(value)
+            value = _plain(value, param)
             if validation.is_real(value):  # a finite number
                 checked_value = validation.check_real(value, param)
                 value = checked_value if isinstance(value, float) else value
             checked[param] = value
         for param, value in params.items():
-            value = _plain(value)
+            value = _plain(value, param)
             if accepted is not None and param not in accepted:
                 raise ValueError(f"Unknown parameter {param!r} for {kind} {name!r}; "
                                  f"accepted: {sorted(accepted) or 'none'}.")
@@ -150,9 +153,26 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
     return types.MappingProxyType(checked)
 
 
-def _plain(value):
-    """A NumPy scalar as the Python number it holds (configs stay JSON); other values as given."""
-    return value.item() if isinstance(value, np.generic) else value
+def _plain(value, param: str):
+    """`value` as a parameter value a JSON config holds and gives back equal: None, a bool,
+    number or str (a NumPy scalar as the Python one it holds), or a list (a tuple as a
+    list) or str-keyed dict of such values.
+
+    Raises:
+      TypeError: naming `param`, for anything else (an array, a tensor, a function...):
+        a config could not restore it, and a later fit could not compare it.
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, param) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, param) for k, v in value.items()}
+    raise TypeError(f"parameter {param!r} must be a number, bool, str, None, or a list or "
+                    f"str-keyed dict of them (a config holds it as JSON), got "
+                    f"{type(value).__name__} {value!r}.")
 
 
 def check_entry(entry, kind: str, fn: Optional[Callable], flags: Sequence[str],
@@ -222,17 +242,31 @@ def calling(kind: str, name: str) -> Iterator[None]:
 
 
 def scores_of(scores, inputs: ScoreInputs, kind: str, name: str) -> tf.Tensor:
-    """A score function's result as float32, refused unless it has the weight's shape and
-    a numeric dtype."""
-    scores = tf.convert_to_tensor(scores)
+    """A score function's result as float32, refused unless it has the weight's (static)
+    shape and a numeric dtype."""
+    try:
+        scores = tf.convert_to_tensor(scores)
+    except (TypeError, ValueError) as e:  # (None: a function without its `return`)
+        raise TypeError(f"{kind} {name!r} returned {scores!r}, not a tensor of scores: "
+                        f"{e}") from None
     if not (scores.dtype.is_floating or scores.dtype.is_integer or scores.dtype.is_bool):
         raise TypeError(f"{kind} {name!r} returned scores of dtype {scores.dtype.name}; a score "
                         "function returns real numbers (cast to float32).")
-    if not scores.shape.is_compatible_with(inputs.weight.shape):
-        raise ValueError(f"{kind} {name!r} returned scores of shape {scores.shape} for a weight "
-                         f"of shape {inputs.weight.shape}; a score function returns one score "
-                         "per entry.")
+    check_static_shape(scores, inputs.weight.shape, f"{kind} {name!r} returned scores",
+                       "a score function returns one score per entry")
     return tf.cast(scores, tf.float32)
+
+
+def check_static_shape(tensor, shape, what: str, rule: str) -> None:
+    """Raises ValueError (`what` ... `rule`) unless `tensor`'s static shape is `shape`
+    (one of unknown dimensions, which tf.numpy_function gives, could hide a transposed
+    or a wrong-sized result)."""
+    if tensor.shape != shape or not tensor.shape.is_fully_defined():
+        unknown = "" if tensor.shape.is_fully_defined() else (
+            " (not known when traced, as a tf.numpy_function's result: give it the "
+            "weight's shape with tf.ensure_shape)")
+        raise ValueError(f"{what} of shape {tensor.shape}{unknown} for a weight of shape "
+                         f"{shape}; {rule}.")
 
 
 def require_inputs(inputs: ScoreInputs, kind: str, name: str, gradient: bool = False, momentum: bool = False):
@@ -325,9 +359,12 @@ class Criterion(FrozenEntry):
         `select` (defaults merged with user values).
       select: optional fn(inputs, count, **params) -> bool tensor, True at the
         entries to remove; replaces score-based selection (the SET family).
-        `count` is the scalar int32 `r`; only active entries may be returned.
+        `inputs` holds 1-D tensors (a layer's weight flattened; in global scope all
+        the layers', concatenated), `count` is the scalar int32 `r`; only active
+        entries may be returned.
       ema: running criterion: the engine keeps S <- beta*S + (1-beta)*score
-        (`ema_update`, `params["beta"]`) and prunes on S instead of the score.
+        (`ema_update`, `params["beta"]`) and prunes on S instead of the score
+        (a score criterion only).
     """
 
     name: str
@@ -343,6 +380,10 @@ class Criterion(FrozenEntry):
             object.__setattr__(self, "ordering", canonical_ordering(self.ordering))
         if (self.score is None) == (self.select is None):
             raise ValueError(f"Criterion {self.name!r} needs exactly one of `score` and `select`.")
+        if self.select is not None and isinstance(self.ema, (bool, np.bool_)) and self.ema:
+            raise ValueError(f"Criterion {self.name!r}: a running criterion (ema=True) averages "
+                             "per-entry scores, which a selection rule (select=) does not have; "
+                             "give it a score function instead.")
         check_entry(self, "Criterion", self.score or self.select, ("needs_gradient", "ema"),
                     leading=1 if self.select is None else 2)
         object.__setattr__(self, "params", merge_params("criterion", self.name, self.params, {}))
@@ -361,12 +402,13 @@ class Criterion(FrozenEntry):
         """A copy with `params` merged into the current ones.
 
         Accepted names: the current params, plus the keyword arguments of
-        `score` after its first (inputs) argument.
+        `score` after its inputs (of `select` after its inputs and count).
 
         Raises:
           ValueError: naming an unknown parameter.
         """
-        merged = merge_params("criterion", self.name, self.params, params, fn=self.score)
+        merged = merge_params("criterion", self.name, self.params, params, fn=self.score or self.select,
+                              leading=1 if self.select is None else 2)
         return dataclasses.replace(self, params=merged)
 
     def evaluate(self, inputs: ScoreInputs) -> tf.Tensor:
@@ -394,10 +436,8 @@ class Criterion(FrozenEntry):
         if removed.dtype != tf.bool:
             raise TypeError(f"Criterion {self.name!r} selected with dtype {removed.dtype.name}; a "
                             "selection function returns a bool tensor (True: remove).")
-        if not removed.shape.is_compatible_with(inputs.mask.shape):
-            raise ValueError(f"Criterion {self.name!r} selected a tensor of shape {removed.shape} "
-                             f"for a weight of shape {inputs.mask.shape}; a selection function "
-                             "returns one bool per entry.")
+        check_static_shape(removed, inputs.mask.shape, f"Criterion {self.name!r} selected a tensor",
+                           "a selection function returns one bool per entry")
         return removed
 
     def get_config(self) -> dict:
@@ -449,9 +489,10 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
       ordering: "after_optimizer" or "before_optimizer" (or the reference's
         "before"/"after"; see `Criterion`).
       needs_gradient: whether the function reads `inputs.gradient`.
-      params: default keyword parameters; only these names are accepted later.
+      params: default keyword parameters (values a JSON config holds); these and the
+        function's keyword arguments are accepted later.
       select: the decorated function is fn(inputs, count, **params) -> bool
-        "remove these" instead of a score.
+        "remove these" instead of a score (on 1-D inputs: see `Criterion.select`).
       ema: running criterion (see `Criterion.ema`); give it a "beta" param.
       overwrite: replace an existing registration of `name`.
 

@@ -8,7 +8,9 @@ import tensorflow as tf
 class ScoreInputs(NamedTuple):
     """Everything a pruning or growth score may depend on, for one tensor.
 
-    All tensors have the shape of the sparsified weight (any rank).
+    All tensors have the shape of the sparsified weight (any rank), but for a selection
+    rule (a criterion's `select`), which gets them flattened to 1-D (in global scope, all
+    the layers' concatenated).
 
     Attributes:
       weight: float32 weight values (inactive entries are exactly 0).
@@ -18,7 +20,8 @@ class ScoreInputs(NamedTuple):
       seed: int32 tensor of shape [2], a stateless RNG seed unique to this
         tensor and this update step (use `tf.random.stateless_*`).
       momentum: float32 optimizer momentum of the weight (SGD momentum buffer,
-        or Adam's m / (sqrt(v) + 1e-8)), or None when unavailable.
+        or Adam's m / (sqrt(v) + 1e-8)) for a growth rule that needs it; None
+        otherwise (pruning criteria get None).
     """
 
     weight: tf.Tensor

@@ -532,6 +532,111 @@ def test_a_selection_rule_s_result_is_checked():
             criteria._CRITERIA.unregister("test_only_sel")
 
 
+def test_a_score_of_unknown_shape_or_none_is_refused_naming_the_criterion():
+    """A tf.numpy_function's result has no static shape: a transposed score passed the
+    compatibility check and pruned other entries; a function without its `return` gave
+    TensorFlow's "None values not supported" naming nothing."""
+    def transposed(inputs):
+        return tf.numpy_function(lambda w: np.abs(w).T.copy(), [inputs.weight], tf.float32)
+
+    def forgot_return(inputs):
+        tf.abs(inputs.weight)
+
+    @tf.function
+    def traced(fn, w):
+        inputs = ScoreInputs(w, None, tf.ones_like(w, tf.bool), tf.zeros([2], tf.int64))
+        return get_criterion(fn, needs_gradient=False).evaluate(inputs)
+
+    with pytest.raises(ValueError, match=r"Criterion 'transposed' returned scores of shape "
+                                         r"<unknown> \(not known when traced.*tf.ensure_shape\) for a "
+                                         r"weight of shape \(2, 3\)"):
+        traced(transposed, tf.ones([2, 3]))
+    with pytest.raises(TypeError, match=r"Criterion 'forgot_return' returned None, not a tensor"):
+        traced(forgot_return, tf.ones([2, 3]))
+
+
+def test_a_selection_rule_takes_its_own_keyword_parameters_but_not_a_running_average():
+    def every_other(inputs, count, start=0):
+        return tf.logical_and(inputs.mask, tf.range(tf.size(inputs.mask)) % 2 == start)
+
+    try:
+        register_criterion("test_only_sel", ordering="after_optimizer", needs_gradient=False,
+                           select=True)(every_other)
+        assert get_criterion("test_only_sel", start=1).params == {"start": 1}  # (was refused)
+        with pytest.raises(ValueError, match=r"Unknown parameter 'count'"):
+            get_criterion("test_only_sel", count=1)
+    finally:
+        criteria._CRITERIA.unregister("test_only_sel")
+    with pytest.raises(ValueError, match=r"Criterion 'test_only_sel_ema': a running criterion "
+                                         r"\(ema=True\) averages per-entry scores"):
+        register_criterion("test_only_sel_ema", ordering="after_optimizer", select=True, ema=True,
+                           params={"beta": 0.9})(every_other)
+    assert "test_only_sel_ema" not in criteria.criterion_names()
+
+
+@pytest.mark.parametrize("value", [np.ones(3), tf.ones([3]), print, {1: 2.0}, [np.ones(2)]],
+                         ids=["ndarray", "tensor", "function", "int_keys", "nested_ndarray"])
+def test_a_parameter_value_a_config_cannot_hold_is_refused_naming_it(value):
+    """An array parameter was accepted: its config was not JSON, a Keras round trip gave
+    back a dict in its place, and a later fit failed comparing it ("truth value of an
+    array is ambiguous")."""
+    def scaled(inputs, factor=1.0):
+        return tf.abs(inputs.weight) * tf.reduce_mean(tf.cast(factor, tf.float32))
+
+    with pytest.raises(TypeError, match=r"criterion 'scaled'.*parameter 'factor' must be a number, "
+                                        r"bool, str, None, or a list or str-keyed dict of them"):
+        get_criterion(scaled, factor=value)
+    with pytest.raises(TypeError, match=r"DynamicSparseTraining\(prune='mest'.*parameter 'gamma'"):
+        keras_dst.DynamicSparseTraining(prune="mest", prune_params={"gamma": value})
+
+
+def test_list_and_tuple_parameters_round_trip_through_json():
+    def weighted(inputs, factors=(1.0, 2.0)):
+        return tf.abs(inputs.weight) * factors[0]
+
+    try:
+        register_criterion("test_only_weighted", ordering="after_optimizer", needs_gradient=False,
+                           params={"factors": (1.0, 2.0)})(weighted)
+        criterion = get_criterion("test_only_weighted", factors=(3.0, np.float32(4.0)))
+        assert criterion.params["factors"] == [3.0, 4.0]
+        config = json.loads(json.dumps(criterion.get_config()))
+        assert Criterion.from_config(config) == criterion
+    finally:
+        criteria._CRITERIA.unregister("test_only_weighted")
+
+
+def test_a_callback_config_names_the_argument_of_a_rule_registered_again():
+    """A growth rule registered again (overwrite=True) after a callback was made was
+    written by name into its config, which then restored the new rule; a criterion's
+    refusal named `criterion=` for the callback's `prune=`."""
+    from keras_dst import growth as growth_lib
+
+    def grow_first(inputs):
+        return -tf.cast(tf.range(tf.size(inputs.weight)), tf.float32)
+
+    def grow_last(inputs):
+        return tf.cast(tf.range(tf.size(inputs.weight)), tf.float32)
+
+    def kept(inputs):
+        return tf.abs(inputs.weight)
+
+    try:
+        keras_dst.register_growth("test_only_grow")(grow_first)
+        register_criterion("test_only_kept", ordering="after_optimizer", needs_gradient=False)(kept)
+        callback = keras_dst.DynamicSparseTraining(prune="test_only_kept", grow="test_only_grow")
+        callback.get_config()
+        keras_dst.register_growth("test_only_grow", overwrite=True)(grow_last)
+        with pytest.raises(ValueError, match=r"grow='test_only_grow' cannot be saved in a config"):
+            callback.get_config()
+        keras_dst.register_growth("test_only_grow", overwrite=True)(grow_first)
+        register_criterion("test_only_kept", ordering="after_optimizer", overwrite=True)(grow_last)
+        with pytest.raises(ValueError, match=r"prune='test_only_kept' cannot be saved in a config"):
+            callback.get_config()
+    finally:
+        growth_lib._GROWTH.unregister("test_only_grow")
+        criteria._CRITERIA.unregister("test_only_kept")
+
+
 def test_registry_is_the_shared_type_with_overwrite():
     assert isinstance(criteria._CRITERIA, Registry)
 
