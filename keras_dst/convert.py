@@ -701,15 +701,26 @@ def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, i
     per_weight, _ = by_weight(
         [(f"pattern_overrides['{key}']", key, p) for key, p in parsed.items()]
         + [(f"keep_dense '{key}'", key, str(patterns.UNSTRUCTURED)) for key in keep_dense])
-    result = {}
+    result, unfit = {}, []
     for path, layer in owner.items():
         p = patterns.parse(per_weight[path]) if path in per_weight else pattern
-        sparse_layers.check_pattern(p, layer, variables[path],
-                                    f"layer '{label(layer)}' (weight '{path}')")
+        try:
+            sparse_layers.check_pattern(p, layer, variables[path],
+                                        f"layer '{label(layer)}' (weight '{path}')")
+        except ValueError as e:
+            unfit.append((label(layer), e))
+            continue
         if p.kind != "unstructured" and init != "exact":
             raise ValueError(f"prunable(): pattern '{p}' of layer '{label(layer)}' needs "
                              f"init='exact', got init={init!r}.")
         result[path] = p
+    if unfit:  # the first one's reason, and every layer named (not one per try)
+        others = list(dict.fromkeys(name for name, _ in unfit[1:] if name != unfit[0][0]))
+        if not others:
+            raise unfit[0][1]
+        raise ValueError(f"{unfit[0][1]} {len(others)} more layer(s) cannot take their pattern "
+                         f"either: {others} (keras_dst.unfit_layers(model, pattern) gives them "
+                         "all, ready for pattern_overrides=).") from None
     return result
 
 

@@ -754,5 +754,9 @@ def test_a_model_whose_sparsity_pass_fails_points_at_sparsity_false(tmp_path):
     stored = {w.weight: w.stored for w in report.weights}
     assert stored["tied/embedding/embeddings"] == "dense", stored
     assert stored["tied/mid/kernel"] != "dense", stored
+    # (its reason was "FULLY_CONNECTED/GATHER weights are never compressed (only
+    # FULLY_CONNECTED ... are)", where the table is dense)
+    table = next(w for w in report.weights if w.weight == "tied/embedding/embeddings")
+    assert table.why.startswith("0% zeros: the converter keeps weights with < 30 % zeros dense"), table.why
     np.testing.assert_allclose(report.load().predict(ids), kept.predict(ids, verbose=0),
                                atol=1e-5)

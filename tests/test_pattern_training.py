@@ -121,6 +121,19 @@ def test_unfit_layers_names_the_layers_a_pattern_cannot_take():
         ["unstructured", "1x4", "1x4"]
 
 
+def test_a_pattern_refused_names_every_layer_that_cannot_take_it():
+    """Only the first unfit layer was named: a user fixing it met the next on the next try."""
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(10, name="six_in")(inputs)  # 6 and 10 inputs: no 1x4 blocks
+    x = keras.layers.Dense(8, name="ten_in")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    with pytest.raises(ValueError, match=r"layer 'six_in' .*needs the input axis.* 1 more layer\(s\) "
+                                         r"cannot take their pattern either: \['ten_in'\] "
+                                         r"\(keras_dst.unfit_layers\(model, pattern\)"):
+        keras_dst.prunable(model, density=0.3, pattern="1x4")
+    assert set(keras_dst.unfit_layers(model, "1x4")) == {"six_in", "ten_in"}
+
+
 class _Block(keras.layers.Layer):
     def __init__(self, width, **kwargs):
         super().__init__(**kwargs)
