@@ -226,16 +226,23 @@ def config_params(config: dict, kind: str, name: str) -> Mapping[str, Any]:
 
 
 @contextlib.contextmanager
-def calling(kind: str, name: str) -> Iterator[None]:
+def calling(kind: str, name: str, inputs: Optional[ScoreInputs] = None,
+            declared: Sequence[str] = ("gradient",)) -> Iterator[None]:
     """Re-raises an error of the criterion's or growth rule's own function (traced into the
     training step: a `.numpy()` call on a symbolic tensor, say) with its name first, same
-    type (errors that cannot be made from a message pass as they are)."""
+    type (errors that cannot be made from a message pass as they are); an error of a None
+    operand where a field of `inputs` that a registration declares (``needs_<field>``,
+    `declared`) is None says why."""
     try:
         yield
     except Exception as e:
+        missing = [f"inputs.{field} is None: it is registered without needs_{field}=True"
+                   for field in declared if inputs is not None and getattr(inputs, field) is None
+                   and "None" in str(e)]  # (an error of a None operand)
         try:
             named = type(e)(f"{kind} {name!r} (its function is traced into the training step: "
-                            f"TensorFlow ops only, no .numpy()): {e}")
+                            f"TensorFlow ops only, no .numpy(){''.join('; ' + m for m in missing)}): "
+                            f"{e}")
         except Exception:
             raise e from None
         raise named from e
@@ -420,7 +427,7 @@ class Criterion(FrozenEntry):
         if self.score is None:
             raise ValueError(f"Criterion {self.name!r} selects by rule and has no per-entry score.")
         require_inputs(inputs, "criterion", self.name, gradient=self.needs_gradient)
-        with calling("Criterion", self.name):
+        with calling("Criterion", self.name, inputs):
             scores = self.score(inputs, **self.params)
         return scores_of(scores, inputs, "Criterion", self.name)
 

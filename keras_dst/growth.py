@@ -79,7 +79,7 @@ class GrowthRule(FrozenEntry):
           ValueError: a needed gradient or momentum is None.
         """
         require_inputs(inputs, "growth", self.name, gradient=self.needs_gradient, momentum=self.needs_momentum)
-        with calling("Growth rule", self.name):
+        with calling("Growth rule", self.name, inputs, ("gradient", "momentum")):
             scores = self.score(inputs, **self.params)
         return scores_of(scores, inputs, "Growth rule", self.name)
 

@@ -85,6 +85,13 @@ def summed_over_replicas(grads: list, needed: bool = True) -> list:
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
 
+def without_unneeded(grads: list, needed: bool) -> list:
+    """`grads`, or Nones where no rule of the run declares it reads them (`needs_gradient`):
+    a rule that reads them all the same fails, named, rather than score with gradients
+    that were not summed over the replicas (masks that would differ between them)."""
+    return list(grads) if needed else [None] * len(grads)
+
+
 def state_variable(value, name):
     """A non-trainable tf.Variable written from the compiled step (first replica wins)."""
     return tf.Variable(value, trainable=False, name=name,

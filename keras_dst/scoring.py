@@ -15,7 +15,8 @@ class ScoreInputs(NamedTuple):
     Attributes:
       weight: float32 weight values (inactive entries are exactly 0).
       gradient: float32 dense loss gradient of the current mini-batch, at every
-        position, inactive ones included (no weight-decay term).
+        position, inactive ones included (no weight-decay term); None where no
+        rule of the run is registered with ``needs_gradient=True``.
       mask: bool, True where the weight is active.
       seed: int32 tensor of shape [2], a stateless RNG seed unique to this
         tensor and this update step (use `tf.random.stateless_*`).

@@ -770,3 +770,27 @@ def test_a_user_constraint_keeps_the_mask_constraint_inside_the_optimizer():
     fc1 = next(w for p, w in targets.items() if "fc1" in p).numpy()
     assert np.all(np.linalg.norm(fc1, axis=0) <= 0.5 + 1e-5)  # MaxNorm held every step
     assert_sparse_invariants(model)
+
+
+def test_a_rule_that_reads_the_gradient_without_declaring_it_fails_named():
+    """A criterion registered with needs_gradient=False that reads the gradient got it all
+    the same, not summed over the replicas of a strategy: each replica scored with its own
+    gradient, and the masks could differ between them. It now gets None and fails, named,
+    before any mask changes."""
+    def secretly_grad(inputs):
+        return tf.abs(inputs.gradient)
+
+    try:
+        keras_dst.register_criterion("test_only_secret", ordering="before_optimizer",
+                                     needs_gradient=False)(secretly_grad)
+        model = keras_dst.prunable(mlp(), density=0.3)
+        masks = keras_dst.masks(model)
+        model.compile(keras.optimizers.SGD(0.05), LOSS)
+        x, y = classification_data(n=32)
+        with pytest.raises(Exception, match=r"Criterion 'test_only_secret' .*inputs.gradient is None: it "
+                                           r"is registered without needs_gradient=True"):
+            model.fit(x, y, batch_size=16, verbose=0, callbacks=[keras_dst.DynamicSparseTraining(
+                prune="test_only_secret", grow="random", update_every=1)])
+        assert all((keras_dst.masks(model)[k] == v).all() for k, v in masks.items())
+    finally:
+        keras_dst.criteria._CRITERIA.unregister("test_only_secret")
