@@ -118,8 +118,9 @@ def _check_an_update_runs(values):
 
 
 def dst_callback(values, seed):
-    """The run's DynamicSparseTraining from flag values (a dict, or FLAGS). --end_step 1.0,
-    "until the end", is the callback's None."""
+    """The run's DynamicSparseTraining from flag values (a dict {flag name: value}, as
+    `FLAGS.flag_values_dict()` gives). --end_step 1.0, "until the end", is the callback's
+    None."""
     end_step = values["end_step"]
     return keras_dst.DynamicSparseTraining(
         prune=values["prune"], grow=values["grow"], update_every=values["update_every"],
@@ -238,7 +239,7 @@ def run(method, seed, data):
                                   track_running_scores=running)
         assert same is model  # a keras-hub model: masks attached in place
     if method == "dst":
-        callbacks.append(dst_callback(FLAGS, seed))
+        callbacks.append(dst_callback(FLAGS.flag_values_dict(), seed))
     model.compile(optimizer=keras.optimizers.Adam(FLAGS.lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=FLAGS.jit_compile)

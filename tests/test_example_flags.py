@@ -178,6 +178,14 @@ def test_hub_text_bad_flags_are_one_line_errors_before_training(argv, fragment):
                               "--end_step=1"]).update_every == 20
 
 
+def test_hub_text_builds_its_callback_from_the_parsed_flags():
+    """(run() passed FLAGS itself, whose items are Flag objects: every DST run failed;
+    test_hub.py's slow test runs the script.)"""
+    fv = _parsed(hub_text, ["--methods=dst", "--update_every=7", "--end_step=1.0"])
+    config = hub_text.dst_callback(fv.flag_values_dict(), seed=3).get_config()
+    assert (config["update_every"], config["end_step"], config["seed"]) == (7, None, 3)
+
+
 def test_hub_text_prints_the_library_s_names(monkeypatch):
     fv = _parsed(hub_text, ["--prune=Magnitude", "--grow=GRADIENT", "--methods=dst",
                             "--end_step=1.0"])
