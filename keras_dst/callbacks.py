@@ -178,13 +178,15 @@ class DynamicSparseTraining(ScheduledCallback):
 
         Raises:
           ValueError: a fractional `end_step` whose run length is unknown, or that leaves
-            no step from `begin_step` on.
+            no step from `begin_step` on; `total_steps` < 1.
+          TypeError: `total_steps` is not an int.
         """
+        if total_steps is not None:
+            total_steps = validation.check_positive_int(total_steps, "total_steps")
         end_step = self.end_step
         if not isinstance(end_step, float):
             return schedules_lib.UpdateSteps(self.update_every, self.begin_step, end_step)
-        total = (validation.check_positive_int(total_steps, "total_steps") if total_steps is not None
-                 else self.total_steps or self._total_steps(f"end_step={end_step}"))
+        total = total_steps or self.total_steps or self._total_steps(f"end_step={end_step}")
         with validation.errors_named(f"DynamicSparseTraining(end_step={end_step}, a fraction "
                                      f"of the run's {total} steps)"):
             return schedules_lib.UpdateSteps(self.update_every, self.begin_step,

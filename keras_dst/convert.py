@@ -708,19 +708,21 @@ def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, i
             sparse_layers.check_pattern(p, layer, variables[path],
                                         f"layer '{label(layer)}' (weight '{path}')")
         except ValueError as e:
-            unfit.append((label(layer), e))
-            continue
-        if p.kind != "unstructured" and init != "exact":
-            raise ValueError(f"prunable(): pattern '{p}' of layer '{label(layer)}' needs "
-                             f"init='exact', got init={init!r}.")
+            unfit.append((label(layer), e, path in per_weight))
         result[path] = p
     if unfit:  # the first one's reason, and every layer named (not one per try)
-        others = list(dict.fromkeys(name for name, _ in unfit[1:] if name != unfit[0][0]))
+        others = list(dict.fromkeys(name for name, _, _ in unfit[1:] if name != unfit[0][0]))
         if not others:
             raise unfit[0][1]
+        hint = "" if any(overridden for *_, overridden in unfit) else (
+            " (keras_dst.unfit_layers(model, pattern) gives them all, ready for "
+            "pattern_overrides=)")
         raise ValueError(f"{unfit[0][1]} {len(others)} more layer(s) cannot take their pattern "
-                         f"either: {others} (keras_dst.unfit_layers(model, pattern) gives them "
-                         "all, ready for pattern_overrides=).") from None
+                         f"either: {others}{hint}.") from None
+    structured = next((path for path, p in result.items() if p.kind != "unstructured"), None)
+    if structured is not None and init != "exact":
+        raise ValueError(f"prunable(): pattern '{result[structured]}' of layer "
+                         f"'{label(owner[structured])}' needs init='exact', got init={init!r}.")
     return result
 
 

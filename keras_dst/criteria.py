@@ -18,10 +18,10 @@ Built-ins (`w` weight, `g` gradient):
 | set_legacy               | reference "magnitude and negativity"   | after_optimizer  | no       |
 | random                   | stateless U[0, 1) from inputs.seed     | after_optimizer  | no       |
 | running_magnitude        | EMA of abs(w)                          | after_optimizer  | no       |
-| mest                     | abs(w) + gamma * abs(g)  (gamma=1.0)   | before_optimizer | yes      |
-| snip                     | abs(w * g) + offset  (offset=1e-5)     | before_optimizer | yes      |
+| mest                     | abs(w) + gamma * abs(g) (1.0)          | before_optimizer | yes      |
+| snip                     | abs(w * g) + offset (1e-5)             | before_optimizer | yes      |
 | sensitivity              | abs(g) / (abs(w) + 1e-8) + 1           | before_optimizer | yes      |
-| reciprocal_sensitivity   | abs(w) / (abs(g) + 1e-8) + offset (1)  | before_optimizer | yes      |
+| reciprocal_sensitivity   | abs(w)/(abs(g) + 1e-8) + offset (1.0)  | before_optimizer | yes      |
 | taylor_fo                | (w * g) ** 2                           | before_optimizer | yes      |
 | running_snip             | EMA of abs(w * g)                      | before_optimizer | yes      |
 
@@ -60,6 +60,7 @@ Adding a criterion takes a few lines::
 import contextlib
 import dataclasses
 import inspect
+import re
 import types
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -155,8 +156,9 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
 
 def _plain(value, param: str):
     """`value` as a parameter value a JSON config holds and gives back equal: None, a bool,
-    number or str (a NumPy scalar as the Python one it holds), or a list (a tuple as a
-    list) or str-keyed dict of such values.
+    number or str (a NumPy scalar as the Python one it holds), or a tuple (a list as a
+    tuple: JSON writes both as a list, and the value stays immutable) or str-keyed dict of
+    such values.
 
     Raises:
       TypeError: naming `param`, for anything else (an array, a tensor, a function...):
@@ -167,11 +169,11 @@ def _plain(value, param: str):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v, param) for v in value]
+        return tuple(_plain(v, param) for v in value)
     if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
         return {k: _plain(v, param) for k, v in value.items()}
-    raise TypeError(f"parameter {param!r} must be a number, bool, str, None, or a list or "
-                    f"str-keyed dict of them (a config holds it as JSON), got "
+    raise TypeError(f"parameter {param!r} must be a number, bool, str, None, or a list, tuple "
+                    f"or str-keyed dict of them (a config holds it as JSON), got "
                     f"{type(value).__name__} {value!r}.")
 
 
@@ -259,21 +261,22 @@ def scores_of(scores, inputs: ScoreInputs, kind: str, name: str) -> tf.Tensor:
     if not (scores.dtype.is_floating or scores.dtype.is_integer or scores.dtype.is_bool):
         raise TypeError(f"{kind} {name!r} returned scores of dtype {scores.dtype.name}; a score "
                         "function returns real numbers (cast to float32).")
-    check_static_shape(scores, inputs.weight.shape, f"{kind} {name!r} returned scores",
-                       "a score function returns one score per entry")
+    scores = of_shape(scores, inputs.weight.shape, f"{kind} {name!r} returned scores",
+                      "a score function returns one score per entry")
     return tf.cast(scores, tf.float32)
 
 
-def check_static_shape(tensor, shape, what: str, rule: str) -> None:
-    """Raises ValueError (`what` ... `rule`) unless `tensor`'s static shape is `shape`
-    (one of unknown dimensions, which tf.numpy_function gives, could hide a transposed
-    or a wrong-sized result)."""
-    if tensor.shape != shape or not tensor.shape.is_fully_defined():
-        unknown = "" if tensor.shape.is_fully_defined() else (
-            " (not known when traced, as a tf.numpy_function's result: give it the "
-            "weight's shape with tf.ensure_shape)")
-        raise ValueError(f"{what} of shape {tensor.shape}{unknown} for a weight of shape "
-                         f"{shape}; {rule}.")
+def of_shape(tensor: tf.Tensor, shape, what: str, rule: str) -> tf.Tensor:
+    """`tensor` with the static shape `shape`: a ValueError (`what` ... `rule`) where its
+    static shape is another; where it is partly unknown (a tf.numpy_function's result, a
+    `TensorArray` stacked in a loop), checked when it runs (`tf.ensure_shape`, whose error
+    names the op ``shape_of_<what>``), so that a transposed or wrong-sized result never
+    passes, flattened, as the weight's."""
+    if not tensor.shape.is_compatible_with(shape):
+        raise ValueError(f"{what} of shape {tensor.shape} for a weight of shape {shape}; {rule}.")
+    if tensor.shape.is_fully_defined():
+        return tensor
+    return tf.ensure_shape(tensor, shape, name="shape_of_" + re.sub(r"\W+", "_", what))
 
 
 def require_inputs(inputs: ScoreInputs, kind: str, name: str, gradient: bool = False, momentum: bool = False):
@@ -443,7 +446,7 @@ class Criterion(FrozenEntry):
         if removed.dtype != tf.bool:
             raise TypeError(f"Criterion {self.name!r} selected with dtype {removed.dtype.name}; a "
                             "selection function returns a bool tensor (True: remove).")
-        check_static_shape(removed, inputs.mask.shape, f"Criterion {self.name!r} selected a tensor",
+        removed = of_shape(removed, inputs.mask.shape, f"Criterion {self.name!r} selected a tensor",
                            "a selection function returns one bool per entry")
         return removed
 
@@ -495,9 +498,9 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
       name: registry name (lookup ignores case, "_" and "-").
       ordering: "after_optimizer" or "before_optimizer" (or the reference's
         "before"/"after"; see `Criterion`).
-      needs_gradient: whether the function reads `inputs.gradient`.
-      params: default keyword parameters (values a JSON config holds); these and the
-        function's keyword arguments are accepted later.
+      needs_gradient: whether the function reads `inputs.gradient` (None otherwise).
+      params: default keyword parameters (values a JSON config holds: `merge_params`);
+        these and the function's keyword arguments are accepted later.
       select: the decorated function is fn(inputs, count, **params) -> bool
         "remove these" instead of a score (on 1-D inputs: see `Criterion.select`).
       ema: running criterion (see `Criterion.ema`); give it a "beta" param.
@@ -779,7 +782,7 @@ def mest(inputs: ScoreInputs, gamma) -> tf.Tensor:
 
 
 @register_criterion("snip", ordering="before_optimizer", params={"offset": 1e-5})
-def snip(inputs: ScoreInputs, offset) -> tf.Tensor:
+def snip(inputs: ScoreInputs, offset=1e-5) -> tf.Tensor:
     """abs(w * g) + offset.
 
     The reference's layer-wise score (`snip_eps_pruning`) adds 1e-5, its global one
@@ -795,7 +798,7 @@ def sensitivity(inputs: ScoreInputs) -> tf.Tensor:
 
 
 @register_criterion("reciprocal_sensitivity", ordering="before_optimizer", params={"offset": 1.0})
-def reciprocal_sensitivity(inputs: ScoreInputs, offset) -> tf.Tensor:
+def reciprocal_sensitivity(inputs: ScoreInputs, offset=1.0) -> tf.Tensor:
     """abs(w) / (abs(g) + 1e-8) + offset.
 
     The reference's layer-wise score (`reciprocal_sensitivity_fixed_pruning`) adds 1,

@@ -1052,13 +1052,15 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
             why = (f"the converter block-encoded it with 1x{repaired[1]} blocks across an axis of "
                    f"{repaired[0]} (not a multiple), which loses values; keras_dst stored it "
                    "dense instead")
+        elif not any(o in _COMPRESSIBLE_OPS for o in set(c.ops)):
+            why = (f"{op} weights are never compressed (only FULLY_CONNECTED and 2-D "
+                   "convolution weights are)")
         elif zeros < _MIN_ZEROS:
             why = f"{zeros:.0%} zeros: the converter keeps weights with < 30 % zeros dense"
-        elif op not in _COMPRESSIBLE_OPS:
-            never = "/".join(o for o in sorted(set(c.ops)) if o not in _COMPRESSIBLE_OPS) or op
-            shared = f"read by {op.replace('/', ' and ')}: " if never != op else ""
-            why = (f"{shared}{never} weights are never compressed (only FULLY_CONNECTED and 2-D "
-                   "convolution weights are)")
+        elif op not in _COMPRESSIBLE_OPS:  # (read by a compressible op and another: a tied table)
+            never = "/".join(o for o in sorted(set(c.ops)) if o not in _COMPRESSIBLE_OPS)
+            why = (f"read by {op.replace('/', ' and ')}: {never} weights are never compressed "
+                   "(only FULLY_CONNECTED and 2-D convolution weights are)")
         else:
             why = "kept dense by the converter"
     return _row(w, stored, op, why + note, c.nbytes)

@@ -118,9 +118,11 @@ def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: 
 
     Args:
       name: registry name (lookup ignores case, "_" and "-").
-      needs_gradient: whether the function reads `inputs.gradient`.
-      needs_momentum: whether it reads `inputs.momentum`.
-      params: default keyword parameters.
+      needs_gradient: whether the function reads `inputs.gradient` (None otherwise).
+      needs_momentum: whether it reads `inputs.momentum` (None otherwise).
+      params: default keyword parameters (values a JSON config holds:
+        `criteria.merge_params`); these and the function's keyword arguments are
+        accepted later.
       overwrite: replace an existing registration of `name`.
 
     Returns:

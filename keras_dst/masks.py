@@ -322,17 +322,17 @@ def set_masks(model: "keras.layers.Layer", new_masks: Mapping[str, Any]) -> None
         if problem is not None:
             raise ValueError(f"set_masks(): mask for '{path}' breaks the weight's {problem}")
         checked[path] = array.astype(bool)
+    empty = [path for path, array in checked.items() if array.size and not array.any()]
+    if empty:  # (before the writes: a warnings filter that raises leaves the masks as they were)
+        user_warnings.warn(
+            f"set_masks(): the masks of {', '.join(repr(p) for p in empty)} have no active entry: "
+            "such a weight passes nothing of its input on, and DST regrows only what it prunes, "
+            "so it stays empty (as prunable() warns for a density that rounds to 0).")
     for path, array in checked.items():
         target = by_path[path]
         # its write guard zeroes the weight where it is 0 and adds the entries it
         # activates to the ever-active flags (they will be trained: the ITOP rate)
         target.mask.assign(array)
-    empty = [path for path, array in checked.items() if array.size and not array.any()]
-    if empty:
-        user_warnings.warn(
-            f"set_masks(): the masks of {', '.join(repr(p) for p in empty)} have no active entry: "
-            "such a weight passes nothing of its input on, and DST regrows only what it prunes, "
-            "so it stays empty (as prunable() warns for a density that rounds to 0).")
 
 
 def apply_masks(model: "keras.layers.Layer") -> int:

@@ -102,7 +102,7 @@ def check_names(value, name: str) -> tuple:
     raise TypeError(f"{name} must be a name or a list of names, got {name}={value!r}.")
 
 
-_INT64_MAX = 2**63 - 1  # the largest step or count a model's int64 step counter holds
+_INT64_MAX = 2**63 - 1  # the largest step a model's int64 step counter holds, and our counts
 
 
 def check_positive_int(value, name: str) -> int:
@@ -120,7 +120,8 @@ def check_step(value, name: str, minimum: int = 0, minimum_name: Optional[str] =
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum_name or minimum}, got {name}={value!r}.")
     if value > _INT64_MAX:
-        raise ValueError(f"{name} must be <= 2**63 - 1 (steps are int64), got {name}={value!r}.")
+        raise ValueError(f"{name} must be <= 2**63 - 1 (an int64, as the step counter), got "
+                         f"{name}={value!r}.")
     return int(value)
 
 

@@ -1018,8 +1018,9 @@ def test_update_steps_of_a_run_resolve_a_fractional_end_step_as_fit_does():
     assert not DST(update_every=4, end_step=0.1).update_steps(total_steps=30).any_between(1, 30)
     with pytest.raises(ValueError, match="end_step"):  # (the fraction rounds to step 0)
         DST(update_every=4, end_step=0.01).update_steps(total_steps=30)
-    with pytest.raises(ValueError, match="total_steps"):
-        dst.update_steps(total_steps=0)
+    for bad_total in (dst, DST(update_every=4, end_step=9)):
+        with pytest.raises(ValueError, match="total_steps"):
+            bad_total.update_steps(total_steps=0)
     with pytest.raises(ValueError, match="end_step=0.75"):  # (no fit: the run's length is unknown)
         dst.update_steps()
     assert DST(update_every=4, end_step=9).update_steps() == schedules.UpdateSteps(4, 0, 9)

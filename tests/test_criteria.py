@@ -532,12 +532,20 @@ def test_a_selection_rule_s_result_is_checked():
             criteria._CRITERIA.unregister("test_only_sel")
 
 
-def test_a_score_of_unknown_shape_or_none_is_refused_naming_the_criterion():
+def test_a_score_of_unknown_shape_is_checked_when_it_runs_and_none_is_refused_named():
     """A tf.numpy_function's result has no static shape: a transposed score passed the
-    compatibility check and pruned other entries; a function without its `return` gave
-    TensorFlow's "None values not supported" naming nothing."""
+    compatibility check and pruned other entries (it is now checked when it runs, and one
+    of the right shape computed in a loop still works); a function without its `return`
+    gave TensorFlow's "None values not supported" naming nothing."""
     def transposed(inputs):
         return tf.numpy_function(lambda w: np.abs(w).T.copy(), [inputs.weight], tf.float32)
+
+    def looped(inputs):  # rows stacked from a TensorArray: static shape (None, 3)
+        rows = tf.TensorArray(tf.float32, size=tf.shape(inputs.weight)[0])
+        rows = tf.while_loop(lambda i, r: i < tf.shape(inputs.weight)[0],
+                             lambda i, r: (i + 1, r.write(i, tf.abs(inputs.weight[i]))),
+                             (0, rows))[1]
+        return rows.stack()
 
     def forgot_return(inputs):
         tf.abs(inputs.weight)
@@ -547,10 +555,12 @@ def test_a_score_of_unknown_shape_or_none_is_refused_naming_the_criterion():
         inputs = ScoreInputs(w, None, tf.ones_like(w, tf.bool), tf.zeros([2], tf.int64))
         return get_criterion(fn, needs_gradient=False).evaluate(inputs)
 
-    with pytest.raises(ValueError, match=r"Criterion 'transposed' returned scores of shape "
-                                         r"<unknown> \(not known when traced.*tf.ensure_shape\) for a "
-                                         r"weight of shape \(2, 3\)"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"(?s)\[3,2\] is not compatible with expected shape \[2,3\].*"
+                             r"shape_of_Criterion_transposed_returned_scores"):
         traced(transposed, tf.ones([2, 3]))
+    weight = tf.constant([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
+    np.testing.assert_array_equal(traced(looped, weight), np.abs(weight))
     with pytest.raises(TypeError, match=r"Criterion 'forgot_return' returned None, not a tensor"):
         traced(forgot_return, tf.ones([2, 3]))
 
@@ -584,7 +594,7 @@ def test_a_parameter_value_a_config_cannot_hold_is_refused_naming_it(value):
         return tf.abs(inputs.weight) * tf.reduce_mean(tf.cast(factor, tf.float32))
 
     with pytest.raises(TypeError, match=r"criterion 'scaled'.*parameter 'factor' must be a number, "
-                                        r"bool, str, None, or a list or str-keyed dict of them"):
+                                        r"bool, str, None, or a list, tuple or str-keyed dict of them"):
         get_criterion(scaled, factor=value)
     with pytest.raises(TypeError, match=r"DynamicSparseTraining\(prune='mest'.*parameter 'gamma'"):
         keras_dst.DynamicSparseTraining(prune="mest", prune_params={"gamma": value})
@@ -597,8 +607,8 @@ def test_list_and_tuple_parameters_round_trip_through_json():
     try:
         register_criterion("test_only_weighted", ordering="after_optimizer", needs_gradient=False,
                            params={"factors": (1.0, 2.0)})(weighted)
-        criterion = get_criterion("test_only_weighted", factors=(3.0, np.float32(4.0)))
-        assert criterion.params["factors"] == [3.0, 4.0]
+        criterion = get_criterion("test_only_weighted", factors=[3.0, np.float32(4.0)])
+        assert criterion.params["factors"] == (3.0, 4.0)  # (a tuple: immutable, as the entry)
         config = json.loads(json.dumps(criterion.get_config()))
         assert Criterion.from_config(config) == criterion
     finally:
@@ -737,3 +747,11 @@ def test_is_finite_holds_eagerly_in_a_graph_and_under_xla_also_negated():
     for run in (lambda f: f, tf.function, lambda f: tf.function(f, jit_compile=True)):
         np.testing.assert_array_equal(run(finite)(x).numpy(), expected)
         assert int(run(bad_count)(x)) == 3
+
+
+def test_the_built_in_functions_keep_their_defaults_when_called_directly():
+    """(A user's criterion calling `criteria.snip(inputs)` failed when `offset` came in.)"""
+    inputs = make_inputs([2.0, -0.5], [0.25, 4.0])
+    np.testing.assert_allclose(criteria.snip(inputs), [0.5 + 1e-5, 2.0 + 1e-5])
+    np.testing.assert_allclose(criteria.reciprocal_sensitivity(inputs),
+                               [2.0 / (0.25 + 1e-8) + 1.0, 0.5 / (4.0 + 1e-8) + 1.0])

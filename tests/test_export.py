@@ -760,3 +760,16 @@ def test_a_model_whose_sparsity_pass_fails_points_at_sparsity_false(tmp_path):
     assert table.why.startswith("0% zeros: the converter keeps weights with < 30 % zeros dense"), table.why
     np.testing.assert_allclose(report.load().predict(ids), kept.predict(ids, verbose=0),
                                atol=1e-5)
+
+
+def test_a_weight_no_op_of_which_compresses_is_said_so_whatever_its_zeros(tmp_path):
+    """An embedding table with few zeros read "20% zeros: the converter keeps weights with
+    < 30 % zeros dense", as if pruning further would compress it: a GATHER never does."""
+    inputs = keras.Input((5,), dtype="int32")
+    x = keras.layers.Flatten()(keras.layers.Embedding(40, 8, name="table")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    model = keras_dst.prunable(model, density=0.7, density_overrides={"table": 0.8})
+    report = keras_dst.export(model, tmp_path / "table.tflite", compare_dense=False)
+    table = by_weight(report)["table/embeddings"]
+    assert (table.op, table.stored) == ("GATHER", "dense")
+    assert table.why.startswith("GATHER weights are never compressed"), table.why

@@ -132,6 +132,10 @@ def test_a_pattern_refused_names_every_layer_that_cannot_take_it():
                                          r"\(keras_dst.unfit_layers\(model, pattern\)"):
         keras_dst.prunable(model, density=0.3, pattern="1x4")
     assert set(keras_dst.unfit_layers(model, "1x4")) == {"six_in", "ten_in"}
+    with pytest.raises(ValueError, match=r"either: \['ten_in'\] \(keras_dst"):  # (init: checked after)
+        keras_dst.prunable(model, density=0.3, pattern="1x4", init="bernoulli")
+    with pytest.raises(ValueError, match=r"either: \['ten_in'\]\.$"):  # (unfit_layers: {} here)
+        keras_dst.prunable(model, density=0.3, pattern_overrides={"six_in": "2:4", "ten_in": "1x4"})
 
 
 class _Block(keras.layers.Layer):

@@ -128,6 +128,6 @@ def test_the_arguments_of_the_smaller_entry_points_are_checked():
 def test_steps_past_the_int64_step_counter_are_refused_when_made(make, name):
     """They were accepted, then failed inside fit with TensorFlow's conversion error (or an
     OverflowError) naming nothing, after the callback had installed its hook."""
-    with pytest.raises(ValueError, match=rf"{name} must be <= 2\*\*63 - 1 \(steps are int64\)"):
+    with pytest.raises(ValueError, match=rf"{name} must be <= 2\*\*63 - 1 \(an int64, as the step counter\)"):
         make()
     assert validation.check_step(2**63 - 1, "end_step") == 2**63 - 1
