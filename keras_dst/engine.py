@@ -45,7 +45,7 @@ import tensorflow as tf
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, patterns, topology
 from keras_dst import optimizer_state as optimizer_state_lib
-from keras_dst.hooks import Hook, run_if, state_variable, step_gradients, summed_over_replicas, without_unneeded
+from keras_dst.hooks import Hook, run_if, step_gradients, summed_over_replicas, without_unneeded
 from keras_dst.layers import mask_is_only_constraint, score_layout
 from keras_dst.scoring import ScoreInputs, is_finite
 
@@ -231,9 +231,9 @@ class TopologyEngine(Hook):
         # Observability only (not needed to resume): the last update's numbers.
         # Columns of layer_stats: active, pruned, grown (the entries ever active are
         # counted by the host when it reads the logs, from the `ever_active` masks).
-        self.layer_stats = state_variable(tf.zeros([n, 3], tf.int64), "dst_layer_stats")
-        self.last_rate = state_variable(tf.constant(0.0), "dst_last_rate")
-        self.skipped_layers = state_variable(tf.constant(0, tf.int64), "dst_skipped_layers")
+        self.layer_stats = self.observed(tf.zeros([n, 3], tf.int64), "dst_layer_stats")
+        self.last_rate = self.observed(tf.constant(0.0), "dst_last_rate")
+        self.skipped_layers = self.observed(tf.constant(0, tf.int64), "dst_skipped_layers")
 
     @property
     def runs_every_step(self):

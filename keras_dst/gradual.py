@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import schedules, topology, user_warnings, validation
-from keras_dst.hooks import Hook, state_variable
+from keras_dst.hooks import Hook
 from keras_dst.masks import sparse_targets, without_kept_dense
 from keras_dst.scoring import absolute
 from keras_dst.step_switch import HookedCallback
@@ -88,8 +88,8 @@ class GradualEngine(Hook):
         self.power = power
         self.sizes = [int(np.prod(t.weight.shape)) for t in self.targets]
         # Observability only: the target density of the last update.
-        self.last_density = state_variable(tf.constant(self.initial_density, tf.float32),
-                                           "gmp_last_density")
+        self.last_density = self.observed(tf.constant(self.initial_density, tf.float32),
+                                          "gmp_last_density")
 
     def target_density(self, step) -> tf.Tensor:
         """float32 scalar: the target density ``d(step)`` of the ramp."""

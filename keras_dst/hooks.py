@@ -120,7 +120,10 @@ class Hook:
     * `first`: install ahead of the other hooks (an observer that must see the
       state before any update of the same step).
     * `last_update_step`: int64 variable, the step of its last update (-1: none
-      yet); the host reads its logs again when it changes.
+      yet); the host reads its logs again when it changes. It and the other
+      variables of its logs' numbers (made with `observed`) are not part of a
+      model's state: `forget_updates` puts them back where a restore took the
+      model back before the last update.
     * `late_constraints`: the weights whose constraints may wait until after its
       `after_apply` (none by default).
     * `writes_masks`: True when its updates change masks (one such hook per
@@ -141,8 +144,22 @@ class Hook:
 
     def __init__(self, update_steps: UpdateSteps):
         self.update_steps = update_steps
-        self.last_update_step = state_variable(tf.constant(-1, tf.int64),
-                                               f"{type(self).__name__}_last_update_step")
+        self._observed = []
+        self.last_update_step = self.observed(tf.constant(-1, tf.int64),
+                                              f"{type(self).__name__}_last_update_step")
+
+    def observed(self, value, name):
+        """A `state_variable` of the numbers its logs show (not needed to resume), which
+        `forget_updates` puts back to `value`."""
+        variable = state_variable(value, name)
+        self._observed.append((variable, value))
+        return variable
+
+    def forget_updates(self) -> None:
+        """Puts the logs' numbers back to before any update (host): a restore took the
+        model back before the last update they describe, which a resumed fit replays."""
+        for variable, value in self._observed:
+            variable.assign(value)
 
     def before_apply(self, optimizer, grads_by_variable):
         del optimizer, grads_by_variable

@@ -21,7 +21,7 @@ from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, topology, validation
 from keras_dst import schedules as schedules_lib
 from keras_dst.engine import check_criterion_pattern, draw_seed, pruned_masks
-from keras_dst.hooks import Hook, state_variable, step_gradients, summed_over_replicas
+from keras_dst.hooks import Hook, step_gradients, summed_over_replicas
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
 from keras_dst.step_switch import ScheduledCallback
@@ -52,7 +52,7 @@ class OverlapEngine(Hook):
         self.schedule = schedule
         self._seeds = [distributions.stable_seed(seed, i, "prune") for i in range(len(targets))]
         c = len(self.criteria)
-        self.matrix = state_variable(tf.eye(c), "overlap_jaccard")  # [C, C] float32
+        self.matrix = self.observed(tf.eye(c), "overlap_jaccard")  # [C, C] float32
 
     def before_apply(self, optimizer, grads_by_variable):
         step = tf.cast(optimizer.iterations, tf.int64) + 1
@@ -142,8 +142,8 @@ class CriteriaOverlap(ScheduledCallback):
         float numpy array [C, C], ``matrix[i, j]`` the Jaccard index of criteria i
         and j. It spans every fit of this callback, on whichever model (a callback
         reused on another model goes on appending: make one per model to keep them
-        apart); the updates a fit resumed from a backup replays are not recorded
-        again.
+        apart); a fit resumed from a backup (after a fit an exception stopped)
+        replaces the stopped fit's updates after the backup by those it replays.
       names: the criteria names, in order.
 
     Logs: ``jaccard/<a>/<b>`` for every pair a before b in `criteria`, from the
@@ -189,7 +189,8 @@ class CriteriaOverlap(ScheduledCallback):
         self.seed = validation.check_seed(seed)
         self.history = []
         self._recorded = None  # (engine, step) of the last update in `history`
-        self._fit_start = None
+        self._open_from = None  # index in `history` of the running fit's first entry
+        self._interrupted_from = None
 
     def _engine_key(self):
         return (tuple(self.criteria), self.update_every, self._schedule_key(), self.seed)
@@ -213,28 +214,35 @@ class CriteriaOverlap(ScheduledCallback):
             matrix = self.engine.matrix.numpy().astype(float)
             if self._recorded != (self.engine, step):  # (a later fit reads the same update)
                 self._recorded = (self.engine, step)
-                if not self._replayed(step, matrix):
-                    self.history.append((step, list(self.names), matrix))
+                self.history.append((step, list(self.names), matrix))
         return {f"jaccard/{a}/{b}": float(matrix[i, j])
                 for i, a in enumerate(self.names) for j, b in enumerate(self.names) if i < j}
 
     def on_train_begin(self, logs=None):
-        self._fit_start = None  # the optimizer step this fit starts from
+        # the entries of the previous fit if it never ended (an exception stopped it)
+        self._interrupted_from, self._open_from = self._open_from, len(self.history)
         super().on_train_begin(logs)
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._fit_start is None:  # (after a backup's restore, in on_train_begin)
-            self._fit_start = self._optimizer_step()
+        if self._interrupted_from is not None:  # (after a backup's restore, in on_train_begin)
+            self._drop_undone(self._optimizer_step())
         super().on_epoch_begin(epoch, logs)
 
-    def _replayed(self, step, matrix) -> bool:
-        """Is this update one that `history` holds already, replayed by a fit resumed from a
-        backup (`BackupAndRestore`, on a model built again: another engine)? Such a fit
-        starts past step 0 and computes the same matrix at the same step after its start;
-        a fit from step 0 (another model, or a run started over) is recorded anew."""
-        return bool(self._fit_start) and step > self._fit_start and any(
-            s == step and names == self.names and np.array_equal(m, matrix, equal_nan=True)
-            for s, names, m in reversed(self.history))
+    def on_train_end(self, logs=None):
+        self._open_from = None
+        super().on_train_end(logs)
+
+    def _drop_undone(self, start):
+        """A fit that starts at step `start` > 0 after a fit that never ended (an exception
+        stopped it) resumes that run from a backup: the interrupted fit's updates after
+        `start` are dropped from `history` (this fit replays them). A fit from step 0 (a
+        run started over, another model) drops nothing."""
+        first, self._interrupted_from = self._interrupted_from, None
+        if start > 0:
+            kept = [entry for entry in self.history[first:] if entry[0] <= start]
+            self.history[first:] = kept
+            self._open_from = len(self.history)
+            self._recorded = None  # (the replayed update may have the step last recorded)
 
     def save_json(self, path: Union[str, os.PathLike], matrix: str = "mean") -> None:
         """Writes ``{"names", "matrix", "history": [{"step", "matrix"}, ...]}`` to `path`.

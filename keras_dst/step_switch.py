@@ -392,7 +392,19 @@ class HookedCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.engine is not None:
             self._host_step = self._optimizer_step()
+            self._forget_undone_updates()
             self._refresh()
+
+    def _forget_undone_updates(self):
+        """Where a restore (`BackupAndRestore`, a checkpoint read) took the model back
+        before the engine's last update (the engine stays with the model across fits),
+        its numbers describe an update the model no longer holds, and the replayed update
+        of that same step would not be read: they are forgotten (`Hook.forget_updates`)."""
+        last = int(self.engine.last_update_step.numpy())
+        if last > self._host_step + self.engine.step_offset:
+            with self.model.distribute_strategy.scope():
+                self.engine.forget_updates()
+            self._seen_update = None
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.engine is None:

@@ -288,3 +288,18 @@ def test_a_fit_resumed_from_a_backup_does_not_record_the_replayed_updates_again(
     assert [step for step, _, _ in resumed.history] == [4, 8, 12, 16, 20, 24]
     for (_, _, got), (_, _, want) in zip(resumed.history, whole.history):
         np.testing.assert_allclose(got, want)
+
+
+def test_a_fit_on_another_model_past_step_0_records_its_updates():
+    """(An update was taken for a replay where another model's matched a recorded one: two
+    criteria that always agree give the same matrix at every update.)"""
+    x, y = classification_data(n=64)
+    overlap = keras_dst.CriteriaOverlap(["snip", "taylor_fo"], update_every=4)  # (always agree)
+    first = keras_dst.prunable(mlp(), density=0.5, seed=0)
+    first.compile(keras.optimizers.SGD(0.1), LOSS)
+    first.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[overlap])
+    other = keras_dst.prunable(mlp(seed=1), density=0.5, seed=1)
+    other.compile(keras.optimizers.SGD(0.1), LOSS)
+    other.fit(x, y, batch_size=8, epochs=1, verbose=0)  # (warmed up without the callback)
+    other.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[overlap])
+    assert [step for step, _, _ in overlap.history] == [4, 8, 12, 16, 20, 24, 12, 16, 20, 24]

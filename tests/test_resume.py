@@ -151,6 +151,39 @@ def test_backup_and_restore_in_the_same_process_and_model(tmp_path, config):
     _assert_bit_identical(_state(model), _reference(config))
 
 
+class StepLogs(keras.callbacks.Callback):
+    """{optimizer step: the batch's logs of `keys`}."""
+
+    KEYS = ("pruned", "grown", "prune_rate", "density", "itop")
+
+    def __init__(self):
+        super().__init__()
+        self.by_step = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.by_step[int(self.model.optimizer.iterations.numpy())] = {k: logs[k] for k in self.KEYS}
+
+
+def test_a_resume_in_the_same_model_logs_the_replayed_update(tmp_path):
+    """The engine stays with the model: after a crash past an update (step 12; backup at
+    step 10), its numbers described that update, and the replayed update of the same step
+    was taken as already read: density and itop stayed those of step 10 until the next
+    update, and pruned/grown showed step 12's before it was replayed."""
+    config = "random_growth"  # updates at steps 3, 6, 9, 12, 15
+    reference = StepLogs()
+    _fit(_model(config), config, [reference])
+    backup = str(tmp_path / "backup")
+    model = _model(config)
+    with pytest.raises(Interrupt):
+        _fit(model, config, [keras.callbacks.BackupAndRestore(backup), InterruptAt(13)])
+    resumed = StepLogs()
+    _fit(model, config, [keras.callbacks.BackupAndRestore(backup), resumed])
+    assert sorted(resumed.by_step) == list(range(11, 16))
+    assert resumed.by_step[11]["pruned"] == resumed.by_step[11]["grown"] == 0  # (not yet known)
+    for step in range(12, 16):
+        assert resumed.by_step[step] == pytest.approx(reference.by_step[step]), step
+
+
 class KilledDuringBackup(Exception):
     pass
 
