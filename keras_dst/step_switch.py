@@ -340,11 +340,13 @@ class HookedCallback(keras.callbacks.Callback):
                 "averages hold values at masked entries, which would overwrite the sparse "
                 "weights (every ema_overwrite_frequency steps and at the end of fit). Compile "
                 "with an optimizer without use_ema.")
-        if not base.built:
+        if not optimizer.built:
             # (a model of `prunable(layer)` wrappers is built by Keras only when it traces
-            # the first step: refused unbuilt before the optimizer is built without them)
+            # the first step: refused unbuilt before the optimizer is built without them;
+            # a LossScaleOptimizer is built whole, its inner optimizer with it: one that
+            # made its own variables in the first trace had that trace run twice)
             sparse_targets(self.model, caller=type(self).__name__)
-            base.build(self.model.trainable_variables)
+            optimizer.build(self.model.trainable_variables)
         # The engine of an equal configuration is reused with the steps compiled
         # with it (see StepSwitch); a new one is made (and checked) before any
         # state changes.

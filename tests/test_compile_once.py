@@ -61,6 +61,23 @@ def test_repeated_fits_with_evaluate_between_trace_only_in_the_first():
     assert not hooked(model)
 
 
+def test_a_loss_scale_optimizer_is_built_whole_before_the_first_trace():
+    """Under mixed_float16 the first fit traced its step twice: keras_dst built the inner
+    optimizer only, and the LossScaleOptimizer made its own variables in the first trace."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, traces = traced_model()
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        dst = DST(prune="snip", grow="gradient", update_every=3)
+        counts = []
+        for _ in range(2):
+            fit(model, [dst])
+            counts.append(len(traces))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert counts == [1, 1]
+
+
 def test_epoch_edges_and_later_updates_trace_nothing():
     model, traces = traced_model()
     fit(model, [DST(prune="snip", grow="gradient", update_every=4)], epochs=3)
