@@ -157,8 +157,7 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
 def _plain(value, param: str):
     """`value` as a parameter value a JSON config holds and gives back equal: None, a bool,
     number or str (a NumPy scalar as the Python one it holds), or a tuple (a list as a
-    tuple: JSON writes both as a list, and the value stays immutable) or str-keyed dict of
-    such values.
+    tuple: JSON writes both as a list) or str-keyed dict of such values.
 
     Raises:
       TypeError: naming `param`, for anything else (an array, a tensor, a function...):
@@ -276,7 +275,7 @@ def of_shape(tensor: tf.Tensor, shape, what: str, rule: str) -> tf.Tensor:
         raise ValueError(f"{what} of shape {tensor.shape} for a weight of shape {shape}; {rule}.")
     if tensor.shape.is_fully_defined():
         return tensor
-    return tf.ensure_shape(tensor, shape, name="shape_of_" + re.sub(r"\W+", "_", what))
+    return tf.ensure_shape(tensor, shape, name="shape_of_" + re.sub(r"[^A-Za-z0-9_]+", "_", what))
 
 
 def require_inputs(inputs: ScoreInputs, kind: str, name: str, gradient: bool = False, momentum: bool = False):

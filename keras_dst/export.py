@@ -1057,10 +1057,11 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
                    "convolution weights are)")
         elif zeros < _MIN_ZEROS:
             why = f"{zeros:.0%} zeros: the converter keeps weights with < 30 % zeros dense"
-        elif op not in _COMPRESSIBLE_OPS:  # (read by a compressible op and another: a tied table)
+        elif op not in _COMPRESSIBLE_OPS:  # (read by several ops: a tied table)
             never = "/".join(o for o in sorted(set(c.ops)) if o not in _COMPRESSIBLE_OPS)
-            why = (f"read by {op.replace('/', ' and ')}: {never} weights are never compressed "
-                   "(only FULLY_CONNECTED and 2-D convolution weights are)")
+            why = (f"read by {op.replace('/', ' and ')}: " + (
+                f"{never} weights are never compressed (only FULLY_CONNECTED and 2-D "
+                "convolution weights are)" if never else "kept dense by the converter"))
         else:
             why = "kept dense by the converter"
     return _row(w, stored, op, why + note, c.nbytes)

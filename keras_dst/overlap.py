@@ -21,7 +21,7 @@ from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, topology, validation
 from keras_dst import schedules as schedules_lib
 from keras_dst.engine import check_criterion_pattern, draw_seed, pruned_masks
-from keras_dst.hooks import Hook, step_gradients, summed_over_replicas
+from keras_dst.hooks import Hook, step_gradients, summed_over_replicas, without_unneeded
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
 from keras_dst.step_switch import ScheduledCallback
@@ -60,8 +60,8 @@ class OverlapEngine(Hook):
         def update():  # (the gradients are made dense at the update steps only)
             grads = step_gradients("CriteriaOverlap", optimizer, self.targets,
                                    grads_by_variable)
-            return self._update(step, summed_over_replicas(
-                grads, any(c.needs_gradient for c in self.criteria)))
+            needed = any(c.needs_gradient for c in self.criteria)
+            return self._update(step, without_unneeded(summed_over_replicas(grads, needed), needed))
 
         tf.cond(self.update_steps.is_update_step(step), update, tf.no_op)
 
@@ -142,8 +142,10 @@ class CriteriaOverlap(ScheduledCallback):
         float numpy array [C, C], ``matrix[i, j]`` the Jaccard index of criteria i
         and j. It spans every fit of this callback, on whichever model (a callback
         reused on another model goes on appending: make one per model to keep them
-        apart); a fit resumed from a backup (after a fit an exception stopped)
-        replaces the stopped fit's updates after the backup by those it replays.
+        apart). A fit that starts past step 0 right after a fit that an exception
+        stopped is taken for its resume from a backup: it replaces the stopped fit's
+        updates after its start by those it replays (a run started over from step 0
+        appends them again).
       names: the criteria names, in order.
 
     Logs: ``jaccard/<a>/<b>`` for every pair a before b in `criteria`, from the
@@ -228,21 +230,28 @@ class CriteriaOverlap(ScheduledCallback):
             self._drop_undone(self._optimizer_step())
         super().on_epoch_begin(epoch, logs)
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._interrupted_from is not None:  # (a loop that calls no on_epoch_begin)
+            self._drop_undone(self._optimizer_step())
+        super().on_train_batch_begin(batch, logs)
+
     def on_train_end(self, logs=None):
         self._open_from = None
         super().on_train_end(logs)
 
     def _drop_undone(self, start):
         """A fit that starts at step `start` > 0 after a fit that never ended (an exception
-        stopped it) resumes that run from a backup: the interrupted fit's updates after
-        `start` are dropped from `history` (this fit replays them). A fit from step 0 (a
-        run started over, another model) drops nothing."""
+        stopped it, or a callback refused it) is taken for that run resumed from a backup:
+        the stopped fit's updates after `start` are dropped from `history` (this fit
+        replays them). A fit from step 0 (a run started over) drops nothing."""
         first, self._interrupted_from = self._interrupted_from, None
-        if start > 0:
-            kept = [entry for entry in self.history[first:] if entry[0] <= start]
+        kept = [entry for entry in self.history[first:] if entry[0] <= start]
+        if start > 0 and len(kept) < len(self.history) - first:
             self.history[first:] = kept
             self._open_from = len(self.history)
-            self._recorded = None  # (the replayed update may have the step last recorded)
+            # (the replayed update may have the step last recorded: the engine's numbers of
+            # the dropped updates are forgotten, HookedCallback._forget_undone_updates)
+            self._recorded = None
 
     def save_json(self, path: Union[str, os.PathLike], matrix: str = "mean") -> None:
         """Writes ``{"names", "matrix", "history": [{"step", "matrix"}, ...]}`` to `path`.

@@ -403,7 +403,7 @@ class HookedCallback(keras.callbacks.Callback):
         its numbers describe an update the model no longer holds, and the replayed update
         of that same step would not be read: they are forgotten (`Hook.forget_updates`)."""
         last = int(self.engine.last_update_step.numpy())
-        if last > self._host_step + self.engine.step_offset:
+        if last > self._optimizer_step() + self.engine.step_offset:
             with self.model.distribute_strategy.scope():
                 self.engine.forget_updates()
             self._seen_update = None
@@ -411,6 +411,8 @@ class HookedCallback(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self.engine is None:
             return
+        if self._verify:  # a fit's first batch (also of a loop that calls no on_epoch_begin)
+            self._forget_undone_updates()
         self._batch_begin = int(batch)
         # An execution runs `steps_per_execution` steps unless the data ends first: Keras
         # runs the last one of an epoch whole, past `steps_per_epoch`, on data that goes on

@@ -303,3 +303,29 @@ def test_a_fit_on_another_model_past_step_0_records_its_updates():
     other.fit(x, y, batch_size=8, epochs=1, verbose=0)  # (warmed up without the callback)
     other.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[overlap])
     assert [step for step, _, _ in overlap.history] == [4, 8, 12, 16, 20, 24, 12, 16, 20, 24]
+
+
+def test_a_fit_continued_after_a_stop_or_a_refusal_records_each_update_once():
+    """A fit stopped by an exception (no backup) and fit again, or a fit refused at its
+    start by another callback and run again, recorded the last update a second time."""
+    x, y = classification_data(n=64)  # 8 steps an epoch
+
+    class StopAt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations) == 14:
+                raise KeyboardInterrupt
+
+    class Refuse(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            raise ValueError("refused")
+
+    for stop, expected in ((StopAt(), [4, 8, 12, 16, 20]), (Refuse(), [4, 8, 12, 16])):
+        overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4)
+        model = keras_dst.prunable(mlp(), density=0.5, seed=0)
+        model.compile(keras.optimizers.SGD(0.1), LOSS)
+        if isinstance(stop, Refuse):
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[overlap])
+        with pytest.raises((KeyboardInterrupt, ValueError)):
+            model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[overlap, stop])
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[overlap])
+        assert [step for step, _, _ in overlap.history] == expected

@@ -25,6 +25,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_dst
 
@@ -182,6 +183,40 @@ def test_a_resume_in_the_same_model_logs_the_replayed_update(tmp_path):
     assert resumed.by_step[11]["pruned"] == resumed.by_step[11]["grown"] == 0  # (not yet known)
     for step in range(12, 16):
         assert resumed.by_step[step] == pytest.approx(reference.by_step[step]), step
+
+
+def test_a_hand_driven_loop_resumed_from_a_checkpoint_logs_the_replayed_update(tmp_path):
+    """A `CallbackList` loop of `train_on_batch` calls no on_epoch_begin: a checkpoint read
+    back to step 10 after a stop at step 13 kept the logs of update 12 until update 15."""
+    config = "random_growth"  # updates at steps 3, 6, 9, 12, 15
+    x, y = _data()
+
+    def loop(model, callback, steps, checkpoint=None):
+        logs_by_step = StepLogs()
+        callbacks = keras.callbacks.CallbackList([callback, logs_by_step], model=model,
+                                                 epochs=EPOCHS, steps=STEPS_PER_EPOCH)
+        callbacks.on_train_begin()
+        for step in steps:
+            batch = (step - 1) % STEPS_PER_EPOCH
+            callbacks.on_train_batch_begin(batch)
+            logs = model.train_on_batch(x[batch * 32:(batch + 1) * 32], y[batch * 32:(batch + 1) * 32],
+                                        return_dict=True)
+            callbacks.on_train_batch_end(batch, logs)
+            if checkpoint is not None and step == 10:
+                checkpoint.write(str(tmp_path / "ckpt"))
+        callbacks.on_train_end()
+        return logs_by_step.by_step
+
+    reference = loop(_model(config), _dst(config), range(1, 16))
+    model = _model(config)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    callback = _dst(config)
+    loop(model, callback, range(1, 14), checkpoint)
+    checkpoint.read(str(tmp_path / "ckpt")).assert_consumed()
+    resumed = loop(model, callback, range(11, 16))
+    assert resumed[11]["pruned"] == 0  # (not yet known)
+    for step in range(12, 16):
+        assert resumed[step] == pytest.approx(reference[step]), step
 
 
 class KilledDuringBackup(Exception):
