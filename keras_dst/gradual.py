@@ -267,7 +267,8 @@ class GradualPruning(HookedCallback):
     def _target_density(self, engine) -> float:
         """``d(t)`` of the last update: the engine's, or, where this engine has not
         updated yet (a model reloaded, or a new configuration, past updates of the
-        ramp), the ramp's at its last update step before the next optimizer step."""
+        ramp; a restore made it forget them), the ramp's at its last update step before
+        the next optimizer step."""
         if int(engine.last_update_step.numpy()) >= 0:
             return float(engine.last_density.numpy())
         last = engine.update_steps.last_at_or_before(self._optimizer_step() + 1)

@@ -25,6 +25,7 @@ outside `tracing` contains none.
 """
 
 import contextlib
+import uuid
 
 import tensorflow as tf
 
@@ -144,6 +145,7 @@ class Hook:
 
     def __init__(self, update_steps: UpdateSteps):
         self.update_steps = update_steps
+        self.uid = uuid.uuid4().hex  # (which a deep copy keeps, as the engine it copies)
         self._observed = []
         self.last_update_step = self.observed(tf.constant(-1, tf.int64),
                                               f"{type(self).__name__}_last_update_step")

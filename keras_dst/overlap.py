@@ -190,7 +190,7 @@ class CriteriaOverlap(ScheduledCallback):
         self.total_steps = schedules_lib.check_total_steps(total_steps, self.schedule)
         self.seed = validation.check_seed(seed)
         self.history = []
-        self._recorded = None  # (engine, step) of the last update in `history`
+        self._recorded = None  # (engine uid, step) of the last update in `history`
         self._open_from = None  # index in `history` of the running fit's first entry
         self._interrupted_from = None
 
@@ -214,15 +214,20 @@ class CriteriaOverlap(ScheduledCallback):
             matrix = np.full([len(self.names)] * 2, np.nan)  # its columns at epoch 1)
         else:
             matrix = self.engine.matrix.numpy().astype(float)
-            if self._recorded != (self.engine, step):  # (a later fit reads the same update)
-                self._recorded = (self.engine, step)
+            if self._recorded != (self.engine.uid, step):  # (a later fit reads the same update)
+                self._recorded = (self.engine.uid, step)
                 self.history.append((step, list(self.names), matrix))
         return {f"jaccard/{a}/{b}": float(matrix[i, j])
                 for i, a in enumerate(self.names) for j, b in enumerate(self.names) if i < j}
 
     def on_train_begin(self, logs=None):
-        # the entries of the previous fit if it never ended (an exception stopped it)
-        self._interrupted_from, self._open_from = self._open_from, len(self.history)
+        # The entries of the last fit that never ended (an exception stopped it), kept
+        # through fits that record nothing (refused at their start, of no epoch) until a
+        # fit's first batch (`_drop_undone`).
+        stopped = self._open_from
+        if stopped is not None and (self._interrupted_from is None or stopped < len(self.history)):
+            self._interrupted_from = stopped
+        self._open_from = len(self.history)
         super().on_train_begin(logs)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -238,6 +243,12 @@ class CriteriaOverlap(ScheduledCallback):
     def on_train_end(self, logs=None):
         self._open_from = None
         super().on_train_end(logs)
+
+    def _forget_undone_updates(self):
+        forgot = super()._forget_undone_updates()
+        if forgot:  # (a restore took the model back: the last recorded step runs again)
+            self._recorded = None
+        return forgot
 
     def _drop_undone(self, start):
         """A fit that starts at step `start` > 0 after a fit that never ended (an exception

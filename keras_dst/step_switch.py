@@ -397,16 +397,19 @@ class HookedCallback(keras.callbacks.Callback):
             self._forget_undone_updates()
             self._refresh()
 
-    def _forget_undone_updates(self):
+    def _forget_undone_updates(self) -> bool:
         """Where a restore (`BackupAndRestore`, a checkpoint read) took the model back
         before the engine's last update (the engine stays with the model across fits),
         its numbers describe an update the model no longer holds, and the replayed update
-        of that same step would not be read: they are forgotten (`Hook.forget_updates`)."""
+        of that same step would not be read: they are forgotten (`Hook.forget_updates`).
+        Returns whether they were."""
         last = int(self.engine.last_update_step.numpy())
-        if last > self._optimizer_step() + self.engine.step_offset:
-            with self.model.distribute_strategy.scope():
-                self.engine.forget_updates()
-            self._seen_update = None
+        if last <= self._optimizer_step() + self.engine.step_offset:
+            return False
+        with self.model.distribute_strategy.scope():
+            self.engine.forget_updates()
+        self._seen_update = None
+        return True
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.engine is None:

@@ -1,7 +1,10 @@
 """CriteriaOverlap: pairwise Jaccard of the sets that criteria would prune."""
 
+import copy
 import json
 import math
+import os
+import tempfile
 
 import keras
 import numpy as np
@@ -329,3 +332,60 @@ def test_a_fit_continued_after_a_stop_or_a_refusal_records_each_update_once():
             model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[overlap, stop])
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[overlap])
         assert [step for step, _, _ in overlap.history] == expected
+
+
+@pytest.mark.parametrize("between", ["refused", "no_epoch"])
+def test_a_fit_that_records_nothing_between_a_stop_and_its_resume_keeps_the_resume(
+        tmp_path, between):
+    """A fit refused at its start, or of no epoch, between a stop and the resume from the
+    backup took the mark of the stopped fit with it: the replayed update was recorded twice."""
+    x, y = classification_data(n=64)  # 8 steps an epoch
+
+    def build():
+        model = keras_dst.prunable(mlp(), density=0.5, seed=0)
+        model.compile(keras.optimizers.SGD(0.1), LOSS)
+        return model
+
+    class StopAt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations) == 14:
+                raise KeyboardInterrupt
+
+    class Refuse(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            raise ValueError("refused")
+
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4)
+    backup = str(tmp_path / "backup")
+    with pytest.raises(KeyboardInterrupt):
+        build().fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                    callbacks=[overlap, keras_dst.BackupAndRestore(backup), StopAt()])
+    if between == "refused":
+        with pytest.raises(ValueError, match="refused"):
+            build().fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[overlap, Refuse()])
+    else:
+        build().fit(x, y, batch_size=8, epochs=0, verbose=0, callbacks=[overlap])
+    build().fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                callbacks=[overlap, keras_dst.BackupAndRestore(backup)])
+    assert [step for step, _, _ in overlap.history] == [4, 8, 12, 16, 20, 24]
+
+
+def test_a_restore_after_a_finished_fit_and_a_copy_of_the_callback_record_what_runs():
+    """A checkpoint read back to step 22 after a finished fit to 24: the update of step 24
+    that the next fit runs again was not recorded (the last recorded step); a deep copy of
+    the callback made after a fit recorded that fit's last update again."""
+    x, y = classification_data(n=64)  # 8 steps an epoch
+    model = keras_dst.prunable(mlp(), density=0.5, seed=0)
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[overlap])
+    copied = copy.deepcopy(overlap)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[copied])
+    assert [step for step, _, _ in copied.history] == [4, 8, 12, 16]
+    model.fit(x[:48], y[:48], batch_size=8, epochs=1, verbose=0, callbacks=[copied])  # to 22
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    path = checkpoint.write(os.path.join(tempfile.mkdtemp(), "ckpt"))
+    model.fit(x[:16], y[:16], batch_size=8, epochs=1, verbose=0, callbacks=[copied])  # 24
+    checkpoint.read(path).assert_consumed()
+    model.fit(x[:16], y[:16], batch_size=8, epochs=1, verbose=0, callbacks=[copied])  # 24 again
+    assert [step for step, _, _ in copied.history] == [4, 8, 12, 16, 20, 24, 24]
