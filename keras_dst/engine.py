@@ -45,7 +45,7 @@ import tensorflow as tf
 from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, patterns, topology
 from keras_dst import optimizer_state as optimizer_state_lib
-from keras_dst.hooks import Hook, run_if, step_gradients, summed_over_replicas, without_unneeded
+from keras_dst.hooks import Hook, run_if, step_gradients, summed_over_replicas
 from keras_dst.layers import mask_is_only_constraint, score_layout
 from keras_dst.scoring import ScoreInputs, is_finite
 
@@ -322,8 +322,7 @@ class TopologyEngine(Hook):
         # S restarts from the current score on the first step after an update.
         restarted = tf.equal(tf.math.floormod(step - 1 - self.update_steps.begin,
                                               self.update_steps.every), 0)
-        grads = without_unneeded(summed_over_replicas(grads, self.criterion.needs_gradient),
-                                 self.criterion.needs_gradient)
+        grads = summed_over_replicas(grads, self.criterion.needs_gradient)
         for t, g in zip(self.targets, grads):
             inputs = ScoreInputs(self._masked_weight(t), g, tf.convert_to_tensor(t.mask),
                                  tf.zeros([2], tf.int64))
@@ -413,8 +412,7 @@ class TopologyEngine(Hook):
         when not given)."""
         if momenta is None and scores is None:
             momenta, scores = self._reads(optimizer)
-        grads = without_unneeded(summed_over_replicas(grads, self._needs_gradient()),
-                                 self._needs_gradient())
+        grads = summed_over_replicas(grads, self._needs_gradient())
         rate = self.schedule(step)  # float64 for the built-in schedules (see prune_count)
         before = [tf.convert_to_tensor(t.mask) for t in self.targets]
         if self._one_loop(scores):

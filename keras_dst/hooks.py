@@ -78,19 +78,16 @@ def step_gradients(owner: str, optimizer, targets, grads_by_variable) -> list:
 
 def summed_over_replicas(grads: list, needed: bool = True) -> list:
     """`grads` summed over the replicas of a tf.distribute strategy (as they are with one
-    replica, outside a strategy, or when not `needed`): every replica then scores
-    with the same gradient, so their masks agree."""
+    replica or outside a strategy): every replica then scores with the same gradient, so
+    their masks agree. Nones where not `needed` (no rule of the run declares
+    `needs_gradient`): a rule that reads them all the same fails, named, rather than
+    score with gradients that were not summed (masks that would differ)."""
+    if not needed:
+        return [None] * len(grads)
     ctx = tf.distribute.get_replica_context()
-    if not needed or ctx is None or ctx.num_replicas_in_sync == 1:
-        return grads
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return list(grads)
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-
-
-def without_unneeded(grads: list, needed: bool) -> list:
-    """`grads`, or Nones where no rule of the run declares it reads them (`needs_gradient`):
-    a rule that reads them all the same fails, named, rather than score with gradients
-    that were not summed over the replicas (masks that would differ between them)."""
-    return list(grads) if needed else [None] * len(grads)
 
 
 def state_variable(value, name):

@@ -21,7 +21,7 @@ from keras_dst import criteria as criteria_lib
 from keras_dst import distributions, topology, validation
 from keras_dst import schedules as schedules_lib
 from keras_dst.engine import check_criterion_pattern, draw_seed, pruned_masks
-from keras_dst.hooks import Hook, step_gradients, summed_over_replicas, without_unneeded
+from keras_dst.hooks import Hook, step_gradients, summed_over_replicas
 from keras_dst.masks import sparse_targets
 from keras_dst.scoring import ScoreInputs
 from keras_dst.step_switch import ScheduledCallback
@@ -60,8 +60,8 @@ class OverlapEngine(Hook):
         def update():  # (the gradients are made dense at the update steps only)
             grads = step_gradients("CriteriaOverlap", optimizer, self.targets,
                                    grads_by_variable)
-            needed = any(c.needs_gradient for c in self.criteria)
-            return self._update(step, without_unneeded(summed_over_replicas(grads, needed), needed))
+            return self._update(step, summed_over_replicas(
+                grads, any(c.needs_gradient for c in self.criteria)))
 
         tf.cond(self.update_steps.is_update_step(step), update, tf.no_op)
 
