@@ -261,21 +261,33 @@ def test_history_records_each_update_once_across_fits_and_models():
     assert [step for step, _, _ in overlap.history] == [4, 8, 12, 16, 4, 8]
 
 
+def build():
+    """The resume tests' model: sparse MLP, seeded masks, SGD."""
+    model = keras_dst.prunable(mlp(), density=0.5, seed=0)
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    return model
+
+
+class StopAt14(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt after optimizer step 14 (a crash mid-training)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations) == 14:
+            raise KeyboardInterrupt
+
+
+class Refuse(keras.callbacks.Callback):
+    """Refuses the fit at its start (as a misconfigured callback would)."""
+
+    def on_train_begin(self, logs=None):
+        raise ValueError("refused")
+
+
 def test_a_fit_resumed_from_a_backup_does_not_record_the_replayed_updates_again(tmp_path):
     """A fit stopped at step 14 (backup at step 8) and resumed on a model built again
     (another engine) replays the update of step 12: it was recorded twice, and
     save_json's mean weighed it twice."""
     x, y = classification_data(n=64)
-
-    def build():
-        model = keras_dst.prunable(mlp(), density=0.5, seed=0)
-        model.compile(keras.optimizers.SGD(0.1), LOSS)
-        return model
-
-    class Stop(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if int(self.model.optimizer.iterations) == 14:
-                raise KeyboardInterrupt
 
     def fit(model, overlap, *extra):
         model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
@@ -285,7 +297,7 @@ def test_a_fit_resumed_from_a_backup_does_not_record_the_replayed_updates_again(
     build().fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[whole])
     resumed = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4)
     with pytest.raises(KeyboardInterrupt):
-        fit(build(), resumed, Stop())
+        fit(build(), resumed, StopAt14())
     assert [step for step, _, _ in resumed.history] == [4, 8, 12]
     fit(build(), resumed)
     assert [step for step, _, _ in resumed.history] == [4, 8, 12, 16, 20, 24]
@@ -313,19 +325,9 @@ def test_a_fit_continued_after_a_stop_or_a_refusal_records_each_update_once():
     start by another callback and run again, recorded the last update a second time."""
     x, y = classification_data(n=64)  # 8 steps an epoch
 
-    class StopAt(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if int(self.model.optimizer.iterations) == 14:
-                raise KeyboardInterrupt
-
-    class Refuse(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            raise ValueError("refused")
-
-    for stop, expected in ((StopAt(), [4, 8, 12, 16, 20]), (Refuse(), [4, 8, 12, 16])):
+    for stop, expected in ((StopAt14(), [4, 8, 12, 16, 20]), (Refuse(), [4, 8, 12, 16])):
         overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4)
-        model = keras_dst.prunable(mlp(), density=0.5, seed=0)
-        model.compile(keras.optimizers.SGD(0.1), LOSS)
+        model = build()
         if isinstance(stop, Refuse):
             model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[overlap])
         with pytest.raises((KeyboardInterrupt, ValueError)):
@@ -341,25 +343,11 @@ def test_a_fit_that_records_nothing_between_a_stop_and_its_resume_keeps_the_resu
     backup took the mark of the stopped fit with it: the replayed update was recorded twice."""
     x, y = classification_data(n=64)  # 8 steps an epoch
 
-    def build():
-        model = keras_dst.prunable(mlp(), density=0.5, seed=0)
-        model.compile(keras.optimizers.SGD(0.1), LOSS)
-        return model
-
-    class StopAt(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if int(self.model.optimizer.iterations) == 14:
-                raise KeyboardInterrupt
-
-    class Refuse(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            raise ValueError("refused")
-
     overlap = keras_dst.CriteriaOverlap(["magnitude", "snip"], update_every=4)
     backup = str(tmp_path / "backup")
     with pytest.raises(KeyboardInterrupt):
         build().fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
-                    callbacks=[overlap, keras_dst.BackupAndRestore(backup), StopAt()])
+                    callbacks=[overlap, keras_dst.BackupAndRestore(backup), StopAt14()])
     if between == "refused":
         with pytest.raises(ValueError, match="refused"):
             build().fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[overlap, Refuse()])
