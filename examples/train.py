@@ -237,6 +237,9 @@ def validate(config):
             raise ValueError(f"--{name}={value}: choose one of {', '.join(choices)}")
         if name in CHECKS and not CHECKS[name][0](value):
             raise ValueError(f"--{name}={value}: {CHECKS[name][1]}")
+    if config.get("nesterov") and config.get("momentum") == 0:
+        raise ValueError("--momentum=0.0 with --nesterov: Nesterov momentum needs a momentum > 0; "
+                         "pass --nonesterov")
     if config.get("overlap") and config.get("method") == "dense":
         raise ValueError("--overlap needs a sparse model: --method static, dst or gmp")
     if config.get("strategy", "default") != "default":

@@ -93,21 +93,25 @@ def optimizer_variable_index(optimizer, variable) -> int:
     return optimizer._get_variable_index(variable)
 
 
-def moment_slots(slots) -> tuple:
+def moment_slots(optimizer, slots) -> tuple:
     """The moment buffers among the per-weight slots of one weight: ``(first, second, root)``.
 
-    `slots` maps the optimizer attribute that holds a per-weight slot list to
-    that weight's slot (`optimizer_state.slot_variables`). Relies on the
-    attribute names of Keras's optimizers (Keras 3, checked on 3.15): Adam,
-    AdamW, Nadam, Lamb keep ``_momentums`` (first moment) and ``_velocities``
-    (second) (so does RMSprop with momentum, whose pair reads the same way);
-    Adamax keeps ``_m`` and ``_u`` (the infinity norm that its step divides by,
-    where Adam's divides by the root of its second moment); SGD keeps its
-    momentum buffer in ``momentums``, Lion and Muon in ``_momentums``. Returns
+    `slots` maps the attribute of `optimizer` (a base optimizer) that holds a
+    per-weight slot list to that weight's slot (`optimizer_state.slot_variables`).
+    Relies on the attribute names of Keras's optimizers (Keras 3, checked on 3.15):
+    Adam, AdamW, Nadam, Lamb keep ``_momentums`` (first moment) and ``_velocities``
+    (second); Adamax keeps ``_m`` and ``_u`` (the infinity norm that its step
+    divides by, where Adam's divides by the root of its second moment); SGD keeps
+    its momentum buffer in ``momentums``, Lion and Muon in ``_momentums``, and so
+    does RMSprop with momentum, though it also keeps ``_velocities``: its buffer
+    sums steps already divided by their root (as ``torch.optim.RMSprop``'s
+    ``momentum_buffer``, which the reference reads alone). Returns
     ``(m, v, True)`` for Adam's moments (the step scales by ``1 / sqrt(v)``),
     ``(m, u, False)`` for Adamax's (by ``1 / u``), ``(buffer, None, False)`` for a
     momentum buffer alone, ``(None, None, False)`` otherwise. No public API.
     """
+    if isinstance(optimizer, keras.optimizers.RMSprop):
+        return slots.get("_momentums"), None, False
     if "_momentums" in slots and "_velocities" in slots:
         return slots["_momentums"], slots["_velocities"], True
     if "_m" in slots and "_u" in slots:

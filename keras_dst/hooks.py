@@ -16,7 +16,8 @@ inside the compiled step, with no second training loop:
 With a `LossScaleOptimizer` the hooks sit on the *inner* optimizer, which only
 runs on finite steps: a step skipped for overflow neither advances the step
 counter (``inner.iterations``) nor reaches the hooks, and the gradients seen are
-already unscaled.
+already unscaled. An optimizer's own ``loss_scale_factor`` is divided out of the
+gradients the hooks see, as the optimizer divides it out of its update.
 
 Which installed hooks a traced function contains is decided by the step switch
 (`keras_dst.step_switch`) through `tracing`: a hook that cannot update in an
@@ -219,6 +220,18 @@ def run_if(pred, fn, tensors=()):
                   [tf.constant(0, tf.int32)], maximum_iterations=1)
 
 
+def _unscaled(optimizer, grads) -> list:
+    """`grads` divided by the optimizer's ``loss_scale_factor``, as its ``apply`` divides them.
+
+    Keras multiplies the loss by ``loss_scale_factor`` in ``train_step`` and divides the
+    gradients by it inside ``apply``: the hooks get the gradients of the loss itself.
+    """
+    scale = getattr(optimizer, "loss_scale_factor", None)
+    if scale is None:
+        return grads
+    return [g if g is None else g / scale for g in grads]
+
+
 def installed(optimizer) -> list:
     """The hooks installed on `optimizer` (its base optimizer), in call order."""
     return list(base_optimizer(optimizer).__dict__.get(_HOOKS_ATTR, []))
@@ -267,7 +280,7 @@ def install(optimizer, hook: Hook):
             variables = (list(trainable_variables) if trainable_variables is not None
                          else list(compat.optimizer_trainable_variables(optimizer)))
             grads = list(grads)
-            by_variable = {id(v): g for v, g in zip(variables, grads)}
+            by_variable = {id(v): g for v, g in zip(variables, _unscaled(optimizer, grads))}
             if _TRACED_ATTR not in optimizer.__dict__:  # no step switch is running: the
                 for h in list(optimizer.__dict__[_HOOKS_ATTR]):  # fit of these hooks raised
                     uninstall(optimizer, h)

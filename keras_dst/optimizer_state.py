@@ -82,9 +82,10 @@ def momentum(optimizer, variable):
     SGD: its momentum buffer; Adam-like (first and second moments): m / (sqrt(v) + 1e-8)
     (raw, not bias-corrected, as the reference); Adamax: m / (u + 1e-8), its
     infinity norm u in the place of sqrt(v); other optimizers with a ``_momentums``
-    list (Lion, Muon): that buffer.
+    list (Lion, Muon, RMSprop, whose buffer is already divided by sqrt(v)): that buffer.
     """
-    first, second, root = compat.moment_slots(slot_variables(optimizer, variable))
+    first, second, root = compat.moment_slots(base_optimizer(optimizer),
+                                              slot_variables(optimizer, variable))
     if first is None:
         return None
     if second is not None:

@@ -41,7 +41,7 @@ class TorchSGD(keras.optimizers.SGD):
     Args:
       learning_rate: float or a `keras.optimizers.schedules.LearningRateSchedule`.
       momentum: float in [0, 1].
-      nesterov: bool.
+      nesterov: bool; True needs a momentum > 0 (as ``torch.optim.SGD``).
       l2: coupled weight decay coefficient (PyTorch's ``weight_decay``), a finite real >= 0;
         applied to every variable the optimizer updates (kernels, biases, BN).
       name: optimizer name.
@@ -54,7 +54,12 @@ class TorchSGD(keras.optimizers.SGD):
         l2 = validation.check_real(l2, "l2")
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got l2={l2!r}.")
-        super().__init__(learning_rate=learning_rate, momentum=float(momentum),
+        momentum = validation.check_density(momentum, "momentum", allow_zero=True)
+        nesterov = validation.check_bool(nesterov, "nesterov")
+        if nesterov and momentum == 0:  # as torch.optim.SGD
+            raise ValueError("nesterov=True needs momentum > 0, got momentum=0.0; pass "
+                             "nesterov=False or a momentum.")
+        super().__init__(learning_rate=learning_rate, momentum=momentum,
                          nesterov=nesterov, name=name, **kwargs)
         self.l2 = l2
 

@@ -187,6 +187,23 @@ def test_momentum_growth_reads_adamax_moments():
                                m / (u + 1e-8), rtol=1e-6)
 
 
+def test_momentum_growth_reads_rmsprops_buffer_alone():
+    """RMSprop(momentum) keeps a velocity too, but its buffer already sums steps divided by
+    sqrt(velocity): dividing again ranked by m / v."""
+    from keras_dst import optimizer_state
+
+    model = keras_dst.prunable(mlp(), density=0.3)
+    model.compile(optimizer=keras.optimizers.RMSprop(0.01, momentum=0.5), loss=LOSS)
+    x, y = classification_data()
+    dst = DST(grow="momentum", update_every=2)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[dst])
+    assert sum(s[2] for s in dst.engine.layer_stats.numpy()) > 0  # it grew
+    optimizer, weight = model.optimizer, keras_dst.sparse_targets(model)[0].weight
+    index = optimizer._get_variable_index(weight)
+    np.testing.assert_array_equal(optimizer_state.momentum(optimizer, weight).numpy(),
+                                  optimizer._momentums[index].numpy())
+
+
 def test_running_criterion_without_track_running_scores_is_an_error():
     message = _fit_fails(keras_dst.prunable(mlp(), density=0.3), keras.optimizers.SGD(0.1),
                          DST(prune="running_magnitude"))

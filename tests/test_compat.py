@@ -102,20 +102,29 @@ def _slots_of_only_weight(optimizer, weight):
 def test_moment_slots():
     w = keras.Variable(np.zeros((3, 2), "float32"))
     sgd = keras.optimizers.SGD(0.1, momentum=0.9)
-    first, second, _ = compat.moment_slots(_slots_of_only_weight(sgd, w))
+    first, second, _ = compat.moment_slots(sgd, _slots_of_only_weight(sgd, w))
     assert first is sgd.momentums[0] and second is None
 
     adam = keras.optimizers.Adam()
-    first, second, root = compat.moment_slots(_slots_of_only_weight(adam, w))
+    first, second, root = compat.moment_slots(adam, _slots_of_only_weight(adam, w))
     assert first is not None and second is not None and root
     assert "momentum" in first.path and "velocity" in second.path
 
     adamax = keras.optimizers.Adamax()  # its step divides m by u, not by sqrt(u)
-    first, second, root = compat.moment_slots(_slots_of_only_weight(adamax, w))
+    first, second, root = compat.moment_slots(adamax, _slots_of_only_weight(adamax, w))
     assert (first, second, root) == (adamax._m[0], adamax._u[0], False)
 
+    # RMSprop's momentum buffer sums steps already divided by sqrt(velocity)
+    rmsprop = keras.optimizers.RMSprop(momentum=0.5)
+    slots = _slots_of_only_weight(rmsprop, w)
+    assert "_velocities" in slots
+    assert compat.moment_slots(rmsprop, slots) == (rmsprop._momentums[0], None, False)
+    plain_rmsprop = keras.optimizers.RMSprop()
+    assert compat.moment_slots(plain_rmsprop, _slots_of_only_weight(plain_rmsprop, w)) == (
+        None, None, False)
+
     plain = keras.optimizers.SGD(0.1)
-    assert compat.moment_slots(_slots_of_only_weight(plain, w)) == (None, None, False)
+    assert compat.moment_slots(plain, _slots_of_only_weight(plain, w)) == (None, None, False)
 
 
 def test_wrap_deferred_initializer():

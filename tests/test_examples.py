@@ -154,6 +154,21 @@ def test_torch_sgd_refuses_a_bad_l2_naming_it(l2, error):
         optim.TorchSGD(0.1, momentum=0.9, l2=l2)
 
 
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(momentum="0.9"), TypeError, "momentum"),
+    (dict(momentum=True), TypeError, "momentum"),
+    (dict(momentum=float("nan")), ValueError, "momentum"),
+    (dict(momentum=1.5), ValueError, "momentum"),
+    (dict(momentum=0.9, nesterov="yes"), TypeError, "nesterov"),
+    (dict(momentum=0.9, nesterov=1), TypeError, "nesterov"),
+    (dict(momentum=0.0, nesterov=True), ValueError, "nesterov=True needs momentum > 0"),
+])
+def test_torch_sgd_refuses_a_bad_momentum_or_nesterov_naming_it(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        optim.TorchSGD(0.1, **kwargs)
+    optim.TorchSGD(0.1, momentum=0.0, nesterov=False)  # plain SGD
+
+
 def test_step_decay_drops_at_half_and_three_quarters():
     schedule = optim.step_decay(0.1, epochs=100, steps_per_epoch=10)
     lr = lambda step: float(schedule(step))  # noqa: E731
@@ -369,6 +384,14 @@ def test_a_model_that_does_not_fit_the_dataset_is_named(tmp_path):
                                          r"--dataset=digits \(examples of shape \(8, 8, 1\)\): "
                                          r".*MaxPooling2D.*zero or negative"):
         train.run({**DIGITS, "output_dir": str(tmp_path), "model": "conv_cifar10"})
+
+
+def test_nesterov_without_momentum_is_refused_by_validate():
+    config = {**train.default_config(), "momentum": 0.0}
+    assert config["nesterov"]
+    with pytest.raises(ValueError, match=r"--momentum=0.0 with --nesterov.*--nonesterov"):
+        train.validate(config)
+    train.validate({**config, "nesterov": False})
 
 
 def test_an_nm_pattern_with_another_density_is_refused_by_validate():
@@ -792,7 +815,8 @@ def test_a_refused_run_leaves_an_earlier_runs_outputs_as_they_were(tmp_path):
     with pytest.raises(ValueError, match=r"grow_exact=False"):
         train.run({**DIGITS, "grow": "gradient", "grow_exact": False, "output_dir": str(out)})
     with pytest.raises(ValueError, match=r"keeps no momentum"):
-        train.run({**DIGITS, "grow": "momentum", "momentum": 0.0, "output_dir": str(out)})
+        train.run({**DIGITS, "grow": "momentum", "momentum": 0.0, "nesterov": False,
+                   "output_dir": str(out)})
     assert sorted(os.listdir(out)) == ["overlap.json", "tb"]
 
 

@@ -159,3 +159,25 @@ def test_every_layer_type_under_mixed_float16(policy):
     x, y = all_layers_data(n=32)
     check = _fit(model, x, y, dict(prune="magnitude", grow="gradient"), epochs=2, batch_size=8)
     assert _churn(check) > 0
+
+
+def test_optimizer_loss_scale_factor_is_divided_out_of_the_gradients_updates_see():
+    # Keras multiplies the loss by an optimizer's `loss_scale_factor` and divides the
+    # gradients by it inside `apply`: the criteria and growth rules must see the loss's own
+    # gradients. MEST (|w| + gamma |g|) ranks otherwise if they do not. A power-of-two
+    # factor scales exactly, so the runs agree bit for bit.
+    prune, grow = "mest", "gradient"
+    x, y = classification_data(n=128)
+
+    def run(factor):
+        keras.utils.set_random_seed(0)
+        model = keras_dst.prunable(mlp(), density=0.3)
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9, loss_scale_factor=factor), LOSS,
+                      jit_compile=True)
+        return _fit(model, x, y, dict(prune=prune, grow=grow), epochs=1, batch_size=16)
+
+    plain, scaled = run(None), run(1024.0)
+    assert _churn(plain) > 0
+    for a, b in zip(plain.history, scaled.history, strict=True):
+        assert all(np.array_equal(a["masks"][k], b["masks"][k]) for k in a["masks"]), a["step"]
+        assert all(np.array_equal(u, v) for u, v in zip(a["weights"], b["weights"]))
