@@ -73,7 +73,8 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
       init: ``"exact"`` (default): exactly ``round(d_l n_l)`` active entries per
         weight, with counts summing to ``round(D N)``; ``"bernoulli"``: the
         reference's i.i.d. draw (counts exact in expectation only).
-      seed: int; masks are a pure function of (seed, weight index).
+      seed: int; a model's masks are a pure function of (seed, the index of the
+        sparsified layer in the model), a single layer's of (seed, its name).
       skip_unsupported: leave layers with weights that keras_dst cannot sparsify
         dense instead of raising a `TypeError`.
       track_running_scores: keep a running score per weight entry in each wrapper
@@ -157,7 +158,8 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         model_only = [name for name, given in (
             ("distribution", not isinstance(distribution, str) or distribution != "erk"),
             ("keep_dense", bool(keep_dense)), ("density_overrides", bool(density_overrides)),
-            ("pattern_overrides", bool(pattern_overrides))) if given]
+            ("pattern_overrides", bool(pattern_overrides)),
+            ("skip_unsupported", skip_unsupported)) if given]
         if model_only:
             raise ValueError(f"prunable(layer): {model_only[0]} applies to models; pass the "
                              "layer's density as density= and its pattern as pattern=.")

@@ -509,7 +509,11 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
       A decorator that registers the function and returns it unchanged.
 
     Raises:
-      ValueError: `name` is taken and `overwrite` is False.
+      TypeError: `name` is not a str, `select` or `overwrite` not a bool, or the
+        decorated object is not callable.
+      ValueError: `name` is empty or taken (and `overwrite` is False), `ordering`
+        is unknown, or `params` names a parameter the function does not take or
+        leaves one without a default; nothing is registered.
     """
     _CRITERIA.check_available(name, overwrite)
     with validation.errors_named(f"register_criterion({name!r})"):

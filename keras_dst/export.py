@@ -1133,7 +1133,7 @@ class LiteRTModel:
       input_names: the model's input names in the order a list of inputs maps
         to; by default the order of the .tflite graph's inputs, which is the Keras
         model's (`ExportReport.input_names`). They must name the file's inputs.
-      num_threads: see `interpreter`.
+      num_threads: see `interpreter` (``from keras_dst.export import interpreter``).
       xnnpack: True: the XNNPACK delegate (an error if it refuses the model);
         False: builtin kernels only; None (default): XNNPACK unless it refuses
         the model (it cannot run int8 models with DENSIFY ops), then builtin

@@ -129,7 +129,11 @@ def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: 
       A decorator that registers the function and returns it unchanged.
 
     Raises:
-      ValueError: `name` is taken and `overwrite` is False.
+      TypeError: `name` is not a str, `overwrite` not a bool, or the decorated
+        object is not callable.
+      ValueError: `name` is empty or taken (and `overwrite` is False), or `params`
+        names a parameter the function does not take or leaves one without a
+        default; nothing is registered.
     """
     _GROWTH.check_available(name, overwrite)
 

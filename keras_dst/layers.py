@@ -65,14 +65,15 @@ def register_prunable_layer(layer_class: type, weight_names: Sequence[str],
     Args:
       layer_class: a `keras.layers.Layer` subclass.
       weight_names: names of the variables to sparsify (`variable.name`, e.g.
-        ``("kernel",)``). Variables of nested sub-layers with these names count.
+        ``("kernel",)``; one name alone is taken as a list of one). Variables of
+        nested sub-layers with these names count.
       overwrite: replace an existing registration of `layer_class`.
 
     Raises:
-      TypeError: `layer_class` is not a Layer subclass, `weight_names` not a list, tuple
-        or set of str.
-      ValueError: `weight_names` is empty or a single string, or
-        `layer_class` is already registered and `overwrite` is False.
+      TypeError: `layer_class` is not a Layer subclass, `weight_names` not a str or a
+        list, tuple or set of str.
+      ValueError: `weight_names` is empty, or `layer_class` is already registered and
+        `overwrite` is False.
     """
     if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
         raise TypeError(
@@ -80,10 +81,10 @@ def register_prunable_layer(layer_class: type, weight_names: Sequence[str],
         )
     with errors_named("register_prunable_layer()"):
         names = check_names(weight_names, "weight_names")
-    if isinstance(weight_names, str) or not names:
+    if not names:
         raise ValueError(
-            "register_prunable_layer() needs a non-empty sequence of weight names, "
-            f"got weight_names={weight_names!r}."
+            f"register_prunable_layer() needs at least one weight name, got "
+            f"weight_names={weight_names!r}."
         )
     _PRUNABLE_LAYERS.register(layer_class, names, overwrite=overwrite)
 
@@ -313,7 +314,8 @@ def prunable_weights(layer) -> list:
         raise TypeError(
             f"Layer '{layer.name}' of class {type(layer).__name__} is not supported by "
             "keras_dst: implement `get_prunable_weights()` on it, register its class "
-            "with keras_dst.register_prunable_layer(), or pass skip_unsupported=True."
+            "with keras_dst.register_prunable_layer(), or, in a model, leave it dense with "
+            "prunable(model, skip_unsupported=True)."
         )
     named = [v for v in layer.weights if v.name in names]
     if layer.weights and not named:  # (a registration's typo would leave it dense)

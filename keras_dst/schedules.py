@@ -163,7 +163,9 @@ def register_schedule(name: str, *, overwrite: bool = False):
       A decorator that registers the factory and returns it unchanged.
 
     Raises:
-      ValueError: `name` is taken and `overwrite` is False.
+      TypeError: `name` is not a str, `overwrite` not a bool, or the decorated
+        object is not callable.
+      ValueError: `name` is empty, or taken and `overwrite` is False.
     """
     SCHEDULES.check_available(name, overwrite)
 

@@ -18,7 +18,7 @@ class ScoreInputs(NamedTuple):
         position, inactive ones included (no weight-decay term); None where no
         rule of the run is registered with ``needs_gradient=True``.
       mask: bool, True where the weight is active.
-      seed: int32 tensor of shape [2], a stateless RNG seed unique to this
+      seed: int64 tensor of shape [2], a stateless RNG seed unique to this
         tensor and this update step (use `tf.random.stateless_*`).
       momentum: float32 optimizer momentum of the weight (SGD momentum buffer,
         or Adam's m / (sqrt(v) + 1e-8)) for a growth rule that needs it; None

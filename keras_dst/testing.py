@@ -26,7 +26,7 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
                              dtype=None) -> dict:
     """Asserts the sparse invariants of every sparsified weight of `model`.
 
-    For every sparsified weight (`keras_dst.masks.sparse_targets`), in this order:
+    For every sparsified weight (`keras_dst.sparse_targets`), in this order:
 
     * its mask is a bool variable of the weight's shape (and its running score,
       when tracked, a float32 variable of that shape);
@@ -45,7 +45,8 @@ def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_a
 
     Args:
       model: a model or layer containing `SparseWrapper` layers, or a list of
-        `keras_dst.masks.SparseTarget` (what ``sparse_targets(model)`` returns).
+        ``SparseTarget`` (``from keras_dst.masks import SparseTarget``: what
+        ``keras_dst.sparse_targets(model)`` returns).
       expected_active: None (counts are not checked), or the expected number of
         active (mask True) entries as
         - a mapping ``{weight key: count}`` (`SparseTarget.key`: the weight's

@@ -587,6 +587,8 @@ def test_prunable_layer_registry_is_the_shared_type():
         with pytest.raises(ValueError, match=r"prunable layer class '.*Pair' is already registered"):
             keras_dst.register_prunable_layer(Pair, ["b"])
         assert layers_lib._registered_names(ChildPair()) == ("a",)
+        keras_dst.register_prunable_layer(Pair, "b", overwrite=True)  # one name alone
+        assert layers_lib._registered_names(ChildPair()) == ("b",)
         keras_dst.register_prunable_layer(Pair, ["a", "b"], overwrite=True)
         assert layers_lib._registered_names(ChildPair()) == ("a", "b")
         inp = keras.Input((6,))
@@ -752,3 +754,28 @@ def test_a_layer_that_cannot_be_rebuilt_from_its_config_is_named_with_the_remedi
         keras_dst.prunable(model, density=0.5)
     assert keras_dst.prunable(model, density=0.5, in_place=True) is model
     assert keras_dst.density(model) == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("option", [
+    dict(distribution="er"), dict(keep_dense=["x"]), dict(density_overrides={"x": 0.5}),
+    dict(pattern_overrides={"x": "2:4"}), dict(skip_unsupported=True)])
+def test_a_layer_refuses_the_options_of_a_model_naming_them(option):
+    (name,) = option
+    with pytest.raises(ValueError, match=rf"prunable\(layer\): {name} applies to models"):
+        keras_dst.prunable(keras.layers.Dense(3), density=0.5, **option)
+
+
+def test_an_unsupported_layer_alone_is_not_told_to_pass_skip_unsupported():
+    class Custom(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], 3), name="w")
+
+        def call(self, x):
+            return x @ self.w
+
+    layer = Custom(name="mine")
+    layer.build((None, 4))
+    with pytest.raises(TypeError, match=r"Layer 'mine' of class Custom is not supported .*in a "
+                                        r"model, leave it dense with prunable\(model, "
+                                        r"skip_unsupported=True\)"):
+        keras_dst.prunable(layer, density=0.5)
