@@ -163,6 +163,11 @@ class GradualPruning(HookedCallback):
     counts them) and
     ``target_density`` (``d(t)`` of the ramp's last update step; `initial_density`
     before the first).
+
+    A callback that restores an earlier epoch's weights at the end of `fit`
+    (``keras.callbacks.EarlyStopping(restore_best_weights=True)``) restores that
+    epoch's masks with them: the model comes back at that epoch's density, above
+    `final_density` if the ramp had not ended by then.
     """
 
     def __init__(self, final_density: float, update_every: int = 100, begin_step: int = 0,

@@ -1118,6 +1118,16 @@ def _same_bits(a, b) -> bool:
     return bool(tf.reduce_all(tf.equal(tf.bitcast(a, ints), tf.bitcast(b, ints))))
 
 
+_eager_topology_writes = 0
+
+
+def eager_topology_writes() -> int:
+    """How many eager writes of masks or ever-active flags were made in this process
+    (`set_masks`, ``set_weights``, a load or restore; not the DST updates inside the
+    training step): a callback's logs re-read the masks when it has changed."""
+    return _eager_topology_writes
+
+
 def _guard_writes(variable, mask, flags, state, pattern):
     """Makes every eager write of `variable` or `mask` keep the weight's zeros where the
     mask is False; eager writes of the mask and of its ever-active `flags` take 0/1 values
@@ -1199,10 +1209,12 @@ def _guard_writes(variable, mask, flags, state, pattern):
         return result
 
     def guarded_mask_assign(value):
+        global _eager_topology_writes
         if tf.executing_eagerly():
             _check_mask_value(state, variable, pattern, value)
         result = assign_mask(mask, value)
         if tf.executing_eagerly():
+            _eager_topology_writes += 1
             assign_flags(flags, tf.logical_or(_unwritten(flags), mask))
             raw = _unwritten(variable)
             assign_weight(variable, tf.where(mask, raw, tf.zeros_like(raw)))
@@ -1220,12 +1232,14 @@ def _guard_writes(variable, mask, flags, state, pattern):
         raw.assign = guarded_raw_assign
 
     def guarded_flags_assign(value):
+        global _eager_topology_writes
         if not tf.executing_eagerly():  # (the DST update)
             return assign_flags(flags, value)
         array = _check_flags_value(state, variable, value).astype(bool)
         written = np.logical_or(array, mask.numpy())
         pending.pop(id(flags), None)
         result = assign_flags(flags, written)
+        _eager_topology_writes += 1
         if not np.array_equal(array, written):
             # for a mask written next in the same load or restore: not once the weight is
             # written or trained (`mask` was in use since)

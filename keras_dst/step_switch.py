@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from keras_dst import compat, hooks, schedules, user_warnings
+from keras_dst.layers import eager_topology_writes
 from keras_dst.masks import reapply_masks_if_needed, sparse_targets
 from keras_dst.optimizer_state import base_optimizer
 
@@ -460,10 +461,11 @@ class HookedCallback(keras.callbacks.Callback):
             logs.update(self._logs)
 
     def _refresh(self):
-        """Re-reads the engine's numbers from the device if an update happened since."""
-        last = int(self.engine.last_update_step.numpy())
-        if last != self._seen_update:
-            self._seen_update = last
+        """Re-reads the engine's numbers from the device if an update happened since, or
+        masks were written since outside the training step (`set_masks` from a callback)."""
+        seen = (int(self.engine.last_update_step.numpy()), eager_topology_writes())
+        if seen != self._seen_update:
+            self._seen_update = seen
             self._logs = self._read_logs()
 
 

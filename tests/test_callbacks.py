@@ -777,6 +777,32 @@ def test_logs_describe_this_model_and_its_masks_as_they_are():
     assert logs["density"][-1] == 1.0
 
 
+@pytest.mark.parametrize("make", [
+    lambda: DST(update_every=100, schedule="constant"),
+    lambda: keras_dst.GradualPruning(final_density=0.1, begin_step=200, end_step=300,
+                                     initial_density=0.2),
+], ids=["dst", "gradual"])
+def test_logs_see_masks_written_during_a_fit_before_the_next_update(make):
+    """A user's callback writing masks in the middle of a fit (no update in it): the next
+    epoch's logs give the masks as they are, not those of the last update."""
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+
+    class DenseMasksAtEpoch1(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                keras_dst.set_masks(model, {k: np.ones_like(v)
+                                            for k, v in keras_dst.masks(model).items()})
+
+    logs = model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                     callbacks=[DenseMasksAtEpoch1(), make()]).history
+    assert logs["density"][0] == pytest.approx(0.3, abs=0.01)
+    assert logs["density"][1] == 1.0 == keras_dst.density(model)
+    if "itop" in logs:
+        assert logs["itop"][1] == 1.0
+
+
 def test_backup_and_restore_round_trips_its_config(tmp_path):
     backup = keras_dst.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
     config = json.loads(json.dumps(keras.saving.serialize_keras_object(backup)))
