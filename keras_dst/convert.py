@@ -92,7 +92,7 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         layer's density). Kept through every DST update.
       pattern_overrides: ``{layer name: pattern}`` for layers that need another
         pattern (e.g. ``"unstructured"`` for a layer whose input axis is not a
-        multiple of B).
+        multiple of B, or ``"sep/depthwise_kernel"`` for one weight of a layer).
       in_place: ``None`` (default): clone what can be rebuilt, attach in place
         otherwise (above); ``True``: attach in place whatever the model (a graph
         model too); ``False``: clone, and a `TypeError` for a model that cannot be
@@ -108,6 +108,8 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
     one);
     where two layers share a path (keras-hub's CLIP encoders), their places in the
     model tell them apart (``"clip_text_encoder/encoder_block_0/attention"``).
+    A layer's name followed by a weight's path below it names that weight alone
+    (``"sep/depthwise_kernel"``, ``"mha/query/kernel"``).
     A layer given two different values (by two keys, or by two options) is
     refused, naming both; a single layer takes only `density`, `init`, `seed`,
     `track_running_scores`, `pattern` and `in_place`.
@@ -379,7 +381,7 @@ def _option_names(model):
 
 
 def _weight_names(targets, keys, names) -> dict:
-    """``{weight key: (below, above)}``: what else than its layer's names
+    """``{weight key: (below, above, own)}``: what else than its layer's names
     (`_option_names`) an option of `prunable` may name a weight by.
 
     * below: where the weight belongs to a sub-layer of its layer (the ``query``
@@ -388,7 +390,10 @@ def _weight_names(targets, keys, names) -> dict:
       ``"mha/query"``);
     * above: each layer that contains its layer, by name and by the path or place of
       the layer down to it (``"transformer_layer_0"``, a functional model's nested
-      ``"tower_a"``)."""
+      ``"tower_a"``);
+    * own: the weight alone, by each of its layer's names and its path below the layer
+      (``"sep/depthwise_kernel"``, ``"mha/query/kernel"``): one of a layer's weights
+      where the others take other values."""
     result = {}
     for layer, weights in targets:
         own = names(layer)
@@ -397,11 +402,13 @@ def _weight_names(targets, keys, names) -> dict:
             parts = n.split("/")[:-1]
             above += parts + ["/".join(parts[:i + 1]) for i in range(len(parts))]
         for w in weights:
-            parts = sparse_layers.relative_path(layer, w).split("/")[:-1]
+            relative = sparse_layers.relative_path(layer, w)
+            parts = relative.split("/")[:-1]
             below = []
             for i, part in enumerate(parts):
                 below += [part] + [f"{n}/{'/'.join(parts[:i + 1])}" for n in own]
-            result[keys[id(w)]] = (tuple(dict.fromkeys(below)), tuple(dict.fromkeys(above)))
+            result[keys[id(w)]] = (tuple(dict.fromkeys(below)), tuple(dict.fromkeys(above)),
+                                   tuple(dict.fromkeys(f"{n}/{relative}" for n in own)))
     return result
 
 
@@ -443,24 +450,30 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     distinct = _distinct_names(targets, names)
     # what the messages of an unknown name list: the layers, and the sub-layers below them
     layer_names = str(sorted(set(distinct.values())))
-    sub_layers = sorted({n for below, _ in weight_names.values() for n in below if "/" not in n})
+    sub_layers = sorted({n for below, *_ in weight_names.values() for n in below if "/" not in n})
     if sub_layers:
-        example = next(max(below, key=len) for below, _ in weight_names.values() if below)
+        example = next(max(below, key=len) for below, *_ in weight_names.values() if below)
         layer_names += (f"; sub-layers holding their weights {sub_layers} (also by their path "
                         f"below the layer's, e.g. '{example}')")
-    containers = sorted({n for _, above in weight_names.values() for n in above if "/" not in n})
+    containers = sorted({n for _, above, _ in weight_names.values() for n in above if "/" not in n})
     if containers:
         layer_names += f"; layers containing them {containers}"
+    several = next((weight_names[path][2][0] for path, layer in owner.items()
+                    if sum(other is layer for other in owner.values()) > 1), None)
+    if several is not None:
+        layer_names += (f"; one weight of a layer by the layer's name and the weight's path "
+                        f"below it, e.g. '{several}'")
     known = {k for path, layer in owner.items() for k in names(layer)} | \
-        {k for below, above in weight_names.values() for k in below + above}
+        {k for below, above, own in weight_names.values() for k in below + above + own}
 
     def matching(key):
         """The weights `key` reaches: a sparsified layer's weights where it names one (a
         top-level Dense named "value" alone, not the attention layers' value
         projections), else those of the sub-layers and of the layers inside the
-        containers it names."""
+        containers it names, else the one weight it names."""
         return [p for p, layer in owner.items() if key in names(layer)] or \
-            [p for p in owner if key in weight_names[p][0] + weight_names[p][1]]
+            [p for p in owner if key in weight_names[p][0] + weight_names[p][1]] or \
+            [p for p in owner if key in weight_names[p][2]]
 
     def refuse_two_values(path, value, source, other, other_source):
         raise ValueError(
@@ -654,6 +667,10 @@ def _copy_weights(source, target, value_of):
 def unfit_layers(model: "keras.Model", pattern: "patterns.PatternLike") -> dict:
     """The layers of `model` whose kernels cannot take `pattern`, as ``{key: "unstructured"}``.
 
+    A layer only some of whose kernels cannot take it is given by those kernels
+    (``"sep/depthwise_kernel"``: a `SeparableConv`'s pointwise kernel keeps `pattern`;
+    ``"mha/query/kernel"``, ...: a `MultiHeadAttention`'s output projection does).
+
     Ready for ``prunable(model, ..., pattern=pattern, pattern_overrides=unfit_layers(model,
     pattern))`` when such layers should stay unstructured rather than be refused (e.g. a
     first convolution with 3 input channels and 1x4 blocks). A layer is keyed by its name,
@@ -672,11 +689,15 @@ def unfit_layers(model: "keras.Model", pattern: "patterns.PatternLike") -> dict:
     distinct = _distinct_names(targets, _option_names(model))
     unfit = {}
     for layer, weights in targets:
+        keys = []
         for weight in weights:
             try:
                 sparse_layers.check_pattern(pattern, layer, weight, layer.name)
             except ValueError:
-                unfit[distinct[id(layer)]] = "unstructured"
+                keys.append(f"{distinct[id(layer)]}/{sparse_layers.relative_path(layer, weight)}")
+        if keys:
+            unfit.update(dict.fromkeys([distinct[id(layer)]] if len(keys) == len(weights)
+                                       else keys, "unstructured"))
     return unfit
 
 

@@ -779,3 +779,37 @@ def test_an_unsupported_layer_alone_is_not_told_to_pass_skip_unsupported():
                                         r"model, leave it dense with prunable\(model, "
                                         r"skip_unsupported=True\)"):
         keras_dst.prunable(layer, density=0.5)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["wrapped", "attached"])
+def test_options_name_one_weight_of_a_layer_by_the_layers_name_and_its_path(in_place):
+    # a SeparableConv's depthwise kernel alone: its pointwise kernel ([1, in, out], where a
+    # MobileNet computes) keeps the model's pattern and density
+    def separable():
+        inputs = keras.Input((10, 8))
+        x = keras.layers.SeparableConv1D(8, 3, name="sep")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(8, name="head")(x))
+
+    model = separable()
+    assert keras_dst.unfit_layers(model, "1x4") == {"sep/depthwise_kernel": "unstructured"}
+    sparse = keras_dst.prunable(separable(), density=0.25, pattern="1x4", in_place=in_place,
+                                pattern_overrides={"sep/depthwise_kernel": "unstructured"},
+                                density_overrides={"sep/depthwise_kernel": 0.5})
+    by_path = {t.weight.path: (str(t.pattern), float(t.mask.numpy().mean()))
+               for t in keras_dst.sparse_targets(sparse)}
+    assert by_path["sep/depthwise_kernel"] == ("unstructured", 0.5)
+    assert by_path["sep/pointwise_kernel"][0] == by_path["head/kernel"][0] == "1x4"
+    kept = keras_dst.prunable(model, density=0.5, keep_dense=["sep/pointwise_kernel"],
+                              in_place=False)
+    assert keras_dst.masks(kept)["sep/pointwise_kernel"].all()
+    assert not keras_dst.masks(kept)["sep/depthwise_kernel"].all()
+    with pytest.raises(ValueError, match=r"unknown layer names \['sep/kernel'\] in keep_dense; "
+                                         r"sparsified layers are \['head', 'sep'\]; one weight "
+                                         r"of a layer by the layer's name and the weight's path "
+                                         r"below it, e.g. 'sep/depthwise_kernel'"):
+        keras_dst.prunable(model, density=0.25, keep_dense=["sep/kernel"], in_place=False)
+    with pytest.raises(ValueError, match=r"weight 'sep/pointwise_kernel'\) is given 2:4 by "
+                                         r"pattern_overrides\['sep/pointwise_kernel'\] and "
+                                         r"fan_in by pattern_overrides\['sep'\]"):
+        keras_dst.prunable(model, density=0.5, pattern="1x4", in_place=False,
+                           pattern_overrides={"sep/pointwise_kernel": "2:4", "sep": "fan_in"})

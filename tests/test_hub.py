@@ -85,16 +85,20 @@ def test_bert_text_classifier(tmp_path):
 
 @pytest.mark.parametrize("pattern", ["1x4", "fan_in"])
 def test_bert_with_a_pattern_trains_where_it_fits(pattern):
-    # unfit_layers names the attention blocks (their query/key/value kernels have two
-    # output axes) by the names prunable takes; the token embedding's gradient reaches the
-    # optimizer dense with an unknown first dimension, which the pattern's growth refused
+    # unfit_layers names the attention blocks' query/key/value kernels (two output axes)
+    # by the names prunable takes, not their output projection, which fits; the token
+    # embedding's gradient reaches the optimizer dense with an unknown first dimension,
+    # which the pattern's growth refused
     clf = bert_classifier(vocabulary_size=100, num_layers=1, hidden_dim=16,
                           max_sequence_length=8)
     unfit = keras_dst.unfit_layers(clf, pattern)
-    assert "self_attention_layer" in unfit
+    qkv = [f"self_attention_layer/{n}/kernel" for n in ("query", "key", "value")]
+    assert set(qkv) <= set(unfit) and "self_attention_layer" not in unfit
     keras_dst.prunable(clf, density=0.3, pattern=pattern, pattern_overrides=unfit)
     patterns = {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(clf)}
     assert patterns["token_embedding/embeddings"] == pattern
+    output = next(path for path in patterns if path.endswith("attention_output/kernel"))
+    assert patterns[output] == pattern
     before = keras_dst.masks(clf)
     x, y = bert_data(n=16, length=8, vocabulary_size=100)
     clf.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, jit_compile=False)
