@@ -412,15 +412,21 @@ def _weight_names(targets, keys, names) -> dict:
     return result
 
 
-def _missing_name(path, layer, distinct, below, given, owner) -> str:
-    """How a distribution dict's message names the weight at `path` it misses: by its
-    layer (`distinct`) where the dict names none of that layer's weights, else by the
-    sub-layer holding it below that name (``"mha/value"``; `below`: `_weight_names`), or
-    by its key."""
+def _missing_name(layer, distinct, names_of_weight, given, owner) -> str:
+    """How a distribution dict's message names a weight of `layer` it misses: by the
+    layer (`distinct`) where the dict names none of its weights, else by the sub-layer
+    holding it below that name (``"mha/value"``), or by the weight's own name below it
+    (``"sep/pointwise_kernel"``; `names_of_weight`: its `_weight_names` entry)."""
     if not any(p in given for p, other in owner.items() if other is layer):
         return distinct
+    below, _, own = names_of_weight
     paths = [n for n in below if n.startswith(distinct + "/")]
-    return min(paths, key=len) if paths else path
+    return min(paths, key=len) if paths else _own_name(own, distinct)
+
+
+def _own_name(own, distinct) -> str:
+    """Of a weight's own names (`_weight_names`), the one below its layer's `distinct` name."""
+    return next(n for n in own if n.startswith(distinct + "/"))
 
 
 def _distinct_names(targets, names) -> dict:
@@ -458,7 +464,8 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     containers = sorted({n for _, above, _ in weight_names.values() for n in above if "/" not in n})
     if containers:
         layer_names += f"; layers containing them {containers}"
-    several = next((weight_names[path][2][0] for path, layer in owner.items()
+    several = next((_own_name(weight_names[path][2], distinct[id(layer)])
+                    for path, layer in owner.items()
                     if sum(other is layer for other in owner.values()) > 1), None)
     if several is not None:
         layer_names += (f"; one weight of a layer by the layer's name and the weight's path "
@@ -478,7 +485,7 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     def refuse_two_values(path, value, source, other, other_source):
         raise ValueError(
             f"prunable(): layer '{label(owner[path])}' (weight '{path}') is given {value} by "
-            f"{source} and {other} by {other_source}; give each layer one value.")
+            f"{source} and {other} by {other_source}; give each weight one value.")
 
     def by_weight(entries):
         """{weight key: value}, {weight key: source} from ``[(source, key, value)]``
@@ -517,12 +524,12 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
         per_weight, per_weight_by = by_weight(
             [(f"distribution['{key}']", key, check_density(value, f"distribution['{key}']"))
              for key, value in distribution.items()])
-        missing = sorted({_missing_name(p, layer, distinct[id(layer)], weight_names[p][0],
+        missing = sorted({_missing_name(layer, distinct[id(layer)], weight_names[p],
                                         per_weight, owner)
                           for p, layer in owner.items() if p not in per_weight})
         if missing:
             raise ValueError(f"prunable(): the distribution dict must name every sparsified "
-                             f"layer; missing {missing}.")
+                             f"layer (or each of its weights); missing {missing}.")
         for path, value in fixed.items():
             if per_weight[path] != value:
                 refuse_two_values(path, per_weight[path], per_weight_by[path], value,
@@ -686,7 +693,15 @@ def unfit_layers(model: "keras.Model", pattern: "patterns.PatternLike") -> dict:
     # projections), by the names its `pattern_overrides` takes
     targets = (_attach_targets if _why_not_rebuildable(model) else _wrap_targets)(
         model, skip_unsupported=True)
-    distinct = _distinct_names(targets, _option_names(model))
+    names = _option_names(model)
+    distinct = _distinct_names(targets, names)
+    weight_names = _weight_names(targets, {id(w): id(w) for _, ws in targets for w in ws}, names)
+    # a weight's own name reaches it alone where no layer, sub-layer or container and no
+    # other weight goes by it (`prunable` tries those names first)
+    taken = collections.Counter(n for layer, _ in targets for n in names(layer))
+    for below, above, own in weight_names.values():
+        taken.update(set(below + above))
+        taken.update(own)
     unfit = {}
     for layer, weights in targets:
         keys = []
@@ -694,10 +709,10 @@ def unfit_layers(model: "keras.Model", pattern: "patterns.PatternLike") -> dict:
             try:
                 sparse_layers.check_pattern(pattern, layer, weight, layer.name)
             except ValueError:
-                keys.append(f"{distinct[id(layer)]}/{sparse_layers.relative_path(layer, weight)}")
+                keys.append(_own_name(weight_names[id(weight)][2], distinct[id(layer)]))
         if keys:
-            unfit.update(dict.fromkeys([distinct[id(layer)]] if len(keys) == len(weights)
-                                       else keys, "unstructured"))
+            alone = len(keys) < len(weights) and all(taken[k] == 1 for k in keys)
+            unfit.update(dict.fromkeys(keys if alone else [distinct[id(layer)]], "unstructured"))
     return unfit
 
 

@@ -229,7 +229,9 @@ def _unscaled(optimizer, grads) -> list:
     scale = getattr(optimizer, "loss_scale_factor", None)
     if scale is None:
         return grads
-    return [g if g is None else g / scale for g in grads]
+    return [None if g is None
+            else tf.IndexedSlices(g.values / scale, g.indices, g.dense_shape)
+            if isinstance(g, tf.IndexedSlices) else g / scale for g in grads]
 
 
 def installed(optimizer) -> list:

@@ -81,11 +81,12 @@ def register_prunable_layer(layer_class: type, weight_names: Sequence[str],
         )
     with errors_named("register_prunable_layer()"):
         names = check_names(weight_names, "weight_names")
-    if not names:
+    if not names or not all(names):
         raise ValueError(
-            f"register_prunable_layer() needs at least one weight name, got "
+            f"register_prunable_layer() needs at least one weight name, and no empty one, got "
             f"weight_names={weight_names!r}."
         )
+    names = tuple(dict.fromkeys(names))
     _PRUNABLE_LAYERS.register(layer_class, names, overwrite=overwrite)
 
 
@@ -437,10 +438,10 @@ class SparseState:
         if density is None:  # the patterns' own: N/M for an N:M weight, 1 (dense) otherwise
             own = [p.n / p.m if p.kind == "nm" else 1.0 for p in parsed]
             density = own if listed else own[0]
-        densities = [density] if np.isscalar(density) else list(density)
+        scalar = np.ndim(density) == 0  # (a 0-d array too; a str is refused below)
         with validation.errors_named(f"layer '{layer.name}'"):
-            for d in densities:
-                check_density(d, name="density", allow_zero=True)
+            densities = [check_density(d, name="density", allow_zero=True)
+                         for d in ([density] if scalar else list(density))]
         per_weight = isinstance(keep_dense, (list, tuple, np.ndarray))
         if per_weight:
             kept = [validation.check_bool(k, f"keep_dense[{i}]") for i, k in enumerate(keep_dense)]
@@ -461,7 +462,7 @@ class SparseState:
         self.layer = layer
         self.owner = owner
         self.wrapper = wrapper
-        self.density = density if np.isscalar(density) else [float(d) for d in density]
+        self.density = densities[0] if scalar else densities
         self.init = init
         self.seed = int(seed) if seed is not None else distributions.stable_seed(layer.name)
         self.track_running_scores = validation.check_bool(track_running_scores,
@@ -1123,8 +1124,9 @@ _eager_topology_writes = 0
 
 def eager_topology_writes() -> int:
     """How many eager writes of masks or ever-active flags were made in this process
-    (`set_masks`, ``set_weights``, a load or restore; not the DST updates inside the
-    training step): a callback's logs re-read the masks when it has changed."""
+    (`set_masks`, ``set_weights``, a load or restore; the DST updates inside a compiled
+    training step are not counted, those of a ``run_eagerly=True`` fit are): a
+    callback's logs re-read the masks when it has changed."""
     return _eager_topology_writes
 
 

@@ -6,6 +6,7 @@ import json
 import pickle
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -179,6 +180,15 @@ def test_gradual_pruning_round_trips():
                                         initial_density=0.9)
     clone = round_trip(callback)
     assert clone.get_config() == callback.get_config()
+
+
+@pytest.mark.parametrize("density", [np.float32(0.5), [np.float64(0.5)], (np.float32(0.25),)])
+def test_a_wrapper_s_numpy_density_is_a_json_config_float(density):
+    wrapper = keras_dst.SparseWrapper(keras.layers.Dense(4), density=density)
+    config = json.loads(json.dumps(wrapper.get_config()))  # (a numpy scalar did not dump)
+    assert config["density"] == (float(density) if np.ndim(density) == 0
+                                 else [float(d) for d in density])
+    assert all(type(d) is float for d in np.atleast_1d(wrapper.get_config()["density"]).tolist())
 
 
 def test_the_mask_constraint_is_not_a_serializable_object():

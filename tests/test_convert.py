@@ -171,8 +171,9 @@ def test_a_name_of_a_sparsified_layer_reaches_that_layer_only():
     sparse = keras_dst.prunable(model, distribution={"mha": 0.3, "value": 0.5})
     densities = {k: round(float(m.mean()), 2) for k, m in keras_dst.masks(sparse).items()}
     assert densities["value/kernel"] == 0.5 and densities["mha/value/kernel"] == 0.3
-    with pytest.raises(ValueError, match=r"must name every sparsified layer; missing "
-                                         r"\['mha/attention_output', 'mha/value'\]"):
+    with pytest.raises(ValueError, match=r"must name every sparsified layer \(or each of its "
+                                         r"weights\); missing \['mha/attention_output', "
+                                         r"'mha/value'\]"):
         keras_dst.prunable(model, distribution={"query": 0.5, "key": 0.5, "value": 0.3})
 
 
@@ -465,8 +466,8 @@ def test_options_name_same_named_layers_of_two_sub_models_by_their_place():
     with pytest.raises(ValueError, match=r"unknown layer names \['tower_c/fc'\].*sparsified "
                                          r"layers are \['tower_a/fc', 'tower_b/fc'\]"):
         keras_dst.prunable(model, density=0.5, keep_dense=["tower_c/fc"])
-    with pytest.raises(ValueError, match=r"must name every sparsified layer; missing "
-                                         r"\['tower_b/fc'\]"):
+    with pytest.raises(ValueError, match=r"must name every sparsified layer \(or each of its "
+                                         r"weights\); missing \['tower_b/fc'\]"):
         keras_dst.prunable(model, distribution={"tower_a/fc": 0.5})
     sparse = keras_dst.prunable(model, density=0.6, keep_dense=["tower_b/fc"], pattern="1x8",
                                 pattern_overrides={"tower_a/fc": "unstructured"})
@@ -589,7 +590,7 @@ def test_prunable_layer_registry_is_the_shared_type():
         assert layers_lib._registered_names(ChildPair()) == ("a",)
         keras_dst.register_prunable_layer(Pair, "b", overwrite=True)  # one name alone
         assert layers_lib._registered_names(ChildPair()) == ("b",)
-        keras_dst.register_prunable_layer(Pair, ["a", "b"], overwrite=True)
+        keras_dst.register_prunable_layer(Pair, ["a", "b", "a"], overwrite=True)
         assert layers_lib._registered_names(ChildPair()) == ("a", "b")
         inp = keras.Input((6,))
         model = keras.Model(inp, ChildPair(name="child")(inp))
@@ -813,3 +814,35 @@ def test_options_name_one_weight_of_a_layer_by_the_layers_name_and_its_path(in_p
                                          r"fan_in by pattern_overrides\['sep'\]"):
         keras_dst.prunable(model, density=0.5, pattern="1x4", in_place=False,
                            pattern_overrides={"sep/pointwise_kernel": "2:4", "sep": "fan_in"})
+
+
+def test_a_weight_s_own_name_that_another_layer_goes_by_is_not_given_by_unfit_layers():
+    # the Dense 'depthwise_kernel' inside the nested model 'sep' has the place
+    # 'sep/depthwise_kernel', which prunable reads first: unfit_layers keys the separable
+    # layer whole, so that its overrides reach it
+    inner_in = keras.Input((10, 8))
+    conv = keras.Model(inner_in, keras.layers.SeparableConv1D(8, 3, name="sep")(inner_in),
+                       name="convs")
+    dense_in = keras.Input((8, 8))
+    dense = keras.Model(dense_in, keras.layers.Dense(8, name="depthwise_kernel")(dense_in),
+                        name="sep")
+    inputs = keras.Input((10, 8))
+    model = keras.Model(inputs, dense(conv(inputs)))
+    unfit = keras_dst.unfit_layers(model, "1x4")
+    assert list(unfit.values()) == ["unstructured"] and len(unfit) == 1
+    sparse = keras_dst.prunable(model, density=0.5, pattern="1x4", pattern_overrides=unfit)
+    by_path = {t.weight.path: str(t.pattern) for t in keras_dst.sparse_targets(sparse)}
+    assert sorted(by_path.values()) == ["1x4", "unstructured", "unstructured"]
+
+
+def test_distribution_dicts_name_one_weight_and_a_missing_one_by_its_own_name():
+    inputs = keras.Input((10, 8))
+    x = keras.layers.SeparableConv1D(8, 3, name="sep")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(8, name="head")(x))
+    with pytest.raises(ValueError, match=r"must name every sparsified layer \(or each of its "
+                                         r"weights\); missing \['sep/pointwise_kernel'\]"):
+        keras_dst.prunable(model, distribution={"sep/depthwise_kernel": 0.5, "head": 0.5})
+    sparse = keras_dst.prunable(model, distribution={"sep/depthwise_kernel": 0.5, "head": 0.5,
+                                                     "sep/pointwise_kernel": 0.25})
+    assert {k: float(m.mean()) for k, m in keras_dst.masks(sparse).items()} == {
+        "sep/depthwise_kernel": 0.5, "sep/pointwise_kernel": 0.25, "head/kernel": 0.5}
