@@ -262,6 +262,7 @@ class HookedCallback(keras.callbacks.Callback):
         self._read_after = False  # read the device after this execution
         self._verify = False      # first execution of the fit: check the count
         self._every_step = False  # the engine must run in every step
+        self._steps_warned = False  # the optimizer was seen ahead of the host count
 
     @classmethod
     def from_config(cls, config):
@@ -365,6 +366,7 @@ class HookedCallback(keras.callbacks.Callback):
         switch.keep(key, engine)
         switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step
+        self._steps_warned = False
         self._verify = True
         self._seen_update, self._logs = None, {}  # (this model's, read afresh)
         # An end resolved from this fit's length that a later fit (not a resumed one, which
@@ -432,6 +434,14 @@ class HookedCallback(keras.callbacks.Callback):
         if self.engine is None:
             return
         self._host_step += int(batch) - self._batch_begin + 1  # no device read
+        switch = self.model.__dict__.get(StepSwitch.ATTR)
+        if self._verify and (switch is None or not switch._ran):
+            raise ValueError(
+                f"{type(self).__name__}: this step did not run the model's training function "
+                "(model.train_function, which keras_dst compiles with its updates): a loop of "
+                "your own that computes gradients and applies them makes no update. Run the "
+                "steps with model.fit, or with model.train_on_batch inside a "
+                "keras.callbacks.CallbackList.")
         if self._verify and not self.engine.reached_apply:
             optimizer = base_optimizer(self.model.optimizer)
             raise ValueError(
@@ -443,12 +453,16 @@ class HookedCallback(keras.callbacks.Callback):
                 "model.optimizer.")
         if self._read_after:
             device = self._optimizer_step()
-            if device > self._host_step and not self._every_step:
-                self._every_step = True  # see the class docstring
+            if device > self._host_step and not self._steps_warned:
+                self._every_step = self._steps_warned = True  # see the class docstring
                 user_warnings.warn(
                     f"{type(self).__name__}: the optimizer made {device} steps where the host "
                     f"counted {self._host_step} (a train_step applying it more than once?); "
-                    "the engine now runs in every step.")
+                    "the engine now runs in every step. Update steps count optimizer steps, "
+                    "while a schedule or end step resolved from fit's length (the cosine "
+                    "schedule, a fractional end_step, GradualPruning's end_step=None) counts "
+                    "its batches: give the run's length in optimizer steps (total_steps=, "
+                    "end_step=).")
             self._host_step = device
             self._verify = False
             self._refresh()

@@ -603,6 +603,71 @@ def test_a_users_own_loop_of_callbacks_and_train_on_batch_trains_as_fit(make):
     assert all((fit_masks[k] == hand_masks[k]).all() for k in fit_masks)
 
 
+@pytest.mark.parametrize("fit_before", [False, True], ids=["fresh", "after_a_fit"])
+def test_a_users_gradient_tape_loop_with_the_callbacks_is_refused_naming_what_to_run(fit_before):
+    """A loop of one's own (GradientTape, optimizer.apply_gradients) runs no update: it was
+    told it skipped the optimizer it calls, and after a DST fit of an equal configuration
+    (whose kept engine had reached `apply` then) it ran with no update and no word."""
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    make = lambda: DST(update_every=3, schedule="constant")  # noqa: E731
+    if fit_before:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[make()])
+    loss = keras.losses.get(LOSS)
+
+    @tf.function(jit_compile=True)
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            value = loss(yb, model(xb, training=True))
+        grads = tape.gradient(value, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return value
+
+    callbacks = keras.callbacks.CallbackList([make()], model=model, epochs=1, steps=4)
+    callbacks.on_train_begin()
+    callbacks.on_epoch_begin(0)
+    callbacks.on_train_batch_begin(0)
+    logs = {"loss": float(step(x[:16], y[:16]))}
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: this step did not run the "
+                                         r"model's training function .* Run the steps with "
+                                         r"model.fit, or with model.train_on_batch inside a "
+                                         r"keras.callbacks.CallbackList"):
+        callbacks.on_train_batch_end(0, logs)
+
+
+@pytest.mark.parametrize("make, density", [
+    (lambda: DST(update_every=3), 0.5),
+    (lambda: keras_dst.GradualPruning(final_density=0.2, update_every=3), 1.0),
+], ids=["dst", "gradual"])
+def test_a_train_step_applying_the_optimizer_twice_is_told_how_to_size_the_run(make, density):
+    """Updates fall on optimizer steps, twice as many as fit's batches here: a schedule
+    sized by fit (the cosine's, GradualPruning's end_step=None) ended halfway; the DST
+    callback (whose engine runs in every step) said nothing."""
+
+    class TwiceApplied(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(16, activation="relu")
+            self.out = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+        def train_step(self, data):
+            super().train_step(data)
+            return super().train_step(data)
+
+    x, y = classification_data(n=64)
+    model = TwiceApplied()
+    model(x[:1])
+    keras_dst.prunable(model, density=density)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    with pytest.warns(UserWarning, match=r"the optimizer made 2 steps where the host counted 1 "
+                                         r".* give the run's length in optimizer steps"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[make()])
+
+
 def test_a_forced_rebuild_of_the_training_function_inside_a_fit_keeps_dst_updating():
     # (Keras's new function, traced without the hooks, uninstalled them: no update for the
     # rest of the fit, without a word)
