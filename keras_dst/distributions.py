@@ -53,7 +53,7 @@ from keras_dst.registry import Registry, check_callable
 Shape = Tuple[int, ...]
 DistributionFn = Callable[..., Dict[str, float]]
 
-_DISTRIBUTIONS = Registry("distribution")
+_DISTRIBUTIONS = Registry("distribution", register_with="keras_dst.register_distribution")
 _SNAP = 1e-12  # densities this close to 1 become exactly 1.0
 _RTOL = 1e-9  # relative slack on weight budgets (float rounding)
 

@@ -108,7 +108,7 @@ class GrowthRule(FrozenEntry):
         return get_growth(name, **params)
 
 
-_GROWTH = Registry("growth rule")
+_GROWTH = Registry("growth rule", register_with="keras_dst.register_growth")
 
 
 def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: bool = False,

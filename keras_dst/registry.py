@@ -44,11 +44,16 @@ class Registry:
 
     Args:
       kind: what is stored, used in messages ("criterion", "distribution", ...).
+      by_name: keys are names (str); else classes or other hashables.
+      register_with: the public function that registers items, which the message of
+        an unknown key names (a config saved where a user's item was registered is
+        loaded where it may not be yet).
     """
 
-    def __init__(self, kind: str, by_name: bool = True):
+    def __init__(self, kind: str, by_name: bool = True, register_with: Optional[str] = None):
         self.kind = kind
         self.by_name = by_name  # keys are names (str); else classes or other hashables
+        self.register_with = register_with
         self._items = {}  # normalised key -> (key as registered, item)
 
     def check_available(self, key: Hashable, overwrite: bool = False) -> None:
@@ -105,7 +110,10 @@ class Registry:
         entry = self._items.get(normalize_name(key))
         if entry is None:
             known = ", ".join(repr(name) for name in self.names()) or "none"
-            raise ValueError(f"Unknown {self.kind} {_label(key)!r}; known: {known}.")
+            hint = "" if self.register_with is None else (
+                f" (one registered with {self.register_with} is known in a process once the "
+                "code registering it has run there)")
+            raise ValueError(f"Unknown {self.kind} {_label(key)!r}; known: {known}{hint}.")
         return entry[1]
 
     def registered_key(self, key: Hashable) -> Hashable:

@@ -144,7 +144,8 @@ def linear(initial: float, factor: float = 0.99, every: int = 600) -> LinearRate
     return LinearRate(initial, factor, every)
 
 
-SCHEDULES = Registry("prune-rate schedule")  # iterating gives the names
+SCHEDULES = Registry("prune-rate schedule",
+                     register_with="keras_dst.schedules.register_schedule")  # iterating gives the names
 
 
 def register_schedule(name: str, *, overwrite: bool = False):

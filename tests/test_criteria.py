@@ -602,6 +602,18 @@ def test_a_parameter_value_a_config_cannot_hold_is_refused_naming_it(value):
         keras_dst.DynamicSparseTraining(prune="mest", prune_params={"gamma": value})
 
 
+@pytest.mark.parametrize("value", ["no", 0, 1.0, None])
+def test_a_flag_parameter_takes_a_bool_only(value):
+    """A parameter whose registered default is a bool took any value ("no" is truthy)."""
+    def signed(inputs, use_abs=True):
+        return tf.abs(inputs.weight) if use_abs else inputs.weight
+
+    with pytest.raises(TypeError, match=r"criterion 'signed'.*use_abs must be a bool, got "
+                                        rf"use_abs={value!r}"):
+        get_criterion(signed, use_abs=value)
+    assert get_criterion(signed, use_abs=np.bool_(False)).params == {"use_abs": False}
+
+
 def test_list_and_tuple_parameters_round_trip_through_json():
     def weighted(inputs, factors=(1.0, 2.0)):
         return tf.abs(inputs.weight) * factors[0]

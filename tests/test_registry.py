@@ -57,8 +57,17 @@ def test_unknown_name_lists_known_ones():
     r.register("cog", 2)
     with pytest.raises(ValueError, match=r"Unknown widget 'sprocket'; known: 'cog', 'gear'"):
         r.get("sprocket")
-    with pytest.raises(ValueError, match=r"Unknown gadget 'x'; known: none"):
+    with pytest.raises(ValueError, match=r"Unknown gadget 'x'; known: none\.$"):
         Registry("gadget").get("x")
+
+
+def test_an_unknown_name_of_a_users_registry_says_where_it_comes_from():
+    # (a DST config saved where a user's criterion was registered, loaded in a fresh process)
+    with pytest.raises(ValueError, match=r"Unknown criterion 'mine'; known: .*'magnitude'.* "
+                                         r"\(one registered with keras_dst.register_criterion "
+                                         r"is known in a process once the code registering it "
+                                         r"has run there\)\.$"):
+        keras_dst.get_criterion("mine")
 
 
 def test_empty_name_refused():
