@@ -47,7 +47,8 @@ class StepSwitch:
     `model.train_function` becomes the static variant (or the switch, which
     compiles it on first use, as Keras would), so a later plain `fit` runs it
     with no hook. `model.compile()` (which gives the
-    model a new training function) drops the switch and what it kept.
+    model a new training function) drops the switch and what it kept, as does a new
+    ``model.optimizer`` assigned without it at the next hooked `fit`.
 
     A `fit` that raised (in a step, in a callback, or interrupted) never reaches
     `on_train_end`; its hooks stay installed until the next execution, which
@@ -69,6 +70,7 @@ class StepSwitch:
 
     def __init__(self, model):
         self.model = model
+        self.optimizer = model.optimizer  # the one its hooks go on and its functions apply
         self.params = None     # the `params` dict of the fit now running (one per fit)
         self.driven_by_fit = True  # its callbacks run in Keras's fit (not a user's loop)
         self.engines = []      # hooks of the fit now running, in install order
@@ -104,9 +106,13 @@ class StepSwitch:
 
     @classmethod
     def current(cls, model):
-        """The switch of `model` if its functions are still the model's; changes nothing."""
+        """The switch of `model` if its functions are still the model's, and its optimizer
+        (one assigned to ``model.optimizer`` without `compile()` is not in the functions
+        compiled before); changes nothing."""
         switch = model.__dict__.get(cls.ATTR)
-        return switch if switch is not None and switch._owns(model.train_function) else None
+        if switch is None or not switch._owns(model.train_function):
+            return None
+        return switch if switch.optimizer is getattr(model, "optimizer", None) else None
 
     @classmethod
     def of(cls, model, params, driven_by_fit: bool = True):
@@ -136,7 +142,7 @@ class StepSwitch:
     def _end_fit(self):
         """Uninstalls the hooks of the running (or an abandoned) fit."""
         for engine in self.engines:
-            hooks.uninstall(self.model.optimizer, engine)
+            hooks.uninstall(self.optimizer, engine)
         self.engines, self._needed, self._owners, self.params = [], {}, {}, None
         self._ran = False
 
@@ -175,7 +181,7 @@ class StepSwitch:
                 f"{owner}: this fit already has a callback that changes the masks "
                 f"({writers[0]}); pass one per fit (CriteriaOverlap, which only observes, "
                 "can join it).")
-        hooks.install(self.model.optimizer, engine)
+        hooks.install(self.optimizer, engine)
         self._owners[engine] = owner
         self.engines.append(engine)
 
@@ -186,7 +192,7 @@ class StepSwitch:
 
     def remove(self, engine):
         """Ends `engine`'s part in this fit; the last one out restores the static step."""
-        hooks.uninstall(self.model.optimizer, engine)
+        hooks.uninstall(self.optimizer, engine)
         if engine in self.engines:
             self.engines.remove(engine)
         self._needed.pop(engine, None)
@@ -220,7 +226,7 @@ class StepSwitch:
                 self._building = False
             function = self._functions[key] = self.model.train_function
             self.model.train_function = self
-        with hooks.tracing(self.model.optimizer, key):
+        with hooks.tracing(self.optimizer, key):
             return function(*args, **kwargs)
 
 

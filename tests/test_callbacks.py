@@ -668,6 +668,45 @@ def test_a_train_step_applying_the_optimizer_twice_is_told_how_to_size_the_run(m
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[make()])
 
 
+@pytest.mark.parametrize("same_configuration", [True, False])
+def test_an_optimizer_assigned_after_a_fit_is_the_one_the_next_fit_trains_with(
+        same_configuration):
+    """`model.optimizer = ...` without compile(): the next DST fit of an equal configuration
+    reused the function compiled with the old optimizer (the new one never stepped, and
+    carried the hooks), one of another configuration traced the new one."""
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[DST(update_every=3)])
+    old = model.optimizer
+    model.optimizer = keras.optimizers.Adam(0.01)
+    second = DST(update_every=3 if same_configuration else 2)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[second])
+    assert int(old.iterations.numpy()) == 4 and int(model.optimizer.iterations.numpy()) == 4
+    assert int(second.engine.last_update_step.numpy()) >= 2  # it updated, hooked on Adam
+    assert "apply" not in vars(old) and "apply" not in vars(model.optimizer)
+    assert_sparse_invariants(model)
+
+
+def test_a_fit_that_raised_then_a_compile_leaves_no_hook_on_the_old_optimizer():
+    # (the next fit's switch uninstalled the raised fit's hooks from the new optimizer)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[DST(), Stop()])
+    old = model.optimizer
+    assert "apply" in vars(old)  # the raised fit's hook, left installed
+    model.compile(keras.optimizers.Adam(0.01), LOSS, jit_compile=True)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[DST()])
+    assert "apply" not in vars(old) and "apply" not in vars(model.optimizer)
+
+
 def test_a_forced_rebuild_of_the_training_function_inside_a_fit_keeps_dst_updating():
     # (Keras's new function, traced without the hooks, uninstalled them: no update for the
     # rest of the fit, without a word)
