@@ -120,9 +120,9 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
     A name is known if it is in `defaults` or, when `fn` is given, if `fn`
     accepts it as a keyword after its `leading` positional arguments (the inputs;
     the inputs and the count for a selection function). A number (in `defaults`,
-    or given for a number's parameter: one whose default, in `defaults` or else in
-    `fn`'s signature, is a number) must be finite, a value given for a bool's
-    parameter a bool. Every value must be one a JSON config holds (`_plain`).
+    or given for a number's parameter in `defaults`) must be finite; a value given
+    for a bool's parameter (in `defaults`, or else in `fn`'s signature) a bool.
+    Every value must be one a JSON config holds (`_plain`).
 
     Raises:
       ValueError: naming the unknown parameter and the accepted ones, or a
@@ -131,12 +131,12 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
         a config cannot hold (an array, a tensor, a function).
     """
     accepted = set(defaults)
-    own_defaults = {}  # the function's keyword defaults, which `defaults` override
+    own_flags = {}  # the function's bool keyword defaults, which `defaults` override
     if fn is not None:
         by_fn = _keyword_params(fn, leading)
         accepted = None if by_fn is None or by_fn[1] else accepted | {p.name for p in by_fn[0]}
-        own_defaults = {p.name: p.default for p in (by_fn or ([],))[0]
-                        if p.default is not inspect.Parameter.empty}
+        own_flags = {p.name: p.default for p in (by_fn or ([],))[0]
+                     if isinstance(p.default, (bool, np.bool_))}
     checked = {}
     with validation.errors_named(f"{kind} {name!r}"):
         for param, value in defaults.items():
@@ -150,8 +150,8 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
             if accepted is not None and param not in accepted:
                 raise ValueError(f"Unknown parameter {param!r} for {kind} {name!r}; "
                                  f"accepted: {sorted(accepted) or 'none'}.")
-            default = defaults.get(param, own_defaults.get(param))
-            if isinstance(default, bool):  # a flag's parameter stays a bool
+            default = defaults.get(param, own_flags.get(param))
+            if isinstance(default, (bool, np.bool_)):  # a flag's parameter stays a bool
                 value = validation.check_bool(value, param)
             elif validation.is_real(default):  # a number's parameter stays a finite number
                 checked_value = validation.check_real(value, param)

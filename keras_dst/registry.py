@@ -110,11 +110,17 @@ class Registry:
         entry = self._items.get(normalize_name(key))
         if entry is None:
             known = ", ".join(repr(name) for name in self.names()) or "none"
-            hint = "" if self.register_with is None else (
-                f" (one registered with {self.register_with} is known in a process once the "
-                "code registering it has run there)")
-            raise ValueError(f"Unknown {self.kind} {_label(key)!r}; known: {known}{hint}.")
+            raise ValueError(f"Unknown {self.kind} {_label(key)!r}; known: "
+                             f"{known}{self.unknown_key_hint()}.")
         return entry[1]
+
+    def unknown_key_hint(self) -> str:
+        """What a message refusing an unknown key adds (`register_with`): a user's item is
+        known in a process once the code registering it has run there."""
+        if self.register_with is None:
+            return ""
+        return (f" (one registered with {self.register_with} is known in a process once the "
+                "code registering it has run there)")
 
     def registered_key(self, key: Hashable) -> Hashable:
         """`key` as it was registered (``"Cosine"`` gives ``"cosine"``); ValueError as `get`."""

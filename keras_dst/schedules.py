@@ -206,7 +206,7 @@ def check_schedule(schedule, name: str = "schedule"):
     if isinstance(schedule, str):
         if schedule not in SCHEDULES:
             raise ValueError(f"{name} must be one of {sorted(SCHEDULES)} or a schedule object, "
-                             f"got {name}={schedule!r}.")
+                             f"got {name}={schedule!r}{SCHEDULES.unknown_key_hint()}.")
         return SCHEDULES.registered_key(schedule)
     if not callable(schedule):
         raise ValueError(f"{name} must be one of {sorted(SCHEDULES)} or a schedule object "

@@ -354,7 +354,8 @@ class HookedCallback(keras.callbacks.Callback):
             # a LossScaleOptimizer is built whole, its inner optimizer with it: one that
             # made its own variables in the first trace had that trace run twice)
             sparse_targets(self.model, caller=type(self).__name__)
-            optimizer.build(self.model.trainable_variables)
+            with self.model.distribute_strategy.scope():  # (a loop of one's own is not in it)
+                optimizer.build(self.model.trainable_variables)
         # The engine of an equal configuration is reused with the steps compiled
         # with it (see StepSwitch); a new one is made (and checked) before any
         # state changes.
@@ -373,7 +374,8 @@ class HookedCallback(keras.callbacks.Callback):
         switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step
         self._steps_warned = False
-        self._verify = True
+        self._host_step = self._optimizer_step()  # (a loop of one's own may call no
+        self._verify = True                       # on_epoch_begin, which reads it too)
         self._seen_update, self._logs = None, {}  # (this model's, read afresh)
         # An end resolved from this fit's length that a later fit (not a resumed one, which
         # counts the whole run's steps) starts after: it updates nothing.
@@ -448,6 +450,12 @@ class HookedCallback(keras.callbacks.Callback):
                 "your own that computes gradients and applies them makes no update. Run the "
                 "steps with model.fit, or with model.train_on_batch inside a "
                 "keras.callbacks.CallbackList.")
+        if self._verify and self.engine not in switch.engines:
+            raise ValueError(
+                f"{type(self).__name__}: the step ran before this callback prepared it (the "
+                "training function runs only the updates the callbacks' on_train_batch_begin "
+                "asked for): in a loop of your own, call callbacks.on_train_batch_begin(i) "
+                "before each model.train_on_batch.")
         if self._verify and not self.engine.reached_apply:
             optimizer = base_optimizer(self.model.optimizer)
             raise ValueError(

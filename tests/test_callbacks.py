@@ -707,6 +707,59 @@ def test_a_fit_that_raised_then_a_compile_leaves_no_hook_on_the_old_optimizer():
     assert "apply" not in vars(old) and "apply" not in vars(model.optimizer)
 
 
+def _callback_loop(model, callback, x, y, steps=4, epoch_begin=True, batch_begin=True):
+    """A loop of one's own: a CallbackList around model.train_on_batch."""
+    callbacks = keras.callbacks.CallbackList([callback], model=model, epochs=1, steps=steps)
+    callbacks.on_train_begin()
+    if epoch_begin:
+        callbacks.on_epoch_begin(0)
+    for i in range(steps):
+        if batch_begin:
+            callbacks.on_train_batch_begin(i)
+        logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
+                                    return_dict=True)
+        callbacks.on_train_batch_end(i, logs)
+    callbacks.on_train_end()
+
+
+def test_a_loop_of_ones_own_without_on_epoch_begin_counts_the_optimizer_s_steps():
+    """The host count started at 0 where no on_epoch_begin read the optimizer: a second
+    loop warned that the optimizer made more steps than the host counted."""
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            _callback_loop(model, DST(update_every=2, schedule="constant"), x, y,
+                           epoch_begin=False)
+    assert int(model.optimizer.iterations.numpy()) == 8
+
+
+def test_a_loop_of_ones_own_skipping_on_train_batch_begin_is_told_so():
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: the step ran before this "
+                                         r"callback prepared it .* call "
+                                         r"callbacks.on_train_batch_begin\(i\) before each "
+                                         r"model.train_on_batch"):
+        _callback_loop(model, DST(update_every=2), x, y, batch_begin=False)
+
+
+def test_a_loop_of_ones_own_under_a_strategy_builds_the_optimizer_in_its_scope():
+    # (Keras's fit runs the callbacks inside the scope; a loop of one's own does not)
+    x, y = classification_data(n=64)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+        model.compile(keras.optimizers.Adam(0.01), LOSS)
+    callback = DST(update_every=2)
+    _callback_loop(model, callback, x, y)
+    assert int(callback.engine.last_update_step.numpy()) == 4
+    assert_sparse_invariants(model)
+
+
 def test_a_forced_rebuild_of_the_training_function_inside_a_fit_keeps_dst_updating():
     # (Keras's new function, traced without the hooks, uninstalled them: no update for the
     # rest of the fit, without a word)

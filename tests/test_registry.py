@@ -68,6 +68,9 @@ def test_an_unknown_name_of_a_users_registry_says_where_it_comes_from():
                                          r"is known in a process once the code registering it "
                                          r"has run there\)\.$"):
         keras_dst.get_criterion("mine")
+    with pytest.raises(ValueError, match=r"got schedule='mine' \(one registered with "
+                                         r"keras_dst.schedules.register_schedule is known"):
+        keras_dst.DynamicSparseTraining(schedule="mine")
 
 
 def test_empty_name_refused():
