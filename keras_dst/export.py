@@ -49,6 +49,7 @@ needs only TensorFlow; running and timing an export needs that package.
 import collections
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -998,6 +999,12 @@ def _row(w, stored, op, why, nbytes):
                         int(nbytes))
 
 
+def _percent_down(fraction: float) -> str:
+    """`fraction` as a percentage rounded down to 0.1 (0.297 -> "29.7%", never "30%" for a
+    weight under the converter's 30 % threshold)."""
+    return f"{math.floor(fraction * 1000 + 1e-9) / 10:g}%"
+
+
 def _describe(w, c, quantize, folded, repaired, sparsity):
     op = "/".join(sorted(set(c.ops))) or "?"
     kind = "int8" if quantize == "int8" else "float32"
@@ -1056,7 +1063,8 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
             why = (f"{op} weights are never compressed (only FULLY_CONNECTED and 2-D "
                    "convolution weights are)")
         elif zeros < _MIN_ZEROS:
-            why = f"{zeros:.0%} zeros: the converter keeps weights with < 30 % zeros dense"
+            why = (f"{_percent_down(zeros)} zeros: the converter keeps weights with < 30 % "
+                   "zeros dense")
         elif op not in _COMPRESSIBLE_OPS:  # (read by several ops: a tied table)
             never = "/".join(o for o in sorted(set(c.ops)) if o not in _COMPRESSIBLE_OPS)
             why = (f"read by {op.replace('/', ' and ')}: " + (

@@ -770,7 +770,14 @@ class SparseWrapper(keras.layers.Wrapper):
                 raise ValueError(
                     f"SparseWrapper '{self.name}': cannot build layer '{self.layer.name}' "
                     "without an input shape; build the layer before wrapping it.")
-            self.layer.build(input_shape)
+            try:
+                self.layer.build(input_shape)
+            except TypeError as e:  # (a build taking several shapes: MultiHeadAttention's)
+                raise ValueError(
+                    f"SparseWrapper '{self.name}': cannot build layer '{self.layer.name}' "
+                    f"({type(self.layer).__name__}) from the shape of its first input "
+                    f"({e}); build the layer before wrapping it (call it once on its "
+                    "inputs).") from e
         self._sparse_state.create(self._state_variable)
         self.built = True
 

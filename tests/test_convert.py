@@ -846,3 +846,16 @@ def test_distribution_dicts_name_one_weight_and_a_missing_one_by_its_own_name():
                                                      "sep/pointwise_kernel": 0.25})
     assert {k: float(m.mean()) for k, m in keras_dst.masks(sparse).items()} == {
         "sep/depthwise_kernel": 0.5, "sep/pointwise_kernel": 0.25, "head/kernel": 0.5}
+
+
+def test_wrapping_an_unbuilt_layer_whose_build_takes_several_shapes_says_to_build_it():
+    # (MultiHeadAttention.build(query_shape, value_shape): Keras's TypeError named neither)
+    wrapper = keras_dst.prunable(keras.layers.MultiHeadAttention(2, 8, name="mha"), density=0.3)
+    inputs = keras.Input((6, 16))
+    with pytest.raises(ValueError, match=r"SparseWrapper 'sparse_mha': cannot build layer 'mha' "
+                                         r"\(MultiHeadAttention\) from the shape of its first "
+                                         r"input .*build the layer before wrapping it"):
+        wrapper(inputs, inputs)
+    built = keras.layers.MultiHeadAttention(2, 8, name="mha2")
+    built(inputs, inputs)
+    assert keras_dst.prunable(built, density=0.3)(inputs, inputs).shape == (None, 6, 16)

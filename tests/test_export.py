@@ -773,3 +773,11 @@ def test_a_weight_no_op_of_which_compresses_is_said_so_whatever_its_zeros(tmp_pa
     table = by_weight(report)["table/embeddings"]
     assert (table.op, table.stored) == ("GATHER", "dense")
     assert table.why.startswith("GATHER weights are never compressed"), table.why
+
+
+def test_a_share_of_zeros_under_the_converter_s_threshold_never_reads_as_it():
+    # ("30% zeros: the converter keeps weights with < 30 % zeros dense")
+    from keras_dst.export import _percent_down
+
+    assert [_percent_down(f) for f in (0.2975, 0.0, 0.2, 0.29999, 1.0)] == [
+        "29.7%", "0%", "20%", "29.9%", "100%"]
