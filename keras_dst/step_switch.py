@@ -269,6 +269,7 @@ class HookedCallback(keras.callbacks.Callback):
         self._verify = False      # first execution of the fit: check the count
         self._every_step = False  # the engine must run in every step
         self._steps_warned = False  # the optimizer was seen ahead of the host count
+        self._fit_start_step = 0  # the optimizer's step when this fit began
 
     @classmethod
     def from_config(cls, config):
@@ -374,8 +375,9 @@ class HookedCallback(keras.callbacks.Callback):
         switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step
         self._steps_warned = False
-        self._host_step = self._optimizer_step()  # (a loop of one's own may call no
-        self._verify = True                       # on_epoch_begin, which reads it too)
+        self._host_step = self._fit_start_step = self._optimizer_step()  # (a loop of
+        # one's own may call no on_epoch_begin, which reads it too)
+        self._verify = True
         self._seen_update, self._logs = None, {}  # (this model's, read afresh)
         # An end resolved from this fit's length that a later fit (not a resumed one, which
         # counts the whole run's steps) starts after: it updates nothing.
@@ -469,9 +471,11 @@ class HookedCallback(keras.callbacks.Callback):
             device = self._optimizer_step()
             if device > self._host_step and not self._steps_warned:
                 self._every_step = self._steps_warned = True  # see the class docstring
+                start = self._fit_start_step
                 user_warnings.warn(
-                    f"{type(self).__name__}: the optimizer made {device} steps where the host "
-                    f"counted {self._host_step} (a train_step applying it more than once?); "
+                    f"{type(self).__name__}: the optimizer made {device - start} steps in this "
+                    f"fit where its batches count {self._host_step - start} (a train_step "
+                    "applying it more than once?); "
                     "the engine now runs in every step. Update steps count optimizer steps, "
                     "while a schedule or end step resolved from fit's length (the cosine "
                     "schedule, a fractional end_step, GradualPruning's end_step=None) counts "
