@@ -244,14 +244,15 @@ def keras_training_entry() -> Optional[str]:
     return _keras_training_entry(sys._getframe(2))
 
 
-def inside_keras_fit() -> bool:
-    """Whether Keras's ``fit`` is on the Python stack of the caller: a callback's
-    ``on_train_begin`` called by the `fit` it belongs to, not by a
-    ``keras.callbacks.CallbackList`` that a user's own loop drives. Same reliance as
-    `keras_training_entry`."""
+def inside_keras_fit(model) -> bool:
+    """Whether Keras's ``fit`` of `model` is on the Python stack of the caller: a
+    callback's ``on_train_begin`` called by the `fit` it belongs to, not by a
+    ``keras.callbacks.CallbackList`` that a user's own loop drives (also not one that a
+    callback of another model's `fit` drives). Same reliance as `keras_training_entry`,
+    and on the ``self`` of Keras's ``fit``."""
     frame = sys._getframe(1)
     while frame is not None:
-        if _keras_training_entry(frame) == "fit":
+        if _keras_training_entry(frame) == "fit" and frame.f_locals.get("self") is model:
             return True
         frame = frame.f_back
     return False

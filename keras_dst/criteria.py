@@ -121,7 +121,8 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
     accepts it as a keyword after its `leading` positional arguments (the inputs;
     the inputs and the count for a selection function). A number (in `defaults`,
     or given for a number's parameter in `defaults`) must be finite; a value given
-    for a bool's parameter (in `defaults`, or else in `fn`'s signature) a bool.
+    for a bool's parameter in `defaults` a bool (`fn`'s own defaults declare no type:
+    ``clip=False`` may take a number).
     Every value must be one a JSON config holds (`_plain`).
 
     Raises:
@@ -131,12 +132,9 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
         a config cannot hold (an array, a tensor, a function).
     """
     accepted = set(defaults)
-    own_flags = {}  # the function's bool keyword defaults, which `defaults` override
     if fn is not None:
         by_fn = _keyword_params(fn, leading)
         accepted = None if by_fn is None or by_fn[1] else accepted | {p.name for p in by_fn[0]}
-        own_flags = {p.name: p.default for p in (by_fn or ([],))[0]
-                     if isinstance(p.default, (bool, np.bool_))}
     checked = {}
     with validation.errors_named(f"{kind} {name!r}"):
         for param, value in defaults.items():
@@ -150,7 +148,7 @@ def merge_params(kind: str, name: str, defaults: Mapping[str, Any], params: Mapp
             if accepted is not None and param not in accepted:
                 raise ValueError(f"Unknown parameter {param!r} for {kind} {name!r}; "
                                  f"accepted: {sorted(accepted) or 'none'}.")
-            default = defaults.get(param, own_flags.get(param))
+            default = defaults.get(param)
             if isinstance(default, (bool, np.bool_)):  # a flag's parameter stays a bool
                 value = validation.check_bool(value, param)
             elif validation.is_real(default):  # a number's parameter stays a finite number

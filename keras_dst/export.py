@@ -1039,7 +1039,8 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
                 detail = "its zeros are not in such blocks"
             else:
                 in_blocks, outside = zeros
-                detail = (f"only {in_blocks / (in_blocks + outside):.0%} of its zeros fill such "
+                detail = (f"only {_percent_down(in_blocks / (in_blocks + outside))} of its "
+                          "zeros fill such "
                           f"blocks (the converter needs > {threshold} %")
                 if w.pattern.kind == "block" and w.pattern.block % need == 0:
                     # the masks' zeros fill whole blocks: the others are active weights

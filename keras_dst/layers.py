@@ -32,6 +32,7 @@ functional models, single layers), or attached to a layer of a model in place
 """
 
 import contextlib
+import inspect
 import json
 from typing import Optional, Sequence, Union
 
@@ -770,14 +771,20 @@ class SparseWrapper(keras.layers.Wrapper):
                 raise ValueError(
                     f"SparseWrapper '{self.name}': cannot build layer '{self.layer.name}' "
                     "without an input shape; build the layer before wrapping it.")
-            try:
-                self.layer.build(input_shape)
-            except TypeError as e:  # (a build taking several shapes: MultiHeadAttention's)
-                raise ValueError(
-                    f"SparseWrapper '{self.name}': cannot build layer '{self.layer.name}' "
-                    f"({type(self.layer).__name__}) from the shape of its first input "
-                    f"({e}); build the layer before wrapping it (call it once on its "
-                    "inputs).") from e
+            try:  # (a build taking several shapes: MultiHeadAttention's)
+                signature = inspect.signature(self.layer.build)
+            except (TypeError, ValueError):  # (no signature to read: let the build say)
+                signature = None
+            if signature is not None:
+                try:
+                    signature.bind(input_shape)
+                except TypeError as e:
+                    raise ValueError(
+                        f"SparseWrapper '{self.name}': cannot build layer '{self.layer.name}' "
+                        f"({type(self.layer).__name__}) from the shape of its first input "
+                        f"(its build{signature} takes more: {e}); build the layer before "
+                        "wrapping it (call it once on its inputs).") from e
+            self.layer.build(input_shape)
         self._sparse_state.create(self._state_variable)
         self.built = True
 

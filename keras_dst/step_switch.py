@@ -370,7 +370,7 @@ class HookedCallback(keras.callbacks.Callback):
         reapply_masks_if_needed(self.model, type(self).__name__)
         # (a fit that raised left its engines installed: StepSwitch.of
         # uninstalls them, this callback's previous engine included)
-        switch = StepSwitch.of(self.model, self.params, compat.inside_keras_fit())
+        switch = StepSwitch.of(self.model, self.params, compat.inside_keras_fit(self.model))
         switch.keep(key, engine)
         switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step
@@ -452,12 +452,14 @@ class HookedCallback(keras.callbacks.Callback):
                 "your own that computes gradients and applies them makes no update. Run the "
                 "steps with model.fit, or with model.train_on_batch inside a "
                 "keras.callbacks.CallbackList.")
-        if self._verify and self.engine not in switch.engines:
+        if switch is not None and self.engine not in switch.engines:  # (any batch)
             raise ValueError(
                 f"{type(self).__name__}: the step ran before this callback prepared it (the "
                 "training function runs only the updates the callbacks' on_train_batch_begin "
-                "asked for): in a loop of your own, call callbacks.on_train_batch_begin(i) "
-                "before each model.train_on_batch.")
+                "asked for, and ends them at a step nothing prepared): in a loop of your "
+                "own, call callbacks.on_train_batch_begin(i) before each "
+                "model.train_on_batch; in a fit, train this model with no train_on_batch of "
+                "its own from a callback.")
         if self._verify and not self.engine.reached_apply:
             optimizer = base_optimizer(self.model.optimizer)
             raise ValueError(

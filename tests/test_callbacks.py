@@ -708,14 +708,15 @@ def test_a_fit_that_raised_then_a_compile_leaves_no_hook_on_the_old_optimizer():
     assert "apply" not in vars(old) and "apply" not in vars(model.optimizer)
 
 
-def _callback_loop(model, callback, x, y, steps=4, epoch_begin=True, batch_begin=True):
-    """A loop of one's own: a CallbackList around model.train_on_batch."""
+def _callback_loop(model, callback, x, y, steps=4, epoch_begin=True, skip_batch_begin=()):
+    """A loop of one's own: a CallbackList around model.train_on_batch (but for the
+    batches in `skip_batch_begin`, which get no on_train_batch_begin)."""
     callbacks = keras.callbacks.CallbackList([callback], model=model, epochs=1, steps=steps)
     callbacks.on_train_begin()
     if epoch_begin:
         callbacks.on_epoch_begin(0)
     for i in range(steps):
-        if batch_begin:
+        if i not in skip_batch_begin:
             callbacks.on_train_batch_begin(i)
         logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
                                     return_dict=True)
@@ -737,7 +738,10 @@ def test_a_loop_of_ones_own_without_on_epoch_begin_counts_the_optimizer_s_steps(
     assert int(model.optimizer.iterations.numpy()) == 8
 
 
-def test_a_loop_of_ones_own_skipping_on_train_batch_begin_is_told_so():
+@pytest.mark.parametrize("skipped", [(0, 1, 2, 3), (2,)], ids=["every", "one_later"])
+def test_a_loop_of_ones_own_skipping_on_train_batch_begin_is_told_so(skipped):
+    # (skipped at a later batch, the step ended the updates for the rest of the loop,
+    # without a word)
     x, y = classification_data(n=64)
     model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
     model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
@@ -745,7 +749,22 @@ def test_a_loop_of_ones_own_skipping_on_train_batch_begin_is_told_so():
                                          r"callback prepared it .* call "
                                          r"callbacks.on_train_batch_begin\(i\) before each "
                                          r"model.train_on_batch"):
-        _callback_loop(model, DST(update_every=2), x, y, batch_begin=False)
+        _callback_loop(model, DST(update_every=2), x, y, skip_batch_begin=skipped)
+
+
+def test_a_loop_of_ones_own_driven_from_another_model_s_fit_trains():
+    # (a teacher's fit on the stack made the student's loop read as a fit: each
+    # train_on_batch dropped the preparation, and the loop was refused)
+    x, y = classification_data(n=64)
+    student = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    student.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    teacher = mlp((20, 16, 3))
+    teacher.compile(keras.optimizers.SGD(0.05), LOSS)
+    callback = DST(update_every=2, schedule="constant")
+    driver = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: _callback_loop(student, callback, x, y))
+    teacher.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[driver])
+    assert int(callback.engine.last_update_step.numpy()) == 4
 
 
 def test_a_loop_of_ones_own_under_a_strategy_builds_the_optimizer_in_its_scope():

@@ -195,7 +195,7 @@ def test_keras_training_entry_and_inside_keras_fit():
     model.compile("sgd", "mse")
     model.__dict__["make_train_function"] = watch
     in_fit = keras.callbacks.LambdaCallback(
-        on_train_begin=lambda logs: inside.append(compat.inside_keras_fit()),
+        on_train_begin=lambda logs: inside.append(compat.inside_keras_fit(model)),
         on_epoch_begin=lambda e, l: model.make_train_function())
     model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=1, verbose=0, callbacks=[in_fit])
     model.train_on_batch(np.zeros((4, 2)), np.zeros((4, 1)))
@@ -203,6 +203,13 @@ def test_keras_training_entry_and_inside_keras_fit():
     assert seen == ["fit", None, "train_on_batch", None]
     keras.callbacks.CallbackList([in_fit], model=model).on_train_begin()  # a user's loop
     assert inside == [True, False]
+    # a user's loop of this model driven from a callback of another model's fit
+    other = keras.Sequential([keras.Input((2,)), L.Dense(1)])
+    other.compile("sgd", "mse")
+    driver = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: keras.callbacks.CallbackList(
+        [in_fit], model=model).on_train_begin())
+    other.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=1, verbose=0, callbacks=[driver])
+    assert inside == [True, False, False]
 
 
 def test_child_layers():

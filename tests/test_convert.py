@@ -859,3 +859,10 @@ def test_wrapping_an_unbuilt_layer_whose_build_takes_several_shapes_says_to_buil
     built = keras.layers.MultiHeadAttention(2, 8, name="mha2")
     built(inputs, inputs)
     assert keras_dst.prunable(built, density=0.3)(inputs, inputs).shape == (None, 6, 16)
+
+    class Buggy(keras.layers.Dense):  # a genuine TypeError of a build keeps its own words
+        def build(self, input_shape):
+            return input_shape[-1] + None
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        keras_dst.prunable(Buggy(3), density=0.5)(keras.Input((4,)))

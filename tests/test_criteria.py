@@ -604,14 +604,21 @@ def test_a_parameter_value_a_config_cannot_hold_is_refused_naming_it(value):
 
 @pytest.mark.parametrize("value", ["no", 0, 1.0, None])
 def test_a_flag_parameter_takes_a_bool_only(value):
-    """A parameter whose registered default is a bool took any value ("no" is truthy)."""
-    def signed(inputs, use_abs=True):
+    """A parameter whose registered default is a bool took any value ("no" is truthy); a
+    default of the function's own declares no type (``clip=False`` may take a number)."""
+    @keras_dst.register_criterion("test_only_signed", ordering="after", needs_gradient=False,
+                                  params={"use_abs": True})
+    def signed(inputs, use_abs, clip=False):
         return tf.abs(inputs.weight) if use_abs else inputs.weight
 
-    with pytest.raises(TypeError, match=r"criterion 'signed'.*use_abs must be a bool, got "
-                                        rf"use_abs={value!r}"):
-        get_criterion(signed, use_abs=value)
-    assert get_criterion(signed, use_abs=np.bool_(False)).params == {"use_abs": False}
+    try:
+        with pytest.raises(TypeError, match=r"criterion 'test_only_signed'.*use_abs must be a "
+                                            rf"bool, got use_abs={value!r}"):
+            get_criterion("test_only_signed", use_abs=value)
+        assert get_criterion("test_only_signed", use_abs=np.bool_(False), clip=0.5).params == {
+            "use_abs": False, "clip": 0.5}
+    finally:
+        criteria._CRITERIA.unregister("test_only_signed")
 
 
 def test_list_and_tuple_parameters_round_trip_through_json():
