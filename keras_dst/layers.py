@@ -782,8 +782,8 @@ class SparseWrapper(keras.layers.Wrapper):
                     raise ValueError(
                         f"SparseWrapper '{self.name}': cannot build layer '{self.layer.name}' "
                         f"({type(self.layer).__name__}) from the shape of its first input "
-                        f"(its build{signature} takes more: {e}); build the layer before "
-                        "wrapping it (call it once on its inputs).") from e
+                        f"(its build{signature} cannot take it alone: {e}); build the layer "
+                        "before wrapping it (call it once on its inputs).") from e
             self.layer.build(input_shape)
         self._sparse_state.create(self._state_variable)
         self.built = True

@@ -429,6 +429,8 @@ class HookedCallback(keras.callbacks.Callback):
             return
         if self._verify:  # a fit's first batch (also of a loop that calls no on_epoch_begin)
             self._forget_undone_updates()
+            # (after every callback's on_train_begin: a restore may have moved the step)
+            self._fit_start_step = self._host_step
         self._batch_begin = int(batch)
         # An execution runs `steps_per_execution` steps unless the data ends first: Keras
         # runs the last one of an epoch whole, past `steps_per_epoch`, on data that goes on
@@ -452,14 +454,20 @@ class HookedCallback(keras.callbacks.Callback):
                 "your own that computes gradients and applies them makes no update. Run the "
                 "steps with model.fit, or with model.train_on_batch inside a "
                 "keras.callbacks.CallbackList.")
+        if switch is not None and StepSwitch.current(self.model) is not switch:  # (any batch)
+            raise ValueError(
+                f"{type(self).__name__}: the model's training function was replaced during "
+                "this run (a compile(), or a new model.optimizer), so its steps no longer "
+                "run the updates; compile before the run, and start the callbacks again "
+                "(on_train_begin) after a compile.")
         if switch is not None and self.engine not in switch.engines:  # (any batch)
             raise ValueError(
                 f"{type(self).__name__}: the step ran before this callback prepared it (the "
                 "training function runs only the updates the callbacks' on_train_batch_begin "
                 "asked for, and ends them at a step nothing prepared): in a loop of your "
                 "own, call callbacks.on_train_batch_begin(i) before each "
-                "model.train_on_batch; in a fit, train this model with no train_on_batch of "
-                "its own from a callback.")
+                "model.train_on_batch; in a fit, train this model with no fit or "
+                "train_on_batch of its own from a callback.")
         if self._verify and not self.engine.reached_apply:
             optimizer = base_optimizer(self.model.optimizer)
             raise ValueError(

@@ -752,6 +752,28 @@ def test_a_loop_of_ones_own_skipping_on_train_batch_begin_is_told_so(skipped):
         _callback_loop(model, DST(update_every=2), x, y, skip_batch_begin=skipped)
 
 
+def test_a_compile_in_the_middle_of_a_loop_of_ones_own_is_refused():
+    # (the recompiled model trained with Keras's plain function: every later update was
+    # lost, without a word)
+    x, y = classification_data(n=96)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    callbacks = keras.callbacks.CallbackList([DST(update_every=2)], model=model, epochs=1,
+                                             steps=6)
+    callbacks.on_train_begin()
+    callbacks.on_epoch_begin(0)
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: the model's training "
+                                         r"function was replaced during this run \(a "
+                                         r"compile\(\), or a new model.optimizer\)"):
+        for i in range(6):
+            if i == 2:
+                model.compile(model.optimizer, LOSS, jit_compile=True)
+            callbacks.on_train_batch_begin(i)
+            logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
+                                        return_dict=True)
+            callbacks.on_train_batch_end(i, logs)
+
+
 def test_a_loop_of_ones_own_driven_from_another_model_s_fit_trains():
     # (a teacher's fit on the stack made the student's loop read as a fit: each
     # train_on_batch dropped the preparation, and the loop was refused)
