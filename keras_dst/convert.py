@@ -464,9 +464,8 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     containers = sorted({n for _, above, _ in weight_names.values() for n in above if "/" not in n})
     if containers:
         layer_names += f"; layers containing them {containers}"
-    several = next((_own_name(weight_names[path][2], distinct[id(layer)])
-                    for path, layer in owner.items()
-                    if sum(other is layer for other in owner.values()) > 1), None)
+    several = next((_own_name(weight_names[keys[id(weights[0])]][2], distinct[id(layer)])
+                    for layer, weights in targets if len(weights) > 1), None)
     if several is not None:
         layer_names += (f"; one weight of a layer by the layer's name and the weight's path "
                         f"below it, e.g. '{several}'")
