@@ -129,10 +129,13 @@ class StepSwitch:
         if switch is None:
             switch = cls(model)
             model.__dict__[cls.ATTR] = switch
-        if switch.params is not params or switch._ran:
-            # a fit that never reached on_train_end (its callbacks' `params`, unless a
-            # reused CallbackList keeps them: then it ran steps, which no fit does before
-            # its callbacks' on_train_begin)
+        if (switch._ran or switch.driven_by_fit != driven_by_fit
+                or (driven_by_fit and switch.params is not params)):
+            # a run that never reached on_train_end: it ran steps (which no run does
+            # before its callbacks' on_train_begin), or it was a fit and this is a loop of
+            # one's own (or the reverse), or another fit (Keras gives all the callbacks of
+            # a fit its `params`; a CallbackList made without epochs/steps gives none, so
+            # the callbacks of one loop of one's own may hold those of different fits)
             switch._end_fit()
             switch.params = params
         switch.driven_by_fit = driven_by_fit
@@ -428,9 +431,9 @@ class HookedCallback(keras.callbacks.Callback):
         if self.engine is None:
             return
         if self._verify:  # a fit's first batch (also of a loop that calls no on_epoch_begin)
-            self._forget_undone_updates()
             # (after every callback's on_train_begin: a restore may have moved the step)
-            self._fit_start_step = self._host_step
+            self._host_step = self._fit_start_step = self._optimizer_step()
+            self._forget_undone_updates()
         self._batch_begin = int(batch)
         # An execution runs `steps_per_execution` steps unless the data ends first: Keras
         # runs the last one of an epoch whole, past `steps_per_epoch`, on data that goes on
@@ -447,19 +450,20 @@ class HookedCallback(keras.callbacks.Callback):
             return
         self._host_step += int(batch) - self._batch_begin + 1  # no device read
         switch = self.model.__dict__.get(StepSwitch.ATTR)
-        if self._verify and (switch is None or not switch._ran):
-            raise ValueError(
-                f"{type(self).__name__}: this step did not run the model's training function "
-                "(model.train_function, which keras_dst compiles with its updates): a loop of "
-                "your own that computes gradients and applies them makes no update. Run the "
-                "steps with model.fit, or with model.train_on_batch inside a "
-                "keras.callbacks.CallbackList.")
         if switch is not None and StepSwitch.current(self.model) is not switch:  # (any batch)
             raise ValueError(
                 f"{type(self).__name__}: the model's training function was replaced during "
                 "this run (a compile(), or a new model.optimizer), so its steps no longer "
                 "run the updates; compile before the run, and start the callbacks again "
                 "(on_train_begin) after a compile.")
+        if switch is None or switch._prepared or (self._verify and not switch._ran):
+            # (any batch: the step its on_train_batch_begin prepared did not run)
+            raise ValueError(
+                f"{type(self).__name__}: this step did not run the model's training function "
+                "(model.train_function, which keras_dst compiles with its updates): a loop of "
+                "your own that computes gradients and applies them makes no update. Run the "
+                "steps with model.fit, or with model.train_on_batch inside a "
+                "keras.callbacks.CallbackList.")
         if switch is not None and self.engine not in switch.engines:  # (any batch)
             raise ValueError(
                 f"{type(self).__name__}: the step ran before this callback prepared it (the "

@@ -1270,3 +1270,84 @@ def test_update_steps_of_a_run_resolve_a_fractional_end_step_as_fit_does():
     model.compile(keras.optimizers.SGD(0.05), LOSS)
     model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[dst])
     assert dst.engine.update_steps == dst.update_steps(total_steps=30)
+
+
+def test_a_callback_list_without_params_runs_a_used_callback_beside_a_fresh_one():
+    # (a CallbackList made without epochs/steps gives its callbacks no params: the used
+    # one kept its earlier fit's, the fresh one had None, and the second on_train_begin
+    # took the first's hook for an abandoned fit's: the first step was refused as
+    # one "that ran before this callback prepared it")
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    used = DST(update_every=2, schedule="constant")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[used])
+    fresh = keras_dst.CriteriaOverlap(["magnitude", "random"], update_every=2)
+    callbacks = keras.callbacks.CallbackList([used, fresh], model=model)
+    callbacks.on_train_begin()
+    for i in range(4):
+        callbacks.on_train_batch_begin(i)
+        logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
+                                    return_dict=True)
+        callbacks.on_train_batch_end(i, logs)
+    callbacks.on_train_end()
+    assert int(used.engine.last_update_step.numpy()) == 8
+    assert int(fresh.engine.last_update_step.numpy()) == 8
+
+
+def test_a_gradient_tape_step_at_a_later_batch_of_a_loop_of_ones_own_is_refused():
+    # (the first batch's check passed, and the tape step of batch 2 ran with no update,
+    # without a word)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    loss = keras.losses.get(LOSS)
+
+    @tf.function(jit_compile=True)
+    def tape_step(xb, yb):
+        with tf.GradientTape() as tape:
+            value = loss(yb, model(xb, training=True))
+        grads = tape.gradient(value, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return {"loss": value}
+
+    callbacks = keras.callbacks.CallbackList([DST(update_every=2)], model=model, epochs=1,
+                                             steps=4)
+    callbacks.on_train_begin()
+    callbacks.on_epoch_begin(0)
+    with pytest.raises(ValueError, match=r"DynamicSparseTraining: this step did not run the "
+                                         r"model's training function"):
+        for i in range(4):
+            xb, yb = x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
+            callbacks.on_train_batch_begin(i)
+            logs = (tape_step(xb, yb) if i == 2 else
+                    model.train_on_batch(xb, yb, return_dict=True))
+            callbacks.on_train_batch_end(i, logs)
+    assert int(model.optimizer.iterations.numpy()) == 3
+
+
+def test_a_restore_by_a_later_callback_of_a_loop_without_on_epoch_begin_warns_nothing(
+        tmp_path):
+    # (the host count was read at this callback's on_train_begin, before the later
+    # callback moved the optimizer forward: the first batch saw more optimizer steps than
+    # it counted, and warned of a train_step applying the optimizer twice)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)  # (8 steps)
+    checkpoint = tf.train.Checkpoint(optimizer=model.optimizer)
+    path = checkpoint.write(str(tmp_path / "ckpt"))
+    model.optimizer.iterations.assign(0)
+    restore = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: checkpoint.read(path))
+    callbacks = keras.callbacks.CallbackList(
+        [DST(update_every=2, schedule="constant"), restore], model=model, epochs=1, steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callbacks.on_train_begin()
+        for i in range(4):
+            callbacks.on_train_batch_begin(i)
+            logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
+                                        return_dict=True)
+            callbacks.on_train_batch_end(i, logs)
+        callbacks.on_train_end()
+    assert int(model.optimizer.iterations.numpy()) == 12
