@@ -18,6 +18,7 @@ import statistics
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 import keras_dst
 
@@ -69,6 +70,16 @@ def latency_vs_dense(sparse_path, dense_path, rounds=ROUNDS, batch_size=1, threa
 
 def export_trained(config, model, test_ds, info, output_dir, keras_accuracy=None, print_fn=print):
     """Runs ``--export`` on the trained `model`; returns a JSON-able dict (None for "none")."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)  # Keras's SavedModel writer logs at INFO
+    try:
+        return _export_trained(config, model, test_ds, info, output_dir, keras_accuracy,
+                               print_fn)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _export_trained(config, model, test_ds, info, output_dir, keras_accuracy, print_fn):
     fmt = config.get("export", "none")
     if fmt == "none":
         return None

@@ -173,12 +173,18 @@ class ExportReport:
         kind = {None: "float32", "int8": "int8 weights and activations"}[self.quantize]
         title = (f"LiteRT export ({kind}): {self.path}" if self.format == "litert"
                  else f"TF SavedModel export: {self.path}")
-        header = (f"{'layer':<22} {'weight':<30} {'shape':<18} {'pattern':<12} {'density':>7} "
-                  f"{'stored':<18} {'op':<18} {'KB':>8}  why")
+        # (columns as wide as their longest entry: a nested layer's keys are long)
+        wide = {name: max([least] + [len(str(getattr(w, name))) for w in self.weights])
+                for name, least in (("layer", 22), ("weight", 30), ("shape", 18),
+                                    ("pattern", 12), ("stored", 18), ("op", 18))}
+        header = (f"{'layer':<{wide['layer']}} {'weight':<{wide['weight']}} "
+                  f"{'shape':<{wide['shape']}} {'pattern':<{wide['pattern']}} {'density':>7} "
+                  f"{'stored':<{wide['stored']}} {'op':<{wide['op']}} {'KB':>8}  why")
         lines = [title, header, "-" * len(header)]
         for w in self.weights:
-            lines.append(f"{w.layer:<22} {w.weight:<30} {str(w.shape):<18} {w.pattern:<12} "
-                         f"{w.density:>7.4f} {w.stored:<18} {w.op:<18} "
+            lines.append(f"{w.layer:<{wide['layer']}} {w.weight:<{wide['weight']}} "
+                         f"{str(w.shape):<{wide['shape']}} {w.pattern:<{wide['pattern']}} "
+                         f"{w.density:>7.4f} {w.stored:<{wide['stored']}} {w.op:<{wide['op']}} "
                          f"{w.stored_bytes / 1024:>8.1f}  {w.why}")
         lines.append("-" * len(header))
         size = f"file {_mb(self.file_bytes)}"
@@ -544,6 +550,13 @@ def _calibration(data, saved_model_dir, input_names, steps):
     if not samples:
         raise ValueError("export(): representative_data is empty.")
     for key, spec in specs.items():  # (a sample of another shape calibrated nothing, silently)
+        try:
+            np.asarray(samples[0][key], dtypes[key])
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"export(): representative_data for input '{key}' holds values of type "
+                f"{np.asarray(samples[0][key]).dtype} that are not {np.dtype(dtypes[key]).name}, "
+                "the input's dtype.") from None
         shape = np.shape(samples[0][key])
         if not spec.shape[1:].is_compatible_with(shape):
             raise ValueError(
@@ -1035,7 +1048,10 @@ def _describe(w, c, quantize, folded, repaired, sparsity):
         else:
             zeros = _block_zeros(c.values, need)
             threshold = 80 if quantize == "int8" else 90
-            if zeros is None:
+            if zeros is None and c.values.ndim == 2 and c.values.shape[1] % need:
+                detail = (f"its input axis of {c.values.shape[1]} is not a multiple of {need}, "
+                          "so it holds no such blocks")
+            elif zeros is None:
                 detail = "its zeros are not in such blocks"
             else:
                 in_blocks, outside = zeros
@@ -1154,6 +1170,9 @@ class LiteRTModel:
         content = bytes(model) if isinstance(model, (bytes, bytearray)) else None
         with errors_named("LiteRTModel"):
             path = None if content is not None else check_path(model, "model")
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(f"LiteRTModel: model={path!r}: no such file (a .tflite file, or "
+                                        "its bytes).")
             if num_threads is not None:
                 num_threads = check_positive_int(num_threads, "num_threads")
             if xnnpack is not None:

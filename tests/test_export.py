@@ -480,6 +480,31 @@ def test_report_prints_a_table_with_sizes(tmp_path):
     assert os.path.getsize(report.path) == report.file_bytes
 
 
+def test_the_report_s_columns_stay_aligned_for_long_weight_keys(tmp_path):
+    # (a key longer than its column's 30 characters moved every later column of its row)
+    inputs = keras.Input((16,))
+    outputs = keras.layers.Dense(4, name="a_dense_layer_with_a_long_name_indeed")(
+        keras.layers.Dense(8, name="fc")(inputs))
+    model = keras_dst.prunable(keras.Model(inputs, outputs), density=0.25)
+    lines = str(keras_dst.export(model, tmp_path / "m.tflite", compare_dense=False)).splitlines()
+    header, rows = lines[1], [line for line in lines[3:] if "/kernel" in line]
+    assert len(rows) == 2
+    starts = [header.index(name) for name in ("shape", "pattern", "stored", "op ")]
+    for row in rows:
+        assert [row[i - 1] for i in starts] == [" "] * 4 and all(row[i] != " " for i in starts)
+
+
+@needs_litert
+def test_int8_weights_whose_input_axis_takes_no_1x16_blocks_say_so(tmp_path):
+    # (it read "its zeros are not in such blocks" whatever the zeros)
+    model = sparse(mlp((40, 64, 8)), "unstructured", density=0.05)
+    report = keras_dst.export(model, tmp_path / "q.tflite", quantize="int8",
+                              representative_data=data((40,), n=64, seed=2), compare_dense=False)
+    first = report.weights[0]
+    assert first.stored == "densified (CSR)"
+    assert "its input axis of 40 is not a multiple of 16, so it holds no such blocks" in first.why
+
+
 @needs_litert
 def test_litert_model_inputs_and_timing(tmp_path):
     model = sparse(mlp((16, 8, 4)), "1x4", density=0.25)
@@ -538,7 +563,10 @@ def test_a_list_of_inputs_maps_to_the_model_order_read_from_the_file(tmp_path):
     for kwargs, error, message in [
             (dict(model=None), TypeError, r"LiteRTModel: model must be a str or os.PathLike"),
             (dict(num_threads=0), ValueError, r"LiteRTModel: num_threads must be >= 1"),
-            (dict(xnnpack="no"), TypeError, r"LiteRTModel: xnnpack must be a bool")]:
+            (dict(xnnpack="no"), TypeError, r"LiteRTModel: xnnpack must be a bool"),
+            # (the runtime's "Could not open ... The model allocation is null/empty")
+            (dict(model=report.path + ".gone"), FileNotFoundError,
+             r"LiteRTModel: model='.*two.tflite.gone': no such file")]:
         with pytest.raises(error, match=message):
             LiteRTModel(**{"model": report.path, **kwargs})
 
@@ -642,6 +670,10 @@ def test_errors_name_the_argument_and_value(tmp_path):
             keras_dst.export(model, path, quantize="int8", representative_data=bad)
     # non-finite calibration samples: an inf crashed the converter's process, a NaN gave
     # a float32 file reported as int8
+    # values that are not numbers: numpy's "could not convert string to float"
+    with pytest.raises(ValueError, match=r"representative_data for input '.*' holds values "
+                                         r"of type <U1 that are not float32, the input's dtype"):
+        keras_dst.export(model, path, quantize="int8", representative_data=[["a"] * 16] * 4)
     for value in (np.inf, np.nan):
         bad = data((16,))
         bad[3, 5] = value
