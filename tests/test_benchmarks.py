@@ -116,6 +116,15 @@ def check_fit_calls(r):
         res = fl["variants"][v]
         for key in ("first_call_ratio", "second_call_ratio", "later_call_ratio", "window_ratio"):
             assert math.isfinite(res[key]) and res[key] > 0, (v, key)
+    rl = r["reload"]  # one repeat's models saved, loaded and fit twice
+    assert rl["repeats"] == 1 and rl["steps"] == 4
+    for v in variants:
+        res = rl["variants"][v]
+        assert res["load_s"] > 0 and res["first_fit_s"] > 0 and res["second_fit_s"] > 0
+        assert len(res["first_fit_s_all"]) == len(res["second_fit_s_all"]) == 1
+    for v in variants[1:]:
+        for key in ("load_ratio", "first_fit_ratio", "second_fit_ratio"):
+            assert math.isfinite(rl["variants"][v][key]) and rl["variants"][v][key] > 0
     for v in variants[2:]:
         res = fl["variants"][v]
         assert res["updates_per_later_call"] == [1] and res["updates_in_windows"] == 1
@@ -152,7 +161,7 @@ def test_overhead_quick(tmp_path):
     for heading in ("## Step time, ratios to dense", "## Memory", "| mlp |",
                     "static kernels = dense", "yes (+3 inputs)", "## First fit of a fresh model",
                     "model build s, dense / sparse",
-                    "## Fit loop: repeated fit(epochs=1) calls"):
+                    "## Fit loop: repeated fit(epochs=1) calls", "## Reload from disk"):
         assert heading in md
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "summarize.py"),
                            f"--out_dir={tmp_path}", "--prefix=quick"],

@@ -274,3 +274,28 @@ def test_a_discarded_model_its_compiled_steps_and_callback_are_collectable():
     del model, dst, switch
     gc.collect()
     assert [r() is None for r in refs] == [True] * len(refs)
+
+
+def test_a_model_reloaded_from_disk_compiles_once_across_its_fits(tmp_path):
+    """A DST model saved after training and loaded again (a reopened notebook, a resumed
+    job): its first DST fit, with a new callback of an equal configuration, traces one
+    step; the next fits trace nothing, and each updates the topology."""
+    model, _ = traced_model()
+    fit(model, [DST(update_every=3, total_steps=40)])
+    model.save(tmp_path / "m.keras")
+    loaded = keras_dst.load_model(tmp_path / "m.keras")
+    traces, train_step = [], loaded.train_step
+
+    def counting_train_step(data):
+        traces.append(1)
+        return train_step(data)
+
+    loaded.train_step = counting_train_step
+    counts, masks = [], [keras_dst.masks(loaded)]
+    for _ in range(3):
+        fit(loaded, [DST(update_every=3, total_steps=40)])
+        counts.append(len(traces))
+        masks.append(keras_dst.masks(loaded))
+    assert counts == [1, 1, 1]
+    for before, after in zip(masks, masks[1:]):
+        assert any((before[k] != after[k]).any() for k in before)

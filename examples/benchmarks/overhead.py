@@ -86,6 +86,15 @@ first step of the call, with the fit's set-up, left out).
   ``later_call_net_ratio`` = ratio - k U / t_dense_call per call, judged
   against 1.05).
 
+* Reload from disk (``--reload_repeats`` L <= R, 0 skips): the first L repeats'
+  models, after their first fit, are saved to ``.keras`` (untimed), then, for every
+  variant in turn (the order reversed every other repeat), loaded
+  (``keras_dst.load_model``, timed) and fit twice (``fit(epochs=1)``, timed whole) with
+  a new DST callback of an equal configuration: the reloaded model compiles its step in
+  its first fit, as a fresh process would (a notebook reopened, a resumed job), and
+  nothing in its second. Ratios to dense's per repeat: median and 95 % interval (from
+  L = 6 on).
+
 ``--fit_calls_only`` runs only these, in a fresh process (one untimed short fit
 of a tiny model per variant first takes the process's one-time costs), and
 merges them into the model's entry already in the JSON (which gives U).
@@ -163,6 +172,10 @@ def define_flags():
                          "models), each making every call; a call's time is the median over them "
                          "(two fresh models of one variant can differ by a few % in step time "
                          "on CPU, so one model per variant decides a 1.03 target by chance)")
+    flags.DEFINE_integer("reload_repeats", None, "reload from disk: the first L first-fit "
+                         "repeats' models saved to .keras, loaded and fit twice (a new callback "
+                         "of equal configuration); 0 skips, at most --first_fit_repeats "
+                         "(default: 3 or --first_fit_repeats if fewer)")
     flags.DEFINE_integer("fit_call_steps", None, "steps of every first fit and fit-loop call, "
                          ">= 2 (default: --steps_per_epoch)")
     flags.DEFINE_bool("fit_calls_only", False, "skip the step-time round robin (and the update cost, "
@@ -172,7 +185,7 @@ def define_flags():
 
 
 QUICK = dict(epochs=2, steps_per_epoch=4, batch_size=8, every1_steps=2, isolated_repeats=2,
-             update_every=4, first_fit_repeats=1, fit_loop_calls=3)
+             update_every=4, first_fit_repeats=1, fit_loop_calls=3, reload_repeats=1)
 
 
 def setting(name):
@@ -181,6 +194,8 @@ def setting(name):
         return QUICK[name]
     if name == "fit_call_steps" and FLAGS.fit_call_steps is None:
         return setting("steps_per_epoch")
+    if name == "reload_repeats" and FLAGS.reload_repeats is None:
+        return min(3, setting("first_fit_repeats"))
     return getattr(FLAGS, name)
 
 
@@ -204,14 +219,18 @@ def build_variant(keras, keras_dst, model_name, variant, total_steps=None, quick
         quick=FLAGS.quick if quick is None else quick, learning_rate=FLAGS.learning_rate,
         jit_compile=FLAGS.jit_compile, pattern=pattern,
         density=None if pattern.kind == "nm" else FLAGS.density)
-    callback = None
-    if variant.startswith("dst_"):
-        base = variant[:-4] if variant.endswith("_dt1") else variant
-        every = 1 if variant.endswith("_dt1") else setting("update_every")
-        callback = keras_dst.DynamicSparseTraining(prune=DST_VARIANTS[base], grow="gradient",
-                                                   update_every=every, seed=FLAGS.seed,
-                                                   total_steps=total_steps)
-    return model, callback
+    return model, dst_callback(keras_dst, variant, total_steps)
+
+
+def dst_callback(keras_dst, variant, total_steps=None):
+    """The DST callback of `variant` (a new object at every call; None for dense / static)."""
+    if not variant.startswith("dst_"):
+        return None
+    base = variant[:-4] if variant.endswith("_dt1") else variant
+    every = 1 if variant.endswith("_dt1") else setting("update_every")
+    return keras_dst.DynamicSparseTraining(prune=DST_VARIANTS[base], grow="gradient",
+                                           update_every=every, seed=FLAGS.seed,
+                                           total_steps=total_steps)
 
 
 class FitVariant(bench_utils.KerasFitParticipant):
@@ -543,10 +562,16 @@ class FitRun:
     """A freshly built and compiled model of one variant, its DST callback (the same
     object in every fit) and its data."""
 
-    def __init__(self, keras, keras_dst, tf, model_name, variant, total_steps):
+    def __init__(self, keras, keras_dst, tf, model_name, variant, total_steps, path=None):
         t0 = time.perf_counter()
-        self.model, self.dst = build_variant(keras, keras_dst, model_name, variant, total_steps)
-        self.build_s = time.perf_counter() - t0  # build (+ prunable) + compile, eager
+        if path is None:
+            self.model, self.dst = build_variant(keras, keras_dst, model_name, variant,
+                                                 total_steps)
+        else:  # a reload from disk: the saved model, a new callback of equal configuration
+            self.model = keras_dst.load_model(path)
+            self.dst = dst_callback(keras_dst, variant, total_steps)
+        self.build_s = time.perf_counter() - t0  # build (+ prunable) + compile, or load
+        self.total_steps = total_steps
         self.dataset = bench_models.synthetic_dataset(tf, model_name, setting("batch_size"),
                                                       seed=FLAGS.seed)
         self.batch = next(iter(self.dataset))
@@ -576,6 +601,13 @@ class FitRun:
                 "window_s": clock.times[-1] - clock.times[0],
                 "window_steps": len(clock.times) - 1}
 
+    def reloaded(self, keras, keras_dst, tf, model_name, variant, folder):
+        """This model saved to ``<folder>/<variant>.keras`` (untimed) and loaded again
+        (timed: ``build_s``), as a new `FitRun`."""
+        path = os.path.join(folder, f"{variant}.keras")
+        self.model.save(path)
+        return FitRun(keras, keras_dst, tf, model_name, variant, self.total_steps, path)
+
     def evaluate(self):
         """``model.evaluate`` on one batch (untimed; its first call compiles the test step)."""
         x, y = self.batch
@@ -593,8 +625,9 @@ def warm_up(keras, keras_dst, tf):
 
 
 def fit_call_records(keras, keras_dst, tf, model_name, log):
-    """The first fits of fresh models and the fit loop: ``(first, loop)``, each
-    ``{variant: [record]}`` (see `FitRun.fit`) or None when disabled.
+    """The first fits of fresh models, the fit loop and the reloads: ``(first, loop,
+    reload)``, each ``{variant: [record]}`` (see `FitRun.fit`; a reload's record is its
+    ``load_s`` and its two fits' records) or None when disabled.
 
     Each repeat (--first_fit_repeats), for every variant in turn (the order
     reversed every other repeat): build and compile a fresh model, time its
@@ -603,7 +636,8 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
     reversed every other call), each of its K models in turn (order reversed
     every other call), ``evaluate`` on one batch before each; the loop's call 1
     is their first fit. A call's record is the median over the K models
-    (`merged_calls`). (No ``keras.backend.clear_session()``: it drops the
+    (`merged_calls`). The first L repeats' models (--reload_repeats) are then
+    saved, and in turn loaded and fit twice (`FitRun.reloaded`). (No ``keras.backend.clear_session()``: it drops the
     kernels of the live models, and their next call would pay to re-create
     them; the previous repeat's models are deleted and collected.)
     """
@@ -619,6 +653,8 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
         return rec
 
     instances = setting("fit_loop_models") if calls else 0
+    reloads = setting("reload_repeats")
+    reload = {v: [] for v in FIT_VARIANTS} if reloads else None
     kept = []  # the first `instances` repeats' runs, for the fit loop
     for r in range(max(repeats, instances)):
         runs = {}
@@ -636,9 +672,18 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
                                                 kept[k][v], v))
             loop = {v: merged_calls(calls_of[v]) for v in FIT_VARIANTS}
             kept = []
+        if r < reloads:
+            with tempfile.TemporaryDirectory() as folder:
+                for _, v in bench_utils.interleaved(FIT_VARIANTS, r + 1, start=r):
+                    run = runs[v].reloaded(keras, keras_dst, tf, model_name, v, folder)
+                    log(f"  reload {r + 1}: {v:<14} {run.build_s:8.3f} s (load)")
+                    reload[v].append({"load_s": run.build_s,
+                                      "fits": [timed(f"reload {r + 1}, fit {i + 1}", run, v)
+                                               for i in range(2)]})
+                    del run
         del runs
         gc.collect()  # the repeat's models, before the next repeat's are built
-    return (first if repeats else None), loop
+    return (first if repeats else None), loop, reload
 
 
 def merged_calls(per_model):
@@ -677,6 +722,27 @@ def analyse_first_fits(records):
             res["ratio"], res["ratio_ci95"] = bench_utils.ratio_stats(xs, dense)
         if v in DST_VARIANTS:
             res["updates"] = updates_in(recs[0], every)
+        out["variants"][v] = res
+    return out
+
+
+def analyse_reloads(records):
+    """Per variant: median load time and times of the two fits after the reload; per-repeat
+    ratios to dense's (first fit, compilation included; second fit): median and 95 %
+    interval."""
+    dense = records["dense"]
+    out = {"repeats": len(dense), "steps": dense[0]["fits"][0]["steps"], "variants": {}}
+    for v, recs in records.items():
+        res = {"load_s": bench_utils.median([r["load_s"] for r in recs])}
+        for i, key in enumerate(("first_fit", "second_fit")):
+            xs = [r["fits"][i]["seconds"] for r in recs]
+            res[f"{key}_s"], res[f"{key}_s_all"] = bench_utils.median(xs), xs
+            if v != "dense":
+                res[f"{key}_ratio"], res[f"{key}_ratio_ci95"] = bench_utils.ratio_stats(
+                    xs, [r["fits"][i]["seconds"] for r in dense])
+        if v != "dense":
+            res["load_ratio"], res["load_ratio_ci95"] = bench_utils.ratio_stats(
+                [r["load_s"] for r in recs], [r["load_s"] for r in dense])
         out["variants"][v] = res
     return out
 
@@ -741,7 +807,7 @@ def analyse_fit_loop(records, update_costs):
 def fit_calls(keras, tf, keras_dst, model_name, update_costs, log):
     """The first-fit and fit-loop measurements (those enabled): {key: results}."""
     t0 = time.perf_counter()
-    first, loop = fit_call_records(keras, keras_dst, tf, model_name, log)
+    first, loop, reload = fit_call_records(keras, keras_dst, tf, model_name, log)
     out = {}
     if first:
         ff = out["first_fit"] = analyse_first_fits(first)
@@ -753,6 +819,13 @@ def fit_calls(keras, tf, keras_dst, model_name, update_costs, log):
             ", ".join(f"{v} {fmt(fl['variants'][v]['window_ratio'])}x" for v in FIT_VARIANTS[1:])
             + "; later call " +
             ", ".join(f"{v} {fmt(fl['variants'][v]['later_call_ratio'])}x"
+                      for v in FIT_VARIANTS[1:]))
+    if reload:
+        rl = out["reload"] = analyse_reloads(reload)
+        log(f"[{model_name}] reload: dense load {rl['variants']['dense']['load_s']:.2f} s, "
+            f"first fit {rl['variants']['dense']['first_fit_s']:.2f} s; " +
+            ", ".join(f"{v} first fit {fmt(rl['variants'][v]['first_fit_ratio'])}x second "
+                      f"{fmt(rl['variants'][v]['second_fit_ratio'])}x"
                       for v in FIT_VARIANTS[1:]))
     out["fit_calls_wall_seconds"] = time.perf_counter() - t0
     return out
@@ -769,7 +842,8 @@ def run_model(model_name, log, stored=None):
     if stored is None:
         out = step_overhead(keras, tf, keras_dst, model_name, log)
     else:
-        out = {k: v for k, v in stored.items() if k not in ("first_fit", "fit_loop")}
+        out = {k: v for k, v in stored.items()
+               if k not in ("first_fit", "fit_loop", "reload")}
         warm_up(keras, keras_dst, tf)  # a fresh process: nothing compiled yet
     costs = {v: update_cost_s(out["variants"].get(v, {})) for v in DST_VARIANTS}
     out.update(fit_calls(keras, tf, keras_dst, model_name, costs, log))
@@ -842,6 +916,12 @@ How to read this table (see BUILD.md#benchmarks):
   interval from 8 calls on]. A DST call holding k update steps may exceed the
   dense call by k U: `update +a` is the median of k U / t_dense_call, `net` =
   ratio - that, per call.
+* Reload from disk: the first repeats' models, after their first fit, saved to
+  `.keras` and loaded again (`keras_dst.load_model`), then fit twice with a new
+  callback of an equal configuration: the load, the first fit after it
+  (compilation included: a reloaded model compiles its step again, as in a new
+  process) and the second (nothing compiled), each as a ratio to dense's in the
+  same repeat, median [95 % interval from 6 repeats on].
 """
 
 
@@ -864,7 +944,7 @@ def write_report(out_dir, prefix, results, machine, config):
     doc = {"benchmark": "keras_dst training-step overhead", "models": models}
     bench_utils.write_json(path_json, doc)
 
-    rows, trows, mrows, frows, lrows = [], [], [], [], []
+    rows, trows, mrows, frows, lrows, rrows = [], [], [], [], [], []
     for m, r in models.items():
         v = r["variants"]
         mag, snip = v.get("dst_magnitude", {}), v.get("dst_snip", {})
@@ -899,6 +979,15 @@ def write_report(out_dir, prefix, results, machine, config):
                           for k in DST_VARIANTS] +
                          [f"{bench_utils.later_call(lv[k])} "
                           f"({sum(lv[k]['updates_per_later_call'])} upd.)" for k in DST_VARIANTS])
+        rl = r.get("reload")
+        if rl:
+            rv = rl["variants"]
+            rrows.append([m, rl["repeats"], rl["steps"],
+                          f"{fmt(rv['dense']['load_s'], '.2f')} / "
+                          f"{fmt(rv['dense']['first_fit_s'], '.2f')} / "
+                          f"{fmt(rv['dense']['second_fit_s'], '.2f')}"] +
+                         [f"{pair(rv[k], 'load_ratio')} / {pair(rv[k], 'first_fit_ratio')} / "
+                          f"{pair(rv[k], 'second_fit_ratio')}" for k in FIT_VARIANTS[1:]])
         mem = r["memory"]
         mrows.append([m, f"{r['params_dense']:,}", f"{mem['dense_weight_bytes'] / 2**20:.2f}",
                       f"{mem['mask_bytes'] / 2**20:.2f}", f"{mem['ever_active_bytes'] / 2**20:.2f}",
@@ -947,6 +1036,13 @@ def write_report(out_dir, prefix, results, machine, config):
                        "dense window ms/step", "static window ×", "DST-mag window ×",
                        "DST-snip window ×", "DST-mag call 1 / 2 ×", "DST-snip call 1 / 2 ×",
                        "DST-mag later call ×", "DST-snip later call ×"], lrows)]
+    if rrows:
+        lines += ["", "## Reload from disk: load, then fit twice (a new callback of equal "
+                  "configuration)", "",
+                  bench_utils.markdown_table(
+                      ["model", "repeats", "steps", "dense load / fit 1 / fit 2 s",
+                       "static × (load / fit 1 / fit 2)", "DST-mag × (load / fit 1 / fit 2)",
+                       "DST-snip × (load / fit 1 / fit 2)"], rrows)]
     if trows:
         lines += ["", "## Against TFMOT (prune_low_magnitude, ConstantSparsity, frequency ΔT)", "",
                   bench_utils.markdown_table(
@@ -988,11 +1084,15 @@ def main(argv):
         raise app.UsageError("--fit_loop_calls must be 0 or >= 3, --first_fit_repeats >= 0")
     if setting("fit_loop_models") < 1:
         raise app.UsageError("--fit_loop_models must be >= 1")
+    if not 0 <= setting("reload_repeats") <= repeats:
+        raise app.UsageError("--reload_repeats must be in [0, --first_fit_repeats] (it reloads "
+                             "the first-fit repeats' models)")
     if (calls or repeats) and setting("fit_call_steps") < 2:
         raise app.UsageError("--fit_call_steps must be >= 2 (the step window leaves out step 1)")
     config = {name: setting(name) for name in
               ("epochs", "steps_per_epoch", "batch_size", "update_every", "every1_steps",
-               "isolated_repeats", "first_fit_repeats", "fit_loop_calls", "fit_loop_models")}
+               "isolated_repeats", "first_fit_repeats", "fit_loop_calls", "fit_loop_models",
+               "reload_repeats")}
     config.update(fit_call_steps=setting("fit_call_steps"), fit_calls_only=FLAGS.fit_calls_only,
                   density=FLAGS.density, pattern=FLAGS.pattern, update_cost=FLAGS.update_cost,
                   quick=FLAGS.quick,
