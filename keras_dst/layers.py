@@ -819,9 +819,22 @@ class SparseWrapper(keras.layers.Wrapper):
     def load_own_variables(self, store):
         """Loads the masks (and flags, scores); the weights the inner layer loads next
         are then zeroed where these masks are False, with a warning that counts the
-        non-zero entries dropped (see `_guard_writes`)."""
+        non-zero entries dropped (see `_guard_writes`).
+
+        Raises:
+          ValueError: the file holds running scores and this layer keeps none, or the
+            reverse (naming `track_running_scores`); else Keras's count of entries.
+        """
+        state = self._sparse_state
+        n, stored = len(state.masks), len(store.keys())
+        tracked = state.track_running_scores
+        if n and stored == n * (2 + (not tracked)):  # (masks and flags, + one score each)
+            raise ValueError(
+                f"SparseWrapper '{self.name}': the file {'holds no' if tracked else 'holds'} "
+                f"running scores, and this layer was made with track_running_scores={tracked}"
+                f"; make the model with track_running_scores={not tracked} to load it.")
         super().load_own_variables(store)
-        self._sparse_state.mark_loading()
+        state.mark_loading()
 
     # -- forward: untouched ----------------------------------------------------
     def call(self, inputs, *args, **kwargs):

@@ -882,3 +882,21 @@ def test_a_nested_model_s_weight_lists_are_guarded_too(in_place):
         nested.set_weights(values)
     for value, now in zip(before, nested.get_weights()):
         np.testing.assert_array_equal(value, now)
+
+
+@pytest.mark.parametrize("file_tracks", [True, False])
+def test_a_weights_file_with_running_scores_into_a_model_without_names_the_option(
+        file_tracks, tmp_path):
+    # (Keras's "Layer 'fc1' expected 2 variables, but received 3", with no word of why)
+    keras_dst.prunable(mlp(), density=0.3, track_running_scores=file_tracks).save_weights(
+        tmp_path / "m.weights.h5")
+    model = keras_dst.prunable(mlp(), density=0.3, track_running_scores=not file_tracks)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=rf"SparseWrapper 'fc1': the file "
+                                         rf"{'holds' if file_tracks else 'holds no'} running "
+                                         rf"scores, and this layer was made with "
+                                         rf"track_running_scores={not file_tracks}; make the "
+                                         rf"model with track_running_scores={file_tracks}"):
+        model.load_weights(tmp_path / "m.weights.h5")
+    for value, now in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(value, now)
