@@ -71,7 +71,7 @@ def latency_vs_dense(sparse_path, dense_path, rounds=ROUNDS, batch_size=1, threa
 def export_trained(config, model, test_ds, info, output_dir, keras_accuracy=None, print_fn=print):
     """Runs ``--export`` on the trained `model`; returns a JSON-able dict (None for "none")."""
     verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.WARNING)  # Keras's SavedModel writer logs at INFO
+    logging.set_verbosity(min(verbosity, logging.WARNING))  # (the SavedModel writer's INFO)
     try:
         return _export_trained(config, model, test_ds, info, output_dir, keras_accuracy,
                                print_fn)

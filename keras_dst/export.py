@@ -550,13 +550,14 @@ def _calibration(data, saved_model_dir, input_names, steps):
     if not samples:
         raise ValueError("export(): representative_data is empty.")
     for key, spec in specs.items():  # (a sample of another shape calibrated nothing, silently)
-        try:
-            np.asarray(samples[0][key], dtypes[key])
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"export(): representative_data for input '{key}' holds values of type "
-                f"{np.asarray(samples[0][key]).dtype} that are not {np.dtype(dtypes[key]).name}, "
-                "the input's dtype.") from None
+        for sample in samples:
+            try:
+                np.asarray(sample[key], dtypes[key])
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"export(): representative_data for input '{key}' holds values of type "
+                    f"{np.asarray(sample[key]).dtype} that are not "
+                    f"{np.dtype(dtypes[key]).name}, the input's dtype.") from None
         shape = np.shape(samples[0][key])
         if not spec.shape[1:].is_compatible_with(shape):
             raise ValueError(
@@ -1171,8 +1172,14 @@ class LiteRTModel:
         with errors_named("LiteRTModel"):
             path = None if content is not None else check_path(model, "model")
             if path is not None and not os.path.isfile(path):
-                raise FileNotFoundError(f"LiteRTModel: model={path!r}: no such file (a .tflite file, or "
-                                        "its bytes).")
+                raise FileNotFoundError(
+                    f"LiteRTModel: model={path!r} is " + ("a directory" if os.path.isdir(path)
+                                                          else "no file") +
+                    "; it takes a .tflite file, or its bytes.")
+            if (path is not None and not os.path.getsize(path)) or content == b"":
+                shown = repr(path) if path is not None else "b''"
+                raise ValueError(f"LiteRTModel: model={shown} is empty (a .tflite file, or "
+                                 "its bytes).")
             if num_threads is not None:
                 num_threads = check_positive_int(num_threads, "num_threads")
             if xnnpack is not None:

@@ -79,6 +79,8 @@ class StepSwitch:
         self._functions = {}   # frozenset of traced hooks -> compiled train function
         self._prepared = False  # a hooked callback set up the coming execution
         self._owners = {}      # hook -> the name of its callback's class
+        self._callbacks = []   # the callbacks whose hooks this run added
+        self._past_params = []  # `params` of the last runs (their callbacks may keep them)
         self._ran = False      # an execution ran since the running fit's hooks were added
         self._building = False  # this switch is compiling a variant (`__call__`)
         own = model.__dict__.get("make_train_function")  # (one set on the model before)
@@ -115,13 +117,14 @@ class StepSwitch:
         return switch if switch.optimizer is getattr(model, "optimizer", None) else None
 
     @classmethod
-    def of(cls, model, params, driven_by_fit: bool = True):
-        """The switch of `model` for the `fit` whose callbacks share `params`
-        (`driven_by_fit`: run by Keras's `fit`, not by a user's own loop of
-        ``CallbackList`` and ``train_on_batch``).
+    def of(cls, model, callback, driven_by_fit: bool = True):
+        """The switch of `model` for the run (a `fit`, or a user's own loop of
+        ``CallbackList`` and ``train_on_batch``: `driven_by_fit` False) whose
+        `callback` starts (``on_train_begin``).
 
         Made on first use, or again after `model.compile()`; installed as
-        `model.train_function` for this fit.
+        `model.train_function` for this run, which ends the hooks of a run that
+        never reached on_train_end (`_starts_a_run`).
         """
         switch = cls.current(model)
         if switch is None and cls.ATTR in model.__dict__:
@@ -129,25 +132,48 @@ class StepSwitch:
         if switch is None:
             switch = cls(model)
             model.__dict__[cls.ATTR] = switch
-        if (switch._ran or switch.driven_by_fit != driven_by_fit
-                or (driven_by_fit and switch.params is not params)):
-            # a run that never reached on_train_end: it ran steps (which no run does
-            # before its callbacks' on_train_begin), or it was a fit and this is a loop of
-            # one's own (or the reverse), or another fit (Keras gives all the callbacks of
-            # a fit its `params`; a CallbackList made without epochs/steps gives none, so
-            # the callbacks of one loop of one's own may hold those of different fits)
+        if switch._starts_a_run(callback, driven_by_fit):
             switch._end_fit()
-            switch.params = params
+            switch.params = callback.params
         switch.driven_by_fit = driven_by_fit
+        switch._callbacks.append(callback)
         model.train_function = switch
         return switch
 
+    def _starts_a_run(self, callback, driven_by_fit) -> bool:
+        """Whether `callback`'s on_train_begin starts a run, rather than joining the one
+        whose callbacks began before it (without a step since).
+
+        A run that ran steps is over (no run steps before its callbacks begin), as is
+        one of the other kind (a fit, then a loop of one's own). Keras gives the
+        callbacks of a fit its `params`: another dict, another fit. A loop's
+        ``CallbackList`` gives its callbacks its `params` only where it was made with
+        some (epochs, steps): otherwise each keeps those of the last fit it was in, or
+        None. So in a loop, a callback that began already starts a run (its earlier
+        loop stopped before its first step), as do `params` that are neither this
+        run's nor any earlier run's (a new ``CallbackList`` made with epochs/steps).
+        """
+        params = callback.params
+        if self._ran or self.driven_by_fit != driven_by_fit:
+            return True
+        if driven_by_fit:
+            return params is not self.params
+        return any(c is callback for c in self._callbacks) or (
+            params is not None and params is not self.params
+            and not any(params is p for p in self._past_params))
+
+    # How many earlier runs' `params` `_starts_a_run` knows (a loop's callbacks keep those
+    # of the last fit each was in).
+    _PAST_RUNS = 16
+
     def _end_fit(self):
-        """Uninstalls the hooks of the running (or an abandoned) fit."""
+        """Uninstalls the hooks of the running (or an abandoned) run."""
         for engine in self.engines:
             hooks.uninstall(self.optimizer, engine)
+        if self.params is not None:
+            self._past_params = (self._past_params + [self.params])[-self._PAST_RUNS:]
         self.engines, self._needed, self._owners, self.params = [], {}, {}, None
-        self._ran = False
+        self._callbacks, self._ran = [], False
 
     def _owns(self, function):
         return function is self or any(function is f for f in self._functions.values())
@@ -175,7 +201,8 @@ class StepSwitch:
             self._end_fit()
             raise ValueError(
                 f"{owner}: this fit already has this callback, or another {owner} of an "
-                "equal configuration; pass it once.")
+                "equal configuration; pass it once. (A loop of your own that stopped before "
+                "its first step: call its callbacks' on_train_end() before the next one.)")
         writers = [self._owners.get(e, type(e).__name__) for e in self.engines
                    if e.writes_masks]
         if engine.writes_masks and writers:
@@ -373,7 +400,7 @@ class HookedCallback(keras.callbacks.Callback):
         reapply_masks_if_needed(self.model, type(self).__name__)
         # (a fit that raised left its engines installed: StepSwitch.of
         # uninstalls them, this callback's previous engine included)
-        switch = StepSwitch.of(self.model, self.params, compat.inside_keras_fit(self.model))
+        switch = StepSwitch.of(self.model, self, compat.inside_keras_fit(self.model))
         switch.keep(key, engine)
         switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step

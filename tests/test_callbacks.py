@@ -1351,3 +1351,42 @@ def test_a_restore_by_a_later_callback_of_a_loop_without_on_epoch_begin_warns_no
             callbacks.on_train_batch_end(i, logs)
         callbacks.on_train_end()
     assert int(model.optimizer.iterations.numpy()) == 12
+
+
+def _loop_begun(model, callbacks_list, **params):
+    """A loop of one's own that stops (raises) after its callbacks' on_train_begin; its
+    CallbackList."""
+    callbacks = keras.callbacks.CallbackList(callbacks_list, model=model, **params)
+    callbacks.on_train_begin()
+    return callbacks
+
+
+@pytest.mark.parametrize("second", ["same", "gradual"])
+def test_a_loop_of_ones_own_after_one_that_stopped_before_its_first_step_trains(second):
+    # (its hooks stayed installed: the same callback again was refused as "already in
+    # this fit", a GradualPruning as a second mask writer)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    dst = DST(update_every=2, schedule="constant")
+    _loop_begun(model, [dst], epochs=1, steps=4)
+    callback = (dst if second == "same" else
+                keras_dst.GradualPruning(0.1, update_every=2, initial_density=0.3))
+    _callback_loop(model, callback, x, y)
+    assert int(callback.engine.last_update_step.numpy()) >= 2  # it updated
+    assert "apply" not in vars(model.optimizer)
+
+
+def test_a_second_loop_of_equal_callbacks_without_params_says_how_to_end_the_first():
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    first = _loop_begun(model, [DST(update_every=2, schedule="constant")])
+    with pytest.raises(ValueError, match=r"pass it once. \(A loop of your own that stopped "
+                                         r"before its first step: call its callbacks' "
+                                         r"on_train_end\(\) before the next one.\)"):
+        _loop_begun(model, [DST(update_every=2, schedule="constant")])
+    first.on_train_end()  # as it says
+    second = DST(update_every=2, schedule="constant")
+    _callback_loop(model, second, x, y)
+    assert int(second.engine.last_update_step.numpy()) == 4

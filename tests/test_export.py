@@ -566,7 +566,9 @@ def test_a_list_of_inputs_maps_to_the_model_order_read_from_the_file(tmp_path):
             (dict(xnnpack="no"), TypeError, r"LiteRTModel: xnnpack must be a bool"),
             # (the runtime's "Could not open ... The model allocation is null/empty")
             (dict(model=report.path + ".gone"), FileNotFoundError,
-             r"LiteRTModel: model='.*two.tflite.gone': no such file")]:
+             r"LiteRTModel: model='.*two.tflite.gone' is no file; it takes a .tflite file"),
+            (dict(model=tmp_path), FileNotFoundError, r"LiteRTModel: model='.*' is a directory"),
+            (dict(model=b""), ValueError, r"LiteRTModel: model=b'' is empty")]:
         with pytest.raises(error, match=message):
             LiteRTModel(**{"model": report.path, **kwargs})
 
@@ -674,6 +676,10 @@ def test_errors_name_the_argument_and_value(tmp_path):
     with pytest.raises(ValueError, match=r"representative_data for input '.*' holds values "
                                          r"of type <U1 that are not float32, the input's dtype"):
         keras_dst.export(model, path, quantize="int8", representative_data=[["a"] * 16] * 4)
+    with pytest.raises(ValueError, match=r"representative_data for input '.*' holds values "
+                                         r"of type <U32 that are not float32"):  # (a later row)
+        keras_dst.export(model, path, quantize="int8",
+                         representative_data=np.array([[0.5] * 16] * 2 + [["oops"] * 16]))
     for value in (np.inf, np.nan):
         bad = data((16,))
         bad[3, 5] = value

@@ -636,8 +636,9 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
     reversed every other call), each of its K models in turn (order reversed
     every other call), ``evaluate`` on one batch before each; the loop's call 1
     is their first fit. A call's record is the median over the K models
-    (`merged_calls`). The first L repeats' models (--reload_repeats) are then
-    saved, and in turn loaded and fit twice (`FitRun.reloaded`). (No ``keras.backend.clear_session()``: it drops the
+    (`merged_calls`). The first L repeats' models (--reload_repeats) are saved after
+    their first fit (before the fit loop's calls), and in turn loaded and fit twice
+    (`FitRun.reloaded`). (No ``keras.backend.clear_session()``: it drops the
     kernels of the live models, and their next call would pay to re-create
     them; the previous repeat's models are deleted and collected.)
     """
@@ -659,8 +660,19 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
     for r in range(max(repeats, instances)):
         runs = {}
         for _, v in bench_utils.interleaved(FIT_VARIANTS, r + 1, start=r):
-            runs[v] = FitRun(keras, keras_dst, tf, model_name, v, max(calls, 1) * steps)
+            # (total_steps: the schedule's length, which the loop's calls, or the first
+            # fit and the two after a reload, reach)
+            runs[v] = FitRun(keras, keras_dst, tf, model_name, v, max(calls, 3) * steps)
             first[v].append(timed(f"first fit {r + 1}", runs[v], v))
+        if r < reloads:  # (saved after their first fit, before the fit loop's)
+            with tempfile.TemporaryDirectory() as folder:
+                for _, v in bench_utils.interleaved(FIT_VARIANTS, r + 1, start=r):
+                    run = runs[v].reloaded(keras, keras_dst, tf, model_name, v, folder)
+                    log(f"  reload {r + 1}: {v:<14} {run.build_s:8.3f} s (load)")
+                    reload[v].append({"load_s": run.build_s,
+                                      "fits": [timed(f"reload {r + 1}, fit {i + 1}", run, v)
+                                               for i in range(2)]})
+                    del run
         if r < instances:
             kept.append(runs)
         if r + 1 == instances:
@@ -672,15 +684,6 @@ def fit_call_records(keras, keras_dst, tf, model_name, log):
                                                 kept[k][v], v))
             loop = {v: merged_calls(calls_of[v]) for v in FIT_VARIANTS}
             kept = []
-        if r < reloads:
-            with tempfile.TemporaryDirectory() as folder:
-                for _, v in bench_utils.interleaved(FIT_VARIANTS, r + 1, start=r):
-                    run = runs[v].reloaded(keras, keras_dst, tf, model_name, v, folder)
-                    log(f"  reload {r + 1}: {v:<14} {run.build_s:8.3f} s (load)")
-                    reload[v].append({"load_s": run.build_s,
-                                      "fits": [timed(f"reload {r + 1}, fit {i + 1}", run, v)
-                                               for i in range(2)]})
-                    del run
         del runs
         gc.collect()  # the repeat's models, before the next repeat's are built
     return (first if repeats else None), loop, reload
