@@ -237,6 +237,10 @@ def validate(config):
             raise ValueError(f"--{name}={value}: choose one of {', '.join(choices)}")
         if name in CHECKS and not CHECKS[name][0](value):
             raise ValueError(f"--{name}={value}: {CHECKS[name][1]}")
+    if config.get("grow") == "momentum" and config.get("momentum") == 0 \
+            and config.get("method") == "dst":
+        raise ValueError("--grow=momentum grows where the optimizer's momentum is largest; "
+                         "--momentum=0.0 keeps none: pass --momentum > 0 or another --grow")
     if config.get("nesterov") and config.get("momentum") == 0:
         raise ValueError("--momentum=0.0 with --nesterov: Nesterov momentum needs a momentum > 0; "
                          "pass --nonesterov")

@@ -394,6 +394,16 @@ def test_nesterov_without_momentum_is_refused_by_validate():
     train.validate({**config, "nesterov": False})
 
 
+def test_momentum_growth_without_momentum_is_refused_by_validate_first():
+    # (it asked for --nonesterov first, then the fit refused the growth rule)
+    config = {**train.default_config(), "method": "dst", "grow": "momentum", "momentum": 0.0}
+    for nesterov in (True, False):
+        with pytest.raises(ValueError, match=r"--grow=momentum grows where the optimizer's "
+                                             r"momentum is largest; --momentum=0.0 keeps none"):
+            train.validate({**config, "nesterov": nesterov})
+    train.validate({**config, "grow": "gradient", "nesterov": False})
+
+
 def test_an_nm_pattern_with_another_density_is_refused_by_validate():
     config = {**train.default_config(), "method": "dst", "pattern": "2:4"}
     with pytest.raises(ValueError, match=r"--density: pattern '2:4' has density 2/4"):
