@@ -1178,8 +1178,7 @@ class LiteRTModel:
                     "; it takes a .tflite file, or its bytes.")
             if (path is not None and not os.path.getsize(path)) or content == b"":
                 shown = repr(path) if path is not None else "b''"
-                raise ValueError(f"LiteRTModel: model={shown} is empty (a .tflite file, or "
-                                 "its bytes).")
+                raise ValueError(f"model={shown} is empty (a .tflite file, or its bytes).")
             if num_threads is not None:
                 num_threads = check_positive_int(num_threads, "num_threads")
             if xnnpack is not None:

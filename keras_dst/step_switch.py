@@ -80,7 +80,6 @@ class StepSwitch:
         self._prepared = False  # a hooked callback set up the coming execution
         self._owners = {}      # hook -> the name of its callback's class
         self._callbacks = []   # the callbacks whose hooks this run added
-        self._past_params = []  # `params` of the last runs (their callbacks may keep them)
         self._ran = False      # an execution ran since the running fit's hooks were added
         self._building = False  # this switch is compiling a variant (`__call__`)
         own = model.__dict__.get("make_train_function")  # (one set on the model before)
@@ -95,10 +94,13 @@ class StepSwitch:
         if self._building or StepSwitch.current(model) is not self:
             return self._model_make_train_function(force=force)
         if not force:
-            # A fit starts: nothing is prepared for it yet. A train_on_batch starts: what
-            # a fit prepared is stale (it raised after), what the callbacks of a user's own
-            # loop prepared (CallbackList, then train_on_batch) is for this step.
+            # A fit starts (before its callbacks' on_train_begin): a run that never reached
+            # on_train_end is over. A train_on_batch starts: what a fit prepared is stale
+            # (it raised after), what the callbacks of a user's own loop prepared
+            # (CallbackList, then train_on_batch) is for this step.
             entry = compat.keras_training_entry()
+            if entry == "fit":
+                self._end_fit()
             if entry == "fit" or (entry == "train_on_batch" and self.driven_by_fit):
                 self._prepared = False
             return self._model_make_train_function(force=force)
@@ -117,14 +119,15 @@ class StepSwitch:
         return switch if switch.optimizer is getattr(model, "optimizer", None) else None
 
     @classmethod
-    def of(cls, model, callback, driven_by_fit: bool = True):
+    def of(cls, model, callback, params, driven_by_fit: bool = True):
         """The switch of `model` for the run (a `fit`, or a user's own loop of
         ``CallbackList`` and ``train_on_batch``: `driven_by_fit` False) whose
-        `callback` starts (``on_train_begin``).
+        `callback` starts (``on_train_begin``); `params`: the ones its run gave it, or
+        None (see `_starts_a_run`).
 
         Made on first use, or again after `model.compile()`; installed as
         `model.train_function` for this run, which ends the hooks of a run that
-        never reached on_train_end (`_starts_a_run`).
+        never reached on_train_end.
         """
         switch = cls.current(model)
         if switch is None and cls.ATTR in model.__dict__:
@@ -132,46 +135,38 @@ class StepSwitch:
         if switch is None:
             switch = cls(model)
             model.__dict__[cls.ATTR] = switch
-        if switch._starts_a_run(callback, driven_by_fit):
+        if switch._starts_a_run(callback, params, driven_by_fit):
             switch._end_fit()
-            switch.params = callback.params
+            switch.params = params
         switch.driven_by_fit = driven_by_fit
         switch._callbacks.append(callback)
         model.train_function = switch
         return switch
 
-    def _starts_a_run(self, callback, driven_by_fit) -> bool:
+    def _starts_a_run(self, callback, params, driven_by_fit) -> bool:
         """Whether `callback`'s on_train_begin starts a run, rather than joining the one
-        whose callbacks began before it (without a step since).
+        whose callbacks began before it (with no step since).
 
         A run that ran steps is over (no run steps before its callbacks begin), as is
-        one of the other kind (a fit, then a loop of one's own). Keras gives the
-        callbacks of a fit its `params`: another dict, another fit. A loop's
-        ``CallbackList`` gives its callbacks its `params` only where it was made with
-        some (epochs, steps): otherwise each keeps those of the last fit it was in, or
-        None. So in a loop, a callback that began already starts a run (its earlier
-        loop stopped before its first step), as do `params` that are neither this
-        run's nor any earlier run's (a new ``CallbackList`` made with epochs/steps).
+        one of the other kind (a fit, then a loop of one's own); a fit's start ended
+        the run before it already (`_make_train_function`). `params` are those the run
+        gave its callbacks: Keras's fit gives each fit's its own, a ``CallbackList``
+        made with epochs/steps its own, one made without (a loop's, or one passed to
+        fit) none, its callbacks keeping those of their last run (they pass None
+        then): other `params` than this run's start a run. In a loop, so does a
+        callback that began already (its earlier loop stopped before its first
+        step; one listed twice is refused at its first batch).
         """
-        params = callback.params
         if self._ran or self.driven_by_fit != driven_by_fit:
             return True
-        if driven_by_fit:
-            return params is not self.params
-        return any(c is callback for c in self._callbacks) or (
-            params is not None and params is not self.params
-            and not any(params is p for p in self._past_params))
-
-    # How many earlier runs' `params` `_starts_a_run` knows (a loop's callbacks keep those
-    # of the last fit each was in).
-    _PAST_RUNS = 16
+        if not driven_by_fit and any(c is callback for c in self._callbacks):
+            return True
+        return params is not None and params is not self.params
 
     def _end_fit(self):
         """Uninstalls the hooks of the running (or an abandoned) run."""
         for engine in self.engines:
             hooks.uninstall(self.optimizer, engine)
-        if self.params is not None:
-            self._past_params = (self._past_params + [self.params])[-self._PAST_RUNS:]
         self.engines, self._needed, self._owners, self.params = [], {}, {}, None
         self._callbacks, self._ran = [], False
 
@@ -201,19 +196,23 @@ class StepSwitch:
             self._end_fit()
             raise ValueError(
                 f"{owner}: this fit already has this callback, or another {owner} of an "
-                "equal configuration; pass it once. (A loop of your own that stopped before "
-                "its first step: call its callbacks' on_train_end() before the next one.)")
+                f"equal configuration; pass it once.{self._abandoned_loop_hint()}")
         writers = [self._owners.get(e, type(e).__name__) for e in self.engines
                    if e.writes_masks]
         if engine.writes_masks and writers:
+            hint = self._abandoned_loop_hint()
             self._end_fit()
             raise ValueError(
                 f"{owner}: this fit already has a callback that changes the masks "
                 f"({writers[0]}); pass one per fit (CriteriaOverlap, which only observes, "
-                "can join it).")
+                f"can join it).{hint}")
         hooks.install(self.optimizer, engine)
         self._owners[engine] = owner
         self.engines.append(engine)
+
+    def _abandoned_loop_hint(self) -> str:
+        return ("" if self.driven_by_fit else " (A loop of your own that stopped before its "
+                "first step: call its callbacks' on_train_end() before the next one.)")
 
     def set_needed(self, engine, needed: bool):
         """Whether `engine` is traced into the function of the coming execution."""
@@ -300,6 +299,8 @@ class HookedCallback(keras.callbacks.Callback):
         self._every_step = False  # the engine must run in every step
         self._steps_warned = False  # the optimizer was seen ahead of the host count
         self._fit_start_step = 0  # the optimizer's step when this fit began
+        self._last_params = None  # the `params` of its last run (see `StepSwitch.of`)
+        self._in_batch = False    # between on_train_batch_begin and on_train_batch_end
 
     @classmethod
     def from_config(cls, config):
@@ -354,7 +355,7 @@ class HookedCallback(keras.callbacks.Callback):
         return int(epochs) * int(steps)
 
     def on_train_begin(self, logs=None):
-        self.engine = None
+        self.engine, self._in_batch = None, False
         if (self.params or {}).get("epochs") == 0:  # a fit of no epoch: nothing to hook
             return
         if self.model is None:
@@ -400,7 +401,11 @@ class HookedCallback(keras.callbacks.Callback):
         reapply_masks_if_needed(self.model, type(self).__name__)
         # (a fit that raised left its engines installed: StepSwitch.of
         # uninstalls them, this callback's previous engine included)
-        switch = StepSwitch.of(self.model, self, compat.inside_keras_fit(self.model))
+        # (the params this run gave: those of the callback's last run are left over from
+        # it, where a CallbackList made without epochs/steps gave none)
+        params = None if self.params is self._last_params else self.params
+        self._last_params = self.params
+        switch = StepSwitch.of(self.model, self, params, compat.inside_keras_fit(self.model))
         switch.keep(key, engine)
         switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step
@@ -457,6 +462,12 @@ class HookedCallback(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self.engine is None:
             return
+        if self._in_batch:
+            raise ValueError(
+                f"{type(self).__name__}: on_train_batch_begin ran twice without "
+                "on_train_batch_end between: this callback is listed twice (pass it once), "
+                "or a loop of your own skips on_train_batch_end.")
+        self._in_batch = True
         if self._verify:  # a fit's first batch (also of a loop that calls no on_epoch_begin)
             # (after every callback's on_train_begin: a restore may have moved the step)
             self._host_step = self._fit_start_step = self._optimizer_step()
@@ -475,6 +486,7 @@ class HookedCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.engine is None:
             return
+        self._in_batch = False
         self._host_step += int(batch) - self._batch_begin + 1  # no device read
         switch = self.model.__dict__.get(StepSwitch.ATTR)
         if switch is not None and StepSwitch.current(self.model) is not switch:  # (any batch)

@@ -1390,3 +1390,60 @@ def test_a_second_loop_of_equal_callbacks_without_params_says_how_to_end_the_fir
     second = DST(update_every=2, schedule="constant")
     _callback_loop(model, second, x, y)
     assert int(second.engine.last_update_step.numpy()) == 4
+
+
+def _used_and_fresh(model, x, y, compile_between):
+    """A DST callback used in a fit (and the model compiled again after it, or not), and a
+    fresh CriteriaOverlap: [fresh, used]."""
+    used = DST(update_every=2, schedule="constant")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[used])
+    if compile_between:  # (a new learning rate)
+        model.compile(keras.optimizers.SGD(0.01), LOSS, jit_compile=True)
+    return [keras_dst.CriteriaOverlap(["magnitude", "random"], update_every=2), used]
+
+
+@pytest.mark.parametrize("driver", ["loop", "fit"])
+@pytest.mark.parametrize("compile_between", [False, True])
+def test_a_callback_list_without_params_after_a_fit_and_a_compile_trains(
+        driver, compile_between):
+    # (the used callback's params, left over from a fit the switch no longer knew (a
+    # compile made a new one), read as a new run's: the fresh callback's hook was
+    # ended, and the first step refused as one "that ran before this callback prepared
+    # it"; a CallbackList without params passed to fit, likewise)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    fresh, used = _used_and_fresh(model, x, y, compile_between)
+    callbacks = keras.callbacks.CallbackList([fresh, used], model=model)
+    if driver == "fit":
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+    else:
+        callbacks.on_train_begin()
+        for i in range(4):
+            callbacks.on_train_batch_begin(i)
+            logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
+                                        return_dict=True)
+            callbacks.on_train_batch_end(i, logs)
+        callbacks.on_train_end()
+    last = 4 if compile_between else 8  # (a new optimizer counts from 0)
+    assert int(used.engine.last_update_step.numpy()) == last
+    assert int(fresh.engine.last_update_step.numpy()) == last
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras_dst.CriteriaOverlap(["magnitude", "random"], update_every=3),
+    lambda: keras_dst.GradualPruning(0.1, update_every=3, initial_density=0.3, end_step=9)],
+    ids=["overlap", "gradual"])
+def test_a_callback_listed_twice_in_a_loop_of_ones_own_is_refused(make):
+    # (its second on_train_begin read as a retry of a loop that stopped before its first
+    # step: a CriteriaOverlap listed twice then recorded nothing, without a word)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    callback = make()
+    callbacks = keras.callbacks.CallbackList([callback, callback], model=model)
+    callbacks.on_train_begin()
+    with pytest.raises(ValueError, match=rf"{type(callback).__name__}: on_train_batch_begin "
+                                         r"ran twice without on_train_batch_end between: this "
+                                         r"callback is listed twice \(pass it once\)"):
+        callbacks.on_train_batch_begin(0)

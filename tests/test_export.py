@@ -568,7 +568,7 @@ def test_a_list_of_inputs_maps_to_the_model_order_read_from_the_file(tmp_path):
             (dict(model=report.path + ".gone"), FileNotFoundError,
              r"LiteRTModel: model='.*two.tflite.gone' is no file; it takes a .tflite file"),
             (dict(model=tmp_path), FileNotFoundError, r"LiteRTModel: model='.*' is a directory"),
-            (dict(model=b""), ValueError, r"LiteRTModel: model=b'' is empty")]:
+            (dict(model=b""), ValueError, r"^LiteRTModel: model=b'' is empty")]:
         with pytest.raises(error, match=message):
             LiteRTModel(**{"model": report.path, **kwargs})
 
