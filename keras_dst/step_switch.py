@@ -53,10 +53,12 @@ class StepSwitch:
     A `fit` that raised (in a step, in a callback, or interrupted) never reaches
     `on_train_end`; its hooks stay installed until the next execution, which
     uninstalls them unless a hooked callback of the running `fit` prepared it
-    (`set_needed`, before every batch): a later plain `fit` (or
-    `train_on_batch`) runs the static step, and a later hooked `fit` installs its
-    own hooks afresh. The switch watches ``model.make_train_function``, which Keras's
-    `fit` and `train_on_batch` call before their first step: a preparation does not
+    (`set_needed`, before every batch), or until the next run's start (the next
+    `fit`'s, or the first ``on_train_begin`` of a loop of one's own: `of`): a later
+    plain `fit` (or `train_on_batch`) runs the static step, and a later hooked run
+    installs its own hooks afresh. The switch watches ``model.make_train_function``,
+    which Keras's `fit` and `train_on_batch` call before their first step (and `fit`
+    before its callbacks' ``on_train_begin``): a preparation does not
     outlive the fit that made it (a callback listed after a hooked one that raised in
     ``on_train_batch_begin`` left it in place for the next plain `fit`), and a forced
     rebuild (``make_train_function(force=True)``, from a callback inside a `fit`, say)
@@ -82,6 +84,7 @@ class StepSwitch:
         self._callbacks = []   # the callbacks whose hooks this run added
         self._ran = False      # an execution ran since the running fit's hooks were added
         self._building = False  # this switch is compiling a variant (`__call__`)
+        self.executions = 0    # calls so far (an execution that raised counts)
         own = model.__dict__.get("make_train_function")  # (one set on the model before)
         self._model_make_train_function = own or functools.partial(
             type(model).make_train_function, model)
@@ -244,8 +247,14 @@ class StepSwitch:
     def __call__(self, *args, **kwargs):
         if self.engines and not self._prepared:  # the fit that installed them raised
             self._end_fit()
+        for engine in [e for e in self.engines if e not in self._needed]:
+            # (no callback of this run prepared it: a loop that stopped before its first
+            # step left it, and a loop of callbacks that began after it went on)
+            hooks.uninstall(self.optimizer, engine)
+            self.engines.remove(engine)
         self._prepared, self._ran = False, True
-        key = frozenset(e for e in self.engines if self._needed.get(e, True))
+        self.executions += 1
+        key = frozenset(e for e in self.engines if self._needed[e])
         function = self._functions.get(key)
         if function is None:
             self._building = True
@@ -300,7 +309,7 @@ class HookedCallback(keras.callbacks.Callback):
         self._steps_warned = False  # the optimizer was seen ahead of the host count
         self._fit_start_step = 0  # the optimizer's step when this fit began
         self._last_params = None  # the `params` of its last run (see `StepSwitch.of`)
-        self._in_batch = False    # between on_train_batch_begin and on_train_batch_end
+        self._batch_begun_at = None  # the switch's executions at a batch begin not ended
 
     @classmethod
     def from_config(cls, config):
@@ -355,7 +364,7 @@ class HookedCallback(keras.callbacks.Callback):
         return int(epochs) * int(steps)
 
     def on_train_begin(self, logs=None):
-        self.engine, self._in_batch = None, False
+        self.engine, self._batch_begun_at = None, None
         if (self.params or {}).get("epochs") == 0:  # a fit of no epoch: nothing to hook
             return
         if self.model is None:
@@ -462,12 +471,16 @@ class HookedCallback(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self.engine is None:
             return
-        if self._in_batch:
+        switch = self.model.__dict__.get(StepSwitch.ATTR)
+        executions = None if switch is None else switch.executions
+        if self._batch_begun_at is not None and self._batch_begun_at == executions:
+            # (not a batch whose on_train_batch_end never came because its execution
+            # raised: the end of data of unknown length, a loop's failed step)
             raise ValueError(
-                f"{type(self).__name__}: on_train_batch_begin ran twice without "
-                "on_train_batch_end between: this callback is listed twice (pass it once), "
-                "or a loop of your own skips on_train_batch_end.")
-        self._in_batch = True
+                f"{type(self).__name__}: on_train_batch_begin ran twice with no step "
+                "between: this callback is listed twice (pass it once), or a loop of your "
+                "own calls it twice.")
+        self._batch_begun_at = executions
         if self._verify:  # a fit's first batch (also of a loop that calls no on_epoch_begin)
             # (after every callback's on_train_begin: a restore may have moved the step)
             self._host_step = self._fit_start_step = self._optimizer_step()
@@ -479,14 +492,13 @@ class HookedCallback(keras.callbacks.Callback):
         steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
         self._read_after = self._verify or self.engine.may_update_between(
             self._host_step + 1, self._host_step + steps)
-        switch = self.model.__dict__.get(StepSwitch.ATTR)
         if switch is not None:
             switch.set_needed(self.engine, self._every_step or self._read_after)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.engine is None:
             return
-        self._in_batch = False
+        self._batch_begun_at = None
         self._host_step += int(batch) - self._batch_begin + 1  # no device read
         switch = self.model.__dict__.get(StepSwitch.ATTR)
         if switch is not None and StepSwitch.current(self.model) is not switch:  # (any batch)

@@ -1444,6 +1444,32 @@ def test_a_callback_listed_twice_in_a_loop_of_ones_own_is_refused(make):
     callbacks = keras.callbacks.CallbackList([callback, callback], model=model)
     callbacks.on_train_begin()
     with pytest.raises(ValueError, match=rf"{type(callback).__name__}: on_train_batch_begin "
-                                         r"ran twice without on_train_batch_end between: this "
-                                         r"callback is listed twice \(pass it once\)"):
+                                         r"ran twice with no step between: this callback is "
+                                         r"listed twice \(pass it once\)"):
         callbacks.on_train_batch_begin(0)
+
+
+def test_an_observer_loop_after_a_dst_loop_that_stopped_before_its_first_step_changes_no_mask():
+    # (the stopped loop's DST hook stayed in the run the CriteriaOverlap's loop joined, and
+    # pruned and regrew in its steps)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    dst = DST(update_every=2, schedule="constant")
+    _loop_begun(model, [dst])
+    before = keras_dst.masks(model)
+    observer = keras_dst.CriteriaOverlap(["magnitude", "random"], update_every=2,
+                                         total_steps=8)
+    callbacks = keras.callbacks.CallbackList([observer], model=model)
+    callbacks.on_train_begin()
+    for i in range(4):
+        callbacks.on_train_batch_begin(i)
+        logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
+                                    return_dict=True)
+        callbacks.on_train_batch_end(i, logs)
+    callbacks.on_train_end()
+    assert int(observer.engine.last_update_step.numpy()) == 4
+    assert int(dst.engine.last_update_step.numpy()) < 0  # (never updated)
+    after = keras_dst.masks(model)
+    assert all((before[k] == after[k]).all() for k in before)
+    assert "apply" not in vars(model.optimizer)
