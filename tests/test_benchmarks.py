@@ -170,7 +170,8 @@ def test_overhead_quick(tmp_path):
     summary = (tmp_path / "quick_summary.md").read_text()
     assert "| mlp |" in summary and "yes (+3 inputs)" in summary
     for row in ("first fit DST/dense (≤ 1.5)", "fit-loop window DST/dense (≤ 1.03)",
-                "later fit call DST/dense (≤ 1.05 + update)"):
+                "later fit call DST/dense (≤ 1.05 + update)",
+                "first fit after a reload from disk DST/dense (≤ 1.5)"):
         line = next(x for x in summary.splitlines() if row in x)  # a verdict per DST cell
         assert line.count("(met") + line.count("(MISSED") + line.count("(missed") == 2, line
 
