@@ -63,9 +63,10 @@ class StepSwitch:
     ``on_train_batch_begin`` left it in place for the next plain `fit`), and a forced
     rebuild (``make_train_function(force=True)``, from a callback inside a `fit`, say)
     drops the compiled variants but keeps the switch as the training function (Keras's
-    new function, traced without the hooks, ended the hooked callbacks' updates for the
+    new function, traced without the hooks, would end the hooked callbacks' updates for the
     rest of the fit). The model's own ``make_train_function`` (its class's, or one set
-    on it before) still runs at every call.
+    on it before) still runs at every call but a forced rebuild's, and whenever the
+    switch compiles a variant.
     """
 
     ATTR = "_keras_dst_step_switch"
@@ -141,6 +142,9 @@ class StepSwitch:
         if switch._starts_a_run(callback, params, driven_by_fit):
             switch._end_fit()
             switch.params = params
+        # (no batch of a run begins before all its callbacks' on_train_begin: what was
+        # prepared is a stopped loop's)
+        switch._needed, switch._prepared = {}, False
         switch.driven_by_fit = driven_by_fit
         switch._callbacks.append(callback)
         model.train_function = switch
@@ -192,8 +196,9 @@ class StepSwitch:
           ValueError: `engine` changes masks and another hook of this fit does too
             (two DST or gradual-pruning callbacks would each change the masks that
             the other selects from), or `engine` is in this fit already (a second
-            callback of an equal configuration, or one callback listed twice); the
-            fit's hooks are uninstalled first.
+            callback of an equal configuration, or, in a fit, one callback listed
+            twice: in a loop, its second on_train_batch_begin is refused); the fit's
+            hooks are uninstalled first.
         """
         if engine in self.engines:  # equal configurations share one engine
             self._end_fit()
@@ -230,7 +235,8 @@ class StepSwitch:
         self._needed.pop(engine, None)
         if not self.engines:
             self._end_fit()
-            self.model.train_function = self._functions.get(frozenset(), self)
+            if StepSwitch.current(self.model) is self:  # (not after a compile())
+                self.model.train_function = self._functions.get(frozenset(), self)
 
     def release(self):
         """Uninstalls this switch's hooks and forgets its hooks and functions."""
@@ -408,8 +414,10 @@ class HookedCallback(keras.callbacks.Callback):
                 engine = self._make_engine()
         self.engine = engine
         reapply_masks_if_needed(self.model, type(self).__name__)
-        # (a fit that raised left its engines installed: StepSwitch.of
-        # uninstalls them, this callback's previous engine included)
+        # (a run that never ended left its engines installed: a fit's start, or the
+        # start of a loop's run (StepSwitch.of), uninstalls them, this callback's
+        # previous engine included; those of a run that a loop joined go at its first
+        # step, which no callback of the loop prepared them for)
         # (the params this run gave: those of the callback's last run are left over from
         # it, where a CallbackList made without epochs/steps gave none)
         params = None if self.params is self._last_params else self.params

@@ -1449,14 +1449,19 @@ def test_a_callback_listed_twice_in_a_loop_of_ones_own_is_refused(make):
         callbacks.on_train_batch_begin(0)
 
 
-def test_an_observer_loop_after_a_dst_loop_that_stopped_before_its_first_step_changes_no_mask():
+@pytest.mark.parametrize("stopped", ["after_train_begin", "after_batch_begin"])
+def test_an_observer_loop_after_a_dst_loop_that_stopped_before_its_first_step_changes_no_mask(
+        stopped):
     # (the stopped loop's DST hook stayed in the run the CriteriaOverlap's loop joined, and
-    # pruned and regrew in its steps)
+    # pruned and regrew in its steps; stopped after its first on_train_batch_begin, its
+    # preparation outlived it too)
     x, y = classification_data(n=64)
     model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
     model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
     dst = DST(update_every=2, schedule="constant")
-    _loop_begun(model, [dst])
+    begun = _loop_begun(model, [dst])
+    if stopped == "after_batch_begin":
+        begun.on_train_batch_begin(0)
     before = keras_dst.masks(model)
     observer = keras_dst.CriteriaOverlap(["magnitude", "random"], update_every=2,
                                          total_steps=8)
@@ -1473,3 +1478,28 @@ def test_an_observer_loop_after_a_dst_loop_that_stopped_before_its_first_step_ch
     after = keras_dst.masks(model)
     assert all((before[k] == after[k]).all() for k in before)
     assert "apply" not in vars(model.optimizer)
+
+
+def test_a_compile_after_the_last_batch_of_a_hooked_fit_is_the_one_the_next_fit_runs():
+    # (a layer unfrozen and the model compiled again with a new optimizer at the last
+    # epoch's end: the hooked callback's on_train_end put back the training function of
+    # the old compile, so the next fit trained with the old optimizer and the layer frozen)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.get_layer(index=1).trainable = False
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    old = model.optimizer
+
+    def unfreeze(epoch, logs):
+        if epoch == 1:
+            model.get_layer(index=1).trainable = True
+            model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[
+        keras.callbacks.LambdaCallback(on_epoch_end=unfreeze),
+        keras_dst.CriteriaOverlap(["magnitude", "random"], update_every=3, total_steps=40)])
+    kernel = model.get_layer(index=1).trainable_weights[0]
+    before = kernel.numpy()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert int(old.iterations.numpy()) == 8 and int(model.optimizer.iterations.numpy()) == 4
+    assert (kernel.numpy() != before).any()
