@@ -820,11 +820,11 @@ def test_a_refused_run_leaves_an_earlier_runs_outputs_as_they_were(tmp_path):
     with pytest.raises(ValueError, match=r"--model=conv_cifar10 cannot be built for --dataset=digits"):
         train.run({**DIGITS, "model": "conv_cifar10", "output_dir": str(out)})
     assert sorted(os.listdir(out)) == ["overlap.json", "tb"]
-    # refused by a callback's argument check, and by its check against the model at the
-    # start of fit (momentum growth needs an optimizer with momentum)
+    # refused by a callback's argument check, and by the config's check (momentum growth
+    # needs an optimizer with momentum)
     with pytest.raises(ValueError, match=r"grow_exact=False"):
         train.run({**DIGITS, "grow": "gradient", "grow_exact": False, "output_dir": str(out)})
-    with pytest.raises(ValueError, match=r"keeps no momentum"):
+    with pytest.raises(ValueError, match=r"--momentum=0.0 keeps none"):
         train.run({**DIGITS, "grow": "momentum", "momentum": 0.0, "nesterov": False,
                    "output_dir": str(out)})
     assert sorted(os.listdir(out)) == ["overlap.json", "tb"]
