@@ -457,6 +457,9 @@ class HookedCallback(keras.callbacks.Callback):
         return int(base_optimizer(self.model.optimizer).iterations.numpy())
 
     def on_epoch_begin(self, epoch, logs=None):
+        # (a batch begun at the end of the last epoch's data of unknown length may have
+        # run no execution: a loop of one's own that fetches its batch after the begin)
+        self._batch_begun_at = None
         if self.engine is not None:
             self._host_step = self._optimizer_step()
             self._forget_undone_updates()
@@ -483,7 +486,8 @@ class HookedCallback(keras.callbacks.Callback):
         executions = None if switch is None else switch.executions
         if self._batch_begun_at is not None and self._batch_begun_at == executions:
             # (not a batch whose on_train_batch_end never came because its execution
-            # raised: the end of data of unknown length, a loop's failed step)
+            # raised, as at the end of Keras's data of unknown length, nor one begun at
+            # the end of an epoch: see on_epoch_begin)
             raise ValueError(
                 f"{type(self).__name__}: on_train_batch_begin ran twice with no step "
                 "between: this callback is listed twice (pass it once), or a loop of your "

@@ -1503,3 +1503,27 @@ def test_a_compile_after_the_last_batch_of_a_hooked_fit_is_the_one_the_next_fit_
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert int(old.iterations.numpy()) == 8 and int(model.optimizer.iterations.numpy()) == 4
     assert (kernel.numpy() != before).any()
+
+
+def test_a_loop_of_ones_own_whose_data_ends_after_a_batch_begin_goes_on_to_its_next_epoch():
+    # (the batch begun when the data ran out ran no step: the next epoch's first begin was
+    # refused as a callback listed twice)
+    x, y = classification_data(n=64)
+    model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    model.compile(keras.optimizers.SGD(0.05), LOSS, jit_compile=True)
+    callback = DST(update_every=2, schedule="constant", total_steps=8)
+    callbacks = keras.callbacks.CallbackList([callback], model=model)
+    callbacks.on_train_begin()
+    for epoch in range(2):
+        callbacks.on_epoch_begin(epoch)
+        batches = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+        for i in range(10):
+            callbacks.on_train_batch_begin(i)
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
+                break
+            callbacks.on_train_batch_end(i, model.train_on_batch(xb, yb, return_dict=True))
+        callbacks.on_epoch_end(epoch)
+    callbacks.on_train_end()
+    assert int(callback.engine.last_update_step.numpy()) == 8
