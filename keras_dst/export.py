@@ -550,9 +550,9 @@ def _calibration(data, saved_model_dir, input_names, steps):
     if not samples:
         raise ValueError("export(): representative_data is empty.")
     for key, spec in specs.items():  # (a sample of another shape calibrated nothing, silently)
-        for sample in samples:
+        for sample in samples:  # (converted once: the checks below and the generator)
             try:
-                np.asarray(sample[key], dtypes[key])
+                sample[key] = np.asarray(sample[key], dtypes[key])
             except (TypeError, ValueError):
                 raise ValueError(
                     f"export(): representative_data for input '{key}' holds values of type "
@@ -567,13 +567,13 @@ def _calibration(data, saved_model_dir, input_names, steps):
         if np.issubdtype(dtypes[key], np.floating):
             # (the converter's scales come from these ranges: an inf aborts the process,
             # a NaN leaves the model float32 without a word)
-            bad = sum(not np.all(np.isfinite(np.asarray(s[key], dtypes[key]))) for s in samples)
+            bad = sum(not np.all(np.isfinite(s[key])) for s in samples)
             if bad:
                 raise ValueError(
                     f"export(): representative_data for input '{key}' holds NaN or inf in "
                     f"{bad} of the {len(samples)} calibration samples; int8 calibration needs "
                     "finite inputs.")
-    return _generator(samples, dtypes)
+    return _generator(samples)
 
 
 def _inputs_only(element, n_inputs):
@@ -590,10 +590,12 @@ def _is_batched(dataset):
     return first.shape.rank is not None and first.shape.rank >= 1 and first.shape[0] is None
 
 
-def _generator(samples, dtypes):
+def _generator(samples):
+    """The converter's representative dataset: `samples` (arrays of the inputs' dtypes),
+    each a batch of one."""
     def generate():
         for sample in samples:
-            yield {k: np.asarray(v, dtype=dtypes[k])[None] for k, v in sample.items()}
+            yield {k: v[None] for k, v in sample.items()}
     return generate
 
 

@@ -427,8 +427,6 @@ class HookedCallback(keras.callbacks.Callback):
         switch.add(engine, type(self).__name__)
         self._every_step = engine.runs_every_step
         self._steps_warned = False
-        self._host_step = self._optimizer_step()  # (a loop of one's own may call no
-        # on_epoch_begin, which reads it too; the first batch sets `_fit_start_step`)
         self._verify = True
         self._seen_update, self._logs = None, {}  # (this model's, read afresh)
         # An end resolved from this fit's length that a later fit (not a resumed one, which
