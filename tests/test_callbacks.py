@@ -708,10 +708,10 @@ def test_a_fit_that_raised_then_a_compile_leaves_no_hook_on_the_old_optimizer():
     assert "apply" not in vars(old) and "apply" not in vars(model.optimizer)
 
 
-def _callback_loop(model, callback, x, y, steps=4, epoch_begin=True, skip_batch_begin=()):
-    """A loop of one's own: a CallbackList around model.train_on_batch (but for the
-    batches in `skip_batch_begin`, which get no on_train_batch_begin)."""
-    callbacks = keras.callbacks.CallbackList([callback], model=model, epochs=1, steps=steps)
+def _drive(callbacks, model, x, y, steps=4, epoch_begin=False, skip_batch_begin=()):
+    """A loop of one's own of `callbacks` (a CallbackList) around model.train_on_batch on
+    batches of 16 (but for the batches in `skip_batch_begin`, which get no
+    on_train_batch_begin)."""
     callbacks.on_train_begin()
     if epoch_begin:
         callbacks.on_epoch_begin(0)
@@ -722,6 +722,12 @@ def _callback_loop(model, callback, x, y, steps=4, epoch_begin=True, skip_batch_
                                     return_dict=True)
         callbacks.on_train_batch_end(i, logs)
     callbacks.on_train_end()
+
+
+def _callback_loop(model, callback, x, y, steps=4, epoch_begin=True, skip_batch_begin=()):
+    """`_drive` of a CallbackList of `callback` made with epochs and steps."""
+    _drive(keras.callbacks.CallbackList([callback], model=model, epochs=1, steps=steps),
+           model, x, y, steps, epoch_begin, skip_batch_begin)
 
 
 def test_a_loop_of_ones_own_without_on_epoch_begin_counts_the_optimizer_s_steps():
@@ -1284,13 +1290,7 @@ def test_a_callback_list_without_params_runs_a_used_callback_beside_a_fresh_one(
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[used])
     fresh = keras_dst.CriteriaOverlap(["magnitude", "random"], update_every=2)
     callbacks = keras.callbacks.CallbackList([used, fresh], model=model)
-    callbacks.on_train_begin()
-    for i in range(4):
-        callbacks.on_train_batch_begin(i)
-        logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
-                                    return_dict=True)
-        callbacks.on_train_batch_end(i, logs)
-    callbacks.on_train_end()
+    _drive(callbacks, model, x, y)
     assert int(used.engine.last_update_step.numpy()) == 8
     assert int(fresh.engine.last_update_step.numpy()) == 8
 
@@ -1343,13 +1343,7 @@ def test_a_restore_by_a_later_callback_of_a_loop_without_on_epoch_begin_warns_no
         [DST(update_every=2, schedule="constant"), restore], model=model, epochs=1, steps=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        callbacks.on_train_begin()
-        for i in range(4):
-            callbacks.on_train_batch_begin(i)
-            logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
-                                        return_dict=True)
-            callbacks.on_train_batch_end(i, logs)
-        callbacks.on_train_end()
+        _drive(callbacks, model, x, y)
     assert int(model.optimizer.iterations.numpy()) == 12
 
 
@@ -1418,13 +1412,7 @@ def test_a_callback_list_without_params_after_a_fit_and_a_compile_trains(
     if driver == "fit":
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
     else:
-        callbacks.on_train_begin()
-        for i in range(4):
-            callbacks.on_train_batch_begin(i)
-            logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
-                                        return_dict=True)
-            callbacks.on_train_batch_end(i, logs)
-        callbacks.on_train_end()
+        _drive(callbacks, model, x, y)
     last = 4 if compile_between else 8  # (a new optimizer counts from 0)
     assert int(used.engine.last_update_step.numpy()) == last
     assert int(fresh.engine.last_update_step.numpy()) == last
@@ -1466,13 +1454,7 @@ def test_an_observer_loop_after_a_dst_loop_that_stopped_before_its_first_step_ch
     observer = keras_dst.CriteriaOverlap(["magnitude", "random"], update_every=2,
                                          total_steps=8)
     callbacks = keras.callbacks.CallbackList([observer], model=model)
-    callbacks.on_train_begin()
-    for i in range(4):
-        callbacks.on_train_batch_begin(i)
-        logs = model.train_on_batch(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)],
-                                    return_dict=True)
-        callbacks.on_train_batch_end(i, logs)
-    callbacks.on_train_end()
+    _drive(callbacks, model, x, y)
     assert int(observer.engine.last_update_step.numpy()) == 4
     assert int(dst.engine.last_update_step.numpy()) < 0  # (never updated)
     after = keras_dst.masks(model)
