@@ -267,25 +267,32 @@ def _has_weight_creating_build(layer) -> bool:
 
 
 def check_maskable(layer, owner: str) -> None:
-    """Raises a ValueError naming `owner` and `layer` when masks cannot hold what the layer
-    computes: it was quantized to integers (``model.quantize("int8")``, ``"int4"``, ...:
-    its float weights were replaced by integer ones that masks and constraints never
-    see) or has LoRA enabled (``enable_lora``: it computes with ``kernel + A @ B``, a
-    dense update of its kernel). ``"float8"`` keeps the float weights (trainable; an
-    entry at 0 stays 0), so masks still hold them. Keras layers only; any other
-    layer passes.
+    """Raises a ValueError naming `owner` and the layer when masks cannot hold what
+    `layer` computes: it, or a layer inside it that holds one of its weights (the
+    query/key/value/output projections of a `MultiHeadAttention`, which keras-hub's
+    ``enable_lora`` reaches), was quantized to integers (``model.quantize("int8")``,
+    ``"int4"``, ...: its float weights were replaced by integer ones that masks and
+    constraints never see) or has LoRA enabled (``enable_lora``: it computes with
+    ``kernel + A @ B``, a dense update of its kernel). ``"float8"`` keeps the float
+    weights (trainable; an entry at 0 stays 0), so masks still hold them. Keras layers
+    only; any other layer passes.
     """
-    mode = getattr(layer, "quantization_mode", None)
-    if mode and mode != "float8":
-        reason = f"is quantized ({mode}, by model.quantize())"
-    elif getattr(layer, "lora_enabled", False):
-        reason = "has LoRA enabled (it computes with its kernel plus a dense low-rank update)"
-    else:
-        return
-    raise ValueError(
-        f"{owner}: layer '{layer_label(layer)}' {reason}, so keras_dst's masks no longer "
-        "hold what it computes. Quantize or add LoRA once sparse training is done, to "
-        "keras_dst.strip(model): a plain Keras model that keeps the zeros.")
+    own = {id(w) for w in layer.weights} if layer.built else set()
+    for inner in [layer] + compat.flatten_layers(layer):
+        if inner is not layer and not any(id(w) in own for w in inner.weights):
+            continue
+        mode = getattr(inner, "quantization_mode", None)
+        if mode and mode != "float8":
+            reason = f"is quantized ({mode}, by model.quantize())"
+        elif getattr(inner, "lora_enabled", False):
+            reason = "has LoRA enabled (it computes with its kernel plus a dense low-rank update)"
+        else:
+            continue
+        where = "" if inner is layer else f" (inside layer '{layer_label(layer)}')"
+        raise ValueError(
+            f"{owner}: layer '{layer_label(inner)}'{where} {reason}, so keras_dst's masks no "
+            "longer hold what it computes. Quantize or add LoRA once sparse training is "
+            "done, to keras_dst.strip(model): a plain Keras model that keeps the zeros.")
 
 
 def prunable_weights(layer) -> list:

@@ -650,6 +650,38 @@ def test_a_layer_with_lora_is_refused_wherever_its_masks_are_used(make, tmp_path
         assert re.search(r"layer '.*fc1' has LoRA enabled", _refusal(use)), what
 
 
+def _attention_net():
+    inputs = keras.Input((20,))
+    h = keras.layers.Reshape((5, 4))(inputs)
+    h = keras.layers.MultiHeadAttention(2, 4, name="mha")(h, h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(keras.layers.Flatten()(h)))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["wrapped", "attached"])
+@pytest.mark.parametrize("change", ["lora", "int8"])
+def test_a_changed_projection_inside_attention_is_refused_wherever_its_masks_are_used(
+        in_place, change, tmp_path):
+    # an attention layer is sparsified as a whole; keras-hub's enable_lora (or a quantize)
+    # reaches its query/value projections, layers inside it that compute densely then
+    def change_query(model):
+        mha = next(l for l in model._flatten_layers() if isinstance(l, keras.layers.MultiHeadAttention))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mha._query_dense.enable_lora(2) if change == "lora" else mha._query_dense.quantize("int8")
+
+    expected = r"layer 'mha/query' \(inside layer 'mha'\) " + (
+        "has LoRA enabled" if change == "lora" else r"is quantized \(int8")
+    model = keras_dst.prunable(_attention_net(), density=0.3, in_place=in_place)
+    masks = keras_dst.masks(model)
+    change_query(model)
+    for what, use in _every_use_of_the_masks(model, masks, tmp_path / "a.keras").items():
+        assert re.search(expected, _refusal(use)), what
+    dense = _attention_net()
+    change_query(dense)
+    with pytest.raises(ValueError, match=expected):
+        keras_dst.prunable(dense, density=0.3, in_place=in_place)
+
+
 @pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _attached], ids=["wrapped", "attached"])
 def test_float8_keeps_the_float_weights_so_dst_trains_it_sparse(make, tmp_path):
     # Keras's float8 mode keeps the float kernel (trainable) and adds scales: the masks
