@@ -266,6 +266,18 @@ def _has_weight_creating_build(layer) -> bool:
     return type(layer).build is not keras.layers.Layer.build
 
 
+def _scope_of_strategy_of(weights):
+    """The `tf.distribute` scope the masks of `weights` are made in: that of the strategy
+    whose distributed variables hold them when no strategy is in scope (masks attached
+    outside the scope to a model built inside it), so that each replica keeps its own
+    copy as it does of the weights; else none (the scope in force, if any)."""
+    if not tf.distribute.has_strategy():
+        for w in weights:
+            if isinstance(w.value, tf.distribute.DistributedValues):
+                return w.value.distribute_strategy.scope()
+    return contextlib.nullcontext()
+
+
 def check_maskable(layer, owner: str) -> None:
     """Raises a ValueError naming `owner` and the layer when masks cannot hold what
     `layer` computes: it, or a layer inside it that holds one of its weights (the
@@ -573,6 +585,24 @@ class SparseState:
         # they are tracked (below): they then apply to the weights as they were.
         restoring = compat.checkpoint_restore_waits_for(self._holder, _CHECKPOINT_ATTR)
         raws = []
+        with _scope_of_strategy_of(weights):
+            self._create_variables(make_variable, weights, densities, restoring, raws)
+        try:
+            setattr(self._holder, _CHECKPOINT_ATTR, _CheckpointedVariables(self))
+        except Exception:  # (a restore waiting for masks of another pattern)
+            self._unguard()
+            for w, raw in zip(weights, raws):  # the weights as they were
+                if raw is not None:
+                    w.assign(raw)
+            raise
+        finally:
+            for v in weights + self.ever_active:  # (not for a later `set_masks`)
+                self._pending_writes.pop(id(v), None)
+        self.created = True
+
+    def _create_variables(self, make_variable, weights, densities, restoring, raws):
+        """`create`'s loop: each weight's mask, flags (and score), its constraint and its
+        zeroing; appends to `raws` the raw value each weight keeps for the mask write."""
         for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
             name = relative_name(self.layer, w)
 
@@ -602,18 +632,6 @@ class SparseState:
             _guard_writes(w, mask, self.ever_active[-1], self, p)
             if raws[-1] is not None:  # the raw value for the mask write to come
                 self.keep_raw_value(w, raws[-1])
-        try:
-            setattr(self._holder, _CHECKPOINT_ATTR, _CheckpointedVariables(self))
-        except Exception:  # (a restore waiting for masks of another pattern)
-            self._unguard()
-            for w, raw in zip(weights, raws):  # the weights as they were
-                if raw is not None:
-                    w.assign(raw)
-            raise
-        finally:
-            for v in weights + self.ever_active:  # (not for a later `set_masks`)
-                self._pending_writes.pop(id(v), None)
-        self.created = True
 
     @property
     def _holder(self):

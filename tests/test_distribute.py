@@ -82,6 +82,15 @@ def test_mirrored_checkpoint_restores_the_masks_on_every_replica(mirrored_result
     assert r["replicas_equal_saved"] and all(r["replicas_equal_saved"].values()), r
 
 
+@pytest.mark.xdist_group("mirrored")
+def test_masks_attached_outside_the_scope_are_made_in_the_strategy_of_the_weights(mirrored_result):
+    # a subclassed model built in the scope, made prunable outside it: its masks are
+    # per-replica as its weights are (they were single-device variables every replica read)
+    r = mirrored_result["attached_outside"]
+    assert r["mask_copies"] and all(n == 2 for n in r["mask_copies"].values()), r
+    assert r["churn"] > 0 and r["replicas_equal"], r
+
+
 def _free_ports(n):
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -298,6 +307,47 @@ def _checkpoint_round_trip(strategy, model):
     return dict(masks_differed_before=bool(changed), replicas_equal_saved=same)
 
 
+def _attach_outside_the_scope(strategy):
+    """A subclassed model built under `strategy`, made prunable outside its scope, trained
+    with DST inside it: per sparse weight the number of copies of its mask, and whether
+    every replica's mask and weight agree after training."""
+    import keras
+    import numpy as np
+
+    import keras_dst
+
+    from conftest import LOSS, classification_data
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    x, y = classification_data(n=128)
+    with strategy.scope():
+        model = Net()
+        model(x[:2])
+    keras_dst.prunable(model, density=0.3, seed=1)  # in place, outside the scope
+    first = keras_dst.masks(model)
+    with strategy.scope():
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=False)
+    model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+              callbacks=[keras_dst.DynamicSparseTraining(update_every=2, prune_rate=0.3, seed=5)])
+    copies, equal = {}, True
+    for t in keras_dst.sparse_targets(model):
+        masks = [m.numpy() for m in strategy.experimental_local_results(t.mask.value)]
+        weights = [w.numpy() for w in strategy.experimental_local_results(t.weight.value)]
+        copies[t.key] = len(masks)
+        equal &= all(np.array_equal(m, masks[0]) for m in masks)
+        equal &= all(np.array_equal(w, weights[0]) for w in weights)
+    final = keras_dst.masks(model)
+    return dict(mask_copies=copies, replicas_equal=bool(equal),
+                churn=int(sum((final[k] != first[k]).sum() for k in final)))
+
+
 def _main_mirrored(configs):
     import numpy as np
     import tensorflow as tf
@@ -306,7 +356,7 @@ def _main_mirrored(configs):
     # One strategy for all runs: separate MirroredStrategy objects on the same devices
     # reuse collective instance keys and abort each other's all-reduces (a TF quirk).
     strategy = tf.distribute.MirroredStrategy(devices[:2])
-    results = {}
+    results = {"attached_outside": _attach_outside_the_scope(strategy)}
     for config in configs:
         two = _train(strategy, config, check_replicas=True)
         if "checkpoint" not in results:
