@@ -37,15 +37,31 @@ def check_given_flags_read(flag_values, readers, runs):
                              f"applies to {which}")
 
 
-def check_directory(path, flag):
-    """Raises ValueError naming `flag` where `path` cannot be a directory: it, or a
-    directory above it, is a file."""
+def _file_at_or_above(path):
+    """The file (not a directory) that `path` is or lies under, else None."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
-    if os.path.exists(existing) and not os.path.isdir(existing):
-        where = "it" if existing == os.path.abspath(path) else existing
+    return existing if os.path.exists(existing) and not os.path.isdir(existing) else None
+
+
+def check_directory(path, flag):
+    """Raises ValueError naming `flag` where `path` cannot be a directory: it, or a
+    directory above it, is a file."""
+    blocking = _file_at_or_above(path)
+    if blocking:
+        where = "it" if blocking == os.path.abspath(path) else blocking
         raise ValueError(f"{flag}={path}: {where} is a file, not a directory")
+
+
+def check_file(path, flag):
+    """Raises ValueError naming `flag` where `path` cannot be a file: it is a directory,
+    or a directory above it is a file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}={path}: it is a directory, not a file")
+    blocking = _file_at_or_above(os.path.dirname(os.path.abspath(path)))
+    if blocking:
+        raise ValueError(f"{flag}={path}: {blocking} is a file, not a directory")
 
 
 def make_directory(path, flag):

@@ -85,10 +85,34 @@ def load(name, batch_size, data_dir=None, seed=0, cache=True, drop_remainder=Fal
     train, val, test = (
         _pipeline(ds, batch_size, pre, training, seed, cache, drop_remainder)
         for ds, pre, training in zip(splits, (train_pre, eval_pre, eval_pre), (True, False, False)))
-    steps = sizes[0] // batch_size if drop_remainder else math.ceil(sizes[0] / batch_size)
     info.update(name=name, train_size=sizes[0], val_size=sizes[1], test_size=sizes[2],
-                steps_per_epoch=max(steps, 1))
+                steps_per_epoch=steps_per_epoch(sizes[0], batch_size, drop_remainder))
     return train, val, test, info
+
+
+def steps_per_epoch(train_size, batch_size, drop_remainder=False):
+    """Batches per epoch of `train_size` examples (at least 1)."""
+    steps = train_size // batch_size if drop_remainder else math.ceil(train_size / batch_size)
+    return max(steps, 1)
+
+
+def train_size(name, data_dir=None):
+    """The number of training examples of dataset `name` where it is known without a
+    download: always for digits, for higgs once its file is on disk, for a TFDS dataset
+    once prepared in `data_dir`; else None."""
+    if name == "digits":
+        return len(_digits()[0][0])
+    if name == "higgs":
+        return len(_higgs(data_dir)[0][0]) if os.path.exists(_higgs_path(data_dir)) else None
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared():
+            return None
+        return builder.info.splits[TFDS[name][0][0]].num_examples
+    except Exception:  # (tfds raises many types; the run itself then names the problem)
+        return None
 
 
 def _pipeline(ds, batch_size, preprocess, training, seed, cache, drop_remainder):
@@ -136,10 +160,14 @@ def _digits():
                                                (x_test, y_test))]
 
 
+def _higgs_path(data_dir):
+    return os.path.join(data_dir or os.path.expanduser("~/.keras/datasets"), "higgs.npz")
+
+
 def _higgs(data_dir):
     from sklearn.model_selection import train_test_split
 
-    path = os.path.join(data_dir or os.path.expanduser("~/.keras/datasets"), "higgs.npz")
+    path = _higgs_path(data_dir)
     if not os.path.exists(path):
         try:
             import openml

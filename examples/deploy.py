@@ -122,3 +122,10 @@ def _export_trained(config, model, test_ds, info, output_dir, keras_accuracy, pr
             "weights": len(report.weights), "densify_ops": report.densify_ops,
             "latency_us": sparse_us, "dense_latency_us": dense_us, "speedup": speedup,
             "stored": {w.weight: w.stored for w in report.weights}}
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit("deploy.py is run by train.py: python3 examples/train.py --export=litert (or "
+             "--export=tf_saved_model) trains, then exports and checks the model here.")

@@ -132,6 +132,11 @@ def run_key(config):
     return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def runs_dir_of(csv_path, runs_dir=None):
+    """Where the runs' output directories go: `runs_dir`, else ``<csv without .csv>_runs``."""
+    return runs_dir or os.path.splitext(csv_path)[0] + "_runs"
+
+
 def done_keys(csv_path):
     """Keys of the runs already in the CSV."""
     if not os.path.exists(csv_path):
@@ -228,7 +233,7 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
         built for the dataset), with the run's name; the runs before it are in the CSV.
     """
     run_fn = run_fn or train.run
-    runs_dir = runs_dir or os.path.splitext(csv_path)[0] + "_runs"
+    runs_dir = runs_dir_of(csv_path, runs_dir)
     done = done_keys(csv_path)
     configs = [{**train.default_config(), **base_config, **r} for r in runs]
     todo = [(c, run_key(c)) for c in configs]
@@ -266,6 +271,9 @@ def sweep(base_config, runs, csv_path, runs_dir=None, run_fn=None, print_fn=prin
 def plan(flag_values=flags.FLAGS):
     """(base config, runs) from parsed sweep flags; raises ValueError on a bad value."""
     fv = flag_values
+    cli.check_file(fv.csv, "--csv")
+    cli.check_directory(runs_dir_of(fv.csv, fv.runs_dir),
+                        "--runs_dir" if fv.runs_dir else "--runs_dir (default: <--csv>_runs)")
     grid_values = parse_grid(fv.methods, fv.prune, fv.grow, fv.densities, fv.seeds)
     base = train.config_from_flags(fv, exclude=SWEPT)
     if "pattern" in base:  # one spelling, one run key ("1X4" is "1x4")
@@ -284,7 +292,7 @@ def plan(flag_values=flags.FLAGS):
     for config in configs:  # fail before the first run, not in the middle of the sweep
         with _naming(config):
             train.validate(config)
-            train.check_callbacks(config)
+            train.check_callbacks(config, train.run_steps(config))
     train.check_given_flags_apply(configs, fv, runs="any run of this sweep")
     return base, runs
 

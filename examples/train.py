@@ -197,12 +197,43 @@ def check_given_flags_apply(configs, flag_values=flags.FLAGS, runs="this run"):
                       for name in sorted(APPLIES_TO)}, runs)
 
 
-def check_callbacks(config):
+def check_callbacks(config, total_steps=None):
     """Makes the callbacks of `config`'s run (a complete, validated config), which check
     their arguments (ValueError / TypeError), without running anything: what a sweep
-    checks of every run before its first."""
-    sparsity_callbacks(config, None)
-    overlap_callbacks(config, None)
+    checks of every run before its first. With the run's `total_steps`, also
+    `check_an_update_runs`."""
+    sparsity = sparsity_callbacks(config, total_steps)
+    overlap_callbacks(config, total_steps)
+    if total_steps is not None:
+        check_an_update_runs(config, sparsity, total_steps)
+
+
+def check_an_update_runs(config, sparsity, total_steps):
+    """Raises ValueError naming the flags where a dst or gmp run of `total_steps` steps
+    reaches no update of its callback (`sparsity`: `sparsity_callbacks`): DST would
+    train a static sparse model, gmp would leave it dense."""
+    for callback in sparsity:
+        try:
+            updates = callback.update_steps(total_steps)
+        except ValueError:  # (gmp: 75 % of the run leaves no update step)
+            updates = None
+        if updates is None or not updates.any_between(1, total_steps):
+            until = " (gmp prunes during the first 75% of them)" if config["method"] == "gmp" else ""
+            raise ValueError(
+                f"--method={config['method']}: no update would run: --update_every="
+                f"{config['update_every']} is past the run's {total_steps} steps{until} "
+                f"(--epochs={config['epochs']} x {total_steps // config['epochs']} batches of "
+                f"--batch_size={config['batch_size']}); lower --update_every or raise --epochs")
+
+
+def run_steps(config):
+    """The optimizer steps of `config`'s run (--epochs x its dataset's batches per
+    epoch), or None where the dataset's size is not known here without a download."""
+    size = data_lib.train_size(config["dataset"], config["data_dir"])
+    if size is None:
+        return None
+    return config["epochs"] * data_lib.steps_per_epoch(size, config["batch_size"],
+                                                       drop_remainder=config["strategy"] == "tpu")
 
 
 def default_config():
@@ -485,8 +516,10 @@ def run(config):
         # an earlier run's outputs as they were)
         output_dir = _output_dir(config)
         best = BestWeights()
-        overlap = overlap_callbacks(config, total_steps)
-        callbacks = sparsity_callbacks(config, total_steps) + overlap + [
+        overlap, sparsity = (overlap_callbacks(config, total_steps),
+                             sparsity_callbacks(config, total_steps))
+        check_an_update_runs(config, sparsity, total_steps)
+        callbacks = sparsity + overlap + [
             PrepareOutputDir(output_dir),
             best,
             keras.callbacks.CSVLogger(os.path.join(output_dir, "history.csv")),

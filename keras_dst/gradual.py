@@ -193,21 +193,36 @@ class GradualPruning(HookedCallback):
                 f"end_step and final_density={self.final_density} is never reached (as in "
                 "TF-MOT).")
 
-    def resolved_end_step(self) -> int:
-        """The ramp's end step for the current `fit` (resolves ``end_step=None``)."""
+    def resolved_end_step(self, total_steps: Optional[int] = None) -> int:
+        """The ramp's end step: `end_step`, or for ``end_step=None`` the last update step
+        within 75 % of the run's steps (`total_steps`; default: the current fit's).
+
+        Raises:
+          ValueError: 75 % of the run leaves no update step after `begin_step`;
+            `total_steps` < 1, or unknown (no fit running).
+        """
         if self.end_step is not None:
             return self.end_step
-        total = self._total_steps("end_step=None (75% of fit's steps)")
+        if total_steps is None:
+            total = self._total_steps("end_step=None (75% of fit's steps)")
+        else:
+            total = validation.check_positive_int(total_steps, "total_steps")
         updates = (3 * total // 4 - self.begin_step) // self.update_every
         if updates < 1:
             raise ValueError(
-                f"GradualPruning: 75% of fit's {total} steps leaves no update step after "
+                f"GradualPruning: 75% of the run's {total} steps leaves no update step after "
                 f"begin_step={self.begin_step} with update_every={self.update_every}; pass "
                 "end_step=, or a smaller begin_step or update_every.")
         return self.begin_step + updates * self.update_every
 
+    def update_steps(self, total_steps: Optional[int] = None) -> schedules.UpdateSteps:
+        """The optimizer steps its pruning updates run at in a run of `total_steps` steps
+        (default: the current fit's); raises as `resolved_end_step`."""
+        return schedules.UpdateSteps(self.update_every, self.begin_step,
+                                     self.resolved_end_step(total_steps))
+
     def _update_steps(self):
-        return schedules.UpdateSteps(self.update_every, self.begin_step, self.resolved_end_step())
+        return self.update_steps()
 
     def _end_from_this_fit(self):
         return self.end_step is None

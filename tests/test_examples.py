@@ -379,6 +379,35 @@ def test_run_rejects_bad_configs(tmp_path):
             train.run({**DIGITS, "output_dir": str(tmp_path), **bad})
 
 
+@pytest.mark.parametrize("method,update_every", [("dst", 11), ("gmp", 8)])
+def test_a_run_that_reaches_no_update_is_refused_before_its_outputs(method, update_every,
+                                                                    tmp_path):
+    # DST would train a static sparse model (gmp leave a dense one) under their name; a
+    # run of 2 x 5 steps whose first update is at step 11 (gmp: 75 % of it is 7 steps)
+    config = {**DIGITS, "epochs": 2, "method": method, "update_every": update_every,
+              "output_dir": str(tmp_path / "run")}
+    with pytest.raises(ValueError, match=rf"--method={method}: no update would run: "
+                                         rf"--update_every={update_every} is past the run's 10 "
+                                         r"steps.*\(--epochs=2 x 5 batches of --batch_size=256\)"):
+        train.run(config)
+    assert not (tmp_path / "run").exists()
+    config = {**train.default_config(), **config}
+    assert train.run_steps(config) == 10  # what a sweep checks before its first run
+    with pytest.raises(ValueError, match="no update would run"):
+        train.check_callbacks(config, 10)
+    train.check_callbacks({**config, "update_every": update_every - 1 - 3 * (method == "gmp")},
+                          10)
+
+
+def test_train_size_is_the_loaded_training_split():
+    _, _, _, info = data.load("digits", 100)
+    assert data.train_size("digits") == info["train_size"]
+    assert info["steps_per_epoch"] == data.steps_per_epoch(info["train_size"], 100)
+    assert data.steps_per_epoch(info["train_size"], 100, drop_remainder=True) == \
+        info["train_size"] // 100
+    assert data.train_size("mnist", data_dir="/nonexistent") is None  # (not prepared here)
+
+
 def test_a_model_that_does_not_fit_the_dataset_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"--model=conv_cifar10 cannot be built for "
                                          r"--dataset=digits \(examples of shape \(8, 8, 1\)\): "
@@ -531,6 +560,17 @@ def test_a_run_that_refuses_its_config_in_its_own_process_stops_the_sweep(tmp_pa
     (["--methods", "static", "--schedule", "linear"], r"--schedule=linear is not used by any run"),
     (["--methods", "dense,static", "--prune", "snip"], r"--prune=snip is not used by any run .* "
                                                        r"--method dst"),
+    # a run that would reach no update (checked with the dataset's batches per epoch)
+    (["--methods", "dense,static,gmp,dst", "--epochs", "1"],
+     r"^gmp_.*--method=gmp: no update would run: --update_every=50 is past the run's 40 "
+     r"steps \(gmp prunes during the first 75% of them\)"),
+    (["--methods", "dst", "--epochs", "1", "--update_every", "41"],
+     r"^dst_.*--method=dst: no update would run: --update_every=41 is past the run's 40 steps"),
+    # the outputs' places
+    (["--csv", "."], r"--csv=\.: it is a directory, not a file"),
+    (["--csv", os.path.join(__file__, "s.csv")], r"--csv=.*s\.csv: .*test_examples\.py is a file"),
+    (["--csv", "s.csv", "--runs_dir", os.path.join(__file__, "r")],
+     r"--runs_dir=.*: .*test_examples\.py is a file"),
 ])
 def test_a_sweep_refuses_before_its_first_run(argv, match):
     fv = flags.FlagValues()
@@ -869,7 +909,7 @@ def cli(request, tmp_path_factory):
     commands.update({
         "helpfull": script("train.py") + ["--helpfull"],
         "train": script("train.py") + ["--epochs", "2", "--batch_size", "256",
-                                       "--output_dir", str(tmp / "run")],
+                                       "--update_every", "5", "--output_dir", str(tmp / "run")],
         "sweep_dry": script("sweep.py") + ["--methods", "dense,dst", "--prune", "magnitude",
                                            "--grow", "random,gradient", "--densities", "0.1",
                                            "--seeds", "1,2", "--dry_run",

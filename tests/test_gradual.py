@@ -105,6 +105,20 @@ def test_end_step_none_is_75_percent_aligned_to_update_every():
                                      for t in keras_dst.sparse_targets(model)})
 
 
+def test_update_steps_of_a_run_of_given_length_need_no_fit():
+    callback = keras_dst.GradualPruning(0.25, update_every=5, begin_step=2)
+    steps = callback.update_steps(total_steps=16)  # 75% = 12: updates at 2, 7, 12
+    assert [t for t in range(1, 17) if steps.any_between(t, t)] == [2, 7, 12]
+    assert callback.resolved_end_step(total_steps=16) == 12
+    with pytest.raises(ValueError, match=r"75% of the run's 8 steps leaves no update step after "
+                                         r"begin_step=2 with update_every=5"):
+        callback.update_steps(total_steps=8)
+    with pytest.raises(ValueError, match="end_step=None .* needs the number of training steps"):
+        callback.update_steps()  # (no fit running, no length given)
+    explicit = keras_dst.GradualPruning(0.25, update_every=5, end_step=10)
+    assert explicit.update_steps(total_steps=8).end == 10  # (the ramp's own end)
+
+
 def test_a_fit_after_the_last_update_step_warns_that_it_updates_nothing():
     callback = keras_dst.GradualPruning(0.25, update_every=5)
     model, _ = _fit(callback)  # 16 steps; 75% of them: updates up to step 10
