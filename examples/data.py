@@ -24,6 +24,7 @@ batched with the last partial batch kept (steps per epoch = ceil(N / batch)) and
 prefetched.
 """
 
+import functools
 import math
 import os
 
@@ -96,10 +97,12 @@ def steps_per_epoch(train_size, batch_size, drop_remainder=False):
     return max(steps, 1)
 
 
+@functools.lru_cache(maxsize=None)
 def train_size(name, data_dir=None):
     """The number of training examples of dataset `name` where it is known without a
     download: always for digits, for higgs once its file is on disk, for a TFDS dataset
-    once prepared in `data_dir`; else None."""
+    once prepared in `data_dir`; else None. Remembered per (name, data_dir): a sweep
+    asks it of every run."""
     if name == "digits":
         return len(_digits()[0][0])
     if name == "higgs":

@@ -661,6 +661,16 @@ def _copy_weights(source, target, value_of):
     config may create its weights in another order (Keras's float8 layers create their
     scales first); by position where the names do not match one to one.
     """
+    if len(source.weights) != len(target.weights):  # (else Keras's count, naming no cause)
+        changed = [layer_label(l) for l in [source] + compat.flatten_layers(source)
+                   if getattr(l, "lora_enabled", False)
+                   or getattr(l, "quantization_mode", None) not in (None, "float8")]
+        raise ValueError(
+            f"layer '{layer_label(source)}' rebuilt from its config has "
+            f"{len(target.weights)} weights, not its {len(source.weights)}"
+            + (f": LoRA or an integer quantization of {changed}, which its config does not "
+               "carry; make the copy (strip, prunable) before enable_lora() / quantize()."
+               if changed else "."))
     names = [sparse_layers.relative_name(source, w) for w in source.weights]
     wanted = [sparse_layers.relative_name(target, w) for w in target.weights]
     if len(set(names)) == len(names) and sorted(names) == sorted(wanted):

@@ -278,25 +278,30 @@ def _scope_of_strategy_of(weights):
     return contextlib.nullcontext()
 
 
-def check_maskable(layer, owner: str) -> None:
+def check_maskable(layer, owner: str, sparse_weights: Optional[Sequence] = None) -> None:
     """Raises a ValueError naming `owner` and the layer when masks cannot hold what
-    `layer` computes: it, or a layer inside it that holds one of its weights (the
-    query/key/value/output projections of a `MultiHeadAttention`, which keras-hub's
-    ``enable_lora`` reaches), was quantized to integers (``model.quantize("int8")``,
-    ``"int4"``, ...: its float weights were replaced by integer ones that masks and
-    constraints never see) or has LoRA enabled (``enable_lora``: it computes with
-    ``kernel + A @ B``, a dense update of its kernel). ``"float8"`` keeps the float
-    weights (trainable; an entry at 0 stays 0), so masks still hold them. Keras layers
-    only; any other layer passes.
+    `layer` computes: it, or a layer inside it (the query/key/value/output projections
+    of a `MultiHeadAttention`, which keras-hub's ``enable_lora`` reaches), was quantized
+    to integers (``model.quantize("int8")``, ``"int4"``, ...: its float weights were
+    replaced by integer ones that masks and constraints never see) or has LoRA enabled
+    (``enable_lora``: it computes with ``kernel + A @ B``, a dense update of its kernel)
+    while it holds one of the sparsified weights (`sparse_weights`; default: the
+    layer's `prunable_weights`). ``"float8"`` keeps the float weights (trainable; an
+    entry at 0 stays 0), so masks still hold them. Keras layers only; any other layer
+    passes.
     """
-    own = {id(w) for w in layer.weights} if layer.built else set()
+    if sparse_weights is None and layer.built:
+        try:
+            sparse_weights = prunable_weights(layer)
+        except (TypeError, ValueError):  # (not prunable: its own check names it)
+            pass
+    sparse = None if sparse_weights is None else {id(w) for w in sparse_weights}
     for inner in [layer] + compat.flatten_layers(layer):
-        if inner is not layer and not any(id(w) in own for w in inner.weights):
-            continue
         mode = getattr(inner, "quantization_mode", None)
-        if mode and mode != "float8":
+        if mode and mode != "float8":  # (its float weights are gone: no longer sparse_weights)
             reason = f"is quantized ({mode}, by model.quantize())"
-        elif getattr(inner, "lora_enabled", False):
+        elif getattr(inner, "lora_enabled", False) and (
+                inner is layer or sparse is None or any(id(w) in sparse for w in inner.weights)):
             reason = "has LoRA enabled (it computes with its kernel plus a dense low-rank update)"
         else:
             continue
@@ -898,7 +903,8 @@ class SparseWrapper(keras.layers.Wrapper):
 
     # -- config -----------------------------------------------------------------
     def get_config(self):
-        check_maskable(self.layer, f"SparseWrapper '{self.name}'")  # (a file it could not load)
+        check_maskable(self.layer, f"SparseWrapper '{self.name}'",  # (a file it could not load)
+                       self._sparse_state.sparse_weights)
         config = super().get_config()
         config.update(self._sparse_state.get_config())
         return config
@@ -961,7 +967,7 @@ def attach(layer, density=None, init="exact", seed=None, track_running_scores=Fa
     save_class, load_class = _class_own_variables_io(layer)
 
     def save_own_variables(store):
-        check_maskable(layer, "keras_dst (saving)")
+        check_maskable(layer, "keras_dst (saving)", state.sparse_weights)
         save_class(store)
         for key, value in _store_entries(state):
             store[key] = value

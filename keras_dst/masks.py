@@ -253,7 +253,7 @@ def sparse_targets(model: "keras.layers.Layer", require: bool = False, caller: s
                 "builds a model's layers only when it traces the first step of fit, after "
                 "the callbacks start)."
             )
-        check_maskable(state.layer, caller)
+        check_maskable(state.layer, caller, state.sparse_weights)
         scores = state.running_scores or [None] * len(state.masks)
         entries.extend((state, *fields) for fields in zip(
             state.sparse_weights, state.masks, state.ever_active, scores, state.patterns))

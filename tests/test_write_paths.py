@@ -680,6 +680,46 @@ def test_a_changed_projection_inside_attention_is_refused_wherever_its_masks_are
     change_query(dense)
     with pytest.raises(ValueError, match=expected):
         keras_dst.prunable(dense, density=0.3, in_place=in_place)
+    x, _ = classification_data(n=8)
+    expected_outputs = model.predict(x, verbose=0)
+    if in_place:  # the way out the message names: strip in place keeps the change
+        np.testing.assert_array_equal(keras_dst.strip(model).predict(x, verbose=0),
+                                      expected_outputs)
+    else:  # a copy from the attention layer's config cannot hold its projection's change
+        with pytest.raises(ValueError, match=r"layer 'mha' rebuilt from its config has 8 "
+                                             r"weights, not its \d+: LoRA or an integer "
+                                             r"quantization of \['mha/query'\].*before"):
+            keras_dst.strip(model)
+
+
+class _Block(keras.layers.Layer):
+    """A layer whose only sparsified weight is its own kernel; it holds a Dense too."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.proj = keras.layers.Dense(4, name="proj")
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], 4))
+        self.proj.build(input_shape)
+
+    def get_prunable_weights(self):
+        return [self.kernel]
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.kernel) + self.proj(x)
+
+
+def test_lora_on_a_layer_inside_a_prunable_layer_that_holds_no_sparse_weight_is_allowed():
+    inputs = keras.Input((20,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(_Block(name="blk")(inputs)))
+    block = model.get_layer("blk")
+    block.proj.enable_lora(2)  # (its kernel is not sparsified: masks still hold blk's)
+    keras_dst.prunable(model, density=0.3, in_place=True)
+    compile_and_fit(model, [keras_dst.DynamicSparseTraining(update_every=3)])
+    assert_sparse_invariants(model)
+    block.kernel.assign(np.ones(block.kernel.shape))  # ... and keep it sparse
+    assert_sparse_invariants(model)
 
 
 @pytest.mark.parametrize("make", [lambda: sparse_mlp()[1], _attached], ids=["wrapped", "attached"])
