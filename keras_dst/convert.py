@@ -662,14 +662,17 @@ def _copy_weights(source, target, value_of):
     scales first); by position where the names do not match one to one.
     """
     if len(source.weights) != len(target.weights):  # (else Keras's count, naming no cause)
+        # (a layer's own config carries its LoRA rank and quantization; its parent's, not)
         changed = [layer_label(l) for l in [source] + compat.flatten_layers(source)
                    if getattr(l, "lora_enabled", False)
-                   or getattr(l, "quantization_mode", None) not in (None, "float8")]
+                   or getattr(l, "quantization_mode", None) not in (None, "float8")
+                   or (l is not source and getattr(l, "quantization_mode", None))]
         raise ValueError(
             f"layer '{layer_label(source)}' rebuilt from its config has "
             f"{len(target.weights)} weights, not its {len(source.weights)}"
-            + (f": LoRA or an integer quantization of {changed}, which its config does not "
-               "carry; make the copy (strip, prunable) before enable_lora() / quantize()."
+            + (f": LoRA or a quantization of {changed}, which its config does not carry; "
+               "make the copy (strip, prunable) before enable_lora() / quantize(), or make "
+               "the model prunable with in_place=True (masks attached, stripped in place)."
                if changed else "."))
     names = [sparse_layers.relative_name(source, w) for w in source.weights]
     wanted = [sparse_layers.relative_name(target, w) for w in target.weights]

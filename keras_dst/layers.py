@@ -903,10 +903,11 @@ class SparseWrapper(keras.layers.Wrapper):
 
     # -- config -----------------------------------------------------------------
     def get_config(self):
-        check_maskable(self.layer, f"SparseWrapper '{self.name}'",  # (a file it could not load)
-                       self._sparse_state.sparse_weights)
+        state = self._sparse_state  # (a file it could not load)
+        check_maskable(self.layer, f"SparseWrapper '{self.name}'",
+                       state.sparse_weights if state.created else None)
         config = super().get_config()
-        config.update(self._sparse_state.get_config())
+        config.update(state.get_config())
         return config
 
 

@@ -687,9 +687,32 @@ def test_a_changed_projection_inside_attention_is_refused_wherever_its_masks_are
                                       expected_outputs)
     else:  # a copy from the attention layer's config cannot hold its projection's change
         with pytest.raises(ValueError, match=r"layer 'mha' rebuilt from its config has 8 "
-                                             r"weights, not its \d+: LoRA or an integer "
+                                             r"weights, not its \d+: LoRA or a "
                                              r"quantization of \['mha/query'\].*before"):
             keras_dst.strip(model)
+
+
+def test_a_wrapped_attention_layer_in_float8_trains_sparse_and_names_why_it_cannot_be_copied():
+    # float8 keeps the float kernels (DST trains them sparse), but the attention layer's
+    # config does not carry its projections' float8 policy: a copy names them
+    model = keras_dst.prunable(_attention_net(), density=0.3)
+    _quantize(model, "float8")
+    compile_and_fit(model, [keras_dst.DynamicSparseTraining(update_every=3)])
+    assert_sparse_invariants(model)
+    with pytest.raises(ValueError, match=r"layer 'mha' rebuilt from its config has 8 weights, "
+                                         r"not its \d+: LoRA or a quantization of "
+                                         r"\['mha/query', .*in_place=True"):
+        keras_dst.strip(model)
+
+
+def test_an_unbuilt_wrapper_of_an_attention_layer_with_lora_writes_no_config():
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    z = np.zeros((1, 5, 4), "float32")
+    mha(z, z)
+    mha.query_dense.enable_lora(2)
+    wrapper = keras_dst.SparseWrapper(mha, density=0.5)  # (not built: no masks yet)
+    with pytest.raises(ValueError, match=r"layer 'mha/query' \(inside layer 'mha'\) has LoRA"):
+        wrapper.get_config()
 
 
 class _Block(keras.layers.Layer):
