@@ -663,10 +663,8 @@ def _copy_weights(source, target, value_of):
     """
     if len(source.weights) != len(target.weights):  # (else Keras's count, naming no cause)
         # (a layer's own config carries its LoRA rank and quantization; its parent's, not)
-        changed = [layer_label(l) for l in [source] + compat.flatten_layers(source)
-                   if getattr(l, "lora_enabled", False)
-                   or getattr(l, "quantization_mode", None) not in (None, "float8")
-                   or (l is not source and getattr(l, "quantization_mode", None))]
+        changed = [layer_label(l) for l in compat.flatten_layers(source)
+                   if getattr(l, "lora_enabled", False) or getattr(l, "quantization_mode", None)]
         raise ValueError(
             f"layer '{layer_label(source)}' rebuilt from its config has "
             f"{len(target.weights)} weights, not its {len(source.weights)}"

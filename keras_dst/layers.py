@@ -590,8 +590,36 @@ class SparseState:
         # they are tracked (below): they then apply to the weights as they were.
         restoring = compat.checkpoint_restore_waits_for(self._holder, _CHECKPOINT_ATTR)
         raws = []
-        with _scope_of_strategy_of(weights):
-            self._create_variables(make_variable, weights, densities, restoring, raws)
+        with _scope_of_strategy_of(weights):  # (masks per replica, as the weights)
+            for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
+                name = relative_name(self.layer, w)
+
+                # The mask, the ever-active flags and the weight's zeroing use the same
+                # draw: made once when eager, during this build only (a symbolic draw is not
+                # kept, and a deferred initializer, run later, draws afresh and keeps none).
+                cache = {"open": True}
+
+                def initial_mask(shape, dtype=None, d=d, i=i, p=p, cache=cache):
+                    if "mask" in cache:
+                        return cache["mask"]
+                    mask = self._initial_mask(shape, d, i, p)
+                    if cache.get("open") and tf.executing_eagerly():
+                        cache["mask"] = mask
+                    return mask
+
+                mask = make_variable(f"{name}_mask", w.shape, "bool", initial_mask)
+                self.masks.append(mask)
+                self.ever_active.append(
+                    make_variable(f"{name}_ever_active", w.shape, "bool", initial_mask))
+                if self.track_running_scores:
+                    self.running_scores.append(make_variable(
+                        f"{name}_running_score", w.shape, "float32", keras.initializers.Zeros()))
+                w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
+                raws.append(_zero_initial_value(w, initial_mask, keep_raw=restoring))
+                cache.clear()  # closed: the initializers may outlive the build
+                _guard_writes(w, mask, self.ever_active[-1], self, p)
+                if raws[-1] is not None:  # the raw value for the mask write to come
+                    self.keep_raw_value(w, raws[-1])
         try:
             setattr(self._holder, _CHECKPOINT_ATTR, _CheckpointedVariables(self))
         except Exception:  # (a restore waiting for masks of another pattern)
@@ -604,39 +632,6 @@ class SparseState:
             for v in weights + self.ever_active:  # (not for a later `set_masks`)
                 self._pending_writes.pop(id(v), None)
         self.created = True
-
-    def _create_variables(self, make_variable, weights, densities, restoring, raws):
-        """`create`'s loop: each weight's mask, flags (and score), its constraint and its
-        zeroing; appends to `raws` the raw value each weight keeps for the mask write."""
-        for i, (w, d, p) in enumerate(zip(weights, densities, self.patterns)):
-            name = relative_name(self.layer, w)
-
-            # The mask, the ever-active flags and the weight's zeroing use the same
-            # draw: made once when eager, during this build only (a symbolic draw is not
-            # kept, and a deferred initializer, run later, draws afresh and keeps none).
-            cache = {"open": True}
-
-            def initial_mask(shape, dtype=None, d=d, i=i, p=p, cache=cache):
-                if "mask" in cache:
-                    return cache["mask"]
-                mask = self._initial_mask(shape, d, i, p)
-                if cache.get("open") and tf.executing_eagerly():
-                    cache["mask"] = mask
-                return mask
-
-            mask = make_variable(f"{name}_mask", w.shape, "bool", initial_mask)
-            self.masks.append(mask)
-            self.ever_active.append(
-                make_variable(f"{name}_ever_active", w.shape, "bool", initial_mask))
-            if self.track_running_scores:
-                self.running_scores.append(make_variable(
-                    f"{name}_running_score", w.shape, "float32", keras.initializers.Zeros()))
-            w.constraint = MaskConstraint(mask, previous=_original_constraint(w))
-            raws.append(_zero_initial_value(w, initial_mask, keep_raw=restoring))
-            cache.clear()  # closed: the initializers may outlive the build
-            _guard_writes(w, mask, self.ever_active[-1], self, p)
-            if raws[-1] is not None:  # the raw value for the mask write to come
-                self.keep_raw_value(w, raws[-1])
 
     @property
     def _holder(self):
