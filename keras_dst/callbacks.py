@@ -211,6 +211,13 @@ class DynamicSparseTraining(ScheduledCallback):
                                  trainable_only=True)
         if self.growth is None:  # prune only: a layer kept dense would lose weights for good
             targets = without_kept_dense(targets, self.model, "DynamicSparseTraining(grow=None)")
+        elif all(bool(np.all(t.mask.numpy())) for t in targets):
+            # (every entry active: the regrowth refills exactly what the pruning took)
+            user_warnings.warn(
+                f"DynamicSparseTraining: every sparsified weight of model '{self.model.name}' "
+                "that trains is dense (density 1.0), so its updates prune entries and regrow "
+                "the same ones: the topology never changes. Make the model sparse "
+                "(keras_dst.prunable(model, density=...) below 1, or keras_dst.set_masks).")
         if self.criterion.ema and not all(t.state.track_running_scores for t in targets):
             raise ValueError(
                 f"DynamicSparseTraining: prune='{self.criterion.name}' keeps running scores; "

@@ -1258,6 +1258,38 @@ def test_prune_only_dst_warns_once_where_it_empties_a_layer(scope):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[dst])
 
 
+def test_dst_of_a_model_whose_every_trained_weight_is_dense_says_nothing_would_change():
+    """With every entry active, an update regrows exactly what it pruned: the warning names
+    the model once per configuration; one sparse layer beside dense ones is a DST run, and
+    a frozen sparse layer does not count (the update leaves it alone)."""
+    x, y = classification_data(n=64)
+    dense = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    dense.compile(keras.optimizers.SGD(0.05), LOSS)
+    masks = keras_dst.masks(dense)
+    dst = DST(update_every=2, schedule="constant")
+    with pytest.warns(UserWarning, match=rf"model '{dense.name}' that trains is dense "
+                                         r"\(density 1.0\).*topology never changes") as seen:
+        dense.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[dst])
+    assert sum("topology never changes" in str(w.message) for w in seen) == 1
+    assert all((keras_dst.masks(dense)[k] == v).all() for k, v in masks.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (the same configuration: said once)
+        dense.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[dst])
+
+    mixed = keras_dst.prunable(mlp(), density=1.0, distribution="uniform")
+    half = np.ones_like(masks["fc2/kernel"])
+    half[::2] = 0
+    keras_dst.set_masks(mixed, {"fc2/kernel": half})
+    mixed.compile(keras.optimizers.SGD(0.05), LOSS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mixed.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[DST(update_every=2, schedule="constant")])
+    mixed.get_layer("fc2").trainable = False
+    mixed.compile(keras.optimizers.SGD(0.05), LOSS)
+    with pytest.warns(UserWarning, match="topology never changes"):
+        mixed.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[DST(update_every=2, schedule="constant")])
+
+
 def test_update_steps_of_a_run_resolve_a_fractional_end_step_as_fit_does():
     """`update_steps(total_steps)` is the rule fit uses (examples check runs with it)."""
     x, y = classification_data(n=160)  # 10 steps an epoch
