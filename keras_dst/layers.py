@@ -302,7 +302,8 @@ def check_maskable(layer, owner: str, sparse_weights: Optional[Sequence] = None)
             reason = f"is quantized ({mode}, by model.quantize())"
         elif getattr(inner, "lora_enabled", False) and (
                 inner is layer or sparse is None or any(id(w) in sparse for w in inner.weights)):
-            reason = "has LoRA enabled (it computes with its kernel plus a dense low-rank update)"
+            reason = ("has LoRA enabled (it computes with its kernel plus a dense low-rank "
+                      "update; a layer kept dense with keep_dense holds masks too)")
         else:
             continue
         where = "" if inner is layer else f" (inside layer '{layer_label(layer)}')"

@@ -12,8 +12,10 @@ import sys
 import warnings
 from typing import Type
 
-# top-level packages whose frames are skipped
-_LIBRARIES = frozenset({"keras_dst", "keras", "tensorflow", "tf_keras", "optree", "absl"})
+# top-level packages whose frames are skipped (the Keras libraries whose models override
+# `fit`, such as keras-hub's tasks, included)
+_LIBRARIES = frozenset({"keras_dst", "keras", "tensorflow", "tf_keras", "optree", "absl",
+                        "keras_hub", "keras_nlp", "keras_cv", "keras_rs"})
 
 
 def warn(message: str, category: Type[Warning] = UserWarning) -> None:

@@ -83,6 +83,25 @@ def test_bert_text_classifier(tmp_path):
     train_save_reload(clf, x, y, tmp_path, steps=4)
 
 
+def test_warnings_in_a_task_s_fit_point_at_the_users_line():
+    """keras-hub's tasks override `fit` (`PipelineModel.fit`): a warning of keras_dst names
+    the user's ``fit`` line, not keras-hub's."""
+    import warnings
+
+    clf = bert_classifier(vocabulary_size=50, num_layers=1, hidden_dim=8,
+                          max_sequence_length=8)
+    keras_dst.prunable(clf, density=0.5)
+    clf.compile(optimizer=keras.optimizers.SGD(0.01), loss=LOSS)
+    x, y = bert_data(n=8, length=8, vocabulary_size=50)
+    dst = keras_dst.DynamicSparseTraining(update_every=1)
+    clf.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[dst])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clf.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[dst])  # past the cosine
+    ended = [w for w in caught if "prune-rate schedule has ended" in str(w.message)]
+    assert ended and all(w.filename == __file__ for w in ended), [w.filename for w in ended]
+
+
 @pytest.mark.parametrize("pattern", ["1x4", "fan_in"])
 def test_bert_with_a_pattern_trains_where_it_fits(pattern):
     # unfit_layers names the attention blocks' query/key/value kernels (two output axes)
