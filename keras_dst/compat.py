@@ -269,6 +269,33 @@ def set_initial_epoch(model, epoch):
     model._initial_epoch = epoch
 
 
+def build_compiled_state(model, iterator) -> None:
+    """Builds `model`'s compiled metrics and loss (their variables) from the element spec
+    of `iterator`, the `tf.data` iterator `fit` passes its training function, where they
+    are not built yet: what Keras itself does before a `fit` under a tf.distribute
+    strategy. Otherwise the first trace of the training step builds them, and
+    `tf.function` traces the whole step (a DST update included) a second time, since a
+    trace that created variables is not the one it keeps.
+
+    Relies on ``Trainer._symbolic_build(data_batch=...)``, ``Trainer._compile_metrics``
+    and ``Trainer._compile_loss`` (Keras 3, checked on 3.15; ``_maybe_symbolic_build``
+    calls the first with a reduced batch under a strategy). No public API builds them.
+    An iterator without an element spec (``train_on_batch`` passes a generator) or a
+    model Keras cannot call symbolically leaves them to the trace, as before.
+    """
+    unbuilt = [state for state in (getattr(model, "_compile_metrics", None),
+                                   getattr(model, "_compile_loss", None))
+               if state is not None and not state.built]
+    spec = getattr(iterator, "element_spec", None)
+    if not unbuilt or spec is None:
+        return
+    try:
+        with model.distribute_strategy.scope():
+            model._symbolic_build(data_batch=spec)
+    except Exception:  # noqa: BLE001 (the trace builds them, and raises what it raises)
+        pass
+
+
 def child_layers(layer) -> list:
     """The layers directly inside `layer` (one level down), each once, in Keras's order.
 

@@ -263,6 +263,8 @@ class StepSwitch:
         key = frozenset(e for e in self.engines if self._needed[e])
         function = self._functions.get(key)
         if function is None:
+            if args:  # (its first trace would build them, and trace again)
+                compat.build_compiled_state(self.model, args[0])
             self._building = True
             try:
                 self.model.make_train_function(force=True)

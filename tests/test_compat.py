@@ -296,3 +296,15 @@ def test_inferred_input_signature():
     [signature] = compat.inferred_input_signature(model)
     assert sorted(signature) == ["a", "b"]
     assert tuple(signature["a"].shape) == (None, 4) and signature["a"].dtype == "float32"
+
+
+def test_build_compiled_state():
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    data = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((8, 4), "float32"), np.zeros((8,), "int32"))).batch(4)
+    compat.build_compiled_state(model, (batch for batch in data))  # no spec: left alone
+    assert not model._compile_metrics.built
+    compat.build_compiled_state(model, iter(data))
+    assert model._compile_metrics.built and model._compile_loss.built

@@ -20,10 +20,11 @@ from conftest import LOSS, classification_data, mlp
 DST = keras_dst.DynamicSparseTraining
 
 
-def traced_model(**prunable_kwargs):
+def traced_model(metrics=None, **prunable_kwargs):
     """A compiled sparse MLP and the list that grows by one at every trace of its step."""
     model = keras_dst.prunable(mlp((20, 16, 3)), density=0.3, **prunable_kwargs)
-    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, jit_compile=True)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, metrics=metrics,
+                  jit_compile=True)
     traces, train_step = [], model.train_step
 
     def counting_train_step(data):
@@ -59,6 +60,42 @@ def test_repeated_fits_with_evaluate_between_trace_only_in_the_first():
     for before, after in zip(masks, masks[1:]):  # every fit really updated the topology
         assert any((before[k] != after[k]).any() for k in before)
     assert not hooked(model)
+
+
+@pytest.mark.parametrize("kind", ["dst", "gradual"])
+def test_compiled_metrics_are_built_before_the_first_trace(kind):
+    """With ``compile(metrics=...)`` the first fit traced its step twice: Keras builds the
+    metrics' variables in the first trace, which `tf.function` then traces again. They are
+    built from the data's spec first (as Keras does under a strategy): as many traces as
+    without metrics (DST: one step; GradualPruning: the static step and the one with its
+    update), and the same numbers as a twin whose first trace builds them."""
+    def metrics():
+        return ["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")]
+
+    def make():
+        return DST(update_every=3, schedule="constant") if kind == "dst" else \
+            keras_dst.GradualPruning(0.2, update_every=3, end_step=30)
+
+    x, y = classification_data(n=150)
+    counts = {}
+    for with_metrics in (False, True):
+        model, traces = traced_model(metrics=metrics() if with_metrics else None)
+        counts[with_metrics] = []
+        for _ in range(2):
+            history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+                                callbacks=[make()])
+            counts[with_metrics].append(len(traces))
+    assert counts[True] == counts[False] == ([1, 1] if kind == "dst" else [2, 2])
+    assert {"accuracy", "top2"} <= set(history.history)
+    twin = keras_dst.prunable(mlp((20, 16, 3)), density=0.3)
+    twin.compile(keras.optimizers.SGD(0.05, momentum=0.9), LOSS, metrics=metrics(),
+                 jit_compile=True)
+    twin.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    twin.set_weights(model.get_weights())
+    expected = twin.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    result = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    for name in ("loss", "accuracy", "top2"):
+        np.testing.assert_allclose(result[name], expected[name], rtol=1e-6)
 
 
 def test_a_loss_scale_optimizer_is_built_whole_before_the_first_trace():
