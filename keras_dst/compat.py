@@ -93,6 +93,29 @@ def optimizer_variable_index(optimizer, variable) -> int:
     return optimizer._get_variable_index(variable)
 
 
+def optimizer_slot_lists(optimizer) -> dict:
+    """The per-weight state of `optimizer` (a base optimizer) as ``{attribute name: list}``:
+    every list attribute that holds one entry (a variable, or None) per variable it was
+    built for, in the same order (SGD ``momentums``, Adam ``_momentums`` and
+    ``_velocities``, ...).
+
+    Relies on Keras's optimizers keeping such lists as instance attributes, most of them
+    private (Keras 3, checked on 3.15); found by their shape, not their names, so an
+    optimizer of a user's keeps its own slots too. No public API maps a weight to its
+    optimizer state.
+    """
+    trainable = optimizer_trainable_variables(optimizer)
+    n = len(trainable)
+    # (not its list of all its variables, ``_variables``, which has n entries by chance
+    # where n is 2 + its slot count: the step counter is among them)
+    return {name: value for name, value in vars(optimizer).items()
+            if isinstance(value, list) and n and len(value) == n
+            and value is not trainable
+            and all(v is None or isinstance(v, keras.Variable) for v in value)
+            and any(v is not None for v in value)
+            and not any(v is optimizer.iterations for v in value)}
+
+
 def moment_slots(optimizer, slots) -> tuple:
     """The moment buffers among the per-weight slots of one weight: ``(first, second, root)``.
 
@@ -205,6 +228,12 @@ def on_checkpoint_restore(variable, assign) -> None:
     variable._restore_from_tensors = restore_from_tensors
 
 
+def off_checkpoint_restore(variable) -> None:
+    """Undoes `on_checkpoint_restore`: a checkpoint restore of `variable` writes through
+    its class's ``_restore_from_tensors`` again."""
+    variable.__dict__.pop("_restore_from_tensors", None)
+
+
 def off_raw_variables(variable, attribute: str) -> None:
     """Undoes `on_raw_variables`: drops the instance attribute `attribute` that its
     `install` set on each `tf.Variable` of `variable`, or the install still pending."""
@@ -294,6 +323,21 @@ def build_compiled_state(model, iterator) -> None:
             model._symbolic_build(data_batch=spec)
     except Exception:  # noqa: BLE001 (the trace builds them, and raises what it raises)
         pass
+
+
+def tflite_schema():
+    """The TFLite flatbuffer schema's Python object API (the generated module).
+
+    Both LiteRT (``ai_edge_litert.schema_py_generated``) and TensorFlow
+    (``tensorflow.lite.python.schema_py_generated``, TF 2.x, checked on 2.21) ship
+    it; neither is a documented API. No public API reads a ``.tflite`` file's tensors
+    and their sparsity.
+    """
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated as schema
+    return schema
 
 
 def child_layers(layer) -> list:

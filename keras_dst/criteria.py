@@ -890,7 +890,7 @@ def _legacy_threshold(w: tf.Tensor, group: tf.Tensor, h: tf.Tensor) -> tf.Tensor
     (no member is compared against it).
     """
     flat_w, flat_group = tf.reshape(w, [-1]), tf.reshape(group, [-1])
-    size = tf.reduce_sum(tf.cast(flat_group, tf.int32))
+    size = topology.count_true(flat_group)
     index = tf.minimum(h, size) - 1
     index = tf.where(index < 0, size - 1, index)
     ascending = tf.sort(tf.where(flat_group, flat_w, float("inf")))

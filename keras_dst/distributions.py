@@ -1,6 +1,6 @@
 """Per-layer density distributions, exact active counts and initial masks.
 
-Floor 1 (pure maths): no Keras state; plain Python floats for the densities and
+Floor 2 (pure maths): no Keras state; plain Python floats for the densities and
 stateless TensorFlow ops for the masks.
 
 Distributions (registry names, see `layer_densities`):

@@ -696,24 +696,10 @@ def _saved_model_bytes(path):
 # --------------------------------------------------------------------------- #
 
 
-def _schema():
-    """The TFLite flatbuffer schema's Python object API (the generated module).
-
-    Both LiteRT (``ai_edge_litert.schema_py_generated``) and TensorFlow
-    (``tensorflow.lite.python.schema_py_generated``, TF 2.x) ship it; neither is a
-    documented API, so this is the one place that imports it.
-    """
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        from tensorflow.lite.python import schema_py_generated as schema
-    return schema
-
-
 def _parse(content: bytes):
     """The .tflite flatbuffer `content` as the schema's object tree (`ModelT`), which the
     readers below take: parsed once per file."""
-    return _schema().ModelT.InitFromPackedBuf(content, 0)
+    return compat.tflite_schema().ModelT.InitFromPackedBuf(content, 0)
 
 
 _DTYPES = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT8": np.int8, "UINT8": np.uint8,
@@ -737,7 +723,7 @@ class _Constant:
 def _read_constants(model):
     """([_Constant] of every constant operator input, number of DENSIFY ops) of a parsed
     .tflite `model` (`_parse`)."""
-    schema = _schema()
+    schema = compat.tflite_schema()
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
     codes = [op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "CUSTOM")
@@ -922,7 +908,7 @@ def _repair(model, dense, broken, model_name):
     """
     import flatbuffers  # a TensorFlow dependency
 
-    schema = _schema()
+    schema = compat.tflite_schema()
     kept = {(c.graph, c.index): c for c in _read_constants(model)[0]}
     twins = _read_constants(dense)[0]
     shared = collections.Counter(t.buffer for graph in model.subgraphs for t in graph.tensors)

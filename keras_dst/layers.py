@@ -676,8 +676,9 @@ class SparseState:
         """Removes the constraints, write guards and checkpoint dependency of `create`."""
         for w in self.sparse_weights:
             w.constraint = _original_constraint(w)
-            for name in ("assign", "_restore_from_tensors", "_keras_dst_loading"):
+            for name in ("assign", "_keras_dst_loading"):
                 w.__dict__.pop(name, None)
+            compat.off_checkpoint_restore(w)
             compat.off_raw_variables(w, "assign")
         compat.delete_checkpoint_dependency(self._holder, _CHECKPOINT_ATTR)
 

@@ -102,15 +102,6 @@ def weight_keys(root, weights, natural: Callable = None) -> List[str]:
     return keys
 
 
-def sparse_wrappers(model) -> list:
-    """All `SparseWrapper` layers inside `model` (itself included), in model order."""
-    if isinstance(model, SparseWrapper):
-        return [model]
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(f"Expected a keras Model or Layer, got {type(model).__name__}.")
-    return [l for l in compat.flatten_layers(model) if isinstance(l, SparseWrapper)]
-
-
 def sparse_states(model) -> list:
     """Every `SparseState` inside `model` (itself included), in model order: those of its
     `SparseWrapper` layers and those attached to its layers in place."""

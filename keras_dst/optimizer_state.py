@@ -7,7 +7,6 @@ moments, ...), which ``optimizer_state="reset"`` restores to their initial value
 loss scaling (the inner optimizer is the one that updates variables).
 """
 
-import keras
 import tensorflow as tf
 
 from keras_dst import compat
@@ -20,16 +19,6 @@ def base_optimizer(optimizer):
     return optimizer
 
 
-def _slot_lists(optimizer) -> dict:
-    trainable = compat.optimizer_trainable_variables(optimizer)
-    n = len(trainable)
-    return {name: value for name, value in vars(optimizer).items()
-            if isinstance(value, list) and n and len(value) == n
-            and value is not trainable
-            and all(v is None or isinstance(v, keras.Variable) for v in value)
-            and any(v is not None for v in value)}
-
-
 def slot_variables(optimizer, variable) -> dict:
     """Per-weight optimizer state of `variable` as ``{slot list name: variable}``.
 
@@ -39,7 +28,7 @@ def slot_variables(optimizer, variable) -> dict:
     """
     optimizer = base_optimizer(optimizer)
     index = compat.optimizer_variable_index(optimizer, variable)
-    return {name: slots[index] for name, slots in _slot_lists(optimizer).items()
+    return {name: slots[index] for name, slots in compat.optimizer_slot_lists(optimizer).items()
             if slots[index] is not None and tuple(slots[index].shape) == tuple(variable.shape)}
 
 
@@ -67,7 +56,7 @@ def unmapped_state(optimizer, variables=None) -> list:
     optimizer = base_optimizer(optimizer)
     wanted = None if variables is None else {id(v) for v in variables}
     mapped = set()
-    for slots in _slot_lists(optimizer).values():
+    for slots in compat.optimizer_slot_lists(optimizer).values():
         for weight, slot in zip(compat.optimizer_trainable_variables(optimizer), slots):
             if slot is not None and (len(slot.shape) == 0
                                      or tuple(slot.shape) == tuple(weight.shape)

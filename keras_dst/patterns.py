@@ -1,6 +1,6 @@
 """Hardware-aligned sparsity patterns: parsing, checks, initial masks, scores per block or group.
 
-Floor 1 (pure): no Keras state; Python for the static parts (parsing, shape
+Floor 3 (pure): no Keras state; Python for the static parts (parsing, shape
 checks, counts) and stateless TensorFlow ops for the tensors, which trace
 under ``tf.function(jit_compile=True)`` with static shapes.
 
@@ -442,31 +442,11 @@ def initial_mask(pattern: PatternLike, shape: Sequence[int], density: Optional[f
     return _per_group_mask(pattern, shape, fan_in_count(shape, density), seed)
 
 
-def satisfied(pattern: PatternLike, mask: tf.Tensor) -> tf.Tensor:
-    """Scalar bool tensor: does `mask` keep the pattern?
-
-    1xB: every block all-or-none; N:M: exactly N active per M-group; fan_in:
-    the same active count in every output unit; unstructured: always.
-    Traceable. Raises (Python) when the shape does not fit the pattern.
-    """
-    pattern = parse(pattern)
-    shape = _static(mask.shape)
-    check(pattern, shape, "satisfied")
-    if pattern.kind == "block":
-        view = tf.reshape(mask, _block_view(pattern, shape))
-        return tf.reduce_all(tf.equal(tf.reduce_any(view, axis=-2), tf.reduce_all(view, axis=-2)))
-    if pattern.kind in ("nm", "fan_in"):
-        per_group = tf.reduce_sum(tf.cast(groups(pattern, mask), tf.int32), axis=1)
-        target = pattern.n if pattern.kind == "nm" else per_group[:1]  # fan_in: as output unit 0
-        return tf.reduce_all(tf.equal(per_group, target))
-    return tf.constant(True)
-
-
 def violation(pattern: PatternLike, mask) -> Optional[str]:
     """NumPy check: None if `mask` keeps the pattern, else a message naming one offending group.
 
     For eager mask writes (`masks.set_masks`, the write guards of `layers`) and test
-    helpers (`keras_dst.testing`); the same invariant as `satisfied`.
+    helpers (`keras_dst.testing`).
 
     Args:
       pattern: a pattern or spec.

@@ -20,7 +20,7 @@ import pytest
 
 import keras_dst
 from keras_dst import layers as layers_lib
-from keras_dst.masks import sparse_wrappers
+from keras_dst.masks import sparse_states
 
 from conftest import EveryStep, active_counts, assert_sparse_invariants, mlp
 
@@ -321,9 +321,9 @@ def test_in_place_chooses_explicitly_and_strip_follows_prunable():
     x = np.random.default_rng(0).normal(size=(16, 20)).astype("float32")
     dense = mlp()
     wrapped = keras_dst.prunable(dense, density=0.3)  # graph model: a new one
-    assert wrapped is not dense and sparse_wrappers(wrapped)
+    assert wrapped is not dense and any(st.wrapper for st in sparse_states(wrapped))
     attached = keras_dst.prunable(dense, density=0.3, in_place=True)  # the same one
-    assert attached is dense and not sparse_wrappers(dense)
+    assert attached is dense and not any(st.wrapper for st in sparse_states(dense))
     # Same planning either way: ERK densities per layer.
     assert sorted(active_counts(wrapped).values()) == sorted(active_counts(attached).values())
     with pytest.raises(TypeError, match="in_place must be"):

@@ -308,3 +308,66 @@ def test_build_compiled_state():
     assert not model._compile_metrics.built
     compat.build_compiled_state(model, iter(data))
     assert model._compile_metrics.built and model._compile_loss.built
+
+
+def test_optimizer_slot_lists():
+    weights = [keras.Variable(np.ones((2, 3), "float32")), keras.Variable(np.ones(3, "float32"))]
+    adam = keras.optimizers.Adam()
+    adam.build(weights)
+    slots = compat.optimizer_slot_lists(adam)
+    assert {"_momentums", "_velocities"} <= set(slots)
+    assert all(len(v) == 2 and tuple(v[0].shape) == (2, 3) for v in slots.values())
+    plain = keras.optimizers.SGD()  # no momentum: no per-weight state
+    plain.build(weights)
+    assert compat.optimizer_slot_lists(plain) == {}
+
+
+def test_on_and_off_checkpoint_restore(tmp_path):
+    variable = keras.Variable(np.zeros(3, "float32"))
+    path = tf.train.Checkpoint(v=keras.Variable(np.arange(3, dtype="float32"))).save(
+        str(tmp_path / "ckpt"))
+    seen = []
+    compat.on_checkpoint_restore(variable, lambda value: seen.append(np.asarray(value)))
+    tf.train.Checkpoint(v=variable).restore(path).expect_partial()
+    assert len(seen) == 1 and seen[0].tolist() == [0.0, 1.0, 2.0]
+    assert variable.numpy().tolist() == [0.0, 0.0, 0.0]  # (the assign chose not to write)
+    compat.off_checkpoint_restore(variable)
+    tf.train.Checkpoint(v=variable).restore(path).expect_partial()
+    assert len(seen) == 1 and variable.numpy().tolist() == [0.0, 1.0, 2.0]
+
+
+def test_checkpoint_restore_waits_for_and_delete_checkpoint_dependency(tmp_path):
+    saved = tf.Module()
+    saved.extra = tf.Module()
+    saved.extra.v = tf.Variable([1.0, 2.0])
+    path = tf.train.Checkpoint(root=saved).save(str(tmp_path / "ckpt"))
+    holder = tf.Module()
+    tf.train.Checkpoint(root=holder).restore(path).expect_partial()
+    assert compat.checkpoint_restore_waits_for(holder, "extra")
+    assert not compat.checkpoint_restore_waits_for(holder, "other")
+    holder.extra = tf.Module()
+    holder.extra.v = tf.Variable([0.0, 0.0])  # (restored as soon as it is tracked)
+    assert holder.extra.v.numpy().tolist() == [1.0, 2.0]
+    compat.delete_checkpoint_dependency(holder, "extra")
+    assert "extra" not in holder.__dict__
+    assert [name for name, _ in tf.train.Checkpoint(root=holder).root._trackable_children()
+            .items() if name == "extra"] == []
+    compat.delete_checkpoint_dependency(holder, "extra")  # (gone: nothing to do)
+
+
+def test_off_raw_variables():
+    variable = keras.Variable(np.ones(3, "float32"))
+    compat.on_raw_variables(variable, lambda raw: setattr(raw, "marker", 1))
+    assert variable.value.__dict__.get("marker") == 1
+    compat.off_raw_variables(variable, "marker")
+    assert "marker" not in variable.value.__dict__
+    with keras.StatelessScope():
+        deferred = keras.Variable(initializer="ones", shape=(3,))
+        compat.on_raw_variables(deferred, lambda raw: setattr(raw, "marker", 1))
+        compat.off_raw_variables(deferred, "marker")  # (the install still pending: dropped)
+    assert "marker" not in deferred.value.__dict__
+
+
+def test_tflite_schema():
+    schema = compat.tflite_schema()
+    assert hasattr(schema, "ModelT") and hasattr(schema, "SparsityParametersT")

@@ -3,6 +3,7 @@
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -52,6 +53,14 @@ def test_a_module_imports_only_lower_floors(module):
     higher = {m: FLOORS[m] for m in imported_modules(PACKAGE / f"{module}.py")
               if FLOORS.get(m, 0) > FLOORS[module]}
     assert not higher, f"{module} (floor {FLOORS[module]}) imports higher floors {higher}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_a_floor_a_module_s_docstring_names_is_its_floor(module):
+    docstring = ast.get_docstring(ast.parse((PACKAGE / f"{module}.py").read_text())) or ""
+    named = {int(a or b) for a, b in re.findall(r"\(floor (\d)[):]|^Floor (\d) \(", docstring,
+                                                re.MULTILINE)}
+    assert named <= {FLOORS[module]}, f"{module}'s docstring names floor {named}"
 
 
 def test_no_import_cycles_within_a_floor():
