@@ -125,9 +125,7 @@ class DynamicSparseTraining(ScheduledCallback):
             raise ValueError(f"DynamicSparseTraining: grow_params={grow_params!r} given with "
                              "grow=None (no growth rule to take them).")
         self.growth = None if grow is None else _resolve(growth_lib, "grow", grow, grow_params)
-        self.update_every = validation.check_positive_int(update_every, "update_every")
-        self.schedule = schedules_lib.check_schedule(schedule, "schedule")
-        self.prune_rate = schedules_lib.check_prune_rate(prune_rate, self.schedule)
+        self._set_schedule(update_every, schedule, prune_rate)
         self.begin_step = validation.check_step(begin_step, "begin_step")
         self.end_step = self._check_end_step(end_step)
         self.ordering = criteria_lib.canonical_ordering(ordering, "ordering", auto=True)
@@ -285,10 +283,8 @@ class DynamicSparseTraining(ScheduledCallback):
             growth_lib.check_serializable(self.growth, "grow")
         return dict(prune=prune["name"] if list(prune) == ["name"] else prune,
                     grow=None if self.growth is None else self.growth.name,
-                    update_every=self.update_every, prune_rate=self.prune_rate,
-                    schedule=self.schedule if isinstance(self.schedule, str)
-                    else keras.saving.serialize_keras_object(self.schedule),
-                    begin_step=self.begin_step, end_step=self.end_step, ordering=self.ordering,
+                    **self._schedule_config(), begin_step=self.begin_step,
+                    end_step=self.end_step, ordering=self.ordering,
                     scope=self.scope, grow_exact=self.grow_exact,
                     optimizer_state=self.optimizer_state, seed=self.seed,
                     prune_params=prune_params,

@@ -154,9 +154,7 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
                                init, seed, skip_unsupported, track_running_scores,
                                pattern, pattern_overrides, in_place)
     if isinstance(obj, keras.layers.Layer):
-        if isinstance(obj, SparseWrapper) or attached_state(obj) is not None:
-            raise ValueError(f"Layer '{obj.name}' is already prunable (a SparseWrapper or a "
-                             "layer with masks attached).")
+        sparse_layers.check_not_sparse(obj)
         model_only = [name for name, given in (
             ("distribution", not isinstance(distribution, str) or distribution != "erk"),
             ("keep_dense", bool(keep_dense)), ("density_overrides", bool(density_overrides)),

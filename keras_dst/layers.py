@@ -756,11 +756,7 @@ class SparseWrapper(keras.layers.Wrapper):
             raise TypeError(
                 f"SparseWrapper needs a keras Layer, got {type(layer).__name__}: {layer!r}."
             )
-        if isinstance(layer, SparseWrapper) or attached_state(layer) is not None:
-            raise ValueError(
-                f"Layer '{layer.name}' is already prunable (a SparseWrapper or a layer with "
-                "masks attached)."
-            )
+        check_not_sparse(layer)
         if not is_supported(layer):
             prunable_weights(layer)  # raises the TypeError that names the layer
         state = SparseState(layer, density=density, init=init, seed=seed,
@@ -930,6 +926,14 @@ def attached_state(layer):
     return layer.__dict__.get(_ATTACHED)
 
 
+def check_not_sparse(layer) -> None:
+    """Raises ValueError naming `layer` where it is a `SparseWrapper` or has masks attached
+    (a layer is made prunable once)."""
+    if isinstance(layer, SparseWrapper) or attached_state(layer) is not None:
+        raise ValueError(f"Layer '{layer_label(layer)}' is already prunable (a SparseWrapper "
+                         "or a layer with masks attached).")
+
+
 def attach(layer, density=None, init="exact", seed=None, track_running_scores=False,
            pattern="unstructured", keep_dense=False) -> SparseState:
     """Attaches masks to a built layer in place (no wrapper, no change to its call).
@@ -941,8 +945,7 @@ def attach(layer, density=None, init="exact", seed=None, track_running_scores=Fa
       ValueError: the layer is not built or is already prunable; bad arguments.
       TypeError: the layer is not supported.
     """
-    if isinstance(layer, SparseWrapper) or attached_state(layer) is not None:
-        raise ValueError(f"Layer '{layer_label(layer)}' is already prunable.")
+    check_not_sparse(layer)
     if not is_supported(layer):
         prunable_weights(layer)  # raises the TypeError that names the layer
     if not layer.built:

@@ -184,9 +184,7 @@ class CriteriaOverlap(ScheduledCallback):
         running = [c.name for c in self.criteria if c.ema]
         if running:
             raise ValueError(f"CriteriaOverlap does not support running criteria {running}.")
-        self.update_every = validation.check_positive_int(update_every, "update_every")
-        self.schedule = schedules_lib.check_schedule(schedule, "schedule")
-        self.prune_rate = schedules_lib.check_prune_rate(prune_rate, self.schedule)
+        self._set_schedule(update_every, schedule, prune_rate)
         self.total_steps = schedules_lib.check_total_steps(total_steps, self.schedule)
         self.seed = validation.check_seed(seed)
         self.history = []
@@ -286,10 +284,7 @@ class CriteriaOverlap(ScheduledCallback):
 
     def get_config(self):
         return dict(criteria=[_criterion_config(c) for c in self.criteria],
-                    update_every=self.update_every, prune_rate=self.prune_rate,
-                    schedule=self.schedule if isinstance(self.schedule, str)
-                    else keras.saving.serialize_keras_object(self.schedule),
-                    total_steps=self.total_steps, seed=self.seed)
+                    **self._schedule_config(), total_steps=self.total_steps, seed=self.seed)
 
 
 def _criterion_config(criterion):

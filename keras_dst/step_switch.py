@@ -24,7 +24,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from keras_dst import compat, hooks, schedules, user_warnings
+from keras_dst import compat, hooks, schedules, user_warnings, validation
 from keras_dst.layers import eager_topology_writes
 from keras_dst.masks import reapply_masks_if_needed, sparse_targets
 from keras_dst.optimizer_state import base_optimizer
@@ -588,6 +588,20 @@ class ScheduledCallback(HookedCallback):
     `prune_rate` and `total_steps` as their constructors accept them."""
 
     _length_argument = "total_steps"
+
+    def _set_schedule(self, update_every, schedule, prune_rate) -> None:
+        """Checks and sets `update_every`, `schedule` and `prune_rate` (`total_steps` is
+        the subclass's: what it may go with depends on its other arguments)."""
+        self.update_every = validation.check_positive_int(update_every, "update_every")
+        self.schedule = schedules.check_schedule(schedule, "schedule")
+        self.prune_rate = schedules.check_prune_rate(prune_rate, self.schedule)
+
+    def _schedule_config(self) -> dict:
+        """The config entries of `_set_schedule`'s arguments, as the constructor takes them."""
+        schedule = self.schedule if isinstance(self.schedule, str) else \
+            keras.saving.serialize_keras_object(self.schedule)
+        return dict(update_every=self.update_every, prune_rate=self.prune_rate,
+                    schedule=schedule)
 
     def _schedule(self):
         """The prune-rate schedule of this fit (`schedules.for_run`)."""
