@@ -161,7 +161,7 @@ class DynamicSparseTraining(ScheduledCallback):
         return validation.check_step(end_step, "end_step", minimum=max(self.begin_step, 1))
 
     @property
-    def resolved_ordering(self):
+    def resolved_ordering(self) -> str:
         """The ordering of the run: the criterion's own for ``"auto"``."""
         return self.criterion.ordering if self.ordering == "auto" else self.ordering
 

@@ -504,14 +504,14 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
         if p.kind == "nm":
             if path in fixed:
                 patterns.check_density(p, fixed[path], f"layer '{label(owner[path])}'")
-            fixed[path] = p.n / p.m
+            fixed[path] = p.fixed_density
             fixed_by.setdefault(path, f"pattern '{p}'")
     sizes = {path: int(np.prod(shape)) for path, shape in shapes.items()}
     total = sum(sizes.values())
     if pattern.kind == "nm" and not isinstance(distribution, Mapping):
         # N:M's N/M is the density of the weights that keep_dense and density_overrides
         # leave free (those with another pattern share it); the fixed ones come on top.
-        density = (sum(fixed.get(path, pattern.n / pattern.m) * n for path, n in sizes.items())
+        density = (sum(fixed.get(path, pattern.fixed_density) * n for path, n in sizes.items())
                    / total if total else 1.0)
     if isinstance(distribution, Mapping):
         unknown = set(distribution) - known

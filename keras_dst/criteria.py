@@ -411,7 +411,7 @@ class Criterion(FrozenEntry):
             raise ValueError(f"Criterion {self.name!r}: the running average's beta must be in "
                              f"[0, 1], got beta={self.params['beta']!r}.")
 
-    def with_params(self, **params) -> "Criterion":
+    def with_params(self, **params: Any) -> "Criterion":
         """A copy with `params` merged into the current ones.
 
         Accepted names: the current params, plus the keyword arguments of
@@ -437,7 +437,7 @@ class Criterion(FrozenEntry):
             scores = self.score(inputs, **self.params)
         return scores_of(scores, inputs, "Criterion", self.name)
 
-    def removed(self, inputs: ScoreInputs, count) -> tf.Tensor:
+    def removed(self, inputs: ScoreInputs, count: "tf.Tensor | int") -> tf.Tensor:
         """`select(inputs, count, **params)`: bool of the weight's shape, True at the active
         entries the rule removes (a selection criterion).
 
@@ -534,7 +534,7 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
 
 
 def get_criterion(criterion: Any, *, ordering: Optional[str] = None, needs_gradient: Optional[bool] = None,
-                  **params) -> Criterion:
+                  **params: Any) -> Criterion:
     """Resolves a criterion and merges parameters.
 
     Args:

@@ -68,7 +68,7 @@ class GrowthRule(FrozenEntry):
         check_entry(self, "Growth rule", self.score, ("needs_gradient", "needs_momentum"))
         object.__setattr__(self, "params", merge_params("growth", self.name, self.params, {}))
 
-    def with_params(self, **params) -> "GrowthRule":
+    def with_params(self, **params: Any) -> "GrowthRule":
         """A copy with `params` merged in (current params and `score` keywords accepted)."""
         return dataclasses.replace(self, params=merge_params("growth", self.name, self.params, params, fn=self.score))
 

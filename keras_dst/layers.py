@@ -462,7 +462,7 @@ class SparseState:
             with validation.errors_named(f"{owner}: pattern" + (f"[{i}]" if listed else "")):
                 parsed.append(patterns.parse(p))
         if density is None:  # the patterns' own: N/M for an N:M weight, 1 (dense) otherwise
-            own = [p.n / p.m if p.kind == "nm" else 1.0 for p in parsed]
+            own = [p.fixed_density or 1.0 for p in parsed]
             density = own if listed else own[0]
         scalar = np.ndim(density) == 0  # (a 0-d array too; a str is refused below)
         with validation.errors_named(f"layer '{layer.name}'"):
@@ -918,6 +918,17 @@ class SparseWrapper(keras.layers.Wrapper):
 _ATTACHED = "_keras_dst_sparse_state"
 _KEY_PREFIX = "keras_dst_"
 _CONFIG_KEY = "keras_dst_config"
+
+
+def is_state_entry(key) -> bool:
+    """Whether `key`, an entry of a layer's store in a weights file, is keras_dst's (an
+    attached mask, flags, running score or their config), not the layer's own."""
+    return str(key).startswith(_KEY_PREFIX)
+
+
+def holds_state(store) -> bool:
+    """Whether a layer's store in a weights file holds keras_dst's entries (attached masks)."""
+    return _CONFIG_KEY in store
 _FORMAT = 1
 
 
@@ -1016,7 +1027,7 @@ def _store_entries(state):
 
 def read_store_config(store):
     """The keras_dst config of a layer's entry in a weights file, or None."""
-    if _CONFIG_KEY not in store:
+    if not holds_state(store):
         return None
     config = json.loads(np.asarray(store[_CONFIG_KEY], dtype=np.uint8).tobytes().decode("utf-8"))
     if config.get("format") != _FORMAT:
@@ -1053,7 +1064,7 @@ class _KerasEntries:
         self._store = store
 
     def keys(self):
-        return [k for k in self._store.keys() if not str(k).startswith(_KEY_PREFIX)]
+        return [k for k in self._store.keys() if not is_state_entry(k)]
 
     def __len__(self):
         return len(self.keys())
@@ -1062,10 +1073,10 @@ class _KerasEntries:
         return iter(self.keys())
 
     def __contains__(self, key):
-        return not str(key).startswith(_KEY_PREFIX) and key in self._store
+        return not is_state_entry(key) and key in self._store
 
     def __getitem__(self, key):
-        if str(key).startswith(_KEY_PREFIX):
+        if is_state_entry(key):
             raise KeyError(key)
         return self._store[key]
 

@@ -28,6 +28,8 @@ model saved with it loads with ``import keras_dst`` and
 ``keras.models.load_model`` alone.
 """
 
+from typing import Any
+
 import keras
 from keras import ops
 
@@ -49,8 +51,8 @@ class TorchSGD(keras.optimizers.SGD):
         ``weight_decay`` (decoupled) still works, on top of `l2`.
     """
 
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, l2=0.0,
-                 name="torch_sgd", **kwargs):
+    def __init__(self, learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False,
+                 l2: float = 0.0, name: str = "torch_sgd", **kwargs: Any):
         l2 = validation.check_real(l2, "l2")
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got l2={l2!r}.")

@@ -83,6 +83,11 @@ class Pattern:
             raise ValueError(f"Invalid pattern {self!r}: kind must be one of {KINDS}, with block >= 2 "
                              f"only for 'block' and 1 <= n < m only for 'nm'.")
 
+    @property
+    def fixed_density(self) -> Optional[float]:
+        """N/M for an N:M pattern (every group keeps N of its M entries), else None."""
+        return self.n / self.m if self.kind == "nm" else None
+
     def __str__(self) -> str:
         if self.kind == "block":
             return f"1x{self.block}"
@@ -186,7 +191,7 @@ def check_density(pattern: PatternLike, density: Optional[float], name: str) -> 
     """
     pattern = parse(pattern)
     if pattern.kind == "nm":
-        fixed = pattern.n / pattern.m
+        fixed = pattern.fixed_density
         if density is not None and not abs(float(density) - fixed) <= _DENSITY_TOL:
             raise ValueError(f"{name}: pattern '{pattern}' has density {pattern.n}/{pattern.m} = {fixed:g}, "
                              f"but density {density!r} was asked; drop it or use "

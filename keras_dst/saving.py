@@ -205,11 +205,11 @@ def _remove_attached_entries(path) -> list:
     with h5py.File(path, "r+") as f:
         groups = []
         f.visititems(lambda name, obj: groups.append(obj) if isinstance(obj, h5py.Group)
-                     and sparse_layers._CONFIG_KEY in obj else None)
+                     and sparse_layers.holds_state(obj) else None)
         for group in groups:
             config = sparse_layers.read_store_config(group)
             found.append(config.get("layer", group.name))
-            for key in [k for k in group.keys() if k.startswith(sparse_layers._KEY_PREFIX)]:
+            for key in [k for k in group.keys() if sparse_layers.is_state_entry(k)]:
                 del group[key]
     return found
 

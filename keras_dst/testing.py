@@ -12,8 +12,9 @@ callback after every batch::
     assert_sparse_invariants(model, expected_active=counts)  # DST keeps every count
 """
 
-from collections.abc import Mapping
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
+import keras
 import numpy as np
 
 from keras_dst import patterns
@@ -22,8 +23,12 @@ from keras_dst.masks import SparseTarget, sparse_targets
 __all__ = ["assert_sparse_invariants"]
 
 
-def assert_sparse_invariants(model, expected_active=None, *, finite=True, ever_active=False,
-                             dtype=None) -> dict:
+def assert_sparse_invariants(model: Union["keras.layers.Layer", Sequence[SparseTarget]],
+                             expected_active: Union[Mapping[str, int], int,
+                                                    Callable[[SparseTarget], Optional[int]],
+                                                    None] = None, *,
+                             finite: bool = True, ever_active: bool = False,
+                             dtype: Optional[str] = None) -> Dict[str, int]:
     """Asserts the sparse invariants of every sparsified weight of `model`.
 
     For every sparsified weight (`keras_dst.sparse_targets`), in this order:
