@@ -303,10 +303,7 @@ def layer_densities(
     shapes = _check_shapes(shapes)
     density = validation.check_density(density, "density", allow_zero=False)
     fixed = _check_layer_map(fixed or {}, shapes, "fixed", complete=False)
-    if not validation.is_real(power):
-        raise TypeError(f"power must be a real number, got {power!r}")
-    if not 0.0 <= power < math.inf:
-        raise ValueError(f"power must be finite and >= 0, got {power!r}")
+    power = validation.check_nonnegative_real(power, "power")
 
     if isinstance(distribution, Mapping):
         result = _check_layer_map(distribution, shapes, "distribution", complete=True)
@@ -334,6 +331,12 @@ def layer_densities(
 # --------------------------------------------------------------------------- #
 # Exact integer counts
 # --------------------------------------------------------------------------- #
+
+
+def round_half_up(x: float) -> int:
+    """`x` rounded to the nearest int, halves up (``floor(x + 0.5)``): how a density
+    becomes an active count (Python's `round` rounds halves to even)."""
+    return int(math.floor(x + 0.5))
 
 
 def active_counts(
@@ -374,7 +377,7 @@ def active_counts(
     low = sum(counts.values())
     high = low + sum(r > 0 for r in remainders.values())
     if total is None:
-        total = math.floor(sum(quotas.values()) + 0.5)
+        total = round_half_up(sum(quotas.values()))
     elif not validation.is_int(total):
         raise TypeError(f"total must be an int, got {total!r}")
     if not low <= total <= high:

@@ -53,9 +53,7 @@ class TorchSGD(keras.optimizers.SGD):
 
     def __init__(self, learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False,
                  l2: float = 0.0, name: str = "torch_sgd", **kwargs: Any):
-        l2 = validation.check_real(l2, "l2")
-        if l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got l2={l2!r}.")
+        l2 = validation.check_nonnegative_real(l2, "l2")
         momentum = validation.check_density(momentum, "momentum", allow_zero=True)
         nesterov = validation.check_bool(nesterov, "nesterov")
         if nesterov and momentum == 0:  # as torch.optim.SGD

@@ -202,18 +202,13 @@ def check_density(pattern: PatternLike, density: Optional[float], name: str) -> 
     return validation.check_density(density, f"{name}: density", allow_zero=True)
 
 
-def _round(x: float) -> int:
-    """Round half up, as the initial masks of `keras_dst.layers`."""
-    return int(math.floor(x + 0.5))
-
-
 def fan_in_count(shape: Sequence[int], density: float) -> int:
     """k, the active inputs per output unit of a "fan_in" kernel of this shape.
 
     round(density * P * I) (half up), at least 1, at most P * I (0 when P * I is 0).
     """
     p, i, _ = _pio(_static(shape))
-    return min(max(_round(density * p * i), 1), p * i)
+    return min(max(distributions.round_half_up(density * p * i), 1), p * i)
 
 
 def active_count(pattern: PatternLike, shape: Sequence[int], density: Optional[float]) -> int:
@@ -226,12 +221,12 @@ def active_count(pattern: PatternLike, shape: Sequence[int], density: Optional[f
     check(pattern, shape, "active_count")
     n = math.prod(shape)
     if pattern.kind == "block":
-        return pattern.block * _round(density * (n // pattern.block))
+        return pattern.block * distributions.round_half_up(density * (n // pattern.block))
     if pattern.kind == "nm":
         return n // pattern.m * pattern.n
     if pattern.kind == "fan_in":
         return shape[-1] * fan_in_count(shape, density)
-    return _round(density * n)
+    return distributions.round_half_up(density * n)
 
 
 # --------------------------------------------------------------------------- #

@@ -158,6 +158,14 @@ def check_real(value, name: str) -> float:
     return float(value)
 
 
+def check_nonnegative_real(value, name: str) -> float:
+    """`value` as a finite float >= 0."""
+    value = check_real(value, name)
+    if value < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {name}={value!r}.")
+    return value
+
+
 def check_positive_real(value, name: str) -> float:
     """`value` as a finite float > 0."""
     if not is_real(value):
