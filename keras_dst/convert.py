@@ -514,10 +514,7 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
         density = (sum(fixed.get(path, pattern.fixed_density) * n for path, n in sizes.items())
                    / total if total else 1.0)
     if isinstance(distribution, Mapping):
-        unknown = set(distribution) - known
-        if unknown:
-            raise ValueError(f"prunable(): distribution names unknown layers {sorted(unknown)}; "
-                             f"sparsified layers are {layer_names}.")
+        _check_known(distribution, "distribution", known, layer_names)
         per_weight, per_weight_by = by_weight(
             [(f"distribution['{key}']", key, check_density(value, f"distribution['{key}']"))
              for key, value in distribution.items()])
@@ -733,13 +730,8 @@ def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, i
     """
     if pattern_overrides is None:
         pattern_overrides = {}
-    if not isinstance(pattern_overrides, Mapping):
-        raise TypeError("pattern_overrides must be a dict {layer name: pattern}, got "
-                        f"{type(pattern_overrides).__name__}.")
-    unknown = sorted(set(pattern_overrides) - known)
-    if unknown:
-        raise ValueError(f"prunable(): unknown layer names {unknown} in pattern_overrides; "
-                         f"sparsified layers are {layer_names}.")
+    _check_mapping(pattern_overrides, "pattern_overrides", "pattern")
+    _check_known(pattern_overrides, "pattern_overrides", known, layer_names)
     parsed = {}
     for key, p in pattern_overrides.items():
         with validation.errors_named(f"prunable(): pattern_overrides['{key}']"):
@@ -772,23 +764,34 @@ def _weight_patterns(pattern, pattern_overrides, keep_dense, owner, variables, i
     return result
 
 
+def _check_known(names, argument, known, layer_names) -> None:
+    """Raises ValueError naming `argument` and its names not among `known` (the names that
+    can name a sparsified layer or weight), with the sparsified layers."""
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"prunable(): unknown layer names {unknown} in {argument}; "
+                         f"sparsified layers are {layer_names}.")
+
+
+def _check_mapping(value, argument: str, what: str) -> None:
+    """Raises TypeError unless `value` (the argument `argument`) is a dict {layer name:
+    `what`}."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"prunable(): {argument} must be a dict {{layer name: {what}}}, got "
+                        f"{type(value).__name__}.")
+
+
 def _named_overrides(keep_dense, density_overrides, known, layer_names):
     """``[(source, layer name, density)]`` of `keep_dense` (density 1) and
     `density_overrides`, names checked."""
     overrides = [(f"keep_dense '{name}'", name, 1.0) for name in keep_dense]
     if density_overrides is not None:
-        if not isinstance(density_overrides, Mapping):
-            raise TypeError("density_overrides must be a dict {layer name: density}, got "
-                            f"{type(density_overrides).__name__}.")
+        _check_mapping(density_overrides, "density_overrides", "density")
         overrides += [(f"density_overrides['{n}']", n,
                        check_density(d, f"density_overrides['{n}']"))
                       for n, d in density_overrides.items()]
-    for argument, names in (("keep_dense", keep_dense), ("density_overrides",
-                                                          density_overrides or {})):
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise ValueError(f"prunable(): unknown layer names {unknown} in {argument}; "
-                             f"sparsified layers are {layer_names}.")
+    _check_known(keep_dense, "keep_dense", known, layer_names)
+    _check_known(density_overrides or {}, "density_overrides", known, layer_names)
     return overrides
 
 
