@@ -114,12 +114,14 @@ def build(k, name, quick=False):
 
 
 def compiled(k, keras_dst, name, *, sparse, seed, mask_seed=None, quick=False,
-             learning_rate=0.01, jit_compile=True, pattern=None, **prunable_kwargs):
+             learning_rate=0.01, jit_compile=True, pattern=None, metrics=None,
+             **prunable_kwargs):
     """The model `name`, built after ``k.utils.set_random_seed(seed)``, made prunable when
     `sparse` (``keras_dst.prunable(model, seed=mask_seed, **prunable_kwargs)``, `mask_seed`
     defaulting to `seed`; with a `pattern`, the layers it does not fit keep unstructured
     masks), and compiled as every benchmark compiles it:
-    SGD with momentum 0.9 at `learning_rate`, sparse categorical cross-entropy from logits."""
+    SGD with momentum 0.9 at `learning_rate`, sparse categorical cross-entropy from logits
+    (and `metrics`, a list of metric names, if given)."""
     k.utils.set_random_seed(seed)
     model = build(k, name, quick=quick)
     if sparse:
@@ -130,7 +132,7 @@ def compiled(k, keras_dst, name, *, sparse, seed, mask_seed=None, quick=False,
                                    **prunable_kwargs)
     model.compile(optimizer=k.optimizers.SGD(learning_rate, momentum=0.9),
                   loss=k.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=jit_compile)
+                  metrics=list(metrics) if metrics else None, jit_compile=jit_compile)
     return model
 
 

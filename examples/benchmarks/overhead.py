@@ -159,6 +159,8 @@ def define_flags():
                       "model) in subprocesses (needs tensorflow-model-optimization + tf-keras)")
     flags.DEFINE_bool("jit_compile", True, "XLA-compile the train steps (both sides)")
     flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate (momentum 0.9)")
+    flags.DEFINE_list("metrics", [], "metrics every variant is compiled with (e.g. accuracy), "
+                      "as most users compile")
     flags.DEFINE_string("out_dir", os.path.join(HERE, "results"), "where results are written")
     flags.DEFINE_string("prefix", None, "file prefix; default 'cpu' or 'gpu' from the device")
     flags.DEFINE_integer("seed", 0, "random seed (same initial weights for every variant)")
@@ -217,7 +219,7 @@ def build_variant(keras, keras_dst, model_name, variant, total_steps=None, quick
     model = bench_models.compiled(
         keras, keras_dst, model_name, sparse=variant != "dense", seed=FLAGS.seed,
         quick=FLAGS.quick if quick is None else quick, learning_rate=FLAGS.learning_rate,
-        jit_compile=FLAGS.jit_compile, pattern=pattern,
+        jit_compile=FLAGS.jit_compile, pattern=pattern, metrics=FLAGS.metrics,
         density=None if pattern.kind == "nm" else FLAGS.density)
     return model, dst_callback(keras_dst, variant, total_steps)
 
@@ -1100,7 +1102,7 @@ def main(argv):
                   density=FLAGS.density, pattern=FLAGS.pattern, update_cost=FLAGS.update_cost,
                   quick=FLAGS.quick,
                   jit_compile=FLAGS.jit_compile, learning_rate=FLAGS.learning_rate,
-                  keras_dst=keras_dst.__version__, command=" ".join(sys.argv))
+                  metrics=list(FLAGS.metrics), keras_dst=keras_dst.__version__, command=" ".join(sys.argv))
     for model_name in FLAGS.models:
         if model_name not in bench_models.MODEL_NAMES:
             raise app.UsageError(f"unknown model {model_name!r}")
