@@ -215,7 +215,8 @@ class DynamicSparseTraining(ScheduledCallback):
                 f"DynamicSparseTraining: every sparsified weight of model '{self.model.name}' "
                 "that trains is dense (density 1.0), so its updates prune entries and regrow "
                 "the same ones: the topology never changes. Make the model sparse "
-                "(keras_dst.prunable(model, density=...) below 1, or keras_dst.set_masks).")
+                "(keras_dst.prunable(model, density=...) below 1, fewer layers in keep_dense, "
+                "or keras_dst.set_masks).")
         if self.criterion.ema and not all(t.state.track_running_scores for t in targets):
             raise ValueError(
                 f"DynamicSparseTraining: prune='{self.criterion.name}' keeps running scores; "

@@ -15,7 +15,9 @@ import sys
 from typing import Optional
 
 import keras
+from keras.src.backend.tensorflow import trainer as tf_trainer
 from keras.src.saving import serialization_lib
+from keras.src.trainers import trainer as trainer_lib
 
 
 def safe_mode_scope(safe_mode):
@@ -308,10 +310,19 @@ def build_compiled_state(model, iterator) -> None:
 
     Relies on ``Trainer._symbolic_build(data_batch=...)``, ``Trainer._compile_metrics``
     and ``Trainer._compile_loss`` (Keras 3, checked on 3.15; ``_maybe_symbolic_build``
-    calls the first with a reduced batch under a strategy). No public API builds them.
-    An iterator without an element spec (``train_on_batch`` passes a generator) or a
-    model Keras cannot call symbolically leaves them to the trace, as before.
+    calls the first with a reduced batch under a strategy), and on Keras's own
+    ``TensorFlowTrainer.train_step`` and ``Trainer.compute_loss`` / ``compute_metrics``:
+    a model that overrides one of them may hand the metrics another ``y`` than the
+    data's (which decides, e.g., the accuracy a metric "accuracy" stands for), so its
+    trace builds them, as before. No public API builds them. An iterator without an
+    element spec (``train_on_batch`` passes a generator) or a model Keras cannot call
+    symbolically leaves them to the trace too.
     """
+    own = type(model)
+    if (own.train_step is not tf_trainer.TensorFlowTrainer.train_step
+            or own.compute_loss is not trainer_lib.Trainer.compute_loss
+            or own.compute_metrics is not trainer_lib.Trainer.compute_metrics):
+        return
     unbuilt = [state for state in (getattr(model, "_compile_metrics", None),
                                    getattr(model, "_compile_loss", None))
                if state is not None and not state.built]

@@ -98,6 +98,40 @@ def test_compiled_metrics_are_built_before_the_first_trace(kind):
         np.testing.assert_allclose(result[name], expected[name], rtol=1e-6)
 
 
+def test_a_custom_train_step_builds_its_metrics_from_the_y_it_passes():
+    """A `train_step` of one's own may hand the metrics another ``y`` than the data's (here
+    one-hot labels from class indices), which decides what "accuracy" is: such a model's
+    metrics are built in its trace, as plain Keras builds them (built from the data's
+    spec, "accuracy" became the sparse one and the fit failed on the one-hot labels)."""
+
+    class OneHotInStep(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            y = tf.one_hot(tf.cast(y, "int32"), 3)
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+            self.optimizer.apply(tape.gradient(loss, self.trainable_variables),
+                                 self.trainable_variables)
+            return self.compute_metrics(x, y, y_pred)
+
+    x, y = classification_data(n=64)
+    logged = []
+    for hooked in (False, True):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((int(x.shape[1]),))
+        model = keras_dst.prunable(OneHotInStep(inputs, keras.layers.Dense(3)(inputs)),
+                                   density=0.5, seed=1)
+        model.compile(keras.optimizers.SGD(0.05),
+                      keras.losses.CategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"], jit_compile=True)
+        callbacks = [DST(update_every=100, schedule="constant")] if hooked else []
+        history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+                            callbacks=callbacks)  # (no update: the same weights)
+        logged.append(history.history["accuracy"])
+    assert logged[0] == logged[1]
+
+
 def test_a_loss_scale_optimizer_is_built_whole_before_the_first_trace():
     """Under mixed_float16 the first fit traced its step twice: keras_dst built the inner
     optimizer only, and the LossScaleOptimizer made its own variables in the first trace."""
