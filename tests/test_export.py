@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import keras_dst
+from keras_dst import compat
 from keras_dst.export import LiteRTModel, _parse, _read_constants
 
 from conftest import all_layers_data, all_layers_model, assert_sparse_invariants
@@ -35,8 +36,7 @@ INT8_RMS_TOL, INT8_TOP1 = 0.1, 0.95
 
 def output_step(path):
     """The int8 quantisation step of the tensor the model's DEQUANTIZE output op reads."""
-    from keras_dst.export import _schema
-    schema = _schema()
+    schema = compat.tflite_schema()
     with open(path, "rb") as f:
         model = _parse(f.read())
     graph = model.subgraphs[0]
