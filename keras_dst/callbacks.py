@@ -8,8 +8,8 @@ import keras
 import numpy as np
 
 from keras_dst import criteria as criteria_lib
+from keras_dst import distributions, optimizer_state, topology, user_warnings, validation
 from keras_dst import growth as growth_lib
-from keras_dst import optimizer_state, topology, user_warnings, validation
 from keras_dst import schedules as schedules_lib
 from keras_dst.engine import TopologyEngine
 from keras_dst.masks import sparse_targets, without_kept_dense
@@ -260,7 +260,7 @@ class DynamicSparseTraining(ScheduledCallback):
             "itop": float(ever / totals.sum()),
         }
         for t, a, n in zip(engine.targets, active, totals):
-            logs[f"density/{t.key}"] = float(a / n) if n else 1.0
+            logs[f"density/{t.key}"] = distributions.density_of(a, n)
         if self.growth is None:  # pruning without regrowth: the weights it has just emptied
             emptied = [t.key for t, a, p in zip(engine.targets, active, pruned) if p and not a]
             if emptied:

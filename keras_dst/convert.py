@@ -511,8 +511,8 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     if pattern.kind == "nm" and not isinstance(distribution, Mapping):
         # N:M's N/M is the density of the weights that keep_dense and density_overrides
         # leave free (those with another pattern share it); the fixed ones come on top.
-        density = (sum(fixed.get(path, pattern.fixed_density) * n for path, n in sizes.items())
-                   / total if total else 1.0)
+        density = distributions.density_of(
+            sum(fixed.get(path, pattern.fixed_density) * n for path, n in sizes.items()), total)
     if isinstance(distribution, Mapping):
         _check_known(distribution, "distribution", known, layer_names)
         per_weight, per_weight_by = by_weight(
@@ -528,8 +528,8 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
             if per_weight[path] != value:
                 refuse_two_values(path, per_weight[path], per_weight_by[path], value,
                                   fixed_by[path])
-        realised = (sum(per_weight[path] * n for path, n in sizes.items()) / total
-                    if total else 1.0)
+        realised = distributions.density_of(
+            sum(per_weight[path] * n for path, n in sizes.items()), total)
         # (with N:M, `density` is the pattern's N/M, checked per layer above)
         if density is not None and pattern.kind != "nm" and abs(realised - density) > 1e-6:
             raise ValueError(
@@ -544,8 +544,7 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
             if p.kind != "unstructured":
                 counts[path] = patterns.active_count(p, shapes[path], densities[path])
         asked = densities
-        densities = {p: (counts[p] / int(np.prod(s)) if np.prod(s) else 1.0)
-                     for p, s in shapes.items()}
+        densities = {p: distributions.density_of(counts[p], sizes[p]) for p in shapes}
         _warn_where_counts_miss(asked, densities, sizes, weight_patterns,
                                 lambda path: label(owner[path]))
     return densities, weight_patterns, {path for name in keep_dense for path in matching(name)}

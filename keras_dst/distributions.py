@@ -333,6 +333,12 @@ def layer_densities(
 # --------------------------------------------------------------------------- #
 
 
+def density_of(active: float, total: float) -> float:
+    """``active / total``: the density of `total` entries of which `active` are active (or
+    weighted sums of densities by size); 1.0 where there is no entry (nothing pruned)."""
+    return float(active / total) if total else 1.0
+
+
 def round_half_up(x: float) -> int:
     """`x` rounded to the nearest int, halves up (``floor(x + 0.5)``): how a density
     becomes an active count (Python's `round` rounds halves to even)."""

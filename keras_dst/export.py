@@ -61,7 +61,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat, convert, patterns, user_warnings
+from keras_dst import compat, convert, distributions, patterns, user_warnings
 from keras_dst import layers as sparse_layers
 from keras_dst import masks as masks_lib
 from keras_dst.validation import check_bool, check_choice, check_path, check_positive_int, errors_named
@@ -995,7 +995,7 @@ def _match(weights, constants, quantize, repaired=None, sparsity=True):
 
 def _row(w, stored, op, why, nbytes):
     total = w.value.size
-    density = float(np.count_nonzero(w.value)) / total if total else 1.0
+    density = distributions.density_of(np.count_nonzero(w.value), total)
     return WeightExport(w.layer, w.path, tuple(w.value.shape),
                         str(w.pattern) if w.has_mask else "dense", density, stored, op, why,
                         int(nbytes))

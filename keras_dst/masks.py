@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_dst import compat, patterns, user_warnings
+from keras_dst import compat, distributions, patterns, user_warnings
 from keras_dst.layers import (
     SparseState,
     SparseWrapper,
@@ -390,7 +390,7 @@ def layer_stats(model, caller: str = "layer_stats()") -> list:
         rows.append(dict(layer=t.state.label, path=t.key,
                          shape=tuple(t.weight.shape), pattern=str(t.pattern),
                          active=active, total=total,
-                         density=active / total if total else 1.0, stray=stray))
+                         density=distributions.density_of(active, total), stray=stray))
     stray = {r["path"]: r["stray"] for r in rows if r["stray"]}
     if stray:
         user_warnings.warn(
@@ -436,5 +436,5 @@ def summary(model: "keras.layers.Layer", print_fn: Callable[[str], Any] = print)
     total = sum(r["total"] for r in rows)
     lines.append("-" * len(header))
     lines.append(f"{'total':<{wl + wp + 35}} {f'{active}/{total}':>22} "
-                 f"{(active / total if total else 1.0):>8.4f}")
+                 f"{distributions.density_of(active, total):>8.4f}")
     print_fn("\n".join(lines))
