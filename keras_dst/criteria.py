@@ -69,7 +69,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import patterns, topology, validation
-from keras_dst.registry import Registry, check_callable, pop_config_name
+from keras_dst.registry import Registry, pop_config_name
 from keras_dst.scoring import ScoreInputs, absolute
 from keras_dst.topology import select_highest, select_lowest
 from keras_dst.validation import normalize_name
@@ -522,15 +522,9 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
     _CRITERIA.check_available(name, overwrite)
     with validation.errors_named(f"register_criterion({name!r})"):
         select = validation.check_bool(select, "select")
-
-    def decorator(fn):
-        check_callable(fn, "register_criterion", name)
-        _CRITERIA.register(name, Criterion(name=name, score=None if select else fn, ordering=ordering,
-                                           needs_gradient=needs_gradient, params={} if params is None else params,
-                                           select=fn if select else None, ema=ema), overwrite=overwrite)
-        return fn
-
-    return decorator
+    return _CRITERIA.decorator(name, overwrite, lambda fn: Criterion(
+        name=name, score=None if select else fn, ordering=ordering, needs_gradient=needs_gradient,
+        params={} if params is None else params, select=fn if select else None, ema=ema))
 
 
 def get_criterion(criterion: Any, *, ordering: Optional[str] = None, needs_gradient: Optional[bool] = None,

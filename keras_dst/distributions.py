@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dst import validation
-from keras_dst.registry import Registry, check_callable
+from keras_dst.registry import Registry
 
 Shape = Tuple[int, ...]
 DistributionFn = Callable[..., Dict[str, float]]
@@ -146,14 +146,7 @@ def register_distribution(name: str, *, overwrite: bool = False) -> Callable[[Di
       ValueError: `name` is empty, or is already registered and `overwrite` is
         False.
     """
-    _DISTRIBUTIONS.check_available(name, overwrite)
-
-    def decorator(fn: DistributionFn) -> DistributionFn:
-        check_callable(fn, "register_distribution", name)
-        _DISTRIBUTIONS.register(name, fn, overwrite=overwrite)
-        return fn
-
-    return decorator
+    return _DISTRIBUTIONS.decorator(name, overwrite)
 
 
 def distribution_names() -> Tuple[str, ...]:

@@ -40,7 +40,7 @@ from keras_dst.criteria import (
     require_inputs,
     scores_of,
 )
-from keras_dst.registry import Registry, check_callable, pop_config_name
+from keras_dst.registry import Registry, pop_config_name
 from keras_dst.scoring import ScoreInputs, absolute
 
 
@@ -135,16 +135,9 @@ def register_growth(name: str, *, needs_gradient: bool = False, needs_momentum: 
         names a parameter the function does not take or leaves one without a
         default; nothing is registered.
     """
-    _GROWTH.check_available(name, overwrite)
-
-    def decorator(fn):
-        check_callable(fn, "register_growth", name)
-        _GROWTH.register(name, GrowthRule(name=name, score=fn, needs_gradient=needs_gradient,
-                                          needs_momentum=needs_momentum, params={} if params is None else params),
-                         overwrite=overwrite)
-        return fn
-
-    return decorator
+    return _GROWTH.decorator(name, overwrite, lambda fn: GrowthRule(
+        name=name, score=fn, needs_gradient=needs_gradient, needs_momentum=needs_momentum,
+        params={} if params is None else params))
 
 
 def get_growth(growth: Any, **params: Any) -> GrowthRule:

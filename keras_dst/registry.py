@@ -13,7 +13,7 @@ everywhere:
   names.
 """
 
-from typing import Any, Hashable, Optional, Tuple
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 from keras_dst.validation import check_bool, errors_named, normalize_name
 
@@ -94,6 +94,22 @@ class Registry:
         self.check_available(key, overwrite)
         self._items[normalize_name(key)] = (key, item)
         return item
+
+    def decorator(self, key: Hashable, overwrite: bool = False,
+                  make: Optional[Callable[[Callable], Any]] = None) -> Callable:
+        """What a ``register_*(key, ...)`` decorator factory returns: a decorator that
+        registers ``make(fn)`` (default: `fn` itself) under `key` and returns `fn`
+        unchanged. `key` is checked now (`check_available`), the decorated object when
+        it comes (callable, or TypeError naming the registering function)."""
+        self.check_available(key, overwrite)
+        register_function = (self.register_with or "register").rpartition(".")[2]
+
+        def register(fn):
+            check_callable(fn, register_function, key)
+            self.register(key, fn if make is None else make(fn), overwrite=overwrite)
+            return fn
+
+        return register
 
     def unregister(self, key: Hashable) -> Optional[Any]:
         """Removes `key` if registered (same matching as `get`); returns its item or None."""

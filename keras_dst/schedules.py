@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 
 from keras_dst import validation
-from keras_dst.registry import Registry, check_callable
+from keras_dst.registry import Registry
 
 _PI = math.pi
 
@@ -168,14 +168,7 @@ def register_schedule(name: str, *, overwrite: bool = False):
         object is not callable.
       ValueError: `name` is empty, or taken and `overwrite` is False.
     """
-    SCHEDULES.check_available(name, overwrite)
-
-    def decorator(factory):
-        check_callable(factory, "register_schedule", name)
-        SCHEDULES.register(name, factory, overwrite=overwrite)
-        return factory
-
-    return decorator
+    return SCHEDULES.decorator(name, overwrite)
 
 
 @register_schedule("cosine")
