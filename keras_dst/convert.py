@@ -139,7 +139,7 @@ def prunable(obj: "keras.layers.Layer", density: Optional[float] = None,
         density = check_density(density)
     if pattern.kind == "nm":  # N:M fixes the density of every layer it applies to
         if density is not None or not isinstance(obj, keras.Model):
-            density = patterns.check_density(pattern, density, "prunable(pattern=...)")
+            density = patterns.pattern_density(pattern, density, "prunable(pattern=...)")
     elif density is None and (not isinstance(distribution, Mapping)
                               or not isinstance(obj, keras.Model)):
         raise ValueError("prunable() needs a density in (0, 1], e.g. density=0.1 (for a "
@@ -503,7 +503,7 @@ def _plan(targets, keys, names, weight_names, label, density, distribution, keep
     for path, p in weight_patterns.items():  # N:M: the density is N/M
         if p.kind == "nm":
             if path in fixed:
-                patterns.check_density(p, fixed[path], f"layer '{label(owner[path])}'")
+                patterns.pattern_density(p, fixed[path], f"layer '{label(owner[path])}'")
             fixed[path] = p.fixed_density
             fixed_by.setdefault(path, f"pattern '{p}'")
     sizes = {path: int(np.prod(shape)) for path, shape in shapes.items()}

@@ -484,7 +484,7 @@ class SparseState:
             raise ValueError(f"{owner}: pattern={pattern!r} needs init='exact' (exact counts "
                              f"per block, group or unit), got init={init!r}.")
         for p, d in _per_weight_pairs(parsed, densities):
-            patterns.check_density(p, d, f"layer '{layer.name}'")
+            patterns.pattern_density(p, d, f"layer '{layer.name}'")
         self.layer = layer
         self.owner = owner
         self.wrapper = wrapper
@@ -583,7 +583,7 @@ class SparseState:
         for w, p, d in zip(weights, parsed, densities):
             where = f"layer '{self.layer.name}' weight '{w.name}'"
             check_pattern(p, self.layer, w, where)
-            patterns.check_density(p, d, where)
+            patterns.pattern_density(p, d, where)
         self.patterns = parsed
         self.sparse_weights = weights
         self.masks, self.ever_active, self.running_scores = [], [], []

@@ -174,7 +174,7 @@ def check(pattern: PatternLike, shape: Sequence[int], name: str) -> None:
                          f"of shape {shape} to be a multiple of {pattern.unit}; {REMEDY}.")
 
 
-def check_density(pattern: PatternLike, density: Optional[float], name: str) -> float:
+def pattern_density(pattern: PatternLike, density: Optional[float], name: str) -> float:
     """The density a layer with this pattern gets; N:M fixes it to N/M.
 
     Args:
@@ -409,7 +409,7 @@ def initial_mask(pattern: PatternLike, shape: Sequence[int], density: Optional[f
     * unstructured: `distributions.exact_mask` with round(density * n) entries;
     * 1xB: round(density * blocks) uniformly random blocks;
     * N:M: N uniformly random entries of every M-group (`density` must be
-      N/M or None, see `check_density`);
+      N/M or None, see `pattern_density`);
     * fan_in: `fan_in_count` uniformly random inputs of every output unit.
 
     Rounding is half up (`active_count` gives the count). Deterministic in
@@ -426,11 +426,11 @@ def initial_mask(pattern: PatternLike, shape: Sequence[int], density: Optional[f
       bool tensor of shape `shape`.
 
     Raises:
-      ValueError: from `check` and `check_density`.
+      ValueError: from `check` and `pattern_density`.
     """
     pattern, shape = parse(pattern), _static(shape)
     check(pattern, shape, "initial_mask")
-    density = check_density(pattern, density, "initial_mask")
+    density = pattern_density(pattern, density, "initial_mask")
     if pattern.kind == "unstructured":
         return distributions.exact_mask(shape, active_count(pattern, shape, density), seed)
     if pattern.kind == "block":

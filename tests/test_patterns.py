@@ -124,25 +124,25 @@ def test_check_accepts_fitting_shapes(spec, shape):
     patterns.check(spec, shape, "layer")
 
 
-def test_check_density():
-    assert patterns.check_density("2:4", None, "d") == 0.5
-    assert patterns.check_density("2:4", 0.5 + 1e-10, "d") == 0.5
-    assert patterns.check_density("1:8", 0.125, "d") == 0.125
+def test_pattern_density():
+    assert patterns.pattern_density("2:4", None, "d") == 0.5
+    assert patterns.pattern_density("2:4", 0.5 + 1e-10, "d") == 0.5
+    assert patterns.pattern_density("1:8", 0.125, "d") == 0.125
     with pytest.raises(ValueError, match=r"dense_3.*'2:4'.*0\.5.*0\.3"):
-        patterns.check_density("2:4", 0.3, "dense_3")
+        patterns.pattern_density("2:4", 0.3, "dense_3")
     with pytest.raises(ValueError, match="2:4"):
-        patterns.check_density("2:4", 0.5 + 1e-5, "d")
+        patterns.pattern_density("2:4", 0.5 + 1e-5, "d")
     # 1/3 as a user writes it (the error suggested "use 0.333333", then refused it)
-    assert patterns.check_density("1:3", 0.333333, "d") == 1 / 3
-    assert patterns.check_density("1:3", np.float32(1 / 3), "d") == 1 / 3
+    assert patterns.pattern_density("1:3", 0.333333, "d") == 1 / 3
+    assert patterns.pattern_density("1:3", np.float32(1 / 3), "d") == 1 / 3
     with pytest.raises(ValueError, match=r"density 0\.33 was asked; drop it or use 1/3\."):
-        patterns.check_density("1:3", 0.33, "d")
-    assert patterns.check_density("1x4", 0.3, "d") == 0.3
-    assert patterns.check_density(None, 1.0, "d") == 1.0
+        patterns.pattern_density("1:3", 0.33, "d")
+    assert patterns.pattern_density("1x4", 0.3, "d") == 0.3
+    assert patterns.pattern_density(None, 1.0, "d") == 1.0
     with pytest.raises(ValueError, match="needs a density"):
-        patterns.check_density("fan_in", None, "d")
+        patterns.pattern_density("fan_in", None, "d")
     with pytest.raises(ValueError):
-        patterns.check_density("1x4", 1.5, "d")
+        patterns.pattern_density("1x4", 1.5, "d")
 
 
 @pytest.mark.parametrize("spec, shape, density, expected", [
