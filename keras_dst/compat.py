@@ -32,10 +32,10 @@ def safe_mode_scope(safe_mode):
     return serialization_lib.SafeModeScope(safe_mode)
 
 
-def flatten_layers(layer) -> list:
-    """Every layer nested inside `layer` (itself excluded), at any depth, each once,
-    depth first in model order (a layer, then the layers inside it, in the order it
-    tracks them).
+def flatten_layers(layer, include_self: bool = False) -> list:
+    """Every layer nested inside `layer` (itself first with `include_self`), at any depth,
+    each once, depth first in model order (a layer, then the layers inside it, in the
+    order it tracks them).
 
     Relies on ``Layer._flatten_layers(include_self=False, recursive=False)`` (Keras 3,
     checked on 3.15): the layers Keras tracks on a layer (including a `Wrapper`'s
@@ -54,7 +54,7 @@ def flatten_layers(layer) -> list:
                 visit(child)
 
     visit(layer)
-    return result
+    return [layer] + result if include_self else result
 
 
 def is_graph_model(model) -> bool:

@@ -258,7 +258,7 @@ def _attach_targets(model, skip_unsupported):
             visit(child)
 
     visit(model)
-    for layer in [model] + compat.flatten_layers(model):
+    for layer in compat.flatten_layers(model, include_self=True):
         if id(layer) in covered or sparse_layers.is_supported(layer) \
                 or sparse_layers.is_dense_by_design(layer):
             continue
@@ -817,7 +817,7 @@ def strip(model: "keras.layers.Layer") -> "keras.layers.Layer":
     if isinstance(model, SparseWrapper):
         return _plain_copy(model)
     if isinstance(model, keras.layers.Layer):
-        attached = [l for l in [model] + compat.flatten_layers(model)
+        attached = [l for l in compat.flatten_layers(model, include_self=True)
                     if attached_state(l) is not None]
         if attached:
             for layer in attached:

@@ -436,7 +436,7 @@ def _computing_in_float32(model):
     are the model, so the export computes with them in float32.
     """
     changed, sixteen, quantized = [], [], []
-    for layer in [model] + compat.flatten_layers(model):
+    for layer in compat.flatten_layers(model, include_self=True):
         policy = layer.dtype_policy  # (a DTypePolicyMap, of a quantized model: left as it is)
         mode = getattr(policy, "quantization_mode", None)
         if mode is not None:
@@ -475,7 +475,7 @@ def _tied_tables(model, weights):
     with ``tie_weights=True`` (a language model's token embedding, also its output
     projection; keras-hub's GPT-2, OPT, Gemma, ...), whose table the LiteRT sparsity pass
     fails to encode (a gather and a fully connected op share the constant)."""
-    tied = {layer.name for layer in [model] + compat.flatten_layers(model)
+    tied = {layer.name for layer in compat.flatten_layers(model, include_self=True)
             if getattr(layer, "tie_weights", False) is True}
     return sorted({w.layer for w in weights
                    if w.layer in tied and w.has_mask and not np.all(w.value)})

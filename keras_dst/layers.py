@@ -174,7 +174,7 @@ def score_layout(layer, weight) -> "topology.ScoreLayout":
     table (a 2-D weight named ``embeddings``: `Embedding`'s, keras-hub's
     `ReversibleEmbedding`'s and `PositionEmbedding`'s) with its rows as units, as
     PyTorch's ``Embedding``; otherwise by rank (`topology.default_layout`)."""
-    for sub in [layer] + compat.flatten_layers(layer):
+    for sub in compat.flatten_layers(layer, include_self=True):
         for classes, attribute in _DEPTHWISE_KERNELS:
             if isinstance(sub, classes) and getattr(sub, attribute, None) is weight:
                 return topology.ScoreLayout("depthwise")
@@ -213,7 +213,7 @@ def check_pattern(pattern, layer, weight, where: str) -> None:
     structured = patterns.parse(pattern).kind != "unstructured"
     # the layout first: a kernel whose last axis is not its only output axis fails the
     # shape check too (MultiHeadAttention's [model dim, heads, head dim]), misleadingly
-    for sub in [layer] + compat.flatten_layers(layer) if structured else []:
+    for sub in compat.flatten_layers(layer, include_self=True) if structured else []:
         for classes, attribute, layout in _OTHER_LAYOUTS:
             if isinstance(sub, classes) and getattr(sub, attribute, None) is weight:
                 raise ValueError(
@@ -296,7 +296,7 @@ def check_maskable(layer, owner: str, sparse_weights: Optional[Sequence] = None)
         except (TypeError, ValueError):  # (not prunable: its own check names it)
             pass
     sparse = None if sparse_weights is None else {id(w) for w in sparse_weights}
-    for inner in [layer] + compat.flatten_layers(layer):
+    for inner in compat.flatten_layers(layer, include_self=True):
         mode = getattr(inner, "quantization_mode", None)
         if mode and mode != "float8":  # (its float weights are gone: no longer sparse_weights)
             reason = f"is quantized ({mode}, by model.quantize())"
@@ -1097,7 +1097,7 @@ def attaching_saved_masks(model):
     rebuilt a model whose masks were attached in place). Yields the list of the
     states attached."""
     attached, hooked = [], []
-    for layer in [model] + compat.flatten_layers(model):
+    for layer in compat.flatten_layers(model, include_self=True):
         if isinstance(layer, SparseWrapper) or attached_state(layer) is not None \
                 or not layer.built or not is_supported(layer):
             continue

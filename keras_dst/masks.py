@@ -108,7 +108,7 @@ def sparse_states(model) -> list:
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"Expected a keras Model or Layer, got {type(model).__name__}.")
     states = []
-    for layer in [model] + compat.flatten_layers(model):
+    for layer in compat.flatten_layers(model, include_self=True):
         if isinstance(layer, SparseWrapper):
             states.append(layer.sparse_state)
         elif attached_state(layer) is not None:
@@ -139,7 +139,7 @@ def guard_weight_io(model) -> None:
     """
     if not isinstance(model, keras.Layer):
         return
-    for nested in [model] + compat.flatten_layers(model):
+    for nested in compat.flatten_layers(model, include_self=True):
         if isinstance(nested, keras.Model) and "get_weights" not in nested.__dict__:
             _guard_model_weight_io(nested)
 
@@ -195,7 +195,7 @@ def _guard_model_weight_io(model) -> None:
 
 def release_weight_io(model) -> None:
     """Undoes `guard_weight_io` (on `model` and the models nested in it)."""
-    for nested in [model] + compat.flatten_layers(model):
+    for nested in compat.flatten_layers(model, include_self=True):
         for name in ("get_weights", "set_weights", "load_weights"):
             nested.__dict__.pop(name, None)
 

@@ -46,6 +46,7 @@ def test_flatten_layers():
     # in model order (Keras's own recursive listing reverses a nested model's layers).
     assert [l.name for l in layers] == ["x", "shared", "inner", "inner_in", "i1", "i2",
                                         "sparse_d", "d"]
+    assert compat.flatten_layers(model, include_self=True) == [model] + layers
     assert compat.flatten_layers(L.Dense(2)) == []
     mha = L.MultiHeadAttention(2, 4, name="mha")
     mha(np.zeros((1, 3, 4), "float32"), np.zeros((1, 3, 4), "float32"))
