@@ -294,7 +294,7 @@ def validate(config):
             raise ValueError(f"--pattern={pattern}: a dense model has no pattern; use "
                              "--method static or dst")
         if pattern.kind == "nm" and "density" in config:
-            keras_dst.patterns.check_density(pattern, config["density"], "--density")
+            keras_dst.patterns.pattern_density(pattern, config["density"], "--density")
     if config.get("export") == "litert" and importlib.util.find_spec("ai_edge_litert") is None:
         raise ValueError("--export=litert runs the exported model with the LiteRT runtime, "
                          "which is not installed: python3 -m pip install \".[litert]\"")
