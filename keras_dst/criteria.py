@@ -519,12 +519,12 @@ def register_criterion(name: str, *, ordering: str, needs_gradient: bool = True,
         is unknown, or `params` names a parameter the function does not take or
         leaves one without a default; nothing is registered.
     """
-    _CRITERIA.check_available(name, overwrite)
-    with validation.errors_named(f"register_criterion({name!r})"):
-        select = validation.check_bool(select, "select")
-    return _CRITERIA.decorator(name, overwrite, lambda fn: Criterion(
+    register = _CRITERIA.decorator(name, overwrite, lambda fn: Criterion(  # (name checked now)
         name=name, score=None if select else fn, ordering=ordering, needs_gradient=needs_gradient,
         params={} if params is None else params, select=fn if select else None, ema=ema))
+    with validation.errors_named(f"register_criterion({name!r})"):
+        select = validation.check_bool(select, "select")  # (the lambda reads it when called)
+    return register
 
 
 def get_criterion(criterion: Any, *, ordering: Optional[str] = None, needs_gradient: Optional[bool] = None,
