@@ -393,7 +393,7 @@ def created_trainable(layer) -> list:
     trained (a statistic, a fixed embedding). The public ``Variable.trainable`` and
     ``layer.trainable_weights`` reflect the freezing and cannot.
     """
-    return [v for inner in [layer] + flatten_layers(layer)
+    return [v for inner in flatten_layers(layer, include_self=True)
             for v in getattr(inner, "_trainable_variables", ())]
 
 
